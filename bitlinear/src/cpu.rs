@@ -1,0 +1,223 @@
+//! CPU kernel: int8 activations × packed ternary weights → i32 accumulators.
+//!
+//! Weights stay packed. A byte holds four codes `c = w + 1 ∈ {0, 1, 2}` for `k = 4j..4j+3`, so
+//! `Σ w·x = Σ c·x − Σ x`: the kernel multiplies unsigned codes by signed activations (the shape
+//! of x86's `pmaddubsw`) and subtracts the row sum of the activations once per row.
+//!
+//! To decode without shuffles, each activation row is permuted once per call into blocks of
+//! 128 values: for a block of 32 packed bytes, plane `p ∈ 0..4` holds `x[4i + p]` for lane
+//! `i ∈ 0..32`, and plane `p` of the weights is simply `(byte >> 2p) & 3`. Rows are padded with
+//! zero activations to a whole block, so padding codes contribute nothing.
+//!
+//! Work is split over output features (rows of the weight) with rayon; each task takes
+//! `ROWS` weight rows at a time and reuses every activation load for all of them.
+
+use rayon::prelude::*;
+
+/// Packed bytes per block (one 256-bit vector).
+const BLOCK_BYTES: usize = 32;
+/// Activations per block.
+const BLOCK_K: usize = 4 * BLOCK_BYTES;
+/// Weight rows computed together.
+const ROWS: usize = 4;
+
+/// Activations prepared for the kernel: permuted, zero-padded, with row sums.
+pub(crate) struct PreparedActivations {
+    data: Vec<i8>,
+    row_sums: Vec<i32>,
+    blocks: usize,
+}
+
+impl PreparedActivations {
+    /// Permutes `m` rows of `k` int8 codes (row-major) into the kernel's block layout.
+    pub(crate) fn new(x_q: &[i8], m: usize, k: usize) -> Self {
+        let blocks = k.div_ceil(BLOCK_K);
+        let row_len = blocks * BLOCK_K;
+        let mut data = vec![0i8; m * row_len];
+        let mut row_sums = vec![0i32; m];
+        if k > 0 {
+            data.par_chunks_mut(row_len.max(1))
+                .zip(row_sums.par_iter_mut())
+                .zip(x_q.par_chunks(k))
+                .for_each(|((dst, sum), src)| {
+                    for (kk, &v) in src.iter().enumerate() {
+                        let (b, r) = (kk / BLOCK_K, kk % BLOCK_K);
+                        let (lane, plane) = (r / 4, r % 4);
+                        dst[b * BLOCK_K + plane * BLOCK_BYTES + lane] = v;
+                    }
+                    *sum = src.iter().map(|&v| v as i32).sum();
+                });
+        }
+        Self { data, row_sums, blocks }
+    }
+
+    fn row(&self, m: usize) -> &[i8] {
+        let len = self.blocks * BLOCK_K;
+        &self.data[m * len..(m + 1) * len]
+    }
+}
+
+/// Computes `acc[m][n] = Σ_k x_q[m][k] · w[n][k]` for packed weight bytes `(n, ceil(k/4))`.
+/// Returns the accumulators row-major `(m, n)`.
+pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize, k: usize) -> Vec<i32> {
+    let m = x.row_sums.len();
+    let k4 = k.div_ceil(4);
+    let mut acc_nm = vec![0i32; n * m]; // transposed: one contiguous run per weight row
+    if m == 0 || n == 0 {
+        return acc_nm;
+    }
+    let padded = x.blocks * BLOCK_BYTES;
+    // Rows per rayon task: enough work per task, enough tasks for both cores.
+    let rows_per_task = ROWS * (n / (ROWS * 32)).clamp(1, 16);
+    acc_nm
+        .par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let n0 = t * rows_per_task;
+            let rows = out.len() / m;
+            let mut wbuf = vec![0u8; ROWS * padded];
+            for r0 in (0..rows).step_by(ROWS) {
+                let nr = ROWS.min(rows - r0);
+                wbuf.fill(0);
+                for r in 0..nr {
+                    let src = &packed[(n0 + r0 + r) * k4..(n0 + r0 + r + 1) * k4];
+                    wbuf[r * padded..r * padded + k4].copy_from_slice(src);
+                }
+                for mm in 0..m {
+                    let dots = dot_rows(&wbuf, padded, x.row(mm));
+                    for r in 0..nr {
+                        out[(r0 + r) * m + mm] = dots[r] - x.row_sums[mm];
+                    }
+                }
+            }
+        });
+    // Back to (m, n).
+    let mut acc = vec![0i32; m * n];
+    for (nn, col) in acc_nm.chunks_exact(m).enumerate() {
+        for (mm, &v) in col.iter().enumerate() {
+            acc[mm * n + nn] = v;
+        }
+    }
+    acc
+}
+
+/// `Σ c·x` of `ROWS` padded weight rows (stride `padded` bytes) against one prepared row.
+#[inline]
+fn dot_rows(w: &[u8], padded: usize, x: &[i8]) -> [i32; ROWS] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 support was just checked.
+            return unsafe { avx2::dot_rows(w, padded, x) };
+        }
+    }
+    dot_rows_portable(w, padded, x)
+}
+
+/// Portable version; the compiler vectorizes the lane loops.
+fn dot_rows_portable(w: &[u8], padded: usize, x: &[i8]) -> [i32; ROWS] {
+    let mut out = [0i32; ROWS];
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = &w[r * padded..(r + 1) * padded];
+        let mut lanes = [0i32; BLOCK_BYTES];
+        for (wb, xb) in row.chunks_exact(BLOCK_BYTES).zip(x.chunks_exact(BLOCK_K)) {
+            for p in 0..4 {
+                let xp = &xb[p * BLOCK_BYTES..(p + 1) * BLOCK_BYTES];
+                for i in 0..BLOCK_BYTES {
+                    lanes[i] += ((wb[i] >> (2 * p)) & 3) as i32 * xp[i] as i32;
+                }
+            }
+        }
+        *o = lanes.iter().sum();
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BLOCK_BYTES, BLOCK_K, ROWS};
+    use std::arch::x86_64::*;
+
+    /// AVX2: `pmaddubsw` multiplies the unsigned 2-bit codes by the signed activations (products
+    /// at most 2·128 in magnitude, pair sums within i16), `pmaddwd` widens to i32.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot_rows(w: &[u8], padded: usize, x: &[i8]) -> [i32; ROWS] {
+        let blocks = padded / BLOCK_BYTES;
+        debug_assert!(w.len() >= ROWS * padded && x.len() >= blocks * BLOCK_K);
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_si256(); ROWS];
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        for b in 0..blocks {
+            let xs = [
+                _mm256_loadu_si256(xp.add(b * BLOCK_K) as *const __m256i),
+                _mm256_loadu_si256(xp.add(b * BLOCK_K + 32) as *const __m256i),
+                _mm256_loadu_si256(xp.add(b * BLOCK_K + 64) as *const __m256i),
+                _mm256_loadu_si256(xp.add(b * BLOCK_K + 96) as *const __m256i),
+            ];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let v = _mm256_loadu_si256(wp.add(r * padded + b * BLOCK_BYTES) as *const __m256i);
+                let c0 = _mm256_and_si256(v, mask);
+                let c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
+                let c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                let c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask);
+                // Each maddubs lane is within ±512; four of them within ±2048: no i16 overflow.
+                let s = _mm256_add_epi16(
+                    _mm256_add_epi16(_mm256_maddubs_epi16(c0, xs[0]), _mm256_maddubs_epi16(c1, xs[1])),
+                    _mm256_add_epi16(_mm256_maddubs_epi16(c2, xs[2]), _mm256_maddubs_epi16(c3, xs[3])),
+                );
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(s, ones));
+            }
+        }
+        let mut out = [0i32; ROWS];
+        for (o, a) in out.iter_mut().zip(acc) {
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, a);
+            *o = lanes.iter().sum();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(xq: &[i8], w: &[i8], m: usize, n: usize, k: usize) -> Vec<i32> {
+        let mut out = vec![0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|t| xq[i * k + t] as i32 * w[j * k + t] as i32).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn portable_and_simd_agree_with_naive() {
+        let mut seed = 0x1234_5678u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (2, 9, 130), (5, 17, 257), (1, 33, 512)] {
+            let xq: Vec<i8> = (0..m * k).map(|_| next() as i8).collect();
+            let w: Vec<i8> = (0..n * k).map(|_| (next() % 3) as i8 - 1).collect();
+            let packed = crate::packed::pack_ternary(&w, n, k).unwrap();
+            let prep = PreparedActivations::new(&xq, m, k);
+            assert_eq!(packed_accumulate(&prep, &packed, n, k), naive(&xq, &w, m, n, k));
+            // The portable path on its own, on the first ROWS rows.
+            let padded = prep.blocks * BLOCK_BYTES;
+            let mut wbuf = vec![0u8; ROWS * padded];
+            let k4 = k.div_ceil(4);
+            for r in 0..ROWS.min(n) {
+                wbuf[r * padded..r * padded + k4].copy_from_slice(&packed[r * k4..(r + 1) * k4]);
+            }
+            let want = dot_rows(&wbuf, padded, prep.row(0));
+            assert_eq!(dot_rows_portable(&wbuf, padded, prep.row(0)), want);
+        }
+    }
+}

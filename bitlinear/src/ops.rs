@@ -1,0 +1,216 @@
+//! The candle custom ops: the training matmul (quantize both sides, straight-through backward)
+//! and the inference matmul over pre-packed weights.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
+use crate::device::{self, check_activations, check_same_device, check_weight, cpu_f32, cpu_from_f32};
+use crate::packed::{pack_f32, PackedTernary};
+use crate::quant::{self, ActScaling};
+
+/// Quantizes `x (m, k)` and runs the packed kernel: `y = (acc · s_x) · s_w` in `dtype`.
+fn cpu_forward(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    bytes: &[u8],
+    n: usize,
+    s_w: f32,
+    scaling: ActScaling,
+    dtype: DType,
+) -> Result<CpuStorage> {
+    use rayon::prelude::*;
+    let (codes, scales) = device::cpu_quantize(x, m, k, scaling);
+    let prep = crate::cpu::PreparedActivations::new(&codes, m, k);
+    let acc = crate::cpu::packed_accumulate(&prep, bytes, n, k);
+    let mut y = vec![0f32; m * n];
+    if n > 0 {
+        y.par_chunks_mut(n)
+            .zip(acc.par_chunks(n))
+            .enumerate()
+            .for_each(|(row, (y, acc))| {
+                let s_x = scales[if scaling == ActScaling::PerTensor { 0 } else { row }];
+                for (y, &a) in y.iter_mut().zip(acc) {
+                    *y = quant::dequantize(a, s_x, s_w);
+                }
+            });
+    }
+    cpu_from_f32(y, dtype)
+}
+
+/// Training matmul `x (M, K) · W (N, K)ᵀ` with both operands quantized on the fly.
+#[derive(Debug, Clone, Copy)]
+struct BitMatmul {
+    scaling: ActScaling,
+}
+
+impl CustomOp2 for BitMatmul {
+    fn name(&self) -> &'static str {
+        "bit-matmul"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (&[m, k], &[n, _]) = (xl.dims(), wl.dims()) else {
+            bail!("bit-matmul: internal error, expected rank-2 operands")
+        };
+        let (bytes, s_w) = pack_f32(&cpu_f32(ws, wl)?, n, k)?;
+        let y = cpu_forward(&cpu_f32(xs, xl)?, m, k, &bytes, n, s_w, self.scaling, xs.dtype())?;
+        Ok((y, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+        crate::cuda::bit_matmul(xs, xl, ws, wl, self.scaling == ActScaling::PerTensor)
+    }
+
+    /// Straight-through estimator: the rounding is treated as the identity, so the gradients are
+    /// those of a float matmul with the dequantized operands `W~ = W_q·s_w` and `x~ = x_q·s_x`:
+    /// `grad_x = grad_y · W~` and `grad_W = grad_yᵀ · x~` (computed in f32, cast back to each
+    /// operand's dtype).
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_y: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad_y.to_dtype(DType::F32)?;
+        let w_deq = fake_quantize_weights(w)?.to_dtype(DType::F32)?;
+        let x_deq = fake_quantize_activations(x, self.scaling)?.to_dtype(DType::F32)?;
+        let grad_x = g.matmul(&w_deq)?.to_dtype(x.dtype())?;
+        let grad_w = g.t()?.matmul(&x_deq)?.to_dtype(w.dtype())?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+/// Inference matmul over a pre-packed weight.
+#[derive(Debug, Clone, Copy)]
+struct PackedMatmul {
+    k: usize,
+    s_w: f32,
+    scaling: ActScaling,
+}
+
+impl CustomOp2 for PackedMatmul {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (&[m, _], &[n, _]) = (xl.dims(), bl.dims()) else {
+            bail!("packed-matmul: internal error, expected rank-2 operands")
+        };
+        let bytes = device::cpu_u8(bs, bl)?;
+        let y = cpu_forward(
+            &cpu_f32(xs, xl)?,
+            m,
+            self.k,
+            bytes,
+            n,
+            self.s_w,
+            self.scaling,
+            xs.dtype(),
+        )?;
+        Ok((y, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, bs: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        crate::cuda::packed_matmul(xs, xl, bs, bl, self.k, self.s_w, self.scaling == ActScaling::PerTensor)
+    }
+}
+
+/// Elementwise "fake quantization" (quantize then dequantize) used by the backward pass.
+#[derive(Debug, Clone, Copy)]
+enum FakeQuant {
+    Weights,
+    Activations(ActScaling),
+}
+
+impl CustomOp1 for FakeQuant {
+    fn name(&self) -> &'static str {
+        "bitlinear-fake-quant"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let v = cpu_f32(s, l)?;
+        let out: Vec<f32> = match (*self, l.dims()) {
+            (FakeQuant::Weights, _) => {
+                let Some(s_w) = quant::absmean_scale(&v) else {
+                    bail!("cannot quantize weights that contain NaN or infinite values")
+                };
+                v.iter().map(|&w| quant::ternary(w, s_w) as f32 * s_w).collect()
+            }
+            (FakeQuant::Activations(scaling), &[m, k]) => {
+                let (codes, scales) = device::cpu_quantize(&v, m, k, scaling);
+                codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| q as f32 * scales[if scales.len() == 1 { 0 } else { i / k }])
+                    .collect()
+            }
+            _ => bail!("bitlinear-fake-quant: internal error, expected rank-2 activations"),
+        };
+        Ok((cpu_from_f32(out, s.dtype())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        match *self {
+            FakeQuant::Weights => crate::cuda::fake_quant_weights(s, l),
+            FakeQuant::Activations(sc) => crate::cuda::fake_quant_activations(s, l, sc == ActScaling::PerTensor),
+        }
+    }
+}
+
+/// `W~ = W_q · s_w`: the ternary weight as the forward pass sees it, in `w`'s dtype.
+pub fn fake_quantize_weights(w: &Tensor) -> Result<Tensor> {
+    check_weight(w, "fake_quantize_weights")?;
+    w.contiguous()?.apply_op1_no_bwd(&FakeQuant::Weights)
+}
+
+/// `x~ = x_q · s_x`: the int8 activations as the forward pass sees them, in `x`'s dtype.
+pub fn fake_quantize_activations(x: &Tensor, scaling: ActScaling) -> Result<Tensor> {
+    check_activations(x, "fake_quantize_activations")?;
+    x.contiguous()?.apply_op1_no_bwd(&FakeQuant::Activations(scaling))
+}
+
+/// The training forward `y = quant(x) · quant(W)ᵀ` for `x (M, K)` and a float weight `W (N, K)`,
+/// output `(M, N)` in `x`'s dtype, with straight-through gradients to both `x` and `W`.
+///
+/// ```
+/// use bitlinear::{bit_matmul, ActScaling};
+/// use candle_core::{Device, Tensor, Var};
+/// let x = Tensor::new(&[[1.0f32, -2.0, 0.5, 4.0]], &Device::Cpu)?;
+/// let w = Var::new(&[[0.3f32, -0.3, 0.0, 0.3], [-0.3, 0.3, 0.3, 0.0]], &Device::Cpu)?;
+/// let y = bit_matmul(&x, w.as_tensor(), ActScaling::PerToken)?;
+/// assert_eq!(y.dims(), &[1, 2]);
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(&w).unwrap().dims(), &[2, 4]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn bit_matmul(x: &Tensor, w: &Tensor, scaling: ActScaling) -> Result<Tensor> {
+    let (_, k) = check_activations(x, "bit_matmul")?;
+    let (_, kw) = check_weight(w, "bit_matmul")?;
+    if k != kw {
+        bail!("bit_matmul: input has {k} features, the weight expects {kw}")
+    }
+    check_same_device(x, w, "bit_matmul")?;
+    x.contiguous()?.apply_op2(&w.contiguous()?, BitMatmul { scaling })
+}
+
+/// The inference forward over a pre-packed weight: same output as [`bit_matmul`] on the weight
+/// it was packed from, without quantizing the weight again. No gradient flows through it.
+pub fn packed_matmul(x: &Tensor, w: &PackedTernary, scaling: ActScaling) -> Result<Tensor> {
+    let (_, k) = check_activations(x, "packed_matmul")?;
+    if k != w.in_features() {
+        bail!(
+            "packed_matmul: input has {k} features, the weight expects {}",
+            w.in_features()
+        )
+    }
+    check_same_device(x, w.bytes(), "packed_matmul")?;
+    let op = PackedMatmul {
+        k,
+        s_w: w.scale(),
+        scaling,
+    };
+    x.contiguous()?.apply_op2_no_bwd(w.bytes(), &op)
+}
