@@ -220,7 +220,7 @@ mod tests {
         let e = unpack_ternary(&[0b10_01_01_01], 1, 3).unwrap_err().to_string();
         assert!(e.contains("padding"), "{e}");
         assert!(unpack_ternary(&[0x55; 3], 1, 4).is_err());
-        assert_eq!(unpack_ternary(&[0b00_01_10_01], 1, 3).unwrap(), vec![0, 1, 0]);
+        assert_eq!(unpack_ternary(&[0b01_01_10_01], 1, 3).unwrap(), vec![0, 1, 0]);
     }
 
     #[test]
