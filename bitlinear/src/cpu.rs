@@ -14,12 +14,16 @@
 
 use rayon::prelude::*;
 
+use crate::quant;
+
 /// Packed bytes per block (one 256-bit vector).
 const BLOCK_BYTES: usize = 32;
 /// Activations per block.
 const BLOCK_K: usize = 4 * BLOCK_BYTES;
 /// Weight rows computed together.
 const ROWS: usize = 4;
+/// Activation rows per cache tile (32 rows of K = 4096 codes: 128 KiB).
+const M_TILE: usize = 32;
 
 /// Activations prepared for the kernel: permuted, zero-padded, with row sums.
 pub(crate) struct PreparedActivations {
@@ -31,24 +35,55 @@ pub(crate) struct PreparedActivations {
 impl PreparedActivations {
     /// Permutes `m` rows of `k` int8 codes (row-major) into the kernel's block layout.
     pub(crate) fn new(x_q: &[i8], m: usize, k: usize) -> Self {
+        Self::build(m, k, |r, row| {
+            row.copy_from_slice(&x_q[r * k..(r + 1) * k]);
+            0.0
+        })
+        .0
+    }
+
+    /// Quantizes f32 rows `(m, k)` straight into the kernel's layout; returns the scale of each
+    /// row (all equal to `per_tensor_scale` when given).
+    pub(crate) fn quantize(x: &[f32], m: usize, k: usize, per_tensor_scale: Option<f32>) -> (Self, Vec<f32>) {
+        Self::build(m, k, |r, row| {
+            let src = &x[r * k..(r + 1) * k];
+            let s = per_tensor_scale.unwrap_or_else(|| quant::absmax_scale(src));
+            quant::quantize_row_with_scale(src, s, row);
+            s
+        })
+    }
+
+    /// Fills each row's codes through `fill(row_index, codes) -> scale` (rows in parallel), then
+    /// permutes them. Returns the prepared rows and the scales.
+    fn build(m: usize, k: usize, fill: impl Fn(usize, &mut [i8]) -> f32 + Sync) -> (Self, Vec<f32>) {
         let blocks = k.div_ceil(BLOCK_K);
         let row_len = blocks * BLOCK_K;
         let mut data = vec![0i8; m * row_len];
         let mut row_sums = vec![0i32; m];
-        if k > 0 {
-            data.par_chunks_mut(row_len.max(1))
+        let mut scales = vec![0f32; m];
+        if row_len == 0 {
+            scales.iter_mut().enumerate().for_each(|(r, s)| *s = fill(r, &mut []));
+        } else {
+            data.par_chunks_mut(row_len)
                 .zip(row_sums.par_iter_mut())
-                .zip(x_q.par_chunks(k))
-                .for_each(|((dst, sum), src)| {
-                    for (kk, &v) in src.iter().enumerate() {
-                        let (b, r) = (kk / BLOCK_K, kk % BLOCK_K);
-                        let (lane, plane) = (r / 4, r % 4);
-                        dst[b * BLOCK_K + plane * BLOCK_BYTES + lane] = v;
-                    }
-                    *sum = src.iter().map(|&v| v as i32).sum();
-                });
+                .zip(scales.par_iter_mut())
+                .enumerate()
+                .for_each_init(
+                    || vec![0i8; row_len],
+                    |codes, (r, ((dst, sum), scale))| {
+                        *scale = fill(r, &mut codes[..k]); // the tail beyond k stays zero
+                        *sum = codes[..k].iter().map(|&v| v as i32).sum();
+                        for (d, c) in dst.chunks_exact_mut(BLOCK_K).zip(codes.chunks_exact(BLOCK_K)) {
+                            for lane in 0..BLOCK_BYTES {
+                                for plane in 0..4 {
+                                    d[plane * BLOCK_BYTES + lane] = c[4 * lane + plane];
+                                }
+                            }
+                        }
+                    },
+                );
         }
-        Self { data, row_sums, blocks }
+        (Self { data, row_sums, blocks }, scales)
     }
 
     fn row(&self, m: usize) -> &[i8] {
@@ -75,18 +110,29 @@ pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize
         .for_each(|(t, out)| {
             let n0 = t * rows_per_task;
             let rows = out.len() / m;
+            // Rows are used in place when they are whole blocks; otherwise copied zero-padded.
+            let direct = k4 == padded;
             let mut wbuf = vec![0u8; ROWS * padded];
-            for r0 in (0..rows).step_by(ROWS) {
-                let nr = ROWS.min(rows - r0);
-                wbuf.fill(0);
-                for r in 0..nr {
-                    let src = &packed[(n0 + r0 + r) * k4..(n0 + r0 + r + 1) * k4];
-                    wbuf[r * padded..r * padded + k4].copy_from_slice(src);
-                }
-                for mm in 0..m {
-                    let dots = dot_rows(&wbuf, padded, x.row(mm));
-                    for r in 0..nr {
-                        out[(r0 + r) * m + mm] = dots[r] - x.row_sums[mm];
+            // Activation rows in tiles that stay in L2 while every weight tile of the task passes.
+            for m0 in (0..m).step_by(M_TILE) {
+                for r0 in (0..rows).step_by(ROWS) {
+                    let nr = ROWS.min(rows - r0);
+                    let first = (n0 + r0) * k4;
+                    let w: &[u8] = if direct && nr == ROWS {
+                        &packed[first..first + ROWS * k4]
+                    } else {
+                        wbuf.fill(0);
+                        for r in 0..nr {
+                            let src = &packed[first + r * k4..first + (r + 1) * k4];
+                            wbuf[r * padded..r * padded + k4].copy_from_slice(src);
+                        }
+                        &wbuf
+                    };
+                    for mm in m0..m.min(m0 + M_TILE) {
+                        let dots = dot_rows(w, padded, x.row(mm));
+                        for r in 0..nr {
+                            out[(r0 + r) * m + mm] = dots[r] - x.row_sums[mm];
+                        }
                     }
                 }
             }

@@ -23,8 +23,8 @@ fn cpu_forward(
     dtype: DType,
 ) -> Result<CpuStorage> {
     use rayon::prelude::*;
-    let (codes, scales) = device::cpu_quantize(x, m, k, scaling);
-    let prep = crate::cpu::PreparedActivations::new(&codes, m, k);
+    let per_tensor = (scaling == ActScaling::PerTensor).then(|| quant::absmax_scale(x));
+    let (prep, scales) = crate::cpu::PreparedActivations::quantize(x, m, k, per_tensor);
     let acc = crate::cpu::packed_accumulate(&prep, bytes, n, k);
     let mut y = vec![0f32; m * n];
     if n > 0 {
@@ -32,7 +32,7 @@ fn cpu_forward(
             .zip(acc.par_chunks(n))
             .enumerate()
             .for_each(|(row, (y, acc))| {
-                let s_x = scales[if scaling == ActScaling::PerTensor { 0 } else { row }];
+                let s_x = scales[row];
                 for (y, &a) in y.iter_mut().zip(acc) {
                     *y = quant::dequantize(a, s_x, s_w);
                 }

@@ -1,0 +1,942 @@
+//! CUDA implementation of the bitlinear quantizers and packed ternary matmuls (feature `cuda`).
+//!
+//! The kernels live in `kernels/*.cu` (each file starts with a comment describing its data
+//! layout and tiling); `build.rs` compiles them with nvcc into fatbins (SASS + PTX for
+//! `CUDA_COMPUTE_CAP`, default sm_90) that are embedded here and loaded once per device.
+//!
+//! Every function takes candle CUDA storages with their layouts (contiguous, any start offset),
+//! launches on the device's stream and returns new storages. The numeric contract is the CPU
+//! one (`crate::quant`): codes, packed bytes and i32 accumulators are bit-identical, float
+//! outputs too (same epilogue `(acc * s_x) * s_w`, rounded twice, then cast). The only
+//! permitted difference is the f64 summation order of the weight absmean, which can change
+//! `s_w` only when the f64 mean lies within ~1e-16 (relative) of an f32 rounding boundary.
+//!
+//! Matmul strategy (see `matmul_core`):
+//! * `M <= 32` (decode): the "skinny" kernel streams the packed weights straight into tensor-core
+//!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
+//!   forward), otherwise a row-quantizer kernel runs first.
+//! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
+//!   tiled `mma.sync` int8 GEMM (128x128 or 64x64 CTA tiles) decodes the weights in shared
+//!   memory.
+//!
+//! Environment switches (read at each call):
+//! * `BITLINEAR_CUDA_POISON=1` fills every output buffer with 0xFF bytes (NaN for floats) before
+//!   the kernels run, so that an element a kernel forgets to write is caught by a comparison.
+//! * `BITLINEAR_CUDA_NO_FINITE_CHECK=1` skips the host read-back of the "non-finite weight" flag
+//!   in [`bit_matmul`] and [`fake_quant_weights`] (which costs a stream synchronization): a
+//!   non-finite weight then gives `s_w = NaN`, i.e. NaN outputs, instead of an error.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    result as cu_result, sys, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, DeviceId, WrapErr};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
+
+static QUANT_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quant.fatbin"));
+static SKINNY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/skinny.fatbin"));
+static GEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.fatbin"));
+
+const THREADS: u32 = 256;
+/// Largest `M` handled by the skinny kernel (4 MMA column tiles of 8).
+const SKINNY_MAX_M: usize = 32;
+/// Largest dynamic shared memory the skinny kernel may use (two blocks per SM on H100).
+const SKINNY_MAX_SMEM: usize = 112 * 1024;
+/// The skinny kernel quantizes `x` itself when `M * K * size_of(T)` is at most this.
+const FUSED_MAX_BYTES: usize = 64 * 1024;
+/// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
+const GEMM_BK: usize = 128;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Module {
+    Quant,
+    Skinny,
+    Gemm,
+}
+
+impl Module {
+    fn image(self) -> &'static [u8] {
+        match self {
+            Module::Quant => QUANT_FATBIN,
+            Module::Skinny => SKINNY_FATBIN,
+            Module::Gemm => GEMM_FATBIN,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct DevInfo {
+    sms: usize,
+    smem_optin: usize,
+}
+
+#[derive(Default)]
+struct Cache {
+    modules: HashMap<(DeviceId, Module), Arc<CudaModule>>,
+    funcs: HashMap<(DeviceId, String), CudaFunction>,
+    info: HashMap<DeviceId, DevInfo>,
+}
+
+fn cache() -> std::sync::MutexGuard<'static, Cache> {
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+fn dev_info(dev: &CudaDevice) -> Result<DevInfo> {
+    let mut c = cache();
+    if let Some(i) = c.info.get(&dev.id()) {
+        return Ok(*i);
+    }
+    let ctx = dev.cuda_stream().context().clone();
+    let sms = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let optin = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    let info = DevInfo {
+        sms: sms.max(1) as usize,
+        smem_optin: optin.max(48 * 1024) as usize,
+    };
+    c.info.insert(dev.id(), info);
+    Ok(info)
+}
+
+/// Loads (once per device) and returns a kernel. Kernels of the matmul modules get their
+/// dynamic shared-memory limit raised to the device maximum.
+fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
+    let info = dev_info(dev)?;
+    let mut c = cache();
+    let key = (dev.id(), name.to_string());
+    if let Some(f) = c.funcs.get(&key) {
+        return Ok(f.clone());
+    }
+    let md = match c.modules.get(&(dev.id(), module)) {
+        Some(m) => m.clone(),
+        None => {
+            let ctx = dev.cuda_stream().context().clone();
+            let m = ctx.load_module(Ptx::from_binary(module.image().to_vec())).w()?;
+            c.modules.insert((dev.id(), module), m.clone());
+            m
+        }
+    };
+    let f = md.load_function(name).w()?;
+    if module != Module::Quant {
+        let stat = f
+            .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .w()?;
+        let dynamic = info.smem_optin.saturating_sub(stat.max(0) as usize);
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dynamic as i32,
+        )
+        .w()?;
+    }
+    c.funcs.insert(key, f.clone());
+    Ok(f)
+}
+
+/// Launches `$f` on `$stream` with `$cfg` and the given kernel arguments (each must match the C
+/// parameter type exactly: i32 for `int`, u64 for pointers and `size_t`, f32 for `float`).
+macro_rules! launch {
+    ($f:expr, $stream:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f: &CudaFunction = &$f;
+        let mut b = $stream.launch_builder(f);
+        $(
+            let a = $arg;
+            b.arg(&a);
+        )*
+        // SAFETY: the argument list matches the kernel's C signature (checked by hand against
+        // kernels/*.cu), every pointer refers to a live allocation of the required size, and all
+        // work is ordered on the device's single stream.
+        unsafe { b.launch($cfg) }.w()?;
+    }};
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).map(|v| !v.is_empty() && v != "0").unwrap_or(false)
+}
+
+fn grid1(n: usize, cap: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, cap.max(1));
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn i32_arg(v: usize, what: &str) -> Result<i32> {
+    match i32::try_from(v) {
+        Ok(v) => Ok(v),
+        Err(_) => bail!("bitlinear cuda: {what} = {v} does not fit the kernels' 32-bit indices"),
+    }
+}
+
+/// Read pointer to element `offset` of a storage, keeping its stream-sync guard alive in `g`.
+fn in_ptr<'a>(s: &'a CudaStorage, offset: usize, stream: &'a CudaStream, g: &mut Vec<SyncOnDrop<'a>>) -> Result<u64> {
+    macro_rules! p {
+        ($v:expr, $t:ty) => {{
+            let (p, guard) = $v.device_ptr(stream);
+            g.push(guard);
+            p + (offset * std::mem::size_of::<$t>()) as u64
+        }};
+    }
+    Ok(match &s.slice {
+        CudaStorageSlice::U8(v) => p!(v, u8),
+        CudaStorageSlice::U32(v) => p!(v, u32),
+        CudaStorageSlice::I32(v) => p!(v, i32),
+        CudaStorageSlice::I64(v) => p!(v, i64),
+        CudaStorageSlice::BF16(v) => p!(v, half::bf16),
+        CudaStorageSlice::F16(v) => p!(v, half::f16),
+        CudaStorageSlice::F32(v) => p!(v, f32),
+        CudaStorageSlice::F64(v) => p!(v, f64),
+        _ => bail!("bitlinear cuda: unsupported dtype {:?}", s.dtype()),
+    })
+}
+
+fn slice_ptr<'a, T>(s: &'a CudaSlice<T>, stream: &'a CudaStream, g: &mut Vec<SyncOnDrop<'a>>) -> u64 {
+    let (p, guard) = s.device_ptr(stream);
+    g.push(guard);
+    p
+}
+
+fn out_ptr<'a, T>(s: &'a mut CudaSlice<T>, stream: &'a CudaStream, g: &mut Vec<SyncOnDrop<'a>>) -> u64 {
+    let (p, guard) = s.device_ptr_mut(stream);
+    g.push(guard);
+    p
+}
+
+fn out_slice_ptr<'a>(s: &'a mut CudaStorageSlice, stream: &'a CudaStream, g: &mut Vec<SyncOnDrop<'a>>) -> Result<u64> {
+    Ok(match s {
+        CudaStorageSlice::U8(v) => out_ptr(v, stream, g),
+        CudaStorageSlice::I32(v) => out_ptr(v, stream, g),
+        CudaStorageSlice::BF16(v) => out_ptr(v, stream, g),
+        CudaStorageSlice::F16(v) => out_ptr(v, stream, g),
+        CudaStorageSlice::F32(v) => out_ptr(v, stream, g),
+        _ => bail!("bitlinear cuda: internal error, unexpected output dtype"),
+    })
+}
+
+/// Uninitialized device buffer of `len` elements (at least one, so empty results still own an
+/// allocation), poisoned with 0xFF bytes when `BITLINEAR_CUDA_POISON` is set.
+fn alloc<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    let stream = dev.cuda_stream();
+    // SAFETY: every element the kernels' callers read back is written by a kernel first (and
+    // the poison mode below makes any violation visible).
+    let mut s = unsafe { dev.alloc::<T>(len.max(1)) }?;
+    if env_flag("BITLINEAR_CUDA_POISON") {
+        let bytes = len.max(1) * std::mem::size_of::<T>();
+        let (p, _g) = s.device_ptr_mut(&stream);
+        // SAFETY: `p` points to `bytes` bytes owned by `s`, on this stream.
+        unsafe { cu_result::memset_d8_async(p, 0xff, bytes, stream.cu_stream()) }.w()?;
+    }
+    Ok(s)
+}
+
+fn alloc_out(dev: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorageSlice> {
+    Ok(match dtype {
+        DType::U8 => CudaStorageSlice::U8(alloc(dev, len)?),
+        DType::I32 => CudaStorageSlice::I32(alloc(dev, len)?),
+        DType::F32 => CudaStorageSlice::F32(alloc(dev, len)?),
+        DType::BF16 => CudaStorageSlice::BF16(alloc(dev, len)?),
+        DType::F16 => CudaStorageSlice::F16(alloc(dev, len)?),
+        d => bail!("bitlinear cuda: internal error, cannot allocate a {d:?} output"),
+    })
+}
+
+fn storage(slice: CudaStorageSlice, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage {
+        slice,
+        device: dev.clone(),
+    }
+}
+
+fn float_suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => bail!("bitlinear cuda: expected an f32, bf16 or f16 tensor, got {d:?}"),
+    })
+}
+
+/// A contiguous float input, converted to f32 first when it is f64 (the CPU path converts with
+/// `as f32` too). Returns the storage to read, its start offset and its dims.
+struct FloatIn<'a> {
+    owned: Option<CudaStorage>,
+    borrowed: &'a CudaStorage,
+    offset: usize,
+    dims: Vec<usize>,
+}
+
+impl<'a> FloatIn<'a> {
+    fn new(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<Self> {
+        let Some((start, _)) = l.contiguous_offsets() else {
+            bail!("bitlinear cuda: {what} must be contiguous")
+        };
+        let dims = l.dims().to_vec();
+        match s.dtype() {
+            DType::F32 | DType::BF16 | DType::F16 => Ok(Self {
+                owned: None,
+                borrowed: s,
+                offset: start,
+                dims,
+            }),
+            DType::F64 => {
+                let c = s.to_dtype(l, DType::F32)?;
+                Ok(Self {
+                    owned: Some(c),
+                    borrowed: s,
+                    offset: 0,
+                    dims,
+                })
+            }
+            d => bail!("bitlinear cuda: {what} must be a float tensor, got {d:?}"),
+        }
+    }
+    fn storage(&self) -> &CudaStorage {
+        self.owned.as_ref().unwrap_or(self.borrowed)
+    }
+    fn dtype(&self) -> DType {
+        self.storage().dtype()
+    }
+    /// (rows, last dim): rows = product of the leading dims.
+    fn rows_cols(&self) -> (usize, usize) {
+        match self.dims.split_last() {
+            Some((&k, lead)) => (lead.iter().product(), k),
+            None => (1, 1),
+        }
+    }
+}
+
+/// Converts an f32 result to f64 when the input was f64.
+fn finish_dtype(out: CudaStorage, shape: &Shape, want: DType) -> Result<CudaStorage> {
+    if want == DType::F64 {
+        out.to_dtype(&Layout::contiguous(shape.clone()), DType::F64)
+    } else {
+        Ok(out)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// activation quantizer
+// ------------------------------------------------------------------------------------------
+
+/// Output of the row quantizer.
+enum ActOut {
+    /// canonical codes (M, K)
+    Codes(u64),
+    /// permuted, zero-padded codes (M, ld), and the i32 row sums of the codes (M)
+    Permuted(u64, usize, u64),
+    /// x~ = q * s_x in the input dtype
+    Fake(u64),
+}
+
+/// Runs the activation quantizer on `x` (`m` rows of `k`, dtype `dtype`, device pointer `xp`).
+/// `scales` (M or 1 floats) may be 0 (not needed).
+#[allow(clippy::too_many_arguments)]
+fn quantize_rows(
+    dev: &CudaDevice,
+    xp: u64,
+    dtype: DType,
+    m: usize,
+    k: usize,
+    per_tensor: bool,
+    out: ActOut,
+    scales: u64,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let sfx = float_suffix(dtype)?;
+    let info = dev_info(dev)?;
+    let mut gstat = dev.alloc_zeros::<u32>(2)?;
+    let mut g = Vec::new();
+    let gp = out_ptr(&mut gstat, &stream, &mut g);
+    if per_tensor && m * k > 0 {
+        let f = func(dev, Module::Quant, &format!("act_absmax_tensor_{sfx}"))?;
+        launch!(f, stream, grid1(m * k, info.sms * 8), xp, (m * k) as u64, gp);
+    }
+    if per_tensor && m == 0 && scales != 0 {
+        // No rows: the CPU still reports the scale of an empty group.
+        let s = [crate::quant::ACT_EPS / crate::quant::ACT_MAX];
+        // SAFETY: `scales` points to at least one f32 (allocated by the caller).
+        unsafe { cu_result::memcpy_htod_async(scales, &s, stream.cu_stream()) }.w()?;
+        stream.synchronize().w()?;
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let (mode, codes, ld, fake, rowsum) = match out {
+        ActOut::Codes(p) => (0, p, k, 0u64, 0u64),
+        ActOut::Permuted(p, ld, rs) => (1, p, ld, 0, rs),
+        ActOut::Fake(p) => (2, 0, k, p, 0),
+    };
+    let f = func(dev, Module::Quant, &format!("act_quant_rows_{sfx}"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (i32_arg(m, "M")? as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        f,
+        stream,
+        cfg,
+        xp,
+        i32_arg(m, "M")?,
+        i32_arg(k, "K")?,
+        per_tensor as i32,
+        gp,
+        mode as i32,
+        codes,
+        i32_arg(ld, "K")?,
+        scales,
+        fake,
+        rowsum
+    );
+    drop(g);
+    Ok(())
+}
+
+/// `quantize_activations` on CUDA: U8 codes (M, K) and F32 scales (M) or (1).
+pub(crate) fn quantize_activations(
+    x: &CudaStorage,
+    l: &Layout,
+    per_tensor: bool,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let xin = FloatIn::new(x, l, "quantize_activations input")?;
+    let (m, k) = xin.rows_cols();
+    let mut codes = alloc::<u8>(dev, m * k)?;
+    let mut scales = alloc::<f32>(dev, if per_tensor { 1 } else { m })?;
+    {
+        let mut g = Vec::new();
+        let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
+        let cp = out_ptr(&mut codes, &stream, &mut g);
+        let sp = out_ptr(&mut scales, &stream, &mut g);
+        quantize_rows(dev, xp, xin.dtype(), m, k, per_tensor, ActOut::Codes(cp), sp)?;
+    }
+    Ok((
+        storage(CudaStorageSlice::U8(codes), dev),
+        storage(CudaStorageSlice::F32(scales), dev),
+    ))
+}
+
+/// `x~ = x_q * s_x` in x's dtype.
+pub(crate) fn fake_quant_activations(x: &CudaStorage, l: &Layout, per_tensor: bool) -> Result<(CudaStorage, Shape)> {
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let xin = FloatIn::new(x, l, "fake_quantize_activations input")?;
+    let (m, k) = xin.rows_cols();
+    let mut out = alloc_out(dev, xin.dtype(), m * k)?;
+    {
+        let mut g = Vec::new();
+        let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
+        let op = out_slice_ptr(&mut out, &stream, &mut g)?;
+        quantize_rows(dev, xp, xin.dtype(), m, k, per_tensor, ActOut::Fake(op), 0)?;
+    }
+    let shape = l.shape().clone();
+    let out = finish_dtype(storage(out, dev), &shape, x.dtype())?;
+    Ok((out, shape))
+}
+
+// ------------------------------------------------------------------------------------------
+// weight quantizer
+// ------------------------------------------------------------------------------------------
+
+/// Launches the absmean reduction over `n` weights; returns `stat` = [s_w bits, non-finite flag].
+fn weight_scale(dev: &CudaDevice, wp: u64, dtype: DType, n: usize) -> Result<CudaSlice<u32>> {
+    let stream = dev.cuda_stream();
+    let sfx = float_suffix(dtype)?;
+    let mut stat = dev.alloc_zeros::<u32>(2)?;
+    // Grid size depends on n only, so the reduction tree (and s_w) is the same on every run.
+    let blocks = n.div_ceil(THREADS as usize * 8).clamp(1, 1024);
+    let mut partials = alloc::<f64>(dev, blocks)?;
+    let mut g = Vec::new();
+    let sp = out_ptr(&mut stat, &stream, &mut g);
+    let pp = out_ptr(&mut partials, &stream, &mut g);
+    let used = if n > 0 {
+        let f = func(dev, Module::Quant, &format!("w_absmean_partial_{sfx}"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(f, stream, cfg, wp, n as u64, pp, sp + 4);
+        blocks
+    } else {
+        0
+    };
+    let f = func(dev, Module::Quant, "w_absmean_final")?;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(f, stream, cfg, pp, used as i32, n as u64, sp);
+    drop(g);
+    Ok(stat)
+}
+
+fn check_finite_flag(dev: &CudaDevice, stat: &CudaSlice<u32>) -> Result<f32> {
+    let st = dev.clone_dtoh(stat)?;
+    if st[1] != 0 {
+        bail!("cannot quantize weights that contain NaN or infinite values")
+    }
+    Ok(f32::from_bits(st[0]))
+}
+
+/// Packs `w` (n, k) at `wp` into `out` using the device-side scale `stat[0]`.
+fn pack_into(dev: &CudaDevice, wp: u64, dtype: DType, n: usize, k: usize, stat: u64, out: u64) -> Result<()> {
+    let k4 = k.div_ceil(4);
+    if n * k4 == 0 {
+        return Ok(());
+    }
+    let stream = dev.cuda_stream();
+    let info = dev_info(dev)?;
+    let f = func(dev, Module::Quant, &format!("w_pack_{}", float_suffix(dtype)?))?;
+    launch!(
+        f,
+        stream,
+        grid1(n * k4, info.sms * 16),
+        wp,
+        i32_arg(n, "N")?,
+        i32_arg(k, "K")?,
+        i32_arg(k4, "K/4")?,
+        stat,
+        out
+    );
+    Ok(())
+}
+
+/// `PackedTernary::pack` on CUDA: packed bytes (N, ceil(K/4)) and s_w (read back to the host).
+pub(crate) fn pack_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaStorage, f32)> {
+    let dev = &w.device;
+    let stream = dev.cuda_stream();
+    let win = FloatIn::new(w, l, "weight")?;
+    let (n, k) = weight_dims(&win.dims)?;
+    let mut bytes = alloc::<u8>(dev, n * k.div_ceil(4))?;
+    let stat;
+    {
+        let mut g = Vec::new();
+        let wp = in_ptr(win.storage(), win.offset, &stream, &mut g)?;
+        stat = weight_scale(dev, wp, win.dtype(), n * k)?;
+        let sp = slice_ptr(&stat, &stream, &mut g);
+        let bp = out_ptr(&mut bytes, &stream, &mut g);
+        pack_into(dev, wp, win.dtype(), n, k, sp, bp)?;
+    }
+    let s_w = check_finite_flag(dev, &stat)?;
+    Ok((storage(CudaStorageSlice::U8(bytes), dev), s_w))
+}
+
+fn weight_dims(dims: &[usize]) -> Result<(usize, usize)> {
+    match dims {
+        &[n, k] => Ok((n, k)),
+        d => bail!("bitlinear cuda: weight must have shape (N, K), got {d:?}"),
+    }
+}
+
+/// `W~ = w_q * s_w` in w's dtype.
+pub(crate) fn fake_quant_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = &w.device;
+    let stream = dev.cuda_stream();
+    let win = FloatIn::new(w, l, "weight")?;
+    let n: usize = win.dims.iter().product();
+    let mut out = alloc_out(dev, win.dtype(), n)?;
+    let stat;
+    {
+        let mut g = Vec::new();
+        let wp = in_ptr(win.storage(), win.offset, &stream, &mut g)?;
+        stat = weight_scale(dev, wp, win.dtype(), n)?;
+        let sp = slice_ptr(&stat, &stream, &mut g);
+        let op = out_slice_ptr(&mut out, &stream, &mut g)?;
+        if n > 0 {
+            let info = dev_info(dev)?;
+            let f = func(dev, Module::Quant, &format!("w_fake_{}", float_suffix(win.dtype())?))?;
+            launch!(f, stream, grid1(n, info.sms * 16), wp, n as u64, sp, op);
+        }
+    }
+    if !env_flag("BITLINEAR_CUDA_NO_FINITE_CHECK") {
+        check_finite_flag(dev, &stat)?;
+    }
+    let shape = l.shape().clone();
+    let out = finish_dtype(storage(out, dev), &shape, w.dtype())?;
+    Ok((out, shape))
+}
+
+// ------------------------------------------------------------------------------------------
+// matmuls
+// ------------------------------------------------------------------------------------------
+
+/// Activation source of a matmul.
+#[derive(Clone, Copy)]
+enum XSrc {
+    /// float activations (M, K) of this dtype
+    Float(u64, DType),
+    /// canonical int8 codes (M, K), plus their scales (0 when the output is i32)
+    Codes(u64, u64),
+}
+
+/// Scale of the weight: a host value, or a device pointer to it (then the value is ignored).
+#[derive(Clone, Copy)]
+struct WScale {
+    val: f32,
+    ptr: u64,
+}
+
+/// y (M, N) = x (M, K) . W^T for packed `w` (N, ceil(K/4) bytes at `wp`); `out` = I32 (raw
+/// accumulators) or the float output dtype.
+#[allow(clippy::too_many_arguments)]
+fn matmul_core(
+    dev: &CudaDevice,
+    x: XSrc,
+    m: usize,
+    k: usize,
+    wp: u64,
+    n: usize,
+    sw: WScale,
+    per_tensor: bool,
+    out_dtype: DType,
+) -> Result<CudaStorageSlice> {
+    let stream = dev.cuda_stream();
+    let info = dev_info(dev)?;
+    let mut out = alloc_out(dev, out_dtype, m * n)?;
+    if m == 0 || n == 0 {
+        return Ok(out);
+    }
+    let k4 = k.div_ceil(4);
+    let (mi, ni, ki, k4i) = (
+        i32_arg(m, "M")?,
+        i32_arg(n, "N")?,
+        i32_arg(k, "K")?,
+        i32_arg(k4, "K/4")?,
+    );
+    i32_arg(n * k4, "N*K/4")?;
+    let osfx = match out_dtype {
+        DType::I32 => "i32",
+        d => float_suffix(d)?,
+    };
+
+    let kb = k4.div_ceil(64);
+    let row_stride = kb * 256 + 64;
+    let mt = if m <= 8 {
+        1
+    } else if m <= 16 {
+        2
+    } else {
+        4
+    };
+    let skinny_smem = (m * row_stride).max(8192 * mt);
+    if m <= SKINNY_MAX_M && skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048)) {
+        // ---- skinny path
+        let vec = if k4 % 16 == 0 && wp % 16 == 0 {
+            16
+        } else if k4 % 4 == 0 && wp % 4 == 0 {
+            4
+        } else {
+            1
+        };
+        let n1 = vec == 16 && n.div_ceil(32) < info.sms;
+        let rows_per_block = if n1 { 16 } else { 32 };
+        // Quantize first unless the kernel can do it itself.
+        let mut tmp_codes: Option<CudaSlice<u8>> = None;
+        let mut tmp_scales: Option<CudaSlice<f32>> = None;
+        let (xname, xp, xsp) = match x {
+            XSrc::Float(p, dt) if out_dtype == dt && m * k * dt.size_in_bytes() <= FUSED_MAX_BYTES => {
+                (float_suffix(dt)?, p, 0u64)
+            }
+            XSrc::Float(p, dt) => {
+                let mut c = alloc::<u8>(dev, m * k)?;
+                let mut s = alloc::<f32>(dev, if per_tensor { 1 } else { m })?;
+                let (cp, sp) = {
+                    let mut g = Vec::new();
+                    let cp = out_ptr(&mut c, &stream, &mut g);
+                    let sp = out_ptr(&mut s, &stream, &mut g);
+                    quantize_rows(dev, p, dt, m, k, per_tensor, ActOut::Codes(cp), sp)?;
+                    (cp, sp)
+                };
+                tmp_codes = Some(c);
+                tmp_scales = Some(s);
+                ("i8", cp, sp)
+            }
+            XSrc::Codes(p, sp) => ("i8", p, sp),
+        };
+        let name = format!("skinny_{xname}_{osfx}_m{mt}_v{vec}{}", if n1 { "_n1" } else { "" });
+        let f = func(dev, Module::Skinny, &name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: skinny_smem as u32,
+        };
+        {
+            let mut g = Vec::new();
+            let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
+            launch!(
+                f,
+                stream,
+                cfg,
+                xp,
+                xsp,
+                per_tensor as i32,
+                wp,
+                mi,
+                ni,
+                ki,
+                k4i,
+                sw.val,
+                sw.ptr,
+                yp
+            );
+        }
+        drop(tmp_codes);
+        drop(tmp_scales);
+        return Ok(out);
+    }
+
+    // ---- tiled GEMM path: permuted, padded int8 activations
+    let ld = k.div_ceil(GEMM_BK) * GEMM_BK;
+    i32_arg(m * ld.max(1), "M*K")?;
+    let mut xperm = alloc::<u8>(dev, m * ld)?;
+    let mut scales = alloc::<f32>(dev, if per_tensor { 1 } else { m })?;
+    let mut rowsum = dev.alloc_zeros::<i32>(m)?;
+    let mut g = Vec::new();
+    let xpp = out_ptr(&mut xperm, &stream, &mut g);
+    let rsp = out_ptr(&mut rowsum, &stream, &mut g);
+    let xsp = match x {
+        XSrc::Float(p, dt) => {
+            let sp = out_ptr(&mut scales, &stream, &mut g);
+            quantize_rows(dev, p, dt, m, k, per_tensor, ActOut::Permuted(xpp, ld, rsp), sp)?;
+            sp
+        }
+        XSrc::Codes(p, sp) => {
+            if ld > 0 {
+                let f = func(dev, Module::Quant, "codes_permute")?;
+                launch!(
+                    f,
+                    stream,
+                    grid1(m * ld / 16, info.sms * 16),
+                    p,
+                    mi,
+                    ki,
+                    ld as i32,
+                    xpp,
+                    rsp
+                );
+            }
+            sp
+        }
+    };
+    // Weights: 16-byte aligned rows are used in place, others are padded once for this call.
+    let mut wpad: Option<CudaSlice<u8>> = None;
+    let (wq, k4s) = if k4 % 16 == 0 && wp % 16 == 0 {
+        (wp, k4)
+    } else {
+        let k4p = k4.div_ceil(16) * 16;
+        i32_arg(n * k4p, "N*K/4")?;
+        let mut buf = alloc::<u8>(dev, n * k4p)?;
+        let (bp, guard) = buf.device_ptr_mut(&stream);
+        let f = func(dev, Module::Quant, "packed_repack")?;
+        launch!(f, stream, grid1(n * k4p, info.sms * 16), wp, ni, k4i, k4p as i32, bp);
+        drop(guard);
+        wpad = Some(buf);
+        (bp, k4p)
+    };
+    let big = m.div_ceil(128) * n.div_ceil(128) >= info.sms;
+    let (bm, bn, threads) = if big { (128, 128, 256) } else { (64, 64, 128) };
+    let smem = 4 * (bm * 144 + bn * 48);
+    let name = format!("gemm_{}_{osfx}", if big { "big" } else { "small" });
+    let f = func(dev, Module::Gemm, &name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
+    launch!(
+        f,
+        stream,
+        cfg,
+        xpp,
+        ld as i32,
+        rsp,
+        xsp,
+        per_tensor as i32,
+        wq,
+        k4s as i32,
+        mi,
+        ni,
+        ki,
+        sw.val,
+        sw.ptr,
+        yp
+    );
+    drop(g);
+    drop(wpad);
+    drop(xperm);
+    drop(scales);
+    drop(rowsum);
+    Ok(out)
+}
+
+/// Checks a packed weight storage (N, ceil(k/4)) and returns (N, pointer).
+fn packed_in<'a>(
+    p: &'a CudaStorage,
+    pl: &Layout,
+    k: usize,
+    stream: &'a CudaStream,
+    g: &mut Vec<SyncOnDrop<'a>>,
+) -> Result<(usize, u64)> {
+    if p.dtype() != DType::U8 {
+        bail!("bitlinear cuda: packed weights must be U8, got {:?}", p.dtype())
+    }
+    let Some((start, _)) = pl.contiguous_offsets() else {
+        bail!("bitlinear cuda: packed weights must be contiguous")
+    };
+    let n = match pl.dims() {
+        &[n, k4] if k4 == k.div_ceil(4) => n,
+        d => bail!(
+            "bitlinear cuda: packed weights must have shape (N, {}), got {d:?}",
+            k.div_ceil(4)
+        ),
+    };
+    Ok((n, in_ptr(p, start, stream, g)?))
+}
+
+/// Exact i32 accumulators `acc[m][n] = Σ_k x_q[m][k] · w_q[n][k]` (I32 (M, N)).
+pub(crate) fn packed_accumulate(
+    xq: &CudaStorage,
+    xl: &Layout,
+    packed: &CudaStorage,
+    pl: &Layout,
+    k: usize,
+) -> Result<CudaStorage> {
+    let dev = &xq.device;
+    let stream = dev.cuda_stream();
+    if xq.dtype() != DType::U8 {
+        bail!("bitlinear cuda: activation codes must be U8, got {:?}", xq.dtype())
+    }
+    let Some((start, _)) = xl.contiguous_offsets() else {
+        bail!("bitlinear cuda: activation codes must be contiguous")
+    };
+    let (m, kx) = match xl.dims() {
+        &[m, kx] => (m, kx),
+        d => bail!("bitlinear cuda: activation codes must have shape (M, K), got {d:?}"),
+    };
+    if kx != k {
+        bail!("bitlinear cuda: codes have K = {kx}, the weight has K = {k}")
+    }
+    let mut g = Vec::new();
+    let xp = in_ptr(xq, start, &stream, &mut g)?;
+    let (n, wp) = packed_in(packed, pl, k, &stream, &mut g)?;
+    let out = matmul_core(
+        dev,
+        XSrc::Codes(xp, 0),
+        m,
+        k,
+        wp,
+        n,
+        WScale { val: 1.0, ptr: 0 },
+        false,
+        DType::I32,
+    )?;
+    drop(g);
+    Ok(storage(out, dev))
+}
+
+/// The inference forward over pre-packed weights: quantize x, matmul, epilogue; output in x's
+/// dtype, shape (M, N).
+pub(crate) fn packed_matmul(
+    x: &CudaStorage,
+    xl: &Layout,
+    packed: &CudaStorage,
+    pl: &Layout,
+    k: usize,
+    s_w: f32,
+    per_tensor: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let xin = FloatIn::new(x, xl, "packed_matmul input")?;
+    let (m, kx) = xin.rows_cols();
+    if kx != k {
+        bail!("bitlinear cuda: input has K = {kx}, the weight has K = {k}")
+    }
+    let mut g = Vec::new();
+    let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
+    let (n, wp) = packed_in(packed, pl, k, &stream, &mut g)?;
+    let dt = xin.dtype();
+    let out = matmul_core(
+        dev,
+        XSrc::Float(xp, dt),
+        m,
+        k,
+        wp,
+        n,
+        WScale { val: s_w, ptr: 0 },
+        per_tensor,
+        dt,
+    )?;
+    drop(g);
+    let shape = Shape::from((m, n));
+    let out = finish_dtype(storage(out, dev), &shape, x.dtype())?;
+    Ok((out, shape))
+}
+
+/// The training forward: quantize and pack `w` on the device (s_w stays on the device), then
+/// the same matmul as [`packed_matmul`].
+pub(crate) fn bit_matmul(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    per_tensor: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let xin = FloatIn::new(x, xl, "bit_matmul input")?;
+    let win = FloatIn::new(w, wl, "bit_matmul weight")?;
+    let (m, k) = xin.rows_cols();
+    let (n, kw) = weight_dims(&win.dims)?;
+    if kw != k {
+        bail!("bitlinear cuda: input has K = {k}, the weight has K = {kw}")
+    }
+    let mut packed = alloc::<u8>(dev, n * k.div_ceil(4))?;
+    let stat;
+    let out;
+    {
+        let mut g = Vec::new();
+        let wp = in_ptr(win.storage(), win.offset, &stream, &mut g)?;
+        stat = weight_scale(dev, wp, win.dtype(), n * k)?;
+        let sp = slice_ptr(&stat, &stream, &mut g);
+        let pp = out_ptr(&mut packed, &stream, &mut g);
+        pack_into(dev, wp, win.dtype(), n, k, sp, pp)?;
+        let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
+        let dt = xin.dtype();
+        out = matmul_core(
+            dev,
+            XSrc::Float(xp, dt),
+            m,
+            k,
+            pp,
+            n,
+            WScale { val: 0.0, ptr: sp },
+            per_tensor,
+            dt,
+        )?;
+    }
+    if !env_flag("BITLINEAR_CUDA_NO_FINITE_CHECK") {
+        check_finite_flag(dev, &stat)?;
+    }
+    drop(packed);
+    let shape = Shape::from((m, n));
+    let out = finish_dtype(storage(out, dev), &shape, x.dtype())?;
+    Ok((out, shape))
+}
