@@ -1,0 +1,134 @@
+//! 2x2 max pooling with a fast CPU kernel.
+//!
+//! candle 0.11's `max_pool2d` backward is built from generic ops (upsample, compare, average-pool,
+//! upsample again), which made it a large part of a CPU training step of the CNN, and it scales
+//! the gradient by (number of maxima in the window) / 4, i.e. by 1/4 for the usual single maximum,
+//! where PyTorch passes it through unscaled. [`max_pool2x2`] computes the same forward values and
+//! sends each window's gradient, unscaled, to its maximum (the first one in row-major order on
+//! ties, as PyTorch does), in one pass each way, over rayon's threads.
+//! Other devices and dtypes use [`max_pool2x2_ops`], the same pooling written with reshape and
+//! `max` reductions (whose backward is correct on every device); odd sizes use candle's
+//! `max_pool2d`.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// 2x2, stride 2 max pooling of a (B, C, H, W) tensor.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    let fast = match x.dims() {
+        [_, _, h, w] => x.device().is_cpu() && x.dtype() == DType::F32 && h % 2 == 0 && w % 2 == 0 && *h > 0,
+        _ => false,
+    };
+    if fast {
+        x.contiguous()?.apply_op1(MaxPool2x2)
+    } else {
+        max_pool2x2_ops(x)
+    }
+}
+
+/// 2x2, stride 2 max pooling from generic tensor ops (any device and dtype): a (B, C, H, W)
+/// tensor viewed as (B, C, H/2, 2, W/2, 2), reduced with `max` over the two window axes. Each
+/// window's gradient goes, unscaled, to its maximum (to every maximum on ties).
+pub fn max_pool2x2_ops(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        return x.max_pool2d(2);
+    }
+    x.contiguous()?.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("max_pool2x2: {what} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("max_pool2x2: {what} must be contiguous"),
+    }
+}
+
+fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    l.shape().dims4()
+}
+
+/// Index (0..4: top-left, top-right, bottom-left, bottom-right) of the first maximum.
+#[inline]
+fn argmax4(a: f32, b: f32, c: f32, d: f32) -> (usize, f32) {
+    let (mut k, mut m) = (0, a);
+    for (i, v) in [(1, b), (2, c), (3, d)] {
+        // A NaN in the window wins, so NaNs propagate instead of being silently pooled away.
+        if v > m || v.is_nan() && !m.is_nan() {
+            k = i;
+            m = v;
+        }
+    }
+    (k, m)
+}
+
+struct MaxPool2x2;
+
+impl CustomOp1 for MaxPool2x2 {
+    fn name(&self) -> &'static str {
+        "max-pool-2x2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "input")?;
+        let (b, c, h, w) = dims4(l)?;
+        let (ho, wo) = (h / 2, w / 2);
+        let mut out = vec![0f32; b * c * ho * wo];
+        out.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(|(o, p)| {
+            for i in 0..ho {
+                let r0 = &p[2 * i * w..2 * i * w + w];
+                let r1 = &p[(2 * i + 1) * w..(2 * i + 1) * w + w];
+                for j in 0..wo {
+                    o[i * wo + j] = argmax4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]).1;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&g, &MaxPool2x2Bwd)?))
+    }
+}
+
+/// (input, grad of output) -> grad of input.
+struct MaxPool2x2Bwd;
+
+impl CustomOp2 for MaxPool2x2Bwd {
+    fn name(&self) -> &'static str {
+        "max-pool-2x2-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "input")?;
+        let g = f32_slice(s2, l2, "gradient")?;
+        let (b, c, h, w) = dims4(l1)?;
+        let (ho, wo) = (h / 2, w / 2);
+        if l2.shape().dims() != [b, c, ho, wo] {
+            candle_core::bail!(
+                "max_pool2x2 backward: gradient shape {:?} for input {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let mut out = vec![0f32; b * c * h * w];
+        out.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(g.par_chunks(ho * wo)))
+            .for_each(|(o, (p, gp))| {
+                for i in 0..ho {
+                    for j in 0..wo {
+                        let i0 = 2 * i * w + 2 * j;
+                        let i1 = i0 + w;
+                        let (k, _) = argmax4(p[i0], p[i0 + 1], p[i1], p[i1 + 1]);
+                        let idx = [i0, i0 + 1, i1, i1 + 1][k];
+                        o[idx] = gp[i * wo + j];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
