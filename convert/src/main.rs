@@ -1,1 +1,120 @@
-fn main() {}
+//! `convert`: trained checkpoint → packed 2-bit safetensors; inspect, verify, eval.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(version, about = "Pack, inspect and verify BitLinear (1.58-bit) SimpleBitCnn models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FloatDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pack every BitLinear weight of a float checkpoint into 2-bit codes + scale.
+    Export {
+        /// A float checkpoint written by `train` (e.g. runs/NAME/best.safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The packed file to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Dtype of the tensors kept as floats (convolutions, biases, norms).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: FloatDtype,
+    },
+    /// List the format, metadata and tensors of a packed or float file.
+    Inspect {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Check that the packed file predicts exactly like the float checkpoint on the test set.
+    Verify {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        packed: PathBuf,
+        /// CIFAR-10 binary directory (holding test_batch.bin).
+        #[arg(long, default_value = "data/cifar-10-batches-bin")]
+        data_dir: PathBuf,
+    },
+    /// Test accuracy of a packed file alone.
+    Eval {
+        #[arg(long)]
+        packed: PathBuf,
+        #[arg(long, default_value = "data/cifar-10-batches-bin")]
+        data_dir: PathBuf,
+    },
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Export { checkpoint, out, dtype } => {
+            let dtype = match dtype {
+                FloatDtype::F32 => DType::F32,
+                FloatDtype::Bf16 => DType::BF16,
+                FloatDtype::F16 => DType::F16,
+            };
+            let (before, after) = convert::export(&checkpoint, &out, dtype)?;
+            println!(
+                "wrote {}: {before} bytes -> {after} bytes ({:.1}x smaller)",
+                out.display(),
+                before as f64 / after.max(1) as f64
+            );
+            Ok(true)
+        }
+        Command::Inspect { file } => {
+            print!("{}", convert::inspect::inspect(&file)?);
+            Ok(true)
+        }
+        Command::Verify {
+            checkpoint,
+            packed,
+            data_dir,
+        } => {
+            let v = convert::evaluate::verify(&checkpoint, &packed, &data_dir)?;
+            println!("images:                 {}", v.images);
+            println!("float checkpoint acc:   {:.2}%", 100.0 * v.float_accuracy);
+            println!("packed file acc:        {:.2}%", 100.0 * v.packed_accuracy);
+            println!("prediction mismatches:  {}", v.prediction_mismatches);
+            println!(
+                "max |logit difference|: {:e} (tolerance {:e})",
+                v.max_logit_diff,
+                convert::evaluate::LOGIT_TOLERANCE
+            );
+            println!("{}", if v.passed() { "verify: OK" } else { "verify: FAILED" });
+            Ok(v.passed())
+        }
+        Command::Eval { packed, data_dir } => {
+            let (n, acc) = convert::evaluate::eval_packed(&packed, &data_dir, &Device::Cpu)?;
+            println!(
+                "test accuracy of {}: {:.2}% on {n} images",
+                packed.display(),
+                100.0 * acc
+            );
+            Ok(true)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Running a network over the CIFAR-10 test set: `eval` (accuracy of a packed file) and `verify`
+//! (the float checkpoint's quantized forward against the packed file, image by image).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use model::PackedSimpleBitCnn;
+use train::augment::{augment_batch_cpu, AugParams, Normalizer};
+use train::data::{missing_data_help, read_batch_file, Split, TEST_FILE};
+
+/// Largest difference between two logits that `verify` accepts. Both forms run the same integer
+/// kernels and the same float epilogue, so the logits are expected to be bit-identical; the
+/// tolerance only leaves room for a future kernel that sums the convolutions differently.
+pub const LOGIT_TOLERANCE: f32 = 1e-4;
+
+const BATCH: usize = 500;
+
+/// Reads `test_batch.bin` from a CIFAR-10 binary directory.
+pub fn load_test_split(data_dir: &Path) -> Result<Split> {
+    let path = data_dir.join(TEST_FILE);
+    if !path.is_file() {
+        bail!("{}", missing_data_help(data_dir))
+    }
+    read_batch_file(&path)
+}
+
+/// The logits `(N, 10)` of `model` on every image of `split`, normalized as in training.
+pub fn logits<M: Module>(model: &M, split: &Split, device: &Device) -> Result<Vec<Vec<f32>>> {
+    let lut = Normalizer::default().lut();
+    let mut out = Vec::with_capacity(split.len());
+    let all: Vec<usize> = (0..split.len()).collect();
+    for idx in all.chunks(BATCH) {
+        let x = augment_batch_cpu(split, idx, &vec![AugParams::IDENTITY; idx.len()], &lut);
+        let x = Tensor::from_vec(x, (idx.len(), 3, 32, 32), device)?;
+        out.extend(model.forward(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+    }
+    Ok(out)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
+}
+
+/// Fraction of images whose arg-max logit is the label.
+pub fn accuracy(logits: &[Vec<f32>], labels: &[u8]) -> f64 {
+    let correct = logits
+        .iter()
+        .zip(labels)
+        .filter(|(l, &y)| argmax(l) == y as usize)
+        .count();
+    correct as f64 / labels.len().max(1) as f64
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verification {
+    /// Images compared.
+    pub images: usize,
+    /// Accuracy of the float checkpoint's quantized forward.
+    pub float_accuracy: f64,
+    /// Accuracy of the packed file.
+    pub packed_accuracy: f64,
+    /// Images whose predicted class differs.
+    pub prediction_mismatches: usize,
+    /// Largest absolute logit difference.
+    pub max_logit_diff: f32,
+}
+
+impl Verification {
+    /// Identical predictions everywhere and logits within [`LOGIT_TOLERANCE`].
+    pub fn passed(&self) -> bool {
+        self.prediction_mismatches == 0 && self.max_logit_diff <= LOGIT_TOLERANCE
+    }
+}
+
+/// Compares the float checkpoint's quantized forward with the packed file on the test set.
+///
+/// The packed file may store its float tensors (convolutions, biases, norms) as bf16 or f16; the
+/// checkpoint's are rounded the same way first, so the comparison isolates the packing itself.
+pub fn verify(checkpoint: &Path, packed: &Path, data_dir: &Path) -> Result<Verification> {
+    let device = Device::Cpu;
+    let packed_bytes = std::fs::read(packed).with_context(|| format!("reading {}", packed.display()))?;
+    let info = PackedSimpleBitCnn::read_info(&packed_bytes).with_context(|| format!("{}", packed.display()))?;
+    let stored = match info.metadata.get("float_dtype").map(String::as_str) {
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        _ => DType::F32,
+    };
+    let tensors = crate::checkpoint::read_tensors(checkpoint)?
+        .into_iter()
+        .map(|(k, t)| {
+            // The latent BitLinear weights are packed, never stored as floats: keep them.
+            let keep = k.ends_with(".weight")
+                && info
+                    .metadata
+                    .contains_key(&format!("{}.in_features", &k[..k.len() - 7]));
+            let t = if keep {
+                t
+            } else {
+                t.to_dtype(stored)?.to_dtype(DType::F32)?
+            };
+            Ok((k, t))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let float_model = crate::checkpoint::model_from_tensors(tensors, &device)?;
+    if float_model.config() != info.config {
+        bail!(
+            "the checkpoint's layers ({:?}) differ from the packed file's ({:?})",
+            float_model.config(),
+            info.config
+        )
+    }
+    let packed_model = PackedSimpleBitCnn::from_packed_bytes(&packed_bytes, &device)
+        .with_context(|| format!("loading {}", packed.display()))?;
+    let split = load_test_split(data_dir)?;
+    let a = logits(&float_model, &split, &device)?;
+    let b = logits(&packed_model, &split, &device)?;
+    let mut mismatches = 0;
+    let mut max_diff = 0f32;
+    for (la, lb) in a.iter().zip(&b) {
+        mismatches += usize::from(argmax(la) != argmax(lb));
+        for (x, y) in la.iter().zip(lb) {
+            // NaN anywhere is a failure, not a zero difference.
+            let d = (x - y).abs();
+            max_diff = if d.is_nan() { f32::INFINITY } else { max_diff.max(d) };
+        }
+    }
+    Ok(Verification {
+        images: split.len(),
+        float_accuracy: accuracy(&a, &split.labels),
+        packed_accuracy: accuracy(&b, &split.labels),
+        prediction_mismatches: mismatches,
+        max_logit_diff: max_diff,
+    })
+}
+
+/// Test accuracy of a packed file alone (no float BitLinear weights are read or built).
+pub fn eval_packed(packed: &Path, data_dir: &Path, device: &Device) -> Result<(usize, f64)> {
+    let model = PackedSimpleBitCnn::load(packed, device)?;
+    let split = load_test_split(data_dir)?;
+    let l = logits(&model, &split, device)?;
+    Ok((split.len(), accuracy(&l, &split.labels)))
+}

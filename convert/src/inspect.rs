@@ -1,0 +1,57 @@
+//! `inspect`: the format, version and every tensor of a safetensors file (packed or float).
+
+use std::fmt::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// A human-readable listing of the file.
+pub fn inspect(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let mut out = String::new();
+    let format = metadata
+        .get("format")
+        .map(String::as_str)
+        .unwrap_or("float checkpoint (no format metadata)");
+    writeln!(out, "file: {} ({} bytes)", path.display(), bytes.len())?;
+    writeln!(out, "format: {format}")?;
+    if let Some(v) = metadata.get("format_version") {
+        writeln!(out, "format_version: {v}")?;
+    }
+    let mut keys: Vec<_> = metadata
+        .keys()
+        .filter(|k| !matches!(k.as_str(), "format" | "format_version"))
+        .collect();
+    keys.sort();
+    for k in keys {
+        writeln!(out, "{k}: {}", metadata[k])?;
+    }
+    let mut names = st.names();
+    names.sort();
+    writeln!(out, "{:<24} {:<6} {:<16} {:>12}", "tensor", "dtype", "shape", "bytes")?;
+    let (mut total, mut packed) = (0usize, 0usize);
+    for name in names {
+        let t = st.tensor(name)?;
+        let n = t.data().len();
+        total += n;
+        if name.ends_with(".weight.packed") {
+            packed += n;
+        }
+        writeln!(
+            out,
+            "{name:<24} {:<6} {:<16} {n:>12}",
+            format!("{:?}", t.dtype()),
+            format!("{:?}", t.shape())
+        )?;
+    }
+    writeln!(
+        out,
+        "tensors: {} bytes in all, {packed} bytes of packed ternary weights",
+        total
+    )?;
+    Ok(out)
+}

@@ -1,0 +1,303 @@
+//! The packed 2-bit model file: a safetensors file from which [`PackedSimpleBitCnn`] is rebuilt
+//! without any float weight of its BitLinear layers.
+//!
+//! Tensors (a BitLinear layer `L`; `S` is the stored float dtype, f32 unless chosen otherwise):
+//!
+//! | name | dtype, shape | what |
+//! | --- | --- | --- |
+//! | `L.weight.packed` | U8 `(N, ceil(K/4))` | [`bitlinear::PackedTernary`] bytes |
+//! | `L.weight.scale` | F32 `(1,)` | absmean scale `s_w` |
+//! | `L.bias`, `L.norm.weight` | S `(N,)`, S `(K,)` | bias, RMSNorm gain |
+//! | `conv*.weight`, `conv*.bias` | S | convolutions, as in the checkpoint |
+//! | plain Linear `L.weight`, `L.bias` | S | a full-precision layer (ablation configs) |
+//!
+//! `__metadata__` holds `format` = [`FORMAT`], `format_version` = [`FORMAT_VERSION`], the packing
+//! order and code mapping in words, `model` = `SimpleBitCnn`, `model_config` (JSON: the kind of
+//! each fully connected layer, the activation scaling) and `L.in_features` for each BitLinear
+//! layer (K cannot be recovered from the byte count alone).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use bitlinear::{ActScaling, PackedBitLinear, PackedTernary};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::{Conv, FcKind, PackedFc, PackedSimpleBitCnn, SimpleBitCnnConfig, FLAT_FEATURES, HIDDEN, NUM_CLASSES};
+
+/// Value of the `format` metadata key.
+pub const FORMAT: &str = "bitlinear-packed";
+/// Value of the `format_version` metadata key; readers reject other versions.
+pub const FORMAT_VERSION: u32 = 1;
+/// Description of the byte layout, stored in the metadata for humans and other readers.
+pub const PACKING: &str = "row-major (out_features, ceil(in_features/4)) bytes; 4 consecutive in-features per byte, least significant bits first; padding weights are 0";
+/// Description of the 2-bit codes.
+pub const CODE_MAPPING: &str = "code = w + 1: 0 -> -1, 1 -> 0, 2 -> +1, 3 invalid";
+
+/// The metadata of a packed file, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedFileInfo {
+    /// `format_version`.
+    pub version: u32,
+    /// The network's configuration.
+    pub config: SimpleBitCnnConfig,
+    /// All `__metadata__` entries.
+    pub metadata: HashMap<String, String>,
+}
+
+fn fc_layers(config: SimpleBitCnnConfig) -> [(&'static str, FcKind, usize, usize); 2] {
+    [
+        ("fc1", config.fc1, FLAT_FEATURES, HIDDEN),
+        ("fc2", config.fc2, HIDDEN, NUM_CLASSES),
+    ]
+}
+
+fn config_json(config: SimpleBitCnnConfig) -> String {
+    format!(
+        r#"{{"fc1":"{}","fc2":"{}","act_scaling":"per-token"}}"#,
+        config.fc1.as_str(),
+        config.fc2.as_str()
+    )
+}
+
+fn parse_config(json: &str) -> Result<SimpleBitCnnConfig> {
+    // A tiny fixed schema: read the two string fields without pulling a JSON parser in.
+    let field = |name: &str| -> Result<FcKind> {
+        let key = format!("\"{name}\":\"");
+        let Some(start) = json.find(&key).map(|i| i + key.len()) else {
+            bail!("model_config {json:?} has no {name:?} field")
+        };
+        let end = json[start..].find('"').map(|e| start + e).unwrap_or(json.len());
+        json[start..end].parse::<FcKind>().map_err(candle_core::Error::msg)
+    };
+    if !json.contains(r#""act_scaling":"per-token""#) {
+        bail!("model_config {json:?}: only per-token activation scaling is supported")
+    }
+    Ok(SimpleBitCnnConfig {
+        fc1: field("fc1")?,
+        fc2: field("fc2")?,
+    })
+}
+
+impl PackedSimpleBitCnn {
+    /// The configuration (kind of each fully connected layer).
+    pub fn config(&self) -> SimpleBitCnnConfig {
+        let kind = |f: &PackedFc| match f {
+            PackedFc::Bit(_) => FcKind::BitLinear,
+            PackedFc::Plain(_) => FcKind::Linear,
+        };
+        SimpleBitCnnConfig {
+            fc1: kind(&self.fc1),
+            fc2: kind(&self.fc2),
+        }
+    }
+
+    /// The named tensors and metadata of the packed file; float tensors are stored as `dtype`.
+    pub fn to_packed_tensors(&self, dtype: DType) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            bail!("packed files store float tensors as f32, bf16 or f16, not {dtype:?}")
+        }
+        let cpu = &Device::Cpu;
+        let float = |t: &Tensor| t.to_device(cpu)?.to_dtype(dtype);
+        let mut tensors = vec![];
+        let mut meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("format_version".to_string(), FORMAT_VERSION.to_string()),
+            ("packing".to_string(), PACKING.to_string()),
+            ("code_mapping".to_string(), CODE_MAPPING.to_string()),
+            ("model".to_string(), "SimpleBitCnn".to_string()),
+            ("model_config".to_string(), config_json(self.config())),
+            ("float_dtype".to_string(), format!("{dtype:?}").to_lowercase()),
+        ]);
+        for (name, conv) in [("conv1", &self.conv1), ("conv2", &self.conv2)] {
+            tensors.push((format!("{name}.weight"), float(conv.weight())?));
+            tensors.push((format!("{name}.bias"), float(conv.bias())?));
+        }
+        for (name, fc) in [("fc1", &self.fc1), ("fc2", &self.fc2)] {
+            match fc {
+                PackedFc::Bit(l) => {
+                    if l.act_scaling() != ActScaling::PerToken {
+                        bail!("{name}: only per-token activation scaling can be stored")
+                    }
+                    let w = l.weight();
+                    tensors.push((format!("{name}.weight.packed"), w.bytes().to_device(cpu)?));
+                    tensors.push((format!("{name}.weight.scale"), Tensor::new(&[w.scale()], cpu)?));
+                    meta.insert(format!("{name}.in_features"), w.in_features().to_string());
+                    let Some(norm) = l.norm_gain() else {
+                        bail!("{name}: BitLinear without RMSNorm")
+                    };
+                    let Some(bias) = l.bias() else {
+                        bail!("{name}: BitLinear without bias")
+                    };
+                    tensors.push((format!("{name}.norm.weight"), float(norm)?));
+                    tensors.push((format!("{name}.bias"), float(bias)?));
+                }
+                PackedFc::Plain(l) => {
+                    tensors.push((format!("{name}.weight"), float(l.weight())?));
+                    let Some(bias) = l.bias() else {
+                        bail!("{name}: Linear without bias")
+                    };
+                    tensors.push((format!("{name}.bias"), float(bias)?));
+                }
+            }
+        }
+        Ok((tensors, meta))
+    }
+
+    /// Writes the packed file atomically (a temporary file in the same directory, then a
+    /// rename): a failure leaves no partial file behind.
+    pub fn save(&self, path: &Path, dtype: DType) -> Result<()> {
+        let (tensors, meta) = self.to_packed_tensors(dtype)?;
+        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+            .map_err(|e| candle_core::Error::msg(format!("serializing {}: {e}", path.display())))?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Reads a packed file's metadata and checks its format and version.
+    pub fn read_info(bytes: &[u8]) -> Result<PackedFileInfo> {
+        let (_, st) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| candle_core::Error::msg(format!("not a valid safetensors file: {e}")))?;
+        let metadata = st.metadata().clone().unwrap_or_default();
+        match metadata.get("format").map(String::as_str) {
+            Some(FORMAT) => {}
+            Some(other) => bail!("format is {other:?}, expected {FORMAT:?}"),
+            None => bail!("no \"format\" metadata: not a {FORMAT} file (a float checkpoint?)"),
+        }
+        let version = metadata.get("format_version").and_then(|v| v.parse::<u32>().ok());
+        if version != Some(FORMAT_VERSION) {
+            bail!(
+                "format_version {:?} is not supported (this build reads version {FORMAT_VERSION})",
+                metadata.get("format_version")
+            )
+        }
+        let Some(json) = metadata.get("model_config") else {
+            bail!("no \"model_config\" metadata")
+        };
+        if metadata.get("model").map(String::as_str) != Some("SimpleBitCnn") {
+            bail!(
+                "model is {:?}, this build knows \"SimpleBitCnn\"",
+                metadata.get("model")
+            )
+        }
+        Ok(PackedFileInfo {
+            version: FORMAT_VERSION,
+            config: parse_config(json)?,
+            metadata,
+        })
+    }
+
+    /// Loads the inference network from a packed file's bytes onto `device`. Every tensor's
+    /// presence, dtype and shape is checked, and every packed code is validated.
+    pub fn from_packed_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+        let info = Self::read_info(bytes)?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
+        let get = |name: &str| -> Result<&Tensor> {
+            tensors
+                .get(name)
+                .ok_or_else(|| candle_core::Error::msg(format!("tensor {name:?} is missing")))
+        };
+        // Float tensors go to f32 on the target device, as the training form holds them.
+        let float = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = get(name)?;
+            if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+                bail!("tensor {name:?} has dtype {:?}, expected a float", t.dtype())
+            }
+            if t.dims() != shape {
+                bail!("tensor {name:?} has shape {:?}, expected {shape:?}", t.dims())
+            }
+            t.to_dtype(DType::F32)?.to_device(device)
+        };
+        let conv_vars: HashMap<String, Tensor> = [
+            ("conv1.weight", &[32usize, 3, 3, 3][..]),
+            ("conv1.bias", &[32]),
+            ("conv2.weight", &[64, 32, 3, 3]),
+            ("conv2.bias", &[64]),
+        ]
+        .iter()
+        .map(|&(n, s)| Ok((n.to_string(), float(n, s)?)))
+        .collect::<Result<_>>()?;
+        let vb = VarBuilder::from_tensors(conv_vars, DType::F32, device);
+        let conv1 = Conv::new(3, 32, 3, 1, vb.pp("conv1"))?;
+        let conv2 = Conv::new(32, 64, 3, 1, vb.pp("conv2"))?;
+        let mut fcs = vec![];
+        for (name, kind, k, n) in fc_layers(info.config) {
+            let bias = float(&format!("{name}.bias"), &[n])?;
+            fcs.push(match kind {
+                FcKind::BitLinear => {
+                    let stored_k = info.metadata.get(&format!("{name}.in_features"));
+                    if stored_k.and_then(|v| v.parse::<usize>().ok()) != Some(k) {
+                        bail!("{name}.in_features is {stored_k:?}, the network needs {k}")
+                    }
+                    let bytes = get(&format!("{name}.weight.packed"))?;
+                    let scale = get(&format!("{name}.weight.scale"))?;
+                    if scale.dtype() != DType::F32 || scale.dims() != [1] {
+                        bail!("tensor \"{name}.weight.scale\" must be F32 of shape [1]")
+                    }
+                    let scale = scale.to_vec1::<f32>()?[0];
+                    if bytes.dims() != [n, k.div_ceil(4)] {
+                        bail!(
+                            "tensor \"{name}.weight.packed\" has shape {:?}, expected {:?}",
+                            bytes.dims(),
+                            [n, k.div_ceil(4)]
+                        )
+                    }
+                    let packed = PackedTernary::from_parts(bytes.clone(), scale, k)
+                        .map_err(|e| candle_core::Error::msg(format!("{name}.weight.packed: {e}")))?
+                        .to_device(device)?;
+                    let norm = float(&format!("{name}.norm.weight"), &[k])?;
+                    PackedFc::Bit(PackedBitLinear::new(
+                        packed,
+                        Some(bias),
+                        Some(norm),
+                        ActScaling::PerToken,
+                    )?)
+                }
+                FcKind::Linear => {
+                    let w = float(&format!("{name}.weight"), &[n, k])?;
+                    PackedFc::Plain(candle_nn::Linear::new(w, Some(bias)))
+                }
+            });
+        }
+        let fc2 = fcs.pop().expect("two layers");
+        let fc1 = fcs.pop().expect("two layers");
+        Ok(Self { conv1, conv2, fc1, fc2 })
+    }
+
+    /// Loads the inference network from a packed file.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).map_err(|e| candle_core::Error::msg(format!("reading {}: {e}", path.display())))?;
+        Self::from_packed_bytes(&bytes, device).map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        )
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        candle_core::Error::msg(format!("writing {}: {e}", path.display()))
+    })
+}
