@@ -26,6 +26,7 @@
 //! reach the f32 variables.
 
 mod layers;
+pub mod packed_file;
 mod pool;
 
 pub use layers::{Fc, PackedFc};
