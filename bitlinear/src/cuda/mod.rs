@@ -394,7 +394,7 @@ fn quantize_rows(
         i32_arg(k, "K")?,
         per_tensor as i32,
         gp,
-        mode as i32,
+        mode,
         codes,
         i32_arg(ld, "K")?,
         scales,
@@ -637,9 +637,9 @@ fn matmul_core(
     let skinny_smem = (m * row_stride).max(8192 * mt);
     if m <= SKINNY_MAX_M && skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048)) {
         // ---- skinny path
-        let vec = if k4 % 16 == 0 && wp % 16 == 0 {
+        let vec = if k4.is_multiple_of(16) && wp.is_multiple_of(16) {
             16
-        } else if k4 % 4 == 0 && wp % 4 == 0 {
+        } else if k4.is_multiple_of(4) && wp.is_multiple_of(4) {
             4
         } else {
             1
@@ -736,7 +736,7 @@ fn matmul_core(
     };
     // Weights: 16-byte aligned rows are used in place, others are padded once for this call.
     let mut wpad: Option<CudaSlice<u8>> = None;
-    let (wq, k4s) = if k4 % 16 == 0 && wp % 16 == 0 {
+    let (wq, k4s) = if k4.is_multiple_of(16) && wp.is_multiple_of(16) {
         (wp, k4)
     } else {
         let k4p = k4.div_ceil(16) * 16;

@@ -1,0 +1,720 @@
+//! GPU correctness suite and benchmark for bitlinear's CUDA kernels (issue 3).
+//!
+//! Build (no GPU needed): `cargo build --release --features cuda -p bitlinear --example gpu_check`
+//! Run on the GPU machine: `gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick]`
+//! (no flag = both parts). Exits with status 1 when any check fails.
+//!
+//! Check: random shapes (M = 1, odd M/N/K, K % 4 != 0, sizes off every tile, a few large), fresh
+//! random inputs for every case, CUDA against the CPU reference: packed bytes and s_w identical,
+//! activation codes and scales identical, i32 accumulators bit-exact, float outputs of
+//! `packed_matmul` / `bit_matmul` / fake-quant compared bit for bit (reported; failure beyond
+//! rel 1e-6 for f32 or one ulp for bf16/f16), backward (cuBLAS vs CPU gemm, rel 1e-4 f32).
+//! Outputs are poisoned (0xFF bytes = NaN) before every kernel via `BITLINEAR_CUDA_POISON`.
+//!
+//! Bench: M in {1,16,128,1024,4096} x (N,K) in {(2560,2560),(13824,2560),(2560,6912),(4096,4096)},
+//! bf16 activations: `packed_matmul` on pre-packed weights, the full forward `bit_matmul`
+//! (quantize, pack and matmul; bf16 weights), candle's bf16 matmul (cuBLAS). CUDA events around every run,
+//! queued behind a spin kernel so host overhead is hidden, warm-up, median; weight buffers rotated
+//! so that each op's weights total more than the 50 MB L2.
+
+#[cfg(feature = "cuda")]
+fn main() {
+    match real::main() {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("gpu_check: error: {e:#}");
+            std::process::exit(2)
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("gpu_check needs the `cuda` feature: cargo run --release --features cuda --example gpu_check");
+    std::process::exit(2)
+}
+
+#[cfg(feature = "cuda")]
+mod real {
+    use anyhow::{anyhow, Context, Result};
+    use bitlinear::{
+        bit_matmul, fake_quantize_activations, fake_quantize_weights, packed_accumulate, packed_matmul,
+        quantize_activations, ActScaling, PackedTernary,
+    };
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaFunction, LaunchConfig, PushKernelArg};
+    use candle_core::{DType, Device, Tensor, Var};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::time::Instant;
+
+    struct Opts {
+        check: bool,
+        bench: bool,
+        cases: usize,
+        seed: u64,
+        quick: bool,
+    }
+
+    fn parse() -> Result<Opts> {
+        let mut o = Opts {
+            check: false,
+            bench: false,
+            cases: 220,
+            seed: 0x5eed,
+            quick: false,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--check" => o.check = true,
+                "--bench" => o.bench = true,
+                "--quick" => o.quick = true,
+                "--cases" => o.cases = args.next().context("--cases N")?.parse()?,
+                "--seed" => o.seed = args.next().context("--seed S")?.parse()?,
+                "-h" | "--help" => {
+                    println!("gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick]");
+                    std::process::exit(0)
+                }
+                x => return Err(anyhow!("unknown argument {x}")),
+            }
+        }
+        if !o.check && !o.bench {
+            o.check = true;
+            o.bench = true;
+        }
+        Ok(o)
+    }
+
+    pub fn main() -> Result<bool> {
+        let o = parse()?;
+        let gpu = Device::new_cuda(0)?;
+        let mut ok = true;
+        if o.check {
+            ok &= check(&gpu, &o)?;
+        }
+        if o.bench {
+            bench(&gpu, &o)?;
+        }
+        println!(
+            "\ngpu_check: {}",
+            if ok {
+                "ALL CHECKS PASSED"
+            } else {
+                "FAILURES (see above)"
+            }
+        );
+        Ok(ok)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // correctness
+    // ------------------------------------------------------------------------------------
+
+    #[derive(Clone, Copy, Debug)]
+    struct Case {
+        m: usize,
+        n: usize,
+        k: usize,
+        xdt: DType,
+        wdt: DType,
+        scaling: ActScaling,
+        bad_rows: bool,
+        backward: bool,
+    }
+
+    fn shapes(o: &Opts, rng: &mut StdRng) -> Vec<(usize, usize, usize)> {
+        let mut v = vec![
+            (1, 1, 1),
+            (1, 1, 4),
+            (1, 3, 5),
+            (1, 16, 64),
+            (1, 17, 63),
+            (1, 2560, 2560),
+            (1, 4096, 4096),
+            (1, 13824, 2560),
+            (2, 7, 130),
+            (3, 100, 12289),
+            (5, 33, 1000),
+            (8, 33, 257),
+            (9, 100, 1001),
+            (15, 47, 255),
+            (16, 64, 4096),
+            (16, 2560, 6912),
+            (17, 31, 63),
+            (31, 129, 255),
+            (32, 256, 512),
+            (32, 200, 7000),
+            (33, 65, 129),
+            (63, 127, 2047),
+            (64, 128, 128),
+            (65, 4096, 33),
+            (100, 300, 3),
+            (127, 129, 131),
+            (128, 2560, 2560),
+            (129, 1000, 1001),
+            (300, 257, 999),
+            (1024, 1024, 1024),
+            (1000, 1001, 1002),
+            (4096, 64, 4096),
+            (2048, 300, 2560),
+            (0, 5, 8),
+            (5, 0, 8),
+            (5, 8, 0),
+            (1, 1, 0),
+            (40, 8, 0),
+        ];
+        if o.quick {
+            v.truncate(12);
+        }
+        while v.len() < o.cases {
+            let m = match rng.gen_range(0..10) {
+                0..=3 => rng.gen_range(1..=32),
+                4..=6 => rng.gen_range(33..=300),
+                _ => rng.gen_range(301..=2048),
+            };
+            let n = if rng.gen_bool(0.3) {
+                rng.gen_range(1..=64)
+            } else {
+                rng.gen_range(1..=3000)
+            };
+            let mut k = if rng.gen_bool(0.2) {
+                rng.gen_range(1..=64)
+            } else {
+                rng.gen_range(1..=5000)
+            };
+            if rng.gen_bool(0.3) {
+                k = (k / 64).max(1) * 64; // aligned fast path
+            }
+            if m * n * k > 1_500_000_000 {
+                continue;
+            }
+            v.push((m, n, k));
+        }
+        v
+    }
+
+    fn random_dtype(rng: &mut StdRng) -> DType {
+        match rng.gen_range(0..20) {
+            0..=9 => DType::F32,
+            10..=14 => DType::BF16,
+            15..=17 => DType::F16,
+            _ => DType::F64,
+        }
+    }
+
+    /// Gaussian-ish values with a per-tensor magnitude, some exact small integers (ties for the
+    /// rounding), and optionally rows with NaN / Inf.
+    fn random_values(rng: &mut StdRng, rows: usize, cols: usize, scale: f32, bad_rows: bool) -> Vec<f32> {
+        let mut v = Vec::with_capacity(rows * cols);
+        for _ in 0..rows * cols {
+            let g: f32 = (0..4).map(|_| rng.gen::<f32>() - 0.5).sum::<f32>();
+            let x = if rng.gen_bool(0.02) {
+                (rng.gen_range(-4..=4) as f32) * 0.5 * scale
+            } else {
+                g * scale
+            };
+            v.push(x);
+        }
+        if bad_rows && rows > 0 && cols > 0 {
+            for _ in 0..(rows / 7).max(1) {
+                let r = rng.gen_range(0..rows);
+                let c = rng.gen_range(0..cols);
+                v[r * cols + c] = match rng.gen_range(0..3) {
+                    0 => f32::NAN,
+                    1 => f32::INFINITY,
+                    _ => f32::NEG_INFINITY,
+                };
+            }
+        }
+        v
+    }
+
+    fn tensor(v: Vec<f32>, rows: usize, cols: usize, dt: DType) -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?.to_dtype(dt)?)
+    }
+
+    /// Bit-level comparison of two float tensors (any dtype), as (count of differing elements,
+    /// max relative difference among finite pairs, NaN pattern mismatch).
+    fn float_diff(a: &Tensor, b: &Tensor) -> Result<(usize, f64, bool)> {
+        let a = a
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let b = b
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        if a.len() != b.len() {
+            return Ok((usize::MAX, f64::INFINITY, true));
+        }
+        let (mut diff, mut rel, mut nan) = (0, 0f64, false);
+        for (&x, &y) in a.iter().zip(&b) {
+            if x.is_nan() || y.is_nan() {
+                if x.is_nan() != y.is_nan() {
+                    nan = true;
+                    diff += 1;
+                }
+                continue;
+            }
+            if x != y {
+                diff += 1;
+                let r = (x - y).abs() / y.abs().max(f64::MIN_POSITIVE);
+                rel = rel.max(r);
+            }
+        }
+        Ok((diff, rel, nan))
+    }
+
+    fn tol(dt: DType) -> f64 {
+        match dt {
+            DType::BF16 => 1.0 / 128.0,
+            DType::F16 => 1.0 / 1024.0,
+            _ => 1e-6,
+        }
+    }
+
+    fn check(gpu: &Device, o: &Opts) -> Result<bool> {
+        // Poison every output buffer the CUDA functions allocate.
+        std::env::set_var("BITLINEAR_CUDA_POISON", "1");
+        let mut rng = StdRng::seed_from_u64(o.seed);
+        let list = shapes(o, &mut rng);
+        println!("== correctness: {} cases (seed {}) ==", list.len(), o.seed);
+        let t0 = Instant::now();
+        let (mut failures, mut not_bit_exact) = (0usize, 0usize);
+        for (i, &(m, n, k)) in list.iter().enumerate() {
+            let case = Case {
+                m,
+                n,
+                k,
+                xdt: random_dtype(&mut rng),
+                wdt: random_dtype(&mut rng),
+                scaling: if rng.gen_bool(0.25) {
+                    ActScaling::PerTensor
+                } else {
+                    ActScaling::PerToken
+                },
+                bad_rows: rng.gen_bool(0.1),
+                backward: i % 6 == 0 && m * n * k <= 50_000_000 && m > 0 && n > 0 && k > 0,
+            };
+            let seed = rng.gen::<u64>();
+            match run_case(gpu, &case, seed) {
+                Ok((errs, nbe)) => {
+                    not_bit_exact += nbe;
+                    if errs.is_empty() {
+                        println!("case {i:3} ok   {}", describe(&case));
+                    } else {
+                        failures += 1;
+                        println!("case {i:3} FAIL {}: {}", describe(&case), errs.join("; "));
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    println!("case {i:3} ERROR {}: {e:#}", describe(&case));
+                }
+            }
+        }
+        failures += bad_inputs(gpu)?;
+        std::env::remove_var("BITLINEAR_CUDA_POISON");
+        println!(
+            "== correctness: {failures} failing case(s), {not_bit_exact} float comparison(s) not bit-exact, {:.1} s ==",
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(failures == 0)
+    }
+
+    fn describe(c: &Case) -> String {
+        format!(
+            "M={} N={} K={} x={:?} w={:?} {:?}{}{}",
+            c.m,
+            c.n,
+            c.k,
+            c.xdt,
+            c.wdt,
+            c.scaling,
+            if c.bad_rows { " nonfinite-rows" } else { "" },
+            if c.backward { " +backward" } else { "" }
+        )
+    }
+
+    /// Returns (error messages, number of float comparisons that were not bit-exact).
+    fn run_case(gpu: &Device, c: &Case, seed: u64) -> Result<(Vec<String>, usize)> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut errs = Vec::new();
+        let mut nbe = 0;
+        let xs = rng.gen_range(0.01f32..10.0);
+        let ws = rng.gen_range(0.001f32..1.0);
+        let xc = tensor(random_values(&mut rng, c.m, c.k, xs, c.bad_rows), c.m, c.k, c.xdt)?;
+        let wc = tensor(random_values(&mut rng, c.n, c.k, ws, false), c.n, c.k, c.wdt)?;
+        let xg = xc.to_device(gpu)?;
+        let wg = wc.to_device(gpu)?;
+
+        // 1. packing
+        let pc = PackedTernary::pack(&wc)?;
+        let pg = PackedTernary::pack(&wg)?;
+        let same_scale = pc.scale().to_bits() == pg.scale().to_bits();
+        if !same_scale {
+            errs.push(format!("s_w differs: cpu {:e} gpu {:e}", pc.scale(), pg.scale()));
+        }
+        let bc = pc.bytes().flatten_all()?.to_vec1::<u8>()?;
+        let bg = pg.bytes().to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+        if same_scale && bc != bg {
+            let d = bc.iter().zip(&bg).filter(|(a, b)| a != b).count();
+            errs.push(format!("packed bytes differ in {d} of {} bytes", bc.len()));
+        }
+        // The CPU-packed weight on the GPU: isolates the matmul from any s_w difference.
+        let pcg = pc.to_device(gpu)?;
+
+        // 2. activation quantizer
+        let (cc, sc) = quantize_activations(&xc, c.scaling)?;
+        let (cg, sg) = quantize_activations(&xg, c.scaling)?;
+        let codes_c = cc.flatten_all()?.to_vec1::<u8>()?;
+        let codes_g = cg.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+        if codes_c != codes_g {
+            let d = codes_c.iter().zip(&codes_g).filter(|(a, b)| a != b).count();
+            errs.push(format!("activation codes differ in {d} of {}", codes_c.len()));
+        }
+        let sc_v = sc.to_vec1::<f32>()?;
+        let sg_v = sg.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let scales_eq = sc_v.len() == sg_v.len()
+            && sc_v
+                .iter()
+                .zip(&sg_v)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+        if !scales_eq {
+            errs.push("activation scales differ".into());
+        }
+
+        // 3. integer accumulators (GPU codes x CPU-packed weight on the GPU)
+        let ac = packed_accumulate(&cc, &pc)?.flatten_all()?.to_vec1::<i32>()?;
+        let ag = packed_accumulate(&cg, &pcg)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<i32>()?;
+        if ac != ag {
+            let d = ac.iter().zip(&ag).filter(|(a, b)| a != b).count();
+            errs.push(format!("i32 accumulators differ in {d} of {}", ac.len()));
+        }
+
+        // 4. inference forward over the (same) packed weight
+        let yc = packed_matmul(&xc, &pc, c.scaling)?;
+        let yg = packed_matmul(&xg, &pcg, c.scaling)?;
+        float_check("packed_matmul", &yc, &yg, c.xdt, &mut errs, &mut nbe)?;
+
+        // 5. training forward (packs on each device)
+        let tc = bit_matmul(&xc, &wc, c.scaling)?;
+        let tg = bit_matmul(&xg, &wg, c.scaling)?;
+        if same_scale {
+            float_check("bit_matmul", &tc, &tg, c.xdt, &mut errs, &mut nbe)?;
+        }
+
+        // 6. fake quantizers
+        let fwc = fake_quantize_weights(&wc)?;
+        let fwg = fake_quantize_weights(&wg)?;
+        if same_scale {
+            float_check("fake_quantize_weights", &fwc, &fwg, c.wdt, &mut errs, &mut nbe)?;
+        }
+        let fxc = fake_quantize_activations(&xc, c.scaling)?;
+        let fxg = fake_quantize_activations(&xg, c.scaling)?;
+        float_check("fake_quantize_activations", &fxc, &fxg, c.xdt, &mut errs, &mut nbe)?;
+
+        // 7. backward (straight-through; cuBLAS vs CPU gemm => tolerance)
+        if c.backward && !c.bad_rows && same_scale {
+            let r = Tensor::randn(0f32, 1f32, (c.m, c.n), &Device::Cpu)?;
+            let grads = |x: &Tensor, w: &Tensor, dev: &Device| -> Result<(Tensor, Tensor)> {
+                let xv = Var::from_tensor(&x.to_device(dev)?)?;
+                let wv = Var::from_tensor(&w.to_device(dev)?)?;
+                let y = bit_matmul(xv.as_tensor(), wv.as_tensor(), c.scaling)?;
+                let loss = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?;
+                let g = loss.backward()?;
+                let gx = g.get(xv.as_tensor()).context("no grad for x")?.clone();
+                let gw = g.get(wv.as_tensor()).context("no grad for w")?.clone();
+                Ok((gx, gw))
+            };
+            let (gxc, gwc) = grads(&xc, &wc, &Device::Cpu)?;
+            let (gxg, gwg) = grads(&xc, &wc, gpu)?;
+            for (name, a, b, dt) in [("grad_x", &gxc, &gxg, c.xdt), ("grad_w", &gwc, &gwg, c.wdt)] {
+                let e = grad_err(a, b)?;
+                let t = match dt {
+                    DType::BF16 => 2e-2,
+                    DType::F16 => 4e-3,
+                    _ => 1e-4,
+                };
+                if e > t {
+                    errs.push(format!("{name}: relative error {e:.2e} > {t:e}"));
+                }
+            }
+        }
+        Ok((errs, nbe))
+    }
+
+    /// max |a - b| / max |a| over the tensor.
+    fn grad_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let a = a
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let b = b
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let scale = a.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+        let d = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        Ok(if d.is_nan() { f64::INFINITY } else { d / scale })
+    }
+
+    fn float_check(
+        what: &str,
+        cpu: &Tensor,
+        gpu: &Tensor,
+        dt: DType,
+        errs: &mut Vec<String>,
+        nbe: &mut usize,
+    ) -> Result<()> {
+        if cpu.dims() != gpu.dims() || cpu.dtype() != gpu.dtype() {
+            errs.push(format!(
+                "{what}: shape/dtype {:?}/{:?} vs {:?}/{:?}",
+                cpu.dims(),
+                cpu.dtype(),
+                gpu.dims(),
+                gpu.dtype()
+            ));
+            return Ok(());
+        }
+        let (diff, rel, nan) = float_diff(gpu, cpu)?;
+        if diff > 0 {
+            *nbe += 1;
+        }
+        if nan || rel > tol(dt) {
+            errs.push(format!(
+                "{what}: {diff} elements differ, max rel {rel:.2e}, NaN mismatch {nan}"
+            ));
+        } else if diff > 0 {
+            println!("      note: {what}: {diff} elements not bit-exact (max rel {rel:.2e}, within tolerance)");
+        }
+        Ok(())
+    }
+
+    /// Bad inputs must give errors on CUDA as on the CPU. Returns the number of failures.
+    fn bad_inputs(gpu: &Device) -> Result<usize> {
+        let mut fails = 0;
+        let mut w = vec![0.5f32; 6 * 10];
+        w[17] = f32::NAN;
+        let wn = Tensor::from_vec(w.clone(), (6, 10), gpu)?;
+        w[17] = f32::INFINITY;
+        let wi = Tensor::from_vec(w, (6, 10), gpu)?;
+        let x = Tensor::ones((3, 10), DType::F32, gpu)?;
+        let expect_err = |name: &str, r: std::result::Result<(), candle_core::Error>| -> usize {
+            match r {
+                Err(e) => {
+                    println!("bad input ok   {name}: error \"{e}\"");
+                    0
+                }
+                Ok(()) => {
+                    println!("bad input FAIL {name}: no error");
+                    1
+                }
+            }
+        };
+        for (tag, wt) in [("NaN", &wn), ("Inf", &wi)] {
+            fails += expect_err(
+                &format!("PackedTernary::pack({tag} weight)"),
+                PackedTernary::pack(wt).map(|_| ()),
+            );
+            fails += expect_err(
+                &format!("bit_matmul({tag} weight)"),
+                bit_matmul(&x, wt, ActScaling::PerToken)
+                    .and_then(|y| y.to_device(&Device::Cpu))
+                    .map(|_| ()),
+            );
+            fails += expect_err(
+                &format!("fake_quantize_weights({tag} weight)"),
+                fake_quantize_weights(wt).map(|_| ()),
+            );
+        }
+        let good = PackedTernary::pack(&Tensor::ones((6, 10), DType::F32, gpu)?)?;
+        let codes = Tensor::zeros((3, 12), DType::U8, gpu)?;
+        fails += expect_err(
+            "packed_accumulate(K mismatch)",
+            packed_accumulate(&codes, &good).map(|_| ()),
+        );
+        let x12 = Tensor::ones((3, 12), DType::F32, gpu)?;
+        fails += expect_err(
+            "packed_matmul(K mismatch)",
+            packed_matmul(&x12, &good, ActScaling::PerToken).map(|_| ()),
+        );
+        let xi = Tensor::ones((3, 10), DType::I64, gpu)?;
+        fails += expect_err(
+            "quantize_activations(i64)",
+            quantize_activations(&xi, ActScaling::PerToken).map(|_| ()),
+        );
+        Ok(fails)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // benchmark
+    // ------------------------------------------------------------------------------------
+
+    /// A kernel that waits `ns` nanoseconds, so that the host can queue many runs behind it and
+    /// the measured times are device times without launch gaps from host overhead.
+    const SPIN_PTX: &str = r#"
+.version 7.0
+.target sm_70
+.address_size 64
+.visible .entry bl_spin(.param .u64 bl_spin_param_0)
+{
+    .reg .pred %p<2>;
+    .reg .b64 %rd<6>;
+    ld.param.u64 %rd1, [bl_spin_param_0];
+    mov.u64 %rd2, %globaltimer;
+$L_loop:
+    nanosleep.u32 1000;
+    mov.u64 %rd3, %globaltimer;
+    sub.s64 %rd4, %rd3, %rd2;
+    setp.lt.u64 %p1, %rd4, %rd1;
+    @%p1 bra $L_loop;
+    ret;
+}
+"#;
+
+    struct Timer {
+        dev: candle_core::CudaDevice,
+        spin: CudaFunction,
+    }
+
+    impl Timer {
+        fn new(gpu: &Device) -> Result<Self> {
+            let dev = match gpu {
+                Device::Cuda(d) => d.clone(),
+                _ => return Err(anyhow!("not a CUDA device")),
+            };
+            let spin = dev
+                .get_or_load_custom_func("bl_spin", "bitlinear_gpu_check_spin", SPIN_PTX)?
+                .into_cuda_function();
+            Ok(Self { dev, spin })
+        }
+
+        fn spin(&self, ns: u64) -> Result<()> {
+            let stream = self.dev.cuda_stream();
+            let mut b = stream.launch_builder(&self.spin);
+            b.arg(&ns);
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: bl_spin takes one u64 and touches no memory.
+            unsafe { b.launch(cfg) }.map_err(|e| anyhow!("spin launch: {e:?}"))?;
+            Ok(())
+        }
+
+        /// Median device time (µs) of `op(i)` over `batches` x `per_batch` runs after `warmup`.
+        fn time(
+            &self,
+            warmup: usize,
+            batches: usize,
+            per_batch: usize,
+            mut op: impl FnMut(usize) -> Result<()>,
+        ) -> Result<f64> {
+            let stream = self.dev.cuda_stream();
+            let ctx = stream.context().clone();
+            for i in 0..warmup {
+                op(i)?;
+            }
+            stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
+            let mut times = Vec::new();
+            let mut idx = warmup;
+            for _ in 0..batches {
+                self.spin(3_000_000)?;
+                let ev: Vec<CudaEvent> = (0..=per_batch)
+                    .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|e| anyhow!("{e:?}"))?;
+                ev[0].record(&stream).map_err(|e| anyhow!("{e:?}"))?;
+                for e in &ev[1..] {
+                    op(idx)?;
+                    idx += 1;
+                    e.record(&stream).map_err(|e| anyhow!("{e:?}"))?;
+                }
+                ev[per_batch].synchronize().map_err(|e| anyhow!("{e:?}"))?;
+                for w in ev.windows(2) {
+                    times.push(w[0].elapsed_ms(&w[1]).map_err(|e| anyhow!("{e:?}"))? as f64 * 1e3);
+                }
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            Ok(times[times.len() / 2])
+        }
+    }
+
+    fn bench(gpu: &Device, o: &Opts) -> Result<()> {
+        // The benchmark measures the default (non-poisoned) path; the training forward skips the
+        // host read-back of the non-finite flag so that runs can be queued (documented in
+        // src/cuda/mod.rs).
+        std::env::remove_var("BITLINEAR_CUDA_POISON");
+        std::env::set_var("BITLINEAR_CUDA_NO_FINITE_CHECK", "1");
+        let timer = Timer::new(gpu)?;
+        let ms: &[usize] = if o.quick { &[1, 128] } else { &[1, 16, 128, 1024, 4096] };
+        let nks: &[(usize, usize)] = &[(2560, 2560), (13824, 2560), (2560, 6912), (4096, 4096)];
+        const L2_ROTATE_BYTES: usize = 160 << 20;
+        println!("\n== benchmark: bf16 activations, median device time per call (CUDA events) ==");
+        println!(
+            "{:>5} {:>6} {:>5} | {:>9} {:>8} {:>7} | {:>9} {:>7} | {:>9} {:>7} | {:>7} {:>8}",
+            "M", "N", "K", "packed us", "GB/s", "TOPS", "full us", "TOPS", "bf16 us", "TOPS", "xbf16", "full/pk"
+        );
+        for &(n, k) in nks {
+            let packed_bytes = n * k.div_ceil(4);
+            let bf16_bytes = n * k * 2;
+            let n_packed = L2_ROTATE_BYTES.div_ceil(packed_bytes).max(2);
+            let n_float = L2_ROTATE_BYTES.div_ceil(bf16_bytes).max(2);
+            let wf: Vec<Tensor> = (0..n_float)
+                .map(|_| Tensor::randn(0f32, 0.05, (n, k), gpu).and_then(|t| t.to_dtype(DType::BF16)))
+                .collect::<candle_core::Result<_>>()?;
+            let wp: Vec<PackedTernary> = (0..n_packed)
+                .map(|i| PackedTernary::pack(&wf[i % n_float]))
+                .collect::<candle_core::Result<_>>()?;
+            let wt: Vec<Tensor> = wf.iter().map(|w| w.t()).collect::<candle_core::Result<_>>()?;
+            for &m in ms {
+                let x = Tensor::randn(0f32, 1.0, (m, k), gpu)?.to_dtype(DType::BF16)?;
+                let (batches, per) = if m >= 1024 { (2, 10) } else { (3, 20) };
+                let t_p = timer.time(3, batches, per, |i| {
+                    packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
+                    Ok(())
+                })?;
+                let t_f = timer.time(3, batches, per, |i| {
+                    bit_matmul(&x, &wf[i % n_float], ActScaling::PerToken)?;
+                    Ok(())
+                })?;
+                let t_b = timer.time(3, batches, per, |i| {
+                    x.matmul(&wt[i % n_float])?;
+                    Ok(())
+                })?;
+                let ops = 2.0 * (m * n * k) as f64;
+                println!(
+                    "{:>5} {:>6} {:>5} | {:>9.2} {:>8.0} {:>7.1} | {:>9.2} {:>7.1} | {:>9.2} {:>7.1} | {:>6.2}x {:>8.2}",
+                    m,
+                    n,
+                    k,
+                    t_p,
+                    packed_bytes as f64 / t_p / 1e3,
+                    ops / t_p / 1e6,
+                    t_f,
+                    ops / t_f / 1e6,
+                    t_b,
+                    ops / t_b / 1e6,
+                    t_b / t_p,
+                    t_f / t_p
+                );
+            }
+        }
+        std::env::remove_var("BITLINEAR_CUDA_NO_FINITE_CHECK");
+        println!(
+            "(xbf16 = bf16 time / packed time, >1 means faster than cuBLAS bf16; full/pk = full forward / packed)"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,125 @@
+// Shared helpers for the bitlinear CUDA kernels (included by every .cu file).
+//
+// Numeric contract (identical to the CPU reference in src/quant.rs):
+//   * activations: s_x = max(max|x|, 1e-5) / 127 (IEEE f32 division), codes
+//     clamp(rint(x / s_x), -128, 127) with an IEEE division (__fdiv_rn) and round-half-to-even
+//     (rintf); a row holding NaN/Inf gets s_x = NaN and all-zero codes.
+//   * weights: s_w = max((float)(sum|w| in f64 / n), 1e-5f); codes clamp(rint(w / s_w), -1, 1) + 1.
+//   * epilogue: y = (float(acc) * s_x) * s_w with two separate roundings (__fmul_rn, no FMA).
+//
+// The "k-permutation" used by the matmul kernels: inside every group of 16 consecutive k, the
+// value at k = 16q + 4j + i (j, i in 0..4) is stored at position 16q + 4i + j (a 4x4 byte
+// transpose). A 32-bit word of packed weights holds the 16 codes of one group (byte j = codes of
+// k = 16q+4j .. 16q+4j+3, field i at bits 2i); then (word >> 2i) & 0x03030303 is exactly the four
+// codes at permuted positions 4i .. 4i+3. So permuted activations (int8) and shifted/masked
+// weight words line up byte for byte, and a dot product over a permuted group equals the dot
+// product over the original group.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define BL_ACT_EPS 1e-5f
+#define BL_WEIGHT_EPS 1e-5f
+
+// ---- dtype conversions (exact to f32; round-to-nearest-even from f32) ----
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// ---- the scalar quantizers ----
+__device__ __forceinline__ float act_scale_from_absmax(float a) {
+    return __fdiv_rn(fmaxf(a, BL_ACT_EPS), 127.0f);
+}
+// s is never NaN here (callers handle non-finite rows).
+__device__ __forceinline__ int act_code(float v, float s) {
+    float q = rintf(__fdiv_rn(v, s));
+    q = fminf(fmaxf(q, -128.0f), 127.0f);
+    return (int)q;
+}
+__device__ __forceinline__ int ternary_code(float v, float s) {  // returns w_q + 1 in {0,1,2}
+    float q = rintf(__fdiv_rn(v, s));
+    q = fminf(fmaxf(q, -1.0f), 1.0f);
+    return (int)q + 1;
+}
+// Epilogue, two f32 roundings in this order.
+__device__ __forceinline__ float dequant(int acc, float sx, float sw) {
+    return __fmul_rn(__fmul_rn((float)acc, sx), sw);
+}
+
+// position of k inside its 16-group after the permutation described above
+__device__ __forceinline__ int perm16(int k) {
+    return (k & ~15) | ((k & 3) << 2) | ((k >> 2) & 3);
+}
+
+// Packs 4 int8 values (as ints) into one little-endian 32-bit word.
+__device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
+    return (uint32_t)(a & 0xff) | ((uint32_t)(b & 0xff) << 8) | ((uint32_t)(c & 0xff) << 16) |
+           ((uint32_t)(d & 0xff) << 24);
+}
+
+// ---- block reductions (fixed tree => deterministic) ----
+template <int NT>
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    __syncthreads();  // protect red from a previous use
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    v = (l < NT / 32) ? red[l] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;  // valid in every thread
+}
+
+// ---- tensor-core and async-copy wrappers (sm_80+) ----
+// D = A(16x32, s8, row) * B(32x8, s8, col) + D, s32 accumulators.
+__device__ __forceinline__ void mma_s8_16832(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                            const void* smem_ptr) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(smem_ptr);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(a));
+}
+
+// 16-byte async copy global->shared; when !valid the destination is zero-filled (src-size 0).
+__device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gptr, bool valid) {
+    uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_ptr);
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gptr), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Streaming 16-byte global load that does not pollute L1 (weights are read once).
+__device__ __forceinline__ uint4 ldg_stream16(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+// Output store for the float epilogue.
+template <typename OT> __device__ __forceinline__ void store_out(OT* y, size_t idx, float v) {
+    y[idx] = from_f32<OT>(v);
+}

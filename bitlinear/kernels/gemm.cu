@@ -1,0 +1,177 @@
+// Large-M matmul: y (M, N) = x_q (M, K) . W_q (N, K)^T on int8 tensor cores
+// (mma.sync.m16n8k32.row.col.s32.s8.s8.s32), weights decoded from 2 bits on the way from shared
+// memory into the MMA B fragments.
+//
+// Data layout
+//   Xp : (M, ld) int8 activation codes in the permuted layout of common.cuh (inside each 16-k
+//        group, k = 16q+4j+i sits at 16q+4i+j), zero padded to ld = roundup(K, 128). Produced by
+//        act_quant_rows (mode 1) or codes_permute.
+//   Wp : packed ternary bytes (N rows, row stride K4s bytes, K4s % 16 == 0; the canonical layout
+//        when K4 % 16 == 0, else a once-per-call padded copy). Bytes at or past K4s read as 0;
+//        they only ever meet zero activations.
+//   rowsum : (M) int32, sum over k of the codes of each row (written with Xp).
+//   y  : (M, N) row-major, int32 accumulators or OT after the epilogue (acc * s_x) * s_w.
+//
+// Tiling: CTA tile BM x BN, k tile 128 (32 packed bytes per weight row), STAGES-deep cp.async
+// pipeline (global -> shared, 16-byte copies, zero-fill outside the matrix). Warps are laid out
+// WARPS_M x WARPS_N, each computing a (BM/WARPS_M) x (BN/WARPS_N) tile as MI x NI MMAs of 16 x 8.
+//   * X tile in shared memory: BM rows x 128 bytes with a 144-byte row stride, so the 8 row
+//     addresses of each ldmatrix 8x8 matrix fall in distinct banks. A fragments: ldmatrix.x4
+//     (lanes 0-15 address rows 0-15 of the first 16 k bytes, lanes 16-31 the next 16).
+//   * W tile in shared memory: BN rows x 32 packed bytes, 48-byte stride (conflict-free 8-byte
+//     reads). For k32 step s, lane (g, t) reads the 2 words (two 16-k groups) of weight row g and
+//     forms b0 / b1 = (word >> 2t) & 0x03030303: field t of a group is exactly permuted
+//     positions 4t..4t+3, which is what the B fragment needs. No shared-memory int8 copy of W.
+//     The codes stay unsigned (c = w + 1 in {0,1,2}); the epilogue subtracts the activation row
+//     sum: sum_k x (c - 1) = sum_k x c - sum_k x.
+// Each thread: 1/256 of the cp.async copies per stage, then MI*NI MMAs per k32 step, then the
+// epilogue for its accumulator fragment (rows g, g+8; columns 2t, 2t+1 of each 16x8 tile).
+#include "common.cuh"
+
+#define BK 128
+#define XS_STRIDE 144
+#define WS_STRIDE 48
+
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, typename OT>
+__device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __restrict__ rowsum,
+                          const float* __restrict__ xscales,
+                          int per_tensor, const uint8_t* __restrict__ Wp, int K4s, int M, int N,
+                          int K, float sw_val, const float* __restrict__ sw_ptr, OT* __restrict__ y) {
+    constexpr int NTHREADS = WARPS_M * WARPS_N * 32;
+    constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+    constexpr int MI = WM / 16, NI = WN / 8;
+    constexpr int XS_BYTES = BM * XS_STRIDE, WS_BYTES = BN * WS_STRIDE;
+    constexpr int STAGE_BYTES = XS_BYTES + WS_BYTES;
+    extern __shared__ __align__(128) uint8_t smem[];
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    const int bm = blockIdx.y * BM, bn = blockIdx.x * BN;
+    const int KT = (K + BK - 1) / BK;
+
+    auto load_stage = [&](int kt, int stage) {
+        uint8_t* xs = smem + stage * STAGE_BYTES;
+        uint8_t* ws = xs + XS_BYTES;
+        // X: BM rows x 8 chunks of 16 bytes
+#pragma unroll
+        for (int c = tid; c < BM * 8; c += NTHREADS) {
+            const int r = c >> 3, ch = c & 7;
+            const int gm = bm + r;
+            const bool ok = gm < M;
+            const int8_t* src = Xp + (size_t)(ok ? gm : 0) * ld + (size_t)kt * BK + ch * 16;
+            cp_async16(xs + r * XS_STRIDE + ch * 16, src, ok);
+        }
+        // W: BN rows x 2 chunks of 16 bytes
+#pragma unroll
+        for (int c = tid; c < BN * 2; c += NTHREADS) {
+            const int r = c >> 1, ch = c & 1;
+            const int gn = bn + r;
+            const int off = kt * (BK / 4) + ch * 16;
+            const bool ok = gn < N && off < K4s;
+            const uint8_t* src = Wp + (ok ? (size_t)gn * K4s + off : 0);
+            cp_async16(ws + r * WS_STRIDE + ch * 16, src, ok);
+        }
+    };
+
+    int acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        {
+            const int nk = kt + STAGES - 1;
+            if (nk < KT) load_stage(nk, nk % STAGES);
+            cp_async_commit();
+        }
+        const uint8_t* xs = smem + (kt % STAGES) * STAGE_BYTES;
+        const uint8_t* ws = xs + XS_BYTES;
+#pragma unroll
+        for (int ks = 0; ks < BK / 32; ++ks) {
+            uint32_t a[MI][4];
+#pragma unroll
+            for (int i = 0; i < MI; ++i) {
+                const uint8_t* p = xs + (wm * WM + i * 16 + (lane & 15)) * XS_STRIDE + ks * 32 + (lane >> 4) * 16;
+                ldmatrix_x4(a[i][0], a[i][1], a[i][2], a[i][3], p);
+            }
+            uint32_t b[NI][2];
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+                const uint2 w = *reinterpret_cast<const uint2*>(ws + (wn * WN + j * 8 + g) * WS_STRIDE + ks * 8);
+                b[j][0] = (w.x >> (2 * t)) & 0x03030303u;  // unsigned codes c = w + 1
+                b[j][1] = (w.y >> (2 * t)) & 0x03030303u;
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j)
+                    mma_s8_16832(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // epilogue
+    const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
+#pragma unroll
+    for (int i = 0; i < MI; ++i) {
+#pragma unroll
+        for (int hm = 0; hm < 2; ++hm) {
+            const int m = bm + wm * WM + i * 16 + g + 8 * hm;
+            if (m >= M) continue;
+            float sx = 0.0f;
+            if constexpr (!std::is_same<OT, int>::value) sx = xscales[per_tensor ? 0 : m];
+            const int xsum = rowsum[m];
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+#pragma unroll
+                for (int hn = 0; hn < 2; ++hn) {
+                    const int n = bn + wn * WN + j * 8 + 2 * t + hn;
+                    if (n >= N) continue;
+                    const int v = acc[i][j][2 * hm + hn] - xsum;  // sum (c-1) x = sum c x - sum x
+                    if constexpr (std::is_same<OT, int>::value) {
+                        y[(size_t)m * N + n] = v;
+                    } else {
+                        store_out<OT>(y, (size_t)m * N + n, dequant(v, sx, sw));
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+constexpr int gemm_smem_bytes() {
+    return STAGES * (BM * XS_STRIDE + BN * WS_STRIDE);
+}
+
+#define GEMM_INST(BM, BN, WMn, WNn, ST, MINB, OT, NAME)                                               \
+    extern "C" __global__ void __launch_bounds__(WMn * WNn * 32, MINB)                                \
+        NAME(const int8_t* Xp, int ld, const int* rowsum, const float* xs, int per_tensor,            \
+             const uint8_t* Wp, int K4s, int M, int N, int K, float sw_val, const float* sw_ptr,      \
+             OT* y) {                                                                                 \
+        gemm_impl<BM, BN, WMn, WNn, ST, OT>(Xp, ld, rowsum, xs, per_tensor, Wp, K4s, M, N, K, sw_val, \
+                                            sw_ptr, y);                                               \
+    }
+
+// big: 128x128 tile, 8 warps (2x4), warp tile 64x32, 4 stages (96 KB smem), 2 CTAs per SM
+// small: 64x64 tile, 4 warps (2x2), warp tile 32x32, 4 stages (48 KB smem), 4 CTAs per SM
+#define GEMM_OUT(OT, ON)                                  \
+    GEMM_INST(128, 128, 2, 4, 4, 2, OT, gemm_big_##ON)    \
+    GEMM_INST(64, 64, 2, 2, 4, 4, OT, gemm_small_##ON)
+
+GEMM_OUT(int, i32)
+GEMM_OUT(float, f32)
+GEMM_OUT(__nv_bfloat16, bf16)
+GEMM_OUT(__half, f16)

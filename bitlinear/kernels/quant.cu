@@ -1,0 +1,262 @@
+// bitlinear quantizers: activation absmax -> int8, weight absmean -> packed ternary, the
+// fake-quant (quantize-dequantize) variants used by the backward pass, and two small layout
+// helpers for the matmul kernels.
+//
+// Data layout
+//   x        : (M, K) row-major, T in {f32, bf16, f16} (f64 is converted to f32 on the Rust side).
+//   codes    : (M, K) int8 row-major (two's complement bits in a candle U8 tensor), or the
+//              matmul-internal "permuted" layout: (M, ld) with ld a multiple of 16, k permuted
+//              inside each 16-group (see common.cuh) and zero codes for K <= k < ld.
+//   scales   : f32, one per row (per-token) or one for the tensor (per-tensor).
+//   w        : (N, K) row-major, T.
+//   packed   : (N, K4 = ceil(K/4)) bytes, byte j of row n holds k = 4j..4j+3 in bits 0-1 .. 6-7,
+//              code = w_q + 1; padding k >= K gets code 1.
+//
+// Kernels and what each thread does
+//   act_quant_rows_T     one block (256 threads) per row. Per-token mode: block-wide absmax and
+//                        non-finite flag (warp shuffles + one smem round, a fixed tree), then each
+//                        thread quantizes k = tid, tid+256, ... Per-tensor mode: the absmax and
+//                        flag come from act_absmax_tensor_T's result (gstat). mode 0 writes
+//                        canonical codes, mode 1 writes permuted/padded codes (one thread per
+//                        16-group: 16 values -> one 16-byte store, and the row sum of the codes),
+//                        mode 2 writes x~ = q * s_x in T.
+//   act_absmax_tensor_T  grid-stride absmax over the whole tensor, block max then atomicMax on the
+//                        float's bits (non-negative floats order like their bits: deterministic).
+//   w_absmean_partial_T  fixed grid G (chosen from n only); thread t of block b sums |w| in f64 over
+//                        i = b*256 + t + r*G*256; block tree sum -> partials[b]; a non-finite
+//                        value sets flag (atomicOr). Deterministic run to run for a given n.
+//   w_absmean_final      one block: fixed-order sum of the G partials, mean in f64, rounded to f32,
+//                        max with 1e-5 -> sw[0]. (The CPU sums in a different order; both are f64
+//                        sums, rounded once to f32, so they agree except in astronomically rare
+//                        ties at an f32 rounding boundary.)
+//   w_pack_T             one thread per output byte (grid-stride): 4 weights -> 4 codes -> 1 byte.
+//   w_fake_T             x~ = (code - 1) * s_w per element.
+//   codes_permute        canonical codes -> permuted/padded layout, one thread per 16-group, plus
+//                        the row sums of the codes (atomicAdd into a zeroed buffer).
+//   packed_repack        packed bytes (N, K4) -> (N, K4p) with K4p a multiple of 16, pad 0x55.
+#include "common.cuh"
+
+#define QT 256
+
+template <typename T>
+__device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int per_tensor,
+                                    const unsigned* __restrict__ gstat, int mode, int8_t* codes,
+                                    int ld, float* scales, T* fake, int* rowsum) {
+    __shared__ float red[32];
+    __shared__ int ired[32];
+    const int row = blockIdx.x;
+    if (row >= M) return;
+    const T* xr = x + (size_t)row * K;
+    float s;
+    bool bad;
+    if (per_tensor) {
+        bad = gstat[1] != 0;
+        s = act_scale_from_absmax(__uint_as_float(gstat[0]));
+    } else {
+        float a = 0.0f;
+        int nf = 0;
+        for (int k = threadIdx.x; k < K; k += QT) {
+            float v = to_f32(xr[k]);
+            nf |= !isfinite(v);
+            a = fmaxf(a, fabsf(v));
+        }
+        bad = __syncthreads_or(nf) != 0;
+        a = block_max<QT>(a, red);
+        s = act_scale_from_absmax(a);
+    }
+    if (bad) s = __int_as_float(0x7fc00000);  // NaN scale, zero codes
+    if (scales != nullptr && (!per_tensor || row == 0) && threadIdx.x == 0) {
+        scales[per_tensor ? 0 : row] = s;
+    }
+    if (mode == 0) {
+        int8_t* cr = codes + (size_t)row * K;
+        for (int k = threadIdx.x; k < K; k += QT) cr[k] = bad ? 0 : (int8_t)act_code(to_f32(xr[k]), s);
+    } else if (mode == 1) {
+        int8_t* cr = codes + (size_t)row * ld;
+        int sum = 0;
+        for (int g = threadIdx.x; g < ld / 16; g += QT) {
+            int q[16];
+#pragma unroll
+            for (int p = 0; p < 16; ++p) {
+                // position p = 4i + j holds k = 16g + 4j + i
+                int k = 16 * g + 4 * (p & 3) + (p >> 2);
+                q[p] = (k < K && !bad) ? act_code(to_f32(xr[k]), s) : 0;
+                sum += q[p];
+            }
+            uint4 v;
+            v.x = pack4(q[0], q[1], q[2], q[3]);
+            v.y = pack4(q[4], q[5], q[6], q[7]);
+            v.z = pack4(q[8], q[9], q[10], q[11]);
+            v.w = pack4(q[12], q[13], q[14], q[15]);
+            *reinterpret_cast<uint4*>(cr + 16 * g) = v;
+        }
+        // row sum of the codes (the GEMM uses unsigned weight codes: sum c*x - sum x)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if ((threadIdx.x & 31) == 0) ired[threadIdx.x >> 5] = sum;
+        __syncthreads();
+        if (threadIdx.x == 0 && rowsum != nullptr) {
+            int tot = 0;
+            for (int w = 0; w < QT / 32; ++w) tot += ired[w];
+            rowsum[row] = tot;
+        }
+    } else {
+        T* fr = fake + (size_t)row * K;
+        for (int k = threadIdx.x; k < K; k += QT) {
+            int q = bad ? 0 : act_code(to_f32(xr[k]), s);
+            fr[k] = from_f32<T>(__fmul_rn((float)q, s));
+        }
+    }
+}
+
+template <typename T>
+__device__ void act_absmax_tensor_impl(const T* __restrict__ x, size_t n, unsigned* gstat) {
+    __shared__ float red[32];
+    float a = 0.0f;
+    int nf = 0;
+    for (size_t i = (size_t)blockIdx.x * QT + threadIdx.x; i < n; i += (size_t)gridDim.x * QT) {
+        float v = to_f32(x[i]);
+        nf |= !isfinite(v);
+        a = fmaxf(a, fabsf(v));
+    }
+    bool bad = __syncthreads_or(nf) != 0;
+    a = block_max<QT>(a, red);
+    if (threadIdx.x == 0) {
+        atomicMax(&gstat[0], __float_as_uint(a));
+        if (bad) atomicOr(&gstat[1], 1u);
+    }
+}
+
+template <typename T>
+__device__ void w_absmean_partial_impl(const T* __restrict__ w, size_t n, double* partials,
+                                       unsigned* flag) {
+    __shared__ double red[QT];
+    double s = 0.0;
+    int nf = 0;
+    for (size_t i = (size_t)blockIdx.x * QT + threadIdx.x; i < n; i += (size_t)gridDim.x * QT) {
+        float v = to_f32(w[i]);
+        nf |= !isfinite(v);
+        s += (double)fabsf(v);
+    }
+    if (nf) atomicOr(flag, 1u);
+    red[threadIdx.x] = s;
+    __syncthreads();
+#pragma unroll
+    for (int o = QT / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[blockIdx.x] = red[0];
+}
+
+template <typename T>
+__device__ void w_pack_impl(const T* __restrict__ w, int N, int K, int K4, const float* sw_ptr,
+                            uint8_t* out) {
+    const float s = *sw_ptr;
+    const size_t total = (size_t)N * K4;
+    for (size_t b = (size_t)blockIdx.x * QT + threadIdx.x; b < total; b += (size_t)gridDim.x * QT) {
+        const int n = (int)(b / K4), j = (int)(b % K4);
+        const T* wr = w + (size_t)n * K;
+        uint32_t byte = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int k = 4 * j + i;
+            int c = k < K ? ternary_code(to_f32(wr[k]), s) : 1;
+            byte |= (uint32_t)c << (2 * i);
+        }
+        out[b] = (uint8_t)byte;
+    }
+}
+
+template <typename T>
+__device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_ptr, T* out) {
+    const float s = *sw_ptr;
+    for (size_t i = (size_t)blockIdx.x * QT + threadIdx.x; i < n; i += (size_t)gridDim.x * QT) {
+        int c = ternary_code(to_f32(w[i]), s) - 1;
+        out[i] = from_f32<T>(__fmul_rn((float)c, s));
+    }
+}
+
+#define INSTANTIATE(T, SUF)                                                                        \
+    extern "C" __global__ void __launch_bounds__(QT)                                               \
+        act_quant_rows_##SUF(const T* x, int M, int K, int per_tensor, const unsigned* gstat,     \
+                             int mode, int8_t* codes, int ld, float* scales, T* fake,           \
+                             int* rowsum) {                                                        \
+        act_quant_rows_impl<T>(x, M, K, per_tensor, gstat, mode, codes, ld, scales, fake, rowsum); \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(QT)                                               \
+        act_absmax_tensor_##SUF(const T* x, size_t n, unsigned* gstat) {                          \
+        act_absmax_tensor_impl<T>(x, n, gstat);                                                    \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(QT)                                               \
+        w_absmean_partial_##SUF(const T* w, size_t n, double* partials, unsigned* flag) {         \
+        w_absmean_partial_impl<T>(w, n, partials, flag);                                           \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(QT)                                               \
+        w_pack_##SUF(const T* w, int N, int K, int K4, const float* sw, uint8_t* out) {           \
+        w_pack_impl<T>(w, N, K, K4, sw, out);                                                      \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(QT)                                               \
+        w_fake_##SUF(const T* w, size_t n, const float* sw, T* out) {                             \
+        w_fake_impl<T>(w, n, sw, out);                                                             \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(__nv_bfloat16, bf16)
+INSTANTIATE(__half, f16)
+
+// stat[0] = s_w (f32 bits), stat[1] = non-finite flag (set by the partial kernels).
+extern "C" __global__ void __launch_bounds__(QT)
+    w_absmean_final(const double* partials, int G, size_t n, unsigned* stat) {
+    __shared__ double red[QT];
+    double s = 0.0;
+    for (int i = threadIdx.x; i < G; i += QT) s += partials[i];
+    red[threadIdx.x] = s;
+    __syncthreads();
+#pragma unroll
+    for (int o = QT / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        float mean = n == 0 ? 0.0f : (float)(red[0] / (double)n);
+        // A non-finite weight gives s_w = NaN, so that if the caller does not check the flag
+        // every output is NaN rather than garbage.
+        stat[0] = stat[1] ? 0x7fc00000u : __float_as_uint(fmaxf(mean, BL_WEIGHT_EPS));
+    }
+}
+
+// Canonical (M, K) codes -> permuted (M, ld) codes, zero padded. One thread per 16-group.
+extern "C" __global__ void __launch_bounds__(QT)
+    codes_permute(const int8_t* __restrict__ codes, int M, int K, int ld, int8_t* out, int* rowsum) {
+    const size_t groups = (size_t)M * (ld / 16);
+    for (size_t t = (size_t)blockIdx.x * QT + threadIdx.x; t < groups; t += (size_t)gridDim.x * QT) {
+        const int m = (int)(t / (ld / 16)), g = (int)(t % (ld / 16));
+        const int8_t* cr = codes + (size_t)m * K;
+        int q[16];
+        int sum = 0;
+#pragma unroll
+        for (int p = 0; p < 16; ++p) {
+            int k = 16 * g + 4 * (p & 3) + (p >> 2);
+            q[p] = k < K ? (int)cr[k] : 0;
+            sum += q[p];
+        }
+        atomicAdd(&rowsum[m], sum);  // integer: order independent
+        uint4 v;
+        v.x = pack4(q[0], q[1], q[2], q[3]);
+        v.y = pack4(q[4], q[5], q[6], q[7]);
+        v.z = pack4(q[8], q[9], q[10], q[11]);
+        v.w = pack4(q[12], q[13], q[14], q[15]);
+        *reinterpret_cast<uint4*>(out + (size_t)m * ld + 16 * g) = v;
+    }
+}
+
+// (N, K4) packed bytes -> (N, K4p) with zero-weight padding bytes (0x55).
+extern "C" __global__ void __launch_bounds__(QT)
+    packed_repack(const uint8_t* __restrict__ in, int N, int K4, int K4p, uint8_t* out) {
+    const size_t total = (size_t)N * K4p;
+    for (size_t b = (size_t)blockIdx.x * QT + threadIdx.x; b < total; b += (size_t)gridDim.x * QT) {
+        const int n = (int)(b / K4p), j = (int)(b % K4p);
+        out[b] = j < K4 ? in[(size_t)n * K4 + j] : (uint8_t)0x55;
+    }
+}
