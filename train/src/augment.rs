@@ -1,0 +1,188 @@
+//! Data augmentation and normalisation: random crop 32 from the 4-pixel zero-padded image, then a
+//! random horizontal flip, then per-channel normalisation `(v / 255 - mean) / std` (the pipeline
+//! `RandomCrop(32, padding=4)`, `RandomHorizontalFlip`, `ToTensor`, `Normalize` of torchvision).
+//!
+//! The random choices ([`AugParams`]) are drawn on the host from the epoch's seeded RNG, so both
+//! implementations give the same batch bit for bit:
+//! - [`augment_batch_cpu`]: byte images -> f32, samples spread over all cores with rayon;
+//! - [`augment_batch_tensor`]: the same with tensor ops (index_select, pad, gather, affine) on
+//!   the images' device, for training on a GPU where the images live in device memory.
+
+use candle_core::{DType, Device, Result, Tensor};
+use rand::Rng;
+use rayon::prelude::*;
+
+use crate::data::{Split, IMAGE_BYTES};
+
+/// Zero padding on each side before the random crop.
+pub const PAD: usize = 4;
+const SIDE: usize = 32;
+const PLANE: usize = SIDE * SIDE;
+
+/// Per-channel normalisation constants.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalizer {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for Normalizer {
+    /// The CIFAR-10 reference constants.
+    fn default() -> Self {
+        Self {
+            mean: [0.4914, 0.4822, 0.4465],
+            std: [0.2023, 0.1994, 0.2010],
+        }
+    }
+}
+
+impl Normalizer {
+    /// `scale[c] = 1 / (255 std[c])`, `shift[c] = mean[c] / std[c]`; a byte `v` of channel `c`
+    /// maps to `v * scale[c] - shift[c]` (f32, two roundings, in both implementations).
+    pub fn affine(&self) -> ([f32; 3], [f32; 3]) {
+        let scale = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
+        let shift = std::array::from_fn(|c| self.mean[c] / self.std[c]);
+        (scale, shift)
+    }
+
+    /// The mapping of every byte value, per channel.
+    pub fn lut(&self) -> Lut {
+        let (scale, shift) = self.affine();
+        Lut(std::array::from_fn(|c| {
+            std::array::from_fn(|v| v as f32 * scale[c] - shift[c])
+        }))
+    }
+}
+
+/// Byte value -> normalised f32, per channel.
+#[derive(Debug, Clone)]
+pub struct Lut(pub [[f32; 256]; 3]);
+
+impl Lut {
+    /// Maps bytes to themselves (`v as f32`): for tests and raw-pixel views.
+    pub fn identity() -> Self {
+        Lut([std::array::from_fn(|v| v as f32); 3])
+    }
+}
+
+/// The random choices for one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AugParams {
+    /// Row of the crop's top-left corner in the padded (40x40) image, 0..=8.
+    pub dy: u8,
+    /// Column of the crop's top-left corner in the padded image, 0..=8.
+    pub dx: u8,
+    /// Mirror the crop left-right.
+    pub flip: bool,
+}
+
+impl AugParams {
+    /// No augmentation: the centre crop (the original image), not flipped.
+    pub const IDENTITY: AugParams = AugParams {
+        dy: PAD as u8,
+        dx: PAD as u8,
+        flip: false,
+    };
+
+    /// Draws a crop offset uniformly in 0..=8 on each axis and a flip with probability 1/2.
+    pub fn sample<R: Rng>(rng: &mut R) -> Self {
+        let dy = rng.gen_range(0..=2 * PAD as u8);
+        let dx = rng.gen_range(0..=2 * PAD as u8);
+        let flip = rng.gen_bool(0.5);
+        AugParams { dy, dx, flip }
+    }
+
+    /// The source column (in the unpadded image, may be out of range) of output column `x`.
+    fn src_col(self, x: usize) -> isize {
+        let xc = if self.flip { SIDE - 1 - x } else { x };
+        xc as isize + self.dx as isize - PAD as isize
+    }
+
+    fn src_row(self, y: usize) -> isize {
+        y as isize + self.dy as isize - PAD as isize
+    }
+}
+
+/// Augments one 3x32x32 byte image into `out` (3072 f32, CHW): out-of-image pixels are byte 0.
+pub fn augment_into(src: &[u8], p: AugParams, lut: &Lut, out: &mut [f32]) {
+    debug_assert_eq!(src.len(), IMAGE_BYTES);
+    debug_assert_eq!(out.len(), IMAGE_BYTES);
+    for c in 0..3 {
+        let plane = &src[c * PLANE..(c + 1) * PLANE];
+        let lut_c = &lut.0[c];
+        let zero = lut_c[0];
+        for y in 0..SIDE {
+            let row_out = &mut out[c * PLANE + y * SIDE..c * PLANE + (y + 1) * SIDE];
+            let sy = p.src_row(y);
+            if !(0..SIDE as isize).contains(&sy) {
+                row_out.fill(zero);
+                continue;
+            }
+            let row_in = &plane[sy as usize * SIDE..(sy as usize + 1) * SIDE];
+            for (x, o) in row_out.iter_mut().enumerate() {
+                let sx = p.src_col(x);
+                *o = if (0..SIDE as isize).contains(&sx) {
+                    lut_c[row_in[sx as usize] as usize]
+                } else {
+                    zero
+                };
+            }
+        }
+    }
+}
+
+/// Augments the images `indices` of `split` with `params` into a (B, 3, 32, 32) f32 buffer,
+/// spreading the images over rayon's threads.
+pub fn augment_batch_cpu(split: &Split, indices: &[usize], params: &[AugParams], lut: &Lut) -> Vec<f32> {
+    assert_eq!(indices.len(), params.len());
+    let mut out = vec![0f32; indices.len() * IMAGE_BYTES];
+    out.par_chunks_mut(IMAGE_BYTES)
+        .zip(indices.par_iter().zip(params.par_iter()))
+        .for_each(|(o, (&i, &p))| augment_into(split.image(i), p, lut, o));
+    out
+}
+
+/// The same as [`augment_batch_cpu`] with tensor ops on `images`' device.
+///
+/// `images`: (N, 3, 32, 32) u8 (or any dtype holding byte values); `indices`: which images.
+/// Returns (B, 3, 32, 32) f32.
+pub fn augment_batch_tensor(
+    images: &Tensor,
+    indices: &[usize],
+    params: &[AugParams],
+    norm: &Normalizer,
+) -> Result<Tensor> {
+    assert_eq!(indices.len(), params.len());
+    let dev = images.device();
+    let b = indices.len();
+    let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+    let idx = Tensor::from_vec(idx, b, dev)?;
+    let padded_side = SIDE + 2 * PAD;
+    let x = images
+        .index_select(&idx, 0)?
+        .to_dtype(DType::F32)?
+        .pad_with_zeros(2, PAD, PAD)?
+        .pad_with_zeros(3, PAD, PAD)?; // (B, 3, 40, 40)
+    let mut rows = Vec::with_capacity(b * SIDE);
+    let mut cols = Vec::with_capacity(b * SIDE);
+    for p in params {
+        rows.extend((0..SIDE).map(|y| (y + p.dy as usize) as u32));
+        cols.extend((0..SIDE).map(|x| (p.src_col(x) + PAD as isize) as u32));
+    }
+    let rows = Tensor::from_vec(rows, (b, 1, SIDE, 1), dev)?
+        .broadcast_as((b, 3, SIDE, padded_side))?
+        .contiguous()?;
+    let cols = Tensor::from_vec(cols, (b, 1, 1, SIDE), dev)?
+        .broadcast_as((b, 3, SIDE, SIDE))?
+        .contiguous()?;
+    let x = x.gather(&rows, 2)?.gather(&cols, 3)?; // (B, 3, 32, 32)
+    let (scale, shift) = norm.affine();
+    let scale = Tensor::from_vec(scale.to_vec(), (1, 3, 1, 1), dev)?;
+    let shift = Tensor::from_vec(shift.to_vec(), (1, 3, 1, 1), dev)?;
+    x.broadcast_mul(&scale)?.broadcast_sub(&shift)
+}
+
+/// Uploads a split's images as a (N, 3, 32, 32) u8 tensor.
+pub fn images_tensor(split: &Split, device: &Device) -> Result<Tensor> {
+    Tensor::from_slice(&split.images, (split.len(), 3, SIDE, SIDE), device)
+}

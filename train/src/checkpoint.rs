@@ -1,0 +1,157 @@
+//! Checkpoints: safetensors files written atomically (temporary file, fsync, rename).
+//!
+//! A run directory holds:
+//! - `last.safetensors`: the model's variables after the last finished epoch (weights only, the
+//!   names of `model::SimpleBitCnn`);
+//! - `best.safetensors`: the variables after the epoch with the best test accuracy;
+//! - `resume.safetensors`: everything `--resume` needs in one file, so it is always consistent:
+//!   the variables, the optimizer moments (`optim.m.<name>`, `optim.v.<name>`) and, in the
+//!   safetensors metadata under `train_state`, a JSON [`TrainState`] (epochs done, optimizer step,
+//!   run settings, metrics history). The RNG needs no state: each epoch reseeds from
+//!   `(seed, epoch)`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::EpochMetrics;
+
+/// File names inside the run directory.
+pub const LAST: &str = "last.safetensors";
+pub const BEST: &str = "best.safetensors";
+pub const RESUME: &str = "resume.safetensors";
+const STATE_KEY: &str = "train_state";
+/// Prefix of the optimizer tensors in `resume.safetensors`.
+pub const OPTIM_PREFIX: &str = "optim.";
+
+/// Settings that must match for `--resume` to continue a run exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    pub fc1: String,
+    pub fc2: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub schedule: crate::optim::Schedule,
+    pub seed: u64,
+    pub train_limit: Option<usize>,
+    pub train_images: usize,
+    pub dtype: String,
+}
+
+impl RunSettings {
+    /// Human-readable differences between a checkpoint's settings and the command line's.
+    pub fn differences(&self, now: &RunSettings) -> Vec<String> {
+        let a = serde_json::to_value(self).unwrap_or_default();
+        let b = serde_json::to_value(now).unwrap_or_default();
+        let mut out = Vec::new();
+        if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+            for (k, va) in a {
+                let vb = b.get(k).cloned().unwrap_or_default();
+                if *va != vb {
+                    out.push(format!("{k}: checkpoint {va}, now {vb}"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Progress of a run, stored in `resume.safetensors`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub version: u32,
+    pub epochs_done: usize,
+    pub optimizer_step: u64,
+    pub best_test_acc: f64,
+    pub best_epoch: usize,
+    pub settings: RunSettings,
+    pub history: Vec<EpochMetrics>,
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// Writes `bytes` to `path` atomically: readers see the old file or the new one, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    if let Some(dir) = path.parent() {
+        // Make the rename durable; not all platforms allow opening a directory.
+        if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Serialises named tensors (any device) with optional metadata and writes them atomically.
+pub fn save_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), metadata)
+        .with_context(|| format!("serialising {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Saves the resume checkpoint: variables, optimizer tensors and the state.
+pub fn save_resume(
+    path: &Path,
+    vars: &[(String, Tensor)],
+    optim: &[(String, Tensor)],
+    state: &TrainState,
+) -> Result<()> {
+    let mut all = vars.to_vec();
+    all.extend(optim.iter().map(|(k, t)| (format!("{OPTIM_PREFIX}{k}"), t.clone())));
+    let meta = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(state)?)]);
+    save_tensors(path, &all, Some(meta))
+}
+
+/// A loaded resume checkpoint.
+pub struct ResumePoint {
+    pub state: TrainState,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Loads `resume.safetensors` (tensors on the CPU).
+pub fn load_resume(path: &Path) -> Result<ResumePoint> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let Some(json) = meta.metadata().as_ref().and_then(|m| m.get(STATE_KEY)) else {
+        bail!(
+            "{} has no training state (not written by this program?)",
+            path.display()
+        );
+    };
+    let state: TrainState =
+        serde_json::from_str(json).with_context(|| format!("parsing the training state in {}", path.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("loading tensors from {}", path.display()))?;
+    Ok(ResumePoint { state, tensors })
+}

@@ -1,0 +1,162 @@
+//! AdamW with checkpointable state (PyTorch's `torch.optim.AdamW` update rule).
+//!
+//! For each parameter `p` with gradient `g`, at step `t` (1-based):
+//! ```text
+//! p <- p * (1 - lr * wd)                 (decoupled weight decay)
+//! m <- b1 m + (1 - b1) g
+//! v <- b2 v + (1 - b2) g^2
+//! p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+//! ```
+//! Weight decay applies to every parameter (as `AdamW(model.parameters())` does).
+
+use std::collections::BTreeMap;
+
+use candle_core::{backprop::GradStore, Result, Tensor, Var};
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+struct Slot {
+    var: Var,
+    m: Var,
+    v: Var,
+}
+
+/// AdamW over a set of named variables; the state (m, v per variable, and the step count) can be
+/// exported and restored exactly.
+pub struct AdamW {
+    slots: BTreeMap<String, Slot>,
+    step: u64,
+    config: AdamWConfig,
+}
+
+impl AdamW {
+    /// Creates the optimizer with zero moments for each `(name, var)`.
+    pub fn new(vars: impl IntoIterator<Item = (String, Var)>, config: AdamWConfig) -> Result<Self> {
+        let mut slots = BTreeMap::new();
+        for (name, var) in vars {
+            let m = Var::zeros(var.shape(), var.dtype(), var.device())?;
+            let v = Var::zeros(var.shape(), var.dtype(), var.device())?;
+            slots.insert(name, Slot { var, m, v });
+        }
+        Ok(Self { slots, step: 0, config })
+    }
+
+    /// Number of updates done so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> AdamWConfig {
+        self.config
+    }
+
+    /// Sets the learning rate used by the next steps (for schedules).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    /// One update from the gradients in `grads`. Variables without a gradient are left alone
+    /// (their moments do not move either).
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        for slot in self.slots.values() {
+            let Some(g) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
+            let g = g.to_dtype(slot.var.dtype())?;
+            let m = ((slot.m.as_tensor() * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((slot.v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let m_hat = (&m / bc1)?;
+            let v_hat = (&v / bc2)?;
+            let decayed = (slot.var.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
+            let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
+            let new = (decayed - (update * c.lr)?)?;
+            slot.m.set(&m)?;
+            slot.v.set(&v)?;
+            slot.var.set(&new)?;
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors: `m.<name>` and `v.<name>`.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.slots.len());
+        for (name, s) in &self.slots {
+            out.push((format!("m.{name}"), s.m.as_tensor().clone()));
+            out.push((format!("v.{name}"), s.v.as_tensor().clone()));
+        }
+        out
+    }
+
+    /// Restores the moments (from [`AdamW::state_tensors`]'s names, looked up by `get`) and the
+    /// step count.
+    pub fn load_state(&mut self, step: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<()> {
+        for (name, s) in &self.slots {
+            for (key, var) in [(format!("m.{name}"), &s.m), (format!("v.{name}"), &s.v)] {
+                let t = get(&key)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state {key} missing in checkpoint")))?;
+                if t.shape() != var.shape() {
+                    candle_core::bail!(
+                        "optimizer state {key} has shape {:?}, expected {:?}",
+                        t.shape(),
+                        var.shape()
+                    );
+                }
+                var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Learning-rate schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// The base learning rate throughout.
+    Constant,
+    /// Cosine decay from the base rate at step 0 to 0 at the last step, per step.
+    Cosine,
+}
+
+impl Schedule {
+    /// Learning rate for update number `step` (0-based) of `total_steps`.
+    pub fn lr(self, base: f64, step: u64, total_steps: u64) -> f64 {
+        match self {
+            Schedule::Constant => base,
+            Schedule::Cosine => {
+                if total_steps == 0 {
+                    return base;
+                }
+                let progress = (step.min(total_steps) as f64) / total_steps as f64;
+                0.5 * base * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}

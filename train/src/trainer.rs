@@ -1,0 +1,433 @@
+//! The training loop: epochs of shuffled, augmented mini-batches, evaluation, checkpoints.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use model::{SimpleBitCnn, SimpleBitCnnConfig};
+use rand::seq::SliceRandom;
+
+use crate::augment::{self, AugParams, Lut, Normalizer};
+use crate::checkpoint::{self, RunSettings, TrainState};
+use crate::cli::{Args, DeviceArg, DtypeArg};
+use crate::data;
+use crate::init;
+use crate::metrics::{self, EpochMetrics, Summary};
+use crate::optim::{AdamW, AdamWConfig, Schedule};
+use crate::rng::epoch_rng;
+
+/// Where batches are assembled: on the host with rayon, or on the device with tensor ops.
+enum Pipeline {
+    Cpu { lut: Box<Lut> },
+    Device { train: Tensor, test: Tensor },
+}
+
+/// Opens the requested device.
+pub fn open_device(d: DeviceArg) -> Result<Device> {
+    match d {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => {
+            if !candle_core::utils::cuda_is_available() {
+                bail!(
+                    "--device cuda: this binary was built without CUDA support; rebuild with \
+                     `cargo run --release -p train --features cuda -- ...`"
+                );
+            }
+            Device::new_cuda(0).context("opening CUDA device 0")
+        }
+    }
+}
+
+fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+        Device::Cuda(_) => "cuda:0".to_string(),
+        Device::Metal(_) => "metal".to_string(),
+    }
+}
+
+/// Everything needed to run epochs.
+pub struct Trainer {
+    pub args: Args,
+    pub device: Device,
+    pub dtype: DType,
+    pub varmap: VarMap,
+    pub model: SimpleBitCnn,
+    pub optimizer: AdamW,
+    pub data: data::Cifar10,
+    pub state: TrainState,
+    pipeline: Pipeline,
+    norm: Normalizer,
+}
+
+impl Trainer {
+    /// Loads the data, builds the model and optimizer, and restores `--resume` state.
+    pub fn new(args: Args) -> Result<Self> {
+        let device = open_device(args.device)?;
+        let dtype = match args.dtype {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+        };
+        let resume_path = args.out.join(checkpoint::RESUME);
+        if args.resume && !resume_path.is_file() {
+            bail!(
+                "--resume: {} does not exist (no finished epoch to resume from); run without \
+                 --resume to start this run",
+                resume_path.display()
+            );
+        }
+        if !args.resume && resume_path.exists() {
+            bail!(
+                "{} already holds a run ({} exists); pass --resume to continue it, or choose \
+                 another --out",
+                args.out.display(),
+                resume_path.display()
+            );
+        }
+        let data = data::load_cifar10(&args.data_dir, args.train_limit)?;
+
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let config = SimpleBitCnnConfig {
+            fc1: args.fc1.into(),
+            fc2: args.fc2.into(),
+        };
+        let model = SimpleBitCnn::new(config, vb).context("building the model")?;
+        init::seeded_init(&varmap, args.seed)?;
+        let adamw = AdamWConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        };
+        let mut optimizer = AdamW::new(init::sorted_vars(&varmap), adamw)?;
+
+        let settings = RunSettings {
+            fc1: config.fc1.as_str().to_string(),
+            fc2: config.fc2.as_str().to_string(),
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            schedule: args.schedule.into(),
+            seed: args.seed,
+            train_limit: args.train_limit,
+            train_images: data.train.len(),
+            dtype: args.dtype.as_str().to_string(),
+        };
+        let mut state = TrainState {
+            version: 1,
+            epochs_done: 0,
+            optimizer_step: 0,
+            best_test_acc: f64::NEG_INFINITY,
+            best_epoch: 0,
+            settings: settings.clone(),
+            history: Vec::new(),
+        };
+        if args.resume {
+            let point = checkpoint::load_resume(&resume_path)?;
+            let diffs = point.state.settings.differences(&settings);
+            if !diffs.is_empty() {
+                bail!(
+                    "--resume: the settings differ from the run in {}, which cannot then be \
+                     continued exactly:\n  {}",
+                    args.out.display(),
+                    diffs.join("\n  ")
+                );
+            }
+            for (name, var) in init::sorted_vars(&varmap) {
+                let t = point
+                    .tensors
+                    .get(&name)
+                    .with_context(|| format!("{} lacks variable {name}", resume_path.display()))?;
+                if t.shape() != var.shape() {
+                    bail!(
+                        "{}: {name} has shape {:?}, the model expects {:?}",
+                        resume_path.display(),
+                        t.shape(),
+                        var.shape()
+                    );
+                }
+                var.set(&t.to_dtype(var.dtype())?.to_device(&device)?)?;
+            }
+            optimizer.load_state(point.state.optimizer_step, |k| {
+                point.tensors.get(&format!("{}{k}", checkpoint::OPTIM_PREFIX)).cloned()
+            })?;
+            state = point.state;
+        }
+
+        let norm = Normalizer::default();
+        let pipeline = if device.is_cpu() {
+            Pipeline::Cpu {
+                lut: Box::new(norm.lut()),
+            }
+        } else {
+            Pipeline::Device {
+                train: augment::images_tensor(&data.train, &device)?,
+                test: augment::images_tensor(&data.test, &device)?,
+            }
+        };
+        Ok(Self {
+            args,
+            device,
+            dtype,
+            varmap,
+            model,
+            optimizer,
+            data,
+            state,
+            pipeline,
+            norm,
+        })
+    }
+
+    fn batch(&self, test: bool, indices: &[usize], params: &[AugParams]) -> Result<(Tensor, Tensor)> {
+        let split = if test { &self.data.test } else { &self.data.train };
+        let b = indices.len();
+        let x = match &self.pipeline {
+            Pipeline::Cpu { lut } => {
+                let buf = augment::augment_batch_cpu(split, indices, params, lut);
+                Tensor::from_vec(buf, (b, 3, 32, 32), &self.device)?
+            }
+            Pipeline::Device { train, test: t } => {
+                let images = if test { t } else { train };
+                augment::augment_batch_tensor(images, indices, params, &self.norm)?
+            }
+        };
+        let x = if self.dtype == DType::F32 {
+            x
+        } else {
+            x.to_dtype(self.dtype)?
+        };
+        let labels: Vec<u32> = indices.iter().map(|&i| split.labels[i] as u32).collect();
+        let y = Tensor::from_vec(labels, b, &self.device)?;
+        Ok((x, y))
+    }
+
+    fn steps_per_epoch(&self) -> u64 {
+        self.data.train.len().div_ceil(self.args.batch_size) as u64
+    }
+
+    /// One training pass over the (shuffled, augmented) training set. Returns (mean loss,
+    /// accuracy, seconds, lr of the last step).
+    fn train_epoch(&mut self, epoch: usize) -> Result<(f64, f64, f64, f64)> {
+        let n = self.data.train.len();
+        let bs = self.args.batch_size;
+        let mut rng = epoch_rng(self.args.seed, epoch);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rng);
+        let params: Vec<AugParams> = (0..n).map(|_| AugParams::sample(&mut rng)).collect();
+
+        let steps = self.steps_per_epoch();
+        let total_steps = steps * self.args.epochs as u64;
+        let schedule: Schedule = self.args.schedule.into();
+        let pb = progress_bar(steps, epoch + 1, self.args.epochs);
+
+        let start = Instant::now();
+        let mut loss_sum = Tensor::zeros((), DType::F32, &self.device)?;
+        let mut correct = Tensor::zeros((), DType::F32, &self.device)?;
+        let mut seen = 0usize;
+        let mut lr = self.args.lr;
+        for (i, (idx, p)) in order.chunks(bs).zip(params.chunks(bs)).enumerate() {
+            let (x, y) = self.batch(false, idx, p)?;
+            let logits = self.model.forward(&x)?.to_dtype(DType::F32)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let grads = loss.backward()?;
+            lr = schedule.lr(self.args.lr, self.optimizer.step_count(), total_steps);
+            self.optimizer.set_lr(lr);
+            self.optimizer.step(&grads)?;
+
+            let b = idx.len();
+            loss_sum = (loss_sum + (loss.detach() * b as f64)?)?;
+            correct = (correct + count_correct(&logits.detach(), &y)?)?;
+            seen += b;
+            if i % 10 == 9 || i as u64 + 1 == steps {
+                let l = loss_sum.to_scalar::<f32>()? as f64 / seen as f64;
+                let ips = seen as f64 / start.elapsed().as_secs_f64();
+                pb.set_message(format!("loss {l:.4}  {ips:.0} img/s"));
+            }
+            pb.inc(1);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        pb.finish_and_clear();
+        let loss = loss_sum.to_scalar::<f32>()? as f64 / seen as f64;
+        let acc = correct.to_scalar::<f32>()? as f64 / seen as f64;
+        Ok((loss, acc, secs, lr))
+    }
+
+    /// Mean loss and accuracy of `model` on the test set.
+    pub fn evaluate<M: Module>(&self, model: &M) -> Result<(f64, f64)> {
+        let n = self.data.test.len();
+        let mut loss_sum = 0f64;
+        let mut correct = 0f64;
+        let all: Vec<usize> = (0..n).collect();
+        for idx in all.chunks(self.args.eval_batch_size) {
+            let params = vec![AugParams::IDENTITY; idx.len()];
+            let (x, y) = self.batch(true, idx, &params)?;
+            let logits = model.forward(&x)?.to_dtype(DType::F32)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
+            correct += count_correct(&logits, &y)?.to_scalar::<f32>()? as f64;
+        }
+        Ok((loss_sum / n as f64, correct / n as f64))
+    }
+
+    fn named_vars(&self) -> Vec<(String, Tensor)> {
+        init::sorted_vars(&self.varmap)
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
+    }
+
+    fn save_epoch(&self, improved: bool) -> Result<()> {
+        let out = &self.args.out;
+        let vars = self.named_vars();
+        let epoch_meta = |extra: Option<(&str, String)>| {
+            let mut m = std::collections::HashMap::from([("epoch".to_string(), self.state.epochs_done.to_string())]);
+            if let Some((k, v)) = extra {
+                m.insert(k.to_string(), v);
+            }
+            Some(m)
+        };
+        checkpoint::save_tensors(&out.join(checkpoint::LAST), &vars, epoch_meta(None))?;
+        if improved {
+            let acc = ("test_acc", self.state.best_test_acc.to_string());
+            checkpoint::save_tensors(&out.join(checkpoint::BEST), &vars, epoch_meta(Some(acc)))?;
+        }
+        metrics::write_csv(&out.join("metrics.csv"), &self.state.history)?;
+        crate::plot::plot_history(&out.join("plot.png"), &self.state.history)?;
+        // Written last: the commit point of the epoch.
+        checkpoint::save_resume(
+            &out.join(checkpoint::RESUME),
+            &vars,
+            &self.optimizer.state_tensors(),
+            &self.state,
+        )
+    }
+
+    /// Runs the remaining epochs; prints a line per epoch. Returns the summary.
+    pub fn run(&mut self) -> Result<Summary> {
+        let start = Instant::now();
+        std::fs::create_dir_all(&self.args.out).with_context(|| format!("creating {}", self.args.out.display()))?;
+        println!(
+            "data: {} training / {} test images from {}",
+            self.data.train.len(),
+            self.data.test.len(),
+            self.args.data_dir.display()
+        );
+        let cfg = self.model.config();
+        let params: usize = init::sorted_vars(&self.varmap)
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        println!(
+            "model: SimpleBitCnn fc1={} fc2={} ({params} parameters); device {}, dtype {}; \
+             batch {}, AdamW lr {} wd {}, {:?} schedule, seed {}",
+            cfg.fc1.as_str(),
+            cfg.fc2.as_str(),
+            device_name(&self.device),
+            self.args.dtype.as_str(),
+            self.args.batch_size,
+            self.args.lr,
+            self.args.weight_decay,
+            Schedule::from(self.args.schedule),
+            self.args.seed,
+        );
+        if self.state.epochs_done > 0 {
+            println!(
+                "resuming {} after epoch {} (optimizer step {})",
+                self.args.out.display(),
+                self.state.epochs_done,
+                self.optimizer.step_count()
+            );
+        }
+        let stop_at = self
+            .args
+            .stop_after_epochs
+            .map_or(self.args.epochs, |s| s.min(self.args.epochs));
+        while self.state.epochs_done < stop_at {
+            let epoch = self.state.epochs_done;
+            let t0 = Instant::now();
+            let (train_loss, train_acc, train_secs, lr) = self.train_epoch(epoch)?;
+            let (test_loss, test_acc) = self.evaluate(&self.model)?;
+            if !train_loss.is_finite() {
+                bail!("training diverged at epoch {}: loss {train_loss}", epoch + 1);
+            }
+            let improved = test_acc > self.state.best_test_acc;
+            if improved {
+                self.state.best_test_acc = test_acc;
+                self.state.best_epoch = epoch + 1;
+            }
+            self.state.epochs_done = epoch + 1;
+            self.state.optimizer_step = self.optimizer.step_count();
+            let mut m = EpochMetrics {
+                epoch: epoch + 1,
+                lr,
+                train_loss,
+                train_acc,
+                test_loss,
+                test_acc,
+                epoch_seconds: 0.0,
+                train_seconds: train_secs,
+                images_per_sec: self.data.train.len() as f64 / train_secs,
+            };
+            m.epoch_seconds = t0.elapsed().as_secs_f64();
+            self.state.history.push(m.clone());
+            self.save_epoch(improved)?;
+            println!(
+                "epoch {:>3}/{}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  \
+                 lr {:.2e}  {:.1} s (train {:.1} s, {:.0} img/s)",
+                m.epoch,
+                self.args.epochs,
+                m.train_loss,
+                100.0 * m.train_acc,
+                m.test_loss,
+                100.0 * m.test_acc,
+                m.lr,
+                m.epoch_seconds,
+                m.train_seconds,
+                m.images_per_sec
+            );
+        }
+        // The inference form must predict exactly what the training form does.
+        let packed = self.model.to_packed().context("packing the model")?;
+        let (_, packed_acc) = self.evaluate(&packed)?;
+        println!(
+            "packed inference form: test acc {:.2}% (training form {:.2}%)",
+            100.0 * packed_acc,
+            100.0 * self.state.history.last().map_or(0.0, |m| m.test_acc)
+        );
+        let history = &self.state.history;
+        Ok(Summary {
+            packed_test_acc: packed_acc,
+            final_test_acc: history.last().map_or(0.0, |m| m.test_acc),
+            best_test_acc: self.state.best_test_acc.max(0.0),
+            best_epoch: self.state.best_epoch,
+            epochs: self.state.epochs_done,
+            total_seconds: start.elapsed().as_secs_f64(),
+            steady_images_per_sec: metrics::steady_images_per_sec(history),
+            device: device_name(&self.device),
+            dtype: self.args.dtype.as_str().to_string(),
+            out_dir: self.args.out.display().to_string(),
+        })
+    }
+}
+
+fn count_correct(logits: &Tensor, y: &Tensor) -> Result<Tensor> {
+    Ok(logits.argmax(1)?.eq(y)?.to_dtype(DType::F32)?.sum_all()?)
+}
+
+fn progress_bar(steps: u64, epoch: usize, epochs: usize) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(steps);
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} batches  {msg}  ({elapsed}, eta {eta})")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_prefix(format!("epoch {epoch}/{epochs}"));
+    pb
+}

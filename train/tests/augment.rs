@@ -1,0 +1,105 @@
+mod common;
+
+use candle_core::Device;
+use rand::SeedableRng;
+use train::augment::{
+    augment_batch_cpu, augment_batch_tensor, augment_into, images_tensor, AugParams, Lut, Normalizer,
+};
+
+fn raw(src: &[u8], p: AugParams) -> Vec<f32> {
+    let mut out = vec![0f32; 3072];
+    augment_into(src, p, &Lut::identity(), &mut out);
+    out
+}
+
+fn all_params() -> impl Iterator<Item = AugParams> {
+    (0..=8u8).flat_map(|dy| (0..=8u8).flat_map(move |dx| [false, true].map(|flip| AugParams { dy, dx, flip })))
+}
+
+#[test]
+fn crop_pixels_come_from_the_shifted_image_or_zero() {
+    let s = common::random_split(1, 3);
+    // Make every source byte non-zero, so a zero can only come from the padding.
+    let src: Vec<u8> = s.image(0).iter().map(|v| v.max(&1).to_owned()).collect();
+    for p in all_params() {
+        let out = raw(&src, p);
+        for c in 0..3 {
+            for y in 0..32isize {
+                for x in 0..32isize {
+                    let xc = if p.flip { 31 - x } else { x };
+                    let sy = y + p.dy as isize - 4;
+                    let sx = xc + p.dx as isize - 4;
+                    let got = out[c * 1024 + (y * 32 + x) as usize];
+                    if (0..32).contains(&sy) && (0..32).contains(&sx) {
+                        let want = src[c * 1024 + (sy * 32 + sx) as usize] as f32;
+                        assert_eq!(got, want, "{p:?} c{c} y{y} x{x}");
+                    } else {
+                        assert_eq!(got, 0.0, "{p:?} c{c} y{y} x{x}: expected padding");
+                    }
+                }
+            }
+        }
+        // At most 4 rows/columns of padding show.
+        let zeros = out.iter().filter(|v| **v == 0.0).count();
+        let (ry, rx) = ((p.dy as i32 - 4).unsigned_abs(), (p.dx as i32 - 4).unsigned_abs());
+        assert_eq!(zeros as u32, 3 * (32 * 32 - (32 - ry) * (32 - rx)), "{p:?}");
+    }
+}
+
+#[test]
+fn identity_is_the_original_and_flip_mirrors() {
+    let s = common::random_split(1, 4);
+    let src = s.image(0);
+    let id = raw(src, AugParams::IDENTITY);
+    assert_eq!(id, src.iter().map(|&v| v as f32).collect::<Vec<_>>());
+    for p in all_params().filter(|p| !p.flip) {
+        let a = raw(src, p);
+        let b = raw(src, AugParams { flip: true, ..p });
+        for c in 0..3 {
+            for y in 0..32 {
+                for x in 0..32 {
+                    let i = c * 1024 + y * 32;
+                    assert_eq!(a[i + x], b[i + 31 - x]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sampled_offsets_stay_within_the_padding_and_cover_it() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut seen_dy = [false; 9];
+    let mut flips = 0;
+    for _ in 0..5000 {
+        let p = AugParams::sample(&mut rng);
+        assert!(p.dy <= 8 && p.dx <= 8);
+        seen_dy[p.dy as usize] = true;
+        flips += p.flip as usize;
+    }
+    assert!(seen_dy.iter().all(|s| *s));
+    assert!((2200..2800).contains(&flips), "{flips} flips of 5000");
+}
+
+#[test]
+fn normalisation_uses_the_reference_constants() {
+    let lut = Normalizer::default().lut();
+    let want = (200.0 / 255.0 - 0.4822) / 0.1994;
+    assert!((lut.0[1][200] - want).abs() < 1e-5);
+    assert!((lut.0[0][0] - (-0.4914 / 0.2023)).abs() < 1e-5);
+}
+
+#[test]
+fn tensor_pipeline_equals_cpu_pipeline_bit_for_bit() {
+    let split = common::random_split(40, 5);
+    let norm = Normalizer::default();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let indices: Vec<usize> = (0..24).map(|i| (i * 7) % 40).collect();
+    let params: Vec<AugParams> = indices.iter().map(|_| AugParams::sample(&mut rng)).collect();
+    let cpu = augment_batch_cpu(&split, &indices, &params, &norm.lut());
+    let images = images_tensor(&split, &Device::Cpu).unwrap();
+    let t = augment_batch_tensor(&images, &indices, &params, &norm).unwrap();
+    assert_eq!(t.dims(), &[24, 3, 32, 32]);
+    let t: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(t, cpu);
+}

@@ -1,0 +1,48 @@
+//! Fixtures shared by the train tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use train::data::{encode_records, Split, IMAGE_BYTES, TEST_FILE, TRAIN_FILES};
+
+/// `n` random images with labels `i % 10`, reproducible from `seed`.
+pub fn random_split(n: usize, seed: u64) -> Split {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut images = vec![0u8; n * IMAGE_BYTES];
+    rng.fill(&mut images[..]);
+    let labels = (0..n).map(|i| (i % 10) as u8).collect();
+    Split { images, labels }
+}
+
+/// Writes a complete CIFAR-10 binary directory: `per_file` random images in each training file,
+/// `test` in the test file. Returns the training and test splits as written.
+pub fn write_dataset(dir: &Path, per_file: usize, test: usize) -> (Split, Split) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut train = Split::default();
+    for (i, f) in TRAIN_FILES.iter().enumerate() {
+        let s = random_split(per_file, 100 + i as u64);
+        std::fs::write(dir.join(f), encode_records(&s)).unwrap();
+        train.images.extend_from_slice(&s.images);
+        train.labels.extend_from_slice(&s.labels);
+    }
+    let t = random_split(test, 7);
+    std::fs::write(dir.join(TEST_FILE), encode_records(&t)).unwrap();
+    (train, t)
+}
+
+/// The shared CIFAR-10 files (`../shared/cifar10/cifar-10-batches-bin` from the workspace root).
+pub fn shared_cifar() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/cifar10/cifar-10-batches-bin");
+    if dir.join("data_batch_1.bin").is_file() {
+        return Some(dir);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "CI is set but the shared CIFAR-10 files are missing at {}",
+            dir.display()
+        );
+    }
+    eprintln!("skipping: shared CIFAR-10 files not found at {}", dir.display());
+    None
+}
