@@ -404,6 +404,31 @@ mod real {
         let yg = packed_matmul(&xg, &pcg, c.scaling)?;
         float_check("packed_matmul", &yc, &yg, c.xdt, &mut errs, &mut nbe)?;
 
+        // 4b. every other kernel variant on the same inputs (tile shapes, forced GEMM for small
+        //     M, quantizer not fused), so each variant is covered whatever the heuristic picks.
+        for (name, vars) in VARIANTS {
+            let r = with_env(vars, || -> candle_core::Result<(Vec<i32>, Tensor)> {
+                let a = packed_accumulate(&cg, &pcg)?
+                    .to_device(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<i32>()?;
+                let y = packed_matmul(&xg, &pcg, c.scaling)?;
+                Ok((a, y))
+            })?;
+            if r.0 != ac {
+                let d = ac.iter().zip(&r.0).filter(|(a, b)| a != b).count();
+                errs.push(format!("[{name}] i32 accumulators differ in {d} of {}", ac.len()));
+            }
+            float_check(
+                &format!("[{name}] packed_matmul"),
+                &yc,
+                &r.1,
+                c.xdt,
+                &mut errs,
+                &mut nbe,
+            )?;
+        }
+
         // 5. training forward (packs on each device)
         let tc = bit_matmul(&xc, &wc, c.scaling)?;
         let tg = bit_matmul(&xg, &wg, c.scaling)?;
@@ -449,6 +474,37 @@ mod real {
             }
         }
         Ok((errs, nbe))
+    }
+
+    /// Environment overrides of the CUDA dispatch (see src/cuda/mod.rs).
+    const VARIANTS: &[(&str, &[(&str, &str)])] = &[
+        (
+            "gemm-small",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "small"),
+            ],
+        ),
+        (
+            "gemm-big",
+            &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "big")],
+        ),
+        (
+            "gemm-wide",
+            &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "wide")],
+        ),
+        ("no-fuse", &[("BITLINEAR_CUDA_NO_FUSE", "1")]),
+    ];
+
+    fn with_env<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        let r = f();
+        for (k, _) in vars {
+            std::env::remove_var(k);
+        }
+        r
     }
 
     /// max |a - b| / max |a| over the tensor.
@@ -693,6 +749,20 @@ $L_loop:
                     x.matmul(&wt[i % n_float])?;
                     Ok(())
                 })?;
+                // the same packed matmul through the other kernel variants
+                let mut variants = String::new();
+                for (name, vars) in VARIANTS {
+                    if m > 32 && (name.starts_with("no-fuse") || *name == "gemm-small" && m >= 1024) {
+                        continue;
+                    }
+                    let t = with_env(vars, || {
+                        timer.time(2, batches, per, |i| {
+                            packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
+                            Ok(())
+                        })
+                    })?;
+                    variants.push_str(&format!(" {name} {t:.2}"));
+                }
                 let ops = 2.0 * (m * n * k) as f64;
                 println!(
                     "{:>5} {:>6} {:>5} | {:>9.2} {:>8.0} {:>7.1} | {:>9.2} {:>7.1} | {:>9.2} {:>7.1} | {:>6.2}x {:>8.2}",
@@ -709,6 +779,7 @@ $L_loop:
                     t_b / t_p,
                     t_f / t_p
                 );
+                println!("{:>19}  variants (us):{variants}", "");
             }
         }
         std::env::remove_var("BITLINEAR_CUDA_NO_FINITE_CHECK");

@@ -165,9 +165,12 @@ constexpr int gemm_smem_bytes() {
                                             sw_ptr, y);                                               \
     }
 
+// wide: 128x256 tile, 16 warps (4x4), warp tile 32x64, 4 stages (120 KB smem), 1 CTA per SM:
+//       half the activation-tile traffic per MMA of `big`, for large M x N
 // big: 128x128 tile, 8 warps (2x4), warp tile 64x32, 4 stages (96 KB smem), 2 CTAs per SM
 // small: 64x64 tile, 4 warps (2x2), warp tile 32x32, 4 stages (48 KB smem), 4 CTAs per SM
 #define GEMM_OUT(OT, ON)                                  \
+    GEMM_INST(128, 256, 4, 4, 4, 1, OT, gemm_wide_##ON)   \
     GEMM_INST(128, 128, 2, 4, 4, 2, OT, gemm_big_##ON)    \
     GEMM_INST(64, 64, 2, 2, 4, 4, OT, gemm_small_##ON)
 

@@ -16,15 +16,19 @@
 //!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
 //!   forward), otherwise a row-quantizer kernel runs first.
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
-//!   tiled `mma.sync` int8 GEMM (128x128 or 64x64 CTA tiles) decodes the weights in shared
-//!   memory.
+//!   tiled `mma.sync` int8 GEMM (128x256, 128x128 or 64x64 CTA tiles: the widest that still
+//!   fills every SM) decodes the weights on their way from shared memory into the MMAs.
 //!
-//! Environment switches (read at each call):
+//! Environment switches (read at each call; the last three exist so that tests and benchmarks
+//! can reach every kernel variant whatever the shape):
 //! * `BITLINEAR_CUDA_POISON=1` fills every output buffer with 0xFF bytes (NaN for floats) before
 //!   the kernels run, so that an element a kernel forgets to write is caught by a comparison.
 //! * `BITLINEAR_CUDA_NO_FINITE_CHECK=1` skips the host read-back of the "non-finite weight" flag
 //!   in [`bit_matmul`] and [`fake_quant_weights`] (which costs a stream synchronization): a
 //!   non-finite weight then gives `s_w = NaN`, i.e. NaN outputs, instead of an error.
+//! * `BITLINEAR_CUDA_FORCE_GEMM=1`: use the tiled GEMM even for `M <= 32`.
+//! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel.
+//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide`: GEMM CTA tile instead of the size-based choice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -635,7 +639,8 @@ fn matmul_core(
         4
     };
     let skinny_smem = (m * row_stride).max(8192 * mt);
-    if m <= SKINNY_MAX_M && skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048)) {
+    let skinny_fits = skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048));
+    if m <= SKINNY_MAX_M && skinny_fits && !env_flag("BITLINEAR_CUDA_FORCE_GEMM") {
         // ---- skinny path
         let vec = if k4.is_multiple_of(16) && wp.is_multiple_of(16) {
             16
@@ -650,7 +655,11 @@ fn matmul_core(
         let mut tmp_codes: Option<CudaSlice<u8>> = None;
         let mut tmp_scales: Option<CudaSlice<f32>> = None;
         let (xname, xp, xsp) = match x {
-            XSrc::Float(p, dt) if out_dtype == dt && m * k * dt.size_in_bytes() <= FUSED_MAX_BYTES => {
+            XSrc::Float(p, dt)
+                if out_dtype == dt
+                    && m * k * dt.size_in_bytes() <= FUSED_MAX_BYTES
+                    && !env_flag("BITLINEAR_CUDA_NO_FUSE") =>
+            {
                 (float_suffix(dt)?, p, 0u64)
             }
             XSrc::Float(p, dt) => {
@@ -749,10 +758,25 @@ fn matmul_core(
         wpad = Some(buf);
         (bp, k4p)
     };
-    let big = m.div_ceil(128) * n.div_ceil(128) >= info.sms;
-    let (bm, bn, threads) = if big { (128, 128, 256) } else { (64, 64, 128) };
+    // Tile table: the widest tile that still gives every SM at least one CTA.
+    let tile = match std::env::var("BITLINEAR_CUDA_GEMM_TILE").as_deref() {
+        Ok("wide") => "wide",
+        Ok("big") => "big",
+        Ok("small") => "small",
+        _ if m.div_ceil(128) * n.div_ceil(256) >= info.sms => "wide",
+        _ if m.div_ceil(128) * n.div_ceil(128) >= info.sms => "big",
+        _ => "small",
+    };
+    let (bm, bn, threads) = match tile {
+        "wide" => (128, 256, 512),
+        "big" => (128, 128, 256),
+        _ => (64, 64, 128),
+    };
+    if m.div_ceil(bm) > 65535 {
+        bail!("bitlinear cuda: M = {m} rows is more than the GEMM grid supports")
+    }
     let smem = 4 * (bm * 144 + bn * 48);
-    let name = format!("gemm_{}_{osfx}", if big { "big" } else { "small" });
+    let name = format!("gemm_{tile}_{osfx}");
     let f = func(dev, Module::Gemm, &name)?;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, 1),
