@@ -13,9 +13,10 @@
 //              code = w_q + 1; padding k >= K gets code 1.
 //
 // Kernels and what each thread does
-//   act_quant_rows_T     one block (256 threads) per row. Per-token mode: block-wide absmax and
-//                        non-finite flag (warp shuffles + one smem round, a fixed tree), then each
-//                        thread quantizes k = tid, tid+256, ... Per-tensor mode: the absmax and
+//   act_quant_rows_T     one block (256 threads) per row; thread t handles the 16-k groups
+//                        g = t, t+256, ... (16-byte loads when K % 16 == 0). Per-token mode:
+//                        block-wide absmax and non-finite flag (warp shuffles + one smem round),
+//                        then a second pass over the same groups quantizes. Per-tensor mode: the absmax and
 //                        flag come from act_absmax_tensor_T's result (gstat). mode 0 writes
 //                        canonical codes, mode 1 writes permuted/padded codes (one thread per
 //                        16-group: 16 values -> one 16-byte store, and the row sum of the codes),
@@ -23,13 +24,15 @@
 //   act_absmax_tensor_T  grid-stride absmax over the whole tensor, block max then atomicMax on the
 //                        float's bits (non-negative floats order like their bits: deterministic).
 //   w_absmean_partial_T  fixed grid G (chosen from n only); thread t of block b sums |w| in f64 over
-//                        i = b*256 + t + r*G*256; block tree sum -> partials[b]; a non-finite
+//                        the 16-byte vectors i = b*256 + t + r*G*256 (plus at most one unaligned
+//                        head and one tail element); block tree sum -> partials[b]; a non-finite
 //                        value sets flag (atomicOr). Deterministic run to run for a given n.
 //   w_absmean_final      one block: fixed-order sum of the G partials, mean in f64, rounded to f32,
 //                        max with 1e-5 -> sw[0]. (The CPU sums in a different order; both are f64
 //                        sums, rounded once to f32, so they agree except in astronomically rare
 //                        ties at an f32 rounding boundary.)
-//   w_pack_T             one thread per output byte (grid-stride): 4 weights -> 4 codes -> 1 byte.
+//   w_pack_T             one thread per output byte (grid-stride): 4 weights (one vector load when
+//                        K % 4 == 0) -> 4 codes -> 1 byte.
 //   w_fake_T             x~ = (code - 1) * s_w per element.
 //   codes_permute        canonical codes -> permuted/padded layout, one thread per 16-group, plus
 //                        the row sums of the codes (atomicAdd into a zeroed buffer).
@@ -37,6 +40,28 @@
 #include "common.cuh"
 
 #define QT 256
+
+// The 16 values k = 16g .. 16g+15 of a row as floats, 0 at and past K. `vec` (K % 16 == 0 and a
+// 16-byte aligned tensor) uses 16-byte loads.
+template <typename T>
+__device__ __forceinline__ void load_group(const T* __restrict__ xr, int g, int K, bool vec, float (&f)[16]) {
+    if (vec && 16 * g < K) {
+        constexpr int VN = 16 / sizeof(T);
+#pragma unroll
+        for (int c = 0; c < 16 / VN; ++c) {
+            uint4 v = *reinterpret_cast<const uint4*>(xr + 16 * g + c * VN);
+            const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+            for (int i = 0; i < VN; ++i) f[c * VN + i] = to_f32(e[i]);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const int k = 16 * g + i;
+            f[i] = k < K ? to_f32(xr[k]) : 0.0f;
+        }
+    }
+}
 
 template <typename T>
 __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int per_tensor,
@@ -47,6 +72,8 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
     const int row = blockIdx.x;
     if (row >= M) return;
     const T* xr = x + (size_t)row * K;
+    const bool vec = (K & 15) == 0 && (((size_t)x) & 15) == 0;
+    const int G = (K + 15) / 16;  // 16-k groups with data
     float s;
     bool bad;
     if (per_tensor) {
@@ -55,10 +82,14 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
     } else {
         float a = 0.0f;
         int nf = 0;
-        for (int k = threadIdx.x; k < K; k += QT) {
-            float v = to_f32(xr[k]);
-            nf |= !isfinite(v);
-            a = fmaxf(a, fabsf(v));
+        for (int g = threadIdx.x; g < G; g += QT) {
+            float f[16];
+            load_group(xr, g, K, vec, f);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                nf |= !isfinite(f[i]);
+                a = fmaxf(a, fabsf(f[i]));
+            }
         }
         bad = __syncthreads_or(nf) != 0;
         a = block_max<QT>(a, red);
@@ -68,43 +99,66 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
     if (scales != nullptr && (!per_tensor || row == 0) && threadIdx.x == 0) {
         scales[per_tensor ? 0 : row] = s;
     }
-    if (mode == 0) {
-        int8_t* cr = codes + (size_t)row * K;
-        for (int k = threadIdx.x; k < K; k += QT) cr[k] = bad ? 0 : (int8_t)act_code(to_f32(xr[k]), s);
-    } else if (mode == 1) {
-        int8_t* cr = codes + (size_t)row * ld;
-        int sum = 0;
-        for (int g = threadIdx.x; g < ld / 16; g += QT) {
-            int q[16];
+    // mode 1 also zero-fills the padding groups [G, ld/16)
+    const int groups = mode == 1 ? ld / 16 : G;
+    int sum = 0;
+    for (int g = threadIdx.x; g < groups; g += QT) {
+        float f[16];
+        load_group(xr, g, K, vec, f);
+        int q[16];
 #pragma unroll
-            for (int p = 0; p < 16; ++p) {
-                // position p = 4i + j holds k = 16g + 4j + i
-                int k = 16 * g + 4 * (p & 3) + (p >> 2);
-                q[p] = (k < K && !bad) ? act_code(to_f32(xr[k]), s) : 0;
-                sum += q[p];
-            }
-            uint4 v;
-            v.x = pack4(q[0], q[1], q[2], q[3]);
-            v.y = pack4(q[4], q[5], q[6], q[7]);
-            v.z = pack4(q[8], q[9], q[10], q[11]);
-            v.w = pack4(q[12], q[13], q[14], q[15]);
-            *reinterpret_cast<uint4*>(cr + 16 * g) = v;
+        for (int i = 0; i < 16; ++i) {
+            q[i] = (16 * g + i < K && !bad) ? act_code(f[i], s) : 0;
+            sum += q[i];
         }
+        if (mode == 0) {
+            int8_t* cr = codes + (size_t)row * K + 16 * g;
+            if (vec) {
+                uint4 v;
+                v.x = pack4(q[0], q[1], q[2], q[3]);
+                v.y = pack4(q[4], q[5], q[6], q[7]);
+                v.z = pack4(q[8], q[9], q[10], q[11]);
+                v.w = pack4(q[12], q[13], q[14], q[15]);
+                *reinterpret_cast<uint4*>(cr) = v;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 16; ++i)
+                    if (16 * g + i < K) cr[i] = (int8_t)q[i];
+            }
+        } else if (mode == 1) {
+            // permuted: position p = 4i + j holds k = 16g + 4j + i
+            uint4 v;
+            v.x = pack4(q[0], q[4], q[8], q[12]);
+            v.y = pack4(q[1], q[5], q[9], q[13]);
+            v.z = pack4(q[2], q[6], q[10], q[14]);
+            v.w = pack4(q[3], q[7], q[11], q[15]);
+            *reinterpret_cast<uint4*>(codes + (size_t)row * ld + 16 * g) = v;
+        } else {
+            T* fr = fake + (size_t)row * K + 16 * g;
+            __align__(16) T o[16];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) o[i] = from_f32<T>(__fmul_rn((float)q[i], s));
+            if (vec) {
+#pragma unroll
+                for (int c = 0; c < 16 * (int)sizeof(T) / 16; ++c)
+                    reinterpret_cast<uint4*>(fr)[c] = reinterpret_cast<const uint4*>(o)[c];
+            } else {
+#pragma unroll
+                for (int i = 0; i < 16; ++i)
+                    if (16 * g + i < K) fr[i] = o[i];
+            }
+        }
+    }
+    if (mode == 1 && rowsum != nullptr) {
         // row sum of the codes (the GEMM uses unsigned weight codes: sum c*x - sum x)
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
         if ((threadIdx.x & 31) == 0) ired[threadIdx.x >> 5] = sum;
         __syncthreads();
-        if (threadIdx.x == 0 && rowsum != nullptr) {
+        if (threadIdx.x == 0) {
             int tot = 0;
             for (int w = 0; w < QT / 32; ++w) tot += ired[w];
             rowsum[row] = tot;
-        }
-    } else {
-        T* fr = fake + (size_t)row * K;
-        for (int k = threadIdx.x; k < K; k += QT) {
-            int q = bad ? 0 : act_code(to_f32(xr[k]), s);
-            fr[k] = from_f32<T>(__fmul_rn((float)q, s));
         }
     }
 }
@@ -127,14 +181,49 @@ __device__ void act_absmax_tensor_impl(const T* __restrict__ x, size_t n, unsign
     }
 }
 
+// Unpacks a 16-byte vector of T into VN = 16 / sizeof(T) floats.
+template <typename T> struct Vec16 {
+    static constexpr int VN = 16 / sizeof(T);
+    __device__ __forceinline__ static void load(const T* p, float (&f)[16 / sizeof(T)]) {
+        uint4 v = *reinterpret_cast<const uint4*>(p);
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int i = 0; i < VN; ++i) f[i] = to_f32(e[i]);
+    }
+};
+
 template <typename T>
 __device__ void w_absmean_partial_impl(const T* __restrict__ w, size_t n, double* partials,
                                        unsigned* flag) {
     __shared__ double red[QT];
+    constexpr int VN = Vec16<T>::VN;
     double s = 0.0;
     int nf = 0;
-    for (size_t i = (size_t)blockIdx.x * QT + threadIdx.x; i < n; i += (size_t)gridDim.x * QT) {
-        float v = to_f32(w[i]);
+    // Elements before the first 16-byte boundary (head) and after the last whole vector (tail)
+    // are done one by one; the rest as 16-byte vectors. The partition depends only on n and
+    // the address, so the sum is the same on every run.
+    size_t head = ((16 - ((size_t)w & 15)) & 15) / sizeof(T);
+    if (head > n) head = n;
+    const size_t nv = (n - head) / VN;
+    const size_t tail0 = head + nv * VN;
+    const size_t gt = (size_t)blockIdx.x * QT + threadIdx.x, stride = (size_t)gridDim.x * QT;
+    const T* wv = w + head;
+    for (size_t i = gt; i < nv; i += stride) {
+        float f[VN];
+        Vec16<T>::load(wv + i * VN, f);
+#pragma unroll
+        for (int e = 0; e < VN; ++e) {
+            nf |= !isfinite(f[e]);
+            s += (double)fabsf(f[e]);
+        }
+    }
+    if (gt < head) {
+        float v = to_f32(w[gt]);
+        nf |= !isfinite(v);
+        s += (double)fabsf(v);
+    }
+    if (tail0 + gt < n) {
+        float v = to_f32(w[tail0 + gt]);
         nf |= !isfinite(v);
         s += (double)fabsf(v);
     }
@@ -149,19 +238,35 @@ __device__ void w_absmean_partial_impl(const T* __restrict__ w, size_t n, double
     if (threadIdx.x == 0) partials[blockIdx.x] = red[0];
 }
 
+// One output byte per thread and loop step. vec4 (host-checked: K % 4 == 0 and w aligned to
+// 4 elements) loads the byte's 4 weights with one 8- or 16-byte load.
 template <typename T>
 __device__ void w_pack_impl(const T* __restrict__ w, int N, int K, int K4, const float* sw_ptr,
-                            uint8_t* out) {
+                            uint8_t* out, int vec4) {
     const float s = *sw_ptr;
     const size_t total = (size_t)N * K4;
     for (size_t b = (size_t)blockIdx.x * QT + threadIdx.x; b < total; b += (size_t)gridDim.x * QT) {
         const int n = (int)(b / K4), j = (int)(b % K4);
         const T* wr = w + (size_t)n * K;
+        float f[4];
+        if (vec4) {
+            if constexpr (sizeof(T) == 4) {
+                float4 v = *reinterpret_cast<const float4*>(wr + 4 * j);
+                f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+            } else {
+                uint2 v = *reinterpret_cast<const uint2*>(wr + 4 * j);
+                const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) f[i] = to_f32(e[i]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) f[i] = 4 * j + i < K ? to_f32(wr[4 * j + i]) : 0.0f;
+        }
         uint32_t byte = 0;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            int k = 4 * j + i;
-            int c = k < K ? ternary_code(to_f32(wr[k]), s) : 1;
+            int c = 4 * j + i < K ? ternary_code(f[i], s) : 1;
             byte |= (uint32_t)c << (2 * i);
         }
         out[b] = (uint8_t)byte;
@@ -193,8 +298,8 @@ __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_p
         w_absmean_partial_impl<T>(w, n, partials, flag);                                           \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
-        w_pack_##SUF(const T* w, int N, int K, int K4, const float* sw, uint8_t* out) {           \
-        w_pack_impl<T>(w, N, K, K4, sw, out);                                                      \
+        w_pack_##SUF(const T* w, int N, int K, int K4, const float* sw, uint8_t* out, int vec4) { \
+        w_pack_impl<T>(w, N, K, K4, sw, out, vec4);                                                \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         w_fake_##SUF(const T* w, size_t n, const float* sw, T* out) {                             \

@@ -361,9 +361,14 @@ fn quantize_rows(
     let stream = dev.cuda_stream();
     let sfx = float_suffix(dtype)?;
     let info = dev_info(dev)?;
-    let mut gstat = dev.alloc_zeros::<u32>(2)?;
+    // per-tensor mode: [absmax bits, non-finite flag] of the whole tensor
+    let mut gstat = if per_tensor {
+        Some(dev.alloc_zeros::<u32>(2)?)
+    } else {
+        None
+    };
     let mut g = Vec::new();
-    let gp = out_ptr(&mut gstat, &stream, &mut g);
+    let gp = gstat.as_mut().map_or(0, |s| out_ptr(s, &stream, &mut g));
     if per_tensor && m * k > 0 {
         let f = func(dev, Module::Quant, &format!("act_absmax_tensor_{sfx}"))?;
         launch!(f, stream, grid1(m * k, info.sms * 8), xp, (m * k) as u64, gp);
@@ -516,7 +521,8 @@ fn pack_into(dev: &CudaDevice, wp: u64, dtype: DType, n: usize, k: usize, stat: 
         i32_arg(k, "K")?,
         i32_arg(k4, "K/4")?,
         stat,
-        out
+        out,
+        (k.is_multiple_of(4) && wp.is_multiple_of(4 * dtype.size_in_bytes() as u64)) as i32
     );
     Ok(())
 }
