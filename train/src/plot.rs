@@ -17,7 +17,7 @@ const FONT: &str = "sans-serif";
 fn register_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
-        plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::HACK_REGULAR).is_ok()
+        plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT).is_ok()
     });
     if ok {
         Ok(())
@@ -40,7 +40,7 @@ fn panel(
     test: impl Fn(&EpochMetrics) -> f64,
     y_range: Option<(f64, f64)>,
 ) -> Result<()> {
-    let last_epoch = history.last().map_or(1, |m| m.epoch).max(2) as f64;
+    let last_epoch = history.last().map_or(1, |m| m.epoch).max(2) as i32;
     let (lo, hi) = y_range.unwrap_or_else(|| {
         let vals = history.iter().flat_map(|m| [train(m), test(m)]);
         let hi = vals.filter(|v| v.is_finite()).fold(0.0f64, f64::max);
@@ -51,11 +51,12 @@ fn panel(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(1.0..last_epoch, lo..hi)
+        .build_cartesian_2d(1..last_epoch, lo..hi)
         .map_err(err)?;
     chart
         .configure_mesh()
         .x_desc("epoch")
+        .x_labels((last_epoch as usize).min(20))
         .y_desc(y_label)
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
@@ -65,7 +66,7 @@ fn panel(
         ("train", BLUE, &train as &dyn Fn(&EpochMetrics) -> f64),
         ("test", RED, &test),
     ] {
-        let pts: Vec<(f64, f64)> = history.iter().map(|m| (m.epoch as f64, f(m))).collect();
+        let pts: Vec<(i32, f64)> = history.iter().map(|m| (m.epoch as i32, f(m))).collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(err)?

@@ -16,7 +16,7 @@ fn loss_falls_on_real_images() {
         return;
     };
     let mut split = read_batch_file(&dir.join("data_batch_1.bin")).unwrap();
-    split.truncate(256);
+    split.truncate(192);
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let model = SimpleBitCnn::new(
@@ -39,7 +39,7 @@ fn loss_falls_on_real_images() {
         })
         .collect();
     let mut epoch_loss = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..4 {
         let mut sum = 0.0;
         for (x, y) in &batches {
             let loss = candle_nn::loss::cross_entropy(&model.forward(x).unwrap(), y).unwrap();

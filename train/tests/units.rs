@@ -71,3 +71,33 @@ fn cosine_schedule() {
     assert!(s.lr(1.0, 100, 100).abs() < 1e-12);
     assert_eq!(Schedule::Constant.lr(0.3, 77, 100), 0.3);
 }
+
+#[test]
+fn plot_is_a_png_of_the_expected_size() {
+    use train::metrics::EpochMetrics;
+    let dir = tempfile::tempdir().unwrap();
+    let history: Vec<EpochMetrics> = (1..=3)
+        .map(|e| EpochMetrics {
+            epoch: e,
+            lr: 1e-3,
+            train_loss: 2.0 / e as f64,
+            train_acc: 0.2 * e as f64,
+            test_loss: 2.1 / e as f64,
+            test_acc: 0.18 * e as f64,
+            epoch_seconds: 1.0,
+            train_seconds: 0.9,
+            images_per_sec: 100.0,
+        })
+        .collect();
+    let p = dir.path().join("plot.png");
+    train::plot::plot_history(&p, &history).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // IHDR: width and height, big endian.
+    assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 1200);
+    assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 480);
+    let csv = train::metrics::to_csv(&history);
+    assert_eq!(csv.lines().count(), 4);
+    assert!(csv.starts_with("epoch,lr,train_loss,train_acc,test_loss,test_acc"));
+    assert_eq!(train::metrics::steady_images_per_sec(&history), 100.0);
+}
