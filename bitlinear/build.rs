@@ -2,7 +2,8 @@
 //!
 //! Each `kernels/<name>.cu` becomes `$OUT_DIR/<name>.fatbin` holding SASS for
 //! `sm_$CUDA_COMPUTE_CAP` (default 90) plus PTX for the same architecture (so a newer GPU can
-//! JIT it); `src/cuda` embeds them with `include_bytes!`. nvcc is `$NVCC`, else
+//! JIT it), except `gemm90a.cu` (wgmma), which is built for `sm_90a` only; `src/cuda` embeds
+//! them with `include_bytes!`. nvcc is `$NVCC`, else
 //! `$CUDA_ROOT/bin/nvcc` / `$CUDA_PATH/bin/nvcc`, else `nvcc` on the `PATH`.
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ fn main() {
     for k in KERNELS {
         println!("cargo:rerun-if-changed=kernels/{k}.cu");
     }
+    println!("cargo:rerun-if-changed=kernels/gemm90a.cu");
     println!("cargo:rerun-if-changed=kernels/common.cuh");
     for v in ["CUDA_COMPUTE_CAP", "NVCC", "CUDA_ROOT", "CUDA_PATH"] {
         println!("cargo:rerun-if-env-changed={v}");
@@ -28,14 +30,25 @@ fn main() {
     let cap: String = cap.chars().filter(|c| c.is_ascii_digit()).collect();
     assert!(!cap.is_empty(), "CUDA_COMPUTE_CAP must look like 90 or 9.0");
     let nvcc = nvcc_path();
-    // The three files are independent: compile them in parallel.
-    let children: Vec<_> = KERNELS
+    // gemm90a.cu uses Hopper-only instructions (wgmma): built for sm_90a when targeting 9.0,
+    // otherwise replaced by an empty file (the Rust side then reports the kernel as unavailable).
+    let mut jobs: Vec<(&str, String)> = KERNELS
         .iter()
-        .map(|k| {
+        .map(|k| (*k, format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]")))
+        .collect();
+    if cap == "90" {
+        jobs.push(("gemm90a", "-gencode=arch=compute_90a,code=sm_90a".to_string()));
+    } else {
+        std::fs::write(out.join("gemm90a.fatbin"), b"").expect("write gemm90a.fatbin");
+    }
+    // The files are independent: compile them in parallel.
+    let children: Vec<_> = jobs
+        .iter()
+        .map(|(k, gencode)| {
             let dst = out.join(format!("{k}.fatbin"));
             let mut cmd = Command::new(&nvcc);
             cmd.arg("-fatbin")
-                .arg(format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]"))
+                .arg(gencode)
                 .args(["-O3", "-std=c++17", "-Xptxas=-warn-spills"])
                 .arg("-o")
                 .arg(&dst)

@@ -323,6 +323,10 @@ mod real {
             "== correctness: {failures} failing case(s), {not_bit_exact} float comparison(s) not bit-exact, {:.1} s ==",
             t0.elapsed().as_secs_f64()
         );
+        println!(
+            "== experimental variants (x-*): {} mismatch(es), not counted as failures ==",
+            EXPERIMENTAL_FAILS.load(std::sync::atomic::Ordering::Relaxed)
+        );
         Ok(failures == 0)
     }
 
@@ -407,6 +411,8 @@ mod real {
         // 4b. every other kernel variant on the same inputs (tile shapes, forced GEMM for small
         //     M, quantizer not fused), so each variant is covered whatever the heuristic picks.
         for (name, vars) in VARIANTS {
+            let experimental = name.starts_with("x-");
+            let mut verrs = Vec::new();
             let r = with_env(vars, || -> candle_core::Result<(Vec<i32>, Tensor)> {
                 let a = packed_accumulate(&cg, &pcg)?
                     .to_device(&Device::Cpu)?
@@ -414,19 +420,29 @@ mod real {
                     .to_vec1::<i32>()?;
                 let y = packed_matmul(&xg, &pcg, c.scaling)?;
                 Ok((a, y))
-            })?;
-            if r.0 != ac {
-                let d = ac.iter().zip(&r.0).filter(|(a, b)| a != b).count();
-                errs.push(format!("[{name}] i32 accumulators differ in {d} of {}", ac.len()));
+            });
+            match r {
+                Ok(r) => {
+                    if r.0 != ac {
+                        let d = ac.iter().zip(&r.0).filter(|(a, b)| a != b).count();
+                        verrs.push(format!("[{name}] i32 accumulators differ in {d} of {}", ac.len()));
+                    }
+                    let mut n = 0;
+                    float_check(&format!("[{name}] packed_matmul"), &yc, &r.1, c.xdt, &mut verrs, &mut n)?;
+                    if !experimental {
+                        nbe += n;
+                    }
+                }
+                Err(e) => verrs.push(format!("[{name}] error: {e}")),
             }
-            float_check(
-                &format!("[{name}] packed_matmul"),
-                &yc,
-                &r.1,
-                c.xdt,
-                &mut errs,
-                &mut nbe,
-            )?;
+            if experimental {
+                for e in verrs {
+                    println!("      EXPERIMENTAL (not counted): {e}");
+                    EXPERIMENTAL_FAILS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            } else {
+                errs.extend(verrs);
+            }
         }
 
         // 5. training forward (packs on each device)
@@ -476,7 +492,8 @@ mod real {
         Ok((errs, nbe))
     }
 
-    /// Environment overrides of the CUDA dispatch (see src/cuda/mod.rs).
+    /// Environment overrides of the CUDA dispatch (see src/cuda/mod.rs). Names starting with
+    /// "x-" are experimental kernels: their mismatches are reported but do not fail the check.
     const VARIANTS: &[(&str, &[(&str, &str)])] = &[
         (
             "gemm-small",
@@ -494,7 +511,16 @@ mod real {
             &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "wide")],
         ),
         ("no-fuse", &[("BITLINEAR_CUDA_NO_FUSE", "1")]),
+        (
+            "x-wgmma",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "wgmma"),
+            ],
+        ),
     ];
+
+    static EXPERIMENTAL_FAILS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     fn with_env<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
         for (k, v) in vars {
@@ -760,8 +786,11 @@ $L_loop:
                             packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
                             Ok(())
                         })
-                    })?;
-                    variants.push_str(&format!(" {name} {t:.2}"));
+                    });
+                    match t {
+                        Ok(t) => variants.push_str(&format!(" {name} {t:.2}")),
+                        Err(e) => variants.push_str(&format!(" {name} error ({e})")),
+                    }
                 }
                 let ops = 2.0 * (m * n * k) as f64;
                 println!(

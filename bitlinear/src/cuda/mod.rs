@@ -28,7 +28,9 @@
 //!   non-finite weight then gives `s_w = NaN`, i.e. NaN outputs, instead of an error.
 //! * `BITLINEAR_CUDA_FORCE_GEMM=1`: use the tiled GEMM even for `M <= 32`.
 //! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel.
-//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide`: GEMM CTA tile instead of the size-based choice.
+//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
+//!   choice; `wgmma` is the experimental Hopper warpgroup-MMA kernel (`kernels/gemm90a.cu`,
+//!   128x256 tile), not used by default until it has been validated on a GPU.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -45,6 +47,8 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
 static QUANT_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quant.fatbin"));
 static SKINNY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/skinny.fatbin"));
 static GEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.fatbin"));
+/// Empty unless built for compute capability 9.0 (sm_90a).
+static GEMM90A_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a.fatbin"));
 
 const THREADS: u32 = 256;
 /// Largest `M` handled by the skinny kernel (4 MMA column tiles of 8).
@@ -61,6 +65,7 @@ enum Module {
     Quant,
     Skinny,
     Gemm,
+    Gemm90a,
 }
 
 impl Module {
@@ -69,6 +74,7 @@ impl Module {
             Module::Quant => QUANT_FATBIN,
             Module::Skinny => SKINNY_FATBIN,
             Module::Gemm => GEMM_FATBIN,
+            Module::Gemm90a => GEMM90A_FATBIN,
         }
     }
 }
@@ -126,6 +132,9 @@ fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
     let md = match c.modules.get(&(dev.id(), module)) {
         Some(m) => m.clone(),
         None => {
+            if module.image().is_empty() {
+                bail!("bitlinear cuda: kernel {name} was not built (it needs CUDA_COMPUTE_CAP=90)")
+            }
             let ctx = dev.cuda_stream().context().clone();
             let m = ctx.load_module(Ptx::from_binary(module.image().to_vec())).w()?;
             c.modules.insert((dev.id(), module), m.clone());
@@ -766,6 +775,7 @@ fn matmul_core(
     };
     // Tile table: the widest tile that still gives every SM at least one CTA.
     let tile = match std::env::var("BITLINEAR_CUDA_GEMM_TILE").as_deref() {
+        Ok("wgmma") => "wgmma",
         Ok("wide") => "wide",
         Ok("big") => "big",
         Ok("small") => "small",
@@ -774,6 +784,7 @@ fn matmul_core(
         _ => "small",
     };
     let (bm, bn, threads) = match tile {
+        "wgmma" => (128, 256, 256),
         "wide" => (128, 256, 512),
         "big" => (128, 128, 256),
         _ => (64, 64, 128),
@@ -781,9 +792,14 @@ fn matmul_core(
     if m.div_ceil(bm) > 65535 {
         bail!("bitlinear cuda: M = {m} rows is more than the GEMM grid supports")
     }
-    let smem = 4 * (bm * 144 + bn * 48);
+    let (smem, module) = if tile == "wgmma" {
+        // 4 stages of (128 + 256) x 128 bytes, plus slack to align the base to 1024 bytes
+        (4 * (bm + bn) * 128 + 1024, Module::Gemm90a)
+    } else {
+        (4 * (bm * 144 + bn * 48), Module::Gemm)
+    };
     let name = format!("gemm_{tile}_{osfx}");
-    let f = func(dev, Module::Gemm, &name)?;
+    let f = func(dev, module, &name)?;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, 1),
         block_dim: (threads, 1, 1),
