@@ -11,30 +11,33 @@ use crate::device::{self, check_activations, check_same_device, check_weight, cp
 use crate::packed::{pack_f32, PackedTernary};
 use crate::quant::{self, ActScaling};
 
+/// A packed weight as the CPU kernel reads it.
+struct PackedView<'a> {
+    bytes: &'a [u8],
+    n: usize,
+    s_w: f32,
+}
+
 /// Quantizes `x (m, k)` and runs the packed kernel: `y = (acc · s_x) · s_w` in `dtype`.
 fn cpu_forward(
     x: &[f32],
-    m: usize,
-    k: usize,
-    bytes: &[u8],
-    n: usize,
-    s_w: f32,
+    (m, k): (usize, usize),
+    w: PackedView,
     scaling: ActScaling,
     dtype: DType,
 ) -> Result<CpuStorage> {
     use rayon::prelude::*;
     let per_tensor = (scaling == ActScaling::PerTensor).then(|| quant::absmax_scale(x));
     let (prep, scales) = crate::cpu::PreparedActivations::quantize(x, m, k, per_tensor);
-    let acc = crate::cpu::packed_accumulate(&prep, bytes, n, k);
-    let mut y = vec![0f32; m * n];
-    if n > 0 {
-        y.par_chunks_mut(n)
-            .zip(acc.par_chunks(n))
-            .enumerate()
-            .for_each(|(row, (y, acc))| {
-                let s_x = scales[row];
+    let acc = crate::cpu::packed_accumulate(&prep, w.bytes, w.n, k);
+    let mut y = vec![0f32; m * w.n];
+    if w.n > 0 {
+        y.par_chunks_mut(w.n)
+            .zip(acc.par_chunks(w.n))
+            .zip(&scales)
+            .for_each(|((y, acc), &s_x)| {
                 for (y, &a) in y.iter_mut().zip(acc) {
-                    *y = quant::dequantize(a, s_x, s_w);
+                    *y = quant::dequantize(a, s_x, w.s_w);
                 }
             });
     }
@@ -57,7 +60,8 @@ impl CustomOp2 for BitMatmul {
             bail!("bit-matmul: internal error, expected rank-2 operands")
         };
         let (bytes, s_w) = pack_f32(&cpu_f32(ws, wl)?, n, k)?;
-        let y = cpu_forward(&cpu_f32(xs, xl)?, m, k, &bytes, n, s_w, self.scaling, xs.dtype())?;
+        let w = PackedView { bytes: &bytes, n, s_w };
+        let y = cpu_forward(&cpu_f32(xs, xl)?, (m, k), w, self.scaling, xs.dtype())?;
         Ok((y, Shape::from((m, n))))
     }
 
@@ -98,16 +102,12 @@ impl CustomOp2 for PackedMatmul {
             bail!("packed-matmul: internal error, expected rank-2 operands")
         };
         let bytes = device::cpu_u8(bs, bl)?;
-        let y = cpu_forward(
-            &cpu_f32(xs, xl)?,
-            m,
-            self.k,
+        let w = PackedView {
             bytes,
             n,
-            self.s_w,
-            self.scaling,
-            xs.dtype(),
-        )?;
+            s_w: self.s_w,
+        };
+        let y = cpu_forward(&cpu_f32(xs, xl)?, (m, self.k), w, self.scaling, xs.dtype())?;
         Ok((y, Shape::from((m, n))))
     }
 

@@ -34,6 +34,9 @@ pub const PACKING: &str = "row-major (out_features, ceil(in_features/4)) bytes; 
 /// Description of the 2-bit codes.
 pub const CODE_MAPPING: &str = "code = w + 1: 0 -> -1, 1 -> 0, 2 -> +1, 3 invalid";
 
+/// Tensors in file order, with their names.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// The metadata of a packed file, parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedFileInfo {
@@ -93,7 +96,7 @@ impl PackedSimpleBitCnn {
     }
 
     /// The named tensors and metadata of the packed file; float tensors are stored as `dtype`.
-    pub fn to_packed_tensors(&self, dtype: DType) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+    pub fn to_packed_tensors(&self, dtype: DType) -> Result<(NamedTensors, HashMap<String, String>)> {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             bail!("packed files store float tensors as f32, bf16 or f16, not {dtype:?}")
         }

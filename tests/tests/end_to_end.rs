@@ -1,0 +1,87 @@
+//! End to end on real CIFAR-10 records: train a few steps, export the packed file, verify it
+//! against the float checkpoint image by image, inspect it, and evaluate it alone.
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use train::data::{RECORD_BYTES, TEST_FILE, TRAIN_FILES};
+
+/// The shared CIFAR-10 directory. Under CI its absence is a failure; elsewhere the test is
+/// skipped with a message.
+fn shared_cifar() -> Option<PathBuf> {
+    let dir = std::env::var_os("BITLINEAR_CIFAR_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/cifar10/cifar-10-batches-bin"));
+    if dir.join(TEST_FILE).is_file() {
+        return Some(dir);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CIFAR-10 not found at {} (required under CI)", dir.display());
+    }
+    eprintln!(
+        "skipping: CIFAR-10 not found at {} (set BITLINEAR_CIFAR_DIR)",
+        dir.display()
+    );
+    None
+}
+
+/// Copies the first `train_per_file` records of each training file and `test` records of the
+/// test file into `dst`, so the test trains and verifies on real images in seconds.
+fn slice_dataset(src: &Path, dst: &Path, train_per_file: usize, test: usize) {
+    std::fs::create_dir_all(dst).unwrap();
+    for (name, n) in TRAIN_FILES
+        .iter()
+        .map(|f| (*f, train_per_file))
+        .chain([(TEST_FILE, test)])
+    {
+        let bytes = std::fs::read(src.join(name)).unwrap();
+        std::fs::write(dst.join(name), &bytes[..n * RECORD_BYTES]).unwrap();
+    }
+}
+
+#[test]
+fn train_export_verify_inspect_eval() {
+    let Some(cifar) = shared_cifar() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    slice_dataset(&cifar, &data, 128, 400);
+    let run = tmp.path().join("run");
+
+    let args = train::cli::Args::parse_from([
+        "train".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--out".as_ref(),
+        run.as_os_str(),
+        "--epochs".as_ref(),
+        "2".as_ref(),
+        "--batch-size".as_ref(),
+        "64".as_ref(),
+        "--seed".as_ref(),
+        "11".as_ref(),
+    ]);
+    let mut trainer = train::trainer::Trainer::new(args).unwrap();
+    trainer.run().unwrap();
+    let best = run.join("best.safetensors");
+    assert!(best.is_file());
+
+    let packed = tmp.path().join("model.packed.safetensors");
+    let (before, after) = convert::export(&best, &packed, candle_core::DType::F32).unwrap();
+    // Convolutions stay f32; the 2.1M BitLinear weights shrink 16x: well over 8x in all.
+    assert!(before > 8 * after, "{before} -> {after}");
+
+    let v = convert::evaluate::verify(&best, &packed, &data).unwrap();
+    assert_eq!(v.images, 400);
+    assert_eq!(v.prediction_mismatches, 0);
+    assert_eq!(v.max_logit_diff, 0.0, "same kernels, same epilogue: identical logits");
+    assert!(v.passed());
+    assert_eq!(v.float_accuracy, v.packed_accuracy);
+
+    let listing = convert::inspect::inspect(&packed).unwrap();
+    assert!(listing.contains("format: bitlinear-packed"), "{listing}");
+    assert!(listing.contains("fc1.weight.packed"), "{listing}");
+
+    let (n, acc) = convert::evaluate::eval_packed(&packed, &data, &candle_core::Device::Cpu).unwrap();
+    assert_eq!((n, acc), (400, v.packed_accuracy));
+    // Two epochs on 640 images: better than chance (10%).
+    assert!(acc > 0.12, "accuracy {acc}");
+}
