@@ -164,6 +164,11 @@ mod real {
             (5, 8, 0),
             (1, 1, 0),
             (40, 8, 0),
+            // bf16 inputs here take the skinny kernel's two-pass fused quantizer
+            (17, 64, 257),
+            (24, 33, 260),
+            (31, 100, 264),
+            (20, 2000, 258),
         ];
         if o.quick {
             v.truncate(12);
@@ -290,7 +295,11 @@ mod real {
                 m,
                 n,
                 k,
-                xdt: random_dtype(&mut rng),
+                xdt: if (257..=300).contains(&k) && (17..=31).contains(&m) {
+                    DType::BF16
+                } else {
+                    random_dtype(&mut rng)
+                },
                 wdt: random_dtype(&mut rng),
                 scaling: if rng.gen_bool(0.25) {
                     ActScaling::PerTensor

@@ -24,6 +24,10 @@
 //     fragments): slot (u*4 + t) of each 256-k block holds group 4t+u, so for a fixed u the 4
 //     lanes of a row read 64 contiguous bytes (one LDS.128 each); rows are padded to a stride of
 //     64 mod 128 bytes, which makes every LDS.128 conflict free.
+//   * fused quantizer (float x): when M * (groups per row) <= 512, each thread loads its one or two
+//     16-k groups into registers once, the row absmax goes through shared-memory atomicMax (exact:
+//     a max does not depend on order), then the same registers are quantized and staged; larger
+//     inputs take two passes over x (absmax, then quantize) through L2.
 //   * codes are used unsigned (0, 1, 2): acc = sum c*x - sum x, with the row sums of x computed
 //     while staging (like the CPU kernel).
 //   * the weight loads of the next K block are issued before the current block's MMAs, and the
@@ -33,6 +37,8 @@
 
 #define SK_WARPS 8
 #define SK_THREADS (SK_WARPS * 32)
+// fused quantizer, single-pass form: up to SK_RG 16-k groups of x per thread held in registers
+#define SK_RG 2
 
 template <int VEC>
 __device__ __forceinline__ uint4 load_w16(const uint8_t* __restrict__ row, int off, int K4, bool rvalid) {
@@ -78,7 +84,7 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ int xsum[32];
     __shared__ float sx[32];
-    __shared__ float redf[SK_WARPS][32];
+    __shared__ unsigned rowmax[32];
     __shared__ unsigned badmask;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -100,92 +106,144 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     if (tid < 32) {
         xsum[tid] = 0;
         sx[tid] = 0.0f;
+        rowmax[tid] = 0u;
     }
     if (tid == 0) badmask = 0u;
 
-    // --- scales
-    if constexpr (FUSED) {
-        float am[8 * MT];
-        unsigned bad = 0;
+    const int Q = KB * 16;  // 16-k groups per staged row (zero past K)
+    // Writes one group (16 codes in permuted order) into its slot and adds its sum to the row's.
+    auto stage = [&](int m, int q, const int (&v)[16]) {
+        const int kbq = q >> 4, ql = q & 15;
+        const int slot = (ql & 3) * 4 + (ql >> 2);  // group 4t+u -> slot 4u+t
+        uint4 pk;
+        pk.x = pack4(v[0], v[1], v[2], v[3]);
+        pk.y = pack4(v[4], v[5], v[6], v[7]);
+        pk.z = pack4(v[8], v[9], v[10], v[11]);
+        pk.w = pack4(v[12], v[13], v[14], v[15]);
+        *reinterpret_cast<uint4*>(smem + (size_t)m * RS + kbq * 256 + slot * 16) = pk;
+        int sum = 0;
 #pragma unroll
-        for (int m = 0; m < 8 * MT; ++m) am[m] = 0.0f;
-        for (int k = tid; k < K; k += SK_THREADS) {
-#pragma unroll
-            for (int m = 0; m < 8 * MT; ++m) {
-                if (m < M) {
-                    float v = to_f32(x[(size_t)m * K + k]);
-                    if (!isfinite(v)) bad |= 1u << m;
-                    am[m] = fmaxf(am[m], fabsf(v));
-                }
-            }
-        }
-#pragma unroll
-        for (int m = 0; m < 8 * MT; ++m) {
-            float v = am[m];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-            if (lane == 0) redf[warp][m] = v;
-        }
-        bad = __reduce_or_sync(0xffffffffu, bad);
-        __syncthreads();
-        if (lane == 0 && bad) atomicOr(&badmask, bad);
+        for (int p = 0; p < 16; ++p) sum += v[p];
+        atomicAdd(&xsum[m], sum);
+    };
+    // scale of row m from its absmax (or of the tensor, per_tensor) and the non-finite mask
+    auto finish_scales = [&]() {
         if (tid < 32) {
-            float v = 0.0f;
-            if (tid < M) {
-#pragma unroll
-                for (int w = 0; w < SK_WARPS; ++w) v = fmaxf(v, redf[w][tid]);
-            }
+            float v = tid < M ? __uint_as_float(rowmax[tid]) : 0.0f;
             if (per_tensor) {
 #pragma unroll
                 for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
             }
-            sx[tid] = v;  // absmax for now
+            const unsigned bm = badmask;
+            const bool rowbad = per_tensor ? (bm != 0u) : (((bm >> tid) & 1u) != 0u);
+            sx[tid] = rowbad ? __int_as_float(0x7fc00000) : act_scale_from_absmax(v);
         }
-        __syncthreads();
-        if (tid < 32) {
-            unsigned bm = badmask;
-            bool rowbad = per_tensor ? (bm != 0u) : (((bm >> tid) & 1u) != 0u);
-            sx[tid] = rowbad ? __int_as_float(0x7fc00000) : act_scale_from_absmax(sx[tid]);
-        }
-        __syncthreads();
-    } else {
-        if (tid < M && xscales != nullptr) sx[tid] = xscales[per_tensor ? 0 : tid];
-        __syncthreads();
-    }
+    };
 
-    // --- stage x as permuted int8 + row sums
-    {
-        const int Q = KB * 16;  // 16-k groups per row
-        for (int idx = tid; idx < M * Q; idx += SK_THREADS) {
-            const int m = idx / Q, q = idx % Q;
-            int v[16];
-            int sum = 0;
-            if constexpr (FUSED) {
+    if constexpr (FUSED) {
+        if (M * Q <= SK_RG * SK_THREADS) {
+            // --- single pass: every thread keeps its (at most SK_RG) groups of x in registers
+            float f[SK_RG][16];
+            float am[SK_RG];
+            bool nf[SK_RG];
+#pragma unroll
+            for (int r = 0; r < SK_RG; ++r) {
+                const int idx = tid + r * SK_THREADS;
+                const bool ok = idx < M * Q;
+                const int m = ok ? idx / Q : 0, q = ok ? idx % Q : 0;
+                am[r] = 0.0f;
+                nf[r] = false;
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    const int k = 16 * q + i;
+                    f[r][i] = (ok && k < K) ? to_f32(x[(size_t)m * K + k]) : 0.0f;
+                    nf[r] |= !isfinite(f[r][i]);
+                    am[r] = fmaxf(am[r], fabsf(f[r][i]));
+                }
+            }
+            __syncthreads();  // rowmax / badmask initialized
+#pragma unroll
+            for (int r = 0; r < SK_RG; ++r) {
+                const int idx = tid + r * SK_THREADS;
+                if (idx < M * Q) {
+                    const int m = idx / Q;
+                    atomicMax(&rowmax[m], __float_as_uint(am[r]));  // non-negative: bit order = value order
+                    if (nf[r]) atomicOr(&badmask, 1u << m);
+                }
+            }
+            __syncthreads();
+            finish_scales();
+            __syncthreads();
+#pragma unroll
+            for (int r = 0; r < SK_RG; ++r) {
+                const int idx = tid + r * SK_THREADS;
+                if (idx < M * Q) {
+                    const int m = idx / Q, q = idx % Q;
+                    const float s = sx[m];
+                    const bool rowbad = isnan(s);
+                    int v[16];
+#pragma unroll
+                    for (int p = 0; p < 16; ++p) {
+                        const int i = 4 * (p & 3) + (p >> 2);  // position p = 4i' + j holds k = 4j + i'
+                        v[p] = (16 * q + i < K && !rowbad) ? act_code(f[r][i], s) : 0;
+                    }
+                    stage(m, q, v);
+                }
+            }
+        } else {
+            // --- two passes over x (L2-resident): absmax, then quantize and stage
+            float am[8 * MT];
+            unsigned bad = 0;
+#pragma unroll
+            for (int m = 0; m < 8 * MT; ++m) am[m] = 0.0f;
+            for (int k = tid; k < K; k += SK_THREADS) {
+#pragma unroll
+                for (int m = 0; m < 8 * MT; ++m) {
+                    if (m < M) {
+                        float v = to_f32(x[(size_t)m * K + k]);
+                        if (!isfinite(v)) bad |= 1u << m;
+                        am[m] = fmaxf(am[m], fabsf(v));
+                    }
+                }
+            }
+            __syncthreads();  // rowmax / badmask initialized
+#pragma unroll
+            for (int m = 0; m < 8 * MT; ++m) {
+                float v = am[m];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+                if (lane == 0 && m < M) atomicMax(&rowmax[m], __float_as_uint(v));
+            }
+            bad = __reduce_or_sync(0xffffffffu, bad);
+            if (lane == 0 && bad) atomicOr(&badmask, bad);
+            __syncthreads();
+            finish_scales();
+            __syncthreads();
+            for (int idx = tid; idx < M * Q; idx += SK_THREADS) {
+                const int m = idx / Q, q = idx % Q;
                 const float s = sx[m];
                 const bool rowbad = isnan(s);
+                int v[16];
 #pragma unroll
                 for (int p = 0; p < 16; ++p) {
                     const int k = 16 * q + 4 * (p & 3) + (p >> 2);
                     v[p] = (k < K && !rowbad) ? act_code(to_f32(x[(size_t)m * K + k]), s) : 0;
-                    sum += v[p];
                 }
-            } else {
-#pragma unroll
-                for (int p = 0; p < 16; ++p) {
-                    const int k = 16 * q + 4 * (p & 3) + (p >> 2);
-                    v[p] = k < K ? (int)x[(size_t)m * K + k] : 0;
-                    sum += v[p];
-                }
+                stage(m, q, v);
             }
-            const int kbq = q >> 4, ql = q & 15;
-            const int slot = (ql & 3) * 4 + (ql >> 2);  // group 4t+u -> slot 4u+t
-            uint4 pk;
-            pk.x = pack4(v[0], v[1], v[2], v[3]);
-            pk.y = pack4(v[4], v[5], v[6], v[7]);
-            pk.z = pack4(v[8], v[9], v[10], v[11]);
-            pk.w = pack4(v[12], v[13], v[14], v[15]);
-            *reinterpret_cast<uint4*>(smem + (size_t)m * RS + kbq * 256 + slot * 16) = pk;
-            atomicAdd(&xsum[m], sum);
+        }
+    } else {
+        if (tid < M && xscales != nullptr) sx[tid] = xscales[per_tensor ? 0 : tid];
+        __syncthreads();  // xsum initialized
+        for (int idx = tid; idx < M * Q; idx += SK_THREADS) {
+            const int m = idx / Q, q = idx % Q;
+            int v[16];
+#pragma unroll
+            for (int p = 0; p < 16; ++p) {
+                const int k = 16 * q + 4 * (p & 3) + (p >> 2);
+                v[p] = k < K ? (int)x[(size_t)m * K + k] : 0;
+            }
+            stage(m, q, v);
         }
     }
     __syncthreads();

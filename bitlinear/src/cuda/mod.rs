@@ -55,8 +55,11 @@ const THREADS: u32 = 256;
 const SKINNY_MAX_M: usize = 32;
 /// Largest dynamic shared memory the skinny kernel may use (two blocks per SM on H100).
 const SKINNY_MAX_SMEM: usize = 112 * 1024;
-/// The skinny kernel quantizes `x` itself when `M * K * size_of(T)` is at most this.
-const FUSED_MAX_BYTES: usize = 64 * 1024;
+/// The skinny kernel quantizes `x` itself when each of its threads holds at most two 16-k groups
+/// of `x` (`M * 16 * ceil(K / 256) <= 512`: one pass, x in registers), or when `x` is small
+/// enough (`M * K * size_of(T)` at most this) for two passes through L2 to beat a second launch.
+const FUSED_MAX_BYTES: usize = 16 * 1024;
+const FUSED_MAX_GROUPS: usize = 512;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
 
@@ -672,7 +675,7 @@ fn matmul_core(
         let (xname, xp, xsp) = match x {
             XSrc::Float(p, dt)
                 if out_dtype == dt
-                    && m * k * dt.size_in_bytes() <= FUSED_MAX_BYTES
+                    && (m * kb * 16 <= FUSED_MAX_GROUPS || m * k * dt.size_in_bytes() <= FUSED_MAX_BYTES)
                     && !env_flag("BITLINEAR_CUDA_NO_FUSE") =>
             {
                 (float_suffix(dt)?, p, 0u64)
