@@ -55,6 +55,21 @@ mod real {
         cases: usize,
         seed: u64,
         quick: bool,
+        /// bench only these (M, N, K) shapes
+        only: Vec<(usize, usize, usize)>,
+        /// run each op on these shapes a few times, synchronized, for a profiler (ncu)
+        prof: Vec<(usize, usize, usize)>,
+    }
+
+    fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {
+        let v: Vec<usize> = s
+            .split(',')
+            .map(|p| p.trim().parse())
+            .collect::<std::result::Result<_, _>>()?;
+        match v[..] {
+            [m, n, k] => Ok((m, n, k)),
+            _ => Err(anyhow!("expected M,N,K, got {s}")),
+        }
     }
 
     fn parse() -> Result<Opts> {
@@ -64,6 +79,8 @@ mod real {
             cases: 220,
             seed: 0x5eed,
             quick: false,
+            only: Vec::new(),
+            prof: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -73,12 +90,20 @@ mod real {
                 "--quick" => o.quick = true,
                 "--cases" => o.cases = args.next().context("--cases N")?.parse()?,
                 "--seed" => o.seed = args.next().context("--seed S")?.parse()?,
+                "--only" => o.only.push(parse_shape(&args.next().context("--only M,N,K")?)?),
+                "--prof" => o.prof.push(parse_shape(&args.next().context("--prof M,N,K")?)?),
                 "-h" | "--help" => {
-                    println!("gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick]");
+                    println!(
+                        "gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick] [--only M,N,K]... \
+                         [--prof M,N,K]..."
+                    );
                     std::process::exit(0)
                 }
                 x => return Err(anyhow!("unknown argument {x}")),
             }
+        }
+        if !o.prof.is_empty() {
+            return Ok(o);
         }
         if !o.check && !o.bench {
             o.check = true;
@@ -91,6 +116,9 @@ mod real {
         let o = parse()?;
         let gpu = Device::new_cuda(0)?;
         let mut ok = true;
+        if !o.prof.is_empty() {
+            prof(&gpu, &o)?;
+        }
         if o.check {
             ok &= check(&gpu, &o)?;
         }
@@ -521,7 +549,7 @@ mod real {
         ),
         ("no-fuse", &[("BITLINEAR_CUDA_NO_FUSE", "1")]),
         (
-            "x-wgmma",
+            "gemm-wgmma",
             &[
                 ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
                 ("BITLINEAR_CUDA_GEMM_TILE", "wgmma"),
@@ -742,6 +770,29 @@ $L_loop:
         }
     }
 
+    /// Each op of the benchmark three times on each `--prof` shape, synchronized after every
+    /// call, for `ncu` (kernel durations without launch gaps or host effects).
+    fn prof(gpu: &Device, o: &Opts) -> Result<()> {
+        std::env::set_var("BITLINEAR_CUDA_NO_FINITE_CHECK", "1");
+        for &(m, n, k) in &o.prof {
+            let w = Tensor::randn(0f32, 0.05, (n, k), gpu)?.to_dtype(DType::BF16)?;
+            let wp = PackedTernary::pack(&w)?;
+            let wt = w.t()?;
+            let x = Tensor::randn(0f32, 1.0, (m, k), gpu)?.to_dtype(DType::BF16)?;
+            for _ in 0..3 {
+                packed_matmul(&x, &wp, ActScaling::PerToken)?;
+                gpu.synchronize()?;
+                bit_matmul(&x, &w, ActScaling::PerToken)?;
+                gpu.synchronize()?;
+                x.matmul(&wt)?;
+                gpu.synchronize()?;
+            }
+            println!("prof: {m}x{n}x{k} done");
+        }
+        std::env::remove_var("BITLINEAR_CUDA_NO_FINITE_CHECK");
+        Ok(())
+    }
+
     fn bench(gpu: &Device, o: &Opts) -> Result<()> {
         // The benchmark measures the default (non-poisoned) path; the training forward skips the
         // host read-back of the non-finite flag so that runs can be queued (documented in
@@ -749,15 +800,34 @@ $L_loop:
         std::env::remove_var("BITLINEAR_CUDA_POISON");
         std::env::set_var("BITLINEAR_CUDA_NO_FINITE_CHECK", "1");
         let timer = Timer::new(gpu)?;
-        let ms: &[usize] = if o.quick { &[1, 128] } else { &[1, 16, 128, 1024, 4096] };
-        let nks: &[(usize, usize)] = &[(2560, 2560), (13824, 2560), (2560, 6912), (4096, 4096)];
+        let mut ms: Vec<usize> = if o.quick {
+            vec![1, 128]
+        } else {
+            vec![1, 16, 128, 1024, 4096]
+        };
+        let mut nks: Vec<(usize, usize)> = vec![(2560, 2560), (13824, 2560), (2560, 6912), (4096, 4096)];
+        for &(m, n, k) in &o.only {
+            if !ms.contains(&m) {
+                ms.push(m);
+            }
+            if !nks.contains(&(n, k)) {
+                nks.push((n, k));
+            }
+        }
+        ms.sort_unstable();
         const L2_ROTATE_BYTES: usize = 160 << 20;
         println!("\n== benchmark: bf16 activations, median device time per call (CUDA events) ==");
         println!(
             "{:>5} {:>6} {:>5} | {:>9} {:>8} {:>7} | {:>9} {:>7} | {:>9} {:>7} | {:>7} {:>8}",
             "M", "N", "K", "packed us", "GB/s", "TOPS", "full us", "TOPS", "bf16 us", "TOPS", "xbf16", "full/pk"
         );
-        for &(n, k) in nks {
+        // The floor: an empty kernel timed the same way (launch + event gaps).
+        let t_empty = timer.time(3, 3, 20, |_| timer.spin(0))?;
+        println!("empty kernel: {t_empty:.2} us per call (launch floor of this timing method)");
+        for &(n, k) in &nks {
+            if !o.only.is_empty() && !o.only.iter().any(|s| s.1 == n && s.2 == k) {
+                continue;
+            }
             let packed_bytes = n * k.div_ceil(4);
             let bf16_bytes = n * k * 2;
             let n_packed = L2_ROTATE_BYTES.div_ceil(packed_bytes).max(2);
@@ -769,7 +839,10 @@ $L_loop:
                 .map(|i| PackedTernary::pack(&wf[i % n_float]))
                 .collect::<candle_core::Result<_>>()?;
             let wt: Vec<Tensor> = wf.iter().map(|w| w.t()).collect::<candle_core::Result<_>>()?;
-            for &m in ms {
+            for &m in &ms {
+                if !o.only.is_empty() && !o.only.contains(&(m, n, k)) {
+                    continue;
+                }
                 let x = Tensor::randn(0f32, 1.0, (m, k), gpu)?.to_dtype(DType::BF16)?;
                 let (batches, per) = if m >= 1024 { (2, 10) } else { (3, 20) };
                 let t_p = timer.time(3, batches, per, |i| {
