@@ -2,7 +2,8 @@
 //!
 //! Each `kernels/<name>.cu` becomes `$OUT_DIR/<name>.fatbin` holding SASS for
 //! `sm_$CUDA_COMPUTE_CAP` (default 90) plus PTX for the same architecture (so a newer GPU can
-//! JIT it), except `gemm90a.cu` (wgmma), which is built for `sm_90a` only; `src/cuda` embeds
+//! JIT it), except `gemm90a.cu` (wgmma), which is built for `sm_90a` only, and `gemv.cu` (bulk
+//! copies), built for `sm_90` only (both are empty files for other targets); `src/cuda` embeds
 //! them with `include_bytes!`. nvcc is `$NVCC`, else
 //! `$CUDA_ROOT/bin/nvcc` / `$CUDA_PATH/bin/nvcc`, else `nvcc` on the `PATH`.
 
@@ -18,6 +19,7 @@ fn main() {
         println!("cargo:rerun-if-changed=kernels/{k}.cu");
     }
     println!("cargo:rerun-if-changed=kernels/gemm90a.cu");
+    println!("cargo:rerun-if-changed=kernels/gemv.cu");
     println!("cargo:rerun-if-changed=kernels/common.cuh");
     for v in ["CUDA_COMPUTE_CAP", "NVCC", "CUDA_ROOT", "CUDA_PATH"] {
         println!("cargo:rerun-if-env-changed={v}");
@@ -36,10 +38,13 @@ fn main() {
         .iter()
         .map(|k| (*k, format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]")))
         .collect();
+    // gemv.cu uses the bulk copy engine (cp.async.bulk, sm_90): built only for 9.0 too.
     if cap == "90" {
         jobs.push(("gemm90a", "-gencode=arch=compute_90a,code=sm_90a".to_string()));
+        jobs.push(("gemv", "-gencode=arch=compute_90,code=[sm_90,compute_90]".to_string()));
     } else {
         std::fs::write(out.join("gemm90a.fatbin"), b"").expect("write gemm90a.fatbin");
+        std::fs::write(out.join("gemv.fatbin"), b"").expect("write gemv.fatbin");
     }
     // The files are independent: compile them in parallel.
     let children: Vec<_> = jobs

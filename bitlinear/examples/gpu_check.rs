@@ -192,6 +192,13 @@ mod real {
             (5, 8, 0),
             (1, 1, 0),
             (40, 8, 0),
+            // the decode GEMV (M <= 2, K % 64 == 0): partial warps and blocks, both row counts
+            (1, 1000, 2368),
+            (2, 333, 1024),
+            (1, 5, 128),
+            (2, 4096, 4096),
+            (1, 20001, 64),
+            (2, 7, 16384),
             // bf16 inputs here take the skinny kernel's two-pass fused quantizer
             (17, 64, 257),
             (24, 33, 260),
@@ -548,6 +555,7 @@ mod real {
             &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "wide")],
         ),
         ("no-fuse", &[("BITLINEAR_CUDA_NO_FUSE", "1")]),
+        ("gemv", &[("BITLINEAR_CUDA_GEMV", "1")]),
         (
             "gemm-wgmma",
             &[
@@ -815,7 +823,10 @@ $L_loop:
             }
         }
         ms.sort_unstable();
-        const L2_ROTATE_BYTES: usize = 160 << 20;
+        let rotate_bytes: usize = std::env::var("GPU_CHECK_ROTATE_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(160 << 20);
         println!("\n== benchmark: bf16 activations, median device time per call (CUDA events) ==");
         println!(
             "{:>5} {:>6} {:>5} | {:>9} {:>8} {:>7} | {:>9} {:>7} | {:>9} {:>7} | {:>7} {:>8}",
@@ -830,8 +841,8 @@ $L_loop:
             }
             let packed_bytes = n * k.div_ceil(4);
             let bf16_bytes = n * k * 2;
-            let n_packed = L2_ROTATE_BYTES.div_ceil(packed_bytes).max(2);
-            let n_float = L2_ROTATE_BYTES.div_ceil(bf16_bytes).max(2);
+            let n_packed = rotate_bytes.div_ceil(packed_bytes).max(1);
+            let n_float = rotate_bytes.div_ceil(bf16_bytes).max(1);
             let wf: Vec<Tensor> = (0..n_float)
                 .map(|_| Tensor::randn(0f32, 0.05, (n, k), gpu).and_then(|t| t.to_dtype(DType::BF16)))
                 .collect::<candle_core::Result<_>>()?;
@@ -860,7 +871,9 @@ $L_loop:
                 // the same packed matmul through the other kernel variants
                 let mut variants = String::new();
                 for (name, vars) in VARIANTS {
-                    if m > 32 && (name.starts_with("no-fuse") || *name == "gemm-small" && m >= 1024) {
+                    if m > 32 && (name.starts_with("no-fuse") || *name == "gemm-small" && m >= 1024)
+                        || m > 2 && *name == "gemv"
+                    {
                         continue;
                     }
                     let t = with_env(vars, || {
@@ -872,6 +885,24 @@ $L_loop:
                     match t {
                         Ok(t) => variants.push_str(&format!(" {name} {t:.2}")),
                         Err(e) => variants.push_str(&format!(" {name} error ({e})")),
+                    }
+                }
+                if m <= 2 {
+                    // the decode path on pre-quantized codes (packed_accumulate, i32 out): the
+                    // matmul without the fused quantizer
+                    let (codes, _) = bitlinear::quantize_activations(&x, ActScaling::PerToken)?;
+                    for (name, vars) in [("codes", &[][..]), ("codes-gemv", &[("BITLINEAR_CUDA_GEMV", "1")][..])] {
+                        let t = with_env(vars, || {
+                            timer.time(2, batches, per, |i| {
+                                if name.starts_with("codes") {
+                                    packed_accumulate(&codes, &wp[i % n_packed])?;
+                                } else {
+                                    packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
+                                }
+                                Ok(())
+                            })
+                        })?;
+                        variants.push_str(&format!(" {name} {t:.2}"));
                     }
                 }
                 let ops = 2.0 * (m * n * k) as f64;

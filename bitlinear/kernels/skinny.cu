@@ -1,6 +1,6 @@
 // Small-M ("skinny", decode) matmul: y (M, N) = x (M, K) . W (N, K)^T with W in the canonical
-// packed ternary layout, for M <= 32. Streams the packed weights once, straight from global memory
-// into tensor-core fragments (no shared-memory staging of W).
+// packed ternary layout, for M <= 32. Streams the packed weights once, straight from global
+// memory into tensor-core fragments (no shared-memory staging of W).
 //
 // Data layout
 //   x       : either int8 codes (M, K) row-major + f32 scales (per row, or one per tensor), or the
@@ -23,15 +23,20 @@
 //   * the activations are staged once per block into shared memory as permuted int8 (the B
 //     fragments): slot (u*4 + t) of each 256-k block holds group 4t+u, so for a fixed u the 4
 //     lanes of a row read 64 contiguous bytes (one LDS.128 each); rows are padded to a stride of
-//     64 mod 128 bytes, which makes every LDS.128 conflict free.
+//     64 mod 128 bytes, which makes every LDS.128 conflict free. int8 codes are read one 16-k
+//     group (16 bytes) per thread and step, with one 16-byte load when K % 16 == 0.
 //   * fused quantizer (float x): when M * (groups per row) <= 512, each thread loads its one or two
-//     16-k groups into registers once, the row absmax goes through shared-memory atomicMax (exact:
+//     16-k groups into registers once (as raw bits, 16-byte loads when K % 16 == 0), the row absmax goes through shared-memory atomicMax (exact:
 //     a max does not depend on order), then the same registers are quantized and staged; larger
 //     inputs take two passes over x (absmax, then quantize) through L2.
 //   * codes are used unsigned (0, 1, 2): acc = sum c*x - sum x, with the row sums of x computed
 //     while staging (like the CPU kernel).
-//   * the weight loads of the next K block are issued before the current block's MMAs, and the
-//     first block's loads before the activation staging, to overlap the two latencies.
+//   * weights go through a two-deep register pipeline: a warp's first two K blocks (kb = w and
+//     w + 8) are requested before the activation staging, so that both latencies overlap it
+//     (with K <= 4096 that is all of the warp's weights); after the MMAs of block kb the load of
+//     kb + 16 is issued.
+//   * MT = 1 (M <= 8) is compiled for 4 blocks per SM (<= 64 registers), so that N <= 16896
+//     rows (528 blocks of 32) run in one wave on 132 SMs.
 // Epilogue: y = (acc * s_x[m]) * s_w (two roundings), cast to OT; int32 mode stores acc.
 #include "common.cuh"
 
@@ -69,6 +74,17 @@ __device__ __forceinline__ uint4 load_w16(const uint8_t* __restrict__ row, int o
     return r;
 }
 
+// Element i (compile-time) of a group of 16 values held as raw bits, as f32 (exact).
+template <typename T> __device__ __forceinline__ float raw_f32(const uint32_t* w, int i);
+template <> __device__ __forceinline__ float raw_f32<float>(const uint32_t* w, int i) { return __uint_as_float(w[i]); }
+template <> __device__ __forceinline__ float raw_f32<__nv_bfloat16>(const uint32_t* w, int i) {
+    return __uint_as_float((i & 1) ? (w[i >> 1] & 0xffff0000u) : (w[i >> 1] << 16));
+}
+template <> __device__ __forceinline__ float raw_f32<__half>(const uint32_t* w, int i) {
+    return __half2float(__ushort_as_half((unsigned short)((i & 1) ? (w[i >> 1] >> 16) : (w[i >> 1] & 0xffffu))));
+}
+template <> __device__ __forceinline__ float raw_f32<int8_t>(const uint32_t* w, int i) { return 0.0f; }  // unused
+
 __device__ __forceinline__ uint32_t comp(const uint4& v, int i) {
     return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
 }
@@ -93,14 +109,17 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     const int RS = KB * 256 + 64;      // smem row stride (bytes), = 64 mod 128
     const int n0 = blockIdx.x * NR;
 
-    // --- prefetch the first K block of weights (before staging, to overlap latencies)
-    uint4 wa[NTILE], wb[NTILE];
+    // --- prefetch this warp's first two K blocks of weights (before staging, to overlap latencies)
+    uint4 wa[NTILE], wb[NTILE], na[NTILE], nb[NTILE];
     int kb = warp;
 #pragma unroll
     for (int j = 0; j < NTILE; ++j) {
         const int r0 = n0 + 16 * j + g, r1 = r0 + 8;
+        const int kb1 = kb + SK_WARPS;
         wa[j] = load_w16<VEC>(W + (size_t)r0 * K4, kb * 64 + 16 * t, K4, kb < KB && r0 < N);
         wb[j] = load_w16<VEC>(W + (size_t)r1 * K4, kb * 64 + 16 * t, K4, kb < KB && r1 < N);
+        na[j] = load_w16<VEC>(W + (size_t)r0 * K4, kb1 * 64 + 16 * t, K4, kb1 < KB && r0 < N);
+        nb[j] = load_w16<VEC>(W + (size_t)r1 * K4, kb1 * 64 + 16 * t, K4, kb1 < KB && r1 < N);
     }
 
     if (tid < 32) {
@@ -143,22 +162,45 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     if constexpr (FUSED) {
         if (M * Q <= SK_RG * SK_THREADS) {
             // --- single pass: every thread keeps its (at most SK_RG) groups of x in registers
-            float f[SK_RG][16];
+            // x is kept as its raw bits (16 * sizeof(XT) / 4 words a group: 8 for bf16/f16)
+            // rather than as floats, so that MT = 1 fits its 64-register budget.
+            constexpr int RW = 16 * (int)sizeof(XT) / 4;
+            uint32_t raw[SK_RG][RW];
             float am[SK_RG];
             bool nf[SK_RG];
+            const bool vecx = (K & 15) == 0 && (((size_t)x) & 15) == 0;
 #pragma unroll
             for (int r = 0; r < SK_RG; ++r) {
                 const int idx = tid + r * SK_THREADS;
                 const bool ok = idx < M * Q;
                 const int m = ok ? idx / Q : 0, q = ok ? idx % Q : 0;
+                const XT* xg = x + (size_t)m * K + 16 * q;
+                if (ok && vecx && 16 * q < K) {
+#pragma unroll
+                    for (int c = 0; c < RW / 4; ++c) {
+                        const uint4 v = __ldg(reinterpret_cast<const uint4*>(xg) + c);
+                        raw[r][4 * c] = v.x, raw[r][4 * c + 1] = v.y, raw[r][4 * c + 2] = v.z, raw[r][4 * c + 3] = v.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 16; ++i) {
+                        const bool in = ok && 16 * q + i < K;
+                        if constexpr (sizeof(XT) == 4) {
+                            raw[r][i] = in ? __float_as_uint(to_f32(xg[i])) : 0u;
+                        } else {
+                            const uint32_t b = in ? (uint32_t)*reinterpret_cast<const unsigned short*>(xg + i) : 0u;
+                            if (i & 1) raw[r][i >> 1] |= b << 16;
+                            else raw[r][i >> 1] = b;
+                        }
+                    }
+                }
                 am[r] = 0.0f;
                 nf[r] = false;
 #pragma unroll
                 for (int i = 0; i < 16; ++i) {
-                    const int k = 16 * q + i;
-                    f[r][i] = (ok && k < K) ? to_f32(x[(size_t)m * K + k]) : 0.0f;
-                    nf[r] |= !isfinite(f[r][i]);
-                    am[r] = fmaxf(am[r], fabsf(f[r][i]));
+                    const float f = raw_f32<XT>(raw[r], i);
+                    nf[r] |= !isfinite(f);
+                    am[r] = fmaxf(am[r], fabsf(f));
                 }
             }
             __syncthreads();  // rowmax / badmask initialized
@@ -185,7 +227,7 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
 #pragma unroll
                     for (int p = 0; p < 16; ++p) {
                         const int i = 4 * (p & 3) + (p >> 2);  // position p = 4i' + j holds k = 4j + i'
-                        v[p] = (16 * q + i < K && !rowbad) ? act_code(f[r][i], s) : 0;
+                        v[p] = (16 * q + i < K && !rowbad) ? act_code(raw_f32<XT>(raw[r], i), s) : 0;
                     }
                     stage(m, q, v);
                 }
@@ -235,13 +277,25 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     } else {
         if (tid < M && xscales != nullptr) sx[tid] = xscales[per_tensor ? 0 : tid];
         __syncthreads();  // xsum initialized
+        // 16-byte loads of whole groups when every row start is 16-byte aligned
+        const bool vec = (K & 15) == 0 && (((size_t)x) & 15) == 0;
         for (int idx = tid; idx < M * Q; idx += SK_THREADS) {
             const int m = idx / Q, q = idx % Q;
             int v[16];
+            if (vec) {
+                uint4 c = make_uint4(0u, 0u, 0u, 0u);
+                if (16 * q < K) c = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + 16 * q));
 #pragma unroll
-            for (int p = 0; p < 16; ++p) {
-                const int k = 16 * q + 4 * (p & 3) + (p >> 2);
-                v[p] = k < K ? (int)x[(size_t)m * K + k] : 0;
+                for (int p = 0; p < 16; ++p) {
+                    const int kk = 4 * (p & 3) + (p >> 2);  // k inside the group
+                    v[p] = (int)(int8_t)(comp(c, kk >> 2) >> (8 * (kk & 3)));
+                }
+            } else {
+#pragma unroll
+                for (int p = 0; p < 16; ++p) {
+                    const int k = 16 * q + 4 * (p & 3) + (p >> 2);
+                    v[p] = k < K ? (int)x[(size_t)m * K + k] : 0;
+                }
             }
             stage(m, q, v);
         }
@@ -258,14 +312,6 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
             for (int c = 0; c < 4; ++c) acc[j][mt][c] = 0;
 
     for (; kb < KB; kb += SK_WARPS) {
-        uint4 na[NTILE], nb[NTILE];
-        const int nkb = kb + SK_WARPS;
-#pragma unroll
-        for (int j = 0; j < NTILE; ++j) {
-            const int r0 = n0 + 16 * j + g, r1 = r0 + 8;
-            na[j] = load_w16<VEC>(W + (size_t)r0 * K4, nkb * 64 + 16 * t, K4, nkb < KB && r0 < N);
-            nb[j] = load_w16<VEC>(W + (size_t)r1 * K4, nkb * 64 + 16 * t, K4, nkb < KB && r1 < N);
-        }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
             uint4 xv[MT];
@@ -290,10 +336,15 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
                 }
             }
         }
+        // shift the two-deep register pipeline: block kb + 8 is in flight, request kb + 16
+        const int nkb = kb + 2 * SK_WARPS;
 #pragma unroll
         for (int j = 0; j < NTILE; ++j) {
+            const int r0 = n0 + 16 * j + g, r1 = r0 + 8;
             wa[j] = na[j];
             wb[j] = nb[j];
+            na[j] = load_w16<VEC>(W + (size_t)r0 * K4, nkb * 64 + 16 * t, K4, nkb < KB && r0 < N);
+            nb[j] = load_w16<VEC>(W + (size_t)r1 * K4, nkb * 64 + 16 * t, K4, nkb < KB && r1 < N);
         }
     }
 
@@ -329,7 +380,7 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
 }
 
 #define SK_INST(MT, NTILE, VEC, XT, OT, NAME)                                                       \
-    extern "C" __global__ void __launch_bounds__(SK_THREADS)                                       \
+    extern "C" __global__ void __launch_bounds__(SK_THREADS, (MT) == 1 ? 4 : 1)                    \
         NAME(const XT* x, const float* xs, int per_tensor, const uint8_t* W, int M, int N, int K,  \
              int K4, float sw_val, const float* sw_ptr, OT* y) {                                   \
         skinny_impl<MT, NTILE, VEC, XT, OT>(x, xs, per_tensor, W, M, N, K, K4, sw_val, sw_ptr, y); \

@@ -49,6 +49,8 @@ static SKINNY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/skinny.f
 static GEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.fatbin"));
 /// Empty unless built for compute capability 9.0 (sm_90a).
 static GEMM90A_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a.fatbin"));
+/// Empty unless built for compute capability 9.0.
+static GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 
 const THREADS: u32 = 256;
 /// Largest `M` handled by the skinny kernel (4 MMA column tiles of 8).
@@ -60,6 +62,10 @@ const SKINNY_MAX_SMEM: usize = 112 * 1024;
 /// enough (`M * K * size_of(T)` at most this) for two passes through L2 to beat a second launch.
 const FUSED_MAX_BYTES: usize = 16 * 1024;
 const FUSED_MAX_GROUPS: usize = 512;
+/// Largest `M` of the decode GEMV kernel (`kernels/gemv.cu`), and the most weight rows one of
+/// its warps owns.
+const GEMV_MAX_M: usize = 2;
+const GEMV_RW: usize = 16;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
 
@@ -69,6 +75,7 @@ enum Module {
     Skinny,
     Gemm,
     Gemm90a,
+    Gemv,
 }
 
 impl Module {
@@ -78,6 +85,7 @@ impl Module {
             Module::Skinny => SKINNY_FATBIN,
             Module::Gemm => GEMM_FATBIN,
             Module::Gemm90a => GEMM90A_FATBIN,
+            Module::Gemv => GEMV_FATBIN,
         }
     }
 }
@@ -88,6 +96,8 @@ struct DevInfo {
     smem_optin: usize,
     /// compute capability 9.0 (the sm_90a wgmma kernel can run)
     sm90: bool,
+    /// compute capability 9.0 and the gemv kernels were built
+    gemv: bool,
 }
 
 #[derive(Default)]
@@ -127,6 +137,7 @@ fn dev_info(dev: &CudaDevice) -> Result<DevInfo> {
         sms: sms.max(1) as usize,
         smem_optin: optin.max(48 * 1024) as usize,
         sm90: major == 9 && minor == 0 && !GEMM90A_FATBIN.is_empty(),
+        gemv: major == 9 && minor == 0 && !GEMV_FATBIN.is_empty(),
     };
     c.info.insert(dev.id(), info);
     Ok(info)
@@ -664,6 +675,60 @@ fn matmul_core(
         DType::I32 => "i32",
         d => float_suffix(d)?,
     };
+
+    // ---- decode GEMV (opt-in; M <= 2, K % 64 == 0, 16-byte aligned weights): bulk copies + dp4a
+    if m <= GEMV_MAX_M
+        && info.gemv
+        && k > 0
+        && k.is_multiple_of(64)
+        && wp.is_multiple_of(16)
+        && env_flag("BITLINEAR_CUDA_GEMV")
+        && !env_flag("BITLINEAR_CUDA_FORCE_GEMM")
+        && (matches!(x, XSrc::Codes(..)) || matches!(x, XSrc::Float(_, dt) if dt == out_dtype))
+    {
+        // Rows per warp: about two blocks of 8 warps per SM, at most GEMV_RW, and the block's
+        // weights plus the x codes must fit in shared memory.
+        let mr = if m <= 1 { 1 } else { 2 };
+        let limit = info.smem_optin.saturating_sub(1024);
+        let mut rw = n.div_ceil(8 * 2 * info.sms).clamp(1, GEMV_RW);
+        while rw > 1 && mr * k + 8 * rw * k4 > limit {
+            rw -= 1;
+        }
+        let smem = mr * k + 8 * rw * k4;
+        if smem <= limit {
+            let (xname, xp, xsp) = match x {
+                XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
+                XSrc::Codes(p, sp) => ("i8", p, sp),
+            };
+            let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_m{mr}"))?;
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(8 * rw) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let mut g = Vec::new();
+            let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
+            launch!(
+                f,
+                stream,
+                cfg,
+                xp,
+                xsp,
+                per_tensor as i32,
+                wp,
+                mi,
+                ni,
+                ki,
+                k4i,
+                rw as i32,
+                sw.val,
+                sw.ptr,
+                yp
+            );
+            drop(g);
+            return Ok(out);
+        }
+    }
 
     let kb = k4.div_ceil(64);
     let row_stride = kb * 256 + 64;
