@@ -6,9 +6,11 @@
 //! where PyTorch passes it through unscaled. [`max_pool2x2`] computes the same forward values and
 //! sends each window's gradient, unscaled, to its maximum (the first one in row-major order on
 //! ties, as PyTorch does), in one pass each way, over rayon's threads.
-//! Other devices and dtypes use [`max_pool2x2_ops`], the same pooling written with reshape and
-//! `max` reductions (whose backward is correct on every device); odd sizes use candle's
-//! `max_pool2d`.
+//! With the `cuda` feature, f32 tensors on a CUDA device use two fused kernels
+//! (`kernels/pool.cu`) with the same semantics (set `MODEL_CUDA_POOL_OPS=1` to use the generic
+//! ops instead, for benchmarks). Other devices and dtypes use [`max_pool2x2_ops`], the same
+//! pooling written with reshape and `max` reductions (whose backward is correct on every device);
+//! odd sizes use candle's `max_pool2d`.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -16,13 +18,25 @@ use rayon::prelude::*;
 /// 2x2, stride 2 max pooling of a (B, C, H, W) tensor.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     let fast = match x.dims() {
-        [_, _, h, w] => x.device().is_cpu() && x.dtype() == DType::F32 && h % 2 == 0 && w % 2 == 0 && *h > 0,
+        [_, _, h, w] => fused_device(x) && x.dtype() == DType::F32 && h % 2 == 0 && w % 2 == 0 && *h > 0,
         _ => false,
     };
     if fast {
         x.contiguous()?.apply_op1(MaxPool2x2)
     } else {
         max_pool2x2_ops(x)
+    }
+}
+
+/// Whether `x`'s device has the fused kernels.
+fn fused_device(x: &Tensor) -> bool {
+    match x.device() {
+        candle_core::Device::Cpu => true,
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => {
+            std::env::var_os("MODEL_CUDA_POOL_OPS").is_none_or(|v| v.is_empty() || v == "0")
+        }
+        _ => false,
     }
 }
 
@@ -89,6 +103,15 @@ impl CustomOp1 for MaxPool2x2 {
         Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, c, h, w) = dims4(l)?;
+        let x = cuda::input(s, l, "input")?;
+        let n = b * c * (h / 2) * (w / 2);
+        let out = cuda::launch_pool(&s.device, "max_pool2x2_fwd", &x, None, b * c, h, w, n)?;
+        Ok((out, Shape::from((b, c, h / 2, w / 2))))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let g = grad_res.contiguous()?;
         Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&g, &MaxPool2x2Bwd)?))
@@ -130,5 +153,87 @@ impl CustomOp2 for MaxPool2x2Bwd {
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, c, h, w) = dims4(l1)?;
+        if l2.shape().dims() != [b, c, h / 2, w / 2] {
+            candle_core::bail!(
+                "max_pool2x2 backward: gradient shape {:?} for input {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let x = cuda::input(s1, l1, "input")?;
+        let g = cuda::input(s2, l2, "gradient")?;
+        let out = cuda::launch_pool(&s1.device, "max_pool2x2_bwd", &x, Some(&g), b * c, h, w, b * c * h * w)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::{CudaStorage, Layout, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pool.ptx"));
+
+    /// The f32 elements of a contiguous storage, from its start offset (which must be even: the
+    /// kernels load pairs).
+    pub fn input<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("max_pool2x2: {what} must be contiguous")
+        };
+        if a % 2 != 0 {
+            candle_core::bail!("max_pool2x2: {what} must start at an even offset")
+        }
+        Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+    }
+
+    /// Launches `name` over the `planes * (h/2) * (w/2)` windows; returns `out_len` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_pool(
+        dev: &CudaDevice,
+        name: &str,
+        x: &CudaView<'_, f32>,
+        g: Option<&CudaView<'_, f32>>,
+        planes: usize,
+        h: usize,
+        w: usize,
+        out_len: usize,
+    ) -> Result<CudaStorage> {
+        // SAFETY: every element is written by the kernel (forward: one per window; backward: all
+        // four of each window, and the windows tile the even-sized planes).
+        let mut out = unsafe { dev.alloc::<f32>(out_len.max(1)) }?;
+        let windows = planes * (h / 2) * (w / 2);
+        if windows > 0 {
+            let f = dev.get_or_load_custom_func(name, "model_pool", PTX)?;
+            let threads = 256u32;
+            let blocks = windows.div_ceil(threads as usize).min(65535 * 8) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (planes, h, w) = (planes as i32, h as i32, w as i32);
+            let mut b = f.builder();
+            b.arg(x);
+            if let Some(g) = g {
+                b.arg(g);
+            }
+            b.arg(&planes).arg(&h).arg(&w).arg(&mut out);
+            // SAFETY: the arguments match the kernel's C signature (kernels/pool.cu); the input
+            // views hold planes*h*w (x) and windows (g) elements, the output out_len.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }
