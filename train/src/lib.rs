@@ -8,6 +8,8 @@
 pub mod augment;
 pub mod checkpoint;
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod init;
 pub mod metrics;

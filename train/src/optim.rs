@@ -8,6 +8,10 @@
 //! p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 //! ```
 //! Weight decay applies to every parameter (as `AdamW(model.parameters())` does).
+//!
+//! With the `cuda` feature, f32 variables on a CUDA device are updated in place by one fused
+//! kernel launch each (`crate::cuda::adamw_step`, same formula and operation order); elsewhere
+//! the update is made of tensor ops.
 
 use std::collections::BTreeMap;
 
@@ -88,6 +92,23 @@ impl AdamW {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
+            #[cfg(feature = "cuda")]
+            if slot.var.device().is_cuda()
+                && slot.var.dtype() == candle_core::DType::F32
+                && g.dtype() == candle_core::DType::F32
+                && crate::cuda::enabled("ADAMW")
+            {
+                crate::cuda::adamw_step(
+                    slot.var.as_tensor(),
+                    slot.m.as_tensor(),
+                    slot.v.as_tensor(),
+                    g,
+                    &c,
+                    bc1,
+                    bc2,
+                )?;
+                continue;
+            }
             let g = g.to_dtype(slot.var.dtype())?;
             let m = ((slot.m.as_tensor() * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((slot.v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;

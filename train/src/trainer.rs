@@ -21,9 +21,23 @@ use crate::rng::epoch_rng;
 
 /// Where batches are assembled: on the host with rayon, or on the device with tensor ops.
 enum Pipeline {
-    Cpu { lut: Box<Lut> },
-    Device { train: Tensor, test: Tensor },
+    Cpu {
+        lut: Box<Lut>,
+    },
+    Device {
+        train: Tensor,
+        test: Tensor,
+        /// Labels (N,) u8 of each split, for the fused CUDA batch kernel.
+        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+        labels: (Tensor, Tensor),
+    },
 }
+
+/// The epoch tables of the fused CUDA batch kernel (a placeholder type without `cuda`).
+#[cfg(feature = "cuda")]
+type EpochTablesOpt = crate::cuda::EpochTables;
+#[cfg(not(feature = "cuda"))]
+type EpochTablesOpt = std::convert::Infallible;
 
 /// Opens the requested device.
 pub fn open_device(d: DeviceArg) -> Result<Device> {
@@ -67,6 +81,8 @@ impl Trainer {
     /// Loads the data, builds the model and optimizer, and restores `--resume` state.
     pub fn new(args: Args) -> Result<Self> {
         let device = open_device(args.device)?;
+        #[cfg(feature = "cuda")]
+        crate::cuda::tune_device(&device)?;
         let dtype = match args.dtype {
             DtypeArg::F32 => DType::F32,
             DtypeArg::Bf16 => DType::BF16,
@@ -167,6 +183,10 @@ impl Trainer {
             Pipeline::Device {
                 train: augment::images_tensor(&data.train, &device)?,
                 test: augment::images_tensor(&data.test, &device)?,
+                labels: (
+                    Tensor::from_slice(&data.train.labels, data.train.len(), &device)?,
+                    Tensor::from_slice(&data.test.labels, data.test.len(), &device)?,
+                ),
             }
         };
         Ok(Self {
@@ -191,7 +211,7 @@ impl Trainer {
                 let buf = augment::augment_batch_cpu(split, indices, params, lut);
                 Tensor::from_vec(buf, (b, 3, 32, 32), &self.device)?
             }
-            Pipeline::Device { train, test: t } => {
+            Pipeline::Device { train, test: t, .. } => {
                 let images = if test { t } else { train };
                 augment::augment_batch_tensor(images, indices, params, &self.norm)?
             }
@@ -206,13 +226,81 @@ impl Trainer {
         Ok((x, y))
     }
 
+    /// Batch `start..start + b` of the epoch described by `tables`, assembled on the device by the
+    /// fused kernel; `None` where that path is not available (CPU, no `cuda` feature, or turned
+    /// off with `TRAIN_CUDA_NO_AUG`).
+    #[cfg(feature = "cuda")]
+    fn fused_batch(
+        &self,
+        test: bool,
+        tables: &crate::cuda::EpochTables,
+        start: usize,
+        b: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let Pipeline::Device { train, test: t, labels } = &self.pipeline else {
+            bail!("internal error: fused batches need the device pipeline")
+        };
+        let (images, labels) = if test { (t, &labels.1) } else { (train, &labels.0) };
+        let (x, y) = crate::cuda::augment_batch(images, labels, tables, start, b, &self.norm)?;
+        let x = if self.dtype == DType::F32 {
+            x
+        } else {
+            x.to_dtype(self.dtype)?
+        };
+        Ok((x, y))
+    }
+
+    /// The epoch's tables for [`Self::fused_batch`], when that path is used.
+    #[cfg(feature = "cuda")]
+    fn fused_tables(&self, order: &[usize], params: &[AugParams]) -> Result<Option<crate::cuda::EpochTables>> {
+        if !self.device.is_cuda() || !crate::cuda::enabled("AUG") {
+            return Ok(None);
+        }
+        Ok(Some(crate::cuda::EpochTables::new(order, params, &self.device)?))
+    }
+
+    /// One batch of the training epoch: positions `start..start + idx.len()` of `order`.
+    #[allow(unused_variables)]
+    fn train_batch(
+        &self,
+        tables: &Option<EpochTablesOpt>,
+        start: usize,
+        idx: &[usize],
+        p: &[AugParams],
+    ) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if let Some(t) = tables {
+            return self.fused_batch(false, t, start, idx.len());
+        }
+        self.batch(false, idx, p)
+    }
+
+    /// Fails if a weight is NaN or infinite. On CUDA the per-call checks of the BitLinear op are
+    /// off during training (each one stalls the stream), so this keeps the contract (non-finite
+    /// weights -> an error) at epoch granularity.
+    fn check_weights_finite(&self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && crate::cuda::finite_check_deferred() {
+            // 0 * x is 0 for finite x and NaN otherwise: one sum over all variables, one read.
+            let mut total = Tensor::zeros((), DType::F32, &self.device)?;
+            for (_, v) in init::sorted_vars(&self.varmap) {
+                let t = v.as_tensor().to_dtype(DType::F32)?;
+                total = (total + t.affine(0.0, 0.0)?.sum_all()?)?;
+            }
+            if !total.to_scalar::<f32>()?.is_finite() {
+                bail!("cannot quantize weights that contain NaN or infinite values (the training diverged)")
+            }
+        }
+        Ok(())
+    }
+
     fn steps_per_epoch(&self) -> u64 {
         self.data.train.len().div_ceil(self.args.batch_size) as u64
     }
 
     /// One training pass over the (shuffled, augmented) training set. Returns (mean loss,
     /// accuracy, seconds, lr of the last step).
-    fn train_epoch(&mut self, epoch: usize) -> Result<(f64, f64, f64, f64)> {
+    pub fn train_epoch(&mut self, epoch: usize) -> Result<(f64, f64, f64, f64)> {
         let n = self.data.train.len();
         let bs = self.args.batch_size;
         let mut rng = epoch_rng(self.args.seed, epoch);
@@ -225,13 +313,18 @@ impl Trainer {
         let schedule: Schedule = self.args.schedule.into();
         let pb = progress_bar(steps, epoch + 1, self.args.epochs);
 
+        #[cfg(feature = "cuda")]
+        let tables = self.fused_tables(&order, &params)?;
+        #[cfg(not(feature = "cuda"))]
+        let tables: Option<EpochTablesOpt> = None;
+
         let start = Instant::now();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.device)?;
         let mut correct = Tensor::zeros((), DType::F32, &self.device)?;
         let mut seen = 0usize;
         let mut lr = self.args.lr;
         for (i, (idx, p)) in order.chunks(bs).zip(params.chunks(bs)).enumerate() {
-            let (x, y) = self.batch(false, idx, p)?;
+            let (x, y) = self.train_batch(&tables, i * bs, idx, p)?;
             let logits = self.model.forward(&x)?.to_dtype(DType::F32)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             let grads = loss.backward()?;
@@ -243,16 +336,19 @@ impl Trainer {
             loss_sum = (loss_sum + (loss.detach() * b as f64)?)?;
             correct = (correct + count_correct(&logits.detach(), &y)?)?;
             seen += b;
-            if i % 10 == 9 || i as u64 + 1 == steps {
+            // The live message reads the loss back (a stream synchronization): only when shown.
+            if !pb.is_hidden() && (i % 10 == 9 || i as u64 + 1 == steps) {
                 let l = loss_sum.to_scalar::<f32>()? as f64 / seen as f64;
                 let ips = seen as f64 / start.elapsed().as_secs_f64();
                 pb.set_message(format!("loss {l:.4}  {ips:.0} img/s"));
             }
             pb.inc(1);
         }
+        // Reading the loss waits for the queued work: the clock is read after it.
+        let loss = loss_sum.to_scalar::<f32>()? as f64 / seen as f64;
         let secs = start.elapsed().as_secs_f64();
         pb.finish_and_clear();
-        let loss = loss_sum.to_scalar::<f32>()? as f64 / seen as f64;
+        self.check_weights_finite()?;
         let acc = correct.to_scalar::<f32>()? as f64 / seen as f64;
         Ok((loss, acc, secs, lr))
     }
@@ -263,9 +359,20 @@ impl Trainer {
         let mut loss_sum = 0f64;
         let mut correct = 0f64;
         let all: Vec<usize> = (0..n).collect();
-        for idx in all.chunks(self.args.eval_batch_size) {
+        #[cfg(feature = "cuda")]
+        let tables = self.fused_tables(&all, &vec![AugParams::IDENTITY; n])?;
+        for (i, idx) in all.chunks(self.args.eval_batch_size).enumerate() {
             let params = vec![AugParams::IDENTITY; idx.len()];
-            let (x, y) = self.batch(true, idx, &params)?;
+            #[cfg(feature = "cuda")]
+            let (x, y) = match &tables {
+                Some(t) => self.fused_batch(true, t, i * self.args.eval_batch_size, idx.len())?,
+                None => self.batch(true, idx, &params)?,
+            };
+            #[cfg(not(feature = "cuda"))]
+            let (x, y) = {
+                let _ = i;
+                self.batch(true, idx, &params)?
+            };
             let logits = model.forward(&x)?.to_dtype(DType::F32)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;

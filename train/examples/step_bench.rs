@@ -1,0 +1,242 @@
+//! Training-step micro-benchmark of the SimpleBitCnn on random CIFAR-shaped data.
+//!
+//! ```text
+//! cargo run --release -p train --features cuda --example step_bench -- [--device cuda] [--steps 200] [--epochs 3]
+//! ```
+//! Writes a random data set (`--steps` batches of 128 training images, 1,000 test images) to a
+//! temporary directory, builds the real [`train::trainer::Trainer`] on it and prints:
+//! * `epoch`: ms per step of whole training epochs (batch assembly, forward, backward, AdamW,
+//!   metrics: the code path of the `train` binary), after one warm-up epoch;
+//! * a breakdown on one fixed batch: forward + loss, + backward, + AdamW (ms per step).
+//!
+//! The device is synchronized before each clock read. The environment switches of
+//! `train::cuda` (`TRAIN_CUDA_NO_ADAMW`, `..._AUG`, `..._EVENTS`,
+//! `..._ASYNC_CHECK`, `TRAIN_CUDA_BASELINE`), `MODEL_CUDA_POOL_OPS` and bitlinear's
+//! `BITLINEAR_CUDA_*` select the variants; run the example once per variant.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Module, Tensor};
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use train::cli::Args;
+use train::data::{encode_records, Split, TEST_FILE, TRAIN_FILES};
+use train::trainer::Trainer;
+
+#[derive(Parser)]
+struct Opts {
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Training steps (batches of --batch-size) per epoch.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Timed epochs (after one warm-up epoch).
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Iterations of each breakdown variant.
+    #[arg(long, default_value_t = 200)]
+    iters: usize,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// First compare the fused CUDA kernels with the tensor-op paths (and the CPU pool).
+    #[arg(long)]
+    check: bool,
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let b = b.to_device(a.device())?;
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Fused kernels against the tensor-op implementations; fails on a mismatch.
+fn check(dev: &candle_core::Device) -> Result<()> {
+    use candle_core::Var;
+    // Max pool, forward and backward, against the CPU kernel and the generic ops.
+    for (b, c, h) in [(128usize, 32usize, 32usize), (3, 5, 6)] {
+        let xc = Tensor::randn(0f32, 1., (b, c, h, h), &candle_core::Device::Cpu)?;
+        let r = Tensor::randn(0f32, 1., (b, c, h / 2, h / 2), &candle_core::Device::Cpu)?;
+        let mut outs = Vec::new();
+        for (d, fused) in [
+            (candle_core::Device::Cpu, true),
+            (dev.clone(), true),
+            (dev.clone(), false),
+        ] {
+            let x = Var::from_tensor(&xc.to_device(&d)?)?;
+            let y = if fused {
+                model::max_pool2x2(x.as_tensor())?
+            } else {
+                model::max_pool2x2_ops(x.as_tensor())?
+            };
+            let loss = (&y * r.to_device(&d)?)?.sum_all()?;
+            let g = loss.backward()?.get(x.as_tensor()).context("no grad")?.clone();
+            outs.push((
+                y.to_device(&candle_core::Device::Cpu)?,
+                g.to_device(&candle_core::Device::Cpu)?,
+            ));
+        }
+        for (i, o) in outs.iter().enumerate().skip(1) {
+            let (dy, dg) = (max_diff(&outs[0].0, &o.0)?, max_diff(&outs[0].1, &o.1)?);
+            eprintln!("check pool {b}x{c}x{h}x{h} variant {i}: fwd diff {dy}, bwd diff {dg}");
+            anyhow::ensure!(dy == 0.0 && dg == 0.0, "max pool mismatch");
+        }
+    }
+    // Augmentation: fused kernel vs tensor ops on the same images and parameters.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let split = random_split(300, &mut rng);
+    let images = train::augment::images_tensor(&split, dev)?;
+    let labels = Tensor::from_slice(&split.labels, split.len(), dev)?;
+    let order: Vec<usize> = (0..300).rev().collect();
+    let params: Vec<_> = (0..300).map(|_| train::augment::AugParams::sample(&mut rng)).collect();
+    let tables = train::cuda::EpochTables::new(&order, &params, dev)?;
+    let norm = train::augment::Normalizer::default();
+    let (start, b) = (37, 200);
+    let (x, y) = train::cuda::augment_batch(&images, &labels, &tables, start, b, &norm)?;
+    let want =
+        train::augment::augment_batch_tensor(&images, &order[start..start + b], &params[start..start + b], &norm)?;
+    let lut = norm.lut();
+    let cpu = train::augment::augment_batch_cpu(&split, &order[start..start + b], &params[start..start + b], &lut);
+    let cpu = Tensor::from_vec(cpu, (b, 3, 32, 32), &candle_core::Device::Cpu)?;
+    let ylab: Vec<u32> = y.to_vec1()?;
+    let want_lab: Vec<u32> = order[start..start + b]
+        .iter()
+        .map(|&i| split.labels[i] as u32)
+        .collect();
+    let (d1, d2) = (max_diff(&x, &want)?, max_diff(&x, &cpu)?);
+    eprintln!(
+        "check augment: vs tensor ops {d1}, vs cpu {d2}, labels equal {}",
+        ylab == want_lab
+    );
+    anyhow::ensure!(d1 == 0.0 && d2 == 0.0 && ylab == want_lab, "augment mismatch");
+    // AdamW: fused vs tensor ops over 3 steps.
+    let shapes = [(512usize, 4096usize), (10, 1)];
+    let mut finals = Vec::new();
+    for fused in [true, false] {
+        std::env::set_var("TRAIN_CUDA_NO_ADAMW", if fused { "0" } else { "1" });
+        let mut r2 = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let vars: Vec<(String, Var)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let v: Vec<f32> = (0..s.0 * s.1).map(|_| r2.gen_range(-1f32..1.)).collect();
+                Ok((format!("v{i}"), Var::from_tensor(&Tensor::from_vec(v, s, dev)?)?))
+            })
+            .collect::<Result<_>>()?;
+        let mut opt = train::optim::AdamW::new(vars.clone(), Default::default())?;
+        for step in 0..3 {
+            let mut loss = Tensor::zeros((), DType::F32, dev)?;
+            for (_, v) in &vars {
+                let w = ((v.as_tensor().sqr()? * (step as f64 + 1.0))? + v.as_tensor())?;
+                loss = (loss + w.sum_all()?)?;
+            }
+            opt.step(&loss.backward()?)?;
+        }
+        finals.push(vars.iter().map(|(_, v)| v.as_tensor().clone()).collect::<Vec<_>>());
+    }
+    std::env::remove_var("TRAIN_CUDA_NO_ADAMW");
+    for (a, b) in finals[0].iter().zip(&finals[1]) {
+        let d = max_diff(a, b)?;
+        eprintln!("check adamw {:?}: max diff {d:e}", a.dims());
+        anyhow::ensure!(d <= 1e-6, "adamw mismatch");
+    }
+    Ok(())
+}
+
+fn random_split(n: usize, rng: &mut impl Rng) -> Split {
+    Split {
+        images: (0..n * 3072).map(|_| rng.gen()).collect(),
+        labels: (0..n).map(|_| rng.gen_range(0..10u8)).collect(),
+    }
+}
+
+fn main() -> Result<()> {
+    let o = Opts::parse();
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let n_train = o.steps * o.batch_size;
+    let per_file = n_train.div_ceil(TRAIN_FILES.len());
+    for f in TRAIN_FILES {
+        std::fs::write(data.join(f), encode_records(&random_split(per_file, &mut rng)))?;
+    }
+    std::fs::write(data.join(TEST_FILE), encode_records(&random_split(1000, &mut rng)))?;
+    let args = Args::try_parse_from([
+        "train",
+        "--device",
+        &o.device,
+        "--dtype",
+        &o.dtype,
+        "--data-dir",
+        data.to_str().context("path")?,
+        "--out",
+        dir.path().join("run").to_str().context("path")?,
+        "--batch-size",
+        &o.batch_size.to_string(),
+        "--train-limit",
+        &n_train.to_string(),
+        "--epochs",
+        &(o.epochs + 1).to_string(),
+    ])?;
+    let mut t = Trainer::new(args)?;
+    let dev = t.device.clone();
+    if o.check {
+        check(&dev)?;
+    }
+
+    // Whole epochs through the trainer's own loop.
+    let mut ms = Vec::new();
+    for e in 0..=o.epochs {
+        dev.synchronize()?;
+        let (loss, _, secs, _) = t.train_epoch(e)?;
+        if e > 0 {
+            ms.push(1e3 * secs / o.steps as f64);
+        }
+        eprintln!("epoch {e}: {:.3} ms/step, loss {loss:.4}", 1e3 * secs / o.steps as f64);
+    }
+    let mean = ms.iter().sum::<f64>() / ms.len().max(1) as f64;
+    let best = ms.iter().cloned().fold(f64::INFINITY, f64::min);
+
+    // Breakdown on one fixed batch.
+    let b = o.batch_size;
+    let x = Tensor::randn(0f32, 1., (b, 3, 32, 32), &dev)?.to_dtype(t.dtype)?;
+    let y = Tensor::from_vec((0..b).map(|i| (i % 10) as u32).collect::<Vec<_>>(), b, &dev)?;
+    let variant = |name: &str, level: usize, t: &mut Trainer| -> Result<f64> {
+        let run = |iters: usize, t: &mut Trainer| -> Result<f64> {
+            dev.synchronize()?;
+            let start = Instant::now();
+            for _ in 0..iters {
+                let logits = t.model.forward(&x)?.to_dtype(DType::F32)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                if level >= 1 {
+                    let grads = loss.backward()?;
+                    if level >= 2 {
+                        t.optimizer.step(&grads)?;
+                    }
+                }
+            }
+            dev.synchronize()?;
+            Ok(1e3 * start.elapsed().as_secs_f64() / iters as f64)
+        };
+        run(10, t)?;
+        let v = run(o.iters, t)?;
+        eprintln!("{name}: {v:.3} ms/step");
+        Ok(v)
+    };
+    let fwd = variant("forward+loss", 0, &mut t)?;
+    let bwd = variant("forward+loss+backward", 1, &mut t)?;
+    let opt = variant("forward+loss+backward+adamw", 2, &mut t)?;
+    let vars: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("TRAIN_CUDA") || k.starts_with("MODEL_CUDA") || k.starts_with("BITLINEAR_CUDA"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "RESULT env=[{}] epoch_ms_per_step={mean:.3} (best {best:.3}, {:.0} img/s) fwd={fwd:.3} fwd_bwd={bwd:.3} \
+         fwd_bwd_opt={opt:.3}",
+        vars.join(" "),
+        1e3 * b as f64 / mean
+    );
+    Ok(())
+}
