@@ -41,9 +41,99 @@ struct Opts {
     iters: usize,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Time the backward pieces (convolutions, fully connected part, loss) separately.
+    #[arg(long)]
+    profile: bool,
     /// First compare the fused CUDA kernels with the tensor-op paths (and the CPU pool).
     #[arg(long)]
     check: bool,
+}
+
+/// ms per iteration of `f` (after 5 warm-up iterations), synchronized.
+fn time_it(dev: &candle_core::Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..5 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(1e3 * start.elapsed().as_secs_f64() / iters as f64)
+}
+
+/// Forward-only and forward+backward times of the network's pieces at batch `b`.
+fn profile(dev: &candle_core::Device, b: usize, iters: usize) -> Result<()> {
+    use candle_core::Var;
+    let rn = |s: &[usize]| Tensor::randn(0f32, 1., s, dev);
+    let x1 = rn(&[b, 3, 32, 32])?;
+    let w1 = Var::from_tensor(&rn(&[32, 3, 3, 3])?)?;
+    let x2 = Var::from_tensor(&rn(&[b, 32, 16, 16])?)?;
+    let w2 = Var::from_tensor(&rn(&[64, 32, 3, 3])?)?;
+    let g1 = rn(&[b, 32, 32, 32])?;
+    let g2 = rn(&[b, 64, 16, 16])?;
+    let t = |name: &str, v: f64| eprintln!("profile {name}: {v:.3} ms");
+    t(
+        "conv1 fwd",
+        time_it(dev, iters, || Ok(drop(x1.conv2d(w1.as_tensor(), 1, 1, 1, 1)?)))?,
+    );
+    t(
+        "conv1 fwd+bwd(w)",
+        time_it(dev, iters, || {
+            let y = x1.conv2d(w1.as_tensor(), 1, 1, 1, 1)?;
+            drop((y * &g1)?.sum_all()?.backward()?);
+            Ok(())
+        })?,
+    );
+    t(
+        "conv2 fwd",
+        time_it(dev, iters, || {
+            Ok(drop(x2.as_tensor().conv2d(w2.as_tensor(), 1, 1, 1, 1)?))
+        })?,
+    );
+    t(
+        "conv2 fwd+bwd(x,w)",
+        time_it(dev, iters, || {
+            let y = x2.as_tensor().conv2d(w2.as_tensor(), 1, 1, 1, 1)?;
+            drop((y * &g2)?.sum_all()?.backward()?);
+            Ok(())
+        })?,
+    );
+    t(
+        "conv2 input grad (conv_transpose2d)",
+        time_it(dev, iters, || {
+            Ok(drop(g2.conv_transpose2d(w2.as_tensor(), 1, 0, 1, 1)?))
+        })?,
+    );
+    t(
+        "conv2 weight grad (conv2d of transposes)",
+        time_it(dev, iters, || {
+            let gk = x2
+                .as_tensor()
+                .transpose(0, 1)?
+                .conv2d(&g2.transpose(0, 1)?, 1, 1, 1, 1)?;
+            Ok(drop(gk))
+        })?,
+    );
+    // The fully connected part: BitLinear(4096 -> 512), ReLU, BitLinear(512 -> 10), loss.
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, dev);
+    let fc1 = bitlinear::bit_linear(4096, 512, vb.pp("fc1"))?;
+    let fc2 = bitlinear::bit_linear(512, 10, vb.pp("fc2"))?;
+    let xf = Var::from_tensor(&rn(&[b, 4096])?)?;
+    let y = Tensor::from_vec((0..b).map(|i| (i % 10) as u32).collect::<Vec<_>>(), b, dev)?;
+    let fc = |bwd: bool| -> Result<()> {
+        let l = fc2.forward(&fc1.forward(xf.as_tensor())?.relu()?)?;
+        let loss = candle_nn::loss::cross_entropy(&l, &y)?;
+        if bwd {
+            drop(loss.backward()?);
+        }
+        Ok(())
+    };
+    t("fc+loss fwd", time_it(dev, iters, || fc(false))?);
+    t("fc+loss fwd+bwd", time_it(dev, iters, || fc(true))?);
+    Ok(())
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -184,6 +274,9 @@ fn main() -> Result<()> {
     let dev = t.device.clone();
     if o.check {
         check(&dev)?;
+    }
+    if o.profile {
+        profile(&dev, o.batch_size, o.iters)?;
     }
 
     // Whole epochs through the trainer's own loop.
