@@ -22,6 +22,8 @@ const BLOCK_BYTES: usize = 32;
 const BLOCK_K: usize = 4 * BLOCK_BYTES;
 /// Weight rows computed together.
 const ROWS: usize = 4;
+/// Products smaller than this many multiply-adds run single-threaded.
+const SERIAL_MACS: usize = 4 << 20;
 /// Activation rows per cache tile (32 rows of K = 4096 codes: 128 KiB).
 const M_TILE: usize = 32;
 
@@ -64,24 +66,28 @@ impl PreparedActivations {
         if row_len == 0 {
             scales.iter_mut().enumerate().for_each(|(r, s)| *s = fill(r, &mut []));
         } else {
-            data.par_chunks_mut(row_len)
-                .zip(row_sums.par_iter_mut())
-                .zip(scales.par_iter_mut())
-                .enumerate()
-                .for_each_init(
-                    || vec![0i8; row_len],
-                    |codes, (r, ((dst, sum), scale))| {
-                        *scale = fill(r, &mut codes[..k]); // the tail beyond k stays zero
-                        *sum = codes[..k].iter().map(|&v| v as i32).sum();
-                        for (d, c) in dst.chunks_exact_mut(BLOCK_K).zip(codes.chunks_exact(BLOCK_K)) {
-                            for lane in 0..BLOCK_BYTES {
-                                for plane in 0..4 {
-                                    d[plane * BLOCK_BYTES + lane] = c[4 * lane + plane];
-                                }
-                            }
+            let row = |codes: &mut Vec<i8>, (r, ((dst, sum), scale)): (usize, ((&mut [i8], &mut i32), &mut f32))| {
+                *scale = fill(r, &mut codes[..k]); // the tail beyond k stays zero
+                *sum = codes[..k].iter().map(|&v| v as i32).sum();
+                for (d, c) in dst.chunks_exact_mut(BLOCK_K).zip(codes.chunks_exact(BLOCK_K)) {
+                    for lane in 0..BLOCK_BYTES {
+                        for plane in 0..4 {
+                            d[plane * BLOCK_BYTES + lane] = c[4 * lane + plane];
                         }
-                    },
-                );
+                    }
+                }
+            };
+            if m * row_len < SERIAL_MACS / 64 {
+                let mut codes = vec![0i8; row_len];
+                let rows = data.chunks_mut(row_len).zip(row_sums.iter_mut()).zip(scales.iter_mut());
+                rows.enumerate().for_each(|item| row(&mut codes, item));
+            } else {
+                data.par_chunks_mut(row_len)
+                    .zip(row_sums.par_iter_mut())
+                    .zip(scales.par_iter_mut())
+                    .enumerate()
+                    .for_each_init(|| vec![0i8; row_len], row);
+            }
         }
         (Self { data, row_sums, blocks }, scales)
     }
@@ -104,39 +110,46 @@ pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize
     let padded = x.blocks * BLOCK_BYTES;
     // Rows per rayon task: enough work per task, enough tasks for both cores.
     let rows_per_task = ROWS * (n / (ROWS * 32)).clamp(1, 16);
-    acc_nm
-        .par_chunks_mut(rows_per_task * m)
-        .enumerate()
-        .for_each(|(t, out)| {
-            let n0 = t * rows_per_task;
-            let rows = out.len() / m;
-            // Rows are used in place when they are whole blocks; otherwise copied zero-padded.
-            let direct = k4 == padded;
-            let mut wbuf = vec![0u8; ROWS * padded];
-            // Activation rows in tiles that stay in L2 while every weight tile of the task passes.
-            for m0 in (0..m).step_by(M_TILE) {
-                for r0 in (0..rows).step_by(ROWS) {
-                    let nr = ROWS.min(rows - r0);
-                    let first = (n0 + r0) * k4;
-                    let w: &[u8] = if direct && nr == ROWS {
-                        &packed[first..first + ROWS * k4]
-                    } else {
-                        wbuf.fill(0);
-                        for r in 0..nr {
-                            let src = &packed[first + r * k4..first + (r + 1) * k4];
-                            wbuf[r * padded..r * padded + k4].copy_from_slice(src);
-                        }
-                        &wbuf
-                    };
-                    for mm in m0..m.min(m0 + M_TILE) {
-                        let dots = dot_rows(w, padded, x.row(mm));
-                        for r in 0..nr {
-                            out[(r0 + r) * m + mm] = dots[r] - x.row_sums[mm];
-                        }
+    let task = |(t, out): (usize, &mut [i32])| {
+        let n0 = t * rows_per_task;
+        let rows = out.len() / m;
+        // Rows are used in place when they are whole blocks; otherwise copied zero-padded.
+        let direct = k4 == padded;
+        let mut wbuf = Vec::new();
+        // Activation rows in tiles that stay in L2 while every weight tile of the task passes.
+        for m0 in (0..m).step_by(M_TILE) {
+            for r0 in (0..rows).step_by(ROWS) {
+                let nr = ROWS.min(rows - r0);
+                let first = (n0 + r0) * k4;
+                let w: &[u8] = if direct && nr == ROWS {
+                    &packed[first..first + ROWS * k4]
+                } else {
+                    wbuf.clear();
+                    wbuf.resize(ROWS * padded, 0);
+                    for r in 0..nr {
+                        let src = &packed[first + r * k4..first + (r + 1) * k4];
+                        wbuf[r * padded..r * padded + k4].copy_from_slice(src);
+                    }
+                    &wbuf
+                };
+                for mm in m0..m.min(m0 + M_TILE) {
+                    let dots = dot_rows(w, padded, x.row(mm));
+                    for r in 0..nr {
+                        out[(r0 + r) * m + mm] = dots[r] - x.row_sums[mm];
                     }
                 }
             }
-        });
+        }
+    };
+    // Waking the thread pool costs tens of microseconds: small products run on this thread.
+    if m * n * k < SERIAL_MACS {
+        acc_nm.chunks_mut(rows_per_task * m).enumerate().for_each(task);
+    } else {
+        acc_nm.par_chunks_mut(rows_per_task * m).enumerate().for_each(task);
+    }
+    if m == 1 {
+        return acc_nm; // (1, n) and (n, 1) are the same layout
+    }
     // Back to (m, n).
     let mut acc = vec![0i32; m * n];
     for (nn, col) in acc_nm.chunks_exact(m).enumerate() {

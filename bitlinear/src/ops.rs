@@ -32,14 +32,19 @@ fn cpu_forward(
     let acc = crate::cpu::packed_accumulate(&prep, w.bytes, w.n, k);
     let mut y = vec![0f32; m * w.n];
     if w.n > 0 {
-        y.par_chunks_mut(w.n)
-            .zip(acc.par_chunks(w.n))
-            .zip(&scales)
-            .for_each(|((y, acc), &s_x)| {
-                for (y, &a) in y.iter_mut().zip(acc) {
-                    *y = quant::dequantize(a, s_x, w.s_w);
-                }
-            });
+        let row = |((y, acc), &s_x): ((&mut [f32], &[i32]), &f32)| {
+            for (y, &a) in y.iter_mut().zip(acc) {
+                *y = quant::dequantize(a, s_x, w.s_w);
+            }
+        };
+        if m == 1 {
+            row(((&mut y, &acc), &scales[0])); // not worth waking the thread pool
+        } else {
+            y.par_chunks_mut(w.n)
+                .zip(acc.par_chunks(w.n))
+                .zip(&scales)
+                .for_each(row);
+        }
     }
     cpu_from_f32(y, dtype)
 }
