@@ -26,6 +26,8 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (16, 33, 255),
     (5, 64, 1000),
     (128, 17, 130),
+    // Large enough for the multi-threaded paths (quantize, accumulate, epilogue).
+    (64, 70, 1100),
 ];
 
 #[test]
