@@ -50,14 +50,14 @@ struct Opts {
 }
 
 /// ms per iteration of `f` (after 5 warm-up iterations), synchronized.
-fn time_it(dev: &candle_core::Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_it<T>(dev: &candle_core::Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     for _ in 0..5 {
-        f()?;
+        drop(f()?);
     }
     dev.synchronize()?;
     let start = Instant::now();
     for _ in 0..iters {
-        f()?;
+        drop(f()?);
     }
     dev.synchronize()?;
     Ok(1e3 * start.elapsed().as_secs_f64() / iters as f64)
@@ -76,7 +76,7 @@ fn profile(dev: &candle_core::Device, b: usize, iters: usize) -> Result<()> {
     let t = |name: &str, v: f64| eprintln!("profile {name}: {v:.3} ms");
     t(
         "conv1 fwd",
-        time_it(dev, iters, || Ok(drop(x1.conv2d(w1.as_tensor(), 1, 1, 1, 1)?)))?,
+        time_it(dev, iters, || Ok(x1.conv2d(w1.as_tensor(), 1, 1, 1, 1)?))?,
     );
     t(
         "conv1 fwd+bwd(w)",
@@ -88,9 +88,7 @@ fn profile(dev: &candle_core::Device, b: usize, iters: usize) -> Result<()> {
     );
     t(
         "conv2 fwd",
-        time_it(dev, iters, || {
-            Ok(drop(x2.as_tensor().conv2d(w2.as_tensor(), 1, 1, 1, 1)?))
-        })?,
+        time_it(dev, iters, || Ok(x2.as_tensor().conv2d(w2.as_tensor(), 1, 1, 1, 1)?))?,
     );
     t(
         "conv2 fwd+bwd(x,w)",
@@ -102,9 +100,7 @@ fn profile(dev: &candle_core::Device, b: usize, iters: usize) -> Result<()> {
     );
     t(
         "conv2 input grad (conv_transpose2d)",
-        time_it(dev, iters, || {
-            Ok(drop(g2.conv_transpose2d(w2.as_tensor(), 1, 0, 1, 1)?))
-        })?,
+        time_it(dev, iters, || Ok(g2.conv_transpose2d(w2.as_tensor(), 1, 0, 1, 1)?))?,
     );
     t(
         "conv2 weight grad (conv2d of transposes)",
@@ -113,7 +109,7 @@ fn profile(dev: &candle_core::Device, b: usize, iters: usize) -> Result<()> {
                 .as_tensor()
                 .transpose(0, 1)?
                 .conv2d(&g2.transpose(0, 1)?, 1, 1, 1, 1)?;
-            Ok(drop(gk))
+            Ok(gk)
         })?,
     );
     // The fully connected part: BitLinear(4096 -> 512), ReLU, BitLinear(512 -> 10), loss.
