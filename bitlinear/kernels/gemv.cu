@@ -2,10 +2,11 @@
 // layout, on the CUDA cores (dp4a), with the weights streamed into shared memory by the bulk copy
 // engine (cp.async.bulk, sm_90). Needs K % 64 == 0 (16-byte packed chunks, rows 16-byte aligned)
 // and a 16-byte aligned weight pointer.
-// OPT-IN (BITLINEAR_CUDA_GEMV=1): on the H100 it was slower than the skinny kernel at M = 1 on
-// 3 of 4 benchmark shapes (2560x2560: 10.9 vs 9.1 us; 13824x2560: 14.4 vs 15.2; 2560x6912: 16.3
-// vs 13.1; 4096x4096: 12.7 vs 10.1), mostly latency: the fused quantizer's two passes, then
-// the bulk copies, add up rather than overlap.
+// OPT-IN (BITLINEAR_CUDA_GEMV=1): bit-exact, but on the H100 slower than the skinny kernel at
+// M = 1 on all four benchmark shapes (us per call, bf16 x: 2560x2560 10.9 vs 8.3; 13824x2560
+// 14.3 vs 13.4; 2560x6912 15.8 vs 11.9; 4096x4096 12.3 vs 9.6), also on pre-quantized codes
+// (8.7 vs 6.8 us at 2560x2560): the bulk copy of a warp's rows and its mbarrier wait add latency
+// that the skinny kernel's direct 16-byte register loads do not have.
 //
 // Data layout
 //   x  : float activations T (M, K) row-major, quantized here (fused quantizer), or int8 codes

@@ -11,15 +11,18 @@
 //! permitted difference is the f64 summation order of the weight absmean, which can change
 //! `s_w` only when the f64 mean lies within ~1e-16 (relative) of an f32 rounding boundary.
 //!
-//! Matmul strategy (see `matmul_core`):
+//! Matmul strategy (see `matmul_core`; the table is from H100 measurements, `bench/`):
 //! * `M <= 32` (decode): the "skinny" kernel streams the packed weights straight into tensor-core
 //!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
 //!   forward), otherwise a row-quantizer kernel runs first.
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
-//!   tiled `mma.sync` int8 GEMM (128x256, 128x128 or 64x64 CTA tiles: the widest that still
-//!   fills every SM) decodes the weights on their way from shared memory into the MMAs.
+//!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
+//!   `wgmma` kernel (`kernels/gemm90a.cu`, 128x256 tiles) once its tiles cover at least half the
+//!   SMs (M >= ~1024 for the benchmark shapes: 1.15-1.4x faster than the best `mma.sync` tile),
+//!   otherwise the `mma.sync` kernel with 128x128 tiles when they give 3/4 of the SMs a tile,
+//!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant).
 //!
-//! Environment switches (read at each call; the last three exist so that tests and benchmarks
+//! Environment switches (read at each call; the last four exist so that tests and benchmarks
 //! can reach every kernel variant whatever the shape):
 //! * `BITLINEAR_CUDA_POISON=1` fills every output buffer with 0xFF bytes (NaN for floats) before
 //!   the kernels run, so that an element a kernel forgets to write is caught by a comparison.
@@ -28,9 +31,10 @@
 //!   non-finite weight then gives `s_w = NaN`, i.e. NaN outputs, instead of an error.
 //! * `BITLINEAR_CUDA_FORCE_GEMM=1`: use the tiled GEMM even for `M <= 32`.
 //! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel.
+//! * `BITLINEAR_CUDA_GEMV=1`: for `M <= 2` with `K % 64 == 0`, the dp4a GEMV with bulk-copied
+//!   weights (`kernels/gemv.cu`) instead of the skinny kernel (bit-exact, but slower on the H100).
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
-//!   choice; `wgmma` is the experimental Hopper warpgroup-MMA kernel (`kernels/gemm90a.cu`,
-//!   128x256 tile), not used by default until it has been validated on a GPU.
+//!   choice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
