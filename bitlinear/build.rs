@@ -4,34 +4,19 @@
 //! `sm_$CUDA_COMPUTE_CAP` (default 90) plus PTX for the same architecture (so a newer GPU can
 //! JIT it), except `gemm90a.cu` (wgmma), which is built for `sm_90a` only, and `gemv.cu` (bulk
 //! copies), built for `sm_90` only (both are empty files for other targets); `src/cuda` embeds
-//! them with `include_bytes!`. nvcc is `$NVCC`, else
-//! `$CUDA_ROOT/bin/nvcc` / `$CUDA_PATH/bin/nvcc`, else `nvcc` on the `PATH`.
-
-use std::path::PathBuf;
-use std::process::Command;
+//! them with `include_bytes!`. nvcc and the target come from the `cuda-build` crate.
 
 const KERNELS: &[&str] = &["quant", "skinny", "gemm"];
 
 fn main() {
-    println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=kernels");
-    for k in KERNELS {
-        println!("cargo:rerun-if-changed=kernels/{k}.cu");
-    }
-    println!("cargo:rerun-if-changed=kernels/gemm90a.cu");
-    println!("cargo:rerun-if-changed=kernels/gemv.cu");
-    println!("cargo:rerun-if-changed=kernels/common.cuh");
-    for v in ["CUDA_COMPUTE_CAP", "NVCC", "CUDA_ROOT", "CUDA_PATH"] {
-        println!("cargo:rerun-if-env-changed={v}");
-    }
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+    let mut watched: Vec<String> = KERNELS.iter().map(|k| format!("kernels/{k}.cu")).collect();
+    watched.extend(["kernels", "kernels/gemm90a.cu", "kernels/gemv.cu", "kernels/common.cuh"].map(String::from));
+    cuda_build::rerun_if_changed(&watched.iter().map(String::as_str).collect::<Vec<_>>());
+    if !cuda_build::cuda_feature() {
         return;
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
-    let cap: String = cap.chars().filter(|c| c.is_ascii_digit()).collect();
-    assert!(!cap.is_empty(), "CUDA_COMPUTE_CAP must look like 90 or 9.0");
-    let nvcc = nvcc_path();
+    let out = cuda_build::out_dir();
+    let cap = cuda_build::compute_cap();
     // gemm90a.cu uses Hopper-only instructions (wgmma): built for sm_90a when targeting 9.0,
     // otherwise replaced by an empty file (the Rust side then reports the kernel as unavailable).
     let mut jobs: Vec<(&str, String)> = KERNELS
@@ -51,36 +36,22 @@ fn main() {
         .iter()
         .map(|(k, gencode)| {
             let dst = out.join(format!("{k}.fatbin"));
-            let mut cmd = Command::new(&nvcc);
-            cmd.arg("-fatbin")
-                .arg(gencode)
-                .args(["-O3", "-std=c++17", "-Xptxas=-warn-spills"])
-                .arg("-o")
-                .arg(&dst)
-                .arg(format!("kernels/{k}.cu"));
-            let child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {nvcc:?} ({e}); set NVCC or CUDA_ROOT"));
-            (k, child)
+            let args = [
+                "-fatbin",
+                gencode.as_str(),
+                "-O3",
+                "-std=c++17",
+                "-Xptxas=-warn-spills",
+                "-o",
+            ]
+            .map(String::from)
+            .into_iter()
+            .chain([dst.display().to_string(), format!("kernels/{k}.cu")])
+            .collect::<Vec<_>>();
+            (k, cuda_build::spawn_nvcc(&args))
         })
         .collect();
     for (k, child) in children {
-        let status = child.wait_with_output().expect("nvcc").status;
-        assert!(status.success(), "nvcc failed on kernels/{k}.cu ({status})");
+        cuda_build::wait_nvcc(child, &format!("kernels/{k}.cu"));
     }
-}
-
-fn nvcc_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("NVCC") {
-        return PathBuf::from(p);
-    }
-    for root in ["CUDA_ROOT", "CUDA_PATH"] {
-        if let Some(r) = std::env::var_os(root) {
-            let p = PathBuf::from(r).join("bin").join("nvcc");
-            if p.exists() {
-                return p;
-            }
-        }
-    }
-    PathBuf::from("nvcc")
 }
