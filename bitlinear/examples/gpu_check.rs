@@ -680,6 +680,27 @@ mod real {
             "quantize_activations(i64)",
             quantize_activations(&xi, ActScaling::PerToken).map(|_| ()),
         );
+        // Operands on different devices.
+        let x_cpu = Tensor::ones((3, 10), DType::F32, &Device::Cpu)?;
+        let w_gpu = Tensor::ones((6, 10), DType::F32, gpu)?;
+        fails += expect_err(
+            "bit_matmul(x on cpu, w on cuda)",
+            bit_matmul(&x_cpu, &w_gpu, ActScaling::PerToken).map(|_| ()),
+        );
+        fails += expect_err(
+            "packed_matmul(x on cpu, w on cuda)",
+            packed_matmul(&x_cpu, &good, ActScaling::PerToken).map(|_| ()),
+        );
+        let codes_cpu = Tensor::zeros((3, 10), DType::U8, &Device::Cpu)?;
+        fails += expect_err(
+            "packed_accumulate(codes on cpu, w on cuda)",
+            packed_accumulate(&codes_cpu, &good).map(|_| ()),
+        );
+        let layer = bitlinear::BitLinear::new(w_gpu, None, None, Default::default())?;
+        fails += expect_err(
+            "BitLinear::forward(x on cpu, layer on cuda)",
+            candle_core::Module::forward(&layer, &x_cpu).map(|_| ()),
+        );
         Ok(fails)
     }
 
