@@ -182,39 +182,29 @@ fn non_finite_activations_give_nan_rows_only() {
 
 #[test]
 fn empty_and_degenerate_shapes() {
-    let cpu = &Device::Cpu;
-    // M = 0.
-    let y = bit_matmul(
-        &Tensor::zeros((0, 5), DType::F32, cpu).unwrap(),
-        &Tensor::ones((3, 5), DType::F32, cpu).unwrap(),
-        ActScaling::PerToken,
-    )
-    .unwrap();
-    assert_eq!(y.dims(), &[0, 3]);
-    // N = 0.
-    let y = bit_matmul(
-        &Tensor::ones((2, 5), DType::F32, cpu).unwrap(),
-        &Tensor::zeros((0, 5), DType::F32, cpu).unwrap(),
-        ActScaling::PerToken,
-    )
-    .unwrap();
-    assert_eq!(y.dims(), &[2, 0]);
-    // K = 0: an empty sum is zero.
-    let y = bit_matmul(
-        &Tensor::zeros((2, 0), DType::F32, cpu).unwrap(),
-        &Tensor::zeros((3, 0), DType::F32, cpu).unwrap(),
-        ActScaling::PerToken,
-    )
-    .unwrap();
-    assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![0.0; 3]; 2]);
+    // `bit_matmul` of an (m, k) input and an (n, k) weight filled with `x` and `w`.
+    let run = |(m, n, k): (usize, usize, usize), x: f32, w: f32| {
+        let x = (Tensor::ones((m, k), DType::F32, &Device::Cpu).unwrap() * x as f64).unwrap();
+        let w = (Tensor::ones((n, k), DType::F32, &Device::Cpu).unwrap() * w as f64).unwrap();
+        bit_matmul(&x, &w, ActScaling::PerToken).unwrap()
+    };
+    assert_eq!(run((0, 3, 5), 1.0, 1.0).dims(), &[0, 3]); // M = 0
+    assert_eq!(run((2, 0, 5), 1.0, 1.0).dims(), &[2, 0]); // N = 0
+                                                          // K = 0: an empty sum is zero.
+    assert_eq!(
+        run((2, 3, 0), 1.0, 1.0).to_vec2::<f32>().unwrap(),
+        vec![vec![0.0; 3]; 2]
+    );
     // All-zero weights and inputs: the epsilons keep everything finite and zero.
-    let y = bit_matmul(
-        &Tensor::zeros((2, 6), DType::F32, cpu).unwrap(),
-        &Tensor::zeros((3, 6), DType::F32, cpu).unwrap(),
-        ActScaling::PerToken,
-    )
-    .unwrap();
-    assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![0.0; 3]; 2]);
+    assert_eq!(
+        run((2, 3, 6), 0.0, 0.0).to_vec2::<f32>().unwrap(),
+        vec![vec![0.0; 3]; 2]
+    );
+    // The same with unit values: every product is 1, so each output is K (= 6).
+    assert_eq!(
+        run((2, 3, 6), 1.0, 1.0).to_vec2::<f32>().unwrap(),
+        vec![vec![6.0; 3]; 2]
+    );
 }
 
 #[test]
