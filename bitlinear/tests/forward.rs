@@ -140,23 +140,11 @@ fn half_precision_inputs_within_their_precision() {
             .to_dtype(dtype)
             .unwrap();
         // The reference sees the same (rounded) inputs.
-        let xr: Vec<f32> = xt
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let xr = f32_vec(&xt);
         let (_, y_ref) = ref_forward(&xr, &w, m, n, k);
         let y = bit_matmul(&xt, &wt, ActScaling::PerToken).unwrap();
         assert_eq!(y.dtype(), dtype);
-        let y: Vec<f32> = y
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let y = f32_vec(&y);
         assert_close(&y, &y_ref, rel, &format!("{dtype:?}"));
     }
 }

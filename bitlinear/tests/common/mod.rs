@@ -2,6 +2,7 @@
 //! f64 sums, i64 integer products. Shared by the integration tests.
 #![allow(dead_code)]
 
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -135,4 +136,14 @@ pub fn assert_close(got: &[f32], want: &[f64], rel: f64, what: &str) {
             "{what}[{i}]: got {g}, want {w} (rel tol {rel})"
         );
     }
+}
+
+/// All elements of a float tensor, converted to f32, in row-major order.
+pub fn f32_vec(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
