@@ -2,15 +2,14 @@
 //!
 //! Each `kernels/<name>.cu` becomes `$OUT_DIR/<name>.fatbin` holding SASS for
 //! `sm_$CUDA_COMPUTE_CAP` (default 90) plus PTX for the same architecture (so a newer GPU can
-//! JIT it), except `gemm90a.cu` (wgmma), which is built for `sm_90a` only, and `gemv.cu` (bulk
-//! copies), built for `sm_90` only (both are empty files for other targets); `src/cuda` embeds
-//! them with `include_bytes!`. nvcc and the target come from the `cuda-build` crate.
+//! JIT it), except `gemm90a.cu` (wgmma), which is built for `sm_90a` only (an empty file for
+//! other targets); `src/cuda` embeds them with `include_bytes!`. nvcc and the target come from the `cuda-build` crate.
 
-const KERNELS: &[&str] = &["quant", "skinny", "gemm"];
+const KERNELS: &[&str] = &["quant", "skinny", "gemm", "gemv"];
 
 fn main() {
     let mut watched: Vec<String> = KERNELS.iter().map(|k| format!("kernels/{k}.cu")).collect();
-    watched.extend(["kernels", "kernels/gemm90a.cu", "kernels/gemv.cu", "kernels/common.cuh"].map(String::from));
+    watched.extend(["kernels", "kernels/gemm90a.cu", "kernels/common.cuh"].map(String::from));
     cuda_build::rerun_if_changed(&watched.iter().map(String::as_str).collect::<Vec<_>>());
     if !cuda_build::cuda_feature() {
         return;
@@ -23,13 +22,10 @@ fn main() {
         .iter()
         .map(|k| (*k, format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]")))
         .collect();
-    // gemv.cu uses the bulk copy engine (cp.async.bulk, sm_90): built only for 9.0 too.
     if cap == "90" {
         jobs.push(("gemm90a", "-gencode=arch=compute_90a,code=sm_90a".to_string()));
-        jobs.push(("gemv", "-gencode=arch=compute_90,code=[sm_90,compute_90]".to_string()));
     } else {
         std::fs::write(out.join("gemm90a.fatbin"), b"").expect("write gemm90a.fatbin");
-        std::fs::write(out.join("gemv.fatbin"), b"").expect("write gemv.fatbin");
     }
     // The files are independent: compile them in parallel.
     let children: Vec<_> = jobs

@@ -13,9 +13,10 @@
 //!
 //! Bench: M in {1,16,128,1024,4096} x (N,K) in {(2560,2560),(13824,2560),(2560,6912),(4096,4096)},
 //! bf16 activations: `packed_matmul` on pre-packed weights, the full forward `bit_matmul`
-//! (quantize, pack and matmul; bf16 weights), candle's bf16 matmul (cuBLAS). CUDA events around every run,
-//! queued behind a spin kernel so host overhead is hidden, warm-up, median; weight buffers rotated
-//! so that each op's weights total more than the 50 MB L2.
+//! (quantize, pack and matmul; bf16 weights), candle's bf16 matmul (cuBLAS). CUDA events around
+//! batches of back-to-back calls queued behind a spin kernel (so host overhead is hidden), warm-up,
+//! median over batches of the time per call; weight buffers rotated so that each op's weights
+//! total more than the 50 MB L2.
 
 #[cfg(feature = "cuda")]
 fn main() {
@@ -192,13 +193,19 @@ mod real {
             (5, 8, 0),
             (1, 1, 0),
             (40, 8, 0),
-            // the decode GEMV (M <= 2, K % 64 == 0): partial warps and blocks, both row counts
+            // the decode GEMV (M = 1, K % 64 == 0, K <= 8192): partial warps and blocks, every
+            // chunk-slot count; M > 1 and K = 16384 take the skinny kernel
             (1, 1000, 2368),
             (2, 333, 1024),
             (1, 5, 128),
             (2, 4096, 4096),
             (1, 20001, 64),
             (2, 7, 16384),
+            (3, 999, 192),
+            (4, 4095, 8192),
+            (4, 100, 64),
+            (3, 1, 8192),
+            (1, 2049, 6912),
             // bf16 inputs here take the skinny kernel's two-pass fused quantizer
             (17, 64, 257),
             (24, 33, 260),
@@ -555,7 +562,7 @@ mod real {
             &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "wide")],
         ),
         ("no-fuse", &[("BITLINEAR_CUDA_NO_FUSE", "1")]),
-        ("gemv", &[("BITLINEAR_CUDA_GEMV", "1")]),
+        ("skinny", &[("BITLINEAR_CUDA_NO_GEMV", "1")]),
         (
             "gemm-wgmma",
             &[
@@ -761,7 +768,10 @@ $L_loop:
             Ok(())
         }
 
-        /// Median device time (µs) of `op(i)` over `batches` x `per_batch` runs after `warmup`.
+        /// Median over `batches` of the device time per call (µs) of `per_batch` back-to-back
+        /// calls `op(i)`, after `warmup` calls. One event pair brackets each batch, so the time
+        /// includes the gaps between consecutive kernels but no host overhead (the batch is
+        /// queued behind the spin kernel) and no per-call event overhead.
         fn time(
             &self,
             warmup: usize,
@@ -779,20 +789,19 @@ $L_loop:
             let mut idx = warmup;
             for _ in 0..batches {
                 self.spin(3_000_000)?;
-                let ev: Vec<CudaEvent> = (0..=per_batch)
+                let ev: Vec<CudaEvent> = (0..2)
                     .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
                     .collect::<std::result::Result<_, _>>()
                     .map_err(|e| anyhow!("{e:?}"))?;
                 ev[0].record(&stream).map_err(|e| anyhow!("{e:?}"))?;
-                for e in &ev[1..] {
+                for _ in 0..per_batch {
                     op(idx)?;
                     idx += 1;
-                    e.record(&stream).map_err(|e| anyhow!("{e:?}"))?;
                 }
-                ev[per_batch].synchronize().map_err(|e| anyhow!("{e:?}"))?;
-                for w in ev.windows(2) {
-                    times.push(w[0].elapsed_ms(&w[1]).map_err(|e| anyhow!("{e:?}"))? as f64 * 1e3);
-                }
+                ev[1].record(&stream).map_err(|e| anyhow!("{e:?}"))?;
+                ev[1].synchronize().map_err(|e| anyhow!("{e:?}"))?;
+                let ms = ev[0].elapsed_ms(&ev[1]).map_err(|e| anyhow!("{e:?}"))? as f64;
+                times.push(ms * 1e3 / per_batch as f64);
             }
             times.sort_by(|a, b| a.partial_cmp(b).unwrap());
             Ok(times[times.len() / 2])
@@ -829,6 +838,10 @@ $L_loop:
         std::env::remove_var("BITLINEAR_CUDA_POISON");
         std::env::set_var("BITLINEAR_CUDA_NO_FINITE_CHECK", "1");
         let timer = Timer::new(gpu)?;
+        // One stream: cudarc's per-slice events (which only order work across streams) would add
+        // an event record/wait to the stream around every kernel, ours and cuBLAS's alike.
+        // SAFETY: everything below runs on the device's single stream.
+        unsafe { timer.dev.disable_event_tracking() };
         let mut ms: Vec<usize> = if o.quick {
             vec![1, 128]
         } else {
@@ -848,13 +861,13 @@ $L_loop:
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(160 << 20);
-        println!("\n== benchmark: bf16 activations, median device time per call (CUDA events) ==");
+        println!("\n== benchmark: bf16 activations, device time per call (CUDA events around batches of back-to-back calls, median of batches) ==");
         println!(
             "{:>5} {:>6} {:>5} | {:>9} {:>8} {:>7} | {:>9} {:>7} | {:>9} {:>7} | {:>7} {:>8}",
             "M", "N", "K", "packed us", "GB/s", "TOPS", "full us", "TOPS", "bf16 us", "TOPS", "xbf16", "full/pk"
         );
         // The floor: an empty kernel timed the same way (launch + event gaps).
-        let t_empty = timer.time(3, 3, 20, |_| timer.spin(0))?;
+        let t_empty = timer.time(3, 7, 20, |_| timer.spin(0))?;
         println!("empty kernel: {t_empty:.2} us per call (launch floor of this timing method)");
         for &(n, k) in &nks {
             if !o.only.is_empty() && !o.only.iter().any(|s| s.1 == n && s.2 == k) {
@@ -876,7 +889,7 @@ $L_loop:
                     continue;
                 }
                 let x = Tensor::randn(0f32, 1.0, (m, k), gpu)?.to_dtype(DType::BF16)?;
-                let (batches, per) = if m >= 1024 { (2, 10) } else { (3, 20) };
+                let (batches, per) = if m >= 1024 { (5, 10) } else { (7, 20) };
                 let t_p = timer.time(3, batches, per, |i| {
                     packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
                     Ok(())
@@ -893,7 +906,7 @@ $L_loop:
                 let mut variants = String::new();
                 for (name, vars) in VARIANTS {
                     if m > 32 && (name.starts_with("no-fuse") || *name == "gemm-small" && m >= 1024)
-                        || m > 2 && *name == "gemv"
+                        || m > 1 && *name == "skinny"
                     {
                         continue;
                     }
@@ -908,11 +921,14 @@ $L_loop:
                         Err(e) => variants.push_str(&format!(" {name} error ({e})")),
                     }
                 }
-                if m <= 2 {
+                if m == 1 {
                     // the decode path on pre-quantized codes (packed_accumulate, i32 out): the
                     // matmul without the fused quantizer
                     let (codes, _) = bitlinear::quantize_activations(&x, ActScaling::PerToken)?;
-                    for (name, vars) in [("codes", &[][..]), ("codes-gemv", &[("BITLINEAR_CUDA_GEMV", "1")][..])] {
+                    for (name, vars) in [
+                        ("codes", &[][..]),
+                        ("codes-skinny", &[("BITLINEAR_CUDA_NO_GEMV", "1")][..]),
+                    ] {
                         let t = with_env(vars, || {
                             timer.time(2, batches, per, |i| {
                                 if name.starts_with("codes") {

@@ -44,10 +44,28 @@ __device__ __forceinline__ int act_code(float v, float s) {
     q = fminf(fmaxf(q, -128.0f), 127.0f);
     return (int)q;
 }
+// rint(v / s) from the reciprocal inv = 1 / s (IEEE), without a division in the common case.
+// q = v * inv and fl(v / s) both lie within a relative 2^-23 of v / s, so for |q| < 256 they differ
+// by < 1e-4 and round to the same integer unless q lies within 1e-4 of a half-integer, where the
+// exact division decides. Larger quotients may round differently, but every caller clamps to
+// [-128, 127] or tighter, and there both are clamped to the same bound.
+__device__ __forceinline__ float rint_div(float v, float s, float inv) {
+    const float q = v * inv;
+    const float r = rintf(q);
+    return (fabsf(q) < 256.0f && fabsf(q - r) > 0.4999f) ? rintf(__fdiv_rn(v, s)) : r;
+}
+// act_code(v, s) computed through rint_div (identical results).
+__device__ __forceinline__ int act_code_inv(float v, float s, float inv) {
+    return (int)fminf(fmaxf(rint_div(v, s, inv), -128.0f), 127.0f);
+}
 __device__ __forceinline__ int ternary_code(float v, float s) {  // returns w_q + 1 in {0,1,2}
     float q = rintf(__fdiv_rn(v, s));
     q = fminf(fmaxf(q, -1.0f), 1.0f);
     return (int)q + 1;
+}
+// ternary_code(v, s) computed through rint_div (identical results, NaN included).
+__device__ __forceinline__ int ternary_code_inv(float v, float s, float inv) {
+    return (int)fminf(fmaxf(rint_div(v, s, inv), -1.0f), 1.0f) + 1;
 }
 // Epilogue, two f32 roundings in this order.
 __device__ __forceinline__ float dequant(int acc, float sx, float sw) {

@@ -1,132 +1,112 @@
-// Decode matmul (M <= 2): y (M, N) = x (M, K) . W (N, K)^T, W in the canonical packed ternary
-// layout, on the CUDA cores (dp4a), with the weights streamed into shared memory by the bulk copy
-// engine (cp.async.bulk, sm_90). Needs K % 64 == 0 (16-byte packed chunks, rows 16-byte aligned)
-// and a 16-byte aligned weight pointer.
-// OPT-IN (BITLINEAR_CUDA_GEMV=1): bit-exact, but on the H100 slower than the skinny kernel at
-// M = 1 on all four benchmark shapes (us per call, bf16 x: 2560x2560 10.9 vs 8.3; 13824x2560
-// 14.3 vs 13.4; 2560x6912 15.8 vs 11.9; 4096x4096 12.3 vs 9.6), also on pre-quantized codes
-// (8.7 vs 6.8 us at 2560x2560): the bulk copy of a warp's rows and its mbarrier wait add latency
-// that the skinny kernel's direct 16-byte register loads do not have.
+// Decode matmul (M = 1): y (M, N) = x (M, K) . W (N, K)^T, W in the canonical packed ternary
+// layout, on the CUDA cores (dp4a). Built to stream the packed weights at close to HBM bandwidth:
+// every weight byte a thread will use is requested with 16-byte loads in its first instructions,
+// so the whole matrix is in flight while the block quantizes x. Needs K % 64 == 0 (16-byte packed
+// chunks, rows 16-byte aligned), K <= 8192 and a 16-byte aligned weight pointer; other shapes use
+// the skinny kernel. The code handles up to MR x rows, but only MR = 1 is instantiated: on the
+// H100 the skinny kernel was faster at M = 4 (4096 x 4096: 11.6 vs 15.3 us).
 //
 // Data layout
 //   x  : float activations T (M, K) row-major, quantized here (fused quantizer), or int8 codes
 //        (M, K) plus f32 scales (per row, or one per tensor).
-//   W  : packed (N, K4 = K/4) bytes, row-major, so any run of whole rows is one contiguous span.
+//   W  : packed (N, K4 = K/4) bytes, row-major; a row is cpr = K4/16 chunks of 16 bytes (64 k).
 //   y  : (M, N) row-major, int32 accumulators or OT = f32/bf16/f16 after the epilogue.
 //
-// Work split: block = 8 warps; warp w of block b owns rw (host-chosen, <= 16) consecutive weight
-// rows starting at (8b + w) * rw. Dynamic shared memory: [MR * K bytes of permuted x codes]
-// [8 warps x rw x K4 bytes of weights].
-//   * lane 0 of each warp issues two bulk copies of its rows (first ceil(rw/2) rows, then the
-//     rest) into its slab, each completing on its own mbarrier, before anything else happens, so
-//     the whole matrix is requested at kernel start;
-//   * meanwhile all 256 threads quantize x: pass 1 loads 16-k groups (16-byte loads when x is
-//     16-byte aligned), per-row absmax and non-finite flag (warp reduce, smem atomicMax on the
-//     float bits: exact); pass 2 reloads the groups (L1/L2), quantizes and stores them permuted
-//     (common.cuh: position 4i + j of a group holds k = 4j + i), adding up each row's code sum.
-//     int8 input: the codes are only permuted and summed.
-//   * lane l then handles the 16-byte chunks j = l, l + 32, ... of every row of its warp (a chunk
-//     = 64 k = four 16-k groups, one 32-bit word each): the 64 x bytes of chunk j go to registers
-//     once per half, and for each row the word u of the chunk gives (word >> 2i) & 0x03030303 =
-//     the codes at permuted positions 4i..4i+3 of group 4j + u, one dp4a against x word i of that
+// Work split: block = 8 warps; warp w of block b owns rw (host-chosen, <= min(8, 16 / S)) consecutive
+// weight rows starting at (8b + w) * rw; lane l owns chunks l, l + 32, ..., l + 32(S-1) of each
+// of those rows (S = ceil(cpr / 32) in {1, 2, 4}, a template parameter, so K <= 8192).
+//   * each thread first loads its first 16-k group of x (raw bits), then its rw x S weight chunks
+//     into registers (ld.global.nc, no L1 allocation): load data returns in request order, so x
+//     requested after the weights would only arrive after all of them;
+//   * meanwhile all 256 threads quantize x into shared memory: pass 1 loads 16-k groups (16-byte
+//     loads when x is 16-byte aligned; the first group from those registers), per-row absmax and non-finite flag (warp reduce, smem
+//     atomicMax on the float bits: exact); pass 2 reloads the groups (L1/L2), quantizes and stores
+//     them permuted (common.cuh: position 4i + j of a group holds k = 4j + i), adding up each
+//     row's code sum. int8 input: the codes are only permuted and summed. Group u of chunk j
+//     (16 codes) is stored at byte 16 (u * cpr + j) of its x row ("u-major"), so that lanes
+//     reading group u of consecutive chunks read consecutive 16 bytes (conflict-free LDS.128; a
+//     chunk-major layout would be a 4-way bank conflict).
+//   * for each of its chunk slots the lane reads group u of that chunk of x (one LDS.128 per x
+//     row), and for each of its rows, word u of the weight chunk gives (word >> 2i) & 0x03030303
+//     = the codes at permuted positions 4i..4i+3 of group u: one dp4a against x word i of that
 //     group. Codes stay unsigned (0, 1, 2): sum x (c - 1) = sum x c - sum x.
-//   * per row, the 32 lane sums are added with one redux.sync; lane r keeps row r's total and the
-//     lanes r < rw store their outputs (consecutive n: coalesced).
+//   * per (row, x row), the 32 lane sums are added with one redux.sync (integers: exact) and
+//     lane 0 stores the output.
 // Epilogue: y = (acc * s_x[m]) * s_w (two roundings), cast to OT; int32 mode stores acc.
 #include "common.cuh"
 
 #define GV_WARPS 8
 #define GV_THREADS (GV_WARPS * 32)
-#define GV_RW 16  // most weight rows a warp can own (accumulators are registers)
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_fence_init() {
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned phase) {
-    uint32_t done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(smem_u32(b)), "r"(phase)
-            : "memory");
-    }
-}
-// 1D bulk copy global -> shared (16-byte aligned addresses, size a multiple of 16), completing
-// `bytes` transactions on the mbarrier.
-__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                     smem_u32(dst)),
-                 "l"(src), "r"(bytes), "r"(smem_u32(bar))
-                 : "memory");
-}
 
 __device__ __forceinline__ uint32_t comp4(const uint4& v, int i) {
     return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// Raw bits of one 16-k group of x (16 values of T), as 16-byte loads.
+template <typename T>
+struct XGroup {
+    uint4 v[sizeof(T)];
+};
+template <typename T>
+__device__ __forceinline__ void gv_load_raw(const T* __restrict__ xr, int g, XGroup<T>& r) {
+#pragma unroll
+    for (int c = 0; c < (int)sizeof(T); ++c) r.v[c] = __ldg(reinterpret_cast<const uint4*>(xr + 16 * g) + c);
+}
+template <typename T>
+__device__ __forceinline__ void gv_raw_f32(const XGroup<T>& r, float (&f)[16]) {
+    const T* e = reinterpret_cast<const T*>(r.v);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) f[i] = to_f32(e[i]);
 }
 
 // 16 values of group g (k = 16g .. 16g+15) of a row as floats; K % 16 == 0 here.
 template <typename T>
 __device__ __forceinline__ void gv_load16(const T* __restrict__ xr, int g, bool vec, float (&f)[16]) {
     if (vec) {
-        constexpr int VN = 16 / sizeof(T);
-#pragma unroll
-        for (int c = 0; c < 16 / VN; ++c) {
-            uint4 v = __ldg(reinterpret_cast<const uint4*>(xr + 16 * g + c * VN));
-            const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-            for (int i = 0; i < VN; ++i) f[c * VN + i] = to_f32(e[i]);
-        }
+        XGroup<T> r;
+        gv_load_raw(xr, g, r);
+        gv_raw_f32(r, f);
     } else {
 #pragma unroll
         for (int i = 0; i < 16; ++i) f[i] = to_f32(xr[16 * g + i]);
     }
 }
 
-template <int MR, typename XT, typename OT>
+template <int MR, int S, typename XT, typename OT>
 __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xscales, int per_tensor,
                           const uint8_t* __restrict__ W, int M, int N, int K, int K4, int rw, float sw_val,
                           const float* __restrict__ sw_ptr, OT* __restrict__ y) {
     constexpr bool FUSED = !std::is_same<XT, int8_t>::value;
     extern __shared__ __align__(128) uint8_t smem[];
-    __shared__ __align__(8) uint64_t bar[GV_WARPS][2];
     __shared__ int xsum[MR];
     __shared__ float sx[MR];
+    __shared__ float sxinv[MR];  // 1 / s_x (IEEE), for act_code_inv
     __shared__ unsigned rowmax[MR];
     __shared__ unsigned badmask;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int cpr = K4 >> 4;                                  // 16-byte chunks per weight row
-    const int h0 = (rw + 1) >> 1;                             // rows in the first copy
-    const int wrow0 = (blockIdx.x * GV_WARPS + warp) * rw;    // first weight row of this warp
+    const int cpr = K4 >> 4;                                // 16-byte chunks per weight row
+    const int wrow0 = (blockIdx.x * GV_WARPS + warp) * rw;  // first weight row of this warp
     const int nrows = max(0, min(rw, N - wrow0));
-    const int e0 = min(h0, nrows);                            // rows [0, e0) first copy, [e0, nrows) second
-    uint8_t* xs = smem;                                       // MR rows of K permuted codes
-    uint8_t* ws = smem + (size_t)MR * K + (size_t)warp * rw * K4;
+    uint8_t* xs = smem;                                     // MR rows of K permuted codes
 
-    // --- request this warp's weights first
-    if (lane == 0) {
-        mbar_init(&bar[warp][0], 1);
-        mbar_init(&bar[warp][1], 1);
-        mbar_fence_init();
-        if (e0 > 0) {
-            mbar_expect_tx(&bar[warp][0], (unsigned)(e0 * K4));
-            bulk_g2s(ws, W + (size_t)wrow0 * K4, (unsigned)(e0 * K4), &bar[warp][0]);
+    // --- request this thread's first 16-k group of x, then its weights: loads return in order,
+    // so x requested after the weights would arrive only after them
+    const int G = K >> 4;  // 16-k groups per row
+    const bool xvec = (((size_t)x) & 15) == 0;
+    const bool pre = xvec && tid < M * G;
+    XGroup<XT> x0;
+    if (pre) gv_load_raw(x + (size_t)(tid / G) * K, tid % G, x0);
+    constexpr int RWM = S == 1 ? 8 : 16 / S;  // rows held: at most 16 chunks a lane (8 rows)
+    uint4 wr[RWM][S];
+#pragma unroll
+    for (int r = 0; r < RWM; ++r)
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            const int j = lane + 32 * s;
+            wr[r][s] = (r < nrows && j < cpr) ? ldg_stream16(W + (size_t)(wrow0 + r) * K4 + 16 * j)
+                                              : make_uint4(0u, 0u, 0u, 0u);
         }
-        if (nrows > e0) {
-            mbar_expect_tx(&bar[warp][1], (unsigned)((nrows - e0) * K4));
-            bulk_g2s(ws + (size_t)e0 * K4, W + (size_t)(wrow0 + e0) * K4, (unsigned)((nrows - e0) * K4),
-                     &bar[warp][1]);
-        }
-    }
     if (tid < MR) {
         xsum[tid] = 0;
         rowmax[tid] = 0u;
@@ -136,17 +116,19 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     __syncthreads();
 
     // --- activations: quantize (or copy) into permuted int8 rows
-    const int G = K >> 4;  // 16-k groups per row
     if constexpr (FUSED) {
-        const bool vec = (((size_t)x) & 15) == 0;
         float am[MR];
         unsigned bad = 0;
 #pragma unroll
         for (int m = 0; m < MR; ++m) am[m] = 0.0f;
         for (int idx = tid; idx < M * G; idx += GV_THREADS) {
-            const int m = idx / G, g = idx - m * G;
+            int m = 0, g = idx;
+            while (g >= G) g -= G, ++m;  // M <= 4
             float f[16];
-            gv_load16(x + (size_t)m * K, g, vec, f);
+            if (idx == tid && pre)
+                gv_raw_f32(x0, f);
+            else
+                gv_load16(x + (size_t)m * K, g, xvec, f);
             float a = 0.0f;
             bool nf = false;
 #pragma unroll
@@ -180,6 +162,7 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
                 rb = ((badmask >> tid) & 1u) != 0u;
             }
             sx[tid] = rb ? __int_as_float(0x7fc00000) : act_scale_from_absmax(v);
+            sxinv[tid] = __frcp_rn(sx[tid]);
         }
         __syncthreads();
     } else {
@@ -190,19 +173,23 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
 #pragma unroll
         for (int m = 0; m < MR; ++m) sum[m] = 0;
         for (int idx = tid; idx < M * G; idx += GV_THREADS) {
-            const int m = idx / G, g = idx - m * G;
+            int m = 0, g = idx;
+            while (g >= G) g -= G, ++m;  // M <= 4
             int q[16];
             if constexpr (FUSED) {
-                const float s = sx[m];
+                const float s = sx[m], inv = sxinv[m];
                 const bool rowbad = isnan(s);
                 float f[16];
-                gv_load16(x + (size_t)m * K, g, (((size_t)x) & 15) == 0, f);
+                if (idx == tid && pre)
+                    gv_raw_f32(x0, f);
+                else
+                    gv_load16(x + (size_t)m * K, g, xvec, f);
 #pragma unroll
-                for (int i = 0; i < 16; ++i) q[i] = rowbad ? 0 : act_code(f[i], s);
+                for (int i = 0; i < 16; ++i) q[i] = rowbad ? 0 : act_code_inv(f[i], s, inv);
             } else {
                 const int8_t* cr = x + (size_t)m * K + 16 * g;
-                if ((((size_t)x) & 15) == 0) {
-                    const uint4 v = __ldg(reinterpret_cast<const uint4*>(cr));
+                if (xvec) {
+                    const uint4 v = idx == tid && pre ? x0.v[0] : __ldg(reinterpret_cast<const uint4*>(cr));
 #pragma unroll
                     for (int i = 0; i < 16; ++i) q[i] = (int)(int8_t)(comp4(v, i >> 2) >> (8 * (i & 3)));
                 } else {
@@ -221,7 +208,7 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
             v.y = pack4(q[1], q[5], q[9], q[13]);
             v.z = pack4(q[2], q[6], q[10], q[14]);
             v.w = pack4(q[3], q[7], q[11], q[15]);
-            *reinterpret_cast<uint4*>(xs + (size_t)m * K + 16 * g) = v;
+            *reinterpret_cast<uint4*>(xs + (size_t)m * K + 16 * ((g & 3) * cpr + (g >> 2))) = v;
         }
 #pragma unroll
         for (int m = 0; m < MR; ++m) {
@@ -231,78 +218,70 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     }
     __syncthreads();
 
-    // --- dot products: rows [0, e0) after the first copy lands, [e0, nrows) after the second
-    int acc[GV_RW][MR];
+    // --- dot products
+    int acc[RWM][MR];
 #pragma unroll
-    for (int r = 0; r < GV_RW; ++r)
+    for (int r = 0; r < RWM; ++r)
 #pragma unroll
         for (int m = 0; m < MR; ++m) acc[r][m] = 0;
 #pragma unroll
-    for (int p = 0; p < 2; ++p) {
-        const int rb = p == 0 ? 0 : e0, re = p == 0 ? e0 : nrows;
-        if (re <= rb) continue;  // warp-uniform
-        mbar_wait(&bar[warp][p], 0);
-#pragma unroll 1
-        for (int j = lane; j < cpr; j += 32) {
-            uint4 xv[MR][4];
+    for (int s = 0; s < S; ++s) {
+        const int j = lane + 32 * s;
+        if (j >= cpr) break;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            uint4 xq[MR];  // the 16 permuted codes of group u of chunk j, per x row
 #pragma unroll
             for (int m = 0; m < MR; ++m)
+                xq[m] = m < M ? *reinterpret_cast<const uint4*>(xs + (size_t)m * K + 16 * (u * cpr + j))
+                              : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-                for (int u = 0; u < 4; ++u)
-                    xv[m][u] = m < M ? *reinterpret_cast<const uint4*>(xs + (size_t)m * K + 64 * j + 16 * u)
-                                     : make_uint4(0u, 0u, 0u, 0u);
+            for (int r = 0; r < RWM; ++r) {
+                if (r >= nrows) break;  // warp-uniform
+                const uint32_t wu = comp4(wr[r][s], u);
 #pragma unroll
-            for (int r = 0; r < GV_RW; ++r) {
-                if (r >= rb && r < re) {
-                    const uint4 w = *reinterpret_cast<const uint4*>(ws + (size_t)r * K4 + 16 * j);
+                for (int i = 0; i < 4; ++i) {
+                    const int c = (int)((wu >> (2 * i)) & 0x03030303u);
 #pragma unroll
-                    for (int u = 0; u < 4; ++u) {
-                        const uint32_t wu = comp4(w, u);
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const int c = (int)((wu >> (2 * i)) & 0x03030303u);
-#pragma unroll
-                            for (int m = 0; m < MR; ++m) acc[r][m] = __dp4a(c, (int)comp4(xv[m][u], i), acc[r][m]);
-                        }
-                    }
+                    for (int m = 0; m < MR; ++m) acc[r][m] = __dp4a(c, (int)comp4(xq[m], i), acc[r][m]);
                 }
             }
         }
     }
 
-    // --- reduce over the lanes; lane r stores row r
+    // --- reduce over the lanes; lane 0 stores
     const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
 #pragma unroll
-    for (int m = 0; m < MR; ++m) {
-        int mine = 0;
+    for (int r = 0; r < RWM; ++r) {
+        if (r >= nrows) break;  // warp-uniform
 #pragma unroll
-        for (int r = 0; r < GV_RW; ++r) {
+        for (int m = 0; m < MR; ++m) {
             const int v = __reduce_add_sync(0xffffffffu, acc[r][m]);
-            if (lane == r) mine = v;
-        }
-        if (m < M && lane < nrows) {
-            const int n = wrow0 + lane;
-            const int tot = mine - xsum[m];
-            if constexpr (std::is_same<OT, int>::value) {
-                y[(size_t)m * N + n] = tot;
-            } else {
-                store_out<OT>(y, (size_t)m * N + n, dequant(tot, sx[m], sw));
+            if (m < M && lane == 0) {
+                const int n = wrow0 + r;
+                const int tot = v - xsum[m];
+                if constexpr (std::is_same<OT, int>::value) {
+                    y[(size_t)m * N + n] = tot;
+                } else {
+                    store_out<OT>(y, (size_t)m * N + n, dequant(tot, sx[m], sw));
+                }
             }
         }
     }
 }
 
-#define GV_INST(MR, XT, OT, NAME)                                                                       \
-    extern "C" __global__ void __launch_bounds__(GV_THREADS)                                           \
+#define GV_INST(MR, S, XT, OT, NAME)                                                                    \
+    extern "C" __global__ void __launch_bounds__(GV_THREADS, 2)                                        \
         NAME(const XT* x, const float* xs, int per_tensor, const uint8_t* W, int M, int N, int K, int K4, \
              int rw, float sw_val, const float* sw_ptr, OT* y) {                                        \
-        gemv_impl<MR, XT, OT>(x, xs, per_tensor, W, M, N, K, K4, rw, sw_val, sw_ptr, y);               \
+        gemv_impl<MR, S, XT, OT>(x, xs, per_tensor, W, M, N, K, K4, rw, sw_val, sw_ptr, y);            \
     }
 
-// name: gemv_<x>_<out>_m<MR>
-#define GV_MRS(XT, OT, XN, ON)                  \
-    GV_INST(1, XT, OT, gemv_##XN##_##ON##_m1) \
-    GV_INST(2, XT, OT, gemv_##XN##_##ON##_m2)
+// name: gemv_<x>_<out>_m1_s<S>: S chunk slots per lane and row (cpr <= 32 S)
+#define GV_MRS(XT, OT, XN, ON)                       \
+    GV_INST(1, 1, XT, OT, gemv_##XN##_##ON##_m1_s1) \
+    GV_INST(1, 2, XT, OT, gemv_##XN##_##ON##_m1_s2) \
+    GV_INST(1, 4, XT, OT, gemv_##XN##_##ON##_m1_s4)
 
 GV_MRS(int8_t, int, i8, i32)
 GV_MRS(int8_t, float, i8, f32)

@@ -16,7 +16,8 @@
 //   act_quant_rows_T     one block (256 threads) per row; thread t handles the 16-k groups
 //                        g = t, t+256, ... (16-byte loads when K % 16 == 0). Per-token mode:
 //                        block-wide absmax and non-finite flag (warp shuffles + one smem round),
-//                        then a second pass over the same groups quantizes. Per-tensor mode: the absmax and
+//                        then a second pass over the same groups quantizes (the thread's first
+//                        group is kept in registers, not reloaded). Per-tensor mode: the absmax and
 //                        flag come from act_absmax_tensor_T's result (gstat). mode 0 writes
 //                        canonical codes, mode 1 writes permuted/padded codes (one thread per
 //                        16-group: 16 values -> one 16-byte store, and the row sum of the codes),
@@ -26,13 +27,15 @@
 //   w_absmean_partial_T  fixed grid G (chosen from n only); thread t of block b sums |w| in f64 over
 //                        the 16-byte vectors i = b*256 + t + r*G*256 (plus at most one unaligned
 //                        head and one tail element); block tree sum -> partials[b]; a non-finite
-//                        value sets flag (atomicOr). Deterministic run to run for a given n.
-//   w_absmean_final      one block: fixed-order sum of the G partials, mean in f64, rounded to f32,
-//                        max with 1e-5 -> sw[0]. (The CPU sums in a different order; both are f64
-//                        sums, rounded once to f32, so they agree except in astronomically rare
-//                        ties at an f32 rounding boundary.)
-//   w_pack_T             one thread per output byte (grid-stride): 4 weights (one vector load when
-//                        K % 4 == 0) -> 4 codes -> 1 byte.
+//                        value sets stat[1] (atomicOr). The last block to finish (a counter in
+//                        stat[2]) makes the fixed-order sum of the G partials, mean in f64,
+//                        rounded to f32, max with 1e-5 -> stat[0]. Deterministic run to run for a
+//                        given n. (The CPU sums in a different order; both are f64 sums, rounded
+//                        once to f32, so they agree except in astronomically rare ties at an f32
+//                        rounding boundary.)
+//   w_absmean_final      the same final step alone, for n == 0.
+//   w_pack_T             one block per weight row: thread t packs 16 weights -> one 32-bit word of
+//                        the packed row (16-byte loads when K % 16 == 0).
 //   w_fake_T             x~ = (code - 1) * s_w per element.
 //   codes_permute        canonical codes -> permuted/padded layout, one thread per 16-group, plus
 //                        the row sums of the codes (atomicAdd into a zeroed buffer).
@@ -76,6 +79,8 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
     const int G = (K + 15) / 16;  // 16-k groups with data
     float s;
     bool bad;
+    float f0[16];  // this thread's first group, kept from the absmax pass (no second load)
+    const bool have0 = !per_tensor && (int)threadIdx.x < G;
     if (per_tensor) {
         bad = gstat[1] != 0;
         s = act_scale_from_absmax(__uint_as_float(gstat[0]));
@@ -85,6 +90,10 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
         for (int g = threadIdx.x; g < G; g += QT) {
             float f[16];
             load_group(xr, g, K, vec, f);
+            if (g == threadIdx.x) {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) f0[i] = f[i];
+            }
 #pragma unroll
             for (int i = 0; i < 16; ++i) {
                 nf |= !isfinite(f[i]);
@@ -101,14 +110,20 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
     }
     // mode 1 also zero-fills the padding groups [G, ld/16)
     const int groups = mode == 1 ? ld / 16 : G;
+    const float inv = __frcp_rn(s);
     int sum = 0;
     for (int g = threadIdx.x; g < groups; g += QT) {
         float f[16];
-        load_group(xr, g, K, vec, f);
+        if (g == (int)threadIdx.x && have0) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) f[i] = f0[i];
+        } else {
+            load_group(xr, g, K, vec, f);
+        }
         int q[16];
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-            q[i] = (16 * g + i < K && !bad) ? act_code(f[i], s) : 0;
+            q[i] = (16 * g + i < K && !bad) ? act_code_inv(f[i], s, inv) : 0;
             sum += q[i];
         }
         if (mode == 0) {
@@ -192,9 +207,30 @@ template <typename T> struct Vec16 {
     }
 };
 
+// Fixed-order sum of the G partials, mean in f64, rounded to f32, max with 1e-5 -> stat[0]
+// (NaN when stat[1], the non-finite flag, is set). One block; red = QT doubles of smem.
+__device__ void w_absmean_finish(const double* partials, int G, size_t n, unsigned* stat, double* red) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < G; i += QT) s += __ldcg(&partials[i]);
+    red[threadIdx.x] = s;
+    __syncthreads();
+#pragma unroll
+    for (int o = QT / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        float mean = n == 0 ? 0.0f : (float)(red[0] / (double)n);
+        // A non-finite weight gives s_w = NaN, so that if the caller does not check the flag
+        // every output is NaN rather than garbage.
+        const unsigned bad = __ldcg(&stat[1]);
+        stat[0] = bad ? 0x7fc00000u : __float_as_uint(fmaxf(mean, BL_WEIGHT_EPS));
+    }
+}
+
 template <typename T>
 __device__ void w_absmean_partial_impl(const T* __restrict__ w, size_t n, double* partials,
-                                       unsigned* flag) {
+                                       unsigned* stat) {
     __shared__ double red[QT];
     constexpr int VN = Vec16<T>::VN;
     double s = 0.0;
@@ -227,7 +263,7 @@ __device__ void w_absmean_partial_impl(const T* __restrict__ w, size_t n, double
         nf |= !isfinite(v);
         s += (double)fabsf(v);
     }
-    if (nf) atomicOr(flag, 1u);
+    if (nf) atomicOr(&stat[1], 1u);
     red[threadIdx.x] = s;
     __syncthreads();
 #pragma unroll
@@ -235,41 +271,62 @@ __device__ void w_absmean_partial_impl(const T* __restrict__ w, size_t n, double
         if (threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
         __syncthreads();
     }
-    if (threadIdx.x == 0) partials[blockIdx.x] = red[0];
+    // The last block to finish adds up the partials (in a fixed order) and writes s_w.
+    __shared__ bool last;
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = red[0];
+        __threadfence();
+        last = atomicAdd(&stat[2], 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (last) {
+        __threadfence();
+        w_absmean_finish(partials, gridDim.x, n, stat, red);
+    }
 }
 
-// One output byte per thread and loop step. vec4 (host-checked: K % 4 == 0 and w aligned to
-// 4 elements) loads the byte's 4 weights with one 8- or 16-byte load.
+// One block per weight row (grid-stride over rows); thread t builds the 32-bit words q = t,
+// t + 256, ... of the packed row: 16 weights -> 16 codes -> one 4-byte store (bytewise when
+// K4 % 4 != 0). vec (host-checked: K % 16 == 0 and w 16-byte aligned) loads the 16 weights with
+// 16-byte loads. Codes through the reciprocal of s_w (ternary_code_inv: same as dividing).
 template <typename T>
 __device__ void w_pack_impl(const T* __restrict__ w, int N, int K, int K4, const float* sw_ptr,
-                            uint8_t* out, int vec4) {
+                            uint8_t* out, int vec) {
     const float s = *sw_ptr;
-    const size_t total = (size_t)N * K4;
-    for (size_t b = (size_t)blockIdx.x * QT + threadIdx.x; b < total; b += (size_t)gridDim.x * QT) {
-        const int n = (int)(b / K4), j = (int)(b % K4);
+    const float inv = __frcp_rn(s);
+    const int Q = (K4 + 3) / 4;  // 32-bit words per packed row
+    for (int n = blockIdx.x; n < N; n += gridDim.x) {
         const T* wr = w + (size_t)n * K;
-        float f[4];
-        if (vec4) {
-            if constexpr (sizeof(T) == 4) {
-                float4 v = *reinterpret_cast<const float4*>(wr + 4 * j);
-                f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+        uint8_t* orow = out + (size_t)n * K4;
+        for (int q = threadIdx.x; q < Q; q += QT) {
+            float f[16];
+            if (vec) {
+                constexpr int VN = 16 / sizeof(T);
+#pragma unroll
+                for (int c = 0; c < 16 / VN; ++c) {
+                    uint4 v = __ldg(reinterpret_cast<const uint4*>(wr + 16 * q + c * VN));
+                    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+                    for (int i = 0; i < VN; ++i) f[c * VN + i] = to_f32(e[i]);
+                }
             } else {
-                uint2 v = *reinterpret_cast<const uint2*>(wr + 4 * j);
-                const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
-                for (int i = 0; i < 4; ++i) f[i] = to_f32(e[i]);
+                for (int i = 0; i < 16; ++i) f[i] = 16 * q + i < K ? to_f32(wr[16 * q + i]) : 0.0f;
             }
-        } else {
+            uint32_t word = 0;  // code of k = 16q + i at bits 2i (byte i/4, field i%4)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) f[i] = 4 * j + i < K ? to_f32(wr[4 * j + i]) : 0.0f;
-        }
-        uint32_t byte = 0;
+            for (int i = 0; i < 16; ++i) {
+                const int c = 16 * q + i < K ? ternary_code_inv(f[i], s, inv) : 1;
+                word |= (uint32_t)c << (2 * i);
+            }
+            if ((K4 & 3) == 0) {
+                *reinterpret_cast<uint32_t*>(orow + 4 * q) = word;
+            } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int c = 4 * j + i < K ? ternary_code(f[i], s) : 1;
-            byte |= (uint32_t)c << (2 * i);
+                for (int b = 0; b < 4; ++b)
+                    if (4 * q + b < K4) orow[4 * q + b] = (uint8_t)(word >> (8 * b));
+            }
         }
-        out[b] = (uint8_t)byte;
     }
 }
 
@@ -294,12 +351,12 @@ __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_p
         act_absmax_tensor_impl<T>(x, n, gstat);                                                    \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
-        w_absmean_partial_##SUF(const T* w, size_t n, double* partials, unsigned* flag) {         \
-        w_absmean_partial_impl<T>(w, n, partials, flag);                                           \
+        w_absmean_partial_##SUF(const T* w, size_t n, double* partials, unsigned* stat) {         \
+        w_absmean_partial_impl<T>(w, n, partials, stat);                                           \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
-        w_pack_##SUF(const T* w, int N, int K, int K4, const float* sw, uint8_t* out, int vec4) { \
-        w_pack_impl<T>(w, N, K, K4, sw, out, vec4);                                                \
+        w_pack_##SUF(const T* w, int N, int K, int K4, const float* sw, uint8_t* out, int vec) {  \
+        w_pack_impl<T>(w, N, K, K4, sw, out, vec);                                                 \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         w_fake_##SUF(const T* w, size_t n, const float* sw, T* out) {                             \
@@ -310,25 +367,11 @@ INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)
 
-// stat[0] = s_w (f32 bits), stat[1] = non-finite flag (set by the partial kernels).
+// stat[0] = s_w (f32 bits), stat[1] = non-finite flag: the n == 0 case (no partial kernel).
 extern "C" __global__ void __launch_bounds__(QT)
     w_absmean_final(const double* partials, int G, size_t n, unsigned* stat) {
     __shared__ double red[QT];
-    double s = 0.0;
-    for (int i = threadIdx.x; i < G; i += QT) s += partials[i];
-    red[threadIdx.x] = s;
-    __syncthreads();
-#pragma unroll
-    for (int o = QT / 2; o > 0; o >>= 1) {
-        if (threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        float mean = n == 0 ? 0.0f : (float)(red[0] / (double)n);
-        // A non-finite weight gives s_w = NaN, so that if the caller does not check the flag
-        // every output is NaN rather than garbage.
-        stat[0] = stat[1] ? 0x7fc00000u : __float_as_uint(fmaxf(mean, BL_WEIGHT_EPS));
-    }
+    w_absmean_finish(partials, G, n, stat, red);
 }
 
 // Canonical (M, K) codes -> permuted (M, ld) codes, zero padded. One thread per 16-group.

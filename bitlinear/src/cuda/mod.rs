@@ -31,8 +31,7 @@
 //!   non-finite weight then gives `s_w = NaN`, i.e. NaN outputs, instead of an error.
 //! * `BITLINEAR_CUDA_FORCE_GEMM=1`: use the tiled GEMM even for `M <= 32`.
 //! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel.
-//! * `BITLINEAR_CUDA_GEMV=1`: for `M <= 2` with `K % 64 == 0`, the dp4a GEMV with bulk-copied
-//!   weights (`kernels/gemv.cu`) instead of the skinny kernel (bit-exact, but slower on the H100).
+//! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
 //!   choice.
 
@@ -53,7 +52,6 @@ static SKINNY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/skinny.f
 static GEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.fatbin"));
 /// Empty unless built for compute capability 9.0 (sm_90a).
 static GEMM90A_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a.fatbin"));
-/// Empty unless built for compute capability 9.0.
 static GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 
 const THREADS: u32 = 256;
@@ -66,10 +64,10 @@ const SKINNY_MAX_SMEM: usize = 112 * 1024;
 /// enough (`M * K * size_of(T)` at most this) for two passes through L2 to beat a second launch.
 const FUSED_MAX_BYTES: usize = 16 * 1024;
 const FUSED_MAX_GROUPS: usize = 512;
-/// Largest `M` of the decode GEMV kernel (`kernels/gemv.cu`), and the most weight rows one of
-/// its warps owns.
-const GEMV_MAX_M: usize = 2;
-const GEMV_RW: usize = 16;
+/// Largest `M` and `K` of the decode GEMV kernel (`kernels/gemv.cu`: x in shared memory, at most
+/// four 16-byte chunks of a weight row per lane).
+const GEMV_MAX_M: usize = 1;
+const GEMV_MAX_K: usize = 8192;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
 
@@ -100,8 +98,6 @@ struct DevInfo {
     smem_optin: usize,
     /// compute capability 9.0 (the sm_90a wgmma kernel can run)
     sm90: bool,
-    /// compute capability 9.0 and the gemv kernels were built
-    gemv: bool,
 }
 
 #[derive(Default)]
@@ -141,7 +137,6 @@ fn dev_info(dev: &CudaDevice) -> Result<DevInfo> {
         sms: sms.max(1) as usize,
         smem_optin: optin.max(48 * 1024) as usize,
         sm90: major == 9 && minor == 0 && !GEMM90A_FATBIN.is_empty(),
-        gemv: major == 9 && minor == 0 && !GEMV_FATBIN.is_empty(),
     };
     c.info.insert(dev.id(), info);
     Ok(info)
@@ -510,32 +505,32 @@ pub(crate) fn fake_quant_activations(x: &CudaStorage, l: &Layout, per_tensor: bo
 fn weight_scale(dev: &CudaDevice, wp: u64, dtype: DType, n: usize) -> Result<CudaSlice<u32>> {
     let stream = dev.cuda_stream();
     let sfx = float_suffix(dtype)?;
-    let mut stat = dev.alloc_zeros::<u32>(2)?;
+    // stat: [s_w bits, non-finite flag, count of finished partial blocks]
+    let mut stat = dev.alloc_zeros::<u32>(3)?;
     // Grid size depends on n only, so the reduction tree (and s_w) is the same on every run.
     let blocks = n.div_ceil(THREADS as usize * 8).clamp(1, 1024);
     let mut partials = alloc::<f64>(dev, blocks)?;
     let mut g = Vec::new();
     let sp = out_ptr(&mut stat, &stream, &mut g);
     let pp = out_ptr(&mut partials, &stream, &mut g);
-    let used = if n > 0 {
+    if n > 0 {
+        // the last block to finish also makes the final sum
         let f = func(dev, Module::Quant, &format!("w_absmean_partial_{sfx}"))?;
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(f, stream, cfg, wp, n as u64, pp, sp + 4);
-        blocks
+        launch!(f, stream, cfg, wp, n as u64, pp, sp);
     } else {
-        0
-    };
-    let f = func(dev, Module::Quant, "w_absmean_final")?;
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    launch!(f, stream, cfg, pp, used as i32, n as u64, sp);
+        let f = func(dev, Module::Quant, "w_absmean_final")?;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(f, stream, cfg, pp, 0i32, 0u64, sp);
+    }
     drop(g);
     Ok(stat)
 }
@@ -557,17 +552,23 @@ fn pack_into(dev: &CudaDevice, wp: u64, dtype: DType, n: usize, k: usize, stat: 
     let stream = dev.cuda_stream();
     let info = dev_info(dev)?;
     let f = func(dev, Module::Quant, &format!("w_pack_{}", float_suffix(dtype)?))?;
+    // one block per weight row (grid-stride)
+    let cfg = LaunchConfig {
+        grid_dim: (n.min(info.sms * 16) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     launch!(
         f,
         stream,
-        grid1(n * k4, info.sms * 16),
+        cfg,
         wp,
         i32_arg(n, "N")?,
         i32_arg(k, "K")?,
         i32_arg(k4, "K/4")?,
         stat,
         out,
-        (k.is_multiple_of(4) && wp.is_multiple_of(4 * dtype.size_in_bytes() as u64)) as i32
+        (k.is_multiple_of(16) && wp.is_multiple_of(16)) as i32
     );
     Ok(())
 }
@@ -680,58 +681,51 @@ fn matmul_core(
         d => float_suffix(d)?,
     };
 
-    // ---- decode GEMV (opt-in; M <= 2, K % 64 == 0, 16-byte aligned weights): bulk copies + dp4a
+    // ---- decode GEMV (M = 1, K % 64 == 0, 16-byte aligned weights): register-streamed weights
     if m <= GEMV_MAX_M
-        && info.gemv
         && k > 0
+        && k <= GEMV_MAX_K
         && k.is_multiple_of(64)
         && wp.is_multiple_of(16)
-        && env_flag("BITLINEAR_CUDA_GEMV")
+        && !env_flag("BITLINEAR_CUDA_NO_GEMV")
         && !env_flag("BITLINEAR_CUDA_FORCE_GEMM")
         && (matches!(x, XSrc::Codes(..)) || matches!(x, XSrc::Float(_, dt) if dt == out_dtype))
     {
-        // Rows per warp: about two blocks of 8 warps per SM, at most GEMV_RW, and the block's
-        // weights plus the x codes must fit in shared memory.
-        let mr = if m <= 1 { 1 } else { 2 };
-        let limit = info.smem_optin.saturating_sub(1024);
-        let mut rw = n.div_ceil(8 * 2 * info.sms).clamp(1, GEMV_RW);
-        while rw > 1 && mr * k + 8 * rw * k4 > limit {
-            rw -= 1;
-        }
-        let smem = mr * k + 8 * rw * k4;
-        if smem <= limit {
-            let (xname, xp, xsp) = match x {
-                XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
-                XSrc::Codes(p, sp) => ("i8", p, sp),
-            };
-            let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_m{mr}"))?;
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(8 * rw) as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            let mut g = Vec::new();
-            let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
-            launch!(
-                f,
-                stream,
-                cfg,
-                xp,
-                xsp,
-                per_tensor as i32,
-                wp,
-                mi,
-                ni,
-                ki,
-                k4i,
-                rw as i32,
-                sw.val,
-                sw.ptr,
-                yp
-            );
-            drop(g);
-            return Ok(out);
-        }
+        // Chunk slots per lane and row, and rows per warp: about two blocks of 8 warps per SM,
+        // so that the whole matrix is requested in the first wave; at most 16 chunks a lane.
+        let slots = (k4 / 16).div_ceil(32).next_power_of_two();
+        let rw = n.div_ceil(8 * 2 * info.sms).clamp(1, 8.min(16 / slots));
+        let (xname, xp, xsp) = match x {
+            XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
+            XSrc::Codes(p, sp) => ("i8", p, sp),
+        };
+        let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_m1_s{slots}"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8 * rw) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: k as u32,
+        };
+        let mut g = Vec::new();
+        let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
+        launch!(
+            f,
+            stream,
+            cfg,
+            xp,
+            xsp,
+            per_tensor as i32,
+            wp,
+            mi,
+            ni,
+            ki,
+            k4i,
+            rw as i32,
+            sw.val,
+            sw.ptr,
+            yp
+        );
+        drop(g);
+        return Ok(out);
     }
 
     let kb = k4.div_ceil(64);
