@@ -561,6 +561,22 @@ mod real {
             "gemm-wide",
             &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "wide")],
         ),
+        (
+            "gemm-small-nosplit",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "small"),
+                ("BITLINEAR_CUDA_SPLITK", "1"),
+            ],
+        ),
+        (
+            "gemm-big-split5",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "big"),
+                ("BITLINEAR_CUDA_SPLITK", "5"),
+            ],
+        ),
         ("no-fuse", &[("BITLINEAR_CUDA_NO_FUSE", "1")]),
         ("skinny", &[("BITLINEAR_CUDA_NO_GEMV", "1")]),
         (
@@ -905,7 +921,7 @@ $L_loop:
                 // the same packed matmul through the other kernel variants
                 let mut variants = String::new();
                 for (name, vars) in VARIANTS {
-                    if m > 32 && (name.starts_with("no-fuse") || *name == "gemm-small" && m >= 1024)
+                    if m > 32 && (name.starts_with("no-fuse") || name.starts_with("gemm-small") && m >= 1024)
                         || m > 1 && *name == "skinny"
                     {
                         continue;

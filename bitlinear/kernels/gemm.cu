@@ -26,6 +26,10 @@
 //     sum: sum_k x (c - 1) = sum_k x c - sum_k x.
 // Each thread: 1/256 of the cp.async copies per stage, then MI*NI MMAs per k32 step, then the
 // epilogue for its accumulator fragment (rows g, g+8; columns 2t, 2t+1 of each 16x8 tile).
+// Split-K (host-chosen when the M x N tiles alone leave SMs idle): gridDim.z CTAs share an output
+// tile, each taking a contiguous range of k tiles; they atomicAdd their i32 sums (the row sum of
+// x subtracted once, by z = 0) into a zeroed i32 buffer (exact, so the order does not matter),
+// and splitk_epilogue applies (acc * s_x) * s_w (or copies the sums, for i32 output).
 #include "common.cuh"
 
 #define BK 128
@@ -36,7 +40,8 @@ template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, typename OT>
 __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __restrict__ rowsum,
                           const float* __restrict__ xscales,
                           int per_tensor, const uint8_t* __restrict__ Wp, int K4s, int M, int N,
-                          int K, float sw_val, const float* __restrict__ sw_ptr, OT* __restrict__ y) {
+                          int K, float sw_val, const float* __restrict__ sw_ptr, OT* __restrict__ y,
+                          int* __restrict__ ws) {
     constexpr int NTHREADS = WARPS_M * WARPS_N * 32;
     constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
     constexpr int MI = WM / 16, NI = WN / 8;
@@ -48,7 +53,10 @@ __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __re
     const int g = lane >> 2, t = lane & 3;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     const int bm = blockIdx.y * BM, bn = blockIdx.x * BN;
-    const int KT = (K + BK - 1) / BK;
+    // split-K: CTA z of gridDim.z takes the k tiles [kt0, kt0 + KT)
+    const int KT_all = (K + BK - 1) / BK;
+    const int kt0 = (int)(((long long)KT_all * blockIdx.z) / gridDim.z);
+    const int KT = (int)(((long long)KT_all * (blockIdx.z + 1)) / gridDim.z) - kt0;
 
     auto load_stage = [&](int kt, int stage) {
         uint8_t* xs = smem + stage * STAGE_BYTES;
@@ -59,7 +67,7 @@ __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __re
             const int r = c >> 3, ch = c & 7;
             const int gm = bm + r;
             const bool ok = gm < M;
-            const int8_t* src = Xp + (size_t)(ok ? gm : 0) * ld + (size_t)kt * BK + ch * 16;
+            const int8_t* src = Xp + (size_t)(ok ? gm : 0) * ld + (size_t)(kt0 + kt) * BK + ch * 16;
             cp_async16(xs + r * XS_STRIDE + ch * 16, src, ok);
         }
         // W: BN rows x 2 chunks of 16 bytes
@@ -67,7 +75,7 @@ __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __re
         for (int c = tid; c < BN * 2; c += NTHREADS) {
             const int r = c >> 1, ch = c & 1;
             const int gn = bn + r;
-            const int off = kt * (BK / 4) + ch * 16;
+            const int off = (kt0 + kt) * (BK / 4) + ch * 16;
             const bool ok = gn < N && off < K4s;
             const uint8_t* src = Wp + (ok ? (size_t)gn * K4s + off : 0);
             cp_async16(ws + r * WS_STRIDE + ch * 16, src, ok);
@@ -132,7 +140,7 @@ __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __re
             if (m >= M) continue;
             float sx = 0.0f;
             if constexpr (!std::is_same<OT, int>::value) sx = xscales[per_tensor ? 0 : m];
-            const int xsum = rowsum[m];
+            const int xsum = blockIdx.z == 0 ? rowsum[m] : 0;
 #pragma unroll
             for (int j = 0; j < NI; ++j) {
 #pragma unroll
@@ -140,7 +148,10 @@ __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __re
                     const int n = bn + wn * WN + j * 8 + 2 * t + hn;
                     if (n >= N) continue;
                     const int v = acc[i][j][2 * hm + hn] - xsum;  // sum (c-1) x = sum c x - sum x
-                    if constexpr (std::is_same<OT, int>::value) {
+                    if (ws != nullptr) {
+                        // split-K: integer partial sums, exact in any order
+                        atomicAdd(&ws[(size_t)m * N + n], v);
+                    } else if constexpr (std::is_same<OT, int>::value) {
                         y[(size_t)m * N + n] = v;
                     } else {
                         store_out<OT>(y, (size_t)m * N + n, dequant(v, sx, sw));
@@ -160,9 +171,9 @@ constexpr int gemm_smem_bytes() {
     extern "C" __global__ void __launch_bounds__(WMn * WNn * 32, MINB)                                \
         NAME(const int8_t* Xp, int ld, const int* rowsum, const float* xs, int per_tensor,            \
              const uint8_t* Wp, int K4s, int M, int N, int K, float sw_val, const float* sw_ptr,      \
-             OT* y) {                                                                                 \
+             OT* y, int* ws) {                                                                        \
         gemm_impl<BM, BN, WMn, WNn, ST, OT>(Xp, ld, rowsum, xs, per_tensor, Wp, K4s, M, N, K, sw_val, \
-                                            sw_ptr, y);                                               \
+                                            sw_ptr, y, ws);                                           \
     }
 
 // wide: 128x256 tile, 16 warps (4x4), warp tile 32x64, 4 stages (120 KB smem), 1 CTA per SM:
@@ -178,3 +189,30 @@ GEMM_OUT(int, i32)
 GEMM_OUT(float, f32)
 GEMM_OUT(__nv_bfloat16, bf16)
 GEMM_OUT(__half, f16)
+
+// Split-K epilogue: y = (acc * s_x) * s_w from the i32 sums of the split CTAs, one thread per
+// output (grid-stride).
+template <typename OT>
+__device__ void splitk_epilogue_impl(const int* __restrict__ ws, int M, int N, const float* __restrict__ xscales,
+                                     int per_tensor, float sw_val, const float* __restrict__ sw_ptr,
+                                     OT* __restrict__ y) {
+    const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
+    const size_t total = (size_t)M * N;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        if constexpr (std::is_same<OT, int>::value) {
+            y[i] = ws[i];
+        } else {
+            store_out<OT>(y, i, dequant(ws[i], xscales[per_tensor ? 0 : (int)(i / N)], sw));
+        }
+    }
+}
+#define SPLITK_EPI(OT, ON)                                                                               \
+    extern "C" __global__ void splitk_epilogue_##ON(const int* ws, int M, int N, const float* xs,        \
+                                                    int per_tensor, float sw_val, const float* sw_ptr, \
+                                                    OT* y) {                                            \
+        splitk_epilogue_impl<OT>(ws, M, N, xs, per_tensor, sw_val, sw_ptr, y);                         \
+    }
+SPLITK_EPI(int, i32)
+SPLITK_EPI(float, f32)
+SPLITK_EPI(__nv_bfloat16, bf16)
+SPLITK_EPI(__half, f16)

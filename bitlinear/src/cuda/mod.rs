@@ -12,7 +12,9 @@
 //! `s_w` only when the f64 mean lies within ~1e-16 (relative) of an f32 rounding boundary.
 //!
 //! Matmul strategy (see `matmul_core`; the table is from H100 measurements, `bench/`):
-//! * `M <= 32` (decode): the "skinny" kernel streams the packed weights straight into tensor-core
+//! * `M = 1` with `K % 64 == 0` (decode): the GEMV kernel (`kernels/gemv.cu`) requests every
+//!   weight byte at its start, quantizes `x` meanwhile and uses dp4a.
+//! * other `M <= 32`: the "skinny" kernel streams the packed weights straight into tensor-core
 //!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
 //!   forward), otherwise a row-quantizer kernel runs first.
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
@@ -20,9 +22,10 @@
 //!   `wgmma` kernel (`kernels/gemm90a.cu`, 128x256 tiles) once its tiles cover at least half the
 //!   SMs (M >= ~1024 for the benchmark shapes: 1.15-1.4x faster than the best `mma.sync` tile),
 //!   otherwise the `mma.sync` kernel with 128x128 tiles when they give 3/4 of the SMs a tile,
-//!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant).
+//!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant);
+//!   the `mma.sync` GEMM splits K over several CTAs when its tiles alone fill less than one wave.
 //!
-//! Environment switches (read at each call; the last four exist so that tests and benchmarks
+//! Environment switches (read at each call; the last five exist so that tests and benchmarks
 //! can reach every kernel variant whatever the shape):
 //! * `BITLINEAR_CUDA_POISON=1` fills every output buffer with 0xFF bytes (NaN for floats) before
 //!   the kernels run, so that an element a kernel forgets to write is caught by a comparison.
@@ -34,6 +37,8 @@
 //! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
 //!   choice.
+//! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
+//!   instead of the size-based choice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -884,33 +889,97 @@ fn matmul_core(
     } else {
         (4 * (bm * 144 + bn * 48), Module::Gemm)
     };
+    // Split-K for the mma.sync tiles when the output tiles leave at least 3/4 of the SMs idle:
+    // about one CTA per SM, up to 16 splits of at least two k tiles each. (H100, M = 128: at
+    // 512 x 4096 26.9 -> 21.7 us; with 128 tiles a full wave of splits was slower, 26.7 -> 39.3
+    // us at 4096 x 4096: the i32 atomics, zeroing and epilogue cost more than they save.)
+    let tiles = m.div_ceil(bm) * n.div_ceil(bn);
+    let max_splits = (ld / GEMM_BK / 2).clamp(1, 16);
+    let splits = match module {
+        Module::Gemm => match std::env::var("BITLINEAR_CUDA_SPLITK")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            Some(s) => s.clamp(1, max_splits),
+            None if 4 * tiles <= info.sms => (info.sms / tiles).clamp(1, max_splits),
+            None => 1,
+        },
+        _ => 1,
+    };
     let name = format!("gemm_{tile}_{osfx}");
     let f = func(dev, module, &name)?;
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, 1),
+        grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, splits as u32),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
-    launch!(
-        f,
-        stream,
-        cfg,
-        xpp,
-        ld as i32,
-        rsp,
-        xsp,
-        per_tensor as i32,
-        wq,
-        k4s as i32,
-        mi,
-        ni,
-        ki,
-        sw.val,
-        sw.ptr,
-        yp
-    );
+    let mut ws = if splits > 1 {
+        Some(dev.alloc_zeros::<i32>(m * n)?)
+    } else {
+        None
+    };
+    let mut gws = Vec::new();
+    let wsp = ws.as_mut().map_or(0, |w| out_ptr(w, &stream, &mut gws));
+    if module == Module::Gemm {
+        launch!(
+            f,
+            stream,
+            cfg,
+            xpp,
+            ld as i32,
+            rsp,
+            xsp,
+            per_tensor as i32,
+            wq,
+            k4s as i32,
+            mi,
+            ni,
+            ki,
+            sw.val,
+            sw.ptr,
+            yp,
+            wsp
+        );
+    } else {
+        launch!(
+            f,
+            stream,
+            cfg,
+            xpp,
+            ld as i32,
+            rsp,
+            xsp,
+            per_tensor as i32,
+            wq,
+            k4s as i32,
+            mi,
+            ni,
+            ki,
+            sw.val,
+            sw.ptr,
+            yp
+        );
+    }
+    if splits > 1 {
+        let f = func(dev, Module::Gemm, &format!("splitk_epilogue_{osfx}"))?;
+        launch!(
+            f,
+            stream,
+            grid1(m * n, info.sms * 8),
+            wsp,
+            mi,
+            ni,
+            xsp,
+            per_tensor as i32,
+            sw.val,
+            sw.ptr,
+            yp
+        );
+    }
+    drop(gws);
     drop(g);
+    drop(ws);
     drop(wpad);
     drop(xperm);
     drop(scales);
