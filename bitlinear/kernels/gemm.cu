@@ -193,12 +193,12 @@ GEMM_OUT(__half, f16)
 // Split-K epilogue: y = (acc * s_x) * s_w from the i32 sums of the split CTAs, one thread per
 // output (grid-stride).
 template <typename OT>
-__device__ void splitk_epilogue_impl(const int* __restrict__ ws, int M, int N, const float* __restrict__ xscales,
-                                     int per_tensor, float sw_val, const float* __restrict__ sw_ptr,
-                                     OT* __restrict__ y) {
+__device__ void splitk_epilogue_impl(const int* __restrict__ ws, int M, int N,
+                                     const float* __restrict__ xscales, int per_tensor, float sw_val,
+                                     const float* __restrict__ sw_ptr, OT* __restrict__ y) {
     const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
-    const size_t total = (size_t)M * N;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t total = (size_t)M * N, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
         if constexpr (std::is_same<OT, int>::value) {
             y[i] = ws[i];
         } else {

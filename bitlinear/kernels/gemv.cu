@@ -12,20 +12,22 @@
 //   W  : packed (N, K4 = K/4) bytes, row-major; a row is cpr = K4/16 chunks of 16 bytes (64 k).
 //   y  : (M, N) row-major, int32 accumulators or OT = f32/bf16/f16 after the epilogue.
 //
-// Work split: block = 8 warps; warp w of block b owns rw (host-chosen, <= min(8, 16 / S)) consecutive
-// weight rows starting at (8b + w) * rw; lane l owns chunks l, l + 32, ..., l + 32(S-1) of each
-// of those rows (S = ceil(cpr / 32) in {1, 2, 4}, a template parameter, so K <= 8192).
+// Work split: block = 8 warps; warp w of block b owns rw (host-chosen, <= min(8, 16 / S))
+// consecutive weight rows starting at (8b + w) * rw; lane l owns chunks l, l + 32, ...,
+// l + 32(S-1) of each of those rows (S = ceil(cpr / 32) in {1, 2, 4}, a template parameter, so
+// K <= 8192).
 //   * each thread first loads its first 16-k group of x (raw bits), then its rw x S weight chunks
 //     into registers (ld.global.nc, no L1 allocation): load data returns in request order, so x
 //     requested after the weights would only arrive after all of them;
-//   * meanwhile all 256 threads quantize x into shared memory: pass 1 loads 16-k groups (16-byte
-//     loads when x is 16-byte aligned; the first group from those registers), per-row absmax and non-finite flag (warp reduce, smem
-//     atomicMax on the float bits: exact); pass 2 reloads the groups (L1/L2), quantizes and stores
-//     them permuted (common.cuh: position 4i + j of a group holds k = 4j + i), adding up each
-//     row's code sum. int8 input: the codes are only permuted and summed. Group u of chunk j
-//     (16 codes) is stored at byte 16 (u * cpr + j) of its x row ("u-major"), so that lanes
-//     reading group u of consecutive chunks read consecutive 16 bytes (conflict-free LDS.128; a
-//     chunk-major layout would be a 4-way bank conflict).
+//   * meanwhile all 256 threads quantize x into shared memory: pass 1 takes the 16-k groups
+//     (the first from those registers, others by 16-byte loads when x is 16-byte aligned),
+//     per-row absmax and non-finite flag (warp reduce, smem atomicMax on the float bits: exact);
+//     pass 2 quantizes the same groups (act_code_inv: the reciprocal form, exact) and stores them
+//     permuted (common.cuh: position 4i + j of a group holds k = 4j + i), adding up each row's
+//     code sum. int8 input: the codes are only permuted and summed. Group u of chunk j (16 codes)
+//     is stored at byte 16 (u * cpr + j) of its x row ("u-major"), so that lanes reading group u
+//     of consecutive chunks read consecutive 16 bytes (conflict-free LDS.128; a chunk-major
+//     layout would be a 4-way bank conflict).
 //   * for each of its chunk slots the lane reads group u of that chunk of x (one LDS.128 per x
 //     row), and for each of its rows, word u of the weight chunk gives (word >> 2i) & 0x03030303
 //     = the codes at permuted positions 4i..4i+3 of group u: one dp4a against x word i of that
