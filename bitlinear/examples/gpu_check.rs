@@ -282,19 +282,18 @@ mod real {
         Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?.to_dtype(dt)?)
     }
 
+    /// A tensor's elements on the host as f64 (exact for every float dtype).
+    fn f64_vec(t: &Tensor) -> Result<Vec<f64>> {
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?)
+    }
+
     /// Bit-level comparison of two float tensors (any dtype), as (count of differing elements,
     /// max relative difference among finite pairs, NaN pattern mismatch).
     fn float_diff(a: &Tensor, b: &Tensor) -> Result<(usize, f64, bool)> {
-        let a = a
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        let b = b
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
+        let (a, b) = (f64_vec(a)?, f64_vec(b)?);
         if a.len() != b.len() {
             return Ok((usize::MAX, f64::INFINITY, true));
         }
@@ -603,16 +602,7 @@ mod real {
 
     /// max |a - b| / max |a| over the tensor.
     fn grad_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-        let a = a
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        let b = b
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
+        let (a, b) = (f64_vec(a)?, f64_vec(b)?);
         let scale = a.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
         let d = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
         Ok(if d.is_nan() { f64::INFINITY } else { d / scale })

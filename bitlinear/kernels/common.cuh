@@ -83,6 +83,18 @@ __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
            ((uint32_t)(d & 0xff) << 24);
 }
 
+// 16 int8 values (as ints) -> 16 bytes, in order.
+__device__ __forceinline__ uint4 pack16(const int (&q)[16]) {
+    return make_uint4(pack4(q[0], q[1], q[2], q[3]), pack4(q[4], q[5], q[6], q[7]), pack4(q[8], q[9], q[10], q[11]),
+                      pack4(q[12], q[13], q[14], q[15]));
+}
+// The 16 values of a 16-k group (q[i] = value at k = 16g + i) -> 16 bytes in the k-permuted order
+// above: position 4i + j holds k = 4j + i.
+__device__ __forceinline__ uint4 pack16_permuted(const int (&q)[16]) {
+    return make_uint4(pack4(q[0], q[4], q[8], q[12]), pack4(q[1], q[5], q[9], q[13]),
+                      pack4(q[2], q[6], q[10], q[14]), pack4(q[3], q[7], q[11], q[15]));
+}
+
 // ---- block reductions (fixed tree => deterministic) ----
 template <int NT>
 __device__ __forceinline__ float block_max(float v, float* red) {

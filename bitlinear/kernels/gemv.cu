@@ -205,12 +205,7 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
 #pragma unroll
             for (int mm = 0; mm < MR; ++mm)
                 if (mm == m) sum[mm] += s16;
-            uint4 v;  // permuted: position p = 4i + j holds k = 4j + i
-            v.x = pack4(q[0], q[4], q[8], q[12]);
-            v.y = pack4(q[1], q[5], q[9], q[13]);
-            v.z = pack4(q[2], q[6], q[10], q[14]);
-            v.w = pack4(q[3], q[7], q[11], q[15]);
-            *reinterpret_cast<uint4*>(xs + (size_t)m * K + 16 * ((g & 3) * cpr + (g >> 2))) = v;
+            *reinterpret_cast<uint4*>(xs + (size_t)m * K + 16 * ((g & 3) * cpr + (g >> 2))) = pack16_permuted(q);
         }
 #pragma unroll
         for (int m = 0; m < MR; ++m) {

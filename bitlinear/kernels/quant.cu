@@ -129,25 +129,14 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
         if (mode == 0) {
             int8_t* cr = codes + (size_t)row * K + 16 * g;
             if (vec) {
-                uint4 v;
-                v.x = pack4(q[0], q[1], q[2], q[3]);
-                v.y = pack4(q[4], q[5], q[6], q[7]);
-                v.z = pack4(q[8], q[9], q[10], q[11]);
-                v.w = pack4(q[12], q[13], q[14], q[15]);
-                *reinterpret_cast<uint4*>(cr) = v;
+                *reinterpret_cast<uint4*>(cr) = pack16(q);
             } else {
 #pragma unroll
                 for (int i = 0; i < 16; ++i)
                     if (16 * g + i < K) cr[i] = (int8_t)q[i];
             }
         } else if (mode == 1) {
-            // permuted: position p = 4i + j holds k = 16g + 4j + i
-            uint4 v;
-            v.x = pack4(q[0], q[4], q[8], q[12]);
-            v.y = pack4(q[1], q[5], q[9], q[13]);
-            v.z = pack4(q[2], q[6], q[10], q[14]);
-            v.w = pack4(q[3], q[7], q[11], q[15]);
-            *reinterpret_cast<uint4*>(codes + (size_t)row * ld + 16 * g) = v;
+            *reinterpret_cast<uint4*>(codes + (size_t)row * ld + 16 * g) = pack16_permuted(q);
         } else {
             T* fr = fake + (size_t)row * K + 16 * g;
             __align__(16) T o[16];
@@ -390,12 +379,7 @@ extern "C" __global__ void __launch_bounds__(QT)
             sum += q[p];
         }
         atomicAdd(&rowsum[m], sum);  // integer: order independent
-        uint4 v;
-        v.x = pack4(q[0], q[1], q[2], q[3]);
-        v.y = pack4(q[4], q[5], q[6], q[7]);
-        v.z = pack4(q[8], q[9], q[10], q[11]);
-        v.w = pack4(q[12], q[13], q[14], q[15]);
-        *reinterpret_cast<uint4*>(out + (size_t)m * ld + 16 * g) = v;
+        *reinterpret_cast<uint4*>(out + (size_t)m * ld + 16 * g) = pack16(q);  // q is already permuted
     }
 }
 

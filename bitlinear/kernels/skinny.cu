@@ -134,12 +134,7 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     auto stage = [&](int m, int q, const int (&v)[16]) {
         const int kbq = q >> 4, ql = q & 15;
         const int slot = (ql & 3) * 4 + (ql >> 2);  // group 4t+u -> slot 4u+t
-        uint4 pk;
-        pk.x = pack4(v[0], v[1], v[2], v[3]);
-        pk.y = pack4(v[4], v[5], v[6], v[7]);
-        pk.z = pack4(v[8], v[9], v[10], v[11]);
-        pk.w = pack4(v[12], v[13], v[14], v[15]);
-        *reinterpret_cast<uint4*>(smem + (size_t)m * RS + kbq * 256 + slot * 16) = pk;
+        *reinterpret_cast<uint4*>(smem + (size_t)m * RS + kbq * 256 + slot * 16) = pack16(v);
         int sum = 0;
 #pragma unroll
         for (int p = 0; p < 16; ++p) sum += v[p];
