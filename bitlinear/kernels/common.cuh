@@ -18,6 +18,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <type_traits>
 
 #define BL_ACT_EPS 1e-5f
 #define BL_WEIGHT_EPS 1e-5f
@@ -58,6 +59,25 @@ __device__ __forceinline__ float rint_div(float v, float s, float inv) {
 __device__ __forceinline__ int act_code_inv(float v, float s, float inv) {
     return (int)fminf(fmaxf(rint_div(v, s, inv), -128.0f), 127.0f);
 }
+// act_code_inv over 16 values, with the near-tie test made once per group: the common case is
+// multiply, round, clamp; if any value lies within 1e-4 of a rounding tie (rare), all 16 take
+// rint_div. Identical to act_code_inv element by element.
+__device__ __forceinline__ void act_codes16(const float (&f)[16], float s, float inv, int (&q)[16]) {
+    float r[16];
+    bool tie = false;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+        const float p = f[i] * inv;
+        r[i] = rintf(p);
+        tie |= fabsf(p - r[i]) > 0.4999f;
+    }
+    if (tie) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) r[i] = rint_div(f[i], s, inv);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) q[i] = (int)fminf(fmaxf(r[i], -128.0f), 127.0f);
+}
 __device__ __forceinline__ int ternary_code(float v, float s) {  // returns w_q + 1 in {0,1,2}
     float q = rintf(__fdiv_rn(v, s));
     q = fminf(fmaxf(q, -1.0f), 1.0f);
@@ -66,6 +86,23 @@ __device__ __forceinline__ int ternary_code(float v, float s) {  // returns w_q 
 // ternary_code(v, s) computed through rint_div (identical results, NaN included).
 __device__ __forceinline__ int ternary_code_inv(float v, float s, float inv) {
     return (int)fminf(fmaxf(rint_div(v, s, inv), -1.0f), 1.0f) + 1;
+}
+// ternary_code_inv over 16 values, the near-tie test made once per group (as act_codes16).
+__device__ __forceinline__ void ternary_codes16(const float (&f)[16], float s, float inv, int (&c)[16]) {
+    float r[16];
+    bool tie = false;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+        const float p = f[i] * inv;
+        r[i] = rintf(p);
+        tie |= fabsf(p - r[i]) > 0.4999f;
+    }
+    if (tie) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) r[i] = rint_div(f[i], s, inv);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) c[i] = (int)fminf(fmaxf(r[i], -1.0f), 1.0f) + 1;
 }
 // Epilogue, two f32 roundings in this order.
 __device__ __forceinline__ float dequant(int acc, float sx, float sw) {
@@ -110,6 +147,19 @@ __device__ __forceinline__ float block_max(float v, float* red) {
     return v;  // valid in every thread
 }
 
+// Block-wide max of unsigned values (every thread gets it).
+template <int NT>
+__device__ __forceinline__ unsigned block_max_u32(unsigned v, unsigned* red) {
+    v = __reduce_max_sync(0xffffffffu, v);
+    __syncthreads();  // protect red from a previous use
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    unsigned r = red[0];
+#pragma unroll
+    for (int w = 1; w < NT / 32; ++w) r = max(r, red[w]);
+    return r;
+}
+
 // ---- tensor-core and async-copy wrappers (sm_80+) ----
 // D = A(16x32, s8, row) * B(32x8, s8, col) + D, s32 accumulators.
 __device__ __forceinline__ void mma_s8_16832(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -152,4 +202,16 @@ __device__ __forceinline__ uint4 ldg_stream16(const void* p) {
 // Output store for the float epilogue.
 template <typename OT> __device__ __forceinline__ void store_out(OT* y, size_t idx, float v) {
     y[idx] = from_f32<OT>(v);
+}
+// Two consecutive outputs y[idx], y[idx + 1] as one 4-byte (16-bit OT) or 8-byte store; idx must
+// be even (y itself is at least 8-byte aligned).
+template <typename OT> __device__ __forceinline__ void store_pair(OT* y, size_t idx, OT a, OT b) {
+    using W = typename std::conditional<sizeof(OT) == 2, uint32_t, uint2>::type;
+    union {
+        OT h[2];
+        W w;
+    } p;
+    p.h[0] = a;
+    p.h[1] = b;
+    *reinterpret_cast<W*>(y + idx) = p.w;
 }

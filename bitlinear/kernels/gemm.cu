@@ -143,18 +143,28 @@ __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __re
             const int xsum = blockIdx.z == 0 ? rowsum[m] : 0;
 #pragma unroll
             for (int j = 0; j < NI; ++j) {
-#pragma unroll
-                for (int hn = 0; hn < 2; ++hn) {
-                    const int n = bn + wn * WN + j * 8 + 2 * t + hn;
-                    if (n >= N) continue;
-                    const int v = acc[i][j][2 * hm + hn] - xsum;  // sum (c-1) x = sum c x - sum x
-                    if (ws != nullptr) {
-                        // split-K: integer partial sums, exact in any order
-                        atomicAdd(&ws[(size_t)m * N + n], v);
-                    } else if constexpr (std::is_same<OT, int>::value) {
-                        y[(size_t)m * N + n] = v;
+                const int n = bn + wn * WN + j * 8 + 2 * t;
+                if (n >= N) continue;
+                // sum (c-1) x = sum c x - sum x
+                const int v0 = acc[i][j][2 * hm] - xsum, v1 = acc[i][j][2 * hm + 1] - xsum;
+                const size_t o = (size_t)m * N + n;
+                if (ws != nullptr) {
+                    // split-K: integer partial sums, exact in any order
+                    atomicAdd(&ws[o], v0);
+                    if (n + 1 < N) atomicAdd(&ws[o + 1], v1);
+                } else if (n + 1 < N && (o & 1) == 0) {  // both columns: one paired store
+                    if constexpr (std::is_same<OT, int>::value) {
+                        store_pair<int>(y, o, v0, v1);
                     } else {
-                        store_out<OT>(y, (size_t)m * N + n, dequant(v, sx, sw));
+                        store_pair<OT>(y, o, from_f32<OT>(dequant(v0, sx, sw)), from_f32<OT>(dequant(v1, sx, sw)));
+                    }
+                } else {
+                    if constexpr (std::is_same<OT, int>::value) {
+                        y[o] = v0;
+                        if (n + 1 < N) y[o + 1] = v1;
+                    } else {
+                        store_out<OT>(y, o, dequant(v0, sx, sw));
+                        if (n + 1 < N) store_out<OT>(y, o + 1, dequant(v1, sx, sw));
                     }
                 }
             }

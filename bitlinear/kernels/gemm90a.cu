@@ -1,8 +1,7 @@
 // Large-M matmul on Hopper warpgroup MMAs (wgmma, sm_90a): y (M, N) = x_q (M, K) . W_q (N, K)^T.
 // The default large-M kernel on compute capability 9.0 (tile table in src/cuda/mod.rs); bit-exact
-// in gpu_check on an H100. There, M=N=K=4096: 243 us per packed forward (mma.sync 128x128:
-// 292 us; cuBLAS bf16: 178 us), of which this kernel is ~208 us and the activation quantizer
-// ~30 us (ncu).
+// in gpu_check. M=N=K=4096 on an H200 (ncu): 154 us for this kernel (201 us before the staged
+// epilogue below, whose 128 scattered 2-byte stores per thread took ~28% of the warps' time).
 //
 // Data layout: same inputs as gemm.cu (k-permuted, zero-padded int8 activations Xp (M, ld), their
 // row sums, packed weights with a 16-byte multiple row stride K4s).
@@ -22,7 +21,13 @@
 //     sum of x (sum x (c - 1) = sum x c - sum x), then applies (acc * s_x) * s_w.
 //   * per k tile: wait for this tile's cp.async group, fence.proxy.async (generic-proxy writes ->
 //     async proxy), barrier, issue the wgmmas, wait until the previous tile's wgmmas are done,
-//     barrier, refill that previous stage (A by cp.async, B by decode + st.shared).
+//     barrier, refill that previous stage (A by cp.async, B by decode + st.shared). Every thread's
+//     copy addresses are computed once, before the k loop.
+//   * epilogue: each thread dequantizes its fragment and writes it (pairs of columns) into the
+//     then free stage memory as a 128 x 256 tile of OT (rows padded by 16 or 32 bytes: the
+//     fragment writes are conflict-free); after a barrier, the 256 threads copy whole 16-byte
+//     chunks of tile rows to y (a warp writes 512 or 1024 contiguous bytes), with element stores
+//     only at the right edge or when N * sizeof(OT) is not a multiple of 16.
 #include "common.cuh"
 
 #define WG_BM 128
@@ -105,31 +110,46 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
     const int bm = blockIdx.y * WG_BM, bn = blockIdx.x * WG_BN;
     const int KT = (K + WG_BK - 1) / WG_BK;
 
-    auto load_a = [&](int kt, int slot) {
-        uint8_t* a = smem + slot * WG_STAGE_BYTES;
+    // Per-thread copy slots, fixed over the k loop (addresses computed once, not per tile).
+    // A: 16-byte chunk (tid & 7) of tile rows (tid >> 3) + 32i, i < 4; all four share r % 8, so
+    // their swizzled offsets are 4096 bytes apart.
+    const int8_t* a_src[4];
+    bool a_ok[4];
 #pragma unroll
-        for (int c = tid; c < WG_BM * 8; c += 256) {
-            const int r = c >> 3, ch = c & 7;
-            const int gm = bm + r;
-            const bool ok = gm < M;
-            const int8_t* src = Xp + (size_t)(ok ? gm : 0) * ld + (size_t)kt * WG_BK + ch * 16;
-            cp_async16(a + sw128(r, ch), src, ok);
-        }
+    for (int i = 0; i < 4; ++i) {
+        const int gm = bm + (tid >> 3) + 32 * i;
+        a_ok[i] = gm < M;
+        a_src[i] = Xp + (size_t)(a_ok[i] ? gm : 0) * ld + (tid & 7) * 16;
+    }
+    const int a_off = sw128(tid >> 3, tid & 7);
+    // B: packed half (tid & 1) (16 bytes = 64 k) of weight rows (tid >> 1) + 128h, h < 2.
+    const int w_half = tid & 1, w_r = tid >> 1;
+    const uint8_t* w_src[2];
+    bool w_ok[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int gn = bn + w_r + 128 * h;
+        w_ok[h] = gn < N;
+        w_src[h] = Wp + (size_t)(w_ok[h] ? gn : 0) * K4s + w_half * 16;
+    }
+    const int w_base = (w_r >> 3) * 1024 + (w_r & 7) * 128, w_x = w_r & 7;
+
+    auto load_a = [&](int kt, int slot) {
+        uint8_t* a = smem + slot * WG_STAGE_BYTES + a_off;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) cp_async16(a + 4096 * i, a_src[i] + (size_t)kt * WG_BK, a_ok[i]);
     };
     auto load_w = [&](int kt, uint4 (&wr)[2]) {
+        const int off = kt * (WG_BK / 4);
+        const bool in = kt < KT && off + w_half * 16 < K4s;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int p = tid + h * 256, r = p >> 1, half = p & 1;
-            const int gn = bn + r, off = kt * (WG_BK / 4) + half * 16;
-            wr[h] = (kt < KT && gn < N && off < K4s) ? ldg_stream16(Wp + (size_t)gn * K4s + off)
-                                                     : make_uint4(0u, 0u, 0u, 0u);
-        }
+        for (int h = 0; h < 2; ++h)
+            wr[h] = (in && w_ok[h]) ? ldg_stream16(w_src[h] + off) : make_uint4(0u, 0u, 0u, 0u);
     };
     auto store_w = [&](int slot, const uint4 (&wr)[2]) {
-        uint8_t* b = smem + slot * WG_STAGE_BYTES + WG_A_BYTES;
+        uint8_t* b = smem + slot * WG_STAGE_BYTES + WG_A_BYTES + w_base;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int p = tid + h * 256, r = p >> 1, half = p & 1;
             const uint32_t w[4] = {wr[h].x, wr[h].y, wr[h].z, wr[h].w};
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
@@ -138,7 +158,7 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
                 c.y = (w[u] >> 2) & 0x03030303u;
                 c.z = (w[u] >> 4) & 0x03030303u;
                 c.w = (w[u] >> 6) & 0x03030303u;
-                *reinterpret_cast<uint4*>(b + sw128(r, half * 4 + u)) = c;
+                *reinterpret_cast<uint4*>(b + h * 16 * 1024 + (((w_half * 4 + u) ^ w_x) << 4)) = c;
             }
         }
     };
@@ -185,28 +205,58 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
     wgmma_wait<0>();
     fence_acc(acc);
     cp_async_wait<0>();
+    __syncthreads();  // every warpgroup's MMAs are done with their stages: shared memory is free
 
+    // Epilogue: dequantize in registers, stage the 128 x 256 output tile in shared memory (rows
+    // padded so the fragment writes are conflict-free), then write whole 16-byte chunks of the
+    // output rows (coalesced); element stores only at the right edge or for unaligned rows.
+    constexpr int OB = (int)sizeof(OT);
+    constexpr int ROWB = WG_BN * OB + (OB == 2 ? 16 : 32);
+    static_assert(WG_BM * ROWB <= WG_STAGES * WG_STAGE_BYTES, "output tile must fit the stages");
     const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
 #pragma unroll
     for (int hm = 0; hm < 2; ++hm) {
-        const int m = bm + wg * 64 + wq * 16 + g + 8 * hm;
-        if (m >= M) continue;
+        const int r = wg * 64 + wq * 16 + g + 8 * hm;
+        const int m = bm + r;
+        int xsum = 0;
         float sx = 0.0f;
-        if constexpr (!std::is_same<OT, int>::value) sx = xscales[per_tensor ? 0 : m];
-        const int xsum = rowsum[m];
+        if (m < M) {
+            xsum = rowsum[m];
+            if constexpr (!std::is_same<OT, int>::value) sx = xscales[per_tensor ? 0 : m];
+        }
+        uint8_t* row = smem + r * ROWB;
 #pragma unroll
         for (int j = 0; j < WG_BN / 8; ++j) {
-#pragma unroll
-            for (int hn = 0; hn < 2; ++hn) {
-                const int n = bn + 8 * j + 2 * t + hn;
-                if (n >= N) continue;
-                const int v = acc[4 * j + 2 * hm + hn] - xsum;
-                if constexpr (std::is_same<OT, int>::value) {
-                    y[(size_t)m * N + n] = v;
-                } else {
-                    store_out<OT>(y, (size_t)m * N + n, dequant(v, sx, sw));
-                }
+            const int c = 8 * j + 2 * t;
+            const int v0 = acc[4 * j + 2 * hm] - xsum, v1 = acc[4 * j + 2 * hm + 1] - xsum;
+            if constexpr (std::is_same<OT, int>::value) {
+                *reinterpret_cast<int2*>(row + c * OB) = make_int2(v0, v1);
+            } else if constexpr (std::is_same<OT, float>::value) {
+                *reinterpret_cast<float2*>(row + c * OB) = make_float2(dequant(v0, sx, sw), dequant(v1, sx, sw));
+            } else {
+                union { OT h[2]; uint32_t u; } p2;  // one 4-byte store for the pair
+                p2.h[0] = from_f32<OT>(dequant(v0, sx, sw));
+                p2.h[1] = from_f32<OT>(dequant(v1, sx, sw));
+                *reinterpret_cast<uint32_t*>(row + c * OB) = p2.u;
             }
+        }
+    }
+    __syncthreads();
+    constexpr int E = 16 / OB;              // outputs per 16-byte chunk
+    constexpr int CPR = WG_BN / E;          // chunks per tile row
+    const bool vec = (N % E) == 0 && (((size_t)y) & 15) == 0;
+#pragma unroll 4
+    for (int idx = tid; idx < WG_BM * CPR; idx += 256) {
+        const int r = idx / CPR, c = idx % CPR;
+        const int m = bm + r, n = bn + c * E;
+        if (m >= M || n >= N) continue;
+        const uint8_t* src = smem + r * ROWB + c * 16;
+        OT* dst = y + (size_t)m * N + n;
+        if (vec && n + E <= N) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+            const OT* s = reinterpret_cast<const OT*>(src);
+            for (int e = 0; e < E && n + e < N; ++e) dst[e] = s[e];
         }
     }
 }

@@ -13,11 +13,14 @@
 //              code = w_q + 1; padding k >= K gets code 1.
 //
 // Kernels and what each thread does
-//   act_quant_rows_T     one block (256 threads) per row; thread t handles the 16-k groups
-//                        g = t, t+256, ... (16-byte loads when K % 16 == 0). Per-token mode:
-//                        block-wide absmax and non-finite flag (warp shuffles + one smem round),
+//   act_quant_rows_T     a block (256 threads) per row, rows grid-strided over about one wave of
+//                        blocks; thread t handles the 16-k groups g = t, t+256, ... (16-byte
+//                        loads when K % 16 == 0). Per-token mode: absmax and non-finite flag in
+//                        one integer max over the bits of |x| (two 16-bit values per
+//                        instruction for bf16/f16), block max (warp reduce + one smem round),
 //                        then a second pass over the same groups quantizes (the thread's first
-//                        group is kept in registers, not reloaded). Per-tensor mode: the absmax and
+//                        group is kept in registers, not reloaded; act_codes16 tests for
+//                        near-ties once per 16 values). Per-tensor mode: the absmax and
 //                        flag come from act_absmax_tensor_T's result (gstat). mode 0 writes
 //                        canonical codes, mode 1 writes permuted/padded codes (one thread per
 //                        16-group: 16 values -> one 16-byte store, and the row sum of the codes),
@@ -66,43 +69,98 @@ __device__ __forceinline__ void load_group(const T* __restrict__ xr, int g, int 
     }
 }
 
+// Raw bits of the 16 values k = 16g .. 16g+15 of a row (T zero at and past K); held in
+// registers as a prefetch, converted to f32 only when used.
 template <typename T>
-__device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int per_tensor,
-                                    const unsigned* __restrict__ gstat, int mode, int8_t* codes,
-                                    int ld, float* scales, T* fake, int* rowsum) {
-    __shared__ float red[32];
-    __shared__ int ired[32];
-    const int row = blockIdx.x;
-    if (row >= M) return;
+struct RawGroup {
+    uint4 v[sizeof(T)];
+};
+template <typename T>
+__device__ __forceinline__ void load_raw_group(const T* __restrict__ xr, int g, int K, bool vec, RawGroup<T>& r) {
+    if (vec && 16 * g < K) {
+#pragma unroll
+        for (int c = 0; c < (int)sizeof(T); ++c) r.v[c] = __ldg(reinterpret_cast<const uint4*>(xr + 16 * g) + c);
+    } else {
+        T* e = reinterpret_cast<T*>(r.v);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const int k = 16 * g + i;
+            e[i] = k < K ? xr[k] : from_f32<T>(0.0f);
+        }
+    }
+}
+template <typename T>
+__device__ __forceinline__ void raw_to_f32(const RawGroup<T>& r, float (&f)[16]) {
+    const T* e = reinterpret_cast<const T*>(r.v);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) f[i] = to_f32(e[i]);
+}
+
+// max|x| on the bit patterns: for IEEE formats the bits of |x| order like |x|, and Inf/NaN bits
+// lie above every finite value, so one integer max gives the absmax and the non-finite flag.
+// 2-byte types take two values a 32-bit word (__vmaxu2); absbits_fold joins the halves.
+template <typename T>
+__device__ __forceinline__ unsigned absbits_acc(const RawGroup<T>& r, unsigned m) {
+#pragma unroll
+    for (int c = 0; c < (int)sizeof(T); ++c) {
+        const uint32_t w[4] = {r.v[c].x, r.v[c].y, r.v[c].z, r.v[c].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if constexpr (sizeof(T) == 4)
+                m = max(m, w[i] & 0x7fffffffu);
+            else
+                m = __vmaxu2(m, w[i] & 0x7fff7fffu);
+        }
+    }
+    return m;
+}
+template <typename T>
+__device__ __forceinline__ unsigned absbits_fold(unsigned m) {
+    if constexpr (sizeof(T) == 4)
+        return m;
+    else
+        return max(m & 0xffffu, m >> 16);
+}
+// The value and the non-finite flag of folded |x| bits.
+__device__ __forceinline__ float absbits_value(unsigned m, float*, bool& nonfinite) {
+    nonfinite = m >= 0x7f800000u;
+    return __uint_as_float(m);
+}
+__device__ __forceinline__ float absbits_value(unsigned m, __nv_bfloat16*, bool& nonfinite) {
+    nonfinite = m >= 0x7f80u;
+    return __uint_as_float(m << 16);
+}
+__device__ __forceinline__ float absbits_value(unsigned m, __half*, bool& nonfinite) {
+    nonfinite = m >= 0x7c00u;
+    return __half2float(__ushort_as_half((unsigned short)m));
+}
+
+// One row of act_quant_rows; f0 = this thread's first group (threadIdx.x < G), already loaded.
+template <typename T>
+__device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int row, int K, int G, bool vec,
+                                              int per_tensor, const unsigned* __restrict__ gstat, int mode,
+                                              int8_t* codes, int ld, float* scales, T* fake, int* rowsum,
+                                              const RawGroup<T>& f0raw, float* red, int* ired) {
     const T* xr = x + (size_t)row * K;
-    const bool vec = (K & 15) == 0 && (((size_t)x) & 15) == 0;
-    const int G = (K + 15) / 16;  // 16-k groups with data
+    const bool have0 = (int)threadIdx.x < G;
     float s;
     bool bad;
-    float f0[16];  // this thread's first group, kept from the absmax pass (no second load)
-    const bool have0 = !per_tensor && (int)threadIdx.x < G;
     if (per_tensor) {
         bad = gstat[1] != 0;
         s = act_scale_from_absmax(__uint_as_float(gstat[0]));
     } else {
-        float a = 0.0f;
-        int nf = 0;
+        unsigned m = 0u;
         for (int g = threadIdx.x; g < G; g += QT) {
-            float f[16];
-            load_group(xr, g, K, vec, f);
-            if (g == threadIdx.x) {
-#pragma unroll
-                for (int i = 0; i < 16; ++i) f0[i] = f[i];
-            }
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                nf |= !isfinite(f[i]);
-                a = fmaxf(a, fabsf(f[i]));
+            if (g == (int)threadIdx.x) {
+                m = absbits_acc<T>(f0raw, m);
+            } else {
+                RawGroup<T> r;
+                load_raw_group(xr, g, K, vec, r);
+                m = absbits_acc<T>(r, m);
             }
         }
-        bad = __syncthreads_or(nf) != 0;
-        a = block_max<QT>(a, red);
-        s = act_scale_from_absmax(a);
+        m = block_max_u32<QT>(absbits_fold<T>(m), reinterpret_cast<unsigned*>(red));
+        s = act_scale_from_absmax(absbits_value(m, (T*)nullptr, bad));
     }
     if (bad) s = __int_as_float(0x7fc00000);  // NaN scale, zero codes
     if (scales != nullptr && (!per_tensor || row == 0) && threadIdx.x == 0) {
@@ -115,16 +173,17 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
     for (int g = threadIdx.x; g < groups; g += QT) {
         float f[16];
         if (g == (int)threadIdx.x && have0) {
-#pragma unroll
-            for (int i = 0; i < 16; ++i) f[i] = f0[i];
+            raw_to_f32(f0raw, f);
         } else {
             load_group(xr, g, K, vec, f);
         }
+        // values at and past K are 0 here, so their codes are 0
         int q[16];
+        if (bad) {
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            q[i] = (16 * g + i < K && !bad) ? act_code_inv(f[i], s, inv) : 0;
-            sum += q[i];
+            for (int i = 0; i < 16; ++i) q[i] = 0;
+        } else {
+            act_codes16(f, s, inv, q);
         }
         if (mode == 0) {
             int8_t* cr = codes + (size_t)row * K + 16 * g;
@@ -136,7 +195,10 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
                     if (16 * g + i < K) cr[i] = (int8_t)q[i];
             }
         } else if (mode == 1) {
-            *reinterpret_cast<uint4*>(codes + (size_t)row * ld + 16 * g) = pack16_permuted(q);
+            const uint4 w = pack16_permuted(q);
+            *reinterpret_cast<uint4*>(codes + (size_t)row * ld + 16 * g) = w;
+            sum = __dp4a((int)w.x, 0x01010101, __dp4a((int)w.y, 0x01010101, sum));
+            sum = __dp4a((int)w.z, 0x01010101, __dp4a((int)w.w, 0x01010101, sum));
         } else {
             T* fr = fake + (size_t)row * K + 16 * g;
             __align__(16) T o[16];
@@ -164,6 +226,25 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
             for (int w = 0; w < QT / 32; ++w) tot += ired[w];
             rowsum[row] = tot;
         }
+    }
+}
+
+
+// Grid-stride over rows (the host launches about one wave of blocks).
+template <typename T>
+__device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int per_tensor,
+                                    const unsigned* __restrict__ gstat, int mode, int8_t* codes,
+                                    int ld, float* scales, T* fake, int* rowsum) {
+    __shared__ float red[32];
+    __shared__ int ired[32];
+    const bool vec = (K & 15) == 0 && (((size_t)x) & 15) == 0;
+    const int G = (K + 15) / 16;  // 16-k groups with data
+    for (int row = blockIdx.x; row < M; row += gridDim.x) {
+        RawGroup<T> first;
+        if ((int)threadIdx.x < G) load_raw_group(x + (size_t)row * K, threadIdx.x, K, vec, first);
+        act_quant_row<T>(x, row, K, G, vec, per_tensor, gstat, mode, codes, ld, scales, fake, rowsum, first, red,
+                         ired);
+        __syncthreads();  // red / ired are reused by the next row
     }
 }
 
@@ -302,12 +383,11 @@ __device__ void w_pack_impl(const T* __restrict__ w, int N, int K, int K4, const
 #pragma unroll
                 for (int i = 0; i < 16; ++i) f[i] = 16 * q + i < K ? to_f32(wr[16 * q + i]) : 0.0f;
             }
+            int c[16];
+            ternary_codes16(f, s, inv, c);
             uint32_t word = 0;  // code of k = 16q + i at bits 2i (byte i/4, field i%4)
 #pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                const int c = 16 * q + i < K ? ternary_code_inv(f[i], s, inv) : 1;
-                word |= (uint32_t)c << (2 * i);
-            }
+            for (int i = 0; i < 16; ++i) word |= (uint32_t)(16 * q + i < K ? c[i] : 1) << (2 * i);
             if ((K4 & 3) == 0) {
                 *reinterpret_cast<uint32_t*>(orow + 4 * q) = word;
             } else {
@@ -329,7 +409,7 @@ __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_p
 }
 
 #define INSTANTIATE(T, SUF)                                                                        \
-    extern "C" __global__ void __launch_bounds__(QT)                                               \
+    extern "C" __global__ void __launch_bounds__(QT, 4)                                            \
         act_quant_rows_##SUF(const T* x, int M, int K, int per_tensor, const unsigned* gstat,     \
                              int mode, int8_t* codes, int ld, float* scales, T* fake,           \
                              int* rowsum) {                                                        \

@@ -434,8 +434,9 @@ fn quantize_rows(
         ActOut::Fake(p) => (2, 0, k, p, 0),
     };
     let f = func(dev, Module::Quant, &format!("act_quant_rows_{sfx}"))?;
+    // Rows are grid-strided: about one wave of blocks (4 per SM fit), each prefetching its next row.
     let cfg = LaunchConfig {
-        grid_dim: (i32_arg(m, "M")? as u32, 1, 1),
+        grid_dim: (i32_arg(m, "M")?.min(4 * info.sms as i32) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
