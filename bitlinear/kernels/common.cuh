@@ -185,6 +185,16 @@ __device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gptr, boo
     int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gptr), "r"(n));
 }
+// The same copy to a 32-bit shared-space address (no generic-pointer arithmetic in hot loops).
+__device__ __forceinline__ void cp_async16_s(uint32_t saddr, const void* gptr, bool valid) {
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gptr), "r"(n));
+}
+// 16-byte store to a 32-bit shared-space address.
+__device__ __forceinline__ void st_shared16(uint32_t saddr, uint4 v) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(saddr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));

@@ -86,9 +86,8 @@ __device__ __forceinline__ void fence_acc(int (&d)[128]) {
     for (int i = 0; i < 128; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 
-// K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t gmma_desc(const void* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+// K-major, 128-byte swizzle, 8-row groups 1024 bytes apart; a = shared-space address.
+__device__ __forceinline__ uint64_t gmma_desc(uint32_t a) {
     uint64_t d = (uint64_t)((a & 0x3FFFF) >> 4);
     d |= (uint64_t)1 << 16;             // leading byte offset (unused with 128-byte swizzle)
     d |= (uint64_t)(1024 >> 4) << 32;   // stride byte offset: next 8-row group
@@ -104,7 +103,11 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
                                 int K4s, int M, int N, int K, float sw_val, const float* __restrict__ sw_ptr,
                                 OT* __restrict__ y) {
     extern __shared__ uint8_t smem_raw[];
-    uint8_t* smem = reinterpret_cast<uint8_t*>(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    // 1024-byte aligned base, as a 32-bit shared-space address for the hot loop (generic pointers
+    // made the compiler emit 64-bit generic stores) and as a generic pointer for the epilogue
+    const uint32_t raw_s = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t sbase = (raw_s + 1023u) & ~1023u;
+    uint8_t* smem = smem_raw + (sbase - raw_s);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t = lane & 3;
     const int bm = blockIdx.y * WG_BM, bn = blockIdx.x * WG_BN;
@@ -135,9 +138,9 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
     const int w_base = (w_r >> 3) * 1024 + (w_r & 7) * 128, w_x = w_r & 7;
 
     auto load_a = [&](int kt, int slot) {
-        uint8_t* a = smem + slot * WG_STAGE_BYTES + a_off;
+        const uint32_t a = sbase + slot * WG_STAGE_BYTES + a_off;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) cp_async16(a + 4096 * i, a_src[i] + (size_t)kt * WG_BK, a_ok[i]);
+        for (int i = 0; i < 4; ++i) cp_async16_s(a + 4096 * i, a_src[i] + (size_t)kt * WG_BK, a_ok[i]);
     };
     auto load_w = [&](int kt, uint4 (&wr)[2]) {
         const int off = kt * (WG_BK / 4);
@@ -147,7 +150,7 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
             wr[h] = (in && w_ok[h]) ? ldg_stream16(w_src[h] + off) : make_uint4(0u, 0u, 0u, 0u);
     };
     auto store_w = [&](int slot, const uint4 (&wr)[2]) {
-        uint8_t* b = smem + slot * WG_STAGE_BYTES + WG_A_BYTES + w_base;
+        const uint32_t b = sbase + slot * WG_STAGE_BYTES + WG_A_BYTES + w_base;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const uint32_t w[4] = {wr[h].x, wr[h].y, wr[h].z, wr[h].w};
@@ -158,7 +161,7 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
                 c.y = (w[u] >> 2) & 0x03030303u;
                 c.z = (w[u] >> 4) & 0x03030303u;
                 c.w = (w[u] >> 6) & 0x03030303u;
-                *reinterpret_cast<uint4*>(b + h * 16 * 1024 + (((w_half * 4 + u) ^ w_x) << 4)) = c;
+                st_shared16(b + h * 16 * 1024 + (((w_half * 4 + u) ^ w_x) << 4), c);
             }
         }
     };
@@ -184,8 +187,8 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
         cp_async_wait<WG_STAGES - 2>();
         fence_proxy_async();
         __syncthreads();
-        const uint8_t* a = smem + slot * WG_STAGE_BYTES + wg * (64 / 8) * 1024;
-        const uint8_t* b = smem + slot * WG_STAGE_BYTES + WG_A_BYTES;
+        const uint32_t a = sbase + slot * WG_STAGE_BYTES + wg * (64 / 8) * 1024;
+        const uint32_t b = sbase + slot * WG_STAGE_BYTES + WG_A_BYTES;
         fence_acc(acc);
         wgmma_fence();
 #pragma unroll
