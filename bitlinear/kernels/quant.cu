@@ -39,6 +39,10 @@
 //   w_absmean_final      the same final step alone, for n == 0.
 //   w_pack_T             one block per weight row: thread t packs 16 weights -> one 32-bit word of
 //                        the packed row (16-byte loads when K % 16 == 0).
+//   w_pack_flat_T        the packer for K % 16 == 0 and a 16-byte aligned w: the packed matrix
+//                        is then a flat array of 32-bit words, word i = the 16 weights at 16i;
+//                        grid-stride, each thread loads U words' weights (4, or 2 for f32)
+//                        before quantizing them.
 //   w_fake_T             x~ = (code - 1) * s_w per element.
 //   codes_permute        canonical codes -> permuted/padded layout, one thread per 16-group, plus
 //                        the row sums of the codes (atomicAdd into a zeroed buffer).
@@ -46,28 +50,6 @@
 #include "common.cuh"
 
 #define QT 256
-
-// The 16 values k = 16g .. 16g+15 of a row as floats, 0 at and past K. `vec` (K % 16 == 0 and a
-// 16-byte aligned tensor) uses 16-byte loads.
-template <typename T>
-__device__ __forceinline__ void load_group(const T* __restrict__ xr, int g, int K, bool vec, float (&f)[16]) {
-    if (vec && 16 * g < K) {
-        constexpr int VN = 16 / sizeof(T);
-#pragma unroll
-        for (int c = 0; c < 16 / VN; ++c) {
-            uint4 v = *reinterpret_cast<const uint4*>(xr + 16 * g + c * VN);
-            const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-            for (int i = 0; i < VN; ++i) f[c * VN + i] = to_f32(e[i]);
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            const int k = 16 * g + i;
-            f[i] = k < K ? to_f32(xr[k]) : 0.0f;
-        }
-    }
-}
 
 // Raw bits of the 16 values k = 16g .. 16g+15 of a row (T zero at and past K); held in
 // registers as a prefetch, converted to f32 only when used.
@@ -135,14 +117,13 @@ __device__ __forceinline__ float absbits_value(unsigned m, __half*, bool& nonfin
     return __half2float(__ushort_as_half((unsigned short)m));
 }
 
-// One row of act_quant_rows; f0 = this thread's first group (threadIdx.x < G), already loaded.
-template <typename T>
-__device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int row, int K, int G, bool vec,
-                                              int per_tensor, const unsigned* __restrict__ gstat, int mode,
-                                              int8_t* codes, int ld, float* scales, T* fake, int* rowsum,
-                                              const RawGroup<T>& f0raw, float* red, int* ired) {
-    const T* xr = x + (size_t)row * K;
-    const bool have0 = (int)threadIdx.x < G;
+// One row of act_quant_rows. load(g, r) fills r with group g < G of the row (from registers,
+// global or shared memory: the caller's choice).
+template <typename T, typename Load>
+__device__ __forceinline__ void act_quant_row(Load load, int row, int K, int G, bool vec, int per_tensor,
+                                              const unsigned* __restrict__ gstat, int mode, int8_t* codes,
+                                              int ld, float* scales, T* fake, int* rowsum, float* red,
+                                              int* ired) {
     float s;
     bool bad;
     if (per_tensor) {
@@ -151,13 +132,9 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int row, 
     } else {
         unsigned m = 0u;
         for (int g = threadIdx.x; g < G; g += QT) {
-            if (g == (int)threadIdx.x) {
-                m = absbits_acc<T>(f0raw, m);
-            } else {
-                RawGroup<T> r;
-                load_raw_group(xr, g, K, vec, r);
-                m = absbits_acc<T>(r, m);
-            }
+            RawGroup<T> r;
+            load(g, r);
+            m = absbits_acc<T>(r, m);
         }
         m = block_max_u32<QT>(absbits_fold<T>(m), reinterpret_cast<unsigned*>(red));
         s = act_scale_from_absmax(absbits_value(m, (T*)nullptr, bad));
@@ -172,10 +149,13 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int row, 
     int sum = 0;
     for (int g = threadIdx.x; g < groups; g += QT) {
         float f[16];
-        if (g == (int)threadIdx.x && have0) {
-            raw_to_f32(f0raw, f);
+        if (g < G) {
+            RawGroup<T> r;
+            load(g, r);
+            raw_to_f32(r, f);
         } else {
-            load_group(xr, g, K, vec, f);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) f[i] = 0.0f;
         }
         // values at and past K are 0 here, so their codes are 0
         int q[16];
@@ -230,7 +210,8 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int row, 
 }
 
 
-// Grid-stride over rows (the host launches about one wave of blocks).
+// Grid-stride over rows (the host launches about one wave of blocks); each thread keeps its
+// first group in registers between the two passes.
 template <typename T>
 __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int per_tensor,
                                     const unsigned* __restrict__ gstat, int mode, int8_t* codes,
@@ -240,10 +221,16 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
     const bool vec = (K & 15) == 0 && (((size_t)x) & 15) == 0;
     const int G = (K + 15) / 16;  // 16-k groups with data
     for (int row = blockIdx.x; row < M; row += gridDim.x) {
+        const T* xr = x + (size_t)row * K;
         RawGroup<T> first;
-        if ((int)threadIdx.x < G) load_raw_group(x + (size_t)row * K, threadIdx.x, K, vec, first);
-        act_quant_row<T>(x, row, K, G, vec, per_tensor, gstat, mode, codes, ld, scales, fake, rowsum, first, red,
-                         ired);
+        if ((int)threadIdx.x < G) load_raw_group(xr, threadIdx.x, K, vec, first);
+        auto load = [&](int g, RawGroup<T>& r) {
+            if (g == (int)threadIdx.x)
+                r = first;
+            else
+                load_raw_group(xr, g, K, vec, r);
+        };
+        act_quant_row<T>(load, row, K, G, vec, per_tensor, gstat, mode, codes, ld, scales, fake, rowsum, red, ired);
         __syncthreads();  // red / ired are reused by the next row
     }
 }
@@ -399,6 +386,42 @@ __device__ void w_pack_impl(const T* __restrict__ w, int N, int K, int K4, const
     }
 }
 
+// The packer when K % 16 == 0 and w is 16-byte aligned: then 32-bit word i of the packed matrix
+// holds exactly the 16 weights w[16i .. 16i+15], so rows do not matter. Each thread requests U
+// words' weights (16-byte loads) before it quantizes any of them, to keep more bytes in flight
+// than the one-row-per-block packer (whose blocks idle on one 16-k group per thread).
+template <typename T, int U>
+__device__ void w_pack_flat_impl(const T* __restrict__ w, size_t words, const float* sw_ptr, uint32_t* out) {
+    const float s = *sw_ptr;
+    const float inv = __frcp_rn(s);
+    const size_t step = (size_t)gridDim.x * QT * U;
+    for (size_t base = (size_t)blockIdx.x * QT * U + threadIdx.x; base < words; base += step) {
+        RawGroup<T> r[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const size_t i = base + (size_t)u * QT;
+            if (i < words) {
+#pragma unroll
+                for (int c = 0; c < (int)sizeof(T); ++c)
+                    r[u].v[c] = __ldg(reinterpret_cast<const uint4*>(w + 16 * i) + c);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const size_t i = base + (size_t)u * QT;
+            if (i >= words) break;
+            float f[16];
+            raw_to_f32(r[u], f);
+            int c[16];
+            ternary_codes16(f, s, inv, c);
+            uint32_t word = 0;  // code of k = 16i + j at bits 2j
+#pragma unroll
+            for (int j = 0; j < 16; ++j) word |= (uint32_t)c[j] << (2 * j);
+            out[i] = word;
+        }
+    }
+}
+
 template <typename T>
 __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_ptr, T* out) {
     const float s = *sw_ptr;
@@ -426,6 +449,10 @@ __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_p
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         w_pack_##SUF(const T* w, int N, int K, int K4, const float* sw, uint8_t* out, int vec) {  \
         w_pack_impl<T>(w, N, K, K4, sw, out, vec);                                                 \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(QT)                                               \
+        w_pack_flat_##SUF(const T* w, size_t words, const float* sw, uint32_t* out) {              \
+        w_pack_flat_impl<T, sizeof(T) == 4 ? 2 : 4>(w, words, sw, out);                            \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         w_fake_##SUF(const T* w, size_t n, const float* sw, T* out) {                             \
