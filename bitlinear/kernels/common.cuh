@@ -59,16 +59,27 @@ __device__ __forceinline__ float rint_div(float v, float s, float inv) {
 __device__ __forceinline__ int act_code_inv(float v, float s, float inv) {
     return (int)fminf(fmaxf(rint_div(v, s, inv), -128.0f), 127.0f);
 }
+// rintf without the (quarter-rate) conversion pipe: adding 1.5 * 2^23 leaves the round-to-
+// nearest-even integer of |p| < 2^22 in the low mantissa bits, and subtracting it again gives
+// that integer as a float (__fadd_rn / __fsub_rn are never contracted into an FMA). int_magic reads
+// the int of an integer-valued |r| <= 2^22 the same way. Callers clamp the result to a few hundred
+// at most; beyond 2^22 the rounding may differ from rintf, but such values clamp to the same bound.
+#define BL_RINT_MAGIC 12582912.0f
+__device__ __forceinline__ float rint_magic(float p) {
+    return __fsub_rn(__fadd_rn(p, BL_RINT_MAGIC), BL_RINT_MAGIC);
+}
+__device__ __forceinline__ int int_magic(float r) { return __float_as_int(__fadd_rn(r, BL_RINT_MAGIC)) - 0x4B400000; }
+
 // act_code_inv over 16 values, with the near-tie test made once per group: the common case is
-// multiply, round, clamp; if any value lies within 1e-4 of a rounding tie (rare), all 16 take
-// rint_div. Identical to act_code_inv element by element.
+// multiply, round (rint_magic), clamp; if any value lies within 1e-4 of a rounding tie (rare),
+// all 16 take rint_div. Identical to act_code_inv element by element.
 __device__ __forceinline__ void act_codes16(const float (&f)[16], float s, float inv, int (&q)[16]) {
     float r[16];
     bool tie = false;
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-        const float p = f[i] * inv;
-        r[i] = rintf(p);
+        const float p = __fmul_rn(f[i], inv);
+        r[i] = rint_magic(p);
         tie |= fabsf(p - r[i]) > 0.4999f;
     }
     if (tie) {
@@ -76,7 +87,7 @@ __device__ __forceinline__ void act_codes16(const float (&f)[16], float s, float
         for (int i = 0; i < 16; ++i) r[i] = rint_div(f[i], s, inv);
     }
 #pragma unroll
-    for (int i = 0; i < 16; ++i) q[i] = (int)fminf(fmaxf(r[i], -128.0f), 127.0f);
+    for (int i = 0; i < 16; ++i) q[i] = int_magic(fminf(fmaxf(r[i], -128.0f), 127.0f));
 }
 __device__ __forceinline__ int ternary_code(float v, float s) {  // returns w_q + 1 in {0,1,2}
     float q = rintf(__fdiv_rn(v, s));
@@ -93,8 +104,8 @@ __device__ __forceinline__ void ternary_codes16(const float (&f)[16], float s, f
     bool tie = false;
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-        const float p = f[i] * inv;
-        r[i] = rintf(p);
+        const float p = __fmul_rn(f[i], inv);
+        r[i] = rint_magic(p);
         tie |= fabsf(p - r[i]) > 0.4999f;
     }
     if (tie) {
@@ -102,7 +113,7 @@ __device__ __forceinline__ void ternary_codes16(const float (&f)[16], float s, f
         for (int i = 0; i < 16; ++i) r[i] = rint_div(f[i], s, inv);
     }
 #pragma unroll
-    for (int i = 0; i < 16; ++i) c[i] = (int)fminf(fmaxf(r[i], -1.0f), 1.0f) + 1;
+    for (int i = 0; i < 16; ++i) c[i] = int_magic(fminf(fmaxf(r[i], -1.0f), 1.0f)) + 1;
 }
 // Epilogue, two f32 roundings in this order.
 __device__ __forceinline__ float dequant(int acc, float sx, float sw) {

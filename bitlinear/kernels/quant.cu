@@ -25,6 +25,9 @@
 //                        canonical codes, mode 1 writes permuted/padded codes (one thread per
 //                        16-group: 16 values -> one 16-byte store, and the row sum of the codes),
 //                        mode 2 writes x~ = q * s_x in T.
+//   act_quant_rows_short_T  the same when K % 16 == 0, K <= 4096 and x is 16-byte aligned (a thread
+//                        has at most one group of a row): two rows at a time per block, both
+//                        rows' groups requested before either is reduced.
 //   act_absmax_tensor_T  grid-stride absmax over the whole tensor, block max then atomicMax on the
 //                        float's bits (non-negative floats order like their bits: deterministic).
 //   w_absmean_partial_T  fixed grid G (chosen from n only); thread t of block b sums |w| in f64 over
@@ -117,6 +120,43 @@ __device__ __forceinline__ float absbits_value(unsigned m, __half*, bool& nonfin
     return __half2float(__ushort_as_half((unsigned short)m));
 }
 
+// Writes the 16 codes q of group g of a row in the output form of `mode` (see act_quant_rows)
+// and returns sum + their sum in mode 1 (the row sums the GEMM needs), else sum.
+template <typename T>
+__device__ __forceinline__ int store_group(const int (&q)[16], float s, int row, int g, int K, bool vec, int mode,
+                                           int8_t* codes, int ld, T* fake, int sum) {
+    if (mode == 0) {
+        int8_t* cr = codes + (size_t)row * K + 16 * g;
+        if (vec) {
+            *reinterpret_cast<uint4*>(cr) = pack16(q);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 16; ++i)
+                if (16 * g + i < K) cr[i] = (int8_t)q[i];
+        }
+    } else if (mode == 1) {
+        const uint4 w = pack16_permuted(q);
+        *reinterpret_cast<uint4*>(codes + (size_t)row * ld + 16 * g) = w;
+        sum = __dp4a((int)w.x, 0x01010101, __dp4a((int)w.y, 0x01010101, sum));
+        sum = __dp4a((int)w.z, 0x01010101, __dp4a((int)w.w, 0x01010101, sum));
+    } else {
+        T* fr = fake + (size_t)row * K + 16 * g;
+        __align__(16) T o[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) o[i] = from_f32<T>(__fmul_rn((float)q[i], s));
+        if (vec) {
+#pragma unroll
+            for (int c = 0; c < 16 * (int)sizeof(T) / 16; ++c)
+                reinterpret_cast<uint4*>(fr)[c] = reinterpret_cast<const uint4*>(o)[c];
+        } else {
+#pragma unroll
+            for (int i = 0; i < 16; ++i)
+                if (16 * g + i < K) fr[i] = o[i];
+        }
+    }
+    return sum;
+}
+
 // One row of act_quant_rows. load(g, r) fills r with group g < G of the row (from registers,
 // global or shared memory: the caller's choice).
 template <typename T, typename Load>
@@ -165,35 +205,7 @@ __device__ __forceinline__ void act_quant_row(Load load, int row, int K, int G, 
         } else {
             act_codes16(f, s, inv, q);
         }
-        if (mode == 0) {
-            int8_t* cr = codes + (size_t)row * K + 16 * g;
-            if (vec) {
-                *reinterpret_cast<uint4*>(cr) = pack16(q);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 16; ++i)
-                    if (16 * g + i < K) cr[i] = (int8_t)q[i];
-            }
-        } else if (mode == 1) {
-            const uint4 w = pack16_permuted(q);
-            *reinterpret_cast<uint4*>(codes + (size_t)row * ld + 16 * g) = w;
-            sum = __dp4a((int)w.x, 0x01010101, __dp4a((int)w.y, 0x01010101, sum));
-            sum = __dp4a((int)w.z, 0x01010101, __dp4a((int)w.w, 0x01010101, sum));
-        } else {
-            T* fr = fake + (size_t)row * K + 16 * g;
-            __align__(16) T o[16];
-#pragma unroll
-            for (int i = 0; i < 16; ++i) o[i] = from_f32<T>(__fmul_rn((float)q[i], s));
-            if (vec) {
-#pragma unroll
-                for (int c = 0; c < 16 * (int)sizeof(T) / 16; ++c)
-                    reinterpret_cast<uint4*>(fr)[c] = reinterpret_cast<const uint4*>(o)[c];
-            } else {
-#pragma unroll
-                for (int i = 0; i < 16; ++i)
-                    if (16 * g + i < K) fr[i] = o[i];
-            }
-        }
+        sum = store_group<T>(q, s, row, g, K, vec, mode, codes, ld, fake, sum);
     }
     if (mode == 1 && rowsum != nullptr) {
         // row sum of the codes (the GEMM uses unsigned weight codes: sum c*x - sum x)
@@ -232,6 +244,98 @@ __device__ void act_quant_rows_impl(const T* __restrict__ x, int M, int K, int p
         };
         act_quant_row<T>(load, row, K, G, vec, per_tensor, gstat, mode, codes, ld, scales, fake, rowsum, red, ired);
         __syncthreads();  // red / ired are reused by the next row
+    }
+}
+
+// The common case K % 16 == 0, K <= 16 * QT, 16-byte aligned x, in which a thread has at most
+// one 16-k group of a row: a block takes AQ_ROWS rows at a time, each thread first requests its
+// group of every one of them (more bytes in flight than one row a block), then a single block
+// reduction round finds all their absmaxes, then each row is quantized from registers.
+#define AQ_ROWS 2
+template <typename T>
+__device__ void act_quant_rows_short_impl(const T* __restrict__ x, int M, int K, int per_tensor,
+                                          const unsigned* __restrict__ gstat, int mode, int8_t* codes, int ld,
+                                          float* scales, T* fake, int* rowsum) {
+    __shared__ unsigned red[AQ_ROWS][QT / 32];
+    __shared__ int ired[AQ_ROWS][QT / 32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int G = K >> 4;
+    const bool mine = tid < G;  // this thread has a group with data
+    // mode 1 also zero-fills the padding groups [G, ld/16) (ld <= 16 * QT here)
+    const bool writes = tid < (mode == 1 ? ld >> 4 : G);
+    for (int row0 = blockIdx.x * AQ_ROWS; row0 < M; row0 += gridDim.x * AQ_ROWS) {
+        RawGroup<T> r[AQ_ROWS];
+#pragma unroll
+        for (int j = 0; j < AQ_ROWS; ++j) {
+            if (mine && row0 + j < M) {
+                const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)(row0 + j) * K + 16 * tid);
+#pragma unroll
+                for (int c = 0; c < (int)sizeof(T); ++c) r[j].v[c] = __ldg(src + c);
+            } else {
+#pragma unroll
+                for (int c = 0; c < (int)sizeof(T); ++c) r[j].v[c] = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+        float s[AQ_ROWS];
+        bool bad[AQ_ROWS];
+        if (per_tensor) {
+#pragma unroll
+            for (int j = 0; j < AQ_ROWS; ++j) {
+                bad[j] = gstat[1] != 0;
+                s[j] = act_scale_from_absmax(__uint_as_float(gstat[0]));
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < AQ_ROWS; ++j) {
+                const unsigned m = __reduce_max_sync(0xffffffffu, absbits_fold<T>(absbits_acc<T>(r[j], 0u)));
+                if (lane == 0) red[j][warp] = m;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int j = 0; j < AQ_ROWS; ++j) {
+                unsigned m = red[j][0];
+#pragma unroll
+                for (int w = 1; w < QT / 32; ++w) m = max(m, red[j][w]);
+                s[j] = act_scale_from_absmax(absbits_value(m, (T*)nullptr, bad[j]));
+            }
+        }
+        int sum[AQ_ROWS];
+#pragma unroll
+        for (int j = 0; j < AQ_ROWS; ++j) {
+            sum[j] = 0;
+            const int row = row0 + j;
+            if (row >= M) break;
+            if (bad[j]) s[j] = __int_as_float(0x7fc00000);  // NaN scale, zero codes
+            if (scales != nullptr && tid == 0 && (!per_tensor || row == 0)) scales[per_tensor ? 0 : row] = s[j];
+            if (writes) {
+                int q[16];
+                if (mine && !bad[j]) {
+                    float f[16];
+                    raw_to_f32(r[j], f);
+                    act_codes16(f, s[j], __frcp_rn(s[j]), q);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 16; ++i) q[i] = 0;
+                }
+                sum[j] = store_group<T>(q, s[j], row, tid, K, true, mode, codes, ld, fake, 0);
+            }
+        }
+        if (mode == 1 && rowsum != nullptr) {
+            // row sums of the codes (the GEMM uses unsigned weight codes: sum c*x - sum x)
+#pragma unroll
+            for (int j = 0; j < AQ_ROWS; ++j) {
+                const int v = __reduce_add_sync(0xffffffffu, sum[j]);
+                if (lane == 0) ired[j][warp] = v;
+            }
+            __syncthreads();
+            if (tid < AQ_ROWS && row0 + tid < M) {
+                int tot = 0;
+#pragma unroll
+                for (int w = 0; w < QT / 32; ++w) tot += ired[tid][w];
+                rowsum[row0 + tid] = tot;
+            }
+        }
+        __syncthreads();  // red / ired are reused by the next rows
     }
 }
 
@@ -437,6 +541,13 @@ __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_p
                              int mode, int8_t* codes, int ld, float* scales, T* fake,           \
                              int* rowsum) {                                                        \
         act_quant_rows_impl<T>(x, M, K, per_tensor, gstat, mode, codes, ld, scales, fake, rowsum); \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(QT, sizeof(T) == 4 ? 3 : 4)                       \
+        act_quant_rows_short_##SUF(const T* x, int M, int K, int per_tensor, const unsigned* gstat,\
+                                   int mode, int8_t* codes, int ld, float* scales, T* fake,        \
+                                   int* rowsum) {                                                  \
+        act_quant_rows_short_impl<T>(x, M, K, per_tensor, gstat, mode, codes, ld, scales, fake,    \
+                                     rowsum);                                                      \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         act_absmax_tensor_##SUF(const T* x, size_t n, unsigned* gstat) {                          \

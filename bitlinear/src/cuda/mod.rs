@@ -433,11 +433,20 @@ fn quantize_rows(
         ActOut::Permuted(p, ld, rs) => (1, p, ld, 0, rs),
         ActOut::Fake(p) => (2, 0, k, p, 0),
     };
-    let f = func(dev, Module::Quant, &format!("act_quant_rows_{sfx}"))?;
-    // Rows are grid-strided over about one wave of blocks (4 of 256 threads fit on an SM). (Staging
-    // rows in shared memory with cp.async, two rows ahead, measured no faster on an H200.)
+    // Rows are grid-strided over about one wave of blocks (4 of 256 threads fit on an SM). When a
+    // thread has at most one 16-k group of a row (K <= 4096, K % 16 == 0, aligned x), the kernel
+    // that takes two rows at a time. (Staging rows in shared memory with cp.async, two rows
+    // ahead, measured no faster on an H200.)
+    let short =
+        k.is_multiple_of(16) && k <= 16 * THREADS as usize && xp.is_multiple_of(16) && ld <= 16 * THREADS as usize;
+    let (name, rows_per_block) = if short {
+        ("act_quant_rows_short", 2)
+    } else {
+        ("act_quant_rows", 1)
+    };
+    let f = func(dev, Module::Quant, &format!("{name}_{sfx}"))?;
     let cfg = LaunchConfig {
-        grid_dim: (i32_arg(m, "M")?.min(4 * info.sms as i32) as u32, 1, 1),
+        grid_dim: (m.div_ceil(rows_per_block).min(4 * info.sms) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
