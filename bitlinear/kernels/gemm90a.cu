@@ -1,7 +1,8 @@
 // Large-M matmul on Hopper warpgroup MMAs (wgmma, sm_90a): y (M, N) = x_q (M, K) . W_q (N, K)^T.
 // The default large-M kernel on compute capability 9.0 (tile table in src/cuda/mod.rs); bit-exact
-// in gpu_check. M=N=K=4096 on an H200 (ncu): 154 us for this kernel (201 us before the staged
-// epilogue below, whose 128 scattered 2-byte stores per thread took ~28% of the warps' time).
+// in gpu_check. Times: bench/RESULTS.md. (ncu on an H200, M=N=K=4096: the staged epilogue below
+// took the kernel from 201 to 154 us; its 128 scattered 2-byte stores per thread had taken ~28% of
+// the warps' time.)
 //
 // Data layout: same inputs as gemm.cu (k-permuted, zero-padded int8 activations Xp (M, ld), their
 // row sums, packed weights with a 16-byte multiple row stride K4s).
@@ -19,10 +20,14 @@
 //     wgmma.m64n256k32.s32.s8.s8 per k tile (descriptors advance 32 bytes along the swizzled row),
 //     128 s32 accumulators per thread. Codes are unsigned (0,1,2); the epilogue subtracts the row
 //     sum of x (sum x (c - 1) = sum x c - sum x), then applies (acc * s_x) * s_w.
-//   * per k tile: wait for this tile's cp.async group, fence.proxy.async (generic-proxy writes ->
-//     async proxy), barrier, issue the wgmmas, wait until the previous tile's wgmmas are done,
-//     barrier, refill that previous stage (A by cp.async, B by decode + st.shared). Every thread's
-//     copy addresses are computed once, before the k loop.
+//   * per k tile kt, one barrier: wait for this tile's cp.async group, fence.proxy.async
+//     (generic-proxy writes -> async proxy), barrier, issue the wgmmas, fill the stage of tile
+//     kt - 2 with tile kt + 2 (A by cp.async, B by decode + st.shared), request the packed
+//     bytes of tile kt + 3, then wait until this warpgroup's wgmmas of tile kt - 1 are done.
+//     Tiles are thus loaded two ahead and the stage of tile kt - 1, which MMAs in flight may
+//     still read, is never written. (Against the earlier two-barrier loop that refilled the
+//     stage of kt - 1 after waiting for its MMAs: 4096^3 179 -> 172 us on an H200.) Every
+//     thread's copy addresses are computed once, before the k loop.
 //   * epilogue: each thread dequantizes its fragment and writes it (pairs of columns) into the
 //     then free stage memory as a 128 x 256 tile of OT (rows padded by 16 or 32 bytes: the
 //     fragment writes are conflict-free); after a barrier, the 256 threads copy whole 16-byte
@@ -171,8 +176,12 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
     for (int i = 0; i < 128; ++i) acc[i] = 0;
 
     uint4 wr[2];
+    // One barrier per k tile: tiles are loaded two ahead, into the stage that tile kt - 2 used.
+    // Every warpgroup waited for its MMAs of tile kt - 2 at the end of iteration kt - 1
+    // (wgmma_wait<1>), before this iteration's barrier, so that stage is free; the stage of
+    // tile kt - 1 may still be read by MMAs in flight and is not touched.
 #pragma unroll
-    for (int s = 0; s < WG_STAGES - 1; ++s) {
+    for (int s = 0; s < 2; ++s) {
         if (s < KT) {
             load_a(s, s);
             load_w(s, wr);
@@ -180,11 +189,10 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
         }
         cp_async_commit();
     }
-    load_w(WG_STAGES - 1, wr);  // zeros when past the end
-
+    load_w(2, wr);
     for (int kt = 0; kt < KT; ++kt) {
         const int slot = kt % WG_STAGES;
-        cp_async_wait<WG_STAGES - 2>();
+        cp_async_wait<1>();  // tile kt has landed (tile kt + 1 may be in flight)
         fence_proxy_async();
         __syncthreads();
         const uint32_t a = sbase + slot * WG_STAGE_BYTES + wg * (64 / 8) * 1024;
@@ -194,16 +202,15 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
 #pragma unroll
         for (int s = 0; s < WG_BK / 32; ++s) wgmma_m64n256k32(acc, gmma_desc(a + 32 * s), gmma_desc(b + 32 * s));
         wgmma_commit();
-        wgmma_wait<1>();  // the previous tile's MMAs (this warpgroup) are done
-        fence_acc(acc);
-        __syncthreads();  // ... and the other warpgroup's: its stage can be refilled
-        const int nk = kt + WG_STAGES - 1;
+        const int nk = kt + 2;
         if (nk < KT) {
             load_a(nk, nk % WG_STAGES);
             store_w(nk % WG_STAGES, wr);
         }
         cp_async_commit();
         load_w(nk + 1, wr);
+        wgmma_wait<1>();  // this warpgroup's MMAs of tile kt - 1 are done
+        fence_acc(acc);
     }
     wgmma_wait<0>();
     fence_acc(acc);
