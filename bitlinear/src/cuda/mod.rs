@@ -20,7 +20,7 @@
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
 //!   `wgmma` kernel (`kernels/gemm90a.cu`, 128x256 tiles) once its tiles cover at least half the
-//!   SMs (M >= ~1024 for the benchmark shapes: 1.15-1.4x faster than the best `mma.sync` tile),
+//!   SMs (M >= ~1024 for the benchmark shapes: 1.3-1.6x faster than the best `mma.sync` tile),
 //!   otherwise the `mma.sync` kernel with 128x128 tiles when they give 3/4 of the SMs a tile,
 //!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant);
 //!   the `mma.sync` GEMM splits K over several CTAs when its tiles alone fill less than one wave.
