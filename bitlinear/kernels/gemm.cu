@@ -58,28 +58,33 @@ __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __re
     const int kt0 = (int)(((long long)KT_all * blockIdx.z) / gridDim.z);
     const int KT = (int)(((long long)KT_all * (blockIdx.z + 1)) / gridDim.z) - kt0;
 
+    // Per-thread copy slots, fixed over the k loop: XC 16-byte chunks of X rows and one of W
+    // (BN * 2 == NTHREADS for every tile below), addresses computed once.
+    constexpr int XC = BM * 8 / NTHREADS;
+    static_assert(BM * 8 % NTHREADS == 0 && BN * 2 == NTHREADS, "copy slots");
+    const int8_t* x_src[XC];
+    uint32_t x_ok = 0;
+#pragma unroll
+    for (int i = 0; i < XC; ++i) {
+        const int gm = bm + (tid >> 3) + i * (NTHREADS / 8);
+        if (gm < M) x_ok |= 1u << i;
+        x_src[i] = Xp + (size_t)(gm < M ? gm : 0) * ld + (size_t)kt0 * BK + (tid & 7) * 16;
+    }
+    // chunk i lands NTHREADS / 8 rows below chunk i - 1
+    uint32_t x_dst = (tid >> 3) * XS_STRIDE + (tid & 7) * 16;
+    const int w_ch = tid & 1, w_row = bn + (tid >> 1);
+    const uint8_t* w_src = Wp + (size_t)(w_row < N ? w_row : 0) * K4s + (size_t)kt0 * (BK / 4) + w_ch * 16;
+    uint32_t w_dst = XS_BYTES + (tid >> 1) * WS_STRIDE + w_ch * 16;
+    // bytes of the row left from this thread's chunk of k tile 0 on (0 for a missing row)
+    int w_left = w_row < N ? K4s - kt0 * (BK / 4) - w_ch * 16 : 0;
+
     auto load_stage = [&](int kt, int stage) {
-        uint8_t* xs = smem + stage * STAGE_BYTES;
-        uint8_t* ws = xs + XS_BYTES;
-        // X: BM rows x 8 chunks of 16 bytes
+        uint8_t* st = smem + stage * STAGE_BYTES;
 #pragma unroll
-        for (int c = tid; c < BM * 8; c += NTHREADS) {
-            const int r = c >> 3, ch = c & 7;
-            const int gm = bm + r;
-            const bool ok = gm < M;
-            const int8_t* src = Xp + (size_t)(ok ? gm : 0) * ld + (size_t)(kt0 + kt) * BK + ch * 16;
-            cp_async16(xs + r * XS_STRIDE + ch * 16, src, ok);
-        }
-        // W: BN rows x 2 chunks of 16 bytes
-#pragma unroll
-        for (int c = tid; c < BN * 2; c += NTHREADS) {
-            const int r = c >> 1, ch = c & 1;
-            const int gn = bn + r;
-            const int off = (kt0 + kt) * (BK / 4) + ch * 16;
-            const bool ok = gn < N && off < K4s;
-            const uint8_t* src = Wp + (ok ? (size_t)gn * K4s + off : 0);
-            cp_async16(ws + r * WS_STRIDE + ch * 16, src, ok);
-        }
+        for (int i = 0; i < XC; ++i)
+            cp_async16(st + x_dst + i * (NTHREADS / 8) * XS_STRIDE, x_src[i] + (size_t)kt * BK, (x_ok >> i) & 1u);
+        const bool ok = kt * (BK / 4) < w_left;
+        cp_async16(st + w_dst, ok ? w_src + (size_t)kt * (BK / 4) : Wp, ok);
     };
 
     int acc[MI][NI][4];
@@ -97,6 +102,13 @@ __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __re
     }
 
     for (int kt = 0; kt < KT; ++kt) {
+        // Keep the copy slots in registers (not recomputed from threadIdx every k tile). Only for
+        // the 128-thread tile: the 128-register tiles would spill.
+        if constexpr (NTHREADS <= 128) {
+#pragma unroll
+            for (int i = 0; i < XC; ++i) asm volatile("" : "+l"(x_src[i]));
+            asm volatile("" : "+l"(w_src), "+r"(x_dst), "+r"(w_dst), "+r"(x_ok), "+r"(w_left));
+        }
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         {
