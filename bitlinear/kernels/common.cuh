@@ -70,10 +70,12 @@ __device__ __forceinline__ float rint_magic(float p) {
 }
 __device__ __forceinline__ int int_magic(float r) { return __float_as_int(__fadd_rn(r, BL_RINT_MAGIC)) - 0x4B400000; }
 
-// act_code_inv over 16 values, with the near-tie test made once per group: the common case is
-// multiply, round (rint_magic), clamp; if any value lies within 1e-4 of a rounding tie (rare),
-// all 16 take rint_div. Identical to act_code_inv element by element.
-__device__ __forceinline__ void act_codes16(const float (&f)[16], float s, float inv, int (&q)[16]) {
+// clamp(rint_div(f[i], s, inv), LO, HI) + OFF for 16 values, with the near-tie test made once
+// per group: the common case is multiply, round (rint_magic), clamp; if any value lies within
+// 1e-4 of a rounding tie (rare), all 16 take rint_div. Value by value identical to act_code_inv
+// (LO, HI, OFF = -128, 127, 0) and ternary_code_inv (-1, 1, 1).
+template <int LO, int HI, int OFF>
+__device__ __forceinline__ void codes16(const float (&f)[16], float s, float inv, int (&q)[16]) {
     float r[16];
     bool tie = false;
 #pragma unroll
@@ -87,7 +89,11 @@ __device__ __forceinline__ void act_codes16(const float (&f)[16], float s, float
         for (int i = 0; i < 16; ++i) r[i] = rint_div(f[i], s, inv);
     }
 #pragma unroll
-    for (int i = 0; i < 16; ++i) q[i] = int_magic(fminf(fmaxf(r[i], -128.0f), 127.0f));
+    for (int i = 0; i < 16; ++i) q[i] = int_magic(fminf(fmaxf(r[i], (float)LO), (float)HI)) + OFF;
+}
+// act_code_inv over 16 values.
+__device__ __forceinline__ void act_codes16(const float (&f)[16], float s, float inv, int (&q)[16]) {
+    codes16<-128, 127, 0>(f, s, inv, q);
 }
 __device__ __forceinline__ int ternary_code(float v, float s) {  // returns w_q + 1 in {0,1,2}
     float q = rintf(__fdiv_rn(v, s));
@@ -98,22 +104,9 @@ __device__ __forceinline__ int ternary_code(float v, float s) {  // returns w_q 
 __device__ __forceinline__ int ternary_code_inv(float v, float s, float inv) {
     return (int)fminf(fmaxf(rint_div(v, s, inv), -1.0f), 1.0f) + 1;
 }
-// ternary_code_inv over 16 values, the near-tie test made once per group (as act_codes16).
+// ternary_code_inv over 16 values (codes w_q + 1).
 __device__ __forceinline__ void ternary_codes16(const float (&f)[16], float s, float inv, int (&c)[16]) {
-    float r[16];
-    bool tie = false;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-        const float p = __fmul_rn(f[i], inv);
-        r[i] = rint_magic(p);
-        tie |= fabsf(p - r[i]) > 0.4999f;
-    }
-    if (tie) {
-#pragma unroll
-        for (int i = 0; i < 16; ++i) r[i] = rint_div(f[i], s, inv);
-    }
-#pragma unroll
-    for (int i = 0; i < 16; ++i) c[i] = int_magic(fminf(fmaxf(r[i], -1.0f), 1.0f)) + 1;
+    codes16<-1, 1, 1>(f, s, inv, c);
 }
 // Epilogue, two f32 roundings in this order.
 __device__ __forceinline__ float dequant(int acc, float sx, float sw) {
