@@ -435,8 +435,8 @@ fn quantize_rows(
     };
     // Rows are grid-strided over about one wave of blocks (4 of 256 threads fit on an SM). When a
     // thread has at most one 16-k group of a row (K <= 4096, K % 16 == 0, aligned x), the kernel
-    // that takes two rows at a time. (Staging rows in shared memory with cp.async, two rows
-    // ahead, measured no faster on an H200.)
+    // that takes two rows at a time runs instead. (Staging rows in shared memory with cp.async,
+    // two rows ahead, measured no faster on an H200.)
     let short =
         k.is_multiple_of(16) && k <= 16 * THREADS as usize && xp.is_multiple_of(16) && ld <= 16 * THREADS as usize;
     let (name, rows_per_block) = if short {
