@@ -27,7 +27,8 @@
 //     Tiles are thus loaded two ahead and the stage of tile kt - 1, which MMAs in flight may
 //     still read, is never written. (Against the earlier two-barrier loop that refilled the
 //     stage of kt - 1 after waiting for its MMAs: 4096^3 179 -> 172 us on an H200.) Every
-//     thread's copy addresses are computed once, before the k loop.
+//     thread's copy addresses, masks and stage offsets are computed once, before the k loop,
+//     and pinned in registers inside it.
 //   * epilogue: each thread dequantizes its fragment and writes it (pairs of columns) into the
 //     then free stage memory as a 128 x 256 tile of OT (rows padded by 16 or 32 bytes: the
 //     fragment writes are conflict-free); after a barrier, the 256 threads copy whole 16-byte
