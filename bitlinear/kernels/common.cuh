@@ -73,7 +73,7 @@ __device__ __forceinline__ int int_magic(float r) { return __float_as_int(__fadd
 // clamp(rint_div(f[i], s, inv), LO, HI) + OFF for 16 values, with the near-tie test made once
 // per group: the common case is multiply, round (rint_magic), clamp; if any value lies within
 // 1e-4 of a rounding tie (rare), all 16 take rint_div. Value by value identical to act_code_inv
-// (LO, HI, OFF = -128, 127, 0) and ternary_code_inv (-1, 1, 1).
+// (LO, HI, OFF = -128, 127, 0) and to ternary_code (-1, 1, 1).
 template <int LO, int HI, int OFF>
 __device__ __forceinline__ void codes16(const float (&f)[16], float s, float inv, int (&q)[16]) {
     float r[16];
@@ -100,11 +100,8 @@ __device__ __forceinline__ int ternary_code(float v, float s) {  // returns w_q 
     q = fminf(fmaxf(q, -1.0f), 1.0f);
     return (int)q + 1;
 }
-// ternary_code(v, s) computed through rint_div (identical results, NaN included).
-__device__ __forceinline__ int ternary_code_inv(float v, float s, float inv) {
-    return (int)fminf(fmaxf(rint_div(v, s, inv), -1.0f), 1.0f) + 1;
-}
-// ternary_code_inv over 16 values (codes w_q + 1).
+// ternary_code over 16 values through the reciprocal (codes w_q + 1; identical results, NaN
+// included).
 __device__ __forceinline__ void ternary_codes16(const float (&f)[16], float s, float inv, int (&c)[16]) {
     codes16<-1, 1, 1>(f, s, inv, c);
 }

@@ -449,7 +449,7 @@ __device__ void w_absmean_partial_impl(const T* __restrict__ w, size_t n, double
 // One block per weight row (grid-stride over rows); thread t builds the 32-bit words q = t,
 // t + 256, ... of the packed row: 16 weights -> 16 codes -> one 4-byte store (bytewise when
 // K4 % 4 != 0). vec (host-checked: K % 16 == 0 and w 16-byte aligned) loads the 16 weights with
-// 16-byte loads. Codes through the reciprocal of s_w (ternary_code_inv: same as dividing).
+// 16-byte loads. Codes through the reciprocal of s_w (ternary_codes16: same as dividing).
 template <typename T>
 __device__ void w_pack_impl(const T* __restrict__ w, int N, int K, int K4, const float* sw_ptr,
                             uint8_t* out, int vec) {
