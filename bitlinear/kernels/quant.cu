@@ -368,11 +368,9 @@ template <typename T> struct Vec16 {
     }
 };
 
-// Fixed-order sum of the G partials, mean in f64, rounded to f32, max with 1e-5 -> stat[0]
-// (NaN when stat[1], the non-finite flag, is set). One block; red = QT doubles of smem.
-__device__ void w_absmean_finish(const double* partials, int G, size_t n, unsigned* stat, double* red) {
-    double s = 0.0;
-    for (int i = threadIdx.x; i < G; i += QT) s += __ldcg(&partials[i]);
+// Fixed-order tree sum of one double per thread (QT threads) into red[0], which every thread
+// can read on return: the same tree, hence the same rounding, on every run.
+__device__ __forceinline__ void block_sum_f64(double s, double* red) {
     red[threadIdx.x] = s;
     __syncthreads();
 #pragma unroll
@@ -380,6 +378,14 @@ __device__ void w_absmean_finish(const double* partials, int G, size_t n, unsign
         if (threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
         __syncthreads();
     }
+}
+
+// Fixed-order sum of the G partials, mean in f64, rounded to f32, max with 1e-5 -> stat[0]
+// (NaN when stat[1], the non-finite flag, is set). One block; red = QT doubles of smem.
+__device__ void w_absmean_finish(const double* partials, int G, size_t n, unsigned* stat, double* red) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < G; i += QT) s += __ldcg(&partials[i]);
+    block_sum_f64(s, red);
     if (threadIdx.x == 0) {
         float mean = n == 0 ? 0.0f : (float)(red[0] / (double)n);
         // A non-finite weight gives s_w = NaN, so that if the caller does not check the flag
@@ -425,13 +431,7 @@ __device__ void w_absmean_partial_impl(const T* __restrict__ w, size_t n, double
         s += (double)fabsf(v);
     }
     if (nf) atomicOr(&stat[1], 1u);
-    red[threadIdx.x] = s;
-    __syncthreads();
-#pragma unroll
-    for (int o = QT / 2; o > 0; o >>= 1) {
-        if (threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
-        __syncthreads();
-    }
+    block_sum_f64(s, red);
     // The last block to finish adds up the partials (in a fixed order) and writes s_w.
     __shared__ bool last;
     if (threadIdx.x == 0) {
