@@ -3,7 +3,8 @@
 //! Each `kernels/<name>.cu` becomes `$OUT_DIR/<name>.fatbin` holding SASS for
 //! `sm_$CUDA_COMPUTE_CAP` (default 90) plus PTX for the same architecture (so a newer GPU can
 //! JIT it), except `gemm90a.cu` (wgmma), which is built for `sm_90a` only (an empty file for
-//! other targets); `src/cuda` embeds them with `include_bytes!`. nvcc and the target come from the `cuda-build` crate.
+//! other targets); `src/cuda` embeds them with `include_bytes!`. nvcc and the target come from
+//! the `cuda-build` crate.
 
 const KERNELS: &[&str] = &["quant", "skinny", "gemm", "gemv"];
 
