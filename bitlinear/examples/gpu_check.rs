@@ -578,6 +578,9 @@ mod real {
         ),
         ("no-fuse", &[("BITLINEAR_CUDA_NO_FUSE", "1")]),
         ("skinny", &[("BITLINEAR_CUDA_NO_GEMV", "1")]),
+        ("gemv-l8", &[("BITLINEAR_CUDA_GEMV_LANES", "8")]),
+        ("gemv-l16", &[("BITLINEAR_CUDA_GEMV_LANES", "16")]),
+        ("gemv-l32", &[("BITLINEAR_CUDA_GEMV_LANES", "32")]),
         (
             "gemm-wgmma",
             &[
@@ -912,7 +915,7 @@ $L_loop:
                 let mut variants = String::new();
                 for (name, vars) in VARIANTS {
                     if m > 32 && (name.starts_with("no-fuse") || name.starts_with("gemm-small") && m >= 1024)
-                        || m > 1 && *name == "skinny"
+                        || m > 1 && (*name == "skinny" || name.starts_with("gemv"))
                     {
                         continue;
                     }

@@ -1,47 +1,75 @@
-// Decode matmul (M = 1): y (M, N) = x (M, K) . W (N, K)^T, W in the canonical packed ternary
+// Decode matmul (M = 1): y (1, N) = x (1, K) . W (N, K)^T, W in the canonical packed ternary
 // layout, on the CUDA cores (dp4a). Built to stream the packed weights at close to HBM bandwidth:
-// every weight byte a thread will use is requested with 16-byte loads in its first instructions,
-// so the whole matrix is in flight while the block quantizes x. Needs K % 64 == 0 (16-byte packed
-// chunks, rows 16-byte aligned), K <= 8192 and a 16-byte aligned weight pointer; other shapes use
-// the skinny kernel. The code handles up to MR x rows, but only MR = 1 is instantiated: on the
-// H100 the skinny kernel was faster at M = 4 (4096 x 4096: 11.6 vs 15.3 us).
+// every weight byte a thread will use is requested with 16-byte loads right after x, so the whole
+// matrix is in flight while the block quantizes x. Needs K % 64 == 0 (16-byte packed chunks,
+// rows 16-byte aligned), K <= 8192 and a 16-byte aligned weight pointer; other shapes use the
+// skinny kernel (which was faster at M = 4 on the H100).
 //
 // Data layout
-//   x  : float activations T (M, K) row-major, quantized here (fused quantizer), or int8 codes
-//        (M, K) plus f32 scales (per row, or one per tensor).
+//   x  : float activations T (1, K), quantized here (fused quantizer), or int8 codes (1, K) plus
+//        one f32 scale.
 //   W  : packed (N, K4 = K/4) bytes, row-major; a row is cpr = K4/16 chunks of 16 bytes (64 k).
-//   y  : (M, N) row-major, int32 accumulators or OT = f32/bf16/f16 after the epilogue.
+//   y  : (1, N), int32 accumulators or OT = f32/bf16/f16 after the epilogue.
 //
-// Work split: block = 8 warps; warp w of block b owns rw (host-chosen, <= min(8, 16 / S))
-// consecutive weight rows starting at (8b + w) * rw; lane l owns chunks l, l + 32, ...,
-// l + 32(S-1) of each of those rows (S = ceil(cpr / 32) in {1, 2, 4}, a template parameter, so
-// K <= 8192).
-//   * each thread first loads its first 16-k group of x (raw bits), then its rw x S weight chunks
-//     into registers (ld.global.nc, no L1 allocation): load data returns in request order, so x
-//     requested after the weights would only arrive after all of them;
-//   * meanwhile all 256 threads quantize x into shared memory: pass 1 takes the 16-k groups
-//     (the first from those registers, others by 16-byte loads when x is 16-byte aligned),
-//     per-row absmax and non-finite flag (warp reduce, smem atomicMax on the float bits: exact);
-//     pass 2 quantizes the same groups (act_code_inv: the reciprocal form, exact) and stores them
-//     permuted (common.cuh: position 4i + j of a group holds k = 4j + i), adding up each row's
-//     code sum. int8 input: the codes are only permuted and summed. Group u of chunk j (16 codes)
-//     is stored at byte 16 (u * cpr + j) of its x row ("u-major"), so that lanes reading group u
-//     of consecutive chunks read consecutive 16 bytes (conflict-free LDS.128; a chunk-major
-//     layout would be a 4-way bank conflict).
-//   * for each of its chunk slots the lane reads group u of that chunk of x (one LDS.128 per x
-//     row), and for each of its rows, word u of the weight chunk gives (word >> 2i) & 0x03030303
-//     = the codes at permuted positions 4i..4i+3 of group u: one dp4a against x word i of that
-//     group. Codes stay unsigned (0, 1, 2): sum x (c - 1) = sum x c - sum x.
-//   * per (row, x row), the 32 lane sums are added with one redux.sync (integers: exact) and
-//     lane 0 stores the output.
-// Epilogue: y = (acc * s_x[m]) * s_w (two roundings), cast to OT; int32 mode stores acc.
+// Work split: one block of 16 warps per SM (host-chosen grid); the N rows are spread evenly over
+// all warps of the grid (host-computed rows_base / rows_rem, no division here). L lanes work on
+// one row (L in {8, 16, 32}, a template parameter), so a warp takes P = 32 / L rows at a time (a
+// "batch", at most RB = min(8, 16 / T) of them); lane (rg, lr) of a batch owns chunks lr,
+// lr + L, ..., lr + L (T - 1) of row rg (T = ceil(cpr / L), a template parameter). The host picks
+// the (L, T) that leaves the fewest idle chunk slots: K = 2560 (40 chunks) takes L = 8, T = 5.
+//   * x first: each thread with a 16-k group of x (tid < K / 16) requests its raw bits, then the
+//     block synchronizes, then every lane requests its T x RB weight chunks into registers (no
+//     L1 allocation). Loads return in request order, and x is on the critical path; the x and
+//     weight loads are coherent ld.global so that the compiler keeps them on either side of the
+//     barrier. Chunk slot t < T - 1 is at an immediate offset 16 L t from the lane's row pointer;
+//     the last slot may lie past the row (zeros: code 0 adds nothing); rows past the warp's last
+//     repeat it (same addresses as another lane, no extra traffic; never stored).
+//   * quantize x into shared memory: absmax as an integer max over the bits of |x| (exact; NaN
+//     and Inf show as >= 0x7f800000) reduced per warp, then across warps through shared memory
+//     (one barrier); every thread then computes s_x itself and quantizes its group (act_codes16:
+//     the reciprocal form with one near-tie test per 16 values, exact), storing it permuted
+//     (common.cuh: position 4i + j of a group holds k = 4j + i); int8 input is only permuted.
+//     The code sum of x comes from per-warp partial sums (second barrier). Group u of chunk j is
+//     stored at byte 16 (u * cpr + j) ("u-major"): the L lanes of a row read L consecutive 16
+//     bytes with one LDS.128 (conflict-free; the P rows of a batch read the same bytes).
+//   * dot products in the order the weights were requested (slot t, then batch b): per slot the
+//     lane reads the 4 groups of x codes of its chunk, then per batch word u of the weight chunk
+//     against group u: (word & (3 << 2i) * 0x01010101) holds the codes of permuted positions
+//     4i..4i+3 times 4^i, one dp4a (unsigned x signed) each; the four partial sums are scaled back
+//     by exact shifts (they are multiples of 4^i). Codes stay unsigned (0, 1, 2):
+//     sum x (c - 1) = sum x c - sum x.
+//   * per row, the L lane sums are added with xor shuffles (integers: exact) and lane lr = 0
+//     stores the output.
+// Epilogue: y = (acc * s_x) * s_w (two roundings), cast to OT; int32 mode stores acc.
 #include "common.cuh"
 
-#define GV_WARPS 8
+#define GV_WARPS 16
 #define GV_THREADS (GV_WARPS * 32)
 
 __device__ __forceinline__ uint32_t comp4(const uint4& v, int i) {
     return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// A 16-byte load of x that stays ahead of the following __syncthreads (a coherent ld.global:
+// the compiler sinks ld.global.nc below barriers to its first use). x is requested before any
+// weight of the block: loads return in order, and x is on the critical path.
+__device__ __forceinline__ uint4 ldg_x16(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p)
+                 : "memory");
+    return r;
+}
+// A streaming 16-byte weight load that stays behind the preceding __syncthreads: a coherent
+// ld.global (unlike ld.global.nc, which the compiler hoists above barriers), not allocated in L1.
+__device__ __forceinline__ uint4 ldg_weights16(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p)
+                 : "memory");
+    return r;
 }
 
 // Raw bits of one 16-k group of x (16 values of T), as 16-byte loads.
@@ -52,7 +80,7 @@ struct XGroup {
 template <typename T>
 __device__ __forceinline__ void gv_load_raw(const T* __restrict__ xr, int g, XGroup<T>& r) {
 #pragma unroll
-    for (int c = 0; c < (int)sizeof(T); ++c) r.v[c] = __ldg(reinterpret_cast<const uint4*>(xr + 16 * g) + c);
+    for (int c = 0; c < (int)sizeof(T); ++c) r.v[c] = ldg_x16(reinterpret_cast<const uint4*>(xr + 16 * g) + c);
 }
 template <typename T>
 __device__ __forceinline__ void gv_raw_f32(const XGroup<T>& r, float (&f)[16]) {
@@ -74,211 +102,209 @@ __device__ __forceinline__ void gv_load16(const T* __restrict__ xr, int g, bool 
     }
 }
 
-template <int MR, int S, typename XT, typename OT>
-__device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xscales, int per_tensor,
-                          const uint8_t* __restrict__ W, int M, int N, int K, int K4, int rw, float sw_val,
+// Permutes the 16 int8 codes of one group (byte k of v = code k) into the k-permuted order and
+// returns them; *sum gets their sum.
+__device__ __forceinline__ uint4 permute_codes16(const uint4& v, int* sum) {
+    // word i of the result = byte i of v.x, v.y, v.z, v.w
+    const uint32_t a01 = __byte_perm(v.x, v.y, 0x5140), a23 = __byte_perm(v.z, v.w, 0x5140);
+    const uint32_t b01 = __byte_perm(v.x, v.y, 0x7362), b23 = __byte_perm(v.z, v.w, 0x7362);
+    int t = __dp4a((int)v.x, 0x01010101, 0);
+    t = __dp4a((int)v.y, 0x01010101, t);
+    t = __dp4a((int)v.z, 0x01010101, t);
+    *sum = __dp4a((int)v.w, 0x01010101, t);
+    return make_uint4(__byte_perm(a01, a23, 0x5410), __byte_perm(a01, a23, 0x7632), __byte_perm(b01, b23, 0x5410),
+                      __byte_perm(b01, b23, 0x7632));
+}
+
+// dp4a with unsigned bytes in a (the masked weight codes, up to 3 << 6) and signed bytes in b.
+__device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// L lanes per weight row (8, 16 or 32) and T = ceil(cpr / L) 16-byte chunks per lane and row: a
+// warp works on P = 32 / L rows at a time ("a batch") and holds at most RB batches.
+template <int L, int T, typename XT, typename OT>
+__device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xscales, const uint8_t* __restrict__ W,
+                          int N, int K, int K4, int rows_base, int rows_rem, float sw_val,
                           const float* __restrict__ sw_ptr, OT* __restrict__ y) {
     constexpr bool FUSED = !std::is_same<XT, int8_t>::value;
-    extern __shared__ __align__(128) uint8_t smem[];
-    __shared__ int xsum[MR];
-    __shared__ float sx[MR];
-    __shared__ float sxinv[MR];  // 1 / s_x (IEEE), for act_code_inv
-    __shared__ unsigned rowmax[MR];
-    __shared__ unsigned badmask;
+    constexpr int P = 32 / L;
+    constexpr int RB = 16 / T < 8 ? 16 / T : 8;  // batches held: at most 16 chunks a lane
+    extern __shared__ __align__(128) uint8_t xs[];  // the K permuted codes of x
+    __shared__ unsigned red_max[GV_WARPS];
+    __shared__ int red_sum[GV_WARPS];
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int cpr = K4 >> 4;                                // 16-byte chunks per weight row
-    const int wrow0 = (blockIdx.x * GV_WARPS + warp) * rw;  // first weight row of this warp
-    const int nrows = max(0, min(rw, N - wrow0));
-    uint8_t* xs = smem;                                     // MR rows of K permuted codes
+    const int cpr = K4 >> 4;                   // 16-byte chunks per weight row
+    const int lr = lane % L, rg = lane / L;    // chunk lane within the row, row within the batch
+    // rows [wrow0, wrow0 + nrows) of the N rows spread evenly over all warps of the grid: the
+    // first rows_rem warps get rows_base + 1 rows, the others rows_base (host-computed)
+    const int gw = blockIdx.x * GV_WARPS + warp;
+    const int wrow0 = gw * rows_base + min(gw, rows_rem);
+    const int nrows = rows_base + (gw < rows_rem ? 1 : 0);
 
-    // --- request this thread's first 16-k group of x, then its weights: loads return in order,
-    // so x requested after the weights would arrive only after them
-    const int G = K >> 4;  // 16-k groups per row
+    // --- every x request of the block before any weight request: loads return in order, and x
+    // is on the critical path (quantize, then all the dot products) while the weights are not
+    const int G = K >> 4;  // 16-k groups of x; G <= 512: at most one per thread
     const bool xvec = (((size_t)x) & 15) == 0;
-    const bool pre = xvec && tid < M * G;
+    const bool has0 = tid < G;
     XGroup<XT> x0;
-    if (pre) gv_load_raw(x + (size_t)(tid / G) * K, tid % G, x0);
-    constexpr int RWM = S == 1 ? 8 : 16 / S;  // rows held: at most 16 chunks a lane (8 rows)
-    uint4 wr[RWM][S];
+    if (xvec && has0) gv_load_raw(x, tid, x0);
+    // Weight addresses. Chunk slots t < T - 1 are in range for every lane (T = ceil(cpr / L)), so
+    // they sit at immediate offsets 16 L t from the lane's row pointer; the last slot is in range
+    // only where lr + L (T - 1) < cpr (elsewhere it reads zeros: code 0 adds nothing). Rows past
+    // the warp's last repeat that row (the same addresses as another lane: no extra traffic);
+    // their sums are never stored.
+    const bool last_ok = lr + L * (T - 1) < cpr;
+    const uint8_t* wrow[RB];
 #pragma unroll
-    for (int r = 0; r < RWM; ++r)
-#pragma unroll
-        for (int s = 0; s < S; ++s) {
-            const int j = lane + 32 * s;
-            wr[r][s] = (r < nrows && j < cpr) ? ldg_stream16(W + (size_t)(wrow0 + r) * K4 + 16 * j)
-                                              : make_uint4(0u, 0u, 0u, 0u);
-        }
-    if (tid < MR) {
-        xsum[tid] = 0;
-        rowmax[tid] = 0u;
-        sx[tid] = 0.0f;
-    }
-    if (tid == 0) badmask = 0u;
+    for (int b = 0; b < RB; ++b) wrow[b] = W + (size_t)(wrow0 + min(b * P + rg, nrows - 1)) * K4 + 16 * lr;
     __syncthreads();
+    // weights in the order the dot products use them (chunk slot t, then batch b)
+    uint4 wr[T][RB];
+#pragma unroll
+    for (int t = 0; t < T; ++t)
+#pragma unroll
+        for (int b = 0; b < RB; ++b)
+            wr[t][b] = (b * P < nrows && (t < T - 1 || last_ok)) ? ldg_weights16(wrow[b] + 16 * L * t)
+                                                                 : make_uint4(0u, 0u, 0u, 0u);
 
-    // --- activations: quantize (or copy) into permuted int8 rows
+    // --- x: quantize (or permute) into shared memory; s_x and the code sum of the row
+    float sx;
+    int sum = 0;
     if constexpr (FUSED) {
-        float am[MR];
-        unsigned bad = 0;
+        float f0[16];
+        if (!has0) {
 #pragma unroll
-        for (int m = 0; m < MR; ++m) am[m] = 0.0f;
-        for (int idx = tid; idx < M * G; idx += GV_THREADS) {
-            int m = 0, g = idx;
-            while (g >= G) g -= G, ++m;  // M <= 4
-            float f[16];
-            if (idx == tid && pre)
-                gv_raw_f32(x0, f);
-            else
-                gv_load16(x + (size_t)m * K, g, xvec, f);
-            float a = 0.0f;
-            bool nf = false;
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                nf |= !isfinite(f[i]);
-                a = fmaxf(a, fabsf(f[i]));
-            }
-#pragma unroll
-            for (int mm = 0; mm < MR; ++mm)
-                if (mm == m) am[mm] = fmaxf(am[mm], a);
-            if (nf) bad |= 1u << m;
+            for (int i = 0; i < 16; ++i) f0[i] = 0.0f;
+        } else if (xvec) {
+            gv_raw_f32(x0, f0);
+        } else {
+            gv_load16(x, tid, false, f0);
         }
+        // absmax as the integer max of the bits of |x|: exact, and NaN/Inf show as >= 0x7f800000
+        unsigned amax = 0u;
 #pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            float v = am[m];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-            if (lane == 0 && m < M) atomicMax(&rowmax[m], __float_as_uint(v));  // v >= 0: bits order
-        }
-        bad = __reduce_or_sync(0xffffffffu, bad);
-        if (lane == 0 && bad) atomicOr(&badmask, bad);
+        for (int i = 0; i < 16; ++i) amax = max(amax, __float_as_uint(f0[i]) & 0x7fffffffu);
+        amax = __reduce_max_sync(0xffffffffu, amax);
+        if (lane == 0) red_max[warp] = amax;
         __syncthreads();
-        if (tid < MR) {
-            float v = 0.0f;
-            bool rb;
-            if (per_tensor) {
-                for (int m = 0; m < M; ++m) v = fmaxf(v, __uint_as_float(rowmax[m]));
-                rb = badmask != 0u;
-            } else {
-                v = __uint_as_float(rowmax[tid]);
-                rb = ((badmask >> tid) & 1u) != 0u;
-            }
-            sx[tid] = rb ? __int_as_float(0x7fc00000) : act_scale_from_absmax(v);
-            sxinv[tid] = __frcp_rn(sx[tid]);
-        }
-        __syncthreads();
-    } else {
-        if (tid < M && xscales != nullptr) sx[tid] = xscales[per_tensor ? 0 : tid];
-    }
-    {
-        int sum[MR];
+        amax = red_max[0];
 #pragma unroll
-        for (int m = 0; m < MR; ++m) sum[m] = 0;
-        for (int idx = tid; idx < M * G; idx += GV_THREADS) {
-            int m = 0, g = idx;
-            while (g >= G) g -= G, ++m;  // M <= 4
+        for (int w = 1; w < GV_WARPS; ++w) amax = max(amax, red_max[w]);
+        const bool bad = amax >= 0x7f800000u;
+        sx = bad ? __int_as_float(0x7fc00000) : act_scale_from_absmax(__uint_as_float(amax));
+        const float inv = __frcp_rn(sx);
+        if (has0) {
+            const int g = tid;
             int q[16];
-            if constexpr (FUSED) {
-                const float s = sx[m], inv = sxinv[m];
-                const bool rowbad = isnan(s);
-                float f[16];
-                if (idx == tid && pre)
-                    gv_raw_f32(x0, f);
-                else
-                    gv_load16(x + (size_t)m * K, g, xvec, f);
+            if (bad) {
 #pragma unroll
-                for (int i = 0; i < 16; ++i) q[i] = rowbad ? 0 : act_code_inv(f[i], s, inv);
+                for (int i = 0; i < 16; ++i) q[i] = 0;
             } else {
-                const int8_t* cr = x + (size_t)m * K + 16 * g;
-                if (xvec) {
-                    const uint4 v = idx == tid && pre ? x0.v[0] : __ldg(reinterpret_cast<const uint4*>(cr));
-#pragma unroll
-                    for (int i = 0; i < 16; ++i) q[i] = (int)(int8_t)(comp4(v, i >> 2) >> (8 * (i & 3)));
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 16; ++i) q[i] = (int)cr[i];
-                }
+                act_codes16(f0, sx, inv, q);
             }
-            int s16 = 0;
 #pragma unroll
-            for (int i = 0; i < 16; ++i) s16 += q[i];
-#pragma unroll
-            for (int mm = 0; mm < MR; ++mm)
-                if (mm == m) sum[mm] += s16;
-            *reinterpret_cast<uint4*>(xs + (size_t)m * K + 16 * ((g & 3) * cpr + (g >> 2))) = pack16_permuted(q);
+            for (int i = 0; i < 16; ++i) sum += q[i];
+            *reinterpret_cast<uint4*>(xs + 16 * ((g & 3) * cpr + (g >> 2))) = pack16_permuted(q);
         }
-#pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            const int v = __reduce_add_sync(0xffffffffu, sum[m]);
-            if (lane == 0 && m < M && v != 0) atomicAdd(&xsum[m], v);
+    } else {
+        sx = xscales != nullptr ? xscales[0] : 0.0f;
+        if (has0) {
+            const int g = tid;
+            uint4 v;
+            if (xvec) {
+                v = x0.v[0];
+            } else {
+                const uint8_t* c = reinterpret_cast<const uint8_t*>(x) + 16 * g;
+                v = make_uint4(pack4(c[0], c[1], c[2], c[3]), pack4(c[4], c[5], c[6], c[7]),
+                               pack4(c[8], c[9], c[10], c[11]), pack4(c[12], c[13], c[14], c[15]));
+            }
+            int s16;
+            *reinterpret_cast<uint4*>(xs + 16 * ((g & 3) * cpr + (g >> 2))) = permute_codes16(v, &s16);
+            sum += s16;
         }
     }
+    sum = __reduce_add_sync(0xffffffffu, sum);
+    if (lane == 0) red_sum[warp] = sum;
     __syncthreads();
 
-    // --- dot products
-    int acc[RWM][MR];
+    // --- dot products: per chunk slot t, the 4 groups of x codes of chunk c (one LDS.128 each;
+    // the L lanes of a row read L consecutive 16 bytes, the P rows the same ones), then per batch
+    // word u of the weight chunk against group u. Masking instead of shifting leaves the codes of
+    // field i multiplied by 4^i; the four partial sums are scaled back exactly (multiples of 4^i).
+    int acc[RB];
 #pragma unroll
-    for (int r = 0; r < RWM; ++r)
+    for (int b = 0; b < RB; ++b) acc[b] = 0;
 #pragma unroll
-        for (int m = 0; m < MR; ++m) acc[r][m] = 0;
+    for (int t = 0; t < T; ++t) {
+        const int c = min(lr + L * t, cpr - 1);  // clamped: out-of-range slots hold zero weights
+        uint4 xq[4];
 #pragma unroll
-    for (int s = 0; s < S; ++s) {
-        const int j = lane + 32 * s;
-        if (j >= cpr) break;
+        for (int u = 0; u < 4; ++u) xq[u] = *reinterpret_cast<const uint4*>(xs + 16 * (u * cpr + c));
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            uint4 xq[MR];  // the 16 permuted codes of group u of chunk j, per x row
+        for (int b = 0; b < RB; ++b) {
+            if (b * P >= nrows) break;  // warp-uniform
+            int p0 = 0, p1 = 0, p2 = 0, p3 = 0;
 #pragma unroll
-            for (int m = 0; m < MR; ++m)
-                xq[m] = m < M ? *reinterpret_cast<const uint4*>(xs + (size_t)m * K + 16 * (u * cpr + j))
-                              : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-            for (int r = 0; r < RWM; ++r) {
-                if (r >= nrows) break;  // warp-uniform
-                const uint32_t wu = comp4(wr[r][s], u);
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int c = (int)((wu >> (2 * i)) & 0x03030303u);
-#pragma unroll
-                    for (int m = 0; m < MR; ++m) acc[r][m] = __dp4a(c, (int)comp4(xq[m], i), acc[r][m]);
-                }
+            for (int u = 0; u < 4; ++u) {
+                const uint32_t w = comp4(wr[t][b], u);
+                p0 = dp4a_us(w & 0x03030303u, xq[u].x, p0);
+                p1 = dp4a_us(w & 0x0c0c0c0cu, xq[u].y, p1);
+                p2 = dp4a_us(w & 0x30303030u, xq[u].z, p2);
+                p3 = dp4a_us(w & 0xc0c0c0c0u, xq[u].w, p3);
             }
+            acc[b] += p0 + (p1 >> 2) + (p2 >> 4) + (p3 >> 6);
         }
     }
 
-    // --- reduce over the lanes; lane 0 stores
+    // --- reduce over the L lanes of each row (integers: exact); lane 0 of the row stores
+    int xsum = 0;
+#pragma unroll
+    for (int w = 0; w < GV_WARPS; ++w) xsum += red_sum[w];
     const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
 #pragma unroll
-    for (int r = 0; r < RWM; ++r) {
-        if (r >= nrows) break;  // warp-uniform
+    for (int b = 0; b < RB; ++b) {
+        if (b * P >= nrows) break;  // warp-uniform
+        int v = acc[b];
 #pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            const int v = __reduce_add_sync(0xffffffffu, acc[r][m]);
-            if (m < M && lane == 0) {
-                const int n = wrow0 + r;
-                const int tot = v - xsum[m];
-                if constexpr (std::is_same<OT, int>::value) {
-                    y[(size_t)m * N + n] = tot;
-                } else {
-                    store_out<OT>(y, (size_t)m * N + n, dequant(tot, sx[m], sw));
-                }
+        for (int o = L / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+        const int r = b * P + rg;
+        if (lr == 0 && r < nrows) {
+            const int tot = v - xsum;  // codes are w_q + 1: sum x (c - 1) = sum x c - sum x
+            const size_t n = (size_t)wrow0 + r;
+            if constexpr (std::is_same<OT, int>::value) {
+                y[n] = tot;
+            } else {
+                store_out<OT>(y, n, dequant(tot, sx, sw));
             }
         }
     }
 }
 
-#define GV_INST(MR, S, XT, OT, NAME)                                                                    \
-    extern "C" __global__ void __launch_bounds__(GV_THREADS, 2)                                        \
-        NAME(const XT* x, const float* xs, int per_tensor, const uint8_t* W, int M, int N, int K, int K4, \
-             int rw, float sw_val, const float* sw_ptr, OT* y) {                                        \
-        gemv_impl<MR, S, XT, OT>(x, xs, per_tensor, W, M, N, K, K4, rw, sw_val, sw_ptr, y);            \
+#define GV_INST(L, T, XT, OT, NAME)                                                                            \
+    extern "C" __global__ void __launch_bounds__(GV_THREADS, 1)                                                \
+        NAME(const XT* x, const float* xs, const uint8_t* W, int N, int K, int K4, int rows_base, int rows_rem, \
+             float sw_val, const float* sw_ptr, OT* y) {                                                        \
+        gemv_impl<L, T, XT, OT>(x, xs, W, N, K, K4, rows_base, rows_rem, sw_val, sw_ptr, y);                  \
     }
 
-// name: gemv_<x>_<out>_m1_s<S>: S chunk slots per lane and row (cpr <= 32 S)
-#define GV_MRS(XT, OT, XN, ON)                       \
-    GV_INST(1, 1, XT, OT, gemv_##XN##_##ON##_m1_s1) \
-    GV_INST(1, 2, XT, OT, gemv_##XN##_##ON##_m1_s2) \
-    GV_INST(1, 4, XT, OT, gemv_##XN##_##ON##_m1_s4)
+// name: gemv_<x>_<out>_l<L>_t<T>: L lanes per row, T = ceil(cpr / L) chunks per lane and row. The
+// host picks, among these, the pair that leaves the fewest idle slots (L = 32 covers every K).
+#define GV_MRS(XT, OT, XN, ON)                             \
+    GV_INST(8, 2, XT, OT, gemv_##XN##_##ON##_l8_t2)   \
+    GV_INST(8, 3, XT, OT, gemv_##XN##_##ON##_l8_t3)   \
+    GV_INST(8, 4, XT, OT, gemv_##XN##_##ON##_l8_t4)   \
+    GV_INST(8, 5, XT, OT, gemv_##XN##_##ON##_l8_t5)   \
+    GV_INST(16, 3, XT, OT, gemv_##XN##_##ON##_l16_t3) \
+    GV_INST(16, 4, XT, OT, gemv_##XN##_##ON##_l16_t4) \
+    GV_INST(16, 7, XT, OT, gemv_##XN##_##ON##_l16_t7) \
+    GV_INST(32, 1, XT, OT, gemv_##XN##_##ON##_l32_t1) \
+    GV_INST(32, 2, XT, OT, gemv_##XN##_##ON##_l32_t2) \
+    GV_INST(32, 3, XT, OT, gemv_##XN##_##ON##_l32_t3) \
+    GV_INST(32, 4, XT, OT, gemv_##XN##_##ON##_l32_t4)
 
 GV_MRS(int8_t, int, i8, i32)
 GV_MRS(int8_t, float, i8, f32)

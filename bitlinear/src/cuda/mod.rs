@@ -13,7 +13,8 @@
 //!
 //! Matmul strategy (see `matmul_core`; the table is from H100 measurements, `bench/`):
 //! * `M = 1` with `K % 64 == 0` (decode): the GEMV kernel (`kernels/gemv.cu`) requests every
-//!   weight byte at its start, quantizes `x` meanwhile and uses dp4a.
+//!   weight byte right after `x`, quantizes `x` meanwhile and uses dp4a; 8, 16 or 32 lanes per
+//!   weight row, whichever leaves the fewest idle 64-k chunk slots.
 //! * other `M <= 32`: the "skinny" kernel streams the packed weights straight into tensor-core
 //!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
 //!   forward), otherwise a row-quantizer kernel runs first.
@@ -25,7 +26,7 @@
 //!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant);
 //!   the `mma.sync` GEMM splits K over several CTAs when its tiles alone fill less than one wave.
 //!
-//! Environment switches (read at each call; the last five exist so that tests and benchmarks
+//! Environment switches (read at each call; the last six exist so that tests and benchmarks
 //! can reach every kernel variant whatever the shape):
 //! * `BITLINEAR_CUDA_POISON=1` fills every output buffer with 0xFF bytes (NaN for floats) before
 //!   the kernels run, so that an element a kernel forgets to write is caught by a comparison.
@@ -35,6 +36,8 @@
 //! * `BITLINEAR_CUDA_FORCE_GEMM=1`: use the tiled GEMM even for `M <= 32`.
 //! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel.
 //! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
+//! * `BITLINEAR_CUDA_GEMV_LANES=8|16|32`: lanes per weight row in the decode GEMV instead of the
+//!   fewest-idle-slots choice (ignored where that kernel shape is not built for K).
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
 //!   choice.
 //! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
@@ -69,10 +72,12 @@ const SKINNY_MAX_SMEM: usize = 112 * 1024;
 /// enough (`M * K * size_of(T)` at most this) for two passes through L2 to beat a second launch.
 const FUSED_MAX_BYTES: usize = 16 * 1024;
 const FUSED_MAX_GROUPS: usize = 512;
-/// Largest `M` and `K` of the decode GEMV kernel (`kernels/gemv.cu`: x in shared memory, at most
-/// four 16-byte chunks of a weight row per lane).
+/// Largest `M` and `K` of the decode GEMV kernel (`kernels/gemv.cu`: one 16-k group of x per
+/// thread, at most 32 lanes x 4 chunks of 64 k per weight row).
 const GEMV_MAX_M: usize = 1;
 const GEMV_MAX_K: usize = 8192;
+/// Warps per block of the decode GEMV kernel (`GV_WARPS` in `kernels/gemv.cu`).
+const GEMV_WARPS: usize = 16;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
 
@@ -680,6 +685,48 @@ struct WScale {
     ptr: u64,
 }
 
+/// (lanes per row, chunks per lane and row) pairs instantiated by `kernels/gemv.cu`.
+const GEMV_SHAPES: [(usize, usize); 11] = [
+    (8, 2),
+    (8, 3),
+    (8, 4),
+    (8, 5),
+    (16, 3),
+    (16, 4),
+    (16, 7),
+    (32, 1),
+    (32, 2),
+    (32, 3),
+    (32, 4),
+];
+
+/// Decode GEMV launch shape for `cpr` 16-byte chunks per weight row and `n` rows: (lanes per
+/// row L, chunks per lane T = ceil(cpr / L), blocks). L leaves the fewest idle chunk slots (ties:
+/// fewer lanes, so fewer shuffles); the rows are spread evenly over the warps, one block of
+/// `GEMV_WARPS` warps per SM, each warp at most `min(8, 16 / T)` batches of `32 / L` rows (16
+/// chunks a lane in registers).
+fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, usize) {
+    let exact = |&(l, t): &(usize, usize)| cpr.div_ceil(l) == t;
+    let forced = std::env::var("BITLINEAR_CUDA_GEMV_LANES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .and_then(|l| GEMV_SHAPES.iter().copied().filter(exact).find(|s| s.0 == l));
+    let (l, t) = forced.unwrap_or_else(|| {
+        GEMV_SHAPES
+            .iter()
+            .copied()
+            .filter(exact)
+            .min_by_key(|&(l, t)| (l * t - cpr, l))
+            .expect("L = 32 covers cpr <= 128")
+    });
+    let rows_per_batch = 32 / l;
+    let max_rows = (16 / t).min(8) * rows_per_batch;
+    let warps_min = n.div_ceil(max_rows);
+    let warps_fill = n.div_ceil(rows_per_batch);
+    let warps = warps_min.max(warps_fill.min(GEMV_WARPS * sms));
+    (l, t, warps.div_ceil(GEMV_WARPS))
+}
+
 /// y (M, N) = x (M, K) . W^T for packed `w` (N, ceil(K/4) bytes at `wp`); `out` = I32 (raw
 /// accumulators) or the float output dtype.
 #[allow(clippy::too_many_arguments)]
@@ -723,39 +770,23 @@ fn matmul_core(
         && !env_flag("BITLINEAR_CUDA_FORCE_GEMM")
         && (matches!(x, XSrc::Codes(..)) || matches!(x, XSrc::Float(_, dt) if dt == out_dtype))
     {
-        // Chunk slots per lane and row, and rows per warp: about two blocks of 8 warps per SM,
-        // so that the whole matrix is requested in the first wave; at most 16 chunks a lane.
-        let slots = (k4 / 16).div_ceil(32).next_power_of_two();
-        let rw = n.div_ceil(8 * 2 * info.sms).clamp(1, 8.min(16 / slots));
+        let (l, t, blocks) = gemv_config(k4 / 16, n, info.sms);
+        // rows spread evenly over the warps: the first `rows_rem` get one more
+        let warps = blocks * GEMV_WARPS;
+        let (rows_base, rows_rem) = ((n / warps) as i32, (n % warps) as i32);
         let (xname, xp, xsp) = match x {
             XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
             XSrc::Codes(p, sp) => ("i8", p, sp),
         };
-        let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_m1_s{slots}"))?;
+        let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_l{l}_t{t}"))?;
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8 * rw) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
+            grid_dim: (i32_arg(blocks, "GEMV blocks")? as u32, 1, 1),
+            block_dim: (32 * GEMV_WARPS as u32, 1, 1),
             shared_mem_bytes: k as u32,
         };
         let mut g = Vec::new();
         let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
-        launch!(
-            f,
-            stream,
-            cfg,
-            xp,
-            xsp,
-            per_tensor as i32,
-            wp,
-            mi,
-            ni,
-            ki,
-            k4i,
-            rw as i32,
-            sw.val,
-            sw.ptr,
-            yp
-        );
+        launch!(f, stream, cfg, xp, xsp, wp, ni, ki, k4i, rows_base, rows_rem, sw.val, sw.ptr, yp);
         drop(g);
         return Ok(out);
     }
