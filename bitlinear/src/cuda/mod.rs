@@ -701,30 +701,28 @@ const GEMV_SHAPES: [(usize, usize); 11] = [
 ];
 
 /// Decode GEMV launch shape for `cpr` 16-byte chunks per weight row and `n` rows: (lanes per
-/// row L, chunks per lane T = ceil(cpr / L), blocks). L leaves the fewest idle chunk slots (ties:
-/// fewer lanes, so fewer shuffles); the rows are spread evenly over the warps, one block of
-/// `GEMV_WARPS` warps per SM, each warp at most `min(8, 16 / T)` batches of `32 / L` rows (16
-/// chunks a lane in registers).
+/// row L, chunks per lane T = ceil(cpr / L), blocks). The rows are spread evenly over the warps,
+/// at most one block of `GEMV_WARPS` warps per SM, each warp at most `min(8, 16 / T)` batches of
+/// `32 / L` rows (16 chunks a lane in registers). Among the built (L, T), the one with the least
+/// work per lane (T chunks times the batches of the busiest warp) wins; ties go to fewer idle
+/// chunk slots, then to fewer lanes (fewer shuffles).
 fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, usize) {
-    let exact = |&(l, t): &(usize, usize)| cpr.div_ceil(l) == t;
+    let warps_for = |(l, t): (usize, usize)| {
+        let rows_per_batch = 32 / l;
+        let warps_min = n.div_ceil((16 / t).min(8) * rows_per_batch);
+        warps_min.max(n.div_ceil(rows_per_batch).min(GEMV_WARPS * sms))
+    };
+    let shapes = GEMV_SHAPES.iter().copied().filter(|&(l, t)| cpr.div_ceil(l) == t);
     let forced = std::env::var("BITLINEAR_CUDA_GEMV_LANES")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .and_then(|l| GEMV_SHAPES.iter().copied().filter(exact).find(|s| s.0 == l));
+        .and_then(|l| shapes.clone().find(|s| s.0 == l));
     let (l, t) = forced.unwrap_or_else(|| {
-        GEMV_SHAPES
-            .iter()
-            .copied()
-            .filter(exact)
-            .min_by_key(|&(l, t)| (l * t - cpr, l))
+        shapes
+            .min_by_key(|&(l, t)| (t * n.div_ceil(warps_for((l, t))).div_ceil(32 / l), l * t - cpr, l))
             .expect("L = 32 covers cpr <= 128")
     });
-    let rows_per_batch = 32 / l;
-    let max_rows = (16 / t).min(8) * rows_per_batch;
-    let warps_min = n.div_ceil(max_rows);
-    let warps_fill = n.div_ceil(rows_per_batch);
-    let warps = warps_min.max(warps_fill.min(GEMV_WARPS * sms));
-    (l, t, warps.div_ceil(GEMV_WARPS))
+    (l, t, warps_for((l, t)).div_ceil(GEMV_WARPS))
 }
 
 /// y (M, N) = x (M, K) . W^T for packed `w` (N, ceil(K/4) bytes at `wp`); `out` = I32 (raw
