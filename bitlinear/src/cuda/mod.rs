@@ -33,6 +33,7 @@
 //! * `BITLINEAR_CUDA_NO_FINITE_CHECK=1` skips the host read-back of the "non-finite weight" flag
 //!   in [`bit_matmul`] and [`fake_quant_weights`] (which costs a stream synchronization): a
 //!   non-finite weight then gives `s_w = NaN`, i.e. NaN outputs, instead of an error.
+//! * `BITLINEAR_CUDA_NO_PDL=1`: launch the decode GEMV without programmatic dependent launch.
 //! * `BITLINEAR_CUDA_FORCE_GEMM=1`: use the tiled GEMM even for `M <= 32`.
 //! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel.
 //! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
@@ -108,6 +109,8 @@ struct DevInfo {
     smem_optin: usize,
     /// compute capability 9.0 (the sm_90a wgmma kernel can run)
     sm90: bool,
+    /// programmatic dependent launch (compute capability 9.0+)
+    pdl: bool,
 }
 
 #[derive(Default)]
@@ -147,6 +150,7 @@ fn dev_info(dev: &CudaDevice) -> Result<DevInfo> {
         sms: sms.max(1) as usize,
         smem_optin: optin.max(48 * 1024) as usize,
         sm90: major == 9 && minor == 0 && !GEMM90A_FATBIN.is_empty(),
+        pdl: major >= 9,
     };
     c.info.insert(dev.id(), info);
     Ok(info)
@@ -204,6 +208,56 @@ macro_rules! launch {
         // work is ordered on the device's single stream.
         unsafe { b.launch($cfg) }.w()?;
     }};
+}
+
+/// Like `launch!`, but with programmatic dependent launch (PDL) allowed: the kernel may start
+/// (be scheduled, run its prologue) while the previous kernel of the stream is still running. The
+/// kernel must execute `griddepcontrol.wait` before its first global memory access, which waits
+/// until the previous kernel has completed and its writes are visible, so the results are those
+/// of plain stream order; only launch latency is hidden. Device compute capability 9.0+.
+macro_rules! launch_pdl {
+    ($f:expr, $stream:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let vals: Vec<Box<dyn std::any::Any>> = vec![$(Box::new($arg)),*];
+        let mut params: Vec<*mut std::ffi::c_void> = vals
+            .iter()
+            .map(|v| &**v as *const dyn std::any::Any as *const std::ffi::c_void as *mut std::ffi::c_void)
+            .collect();
+        // SAFETY: as for `launch!`: the values match the kernel's C signature in order and type,
+        // and live (in `vals`) until the launch call has returned.
+        unsafe { launch_with_pdl(&$f, &$stream, $cfg, &mut params) }?;
+        drop(vals);
+    }};
+}
+
+/// `cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
+///
+/// # Safety
+/// `params` point at the kernel's arguments, in order, with the types of its C signature.
+unsafe fn launch_with_pdl(
+    f: &CudaFunction,
+    stream: &CudaStream,
+    cfg: LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<()> {
+    stream.context().bind_to_thread().w()?;
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let lc = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    sys::cuLaunchKernelEx(&lc, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+        .result()
+        .w()
 }
 
 fn env_flag(name: &str) -> bool {
@@ -784,7 +838,11 @@ fn matmul_core(
         };
         let mut g = Vec::new();
         let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
-        launch!(f, stream, cfg, xp, xsp, wp, ni, ki, k4i, rows_base, rows_rem, sw.val, sw.ptr, yp);
+        if info.pdl && !env_flag("BITLINEAR_CUDA_NO_PDL") {
+            launch_pdl!(f, stream, cfg, xp, xsp, wp, ni, ki, k4i, rows_base, rows_rem, sw.val, sw.ptr, yp);
+        } else {
+            launch!(f, stream, cfg, xp, xsp, wp, ni, ki, k4i, rows_base, rows_rem, sw.val, sw.ptr, yp);
+        }
         drop(g);
         return Ok(out);
     }
