@@ -758,8 +758,10 @@ const GEMV_SHAPES: [(usize, usize); 11] = [
 /// row L, chunks per lane T = ceil(cpr / L), blocks). The rows are spread evenly over the warps,
 /// at most one block of `GEMV_WARPS` warps per SM, each warp at most `min(8, 16 / T)` batches of
 /// `32 / L` rows (16 chunks a lane in registers). Among the built (L, T), the one with the least
-/// work per lane (T chunks times the batches of the busiest warp) wins; ties go to fewer idle
-/// chunk slots, then to fewer lanes (fewer shuffles).
+/// work per lane (T chunks times the batches of the busiest warp) per busy SM wins (fewer lanes
+/// per row leave SMs idle at small N); ties go to fewer idle chunk slots, then to more lanes.
+/// Fitted to the H100: M = 1, K = 2560 takes L = 8 at N = 13824 and L = 32 at N = 2560; 4096^2
+/// and 2560 x 6912 take L = 32.
 fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, usize) {
     let warps_for = |(l, t): (usize, usize)| {
         let rows_per_batch = 32 / l;
@@ -773,7 +775,12 @@ fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, usize) {
         .and_then(|l| shapes.clone().find(|s| s.0 == l));
     let (l, t) = forced.unwrap_or_else(|| {
         shapes
-            .min_by_key(|&(l, t)| (t * n.div_ceil(warps_for((l, t))).div_ceil(32 / l), l * t - cpr, l))
+            .min_by_key(|&(l, t)| {
+                let warps = warps_for((l, t));
+                let lane_work = t * n.div_ceil(warps).div_ceil(32 / l);
+                let blocks = warps.div_ceil(GEMV_WARPS);
+                (lane_work * sms * 64 / blocks, l * t - cpr, usize::MAX - l)
+            })
             .expect("L = 32 covers cpr <= 128")
     });
     (l, t, warps_for((l, t)).div_ceil(GEMV_WARPS))
