@@ -57,25 +57,23 @@ __device__ __forceinline__ uint32_t comp4(const uint4& v, int i) {
     return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
 }
 
-// A 16-byte load of x that stays ahead of the following __syncthreads (a coherent ld.global:
-// the compiler sinks ld.global.nc below barriers to its first use). x is requested before any
-// weight of the block: loads return in order, and x is on the critical path.
+// A coherent 16-byte ld.global, optionally not allocated in L1 (the weights are read once). The
+// compiler keeps coherent loads where they are written relative to barriers; ld.global.nc it
+// moves: it sank x's loads to their first use, behind the weights, and hoisted the weights'
+// above the absmax barrier.
+#define GV_LD16(QUAL, R, P)                                          \
+    asm volatile("ld.global" QUAL ".v4.u32 {%0,%1,%2,%3}, [%4];\n" \
+                 : "=r"(R.x), "=r"(R.y), "=r"(R.z), "=r"(R.w)        \
+                 : "l"(P)                                            \
+                 : "memory")
 __device__ __forceinline__ uint4 ldg_x16(const void* p) {
     uint4 r;
-    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p)
-                 : "memory");
+    GV_LD16("", r, p);
     return r;
 }
-// A streaming 16-byte weight load that stays behind the preceding __syncthreads: a coherent
-// ld.global (unlike ld.global.nc, which the compiler hoists above barriers), not allocated in L1.
 __device__ __forceinline__ uint4 ldg_weights16(const void* p) {
     uint4 r;
-    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p)
-                 : "memory");
+    GV_LD16(".L1::no_allocate", r, p);
     return r;
 }
 
@@ -96,17 +94,12 @@ __device__ __forceinline__ void gv_raw_f32(const XGroup<T>& r, float (&f)[16]) {
     for (int i = 0; i < 16; ++i) f[i] = to_f32(e[i]);
 }
 
-// 16 values of group g (k = 16g .. 16g+15) of a row as floats; K % 16 == 0 here.
+// 16 values of group g (k = 16g .. 16g+15) of x as floats, element by element (x not 16-byte
+// aligned).
 template <typename T>
-__device__ __forceinline__ void gv_load16(const T* __restrict__ xr, int g, bool vec, float (&f)[16]) {
-    if (vec) {
-        XGroup<T> r;
-        gv_load_raw(xr, g, r);
-        gv_raw_f32(r, f);
-    } else {
+__device__ __forceinline__ void gv_load16_unaligned(const T* __restrict__ xr, int g, float (&f)[16]) {
 #pragma unroll
-        for (int i = 0; i < 16; ++i) f[i] = to_f32(xr[16 * g + i]);
-    }
+    for (int i = 0; i < 16; ++i) f[i] = to_f32(xr[16 * g + i]);
 }
 
 // Permutes the 16 int8 codes of one group (byte k of v = code k) into the k-permuted order and
@@ -152,8 +145,7 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     const int wrow0 = gw * rows_base + min(gw, rows_rem);
     const int nrows = rows_base + (gw < rows_rem ? 1 : 0);
 
-    // --- every x request of the block before any weight request: loads return in order, and x
-    // is on the critical path (quantize, then all the dot products) while the weights are not
+    // --- x first (see the header): it is on the critical path (quantize, then every dot product)
     const int G = K >> 4;  // 16-k groups of x; G <= 512: at most one per thread
     const bool xvec = (((size_t)x) & 15) == 0;
     const bool has0 = tid < G;
@@ -176,10 +168,10 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     const bool last_ok = lr + L * (T - 1) < cpr;
     const uint8_t* wrow[RB];
 #pragma unroll
-    for (int b = 0; b < RB; ++b) wrow[b] = W + (size_t)(wrow0 + min(b * P + rg, nrows - 1)) * K4 + 16 * lr;
+    for (int b = 0; b < RB; ++b) wrow[b] = W + (size_t)(wrow0 + min(b * P + rg, max(nrows - 1, 0))) * K4 + 16 * lr;
     uint4 wr[T][RB];
-    // weights in the order the dot products use them (chunk slot t, then batch b), behind a
-    // barrier (coherent loads are not hoisted above it)
+    // weights in the order the dot products use them (chunk slot t, then batch b); the x warps
+    // call this behind the absmax barrier (coherent loads are not hoisted above it)
     auto load_weights = [&]() {
 #pragma unroll
         for (int t = 0; t < T; ++t)
@@ -200,7 +192,7 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
         } else if (xvec) {
             gv_raw_f32(x0, f0);
         } else {
-            gv_load16(x, tid, false, f0);
+            gv_load16_unaligned(x, tid, f0);
         }
         // absmax as the integer max of the bits of |x|: exact, and NaN/Inf show as >= 0x7f800000
         unsigned amax = 0u;
