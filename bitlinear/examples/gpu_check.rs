@@ -581,7 +581,7 @@ mod real {
         ("gemv-l8", &[("BITLINEAR_CUDA_GEMV_LANES", "8")]),
         ("gemv-l16", &[("BITLINEAR_CUDA_GEMV_LANES", "16")]),
         ("gemv-l32", &[("BITLINEAR_CUDA_GEMV_LANES", "32")]),
-        ("gemv-no-pdl", &[("BITLINEAR_CUDA_NO_PDL", "1")]),
+        ("no-pdl", &[("BITLINEAR_CUDA_NO_PDL", "1")]),
         (
             "gemm-wgmma",
             &[

@@ -23,6 +23,25 @@
 #define BL_ACT_EPS 1e-5f
 #define BL_WEIGHT_EPS 1e-5f
 
+// ---- programmatic dependent launch (src/cuda/mod.rs: every kernel is launched with it on
+// compute capability 9.0+, so a kernel may start while the previous one of the stream runs) ----
+// Every kernel calls pdl_wait() before its first global memory access: it waits until the
+// previous kernel has completed and its writes are visible, so results are those of plain stream
+// order. A no-op without PDL.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// Lets the next kernel of the stream be scheduled now instead of when this one's blocks exit.
+// Only for kernels that fill at most one wave: blocks of the next kernel that start early hold
+// SM resources while they wait.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // ---- dtype conversions (exact to f32; round-to-nearest-even from f32) ----
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }

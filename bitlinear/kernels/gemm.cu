@@ -194,6 +194,7 @@ constexpr int gemm_smem_bytes() {
         NAME(const int8_t* Xp, int ld, const int* rowsum, const float* xs, int per_tensor,            \
              const uint8_t* Wp, int K4s, int M, int N, int K, float sw_val, const float* sw_ptr,      \
              OT* y, int* ws) {                                                                        \
+        pdl_wait();                                                                                 \
         gemm_impl<BM, BN, WMn, WNn, ST, OT>(Xp, ld, rowsum, xs, per_tensor, Wp, K4s, M, N, K, sw_val, \
                                             sw_ptr, y, ws);                                           \
     }
@@ -232,6 +233,7 @@ __device__ void splitk_epilogue_impl(const int* __restrict__ ws, int M, int N,
     extern "C" __global__ void splitk_epilogue_##ON(const int* ws, int M, int N, const float* xs,        \
                                                     int per_tensor, float sw_val, const float* sw_ptr, \
                                                     OT* y) {                                            \
+        pdl_wait();                                                                                 \
         splitk_epilogue_impl<OT>(ws, M, N, xs, per_tensor, sw_val, sw_ptr, y);                         \
     }
 SPLITK_EPI(int, i32)

@@ -291,6 +291,7 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
         gemm_wgmma_##ON(const int8_t* Xp, int ld, const int* rowsum, const float* xs, int per_tensor,        \
                         const uint8_t* Wp, int K4s, int M, int N, int K, float sw_val, const float* sw_ptr, \
                         OT* y) {                                                                             \
+        pdl_wait();                                                                                 \
         gemm_wgmma_impl<OT>(Xp, ld, rowsum, xs, per_tensor, Wp, K4s, M, N, K, sw_val, sw_ptr, y);            \
     }
 

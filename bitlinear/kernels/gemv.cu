@@ -46,8 +46,8 @@
 //   * per row, the L lane sums are added with xor shuffles (integers: exact) and lane lr = 0
 //     stores the output.
 // Epilogue: y = (acc * s_x) * s_w (two roundings), cast to OT; int32 mode stores acc.
-// Launch: with programmatic dependent launch on compute capability 9.0+ (griddepcontrol.wait
-// before the first global access; see src/cuda/mod.rs, launch_pdl).
+// Launch: programmatic dependent launch (common.cuh, pdl_wait), and this kernel lets the next
+// one start at once.
 #include "common.cuh"
 
 #define GV_WARPS 16
@@ -149,14 +149,11 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     const int G = K >> 4;  // 16-k groups of x; G <= 512: at most one per thread
     const bool xvec = (((size_t)x) & 15) == 0;
     const bool has0 = tid < G;
-#if __CUDA_ARCH__ >= 900
-    // Launched with programmatic dependent launch (host: launch_pdl): wait until the previous
-    // kernel of the stream has completed and its writes are visible before touching global
-    // memory; then let the next kernel be scheduled (it waits the same way), which hides the
-    // launch latency between consecutive kernels. Without PDL both are no-ops.
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+    // programmatic dependent launch (common.cuh): wait for the previous kernel, then let the
+    // next one be scheduled at once (one wave), which hides the launch latency between
+    // consecutive GEMVs
+    pdl_wait();
+    pdl_launch_dependents();
     const int x_warps = (G + 31) / 32;  // the warps that hold x
     XGroup<XT> x0;
     if (xvec && has0) gv_load_raw(x, tid, x0);

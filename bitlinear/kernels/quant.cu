@@ -540,33 +540,40 @@ __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_p
         act_quant_rows_##SUF(const T* x, int M, int K, int per_tensor, const unsigned* gstat,     \
                              int mode, int8_t* codes, int ld, float* scales, T* fake,           \
                              int* rowsum) {                                                        \
+        pdl_wait();                                                                                 \
         act_quant_rows_impl<T>(x, M, K, per_tensor, gstat, mode, codes, ld, scales, fake, rowsum); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT, sizeof(T) == 4 ? 3 : 4)                       \
         act_quant_rows_short_##SUF(const T* x, int M, int K, int per_tensor, const unsigned* gstat,\
                                    int mode, int8_t* codes, int ld, float* scales, T* fake,        \
                                    int* rowsum) {                                                  \
+        pdl_wait();                                                                                 \
         act_quant_rows_short_impl<T>(x, M, K, per_tensor, gstat, mode, codes, ld, scales, fake,    \
                                      rowsum);                                                      \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         act_absmax_tensor_##SUF(const T* x, size_t n, unsigned* gstat) {                          \
+        pdl_wait();                                                                                 \
         act_absmax_tensor_impl<T>(x, n, gstat);                                                    \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         w_absmean_partial_##SUF(const T* w, size_t n, double* partials, unsigned* stat) {         \
+        pdl_wait();                                                                                 \
         w_absmean_partial_impl<T>(w, n, partials, stat);                                           \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         w_pack_##SUF(const T* w, int N, int K, int K4, const float* sw, uint8_t* out, int vec) {  \
+        pdl_wait();                                                                                 \
         w_pack_impl<T>(w, N, K, K4, sw, out, vec);                                                 \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         w_pack_flat_##SUF(const T* w, size_t words, const float* sw, uint32_t* out) {              \
+        pdl_wait();                                                                                 \
         w_pack_flat_impl<T, sizeof(T) == 4 ? 2 : 4>(w, words, sw, out);                            \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         w_fake_##SUF(const T* w, size_t n, const float* sw, T* out) {                             \
+        pdl_wait();                                                                                 \
         w_fake_impl<T>(w, n, sw, out);                                                             \
     }
 
@@ -577,6 +584,7 @@ INSTANTIATE(__half, f16)
 // stat[0] = s_w (f32 bits), stat[1] = non-finite flag: the n == 0 case (no partial kernel).
 extern "C" __global__ void __launch_bounds__(QT)
     w_absmean_final(const double* partials, int G, size_t n, unsigned* stat) {
+    pdl_wait();
     __shared__ double red[QT];
     w_absmean_finish(partials, G, n, stat, red);
 }
@@ -584,6 +592,7 @@ extern "C" __global__ void __launch_bounds__(QT)
 // Canonical (M, K) codes -> permuted (M, ld) codes, zero padded. One thread per 16-group.
 extern "C" __global__ void __launch_bounds__(QT)
     codes_permute(const int8_t* __restrict__ codes, int M, int K, int ld, int8_t* out, int* rowsum) {
+    pdl_wait();
     const size_t groups = (size_t)M * (ld / 16);
     for (size_t t = (size_t)blockIdx.x * QT + threadIdx.x; t < groups; t += (size_t)gridDim.x * QT) {
         const int m = (int)(t / (ld / 16)), g = (int)(t % (ld / 16));
@@ -604,6 +613,7 @@ extern "C" __global__ void __launch_bounds__(QT)
 // (N, K4) packed bytes -> (N, K4p) with zero-weight padding bytes (0x55).
 extern "C" __global__ void __launch_bounds__(QT)
     packed_repack(const uint8_t* __restrict__ in, int N, int K4, int K4p, uint8_t* out) {
+    pdl_wait();
     const size_t total = (size_t)N * K4p;
     for (size_t b = (size_t)blockIdx.x * QT + threadIdx.x; b < total; b += (size_t)gridDim.x * QT) {
         const int n = (int)(b / K4p), j = (int)(b % K4p);

@@ -378,6 +378,7 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     extern "C" __global__ void __launch_bounds__(SK_THREADS, (MT) == 1 ? 4 : 1)                    \
         NAME(const XT* x, const float* xs, int per_tensor, const uint8_t* W, int M, int N, int K,  \
              int K4, float sw_val, const float* sw_ptr, OT* y) {                                   \
+        pdl_wait();                                                                                 \
         skinny_impl<MT, NTILE, VEC, XT, OT>(x, xs, per_tensor, W, M, N, K, K4, sw_val, sw_ptr, y); \
     }
 

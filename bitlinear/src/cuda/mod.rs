@@ -33,7 +33,8 @@
 //! * `BITLINEAR_CUDA_NO_FINITE_CHECK=1` skips the host read-back of the "non-finite weight" flag
 //!   in [`bit_matmul`] and [`fake_quant_weights`] (which costs a stream synchronization): a
 //!   non-finite weight then gives `s_w = NaN`, i.e. NaN outputs, instead of an error.
-//! * `BITLINEAR_CUDA_NO_PDL=1`: launch the decode GEMV without programmatic dependent launch.
+//! * `BITLINEAR_CUDA_NO_PDL=1`: launch the kernels without programmatic dependent launch (see
+//!   `pdl_allowed`).
 //! * `BITLINEAR_CUDA_FORCE_GEMM=1`: use the tiled GEMM even for `M <= 32`.
 //! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel.
 //! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
@@ -109,8 +110,6 @@ struct DevInfo {
     smem_optin: usize,
     /// compute capability 9.0 (the sm_90a wgmma kernel can run)
     sm90: bool,
-    /// programmatic dependent launch (compute capability 9.0+)
-    pdl: bool,
 }
 
 #[derive(Default)]
@@ -150,7 +149,6 @@ fn dev_info(dev: &CudaDevice) -> Result<DevInfo> {
         sms: sms.max(1) as usize,
         smem_optin: optin.max(48 * 1024) as usize,
         sm90: major == 9 && minor == 0 && !GEMM90A_FATBIN.is_empty(),
-        pdl: major >= 9,
     };
     c.info.insert(dev.id(), info);
     Ok(info)
@@ -198,35 +196,61 @@ fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
 macro_rules! launch {
     ($f:expr, $stream:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
         let f: &CudaFunction = &$f;
-        let mut b = $stream.launch_builder(f);
-        $(
-            let a = $arg;
-            b.arg(&a);
-        )*
-        // SAFETY: the argument list matches the kernel's C signature (checked by hand against
-        // kernels/*.cu), every pointer refers to a live allocation of the required size, and all
-        // work is ordered on the device's single stream.
-        unsafe { b.launch($cfg) }.w()?;
+        let stream: &CudaStream = &$stream;
+        if pdl_allowed(stream)? {
+            let vals: Vec<Box<dyn std::any::Any>> = vec![$(Box::new($arg)),*];
+            let mut params: Vec<*mut std::ffi::c_void> = vals
+                .iter()
+                .map(|v| &**v as *const dyn std::any::Any as *const std::ffi::c_void as *mut std::ffi::c_void)
+                .collect();
+            // SAFETY: the values match the kernel's C signature in order and type (checked by
+            // hand against kernels/*.cu) and live (in `vals`) until the launch call has
+            // returned; every pointer refers to a live allocation of the required size, and all
+            // work is ordered on the device's single stream (each kernel waits for the previous
+            // one with pdl_wait before touching memory).
+            unsafe { launch_with_pdl(f, stream, $cfg, &mut params) }?;
+            drop(vals);
+        } else {
+            let mut b = stream.launch_builder(f);
+            $(
+                let a = $arg;
+                b.arg(&a);
+            )*
+            // SAFETY: the argument list matches the kernel's C signature (checked by hand against
+            // kernels/*.cu), every pointer refers to a live allocation of the required size, and all
+            // work is ordered on the device's single stream.
+            unsafe { b.launch($cfg) }.w()?;
+        }
     }};
 }
 
-/// Like `launch!`, but with programmatic dependent launch (PDL) allowed: the kernel may start
-/// (be scheduled, run its prologue) while the previous kernel of the stream is still running. The
-/// kernel must execute `griddepcontrol.wait` before its first global memory access, which waits
-/// until the previous kernel has completed and its writes are visible, so the results are those
-/// of plain stream order; only launch latency is hidden. Device compute capability 9.0+.
-macro_rules! launch_pdl {
-    ($f:expr, $stream:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let vals: Vec<Box<dyn std::any::Any>> = vec![$(Box::new($arg)),*];
-        let mut params: Vec<*mut std::ffi::c_void> = vals
-            .iter()
-            .map(|v| &**v as *const dyn std::any::Any as *const std::ffi::c_void as *mut std::ffi::c_void)
-            .collect();
-        // SAFETY: as for `launch!`: the values match the kernel's C signature in order and type,
-        // and live (in `vals`) until the launch call has returned.
-        unsafe { launch_with_pdl(&$f, &$stream, $cfg, &mut params) }?;
-        drop(vals);
-    }};
+/// Whether kernels go out with programmatic dependent launch (PDL): on compute capability 9.0+
+/// unless `BITLINEAR_CUDA_NO_PDL` is set. A kernel launched so may be scheduled (and run its
+/// prologue) while the previous kernel of the stream is still running; every kernel here calls
+/// `pdl_wait` (kernels/common.cuh) before its first global memory access, which waits until the
+/// previous kernel has completed and its writes are visible, so results are those of plain
+/// stream order and only launch latency is hidden.
+fn pdl_allowed(stream: &CudaStream) -> Result<bool> {
+    static MAJOR: OnceLock<Mutex<HashMap<usize, i32>>> = OnceLock::new();
+    if env_flag("BITLINEAR_CUDA_NO_PDL") {
+        return Ok(false);
+    }
+    let ctx = stream.context();
+    let mut m = MAJOR
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let major = match m.get(&ctx.ordinal()) {
+        Some(&v) => v,
+        None => {
+            let v = ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                .w()?;
+            m.insert(ctx.ordinal(), v);
+            v
+        }
+    };
+    Ok(major >= 9)
 }
 
 /// `cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
@@ -845,11 +869,7 @@ fn matmul_core(
         };
         let mut g = Vec::new();
         let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
-        if info.pdl && !env_flag("BITLINEAR_CUDA_NO_PDL") {
-            launch_pdl!(f, stream, cfg, xp, xsp, wp, ni, ki, k4i, rows_base, rows_rem, sw.val, sw.ptr, yp);
-        } else {
-            launch!(f, stream, cfg, xp, xsp, wp, ni, ki, k4i, rows_base, rows_rem, sw.val, sw.ptr, yp);
-        }
+        launch!(f, stream, cfg, xp, xsp, wp, ni, ki, k4i, rows_base, rows_rem, sw.val, sw.ptr, yp);
         drop(g);
         return Ok(out);
     }
