@@ -26,6 +26,10 @@
 //!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant);
 //!   the `mma.sync` GEMM splits K over several CTAs when its tiles alone fill less than one wave.
 //!
+//! Launches: on compute capability 9.0+ every kernel goes out with programmatic dependent launch
+//! (`pdl_allowed`): each waits for the previous kernel of the stream before touching memory, so
+//! only launch latency overlaps.
+//!
 //! Environment switches (read at each call; the last six exist so that tests and benchmarks
 //! can reach every kernel variant whatever the shape):
 //! * `BITLINEAR_CUDA_POISON=1` fills every output buffer with 0xFF bytes (NaN for floats) before
