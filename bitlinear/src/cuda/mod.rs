@@ -14,7 +14,7 @@
 //! Matmul strategy (see `matmul_core`; the table is from H100 measurements, `bench/`):
 //! * `M = 1` with `K % 64 == 0` (decode): the GEMV kernel (`kernels/gemv.cu`) requests every
 //!   weight byte right after `x`, quantizes `x` meanwhile and uses dp4a; 8, 16 or 32 lanes per
-//!   weight row, whichever leaves the fewest idle 64-k chunk slots.
+//!   weight row, whichever gives the least work per lane and busy SM (`gemv_config`).
 //! * other `M <= 32`: the "skinny" kernel streams the packed weights straight into tensor-core
 //!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
 //!   forward), otherwise a row-quantizer kernel runs first.
@@ -43,7 +43,7 @@
 //! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel.
 //! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
 //! * `BITLINEAR_CUDA_GEMV_LANES=8|16|32`: lanes per weight row in the decode GEMV instead of the
-//!   fewest-idle-slots choice (ignored where that kernel shape is not built for K).
+//!   size-based choice (ignored where that kernel shape is not built for K).
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
 //!   choice.
 //! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
@@ -60,6 +60,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
+
+use crate::gemv_launch::{gemv_config, GEMV_WARPS};
 
 static QUANT_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quant.fatbin"));
 static SKINNY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/skinny.fatbin"));
@@ -82,8 +84,6 @@ const FUSED_MAX_GROUPS: usize = 512;
 /// thread, at most 32 lanes x 4 chunks of 64 k per weight row).
 const GEMV_MAX_M: usize = 1;
 const GEMV_MAX_K: usize = 8192;
-/// Warps per block of the decode GEMV kernel (`GV_WARPS` in `kernels/gemv.cu`).
-const GEMV_WARPS: usize = 16;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
 
@@ -767,53 +767,6 @@ struct WScale {
     ptr: u64,
 }
 
-/// (lanes per row, chunks per lane and row) pairs instantiated by `kernels/gemv.cu`.
-const GEMV_SHAPES: [(usize, usize); 11] = [
-    (8, 2),
-    (8, 3),
-    (8, 4),
-    (8, 5),
-    (16, 3),
-    (16, 4),
-    (16, 7),
-    (32, 1),
-    (32, 2),
-    (32, 3),
-    (32, 4),
-];
-
-/// Decode GEMV launch shape for `cpr` 16-byte chunks per weight row and `n` rows: (lanes per
-/// row L, chunks per lane T = ceil(cpr / L), blocks). The rows are spread evenly over the warps,
-/// at most one block of `GEMV_WARPS` warps per SM, each warp at most `min(8, 16 / T)` batches of
-/// `32 / L` rows (16 chunks a lane in registers). Among the built (L, T), the one with the least
-/// work per lane (T chunks times the batches of the busiest warp) per busy SM wins (fewer lanes
-/// per row leave SMs idle at small N); ties go to fewer idle chunk slots, then to more lanes.
-/// Fitted to the H100: M = 1, K = 2560 takes L = 8 at N = 13824 and L = 32 at N = 2560; 4096^2
-/// and 2560 x 6912 take L = 32.
-fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, usize) {
-    let warps_for = |(l, t): (usize, usize)| {
-        let rows_per_batch = 32 / l;
-        let warps_min = n.div_ceil((16 / t).min(8) * rows_per_batch);
-        warps_min.max(n.div_ceil(rows_per_batch).min(GEMV_WARPS * sms))
-    };
-    let shapes = GEMV_SHAPES.iter().copied().filter(|&(l, t)| cpr.div_ceil(l) == t);
-    let forced = std::env::var("BITLINEAR_CUDA_GEMV_LANES")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .and_then(|l| shapes.clone().find(|s| s.0 == l));
-    let (l, t) = forced.unwrap_or_else(|| {
-        shapes
-            .min_by_key(|&(l, t)| {
-                let warps = warps_for((l, t));
-                let lane_work = t * n.div_ceil(warps).div_ceil(32 / l);
-                let blocks = warps.div_ceil(GEMV_WARPS);
-                (lane_work * sms * 64 / blocks, l * t - cpr, usize::MAX - l)
-            })
-            .expect("L = 32 covers cpr <= 128")
-    });
-    (l, t, warps_for((l, t)).div_ceil(GEMV_WARPS))
-}
-
 /// y (M, N) = x (M, K) . W^T for packed `w` (N, ceil(K/4) bytes at `wp`); `out` = I32 (raw
 /// accumulators) or the float output dtype.
 #[allow(clippy::too_many_arguments)]
@@ -858,7 +811,7 @@ fn matmul_core(
         && (matches!(x, XSrc::Codes(..)) || matches!(x, XSrc::Float(_, dt) if dt == out_dtype))
     {
         let (l, t, blocks) = gemv_config(k4 / 16, n, info.sms);
-        // rows spread evenly over the warps: the first `rows_rem` get one more
+        // rows spread evenly over all warps of the grid: the first `rows_rem` get one more
         let warps = blocks * GEMV_WARPS;
         let (rows_base, rows_rem) = ((n / warps) as i32, (n % warps) as i32);
         let (xname, xp, xsp) = match x {

@@ -1,0 +1,101 @@
+//! Launch shape of the CUDA decode GEMV (`kernels/gemv.cu`, M = 1): which (lanes per row,
+//! chunks per lane) kernel and how many blocks. Plain host arithmetic, kept out of the `cuda`
+//! module so that it is tested without a GPU.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+/// Warps per block of the decode GEMV kernel (`GV_WARPS` in `kernels/gemv.cu`).
+pub(crate) const GEMV_WARPS: usize = 16;
+
+/// (lanes per row, chunks per lane and row) pairs instantiated by `kernels/gemv.cu`.
+pub(crate) const GEMV_SHAPES: [(usize, usize); 11] = [
+    (8, 2),
+    (8, 3),
+    (8, 4),
+    (8, 5),
+    (16, 3),
+    (16, 4),
+    (16, 7),
+    (32, 1),
+    (32, 2),
+    (32, 3),
+    (32, 4),
+];
+
+/// Decode GEMV launch shape for `cpr` 16-byte chunks per weight row and `n` rows: (lanes per
+/// row L, chunks per lane T = ceil(cpr / L), blocks). The rows are spread evenly over the warps,
+/// at most one block of `GEMV_WARPS` warps per SM, each warp at most `min(8, 16 / T)` batches of
+/// `32 / L` rows (16 chunks a lane in registers). Among the built (L, T), the one with the least
+/// work per lane (T chunks times the batches of the busiest warp) per busy SM wins (fewer lanes
+/// per row leave SMs idle at small N); ties go to fewer idle chunk slots, then to more lanes.
+/// Fitted to the H100: M = 1, K = 2560 takes L = 8 at N = 13824 and L = 32 at N = 2560; 4096^2
+/// and 2560 x 6912 take L = 32.
+pub(crate) fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, usize) {
+    let warps_for = |(l, t): (usize, usize)| {
+        let rows_per_batch = 32 / l;
+        let warps_min = n.div_ceil((16 / t).min(8) * rows_per_batch);
+        warps_min.max(n.div_ceil(rows_per_batch).min(GEMV_WARPS * sms))
+    };
+    let shapes = GEMV_SHAPES.iter().copied().filter(|&(l, t)| cpr.div_ceil(l) == t);
+    let forced = std::env::var("BITLINEAR_CUDA_GEMV_LANES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .and_then(|l| shapes.clone().find(|s| s.0 == l));
+    let (l, t) = forced.unwrap_or_else(|| {
+        shapes
+            .min_by_key(|&(l, t)| {
+                let warps = warps_for((l, t));
+                let lane_work = t * n.div_ceil(warps).div_ceil(32 / l);
+                let blocks = warps.div_ceil(GEMV_WARPS);
+                (lane_work * sms * 64 / blocks, l * t - cpr, usize::MAX - l)
+            })
+            .expect("L = 32 covers cpr <= 128")
+    });
+    (l, t, warps_for((l, t)).div_ceil(GEMV_WARPS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of the busiest warp (the kernel spreads `n` rows evenly over `blocks * GEMV_WARPS`
+    /// warps).
+    fn busiest_warp_rows(n: usize, blocks: usize) -> usize {
+        n.div_ceil(blocks * GEMV_WARPS)
+    }
+
+    /// Every K the GEMV takes (K % 64 == 0, K <= 8192) and a spread of N: the chosen kernel
+    /// exists, covers the row (T = ceil(cpr / L)), and no warp gets more rows than it holds
+    /// (rows past `min(8, 16 / T) * 32 / L` would be silently dropped by the kernel).
+    #[test]
+    fn every_shape_fits_its_kernel() {
+        for sms in [1, 7, 132] {
+            for cpr in 1..=128 {
+                for n in [1, 2, 3, 15, 16, 17, 100, 511, 2560, 4096, 13824, 50_001, 1_000_000] {
+                    let (l, t, blocks) = gemv_config(cpr, n, sms);
+                    assert!(GEMV_SHAPES.contains(&(l, t)), "cpr {cpr} n {n}: ({l}, {t}) not built");
+                    assert_eq!(t, cpr.div_ceil(l), "cpr {cpr} n {n}");
+                    let holds = (16 / t).min(8) * (32 / l);
+                    assert!(
+                        busiest_warp_rows(n, blocks) <= holds,
+                        "cpr {cpr} n {n} sms {sms}: {blocks} blocks leave {} rows for a warp that holds {holds}",
+                        busiest_warp_rows(n, blocks)
+                    );
+                    assert!(blocks >= 1);
+                }
+            }
+        }
+    }
+
+    /// The choices measured fastest on the H100 (bench/RESULTS.md, fourth session).
+    #[test]
+    fn benchmark_shapes_take_the_measured_best() {
+        let pick = |n: usize, k: usize| {
+            let (l, t, _) = gemv_config(k / 64, n, 132);
+            (l, t)
+        };
+        assert_eq!(pick(13824, 2560), (8, 5));
+        assert_eq!(pick(2560, 2560), (32, 2));
+        assert_eq!(pick(4096, 4096), (32, 2));
+        assert_eq!(pick(2560, 6912), (32, 4));
+    }
+}
