@@ -16,7 +16,7 @@
 // one row (L in {8, 16, 32}, a template parameter), so a warp takes P = 32 / L rows at a time (a
 // "batch", at most RB = min(8, 16 / T) of them); lane (rg, lr) of a batch owns chunks lr,
 // lr + L, ..., lr + L (T - 1) of row rg (T = ceil(cpr / L), a template parameter). The host picks
-// the (L, T) with the least work per lane and busy SM (src/cuda/mod.rs, gemv_config): K = 2560
+// the (L, T) with the least work per lane and busy SM (src/gemv_launch.rs, gemv_config): K = 2560
 // (40 chunks) takes L = 8, T = 5 at N = 13824 and L = 32, T = 2 at N = 2560 (more SMs busy).
 //   * x first: each thread with a 16-k group of x (tid < K / 16, the "x warps") requests its raw
 //     bits and reduces its absmax, which waits for x. The other warps request their weights
