@@ -74,10 +74,6 @@ __device__ __forceinline__ float rint_div(float v, float s, float inv) {
     const float r = rintf(q);
     return (fabsf(q) < 256.0f && fabsf(q - r) > 0.4999f) ? rintf(__fdiv_rn(v, s)) : r;
 }
-// act_code(v, s) computed through rint_div (identical results).
-__device__ __forceinline__ int act_code_inv(float v, float s, float inv) {
-    return (int)fminf(fmaxf(rint_div(v, s, inv), -128.0f), 127.0f);
-}
 // rintf without the (quarter-rate) conversion pipe: adding 1.5 * 2^23 leaves the round-to-
 // nearest-even integer of |p| < 2^22 in the low mantissa bits, and subtracting it again gives
 // that integer as a float (__fadd_rn / __fsub_rn are never contracted into an FMA). int_magic reads
@@ -91,8 +87,9 @@ __device__ __forceinline__ int int_magic(float r) { return __float_as_int(__fadd
 
 // clamp(rint_div(f[i], s, inv), LO, HI) + OFF for 16 values, with the near-tie test made once
 // per group: the common case is multiply, round (rint_magic), clamp; if any value lies within
-// 1e-4 of a rounding tie (rare), all 16 take rint_div. Value by value identical to act_code_inv
-// (LO, HI, OFF = -128, 127, 0) and to ternary_code (-1, 1, 1).
+// 1e-4 of a rounding tie (rare), all 16 take rint_div. Value by value identical to act_code
+// (LO, HI, OFF = -128, 127, 0) and to ternary_code (-1, 1, 1), since rint_div rounds as the
+// division does.
 template <int LO, int HI, int OFF>
 __device__ __forceinline__ void codes16(const float (&f)[16], float s, float inv, int (&q)[16]) {
     float r[16];
@@ -110,7 +107,7 @@ __device__ __forceinline__ void codes16(const float (&f)[16], float s, float inv
 #pragma unroll
     for (int i = 0; i < 16; ++i) q[i] = int_magic(fminf(fmaxf(r[i], (float)LO), (float)HI)) + OFF;
 }
-// act_code_inv over 16 values.
+// act_code over 16 values, through the reciprocal inv = 1 / s.
 __device__ __forceinline__ void act_codes16(const float (&f)[16], float s, float inv, int (&q)[16]) {
     codes16<-128, 127, 0>(f, s, inv, q);
 }
@@ -129,9 +126,17 @@ __device__ __forceinline__ float dequant(int acc, float sx, float sw) {
     return __fmul_rn(__fmul_rn((float)acc, sx), sw);
 }
 
-// position of k inside its 16-group after the permutation described above
-__device__ __forceinline__ int perm16(int k) {
-    return (k & ~15) | ((k & 3) << 2) | ((k >> 2) & 3);
+// Raw bits of the 16 values of one 16-k group of T (as 16-byte words), converted to f32 only
+// when used.
+template <typename T>
+struct RawGroup {
+    uint4 v[sizeof(T)];
+};
+template <typename T>
+__device__ __forceinline__ void raw_to_f32(const RawGroup<T>& r, float (&f)[16]) {
+    const T* e = reinterpret_cast<const T*>(r.v);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) f[i] = to_f32(e[i]);
 }
 
 // Packs 4 int8 values (as ints) into one little-endian 32-bit word.

@@ -79,19 +79,9 @@ __device__ __forceinline__ uint4 ldg_weights16(const void* p) {
 
 // Raw bits of one 16-k group of x (16 values of T), as 16-byte loads.
 template <typename T>
-struct XGroup {
-    uint4 v[sizeof(T)];
-};
-template <typename T>
-__device__ __forceinline__ void gv_load_raw(const T* __restrict__ xr, int g, XGroup<T>& r) {
+__device__ __forceinline__ void gv_load_raw(const T* __restrict__ xr, int g, RawGroup<T>& r) {
 #pragma unroll
     for (int c = 0; c < (int)sizeof(T); ++c) r.v[c] = ldg_x16(reinterpret_cast<const uint4*>(xr + 16 * g) + c);
-}
-template <typename T>
-__device__ __forceinline__ void gv_raw_f32(const XGroup<T>& r, float (&f)[16]) {
-    const T* e = reinterpret_cast<const T*>(r.v);
-#pragma unroll
-    for (int i = 0; i < 16; ++i) f[i] = to_f32(e[i]);
 }
 
 // 16 values of group g (k = 16g .. 16g+15) of x as floats, element by element (x not 16-byte
@@ -155,7 +145,7 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     pdl_wait();
     pdl_launch_dependents();
     const int x_warps = (G + 31) / 32;  // the warps that hold x
-    XGroup<XT> x0;
+    RawGroup<XT> x0;
     if (xvec && has0) gv_load_raw(x, tid, x0);
     // Weight addresses. Chunk slots t < T - 1 are in range for every lane (T = ceil(cpr / L)), so
     // they sit at immediate offsets 16 L t from the lane's row pointer; the last slot is in range
@@ -187,7 +177,7 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
 #pragma unroll
             for (int i = 0; i < 16; ++i) f0[i] = 0.0f;
         } else if (xvec) {
-            gv_raw_f32(x0, f0);
+            raw_to_f32(x0, f0);
         } else {
             gv_load16_unaligned(x, tid, f0);
         }

@@ -55,11 +55,7 @@
 #define QT 256
 
 // Raw bits of the 16 values k = 16g .. 16g+15 of a row (T zero at and past K); held in
-// registers as a prefetch, converted to f32 only when used.
-template <typename T>
-struct RawGroup {
-    uint4 v[sizeof(T)];
-};
+// registers as a prefetch, converted to f32 only when used (raw_to_f32).
 template <typename T>
 __device__ __forceinline__ void load_raw_group(const T* __restrict__ xr, int g, int K, bool vec, RawGroup<T>& r) {
     if (vec && 16 * g < K) {
@@ -74,13 +70,6 @@ __device__ __forceinline__ void load_raw_group(const T* __restrict__ xr, int g, 
         }
     }
 }
-template <typename T>
-__device__ __forceinline__ void raw_to_f32(const RawGroup<T>& r, float (&f)[16]) {
-    const T* e = reinterpret_cast<const T*>(r.v);
-#pragma unroll
-    for (int i = 0; i < 16; ++i) f[i] = to_f32(e[i]);
-}
-
 // max|x| on the bit patterns: for IEEE formats the bits of |x| order like |x|, and Inf/NaN bits
 // lie above every finite value, so one integer max gives the absmax and the non-finite flag.
 // 2-byte types take two values a 32-bit word (__vmaxu2); absbits_fold joins the halves.
