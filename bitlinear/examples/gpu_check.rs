@@ -581,6 +581,8 @@ mod real {
         ("gemv-l8", &[("BITLINEAR_CUDA_GEMV_LANES", "8")]),
         ("gemv-l16", &[("BITLINEAR_CUDA_GEMV_LANES", "16")]),
         ("gemv-l32", &[("BITLINEAR_CUDA_GEMV_LANES", "32")]),
+        ("skinny-rows16", &[("BITLINEAR_CUDA_SKINNY_ROWS", "16")]),
+        ("skinny-rows32", &[("BITLINEAR_CUDA_SKINNY_ROWS", "32")]),
         ("no-pdl", &[("BITLINEAR_CUDA_NO_PDL", "1")]),
         (
             "gemm-wgmma",
@@ -917,6 +919,7 @@ $L_loop:
                 for (name, vars) in VARIANTS {
                     if m > 32 && (name.starts_with("no-fuse") || name.starts_with("gemm-small") && m >= 1024)
                         || m > 1 && (*name == "skinny" || name.starts_with("gemv"))
+                        || (m == 1 || m > 32) && name.starts_with("skinny-")
                     {
                         continue;
                     }

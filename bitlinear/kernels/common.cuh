@@ -157,6 +157,20 @@ __device__ __forceinline__ uint4 pack16_permuted(const int (&q)[16]) {
                       pack4(q[2], q[6], q[10], q[14]), pack4(q[3], q[7], q[11], q[15]));
 }
 
+// Permutes the 16 int8 codes of one group (byte k of v = code k) into the k-permuted order and
+// returns them; *sum gets their sum.
+__device__ __forceinline__ uint4 permute_codes16(const uint4& v, int* sum) {
+    // word i of the result = byte i of v.x, v.y, v.z, v.w
+    const uint32_t a01 = __byte_perm(v.x, v.y, 0x5140), a23 = __byte_perm(v.z, v.w, 0x5140);
+    const uint32_t b01 = __byte_perm(v.x, v.y, 0x7362), b23 = __byte_perm(v.z, v.w, 0x7362);
+    int t = __dp4a((int)v.x, 0x01010101, 0);
+    t = __dp4a((int)v.y, 0x01010101, t);
+    t = __dp4a((int)v.z, 0x01010101, t);
+    *sum = __dp4a((int)v.w, 0x01010101, t);
+    return make_uint4(__byte_perm(a01, a23, 0x5410), __byte_perm(a01, a23, 0x7632), __byte_perm(b01, b23, 0x5410),
+                      __byte_perm(b01, b23, 0x7632));
+}
+
 // ---- block reductions (fixed tree => deterministic) ----
 template <int NT>
 __device__ __forceinline__ float block_max(float v, float* red) {

@@ -92,20 +92,6 @@ __device__ __forceinline__ void gv_load16_unaligned(const T* __restrict__ xr, in
     for (int i = 0; i < 16; ++i) f[i] = to_f32(xr[16 * g + i]);
 }
 
-// Permutes the 16 int8 codes of one group (byte k of v = code k) into the k-permuted order and
-// returns them; *sum gets their sum.
-__device__ __forceinline__ uint4 permute_codes16(const uint4& v, int* sum) {
-    // word i of the result = byte i of v.x, v.y, v.z, v.w
-    const uint32_t a01 = __byte_perm(v.x, v.y, 0x5140), a23 = __byte_perm(v.z, v.w, 0x5140);
-    const uint32_t b01 = __byte_perm(v.x, v.y, 0x7362), b23 = __byte_perm(v.z, v.w, 0x7362);
-    int t = __dp4a((int)v.x, 0x01010101, 0);
-    t = __dp4a((int)v.y, 0x01010101, t);
-    t = __dp4a((int)v.z, 0x01010101, t);
-    *sum = __dp4a((int)v.w, 0x01010101, t);
-    return make_uint4(__byte_perm(a01, a23, 0x5410), __byte_perm(a01, a23, 0x7632), __byte_perm(b01, b23, 0x5410),
-                      __byte_perm(b01, b23, 0x7632));
-}
-
 // dp4a with unsigned bytes in a (the masked weight codes, up to 3 << 6) and signed bytes in b.
 __device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
     int d;

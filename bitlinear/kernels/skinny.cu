@@ -24,7 +24,8 @@
 //     fragments): slot (u*4 + t) of each 256-k block holds group 4t+u, so for a fixed u the 4
 //     lanes of a row read 64 contiguous bytes (one LDS.128 each); rows are padded to a stride of
 //     64 mod 128 bytes, which makes every LDS.128 conflict free. int8 codes are read one 16-k
-//     group (16 bytes) per thread and step, with one 16-byte load when K % 16 == 0.
+//     group (16 bytes) per thread and step; when K % 16 == 0, with 16-byte loads, 2 (MT = 1,
+//     within its 64 registers) or 8 groups a thread requested before any is staged.
 //   * fused quantizer (float x): when M * (groups per row) <= 512, each thread loads its one or two
 //     16-k groups into registers once (as raw bits, 16-byte loads when K % 16 == 0), the row absmax goes through shared-memory atomicMax (exact:
 //     a max does not depend on order), then the same registers are quantized and staged; larger
@@ -130,15 +131,19 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     if (tid == 0) badmask = 0u;
 
     const int Q = KB * 16;  // 16-k groups per staged row (zero past K)
-    // Writes one group (16 codes in permuted order) into its slot and adds its sum to the row's.
-    auto stage = [&](int m, int q, const int (&v)[16]) {
+    // Writes one group (16 codes in permuted order, as bytes) into its slot and adds its sum to
+    // the row's.
+    auto stage16 = [&](int m, int q, const uint4& bytes, int sum) {
         const int kbq = q >> 4, ql = q & 15;
         const int slot = (ql & 3) * 4 + (ql >> 2);  // group 4t+u -> slot 4u+t
-        *reinterpret_cast<uint4*>(smem + (size_t)m * RS + kbq * 256 + slot * 16) = pack16(v);
+        *reinterpret_cast<uint4*>(smem + (size_t)m * RS + kbq * 256 + slot * 16) = bytes;
+        atomicAdd(&xsum[m], sum);
+    };
+    auto stage = [&](int m, int q, const int (&v)[16]) {
         int sum = 0;
 #pragma unroll
         for (int p = 0; p < 16; ++p) sum += v[p];
-        atomicAdd(&xsum[m], sum);
+        stage16(m, q, pack16(v), sum);
     };
     // scale of row m from its absmax (or of the tensor, per_tensor) and the non-finite mask
     auto finish_scales = [&]() {
@@ -272,27 +277,40 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     } else {
         if (tid < M && xscales != nullptr) sx[tid] = xscales[per_tensor ? 0 : tid];
         __syncthreads();  // xsum initialized
-        // 16-byte loads of whole groups when every row start is 16-byte aligned
-        const bool vec = (K & 15) == 0 && (((size_t)x) & 15) == 0;
-        for (int idx = tid; idx < M * Q; idx += SK_THREADS) {
-            const int m = idx / Q, q = idx % Q;
-            int v[16];
-            if (vec) {
-                uint4 c = make_uint4(0u, 0u, 0u, 0u);
-                if (16 * q < K) c = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + 16 * q));
+        if ((K & 15) == 0 && (((size_t)x) & 15) == 0) {
+            // every row start 16-byte aligned: a 16-byte load per group, SU groups a thread
+            // requested before any is staged (one L2 round trip per SU groups, not per group: at
+            // M = 16, K = 4096, ncu put 46% of the warps' stalls on the one-at-a-time loop, H100)
+            constexpr int SU = MT == 1 ? 2 : 8;
+            for (int base = tid; base < M * Q; base += SU * SK_THREADS) {
+                uint4 c[SU];
 #pragma unroll
-                for (int p = 0; p < 16; ++p) {
-                    const int kk = 4 * (p & 3) + (p >> 2);  // k inside the group
-                    v[p] = (int)(int8_t)(comp(c, kk >> 2) >> (8 * (kk & 3)));
+                for (int s = 0; s < SU; ++s) {
+                    const int idx = base + s * SK_THREADS, m = idx / Q, q = idx % Q;
+                    c[s] = (idx < M * Q && 16 * q < K) ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + 16 * q))
+                                                       : make_uint4(0u, 0u, 0u, 0u);
                 }
-            } else {
+#pragma unroll
+                for (int s = 0; s < SU; ++s) {
+                    const int idx = base + s * SK_THREADS;
+                    if (idx < M * Q) {
+                        int sum;
+                        const uint4 b = permute_codes16(c[s], &sum);
+                        stage16(idx / Q, idx % Q, b, sum);
+                    }
+                }
+            }
+        } else {
+            for (int idx = tid; idx < M * Q; idx += SK_THREADS) {
+                const int m = idx / Q, q = idx % Q;
+                int v[16];
 #pragma unroll
                 for (int p = 0; p < 16; ++p) {
                     const int k = 16 * q + 4 * (p & 3) + (p >> 2);
                     v[p] = k < K ? (int)x[(size_t)m * K + k] : 0;
                 }
+                stage(m, q, v);
             }
-            stage(m, q, v);
         }
     }
     __syncthreads();

@@ -44,6 +44,8 @@
 //! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
 //! * `BITLINEAR_CUDA_GEMV_LANES=8|16|32`: lanes per weight row in the decode GEMV instead of the
 //!   size-based choice (ignored where that kernel shape is not built for K).
+//! * `BITLINEAR_CUDA_SKINNY_ROWS=16|32`: weight rows per block of the skinny kernel instead of
+//!   the size-based choice (16 needs 16-byte aligned packed rows).
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
 //!   choice.
 //! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
@@ -851,7 +853,14 @@ fn matmul_core(
         } else {
             1
         };
-        let n1 = vec == 16 && n.div_ceil(32) < info.sms;
+        let n1 = match std::env::var("BITLINEAR_CUDA_SKINNY_ROWS").as_deref() {
+            Ok("16") => vec == 16,
+            Ok("32") => false,
+            // 16-row blocks fill more SMs at small N, but every block stages all of x: only
+            // worth it for M <= 2 (H100: M = 2, 4096^2 7.6 against 8.3 us; M = 4..16, 32-row
+            // blocks 4-20% faster)
+            _ => vec == 16 && m <= 2 && n.div_ceil(32) < info.sms,
+        };
         let rows_per_block = if n1 { 16 } else { 32 };
         // Quantize first unless the kernel can do it itself.
         let mut tmp_codes: Option<CudaSlice<u8>> = None;
