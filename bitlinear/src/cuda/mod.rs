@@ -44,8 +44,8 @@
 //! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
 //! * `BITLINEAR_CUDA_GEMV_LANES=8|16|32`: lanes per weight row in the decode GEMV instead of the
 //!   size-based choice (ignored where that kernel shape is not built for K).
-//! * `BITLINEAR_CUDA_SKINNY_ROWS=16|32`: weight rows per block of the skinny kernel instead of
-//!   the size-based choice (16 needs 16-byte aligned packed rows).
+//! * `BITLINEAR_CUDA_SKINNY_ROWS=16|32|64`: weight rows per block of the skinny kernel instead of
+//!   the size-based choice (16 and 64 need 16-byte aligned packed rows, 64 also M > 8).
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
 //!   choice.
 //! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
@@ -842,26 +842,32 @@ fn matmul_core(
     } else {
         4
     };
-    let skinny_smem = (m * row_stride).max(8192 * mt);
+    let vec = if k4.is_multiple_of(16) && wp.is_multiple_of(16) {
+        16
+    } else if k4.is_multiple_of(4) && wp.is_multiple_of(4) {
+        4
+    } else {
+        1
+    };
+    // weight rows per skinny block (16 and 64 need 16-byte packed rows; 64 is built for M > 8)
+    let rows_per_block = match std::env::var("BITLINEAR_CUDA_SKINNY_ROWS").as_deref() {
+        Ok("16") if vec == 16 => 16,
+        Ok("64") if vec == 16 && mt > 1 => 64,
+        Ok(_) => 32,
+        // 16-row blocks fill more SMs at small N, but every block stages all of x: only worth
+        // it for M <= 2 (H100: M = 2, 4096^2 7.6 against 8.3 us; M = 4..16, 32-row blocks
+        // 4-20% faster)
+        _ if vec == 16 && m <= 2 && n.div_ceil(32) < info.sms => 16,
+        // 64-row blocks stage x half as often; they pay where they still fill every SM (H100:
+        // 16 x 13824 x 2560 23.2 -> 21.9 us, 32 x 13824 x 2560 49.6 -> 43.0 us)
+        _ if vec == 16 && mt > 1 && n.div_ceil(64) >= info.sms => 64,
+        _ => 32,
+    };
+    // staged x, or the cross-warp partial sums (8 warps x rows x 8 MT columns of i32)
+    let skinny_smem = (m * row_stride).max(256 * rows_per_block * mt);
     let skinny_fits = skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048));
     if m <= SKINNY_MAX_M && skinny_fits && !env_flag("BITLINEAR_CUDA_FORCE_GEMM") {
         // ---- skinny path
-        let vec = if k4.is_multiple_of(16) && wp.is_multiple_of(16) {
-            16
-        } else if k4.is_multiple_of(4) && wp.is_multiple_of(4) {
-            4
-        } else {
-            1
-        };
-        let n1 = match std::env::var("BITLINEAR_CUDA_SKINNY_ROWS").as_deref() {
-            Ok("16") => vec == 16,
-            Ok("32") => false,
-            // 16-row blocks fill more SMs at small N, but every block stages all of x: only
-            // worth it for M <= 2 (H100: M = 2, 4096^2 7.6 against 8.3 us; M = 4..16, 32-row
-            // blocks 4-20% faster)
-            _ => vec == 16 && m <= 2 && n.div_ceil(32) < info.sms,
-        };
-        let rows_per_block = if n1 { 16 } else { 32 };
         // Quantize first unless the kernel can do it itself.
         let mut tmp_codes: Option<CudaSlice<u8>> = None;
         let mut tmp_scales: Option<CudaSlice<f32>> = None;
@@ -889,7 +895,12 @@ fn matmul_core(
             }
             XSrc::Codes(p, sp) => ("i8", p, sp),
         };
-        let name = format!("skinny_{xname}_{osfx}_m{mt}_v{vec}{}", if n1 { "_n1" } else { "" });
+        let ntile = match rows_per_block {
+            16 => "_n1",
+            64 => "_n4",
+            _ => "",
+        };
+        let name = format!("skinny_{xname}_{osfx}_m{mt}_v{vec}{ntile}");
         let f = func(dev, Module::Skinny, &name)?;
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
