@@ -583,7 +583,6 @@ mod real {
         ("gemv-l32", &[("BITLINEAR_CUDA_GEMV_LANES", "32")]),
         ("skinny-rows16", &[("BITLINEAR_CUDA_SKINNY_ROWS", "16")]),
         ("skinny-rows32", &[("BITLINEAR_CUDA_SKINNY_ROWS", "32")]),
-        ("skinny-rows64", &[("BITLINEAR_CUDA_SKINNY_ROWS", "64")]),
         ("no-pdl", &[("BITLINEAR_CUDA_NO_PDL", "1")]),
         (
             "gemm-wgmma",

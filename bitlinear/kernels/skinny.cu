@@ -402,19 +402,16 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
 
 // name: skinny_<x>_<out>_m<MT>_v<VEC>   (NTILE = 2: 32 weight rows per block)
 //       skinny_<x>_<out>_m<MT>_v16_n1   (NTILE = 1: 16 rows per block, for small N)
-//       skinny_<x>_<out>_m<MT>_v16_n4   (NTILE = 4: 64 rows per block; MT >= 2 only)
 #define SK_VECS(MT, XT, OT, XN, ON)                                  \
     SK_INST(MT, 1, 16, XT, OT, skinny_##XN##_##ON##_m##MT##_v16_n1)  \
     SK_INST(MT, 2, 16, XT, OT, skinny_##XN##_##ON##_m##MT##_v16)     \
     SK_INST(MT, 2, 4, XT, OT, skinny_##XN##_##ON##_m##MT##_v4)       \
     SK_INST(MT, 2, 1, XT, OT, skinny_##XN##_##ON##_m##MT##_v1)
 
-#define SK_MTS(XT, OT, XN, ON)                                              \
-    SK_VECS(1, XT, OT, XN, ON)                                              \
-    SK_VECS(2, XT, OT, XN, ON)                                              \
-    SK_VECS(4, XT, OT, XN, ON)                                              \
-    SK_INST(2, 4, 16, XT, OT, skinny_##XN##_##ON##_m2_v16_n4)               \
-    SK_INST(4, 4, 16, XT, OT, skinny_##XN##_##ON##_m4_v16_n4)
+#define SK_MTS(XT, OT, XN, ON)    \
+    SK_VECS(1, XT, OT, XN, ON)    \
+    SK_VECS(2, XT, OT, XN, ON)    \
+    SK_VECS(4, XT, OT, XN, ON)
 
 SK_MTS(int8_t, int, i8, i32)
 SK_MTS(int8_t, float, i8, f32)

@@ -17,7 +17,8 @@
 //!   weight row, whichever gives the least work per lane and busy SM (`gemv_launch.rs`).
 //! * other `M <= 32`: the "skinny" kernel streams the packed weights straight into tensor-core
 //!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
-//!   forward), otherwise a row-quantizer kernel runs first.
+//!   forward), otherwise a row-quantizer kernel runs first. Each of its blocks stages all of
+//!   `x`, so from `M = 12` where `N >= 64 x SMs` the GEMM below (64x64 tiles) takes over.
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
 //!   `wgmma` kernel (`kernels/gemm90a.cu`, 128x256 tiles) once its tiles cover at least 40% of
@@ -44,8 +45,8 @@
 //! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
 //! * `BITLINEAR_CUDA_GEMV_LANES=8|16|32`: lanes per weight row in the decode GEMV instead of the
 //!   size-based choice (ignored where that kernel shape is not built for K).
-//! * `BITLINEAR_CUDA_SKINNY_ROWS=16|32|64`: weight rows per block of the skinny kernel instead of
-//!   the size-based choice (16 and 64 need 16-byte aligned packed rows, 64 also M > 8).
+//! * `BITLINEAR_CUDA_SKINNY_ROWS=16|32`: weight rows per block of the skinny kernel instead of
+//!   the size-based choice (16 needs 16-byte aligned packed rows).
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
 //!   choice.
 //! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
@@ -849,24 +850,25 @@ fn matmul_core(
     } else {
         1
     };
-    // weight rows per skinny block (16 and 64 need 16-byte packed rows; 64 is built for M > 8)
+    // weight rows per skinny block (16 needs 16-byte packed rows)
     let rows_per_block = match std::env::var("BITLINEAR_CUDA_SKINNY_ROWS").as_deref() {
         Ok("16") if vec == 16 => 16,
-        Ok("64") if vec == 16 && mt > 1 => 64,
         Ok(_) => 32,
         // 16-row blocks fill more SMs at small N, but every block stages all of x: only worth
         // it for M <= 2 (H100: M = 2, 4096^2 7.6 against 8.3 us; M = 4..16, 32-row blocks
         // 4-20% faster)
         _ if vec == 16 && m <= 2 && n.div_ceil(32) < info.sms => 16,
-        // 64-row blocks stage x half as often; they pay where they still fill every SM (H100:
-        // 16 x 13824 x 2560 23.2 -> 21.9 us, 32 x 13824 x 2560 49.6 -> 43.0 us)
-        _ if vec == 16 && mt > 1 && n.div_ceil(64) >= info.sms => 64,
         _ => 32,
     };
     // staged x, or the cross-warp partial sums (8 warps x rows x 8 MT columns of i32)
     let skinny_smem = (m * row_stride).max(256 * rows_per_block * mt);
     let skinny_fits = skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048));
-    if m <= SKINNY_MAX_M && skinny_fits && !env_flag("BITLINEAR_CUDA_FORCE_GEMM") {
+    // Every skinny block stages all of x, so its time grows with M where N is large; the GEMM's
+    // 64x64 tiles (which stage x once per tile) are faster there from M = 12 (H100, 13824 x
+    // 2560: M = 12 19.0 vs 19.6 us, 16 19.9 vs 21.9 us, 32 20.9 vs 43.0 us; M = 10 18.8 vs
+    // 19.2 us the other way; at N = 4096, M = 24, the skinny kernel 16.6 vs 19.9 us).
+    let large_n = m >= 12 && n.div_ceil(64) >= info.sms;
+    if m <= SKINNY_MAX_M && skinny_fits && !large_n && !env_flag("BITLINEAR_CUDA_FORCE_GEMM") {
         // ---- skinny path
         // Quantize first unless the kernel can do it itself.
         let mut tmp_codes: Option<CudaSlice<u8>> = None;
@@ -895,11 +897,7 @@ fn matmul_core(
             }
             XSrc::Codes(p, sp) => ("i8", p, sp),
         };
-        let ntile = match rows_per_block {
-            16 => "_n1",
-            64 => "_n4",
-            _ => "",
-        };
+        let ntile = if rows_per_block == 16 { "_n1" } else { "" };
         let name = format!("skinny_{xname}_{osfx}_m{mt}_v{vec}{ntile}");
         let f = func(dev, Module::Skinny, &name)?;
         let cfg = LaunchConfig {
@@ -990,6 +988,9 @@ fn matmul_core(
         Ok("small") => "small",
         // wgmma from 40% of the SMs (H100: 54 and 64 tiles were faster with it, 31.0 vs 33.1 us at
         // 128 x 13824 x 2560; 43 and 48 tiles slower, 41.1 vs 40.1 us at 384 x 4096 x 4096)
+        // M <= 32 (large N, see above): small tiles (H100, 16 x 13824 x 2560: 19.9 us, against
+        // 25.3 us with big tiles and 28.2 us with wgmma)
+        _ if m <= SKINNY_MAX_M => "small",
         _ if info.sm90 && 5 * m.div_ceil(128) * n.div_ceil(256) >= 2 * info.sms => "wgmma",
         _ if 4 * m.div_ceil(128) * n.div_ceil(128) >= 3 * info.sms => "big",
         _ => "small",
