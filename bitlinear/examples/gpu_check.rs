@@ -581,6 +581,8 @@ mod real {
         ("gemv-l8", &[("BITLINEAR_CUDA_GEMV_LANES", "8")]),
         ("gemv-l16", &[("BITLINEAR_CUDA_GEMV_LANES", "16")]),
         ("gemv-l32", &[("BITLINEAR_CUDA_GEMV_LANES", "32")]),
+        ("gemv-bulk-x", &[("BITLINEAR_CUDA_GEMV_BULK_X", "1")]),
+        ("gemv-no-bulk-x", &[("BITLINEAR_CUDA_GEMV_BULK_X", "0")]),
         ("skinny-rows16", &[("BITLINEAR_CUDA_SKINNY_ROWS", "16")]),
         ("skinny-rows32", &[("BITLINEAR_CUDA_SKINNY_ROWS", "32")]),
         ("no-pdl", &[("BITLINEAR_CUDA_NO_PDL", "1")]),

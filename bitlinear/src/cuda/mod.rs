@@ -47,6 +47,8 @@
 //!   size-based choice (ignored where that kernel shape is not built for K).
 //! * `BITLINEAR_CUDA_SKINNY_ROWS=16|32`: weight rows per block of the skinny kernel instead of
 //!   the size-based choice (16 needs 16-byte aligned packed rows).
+//! * `BITLINEAR_CUDA_GEMV_BULK_X=0|1`: the decode GEMV loads `x` with the threads' own loads
+//!   (0) or one bulk copy (1) instead of the size-based choice.
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
 //!   choice.
 //! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
@@ -87,6 +89,8 @@ const FUSED_MAX_GROUPS: usize = 512;
 /// thread, at most 32 lanes x 4 chunks of 64 k per weight row).
 const GEMV_MAX_M: usize = 1;
 const GEMV_MAX_K: usize = 8192;
+/// Packed weight bytes per GEMV block from which the GEMV loads `x` by a bulk copy.
+const GEMV_BULK_X_BYTES_PER_SM: usize = 48 * 1024;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
 
@@ -817,15 +821,26 @@ fn matmul_core(
         // rows spread evenly over all warps of the grid: the first `rows_rem` get one more
         let warps = blocks * GEMV_WARPS;
         let (rows_base, rows_rem) = ((n / warps) as i32, (n % warps) as i32);
-        let (xname, xp, xsp) = match x {
-            XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
-            XSrc::Codes(p, sp) => ("i8", p, sp),
+        let (xname, xp, xsp, x_size) = match x {
+            XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64, dt.size_in_bytes()),
+            XSrc::Codes(p, sp) => ("i8", p, sp, 1),
         };
-        let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_l{l}_t{t}"))?;
+        // Float x by a bulk copy (the `_bx` kernels) when the weights take long enough to stream
+        // that its longer latency is hidden (H100: 13824 x 2560, 67 KB an SM: 5.84 -> 5.48 us;
+        // 4096^2 and 2560 x 6912, 32-34 KB an SM, lose 0.35-0.55 us with it). int8 codes lose
+        // with it even there (5.11 -> 5.35 us): their x warps have no quantizer to wait for.
+        let bulk_x = match std::env::var("BITLINEAR_CUDA_GEMV_BULK_X").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => matches!(x, XSrc::Float(..)) && n * k4 >= GEMV_BULK_X_BYTES_PER_SM * blocks,
+        };
+        let bx = if bulk_x { "_bx" } else { "" };
+        let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_l{l}_t{t}{bx}"))?;
         let cfg = LaunchConfig {
             grid_dim: (i32_arg(blocks, "GEMV blocks")? as u32, 1, 1),
             block_dim: (32 * GEMV_WARPS as u32, 1, 1),
-            shared_mem_bytes: k as u32,
+            // permuted codes of x, then (`_bx`) x itself
+            shared_mem_bytes: (k + if bulk_x { k * x_size } else { 0 }) as u32,
         };
         let mut g = Vec::new();
         let yp = out_slice_ptr(&mut out, &stream, &mut g)?;
