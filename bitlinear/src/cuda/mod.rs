@@ -14,7 +14,8 @@
 //! Matmul strategy (see `matmul_core`; the table is from H100 measurements, `bench/`):
 //! * `M = 1` with `K % 64 == 0` (decode): the GEMV kernel (`kernels/gemv.cu`) requests every
 //!   weight byte right after `x`, quantizes `x` meanwhile and uses dp4a; 8, 16 or 32 lanes per
-//!   weight row, whichever gives the least work per lane and busy SM (`gemv_launch.rs`).
+//!   weight row, whichever gives the least work per lane and busy SM (`gemv_launch.rs`); where
+//!   the weights are large, float `x` comes by one bulk copy so that no weight load waits for it.
 //! * other `M <= 32`: the "skinny" kernel streams the packed weights straight into tensor-core
 //!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
 //!   forward), otherwise a row-quantizer kernel runs first. Each of its blocks stages all of
