@@ -200,6 +200,8 @@ __device__ __forceinline__ unsigned block_max_u32(unsigned v, unsigned* red) {
 }
 
 // ---- tensor-core and async-copy wrappers (sm_80+) ----
+// A generic pointer into shared memory as a 32-bit shared-space address.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 // D = A(16x32, s8, row) * B(32x8, s8, col) + D, s32 accumulators.
 __device__ __forceinline__ void mma_s8_16832(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                              uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -212,7 +214,7 @@ __device__ __forceinline__ void mma_s8_16832(int (&d)[4], uint32_t a0, uint32_t 
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
                                             const void* smem_ptr) {
-    uint32_t a = (uint32_t)__cvta_generic_to_shared(smem_ptr);
+    const uint32_t a = smem_u32(smem_ptr);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(a));
@@ -220,7 +222,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t
 
 // 16-byte async copy global->shared; when !valid the destination is zero-filled (src-size 0).
 __device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gptr, bool valid) {
-    uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_ptr);
+    const uint32_t s = smem_u32(smem_ptr);
     int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gptr), "r"(n));
 }
@@ -237,7 +239,6 @@ __device__ __forceinline__ void st_shared16(uint32_t saddr, uint4 v) {
 // ---- bulk (TMA-engine) copies completing on an mbarrier (sm_90+) ----
 // A bulk copy does not go through the SM's load pipeline, so it does not queue behind (or in
 // front of) the threads' own global loads.
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");

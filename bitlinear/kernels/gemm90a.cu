@@ -111,7 +111,7 @@ __device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int
     extern __shared__ uint8_t smem_raw[];
     // 1024-byte aligned base, as a 32-bit shared-space address for the hot loop (generic pointers
     // made the compiler emit 64-bit generic stores) and as a generic pointer for the epilogue
-    const uint32_t raw_s = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t raw_s = smem_u32(smem_raw);
     const uint32_t sbase = (raw_s + 1023u) & ~1023u;
     uint8_t* smem = smem_raw + (sbase - raw_s);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;

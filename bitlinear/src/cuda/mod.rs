@@ -91,7 +91,7 @@ const FUSED_MAX_GROUPS: usize = 512;
 const GEMV_MAX_M: usize = 1;
 const GEMV_MAX_K: usize = 8192;
 /// Packed weight bytes per GEMV block from which the GEMV loads `x` by a bulk copy.
-const GEMV_BULK_X_BYTES_PER_SM: usize = 48 * 1024;
+const GEMV_BULK_X_BYTES_PER_BLOCK: usize = 48 * 1024;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
 
@@ -833,7 +833,7 @@ fn matmul_core(
         let bulk_x = match std::env::var("BITLINEAR_CUDA_GEMV_BULK_X").as_deref() {
             Ok("1") => true,
             Ok("0") => false,
-            _ => matches!(x, XSrc::Float(..)) && n * k4 >= GEMV_BULK_X_BYTES_PER_SM * blocks,
+            _ => matches!(x, XSrc::Float(..)) && n * k4 >= GEMV_BULK_X_BYTES_PER_BLOCK * blocks,
         };
         let bx = if bulk_x { "_bx" } else { "" };
         let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_l{l}_t{t}{bx}"))?;
@@ -1002,11 +1002,11 @@ fn matmul_core(
         Ok("wide") => "wide",
         Ok("big") => "big",
         Ok("small") => "small",
-        // wgmma from 40% of the SMs (H100: 54 and 64 tiles were faster with it, 31.0 vs 33.1 us at
-        // 128 x 13824 x 2560; 43 and 48 tiles slower, 41.1 vs 40.1 us at 384 x 4096 x 4096)
         // M <= 32 (large N, see above): small tiles (H100, 16 x 13824 x 2560: 19.9 us, against
         // 25.3 us with big tiles and 28.2 us with wgmma)
         _ if m <= SKINNY_MAX_M => "small",
+        // wgmma from 40% of the SMs (H100: 54 and 64 tiles were faster with it, 31.0 vs 33.1 us at
+        // 128 x 13824 x 2560; 43 and 48 tiles slower, 41.1 vs 40.1 us at 384 x 4096 x 4096)
         _ if info.sm90 && 5 * m.div_ceil(128) * n.div_ceil(256) >= 2 * info.sms => "wgmma",
         _ if 4 * m.div_ceil(128) * n.div_ceil(128) >= 3 * info.sms => "big",
         _ => "small",
