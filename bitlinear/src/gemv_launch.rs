@@ -1,6 +1,6 @@
 //! Launch shape of the CUDA decode GEMV (`kernels/gemv.cu`, M = 1): which (lanes per row,
-//! chunks per lane) kernel and how many blocks. Plain host arithmetic, kept out of the `cuda`
-//! module so that it is tested without a GPU.
+//! chunks per lane) kernel, how many blocks, and whether x comes by a bulk copy. Plain host
+//! arithmetic, kept out of the `cuda` module so that it is tested without a GPU.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 /// Warps per block of the decode GEMV kernel (`GV_WARPS` in `kernels/gemv.cu`).
@@ -53,6 +53,23 @@ pub(crate) fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, us
     (l, t, warps_for((l, t)).div_ceil(GEMV_WARPS))
 }
 
+/// Packed weight bytes per GEMV block from which float `x` comes by one bulk copy.
+const GEMV_BULK_X_BYTES_PER_BLOCK: usize = 48 * 1024;
+
+/// Whether the decode GEMV loads `x` by one bulk copy (the `_bx` kernels) for `n` rows of `k4`
+/// packed bytes over `blocks` blocks; `float_x` is false for int8 codes. Only where the weights
+/// take long enough to stream that the copy's longer latency is hidden (H100: 13824 x 2560, 67
+/// KB a block: 5.84 -> 5.48 us; 4096^2 and 2560 x 6912, 32-34 KB a block, lose 0.35-0.55 us with
+/// it). int8 codes lose with it even there (5.11 -> 5.35 us): their x warps have no quantizer to
+/// wait for. `BITLINEAR_CUDA_GEMV_BULK_X=0|1` overrides the choice.
+pub(crate) fn gemv_bulk_x(float_x: bool, n: usize, k4: usize, blocks: usize) -> bool {
+    match std::env::var("BITLINEAR_CUDA_GEMV_BULK_X").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => float_x && n * k4 >= GEMV_BULK_X_BYTES_PER_BLOCK * blocks,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +114,20 @@ mod tests {
         assert_eq!(pick(2560, 2560), (32, 2));
         assert_eq!(pick(4096, 4096), (32, 2));
         assert_eq!(pick(2560, 6912), (32, 4));
+    }
+
+    /// The bulk copy of x where it was measured faster on the H100 (bench/RESULTS.md, fifth
+    /// session): float x at 13824 x 2560 only; never for int8 codes.
+    #[test]
+    fn bulk_x_where_it_was_measured_faster() {
+        let bulk = |float_x: bool, n: usize, k: usize| {
+            let (_, _, blocks) = gemv_config(k / 64, n, 132);
+            gemv_bulk_x(float_x, n, k / 4, blocks)
+        };
+        assert!(bulk(true, 13824, 2560));
+        assert!(!bulk(false, 13824, 2560));
+        for (n, k) in [(2560, 2560), (4096, 4096), (2560, 6912)] {
+            assert!(!bulk(true, n, k), "{n} x {k}");
+        }
     }
 }

@@ -10,6 +10,7 @@ mod layer;
 mod ops;
 mod packed;
 pub mod quant;
+mod skinny_launch;
 
 pub use device::{packed_accumulate, quantize_activations};
 pub use layer::{

@@ -67,7 +67,8 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
 
-use crate::gemv_launch::{gemv_config, GEMV_WARPS};
+use crate::gemv_launch::{gemv_bulk_x, gemv_config, GEMV_WARPS};
+use crate::skinny_launch::{gemm_for_small_m, skinny_rows_per_block};
 
 static QUANT_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quant.fatbin"));
 static SKINNY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/skinny.fatbin"));
@@ -90,8 +91,6 @@ const FUSED_MAX_GROUPS: usize = 512;
 /// thread, at most 32 lanes x 4 chunks of 64 k per weight row).
 const GEMV_MAX_M: usize = 1;
 const GEMV_MAX_K: usize = 8192;
-/// Packed weight bytes per GEMV block from which the GEMV loads `x` by a bulk copy.
-const GEMV_BULK_X_BYTES_PER_BLOCK: usize = 48 * 1024;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
 
@@ -826,15 +825,7 @@ fn matmul_core(
             XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64, dt.size_in_bytes()),
             XSrc::Codes(p, sp) => ("i8", p, sp, 1),
         };
-        // Float x by a bulk copy (the `_bx` kernels) when the weights take long enough to stream
-        // that its longer latency is hidden (H100: 13824 x 2560, 67 KB an SM: 5.84 -> 5.48 us;
-        // 4096^2 and 2560 x 6912, 32-34 KB an SM, lose 0.35-0.55 us with it). int8 codes lose
-        // with it even there (5.11 -> 5.35 us): their x warps have no quantizer to wait for.
-        let bulk_x = match std::env::var("BITLINEAR_CUDA_GEMV_BULK_X").as_deref() {
-            Ok("1") => true,
-            Ok("0") => false,
-            _ => matches!(x, XSrc::Float(..)) && n * k4 >= GEMV_BULK_X_BYTES_PER_BLOCK * blocks,
-        };
+        let bulk_x = gemv_bulk_x(matches!(x, XSrc::Float(..)), n, k4, blocks);
         let bx = if bulk_x { "_bx" } else { "" };
         let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_l{l}_t{t}{bx}"))?;
         let cfg = LaunchConfig {
@@ -866,25 +857,11 @@ fn matmul_core(
     } else {
         1
     };
-    // weight rows per skinny block (16 needs 16-byte packed rows)
-    let rows_per_block = match std::env::var("BITLINEAR_CUDA_SKINNY_ROWS").as_deref() {
-        Ok("16") if vec == 16 => 16,
-        Ok(_) => 32,
-        // 16-row blocks fill more SMs at small N, but every block stages all of x: only worth
-        // it for M <= 2 (H100: M = 2, 4096^2 7.6 against 8.3 us; M = 4..16, 32-row blocks
-        // 4-20% faster)
-        _ if vec == 16 && m <= 2 && n.div_ceil(32) < info.sms => 16,
-        _ => 32,
-    };
+    let rows_per_block = skinny_rows_per_block(m, n, vec, info.sms);
     // staged x, or the cross-warp partial sums (8 warps x rows x 8 MT columns of i32)
     let skinny_smem = (m * row_stride).max(256 * rows_per_block * mt);
     let skinny_fits = skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048));
-    // Every skinny block stages all of x, so its time grows with M where N is large; the GEMM's
-    // 64x64 tiles (which stage x once per tile) are faster there from M = 12 (H100, 13824 x
-    // 2560: M = 12 19.0 vs 19.6 us, 16 19.9 vs 21.9 us, 32 20.9 vs 43.0 us; M = 10 18.8 vs
-    // 19.2 us the other way; at N = 4096, M = 24, the skinny kernel 16.6 vs 19.9 us).
-    let large_n = m >= 12 && n.div_ceil(64) >= info.sms;
-    if m <= SKINNY_MAX_M && skinny_fits && !large_n && !env_flag("BITLINEAR_CUDA_FORCE_GEMM") {
+    if m <= SKINNY_MAX_M && skinny_fits && !gemm_for_small_m(m, n, info.sms) && !env_flag("BITLINEAR_CUDA_FORCE_GEMM") {
         // ---- skinny path
         // Quantize first unless the kernel can do it itself.
         let mut tmp_codes: Option<CudaSlice<u8>> = None;
@@ -1002,7 +979,7 @@ fn matmul_core(
         Ok("wide") => "wide",
         Ok("big") => "big",
         Ok("small") => "small",
-        // M <= 32 (large N, see above): small tiles (H100, 16 x 13824 x 2560: 19.9 us, against
+        // M <= 32 (large N: `gemm_for_small_m`): small tiles (H100, 16 x 13824 x 2560: 19.9 us, against
         // 25.3 us with big tiles and 28.2 us with wgmma)
         _ if m <= SKINNY_MAX_M => "small",
         // wgmma from 40% of the SMs (H100: 54 and 64 tiles were faster with it, 31.0 vs 33.1 us at

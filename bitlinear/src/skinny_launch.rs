@@ -1,0 +1,52 @@
+//! Launch choices for `2 <= M <= 32` on CUDA (`src/cuda/mod.rs`, `matmul_core`): whether the
+//! skinny kernel (`kernels/skinny.cu`) runs or the tiled GEMM, and the skinny kernel's rows per
+//! block. Plain host arithmetic, kept out of the `cuda` module so that it is tested without a
+//! GPU.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+/// Whether the tiled GEMM (64x64 tiles) should take `m <= 32` rows instead of the skinny kernel.
+/// Every skinny block stages all of x, so its time grows with M where N is large; the GEMM stages
+/// x once per tile and is faster there from M = 12 (H100, 13824 x 2560: M = 12 19.0 vs 19.6 us,
+/// 16 19.9 vs 21.9 us, 32 20.9 vs 43.0 us; M = 10 18.8 vs 19.2 us the other way; at N = 4096,
+/// M = 24, the skinny kernel 16.6 vs 19.9 us).
+pub(crate) fn gemm_for_small_m(m: usize, n: usize, sms: usize) -> bool {
+    m >= 12 && n.div_ceil(64) >= sms
+}
+
+/// Weight rows per skinny block, 16 or 32, for `m` rows of x, `n` weight rows, `vec`-byte weight
+/// loads (16 is built only for `vec == 16`) and `sms` SMs. 16-row blocks fill more SMs at small
+/// N, but every block stages all of x: only worth it for M <= 2 (H100: M = 2, 4096^2 7.6 against
+/// 8.3 us; M = 4..16, 32-row blocks 4-20% faster). `BITLINEAR_CUDA_SKINNY_ROWS=16|32` overrides
+/// the choice.
+pub(crate) fn skinny_rows_per_block(m: usize, n: usize, vec: usize, sms: usize) -> usize {
+    match std::env::var("BITLINEAR_CUDA_SKINNY_ROWS").as_deref() {
+        Ok("16") if vec == 16 => 16,
+        Ok(_) => 32,
+        _ if vec == 16 && m <= 2 && n.div_ceil(32) < sms => 16,
+        _ => 32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The choices measured fastest on the H100 (bench/RESULTS.md, fifth session).
+    #[test]
+    fn benchmark_shapes_take_the_measured_best() {
+        for m in [12, 16, 24, 32] {
+            assert!(gemm_for_small_m(m, 13824, 132), "M = {m}, 13824 x 2560");
+        }
+        assert!(!gemm_for_small_m(10, 13824, 132));
+        for (m, n) in [(16, 4096), (24, 4096), (32, 4096), (16, 2560)] {
+            assert!(!gemm_for_small_m(m, n, 132), "M = {m}, N = {n}");
+        }
+        assert_eq!(skinny_rows_per_block(2, 4096, 16, 132), 16);
+        for m in [4, 8, 16] {
+            assert_eq!(skinny_rows_per_block(m, 4096, 16, 132), 32, "M = {m}");
+        }
+        // 16-row blocks need 16-byte weight loads, and pay only where 32-row ones leave SMs idle
+        assert_eq!(skinny_rows_per_block(2, 4096, 4, 132), 32);
+        assert_eq!(skinny_rows_per_block(2, 13824, 16, 132), 32);
+    }
+}
