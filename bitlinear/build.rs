@@ -2,31 +2,44 @@
 //!
 //! Each `kernels/<name>.cu` becomes `$OUT_DIR/<name>.fatbin` holding SASS for
 //! `sm_$CUDA_COMPUTE_CAP` (default 90) plus PTX for the same architecture (so a newer GPU can
-//! JIT it), except `gemm90a.cu` (wgmma), which is built for `sm_90a` only (an empty file for
+//! JIT it), except `gemm90a.cu` and `gemm90a_tma.cu` (wgmma, TMA), which are built for `sm_90a` only (an empty file for
 //! other targets); `src/cuda` embeds them with `include_bytes!`. nvcc and the target come from
 //! the `cuda-build` crate.
 
 const KERNELS: &[&str] = &["quant", "skinny", "gemm", "gemv"];
+/// Hopper-only kernels (wgmma, TMA): built for sm_90a.
+const SM90A_KERNELS: &[&str] = &["gemm90a", "gemm90a_tma"];
 
 fn main() {
     let mut watched: Vec<String> = KERNELS.iter().map(|k| format!("kernels/{k}.cu")).collect();
-    watched.extend(["kernels", "kernels/gemm90a.cu", "kernels/common.cuh"].map(String::from));
+    watched.extend(
+        [
+            "kernels",
+            "kernels/gemm90a.cu",
+            "kernels/gemm90a_tma.cu",
+            "kernels/common.cuh",
+            "kernels/wgmma.cuh",
+        ]
+        .map(String::from),
+    );
     cuda_build::rerun_if_changed(&watched.iter().map(String::as_str).collect::<Vec<_>>());
     if !cuda_build::cuda_feature() {
         return;
     }
     let out = cuda_build::out_dir();
     let cap = cuda_build::compute_cap();
-    // gemm90a.cu uses Hopper-only instructions (wgmma): built for sm_90a when targeting 9.0,
+    // The gemm90a files use Hopper-only instructions (wgmma): built for sm_90a when targeting 9.0,
     // otherwise replaced by an empty file (the Rust side then reports the kernel as unavailable).
     let mut jobs: Vec<(&str, String)> = KERNELS
         .iter()
         .map(|k| (*k, format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]")))
         .collect();
-    if cap == "90" {
-        jobs.push(("gemm90a", "-gencode=arch=compute_90a,code=sm_90a".to_string()));
-    } else {
-        std::fs::write(out.join("gemm90a.fatbin"), b"").expect("write gemm90a.fatbin");
+    for k in SM90A_KERNELS {
+        if cap == "90" {
+            jobs.push((k, "-gencode=arch=compute_90a,code=sm_90a".to_string()));
+        } else {
+            std::fs::write(out.join(format!("{k}.fatbin")), b"").expect("write an empty sm_90a fatbin");
+        }
     }
     // The files are independent: compile them in parallel.
     let children: Vec<_> = jobs

@@ -593,6 +593,10 @@ mod real {
                 ("BITLINEAR_CUDA_GEMM_TILE", "wgmma"),
             ],
         ),
+        (
+            "gemm-tma",
+            &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "tma")],
+        ),
     ];
 
     static EXPERIMENTAL_FAILS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

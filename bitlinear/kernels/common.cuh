@@ -257,8 +257,8 @@ __device__ __forceinline__ void bulk_load_g2s(void* dst, const void* src, uint32
                  : "memory");
 #endif
 }
-// Waits until the mbarrier's phase with this parity has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+// Waits until the mbarrier's phase with this parity has completed (bar: shared-space address).
+__device__ __forceinline__ void mbar_wait_s(uint32_t bar, uint32_t parity) {
 #if __CUDA_ARCH__ >= 900
     asm volatile(
         "{\n"
@@ -266,11 +266,12 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         "WAIT:\n"
         "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
         "@!p bra WAIT;\n"
-        "}\n" ::"r"(smem_u32(bar)),
+        "}\n" ::"r"(bar),
         "r"(parity)
         : "memory");
 #endif
 }
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) { mbar_wait_s(smem_u32(bar), parity); }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {

@@ -22,8 +22,10 @@
 //!   `x`, so from `M = 12` where `N >= 64 x SMs` the GEMM below (64x64 tiles) takes over.
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
-//!   `wgmma` kernel (`kernels/gemm90a.cu`, 128x256 tiles) once its tiles cover at least 40% of
-//!   the SMs (M >= ~1024 for most benchmark shapes: 1.3-1.6x faster than the best `mma.sync` tile),
+//!   warp-specialized `wgmma` kernel (`kernels/gemm90a_tma.cu`: TMA copies, the weights decoded
+//!   straight into the MMA's A registers, 256 tokens x 128 weight rows a CTA) once its tiles
+//!   cover at least 40% of the SMs (H100: 4096^3 18% faster than the earlier `wgmma` kernel,
+//!   `kernels/gemm90a.cu`, which stays as a variant),
 //!   otherwise the `mma.sync` kernel with 128x128 tiles when they give 3/4 of the SMs a tile,
 //!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant);
 //!   the `mma.sync` GEMM splits K over several CTAs when its tiles alone fill less than one wave.
@@ -50,8 +52,8 @@
 //!   the size-based choice (16 needs 16-byte aligned packed rows).
 //! * `BITLINEAR_CUDA_GEMV_BULK_X=0|1`: the decode GEMV loads `x` with the threads' own loads
 //!   (0) or one bulk copy (1) instead of the size-based choice.
-//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma`: GEMM CTA tile instead of the size-based
-//!   choice.
+//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma|tma`: GEMM kernel and CTA tile instead of
+//!   the size-based choice (`tma` needs K > 0).
 //! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
 //!   instead of the size-based choice.
 
@@ -67,6 +69,8 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
 
+mod tma;
+
 use crate::gemv_launch::{gemv_bulk_x, gemv_config, GEMV_WARPS};
 use crate::skinny_launch::{gemm_for_small_m, skinny_rows_per_block};
 
@@ -75,6 +79,8 @@ static SKINNY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/skinny.f
 static GEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.fatbin"));
 /// Empty unless built for compute capability 9.0 (sm_90a).
 static GEMM90A_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a.fatbin"));
+/// Empty unless built for compute capability 9.0 (sm_90a).
+static GEMM90A_TMA_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a_tma.fatbin"));
 static GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 
 const THREADS: u32 = 256;
@@ -93,6 +99,9 @@ const GEMV_MAX_M: usize = 1;
 const GEMV_MAX_K: usize = 8192;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
+/// CTA tile of the TMA wgmma GEMM (`kernels/gemm90a_tma.cu`): tokens x weight rows.
+const TMA_BM: usize = 256;
+const TMA_BN: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Module {
@@ -100,6 +109,7 @@ enum Module {
     Skinny,
     Gemm,
     Gemm90a,
+    Gemm90aTma,
     Gemv,
 }
 
@@ -110,6 +120,7 @@ impl Module {
             Module::Skinny => SKINNY_FATBIN,
             Module::Gemm => GEMM_FATBIN,
             Module::Gemm90a => GEMM90A_FATBIN,
+            Module::Gemm90aTma => GEMM90A_TMA_FATBIN,
             Module::Gemv => GEMV_FATBIN,
         }
     }
@@ -971,24 +982,27 @@ fn matmul_core(
         wpad = Some(buf);
         (bp, k4p)
     };
-    // Tile table (H100 measurements in bench/, see the module comment): the wgmma kernel once
-    // its 128x256 tiles cover at least 40% of the SMs, else the mma.sync kernel with the largest
-    // tile that still gives every SM a CTA.
+    // Tile table (H100 measurements in bench/, see the module comment): the TMA wgmma kernel
+    // once its 256x128 tiles cover at least 40% of the SMs, else the mma.sync kernel with the
+    // largest tile that still gives every SM a CTA.
     let tile = match std::env::var("BITLINEAR_CUDA_GEMM_TILE").as_deref() {
         Ok("wgmma") => "wgmma",
+        Ok("tma") if ld > 0 => "tma",
         Ok("wide") => "wide",
         Ok("big") => "big",
         Ok("small") => "small",
         // M <= 32 (large N: `gemm_for_small_m`): small tiles (H100, 16 x 13824 x 2560: 19.9 us, against
         // 25.3 us with big tiles and 28.2 us with wgmma)
         _ if m <= SKINNY_MAX_M => "small",
-        // wgmma from 40% of the SMs (H100: 54 and 64 tiles were faster with it, 31.0 vs 33.1 us at
-        // 128 x 13824 x 2560; 43 and 48 tiles slower, 41.1 vs 40.1 us at 384 x 4096 x 4096)
-        _ if info.sm90 && 5 * m.div_ceil(128) * n.div_ceil(256) >= 2 * info.sms => "wgmma",
+        // wgmma from 40% of the SMs (measured with the earlier wgmma kernel, H100: 54 and 64 tiles
+        // were faster with it, 31.0 vs 33.1 us at 128 x 13824 x 2560; 43 and 48 tiles slower, 41.1
+        // vs 40.1 us at 384 x 4096 x 4096)
+        _ if info.sm90 && ld > 0 && 5 * m.div_ceil(TMA_BM) * n.div_ceil(TMA_BN) >= 2 * info.sms => "tma",
         _ if 4 * m.div_ceil(128) * n.div_ceil(128) >= 3 * info.sms => "big",
         _ => "small",
     };
     let (bm, bn, threads) = match tile {
+        "tma" => (TMA_BM, TMA_BN, 384),
         "wgmma" => (128, 256, 256),
         "wide" => (128, 256, 512),
         "big" => (128, 128, 256),
@@ -997,7 +1011,11 @@ fn matmul_core(
     if m.div_ceil(bm) > 65535 {
         bail!("bitlinear cuda: M = {m} rows is more than the GEMM grid supports")
     }
-    let (smem, module) = if tile == "wgmma" {
+    let (smem, module) = if tile == "tma" {
+        // 5 stages of 256 x 128 activation bytes + 128 x 32 packed bytes, 10 mbarriers, 256 row
+        // sums and scales, plus slack to align the base to 1024 bytes
+        (5 * (bm * 128 + bn * 32) + 80 + 2048 + 1024, Module::Gemm90aTma)
+    } else if tile == "wgmma" {
         // 4 stages of (128 + 256) x 128 bytes, plus slack to align the base to 1024 bytes
         (4 * (bm + bn) * 128 + 1024, Module::Gemm90a)
     } else {
@@ -1035,7 +1053,27 @@ fn matmul_core(
     };
     let mut gws = Vec::new();
     let wsp = ws.as_mut().map_or(0, |w| out_ptr(w, &stream, &mut gws));
-    if module == Module::Gemm {
+    if module == Module::Gemm90aTma {
+        // the transposed product: weight rows (TMA_BN) along grid x, tokens (TMA_BM) along y
+        let tmx = tma::byte_matrix(xpp, m, ld, ld, TMA_BM as u32, 128, true)?;
+        let tmw = tma::byte_matrix(wq, n, k4s, k4s, TMA_BN as u32, 32, false)?;
+        launch!(
+            f,
+            stream,
+            cfg,
+            tmx,
+            tmw,
+            rsp,
+            xsp,
+            per_tensor as i32,
+            mi,
+            ni,
+            (ld / GEMM_BK) as i32,
+            sw.val,
+            sw.ptr,
+            yp
+        );
+    } else if module == Module::Gemm {
         launch!(
             f,
             stream,
