@@ -188,6 +188,9 @@ mod real {
             (1000, 1001, 1002),
             (4096, 64, 4096),
             (2048, 300, 2560),
+            // more 256 x 128 tiles than SMs: persistent CTAs of the TMA GEMM take several tiles
+            (1100, 4500, 200),
+            (700, 6001, 96),
             (0, 5, 8),
             (5, 0, 8),
             (5, 8, 0),
@@ -596,6 +599,14 @@ mod real {
         (
             "gemm-tma",
             &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "tma")],
+        ),
+        (
+            "gemm-tma-one-tile",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "tma"),
+                ("BITLINEAR_CUDA_TMA_ONE_TILE", "1"),
+            ],
         ),
     ];
 

@@ -31,13 +31,26 @@
 #include "common.cuh"
 #include "wgmma.cuh"
 
-#define TM_BN 128                                // weight rows per CTA (2 warpgroups x 64)
-#define TM_BM 256                                // tokens per CTA (wgmma N)
+#define TM_BN 128                                // weight rows per CTA tile (2 warpgroups x 64)
+#define TM_BM 256                                // tokens per CTA tile (wgmma N)
 #define TM_BK 128                                // k per stage
-#define TM_STAGES 5
 #define TM_X_BYTES (TM_BM * TM_BK)               // swizzled int8 activations
 #define TM_W_BYTES (TM_BN * TM_BK / 4)           // packed weights
 #define TM_STAGE_BYTES (TM_X_BYTES + TM_W_BYTES)  // a multiple of 1024 (swizzle alignment)
+#define TM_EP_ROWS 128                           // tokens per epilogue pass (half a tile)
+
+// Shared memory: the stages, the epilogue buffer (TM_EP_ROWS token rows of TM_BN outputs, padded
+// by 16 bytes), 2 x stages mbarriers, then (row sum, scale) of the tile's 256 tokens. Stages: 5
+// for 2-byte outputs, 4 for 4-byte outputs (227 KB per block). The host computes the same size.
+template <typename OT> struct TmaSmem {
+    static constexpr int OB = (int)sizeof(OT);
+    static constexpr int STAGES = OB == 2 ? 5 : 4;
+    static constexpr int EP_ROWB = TM_BN * OB + 16;
+    static constexpr int EP = STAGES * TM_STAGE_BYTES;
+    static constexpr int BARS = EP + TM_EP_ROWS * EP_ROWB;
+    static constexpr int SCALES = BARS + 16 * STAGES;
+    static constexpr int BYTES = SCALES + 8 * TM_BM;
+};
 
 // The host's CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
 struct alignas(64) TensorMap {
@@ -78,37 +91,43 @@ template <typename OT>
 __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const int* __restrict__ rowsum,
                               const float* __restrict__ xscales, int per_tensor, int M, int N, int KT, float sw_val,
                               const float* __restrict__ sw_ptr, OT* __restrict__ y) {
+    using L = TmaSmem<OT>;
+    constexpr int STAGES = L::STAGES;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw_s = smem_u32(smem_raw);
     const uint32_t sbase = (raw_s + 1023u) & ~1023u;
     uint8_t* smem = smem_raw + (sbase - raw_s);
-    const uint32_t full = sbase + TM_STAGES * TM_STAGE_BYTES;  // TM_STAGES mbarriers, then as many "empty"
-    const uint32_t empty = full + 8 * TM_STAGES;
-    int* xsum_s = reinterpret_cast<int*>(smem + TM_STAGES * TM_STAGE_BYTES + 16 * TM_STAGES);
-    float* sx_s = reinterpret_cast<float*>(xsum_s + TM_BM);
+    const uint32_t full = sbase + L::BARS;  // STAGES mbarriers, then as many "empty" ones
+    const uint32_t empty = full + 8 * STAGES;
+    int2* tok = reinterpret_cast<int2*>(smem + L::SCALES);  // (row sum, scale bits) per token
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int bn = blockIdx.x * TM_BN, bm = blockIdx.y * TM_BM;
+    const int tiles_n = (N + TM_BN - 1) / TM_BN;
+    const int tiles = tiles_n * ((M + TM_BM - 1) / TM_BM);
 
     if (tid == 0) {
-        uint64_t* bars = reinterpret_cast<uint64_t*>(smem + TM_STAGES * TM_STAGE_BYTES);
-        for (int s = 0; s < TM_STAGES; ++s) {
-            mbar_init(bars + s, 1);              // the producer's arrival (+ the copies' bytes)
-            mbar_init(bars + TM_STAGES + s, 8);  // one arrival per consumer warp
+        uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::BARS);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bars + s, 1);           // the producer's arrival (+ the copies' bytes)
+            mbar_init(bars + STAGES + s, 8);  // one arrival per consumer warp
         }
     }
     __syncthreads();
     pdl_wait();
 
-    if (warp >= 8) {  // producer warpgroup: one thread issues the copies
+    if (warp >= 8) {  // producer warpgroup: one thread issues the copies, running ahead across tiles
         setmaxnreg_dec<40>();
         if (warp == 8 && lane == 0) {
-            for (int kt = 0; kt < KT; ++kt) {
-                const int s = kt % TM_STAGES;
-                if (kt >= TM_STAGES) mbar_wait_s(empty + 8 * s, ((kt / TM_STAGES) - 1) & 1);
-                const uint32_t dst = sbase + s * TM_STAGE_BYTES;
-                mbar_expect_tx(full + 8 * s, TM_STAGE_BYTES);
-                tma_load_2d(dst, tmx, kt * TM_BK, bm, full + 8 * s);
-                tma_load_2d(dst + TM_X_BYTES, tmw, kt * (TM_BK / 4), bn, full + 8 * s);
+            int it = 0;  // k tiles issued so far by this CTA
+            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+                const int bn = (tile % tiles_n) * TM_BN, bm = (tile / tiles_n) * TM_BM;
+                for (int kt = 0; kt < KT; ++kt, ++it) {
+                    const int s = it % STAGES;
+                    if (it >= STAGES) mbar_wait_s(empty + 8 * s, ((it / STAGES) - 1) & 1);
+                    const uint32_t dst = sbase + s * TM_STAGE_BYTES;
+                    mbar_expect_tx(full + 8 * s, TM_STAGE_BYTES);
+                    tma_load_2d(dst, tmx, kt * TM_BK, bm, full + 8 * s);
+                    tma_load_2d(dst + TM_X_BYTES, tmw, kt * (TM_BK / 4), bn, full + 8 * s);
+                }
             }
         }
         return;
@@ -116,16 +135,15 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
 
     setmaxnreg_inc<232>();
     const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t = lane & 3;
-    const uint32_t w_off = TM_X_BYTES + (wg * 64 + wq * 16 + g) * (TM_BK / 4);  // row g; row g + 8 is 256 bytes on
+    const int wrow = wg * 64 + wq * 16;                       // the warp's first weight row in the tile
+    const uint32_t w_off = TM_X_BYTES + (wrow + g) * (TM_BK / 4);  // row g; row g + 8 is 256 bytes on
     const int sh = 2 * t;
-    int acc[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] = 0;
+    const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
     // Packed words of the thread's rows g and g + 8 in the current k tile (word i = 16 k).
     uint32_t w0[8], w1[8];
-    auto load_words = [&](int kt) {
-        const int s = kt % TM_STAGES;
-        mbar_wait_s(full + 8 * s, (kt / TM_STAGES) & 1);
+    auto load_words = [&](int it) {
+        const int s = it % STAGES;
+        mbar_wait_s(full + 8 * s, (it / STAGES) & 1);
         const uint32_t a = sbase + s * TM_STAGE_BYTES + w_off;
         const uint4 r0l = ld_shared16(a), r0h = ld_shared16(a + 16);
         const uint4 r1l = ld_shared16(a + 256), r1h = ld_shared16(a + 272);
@@ -142,80 +160,118 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
         a[ks][2] = (w0[2 * ks + 1] >> sh) & 0x03030303u;
         a[ks][3] = (w1[2 * ks + 1] >> sh) & 0x03030303u;
     };
-    // One commit group per k32 step with at most three in flight (wait<2>), as CUTLASS's
-    // register-A mainloop does: the fragments of step ks + 1 are built while those of ks - 1 and
-    // ks may still be read, and their registers were last read three groups ago.
-    load_words(0);
-    decode(0);
-    fence_acc(acc);
-    for (int kt = 0; kt < KT; ++kt) {
-        const uint32_t st = sbase + (kt % TM_STAGES) * TM_STAGE_BYTES;
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            if (ks < 3) {
-                decode(ks + 1);
-            } else if (kt + 1 < KT) {
-                load_words(kt + 1);
-                decode(0);
-            }
-            wgmma_fence();
-            wgmma_m64n256k32_rs(acc, a[ks][0], a[ks][1], a[ks][2], a[ks][3], gmma_desc(st + 32 * ks));
-            wgmma_commit();
-            wgmma_wait<2>();
-            // tile kt - 1's MMAs are all done: its stage goes back to the producer
-            if (ks == 1 && kt > 0 && lane == 0) mbar_arrive(empty + 8 * ((kt - 1) % TM_STAGES));
-        }
-    }
-    wgmma_wait<0>();
-    fence_acc(acc);
+    auto release = [&](int it) {
+        if (lane == 0) mbar_arrive(empty + 8 * (it % STAGES));
+    };
 
-    // Epilogue.
-    {
-        const int m = bm + tid;
-        xsum_s[tid] = m < M ? rowsum[m] : 0;
-        sx_s[tid] = (m < M && !std::is_same<OT, int>::value) ? xscales[per_tensor ? 0 : m] : 0.0f;
-    }
-    consumers_sync();  // every MMA is done: the stages are free; the scales are staged
-    constexpr int OB = (int)sizeof(OT);
-    constexpr int ROWB = TM_BN * OB + 16;
-    static_assert(TM_BM * ROWB <= TM_STAGES * TM_STAGE_BYTES, "output tile must fit the stages");
-    const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
+    int it0 = 0;  // this CTA's k tiles consumed before the current tile
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, it0 += KT) {
+        const int bn = (tile % tiles_n) * TM_BN, bm = (tile / tiles_n) * TM_BM;
+        int acc[128];
 #pragma unroll
-    for (int j = 0; j < TM_BM / 8; ++j) {
+        for (int i = 0; i < 128; ++i) acc[i] = 0;
+        // One commit group per k32 step with at most three in flight (wait<2>), as CUTLASS's
+        // register-A mainloop does: the fragments of step ks + 1 are built while those of ks - 1
+        // and ks may still be read, and their registers were last read three groups ago.
+        load_words(it0);
+        decode(0);
+        fence_acc(acc);
+        for (int kt = 0; kt < KT; ++kt) {
+            const uint32_t st = sbase + ((it0 + kt) % STAGES) * TM_STAGE_BYTES;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int ml = 8 * j + 2 * t + e;
-            const int xs = xsum_s[ml];
-            const float sx = sx_s[ml];
-            uint8_t* row = smem + ml * ROWB;
+            for (int ks = 0; ks < 4; ++ks) {
+                if (ks < 3) {
+                    decode(ks + 1);
+                } else if (kt + 1 < KT) {
+                    load_words(it0 + kt + 1);
+                    decode(0);
+                }
+                wgmma_fence();
+                wgmma_m64n256k32_rs(acc, a[ks][0], a[ks][1], a[ks][2], a[ks][3], gmma_desc(st + 32 * ks));
+                wgmma_commit();
+                wgmma_wait<2>();
+                // k tile kt - 1's MMAs are all done: its stage goes back to the producer
+                if (ks == 1 && kt > 0) release(it0 + kt - 1);
+            }
+        }
+        wgmma_wait<0>();
+        fence_acc(acc);
+        release(it0 + KT - 1);
+
+        // Epilogue: codes are unsigned, so y = (acc - rowsum(x)) * s_x * s_w.
+        consumers_sync();  // the previous tile's epilogue is done with `tok` and the buffer
+        {
+            const int m = bm + tid;
+            const float sx = (m < M && !std::is_same<OT, int>::value) ? xscales[per_tensor ? 0 : m] : 0.0f;
+            tok[tid] = make_int2(m < M ? rowsum[m] : 0, __float_as_int(sx));
+        }
+        consumers_sync();
+        auto value = [&](int j, int hm, int e) -> float {
+            const int2 ts = tok[8 * j + 2 * t + e];
+            return dequant(acc[4 * j + 2 * hm + e] - ts.x, __int_as_float(ts.y), sw);
+        };
 #pragma unroll
-            for (int hm = 0; hm < 2; ++hm) {
-                const int nl = wg * 64 + wq * 16 + g + 8 * hm;
-                const int v = acc[4 * j + 2 * hm + e] - xs;
-                if constexpr (std::is_same<OT, int>::value) {
-                    *reinterpret_cast<int*>(row + nl * OB) = v;
-                } else {
-                    *reinterpret_cast<OT*>(row + nl * OB) = from_f32<OT>(dequant(v, sx, sw));
+        for (int h = 0; h < TM_BM / TM_EP_ROWS; ++h) {
+            if (h > 0) consumers_sync();  // the previous pass's copy-out has read the buffer
+            // dequantize tokens 128h .. 128h + 127 into the buffer, transposed (token rows)
+            if constexpr (L::OB == 2) {
+                // stmatrix .trans: matrix q of the x4 is (j + q / 2, rows 8 (q % 2) .. of the warp's
+                // 16); lane 8q + r gives the address of its token row r.
+                const int q = lane >> 3, r = lane & 7;
+#pragma unroll
+                for (int j = 16 * h; j < 16 * h + 16; j += 2) {
+                    uint32_t v[4];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int jj = j + (i >> 1), hm = i & 1;
+                        union { OT h2[2]; uint32_t u; } p;
+                        p.h2[0] = from_f32<OT>(value(jj, hm, 0));
+                        p.h2[1] = from_f32<OT>(value(jj, hm, 1));
+                        v[i] = p.u;
+                    }
+                    const int ml = 8 * (j + (q >> 1)) + r - TM_EP_ROWS * h;
+                    const uint32_t addr = sbase + L::EP + ml * L::EP_ROWB + (wrow + 8 * (q & 1)) * 2;
+                    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                                 "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+                                 : "memory");
+                }
+            } else {
+#pragma unroll
+                for (int j = 16 * h; j < 16 * h + 16; ++j) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        uint8_t* row = smem + L::EP + (8 * j + 2 * t + e - TM_EP_ROWS * h) * L::EP_ROWB;
+#pragma unroll
+                        for (int hm = 0; hm < 2; ++hm) {
+                            OT* dst = reinterpret_cast<OT*>(row) + wrow + g + 8 * hm;
+                            if constexpr (std::is_same<OT, int>::value) {
+                                *dst = acc[4 * j + 2 * hm + e] - tok[8 * j + 2 * t + e].x;
+                            } else {
+                                *dst = value(j, hm, e);
+                            }
+                        }
+                    }
                 }
             }
-        }
-    }
-    consumers_sync();
-    constexpr int E = 16 / OB;      // outputs per 16-byte chunk
-    constexpr int CPR = TM_BN / E;  // chunks per tile row
-    const bool vec = (N % E) == 0 && (((size_t)y) & 15) == 0;
+            consumers_sync();
+            // copy whole 16-byte chunks of the token rows to y
+            constexpr int E = 16 / L::OB;   // outputs per chunk
+            constexpr int CPR = TM_BN / E;  // chunks per row
+            const bool vec = (N % E) == 0 && (((size_t)y) & 15) == 0;
 #pragma unroll 4
-    for (int idx = tid; idx < TM_BM * CPR; idx += 256) {
-        const int r = idx / CPR, c = idx % CPR;
-        const int m = bm + r, n = bn + c * E;
-        if (m >= M || n >= N) continue;
-        const uint8_t* src = smem + r * ROWB + c * 16;
-        OT* dst = y + (size_t)m * N + n;
-        if (vec && n + E <= N) {
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-            const OT* s = reinterpret_cast<const OT*>(src);
-            for (int e = 0; e < E && n + e < N; ++e) dst[e] = s[e];
+            for (int idx = tid; idx < TM_EP_ROWS * CPR; idx += 256) {
+                const int r = idx / CPR, c = idx % CPR;
+                const int m = bm + TM_EP_ROWS * h + r, n = bn + c * E;
+                if (m >= M || n >= N) continue;
+                const uint8_t* src = smem + L::EP + r * L::EP_ROWB + c * 16;
+                OT* dst = y + (size_t)m * N + n;
+                if (vec && n + E <= N) {
+                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                } else {
+                    const OT* sp = reinterpret_cast<const OT*>(src);
+                    for (int e = 0; e < E && n + e < N; ++e) dst[e] = sp[e];
+                }
+            }
         }
     }
 }

@@ -54,6 +54,8 @@
 //!   (0) or one bulk copy (1) instead of the size-based choice.
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma|tma`: GEMM kernel and CTA tile instead of
 //!   the size-based choice (`tma` needs K > 0).
+//! * `BITLINEAR_CUDA_TMA_ONE_TILE=1`: one CTA per tile for the TMA wgmma GEMM instead of one
+//!   persistent CTA per SM.
 //! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
 //!   instead of the size-based choice.
 
@@ -1012,9 +1014,7 @@ fn matmul_core(
         bail!("bitlinear cuda: M = {m} rows is more than the GEMM grid supports")
     }
     let (smem, module) = if tile == "tma" {
-        // 5 stages of 256 x 128 activation bytes + 128 x 32 packed bytes, 10 mbarriers, 256 row
-        // sums and scales, plus slack to align the base to 1024 bytes
-        (5 * (bm * 128 + bn * 32) + 80 + 2048 + 1024, Module::Gemm90aTma)
+        (tma_smem_bytes(out_dtype.size_in_bytes()), Module::Gemm90aTma)
     } else if tile == "wgmma" {
         // 4 stages of (128 + 256) x 128 bytes, plus slack to align the base to 1024 bytes
         (4 * (bm + bn) * 128 + 1024, Module::Gemm90a)
@@ -1054,7 +1054,18 @@ fn matmul_core(
     let mut gws = Vec::new();
     let wsp = ws.as_mut().map_or(0, |w| out_ptr(w, &stream, &mut gws));
     if module == Module::Gemm90aTma {
-        // the transposed product: weight rows (TMA_BN) along grid x, tokens (TMA_BM) along y
+        // Persistent: one CTA per SM walks the tiles (weight-row tiles fastest), so that its
+        // producer loads the next tile while the consumers write the last one out.
+        let tiles = m.div_ceil(TMA_BM) * n.div_ceil(TMA_BN);
+        let ctas = if env_flag("BITLINEAR_CUDA_TMA_ONE_TILE") {
+            tiles
+        } else {
+            tiles.min(info.sms)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (i32_arg(ctas, "GEMM tiles")? as u32, 1, 1),
+            ..cfg
+        };
         let tmx = tma::byte_matrix(xpp, m, ld, ld, TMA_BM as u32, 128, true)?;
         let tmw = tma::byte_matrix(wq, n, k4s, k4s, TMA_BN as u32, 32, false)?;
         launch!(
@@ -1137,6 +1148,16 @@ fn matmul_core(
     drop(scales);
     drop(rowsum);
     Ok(out)
+}
+
+/// Dynamic shared memory of the TMA wgmma GEMM for `ob`-byte outputs (`TmaSmem` in
+/// kernels/gemm90a_tma.cu): 5 stages (4 for 4-byte outputs) of 256 x 128 activation bytes and
+/// 128 x 32 packed weight bytes, an epilogue buffer of 128 token rows (128 outputs + 16 bytes of
+/// padding each), two mbarriers a stage, (row sum, scale) of 256 tokens, and slack to align the
+/// base to 1024 bytes.
+fn tma_smem_bytes(ob: usize) -> usize {
+    let stages = if ob == 2 { 5 } else { 4 };
+    stages * (TMA_BM * 128 + TMA_BN * 32) + 128 * (TMA_BN * ob + 16) + 16 * stages + 8 * TMA_BM + 1024
 }
 
 /// Checks a packed weight storage (N, ceil(k/4)) and returns (N, pointer).
