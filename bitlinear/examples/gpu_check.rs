@@ -601,6 +601,14 @@ mod real {
             &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "tma")],
         ),
         (
+            "gemm-tma-no-store",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "tma"),
+                ("BITLINEAR_CUDA_TMA_STORE", "0"),
+            ],
+        ),
+        (
             "gemm-tma-one-tile",
             &[
                 ("BITLINEAR_CUDA_FORCE_GEMM", "1"),

@@ -11,23 +11,32 @@
 //   * W: box 128 rows x 32 packed bytes (128 k), no swizzle; rows past N and bytes past K4s are
 //     zero-filled (codes 0 there meet zero activations).
 //
-// Tiling: CTA tile 128 weight rows (N) x 256 tokens (M), k tile 128, 5 stages of 36 KB
-// (32 KB Xp + 4 KB W), each with a "full" and an "empty" mbarrier. 288 threads:
-//   * warp 8 (producer), lane 0: for every k tile, waits until its stage is empty, announces
-//     36 KB on the stage's full barrier and issues the two TMA copies.
-//   * warps 0-7 (two consumer warpgroups; warpgroup w owns weight rows 64w .. 64w + 63): per k
-//     tile, wait for the full barrier, load the thread's two weight rows (g and g + 8 of its warp's
-//     16) as 2 x 32 packed bytes, and build the A fragments of the four k32 steps:
+// Output: y (M, N) row-major; where its rows are 16-byte aligned (N * sizeof(OT) % 16 == 0) it
+// is written by TMA stores through a third map (y as a byte matrix, box EP_ROWS rows x 128 bytes,
+// 128-byte swizzle; the unit clips rows past M and columns past N).
+//
+// Tiling: CTA tile 128 weight rows (N) x 256 tokens (M), k tile 128, 4 stages of 36 KB
+// (32 KB Xp + 4 KB W), each with a "full" and an "empty" mbarrier. Persistent: one CTA per SM
+// walks the tiles t = blockIdx.x + i * gridDim.x (weight-row tiles fastest). 384 threads:
+//   * warpgroup 2 (producer; 40 registers, setmaxnreg), one thread: for every k tile of every
+//     tile of the CTA, waits until its stage is empty, announces 36 KB on the stage's full
+//     barrier and issues the two TMA copies. It runs ahead into the next tile while the
+//     consumers are in the epilogue.
+//   * warpgroups 0-1 (consumers, 232 registers; warpgroup w owns weight rows 64w .. 64w + 63):
+//     per k tile, wait for the full barrier, load the thread's two weight rows (g and g + 8 of its
+//     warp's 16) as 2 x 32 packed bytes, and build the A fragments of the four k32 steps:
 //     (word >> 2t) & 0x03030303 is the four codes at permuted positions 4t .. 4t + 3 of that
 //     word's 16-k group (common.cuh), exactly the k slots lane t holds in mma.m16n8k32's A layout.
-//     Then four wgmma.m64n256k32 (A registers, B = the stage's Xp through a descriptor advancing
-//     32 bytes a step), commit, and wait until the previous tile's MMAs are done; lane 0 of each
-//     warp then releases that tile's stage. The A registers alternate between two sets (the k
-//     loop is unrolled twice) because MMAs in flight still read the previous set.
+//     One wgmma.m64n256k32 per k32 step (A registers, B = the stage's Xp through a descriptor
+//     advancing 32 bytes a step), each its own commit group, at most three in flight; lane 0 of
+//     each warp releases a k tile's stage once its MMAs are done.
 //   * epilogue: codes are unsigned (0, 1, 2), so y = (acc - rowsum(x)) * s_x * s_w. The
-//     consumers stage the 256 row sums and scales, write the dequantized tile transposed into
-//     the free stage memory as 256 token rows x 128 outputs (rows padded by 16 bytes: the
-//     writes are conflict-free), then copy whole 16-byte chunks of output rows to y.
+//     consumers stage the tile's 256 (row sum, scale) pairs, then in passes of EP_ROWS tokens
+//     (128 for 2-byte outputs, 64 for 4-byte ones) dequantize into one of two 32 KB buffers in
+//     the TMA's swizzled box layout (2-byte outputs by stmatrix .trans, 16 x 8 outputs an
+//     instruction; the writes are conflict-free), and one thread issues the TMA stores of the
+//     pass; the two buffers alternate so the next pass does not wait for the store. Without TMA
+//     stores the threads copy whole 16-byte chunks of the buffer's token rows to y instead.
 #include "common.cuh"
 #include "wgmma.cuh"
 
@@ -37,19 +46,28 @@
 #define TM_X_BYTES (TM_BM * TM_BK)               // swizzled int8 activations
 #define TM_W_BYTES (TM_BN * TM_BK / 4)           // packed weights
 #define TM_STAGE_BYTES (TM_X_BYTES + TM_W_BYTES)  // a multiple of 1024 (swizzle alignment)
-#define TM_EP_ROWS 128                           // tokens per epilogue pass (half a tile)
+#define TM_STAGES 4
 
-// Shared memory: the stages, the epilogue buffer (TM_EP_ROWS token rows of TM_BN outputs, padded
-// by 16 bytes), 2 x stages mbarriers, then (row sum, scale) of the tile's 256 tokens. Stages: 5
-// for 2-byte outputs, 4 for 4-byte outputs (227 KB per block). The host computes the same size.
+// Shared memory: the stages, two epilogue buffers, 2 x stages mbarriers, then (row sum, scale) of
+// the tile's 256 tokens; the host computes the same size. An epilogue buffer holds one pass: EP_ROWS
+// token rows x 128 outputs (128 for 2-byte outputs, 64 for 4-byte ones: 32 KB) as BOXES boxes of
+// 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte chunk c of row r at c ^ (r % 8)),
+// which is what a TMA store with 128-byte swizzle reads and keeps the fragment writes conflict-free.
 template <typename OT> struct TmaSmem {
     static constexpr int OB = (int)sizeof(OT);
-    static constexpr int STAGES = OB == 2 ? 5 : 4;
-    static constexpr int EP_ROWB = TM_BN * OB + 16;
-    static constexpr int EP = STAGES * TM_STAGE_BYTES;
-    static constexpr int BARS = EP + TM_EP_ROWS * EP_ROWB;
-    static constexpr int SCALES = BARS + 16 * STAGES;
+    static constexpr int EP_ROWS = OB == 2 ? 128 : 64;
+    static constexpr int PASSES = TM_BM / EP_ROWS;
+    static constexpr int BOXES = TM_BN * OB / 128;
+    static constexpr int EP_BYTES = EP_ROWS * TM_BN * OB;
+    static constexpr int EP = TM_STAGES * TM_STAGE_BYTES;
+    static constexpr int BARS = EP + 2 * EP_BYTES;
+    static constexpr int SCALES = BARS + 16 * TM_STAGES;
     static constexpr int BYTES = SCALES + 8 * TM_BM;
+    // byte offset of output (token row r, column n of the tile) in an epilogue buffer
+    __device__ static int offset(int r, int n) {
+        const int b = n * OB;
+        return (b >> 7) * (EP_ROWS * 128) + r * 128 + ((((b >> 4) & 7) ^ (r & 7)) << 4) + (b & 15);
+    }
 };
 
 // The host's CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
@@ -84,15 +102,32 @@ template <int R> __device__ __forceinline__ void setmaxnreg_dec() {
 template <int R> __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
 }
+// TMA store of a 2D box shared -> global (a bulk async-group of the issuing thread).
+__device__ __forceinline__ void tma_store_2d(const TensorMap* map, int c0, int c1, uint32_t src) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                     reinterpret_cast<uint64_t>(map)),
+                 "r"(c0), "r"(c1), "r"(src)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's bulk groups still read shared memory.
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N> __device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
 // Barrier for the 256 consumer threads only (the producer warpgroup has exited).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
 template <typename OT>
-__device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const int* __restrict__ rowsum,
+__device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const TensorMap* tmy, int tma_store,
+                              const int* __restrict__ rowsum,
                               const float* __restrict__ xscales, int per_tensor, int M, int N, int KT, float sw_val,
                               const float* __restrict__ sw_ptr, OT* __restrict__ y) {
     using L = TmaSmem<OT>;
-    constexpr int STAGES = L::STAGES;
+    static_assert(L::BYTES + 1024 <= 227 * 1024, "shared memory (+ 1 KB alignment slack) must fit an SM");
+    constexpr int STAGES = TM_STAGES;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw_s = smem_u32(smem_raw);
     const uint32_t sbase = (raw_s + 1023u) & ~1023u;
@@ -199,51 +234,53 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
         release(it0 + KT - 1);
 
         // Epilogue: codes are unsigned, so y = (acc - rowsum(x)) * s_x * s_w.
-        consumers_sync();  // the previous tile's epilogue is done with `tok` and the buffer
+        consumers_sync();  // the previous tile's epilogue is done with `tok`
         {
             const int m = bm + tid;
             const float sx = (m < M && !std::is_same<OT, int>::value) ? xscales[per_tensor ? 0 : m] : 0.0f;
             tok[tid] = make_int2(m < M ? rowsum[m] : 0, __float_as_int(sx));
         }
-        consumers_sync();
         auto value = [&](int j, int hm, int e) -> float {
             const int2 ts = tok[8 * j + 2 * t + e];
             return dequant(acc[4 * j + 2 * hm + e] - ts.x, __int_as_float(ts.y), sw);
         };
 #pragma unroll
-        for (int h = 0; h < TM_BM / TM_EP_ROWS; ++h) {
-            if (h > 0) consumers_sync();  // the previous pass's copy-out has read the buffer
-            // dequantize tokens 128h .. 128h + 127 into the buffer, transposed (token rows)
+        for (int p = 0; p < L::PASSES; ++p) {
+            // Buffer p % 2 was last read by the store two passes ago (at most one group, the
+            // other buffer's, may still be reading) or by the threads' own copy-out.
+            if (tma_store && tid == 0) bulk_wait_read<1>();
+            consumers_sync();
+            const uint32_t buf = sbase + L::EP + (p & 1) * L::EP_BYTES;
+            constexpr int JP = L::EP_ROWS / 8;  // accumulator column groups j per pass
             if constexpr (L::OB == 2) {
                 // stmatrix .trans: matrix q of the x4 is (j + q / 2, rows 8 (q % 2) .. of the warp's
                 // 16); lane 8q + r gives the address of its token row r.
                 const int q = lane >> 3, r = lane & 7;
 #pragma unroll
-                for (int j = 16 * h; j < 16 * h + 16; j += 2) {
+                for (int j = JP * p; j < JP * p + JP; j += 2) {
                     uint32_t v[4];
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         const int jj = j + (i >> 1), hm = i & 1;
-                        union { OT h2[2]; uint32_t u; } p;
-                        p.h2[0] = from_f32<OT>(value(jj, hm, 0));
-                        p.h2[1] = from_f32<OT>(value(jj, hm, 1));
-                        v[i] = p.u;
+                        union { OT h2[2]; uint32_t u; } pk;
+                        pk.h2[0] = from_f32<OT>(value(jj, hm, 0));
+                        pk.h2[1] = from_f32<OT>(value(jj, hm, 1));
+                        v[i] = pk.u;
                     }
-                    const int ml = 8 * (j + (q >> 1)) + r - TM_EP_ROWS * h;
-                    const uint32_t addr = sbase + L::EP + ml * L::EP_ROWB + (wrow + 8 * (q & 1)) * 2;
+                    const uint32_t addr = buf + L::offset(8 * (j + (q >> 1)) + r - L::EP_ROWS * p, wrow + 8 * (q & 1));
                     asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
                                  "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
                                  : "memory");
                 }
             } else {
 #pragma unroll
-                for (int j = 16 * h; j < 16 * h + 16; ++j) {
+                for (int j = JP * p; j < JP * p + JP; ++j) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        uint8_t* row = smem + L::EP + (8 * j + 2 * t + e - TM_EP_ROWS * h) * L::EP_ROWB;
+                        const int r = 8 * j + 2 * t + e - L::EP_ROWS * p;
 #pragma unroll
                         for (int hm = 0; hm < 2; ++hm) {
-                            OT* dst = reinterpret_cast<OT*>(row) + wrow + g + 8 * hm;
+                            OT* dst = reinterpret_cast<OT*>(smem + (buf - sbase) + L::offset(r, wrow + g + 8 * hm));
                             if constexpr (std::is_same<OT, int>::value) {
                                 *dst = acc[4 * j + 2 * hm + e] - tok[8 * j + 2 * t + e].x;
                             } else {
@@ -253,35 +290,48 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
                     }
                 }
             }
+            if (tma_store) fence_proxy_async();  // the writes above are read by the TMA engine
             consumers_sync();
-            // copy whole 16-byte chunks of the token rows to y
-            constexpr int E = 16 / L::OB;   // outputs per chunk
-            constexpr int CPR = TM_BN / E;  // chunks per row
-            const bool vec = (N % E) == 0 && (((size_t)y) & 15) == 0;
+            const int m0 = bm + L::EP_ROWS * p;
+            if (tma_store) {
+                if (tid == 0) {
+                    // rows past M and columns past N are clipped by the TMA unit
+#pragma unroll
+                    for (int b = 0; b < L::BOXES; ++b)
+                        tma_store_2d(tmy, bn * L::OB + 128 * b, m0, buf + b * (L::EP_ROWS * 128));
+                    bulk_commit();
+                }
+            } else {
+                // copy whole 16-byte chunks of the token rows to y
+                constexpr int E = 16 / L::OB;   // outputs per chunk
+                constexpr int CPR = TM_BN / E;  // chunks per row
+                const bool vec = (N % E) == 0 && (((size_t)y) & 15) == 0;
 #pragma unroll 4
-            for (int idx = tid; idx < TM_EP_ROWS * CPR; idx += 256) {
-                const int r = idx / CPR, c = idx % CPR;
-                const int m = bm + TM_EP_ROWS * h + r, n = bn + c * E;
-                if (m >= M || n >= N) continue;
-                const uint8_t* src = smem + L::EP + r * L::EP_ROWB + c * 16;
-                OT* dst = y + (size_t)m * N + n;
-                if (vec && n + E <= N) {
-                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-                } else {
-                    const OT* sp = reinterpret_cast<const OT*>(src);
-                    for (int e = 0; e < E && n + e < N; ++e) dst[e] = sp[e];
+                for (int idx = tid; idx < L::EP_ROWS * CPR; idx += 256) {
+                    const int r = idx / CPR, c = idx % CPR;
+                    const int m = m0 + r, n = bn + c * E;
+                    if (m >= M || n >= N) continue;
+                    const uint8_t* src = smem + (buf - sbase) + L::offset(r, c * E);
+                    OT* dst = y + (size_t)m * N + n;
+                    if (vec && n + E <= N) {
+                        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                    } else {
+                        const OT* sp = reinterpret_cast<const OT*>(src);
+                        for (int e = 0; e < E && n + e < N; ++e) dst[e] = sp[e];
+                    }
                 }
             }
         }
     }
+    if (tma_store && tid == 0) bulk_wait<0>();  // the last stores have completed
 }
 
 #define TM_INST(OT, ON)                                                                                        \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                       \
         gemm_tma_##ON(const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw,            \
-                      const int* rowsum, const float* xs, int per_tensor, int M, int N, int KT, float sw_val, \
-                      const float* sw_ptr, OT* y) {                                                            \
-        gemm_tma_impl<OT>(&tmx, &tmw, rowsum, xs, per_tensor, M, N, KT, sw_val, sw_ptr, y);                    \
+                      const __grid_constant__ TensorMap tmy, int tma_store, const int* rowsum, const float* xs, \
+                      int per_tensor, int M, int N, int KT, float sw_val, const float* sw_ptr, OT* y) {        \
+        gemm_tma_impl<OT>(&tmx, &tmw, &tmy, tma_store, rowsum, xs, per_tensor, M, N, KT, sw_val, sw_ptr, y);   \
     }
 
 TM_INST(int, i32)
