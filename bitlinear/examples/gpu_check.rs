@@ -609,6 +609,30 @@ mod real {
             ],
         ),
         (
+            "gemm-tma128",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "tma128"),
+            ],
+        ),
+        (
+            "gemm-tma128-nosplit",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "tma128"),
+                ("BITLINEAR_CUDA_SPLITK", "1"),
+            ],
+        ),
+        (
+            "gemm-tma128-split3-no-store",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "tma128"),
+                ("BITLINEAR_CUDA_SPLITK", "3"),
+                ("BITLINEAR_CUDA_TMA_STORE", "0"),
+            ],
+        ),
+        (
             "gemm-tma-one-tile",
             &[
                 ("BITLINEAR_CUDA_FORCE_GEMM", "1"),

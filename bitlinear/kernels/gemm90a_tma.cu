@@ -40,29 +40,31 @@
 #include "common.cuh"
 #include "wgmma.cuh"
 
-#define TM_BN 128                                // weight rows per CTA tile (2 warpgroups x 64)
-#define TM_BM 256                                // tokens per CTA tile (wgmma N)
-#define TM_BK 128                                // k per stage
-#define TM_X_BYTES (TM_BM * TM_BK)               // swizzled int8 activations
-#define TM_W_BYTES (TM_BN * TM_BK / 4)           // packed weights
-#define TM_STAGE_BYTES (TM_X_BYTES + TM_W_BYTES)  // a multiple of 1024 (swizzle alignment)
-#define TM_STAGES 4
+#define TM_BN 128                       // weight rows per CTA tile (2 warpgroups x 64)
+#define TM_BK 128                       // k per stage
+#define TM_W_BYTES (TM_BN * TM_BK / 4)  // packed weights per stage
 
-// Shared memory: the stages, two epilogue buffers, 2 x stages mbarriers, then (row sum, scale) of
-// the tile's 256 tokens; the host computes the same size. An epilogue buffer holds one pass: EP_ROWS
-// token rows x 128 outputs (128 for 2-byte outputs, 64 for 4-byte ones: 32 KB) as BOXES boxes of
-// 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte chunk c of row r at c ^ (r % 8)),
-// which is what a TMA store with 128-byte swizzle reads and keeps the fragment writes conflict-free.
-template <typename OT> struct TmaSmem {
+// Shared memory for BT tokens a tile: the stages (BT x 128 swizzled activation bytes + 4 KB of
+// packed weights each, a multiple of 1024 bytes), two epilogue buffers, 2 x stages mbarriers, then
+// (row sum, scale) of the tile's BT tokens; the host computes the same size. An epilogue buffer
+// holds one pass: EP_ROWS token rows x 128 outputs (128 rows for 2-byte outputs of 256-token
+// tiles, else 64: ptxas serialized the 128-token kernel's MMAs with one 128-row pass) as BOXES
+// boxes of 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte
+// chunk c of row r at c ^ (r % 8)), which is what a TMA store with 128-byte swizzle reads and
+// keeps the fragment writes conflict-free.
+template <typename OT, int BT> struct TmaSmem {
     static constexpr int OB = (int)sizeof(OT);
-    static constexpr int EP_ROWS = OB == 2 ? 128 : 64;
-    static constexpr int PASSES = TM_BM / EP_ROWS;
+    static constexpr int X_BYTES = BT * TM_BK;
+    static constexpr int STAGE_BYTES = X_BYTES + TM_W_BYTES;
+    static constexpr int STAGES = BT == 256 ? 4 : 6;
+    static constexpr int EP_ROWS = OB == 2 && BT == 256 ? 128 : 64;
+    static constexpr int PASSES = BT / EP_ROWS;
     static constexpr int BOXES = TM_BN * OB / 128;
     static constexpr int EP_BYTES = EP_ROWS * TM_BN * OB;
-    static constexpr int EP = TM_STAGES * TM_STAGE_BYTES;
+    static constexpr int EP = STAGES * STAGE_BYTES;
     static constexpr int BARS = EP + 2 * EP_BYTES;
-    static constexpr int SCALES = BARS + 16 * TM_STAGES;
-    static constexpr int BYTES = SCALES + 8 * TM_BM;
+    static constexpr int SCALES = BARS + 16 * STAGES;
+    static constexpr int BYTES = SCALES + 8 * BT;
     // byte offset of output (token row r, column n of the tile) in an epilogue buffer
     __device__ static int offset(int r, int n) {
         const int b = n * OB;
@@ -102,6 +104,13 @@ template <int R> __device__ __forceinline__ void setmaxnreg_dec() {
 template <int R> __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
 }
+// TMA reduce-add of a 2D box of s32 shared -> global (a bulk async-group of the issuing thread).
+__device__ __forceinline__ void tma_reduce_add_2d(const TensorMap* map, int c0, int c1, uint32_t src) {
+    asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                     reinterpret_cast<uint64_t>(map)),
+                 "r"(c0), "r"(c1), "r"(src)
+                 : "memory");
+}
 // TMA store of a 2D box shared -> global (a bulk async-group of the issuing thread).
 __device__ __forceinline__ void tma_store_2d(const TensorMap* map, int c0, int c1, uint32_t src) {
     asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
@@ -120,14 +129,19 @@ template <int N> __device__ __forceinline__ void bulk_wait() {
 // Barrier for the 256 consumer threads only (the producer warpgroup has exited).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
-template <typename OT>
+// BT: tokens per tile (256 or 128). SPLIT: the k tiles are split over `splits` work items per
+// output tile, and each adds its i32 partial sums (the row sums subtracted by split 0 only) into
+// y = a zeroed i32 workspace (TMA reduce-add, or atomics without TMA stores); splitk_epilogue
+// (gemm.cu) dequantizes it afterwards.
+template <typename OT, int BT, bool SPLIT>
 __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const TensorMap* tmy, int tma_store,
-                              const int* __restrict__ rowsum,
-                              const float* __restrict__ xscales, int per_tensor, int M, int N, int KT, float sw_val,
-                              const float* __restrict__ sw_ptr, OT* __restrict__ y) {
-    using L = TmaSmem<OT>;
+                              const int* __restrict__ rowsum, const float* __restrict__ xscales, int per_tensor, int M,
+                              int N, int KT, int splits, float sw_val, const float* __restrict__ sw_ptr,
+                              OT* __restrict__ y) {
+    using L = TmaSmem<OT, BT>;
     static_assert(L::BYTES + 1024 <= 227 * 1024, "shared memory (+ 1 KB alignment slack) must fit an SM");
-    constexpr int STAGES = TM_STAGES;
+    static_assert(!SPLIT || std::is_same<OT, int>::value, "split-K partial sums are i32");
+    constexpr int STAGES = L::STAGES, NACC = BT / 2;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw_s = smem_u32(smem_raw);
     const uint32_t sbase = (raw_s + 1023u) & ~1023u;
@@ -137,7 +151,16 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
     int2* tok = reinterpret_cast<int2*>(smem + L::SCALES);  // (row sum, scale bits) per token
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int tiles_n = (N + TM_BN - 1) / TM_BN;
-    const int tiles = tiles_n * ((M + TM_BM - 1) / TM_BM);
+    const int tiles = tiles_n * ((M + BT - 1) / BT);
+    // work item w: output tile w % tiles, k tiles [split * KT / splits, (split + 1) * KT / splits)
+    auto item = [&](int w, int& bn, int& bm, int& split, int& kb, int& ke) {
+        const int tile = w % tiles;
+        split = w / tiles;
+        bn = (tile % tiles_n) * TM_BN;
+        bm = (tile / tiles_n) * BT;
+        kb = (int)((long long)split * KT / splits);
+        ke = (int)((long long)(split + 1) * KT / splits);
+    };
 
     if (tid == 0) {
         uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::BARS);
@@ -153,15 +176,16 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
         setmaxnreg_dec<40>();
         if (warp == 8 && lane == 0) {
             int it = 0;  // k tiles issued so far by this CTA
-            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-                const int bn = (tile % tiles_n) * TM_BN, bm = (tile / tiles_n) * TM_BM;
-                for (int kt = 0; kt < KT; ++kt, ++it) {
+            for (int w = blockIdx.x; w < tiles * splits; w += gridDim.x) {
+                int bn, bm, split, kb, ke;
+                item(w, bn, bm, split, kb, ke);
+                for (int kt = kb; kt < ke; ++kt, ++it) {
                     const int s = it % STAGES;
                     if (it >= STAGES) mbar_wait_s(empty + 8 * s, ((it / STAGES) - 1) & 1);
-                    const uint32_t dst = sbase + s * TM_STAGE_BYTES;
-                    mbar_expect_tx(full + 8 * s, TM_STAGE_BYTES);
+                    const uint32_t dst = sbase + s * L::STAGE_BYTES;
+                    mbar_expect_tx(full + 8 * s, L::STAGE_BYTES);
                     tma_load_2d(dst, tmx, kt * TM_BK, bm, full + 8 * s);
-                    tma_load_2d(dst + TM_X_BYTES, tmw, kt * (TM_BK / 4), bn, full + 8 * s);
+                    tma_load_2d(dst + L::X_BYTES, tmw, kt * (TM_BK / 4), bn, full + 8 * s);
                 }
             }
         }
@@ -170,8 +194,8 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
 
     setmaxnreg_inc<232>();
     const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t = lane & 3;
-    const int wrow = wg * 64 + wq * 16;                       // the warp's first weight row in the tile
-    const uint32_t w_off = TM_X_BYTES + (wrow + g) * (TM_BK / 4);  // row g; row g + 8 is 256 bytes on
+    const int wrow = wg * 64 + wq * 16;                          // the warp's first weight row in the tile
+    const uint32_t w_off = L::X_BYTES + (wrow + g) * (TM_BK / 4);  // row g; row g + 8 is 256 bytes on
     const int sh = 2 * t;
     const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
     // Packed words of the thread's rows g and g + 8 in the current k tile (word i = 16 k).
@@ -179,7 +203,7 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
     auto load_words = [&](int it) {
         const int s = it % STAGES;
         mbar_wait_s(full + 8 * s, (it / STAGES) & 1);
-        const uint32_t a = sbase + s * TM_STAGE_BYTES + w_off;
+        const uint32_t a = sbase + s * L::STAGE_BYTES + w_off;
         const uint4 r0l = ld_shared16(a), r0h = ld_shared16(a + 16);
         const uint4 r1l = ld_shared16(a + 256), r1h = ld_shared16(a + 272);
         w0[0] = r0l.x, w0[1] = r0l.y, w0[2] = r0l.z, w0[3] = r0l.w, w0[4] = r0h.x, w0[5] = r0h.y, w0[6] = r0h.z,
@@ -199,46 +223,51 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
         if (lane == 0) mbar_arrive(empty + 8 * (it % STAGES));
     };
 
-    int it0 = 0;  // this CTA's k tiles consumed before the current tile
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, it0 += KT) {
-        const int bn = (tile % tiles_n) * TM_BN, bm = (tile / tiles_n) * TM_BM;
-        int acc[128];
+    int it0 = 0;  // this CTA's k tiles consumed before the current work item
+    for (int w = blockIdx.x; w < tiles * splits; w += gridDim.x) {
+        int bn, bm, split, kb, ke;
+        item(w, bn, bm, split, kb, ke);
+        const int nk = ke - kb;
+        int acc[NACC];
 #pragma unroll
-        for (int i = 0; i < 128; ++i) acc[i] = 0;
-        // One commit group per k32 step with at most three in flight (wait<2>), as CUTLASS's
-        // register-A mainloop does: the fragments of step ks + 1 are built while those of ks - 1
-        // and ks may still be read, and their registers were last read three groups ago.
-        load_words(it0);
-        decode(0);
-        fence_acc(acc);
-        for (int kt = 0; kt < KT; ++kt) {
-            const uint32_t st = sbase + ((it0 + kt) % STAGES) * TM_STAGE_BYTES;
+        for (int i = 0; i < NACC; ++i) acc[i] = 0;
+        if (nk > 0) {
+            // One commit group per k32 step with at most three in flight (wait<2>), as CUTLASS's
+            // register-A mainloop does: the fragments of step ks + 1 are built while those of
+            // ks - 1 and ks may still be read, and their registers were last read three groups ago.
+            load_words(it0);
+            decode(0);
+            fence_acc(acc);
+            for (int kt = 0; kt < nk; ++kt) {
+                const uint32_t st = sbase + ((it0 + kt) % STAGES) * L::STAGE_BYTES;
 #pragma unroll
-            for (int ks = 0; ks < 4; ++ks) {
-                if (ks < 3) {
-                    decode(ks + 1);
-                } else if (kt + 1 < KT) {
-                    load_words(it0 + kt + 1);
-                    decode(0);
+                for (int ks = 0; ks < 4; ++ks) {
+                    if (ks < 3) {
+                        decode(ks + 1);
+                    } else if (kt + 1 < nk) {
+                        load_words(it0 + kt + 1);
+                        decode(0);
+                    }
+                    wgmma_fence();
+                    wgmma_rs<BT>(acc, a[ks][0], a[ks][1], a[ks][2], a[ks][3], gmma_desc(st + 32 * ks));
+                    wgmma_commit();
+                    wgmma_wait<2>();
+                    // k tile kt - 1's MMAs are all done: its stage goes back to the producer
+                    if (ks == 1 && kt > 0) release(it0 + kt - 1);
                 }
-                wgmma_fence();
-                wgmma_m64n256k32_rs(acc, a[ks][0], a[ks][1], a[ks][2], a[ks][3], gmma_desc(st + 32 * ks));
-                wgmma_commit();
-                wgmma_wait<2>();
-                // k tile kt - 1's MMAs are all done: its stage goes back to the producer
-                if (ks == 1 && kt > 0) release(it0 + kt - 1);
             }
+            wgmma_wait<0>();
+            fence_acc(acc);
+            release(it0 + nk - 1);
+            it0 += nk;
         }
-        wgmma_wait<0>();
-        fence_acc(acc);
-        release(it0 + KT - 1);
 
         // Epilogue: codes are unsigned, so y = (acc - rowsum(x)) * s_x * s_w.
         consumers_sync();  // the previous tile's epilogue is done with `tok`
-        {
+        if (tid < BT) {
             const int m = bm + tid;
             const float sx = (m < M && !std::is_same<OT, int>::value) ? xscales[per_tensor ? 0 : m] : 0.0f;
-            tok[tid] = make_int2(m < M ? rowsum[m] : 0, __float_as_int(sx));
+            tok[tid] = make_int2(m < M && split == 0 ? rowsum[m] : 0, __float_as_int(sx));
         }
         auto value = [&](int j, int hm, int e) -> float {
             const int2 ts = tok[8 * j + 2 * t + e];
@@ -297,8 +326,13 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
                 if (tid == 0) {
                     // rows past M and columns past N are clipped by the TMA unit
 #pragma unroll
-                    for (int b = 0; b < L::BOXES; ++b)
-                        tma_store_2d(tmy, bn * L::OB + 128 * b, m0, buf + b * (L::EP_ROWS * 128));
+                    for (int b = 0; b < L::BOXES; ++b) {
+                        const uint32_t src = buf + b * (L::EP_ROWS * 128);
+                        if constexpr (SPLIT)
+                            tma_reduce_add_2d(tmy, bn + 32 * b, m0, src);  // an s32 map: columns in elements
+                        else
+                            tma_store_2d(tmy, bn * L::OB + 128 * b, m0, src);  // a byte map
+                    }
                     bulk_commit();
                 }
             } else {
@@ -313,10 +347,12 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
                     if (m >= M || n >= N) continue;
                     const uint8_t* src = smem + (buf - sbase) + L::offset(r, c * E);
                     OT* dst = y + (size_t)m * N + n;
-                    if (vec && n + E <= N) {
+                    const OT* sp = reinterpret_cast<const OT*>(src);
+                    if constexpr (SPLIT) {
+                        for (int e = 0; e < E && n + e < N; ++e) atomicAdd(dst + e, sp[e]);
+                    } else if (vec && n + E <= N) {
                         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
                     } else {
-                        const OT* sp = reinterpret_cast<const OT*>(src);
                         for (int e = 0; e < E && n + e < N; ++e) dst[e] = sp[e];
                     }
                 }
@@ -326,15 +362,21 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
     if (tma_store && tid == 0) bulk_wait<0>();  // the last stores have completed
 }
 
-#define TM_INST(OT, ON)                                                                                        \
+#define TM_INST(NAME, OT, BT, SPLIT)                                                                         \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                       \
-        gemm_tma_##ON(const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw,            \
-                      const __grid_constant__ TensorMap tmy, int tma_store, const int* rowsum, const float* xs, \
-                      int per_tensor, int M, int N, int KT, float sw_val, const float* sw_ptr, OT* y) {        \
-        gemm_tma_impl<OT>(&tmx, &tmw, &tmy, tma_store, rowsum, xs, per_tensor, M, N, KT, sw_val, sw_ptr, y);   \
+        NAME(const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw,                     \
+             const __grid_constant__ TensorMap tmy, int tma_store, const int* rowsum, const float* xs,          \
+             int per_tensor, int M, int N, int KT, int splits, float sw_val, const float* sw_ptr, OT* y) {      \
+        gemm_tma_impl<OT, BT, SPLIT>(&tmx, &tmw, &tmy, tma_store, rowsum, xs, per_tensor, M, N, KT, splits,    \
+                                     sw_val, sw_ptr, y);                                                       \
     }
 
-TM_INST(int, i32)
-TM_INST(float, f32)
-TM_INST(__nv_bfloat16, bf16)
-TM_INST(__half, f16)
+TM_INST(gemm_tma_i32, int, 256, false)
+TM_INST(gemm_tma_f32, float, 256, false)
+TM_INST(gemm_tma_bf16, __nv_bfloat16, 256, false)
+TM_INST(gemm_tma_f16, __half, 256, false)
+TM_INST(gemm_tma128_i32, int, 128, false)
+TM_INST(gemm_tma128_f32, float, 128, false)
+TM_INST(gemm_tma128_bf16, __nv_bfloat16, 128, false)
+TM_INST(gemm_tma128_f16, __half, 128, false)
+TM_INST(gemm_tma128_split, int, 128, true)

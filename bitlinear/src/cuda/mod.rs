@@ -23,9 +23,10 @@
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
 //!   warp-specialized `wgmma` kernel (`kernels/gemm90a_tma.cu`: TMA copies, the weights decoded
-//!   straight into the MMA's A registers, 256 tokens x 128 weight rows a CTA) once its tiles
-//!   cover at least 40% of the SMs (H100: 4096^3 18% faster than the earlier `wgmma` kernel,
-//!   `kernels/gemm90a.cu`, which stays as a variant),
+//!   straight into the MMA's A registers, persistent CTAs, TMA stores) from M = 64: tiles of 256
+//!   tokens x 128 weight rows where M > 128 and they cover half the SMs, else of 128 tokens, with
+//!   K split over several CTAs where the tiles are few and K is long (the earlier `wgmma`
+//!   kernel, `kernels/gemm90a.cu`, stays as a variant; H100 4096^3: 1.38x faster),
 //!   otherwise the `mma.sync` kernel with 128x128 tiles when they give 3/4 of the SMs a tile,
 //!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant);
 //!   the `mma.sync` GEMM splits K over several CTAs when its tiles alone fill less than one wave.
@@ -52,14 +53,14 @@
 //!   the size-based choice (16 needs 16-byte aligned packed rows).
 //! * `BITLINEAR_CUDA_GEMV_BULK_X=0|1`: the decode GEMV loads `x` with the threads' own loads
 //!   (0) or one bulk copy (1) instead of the size-based choice.
-//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma|tma`: GEMM kernel and CTA tile instead of
-//!   the size-based choice (`tma` needs K > 0).
+//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma|tma|tma128`: GEMM kernel and CTA tile
+//!   instead of the size-based choice (`tma` and `tma128` need K > 0).
 //! * `BITLINEAR_CUDA_TMA_ONE_TILE=1`: one CTA per tile for the TMA wgmma GEMM instead of one
 //!   persistent CTA per SM.
 //! * `BITLINEAR_CUDA_TMA_STORE=0`: the TMA wgmma GEMM's threads copy the output tiles out
 //!   instead of TMA stores.
-//! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big` GEMM over n CTAs (1 = off)
-//!   instead of the size-based choice.
+//! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big`/`tma128` GEMM over n CTAs
+//!   (1 = off) instead of the size-based choice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -949,7 +950,11 @@ fn matmul_core(
     i32_arg(m * ld.max(1), "M*K")?;
     let mut xperm = alloc::<u8>(dev, m * ld)?;
     let mut scales = alloc::<f32>(dev, if per_tensor { 1 } else { m })?;
-    let mut rowsum = dev.alloc_zeros::<i32>(m)?;
+    // the quantizer writes every row's sum; codes_permute adds into a zeroed buffer
+    let mut rowsum = match x {
+        XSrc::Float(..) => alloc::<i32>(dev, m)?,
+        XSrc::Codes(..) => dev.alloc_zeros::<i32>(m)?,
+    };
     let mut g = Vec::new();
     let xpp = out_ptr(&mut xperm, &stream, &mut g);
     let rsp = out_ptr(&mut rowsum, &stream, &mut g);
@@ -998,21 +1003,25 @@ fn matmul_core(
     let tile = match std::env::var("BITLINEAR_CUDA_GEMM_TILE").as_deref() {
         Ok("wgmma") => "wgmma",
         Ok("tma") if ld > 0 => "tma",
+        Ok("tma128") if ld > 0 => "tma128",
         Ok("wide") => "wide",
         Ok("big") => "big",
         Ok("small") => "small",
         // M <= 32 (large N: `gemm_for_small_m`): small tiles (H100, 16 x 13824 x 2560: 19.9 us, against
         // 25.3 us with big tiles and 28.2 us with wgmma)
         _ if m <= SKINNY_MAX_M => "small",
-        // wgmma from 40% of the SMs (measured with the earlier wgmma kernel, H100: 54 and 64 tiles
-        // were faster with it, 31.0 vs 33.1 us at 128 x 13824 x 2560; 43 and 48 tiles slower, 41.1
-        // vs 40.1 us at 384 x 4096 x 4096)
-        _ if info.sm90 && ld > 0 && 5 * m.div_ceil(TMA_BM) * n.div_ceil(TMA_BN) >= 2 * info.sms => "tma",
+        // TMA wgmma kernel: 256-token tiles from M > 128 once they cover half the SMs, else
+        // 128-token tiles from M = 64 (H100: 256-token tiles at 1024 x 2560^2 26.2 vs 29.1 us,
+        // 512 x 13824 x 2560 39.7 vs 46.1 us; 128-token tiles at 512 x 4096^2 23.8 vs 31.9 us,
+        // 128 x 13824 x 2560 18.7 vs 27.4 us, and at least as fast as mma.sync tiles at M = 128)
+        _ if info.sm90 && ld > 0 && m > 128 && 2 * m.div_ceil(TMA_BM) * n.div_ceil(TMA_BN) >= info.sms => "tma",
+        _ if info.sm90 && ld > 0 && m >= 64 => "tma128",
         _ if 4 * m.div_ceil(128) * n.div_ceil(128) >= 3 * info.sms => "big",
         _ => "small",
     };
     let (bm, bn, threads) = match tile {
         "tma" => (TMA_BM, TMA_BN, 384),
+        "tma128" => (128, TMA_BN, 384),
         "wgmma" => (128, 256, 256),
         "wide" => (128, 256, 512),
         "big" => (128, 128, 256),
@@ -1021,8 +1030,8 @@ fn matmul_core(
     if m.div_ceil(bm) > 65535 {
         bail!("bitlinear cuda: M = {m} rows is more than the GEMM grid supports")
     }
-    let (smem, module) = if tile == "tma" {
-        (tma_smem_bytes(), Module::Gemm90aTma)
+    let (smem, module) = if tile.starts_with("tma") {
+        (tma_smem_bytes(bm, out_dtype.size_in_bytes()), Module::Gemm90aTma)
     } else if tile == "wgmma" {
         // 4 stages of (128 + 256) x 128 bytes, plus slack to align the base to 1024 bytes
         (4 * (bm + bn) * 128 + 1024, Module::Gemm90a)
@@ -1035,19 +1044,40 @@ fn matmul_core(
     // us at 4096 x 4096: the i32 atomics, zeroing and epilogue cost more than they save.)
     let tiles = m.div_ceil(bm) * n.div_ceil(bn);
     let max_splits = (ld / GEMM_BK / 2).clamp(1, 16);
+    let env_splits = std::env::var("BITLINEAR_CUDA_SPLITK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
     let splits = match module {
-        Module::Gemm => match std::env::var("BITLINEAR_CUDA_SPLITK")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-        {
+        Module::Gemm => match env_splits {
             Some(s) => s.clamp(1, max_splits),
             None if 4 * tiles <= info.sms => (info.sms / tiles).clamp(1, max_splits),
             None => 1,
         },
+        // TMA kernel with 128-token tiles: split K while its tiles fill less than half the SMs,
+        // into up to about one work item an SM of at least 8 k tiles, and only 3 ways or more
+        // (the zeroed workspace and the epilogue kernel cost two launches; H100, M = 128:
+        // 2560 x 6912 30.4 -> 23.1 us with 6 splits, 2560^2 17.9 -> 18.9 us with 6)
+        Module::Gemm90aTma if tile == "tma128" => match env_splits {
+            Some(s) => s.clamp(1, max_splits),
+            None if 2 * tiles < info.sms => match (info.sms / tiles).min(ld / GEMM_BK / 8) {
+                s if s >= 3 => s.min(16),
+                _ => 1,
+            },
+            None => 1,
+        },
         _ => 1,
     };
-    let name = format!("gemm_{tile}_{osfx}");
+    let name = if splits > 1 && module == Module::Gemm90aTma {
+        format!("gemm_{tile}_split")
+    } else {
+        format!("gemm_{tile}_{osfx}")
+    };
     let f = func(dev, module, &name)?;
+    // the TMA kernel's split-K variant stages i32 partial sums, whatever the output type
+    let smem = match module {
+        Module::Gemm90aTma if splits > 1 => tma_smem_bytes(bm, 4),
+        _ => smem,
+    };
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, splits as u32),
         block_dim: (threads, 1, 1),
@@ -1064,28 +1094,35 @@ fn matmul_core(
     if module == Module::Gemm90aTma {
         // Persistent: one CTA per SM walks the tiles (weight-row tiles fastest), so that its
         // producer loads the next tile while the consumers write the last one out.
-        let tiles = m.div_ceil(TMA_BM) * n.div_ceil(TMA_BN);
+        let items = tiles * splits;
         let ctas = if env_flag("BITLINEAR_CUDA_TMA_ONE_TILE") {
-            tiles
+            items
         } else {
-            tiles.min(info.sms)
+            items.min(info.sms)
         };
         let cfg = LaunchConfig {
             grid_dim: (i32_arg(ctas, "GEMM tiles")? as u32, 1, 1),
             ..cfg
         };
-        let tmx = tma::byte_matrix(xpp, m, ld, ld, TMA_BM as u32, 128, true)?;
-        let tmw = tma::byte_matrix(wq, n, k4s, k4s, TMA_BN as u32, 32, false)?;
-        // Output tiles leave through TMA stores where y's rows are 16-byte aligned; otherwise
-        // the threads copy them out (the kernel ignores the map then).
-        let ob = out_dtype.size_in_bytes();
-        let tma_store = (n * ob).is_multiple_of(16)
-            && yp.is_multiple_of(16)
-            && std::env::var("BITLINEAR_CUDA_TMA_STORE").as_deref() != Ok("0");
-        let tmy = if tma_store {
-            tma::byte_matrix(yp, m, n * ob, n * ob, (128 * 2 / ob) as u32, 128, true)?
+        use tma::Elem;
+        let tmx = tma::matrix(xpp, Elem::U8, m, ld, ld, bm as u32, 128, true)?;
+        let tmw = tma::matrix(wq, Elem::U8, n, k4s, k4s, TMA_BN as u32, 32, false)?;
+        // Output tiles (or split-K partial sums, added into the i32 workspace) leave through
+        // TMA stores where the rows are 16-byte aligned; otherwise the threads copy them out
+        // (the kernel ignores the map then).
+        let (dst, ob) = if splits > 1 {
+            (wsp, 4)
         } else {
-            tmx
+            (yp, out_dtype.size_in_bytes())
+        };
+        let ep_rows = tma_epilogue_rows(bm, ob) as u32;
+        let tma_store = (n * ob).is_multiple_of(16)
+            && dst.is_multiple_of(16)
+            && std::env::var("BITLINEAR_CUDA_TMA_STORE").as_deref() != Ok("0");
+        let tmy = match tma_store {
+            true if splits > 1 => tma::matrix(dst, Elem::I32, m, n, n * 4, ep_rows, 32, true)?,
+            true => tma::matrix(dst, Elem::U8, m, n * ob, n * ob, ep_rows, 128, true)?,
+            false => tmx,
         };
         launch!(
             f,
@@ -1101,9 +1138,10 @@ fn matmul_core(
             mi,
             ni,
             (ld / GEMM_BK) as i32,
+            splits as i32,
             sw.val,
             sw.ptr,
-            yp
+            dst
         );
     } else if module == Module::Gemm {
         launch!(
@@ -1171,11 +1209,22 @@ fn matmul_core(
     Ok(out)
 }
 
-/// Dynamic shared memory of the TMA wgmma GEMM (`TmaSmem` in kernels/gemm90a_tma.cu): 4 stages
-/// of 256 x 128 activation bytes and 128 x 32 packed weight bytes, two 32 KB epilogue buffers, two
-/// mbarriers a stage, (row sum, scale) of 256 tokens, and slack to align the base to 1024 bytes.
-fn tma_smem_bytes() -> usize {
-    4 * (TMA_BM * 128 + TMA_BN * 32) + 2 * 32 * 1024 + 16 * 4 + 8 * TMA_BM + 1024
+/// Dynamic shared memory of the TMA wgmma GEMM with `bt` tokens a tile and `ob`-byte outputs
+/// (`TmaSmem` in kernels/gemm90a_tma.cu): 4 stages (6 for 128-token tiles) of bt x 128 activation
+/// bytes and 128 x 32 packed weight bytes, two epilogue buffers, two mbarriers a stage, (row sum,
+/// scale) of bt tokens, and slack to align the base to 1024 bytes.
+fn tma_smem_bytes(bt: usize, ob: usize) -> usize {
+    let stages = if bt == 256 { 4 } else { 6 };
+    stages * (bt * 128 + TMA_BN * 32) + 2 * tma_epilogue_rows(bt, ob) * TMA_BN * ob + 16 * stages + 8 * bt + 1024
+}
+
+/// Token rows per epilogue pass of the TMA wgmma GEMM (`TmaSmem::EP_ROWS`).
+fn tma_epilogue_rows(bt: usize, ob: usize) -> usize {
+    if ob == 2 && bt == 256 {
+        128
+    } else {
+        64
+    }
 }
 
 /// Checks a packed weight storage (N, ceil(k/4)) and returns (N, pointer).

@@ -12,12 +12,21 @@ pub(super) struct TensorMap(sys::CUtensorMap);
 // SAFETY: a plain 128-byte value that the kernel receives by copy, as its C signature declares.
 unsafe impl DeviceRepr for TensorMap {}
 
-/// A row-major byte matrix (`rows` x `cols`, rows `stride` bytes apart) read in boxes of
-/// `box_rows` x `box_cols` bytes; boxes reaching past the matrix are zero-filled. With
-/// `swizzle128` the box lands in shared memory in the 128-byte swizzled layout of the wgmma
-/// operand descriptors (16-byte chunk c of box row r at chunk c ^ (r % 8)).
-pub(super) fn byte_matrix(
+/// Element type of a tensor map: bytes, or i32 (what a TMA reduce-add adds).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Elem {
+    U8,
+    I32,
+}
+
+/// A row-major matrix (`rows` x `cols` elements, rows `stride` bytes apart) copied in boxes of
+/// `box_rows` x `box_cols` elements; loads of boxes reaching past the matrix are zero-filled,
+/// stores clipped. With `swizzle128` a box sits in shared memory in the 128-byte swizzled layout
+/// of the wgmma operand descriptors (16-byte chunk c of box row r at chunk c ^ (r % 8)).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matrix(
     ptr: u64,
+    elem: Elem,
     rows: usize,
     cols: usize,
     stride: usize,
@@ -25,30 +34,35 @@ pub(super) fn byte_matrix(
     box_cols: u32,
     swizzle128: bool,
 ) -> Result<TensorMap> {
+    let es: u32 = if elem == Elem::I32 { 4 } else { 1 };
     // The hardware's limits (CUDA driver API, cuTensorMapEncodeTiled).
-    if !ptr.is_multiple_of(16) || !stride.is_multiple_of(16) || !(box_cols as usize).is_multiple_of(16) {
+    if !ptr.is_multiple_of(16) || !stride.is_multiple_of(16) || !(box_cols * es).is_multiple_of(16) {
         bail!("bitlinear cuda: TMA needs 16-byte aligned rows (pointer {ptr:#x}, stride {stride})")
     }
-    if box_rows == 0 || box_rows > 256 || box_cols == 0 || box_cols > 256 || (swizzle128 && box_cols > 128) {
+    if box_rows == 0 || box_rows > 256 || box_cols == 0 || box_cols > 256 || (swizzle128 && box_cols * es > 128) {
         bail!("bitlinear cuda: TMA box {box_rows} x {box_cols} out of range")
     }
     let dims: [u64; 2] = [cols as u64, rows as u64];
     let strides: [u64; 1] = [stride as u64];
     let boxes: [u32; 2] = [box_cols, box_rows];
-    let elem: [u32; 2] = [1, 1];
+    let elem_strides: [u32; 2] = [1, 1];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every pointer refers to a live local array of the rank (2) the call is given;
     // the driver only writes the 128-byte map.
     let r = unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            if elem == Elem::I32 {
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_INT32
+            } else {
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8
+            },
             2,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
             boxes.as_ptr(),
-            elem.as_ptr(),
+            elem_strides.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
             if swizzle128 {
                 sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
@@ -60,7 +74,7 @@ pub(super) fn byte_matrix(
         )
     };
     if r != sys::CUresult::CUDA_SUCCESS {
-        bail!("bitlinear cuda: cuTensorMapEncodeTiled failed ({r:?}) for a {rows} x {cols} byte matrix")
+        bail!("bitlinear cuda: cuTensorMapEncodeTiled failed ({r:?}) for a {rows} x {cols} matrix")
     }
     // SAFETY: the call succeeded, so it wrote the map.
     Ok(TensorMap(unsafe { map.assume_init() }))
