@@ -5,6 +5,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
+mod gemm_launch;
 mod gemv_launch;
 mod layer;
 mod ops;

@@ -76,6 +76,7 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
 
 mod tma;
 
+use crate::gemm_launch::{gemm_splits, gemm_tile, GemmTile};
 use crate::gemv_launch::{gemv_bulk_x, gemv_config, GEMV_WARPS};
 use crate::skinny_launch::{gemm_for_small_m, skinny_rows_per_block};
 
@@ -104,8 +105,7 @@ const GEMV_MAX_M: usize = 1;
 const GEMV_MAX_K: usize = 8192;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
-/// CTA tile of the TMA wgmma GEMM (`kernels/gemm90a_tma.cu`): tokens x weight rows.
-const TMA_BM: usize = 256;
+/// Weight rows per CTA tile of the TMA wgmma GEMM (`kernels/gemm90a_tma.cu`).
 const TMA_BN: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -997,87 +997,29 @@ fn matmul_core(
         wpad = Some(buf);
         (bp, k4p)
     };
-    // Tile table (H100 measurements in bench/, see the module comment): the TMA wgmma kernel
-    // once its 256x128 tiles cover at least 40% of the SMs, else the mma.sync kernel with the
-    // largest tile that still gives every SM a CTA.
-    let tile = match std::env::var("BITLINEAR_CUDA_GEMM_TILE").as_deref() {
-        Ok("wgmma") => "wgmma",
-        Ok("tma") if ld > 0 => "tma",
-        Ok("tma128") if ld > 0 => "tma128",
-        Ok("wide") => "wide",
-        Ok("big") => "big",
-        Ok("small") => "small",
-        // M <= 32 (large N: `gemm_for_small_m`): small tiles (H100, 16 x 13824 x 2560: 19.9 us, against
-        // 25.3 us with big tiles and 28.2 us with wgmma)
-        _ if m <= SKINNY_MAX_M => "small",
-        // TMA wgmma kernel: 256-token tiles from M > 128 once they cover half the SMs, else
-        // 128-token tiles from M = 64 (H100: 256-token tiles at 1024 x 2560^2 26.2 vs 29.1 us,
-        // 512 x 13824 x 2560 39.7 vs 46.1 us; 128-token tiles at 512 x 4096^2 23.8 vs 31.9 us,
-        // 128 x 13824 x 2560 18.7 vs 27.4 us, and at least as fast as mma.sync tiles at M = 128)
-        _ if info.sm90 && ld > 0 && m > 128 && 2 * m.div_ceil(TMA_BM) * n.div_ceil(TMA_BN) >= info.sms => "tma",
-        _ if info.sm90 && ld > 0 && m >= 64 => "tma128",
-        _ if 4 * m.div_ceil(128) * n.div_ceil(128) >= 3 * info.sms => "big",
-        _ => "small",
-    };
-    let (bm, bn, threads) = match tile {
-        "tma" => (TMA_BM, TMA_BN, 384),
-        "tma128" => (128, TMA_BN, 384),
-        "wgmma" => (128, 256, 256),
-        "wide" => (128, 256, 512),
-        "big" => (128, 128, 256),
-        _ => (64, 64, 128),
-    };
+    let k_tiles = ld / GEMM_BK;
+    let tile = gemm_tile(m, n, k_tiles, info.sms, info.sm90);
+    let (bm, bn, threads) = tile.shape();
     if m.div_ceil(bm) > 65535 {
         bail!("bitlinear cuda: M = {m} rows is more than the GEMM grid supports")
     }
-    let (smem, module) = if tile.starts_with("tma") {
-        (tma_smem_bytes(bm, out_dtype.size_in_bytes()), Module::Gemm90aTma)
-    } else if tile == "wgmma" {
-        // 4 stages of (128 + 256) x 128 bytes, plus slack to align the base to 1024 bytes
-        (4 * (bm + bn) * 128 + 1024, Module::Gemm90a)
-    } else {
-        (4 * (bm * 144 + bn * 48), Module::Gemm)
-    };
-    // Split-K for the mma.sync tiles when the output tiles leave at least 3/4 of the SMs idle:
-    // about one CTA per SM, up to 16 splits of at least two k tiles each. (H100, M = 128: at
-    // 512 x 4096 26.9 -> 21.7 us; with 128 tiles a full wave of splits was slower, 26.7 -> 39.3
-    // us at 4096 x 4096: the i32 atomics, zeroing and epilogue cost more than they save.)
     let tiles = m.div_ceil(bm) * n.div_ceil(bn);
-    let max_splits = (ld / GEMM_BK / 2).clamp(1, 16);
-    let env_splits = std::env::var("BITLINEAR_CUDA_SPLITK")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
-    let splits = match module {
-        Module::Gemm => match env_splits {
-            Some(s) => s.clamp(1, max_splits),
-            None if 4 * tiles <= info.sms => (info.sms / tiles).clamp(1, max_splits),
-            None => 1,
-        },
-        // TMA kernel with 128-token tiles: split K while its tiles fill less than half the SMs,
-        // into up to about one work item an SM of at least 8 k tiles, and only 3 ways or more
-        // (the zeroed workspace and the epilogue kernel cost two launches; H100, M = 128:
-        // 2560 x 6912 30.4 -> 23.1 us with 6 splits, 2560^2 17.9 -> 18.9 us with 6)
-        Module::Gemm90aTma if tile == "tma128" => match env_splits {
-            Some(s) => s.clamp(1, max_splits),
-            None if 2 * tiles < info.sms => match (info.sms / tiles).min(ld / GEMM_BK / 8) {
-                s if s >= 3 => s.min(16),
-                _ => 1,
-            },
-            None => 1,
-        },
-        _ => 1,
+    let splits = gemm_splits(tile, tiles, k_tiles, info.sms);
+    let (smem, module) = match tile {
+        // the split-K variant stages i32 partial sums, whatever the output type
+        GemmTile::Tma | GemmTile::Tma128 => (
+            tma_smem_bytes(bm, if splits > 1 { 4 } else { out_dtype.size_in_bytes() }),
+            Module::Gemm90aTma,
+        ),
+        // 4 stages of (128 + 256) x 128 bytes, plus slack to align the base to 1024 bytes
+        GemmTile::Wgmma => (4 * (bm + bn) * 128 + 1024, Module::Gemm90a),
+        _ => (4 * (bm * 144 + bn * 48), Module::Gemm),
     };
-    let name = if splits > 1 && module == Module::Gemm90aTma {
-        format!("gemm_{tile}_split")
-    } else {
-        format!("gemm_{tile}_{osfx}")
+    let name = match (splits > 1, module) {
+        (true, Module::Gemm90aTma) => format!("gemm_{}_split", tile.name()),
+        _ => format!("gemm_{}_{osfx}", tile.name()),
     };
     let f = func(dev, module, &name)?;
-    // the TMA kernel's split-K variant stages i32 partial sums, whatever the output type
-    let smem = match module {
-        Module::Gemm90aTma if splits > 1 => tma_smem_bytes(bm, 4),
-        _ => smem,
-    };
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, splits as u32),
         block_dim: (threads, 1, 1),

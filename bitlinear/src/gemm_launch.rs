@@ -1,0 +1,185 @@
+//! Launch choices for the tiled GEMM path on CUDA (`src/cuda/mod.rs`, `matmul_core`): which
+//! kernel and CTA tile, and over how many CTAs the k range is split. Plain host arithmetic, kept
+//! out of the `cuda` module so that it is tested without a GPU. The numbers in the comments are
+//! H100 measurements (bench/RESULTS.md).
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+/// A GEMM kernel and its CTA tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GemmTile {
+    /// `mma.sync`, 64 x 64 (`kernels/gemm.cu`)
+    Small,
+    /// `mma.sync`, 128 x 128
+    Big,
+    /// `mma.sync`, 128 x 256 (never the fastest; a variant)
+    Wide,
+    /// the first `wgmma` kernel, 128 x 256 (`kernels/gemm90a.cu`; a variant)
+    Wgmma,
+    /// the TMA `wgmma` kernel, 256 tokens x 128 weight rows (`kernels/gemm90a_tma.cu`)
+    Tma,
+    /// the TMA `wgmma` kernel, 128 tokens x 128 weight rows, optionally split over k
+    Tma128,
+}
+
+impl GemmTile {
+    /// The kernel-name part (`gemm_{name}_{output}`) and the `BITLINEAR_CUDA_GEMM_TILE` value.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            GemmTile::Small => "small",
+            GemmTile::Big => "big",
+            GemmTile::Wide => "wide",
+            GemmTile::Wgmma => "wgmma",
+            GemmTile::Tma => "tma",
+            GemmTile::Tma128 => "tma128",
+        }
+    }
+
+    /// Rows of x (tokens) and weight rows per CTA tile, and threads per CTA.
+    pub(crate) fn shape(self) -> (usize, usize, u32) {
+        match self {
+            GemmTile::Small => (64, 64, 128),
+            GemmTile::Big => (128, 128, 256),
+            GemmTile::Wide => (128, 256, 512),
+            GemmTile::Wgmma => (128, 256, 256),
+            GemmTile::Tma => (256, 128, 384),
+            GemmTile::Tma128 => (128, 128, 384),
+        }
+    }
+
+    /// The TMA kernel (needs compute capability 9.0 and K > 0).
+    pub(crate) fn is_tma(self) -> bool {
+        matches!(self, GemmTile::Tma | GemmTile::Tma128)
+    }
+}
+
+/// The tile for `m` rows of x, `n` weight rows and `k_tiles` k tiles of 128, on `sms` SMs;
+/// `sm90`: the sm_90a kernels can run. `BITLINEAR_CUDA_GEMM_TILE` overrides the choice (`tma`
+/// and `tma128` only where K > 0).
+pub(crate) fn gemm_tile(m: usize, n: usize, k_tiles: usize, sms: usize, sm90: bool) -> GemmTile {
+    let all = [
+        GemmTile::Small,
+        GemmTile::Big,
+        GemmTile::Wide,
+        GemmTile::Wgmma,
+        GemmTile::Tma,
+        GemmTile::Tma128,
+    ];
+    if let Ok(v) = std::env::var("BITLINEAR_CUDA_GEMM_TILE") {
+        if let Some(&t) = all.iter().find(|t| t.name() == v && (!t.is_tma() || k_tiles > 0)) {
+            return t;
+        }
+    }
+    let tma = sm90 && k_tiles > 0;
+    match m {
+        // M <= 32 (where N is large, `gemm_for_small_m`): 64 x 64 tiles (16 x 13824 x 2560: 19.9
+        // us, against 25.3 us with 128 x 128 tiles and 28.2 us with the first wgmma kernel)
+        _ if m <= 32 => GemmTile::Small,
+        // 256-token tiles from M > 128 once they cover half the SMs, else 128-token tiles from
+        // M = 64: 256-token tiles at 1024 x 2560^2 26.2 vs 29.1 us, 512 x 13824 x 2560 39.7 vs
+        // 46.1 us; 128-token tiles at 512 x 4096^2 23.8 vs 31.9 us, 128 x 13824 x 2560 18.7 vs
+        // 27.4 us, and at M = 64 and 128 at least as fast as the mma.sync tiles
+        _ if tma && m > 128 && 2 * m.div_ceil(256) * n.div_ceil(128) >= sms => GemmTile::Tma,
+        _ if tma && m >= 64 => GemmTile::Tma128,
+        // mma.sync: the largest tile that still gives 3/4 of the SMs a CTA
+        _ if 4 * m.div_ceil(128) * n.div_ceil(128) >= 3 * sms => GemmTile::Big,
+        _ => GemmTile::Small,
+    }
+}
+
+/// Over how many CTAs the k range of each output tile is split, for `tiles` output tiles of
+/// `tile`, `k_tiles` k tiles of 128 and `sms` SMs. `BITLINEAR_CUDA_SPLITK=n` overrides it for
+/// the tiles that can split (`small`, `big`, `tma128`).
+pub(crate) fn gemm_splits(tile: GemmTile, tiles: usize, k_tiles: usize, sms: usize) -> usize {
+    let max_splits = (k_tiles / 2).clamp(1, 16);
+    let splittable = matches!(tile, GemmTile::Small | GemmTile::Big | GemmTile::Tma128);
+    if !splittable {
+        return 1;
+    }
+    if let Some(s) = std::env::var("BITLINEAR_CUDA_SPLITK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        return s.clamp(1, max_splits);
+    }
+    let tiles = tiles.max(1);
+    match tile {
+        // mma.sync tiles: split when the tiles leave at least 3/4 of the SMs idle, about one CTA
+        // per SM, at least two k tiles each (M = 128: 512 x 4096 26.9 -> 21.7 us; a full wave
+        // of splits was slower, 26.7 -> 39.3 us at 4096 x 4096: the i32 atomics, zeroing and
+        // epilogue cost more than they save)
+        GemmTile::Small | GemmTile::Big if 4 * tiles <= sms => (sms / tiles).clamp(1, max_splits),
+        // 128-token TMA tiles: split while they fill less than half the SMs, into up to about
+        // one work item an SM of at least 8 k tiles, and only 3 ways or more (the zeroed
+        // workspace and the epilogue kernel cost two launches; M = 128: 2560 x 6912 30.4 -> 23.1
+        // us with 6 splits, 2560^2 17.9 -> 18.9 us with 6)
+        GemmTile::Tma128 if 2 * tiles < sms => match (sms / tiles).min(k_tiles / 8) {
+            s if s >= 3 => s.min(16),
+            _ => 1,
+        },
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMS: usize = 132;
+
+    fn kt(k: usize) -> usize {
+        k.div_ceil(128)
+    }
+
+    /// The choices measured fastest on the H100 (bench/RESULTS.md, sixth session).
+    #[test]
+    fn benchmark_shapes_take_the_measured_best() {
+        for (n, k) in [(2560, 2560), (13824, 2560), (2560, 6912), (4096, 4096)] {
+            assert_eq!(gemm_tile(16, n, kt(k), SMS, true), GemmTile::Small, "M = 16, {n} x {k}");
+            for m in [64, 128] {
+                assert_eq!(
+                    gemm_tile(m, n, kt(k), SMS, true),
+                    GemmTile::Tma128,
+                    "M = {m}, {n} x {k}"
+                );
+            }
+            for m in [1024, 4096] {
+                assert_eq!(gemm_tile(m, n, kt(k), SMS, true), GemmTile::Tma, "M = {m}, {n} x {k}");
+            }
+        }
+        // M = 512: 256-token tiles only where they cover half the SMs
+        assert_eq!(gemm_tile(512, 13824, kt(2560), SMS, true), GemmTile::Tma);
+        assert_eq!(gemm_tile(512, 4096, kt(4096), SMS, true), GemmTile::Tma128);
+        assert_eq!(gemm_tile(512, 2560, kt(6912), SMS, true), GemmTile::Tma128);
+
+        let tiles = |m: usize, n: usize| m.div_ceil(128) * n.div_ceil(128);
+        assert_eq!(gemm_splits(GemmTile::Tma128, tiles(128, 2560), kt(6912), SMS), 6);
+        assert_eq!(gemm_splits(GemmTile::Tma128, tiles(128, 4096), kt(4096), SMS), 4);
+        assert_eq!(gemm_splits(GemmTile::Tma128, tiles(128, 2560), kt(2560), SMS), 1);
+        assert_eq!(gemm_splits(GemmTile::Tma128, tiles(128, 13824), kt(2560), SMS), 1);
+        assert_eq!(gemm_splits(GemmTile::Tma, 16 * 32, kt(4096), SMS), 1);
+    }
+
+    #[test]
+    fn without_sm90_or_k_the_mma_sync_tiles_run() {
+        assert_eq!(gemm_tile(4096, 4096, kt(4096), SMS, false), GemmTile::Big);
+        assert_eq!(gemm_tile(128, 2560, kt(2560), SMS, false), GemmTile::Small);
+        // K = 0: no k tile for TMA to copy
+        assert_eq!(gemm_tile(4096, 4096, 0, SMS, true), GemmTile::Big);
+        assert_eq!(gemm_tile(128, 4096, 0, SMS, true), GemmTile::Small);
+    }
+
+    #[test]
+    fn splits_stay_in_range() {
+        for tile in [GemmTile::Small, GemmTile::Big, GemmTile::Tma128] {
+            for tiles in [0, 1, 2, 5, 33, 66, 132, 1000] {
+                for k_tiles in [0, 1, 2, 3, 8, 16, 31, 54, 200] {
+                    let s = gemm_splits(tile, tiles, k_tiles, SMS);
+                    assert!((1..=16).contains(&s), "{tile:?} {tiles} {k_tiles}: {s}");
+                    assert!(s == 1 || s <= k_tiles / 2, "{tile:?} {tiles} {k_tiles}: {s}");
+                }
+            }
+        }
+        assert_eq!(gemm_splits(GemmTile::Wgmma, 1, 100, SMS), 1);
+        assert_eq!(gemm_splits(GemmTile::Tma, 1, 100, SMS), 1);
+    }
+}
