@@ -2,13 +2,13 @@
 //!
 //! Each `kernels/<name>.cu` becomes `$OUT_DIR/<name>.fatbin` holding SASS for
 //! `sm_$CUDA_COMPUTE_CAP` (default 90) plus PTX for the same architecture (so a newer GPU can
-//! JIT it), except `gemm90a.cu` and `gemm90a_tma.cu` (wgmma, TMA), which are built for `sm_90a` only (an empty file for
+//! JIT it), except `gemm90a.cu` (wgmma, TMA), which is built for `sm_90a` only (an empty file for
 //! other targets); `src/cuda` embeds them with `include_bytes!`. nvcc and the target come from
 //! the `cuda-build` crate.
 
 const KERNELS: &[&str] = &["quant", "skinny", "gemm", "gemv"];
 /// Hopper-only kernels (wgmma, TMA): built for sm_90a.
-const SM90A_KERNELS: &[&str] = &["gemm90a", "gemm90a_tma"];
+const SM90A_KERNELS: &[&str] = &["gemm90a"];
 
 fn main() {
     let mut watched: Vec<String> = KERNELS.iter().map(|k| format!("kernels/{k}.cu")).collect();
@@ -16,7 +16,6 @@ fn main() {
         [
             "kernels",
             "kernels/gemm90a.cu",
-            "kernels/gemm90a_tma.cu",
             "kernels/common.cuh",
             "kernels/wgmma.cuh",
         ]

@@ -590,13 +590,6 @@ mod real {
         ("skinny-rows32", &[("BITLINEAR_CUDA_SKINNY_ROWS", "32")]),
         ("no-pdl", &[("BITLINEAR_CUDA_NO_PDL", "1")]),
         (
-            "gemm-wgmma",
-            &[
-                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-                ("BITLINEAR_CUDA_GEMM_TILE", "wgmma"),
-            ],
-        ),
-        (
             "gemm-tma",
             &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "tma")],
         ),

@@ -1,245 +1,386 @@
-// Large-M matmul on Hopper warpgroup MMAs (wgmma, sm_90a): y (M, N) = x_q (M, K) . W_q (N, K)^T.
-// The default large-M kernel on compute capability 9.0 (tile table in src/cuda/mod.rs); bit-exact
-// in gpu_check. Times: bench/RESULTS.md. (ncu on an H200, M=N=K=4096: the staged epilogue below
-// took the kernel from 201 to 154 us; its 128 scattered 2-byte stores per thread had taken ~28% of
-// the warps' time.)
+// Large-M matmul on Hopper (sm_90a), warp-specialized: TMA copies, weights decoded straight into
+// the wgmma A registers. y (M, N) = x_q (M, K) . W_q (N, K)^T, computed as its transpose
+// D (N tile, M tile) = W (A operand, registers) . Xp^T (B operand, shared memory), so that the
+// ternary codes never pass through shared memory as int8.
 //
-// Data layout: same inputs as gemm.cu (k-permuted, zero-padded int8 activations Xp (M, ld), their
-// row sums, packed weights with a 16-byte multiple row stride K4s).
+// Data layout: the inputs of gemm.cu: k-permuted, zero-padded int8 activations Xp (M, ld), ld a
+// multiple of 128, and their row sums; packed weights (N, K4s), K4s a multiple of 16.
+// Both are read through TMA tensor maps built by the host (src/cuda/tma.rs):
+//   * Xp: box BT rows x 128 bytes, 128-byte swizzle (row r at r * 128, 16-byte chunk c at chunk
+//     c ^ (r % 8): the layout the wgmma B descriptor expects); rows past M are zero-filled.
+//   * W: box 128 rows x 32 packed bytes (128 k), no swizzle; rows past N and bytes past K4s are
+//     zero-filled (codes 0 there meet zero activations).
 //
-// Tiling: CTA tile 128 (M) x 256 (N), k tile 128, 4 shared-memory stages of 48 KB:
-//   * A stage: 128 rows x 128 bytes of Xp, copied with cp.async into the canonical K-major
-//     128-byte-swizzled layout (row r at (r/8)*1024 + (r%8)*128, 16-byte chunk c stored at chunk
-//     c ^ (r%8)); 1024-byte aligned, so the hardware's address swizzle matches.
-//   * B stage: 256 weight rows x 128 int8 codes in the same swizzled layout, written by the
-//     threads: each thread loads 2 x 16 packed bytes (one prefetch tile ahead, in registers),
-//     decodes every 32-bit word (16 codes of one 16-k group) into the 16-byte chunk
-//     [(w >> 0) & 0x03030303, (w >> 2) & .., (w >> 4) & .., (w >> 6) & ..], which is that group in
-//     the permuted k order of the activations (common.cuh), and stores it.
-//   * 2 warpgroups (256 threads); warpgroup w computes rows 64w..64w+63 x 256 columns with four
-//     wgmma.m64n256k32.s32.s8.s8 per k tile (descriptors advance 32 bytes along the swizzled row),
-//     128 s32 accumulators per thread. Codes are unsigned (0,1,2); the epilogue subtracts the row
-//     sum of x (sum x (c - 1) = sum x c - sum x), then applies (acc * s_x) * s_w.
-//   * per k tile kt, one barrier: wait for this tile's cp.async group, fence.proxy.async
-//     (generic-proxy writes -> async proxy), barrier, issue the wgmmas, fill the stage of tile
-//     kt - 2 with tile kt + 2 (A by cp.async, B by decode + st.shared), request the packed
-//     bytes of tile kt + 3, then wait until this warpgroup's wgmmas of tile kt - 1 are done.
-//     Tiles are thus loaded two ahead and the stage of tile kt - 1, which MMAs in flight may
-//     still read, is never written. (Against the earlier two-barrier loop that refilled the
-//     stage of kt - 1 after waiting for its MMAs: 4096^3 179 -> 172 us on an H200.) Every
-//     thread's copy addresses, masks and stage offsets are computed once, before the k loop,
-//     and pinned in registers inside it.
-//   * epilogue: each thread dequantizes its fragment and writes it (pairs of columns) into the
-//     then free stage memory as a 128 x 256 tile of OT (rows padded by 16 or 32 bytes: the
-//     fragment writes are conflict-free); after a barrier, the 256 threads copy whole 16-byte
-//     chunks of tile rows to y (a warp writes 512 or 1024 contiguous bytes), with element stores
-//     only at the right edge or when N * sizeof(OT) is not a multiple of 16.
+// Output: y (M, N) row-major; where its rows are 16-byte aligned (N * sizeof(OT) % 16 == 0) it
+// is written by TMA stores through a third map (y as a byte matrix, box EP_ROWS rows x 128 bytes,
+// 128-byte swizzle; the unit clips rows past M and columns past N). Split-K kernels instead add
+// i32 partial sums into a zeroed (M, N) workspace by TMA reduce-add (an s32 map), and
+// splitk_epilogue (gemm.cu) dequantizes it.
+//
+// Tiling: CTA tile 128 weight rows (N) x BT tokens (M; 256, or 128 for smaller M), k tile 128,
+// 4 stages of 36 KB (BT = 256: 32 KB Xp + 4 KB W) or 6 of 20 KB (BT = 128), each with a "full"
+// and an "empty" mbarrier. Persistent: one CTA per SM walks the work items w = blockIdx.x +
+// i * gridDim.x: output tile w % tiles (weight-row tiles fastest), k split w / tiles. 384
+// threads:
+//   * warpgroup 2 (producer; 40 registers, setmaxnreg), one thread: for every k tile of every
+//     work item of the CTA, waits until its stage is empty, announces the stage's bytes on its
+//     full barrier and issues the two TMA copies. It runs ahead into the next item while the
+//     consumers are in the epilogue.
+//   * warpgroups 0-1 (consumers, 232 registers; warpgroup w owns weight rows 64w .. 64w + 63):
+//     per k tile, wait for the full barrier, load the thread's two weight rows (g and g + 8 of its
+//     warp's 16) as 2 x 32 packed bytes, and build the A fragments of the four k32 steps:
+//     (word >> 2t) & 0x03030303 is the four codes at permuted positions 4t .. 4t + 3 of that
+//     word's 16-k group (common.cuh), exactly the k slots lane t holds in mma.m16n8k32's A layout.
+//     One wgmma.m64nBTk32 per k32 step (A registers, B = the stage's Xp through a descriptor
+//     advancing 32 bytes a step), each its own commit group, at most three in flight; lane 0 of
+//     each warp releases a k tile's stage once its MMAs are done.
+//   * epilogue: codes are unsigned (0, 1, 2), so y = (acc - rowsum(x)) * s_x * s_w. The
+//     consumers stage the tile's (row sum, scale) pairs, then in passes of EP_ROWS tokens
+//     dequantize into one of two epilogue buffers in the TMA's swizzled box layout (2-byte
+//     outputs by stmatrix .trans, 16 x 8 outputs an instruction; the writes are conflict-free),
+//     and one thread issues the TMA stores of the pass; the two buffers alternate so the next
+//     pass does not wait for the store. Without TMA stores the threads copy whole 16-byte chunks
+//     of the buffer's token rows to y instead (atomic adds for split-K).
 #include "common.cuh"
 #include "wgmma.cuh"
 
-#define WG_BM 128
-#define WG_BN 256
-#define WG_BK 128
-#define WG_STAGES 4
-#define WG_A_BYTES (WG_BM * WG_BK)
-#define WG_B_BYTES (WG_BN * WG_BK)
-#define WG_STAGE_BYTES (WG_A_BYTES + WG_B_BYTES)
+#define TM_BN 128                       // weight rows per CTA tile (2 warpgroups x 64)
+#define TM_BK 128                       // k per stage
+#define TM_W_BYTES (TM_BN * TM_BK / 4)  // packed weights per stage
 
-__device__ __forceinline__ int sw128(int r, int chunk) { return (r >> 3) * 1024 + (r & 7) * 128 + ((chunk ^ (r & 7)) << 4); }
+// Shared memory for BT tokens a tile: the stages (BT x 128 swizzled activation bytes + 4 KB of
+// packed weights each, a multiple of 1024 bytes), two epilogue buffers, 2 x stages mbarriers, then
+// (row sum, scale) of the tile's BT tokens; the host computes the same size. An epilogue buffer
+// holds one pass: EP_ROWS token rows x 128 outputs (128 rows for 2-byte outputs of 256-token
+// tiles, else 64: ptxas serialized the 128-token kernel's MMAs with one 128-row pass) as BOXES
+// boxes of 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte
+// chunk c of row r at c ^ (r % 8)), which is what a TMA store with 128-byte swizzle reads and
+// keeps the fragment writes conflict-free.
+template <typename OT, int BT> struct TmaSmem {
+    static constexpr int OB = (int)sizeof(OT);
+    static constexpr int X_BYTES = BT * TM_BK;
+    static constexpr int STAGE_BYTES = X_BYTES + TM_W_BYTES;
+    static constexpr int STAGES = BT == 256 ? 4 : 6;
+    static constexpr int EP_ROWS = OB == 2 && BT == 256 ? 128 : 64;
+    static constexpr int PASSES = BT / EP_ROWS;
+    static constexpr int BOXES = TM_BN * OB / 128;
+    static constexpr int EP_BYTES = EP_ROWS * TM_BN * OB;
+    static constexpr int EP = STAGES * STAGE_BYTES;
+    static constexpr int BARS = EP + 2 * EP_BYTES;
+    static constexpr int SCALES = BARS + 16 * STAGES;
+    static constexpr int BYTES = SCALES + 8 * BT;
+    // byte offset of output (token row r, column n of the tile) in an epilogue buffer
+    __device__ static int offset(int r, int n) {
+        const int b = n * OB;
+        return (b >> 7) * (EP_ROWS * 128) + r * 128 + ((((b >> 4) & 7) ^ (r & 7)) << 4) + (b & 15);
+    }
+};
 
-template <typename OT>
-__device__ void gemm_wgmma_impl(const int8_t* __restrict__ Xp, int ld, const int* __restrict__ rowsum,
-                                const float* __restrict__ xscales, int per_tensor, const uint8_t* __restrict__ Wp,
-                                int K4s, int M, int N, int K, float sw_val, const float* __restrict__ sw_ptr,
-                                OT* __restrict__ y) {
+// The host's CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
+struct alignas(64) TensorMap {
+    uint64_t opaque[16];
+};
+
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// 2D tile copy global -> shared through a tensor map; completes `bar`'s transaction bytes.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const TensorMap* map, int c0, int c1, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared16(uint32_t a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+    return v;
+}
+// Moves registers from the producer warpgroup (which needs few) to the consumers (accumulators,
+// two A sets): 384 threads start with 168 registers each.
+template <int R> __device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R> __device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+// TMA reduce-add of a 2D box of s32 shared -> global (a bulk async-group of the issuing thread).
+__device__ __forceinline__ void tma_reduce_add_2d(const TensorMap* map, int c0, int c1, uint32_t src) {
+    asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                     reinterpret_cast<uint64_t>(map)),
+                 "r"(c0), "r"(c1), "r"(src)
+                 : "memory");
+}
+// TMA store of a 2D box shared -> global (a bulk async-group of the issuing thread).
+__device__ __forceinline__ void tma_store_2d(const TensorMap* map, int c0, int c1, uint32_t src) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                     reinterpret_cast<uint64_t>(map)),
+                 "r"(c0), "r"(c1), "r"(src)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's bulk groups still read shared memory.
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N> __device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Barrier for the 256 consumer threads only (the producer warpgroup has exited).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+// BT: tokens per tile (256 or 128). SPLIT: the k tiles are split over `splits` work items per
+// output tile, and each adds its i32 partial sums (the row sums subtracted by split 0 only) into
+// y = a zeroed i32 workspace (TMA reduce-add, or atomics without TMA stores); splitk_epilogue
+// (gemm.cu) dequantizes it afterwards.
+template <typename OT, int BT, bool SPLIT>
+__device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const TensorMap* tmy, int tma_store,
+                              const int* __restrict__ rowsum, const float* __restrict__ xscales, int per_tensor, int M,
+                              int N, int KT, int splits, float sw_val, const float* __restrict__ sw_ptr,
+                              OT* __restrict__ y) {
+    using L = TmaSmem<OT, BT>;
+    static_assert(L::BYTES + 1024 <= 227 * 1024, "shared memory (+ 1 KB alignment slack) must fit an SM");
+    static_assert(!SPLIT || std::is_same<OT, int>::value, "split-K partial sums are i32");
+    constexpr int STAGES = L::STAGES, NACC = BT / 2;
     extern __shared__ uint8_t smem_raw[];
-    // 1024-byte aligned base, as a 32-bit shared-space address for the hot loop (generic pointers
-    // made the compiler emit 64-bit generic stores) and as a generic pointer for the epilogue
     const uint32_t raw_s = smem_u32(smem_raw);
     const uint32_t sbase = (raw_s + 1023u) & ~1023u;
     uint8_t* smem = smem_raw + (sbase - raw_s);
+    const uint32_t full = sbase + L::BARS;  // STAGES mbarriers, then as many "empty" ones
+    const uint32_t empty = full + 8 * STAGES;
+    int2* tok = reinterpret_cast<int2*>(smem + L::SCALES);  // (row sum, scale bits) per token
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t = lane & 3;
-    const int bm = blockIdx.y * WG_BM, bn = blockIdx.x * WG_BN;
-    const int KT = (K + WG_BK - 1) / WG_BK;
-
-    // Per-thread copy slots, fixed over the k loop (addresses computed once, not per tile).
-    // A: 16-byte chunk (tid & 7) of tile rows (tid >> 3) + 32i, i < 4; all four share r % 8, so
-    // their swizzled offsets are 4096 bytes apart.
-    const int8_t* a_src[4];
-    uint32_t a_ok = 0;  // bit i: row (tid >> 3) + 32i is inside the matrix
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int gm = bm + (tid >> 3) + 32 * i;
-        if (gm < M) a_ok |= 1u << i;
-        a_src[i] = Xp + (size_t)(gm < M ? gm : 0) * ld + (tid & 7) * 16;
-    }
-    uint32_t a_off = sw128(tid >> 3, tid & 7);
-    // B: packed half (tid & 1) (16 bytes = 64 k) of weight rows (tid >> 1) + 128h, h < 2, decoded
-    // into the 16-byte chunks w_off[u] (+ 16 KB for h = 1) of the stage's B part.
-    const int w_half = tid & 1, w_r = tid >> 1;
-    const uint8_t* w_src[2];
-    uint32_t w_ok = 0;  // bit h: weight row w_r + 128h exists
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int gn = bn + w_r + 128 * h;
-        if (gn < N) w_ok |= 1u << h;
-        w_src[h] = Wp + (size_t)(gn < N ? gn : 0) * K4s + w_half * 16;
-    }
-    uint32_t w_off[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-        w_off[u] = (w_r >> 3) * 1024 + (w_r & 7) * 128 + (((w_half * 4 + u) ^ (w_r & 7)) << 4);
-
-    auto load_a = [&](int kt, int slot) {
-        const uint32_t a = sbase + slot * WG_STAGE_BYTES + a_off;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) cp_async16_s(a + 4096 * i, a_src[i] + (size_t)kt * WG_BK, (a_ok >> i) & 1u);
-    };
-    auto load_w = [&](int kt, uint4 (&wr)[2]) {
-        const int off = kt * (WG_BK / 4);
-        const bool in = kt < KT && off + w_half * 16 < K4s;
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            wr[h] = (in && ((w_ok >> h) & 1u)) ? ldg_stream16(w_src[h] + off) : make_uint4(0u, 0u, 0u, 0u);
-    };
-    auto store_w = [&](int slot, const uint4 (&wr)[2]) {
-        const uint32_t b = sbase + slot * WG_STAGE_BYTES + WG_A_BYTES;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const uint32_t w[4] = {wr[h].x, wr[h].y, wr[h].z, wr[h].w};
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                uint4 c;
-                c.x = w[u] & 0x03030303u;
-                c.y = (w[u] >> 2) & 0x03030303u;
-                c.z = (w[u] >> 4) & 0x03030303u;
-                c.w = (w[u] >> 6) & 0x03030303u;
-                st_shared16(b + h * 16 * 1024 + w_off[u], c);
-            }
-        }
+    const int tiles_n = (N + TM_BN - 1) / TM_BN;
+    const int tiles = tiles_n * ((M + BT - 1) / BT);
+    // work item w: output tile w % tiles, k tiles [split * KT / splits, (split + 1) * KT / splits)
+    auto item = [&](int w, int& bn, int& bm, int& split, int& kb, int& ke) {
+        const int tile = w % tiles;
+        split = w / tiles;
+        bn = (tile % tiles_n) * TM_BN;
+        bm = (tile / tiles_n) * BT;
+        kb = (int)((long long)split * KT / splits);
+        ke = (int)((long long)(split + 1) * KT / splits);
     };
 
-    int acc[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] = 0;
-
-    uint4 wr[2];
-    // One barrier per k tile: tiles are loaded two ahead, into the stage that tile kt - 2 used.
-    // Every warpgroup waited for its MMAs of tile kt - 2 at the end of iteration kt - 1
-    // (wgmma_wait<1>), before this iteration's barrier, so that stage is free; the stage of
-    // tile kt - 1 may still be read by MMAs in flight and is not touched.
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-        if (s < KT) {
-            load_a(s, s);
-            load_w(s, wr);
-            store_w(s, wr);
-        }
-        cp_async_commit();
-    }
-    load_w(2, wr);
-    for (int kt = 0; kt < KT; ++kt) {
-        // Pin the copy addresses, masks and offsets in registers: otherwise the compiler
-        // recomputes them from threadIdx every k tile (213 -> 177 instructions an iteration;
-        // 4096^3 on an H100: 175 -> 160 us).
-#pragma unroll
-        for (int i = 0; i < 4; ++i) asm volatile("" : "+l"(a_src[i]));
-#pragma unroll
-        for (int h = 0; h < 2; ++h) asm volatile("" : "+l"(w_src[h]));
-#pragma unroll
-        for (int u = 0; u < 4; ++u) asm volatile("" : "+r"(w_off[u]));
-        asm volatile("" : "+r"(a_ok), "+r"(w_ok), "+r"(a_off));
-        const int slot = kt % WG_STAGES;
-        cp_async_wait<1>();  // tile kt has landed (tile kt + 1 may be in flight)
-        fence_proxy_async();
-        __syncthreads();
-        const uint32_t a = sbase + slot * WG_STAGE_BYTES + wg * (64 / 8) * 1024;
-        const uint32_t b = sbase + slot * WG_STAGE_BYTES + WG_A_BYTES;
-        fence_acc(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int s = 0; s < WG_BK / 32; ++s) wgmma_m64n256k32(acc, gmma_desc(a + 32 * s), gmma_desc(b + 32 * s));
-        wgmma_commit();
-        const int nk = kt + 2;
-        if (nk < KT) {
-            load_a(nk, nk % WG_STAGES);
-            store_w(nk % WG_STAGES, wr);
-        }
-        cp_async_commit();
-        load_w(nk + 1, wr);
-        wgmma_wait<1>();  // this warpgroup's MMAs of tile kt - 1 are done
-        fence_acc(acc);
-    }
-    wgmma_wait<0>();
-    fence_acc(acc);
-    cp_async_wait<0>();
-    __syncthreads();  // every warpgroup's MMAs are done with their stages: shared memory is free
-
-    // Epilogue: dequantize in registers, stage the 128 x 256 output tile in shared memory (rows
-    // padded so the fragment writes are conflict-free), then write whole 16-byte chunks of the
-    // output rows (coalesced); element stores only at the right edge or for unaligned rows.
-    constexpr int OB = (int)sizeof(OT);
-    constexpr int ROWB = WG_BN * OB + (OB == 2 ? 16 : 32);
-    static_assert(WG_BM * ROWB <= WG_STAGES * WG_STAGE_BYTES, "output tile must fit the stages");
-    const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
-#pragma unroll
-    for (int hm = 0; hm < 2; ++hm) {
-        const int r = wg * 64 + wq * 16 + g + 8 * hm;
-        const int m = bm + r;
-        int xsum = 0;
-        float sx = 0.0f;
-        if (m < M) {
-            xsum = rowsum[m];
-            if constexpr (!std::is_same<OT, int>::value) sx = xscales[per_tensor ? 0 : m];
-        }
-        uint8_t* row = smem + r * ROWB;
-#pragma unroll
-        for (int j = 0; j < WG_BN / 8; ++j) {
-            const int c = 8 * j + 2 * t;
-            const int v0 = acc[4 * j + 2 * hm] - xsum, v1 = acc[4 * j + 2 * hm + 1] - xsum;
-            if constexpr (std::is_same<OT, int>::value) {
-                *reinterpret_cast<int2*>(row + c * OB) = make_int2(v0, v1);
-            } else if constexpr (std::is_same<OT, float>::value) {
-                *reinterpret_cast<float2*>(row + c * OB) = make_float2(dequant(v0, sx, sw), dequant(v1, sx, sw));
-            } else {
-                union { OT h[2]; uint32_t u; } p2;  // one 4-byte store for the pair
-                p2.h[0] = from_f32<OT>(dequant(v0, sx, sw));
-                p2.h[1] = from_f32<OT>(dequant(v1, sx, sw));
-                *reinterpret_cast<uint32_t*>(row + c * OB) = p2.u;
-            }
+    if (tid == 0) {
+        uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::BARS);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bars + s, 1);           // the producer's arrival (+ the copies' bytes)
+            mbar_init(bars + STAGES + s, 8);  // one arrival per consumer warp
         }
     }
     __syncthreads();
-    constexpr int E = 16 / OB;              // outputs per 16-byte chunk
-    constexpr int CPR = WG_BN / E;          // chunks per tile row
-    const bool vec = (N % E) == 0 && (((size_t)y) & 15) == 0;
+    pdl_wait();
+
+    if (warp >= 8) {  // producer warpgroup: one thread issues the copies, running ahead across tiles
+        setmaxnreg_dec<40>();
+        if (warp == 8 && lane == 0) {
+            int it = 0;  // k tiles issued so far by this CTA
+            for (int w = blockIdx.x; w < tiles * splits; w += gridDim.x) {
+                int bn, bm, split, kb, ke;
+                item(w, bn, bm, split, kb, ke);
+                for (int kt = kb; kt < ke; ++kt, ++it) {
+                    const int s = it % STAGES;
+                    if (it >= STAGES) mbar_wait_s(empty + 8 * s, ((it / STAGES) - 1) & 1);
+                    const uint32_t dst = sbase + s * L::STAGE_BYTES;
+                    mbar_expect_tx(full + 8 * s, L::STAGE_BYTES);
+                    tma_load_2d(dst, tmx, kt * TM_BK, bm, full + 8 * s);
+                    tma_load_2d(dst + L::X_BYTES, tmw, kt * (TM_BK / 4), bn, full + 8 * s);
+                }
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<232>();
+    const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t = lane & 3;
+    const int wrow = wg * 64 + wq * 16;                          // the warp's first weight row in the tile
+    const uint32_t w_off = L::X_BYTES + (wrow + g) * (TM_BK / 4);  // row g; row g + 8 is 256 bytes on
+    const int sh = 2 * t;
+    const float sw = sw_ptr != nullptr ? *sw_ptr : sw_val;
+    // Packed words of the thread's rows g and g + 8 in the current k tile (word i = 16 k).
+    uint32_t w0[8], w1[8];
+    auto load_words = [&](int it) {
+        const int s = it % STAGES;
+        mbar_wait_s(full + 8 * s, (it / STAGES) & 1);
+        const uint32_t a = sbase + s * L::STAGE_BYTES + w_off;
+        const uint4 r0l = ld_shared16(a), r0h = ld_shared16(a + 16);
+        const uint4 r1l = ld_shared16(a + 256), r1h = ld_shared16(a + 272);
+        w0[0] = r0l.x, w0[1] = r0l.y, w0[2] = r0l.z, w0[3] = r0l.w, w0[4] = r0h.x, w0[5] = r0h.y, w0[6] = r0h.z,
+        w0[7] = r0h.w;
+        w1[0] = r1l.x, w1[1] = r1l.y, w1[2] = r1l.z, w1[3] = r1l.w, w1[4] = r1h.x, w1[5] = r1h.y, w1[6] = r1h.z,
+        w1[7] = r1h.w;
+    };
+    // A fragments of the four k32 steps of a tile.
+    uint32_t a[4][4];
+    auto decode = [&](int ks) {
+        a[ks][0] = (w0[2 * ks] >> sh) & 0x03030303u;
+        a[ks][1] = (w1[2 * ks] >> sh) & 0x03030303u;
+        a[ks][2] = (w0[2 * ks + 1] >> sh) & 0x03030303u;
+        a[ks][3] = (w1[2 * ks + 1] >> sh) & 0x03030303u;
+    };
+    auto release = [&](int it) {
+        if (lane == 0) mbar_arrive(empty + 8 * (it % STAGES));
+    };
+
+    int it0 = 0;  // this CTA's k tiles consumed before the current work item
+    for (int w = blockIdx.x; w < tiles * splits; w += gridDim.x) {
+        int bn, bm, split, kb, ke;
+        item(w, bn, bm, split, kb, ke);
+        const int nk = ke - kb;
+        int acc[NACC];
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) acc[i] = 0;
+        if (nk > 0) {
+            // One commit group per k32 step with at most three in flight (wait<2>), as CUTLASS's
+            // register-A mainloop does: the fragments of step ks + 1 are built while those of
+            // ks - 1 and ks may still be read, and their registers were last read three groups ago.
+            load_words(it0);
+            decode(0);
+            fence_acc(acc);
+            for (int kt = 0; kt < nk; ++kt) {
+                const uint32_t st = sbase + ((it0 + kt) % STAGES) * L::STAGE_BYTES;
+#pragma unroll
+                for (int ks = 0; ks < 4; ++ks) {
+                    if (ks < 3) {
+                        decode(ks + 1);
+                    } else if (kt + 1 < nk) {
+                        load_words(it0 + kt + 1);
+                        decode(0);
+                    }
+                    wgmma_fence();
+                    wgmma_rs<BT>(acc, a[ks][0], a[ks][1], a[ks][2], a[ks][3], gmma_desc(st + 32 * ks));
+                    wgmma_commit();
+                    wgmma_wait<2>();
+                    // k tile kt - 1's MMAs are all done: its stage goes back to the producer
+                    if (ks == 1 && kt > 0) release(it0 + kt - 1);
+                }
+            }
+            wgmma_wait<0>();
+            fence_acc(acc);
+            release(it0 + nk - 1);
+            it0 += nk;
+        }
+
+        // Epilogue: codes are unsigned, so y = (acc - rowsum(x)) * s_x * s_w.
+        consumers_sync();  // the previous tile's epilogue is done with `tok`
+        if (tid < BT) {
+            const int m = bm + tid;
+            const float sx = (m < M && !std::is_same<OT, int>::value) ? xscales[per_tensor ? 0 : m] : 0.0f;
+            tok[tid] = make_int2(m < M && split == 0 ? rowsum[m] : 0, __float_as_int(sx));
+        }
+        auto value = [&](int j, int hm, int e) -> float {
+            const int2 ts = tok[8 * j + 2 * t + e];
+            return dequant(acc[4 * j + 2 * hm + e] - ts.x, __int_as_float(ts.y), sw);
+        };
+#pragma unroll
+        for (int p = 0; p < L::PASSES; ++p) {
+            // Buffer p % 2 was last read by the store two passes ago (at most one group, the
+            // other buffer's, may still be reading) or by the threads' own copy-out.
+            if (tma_store && tid == 0) bulk_wait_read<1>();
+            consumers_sync();
+            const uint32_t buf = sbase + L::EP + (p & 1) * L::EP_BYTES;
+            constexpr int JP = L::EP_ROWS / 8;  // accumulator column groups j per pass
+            if constexpr (L::OB == 2) {
+                // stmatrix .trans: matrix q of the x4 is (j + q / 2, rows 8 (q % 2) .. of the warp's
+                // 16); lane 8q + r gives the address of its token row r.
+                const int q = lane >> 3, r = lane & 7;
+#pragma unroll
+                for (int j = JP * p; j < JP * p + JP; j += 2) {
+                    uint32_t v[4];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int jj = j + (i >> 1), hm = i & 1;
+                        union { OT h2[2]; uint32_t u; } pk;
+                        pk.h2[0] = from_f32<OT>(value(jj, hm, 0));
+                        pk.h2[1] = from_f32<OT>(value(jj, hm, 1));
+                        v[i] = pk.u;
+                    }
+                    const uint32_t addr = buf + L::offset(8 * (j + (q >> 1)) + r - L::EP_ROWS * p, wrow + 8 * (q & 1));
+                    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                                 "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+                                 : "memory");
+                }
+            } else {
+#pragma unroll
+                for (int j = JP * p; j < JP * p + JP; ++j) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int r = 8 * j + 2 * t + e - L::EP_ROWS * p;
+#pragma unroll
+                        for (int hm = 0; hm < 2; ++hm) {
+                            OT* dst = reinterpret_cast<OT*>(smem + (buf - sbase) + L::offset(r, wrow + g + 8 * hm));
+                            if constexpr (std::is_same<OT, int>::value) {
+                                *dst = acc[4 * j + 2 * hm + e] - tok[8 * j + 2 * t + e].x;
+                            } else {
+                                *dst = value(j, hm, e);
+                            }
+                        }
+                    }
+                }
+            }
+            if (tma_store) fence_proxy_async();  // the writes above are read by the TMA engine
+            consumers_sync();
+            const int m0 = bm + L::EP_ROWS * p;
+            if (tma_store) {
+                if (tid == 0) {
+                    // rows past M and columns past N are clipped by the TMA unit
+#pragma unroll
+                    for (int b = 0; b < L::BOXES; ++b) {
+                        const uint32_t src = buf + b * (L::EP_ROWS * 128);
+                        if constexpr (SPLIT)
+                            tma_reduce_add_2d(tmy, bn + 32 * b, m0, src);  // an s32 map: columns in elements
+                        else
+                            tma_store_2d(tmy, bn * L::OB + 128 * b, m0, src);  // a byte map
+                    }
+                    bulk_commit();
+                }
+            } else {
+                // copy whole 16-byte chunks of the token rows to y
+                constexpr int E = 16 / L::OB;   // outputs per chunk
+                constexpr int CPR = TM_BN / E;  // chunks per row
+                const bool vec = (N % E) == 0 && (((size_t)y) & 15) == 0;
 #pragma unroll 4
-    for (int idx = tid; idx < WG_BM * CPR; idx += 256) {
-        const int r = idx / CPR, c = idx % CPR;
-        const int m = bm + r, n = bn + c * E;
-        if (m >= M || n >= N) continue;
-        const uint8_t* src = smem + r * ROWB + c * 16;
-        OT* dst = y + (size_t)m * N + n;
-        if (vec && n + E <= N) {
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-            const OT* s = reinterpret_cast<const OT*>(src);
-            for (int e = 0; e < E && n + e < N; ++e) dst[e] = s[e];
+                for (int idx = tid; idx < L::EP_ROWS * CPR; idx += 256) {
+                    const int r = idx / CPR, c = idx % CPR;
+                    const int m = m0 + r, n = bn + c * E;
+                    if (m >= M || n >= N) continue;
+                    const uint8_t* src = smem + (buf - sbase) + L::offset(r, c * E);
+                    OT* dst = y + (size_t)m * N + n;
+                    const OT* sp = reinterpret_cast<const OT*>(src);
+                    if constexpr (SPLIT) {
+                        for (int e = 0; e < E && n + e < N; ++e) atomicAdd(dst + e, sp[e]);
+                    } else if (vec && n + E <= N) {
+                        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                    } else {
+                        for (int e = 0; e < E && n + e < N; ++e) dst[e] = sp[e];
+                    }
+                }
+            }
         }
     }
+    if (tma_store && tid == 0) bulk_wait<0>();  // the last stores have completed
 }
 
-#define WG_INST(OT, ON)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                                     \
-        gemm_wgmma_##ON(const int8_t* Xp, int ld, const int* rowsum, const float* xs, int per_tensor,        \
-                        const uint8_t* Wp, int K4s, int M, int N, int K, float sw_val, const float* sw_ptr, \
-                        OT* y) {                                                                             \
-        pdl_wait();                                                                                 \
-        gemm_wgmma_impl<OT>(Xp, ld, rowsum, xs, per_tensor, Wp, K4s, M, N, K, sw_val, sw_ptr, y);            \
+#define TM_INST(NAME, OT, BT, SPLIT)                                                                         \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                       \
+        NAME(const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw,                     \
+             const __grid_constant__ TensorMap tmy, int tma_store, const int* rowsum, const float* xs,          \
+             int per_tensor, int M, int N, int KT, int splits, float sw_val, const float* sw_ptr, OT* y) {      \
+        gemm_tma_impl<OT, BT, SPLIT>(&tmx, &tmw, &tmy, tma_store, rowsum, xs, per_tensor, M, N, KT, splits,    \
+                                     sw_val, sw_ptr, y);                                                       \
     }
 
-WG_INST(int, i32)
-WG_INST(float, f32)
-WG_INST(__nv_bfloat16, bf16)
-WG_INST(__half, f16)
+TM_INST(gemm_tma_i32, int, 256, false)
+TM_INST(gemm_tma_f32, float, 256, false)
+TM_INST(gemm_tma_bf16, __nv_bfloat16, 256, false)
+TM_INST(gemm_tma_f16, __half, 256, false)
+TM_INST(gemm_tma128_i32, int, 128, false)
+TM_INST(gemm_tma128_f32, float, 128, false)
+TM_INST(gemm_tma128_bf16, __nv_bfloat16, 128, false)
+TM_INST(gemm_tma128_f16, __half, 128, false)
+TM_INST(gemm_tma128_split, int, 128, true)

@@ -13,9 +13,7 @@ pub(crate) enum GemmTile {
     Big,
     /// `mma.sync`, 128 x 256 (never the fastest; a variant)
     Wide,
-    /// the first `wgmma` kernel, 128 x 256 (`kernels/gemm90a.cu`; a variant)
-    Wgmma,
-    /// the TMA `wgmma` kernel, 256 tokens x 128 weight rows (`kernels/gemm90a_tma.cu`)
+    /// the TMA `wgmma` kernel, 256 tokens x 128 weight rows (`kernels/gemm90a.cu`)
     Tma,
     /// the TMA `wgmma` kernel, 128 tokens x 128 weight rows, optionally split over k
     Tma128,
@@ -28,7 +26,6 @@ impl GemmTile {
             GemmTile::Small => "small",
             GemmTile::Big => "big",
             GemmTile::Wide => "wide",
-            GemmTile::Wgmma => "wgmma",
             GemmTile::Tma => "tma",
             GemmTile::Tma128 => "tma128",
         }
@@ -40,7 +37,6 @@ impl GemmTile {
             GemmTile::Small => (64, 64, 128),
             GemmTile::Big => (128, 128, 256),
             GemmTile::Wide => (128, 256, 512),
-            GemmTile::Wgmma => (128, 256, 256),
             GemmTile::Tma => (256, 128, 384),
             GemmTile::Tma128 => (128, 128, 384),
         }
@@ -60,7 +56,6 @@ pub(crate) fn gemm_tile(m: usize, n: usize, k_tiles: usize, sms: usize, sm90: bo
         GemmTile::Small,
         GemmTile::Big,
         GemmTile::Wide,
-        GemmTile::Wgmma,
         GemmTile::Tma,
         GemmTile::Tma128,
     ];
@@ -72,7 +67,8 @@ pub(crate) fn gemm_tile(m: usize, n: usize, k_tiles: usize, sms: usize, sm90: bo
     let tma = sm90 && k_tiles > 0;
     match m {
         // M <= 32 (where N is large, `gemm_for_small_m`): 64 x 64 tiles (16 x 13824 x 2560: 19.9
-        // us, against 25.3 us with 128 x 128 tiles and 28.2 us with the first wgmma kernel)
+        // us, against 25.3 us with 128 x 128 tiles and 28.2 us with the first wgmma kernel, since
+        // replaced)
         _ if m <= 32 => GemmTile::Small,
         // 256-token tiles from M > 128 once they cover half the SMs, else 128-token tiles from
         // M = 64: 256-token tiles at 1024 x 2560^2 26.2 vs 29.1 us, 512 x 13824 x 2560 39.7 vs
@@ -179,7 +175,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(gemm_splits(GemmTile::Wgmma, 1, 100, SMS), 1);
         assert_eq!(gemm_splits(GemmTile::Tma, 1, 100, SMS), 1);
     }
 }

@@ -22,11 +22,10 @@
 //!   `x`, so from `M = 12` where `N >= 64 x SMs` the GEMM below (64x64 tiles) takes over.
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
-//!   warp-specialized `wgmma` kernel (`kernels/gemm90a_tma.cu`: TMA copies, the weights decoded
+//!   warp-specialized `wgmma` kernel (`kernels/gemm90a.cu`: TMA copies, the weights decoded
 //!   straight into the MMA's A registers, persistent CTAs, TMA stores) from M = 64: tiles of 256
 //!   tokens x 128 weight rows where M > 128 and they cover half the SMs, else of 128 tokens, with
-//!   K split over several CTAs where the tiles are few and K is long (the earlier `wgmma`
-//!   kernel, `kernels/gemm90a.cu`, stays as a variant; H100 4096^3: 1.38x faster),
+//!   K split over several CTAs where the tiles are few and K is long,
 //!   otherwise the `mma.sync` kernel with 128x128 tiles when they give 3/4 of the SMs a tile,
 //!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant);
 //!   the `mma.sync` GEMM splits K over several CTAs when its tiles alone fill less than one wave.
@@ -53,7 +52,7 @@
 //!   the size-based choice (16 needs 16-byte aligned packed rows).
 //! * `BITLINEAR_CUDA_GEMV_BULK_X=0|1`: the decode GEMV loads `x` with the threads' own loads
 //!   (0) or one bulk copy (1) instead of the size-based choice.
-//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|wgmma|tma|tma128`: GEMM kernel and CTA tile
+//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|tma|tma128`: GEMM kernel and CTA tile
 //!   instead of the size-based choice (`tma` and `tma128` need K > 0).
 //! * `BITLINEAR_CUDA_TMA_ONE_TILE=1`: one CTA per tile for the TMA wgmma GEMM instead of one
 //!   persistent CTA per SM.
@@ -85,8 +84,6 @@ static SKINNY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/skinny.f
 static GEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.fatbin"));
 /// Empty unless built for compute capability 9.0 (sm_90a).
 static GEMM90A_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a.fatbin"));
-/// Empty unless built for compute capability 9.0 (sm_90a).
-static GEMM90A_TMA_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a_tma.fatbin"));
 static GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 
 const THREADS: u32 = 256;
@@ -105,7 +102,7 @@ const GEMV_MAX_M: usize = 1;
 const GEMV_MAX_K: usize = 8192;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
-/// Weight rows per CTA tile of the TMA wgmma GEMM (`kernels/gemm90a_tma.cu`).
+/// Weight rows per CTA tile of the TMA wgmma GEMM (`kernels/gemm90a.cu`).
 const TMA_BN: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -114,7 +111,6 @@ enum Module {
     Skinny,
     Gemm,
     Gemm90a,
-    Gemm90aTma,
     Gemv,
 }
 
@@ -125,7 +121,6 @@ impl Module {
             Module::Skinny => SKINNY_FATBIN,
             Module::Gemm => GEMM_FATBIN,
             Module::Gemm90a => GEMM90A_FATBIN,
-            Module::Gemm90aTma => GEMM90A_TMA_FATBIN,
             Module::Gemv => GEMV_FATBIN,
         }
     }
@@ -135,7 +130,7 @@ impl Module {
 struct DevInfo {
     sms: usize,
     smem_optin: usize,
-    /// compute capability 9.0 (the sm_90a wgmma kernel can run)
+    /// compute capability 9.0 (the sm_90a kernels can run)
     sm90: bool,
 }
 
@@ -1009,14 +1004,12 @@ fn matmul_core(
         // the split-K variant stages i32 partial sums, whatever the output type
         GemmTile::Tma | GemmTile::Tma128 => (
             tma_smem_bytes(bm, if splits > 1 { 4 } else { out_dtype.size_in_bytes() }),
-            Module::Gemm90aTma,
+            Module::Gemm90a,
         ),
-        // 4 stages of (128 + 256) x 128 bytes, plus slack to align the base to 1024 bytes
-        GemmTile::Wgmma => (4 * (bm + bn) * 128 + 1024, Module::Gemm90a),
         _ => (4 * (bm * 144 + bn * 48), Module::Gemm),
     };
     let name = match (splits > 1, module) {
-        (true, Module::Gemm90aTma) => format!("gemm_{}_split", tile.name()),
+        (true, Module::Gemm90a) => format!("gemm_{}_split", tile.name()),
         _ => format!("gemm_{}_{osfx}", tile.name()),
     };
     let f = func(dev, module, &name)?;
@@ -1033,7 +1026,7 @@ fn matmul_core(
     };
     let mut gws = Vec::new();
     let wsp = ws.as_mut().map_or(0, |w| out_ptr(w, &stream, &mut gws));
-    if module == Module::Gemm90aTma {
+    if module == Module::Gemm90a {
         // Persistent: one CTA per SM walks the tiles (weight-row tiles fastest), so that its
         // producer loads the next tile while the consumers write the last one out.
         let items = tiles * splits;
@@ -1152,7 +1145,7 @@ fn matmul_core(
 }
 
 /// Dynamic shared memory of the TMA wgmma GEMM with `bt` tokens a tile and `ob`-byte outputs
-/// (`TmaSmem` in kernels/gemm90a_tma.cu): 4 stages (6 for 128-token tiles) of bt x 128 activation
+/// (`TmaSmem` in kernels/gemm90a.cu): 4 stages (6 for 128-token tiles) of bt x 128 activation
 /// bytes and 128 x 32 packed weight bytes, two epilogue buffers, two mbarriers a stage, (row sum,
 /// scale) of bt tokens, and slack to align the base to 1024 bytes.
 fn tma_smem_bytes(bt: usize, ob: usize) -> usize {

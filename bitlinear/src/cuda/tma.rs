@@ -1,5 +1,5 @@
 //! TMA tensor maps (the descriptors Hopper's tensor-memory accelerator copies tiles with) for the
-//! warp-specialized wgmma GEMM (`kernels/gemm90a_tma.cu`).
+//! warp-specialized wgmma GEMM (`kernels/gemm90a.cu`).
 
 use candle_core::cuda_backend::cudarc::driver::{sys, DeviceRepr};
 use candle_core::{bail, Result};
