@@ -17,6 +17,7 @@ fn main() {
             "kernels",
             "kernels/gemm90a.cu",
             "kernels/common.cuh",
+            "kernels/tma.cuh",
             "kernels/wgmma.cuh",
         ]
         .map(String::from),

@@ -236,6 +236,12 @@ __device__ __forceinline__ void st_shared16(uint32_t saddr, uint4 v) {
     asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(saddr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                  : "memory");
 }
+// 16-byte load from a 32-bit shared-space address.
+__device__ __forceinline__ uint4 ld_shared16(uint32_t a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+    return v;
+}
 // ---- bulk (TMA-engine) copies completing on an mbarrier (sm_90+) ----
 // A bulk copy does not go through the SM's load pipeline, so it does not queue behind (or in
 // front of) the threads' own global loads.

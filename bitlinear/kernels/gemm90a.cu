@@ -42,6 +42,7 @@
 //     pass does not wait for the store. Without TMA stores the threads copy whole 16-byte chunks
 //     of the buffer's token rows to y instead (atomic adds for split-K).
 #include "common.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 #define TM_BN 128                       // weight rows per CTA tile (2 warpgroups x 64)
@@ -53,9 +54,9 @@
 // (row sum, scale) of the tile's BT tokens; the host computes the same size. An epilogue buffer
 // holds one pass: EP_ROWS token rows x 128 outputs (128 rows for 2-byte outputs of 256-token
 // tiles, else 64: ptxas serialized the 128-token kernel's MMAs with one 128-row pass) as BOXES
-// boxes of 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte
-// chunk c of row r at c ^ (r % 8)), which is what a TMA store with 128-byte swizzle reads and
-// keeps the fragment writes conflict-free.
+// boxes of 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte chunk c of row r at
+// c ^ (r % 8)), which is what a TMA store with 128-byte swizzle reads and keeps the fragment
+// writes conflict-free.
 template <typename OT, int BT> struct TmaSmem {
     static constexpr int OB = (int)sizeof(OT);
     static constexpr int X_BYTES = BT * TM_BK;
@@ -76,60 +77,6 @@ template <typename OT, int BT> struct TmaSmem {
     }
 };
 
-// The host's CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ parameter.
-struct alignas(64) TensorMap {
-    uint64_t opaque[16];
-};
-
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// 2D tile copy global -> shared through a tensor map; completes `bar`'s transaction bytes.
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const TensorMap* map, int c0, int c1, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
-        "[%4];\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-        : "memory");
-}
-__device__ __forceinline__ uint4 ld_shared16(uint32_t a) {
-    uint4 v;
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
-    return v;
-}
-// Moves registers from the producer warpgroup (which needs few) to the consumers (accumulators,
-// two A sets): 384 threads start with 168 registers each.
-template <int R> __device__ __forceinline__ void setmaxnreg_dec() {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
-}
-template <int R> __device__ __forceinline__ void setmaxnreg_inc() {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
-}
-// TMA reduce-add of a 2D box of s32 shared -> global (a bulk async-group of the issuing thread).
-__device__ __forceinline__ void tma_reduce_add_2d(const TensorMap* map, int c0, int c1, uint32_t src) {
-    asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
-                     reinterpret_cast<uint64_t>(map)),
-                 "r"(c0), "r"(c1), "r"(src)
-                 : "memory");
-}
-// TMA store of a 2D box shared -> global (a bulk async-group of the issuing thread).
-__device__ __forceinline__ void tma_store_2d(const TensorMap* map, int c0, int c1, uint32_t src) {
-    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
-                     reinterpret_cast<uint64_t>(map)),
-                 "r"(c0), "r"(c1), "r"(src)
-                 : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// Waits until at most N of this thread's bulk groups still read shared memory.
-template <int N> __device__ __forceinline__ void bulk_wait_read() {
-    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
-}
-template <int N> __device__ __forceinline__ void bulk_wait() {
-    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
-}
 // Barrier for the 256 consumer threads only (the producer warpgroup has exited).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 

@@ -80,6 +80,15 @@ __device__ __forceinline__ void wgmma_rs(int (&d)[BT / 2], uint32_t a0, uint32_t
         wgmma_m64n128k32_rs(d, a0, a1, a2, a3, db);
 }
 
+// Moves registers from the producer warpgroup (which needs few) to the consumers (accumulators,
+// two A sets): 384 threads start with 168 registers each.
+template <int R> __device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R> __device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
