@@ -1078,7 +1078,7 @@ fn matmul_core(
             sw.ptr,
             dst
         );
-    } else if module == Module::Gemm {
+    } else {
         launch!(
             f,
             stream,
@@ -1097,25 +1097,6 @@ fn matmul_core(
             sw.ptr,
             yp,
             wsp
-        );
-    } else {
-        launch!(
-            f,
-            stream,
-            cfg,
-            xpp,
-            ld as i32,
-            rsp,
-            xsp,
-            per_tensor as i32,
-            wq,
-            k4s as i32,
-            mi,
-            ni,
-            ki,
-            sw.val,
-            sw.ptr,
-            yp
         );
     }
     if splits > 1 {
