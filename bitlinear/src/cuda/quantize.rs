@@ -1,0 +1,293 @@
+//! The activation and weight quantizers on CUDA (`kernels/quant.cu`).
+
+use super::*;
+
+/// Output of the row quantizer.
+pub(super) enum ActOut {
+    /// canonical codes (M, K)
+    Codes(u64),
+    /// permuted, zero-padded codes (M, ld), and the i32 row sums of the codes (M)
+    Permuted(u64, usize, u64),
+    /// x~ = q * s_x in the input dtype
+    Fake(u64),
+}
+
+/// Runs the activation quantizer on `x` (`m` rows of `k`, dtype `dtype`, device pointer `xp`).
+/// `scales` (M or 1 floats) may be 0 (not needed).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn quantize_rows(
+    dev: &CudaDevice,
+    xp: u64,
+    dtype: DType,
+    m: usize,
+    k: usize,
+    per_tensor: bool,
+    out: ActOut,
+    scales: u64,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let sfx = float_suffix(dtype)?;
+    let info = dev_info(dev)?;
+    // per-tensor mode: [absmax bits, non-finite flag] of the whole tensor
+    let mut gstat = if per_tensor {
+        Some(dev.alloc_zeros::<u32>(2)?)
+    } else {
+        None
+    };
+    let mut g = Vec::new();
+    let gp = gstat.as_mut().map_or(0, |s| out_ptr(s, &stream, &mut g));
+    if per_tensor && m * k > 0 {
+        let f = func(dev, Module::Quant, &format!("act_absmax_tensor_{sfx}"))?;
+        launch!(f, stream, grid1(m * k, info.sms * 8), xp, (m * k) as u64, gp);
+    }
+    if per_tensor && m == 0 && scales != 0 {
+        // No rows: the CPU still reports the scale of an empty group.
+        let s = [crate::quant::ACT_EPS / crate::quant::ACT_MAX];
+        // SAFETY: `scales` points to at least one f32 (allocated by the caller).
+        unsafe { cu_result::memcpy_htod_async(scales, &s, stream.cu_stream()) }.w()?;
+        stream.synchronize().w()?;
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let (mode, codes, ld, fake, rowsum) = match out {
+        ActOut::Codes(p) => (0, p, k, 0u64, 0u64),
+        ActOut::Permuted(p, ld, rs) => (1, p, ld, 0, rs),
+        ActOut::Fake(p) => (2, 0, k, p, 0),
+    };
+    // When a thread has at most one 16-k group of a row (K <= 4096, K % 16 == 0, aligned x), the
+    // kernel that takes two rows at a time runs, a block per pair of rows; otherwise rows are
+    // grid-strided over about one wave of blocks (4 of 256 threads fit on an SM). (Staging rows
+    // in shared memory with cp.async, two rows ahead, measured no faster on an H200.)
+    let short =
+        k.is_multiple_of(16) && k <= 16 * THREADS as usize && xp.is_multiple_of(16) && ld <= 16 * THREADS as usize;
+    let (name, rows_per_block, max_blocks) = if short {
+        // every block one pair of rows: blocks in different phases overlap (H100, 4096 x 4096
+        // bf16: 23.6 us against 25.0 us with one wave of blocks grid-striding over the rows)
+        ("act_quant_rows_short", 2, usize::MAX)
+    } else {
+        ("act_quant_rows", 1, 4 * info.sms)
+    };
+    let f = func(dev, Module::Quant, &format!("{name}_{sfx}"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            i32_arg(m.div_ceil(rows_per_block).min(max_blocks), "quantizer blocks")? as u32,
+            1,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        f,
+        stream,
+        cfg,
+        xp,
+        i32_arg(m, "M")?,
+        i32_arg(k, "K")?,
+        per_tensor as i32,
+        gp,
+        mode,
+        codes,
+        i32_arg(ld, "K")?,
+        scales,
+        fake,
+        rowsum
+    );
+    drop(g);
+    Ok(())
+}
+
+/// `quantize_activations` on CUDA: U8 codes (M, K) and F32 scales (M) or (1).
+pub(crate) fn quantize_activations(
+    x: &CudaStorage,
+    l: &Layout,
+    per_tensor: bool,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let xin = FloatIn::new(x, l, "quantize_activations input")?;
+    let (m, k) = xin.rows_cols();
+    let mut codes = alloc::<u8>(dev, m * k)?;
+    let mut scales = alloc::<f32>(dev, if per_tensor { 1 } else { m })?;
+    {
+        let mut g = Vec::new();
+        let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
+        let cp = out_ptr(&mut codes, &stream, &mut g);
+        let sp = out_ptr(&mut scales, &stream, &mut g);
+        quantize_rows(dev, xp, xin.dtype(), m, k, per_tensor, ActOut::Codes(cp), sp)?;
+    }
+    Ok((
+        storage(CudaStorageSlice::U8(codes), dev),
+        storage(CudaStorageSlice::F32(scales), dev),
+    ))
+}
+
+/// `x~ = x_q * s_x` in x's dtype.
+pub(crate) fn fake_quant_activations(x: &CudaStorage, l: &Layout, per_tensor: bool) -> Result<(CudaStorage, Shape)> {
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let xin = FloatIn::new(x, l, "fake_quantize_activations input")?;
+    let (m, k) = xin.rows_cols();
+    let mut out = alloc_out(dev, xin.dtype(), m * k)?;
+    {
+        let mut g = Vec::new();
+        let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
+        let op = out_slice_ptr(&mut out, &stream, &mut g)?;
+        quantize_rows(dev, xp, xin.dtype(), m, k, per_tensor, ActOut::Fake(op), 0)?;
+    }
+    let shape = l.shape().clone();
+    let out = finish_dtype(storage(out, dev), &shape, x.dtype())?;
+    Ok((out, shape))
+}
+
+/// Launches the absmean reduction over `n` weights; returns `stat` = [s_w bits, non-finite flag].
+pub(super) fn weight_scale(dev: &CudaDevice, wp: u64, dtype: DType, n: usize) -> Result<CudaSlice<u32>> {
+    let stream = dev.cuda_stream();
+    let sfx = float_suffix(dtype)?;
+    // stat: [s_w bits, non-finite flag, count of finished partial blocks]
+    let mut stat = dev.alloc_zeros::<u32>(3)?;
+    // Grid size depends on n only, so the reduction tree (and s_w) is the same on every run.
+    let blocks = n.div_ceil(THREADS as usize * 8).clamp(1, 1024);
+    let mut partials = alloc::<f64>(dev, blocks)?;
+    let mut g = Vec::new();
+    let sp = out_ptr(&mut stat, &stream, &mut g);
+    let pp = out_ptr(&mut partials, &stream, &mut g);
+    if n > 0 {
+        // the last block to finish also makes the final sum
+        let f = func(dev, Module::Quant, &format!("w_absmean_partial_{sfx}"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(f, stream, cfg, wp, n as u64, pp, sp);
+    } else {
+        let f = func(dev, Module::Quant, "w_absmean_final")?;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(f, stream, cfg, pp, 0i32, 0u64, sp);
+    }
+    drop(g);
+    Ok(stat)
+}
+
+pub(super) fn check_finite_flag(dev: &CudaDevice, stat: &CudaSlice<u32>) -> Result<f32> {
+    let st = dev.clone_dtoh(stat)?;
+    if st[1] != 0 {
+        bail!("cannot quantize weights that contain NaN or infinite values")
+    }
+    Ok(f32::from_bits(st[0]))
+}
+
+/// Packs `w` (n, k) at `wp` into `out` using the device-side scale `stat[0]`.
+pub(super) fn pack_into(
+    dev: &CudaDevice,
+    wp: u64,
+    dtype: DType,
+    n: usize,
+    k: usize,
+    stat: u64,
+    out: u64,
+) -> Result<()> {
+    let k4 = k.div_ceil(4);
+    if n * k4 == 0 {
+        return Ok(());
+    }
+    let stream = dev.cuda_stream();
+    let info = dev_info(dev)?;
+    if k.is_multiple_of(16) && wp.is_multiple_of(16) {
+        // rows line up with 32-bit words: the flat packer (several words a thread in flight)
+        let words = n * k / 16;
+        let f = func(dev, Module::Quant, &format!("w_pack_flat_{}", float_suffix(dtype)?))?;
+        let per_thread = if dtype == DType::F32 { 2 } else { 4 };
+        launch!(
+            f,
+            stream,
+            grid1(words.div_ceil(per_thread), info.sms * 8),
+            wp,
+            words as u64,
+            stat,
+            out
+        );
+        return Ok(());
+    }
+    let f = func(dev, Module::Quant, &format!("w_pack_{}", float_suffix(dtype)?))?;
+    // one block per weight row (grid-stride)
+    let cfg = LaunchConfig {
+        grid_dim: (n.min(info.sms * 16) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        f,
+        stream,
+        cfg,
+        wp,
+        i32_arg(n, "N")?,
+        i32_arg(k, "K")?,
+        i32_arg(k4, "K/4")?,
+        stat,
+        out,
+        (k.is_multiple_of(16) && wp.is_multiple_of(16)) as i32
+    );
+    Ok(())
+}
+
+/// `PackedTernary::pack` on CUDA: packed bytes (N, ceil(K/4)) and s_w (read back to the host).
+pub(crate) fn pack_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaStorage, f32)> {
+    let dev = &w.device;
+    let stream = dev.cuda_stream();
+    let win = FloatIn::new(w, l, "weight")?;
+    let (n, k) = weight_dims(&win.dims)?;
+    let mut bytes = alloc::<u8>(dev, n * k.div_ceil(4))?;
+    let stat;
+    {
+        let mut g = Vec::new();
+        let wp = in_ptr(win.storage(), win.offset, &stream, &mut g)?;
+        stat = weight_scale(dev, wp, win.dtype(), n * k)?;
+        let sp = slice_ptr(&stat, &stream, &mut g);
+        let bp = out_ptr(&mut bytes, &stream, &mut g);
+        pack_into(dev, wp, win.dtype(), n, k, sp, bp)?;
+    }
+    let s_w = check_finite_flag(dev, &stat)?;
+    Ok((storage(CudaStorageSlice::U8(bytes), dev), s_w))
+}
+
+pub(super) fn weight_dims(dims: &[usize]) -> Result<(usize, usize)> {
+    match dims {
+        &[n, k] => Ok((n, k)),
+        d => bail!("bitlinear cuda: weight must have shape (N, K), got {d:?}"),
+    }
+}
+
+/// `W~ = w_q * s_w` in w's dtype.
+pub(crate) fn fake_quant_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = &w.device;
+    let stream = dev.cuda_stream();
+    let win = FloatIn::new(w, l, "weight")?;
+    let n: usize = win.dims.iter().product();
+    let mut out = alloc_out(dev, win.dtype(), n)?;
+    let stat;
+    {
+        let mut g = Vec::new();
+        let wp = in_ptr(win.storage(), win.offset, &stream, &mut g)?;
+        stat = weight_scale(dev, wp, win.dtype(), n)?;
+        let sp = slice_ptr(&stat, &stream, &mut g);
+        let op = out_slice_ptr(&mut out, &stream, &mut g)?;
+        if n > 0 {
+            let info = dev_info(dev)?;
+            let f = func(dev, Module::Quant, &format!("w_fake_{}", float_suffix(win.dtype())?))?;
+            launch!(f, stream, grid1(n, info.sms * 16), wp, n as u64, sp, op);
+        }
+    }
+    if !env_flag("BITLINEAR_CUDA_NO_FINITE_CHECK") {
+        check_finite_flag(dev, &stat)?;
+    }
+    let shape = l.shape().clone();
+    let out = finish_dtype(storage(out, dev), &shape, w.dtype())?;
+    Ok((out, shape))
+}
