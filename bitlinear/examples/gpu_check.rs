@@ -1,7 +1,8 @@
 //! GPU correctness suite and benchmark for bitlinear's CUDA kernels (issue 3).
 //!
 //! Build (no GPU needed): `cargo build --release --features cuda -p bitlinear --example gpu_check`
-//! Run on the GPU machine: `gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick]`
+//! Run on the GPU machine: `gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick]
+//! [--only M,N,K]... [--prof M,N,K]...`
 //! (no flag = both parts). Exits with status 1 when any check fails.
 //!
 //! Check: random shapes (M = 1, odd M/N/K, K % 4 != 0, sizes off every tile, a few large), fresh

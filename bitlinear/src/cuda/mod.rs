@@ -477,6 +477,7 @@ fn finish_dtype(out: CudaStorage, shape: &Shape, want: DType) -> Result<CudaStor
 
 // The submodules use `launch!` and the helpers above (a macro is visible to modules declared
 // after it).
+mod gemm;
 mod matmul;
 mod quantize;
 mod tma;
