@@ -7,8 +7,7 @@ use super::quantize::{quantize_rows, ActOut};
 use super::*;
 use crate::gemm_launch::{gemm_splits, gemm_tile, GemmTile};
 
-/// The tiled GEMM path: x quantized into permuted, padded int8 codes with row sums, then the
-/// TMA wgmma kernel (`kernels/gemm90a.cu`) or the mma.sync kernel (`kernels/gemm.cu`).
+/// Runs the call on the tiled GEMM path (see the module comment), writing `out`.
 pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
     let Call {
         dev,
