@@ -627,6 +627,13 @@ mod real {
             ],
         ),
         (
+            "gemm-tma64",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "tma64"),
+            ],
+        ),
+        (
             "gemm-tma-one-tile",
             &[
                 ("BITLINEAR_CUDA_FORCE_GEMM", "1"),

@@ -17,16 +17,17 @@
 // i32 partial sums into a zeroed (M, N) workspace by TMA reduce-add (an s32 map), and
 // splitk_epilogue (gemm.cu) dequantizes it.
 //
-// Tiling: CTA tile 128 weight rows (N) x BT tokens (M; 256, or 128 for smaller M), k tile 128,
-// 4 stages of 36 KB (BT = 256: 32 KB Xp + 4 KB W) or 6 of 20 KB (BT = 128), each with a "full"
-// and an "empty" mbarrier. Persistent: one CTA per SM walks the work items w = blockIdx.x +
-// i * gridDim.x: output tile w % tiles (weight-row tiles fastest), k split w / tiles. 384
-// threads:
-//   * warpgroup 2 (producer; 40 registers, setmaxnreg), one thread: for every k tile of every
+// Tiling: CTA tile 64 x WGS weight rows (N; WGS = 2 consumer warpgroups, or 1 where N is small)
+// x BT tokens (M; 256, or 128 for smaller M), k tile 128, 4 stages of 36 KB (BT = 256: 32 KB Xp
+// + 4 KB W) or 6 of 20 KB (BT = 128; 18 KB with one consumer warpgroup), each with a "full" and
+// an "empty" mbarrier. Persistent: one CTA per SM walks the work items w = blockIdx.x +
+// i * gridDim.x: output tile w % tiles (weight-row tiles fastest), k split w / tiles.
+// 128 (WGS + 1) threads:
+//   * warpgroup WGS (producer; 40 registers, setmaxnreg), one thread: for every k tile of every
 //     work item of the CTA, waits until its stage is empty, announces the stage's bytes on its
 //     full barrier and issues the two TMA copies. It runs ahead into the next item while the
 //     consumers are in the epilogue.
-//   * warpgroups 0-1 (consumers, 232 registers; warpgroup w owns weight rows 64w .. 64w + 63):
+//   * warpgroups 0 .. WGS - 1 (consumers, 232 registers; warpgroup w owns weight rows 64w ..):
 //     per k tile, wait for the full barrier, load the thread's two weight rows (g and g + 8 of its
 //     warp's 16) as 2 x 32 packed bytes, and build the A fragments of the four k32 steps:
 //     (word >> 2t) & 0x03030303 is the four codes at permuted positions 4t .. 4t + 3 of that
@@ -45,9 +46,7 @@
 #include "tma.cuh"
 #include "wgmma.cuh"
 
-#define TM_BN 128                       // weight rows per CTA tile (2 warpgroups x 64)
-#define TM_BK 128                       // k per stage
-#define TM_W_BYTES (TM_BN * TM_BK / 4)  // packed weights per stage
+#define TM_BK 128  // k per stage
 
 // Shared memory for BT tokens a tile: the stages (BT x 128 swizzled activation bytes + 4 KB of
 // packed weights each, a multiple of 1024 bytes), two epilogue buffers, 2 x stages mbarriers, then
@@ -57,15 +56,16 @@
 // boxes of 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte chunk c of row r at
 // c ^ (r % 8)), which is what a TMA store with 128-byte swizzle reads and keeps the fragment
 // writes conflict-free.
-template <typename OT, int BT> struct TmaSmem {
+template <typename OT, int BT, int WGS> struct TmaSmem {
+    static constexpr int BN = 64 * WGS;  // weight rows per CTA tile: 64 per consumer warpgroup
     static constexpr int OB = (int)sizeof(OT);
     static constexpr int X_BYTES = BT * TM_BK;
-    static constexpr int STAGE_BYTES = X_BYTES + TM_W_BYTES;
+    static constexpr int STAGE_BYTES = X_BYTES + BN * TM_BK / 4;
     static constexpr int STAGES = BT == 256 ? 4 : 6;
     static constexpr int EP_ROWS = OB == 2 && BT == 256 ? 128 : 64;
     static constexpr int PASSES = BT / EP_ROWS;
-    static constexpr int BOXES = TM_BN * OB / 128;
-    static constexpr int EP_BYTES = EP_ROWS * TM_BN * OB;
+    static constexpr int BOXES = BN * OB / 128;
+    static constexpr int EP_BYTES = EP_ROWS * BN * OB;
     static constexpr int EP = STAGES * STAGE_BYTES;
     static constexpr int BARS = EP + 2 * EP_BYTES;
     static constexpr int SCALES = BARS + 16 * STAGES;
@@ -77,19 +77,22 @@ template <typename OT, int BT> struct TmaSmem {
     }
 };
 
-// Barrier for the 256 consumer threads only (the producer warpgroup has exited).
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+// Barrier for the consumer threads only (the producer warpgroup has exited).
+template <int THREADS> __device__ __forceinline__ void consumers_sync() {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+}
 
 // BT: tokens per tile (256 or 128). SPLIT: the k tiles are split over `splits` work items per
 // output tile, and each adds its i32 partial sums (the row sums subtracted by split 0 only) into
 // y = a zeroed i32 workspace (TMA reduce-add, or atomics without TMA stores); splitk_epilogue
 // (gemm.cu) dequantizes it afterwards.
-template <typename OT, int BT, bool SPLIT>
+template <typename OT, int BT, bool SPLIT, int WGS>
 __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const TensorMap* tmy, int tma_store,
                               const int* __restrict__ rowsum, const float* __restrict__ xscales, int per_tensor, int M,
                               int N, int KT, int splits, float sw_val, const float* __restrict__ sw_ptr,
                               OT* __restrict__ y) {
-    using L = TmaSmem<OT, BT>;
+    using L = TmaSmem<OT, BT, WGS>;
+    constexpr int NCONS = 128 * WGS, BN = L::BN;  // consumer threads, weight rows per tile
     static_assert(L::BYTES + 1024 <= 227 * 1024, "shared memory (+ 1 KB alignment slack) must fit an SM");
     static_assert(!SPLIT || std::is_same<OT, int>::value, "split-K partial sums are i32");
     constexpr int STAGES = L::STAGES, NACC = BT / 2;
@@ -101,13 +104,13 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
     const uint32_t empty = full + 8 * STAGES;
     int2* tok = reinterpret_cast<int2*>(smem + L::SCALES);  // (row sum, scale bits) per token
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int tiles_n = (N + TM_BN - 1) / TM_BN;
+    const int tiles_n = (N + BN - 1) / BN;
     const int tiles = tiles_n * ((M + BT - 1) / BT);
     // work item w: output tile w % tiles, k tiles [split * KT / splits, (split + 1) * KT / splits)
     auto item = [&](int w, int& bn, int& bm, int& split, int& kb, int& ke) {
         const int tile = w % tiles;
         split = w / tiles;
-        bn = (tile % tiles_n) * TM_BN;
+        bn = (tile % tiles_n) * BN;
         bm = (tile / tiles_n) * BT;
         kb = (int)((long long)split * KT / splits);
         ke = (int)((long long)(split + 1) * KT / splits);
@@ -117,15 +120,15 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
         uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::BARS);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(bars + s, 1);           // the producer's arrival (+ the copies' bytes)
-            mbar_init(bars + STAGES + s, 8);  // one arrival per consumer warp
+            mbar_init(bars + STAGES + s, 4 * WGS);  // one arrival per consumer warp
         }
     }
     __syncthreads();
     pdl_wait();
 
-    if (warp >= 8) {  // producer warpgroup: one thread issues the copies, running ahead across tiles
+    if (warp >= 4 * WGS) {  // producer warpgroup: one thread issues the copies, running ahead across tiles
         setmaxnreg_dec<40>();
-        if (warp == 8 && lane == 0) {
+        if (warp == 4 * WGS && lane == 0) {
             int it = 0;  // k tiles issued so far by this CTA
             for (int w = blockIdx.x; w < tiles * splits; w += gridDim.x) {
                 int bn, bm, split, kb, ke;
@@ -214,11 +217,11 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
         }
 
         // Epilogue: codes are unsigned, so y = (acc - rowsum(x)) * s_x * s_w.
-        consumers_sync();  // the previous tile's epilogue is done with `tok`
-        if (tid < BT) {
-            const int m = bm + tid;
+        consumers_sync<NCONS>();  // the previous tile's epilogue is done with `tok`
+        for (int i = tid; i < BT; i += NCONS) {
+            const int m = bm + i;
             const float sx = (m < M && !std::is_same<OT, int>::value) ? xscales[per_tensor ? 0 : m] : 0.0f;
-            tok[tid] = make_int2(m < M && split == 0 ? rowsum[m] : 0, __float_as_int(sx));
+            tok[i] = make_int2(m < M && split == 0 ? rowsum[m] : 0, __float_as_int(sx));
         }
         auto value = [&](int j, int hm, int e) -> float {
             const int2 ts = tok[8 * j + 2 * t + e];
@@ -229,7 +232,7 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
             // Buffer p % 2 was last read by the store two passes ago (at most one group, the
             // other buffer's, may still be reading) or by the threads' own copy-out.
             if (tma_store && tid == 0) bulk_wait_read<1>();
-            consumers_sync();
+            consumers_sync<NCONS>();
             const uint32_t buf = sbase + L::EP + (p & 1) * L::EP_BYTES;
             constexpr int JP = L::EP_ROWS / 8;  // accumulator column groups j per pass
             if constexpr (L::OB == 2) {
@@ -271,7 +274,7 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
                 }
             }
             if (tma_store) fence_proxy_async();  // the writes above are read by the TMA engine
-            consumers_sync();
+            consumers_sync<NCONS>();
             const int m0 = bm + L::EP_ROWS * p;
             if (tma_store) {
                 if (tid == 0) {
@@ -289,10 +292,10 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
             } else {
                 // copy whole 16-byte chunks of the token rows to y
                 constexpr int E = 16 / L::OB;   // outputs per chunk
-                constexpr int CPR = TM_BN / E;  // chunks per row
+                constexpr int CPR = BN / E;     // chunks per row
                 const bool vec = (N % E) == 0 && (((size_t)y) & 15) == 0;
 #pragma unroll 4
-                for (int idx = tid; idx < L::EP_ROWS * CPR; idx += 256) {
+                for (int idx = tid; idx < L::EP_ROWS * CPR; idx += NCONS) {
                     const int r = idx / CPR, c = idx % CPR;
                     const int m = m0 + r, n = bn + c * E;
                     if (m >= M || n >= N) continue;
@@ -313,21 +316,26 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
     if (tma_store && tid == 0) bulk_wait<0>();  // the last stores have completed
 }
 
-#define TM_INST(NAME, OT, BT, SPLIT)                                                                         \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                       \
+#define TM_INST(NAME, OT, BT, SPLIT, WGS)                                                                    \
+    extern "C" __global__ void __launch_bounds__(128 * (WGS + 1), 1)                                           \
         NAME(const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw,                     \
              const __grid_constant__ TensorMap tmy, int tma_store, const int* rowsum, const float* xs,          \
              int per_tensor, int M, int N, int KT, int splits, float sw_val, const float* sw_ptr, OT* y) {      \
-        gemm_tma_impl<OT, BT, SPLIT>(&tmx, &tmw, &tmy, tma_store, rowsum, xs, per_tensor, M, N, KT, splits,    \
-                                     sw_val, sw_ptr, y);                                                       \
+        gemm_tma_impl<OT, BT, SPLIT, WGS>(&tmx, &tmw, &tmy, tma_store, rowsum, xs, per_tensor, M, N, KT,       \
+                                          splits, sw_val, sw_ptr, y);                                          \
     }
 
-TM_INST(gemm_tma_i32, int, 256, false)
-TM_INST(gemm_tma_f32, float, 256, false)
-TM_INST(gemm_tma_bf16, __nv_bfloat16, 256, false)
-TM_INST(gemm_tma_f16, __half, 256, false)
-TM_INST(gemm_tma128_i32, int, 128, false)
-TM_INST(gemm_tma128_f32, float, 128, false)
-TM_INST(gemm_tma128_bf16, __nv_bfloat16, 128, false)
-TM_INST(gemm_tma128_f16, __half, 128, false)
-TM_INST(gemm_tma128_split, int, 128, true)
+TM_INST(gemm_tma_i32, int, 256, false, 2)
+TM_INST(gemm_tma_f32, float, 256, false, 2)
+TM_INST(gemm_tma_bf16, __nv_bfloat16, 256, false, 2)
+TM_INST(gemm_tma_f16, __half, 256, false, 2)
+TM_INST(gemm_tma128_i32, int, 128, false, 2)
+TM_INST(gemm_tma128_f32, float, 128, false, 2)
+TM_INST(gemm_tma128_bf16, __nv_bfloat16, 128, false, 2)
+TM_INST(gemm_tma128_f16, __half, 128, false, 2)
+TM_INST(gemm_tma128_split, int, 128, true, 2)
+// 64 weight rows a tile (one consumer warpgroup): twice the tiles where N is small
+TM_INST(gemm_tma64_i32, int, 128, false, 1)
+TM_INST(gemm_tma64_f32, float, 128, false, 1)
+TM_INST(gemm_tma64_bf16, __nv_bfloat16, 128, false, 1)
+TM_INST(gemm_tma64_f16, __half, 128, false, 1)

@@ -17,6 +17,8 @@ pub(crate) enum GemmTile {
     Tma,
     /// the TMA `wgmma` kernel, 128 tokens x 128 weight rows, optionally split over k
     Tma128,
+    /// the TMA `wgmma` kernel, 128 tokens x 64 weight rows (one consumer warpgroup)
+    Tma64,
 }
 
 impl GemmTile {
@@ -28,6 +30,7 @@ impl GemmTile {
             GemmTile::Wide => "wide",
             GemmTile::Tma => "tma",
             GemmTile::Tma128 => "tma128",
+            GemmTile::Tma64 => "tma64",
         }
     }
 
@@ -39,12 +42,13 @@ impl GemmTile {
             GemmTile::Wide => (128, 256, 512),
             GemmTile::Tma => (256, 128, 384),
             GemmTile::Tma128 => (128, 128, 384),
+            GemmTile::Tma64 => (128, 64, 256),
         }
     }
 
     /// The TMA kernel (needs compute capability 9.0 and K > 0).
     pub(crate) fn is_tma(self) -> bool {
-        matches!(self, GemmTile::Tma | GemmTile::Tma128)
+        matches!(self, GemmTile::Tma | GemmTile::Tma128 | GemmTile::Tma64)
     }
 }
 
@@ -58,6 +62,7 @@ pub(crate) fn gemm_tile(m: usize, n: usize, k_tiles: usize, sms: usize, sm90: bo
         GemmTile::Wide,
         GemmTile::Tma,
         GemmTile::Tma128,
+        GemmTile::Tma64,
     ];
     if let Ok(v) = std::env::var("BITLINEAR_CUDA_GEMM_TILE") {
         if let Some(&t) = all.iter().find(|t| t.name() == v && (!t.is_tma() || k_tiles > 0)) {
@@ -75,7 +80,18 @@ pub(crate) fn gemm_tile(m: usize, n: usize, k_tiles: usize, sms: usize, sm90: bo
         // 46.1 us; 128-token tiles at 512 x 4096^2 23.8 vs 31.9 us, 128 x 13824 x 2560 18.7 vs
         // 27.4 us, and at M = 64 and 128 at least as fast as the mma.sync tiles
         _ if tma && m > 128 && 2 * m.div_ceil(256) * n.div_ceil(128) >= sms => GemmTile::Tma,
-        _ if tma && m >= 64 => GemmTile::Tma128,
+        // Where the 128-row weight tiles fill at most half the SMs, tiles of 64 weight rows (twice
+        // as many CTAs), unless K is long enough to split 6 ways or more: 128 x 4096^2 15.1 vs
+        // 19.9 us, 256 x 2560 x 6912 21.4 vs 25.1 us (3 splits); 64 x 2560 x 6912 20.6 vs 18.9 us
+        // (6 splits)
+        _ if tma && m >= 64 => {
+            let tiles = m.div_ceil(128) * n.div_ceil(128);
+            if 2 * tiles <= sms && auto_splits(GemmTile::Tma128, tiles, k_tiles, sms) < 6 {
+                GemmTile::Tma64
+            } else {
+                GemmTile::Tma128
+            }
+        }
         // mma.sync: the largest tile that still gives 3/4 of the SMs a CTA
         _ if 4 * m.div_ceil(128) * n.div_ceil(128) >= 3 * sms => GemmTile::Big,
         _ => GemmTile::Small,
@@ -91,12 +107,18 @@ pub(crate) fn gemm_splits(tile: GemmTile, tiles: usize, k_tiles: usize, sms: usi
     if !splittable {
         return 1;
     }
-    if let Some(s) = std::env::var("BITLINEAR_CUDA_SPLITK")
+    match std::env::var("BITLINEAR_CUDA_SPLITK")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
     {
-        return s.clamp(1, max_splits);
+        Some(s) => s.clamp(1, max_splits),
+        None => auto_splits(tile, tiles, k_tiles, sms),
     }
+}
+
+/// `gemm_splits` without the environment override.
+fn auto_splits(tile: GemmTile, tiles: usize, k_tiles: usize, sms: usize) -> usize {
+    let max_splits = (k_tiles / 2).clamp(1, 16);
     let tiles = tiles.max(1);
     match tile {
         // mma.sync tiles: split when the tiles leave at least 3/4 of the SMs idle, about one CTA
@@ -131,18 +153,33 @@ mod tests {
     fn benchmark_shapes_take_the_measured_best() {
         for (n, k) in [(2560, 2560), (13824, 2560), (2560, 6912), (4096, 4096)] {
             assert_eq!(gemm_tile(16, n, kt(k), SMS, true), GemmTile::Small, "M = 16, {n} x {k}");
-            for m in [64, 128] {
-                assert_eq!(
-                    gemm_tile(m, n, kt(k), SMS, true),
-                    GemmTile::Tma128,
-                    "M = {m}, {n} x {k}"
-                );
-            }
             for m in [1024, 4096] {
                 assert_eq!(gemm_tile(m, n, kt(k), SMS, true), GemmTile::Tma, "M = {m}, {n} x {k}");
             }
         }
-        // M = 512: 256-token tiles only where they cover half the SMs
+        // M = 64..256: 64-row weight tiles where 128-row ones fill at most half the SMs and K is
+        // not long enough for 6 splits
+        for (m, n, k) in [
+            (64, 2560, 2560),
+            (128, 2560, 2560),
+            (256, 2560, 2560),
+            (64, 4096, 4096),
+            (128, 4096, 4096),
+            (256, 4096, 4096),
+            (256, 2560, 6912),
+        ] {
+            assert_eq!(gemm_tile(m, n, kt(k), SMS, true), GemmTile::Tma64, "{m} x {n} x {k}");
+        }
+        for (m, n, k) in [
+            (64, 2560, 6912),
+            (128, 2560, 6912),
+            (64, 13824, 2560),
+            (128, 13824, 2560),
+        ] {
+            assert_eq!(gemm_tile(m, n, kt(k), SMS, true), GemmTile::Tma128, "{m} x {n} x {k}");
+        }
+        // M = 256 and 512: 256-token tiles only where they cover half the SMs
+        assert_eq!(gemm_tile(256, 13824, kt(2560), SMS, true), GemmTile::Tma);
         assert_eq!(gemm_tile(512, 13824, kt(2560), SMS, true), GemmTile::Tma);
         assert_eq!(gemm_tile(512, 4096, kt(4096), SMS, true), GemmTile::Tma128);
         assert_eq!(gemm_tile(512, 2560, kt(6912), SMS, true), GemmTile::Tma128);
@@ -153,6 +190,7 @@ mod tests {
         assert_eq!(gemm_splits(GemmTile::Tma128, tiles(128, 2560), kt(2560), SMS), 1);
         assert_eq!(gemm_splits(GemmTile::Tma128, tiles(128, 13824), kt(2560), SMS), 1);
         assert_eq!(gemm_splits(GemmTile::Tma, 16 * 32, kt(4096), SMS), 1);
+        assert_eq!(gemm_splits(GemmTile::Tma64, 40, kt(4096), SMS), 1);
     }
 
     #[test]

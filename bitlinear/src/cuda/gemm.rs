@@ -89,8 +89,8 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
     let splits = gemm_splits(tile, tiles, k_tiles, info.sms);
     let (smem, module) = match tile {
         // the split-K variant stages i32 partial sums, whatever the output type
-        GemmTile::Tma | GemmTile::Tma128 => (
-            tma_smem_bytes(bm, if splits > 1 { 4 } else { out_dtype.size_in_bytes() }),
+        GemmTile::Tma | GemmTile::Tma128 | GemmTile::Tma64 => (
+            tma_smem_bytes(bm, bn, if splits > 1 { 4 } else { out_dtype.size_in_bytes() }),
             Module::Gemm90a,
         ),
         _ => (4 * (bm * 144 + bn * 48), Module::Gemm),
@@ -128,7 +128,7 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
         };
         use tma::Elem;
         let tmx = tma::matrix(xpp, Elem::U8, m, ld, ld, bm as u32, 128, true)?;
-        let tmw = tma::matrix(wq, Elem::U8, n, k4s, k4s, TMA_BN as u32, 32, false)?;
+        let tmw = tma::matrix(wq, Elem::U8, n, k4s, k4s, bn as u32, 32, false)?;
         // Output tiles (or split-K partial sums, added into the i32 workspace) leave through
         // TMA stores where the rows are 16-byte aligned; otherwise the threads copy them out
         // (the kernel ignores the map then).
@@ -216,9 +216,9 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
 /// (`TmaSmem` in kernels/gemm90a.cu): 4 stages (6 for 128-token tiles) of bt x 128 activation
 /// bytes and 128 x 32 packed weight bytes, two epilogue buffers, two mbarriers a stage, (row sum,
 /// scale) of bt tokens, and slack to align the base to 1024 bytes.
-fn tma_smem_bytes(bt: usize, ob: usize) -> usize {
+fn tma_smem_bytes(bt: usize, bn: usize, ob: usize) -> usize {
     let stages = if bt == 256 { 4 } else { 6 };
-    stages * (bt * 128 + TMA_BN * 32) + 2 * tma_epilogue_rows(bt, ob) * TMA_BN * ob + 16 * stages + 8 * bt + 1024
+    stages * (bt * 128 + bn * 32) + 2 * tma_epilogue_rows(bt, ob) * bn * ob + 16 * stages + 8 * bt + 1024
 }
 
 /// Token rows per epilogue pass of the TMA wgmma GEMM (`TmaSmem::EP_ROWS`).

@@ -24,8 +24,9 @@
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
 //!   warp-specialized `wgmma` kernel (`kernels/gemm90a.cu`: TMA copies, the weights decoded
 //!   straight into the MMA's A registers, persistent CTAs, TMA stores) from M = 64: tiles of 256
-//!   tokens x 128 weight rows where M > 128 and they cover half the SMs, else of 128 tokens, with
-//!   K split over several CTAs where the tiles are few and K is long,
+//!   tokens x 128 weight rows where M > 128 and they cover half the SMs, else of 128 tokens x 128
+//!   weight rows, or x 64 weight rows where the former would fill at most half the SMs, or with
+//!   K split over several CTAs where K is long (`src/gemm_launch.rs`),
 //!   otherwise the `mma.sync` kernel with 128x128 tiles when they give 3/4 of the SMs a tile,
 //!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant);
 //!   the `mma.sync` GEMM splits K over several CTAs when its tiles alone fill less than one wave.
@@ -52,8 +53,8 @@
 //!   the size-based choice (16 needs 16-byte aligned packed rows).
 //! * `BITLINEAR_CUDA_GEMV_BULK_X=0|1`: the decode GEMV loads `x` with the threads' own loads
 //!   (0) or one bulk copy (1) instead of the size-based choice.
-//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|tma|tma128`: GEMM kernel and CTA tile
-//!   instead of the size-based choice (`tma` and `tma128` need K > 0).
+//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|tma|tma128|tma64`: GEMM kernel and CTA tile
+//!   instead of the size-based choice (the `tma` tiles need K > 0).
 //! * `BITLINEAR_CUDA_TMA_ONE_TILE=1`: one CTA per tile for the TMA wgmma GEMM instead of one
 //!   persistent CTA per SM.
 //! * `BITLINEAR_CUDA_TMA_STORE=0`: the TMA wgmma GEMM's threads copy the output tiles out
@@ -96,8 +97,6 @@ const GEMV_MAX_M: usize = 1;
 const GEMV_MAX_K: usize = 8192;
 /// k tile of the GEMM kernel (its activation buffer is padded to a multiple of it).
 const GEMM_BK: usize = 128;
-/// Weight rows per CTA tile of the TMA wgmma GEMM (`kernels/gemm90a.cu`).
-const TMA_BN: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Module {
