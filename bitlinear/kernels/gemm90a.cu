@@ -8,7 +8,7 @@
 // Both are read through TMA tensor maps built by the host (src/cuda/tma.rs):
 //   * Xp: box BT rows x 128 bytes, 128-byte swizzle (row r at r * 128, 16-byte chunk c at chunk
 //     c ^ (r % 8): the layout the wgmma B descriptor expects); rows past M are zero-filled.
-//   * W: box 128 rows x 32 packed bytes (128 k), no swizzle; rows past N and bytes past K4s are
+//   * W: box BN rows x 32 packed bytes (128 k), no swizzle; rows past N and bytes past K4s are
 //     zero-filled (codes 0 there meet zero activations).
 //
 // Output: y (M, N) row-major; where its rows are 16-byte aligned (N * sizeof(OT) % 16 == 0) it
@@ -48,14 +48,14 @@
 
 #define TM_BK 128  // k per stage
 
-// Shared memory for BT tokens a tile: the stages (BT x 128 swizzled activation bytes + 4 KB of
-// packed weights each, a multiple of 1024 bytes), two epilogue buffers, 2 x stages mbarriers, then
-// (row sum, scale) of the tile's BT tokens; the host computes the same size. An epilogue buffer
-// holds one pass: EP_ROWS token rows x 128 outputs (128 rows for 2-byte outputs of 256-token
-// tiles, else 64: ptxas serialized the 128-token kernel's MMAs with one 128-row pass) as BOXES
-// boxes of 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte chunk c of row r at
-// c ^ (r % 8)), which is what a TMA store with 128-byte swizzle reads and keeps the fragment
-// writes conflict-free.
+// Shared memory for BT tokens and BN weight rows a tile: the stages (BT x 128 swizzled activation
+// bytes + BN x 32 packed weight bytes each, a multiple of 1024 bytes), two epilogue buffers, 2 x
+// stages mbarriers, then (row sum, scale) of the tile's BT tokens; the host computes the same
+// size. An epilogue buffer holds one pass: EP_ROWS token rows x BN outputs (128 rows for 2-byte
+// outputs of 256-token tiles, else 64: ptxas serialized the 128-token kernel's MMAs with one
+// 128-row pass) as BOXES boxes of 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte
+// chunk c of row r at c ^ (r % 8)), which is what a TMA store with 128-byte swizzle reads and
+// keeps the fragment writes conflict-free.
 template <typename OT, int BT, int WGS> struct TmaSmem {
     static constexpr int BN = 64 * WGS;  // weight rows per CTA tile: 64 per consumer warpgroup
     static constexpr int OB = (int)sizeof(OT);
