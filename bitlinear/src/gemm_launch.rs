@@ -75,16 +75,17 @@ pub(crate) fn gemm_tile(m: usize, n: usize, k_tiles: usize, sms: usize, sm90: bo
         // us, against 25.3 us with 128 x 128 tiles and 28.2 us with the first wgmma kernel, since
         // replaced)
         _ if m <= 32 => GemmTile::Small,
-        // 256-token tiles from M > 128 once they cover half the SMs, else 128-token tiles from
-        // M = 64: 256-token tiles at 1024 x 2560^2 26.2 vs 29.1 us, 512 x 13824 x 2560 39.7 vs
-        // 46.1 us; 128-token tiles at 512 x 4096^2 23.8 vs 31.9 us, 128 x 13824 x 2560 18.7 vs
-        // 27.4 us, and at M = 64 and 128 at least as fast as the mma.sync tiles
+        // 256-token tiles from M > 128 once they cover half the SMs, else 128-token tiles:
+        // 256-token tiles at 1024 x 2560^2 26.2 vs 29.1 us, 512 x 13824 x 2560 39.7 vs 46.1 us;
+        // 128-token tiles at 512 x 4096^2 23.8 vs 31.9 us, 128 x 13824 x 2560 18.7 vs 27.4 us,
+        // and from M = 33 they beat the mma.sync tiles (M = 40: 13824 x 2560 17.8 vs 24.1 us,
+        // 2560 x 6912 18.9 vs 26.6 us, 2560^2 11.6 vs 13.6 us with 64-row tiles)
         _ if tma && m > 128 && 2 * m.div_ceil(256) * n.div_ceil(128) >= sms => GemmTile::Tma,
         // Where the 128-row weight tiles fill at most half the SMs, tiles of 64 weight rows (twice
         // as many CTAs), unless K is long enough to split 6 ways or more: 128 x 4096^2 15.1 vs
         // 19.9 us, 256 x 2560 x 6912 21.4 vs 25.1 us (3 splits); 64 x 2560 x 6912 20.6 vs 18.9 us
         // (6 splits)
-        _ if tma && m >= 64 => {
+        _ if tma => {
             let tiles = m.div_ceil(128) * n.div_ceil(128);
             if 2 * tiles <= sms && auto_splits(GemmTile::Tma128, tiles, k_tiles, sms) < 6 {
                 GemmTile::Tma64
@@ -157,9 +158,11 @@ mod tests {
                 assert_eq!(gemm_tile(m, n, kt(k), SMS, true), GemmTile::Tma, "M = {m}, {n} x {k}");
             }
         }
-        // M = 64..256: 64-row weight tiles where 128-row ones fill at most half the SMs and K is
+        // M = 33..256: 64-row weight tiles where 128-row ones fill at most half the SMs and K is
         // not long enough for 6 splits
         for (m, n, k) in [
+            (40, 2560, 2560),
+            (48, 4096, 4096),
             (64, 2560, 2560),
             (128, 2560, 2560),
             (256, 2560, 2560),
@@ -171,6 +174,8 @@ mod tests {
             assert_eq!(gemm_tile(m, n, kt(k), SMS, true), GemmTile::Tma64, "{m} x {n} x {k}");
         }
         for (m, n, k) in [
+            (40, 2560, 6912),
+            (40, 13824, 2560),
             (64, 2560, 6912),
             (128, 2560, 6912),
             (64, 13824, 2560),
