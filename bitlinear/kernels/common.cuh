@@ -251,12 +251,24 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the async proxy
 #endif
 }
-// Thread-side arrival that also announces `bytes` of bulk-copy data, then the copy of `bytes`
-// (a multiple of 16; both addresses 16-byte aligned) from global memory to shared memory.
+// Arrival on the mbarrier at shared-space address `bar` that also announces `bytes` of
+// bulk-copy data to come (the phase completes once they have landed).
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// Plain arrival on the mbarrier at shared-space address `bar`.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+// Arrival announcing `bytes` of bulk-copy data, then the copy of `bytes` (a multiple of 16;
+// both addresses 16-byte aligned) from global memory to shared memory.
 __device__ __forceinline__ void bulk_load_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
 #if __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-                 : "memory");
+    mbar_expect_tx(smem_u32(bar), bytes);
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
                      smem_u32(dst)),
                  "l"(src), "r"(bytes), "r"(smem_u32(bar))

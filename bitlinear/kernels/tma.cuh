@@ -1,8 +1,8 @@
-// Hopper (sm_90) TMA tensor copies, bulk async-groups and mbarrier arrivals, for gemm90a.cu.
+// Hopper (sm_90) TMA tensor copies and bulk async-groups, for gemm90a.cu.
 // A tensor map (built on the host, src/cuda/tma.rs) describes a 2D matrix in global memory and
 // the box the TMA unit copies; loads complete on an mbarrier as transaction bytes, stores and
-// reduce-adds form the issuing thread's bulk async-groups. (mbar_init and mbar_wait_s, shared
-// with the sm_90 GEMV, are in common.cuh.)
+// reduce-adds form the issuing thread's bulk async-groups. (The mbarrier operations, shared with
+// the sm_90 GEMV, are in common.cuh.)
 #pragma once
 #include <stdint.h>
 
@@ -11,12 +11,6 @@ struct alignas(64) TensorMap {
     uint64_t opaque[16];
 };
 
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
 // 2D tile copy global -> shared through a tensor map; completes `bar`'s transaction bytes.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const TensorMap* map, int c0, int c1, uint32_t bar) {
     asm volatile(
