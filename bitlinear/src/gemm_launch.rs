@@ -103,7 +103,6 @@ pub(crate) fn gemm_tile(m: usize, n: usize, k_tiles: usize, sms: usize, sm90: bo
 /// `tile`, `k_tiles` k tiles of 128 and `sms` SMs. `BITLINEAR_CUDA_SPLITK=n` overrides it for
 /// the tiles that can split (`small`, `big`, `tma128`).
 pub(crate) fn gemm_splits(tile: GemmTile, tiles: usize, k_tiles: usize, sms: usize) -> usize {
-    let max_splits = (k_tiles / 2).clamp(1, 16);
     let splittable = matches!(tile, GemmTile::Small | GemmTile::Big | GemmTile::Tma128);
     if !splittable {
         return 1;
@@ -112,14 +111,19 @@ pub(crate) fn gemm_splits(tile: GemmTile, tiles: usize, k_tiles: usize, sms: usi
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
     {
-        Some(s) => s.clamp(1, max_splits),
+        Some(s) => s.clamp(1, max_splits(k_tiles)),
         None => auto_splits(tile, tiles, k_tiles, sms),
     }
 }
 
+/// At most 16 splits of at least two k tiles each.
+fn max_splits(k_tiles: usize) -> usize {
+    (k_tiles / 2).clamp(1, 16)
+}
+
 /// `gemm_splits` without the environment override.
 fn auto_splits(tile: GemmTile, tiles: usize, k_tiles: usize, sms: usize) -> usize {
-    let max_splits = (k_tiles / 2).clamp(1, 16);
+    let max_splits = max_splits(k_tiles);
     let tiles = tiles.max(1);
     match tile {
         // mma.sync tiles: split when the tiles leave at least 3/4 of the SMs idle, about one CTA

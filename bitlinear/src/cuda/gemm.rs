@@ -100,8 +100,21 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
         _ => format!("gemm_{}_{osfx}", tile.name()),
     };
     let f = func(dev, module, &name)?;
+    let grid_dim = if module == Module::Gemm90a {
+        // Persistent: one CTA per SM walks the work items (tiles, weight-row tiles fastest, then
+        // the k splits), so that its producer loads the next item while the consumers write out.
+        let items = tiles * splits;
+        let ctas = if env_flag("BITLINEAR_CUDA_TMA_ONE_TILE") {
+            items
+        } else {
+            items.min(info.sms)
+        };
+        (i32_arg(ctas, "GEMM tiles")? as u32, 1, 1)
+    } else {
+        (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, splits as u32)
+    };
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, splits as u32),
+        grid_dim,
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };
@@ -114,18 +127,6 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
     let mut gws = Vec::new();
     let wsp = ws.as_mut().map_or(0, |w| out_ptr(w, stream, &mut gws));
     if module == Module::Gemm90a {
-        // Persistent: one CTA per SM walks the tiles (weight-row tiles fastest), so that its
-        // producer loads the next tile while the consumers write the last one out.
-        let items = tiles * splits;
-        let ctas = if env_flag("BITLINEAR_CUDA_TMA_ONE_TILE") {
-            items
-        } else {
-            items.min(info.sms)
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (i32_arg(ctas, "GEMM tiles")? as u32, 1, 1),
-            ..cfg
-        };
         use tma::Elem;
         let tmx = tma::matrix(xpp, Elem::U8, m, ld, ld, bm as u32, 128, true)?;
         let tmw = tma::matrix(wq, Elem::U8, n, k4s, k4s, bn as u32, 32, false)?;
@@ -159,7 +160,7 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
             per_tensor as i32,
             mi,
             ni,
-            (ld / GEMM_BK) as i32,
+            k_tiles as i32,
             splits as i32,
             sw.val,
             sw.ptr,
@@ -212,10 +213,10 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
     Ok(())
 }
 
-/// Dynamic shared memory of the TMA wgmma GEMM with `bt` tokens a tile and `ob`-byte outputs
-/// (`TmaSmem` in kernels/gemm90a.cu): 4 stages (6 for 128-token tiles) of bt x 128 activation
-/// bytes and 128 x 32 packed weight bytes, two epilogue buffers, two mbarriers a stage, (row sum,
-/// scale) of bt tokens, and slack to align the base to 1024 bytes.
+/// Dynamic shared memory of the TMA wgmma GEMM with `bt` tokens and `bn` weight rows a tile and
+/// `ob`-byte outputs (`TmaSmem` in kernels/gemm90a.cu): 4 stages (6 for 128-token tiles) of
+/// bt x 128 activation bytes and bn x 32 packed weight bytes, two epilogue buffers, two mbarriers
+/// a stage, (row sum, scale) of bt tokens, and slack to align the base to 1024 bytes.
 fn tma_smem_bytes(bt: usize, bn: usize, ob: usize) -> usize {
     let stages = if bt == 256 { 4 } else { 6 };
     stages * (bt * 128 + bn * 32) + 2 * tma_epilogue_rows(bt, ob) * bn * ob + 16 * stages + 8 * bt + 1024
