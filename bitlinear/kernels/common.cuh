@@ -27,15 +27,18 @@
 // compute capability 9.0+, so a kernel may start while the previous one of the stream runs) ----
 // Every kernel calls pdl_wait() before its first global memory access: it waits until the
 // previous kernel has completed and its writes are visible, so results are those of plain stream
-// order. A no-op without PDL.
+// order. A no-op without PDL. (The one exception, `w_early` in skinny.cu and gemm90a.cu: weights
+// requested before the wait where the host knows that the previous kernel is this call's
+// quantizer, which waited for everything before it.)
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 // Lets the next kernel of the stream be scheduled now instead of when this one's blocks exit.
-// Only for kernels that fill at most one wave: blocks of the next kernel that start early hold
-// SM resources while they wait.
+// Called after pdl_wait only, and only by the decode GEMV (at most one wave) and the activation
+// quantizer ahead of the Hopper GEMM: blocks of the next kernel that start early hold SM
+// resources while they wait (ahead of the skinny kernel this made M = 16, 4096^2 slower).
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -256,6 +259,13 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// Announces `bytes` of bulk-copy data to come on the mbarrier at shared-space address `bar`,
+// without an arrival.
+__device__ __forceinline__ void mbar_expect_tx_only(uint32_t bar, uint32_t bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 #endif
 }
 // Plain arrival on the mbarrier at shared-space address `bar`.

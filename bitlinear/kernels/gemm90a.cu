@@ -26,7 +26,10 @@
 //   * warpgroup WGS (producer; 40 registers, setmaxnreg), one thread: for every k tile of every
 //     work item of the CTA, waits until its stage is empty, announces the stage's bytes on its
 //     full barrier and issues the two TMA copies. It runs ahead into the next item while the
-//     consumers are in the epilogue.
+//     consumers are in the epilogue. With w_early (the host knows the previous kernel is this
+//     call's activation quantizer, which waited for every earlier kernel and lets this one start
+//     at once) it issues the weight copies of its first stages before pdl_wait, each announced
+//     on the full barrier without an arrival, and their x copies after it.
 //   * warpgroups 0 .. WGS - 1 (consumers, 232 registers; warpgroup w owns weight rows 64w ..):
 //     per k tile, wait for the full barrier, load the thread's two weight rows (g and g + 8 of its
 //     warp's 16) as 2 x 32 packed bytes, and build the A fragments of the four k32 steps:
@@ -90,7 +93,7 @@ template <typename OT, int BT, bool SPLIT, int WGS>
 __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const TensorMap* tmy, int tma_store,
                               const int* __restrict__ rowsum, const float* __restrict__ xscales, int per_tensor, int M,
                               int N, int KT, int splits, float sw_val, const float* __restrict__ sw_ptr,
-                              OT* __restrict__ y) {
+                              OT* __restrict__ y, int w_early) {
     using L = TmaSmem<OT, BT, WGS>;
     constexpr int NCONS = 128 * WGS, BN = L::BN;  // consumer threads, weight rows per tile
     static_assert(L::BYTES + 1024 <= 227 * 1024, "shared memory (+ 1 KB alignment slack) must fit an SM");
@@ -124,11 +127,26 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
         }
     }
     __syncthreads();
-    pdl_wait();
-
     if (warp >= 4 * WGS) {  // producer warpgroup: one thread issues the copies, running ahead across tiles
         setmaxnreg_dec<40>();
         if (warp == 4 * WGS && lane == 0) {
+            // Weights requested before pdl_wait (w_early: the previous kernel is this call's
+            // activation quantizer or permuter, which let this kernel start only after its own
+            // pdl_wait, so the weights were complete before it ran): the first stages of the
+            // CTA's first work item, each announced on its "full" barrier without an arrival
+            // (the x copy adds its bytes and arrives).
+            int early = 0;
+            if (w_early && blockIdx.x < tiles * splits) {
+                int bn, bm, split, kb, ke;
+                item(blockIdx.x, bn, bm, split, kb, ke);
+                early = min(ke - kb, STAGES);
+                for (int i = 0; i < early; ++i) {
+                    mbar_expect_tx_only(full + 8 * i, L::STAGE_BYTES - L::X_BYTES);
+                    tma_load_2d(sbase + i * L::STAGE_BYTES + L::X_BYTES, tmw, (kb + i) * (TM_BK / 4), bn,
+                                full + 8 * i);
+                }
+            }
+            pdl_wait();
             int it = 0;  // k tiles issued so far by this CTA
             for (int w = blockIdx.x; w < tiles * splits; w += gridDim.x) {
                 int bn, bm, split, kb, ke;
@@ -137,6 +155,11 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
                     const int s = it % STAGES;
                     if (it >= STAGES) mbar_wait_s(empty + 8 * s, ((it / STAGES) - 1) & 1);
                     const uint32_t dst = sbase + s * L::STAGE_BYTES;
+                    if (it < early) {  // the weights are on their way
+                        mbar_expect_tx(full + 8 * s, L::X_BYTES);
+                        tma_load_2d(dst, tmx, kt * TM_BK, bm, full + 8 * s);
+                        continue;
+                    }
                     mbar_expect_tx(full + 8 * s, L::STAGE_BYTES);
                     tma_load_2d(dst, tmx, kt * TM_BK, bm, full + 8 * s);
                     tma_load_2d(dst + L::X_BYTES, tmw, kt * (TM_BK / 4), bn, full + 8 * s);
@@ -147,6 +170,7 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
     }
 
     setmaxnreg_inc<232>();
+    pdl_wait();
     const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t = lane & 3;
     const int wrow = wg * 64 + wq * 16;                          // the warp's first weight row in the tile
     const uint32_t w_off = L::X_BYTES + (wrow + g) * (TM_BK / 4);  // row g; row g + 8 is 256 bytes on
@@ -320,9 +344,10 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
     extern "C" __global__ void __launch_bounds__(128 * (WGS + 1), 1)                                           \
         NAME(const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw,                     \
              const __grid_constant__ TensorMap tmy, int tma_store, const int* rowsum, const float* xs,          \
-             int per_tensor, int M, int N, int KT, int splits, float sw_val, const float* sw_ptr, OT* y) {      \
+             int per_tensor, int M, int N, int KT, int splits, float sw_val, const float* sw_ptr, OT* y,        \
+             int w_early) {                                                                                    \
         gemm_tma_impl<OT, BT, SPLIT, WGS>(&tmx, &tmw, &tmy, tma_store, rowsum, xs, per_tensor, M, N, KT,       \
-                                          splits, sw_val, sw_ptr, y);                                          \
+                                          splits, sw_val, sw_ptr, y, w_early);                                 \
     }
 
 TM_INST(gemm_tma_i32, int, 256, false, 2)

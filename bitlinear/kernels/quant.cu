@@ -528,15 +528,17 @@ __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_p
     extern "C" __global__ void __launch_bounds__(QT, 4)                                            \
         act_quant_rows_##SUF(const T* x, int M, int K, int per_tensor, const unsigned* gstat,     \
                              int mode, int8_t* codes, int ld, float* scales, T* fake,           \
-                             int* rowsum) {                                                        \
+                             int* rowsum, int trigger) {                                           \
         pdl_wait();                                                                                 \
+        if (trigger) pdl_launch_dependents(); /* the matmul may request its weights now */         \
         act_quant_rows_impl<T>(x, M, K, per_tensor, gstat, mode, codes, ld, scales, fake, rowsum); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(QT, sizeof(T) == 4 ? 3 : 4)                       \
         act_quant_rows_short_##SUF(const T* x, int M, int K, int per_tensor, const unsigned* gstat,\
                                    int mode, int8_t* codes, int ld, float* scales, T* fake,        \
-                                   int* rowsum) {                                                  \
+                                   int* rowsum, int trigger) {                                     \
         pdl_wait();                                                                                 \
+        if (trigger) pdl_launch_dependents(); /* the matmul may request its weights now */         \
         act_quant_rows_short_impl<T>(x, M, K, per_tensor, gstat, mode, codes, ld, scales, fake,    \
                                      rowsum);                                                      \
     }                                                                                              \

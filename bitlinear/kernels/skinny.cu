@@ -34,8 +34,9 @@
 //     while staging (like the CPU kernel).
 //   * weights go through a two-deep register pipeline: a warp's first two K blocks (kb = w and
 //     w + 8) are requested before the activation staging, so that both latencies overlap it
-//     (with K <= 4096 that is all of the warp's weights); after the MMAs of block kb the load of
-//     kb + 16 is issued.
+//     (with K <= 4096 that is all of the warp's weights), and before pdl_wait where the host
+//     says the previous kernel is this call's quantizer (w_early); after the MMAs of block kb the
+//     load of kb + 16 is issued.
 //   * MT = 1 (M <= 8) is compiled for 4 blocks per SM (<= 64 registers), so that N <= 16896
 //     rows (528 blocks of 32) run in one wave on 132 SMs.
 // Epilogue: y = (acc * s_x[m]) * s_w (two roundings), cast to OT; int32 mode stores acc.
@@ -95,7 +96,7 @@ __device__ __forceinline__ uint32_t comp(const uint4& v, int i) {
 template <int MT, int NTILE, int VEC, typename XT, typename OT>
 __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ xscales, int per_tensor,
                             const uint8_t* __restrict__ W, int M, int N, int K, int K4, float sw_val,
-                            const float* __restrict__ sw_ptr, OT* __restrict__ y) {
+                            const float* __restrict__ sw_ptr, OT* __restrict__ y, int w_early) {
     constexpr int NR = 16 * NTILE;     // weight rows per block
     constexpr bool FUSED = !std::is_same<XT, int8_t>::value;
     extern __shared__ __align__(16) uint8_t smem[];
@@ -110,6 +111,11 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
     const int RS = KB * 256 + 64;      // smem row stride (bytes), = 64 mod 128
     const int n0 = blockIdx.x * NR;
 
+    // programmatic dependent launch: wait for the previous kernel before the first global access,
+    // or, with w_early (the previous kernel is this call's activation quantizer, which waited for
+    // every earlier kernel: the weights were complete before it ran), after requesting the
+    // weights, so that their latency overlaps the quantizer's completion
+    if (!w_early) pdl_wait();
     // --- prefetch this warp's first two K blocks of weights (before staging, to overlap latencies)
     uint4 wa[NTILE], wb[NTILE], na[NTILE], nb[NTILE];
     int kb = warp;
@@ -123,6 +129,7 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
         nb[j] = load_w16<VEC>(W + (size_t)r1 * K4, kb1 * 64 + 16 * t, K4, kb1 < KB && r1 < N);
     }
 
+    if (w_early) pdl_wait();
     if (tid < 32) {
         xsum[tid] = 0;
         sx[tid] = 0.0f;
@@ -395,9 +402,8 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
 #define SK_INST(MT, NTILE, VEC, XT, OT, NAME)                                                       \
     extern "C" __global__ void __launch_bounds__(SK_THREADS, (MT) == 1 ? 4 : 1)                    \
         NAME(const XT* x, const float* xs, int per_tensor, const uint8_t* W, int M, int N, int K,  \
-             int K4, float sw_val, const float* sw_ptr, OT* y) {                                   \
-        pdl_wait();                                                                                 \
-        skinny_impl<MT, NTILE, VEC, XT, OT>(x, xs, per_tensor, W, M, N, K, K4, sw_val, sw_ptr, y); \
+             int K4, float sw_val, const float* sw_ptr, OT* y, int w_early) {                      \
+        skinny_impl<MT, NTILE, VEC, XT, OT>(x, xs, per_tensor, W, M, N, K, K4, sw_val, sw_ptr, y, w_early); \
     }
 
 // name: skinny_<x>_<out>_m<MT>_v<VEC>   (NTILE = 2: 32 weight rows per block)

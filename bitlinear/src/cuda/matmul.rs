@@ -275,7 +275,9 @@ fn skinny(c: &Call, plan: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()>
             k4i,
             sw.val,
             sw.ptr,
-            yp
+            yp,
+            // the quantizer launched just above lets this kernel request its weights early
+            i32::from(tmp_codes.is_some() && !env_flag("BITLINEAR_CUDA_NO_EARLY_WEIGHTS"))
         );
     }
     drop(tmp_codes);
