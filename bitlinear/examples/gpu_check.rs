@@ -612,6 +612,13 @@ mod real {
             ],
         ),
         (
+            "gemm-tma192",
+            &[
+                ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
+                ("BITLINEAR_CUDA_GEMM_TILE", "tma192"),
+            ],
+        ),
+        (
             "gemm-tma128",
             &[
                 ("BITLINEAR_CUDA_FORCE_GEMM", "1"),

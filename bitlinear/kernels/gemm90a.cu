@@ -18,8 +18,9 @@
 // splitk_epilogue (gemm.cu) dequantizes it.
 //
 // Tiling: CTA tile 64 x WGS weight rows (N; WGS = 2 consumer warpgroups, or 1 where N is small)
-// x BT tokens (M; 256, or 128 for smaller M), k tile 128, 4 stages of 36 KB (BT = 256: 32 KB Xp
-// + 4 KB W) or 6 of 20 KB (BT = 128; 18 KB with one consumer warpgroup), each with a "full" and
+// x BT tokens (M; 256, 192 where 256-token tiles leave many SMs idle in their last round, or 128
+// for smaller M), k tile 128, 4 stages of 36 KB (BT = 256: 32 KB Xp + 4 KB W), 5 of 28 KB
+// (BT = 192) or 6 of 20 KB (BT = 128; 18 KB with one consumer warpgroup), each with a "full" and
 // an "empty" mbarrier. Persistent: one CTA per SM walks the work items w = blockIdx.x +
 // i * gridDim.x: output tile w % tiles (weight-row tiles fastest), k split w / tiles.
 // 128 (WGS + 1) threads:
@@ -64,7 +65,7 @@ template <typename OT, int BT, int WGS> struct TmaSmem {
     static constexpr int OB = (int)sizeof(OT);
     static constexpr int X_BYTES = BT * TM_BK;
     static constexpr int STAGE_BYTES = X_BYTES + BN * TM_BK / 4;
-    static constexpr int STAGES = BT == 256 ? 4 : 6;
+    static constexpr int STAGES = BT == 256 ? 4 : (BT == 192 ? 5 : 6);
     static constexpr int EP_ROWS = OB == 2 && BT == 256 ? 128 : 64;
     static constexpr int PASSES = BT / EP_ROWS;
     static constexpr int BOXES = BN * OB / 128;
@@ -202,6 +203,7 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
     };
 
     int it0 = 0;  // this CTA's k tiles consumed before the current work item
+    int ep = 0;   // this CTA's epilogue passes before the current work item
     for (int w = blockIdx.x; w < tiles * splits; w += gridDim.x) {
         int bn, bm, split, kb, ke;
         item(w, bn, bm, split, kb, ke);
@@ -253,11 +255,13 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
         };
 #pragma unroll
         for (int p = 0; p < L::PASSES; ++p) {
-            // Buffer p % 2 was last read by the store two passes ago (at most one group, the
-            // other buffer's, may still be reading) or by the threads' own copy-out.
+            // The buffers alternate over all passes of the CTA (with an odd number of passes a
+            // tile, BT = 192, a tile's first pass follows the previous tile's last one in the same
+            // buffer otherwise): this one was last read by the store two passes ago (at most one
+            // group, the other buffer's, may still be reading) or by the threads' own copy-out.
             if (tma_store && tid == 0) bulk_wait_read<1>();
             consumers_sync<NCONS>();
-            const uint32_t buf = sbase + L::EP + (p & 1) * L::EP_BYTES;
+            const uint32_t buf = sbase + L::EP + ((ep + p) & 1) * L::EP_BYTES;
             constexpr int JP = L::EP_ROWS / 8;  // accumulator column groups j per pass
             if constexpr (L::OB == 2) {
                 // stmatrix .trans: matrix q of the x4 is (j + q / 2, rows 8 (q % 2) .. of the warp's
@@ -336,6 +340,7 @@ __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const 
                 }
             }
         }
+        ep += L::PASSES;
     }
     if (tma_store && tid == 0) bulk_wait<0>();  // the last stores have completed
 }
@@ -354,6 +359,11 @@ TM_INST(gemm_tma_i32, int, 256, false, 2)
 TM_INST(gemm_tma_f32, float, 256, false, 2)
 TM_INST(gemm_tma_bf16, __nv_bfloat16, 256, false, 2)
 TM_INST(gemm_tma_f16, __half, 256, false, 2)
+// 192-token tiles: where 256-token ones leave many SMs idle in their last round (1024 x 2560^2)
+TM_INST(gemm_tma192_i32, int, 192, false, 2)
+TM_INST(gemm_tma192_f32, float, 192, false, 2)
+TM_INST(gemm_tma192_bf16, __nv_bfloat16, 192, false, 2)
+TM_INST(gemm_tma192_f16, __half, 192, false, 2)
 TM_INST(gemm_tma128_i32, int, 128, false, 2)
 TM_INST(gemm_tma128_f32, float, 128, false, 2)
 TM_INST(gemm_tma128_bf16, __nv_bfloat16, 128, false, 2)

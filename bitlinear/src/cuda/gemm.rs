@@ -89,7 +89,7 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
     let splits = gemm_splits(tile, tiles, k_tiles, info.sms);
     let (smem, module) = match tile {
         // the split-K variant stages i32 partial sums, whatever the output type
-        GemmTile::Tma | GemmTile::Tma128 | GemmTile::Tma64 => (
+        GemmTile::Tma | GemmTile::Tma192 | GemmTile::Tma128 | GemmTile::Tma64 => (
             tma_smem_bytes(bm, bn, if splits > 1 { 4 } else { out_dtype.size_in_bytes() }),
             Module::Gemm90a,
         ),
@@ -225,7 +225,11 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
 /// bt x 128 activation bytes and bn x 32 packed weight bytes, two epilogue buffers, two mbarriers
 /// a stage, (row sum, scale) of bt tokens, and slack to align the base to 1024 bytes.
 fn tma_smem_bytes(bt: usize, bn: usize, ob: usize) -> usize {
-    let stages = if bt == 256 { 4 } else { 6 };
+    let stages = match bt {
+        256 => 4,
+        192 => 5,
+        _ => 6,
+    };
     stages * (bt * 128 + bn * 32) + 2 * tma_epilogue_rows(bt, ob) * bn * ob + 16 * stages + 8 * bt + 1024
 }
 

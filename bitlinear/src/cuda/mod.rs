@@ -24,7 +24,8 @@
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
 //!   warp-specialized `wgmma` kernel (`kernels/gemm90a.cu`: TMA copies, the weights decoded
 //!   straight into the MMA's A registers, persistent CTAs, TMA stores) from M = 33: tiles of 256
-//!   tokens x 128 weight rows where M > 128 and they cover half the SMs, else of 128 tokens x 128
+//!   tokens x 128 weight rows where M > 128 and they cover half the SMs (192 tokens where that
+//!   leaves fewer SMs idle in the last round), else of 128 tokens x 128
 //!   weight rows, or x 64 weight rows where the former would fill at most half the SMs, or with
 //!   K split over several CTAs where K is long (`src/gemm_launch.rs`),
 //!   otherwise the `mma.sync` kernel with 128x128 tiles when they give 3/4 of the SMs a tile,
@@ -58,7 +59,7 @@
 //!   the size-based choice (16 needs 16-byte aligned packed rows).
 //! * `BITLINEAR_CUDA_GEMV_BULK_X=0|1`: the decode GEMV loads `x` with the threads' own loads
 //!   (0) or one bulk copy (1) instead of the size-based choice.
-//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|tma|tma128|tma64`: GEMM kernel and CTA tile
+//! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|tma|tma192|tma128|tma64`: GEMM kernel and CTA tile
 //!   instead of the size-based choice (the `tma` tiles need K > 0).
 //! * `BITLINEAR_CUDA_TMA_ONE_TILE=1`: one CTA per tile for the TMA wgmma GEMM instead of one
 //!   persistent CTA per SM.
