@@ -1,0 +1,76 @@
+//! Back-to-back matmuls without synchronization (programmatic dependent launch).
+
+use crate::compare::{float_check, random_values, tensor};
+use crate::variants::with_env;
+use anyhow::Result;
+use bitlinear::{packed_matmul, ActScaling, PackedTernary};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+
+/// Back-to-back packed matmuls, queued without a synchronization between them, each
+/// consuming the previous one's output (consecutive layers) or the same x (q/k/v): with
+/// programmatic dependent launch a kernel starts while the previous one still runs (the decode
+/// GEMV lets the next one start at once), and must still see its output. Every result must
+/// equal the CPU's bit for bit. Returns the number of failures.
+pub(crate) fn chains(gpu: &Device, rng: &mut StdRng) -> Result<usize> {
+    let no_gemv: &[(&str, &str)] = &[("BITLINEAR_CUDA_NO_GEMV", "1")];
+    let mut failures = 0;
+    for (m, k, dt, vars) in [
+        (1, 2560, DType::BF16, &[][..]),
+        (1, 2560, DType::BF16, no_gemv),
+        (1, 4096, DType::F32, &[]),
+        (1, 1024, DType::F16, &[]),
+        (1, 6912, DType::BF16, &[]),
+        (1, 64, DType::F32, &[]),
+        (16, 2560, DType::BF16, &[]),
+        (128, 4096, DType::BF16, &[]),
+        (300, 1000, DType::F32, &[]),
+    ] {
+        let layers = 6;
+        let ws: Vec<PackedTernary> = (0..layers)
+            .map(|_| {
+                let w = tensor(random_values(rng, k, k, 1.0 / (k as f32).sqrt(), false), k, k, dt)?;
+                Ok(PackedTernary::pack(&w)?)
+            })
+            .collect::<Result<_>>()?;
+        let wg: Vec<PackedTernary> = ws
+            .iter()
+            .map(|w| w.to_device(gpu))
+            .collect::<candle_core::Result<_>>()?;
+        let x = tensor(random_values(rng, m, k, 1.0, false), m, k, dt)?;
+        let (mut yc, mut fan_c) = (x.clone(), Vec::new());
+        for w in &ws {
+            fan_c.push(packed_matmul(&x, w, ActScaling::PerToken)?);
+            yc = packed_matmul(&yc, w, ActScaling::PerToken)?;
+        }
+        let (yg, fan_g) = with_env(vars, || -> Result<_> {
+            let xg = x.to_device(gpu)?;
+            let fan: Vec<Tensor> = wg
+                .iter()
+                .map(|w| packed_matmul(&xg, w, ActScaling::PerToken))
+                .collect::<candle_core::Result<_>>()?;
+            let mut y = xg;
+            for w in &wg {
+                y = packed_matmul(&y, w, ActScaling::PerToken)?;
+            }
+            Ok((y, fan))
+        })?;
+        let mut errs = Vec::new();
+        let mut nbe = 0;
+        float_check("chain", &yc, &yg, dt, &mut errs, &mut nbe)?;
+        for (i, (c, g)) in fan_c.iter().zip(&fan_g).enumerate() {
+            float_check(&format!("fan-out {i}"), c, g, dt, &mut errs, &mut nbe)?;
+        }
+        if nbe > 0 {
+            errs.push(format!("{nbe} result(s) not bit-exact"));
+        }
+        let what = format!("chain of {layers} packed matmuls, {m} x ({k} x {k}) {dt:?} {vars:?}");
+        if errs.is_empty() {
+            println!("{what}: ok (bit-exact)");
+        } else {
+            failures += 1;
+            println!("{what}: FAIL {}", errs.join("; "));
+        }
+    }
+    Ok(failures)
+}
