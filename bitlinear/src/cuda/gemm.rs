@@ -48,7 +48,7 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
         }
         XSrc::Codes(p, sp) => {
             if ld > 0 {
-                let f = func(dev, Module::Quant, "codes_permute")?;
+                let f = func(dev, Module::ActQuant, "codes_permute")?;
                 launch!(
                     f,
                     stream,
@@ -73,7 +73,7 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
         i32_arg(n * k4p, "N*K/4")?;
         let mut buf = alloc::<u8>(dev, n * k4p)?;
         let (bp, guard) = buf.device_ptr_mut(stream);
-        let f = func(dev, Module::Quant, "packed_repack")?;
+        let f = func(dev, Module::WeightQuant, "packed_repack")?;
         launch!(f, stream, grid1(n * k4p, info.sms * 16), wp, ni, k4i, k4p as i32, bp);
         drop(guard);
         wpad = Some(buf);

@@ -84,7 +84,8 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
 
-static QUANT_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quant.fatbin"));
+static ACT_QUANT_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/act_quant.fatbin"));
+static WEIGHT_QUANT_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/weight_quant.fatbin"));
 static SKINNY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/skinny.fatbin"));
 static GEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.fatbin"));
 /// Empty unless built for compute capability 9.0 (sm_90a).
@@ -110,7 +111,8 @@ const GEMM_BK: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Module {
-    Quant,
+    ActQuant,
+    WeightQuant,
     Skinny,
     Gemm,
     Gemm90a,
@@ -120,7 +122,8 @@ enum Module {
 impl Module {
     fn image(self) -> &'static [u8] {
         match self {
-            Module::Quant => QUANT_FATBIN,
+            Module::ActQuant => ACT_QUANT_FATBIN,
+            Module::WeightQuant => WEIGHT_QUANT_FATBIN,
             Module::Skinny => SKINNY_FATBIN,
             Module::Gemm => GEMM_FATBIN,
             Module::Gemm90a => GEMM90A_FATBIN,
@@ -201,7 +204,7 @@ fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
         }
     };
     let f = md.load_function(name).w()?;
-    if module != Module::Quant {
+    if !matches!(module, Module::ActQuant | Module::WeightQuant) {
         let stat = f
             .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
             .w()?;

@@ -1,4 +1,4 @@
-//! The activation and weight quantizers on CUDA (`kernels/quant.cu`).
+//! The activation and weight quantizers on CUDA (`kernels/act_quant.cu`, `kernels/weight_quant.cu`).
 
 use super::*;
 
@@ -37,7 +37,7 @@ pub(super) fn quantize_rows(
     let mut g = Vec::new();
     let gp = gstat.as_mut().map_or(0, |s| out_ptr(s, &stream, &mut g));
     if per_tensor && m * k > 0 {
-        let f = func(dev, Module::Quant, &format!("act_absmax_tensor_{sfx}"))?;
+        let f = func(dev, Module::ActQuant, &format!("act_absmax_tensor_{sfx}"))?;
         launch!(f, stream, grid1(m * k, info.sms * 8), xp, (m * k) as u64, gp);
     }
     if per_tensor && m == 0 && scales != 0 {
@@ -72,7 +72,7 @@ pub(super) fn quantize_rows(
     // weight tiles while this kernel runs: ahead of the skinny kernel the early start made
     // M = 16, 4096^2 slower (H100: 12.0 -> 16.5 us).
     let trigger = i32::from(matches!(out, ActOut::Permuted(..)) && !env_flag("BITLINEAR_CUDA_NO_EARLY_TRIGGER"));
-    let f = func(dev, Module::Quant, &format!("{name}_{sfx}"))?;
+    let f = func(dev, Module::ActQuant, &format!("{name}_{sfx}"))?;
     let cfg = LaunchConfig {
         grid_dim: (
             i32_arg(m.div_ceil(rows_per_block).min(max_blocks), "quantizer blocks")? as u32,
@@ -160,7 +160,7 @@ pub(super) fn weight_scale(dev: &CudaDevice, wp: u64, dtype: DType, n: usize) ->
     let pp = out_ptr(&mut partials, &stream, &mut g);
     if n > 0 {
         // the last block to finish also makes the final sum
-        let f = func(dev, Module::Quant, &format!("w_absmean_partial_{sfx}"))?;
+        let f = func(dev, Module::WeightQuant, &format!("w_absmean_partial_{sfx}"))?;
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -168,7 +168,7 @@ pub(super) fn weight_scale(dev: &CudaDevice, wp: u64, dtype: DType, n: usize) ->
         };
         launch!(f, stream, cfg, wp, n as u64, pp, sp);
     } else {
-        let f = func(dev, Module::Quant, "w_absmean_final")?;
+        let f = func(dev, Module::WeightQuant, "w_absmean_final")?;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -207,7 +207,11 @@ pub(super) fn pack_into(
     if k.is_multiple_of(16) && wp.is_multiple_of(16) {
         // rows line up with 32-bit words: the flat packer (several words a thread in flight)
         let words = n * k / 16;
-        let f = func(dev, Module::Quant, &format!("w_pack_flat_{}", float_suffix(dtype)?))?;
+        let f = func(
+            dev,
+            Module::WeightQuant,
+            &format!("w_pack_flat_{}", float_suffix(dtype)?),
+        )?;
         let per_thread = if dtype == DType::F32 { 2 } else { 4 };
         launch!(
             f,
@@ -220,7 +224,7 @@ pub(super) fn pack_into(
         );
         return Ok(());
     }
-    let f = func(dev, Module::Quant, &format!("w_pack_{}", float_suffix(dtype)?))?;
+    let f = func(dev, Module::WeightQuant, &format!("w_pack_{}", float_suffix(dtype)?))?;
     // one block per weight row (grid-stride)
     let cfg = LaunchConfig {
         grid_dim: (n.min(info.sms * 16) as u32, 1, 1),
@@ -285,7 +289,11 @@ pub(crate) fn fake_quant_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaSto
         let op = out_slice_ptr(&mut out, &stream, &mut g)?;
         if n > 0 {
             let info = dev_info(dev)?;
-            let f = func(dev, Module::Quant, &format!("w_fake_{}", float_suffix(win.dtype())?))?;
+            let f = func(
+                dev,
+                Module::WeightQuant,
+                &format!("w_fake_{}", float_suffix(win.dtype())?),
+            )?;
             launch!(f, stream, grid1(n, info.sms * 16), wp, n as u64, sp, op);
         }
     }
