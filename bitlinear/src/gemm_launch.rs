@@ -79,10 +79,10 @@ pub(crate) fn gemm_tile(m: usize, n: usize, k_tiles: usize, sms: usize, sm90: bo
     }
     let tma = sm90 && k_tiles > 0;
     match m {
-        // M <= 32 (where N is large, `gemm_for_small_m`): 64 x 64 tiles (16 x 13824 x 2560: 19.9
-        // us, against 25.3 us with 128 x 128 tiles and 28.2 us with the first wgmma kernel, since
-        // replaced)
-        _ if m <= 32 => GemmTile::Small,
+        // M <= 16 (where N is large, `gemm_for_small_m`), or <= 32 without the Hopper kernel: 64 x
+        // 64 tiles (16 x 13824 x 2560: 19.9 us, against 25.3 us with 128 x 128 tiles and 28.2 us
+        // with the first wgmma kernel, since replaced). M = 17..32 takes the TMA tiles below.
+        _ if m <= 16 || m <= 32 && !tma => GemmTile::Small,
         // 256-token tiles from M > 128 once they cover half the SMs, else 128-token tiles:
         // 256-token tiles at 1024 x 2560^2 26.2 vs 29.1 us, 512 x 13824 x 2560 39.7 vs 46.1 us;
         // 128-token tiles at 512 x 4096^2 23.8 vs 31.9 us, 128 x 13824 x 2560 18.7 vs 27.4 us,
@@ -184,6 +184,11 @@ mod tests {
         for (n, k) in [(2560, 2560), (13824, 2560), (2560, 6912), (4096, 4096)] {
             assert_eq!(gemm_tile(16, n, kt(k), SMS, true), GemmTile::Small, "M = 16, {n} x {k}");
             assert_eq!(
+                gemm_tile(24, n, kt(k), SMS, false),
+                GemmTile::Small,
+                "M = 24, {n} x {k}"
+            );
+            assert_eq!(
                 gemm_tile(4096, n, kt(k), SMS, true),
                 GemmTile::Tma,
                 "M = 4096, {n} x {k}"
@@ -210,6 +215,9 @@ mod tests {
         // M = 33..256: 64-row weight tiles where 128-row ones fill at most half the SMs and K is
         // not long enough for 6 splits
         for (m, n, k) in [
+            (24, 2560, 2560),
+            (32, 2560, 2560),
+            (32, 4096, 4096),
             (40, 2560, 2560),
             (48, 4096, 4096),
             (64, 2560, 2560),
@@ -223,6 +231,8 @@ mod tests {
             assert_eq!(gemm_tile(m, n, kt(k), SMS, true), GemmTile::Tma64, "{m} x {n} x {k}");
         }
         for (m, n, k) in [
+            (24, 2560, 6912),
+            (32, 13824, 2560),
             (40, 2560, 6912),
             (40, 13824, 2560),
             (64, 2560, 6912),

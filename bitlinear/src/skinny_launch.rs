@@ -4,13 +4,17 @@
 //! GPU.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
-/// Whether the tiled GEMM (64x64 tiles) should take `m <= 32` rows instead of the skinny kernel.
-/// Every skinny block stages all of x, so its time grows with M where N is large; the GEMM stages
-/// x once per tile and is faster there from M = 12 (H100, 13824 x 2560: M = 12 19.0 vs 19.6 us,
-/// 16 19.9 vs 21.9 us, 32 20.9 vs 43.0 us; M = 10 18.8 vs 19.2 us the other way; at N = 4096,
-/// M = 24, the skinny kernel 16.6 vs 19.9 us).
-pub(crate) fn gemm_for_small_m(m: usize, n: usize, sms: usize) -> bool {
-    m >= 12 && n.div_ceil(64) >= sms
+/// Whether the tiled GEMM should take `m <= 32` rows instead of the skinny kernel; `sm90`: the
+/// Hopper GEMM can run. Every skinny block stages all of x, so its time grows with M where N is
+/// large; the GEMM stages x once per tile and is faster there from M = 12 (H100, 13824 x 2560:
+/// M = 12 19.0 vs 19.6 us, 16 19.9 vs 21.9 us, 32 20.9 vs 43.0 us; M = 10 18.8 vs 19.2 us the
+/// other way). From M = 17 (four 8-row MMA column tiles) the Hopper GEMM is faster where the
+/// skinny kernel's 32-row blocks leave a quarter of the SMs idle (H100, M = 17..32: 2560^2
+/// 12.4-15.9 -> 10.8-11.0 us, 2560 x 6912 23.7-25.6 -> 17.4-18.7 us), not at N = 4096 (128
+/// blocks: M = 17 15.4 vs 19.2 us, 28 17.1 vs 18.1 us); at M = 16 the skinny kernel still wins
+/// (2560^2 10.2 vs 11.0 us).
+pub(crate) fn gemm_for_small_m(m: usize, n: usize, sms: usize, sm90: bool) -> bool {
+    m >= 12 && n.div_ceil(64) >= sms || sm90 && m > 16 && 4 * n.div_ceil(32) <= 3 * sms
 }
 
 /// Weight rows per skinny block, 16 or 32, for `m` rows of x, `n` weight rows, `vec`-byte weight
@@ -35,11 +39,27 @@ mod tests {
     #[test]
     fn benchmark_shapes_take_the_measured_best() {
         for m in [12, 16, 24, 32] {
-            assert!(gemm_for_small_m(m, 13824, 132), "M = {m}, 13824 x 2560");
+            assert!(gemm_for_small_m(m, 13824, 132, false), "M = {m}, 13824 x 2560");
         }
-        assert!(!gemm_for_small_m(10, 13824, 132));
+        assert!(!gemm_for_small_m(10, 13824, 132, false));
         for (m, n) in [(16, 4096), (24, 4096), (32, 4096), (16, 2560)] {
-            assert!(!gemm_for_small_m(m, n, 132), "M = {m}, N = {n}");
+            assert!(!gemm_for_small_m(m, n, 132, false), "M = {m}, N = {n}");
+        }
+        // with the Hopper GEMM: from M = 17 where the skinny kernel leaves SMs idle (or N is
+        // large); M = 16 keeps the skinny kernel
+        for (m, n) in [(17, 2560), (24, 2560), (32, 2560), (20, 3000), (32, 13824)] {
+            assert!(gemm_for_small_m(m, n, 132, true), "M = {m}, N = {n}");
+        }
+        for (m, n) in [
+            (16, 2560),
+            (16, 4096),
+            (2, 2560),
+            (8, 4096),
+            (17, 4096),
+            (32, 4096),
+            (24, 6912),
+        ] {
+            assert!(!gemm_for_small_m(m, n, 132, true), "M = {m}, N = {n}");
         }
         assert_eq!(skinny_rows_per_block(2, 4096, 16, 132), 16);
         for m in [4, 8, 16] {

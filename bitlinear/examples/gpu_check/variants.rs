@@ -36,6 +36,7 @@ pub(crate) const VARIANTS: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     ("no-fuse", &[("BITLINEAR_CUDA_NO_FUSE", "1")]),
+    ("fuse", &[("BITLINEAR_CUDA_FUSE", "1")]),
     ("skinny", &[("BITLINEAR_CUDA_NO_GEMV", "1")]),
     ("gemv-l8", &[("BITLINEAR_CUDA_GEMV_LANES", "8")]),
     ("gemv-l16", &[("BITLINEAR_CUDA_GEMV_LANES", "16")]),

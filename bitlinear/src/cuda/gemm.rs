@@ -1,6 +1,7 @@
-//! The tiled GEMM path on CUDA (M > 32, or smaller M at large N): x quantized into permuted,
-//! padded int8 codes with row sums, then the TMA wgmma kernel (`kernels/gemm90a.cu`) or the
-//! mma.sync kernel (`kernels/gemm.cu`); kernel, tile and split-K choices in `src/gemm_launch.rs`.
+//! The tiled GEMM path on CUDA (M > 32, or smaller M where the skinny kernel would be slower:
+//! `skinny_launch.rs`): x quantized into permuted, padded int8 codes with row sums, then the TMA
+//! wgmma kernel (`kernels/gemm90a.cu`) or the mma.sync kernel (`kernels/gemm.cu`); kernel, tile
+//! and split-K choices in `src/gemm_launch.rs`.
 
 use super::matmul::{Call, XSrc};
 use super::quantize::{quantize_rows, ActOut};

@@ -163,8 +163,8 @@ struct SkinnyPlan {
     smem: usize,
 }
 
-/// The skinny kernel's launch shape, or None where the tiled GEMM should run: M > 32, x too
-/// large for shared memory, or large N (`gemm_for_small_m`).
+/// The skinny kernel's launch shape, or None where the tiled GEMM should run: M > 32, x too large
+/// for shared memory, or where the GEMM is faster (`gemm_for_small_m`).
 fn skinny_plan(c: &Call) -> Option<SkinnyPlan> {
     let Call { info, m, k4, wp, n, .. } = *c;
     let kb = k4.div_ceil(64);
@@ -187,7 +187,7 @@ fn skinny_plan(c: &Call) -> Option<SkinnyPlan> {
     // staged x, or the cross-warp partial sums (8 warps x rows x 8 MT columns of i32)
     let skinny_smem = (m * row_stride).max(256 * rows_per_block * mt);
     let skinny_fits = skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048));
-    (m <= SKINNY_MAX_M && skinny_fits && !gemm_for_small_m(m, n, info.sms)).then_some(SkinnyPlan {
+    (m <= SKINNY_MAX_M && skinny_fits && !gemm_for_small_m(m, n, info.sms, info.sm90)).then_some(SkinnyPlan {
         kb,
         mt,
         vec,
@@ -229,7 +229,9 @@ fn skinny(c: &Call, plan: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()>
     let (xname, xp, xsp) = match x {
         XSrc::Float(p, dt)
             if out_dtype == dt
-                && (m * kb * 16 <= FUSED_MAX_GROUPS || m * k * dt.size_in_bytes() <= FUSED_MAX_BYTES)
+                && (m * kb * 16 <= FUSED_MAX_GROUPS
+                    || m * k * dt.size_in_bytes() <= FUSED_MAX_BYTES
+                    || env_flag("BITLINEAR_CUDA_FUSE"))
                 && !env_flag("BITLINEAR_CUDA_NO_FUSE") =>
         {
             (float_suffix(dt)?, p, 0u64)

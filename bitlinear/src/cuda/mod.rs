@@ -19,11 +19,13 @@
 //! * other `M <= 32`: the "skinny" kernel streams the packed weights straight into tensor-core
 //!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
 //!   forward), otherwise a row-quantizer kernel runs first. Each of its blocks stages all of
-//!   `x`, so from `M = 12` where `N >= 64 x SMs` the GEMM below (64x64 tiles) takes over.
+//!   `x`, so from `M = 12` where `N >= 64 x SMs` the GEMM below takes over, and on compute
+//!   capability 9.0 from `M = 17` where its 32-row blocks would leave a quarter of the SMs idle
+//!   (`skinny_launch.rs`).
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
 //!   warp-specialized `wgmma` kernel (`kernels/gemm90a.cu`: TMA copies, the weights decoded
-//!   straight into the MMA's A registers, persistent CTAs, TMA stores) from M = 33: tiles of 256
+//!   straight into the MMA's A registers, persistent CTAs, TMA stores) from M = 17: tiles of 256
 //!   tokens x 128 weight rows where M > 128 and they cover half the SMs (192 tokens where that
 //!   leaves fewer SMs idle in the last round), else of 128 tokens x 128
 //!   weight rows, or x 64 weight rows where the former would fill at most half the SMs, or with
@@ -51,7 +53,8 @@
 //! * `BITLINEAR_CUDA_NO_PDL=1`: launch the kernels without programmatic dependent launch (see
 //!   `pdl_allowed`).
 //! * `BITLINEAR_CUDA_FORCE_GEMM=1`: use the tiled GEMM even for `M <= 32`.
-//! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel.
+//! * `BITLINEAR_CUDA_NO_FUSE=1`: never quantize inside the skinny kernel; `BITLINEAR_CUDA_FUSE=1`:
+//!   always where the output dtype is x's (two passes over x through L2 where it is large).
 //! * `BITLINEAR_CUDA_NO_GEMV=1`: the skinny kernel instead of the decode GEMV for `M = 1`.
 //! * `BITLINEAR_CUDA_GEMV_LANES=8|16|32`: lanes per weight row in the decode GEMV instead of the
 //!   size-based choice (ignored where that kernel shape is not built for K).
