@@ -25,7 +25,7 @@
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
 //!   warp-specialized `wgmma` kernel (`kernels/gemm90a.cu`: TMA copies, the weights decoded
-//!   straight into the MMA's A registers, persistent CTAs, TMA stores) from M = 17: tiles of 256
+//!   straight into the MMA's A registers, persistent CTAs, TMA stores) for M > 16: tiles of 256
 //!   tokens x 128 weight rows where M > 128 and they cover half the SMs (192 tokens where that
 //!   leaves fewer SMs idle in the last round), else of 128 tokens x 128
 //!   weight rows, or x 64 weight rows where the former would fill at most half the SMs, or with
