@@ -1,5 +1,7 @@
 //! The training loop: epochs of shuffled, augmented mini-batches, evaluation, checkpoints.
 
+mod batches;
+
 use std::io::IsTerminal;
 use std::time::Instant;
 
@@ -10,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use model::{SimpleBitCnn, SimpleBitCnnConfig};
 use rand::seq::SliceRandom;
 
-use crate::augment::{self, AugParams, Lut, Normalizer};
+use crate::augment::{AugParams, Normalizer};
 use crate::checkpoint::{self, RunSettings, TrainState};
 use crate::cli::{Args, DeviceArg, DtypeArg};
 use crate::data;
@@ -18,26 +20,7 @@ use crate::init;
 use crate::metrics::{self, EpochMetrics, Summary};
 use crate::optim::{AdamW, AdamWConfig, Schedule};
 use crate::rng::epoch_rng;
-
-/// Where batches are assembled: on the host with rayon, or on the device with tensor ops.
-enum Pipeline {
-    Cpu {
-        lut: Box<Lut>,
-    },
-    Device {
-        train: Tensor,
-        test: Tensor,
-        /// Labels (N,) u8 of each split, for the fused CUDA batch kernel.
-        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-        labels: (Tensor, Tensor),
-    },
-}
-
-/// The epoch tables of the fused CUDA batch kernel (a placeholder type without `cuda`).
-#[cfg(feature = "cuda")]
-type EpochTablesOpt = crate::cuda::EpochTables;
-#[cfg(not(feature = "cuda"))]
-type EpochTablesOpt = std::convert::Infallible;
+use batches::Pipeline;
 
 /// Opens the requested device.
 pub fn open_device(d: DeviceArg) -> Result<Device> {
@@ -175,20 +158,7 @@ impl Trainer {
         }
 
         let norm = Normalizer::default();
-        let pipeline = if device.is_cpu() {
-            Pipeline::Cpu {
-                lut: Box::new(norm.lut()),
-            }
-        } else {
-            Pipeline::Device {
-                train: augment::images_tensor(&data.train, &device)?,
-                test: augment::images_tensor(&data.test, &device)?,
-                labels: (
-                    Tensor::from_slice(&data.train.labels, data.train.len(), &device)?,
-                    Tensor::from_slice(&data.test.labels, data.test.len(), &device)?,
-                ),
-            }
-        };
+        let pipeline = Pipeline::new(&device, &data, &norm)?;
         Ok(Self {
             args,
             device,
@@ -201,78 +171,6 @@ impl Trainer {
             pipeline,
             norm,
         })
-    }
-
-    fn batch(&self, test: bool, indices: &[usize], params: &[AugParams]) -> Result<(Tensor, Tensor)> {
-        let split = if test { &self.data.test } else { &self.data.train };
-        let b = indices.len();
-        let x = match &self.pipeline {
-            Pipeline::Cpu { lut } => {
-                let buf = augment::augment_batch_cpu(split, indices, params, lut);
-                Tensor::from_vec(buf, (b, 3, 32, 32), &self.device)?
-            }
-            Pipeline::Device { train, test: t, .. } => {
-                let images = if test { t } else { train };
-                augment::augment_batch_tensor(images, indices, params, &self.norm)?
-            }
-        };
-        let x = if self.dtype == DType::F32 {
-            x
-        } else {
-            x.to_dtype(self.dtype)?
-        };
-        let labels: Vec<u32> = indices.iter().map(|&i| split.labels[i] as u32).collect();
-        let y = Tensor::from_vec(labels, b, &self.device)?;
-        Ok((x, y))
-    }
-
-    /// Batch `start..start + b` of the epoch described by `tables`, assembled on the device by the
-    /// fused kernel; `None` where that path is not available (CPU, no `cuda` feature, or turned
-    /// off with `TRAIN_CUDA_NO_AUG`).
-    #[cfg(feature = "cuda")]
-    fn fused_batch(
-        &self,
-        test: bool,
-        tables: &crate::cuda::EpochTables,
-        start: usize,
-        b: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let Pipeline::Device { train, test: t, labels } = &self.pipeline else {
-            bail!("internal error: fused batches need the device pipeline")
-        };
-        let (images, labels) = if test { (t, &labels.1) } else { (train, &labels.0) };
-        let (x, y) = crate::cuda::augment_batch(images, labels, tables, start, b, &self.norm)?;
-        let x = if self.dtype == DType::F32 {
-            x
-        } else {
-            x.to_dtype(self.dtype)?
-        };
-        Ok((x, y))
-    }
-
-    /// The epoch's tables for [`Self::fused_batch`], when that path is used.
-    #[cfg(feature = "cuda")]
-    fn fused_tables(&self, order: &[usize], params: &[AugParams]) -> Result<Option<crate::cuda::EpochTables>> {
-        if !self.device.is_cuda() || !crate::cuda::enabled("AUG") {
-            return Ok(None);
-        }
-        Ok(Some(crate::cuda::EpochTables::new(order, params, &self.device)?))
-    }
-
-    /// One batch of the training epoch: positions `start..start + idx.len()` of `order`.
-    #[allow(unused_variables)]
-    fn train_batch(
-        &self,
-        tables: &Option<EpochTablesOpt>,
-        start: usize,
-        idx: &[usize],
-        p: &[AugParams],
-    ) -> Result<(Tensor, Tensor)> {
-        #[cfg(feature = "cuda")]
-        if let Some(t) = tables {
-            return self.fused_batch(false, t, start, idx.len());
-        }
-        self.batch(false, idx, p)
     }
 
     /// Fails if a weight is NaN or infinite. On CUDA the per-call checks of the BitLinear op are
@@ -316,7 +214,7 @@ impl Trainer {
         #[cfg(feature = "cuda")]
         let tables = self.fused_tables(&order, &params)?;
         #[cfg(not(feature = "cuda"))]
-        let tables: Option<EpochTablesOpt> = None;
+        let tables: Option<batches::EpochTablesOpt> = None;
 
         let start = Instant::now();
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.device)?;
