@@ -53,7 +53,9 @@
 //     stores the output.
 // Epilogue: y = (acc * s_x) * s_w (two roundings), cast to OT; int32 mode stores acc.
 // Launch: programmatic dependent launch (common.cuh, pdl_wait), and this kernel lets the next
-// one start at once.
+// one start at once. The `_e` kernels (the host knows the weights complete: src/cuda/settle.rs)
+// request each lane's first weight chunk slot before pdl_wait, so that it streams while the
+// previous call ends.
 #include "common.cuh"
 
 #define GV_WARPS 16
@@ -112,7 +114,7 @@ __device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
 
 // L lanes per weight row (8, 16 or 32) and T = ceil(cpr / L) 16-byte chunks per lane and row: a
 // warp works on P = 32 / L rows at a time ("a batch") and holds at most RB batches.
-template <int L, int T, bool BX, typename XT, typename OT>
+template <int L, int T, bool BX, int TE, typename XT, typename OT>
 __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xscales, const uint8_t* __restrict__ W,
                           int N, int K, int K4, int rows_base, int rows_rem, float sw_val,
                           const float* __restrict__ sw_ptr, OT* __restrict__ y) {
@@ -149,37 +151,64 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
         if (tid == 0) mbar_init(&xbar, 1);
         __syncthreads();
     }
+    const int x_warps = (G + 31) / 32;  // the warps that hold x
+    // Weight addresses. Chunk slots t < T - 1 are in range for every lane (T = ceil(cpr / L)), so
+    // they sit at immediate offsets 16 L t from the lane's row pointer; the last slot is in range
+    // only where lr + L (T - 1) < cpr (elsewhere it reads zeros: code 0 adds nothing). Rows past
+    // the warp's last repeat that row (the same addresses as another lane: no extra traffic);
+    // their sums are never stored.
+    bool last_ok;
+    const uint8_t* wrow[RB];
+    auto weight_rows = [&]() {
+        last_ok = lr + L * (T - 1) < cpr;
+#pragma unroll
+        for (int b = 0; b < RB; ++b) wrow[b] = W + (size_t)(wrow0 + min(b * P + rg, max(nrows - 1, 0))) * K4 + 16 * lr;
+    };
+    uint4 wr[T][RB];
+    // the weights of chunk slots [t0, t1) (compile-time bounds) in the order the dot products use
+    // them (slot t, then batch b); the x warps call this behind the absmax barrier (coherent
+    // loads are not hoisted above it)
+    auto load_weights = [&](auto t0, auto t1) {
+#pragma unroll
+        for (int t = decltype(t0)::value; t < decltype(t1)::value; ++t)
+#pragma unroll
+            for (int b = 0; b < RB; ++b)
+                wr[t][b] = (b * P < nrows && (t < T - 1 || last_ok)) ? ldg_weights16(wrow[b] + 16 * L * t)
+                                                                     : make_uint4(0u, 0u, 0u, 0u);
+    };
+    constexpr std::integral_constant<int, 0> S0{};
+    constexpr std::integral_constant<int, TE> SE{};
+    constexpr std::integral_constant<int, T> ST{};
+    // Weights known complete before this kernel (TE > 0, the `_e` kernels: the host saw every
+    // kernel queued before the weight's first use finish): their first TE chunk slots are
+    // requested before pdl_wait, so that they stream while the previous kernel ends; not by the
+    // x warps of the thread-load path (x first). One slot (TE = 1): all of them before the wait
+    // delayed x behind them (H100, 2560^2: 3.85 us, one slot 3.50, none 3.62). (A template
+    // parameter: as a runtime flag it changed the schedule of the other path, 4096^2 3.7 -> 4.1.)
+    const bool early = TE > 0 && (xbulk || warp >= x_warps);
+    if constexpr (TE > 0) {
+        weight_rows();
+        if (early) load_weights(S0, SE);
+    }
+    // the weights not requested early
+    auto load_rest = [&]() {
+        if (early) {
+            load_weights(SE, ST);
+        } else {
+            load_weights(S0, ST);
+        }
+    };
     // programmatic dependent launch (common.cuh): wait for the previous kernel, then let the
     // next one be scheduled at once (one wave), which hides the launch latency between
     // consecutive GEMVs
     pdl_wait();
     pdl_launch_dependents();
     if (xbulk && tid == 0) bulk_load_g2s(xraw, x, (uint32_t)(K * sizeof(XT)), &xbar);
-    const int x_warps = (G + 31) / 32;  // the warps that hold x
     RawGroup<XT> x0;
     if (!xbulk && xvec && has0) gv_load_raw(x, tid, x0);
-    // Weight addresses. Chunk slots t < T - 1 are in range for every lane (T = ceil(cpr / L)), so
-    // they sit at immediate offsets 16 L t from the lane's row pointer; the last slot is in range
-    // only where lr + L (T - 1) < cpr (elsewhere it reads zeros: code 0 adds nothing). Rows past
-    // the warp's last repeat that row (the same addresses as another lane: no extra traffic);
-    // their sums are never stored.
-    const bool last_ok = lr + L * (T - 1) < cpr;
-    const uint8_t* wrow[RB];
-#pragma unroll
-    for (int b = 0; b < RB; ++b) wrow[b] = W + (size_t)(wrow0 + min(b * P + rg, max(nrows - 1, 0))) * K4 + 16 * lr;
-    uint4 wr[T][RB];
-    // weights in the order the dot products use them (chunk slot t, then batch b); the x warps
-    // call this behind the absmax barrier (coherent loads are not hoisted above it)
-    auto load_weights = [&]() {
-#pragma unroll
-        for (int t = 0; t < T; ++t)
-#pragma unroll
-            for (int b = 0; b < RB; ++b)
-                wr[t][b] = (b * P < nrows && (t < T - 1 || last_ok)) ? ldg_weights16(wrow[b] + 16 * L * t)
-                                                                     : make_uint4(0u, 0u, 0u, 0u);
-    };
+    if constexpr (TE == 0) weight_rows();  // behind x's loads: x first
     if (xbulk) {
-        load_weights();
+        load_rest();
         if (has0) {
             mbar_wait(&xbar, 0);
 #pragma unroll
@@ -207,9 +236,9 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
         for (int i = 0; i < 16; ++i) amax = max(amax, __float_as_uint(f0[i]) & 0x7fffffffu);
         amax = __reduce_max_sync(0xffffffffu, amax);
         if (lane == 0) red_max[warp] = amax;
-        if (!xbulk && warp >= x_warps) load_weights();
+        if (!xbulk && warp >= x_warps) load_rest();
         __syncthreads();
-        if (!xbulk && warp < x_warps) load_weights();
+        if (!xbulk && warp < x_warps) load_rest();
         amax = red_max[0];
 #pragma unroll
         for (int w = 1; w < GV_WARPS; ++w) amax = max(amax, red_max[w]);
@@ -248,9 +277,9 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     }
     sum = __reduce_add_sync(0xffffffffu, sum);
     if (lane == 0) red_sum[warp] = sum;
-    if (!FUSED && !xbulk && warp >= x_warps) load_weights();
+    if (!FUSED && !xbulk && warp >= x_warps) load_rest();
     __syncthreads();
-    if (!FUSED && !xbulk && warp < x_warps) load_weights();
+    if (!FUSED && !xbulk && warp < x_warps) load_rest();
 
     // --- dot products: per chunk slot t, the 4 groups of x codes of chunk c (one LDS.128 each;
     // the L lanes of a row read L consecutive 16 bytes, the P rows the same ones), then per batch
@@ -305,36 +334,41 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     }
 }
 
-#define GV_INST(L, T, BX, XT, OT, NAME)                                                                        \
+#define GV_INST(L, T, BX, TE, XT, OT, NAME)                                                                    \
     extern "C" __global__ void __launch_bounds__(GV_THREADS, 1)                                                \
         NAME(const XT* x, const float* xs, const uint8_t* W, int N, int K, int K4, int rows_base, int rows_rem, \
              float sw_val, const float* sw_ptr, OT* y) {                                                        \
-        gemv_impl<L, T, BX, XT, OT>(x, xs, W, N, K, K4, rows_base, rows_rem, sw_val, sw_ptr, y);              \
+        gemv_impl<L, T, BX, TE, XT, OT>(x, xs, W, N, K, K4, rows_base, rows_rem, sw_val, sw_ptr, y);          \
     }
 
-// name: gemv_<x>_<out>_l<L>_t<T>[_bx]: L lanes per row, T = ceil(cpr / L) chunks per lane and
-// row, _bx: x by a bulk copy. The host picks, among these, the pair that leaves the fewest idle
-// slots (L = 32 covers every K).
-#define GV_LT(L, T, XT, OT, XN, ON)                                     \
-    GV_INST(L, T, false, XT, OT, gemv_##XN##_##ON##_l##L##_t##T)        \
-    GV_INST(L, T, true, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_bx)
-#define GV_MRS(XT, OT, XN, ON)          \
-    GV_LT(8, 2, XT, OT, XN, ON)         \
-    GV_LT(8, 3, XT, OT, XN, ON)         \
-    GV_LT(8, 4, XT, OT, XN, ON)         \
-    GV_LT(8, 5, XT, OT, XN, ON)         \
-    GV_LT(16, 3, XT, OT, XN, ON)        \
-    GV_LT(16, 4, XT, OT, XN, ON)        \
-    GV_LT(16, 7, XT, OT, XN, ON)        \
-    GV_LT(32, 1, XT, OT, XN, ON)        \
-    GV_LT(32, 2, XT, OT, XN, ON)        \
-    GV_LT(32, 3, XT, OT, XN, ON)        \
-    GV_LT(32, 4, XT, OT, XN, ON)
+// name: gemv_<x>_<out>_l<L>_t<T>[_bx][_e]: L lanes per row, T = ceil(cpr / L) chunks per lane
+// and row, _bx: x by a bulk copy, _e: the first chunk slot of weights requested before pdl_wait
+// (TE = 1; float x only, the decode path). The host picks, among these, the pair that leaves the fewest idle slots (L = 32
+// covers every K).
+#define GV_LT(L, T, XT, OT, XN, ON)                                      \
+    GV_INST(L, T, false, 0, XT, OT, gemv_##XN##_##ON##_l##L##_t##T)     \
+    GV_INST(L, T, true, 0, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_bx)
+#define GV_LT_E(L, T, XT, OT, XN, ON)                                     \
+    GV_LT(L, T, XT, OT, XN, ON)                                           \
+    GV_INST(L, T, false, 1, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_e)  \
+    GV_INST(L, T, true, 1, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_bx_e)
+#define GV_MRS(XT, OT, XN, ON, LT) \
+    LT(8, 2, XT, OT, XN, ON)       \
+    LT(8, 3, XT, OT, XN, ON)       \
+    LT(8, 4, XT, OT, XN, ON)       \
+    LT(8, 5, XT, OT, XN, ON)       \
+    LT(16, 3, XT, OT, XN, ON)      \
+    LT(16, 4, XT, OT, XN, ON)      \
+    LT(16, 7, XT, OT, XN, ON)      \
+    LT(32, 1, XT, OT, XN, ON)      \
+    LT(32, 2, XT, OT, XN, ON)      \
+    LT(32, 3, XT, OT, XN, ON)      \
+    LT(32, 4, XT, OT, XN, ON)
 
-GV_MRS(int8_t, int, i8, i32)
-GV_MRS(int8_t, float, i8, f32)
-GV_MRS(int8_t, __nv_bfloat16, i8, bf16)
-GV_MRS(int8_t, __half, i8, f16)
-GV_MRS(float, float, f32, f32)
-GV_MRS(__nv_bfloat16, __nv_bfloat16, bf16, bf16)
-GV_MRS(__half, __half, f16, f16)
+GV_MRS(int8_t, int, i8, i32, GV_LT)
+GV_MRS(int8_t, float, i8, f32, GV_LT)
+GV_MRS(int8_t, __nv_bfloat16, i8, bf16, GV_LT)
+GV_MRS(int8_t, __half, i8, f16, GV_LT)
+GV_MRS(float, float, f32, f32, GV_LT_E)
+GV_MRS(__nv_bfloat16, __nv_bfloat16, bf16, bf16, GV_LT_E)
+GV_MRS(__half, __half, f16, f16, GV_LT_E)

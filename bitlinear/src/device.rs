@@ -214,7 +214,7 @@ pub fn packed_accumulate(x_codes: &Tensor, w: &PackedTernary) -> Result<Tensor> 
         }
         #[cfg(feature = "cuda")]
         (Storage::Cuda(xs), Storage::Cuda(ws)) => {
-            let acc = crate::cuda::packed_accumulate(xs, xl, ws, wl, k)?;
+            let acc = crate::cuda::packed_accumulate(xs, xl, ws, wl, k, w.settled())?;
             Ok(tensor_from(Storage::Cuda(acc), (m, n)))
         }
         _ => bail!(

@@ -70,6 +70,37 @@ pub(crate) fn gemv_bulk_x(float_x: bool, n: usize, k4: usize, blocks: usize) -> 
     }
 }
 
+/// Whether the decode GEMV requests the first chunk slot of its weights before `pdl_wait` (the
+/// `_e` kernels, built for float x only): where the weights are settled (`cuda/settle.rs`), x
+/// is float and comes by the threads' own loads (with the bulk copy the early weights delayed
+/// x), and the work is uneven, i.e. the busiest warp has at least 1.5x the mean number of row
+/// batches, so that the blocks that finish first leave SMs on which the next call's early
+/// weights stream while this call ends. H100, same run (bench/RESULTS.md, eighth session):
+/// 2560^2 3.62 -> 3.50 us and 2560 x 6912 4.65 -> 4.54 (both 2 or 1 rows a warp); 4096^2 (even
+/// work) 3.80 -> 3.96 and 13824 x 2560 (bulk x) 5.51 -> 5.75 with it, so not there.
+/// `BITLINEAR_CUDA_GEMV_EARLY=0|1` overrides the choice (1 still needs settled weights and float x).
+pub(crate) fn gemv_early(settled: bool, float_x: bool, bulk_x: bool, lanes: usize, n: usize, blocks: usize) -> bool {
+    if !(settled && float_x) {
+        return false;
+    }
+    match std::env::var("BITLINEAR_CUDA_GEMV_EARLY").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => !bulk_x && uneven_work(lanes, n, blocks),
+    }
+}
+
+/// Whether the busiest warp of the GEMV has at least 1.5x the mean number of row batches (`n`
+/// rows spread evenly over the grid's warps as in the kernel, `32 / lanes` rows a batch).
+fn uneven_work(lanes: usize, n: usize, blocks: usize) -> bool {
+    let warps = blocks * GEMV_WARPS;
+    let p = 32 / lanes;
+    let (base, rem) = (n / warps, n % warps);
+    let busiest = (base + usize::from(rem > 0)).div_ceil(p);
+    let total = rem * (base + 1).div_ceil(p) + (warps - rem) * base.div_ceil(p);
+    2 * busiest * warps >= 3 * total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +145,39 @@ mod tests {
         assert_eq!(pick(2560, 2560), (32, 2));
         assert_eq!(pick(4096, 4096), (32, 2));
         assert_eq!(pick(2560, 6912), (32, 4));
+    }
+
+    /// Early weights where they were measured faster on the H100 (bench/RESULTS.md, eighth
+    /// session): settled weights and float x at 2560^2 and 2560 x 6912 only.
+    #[test]
+    fn early_weights_where_they_were_measured_faster() {
+        let early = |settled: bool, float_x: bool, n: usize, k: usize| {
+            let (l, _, blocks) = gemv_config(k / 64, n, 132);
+            gemv_early(settled, float_x, gemv_bulk_x(float_x, n, k / 4, blocks), l, n, blocks)
+        };
+        assert!(early(true, true, 2560, 2560));
+        assert!(early(true, true, 2560, 6912));
+        assert!(!early(true, true, 4096, 4096));
+        assert!(!early(true, true, 13824, 2560));
+        for (n, k) in [(2560, 2560), (2560, 6912)] {
+            assert!(!early(false, true, n, k), "not settled");
+            assert!(!early(true, false, n, k), "int8 codes: no early kernels");
+        }
+    }
+
+    /// Uneven work: 2560 rows over 2112 warps (448 with 2 rows, the rest 1) is; 4096 rows (1984
+    /// with 2) is not; rows in batches of 4 (8 lanes) count batches, not rows.
+    #[test]
+    fn uneven_work_counts_row_batches() {
+        assert!(uneven_work(32, 2560, 132));
+        assert!(!uneven_work(32, 4096, 132));
+        assert!(!uneven_work(32, 2112 * 3, 132));
+        // 8 lanes: 6 or 7 rows a warp are both 2 batches
+        assert!(!uneven_work(8, 13824, 132));
+        // 8 lanes: 4 or 5 rows a warp, 1 or 2 batches
+        assert!(uneven_work(8, 2112 * 4 + 500, 132));
+        // one row for a few warps only: very uneven
+        assert!(uneven_work(32, 2112 + 10, 132));
     }
 
     /// The bulk copy of x where it was measured faster on the H100 (bench/RESULTS.md, fifth

@@ -90,11 +90,14 @@ impl CustomOp2 for BitMatmul {
 }
 
 /// Inference matmul over a pre-packed weight.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct PackedMatmul {
     k: usize,
     s_w: f32,
     scaling: ActScaling,
+    /// the weight's settled state on CUDA (`cuda::settle`)
+    #[cfg(feature = "cuda")]
+    settled: crate::cuda::Settled,
 }
 
 impl CustomOp2 for PackedMatmul {
@@ -118,7 +121,8 @@ impl CustomOp2 for PackedMatmul {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, bs: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
-        crate::cuda::packed_matmul(xs, xl, bs, bl, self.k, self.s_w, self.scaling == ActScaling::PerTensor)
+        let per_tensor = self.scaling == ActScaling::PerTensor;
+        crate::cuda::packed_matmul(xs, xl, bs, bl, self.k, self.s_w, per_tensor, &self.settled)
     }
 }
 
@@ -216,6 +220,8 @@ pub fn packed_matmul(x: &Tensor, w: &PackedTernary, scaling: ActScaling) -> Resu
         k,
         s_w: w.scale(),
         scaling,
+        #[cfg(feature = "cuda")]
+        settled: w.settled().clone(),
     };
     x.contiguous()?.apply_op2_no_bwd(w.bytes(), &op)
 }

@@ -70,14 +70,32 @@ pub fn unpack_ternary(bytes: &[u8], n: usize, k: usize) -> Result<Vec<i8>> {
 }
 
 /// A ternary weight matrix in the canonical packed format, on a CPU or CUDA device.
+///
+/// The bytes are immutable once built: on CUDA, a matmul may read them before the kernels
+/// queued ahead of it have finished, once every kernel queued before their first use is known
+/// to have finished. Writing into [`PackedTernary::bytes`] in place (e.g. candle's `slice_set`)
+/// is therefore not supported; build a new `PackedTernary` instead.
 #[derive(Clone, Debug)]
 pub struct PackedTernary {
     bytes: Tensor,
     scale: f32,
     k: usize,
+    /// whether the bytes are known complete on the CUDA device (shared by clones)
+    #[cfg(feature = "cuda")]
+    settled: crate::cuda::Settled,
 }
 
 impl PackedTernary {
+    fn with_bytes(bytes: Tensor, scale: f32, k: usize) -> Self {
+        Self {
+            bytes,
+            scale,
+            k,
+            #[cfg(feature = "cuda")]
+            settled: Default::default(),
+        }
+    }
+
     /// Quantizes a float weight `(N, K)` with the absmean quantizer and packs it, on the weight's
     /// device. NaN or infinite weights are an error.
     ///
@@ -115,18 +133,30 @@ impl PackedTernary {
         if !(scale.is_finite() && scale > 0.0) {
             bail!("packed ternary scale must be finite and positive, got {scale}")
         }
-        let bytes = bytes.contiguous()?;
+        // A copy of our own: the caller keeps `bytes` and may write into it later, while these
+        // bytes must stay as validated (see the type's docs).
+        let bytes = if bytes.is_contiguous() {
+            bytes.copy()?
+        } else {
+            bytes.contiguous()?
+        };
         // Validate every code once here, so kernels never see code 3.
         unpack_ternary(&bytes.flatten_all()?.to_vec1::<u8>()?, n, k)?;
-        Ok(Self { bytes, scale, k })
+        Ok(Self::with_bytes(bytes, scale, k))
     }
 
     /// Internal constructor for bytes produced by one of our packers (already valid).
     pub(crate) fn from_trusted(bytes: Tensor, scale: f32, k: usize) -> Self {
-        Self { bytes, scale, k }
+        Self::with_bytes(bytes, scale, k)
     }
 
-    /// The packed bytes, U8 `(N, ceil(K/4))`.
+    /// The settled state of the bytes on their CUDA device (`cuda::settle`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn settled(&self) -> &crate::cuda::Settled {
+        &self.settled
+    }
+
+    /// The packed bytes, U8 `(N, ceil(K/4))`. Read-only: see the type's docs.
     pub fn bytes(&self) -> &Tensor {
         &self.bytes
     }
@@ -153,10 +183,7 @@ impl PackedTernary {
 
     /// Moves the packed weight to another device.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Ok(Self {
-            bytes: self.bytes.to_device(device)?,
-            ..self.clone()
-        })
+        Ok(Self::with_bytes(self.bytes.to_device(device)?, self.scale, self.k))
     }
 
     /// The ternary values, row-major `(N, K)`.

@@ -2,8 +2,8 @@
 //! programmatic dependent launch on compute capability 9.0+ (`src/cuda/mod.rs`, `launch!`), so
 //! every kernel must call `pdl_wait()` (`kernels/common.cuh`) before it touches global memory;
 //! a kernel without it could read its inputs before the previous kernel has written them. (The
-//! skinny kernel and the Hopper GEMM request their weights before it only where the host knows
-//! that the previous kernel did not write them: `w_early` in those files.)
+//! GEMV, the skinny kernel and the Hopper GEMM request their weights before it only where the
+//! host knows that no kernel still running wrote them: `EARLY` / `w_early` in those files.)
 
 const SOURCES: [(&str, &str); 6] = [
     ("act_quant.cu", include_str!("../kernels/act_quant.cu")),

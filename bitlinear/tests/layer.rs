@@ -132,4 +132,23 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(PackedTernary::from_parts(bytes.clone(), f32::NAN, 4).is_err());
     assert!(PackedTernary::from_parts(bytes.to_dtype(DType::U32).unwrap(), 1.0, 4).is_err());
     assert!(PackedTernary::from_parts(bytes, 0.5, 4).is_ok());
+
+    // from_parts keeps a copy: writing into the caller's tensor afterwards changes nothing.
+    let bytes = Tensor::new(&[[0x55u8, 0x66], [0x99, 0x55]], cpu).unwrap();
+    let p = PackedTernary::from_parts(bytes.clone(), 0.5, 8).unwrap();
+    bytes
+        .slice_set(&Tensor::new(&[[0xaau8, 0xaa]], cpu).unwrap(), 0, 0)
+        .unwrap();
+    assert_eq!(bytes.to_vec2::<u8>().unwrap()[0], vec![0xaa, 0xaa]);
+    assert_eq!(
+        p.bytes().to_vec2::<u8>().unwrap(),
+        vec![vec![0x55, 0x66], vec![0x99, 0x55]]
+    );
+    // ... also from a column view (non-contiguous: copied into a contiguous tensor)
+    let wide = Tensor::new(&[[0x55u8, 0x66, 0x99], [0x99, 0x55, 0x66]], cpu).unwrap();
+    let p = PackedTernary::from_parts(wide.narrow(1, 1, 2).unwrap(), 0.5, 8).unwrap();
+    assert_eq!(
+        p.bytes().to_vec2::<u8>().unwrap(),
+        vec![vec![0x66, 0x99], vec![0x55, 0x66]]
+    );
 }

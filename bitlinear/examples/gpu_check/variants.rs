@@ -43,6 +43,8 @@ pub(crate) const VARIANTS: &[(&str, &[(&str, &str)])] = &[
     ("gemv-l32", &[("BITLINEAR_CUDA_GEMV_LANES", "32")]),
     ("gemv-bulk-x", &[("BITLINEAR_CUDA_GEMV_BULK_X", "1")]),
     ("gemv-no-bulk-x", &[("BITLINEAR_CUDA_GEMV_BULK_X", "0")]),
+    ("gemv-early", &[("BITLINEAR_CUDA_GEMV_EARLY", "1")]),
+    ("gemv-late", &[("BITLINEAR_CUDA_GEMV_EARLY", "0")]),
     ("skinny-rows16", &[("BITLINEAR_CUDA_SKINNY_ROWS", "16")]),
     ("skinny-rows32", &[("BITLINEAR_CUDA_SKINNY_ROWS", "32")]),
     ("no-pdl", &[("BITLINEAR_CUDA_NO_PDL", "1")]),

@@ -28,6 +28,8 @@ pub(super) fn tiled_gemm(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
         ni,
         ki,
         k4i,
+        // its early weights need no settled weight: an activation kernel always runs before it
+        w_settled: _,
     } = *c;
     let ld = k.div_ceil(GEMM_BK) * GEMM_BK;
     i32_arg(m * ld.max(1), "M*K")?;

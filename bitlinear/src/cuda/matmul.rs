@@ -5,7 +5,7 @@
 use super::gemm::tiled_gemm;
 use super::quantize::{check_finite_flag, pack_into, quantize_rows, weight_dims, weight_scale, ActOut};
 use super::*;
-use crate::gemv_launch::{gemv_bulk_x, gemv_config, GEMV_WARPS};
+use crate::gemv_launch::{gemv_bulk_x, gemv_config, gemv_early, GEMV_WARPS};
 use crate::skinny_launch::{gemm_for_small_m, skinny_rows_per_block};
 
 /// Activation source of a matmul.
@@ -46,6 +46,9 @@ pub(super) struct Call<'a> {
     pub(super) ni: i32,
     pub(super) ki: i32,
     pub(super) k4i: i32,
+    /// the weights are known complete before this call (`settle.rs`): the GEMV and the skinny
+    /// kernel may request them before `pdl_wait`
+    pub(super) w_settled: bool,
 }
 
 /// y (M, N) = x (M, K) . W^T for packed `w` (N, ceil(K/4) bytes at `wp`); `out` = I32 (raw
@@ -61,6 +64,7 @@ fn matmul_core(
     sw: WScale,
     per_tensor: bool,
     out_dtype: DType,
+    w_settled: bool,
 ) -> Result<CudaStorageSlice> {
     let mut out = alloc_out(dev, out_dtype, m * n)?;
     if m == 0 || n == 0 {
@@ -89,6 +93,7 @@ fn matmul_core(
         ni: i32_arg(n, "N")?,
         ki: i32_arg(k, "K")?,
         k4i: i32_arg(k4, "K/4")?,
+        w_settled: w_settled && !env_flag("BITLINEAR_CUDA_NO_EARLY_WEIGHTS"),
     };
     // decode GEMV: M = 1, K % 64 == 0, 16-byte aligned weights
     if m <= GEMV_MAX_M
@@ -125,6 +130,7 @@ fn gemv(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
         ni,
         ki,
         k4i,
+        w_settled,
         ..
     } = *c;
     let (l, t, blocks) = gemv_config(k4 / 16, n, info.sms);
@@ -135,9 +141,15 @@ fn gemv(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
         XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64, dt.size_in_bytes()),
         XSrc::Codes(p, sp) => ("i8", p, sp, 1),
     };
-    let bulk_x = gemv_bulk_x(matches!(x, XSrc::Float(..)), n, k4, blocks);
+    let float_x = matches!(x, XSrc::Float(..));
+    let bulk_x = gemv_bulk_x(float_x, n, k4, blocks);
     let bx = if bulk_x { "_bx" } else { "" };
-    let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_l{l}_t{t}{bx}"))?;
+    let early = if gemv_early(w_settled, float_x, bulk_x, l, n, blocks) {
+        "_e"
+    } else {
+        ""
+    };
+    let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_l{l}_t{t}{bx}{early}"))?;
     let cfg = LaunchConfig {
         grid_dim: (i32_arg(blocks, "GEMV blocks")? as u32, 1, 1),
         block_dim: (32 * GEMV_WARPS as u32, 1, 1),
@@ -214,6 +226,7 @@ fn skinny(c: &Call, plan: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()>
         ni,
         ki,
         k4i,
+        w_settled,
         ..
     } = *c;
     let SkinnyPlan {
@@ -278,8 +291,8 @@ fn skinny(c: &Call, plan: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()>
             sw.val,
             sw.ptr,
             yp,
-            // the quantizer launched just above lets this kernel request its weights early
-            i32::from(tmp_codes.is_some() && !env_flag("BITLINEAR_CUDA_NO_EARLY_WEIGHTS"))
+            // weights early where they are settled or the kernel before is the quantizer above
+            i32::from((w_settled || tmp_codes.is_some()) && !env_flag("BITLINEAR_CUDA_NO_EARLY_WEIGHTS"))
         );
     }
     drop(tmp_codes);
@@ -318,6 +331,7 @@ pub(crate) fn packed_accumulate(
     packed: &CudaStorage,
     pl: &Layout,
     k: usize,
+    settled: &Settled,
 ) -> Result<CudaStorage> {
     let dev = &xq.device;
     let stream = dev.cuda_stream();
@@ -337,6 +351,8 @@ pub(crate) fn packed_accumulate(
     let mut g = Vec::new();
     let xp = in_ptr(xq, start, &stream, &mut g)?;
     let (n, wp) = packed_in(packed, pl, k, &stream, &mut g)?;
+    // after packed_in: the event must follow any cross-stream wait it queued
+    let w_settled = settled.check(&stream)?;
     let out = matmul_core(
         dev,
         XSrc::Codes(xp, 0),
@@ -347,6 +363,7 @@ pub(crate) fn packed_accumulate(
         WScale { val: 1.0, ptr: 0 },
         false,
         DType::I32,
+        w_settled,
     )?;
     drop(g);
     Ok(storage(out, dev))
@@ -354,6 +371,7 @@ pub(crate) fn packed_accumulate(
 
 /// The inference forward over pre-packed weights: quantize x, matmul, epilogue; output in x's
 /// dtype, shape (M, N).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn packed_matmul(
     x: &CudaStorage,
     xl: &Layout,
@@ -362,6 +380,7 @@ pub(crate) fn packed_matmul(
     k: usize,
     s_w: f32,
     per_tensor: bool,
+    settled: &Settled,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &x.device;
     let stream = dev.cuda_stream();
@@ -373,6 +392,7 @@ pub(crate) fn packed_matmul(
     let mut g = Vec::new();
     let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
     let (n, wp) = packed_in(packed, pl, k, &stream, &mut g)?;
+    let w_settled = settled.check(&stream)?;
     let dt = xin.dtype();
     let out = matmul_core(
         dev,
@@ -384,6 +404,7 @@ pub(crate) fn packed_matmul(
         WScale { val: s_w, ptr: 0 },
         per_tensor,
         dt,
+        w_settled,
     )?;
     drop(g);
     let shape = Shape::from((m, n));
@@ -431,6 +452,8 @@ pub(crate) fn bit_matmul(
             WScale { val: 0.0, ptr: sp },
             per_tensor,
             dt,
+            // packed by the kernel just before: not settled
+            false,
         )?;
     }
     if !env_flag("BITLINEAR_CUDA_NO_FINITE_CHECK") {

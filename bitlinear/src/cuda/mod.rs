@@ -36,12 +36,16 @@
 //!
 //! Launches: on compute capability 9.0+ every kernel goes out with programmatic dependent launch
 //! (`pdl_allowed`): each waits for the previous kernel of the stream before touching memory
-//! (`pdl_wait`), so mostly launch latency overlaps. Two exceptions read memory before that wait,
-//! where the previous kernel is known: the skinny kernel and the Hopper GEMM request their first
+//! (`pdl_wait`), so mostly launch latency overlaps. The exceptions read weights before that wait
+//! where they are known complete: the skinny kernel and the Hopper GEMM request their first
 //! weights early when the kernel before them is this call's activation quantizer (or int8
-//! permuter), which itself waited for everything before it, so the weights are complete; and the
-//! activation quantizer ahead of the Hopper GEMM lets the GEMM start at once, so that those
-//! weight copies overlap the quantizer (M = 64..1024: 2-7% faster on the H100).
+//! permuter), which itself waited for everything before it; the activation quantizer ahead of
+//! the Hopper GEMM lets the GEMM start at once, so that those weight copies overlap the quantizer
+//! (M = 64..1024: 2-7% faster on the H100); and the decode GEMV (its first chunk slot, where
+//! the work over its warps is uneven: `gemv_launch.rs`) and the skinny kernel request them early
+//! where the `PackedTernary` is settled (`settle.rs`: every kernel queued before its first use
+//! has finished), so that in a decode loop one call's weights stream while the previous call
+//! ends.
 //!
 //! Environment switches (read at each call; all but the first three exist so that tests and benchmarks
 //! can reach every kernel variant whatever the shape):
@@ -62,6 +66,8 @@
 //!   the size-based choice (16 needs 16-byte aligned packed rows).
 //! * `BITLINEAR_CUDA_GEMV_BULK_X=0|1`: the decode GEMV loads `x` with the threads' own loads
 //!   (0) or one bulk copy (1) instead of the size-based choice.
+//! * `BITLINEAR_CUDA_GEMV_EARLY=0|1`: the decode GEMV requests the first chunk slot of its
+//!   settled weights before `pdl_wait` (1) or none (0) instead of the size-based choice.
 //! * `BITLINEAR_CUDA_GEMM_TILE=small|big|wide|tma|tma192|tma128|tma64`: GEMM kernel and CTA tile
 //!   instead of the size-based choice (the `tma` tiles need K > 0).
 //! * `BITLINEAR_CUDA_TMA_ONE_TILE=1`: one CTA per tile for the TMA wgmma GEMM instead of one
@@ -70,8 +76,8 @@
 //!   instead of TMA stores.
 //! * `BITLINEAR_CUDA_SPLITK=n`: split the k range of the `small`/`big`/`tma128` GEMM over n CTAs
 //!   (1 = off) instead of the size-based choice.
-//! * `BITLINEAR_CUDA_NO_EARLY_WEIGHTS=1`: the skinny kernel and the Hopper GEMM request their
-//!   weights only after `pdl_wait`.
+//! * `BITLINEAR_CUDA_NO_EARLY_WEIGHTS=1`: the GEMV, the skinny kernel and the Hopper GEMM
+//!   request their weights only after `pdl_wait`.
 //! * `BITLINEAR_CUDA_NO_EARLY_TRIGGER=1`: the activation quantizer lets the next kernel start
 //!   only when its blocks exit.
 
@@ -495,7 +501,9 @@ fn finish_dtype(out: CudaStorage, shape: &Shape, want: DType) -> Result<CudaStor
 mod gemm;
 mod matmul;
 mod quantize;
+mod settle;
 mod tma;
 
 pub(crate) use matmul::{bit_matmul, packed_accumulate, packed_matmul};
 pub(crate) use quantize::{fake_quant_activations, fake_quant_weights, pack_weights, quantize_activations};
+pub(crate) use settle::Settled;
