@@ -83,6 +83,16 @@ fn shapes(o: &Opts, rng: &mut StdRng) -> Vec<(usize, usize, usize)> {
         (4, 100, 64),
         (3, 1, 8192),
         (1, 2049, 6912),
+        // 2 <= M <= 16 with K % 64 == 0 at decode sizes (the skinny kernel, or the GEMM from
+        // M = 12 at large N)
+        (5, 2560, 2560),
+        (7, 3, 640),
+        (8, 13824, 2560),
+        (9, 4096, 4096),
+        (12, 1000, 6912),
+        (16, 20001, 64),
+        (16, 4096, 8192),
+        (16, 70001, 128),
         // bf16 inputs here take the skinny kernel's two-pass fused quantizer
         (17, 64, 257),
         (24, 33, 260),
