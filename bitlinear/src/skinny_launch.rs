@@ -31,9 +31,41 @@ pub(crate) fn skinny_rows_per_block(m: usize, n: usize, vec: usize, sms: usize) 
     }
 }
 
+/// The skinny kernel quantizes float x itself when each of its threads holds at most two 16-k
+/// groups of x (`m * 16 * kb <= 512` for `kb` blocks of 256 k: one pass, x in registers), or
+/// when x is at most this many bytes (two passes through L2 beat a second launch).
+const FUSED_MAX_GROUPS: usize = 512;
+const FUSED_MAX_BYTES: usize = 16 * 1024;
+
+/// Whether the skinny kernel quantizes float x itself (one launch) rather than after the row
+/// quantizer, for `m` rows of `kb` blocks of 256 k, `x_bytes` bytes of x and `blocks` skinny
+/// blocks: where x is small enough (above) and there are at most two blocks an SM, since every
+/// block quantizes all of x, and after the quantizer kernel the blocks request their weights
+/// early. H100 (bench/RESULTS.md, eighth session): M = 2 x 13824 x 2560 (432 blocks) 13.3 us
+/// fused, 11.25 after the quantizer; M = 2 x 2560^2 (80 blocks) 6.53 fused, 7.05 not;
+/// 4096^2 (128 blocks) 8.04 fused, 8.17 not.
+pub(crate) fn skinny_fuses(m: usize, kb: usize, x_bytes: usize, blocks: usize, sms: usize) -> bool {
+    (m * kb * 16 <= FUSED_MAX_GROUPS || x_bytes <= FUSED_MAX_BYTES) && blocks <= 2 * sms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fused where x is small and the blocks few; the quantizer kernel first where x is large
+    /// or N has many blocks.
+    #[test]
+    fn fuses_where_measured_faster() {
+        let fuses = |m: usize, n: usize, k: usize| skinny_fuses(m, k.div_ceil(256), m * k * 2, n.div_ceil(32), 132);
+        assert!(fuses(2, 2560, 2560));
+        assert!(fuses(2, 4096, 4096));
+        assert!(fuses(3, 2560, 2560));
+        assert!(!fuses(2, 13824, 2560));
+        assert!(!fuses(4, 2560, 2560)); // 640 groups, 20 KB of bf16
+        assert!(!fuses(8, 4096, 4096));
+        // small x: the two-pass form
+        assert!(fuses(5, 1000, 1000));
+    }
 
     /// The choices measured fastest on the H100 (bench/RESULTS.md, fifth session).
     #[test]

@@ -6,7 +6,7 @@ use super::gemm::tiled_gemm;
 use super::quantize::{check_finite_flag, pack_into, quantize_rows, weight_dims, weight_scale, ActOut};
 use super::*;
 use crate::gemv_launch::{gemv_bulk_x, gemv_config, gemv_early, GEMV_WARPS};
-use crate::skinny_launch::{gemm_for_small_m, skinny_rows_per_block};
+use crate::skinny_launch::{gemm_for_small_m, skinny_fuses, skinny_rows_per_block};
 
 /// Activation source of a matmul.
 #[derive(Clone, Copy)]
@@ -212,6 +212,7 @@ fn skinny_plan(c: &Call) -> Option<SkinnyPlan> {
 fn skinny(c: &Call, plan: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()> {
     let Call {
         dev,
+        info,
         ref stream,
         x,
         m,
@@ -242,8 +243,7 @@ fn skinny(c: &Call, plan: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()>
     let (xname, xp, xsp) = match x {
         XSrc::Float(p, dt)
             if out_dtype == dt
-                && (m * kb * 16 <= FUSED_MAX_GROUPS
-                    || m * k * dt.size_in_bytes() <= FUSED_MAX_BYTES
+                && (skinny_fuses(m, kb, m * k * dt.size_in_bytes(), n.div_ceil(rows_per_block), info.sms)
                     || env_flag("BITLINEAR_CUDA_FUSE"))
                 && !env_flag("BITLINEAR_CUDA_NO_FUSE") =>
         {

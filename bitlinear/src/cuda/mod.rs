@@ -17,8 +17,9 @@
 //!   weight row, whichever gives the least work per lane and busy SM (`gemv_launch.rs`); where
 //!   the weights are large, float `x` comes by one bulk copy so that no weight load waits for it.
 //! * other `M <= 32`: the "skinny" kernel streams the packed weights straight into tensor-core
-//!   fragments; when `M * K` activations are small it also quantizes `x` itself (one launch per
-//!   forward), otherwise a row-quantizer kernel runs first. Each of its blocks stages all of
+//!   fragments; when `M * K` activations are small and its blocks at most two an SM it also
+//!   quantizes `x` itself (one launch per forward), otherwise a row-quantizer kernel runs first
+//!   (`skinny_launch.rs`). Each of its blocks stages all of
 //!   `x`, so from `M = 12` where `N >= 64 x SMs` the GEMM below takes over, and on compute
 //!   capability 9.0 from `M = 17` where its 32-row blocks would leave a quarter of the SMs idle
 //!   (`skinny_launch.rs`).
@@ -106,11 +107,6 @@ const THREADS: u32 = 256;
 const SKINNY_MAX_M: usize = 32;
 /// Largest dynamic shared memory the skinny kernel may use (two blocks per SM on H100).
 const SKINNY_MAX_SMEM: usize = 112 * 1024;
-/// The skinny kernel quantizes `x` itself when each of its threads holds at most two 16-k groups
-/// of `x` (`M * 16 * ceil(K / 256) <= 512`: one pass, x in registers), or when `x` is small
-/// enough (`M * K * size_of(T)` at most this) for two passes through L2 to beat a second launch.
-const FUSED_MAX_BYTES: usize = 16 * 1024;
-const FUSED_MAX_GROUPS: usize = 512;
 /// Largest `M` and `K` of the decode GEMV kernel (`kernels/gemv.cu`: one 16-k group of x per
 /// thread, at most 32 lanes x 4 chunks of 64 k per weight row).
 const GEMV_MAX_M: usize = 1;
