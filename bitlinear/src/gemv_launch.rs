@@ -71,22 +71,37 @@ pub(crate) fn gemv_bulk_x(float_x: bool, n: usize, k4: usize, blocks: usize) -> 
 }
 
 /// Whether the decode GEMV requests the first chunk slot of its weights before `pdl_wait` (the
-/// `_e` kernels, built for float x only): where the weights are settled (`cuda/settle.rs`), x
-/// is float and comes by the threads' own loads (with the bulk copy the early weights delayed
-/// x), and the work is uneven, i.e. the busiest warp has at least 1.5x the mean number of row
-/// batches, so that the blocks that finish first leave SMs on which the next call's early
-/// weights stream while this call ends. H100, same run (bench/RESULTS.md, eighth session):
-/// 2560^2 3.62 -> 3.50 us and 2560 x 6912 4.65 -> 4.54 (both 2 or 1 rows a warp); 4096^2 (even
-/// work) 3.80 -> 3.96 and 13824 x 2560 (bulk x) 5.51 -> 5.75 with it, so not there.
-/// `BITLINEAR_CUDA_GEMV_EARLY=0|1` overrides the choice (1 still needs settled weights and float x).
-pub(crate) fn gemv_early(settled: bool, float_x: bool, bulk_x: bool, lanes: usize, n: usize, blocks: usize) -> bool {
+/// `_e` kernels, built for float x only), for `k` inputs and the launch shape (`lanes`, `n`
+/// rows, `blocks`): where the weights are settled (`cuda/settle.rs`), x is float and comes by
+/// the threads' own loads, and either fewer than half of the 16 warps hold x (K < 4096: the
+/// others request weights early, and the x warps' own loads are not queued behind much), or the
+/// work is uneven (the busiest warp has at least 1.5x the mean row batches, so the SMs that
+/// finish first start the next call's weights). H100, first chunk slot early against none, same
+/// run, default lanes (bench/RESULTS.md, eighth session): 2048^2 2.89 -> 2.80 us, 2560^2 3.63 ->
+/// 3.48, 3072^2 3.59 -> 3.55, 5632 x 2048 3.71 -> 3.52, 6912 x 2560 4.44 -> 4.18, 8192 x 3072
+/// 4.81 -> 4.52, 2560 x 6912 (uneven) 4.63 -> 4.55; not taken: 4096^2 3.80 -> 4.01, 3072 x
+/// 8192 5.56 -> 5.90, 2048 x 5632 3.79 -> 3.71 (either way within noise), and with the bulk copy
+/// of x 13824 x 2560 5.51 -> 5.75 (but 5120^2 5.47 -> 4.92, 11008 x 4096 6.74 -> 6.43: no rule
+/// yet). `BITLINEAR_CUDA_GEMV_EARLY=0|1` overrides the choice (1 still needs settled weights and
+/// float x).
+pub(crate) fn gemv_early(
+    settled: bool,
+    float_x: bool,
+    bulk_x: bool,
+    k: usize,
+    lanes: usize,
+    n: usize,
+    blocks: usize,
+) -> bool {
     if !(settled && float_x) {
         return false;
     }
+    // warps holding a 16-k group of x each (one group a thread, 32 a warp)
+    let x_warps = k.div_ceil(16).div_ceil(32);
     match std::env::var("BITLINEAR_CUDA_GEMV_EARLY").as_deref() {
         Ok("0") => false,
         Ok("1") => true,
-        _ => !bulk_x && uneven_work(lanes, n, blocks),
+        _ => !bulk_x && (2 * x_warps < GEMV_WARPS || uneven_work(lanes, n, blocks)),
     }
 }
 
@@ -148,17 +163,42 @@ mod tests {
     }
 
     /// Early weights where they were measured faster on the H100 (bench/RESULTS.md, eighth
-    /// session): settled weights and float x at 2560^2 and 2560 x 6912 only.
+    /// session), for settled weights and float x only.
     #[test]
     fn early_weights_where_they_were_measured_faster() {
         let early = |settled: bool, float_x: bool, n: usize, k: usize| {
             let (l, _, blocks) = gemv_config(k / 64, n, 132);
-            gemv_early(settled, float_x, gemv_bulk_x(float_x, n, k / 4, blocks), l, n, blocks)
+            gemv_early(
+                settled,
+                float_x,
+                gemv_bulk_x(float_x, n, k / 4, blocks),
+                k,
+                l,
+                n,
+                blocks,
+            )
         };
-        assert!(early(true, true, 2560, 2560));
-        assert!(early(true, true, 2560, 6912));
-        assert!(!early(true, true, 4096, 4096));
-        assert!(!early(true, true, 13824, 2560));
+        for (n, k) in [
+            (2048, 2048),
+            (2560, 2560),
+            (3072, 3072),
+            (5632, 2048),
+            (6912, 2560),
+            (8192, 3072),
+            (2560, 6912),
+        ] {
+            assert!(early(true, true, n, k), "{n} x {k}");
+        }
+        for (n, k) in [
+            (4096, 4096),
+            (3072, 8192),
+            (2048, 5632),
+            (13824, 2560),
+            (5120, 5120),
+            (11008, 4096),
+        ] {
+            assert!(!early(true, true, n, k), "{n} x {k}");
+        }
         for (n, k) in [(2560, 2560), (2560, 6912)] {
             assert!(!early(false, true, n, k), "not settled");
             assert!(!early(true, false, n, k), "int8 codes: no early kernels");

@@ -144,7 +144,7 @@ fn gemv(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
     let float_x = matches!(x, XSrc::Float(..));
     let bulk_x = gemv_bulk_x(float_x, n, k4, blocks);
     let bx = if bulk_x { "_bx" } else { "" };
-    let early = if gemv_early(w_settled, float_x, bulk_x, l, n, blocks) {
+    let early = if gemv_early(w_settled, float_x, bulk_x, k, l, n, blocks) {
         "_e"
     } else {
         ""
