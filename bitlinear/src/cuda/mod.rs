@@ -43,7 +43,8 @@
 //! permuter), which itself waited for everything before it; the activation quantizer ahead of
 //! the Hopper GEMM lets the GEMM start at once, so that those weight copies overlap the quantizer
 //! (M = 64..1024: 2-7% faster on the H100); and the decode GEMV (its first chunk slot, where
-//! the work over its warps is uneven: `gemv_launch.rs`) and the skinny kernel request them early
+//! fewer than half of its warps hold x or the work over them is uneven: `gemv_launch.rs`) and
+//! the skinny kernel request them early
 //! where the `PackedTernary` is settled (`settle.rs`: every kernel queued before its first use
 //! has finished), so that in a decode loop one call's weights stream while the previous call
 //! ends.
