@@ -27,10 +27,10 @@
 // compute capability 9.0+, so a kernel may start while the previous one of the stream runs) ----
 // Every kernel calls pdl_wait() before its first global memory access: it waits until the
 // previous kernel has completed and its writes are visible, so results are those of plain stream
-// order. A no-op without PDL. (The one exception, `w_early` in gemv.cu, skinny.cu and gemm90a.cu:
-// weights requested before the wait where the host knows them complete: the previous kernel is
-// this call's quantizer, which waited for everything before it, or every kernel queued before
-// the weight's first use has finished, src/cuda/settle.rs.)
+// order. A no-op without PDL. (The one exception, the `_e` kernels of gemv.cu and `w_early` in
+// skinny.cu and gemm90a.cu: weights requested before the wait where the host knows them
+// complete: the previous kernel is this call's quantizer, which waited for everything before
+// it, or every kernel queued before the weight's first use has finished, src/cuda/settle.rs.)
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");

@@ -3,7 +3,8 @@
 //! every kernel must call `pdl_wait()` (`kernels/common.cuh`) before it touches global memory;
 //! a kernel without it could read its inputs before the previous kernel has written them. (The
 //! GEMV, the skinny kernel and the Hopper GEMM request their weights before it only where the
-//! host knows that no kernel still running wrote them: `EARLY` / `w_early` in those files.)
+//! host knows that no kernel still running wrote them: `TE` (the `_e` kernels) in gemv.cu,
+//! `w_early` in the others.)
 
 const SOURCES: [(&str, &str); 6] = [
     ("act_quant.cu", include_str!("../kernels/act_quant.cu")),
