@@ -134,14 +134,11 @@ impl PackedTernary {
             bail!("packed ternary scale must be finite and positive, got {scale}")
         }
         // A copy of our own: the caller keeps `bytes` and may write into it later, while these
-        // bytes must stay as validated (see the type's docs). Detached: no gradient flows here,
-        // and the copy must not keep the caller's tensor alive through a backprop graph.
-        let bytes = if bytes.is_contiguous() {
-            bytes.copy()?
-        } else {
-            bytes.contiguous()?
-        }
-        .detach();
+        // bytes must stay as validated (see the type's docs). Only the view is copied (a row
+        // range of a larger buffer does not bring the rest along), into a contiguous tensor.
+        // Detached: no gradient flows here, and the copy must not keep the caller's tensor alive
+        // through a backprop graph.
+        let bytes = bytes.force_contiguous()?.detach();
         // Validate every code once here, so kernels never see code 3.
         unpack_ternary(&bytes.flatten_all()?.to_vec1::<u8>()?, n, k)?;
         Ok(Self::with_bytes(bytes, scale, k))

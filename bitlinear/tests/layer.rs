@@ -151,4 +151,15 @@ fn bad_inputs_are_errors_not_panics() {
         p.bytes().to_vec2::<u8>().unwrap(),
         vec![vec![0x66, 0x99], vec![0x55, 0x66]]
     );
+    // ... and from a row range of a larger buffer (contiguous): only those rows are kept
+    let rows: Vec<u8> = (0..64u8).map(|i| [0x55u8, 0x66, 0x99, 0x00][i as usize % 4]).collect();
+    let big = Tensor::from_vec(rows.clone(), (32, 2), cpu).unwrap();
+    let p = PackedTernary::from_parts(big.narrow(0, 5, 3).unwrap(), 0.5, 8).unwrap();
+    assert_eq!(p.bytes().flatten_all().unwrap().to_vec1::<u8>().unwrap(), rows[10..16]);
+    let (storage, layout) = p.bytes().storage_and_layout();
+    assert_eq!(layout.start_offset(), 0);
+    match &*storage {
+        candle_core::Storage::Cpu(s) => assert_eq!(s.as_slice::<u8>().unwrap().len(), 6),
+        _ => unreachable!("a CPU tensor"),
+    }
 }
