@@ -206,8 +206,10 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
             // the same packed matmul through the other kernel variants
             let mut variants = String::new();
             for (name, vars) in VARIANTS {
-                if m > 32
-                    && ((name.starts_with("no-fuse") || *name == "fuse") || name.starts_with("gemm-small") && m >= 1024)
+                if o.no_variants
+                    || m > 32
+                        && ((name.starts_with("no-fuse") || *name == "fuse")
+                            || name.starts_with("gemm-small") && m >= 1024)
                     || m > 1 && (*name == "skinny" || name.starts_with("gemv"))
                     || (m == 1 || m > 32) && name.starts_with("skinny-")
                 {

@@ -14,6 +14,13 @@ use rand::rngs::StdRng;
 /// equal the CPU's bit for bit. Returns the number of failures.
 pub(crate) fn chains(gpu: &Device, rng: &mut StdRng) -> Result<usize> {
     let no_gemv: &[(&str, &str)] = &[("BITLINEAR_CUDA_NO_GEMV", "1")];
+    // split K: a zeroed workspace, the GEMM's partial sums and an epilogue kernel a call
+    let split3: &[(&str, &str)] = &[("BITLINEAR_CUDA_GEMM_TILE", "tma128"), ("BITLINEAR_CUDA_SPLITK", "3")];
+    let split4_no_store: &[(&str, &str)] = &[
+        ("BITLINEAR_CUDA_GEMM_TILE", "tma128"),
+        ("BITLINEAR_CUDA_SPLITK", "4"),
+        ("BITLINEAR_CUDA_TMA_STORE", "0"),
+    ];
     let mut failures = 0;
     for (m, k, dt, vars) in [
         (1, 2560, DType::BF16, &[][..]),
@@ -24,6 +31,8 @@ pub(crate) fn chains(gpu: &Device, rng: &mut StdRng) -> Result<usize> {
         (1, 64, DType::F32, &[]),
         (16, 2560, DType::BF16, &[]),
         (128, 4096, DType::BF16, &[]),
+        (128, 2560, DType::BF16, split3),
+        (96, 4096, DType::F16, split4_no_store),
         (300, 1000, DType::F32, &[]),
     ] {
         let layers = 6;

@@ -2,7 +2,7 @@
 //!
 //! Build (no GPU needed): `cargo build --release --features cuda -p bitlinear --example gpu_check`
 //! Run on the GPU machine: `gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick]
-//! [--only M,N,K]... [--prof M,N,K]...`
+//! [--only M,N,K]... [--no-variants] [--prof M,N,K]...`
 //! (no flag = both parts). Exits with status 1 when any check fails.
 //!
 //! Check: random shapes (M = 1, odd M/N/K, K % 4 != 0, sizes off every tile, a few large), fresh
@@ -60,6 +60,8 @@ pub(crate) struct Opts {
     pub(crate) quick: bool,
     /// bench only these (M, N, K) shapes
     pub(crate) only: Vec<(usize, usize, usize)>,
+    /// bench without the kernel variants (environment overrides then hold for every call)
+    pub(crate) no_variants: bool,
     /// run each op on these shapes a few times, synchronized, for a profiler (ncu)
     pub(crate) prof: Vec<(usize, usize, usize)>,
 }
@@ -92,6 +94,7 @@ mod real {
             seed: 0x5eed,
             quick: false,
             only: Vec::new(),
+            no_variants: false,
             prof: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
@@ -100,6 +103,7 @@ mod real {
                 "--check" => o.check = true,
                 "--bench" => o.bench = true,
                 "--quick" => o.quick = true,
+                "--no-variants" => o.no_variants = true,
                 "--cases" => o.cases = args.next().context("--cases N")?.parse()?,
                 "--seed" => o.seed = args.next().context("--seed S")?.parse()?,
                 "--only" => o.only.push(parse_shape(&args.next().context("--only M,N,K")?)?),
@@ -107,7 +111,7 @@ mod real {
                 "-h" | "--help" => {
                     println!(
                         "gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick] [--only M,N,K]... \
-                         [--prof M,N,K]..."
+                         [--no-variants] [--prof M,N,K]..."
                     );
                     std::process::exit(0)
                 }

@@ -119,14 +119,19 @@ pub(crate) const VARIANTS: &[(&str, &[(&str, &str)])] = &[
 /// Mismatches of the experimental ("x-") variants, reported at the end of the check.
 pub(crate) static EXPERIMENTAL_FAILS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Runs `f` with the environment variables `vars` set, then removes them.
+/// Runs `f` with the environment variables `vars` set, then puts back what they were (so that
+/// overrides given to the whole process hold for every shape).
 pub(crate) fn with_env<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
+    let before: Vec<(&str, Option<std::ffi::OsString>)> = vars.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
     for (k, v) in vars {
         std::env::set_var(k, v);
     }
     let r = f();
-    for (k, _) in vars {
-        std::env::remove_var(k);
+    for (k, old) in before {
+        match old {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
     }
     r
 }
