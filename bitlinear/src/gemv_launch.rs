@@ -24,11 +24,15 @@ pub(crate) const GEMV_SHAPES: [(usize, usize); 11] = [
 /// Decode GEMV launch shape for `cpr` 16-byte chunks per weight row and `n` rows: (lanes per
 /// row L, chunks per lane T = ceil(cpr / L), blocks). The rows are spread evenly over the warps,
 /// at most one block of `GEMV_WARPS` warps per SM, each warp at most `min(8, 16 / T)` batches of
-/// `32 / L` rows (16 chunks a lane in registers). Among the built (L, T), the one with the least
-/// work per lane (T chunks times the batches of the busiest warp) per busy SM wins (fewer lanes
-/// per row leave SMs idle at small N); ties go to fewer idle chunk slots, then to more lanes.
-/// Fitted to the H100: M = 1, K = 2560 takes L = 8 at N = 13824 and L = 32 at N = 2560; 4096^2
-/// and 2560 x 6912 take L = 32.
+/// `32 / L` rows (16 chunks a lane in registers). The cost of a built (L, T) is its work per lane
+/// (T chunks times the batches of the busiest warp) per busy SM (fewer lanes per row leave SMs
+/// idle at small N). Among those within 25% of the least cost, the fewest idle chunk slots
+/// (L * T - cpr) win, then the least cost, then more lanes: the idle SMs of a cheaper-looking
+/// grid are not lost, since with programmatic dependent launch the next call's blocks start on
+/// them. H100 (bench/RESULTS.md, ninth session): 2560^2 L = 16 3.28 us against L = 32 3.48 (the
+/// cheapest), 3072^2 L = 16 3.35 against 3.53, 6912 x 2560 L = 8 4.10 against L = 16 4.17;
+/// 2560 x 6912 keeps L = 32 (4.51 us; L = 16, 44% costlier, 5.3). 13824 x 2560 takes L = 8,
+/// 4096^2 L = 32.
 pub(crate) fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, usize) {
     let warps_for = |(l, t): (usize, usize)| {
         let rows_per_batch = 32 / l;
@@ -40,14 +44,16 @@ pub(crate) fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, us
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .and_then(|l| shapes.clone().find(|s| s.0 == l));
+    let cost = |(l, t): (usize, usize)| {
+        let warps = warps_for((l, t));
+        let lane_work = t * n.div_ceil(warps).div_ceil(32 / l);
+        lane_work * sms * 64 / warps.div_ceil(GEMV_WARPS)
+    };
     let (l, t) = forced.unwrap_or_else(|| {
+        let least = shapes.clone().map(cost).min().unwrap_or(0);
         shapes
-            .min_by_key(|&(l, t)| {
-                let warps = warps_for((l, t));
-                let lane_work = t * n.div_ceil(warps).div_ceil(32 / l);
-                let blocks = warps.div_ceil(GEMV_WARPS);
-                (lane_work * sms * 64 / blocks, l * t - cpr, usize::MAX - l)
-            })
+            .filter(|&s| 4 * cost(s) <= 5 * least)
+            .min_by_key(|&(l, t)| (l * t - cpr, cost((l, t)), usize::MAX - l))
             .expect("L = 32 covers cpr <= 128")
     });
     (l, t, warps_for((l, t)).div_ceil(GEMV_WARPS))
@@ -57,38 +63,51 @@ pub(crate) fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, us
 const GEMV_BULK_X_BYTES_PER_BLOCK: usize = 48 * 1024;
 
 /// Whether the decode GEMV loads `x` by one bulk copy (the `_bx` kernels) for `n` rows of `k4`
-/// packed bytes over `blocks` blocks; `float_x` is false for int8 codes. Only where the weights
-/// take long enough to stream that the copy's longer latency is hidden (H100: 13824 x 2560, 67
-/// KB a block: 5.84 -> 5.48 us; 4096^2 and 2560 x 6912, 32-34 KB a block, lose 0.35-0.55 us with
-/// it). int8 codes lose with it even there (5.11 -> 5.35 us): their x warps have no quantizer to
-/// wait for. `BITLINEAR_CUDA_GEMV_BULK_X=0|1` overrides the choice.
-pub(crate) fn gemv_bulk_x(float_x: bool, n: usize, k4: usize, blocks: usize) -> bool {
+/// packed bytes over `blocks` blocks, `lanes` lanes a row and `k` inputs; `float_x` is false for
+/// int8 codes. Only where the weights take long enough to stream that the copy's longer latency
+/// is hidden (at least 48 KB a block; 4096^2 and 2560 x 6912, 32-34 KB a block, lose 0.35-0.55
+/// us with it), and there only with 8 lanes a row or where every warp holds x (K >= 8192). H100
+/// (bench/RESULTS.md, ninth session): 13824 x 2560 (8 lanes) 5.47 us against 5.71 without;
+/// 4096 x 8192 5.60 against 5.94; but without it 5120^2 4.79 against 5.44 us, 11008 x 4096 5.94
+/// against 6.76, 14336 x 4096 6.89 against 8.10, 27648 x 2560 11.39 against 12.46 (seven of 11
+/// shapes of at least 48 KB a block faster without). int8 codes lose with it even at 13824 x
+/// 2560 (5.11 -> 5.35 us): their x warps have no quantizer to wait for.
+/// `BITLINEAR_CUDA_GEMV_BULK_X=0|1` overrides the choice.
+pub(crate) fn gemv_bulk_x(float_x: bool, n: usize, k4: usize, blocks: usize, lanes: usize, k: usize) -> bool {
     match std::env::var("BITLINEAR_CUDA_GEMV_BULK_X").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => float_x && n * k4 >= GEMV_BULK_X_BYTES_PER_BLOCK * blocks,
+        _ => float_x && n * k4 >= GEMV_BULK_X_BYTES_PER_BLOCK * blocks && (lanes == 8 || x_warps(k) >= GEMV_WARPS),
     }
 }
 
+/// Warps of the GEMV that hold a 16-k group of x each (one group a thread, 32 a warp).
+fn x_warps(k: usize) -> usize {
+    k.div_ceil(16).div_ceil(32)
+}
+
 /// Whether the decode GEMV requests the first chunk slot of its weights before `pdl_wait` (the
-/// `_e` kernels, built for float x only), for `k` inputs and the launch shape (`lanes`, `n`
-/// rows, `blocks`): where the weights are settled (`cuda/settle.rs`), x is float and comes by
-/// the threads' own loads, and either fewer than half of the 16 warps hold x (K < 4096: the
-/// others request weights early, and the x warps' own loads are not queued behind much), or the
-/// work is uneven (the busiest warp has at least 1.5x the mean row batches, so the SMs that
-/// finish first start the next call's weights). H100, first chunk slot early against none, same
+/// `_e` kernels, built for float x only), for `k` inputs, `k4` packed bytes a row and the launch
+/// shape (`lanes`, `n` rows, `blocks`): where the weights are settled (`cuda/settle.rs`) and x
+/// is float. With the bulk copy of x, only where every warp holds x (4096 x 8192: 5.60 against
+/// 5.82 us; 13824 x 2560 5.77 against 5.47). With the threads' own loads of x: where fewer than
+/// half of the 16 warps hold x (K < 4096: the others request weights early, and the x warps'
+/// own loads are not queued behind much), where the weights are at least 48 KB a block (ninth
+/// session: 11008 x 4096 5.94 against 6.37 us, 14336 x 4096 6.89 against 7.57, 6144 x 5120 5.03
+/// against 5.17, 7168 x 4096 4.71 against 4.82; 8192 x 4096 5.58 against 5.52 the other way),
+/// or where the work is uneven (the busiest warp has at least 1.5x the mean row batches, so the
+/// SMs that finish first start the next call's weights). H100, first chunk slot early against none, same
 /// run, default lanes (bench/RESULTS.md, eighth session): 2048^2 2.89 -> 2.80 us, 2560^2 3.63 ->
 /// 3.48, 3072^2 3.59 -> 3.55, 5632 x 2048 3.71 -> 3.52, 6912 x 2560 4.44 -> 4.18, 8192 x 3072
 /// 4.81 -> 4.52, 2560 x 6912 (uneven) 4.63 -> 4.55; not taken: 4096^2 3.80 -> 4.01, 3072 x
-/// 8192 5.56 -> 5.90, 2048 x 5632 3.79 -> 3.71 (either way within noise), and with the bulk copy
-/// of x 13824 x 2560 5.51 -> 5.75 (but 5120^2 5.47 -> 4.92, 11008 x 4096 6.74 -> 6.43: no rule
-/// yet). `BITLINEAR_CUDA_GEMV_EARLY=0|1` overrides the choice (1 still needs settled weights and
+/// 8192 5.56 -> 5.90, 2048 x 5632 3.79 -> 3.71 (either way within noise).
+/// `BITLINEAR_CUDA_GEMV_EARLY=0|1` overrides the choice (1 still needs settled weights and
 /// float x).
 pub(crate) fn gemv_early(
     settled: bool,
     float_x: bool,
     bulk_x: bool,
-    k: usize,
+    (k, k4): (usize, usize),
     lanes: usize,
     n: usize,
     blocks: usize,
@@ -96,12 +115,14 @@ pub(crate) fn gemv_early(
     if !(settled && float_x) {
         return false;
     }
-    // warps holding a 16-k group of x each (one group a thread, 32 a warp)
-    let x_warps = k.div_ceil(16).div_ceil(32);
+    let x_warps = x_warps(k);
     match std::env::var("BITLINEAR_CUDA_GEMV_EARLY").as_deref() {
         Ok("0") => false,
         Ok("1") => true,
-        _ => !bulk_x && (2 * x_warps < GEMV_WARPS || uneven_work(lanes, n, blocks)),
+        _ if bulk_x => x_warps >= GEMV_WARPS,
+        _ => {
+            2 * x_warps < GEMV_WARPS || n * k4 >= GEMV_BULK_X_BYTES_PER_BLOCK * blocks || uneven_work(lanes, n, blocks)
+        }
     }
 }
 
@@ -149,7 +170,7 @@ mod tests {
         }
     }
 
-    /// The choices measured fastest on the H100 (bench/RESULTS.md, fourth session).
+    /// The choices measured fastest on the H100 (bench/RESULTS.md, fourth and ninth sessions).
     #[test]
     fn benchmark_shapes_take_the_measured_best() {
         let pick = |n: usize, k: usize| {
@@ -157,9 +178,13 @@ mod tests {
             (l, t)
         };
         assert_eq!(pick(13824, 2560), (8, 5));
-        assert_eq!(pick(2560, 2560), (32, 2));
+        assert_eq!(pick(2560, 2560), (16, 3));
+        assert_eq!(pick(3072, 3072), (16, 3));
+        assert_eq!(pick(6912, 2560), (8, 5));
         assert_eq!(pick(4096, 4096), (32, 2));
         assert_eq!(pick(2560, 6912), (32, 4));
+        assert_eq!(pick(2048, 2048), (32, 1));
+        assert_eq!(pick(8192, 3072), (16, 3));
     }
 
     /// Early weights where they were measured faster on the H100 (bench/RESULTS.md, eighth
@@ -171,8 +196,8 @@ mod tests {
             gemv_early(
                 settled,
                 float_x,
-                gemv_bulk_x(float_x, n, k / 4, blocks),
-                k,
+                gemv_bulk_x(float_x, n, k / 4, blocks, l, k),
+                (k, k / 4),
                 l,
                 n,
                 blocks,
@@ -186,17 +211,18 @@ mod tests {
             (6912, 2560),
             (8192, 3072),
             (2560, 6912),
+            // at least 48 KB of weights a block (ninth session)
+            (5120, 5120),
+            (11008, 4096),
+            (14336, 4096),
+            (6144, 5120),
+            (13824, 5120),
+            // the bulk copy of x, every warp holding x
+            (4096, 8192),
         ] {
             assert!(early(true, true, n, k), "{n} x {k}");
         }
-        for (n, k) in [
-            (4096, 4096),
-            (3072, 8192),
-            (2048, 5632),
-            (13824, 2560),
-            (5120, 5120),
-            (11008, 4096),
-        ] {
+        for (n, k) in [(4096, 4096), (3072, 8192), (2048, 5632), (13824, 2560)] {
             assert!(!early(true, true, n, k), "{n} x {k}");
         }
         for (n, k) in [(2560, 2560), (2560, 6912)] {
@@ -221,16 +247,27 @@ mod tests {
     }
 
     /// The bulk copy of x where it was measured faster on the H100 (bench/RESULTS.md, fifth
-    /// session): float x at 13824 x 2560 only; never for int8 codes.
+    /// and ninth sessions): float x at 13824 x 2560 (8 lanes) and 4096 x 8192 (every warp
+    /// holds x); never for int8 codes.
     #[test]
     fn bulk_x_where_it_was_measured_faster() {
         let bulk = |float_x: bool, n: usize, k: usize| {
-            let (_, _, blocks) = gemv_config(k / 64, n, 132);
-            gemv_bulk_x(float_x, n, k / 4, blocks)
+            let (l, _, blocks) = gemv_config(k / 64, n, 132);
+            gemv_bulk_x(float_x, n, k / 4, blocks, l, k)
         };
         assert!(bulk(true, 13824, 2560));
+        assert!(bulk(true, 4096, 8192));
         assert!(!bulk(false, 13824, 2560));
-        for (n, k) in [(2560, 2560), (4096, 4096), (2560, 6912)] {
+        for (n, k) in [
+            (2560, 2560),
+            (4096, 4096),
+            (2560, 6912),
+            (5120, 5120),
+            (11008, 4096),
+            (14336, 4096),
+            (27648, 2560),
+            (3072, 8192),
+        ] {
             assert!(!bulk(true, n, k), "{n} x {k}");
         }
     }

@@ -142,9 +142,9 @@ fn gemv(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
         XSrc::Codes(p, sp) => ("i8", p, sp, 1),
     };
     let float_x = matches!(x, XSrc::Float(..));
-    let bulk_x = gemv_bulk_x(float_x, n, k4, blocks);
+    let bulk_x = gemv_bulk_x(float_x, n, k4, blocks, l, k);
     let bx = if bulk_x { "_bx" } else { "" };
-    let early = if gemv_early(w_settled, float_x, bulk_x, k, l, n, blocks) {
+    let early = if gemv_early(w_settled, float_x, bulk_x, (k, k4), l, n, blocks) {
         "_e"
     } else {
         ""

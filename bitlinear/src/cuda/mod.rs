@@ -14,8 +14,10 @@
 //! Matmul strategy (see `matmul_core`; the table is from H100 measurements, `bench/`):
 //! * `M = 1` with `K % 64 == 0` (decode): the GEMV kernel (`kernels/gemv.cu`) requests every
 //!   weight byte right after `x`, quantizes `x` meanwhile and uses dp4a; 8, 16 or 32 lanes per
-//!   weight row, whichever gives the least work per lane and busy SM (`gemv_launch.rs`); where
-//!   the weights are large, float `x` comes by one bulk copy so that no weight load waits for it.
+//!   weight row, whichever leaves the fewest idle chunk slots among those within 25% of the
+//!   least work per lane and busy SM (`gemv_launch.rs`); where the weights are large and 8
+//!   lanes take a row (or every warp holds `x`), float `x` comes by one bulk copy so that no
+//!   weight load waits for it.
 //! * other `M <= 32`: the "skinny" kernel streams the packed weights straight into tensor-core
 //!   fragments; when `M * K` activations are small and its blocks at most two an SM it also
 //!   quantizes `x` itself (one launch per forward), otherwise a row-quantizer kernel runs first
@@ -43,7 +45,8 @@
 //! permuter), which itself waited for everything before it; the activation quantizer ahead of
 //! the Hopper GEMM lets the GEMM start at once, so that those weight copies overlap the quantizer
 //! (M = 64..1024: 2-7% faster on the H100); and the decode GEMV (its first chunk slot, where
-//! fewer than half of its warps hold x or the work over them is uneven: `gemv_launch.rs`) and
+//! fewer than half of its warps hold x, the weights are large or the work over the warps is
+//! uneven: `gemv_launch.rs`) and
 //! the skinny kernel request them early
 //! where the `PackedTernary` is settled (`settle.rs`: every kernel queued before its first use
 //! has finished), so that in a decode loop one call's weights stream while the previous call
