@@ -178,7 +178,9 @@ struct SkinnyPlan {
 /// The skinny kernel's launch shape, or None where the tiled GEMM should run: M > 32, x too large
 /// for shared memory, or where the GEMM is faster (`gemm_for_small_m`).
 fn skinny_plan(c: &Call) -> Option<SkinnyPlan> {
-    let Call { info, m, k4, wp, n, .. } = *c;
+    let Call {
+        info, m, k, k4, wp, n, ..
+    } = *c;
     let kb = k4.div_ceil(64);
     let row_stride = kb * 256 + 64;
     let mt = if m <= 8 {
@@ -195,11 +197,11 @@ fn skinny_plan(c: &Call) -> Option<SkinnyPlan> {
     } else {
         1
     };
-    let rows_per_block = skinny_rows_per_block(m, n, vec, info.sms);
+    let rows_per_block = skinny_rows_per_block(m, k, n, vec, info.sms);
     // staged x, or the cross-warp partial sums (8 warps x rows x 8 MT columns of i32)
     let skinny_smem = (m * row_stride).max(256 * rows_per_block * mt);
     let skinny_fits = skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048));
-    (m <= SKINNY_MAX_M && skinny_fits && !gemm_for_small_m(m, n, info.sms, info.sm90)).then_some(SkinnyPlan {
+    (m <= SKINNY_MAX_M && skinny_fits && !gemm_for_small_m(m, n, k, info.sms, info.sm90)).then_some(SkinnyPlan {
         kb,
         mt,
         vec,

@@ -23,8 +23,9 @@
 //!   quantizes `x` itself (one launch per forward), otherwise a row-quantizer kernel runs first
 //!   (`skinny_launch.rs`). Each of its blocks stages all of
 //!   `x`, so from `M = 12` where `N >= 64 x SMs` the GEMM below takes over, and on compute
-//!   capability 9.0 from `M = 17` where its 32-row blocks would leave a quarter of the SMs idle
-//!   (`skinny_launch.rs`).
+//!   capability 9.0 from `M = 17` where its 32-row blocks would leave a quarter of the SMs idle,
+//!   and from `M = 16` where they need more than one wave or `K > 8192` (`skinny_launch.rs`);
+//!   16-row blocks where 32-row ones would fill at most half the SMs and `x` is small.
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
 //!   warp-specialized `wgmma` kernel (`kernels/gemm90a.cu`: TMA copies, the weights decoded
@@ -32,7 +33,8 @@
 //!   tokens x 128 weight rows where M > 128 and they cover half the SMs (192 tokens where that
 //!   leaves fewer SMs idle in the last round), else of 128 tokens x 128
 //!   weight rows, or x 64 weight rows where the former would fill at most half the SMs, or with
-//!   K split over several CTAs where K is long (`src/gemm_launch.rs`),
+//!   K split over several CTAs where K is long (and always 128-row tiles for `M <= 64` with
+//!   `K >= 8192` where they fill at most half the SMs: `src/gemm_launch.rs`),
 //!   otherwise the `mma.sync` kernel with 128x128 tiles when they give 3/4 of the SMs a tile,
 //!   else 64x64 tiles (the 128x256 `mma.sync` tile was never the fastest; kept as a variant);
 //!   the `mma.sync` GEMM splits K over several CTAs when its tiles alone fill less than one wave.
