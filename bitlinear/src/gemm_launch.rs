@@ -80,12 +80,15 @@ pub(crate) fn gemm_tile(m: usize, n: usize, k_tiles: usize, sms: usize, sm90: bo
     let tma = sm90 && k_tiles > 0;
     match m {
         // K >= 8192, at most 64 tokens, and 128-row weight tiles that fill at most half the SMs:
-        // those tiles (split over K where they leave SMs idle) rather than 64-row or mma.sync
-        // ones (ninth session, H100: M = 16, 32, 64 at 8192^2 36.8, 45.8, 40.3 -> 31.3, 30.0,
-        // 29.5 us; 4096 x 11008 35.1, 38.1, 29.6 -> 25.9, 25.7, 27.2). Not at M = 128 (8192^2:
-        // 23.7 us with 64-row tiles, 30.3 with 128), nor with more tiles (16 x 13824 x 8192:
-        // mma.sync 64 x 64 tiles 37.3 us, 128-row TMA tiles 47.0).
-        _ if tma && m <= 64 && k_tiles >= 64 && 2 * n.div_ceil(128) <= sms => GemmTile::Tma128,
+        // those tiles (split over K where they leave SMs idle) rather than 64-row or unsplit
+        // mma.sync ones (ninth session, H100: M = 16, 32, 64 at 8192^2 36.8, 45.8, 40.3 -> 31.3,
+        // 30.0, 29.5 us; 4096 x 11008 35.1, 38.1, 29.6 -> 25.9, 25.7, 27.2). Not at M = 128
+        // (8192^2: 23.7 us with 64-row tiles, 30.3 with 128), nor with more tiles (16 x 13824 x
+        // 8192: mma.sync 64 x 64 tiles 37.3 us, 128-row TMA tiles 47.0), nor for M <= 16 where
+        // the 64 x 64 tiles split over K (16 x 2048 x 8192: 15.9 us, 128-row tiles 17.4).
+        _ if tma && m <= 64 && k_tiles >= 64 && 2 * n.div_ceil(128) <= sms && (m > 16 || 4 * n.div_ceil(64) > sms) => {
+            GemmTile::Tma128
+        }
         // M <= 16 (where N is large, `gemm_for_small_m`), or <= 32 without the Hopper kernel: 64 x
         // 64 tiles (16 x 13824 x 2560: 19.9 us, against 25.3 us with 128 x 128 tiles and 28.2 us
         // with the first wgmma kernel, since replaced). M = 17..32 takes the TMA tiles below.
@@ -262,6 +265,8 @@ mod tests {
         }
         assert_eq!(gemm_tile(128, 8192, kt(8192), SMS, true), GemmTile::Tma64);
         assert_eq!(gemm_tile(16, 13824, kt(8192), SMS, true), GemmTile::Small);
+        assert_eq!(gemm_tile(16, 2048, kt(8192), SMS, true), GemmTile::Small);
+        assert_eq!(gemm_tile(32, 2048, kt(8192), SMS, true), GemmTile::Tma128);
         assert_eq!(gemm_tile(16, 8192, kt(8192), SMS, false), GemmTile::Small);
         // M = 256 and 512: 256-token tiles only where they cover half the SMs
         assert_eq!(gemm_tile(256, 13824, kt(2560), SMS, true), GemmTile::Tma);

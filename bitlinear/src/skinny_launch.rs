@@ -17,8 +17,7 @@
 /// against the previous rule: M = 16, 24, 32 at 6144 x 2048 12.7, 21.0, 24.5 -> 11.1, 13.1,
 /// 13.0 us; M = 16, 32 at 6912 x 2560 14.4, 27.6 -> 12.6, 15.0, at 8192^2 36.7, 45.8 -> 31.3,
 /// 30.0, at 4096 x 11008 35.1, 38.1 -> 25.9, 25.7; M = 16 2560 x 10240 32.9 -> 20.9, 3072 x
-/// 12288 40.0 -> 25.5; M = 20 7168 x 3584 25.6 -> 20.4), but not at K = 8192 with one wave
-/// (M = 16, 2048 x 8192: 15.7 us skinny, 17.4 GEMM).
+/// 12288 40.0 -> 25.5; M = 20 7168 x 3584 25.6 -> 20.4).
 pub(crate) fn gemm_for_small_m(m: usize, n: usize, k: usize, sms: usize, sm90: bool) -> bool {
     m >= 12 && n.div_ceil(64) >= sms
         || sm90 && m > 16 && 4 * n.div_ceil(32) <= 3 * sms
@@ -29,17 +28,17 @@ pub(crate) fn gemm_for_small_m(m: usize, n: usize, k: usize, sms: usize, sm90: b
 /// loads (16 is built only for `vec == 16`) and `sms` SMs. 16-row blocks fill more SMs at small
 /// N, but every block stages all of x: worth it for M <= 2 wherever 32-row blocks leave SMs
 /// idle (H100: M = 2, 4096^2 7.6 against 8.3 us; M = 4..16, 32-row blocks 4-20% faster), and
-/// for any M where 32-row blocks fill at most half the SMs and x is at most 80 KB of codes
-/// (ninth session, same run against 32-row blocks: M = 4, 8, 16 at 2048^2 6.8, 7.0, 8.9 -> 5.6,
-/// 6.5, 7.7 us, at 1024 x 4096 7.6, 8.7, 11.1 -> 7.0, 8.0, 9.6, at 1280 x 5120 8.2, 10.0, 12.7
-/// -> 7.5, 9.2, 11.3; M = 4, 8 at 2048 x 8192 11.0, 14.4 -> 10.0, 13.0; but M = 16 there, 128
-/// KB of x, 15.8 -> 17.6). `BITLINEAR_CUDA_SKINNY_ROWS=16|32` overrides the choice.
-pub(crate) fn skinny_rows_per_block(m: usize, k: usize, n: usize, vec: usize, sms: usize) -> usize {
+/// for any M where 32-row blocks fill at most half the SMs (ninth session, same run against
+/// 32-row blocks: M = 4, 8, 16 at 2048^2 6.8, 7.0, 8.9 -> 5.6, 6.5, 7.7 us, at 1024 x 4096
+/// 7.6, 8.7, 11.1 -> 7.0, 8.0, 9.6, at 1280 x 5120 8.2, 10.0, 12.7 -> 7.5, 9.2, 11.3; M = 4, 8
+/// at 2048 x 8192 11.0, 14.4 -> 10.0, 13.0). `BITLINEAR_CUDA_SKINNY_ROWS=16|32` overrides the
+/// choice.
+pub(crate) fn skinny_rows_per_block(m: usize, n: usize, vec: usize, sms: usize) -> usize {
     match std::env::var("BITLINEAR_CUDA_SKINNY_ROWS").as_deref() {
         Ok("16") if vec == 16 => 16,
         Ok(_) => 32,
         _ if vec == 16 && m <= 2 && n.div_ceil(32) < sms => 16,
-        _ if vec == 16 && 2 * n.div_ceil(32) <= sms && m * k <= 80 * 1024 => 16,
+        _ if vec == 16 && 2 * n.div_ceil(32) <= sms => 16,
         _ => 32,
     }
 }
@@ -121,24 +120,17 @@ mod tests {
         for (m, n, k) in [(8, 8192, 8192), (15, 6912, 2560), (16, 4096, 6912), (16, 2048, 8192)] {
             assert!(!gemm_for_small_m(m, n, k, 132, true), "{m} x {n} x {k}");
         }
-        assert_eq!(skinny_rows_per_block(2, 4096, 4096, 16, 132), 16);
+        assert_eq!(skinny_rows_per_block(2, 4096, 16, 132), 16);
         for m in [4, 8, 16] {
-            assert_eq!(skinny_rows_per_block(m, 4096, 4096, 16, 132), 32, "M = {m}");
-            assert_eq!(skinny_rows_per_block(m, 2560, 2560, 16, 132), 32, "M = {m}");
+            assert_eq!(skinny_rows_per_block(m, 4096, 16, 132), 32, "M = {m}");
+            assert_eq!(skinny_rows_per_block(m, 2560, 16, 132), 32, "M = {m}");
             // 32-row blocks would fill at most half the SMs
-            assert_eq!(skinny_rows_per_block(m, 2048, 2048, 16, 132), 16, "M = {m}");
-            assert_eq!(skinny_rows_per_block(m, 4096, 1024, 16, 132), 16, "M = {m}");
-            assert_eq!(
-                skinny_rows_per_block(m, 4096, 1024, 4, 132),
-                32,
-                "M = {m}: 4-byte loads"
-            );
+            assert_eq!(skinny_rows_per_block(m, 2048, 16, 132), 16, "M = {m}");
+            assert_eq!(skinny_rows_per_block(m, 1024, 16, 132), 16, "M = {m}");
+            assert_eq!(skinny_rows_per_block(m, 1024, 4, 132), 32, "M = {m}: 4-byte loads");
         }
-        // ... unless x is large: every block stages all of it
-        assert_eq!(skinny_rows_per_block(8, 8192, 2048, 16, 132), 16);
-        assert_eq!(skinny_rows_per_block(16, 8192, 2048, 16, 132), 32);
         // 16-row blocks need 16-byte weight loads, and pay only where 32-row ones leave SMs idle
-        assert_eq!(skinny_rows_per_block(2, 4096, 4096, 4, 132), 32);
-        assert_eq!(skinny_rows_per_block(2, 2560, 13824, 16, 132), 32);
+        assert_eq!(skinny_rows_per_block(2, 4096, 4, 132), 32);
+        assert_eq!(skinny_rows_per_block(2, 13824, 16, 132), 32);
     }
 }

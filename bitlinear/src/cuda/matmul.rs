@@ -197,7 +197,7 @@ fn skinny_plan(c: &Call) -> Option<SkinnyPlan> {
     } else {
         1
     };
-    let rows_per_block = skinny_rows_per_block(m, k, n, vec, info.sms);
+    let rows_per_block = skinny_rows_per_block(m, n, vec, info.sms);
     // staged x, or the cross-warp partial sums (8 warps x rows x 8 MT columns of i32)
     let skinny_smem = (m * row_stride).max(256 * rows_per_block * mt);
     let skinny_fits = skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048));

@@ -25,7 +25,7 @@
 //!   `x`, so from `M = 12` where `N >= 64 x SMs` the GEMM below takes over, and on compute
 //!   capability 9.0 from `M = 17` where its 32-row blocks would leave a quarter of the SMs idle,
 //!   and from `M = 16` where they need more than one wave or `K > 8192` (`skinny_launch.rs`);
-//!   16-row blocks where 32-row ones would fill at most half the SMs and `x` is small.
+//!   16-row blocks where 32-row ones would fill at most half the SMs.
 //! * larger `M`: the activations are quantized into a padded, k-permuted int8 buffer, then a
 //!   GEMM decodes the weights on their way into the tensor cores: on compute capability 9.0 the
 //!   warp-specialized `wgmma` kernel (`kernels/gemm90a.cu`: TMA copies, the weights decoded
