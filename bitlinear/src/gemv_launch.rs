@@ -94,8 +94,8 @@ fn x_warps(k: usize) -> usize {
 /// half of the 16 warps hold x (K < 4096: the others request weights early, and the x warps'
 /// own loads are not queued behind much), where the weights are at least 48 KB a block (ninth
 /// session: 11008 x 4096 5.94 against 6.37 us, 14336 x 4096 6.89 against 7.57, 6144 x 5120 5.03
-/// against 5.17, 7168 x 4096 4.71 against 4.82; 8192 x 4096 5.58 against 5.52 the other way),
-/// or where the work is uneven (the busiest warp has at least 1.5x the mean row batches, so the
+/// against 5.17, 7168 x 4096 4.71 against 4.82; against the previous rules, bulk copy and late
+/// weights, 8192 x 4096 5.36 -> 5.07), or where the work is uneven (the busiest warp has at least 1.5x the mean row batches, so the
 /// SMs that finish first start the next call's weights). H100, first chunk slot early against none, same
 /// run, default lanes (bench/RESULTS.md, eighth session): 2048^2 2.89 -> 2.80 us, 2560^2 3.63 ->
 /// 3.48, 3072^2 3.59 -> 3.55, 5632 x 2048 3.71 -> 3.52, 6912 x 2560 4.44 -> 4.18, 8192 x 3072
