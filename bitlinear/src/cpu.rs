@@ -10,7 +10,8 @@
 //! zero activations to a whole block, so padding codes contribute nothing.
 //!
 //! Work is split over output features (rows of the weight) with rayon; each task takes
-//! `ROWS` weight rows at a time and reuses every activation load for all of them.
+//! `ROWS` weight rows at a time and reuses every activation load for all of them, and from two
+//! activation rows on decodes each weight vector once for two rows of x.
 
 use rayon::prelude::*;
 
@@ -132,11 +133,21 @@ pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize
                     }
                     &wbuf
                 };
-                for mm in m0..m.min(m0 + M_TILE) {
-                    let dots = dot_rows(w, padded, x.row(mm));
-                    for r in 0..nr {
-                        out[(r0 + r) * m + mm] = dots[r] - x.row_sums[mm];
+                let end = m.min(m0 + M_TILE);
+                let mut mm = m0;
+                while mm < end {
+                    let pair = mm + 1 < end;
+                    let dots = if pair {
+                        dot_rows2(w, padded, x.row(mm), x.row(mm + 1))
+                    } else {
+                        [dot_rows(w, padded, x.row(mm)), [0; ROWS]]
+                    };
+                    for (i, d) in dots.iter().enumerate().take(1 + usize::from(pair)) {
+                        for r in 0..nr {
+                            out[(r0 + r) * m + mm + i] = d[r] - x.row_sums[mm + i];
+                        }
                     }
+                    mm += 1 + usize::from(pair);
                 }
             }
         }
@@ -171,6 +182,19 @@ fn dot_rows(w: &[u8], padded: usize, x: &[i8]) -> [i32; ROWS] {
         }
     }
     dot_rows_portable(w, padded, x)
+}
+
+/// `dot_rows` for two prepared rows at once.
+#[inline]
+fn dot_rows2(w: &[u8], padded: usize, x0: &[i8], x1: &[i8]) -> [[i32; ROWS]; 2] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 support was just checked.
+            return unsafe { avx2::dot_rows2(w, padded, x0, x1) };
+        }
+    }
+    [dot_rows_portable(w, padded, x0), dot_rows_portable(w, padded, x1)]
 }
 
 /// Portable version; the compiler vectorizes the lane loops.
@@ -231,11 +255,80 @@ mod avx2 {
         }
         let mut out = [0i32; ROWS];
         for (o, a) in out.iter_mut().zip(acc) {
-            let mut lanes = [0i32; 8];
-            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, a);
-            *o = lanes.iter().sum();
+            *o = hsum(a);
         }
         out
+    }
+
+    /// Blocks whose i16 partial sums may add up before they are widened: a block adds at most
+    /// 4 · 512 = 2048 in magnitude to a lane, and 8 · 2048 < 32767.
+    const I16_BLOCKS: usize = 8;
+
+    /// `dot_rows` against two prepared rows: every weight vector is decoded once for both. The
+    /// products go into i16 lane sums for up to `I16_BLOCKS` blocks, then are widened to i32.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot_rows2(w: &[u8], padded: usize, x0: &[i8], x1: &[i8]) -> [[i32; ROWS]; 2] {
+        let blocks = padded / BLOCK_BYTES;
+        debug_assert!(w.len() >= ROWS * padded && x0.len() >= blocks * BLOCK_K && x1.len() >= blocks * BLOCK_K);
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); ROWS]; 2];
+        let wp = w.as_ptr();
+        let (xp0, xp1) = (x0.as_ptr(), x1.as_ptr());
+        let mut b0 = 0;
+        while b0 < blocks {
+            let b1 = blocks.min(b0 + I16_BLOCKS);
+            let mut s = [[_mm256_setzero_si256(); ROWS]; 2];
+            for b in b0..b1 {
+                let mut v = [_mm256_setzero_si256(); ROWS];
+                for (r, vr) in v.iter_mut().enumerate() {
+                    *vr = _mm256_loadu_si256(wp.add(r * padded + b * BLOCK_BYTES) as *const __m256i);
+                }
+                for p in 0..4 {
+                    let xa = _mm256_loadu_si256(xp0.add(b * BLOCK_K + 32 * p) as *const __m256i);
+                    let xb = _mm256_loadu_si256(xp1.add(b * BLOCK_K + 32 * p) as *const __m256i);
+                    for r in 0..ROWS {
+                        let c = _mm256_and_si256(shift_right_2p(v[r], p), mask);
+                        s[0][r] = _mm256_add_epi16(s[0][r], _mm256_maddubs_epi16(c, xa));
+                        s[1][r] = _mm256_add_epi16(s[1][r], _mm256_maddubs_epi16(c, xb));
+                    }
+                }
+            }
+            for (a, t) in acc.iter_mut().zip(&s) {
+                for (ar, tr) in a.iter_mut().zip(t) {
+                    *ar = _mm256_add_epi32(*ar, _mm256_madd_epi16(*tr, ones));
+                }
+            }
+            b0 = b1;
+        }
+        let mut out = [[0i32; ROWS]; 2];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (or, ar) in o.iter_mut().zip(a) {
+                *or = hsum(*ar);
+            }
+        }
+        out
+    }
+
+    /// `v >> 2p` in each 16-bit lane (the codes of plane `p` end up in the low bits of each byte).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn shift_right_2p(v: __m256i, p: usize) -> __m256i {
+        match p {
+            0 => v,
+            1 => _mm256_srli_epi16(v, 2),
+            2 => _mm256_srli_epi16(v, 4),
+            _ => _mm256_srli_epi16(v, 6),
+        }
+    }
+
+    /// The sum of the eight i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(v: __m256i) -> i32 {
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, v);
+        lanes.iter().sum()
     }
 }
 
@@ -262,7 +355,16 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (2, 9, 130), (5, 17, 257), (1, 33, 512)] {
+        // k = 2100 and 4100: more than 8 blocks, so the two-row kernel widens its i16 sums
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (2, 9, 130),
+            (5, 17, 257),
+            (1, 33, 512),
+            (4, 9, 2100),
+            (3, 6, 4100),
+        ] {
             let xq: Vec<i8> = (0..m * k).map(|_| next() as i8).collect();
             let w: Vec<i8> = (0..n * k).map(|_| (next() % 3) as i8 - 1).collect();
             let packed = crate::packed::pack_ternary(&w, n, k).unwrap();
@@ -277,6 +379,27 @@ mod tests {
             }
             let want = dot_rows(&wbuf, padded, prep.row(0));
             assert_eq!(dot_rows_portable(&wbuf, padded, prep.row(0)), want);
+            if m >= 2 {
+                let want1 = dot_rows_portable(&wbuf, padded, prep.row(1));
+                assert_eq!(dot_rows2(&wbuf, padded, prep.row(0), prep.row(1)), [want, want1]);
+            }
+        }
+    }
+
+    /// The extremes of the i16 partial sums: every code 2 (w = +1) against all -128 or all
+    /// +127, over many blocks.
+    #[test]
+    fn two_row_kernel_extremes() {
+        let (m, n, k) = (3, 5, 8 * 128 * 3 + 5);
+        let w = vec![1i8; n * k];
+        let packed = crate::packed::pack_ternary(&w, n, k).unwrap();
+        for v in [-128i8, 127] {
+            let xq = vec![v; m * k];
+            let prep = PreparedActivations::new(&xq, m, k);
+            assert_eq!(
+                packed_accumulate(&prep, &packed, n, k),
+                vec![v as i32 * k as i32; m * n]
+            );
         }
     }
 }
