@@ -136,18 +136,19 @@ pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize
                 let end = m.min(m0 + M_TILE);
                 let mut mm = m0;
                 while mm < end {
-                    let pair = mm + 1 < end;
-                    let dots = if pair {
+                    // two activation rows at a time, the last one alone
+                    let here = (end - mm).min(2);
+                    let dots = if here == 2 {
                         dot_rows2(w, padded, x.row(mm), x.row(mm + 1))
                     } else {
                         [dot_rows(w, padded, x.row(mm)), [0; ROWS]]
                     };
-                    for (i, d) in dots.iter().enumerate().take(1 + usize::from(pair)) {
+                    for (i, d) in dots.iter().enumerate().take(here) {
                         for r in 0..nr {
                             out[(r0 + r) * m + mm + i] = d[r] - x.row_sums[mm + i];
                         }
                     }
-                    mm += 1 + usize::from(pair);
+                    mm += here;
                 }
             }
         }

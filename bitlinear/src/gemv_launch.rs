@@ -59,8 +59,15 @@ pub(crate) fn gemv_config(cpr: usize, n: usize, sms: usize) -> (usize, usize, us
     (l, t, warps_for((l, t)).div_ceil(GEMV_WARPS))
 }
 
-/// Packed weight bytes per GEMV block from which float `x` comes by one bulk copy.
-const GEMV_BULK_X_BYTES_PER_BLOCK: usize = 48 * 1024;
+/// Packed weight bytes per GEMV block from which the weights count as large: they take long
+/// enough to stream that a bulk copy of `x` can pay, and that early weights pay with either load
+/// of `x` (`gemv_bulk_x`, `gemv_early`).
+const GEMV_LARGE_BYTES_PER_BLOCK: usize = 48 * 1024;
+
+/// Whether `n` rows of `k4` packed bytes over `blocks` blocks are large weights (above).
+fn large_weights(n: usize, k4: usize, blocks: usize) -> bool {
+    n * k4 >= GEMV_LARGE_BYTES_PER_BLOCK * blocks
+}
 
 /// Whether the decode GEMV loads `x` by one bulk copy (the `_bx` kernels) for `n` rows of `k4`
 /// packed bytes over `blocks` blocks, `lanes` lanes a row and `k` inputs; `float_x` is false for
@@ -77,7 +84,7 @@ pub(crate) fn gemv_bulk_x(float_x: bool, n: usize, k4: usize, blocks: usize, lan
     match std::env::var("BITLINEAR_CUDA_GEMV_BULK_X").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => float_x && n * k4 >= GEMV_BULK_X_BYTES_PER_BLOCK * blocks && (lanes == 8 || x_warps(k) >= GEMV_WARPS),
+        _ => float_x && large_weights(n, k4, blocks) && (lanes == 8 || x_warps(k) >= GEMV_WARPS),
     }
 }
 
@@ -95,9 +102,10 @@ fn x_warps(k: usize) -> usize {
 /// own loads are not queued behind much), where the weights are at least 48 KB a block (ninth
 /// session: 11008 x 4096 5.94 against 6.37 us, 14336 x 4096 6.89 against 7.57, 6144 x 5120 5.03
 /// against 5.17, 7168 x 4096 4.71 against 4.82; against the previous rules, bulk copy and late
-/// weights, 8192 x 4096 5.36 -> 5.07), or where the work is uneven (the busiest warp has at least 1.5x the mean row batches, so the
-/// SMs that finish first start the next call's weights). H100, first chunk slot early against none, same
-/// run, default lanes (bench/RESULTS.md, eighth session): 2048^2 2.89 -> 2.80 us, 2560^2 3.63 ->
+/// weights, 8192 x 4096 5.36 -> 5.07), or where the work is uneven (the busiest warp has at
+/// least 1.5x the mean row batches, so the SMs that finish first start the next call's weights).
+/// H100, first chunk slot early against none, same run, default lanes (bench/RESULTS.md, eighth
+/// session): 2048^2 2.89 -> 2.80 us, 2560^2 3.63 ->
 /// 3.48, 3072^2 3.59 -> 3.55, 5632 x 2048 3.71 -> 3.52, 6912 x 2560 4.44 -> 4.18, 8192 x 3072
 /// 4.81 -> 4.52, 2560 x 6912 (uneven) 4.63 -> 4.55; not taken: 4096^2 3.80 -> 4.01, 3072 x
 /// 8192 5.56 -> 5.90, 2048 x 5632 3.79 -> 3.71 (either way within noise).
@@ -120,9 +128,7 @@ pub(crate) fn gemv_early(
         Ok("0") => false,
         Ok("1") => true,
         _ if bulk_x => x_warps >= GEMV_WARPS,
-        _ => {
-            2 * x_warps < GEMV_WARPS || n * k4 >= GEMV_BULK_X_BYTES_PER_BLOCK * blocks || uneven_work(lanes, n, blocks)
-        }
+        _ => 2 * x_warps < GEMV_WARPS || large_weights(n, k4, blocks) || uneven_work(lanes, n, blocks),
     }
 }
 
