@@ -4,7 +4,7 @@ use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::{Init, Module, VarBuilder};
 
 use crate::device::is_float;
-use crate::ops::{bit_matmul, packed_matmul};
+use crate::ops::{packed_matmul, BitMatmul};
 use crate::packed::PackedTernary;
 use crate::quant::ActScaling;
 
@@ -22,6 +22,9 @@ pub struct BitLinearConfig {
     pub rms_norm: bool,
     /// Activation scale grouping.
     pub act_scaling: ActScaling,
+    /// Whether each forward checks the weight for NaN and infinite values (the default; see
+    /// [`BitMatmul::check_finite`]: on CUDA the check waits for the stream).
+    pub check_finite: bool,
 }
 
 impl Default for BitLinearConfig {
@@ -30,6 +33,7 @@ impl Default for BitLinearConfig {
             bias: true,
             rms_norm: true,
             act_scaling: ActScaling::PerToken,
+            check_finite: true,
         }
     }
 }
@@ -197,7 +201,11 @@ impl Module for BitLinear {
             Some(g) => rms_norm(&x, g)?,
             None => x,
         };
-        let y = bit_matmul(&x, &self.weight, self.config.act_scaling)?;
+        let op = BitMatmul {
+            scaling: self.config.act_scaling,
+            check_finite: self.config.check_finite,
+        };
+        let y = op.forward(&x, &self.weight)?;
         finish(y, self.bias.as_ref(), lead)
     }
 }

@@ -17,6 +17,6 @@ pub use device::{packed_accumulate, quantize_activations};
 pub use layer::{
     bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinear, BitLinearConfig, PackedBitLinear, RMS_NORM_EPS,
 };
-pub use ops::{bit_matmul, fake_quantize_activations, fake_quantize_weights, packed_matmul};
+pub use ops::{bit_matmul, fake_quantize_activations, fake_quantize_weights, packed_matmul, BitMatmul};
 pub use packed::{pack_ternary, packed_len, unpack_ternary, PackedTernary};
 pub use quant::ActScaling;

@@ -49,10 +49,49 @@ fn cpu_forward(
     cpu_from_f32(y, dtype)
 }
 
-/// Training matmul `x (M, K) · W (N, K)ᵀ` with both operands quantized on the fly.
-#[derive(Debug, Clone, Copy)]
-struct BitMatmul {
-    scaling: ActScaling,
+/// The training matmul `y = quant(x) · quant(W)ᵀ` as an op carrying its settings (as candle's
+/// `RmsNorm { eps }`): [`bit_matmul`] is `BitMatmul::new(scaling).forward(x, w)`.
+///
+/// ```
+/// use bitlinear::{ActScaling, BitMatmul};
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[1.0f32, -2.0, 0.5, 4.0]], &Device::Cpu)?;
+/// let w = Tensor::new(&[[0.3f32, -0.3, 0.0, 0.3]], &Device::Cpu)?;
+/// // a training loop that checks its weights itself (e.g. once an epoch) skips the per-call check
+/// let op = BitMatmul { check_finite: false, ..BitMatmul::new(ActScaling::PerToken) };
+/// assert_eq!(op.forward(&x, &w)?.dims(), &[1, 1]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitMatmul {
+    /// Activation scale grouping.
+    pub scaling: ActScaling,
+    /// Whether a NaN or infinite weight is an error (the default). On CUDA the check reads a
+    /// flag back to the host, which waits for the stream; with `false` no read-back happens and
+    /// a non-finite weight gives NaN outputs instead (for loops that check the weights
+    /// themselves, less often). The CPU always checks: it costs nothing there.
+    pub check_finite: bool,
+}
+
+impl BitMatmul {
+    /// The op with `scaling` and the non-finite weight check on.
+    pub fn new(scaling: ActScaling) -> Self {
+        Self {
+            scaling,
+            check_finite: true,
+        }
+    }
+
+    /// `y = quant(x) · quant(W)ᵀ` for `x (M, K)` and a float weight `W (N, K)`: see [`bit_matmul`].
+    pub fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (_, k) = check_activations(x, "bit_matmul")?;
+        let (_, kw) = check_weight(w, "bit_matmul")?;
+        if k != kw {
+            bail!("bit_matmul: input has {k} features, the weight expects {kw}")
+        }
+        check_same_device(x, w, "bit_matmul")?;
+        x.contiguous()?.apply_op2(&w.contiguous()?, *self)
+    }
 }
 
 impl CustomOp2 for BitMatmul {
@@ -72,7 +111,7 @@ impl CustomOp2 for BitMatmul {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
-        crate::cuda::bit_matmul(xs, xl, ws, wl, self.scaling == ActScaling::PerTensor)
+        crate::cuda::bit_matmul(xs, xl, ws, wl, self.scaling == ActScaling::PerTensor, self.check_finite)
     }
 
     /// Straight-through estimator: the rounding is treated as the identity, so the gradients are
@@ -81,7 +120,7 @@ impl CustomOp2 for BitMatmul {
     /// operand's dtype).
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_y: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad_y.to_dtype(DType::F32)?;
-        let w_deq = fake_quantize_weights(w)?.to_dtype(DType::F32)?;
+        let w_deq = fake_quant_weights(w, self.check_finite)?.to_dtype(DType::F32)?;
         let x_deq = fake_quantize_activations(x, self.scaling)?.to_dtype(DType::F32)?;
         let grad_x = g.matmul(&w_deq)?.to_dtype(x.dtype())?;
         let grad_w = g.t()?.matmul(&x_deq)?.to_dtype(w.dtype())?;
@@ -129,7 +168,11 @@ impl CustomOp2 for PackedMatmul {
 /// Elementwise "fake quantization" (quantize then dequantize) used by the backward pass.
 #[derive(Debug, Clone, Copy)]
 enum FakeQuant {
-    Weights,
+    /// with the non-finite check on CUDA (see [`BitMatmul::check_finite`]; the CPU always checks)
+    Weights {
+        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+        check_finite: bool,
+    },
     Activations(ActScaling),
 }
 
@@ -141,7 +184,7 @@ impl CustomOp1 for FakeQuant {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let v = cpu_f32(s, l)?;
         let out: Vec<f32> = match (*self, l.dims()) {
-            (FakeQuant::Weights, _) => {
+            (FakeQuant::Weights { .. }, _) => {
                 let Some(s_w) = quant::absmean_scale(&v) else {
                     bail!("cannot quantize weights that contain NaN or infinite values")
                 };
@@ -163,7 +206,7 @@ impl CustomOp1 for FakeQuant {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         match *self {
-            FakeQuant::Weights => crate::cuda::fake_quant_weights(s, l),
+            FakeQuant::Weights { check_finite } => crate::cuda::fake_quant_weights(s, l, check_finite),
             FakeQuant::Activations(sc) => crate::cuda::fake_quant_activations(s, l, sc == ActScaling::PerTensor),
         }
     }
@@ -171,8 +214,12 @@ impl CustomOp1 for FakeQuant {
 
 /// `W~ = W_q · s_w`: the ternary weight as the forward pass sees it, in `w`'s dtype.
 pub fn fake_quantize_weights(w: &Tensor) -> Result<Tensor> {
+    fake_quant_weights(w, true)
+}
+
+fn fake_quant_weights(w: &Tensor, check_finite: bool) -> Result<Tensor> {
     check_weight(w, "fake_quantize_weights")?;
-    w.contiguous()?.apply_op1_no_bwd(&FakeQuant::Weights)
+    w.contiguous()?.apply_op1_no_bwd(&FakeQuant::Weights { check_finite })
 }
 
 /// `x~ = x_q · s_x`: the int8 activations as the forward pass sees them, in `x`'s dtype.
@@ -196,13 +243,7 @@ pub fn fake_quantize_activations(x: &Tensor, scaling: ActScaling) -> Result<Tens
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn bit_matmul(x: &Tensor, w: &Tensor, scaling: ActScaling) -> Result<Tensor> {
-    let (_, k) = check_activations(x, "bit_matmul")?;
-    let (_, kw) = check_weight(w, "bit_matmul")?;
-    if k != kw {
-        bail!("bit_matmul: input has {k} features, the weight expects {kw}")
-    }
-    check_same_device(x, w, "bit_matmul")?;
-    x.contiguous()?.apply_op2(&w.contiguous()?, BitMatmul { scaling })
+    BitMatmul::new(scaling).forward(x, w)
 }
 
 /// The inference forward over a pre-packed weight: same output as [`bit_matmul`] on the weight

@@ -422,6 +422,7 @@ pub(crate) fn bit_matmul(
     w: &CudaStorage,
     wl: &Layout,
     per_tensor: bool,
+    check_finite: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &x.device;
     let stream = dev.cuda_stream();
@@ -458,7 +459,7 @@ pub(crate) fn bit_matmul(
             false,
         )?;
     }
-    if !env_flag("BITLINEAR_CUDA_NO_FINITE_CHECK") {
+    if check_finite {
         check_finite_flag(dev, &stat)?;
     }
     drop(packed);

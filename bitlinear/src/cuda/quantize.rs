@@ -274,7 +274,7 @@ pub(super) fn weight_dims(dims: &[usize]) -> Result<(usize, usize)> {
 }
 
 /// `W~ = w_q * s_w` in w's dtype.
-pub(crate) fn fake_quant_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn fake_quant_weights(w: &CudaStorage, l: &Layout, check_finite: bool) -> Result<(CudaStorage, Shape)> {
     let dev = &w.device;
     let stream = dev.cuda_stream();
     let win = FloatIn::new(w, l, "weight")?;
@@ -297,7 +297,7 @@ pub(crate) fn fake_quant_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaSto
             launch!(f, stream, grid1(n, info.sms * 16), wp, n as u64, sp, op);
         }
     }
-    if !env_flag("BITLINEAR_CUDA_NO_FINITE_CHECK") {
+    if check_finite {
         check_finite_flag(dev, &stat)?;
     }
     let shape = l.shape().clone();
