@@ -39,7 +39,8 @@ __device__ __forceinline__ void pdl_wait() {
 // Lets the next kernel of the stream be scheduled now instead of when this one's blocks exit.
 // Called after pdl_wait only, and only by the decode GEMV (at most one wave) and the activation
 // quantizer ahead of the Hopper GEMM: blocks of the next kernel that start early hold SM
-// resources while they wait (ahead of the skinny kernel this made M = 16, 4096^2 slower).
+// resources while they wait (ahead of the skinny kernel M = 16 x 4096^2 takes 16.5 us instead of
+// 12.2 on the H100: bench/RESULTS.md, Rule: activation quantizer early trigger).
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

@@ -56,10 +56,10 @@
 // bytes + BN x 32 packed weight bytes each, a multiple of 1024 bytes), two epilogue buffers, 2 x
 // stages mbarriers, then (row sum, scale) of the tile's BT tokens; the host computes the same
 // size. An epilogue buffer holds one pass: EP_ROWS token rows x BN outputs (128 rows for 2-byte
-// outputs of 256-token tiles, else 64: ptxas serialized the 128-token kernel's MMAs with one
-// 128-row pass) as BOXES boxes of 128-byte rows (64 or 32 outputs), 128-byte swizzled (16-byte
-// chunk c of row r at c ^ (r % 8)), which is what a TMA store with 128-byte swizzle reads and
-// keeps the fragment writes conflict-free.
+// outputs of 256-token tiles, else 64: with one 128-row pass ptxas serializes the 128-token
+// kernel's MMAs, warning C7513) as BOXES boxes of 128-byte rows (64 or 32 outputs), 128-byte
+// swizzled (16-byte chunk c of row r at c ^ (r % 8)), which is what a TMA store with 128-byte
+// swizzle reads and keeps the fragment writes conflict-free.
 template <typename OT, int BT, int WGS> struct TmaSmem {
     static constexpr int BN = 64 * WGS;  // weight rows per CTA tile: 64 per consumer warpgroup
     static constexpr int OB = (int)sizeof(OT);
@@ -86,10 +86,10 @@ template <int THREADS> __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
 }
 
-// BT: tokens per tile (256 or 128). SPLIT: the k tiles are split over `splits` work items per
-// output tile, and each adds its i32 partial sums (the row sums subtracted by split 0 only) into
-// y = a zeroed i32 workspace (TMA reduce-add, or atomics without TMA stores); splitk_epilogue
-// (gemm.cu) dequantizes it afterwards.
+// BT: tokens per tile (256, 192 or 128). SPLIT: the k tiles are split over `splits` work items
+// per output tile, and each adds its i32 partial sums (the row sums subtracted by split 0 only)
+// into y = a zeroed i32 workspace (TMA reduce-add, or atomics without TMA stores);
+// splitk_epilogue (gemm.cu) dequantizes it afterwards.
 template <typename OT, int BT, bool SPLIT, int WGS>
 __device__ void gemm_tma_impl(const TensorMap* tmx, const TensorMap* tmw, const TensorMap* tmy, int tma_store,
                               const int* __restrict__ rowsum, const float* __restrict__ xscales, int per_tensor, int M,
@@ -359,7 +359,8 @@ TM_INST(gemm_tma_i32, int, 256, false, 2)
 TM_INST(gemm_tma_f32, float, 256, false, 2)
 TM_INST(gemm_tma_bf16, __nv_bfloat16, 256, false, 2)
 TM_INST(gemm_tma_f16, __half, 256, false, 2)
-// 192-token tiles: where 256-token ones leave many SMs idle in their last round (1024 x 2560^2)
+// 192-token tiles: where 256-token ones leave many SMs idle in their last round (1024 x 2560^2;
+// bench/RESULTS.md, Rule: 192-token tiles)
 TM_INST(gemm_tma192_i32, int, 192, false, 2)
 TM_INST(gemm_tma192_f32, float, 192, false, 2)
 TM_INST(gemm_tma192_bf16, __nv_bfloat16, 192, false, 2)

@@ -3,7 +3,8 @@
 // every weight byte a thread will use is requested with 16-byte loads right after x, so the whole
 // matrix is in flight while the block quantizes x. Needs K % 64 == 0 (16-byte packed chunks,
 // rows 16-byte aligned), K <= 8192 and a 16-byte aligned weight pointer; other shapes use the
-// skinny kernel (which was faster at M = 4 on the H100).
+// skinny kernel. M >= 2 takes the skinny kernel or a GEMM (a multi-row form of this kernel is
+// slower: bench/RESULTS.md, "Designs measured and not kept").
 //
 // Data layout
 //   x  : float activations T (1, K), quantized here (fused quantizer), or int8 codes (1, K) plus
@@ -16,14 +17,15 @@
 // one row (L in {8, 16, 32}, a template parameter), so a warp takes P = 32 / L rows at a time (a
 // "batch", at most RB = min(8, 16 / T) of them); lane (rg, lr) of a batch owns chunks lr,
 // lr + L, ..., lr + L (T - 1) of row rg (T = ceil(cpr / L), a template parameter). The host picks
-// the (L, T) with the least work per lane and busy SM (src/gemv_launch.rs, gemv_config): K = 2560
-// (40 chunks) takes L = 8, T = 5 at N = 13824 and L = 32, T = 2 at N = 2560 (more SMs busy).
+// (L, T) from the work per lane and busy SM and the idle chunk slots (src/gemv_launch.rs,
+// gemv_config; bench/RESULTS.md, Rule: GEMV lanes per row): K = 2560 (40 chunks) takes L = 8,
+// T = 5 at N = 13824 and L = 16, T = 3 at N = 2560.
 //   * x first: each thread with a 16-k group of x (tid < K / 16, the "x warps") requests its raw
 //     bits and reduces its absmax, which waits for x. The other warps request their weights
 //     right away; the x warps request theirs only after the barrier that publishes the absmax.
-//     (A weight load issued before x is consumed can make the x consumer wait for it too: with
-//     x requested first and all weights requested right after, M = 1 13824 x 2560 took 8.7 us,
-//     with this order 7.2 us, H100.) Every lane requests its T x RB weight chunks into registers
+//     (A weight load issued before x is consumed can make the x consumer wait for it too: H100,
+//     M = 1 13824 x 2560, 8.7 us with all weights requested right after x, 7.2 us in this
+//     order.) Every lane requests its T x RB weight chunks into registers
 //     (no L1 allocation); the loads are coherent ld.global so that the compiler keeps them on
 //     their side of the barrier. Chunk slot t < T - 1 is at an immediate offset 16 L t from the
 //     lane's row pointer; the last slot may lie past the row (zeros: code 0 adds nothing); rows
@@ -33,8 +35,9 @@
 //     cp.async.bulk of the whole row into shared memory (behind the codes, K * sizeof(XT)
 //     bytes) that completes on an mbarrier; it does not queue with the threads' loads, so every
 //     warp requests its weights at once and the x warps then wait on the mbarrier. Its latency
-//     is longer, so the host takes it only where the weights stream long enough (13824 x 2560:
-//     5.84 -> 5.48 us; smaller matrices lose 0.35-0.55 us, H100).
+//     is longer, so the host takes it only where the weights stream long enough, with 8 lanes a
+//     row or every warp holding x (src/gemv_launch.rs, gemv_bulk_x; bench/RESULTS.md, Rule: GEMV
+//     bulk copy of x).
 //   * quantize x into shared memory: absmax as an integer max over the bits of |x| (exact; NaN
 //     and Inf show as >= 0x7f800000) reduced per warp, then across warps through shared memory
 //     (one barrier); every thread then computes s_x itself and quantizes its group (act_codes16:
@@ -55,7 +58,7 @@
 // Launch: programmatic dependent launch (common.cuh, pdl_wait), and this kernel lets the next
 // one start at once. The `_e` kernels (the host knows the weights complete: src/cuda/settle.rs)
 // request each lane's first weight chunk slot before pdl_wait, so that it streams while the
-// previous call ends.
+// previous call ends (bench/RESULTS.md, Rule: GEMV early weights).
 #include "common.cuh"
 
 #define GV_WARPS 16
@@ -146,8 +149,8 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     uint8_t* xraw = xs + K;
     if constexpr (BX && GV_BULK_X) {
         // the mbarrier, initialized before pdl_wait (shared memory only). (Unconditional here:
-        // the same barrier under a runtime condition made the compiler schedule the kernel
-        // differently, and 13824 x 2560 took 5.9 instead of 5.5 us, H100.)
+        // under a runtime condition the compiler schedules the kernel differently, and
+        // 13824 x 2560 takes 5.9 instead of 5.5 us on the H100.)
         if (tid == 0) mbar_init(&xbar, 1);
         __syncthreads();
     }
@@ -183,8 +186,8 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     // kernel queued before the weight's first use finish): their first TE chunk slots are
     // requested before pdl_wait, so that they stream while the previous kernel ends; not by the
     // x warps of the thread-load path (x first). One slot (TE = 1): all of them before the wait
-    // delayed x behind them (H100, 2560^2: 3.85 us, one slot 3.50, none 3.62). (A template
-    // parameter: as a runtime flag it changed the schedule of the other path, 4096^2 3.7 -> 4.1.)
+    // would delay x behind them (H100, 2560^2: 3.85 us, one slot 3.50, none 3.62). (A template
+    // parameter: as a runtime flag it changes the schedule of the other path, 4096^2 3.7 -> 4.1.)
     const bool early = TE > 0 && (xbulk || warp >= x_warps);
     if constexpr (TE > 0) {
         weight_rows();
@@ -343,8 +346,8 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
 
 // name: gemv_<x>_<out>_l<L>_t<T>[_bx][_e]: L lanes per row, T = ceil(cpr / L) chunks per lane
 // and row, _bx: x by a bulk copy, _e: the first chunk slot of weights requested before pdl_wait
-// (TE = 1; float x only, the decode path). The host picks, among these, the pair that leaves the fewest idle slots (L = 32
-// covers every K).
+// (TE = 1; float x only, the decode path). The host picks among these (src/gemv_launch.rs;
+// L = 32 covers every K).
 #define GV_LT(L, T, XT, OT, XN, ON)                                      \
     GV_INST(L, T, false, 0, XT, OT, gemv_##XN##_##ON##_l##L##_t##T)     \
     GV_INST(L, T, true, 0, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_bx)

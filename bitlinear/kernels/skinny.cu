@@ -286,8 +286,9 @@ __device__ void skinny_impl(const XT* __restrict__ x, const float* __restrict__ 
         __syncthreads();  // xsum initialized
         if ((K & 15) == 0 && (((size_t)x) & 15) == 0) {
             // every row start 16-byte aligned: a 16-byte load per group, SU groups a thread
-            // requested before any is staged (one L2 round trip per SU groups, not per group: at
-            // M = 16, K = 4096, ncu put 46% of the warps' stalls on the one-at-a-time loop, H100)
+            // requested before any is staged (one L2 round trip per SU groups, not per group: a
+            // loop taking one group at a time has 46% of the warps' stalls on that wait at M = 16,
+            // K = 4096, ncu on the H100)
             constexpr int SU = MT == 1 ? 2 : 8;
             for (int base = tid; base < M * Q; base += SU * SK_THREADS) {
                 uint4 c[SU];
