@@ -7,9 +7,10 @@ use std::borrow::Cow;
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
-use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
 use crate::packed::{self, PackedTernary};
+use crate::plan::{DeviceInfo, KernelSettings};
 use crate::quant::{self, ActScaling};
 
 pub(crate) fn is_float(dtype: DType) -> bool {
@@ -234,4 +235,43 @@ pub(crate) fn cpu_u8<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u8]> {
 pub(crate) fn bytemuck_i8(v: &[u8]) -> &[i8] {
     // SAFETY: u8 and i8 have the same size and alignment and every bit pattern is valid.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const i8, v.len()) }
+}
+
+/// Sets the kernel settings of a CUDA `device` for every later call on it (see
+/// [`KernelSettings`]). The CPU kernels have no settings: for a CPU device this does nothing.
+///
+/// ```
+/// use bitlinear::plan::KernelSettings;
+/// use candle_core::Device;
+/// let dev = Device::Cpu; // or Device::new_cuda(0)?
+/// bitlinear::set_kernel_settings(&dev, KernelSettings { pdl: false, ..Default::default() })?;
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn set_kernel_settings(device: &Device, settings: KernelSettings) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::set_settings(d, settings),
+        _ => drop(settings),
+    }
+    Ok(())
+}
+
+/// The kernel settings of `device`: the defaults until [`set_kernel_settings`] changes them
+/// (always the defaults for a CPU device).
+pub fn kernel_settings(device: &Device) -> KernelSettings {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::settings(d),
+        _ => KernelSettings::default(),
+    }
+}
+
+/// What the kernel planner ([`crate::plan::plan`]) knows of a CUDA `device`, queried from it
+/// once: SM count, shared memory, L2 size, compute capability. An error for other devices.
+pub fn cuda_device_info(device: &Device) -> Result<DeviceInfo> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::device_info(d),
+        d => bail!("cuda_device_info: {:?} is not a CUDA device", d.location()),
+    }
 }

@@ -5,15 +5,13 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
-mod gemm_launch;
-mod gemv_launch;
 mod layer;
 mod ops;
 mod packed;
+pub mod plan;
 pub mod quant;
-mod skinny_launch;
 
-pub use device::{packed_accumulate, quantize_activations};
+pub use device::{cuda_device_info, kernel_settings, packed_accumulate, quantize_activations, set_kernel_settings};
 pub use layer::{
     bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinear, BitLinearConfig, PackedBitLinear, RMS_NORM_EPS,
 };

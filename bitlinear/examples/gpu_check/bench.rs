@@ -1,9 +1,10 @@
 //! The benchmark: CUDA-event timing of our ops and candle's bf16 matmul, and the profiler mode.
 
-use crate::variants::{with_env, VARIANTS};
+use crate::variants::{with_settings, VARIANTS};
 use crate::Opts;
 use anyhow::{anyhow, Result};
-use bitlinear::{bit_matmul, packed_accumulate, packed_matmul, ActScaling, PackedTernary};
+use bitlinear::plan::KernelKind;
+use bitlinear::{packed_accumulate, packed_matmul, ActScaling, BitMatmul, PackedTernary};
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::{DType, Device, Tensor};
@@ -104,7 +105,6 @@ impl Timer {
 /// Each op of the benchmark three times on each `--prof` shape, synchronized after every
 /// call, for `ncu` (kernel durations without launch gaps or host effects).
 pub(crate) fn prof(gpu: &Device, o: &Opts) -> Result<()> {
-    std::env::set_var("BITLINEAR_CUDA_NO_FINITE_CHECK", "1");
     for &(m, n, k) in &o.prof {
         let w = Tensor::randn(0f32, 0.05, (n, k), gpu)?.to_dtype(DType::BF16)?;
         let wp = PackedTernary::pack(&w)?;
@@ -113,24 +113,28 @@ pub(crate) fn prof(gpu: &Device, o: &Opts) -> Result<()> {
         for _ in 0..3 {
             packed_matmul(&x, &wp, ActScaling::PerToken)?;
             gpu.synchronize()?;
-            bit_matmul(&x, &w, ActScaling::PerToken)?;
+            full_forward(&x, &w)?;
             gpu.synchronize()?;
             x.matmul(&wt)?;
             gpu.synchronize()?;
         }
         println!("prof: {m}x{n}x{k} done");
     }
-    std::env::remove_var("BITLINEAR_CUDA_NO_FINITE_CHECK");
     Ok(())
+}
+
+/// The training forward (quantize, pack, matmul) without the non-finite weight check, whose
+/// read-back would wait for the stream between calls.
+fn full_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let op = BitMatmul {
+        check_finite: false,
+        ..BitMatmul::new(ActScaling::PerToken)
+    };
+    op.forward(x, w)
 }
 
 /// The benchmark table (module comment of main.rs), one line per shape plus every variant's time.
 pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
-    // The benchmark measures the default (non-poisoned) path; the training forward skips the
-    // host read-back of the non-finite flag so that runs can be queued (documented in
-    // src/cuda/mod.rs).
-    std::env::remove_var("BITLINEAR_CUDA_POISON");
-    std::env::set_var("BITLINEAR_CUDA_NO_FINITE_CHECK", "1");
     let timer = Timer::new(gpu)?;
     // One stream: cudarc's per-slice events (which only order work across streams) would add
     // an event record/wait to the stream around every kernel, ours and cuBLAS's alike.
@@ -151,10 +155,7 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
         }
     }
     ms.sort_unstable();
-    let rotate_bytes: usize = std::env::var("GPU_CHECK_ROTATE_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(160 << 20);
+    let rotate_bytes = o.rotate_bytes;
     println!("\n== benchmark: bf16 activations, device time per call (CUDA events around batches of back-to-back calls, median of batches) ==");
     println!(
         "{:>5} {:>6} {:>5} | {:>9} {:>8} {:>7} | {:>9} {:>7} | {:>9} {:>7} | {:>7} {:>8}",
@@ -196,7 +197,7 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
                 Ok(())
             })?;
             let t_f = timer.time(3, batches, per, |i| {
-                bit_matmul(&x, &wf[i % n_float], ActScaling::PerToken)?;
+                full_forward(&x, &wf[i % n_float])?;
                 Ok(())
             })?;
             let t_b = timer.time(3, batches, per, |i| {
@@ -205,7 +206,8 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
             })?;
             // the same packed matmul through the other kernel variants
             let mut variants = String::new();
-            for (name, vars) in VARIANTS {
+            for v in VARIANTS {
+                let name = &v.name;
                 if o.no_variants
                     || m > 32
                         && ((name.starts_with("no-fuse") || *name == "fuse")
@@ -215,7 +217,7 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
                 {
                     continue;
                 }
-                let t = with_env(vars, || {
+                let t = with_settings(gpu, v.apply, || {
                     timer.time(2, batches, per, |i| {
                         packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
                         Ok(())
@@ -230,11 +232,10 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
                 // the decode path on pre-quantized codes (packed_accumulate, i32 out): the
                 // matmul without the fused quantizer
                 let (codes, _) = bitlinear::quantize_activations(&x, ActScaling::PerToken)?;
-                for (name, vars) in [
-                    ("codes", &[][..]),
-                    ("codes-skinny", &[("BITLINEAR_CUDA_NO_GEMV", "1")][..]),
-                ] {
-                    let t = with_env(vars, || {
+                type Change = fn(&mut bitlinear::plan::KernelSettings);
+                let skinny: Change = |s| s.force.kernel = Some(KernelKind::Skinny);
+                for (name, change) in [("codes", (|_| {}) as Change), ("codes-skinny", skinny)] {
+                    let t = with_settings(gpu, change, || {
                         timer.time(2, batches, per, |i| {
                             if name.starts_with("codes") {
                                 packed_accumulate(&codes, &wp[i % n_packed])?;
@@ -266,7 +267,6 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
             println!("{:>19}  variants (us):{variants}", "");
         }
     }
-    std::env::remove_var("BITLINEAR_CUDA_NO_FINITE_CHECK");
     println!("(xbf16 = bf16 time / packed time, >1 means faster than cuBLAS bf16; full/pk = full forward / packed)");
     Ok(())
 }

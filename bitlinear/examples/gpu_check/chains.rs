@@ -1,8 +1,9 @@
 //! Back-to-back matmuls without synchronization (programmatic dependent launch).
 
 use crate::compare::{float_check, random_values, tensor};
-use crate::variants::with_env;
+use crate::variants::with_settings;
 use anyhow::Result;
+use bitlinear::plan::{GemmTile, KernelKind, KernelSettings};
 use bitlinear::{packed_matmul, ActScaling, PackedTernary};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -13,27 +14,37 @@ use rand::rngs::StdRng;
 /// GEMV lets the next one start at once), and must still see its output. Every result must
 /// equal the CPU's bit for bit. Returns the number of failures.
 pub(crate) fn chains(gpu: &Device, rng: &mut StdRng) -> Result<usize> {
-    let no_gemv: &[(&str, &str)] = &[("BITLINEAR_CUDA_NO_GEMV", "1")];
+    type Change = fn(&mut KernelSettings);
+    let default: Change = |_| {};
+    let skinny: Change = |s| s.force.kernel = Some(KernelKind::Skinny);
     // split K: a zeroed workspace, the GEMM's partial sums and an epilogue kernel a call
-    let split3: &[(&str, &str)] = &[("BITLINEAR_CUDA_GEMM_TILE", "tma128"), ("BITLINEAR_CUDA_SPLITK", "3")];
-    let split4_no_store: &[(&str, &str)] = &[
-        ("BITLINEAR_CUDA_GEMM_TILE", "tma128"),
-        ("BITLINEAR_CUDA_SPLITK", "4"),
-        ("BITLINEAR_CUDA_TMA_STORE", "0"),
-    ];
+    let split3: Change = |s| {
+        s.force.gemm_tile = Some(GemmTile::Tma128);
+        s.force.gemm_splits = Some(3);
+    };
+    let split4_no_store: Change = |s| {
+        s.force.gemm_tile = Some(GemmTile::Tma128);
+        s.force.gemm_splits = Some(4);
+        s.force.tma_store = Some(false);
+    };
     let mut failures = 0;
-    for (m, k, dt, vars) in [
-        (1, 2560, DType::BF16, &[][..]),
-        (1, 2560, DType::BF16, no_gemv),
-        (1, 4096, DType::F32, &[]),
-        (1, 1024, DType::F16, &[]),
-        (1, 6912, DType::BF16, &[]),
-        (1, 64, DType::F32, &[]),
-        (16, 2560, DType::BF16, &[]),
-        (128, 4096, DType::BF16, &[]),
-        (128, 2560, DType::BF16, split3),
-        (96, 4096, DType::F16, split4_no_store),
-        (300, 1000, DType::F32, &[]),
+    for (m, k, dt, (what, change)) in [
+        (1, 2560, DType::BF16, ("default", default)),
+        (1, 2560, DType::BF16, ("skinny", skinny)),
+        (1, 4096, DType::F32, ("default", default)),
+        (1, 1024, DType::F16, ("default", default)),
+        (1, 6912, DType::BF16, ("default", default)),
+        (1, 64, DType::F32, ("default", default)),
+        (16, 2560, DType::BF16, ("default", default)),
+        (128, 4096, DType::BF16, ("default", default)),
+        (128, 2560, DType::BF16, ("tma128, 3 splits", split3)),
+        (
+            96,
+            4096,
+            DType::F16,
+            ("tma128, 4 splits, no TMA store", split4_no_store),
+        ),
+        (300, 1000, DType::F32, ("default", default)),
     ] {
         let layers = 6;
         let ws: Vec<PackedTernary> = (0..layers)
@@ -57,7 +68,7 @@ pub(crate) fn chains(gpu: &Device, rng: &mut StdRng) -> Result<usize> {
         let mut errs = Vec::new();
         let mut nbe = 0;
         for pass in ["new weights", "settled weights"] {
-            let (yg, fan_g) = with_env(vars, || -> Result<_> {
+            let (yg, fan_g) = with_settings(gpu, change, || -> Result<_> {
                 let xg = x.to_device(gpu)?;
                 let fan: Vec<Tensor> = wg
                     .iter()
@@ -78,7 +89,7 @@ pub(crate) fn chains(gpu: &Device, rng: &mut StdRng) -> Result<usize> {
         if nbe > 0 {
             errs.push(format!("{nbe} result(s) not bit-exact"));
         }
-        let what = format!("chain of {layers} packed matmuls, {m} x ({k} x {k}) {dt:?} {vars:?}");
+        let what = format!("chain of {layers} packed matmuls, {m} x ({k} x {k}) {dt:?}, {what}");
         if errs.is_empty() {
             println!("{what}: ok (bit-exact)");
         } else {

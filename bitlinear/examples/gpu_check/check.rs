@@ -3,7 +3,7 @@
 use crate::bad_inputs::bad_inputs;
 use crate::chains::chains;
 use crate::compare::{float_check, grad_err, random_dtype, random_values, tensor};
-use crate::variants::{with_env, EXPERIMENTAL_FAILS, VARIANTS};
+use crate::variants::{with_settings, EXPERIMENTAL_FAILS, VARIANTS};
 use crate::Opts;
 use anyhow::{Context, Result};
 use bitlinear::{
@@ -132,7 +132,10 @@ fn shapes(o: &Opts, rng: &mut StdRng) -> Vec<(usize, usize, usize)> {
 /// The whole correctness suite; true when every check passed.
 pub(crate) fn check(gpu: &Device, o: &Opts) -> Result<bool> {
     // Poison every output buffer the CUDA functions allocate.
-    std::env::set_var("BITLINEAR_CUDA_POISON", "1");
+    with_settings(gpu, |s| s.poison_outputs = true, || check_poisoned(gpu, o))
+}
+
+fn check_poisoned(gpu: &Device, o: &Opts) -> Result<bool> {
     let mut rng = StdRng::seed_from_u64(o.seed);
     let list = shapes(o, &mut rng);
     println!("== correctness: {} cases (seed {}) ==", list.len(), o.seed);
@@ -176,7 +179,6 @@ pub(crate) fn check(gpu: &Device, o: &Opts) -> Result<bool> {
     }
     failures += bad_inputs(gpu)?;
     failures += chains(gpu, &mut rng)?;
-    std::env::remove_var("BITLINEAR_CUDA_POISON");
     println!(
         "== correctness: {failures} failing case(s), {not_bit_exact} float comparison(s) not bit-exact, {:.1} s ==",
         t0.elapsed().as_secs_f64()
@@ -268,10 +270,11 @@ fn run_case(gpu: &Device, c: &Case, seed: u64) -> Result<(Vec<String>, usize)> {
 
     // 4b. every other kernel variant on the same inputs (tile shapes, forced GEMM for small
     //     M, quantizer not fused), so each variant is covered whatever the heuristic picks.
-    for (name, vars) in VARIANTS {
+    for v in VARIANTS {
+        let name = v.name;
         let experimental = name.starts_with("x-");
         let mut verrs = Vec::new();
-        let r = with_env(vars, || -> candle_core::Result<(Vec<i32>, Tensor)> {
+        let r = with_settings(xg.device(), v.apply, || -> candle_core::Result<(Vec<i32>, Tensor)> {
             let a = packed_accumulate(&cg, &pcg)?
                 .to_device(&Device::Cpu)?
                 .flatten_all()?

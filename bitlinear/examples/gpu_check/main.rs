@@ -2,22 +2,24 @@
 //!
 //! Build (no GPU needed): `cargo build --release --features cuda -p bitlinear --example gpu_check`
 //! Run on the GPU machine: `gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick]
-//! [--only M,N,K]... [--no-variants] [--prof M,N,K]...`
-//! (no flag = both parts). Exits with status 1 when any check fails.
+//! [--only M,N,K]... [--no-variants] [--variant NAME] [--rotate-bytes B] [--prof M,N,K]...`
+//! (no flag = both parts). `--variant NAME` runs everything under one of the kernel variants of
+//! `variants.rs` (settings forced over the launch rules). Exits with status 1 when any check
+//! fails.
 //!
 //! Check: random shapes (M = 1, odd M/N/K, K % 4 != 0, sizes off every tile, a few large), fresh
 //! random inputs for every case, CUDA against the CPU reference: packed bytes and s_w identical,
 //! activation codes and scales identical, i32 accumulators bit-exact, float outputs of
 //! `packed_matmul` / `bit_matmul` / fake-quant compared bit for bit (reported; failure beyond
 //! rel 1e-6 for f32 or one ulp for bf16/f16), backward (cuBLAS vs CPU gemm, rel 1e-4 f32).
-//! Outputs are poisoned (0xFF bytes = NaN) before every kernel via `BITLINEAR_CUDA_POISON`.
+//! Outputs are poisoned (0xFF bytes = NaN) before every kernel (`KernelSettings::poison_outputs`).
 //!
 //! Bench: M in {1,16,128,1024,4096} x (N,K) in {(2560,2560),(13824,2560),(2560,6912),(4096,4096)},
 //! bf16 activations: `packed_matmul` on pre-packed weights, the full forward `bit_matmul`
 //! (quantize, pack and matmul; bf16 weights), candle's bf16 matmul (cuBLAS). CUDA events around
 //! batches of back-to-back calls queued behind a spin kernel (so host overhead is hidden), warm-up,
 //! median over batches of the time per call; weight buffers rotated so that each op's weights
-//! total more than the 50 MB L2.
+//! total more than the L2 (160 MB by default, `--rotate-bytes`).
 
 #[cfg(feature = "cuda")]
 fn main() {
@@ -60,8 +62,12 @@ pub(crate) struct Opts {
     pub(crate) quick: bool,
     /// bench only these (M, N, K) shapes
     pub(crate) only: Vec<(usize, usize, usize)>,
-    /// bench without the kernel variants (environment overrides then hold for every call)
+    /// bench without the kernel variants
     pub(crate) no_variants: bool,
+    /// a kernel variant applied to the whole run
+    pub(crate) variant: Option<String>,
+    /// bytes of weights each benchmarked op rotates through (more than the L2)
+    pub(crate) rotate_bytes: usize,
     /// run each op on these shapes a few times, synchronized, for a profiler (ncu)
     pub(crate) prof: Vec<(usize, usize, usize)>,
 }
@@ -95,6 +101,8 @@ mod real {
             quick: false,
             only: Vec::new(),
             no_variants: false,
+            variant: None,
+            rotate_bytes: 160 << 20,
             prof: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
@@ -104,6 +112,8 @@ mod real {
                 "--bench" => o.bench = true,
                 "--quick" => o.quick = true,
                 "--no-variants" => o.no_variants = true,
+                "--variant" => o.variant = Some(args.next().context("--variant NAME")?),
+                "--rotate-bytes" => o.rotate_bytes = args.next().context("--rotate-bytes B")?.parse()?,
                 "--cases" => o.cases = args.next().context("--cases N")?.parse()?,
                 "--seed" => o.seed = args.next().context("--seed S")?.parse()?,
                 "--only" => o.only.push(parse_shape(&args.next().context("--only M,N,K")?)?),
@@ -111,7 +121,7 @@ mod real {
                 "-h" | "--help" => {
                     println!(
                         "gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick] [--only M,N,K]... \
-                         [--no-variants] [--prof M,N,K]..."
+                         [--no-variants] [--variant NAME] [--rotate-bytes B] [--prof M,N,K]..."
                     );
                     std::process::exit(0)
                 }
@@ -131,6 +141,14 @@ mod real {
     pub fn main() -> Result<bool> {
         let o = parse()?;
         let gpu = Device::new_cuda(0)?;
+        if let Some(name) = &o.variant {
+            let v = crate::variants::variant(name).ok_or_else(|| anyhow!("no kernel variant {name}"))?;
+            let mut s = bitlinear::kernel_settings(&gpu);
+            (v.apply)(&mut s);
+            crate::variants::set(&gpu, s);
+        }
+        let info = bitlinear::cuda_device_info(&gpu)?;
+        println!("device: {info:?}");
         let mut ok = true;
         if !o.prof.is_empty() {
             prof(&gpu, &o)?;

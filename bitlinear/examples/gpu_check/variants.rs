@@ -1,137 +1,133 @@
-//! The kernel variants reachable through environment switches (src/cuda/mod.rs), so that the
-//! check and the benchmark cover every kernel whatever the shape heuristics pick.
+//! The kernel variants reachable through the typed kernel settings (`bitlinear::plan`), so that
+//! the check and the benchmark cover every kernel whatever the launch rules pick.
 
-/// Environment overrides of the CUDA dispatch (see src/cuda/mod.rs). Names starting with
-/// "x-" are experimental kernels: their mismatches are reported but do not fail the check.
-pub(crate) const VARIANTS: &[(&str, &[(&str, &str)])] = &[
-    (
-        "gemm-small",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "small"),
-        ],
-    ),
-    (
-        "gemm-big",
-        &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "big")],
-    ),
-    (
-        "gemm-wide",
-        &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "wide")],
-    ),
-    (
-        "gemm-small-nosplit",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "small"),
-            ("BITLINEAR_CUDA_SPLITK", "1"),
-        ],
-    ),
-    (
-        "gemm-big-split5",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "big"),
-            ("BITLINEAR_CUDA_SPLITK", "5"),
-        ],
-    ),
-    ("no-fuse", &[("BITLINEAR_CUDA_NO_FUSE", "1")]),
-    ("fuse", &[("BITLINEAR_CUDA_FUSE", "1")]),
-    ("skinny", &[("BITLINEAR_CUDA_NO_GEMV", "1")]),
-    ("gemv-l8", &[("BITLINEAR_CUDA_GEMV_LANES", "8")]),
-    ("gemv-l16", &[("BITLINEAR_CUDA_GEMV_LANES", "16")]),
-    ("gemv-l32", &[("BITLINEAR_CUDA_GEMV_LANES", "32")]),
-    ("gemv-bulk-x", &[("BITLINEAR_CUDA_GEMV_BULK_X", "1")]),
-    ("gemv-no-bulk-x", &[("BITLINEAR_CUDA_GEMV_BULK_X", "0")]),
-    ("gemv-early", &[("BITLINEAR_CUDA_GEMV_EARLY", "1")]),
-    ("gemv-late", &[("BITLINEAR_CUDA_GEMV_EARLY", "0")]),
-    ("skinny-rows16", &[("BITLINEAR_CUDA_SKINNY_ROWS", "16")]),
-    ("skinny-rows32", &[("BITLINEAR_CUDA_SKINNY_ROWS", "32")]),
-    ("no-pdl", &[("BITLINEAR_CUDA_NO_PDL", "1")]),
-    ("no-early-weights", &[("BITLINEAR_CUDA_NO_EARLY_WEIGHTS", "1")]),
-    (
-        "no-early",
-        &[
-            ("BITLINEAR_CUDA_NO_EARLY_WEIGHTS", "1"),
-            ("BITLINEAR_CUDA_NO_EARLY_TRIGGER", "1"),
-        ],
-    ),
-    (
-        "gemm-tma",
-        &[("BITLINEAR_CUDA_FORCE_GEMM", "1"), ("BITLINEAR_CUDA_GEMM_TILE", "tma")],
-    ),
-    (
-        "gemm-tma-no-store",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "tma"),
-            ("BITLINEAR_CUDA_TMA_STORE", "0"),
-        ],
-    ),
-    (
-        "gemm-tma192",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "tma192"),
-        ],
-    ),
-    (
-        "gemm-tma128",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "tma128"),
-        ],
-    ),
-    (
-        "gemm-tma128-nosplit",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "tma128"),
-            ("BITLINEAR_CUDA_SPLITK", "1"),
-        ],
-    ),
-    (
-        "gemm-tma128-split3-no-store",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "tma128"),
-            ("BITLINEAR_CUDA_SPLITK", "3"),
-            ("BITLINEAR_CUDA_TMA_STORE", "0"),
-        ],
-    ),
-    (
-        "gemm-tma64",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "tma64"),
-        ],
-    ),
-    (
-        "gemm-tma-one-tile",
-        &[
-            ("BITLINEAR_CUDA_FORCE_GEMM", "1"),
-            ("BITLINEAR_CUDA_GEMM_TILE", "tma"),
-            ("BITLINEAR_CUDA_TMA_ONE_TILE", "1"),
-        ],
-    ),
+use bitlinear::plan::{GemmTile, KernelKind, KernelSettings};
+use candle_core::Device;
+
+/// A named change of the kernel settings. Names starting with "x-" are experimental kernels:
+/// their mismatches are reported but do not fail the check.
+pub(crate) struct Variant {
+    pub(crate) name: &'static str,
+    pub(crate) apply: fn(&mut KernelSettings),
+}
+
+/// The GEMM with a forced tile (and the rest of `f`).
+macro_rules! gemm {
+    ($name:expr, $tile:ident $(, |$s:ident| $body:expr)?) => {
+        Variant {
+            name: $name,
+            apply: |s| {
+                s.force.kernel = Some(KernelKind::Gemm);
+                s.force.gemm_tile = Some(GemmTile::$tile);
+                $(let $s = &mut *s; $body;)?
+            },
+        }
+    };
+}
+
+pub(crate) const VARIANTS: &[Variant] = &[
+    gemm!("gemm-small", Small),
+    gemm!("gemm-big", Big),
+    gemm!("gemm-wide", Wide),
+    gemm!("gemm-small-nosplit", Small, |s| s.force.gemm_splits = Some(1)),
+    gemm!("gemm-big-split5", Big, |s| s.force.gemm_splits = Some(5)),
+    Variant {
+        name: "no-fuse",
+        apply: |s| s.force.skinny_fused_quant = Some(false),
+    },
+    Variant {
+        name: "fuse",
+        apply: |s| s.force.skinny_fused_quant = Some(true),
+    },
+    Variant {
+        name: "skinny",
+        apply: |s| s.force.kernel = Some(KernelKind::Skinny),
+    },
+    Variant {
+        name: "gemv-l8",
+        apply: |s| s.force.gemv_lanes = Some(8),
+    },
+    Variant {
+        name: "gemv-l16",
+        apply: |s| s.force.gemv_lanes = Some(16),
+    },
+    Variant {
+        name: "gemv-l32",
+        apply: |s| s.force.gemv_lanes = Some(32),
+    },
+    Variant {
+        name: "gemv-bulk-x",
+        apply: |s| s.force.gemv_bulk_x = Some(true),
+    },
+    Variant {
+        name: "gemv-no-bulk-x",
+        apply: |s| s.force.gemv_bulk_x = Some(false),
+    },
+    Variant {
+        name: "gemv-early",
+        apply: |s| s.force.gemv_early_weights = Some(true),
+    },
+    Variant {
+        name: "gemv-late",
+        apply: |s| s.force.gemv_early_weights = Some(false),
+    },
+    Variant {
+        name: "skinny-rows16",
+        apply: |s| s.force.skinny_rows = Some(16),
+    },
+    Variant {
+        name: "skinny-rows32",
+        apply: |s| s.force.skinny_rows = Some(32),
+    },
+    Variant {
+        name: "no-pdl",
+        apply: |s| s.pdl = false,
+    },
+    Variant {
+        name: "no-early-weights",
+        apply: |s| s.early_weights = false,
+    },
+    Variant {
+        name: "no-early",
+        apply: |s| {
+            s.early_weights = false;
+            s.early_trigger = false;
+        },
+    },
+    gemm!("gemm-tma", Tma),
+    gemm!("gemm-tma-no-store", Tma, |s| s.force.tma_store = Some(false)),
+    gemm!("gemm-tma192", Tma192),
+    gemm!("gemm-tma128", Tma128),
+    gemm!("gemm-tma128-nosplit", Tma128, |s| s.force.gemm_splits = Some(1)),
+    gemm!("gemm-tma128-split3-no-store", Tma128, |s| {
+        s.force.gemm_splits = Some(3);
+        s.force.tma_store = Some(false)
+    }),
+    gemm!("gemm-tma64", Tma64),
+    gemm!("gemm-tma-one-tile", Tma, |s| s.force.tma_one_tile_per_cta = true),
 ];
+
+/// The variant called `name`.
+pub(crate) fn variant(name: &str) -> Option<&'static Variant> {
+    VARIANTS.iter().find(|v| v.name == name)
+}
 
 /// Mismatches of the experimental ("x-") variants, reported at the end of the check.
 pub(crate) static EXPERIMENTAL_FAILS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Runs `f` with the environment variables `vars` set, then puts back what they were (so that
-/// overrides given to the whole process hold for every shape).
-pub(crate) fn with_env<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
-    let before: Vec<(&str, Option<std::ffi::OsString>)> = vars.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
-    for (k, v) in vars {
-        std::env::set_var(k, v);
-    }
+/// Runs `f` with `change` applied on top of `dev`'s current settings, then puts those back (so
+/// that settings given to the whole run, `--variant`, hold for every shape).
+pub(crate) fn with_settings<T>(dev: &Device, change: fn(&mut KernelSettings), f: impl FnOnce() -> T) -> T {
+    let base = bitlinear::kernel_settings(dev);
+    let mut s = base.clone();
+    change(&mut s);
+    set(dev, s);
     let r = f();
-    for (k, old) in before {
-        match old {
-            Some(v) => std::env::set_var(k, v),
-            None => std::env::remove_var(k),
-        }
-    }
+    set(dev, base);
     r
+}
+
+/// Sets `dev`'s kernel settings (infallible for a device that exists).
+pub(crate) fn set(dev: &Device, s: KernelSettings) {
+    bitlinear::set_kernel_settings(dev, s).expect("kernel settings of an existing device")
 }

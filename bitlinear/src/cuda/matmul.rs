@@ -1,12 +1,19 @@
-//! The packed matmuls on CUDA: the decode GEMV (`kernels/gemv.cu`), the skinny kernel
-//! (`kernels/skinny.cu`) and the tiled GEMMs (`kernels/gemm.cu`, `kernels/gemm90a.cu`); the
-//! strategy is in the module comment of `cuda`.
+//! The packed matmuls on CUDA: the public entry points check their operands, ask the planner
+//! (`crate::plan`) how to run, and carry the plan out: the decode GEMV (`kernels/gemv.cu`), the
+//! skinny kernel (`kernels/skinny.cu`) or the tiled GEMM (`gemm.rs`).
 
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{result as cu_result, CudaSlice, CudaStream, LaunchConfig, SyncOnDrop};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
+
+use super::buffers::{
+    finish_dtype, float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, slice_ptr, storage, FloatIn,
+};
 use super::gemm::tiled_gemm;
 use super::quantize::{check_finite_flag, pack_into, quantize_rows, weight_dims, weight_scale, ActOut};
-use super::*;
-use crate::gemv_launch::{gemv_bulk_x, gemv_config, gemv_early, GEMV_WARPS};
-use crate::skinny_launch::{gemm_for_small_m, skinny_fuses, skinny_rows_per_block};
+use super::{Ctx, Module, Settled, THREADS};
+use crate::plan::{plan, GemvPlan, Plan, Problem, SkinnyPlan, GEMV_WARPS};
 
 /// Activation source of a matmul.
 #[derive(Clone, Copy)]
@@ -24,64 +31,61 @@ pub(super) struct WScale {
     pub(super) ptr: u64,
 }
 
-/// One matmul call: y (M, N) = x (M, K) . W^T for packed W (N, ceil(K/4) bytes at `wp`), with
-/// what every path needs.
+/// One matmul: y (M, N) = x (M, K) . W^T for packed W (N, ceil(K/4) bytes at `wp`), with what
+/// every kernel needs.
 pub(super) struct Call<'a> {
-    pub(super) dev: &'a CudaDevice,
-    pub(super) stream: Arc<CudaStream>,
-    pub(super) info: DevInfo,
+    pub(super) ctx: &'a Ctx<'a>,
     pub(super) x: XSrc,
     pub(super) m: usize,
-    pub(super) k: usize,
-    pub(super) k4: usize,
-    pub(super) wp: u64,
     pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) wp: u64,
     pub(super) sw: WScale,
     pub(super) per_tensor: bool,
     pub(super) out_dtype: DType,
     /// kernel-name suffix of the output type
     pub(super) osfx: &'static str,
-    /// M, N, K, K/4 as kernel arguments
-    pub(super) mi: i32,
-    pub(super) ni: i32,
-    pub(super) ki: i32,
-    pub(super) k4i: i32,
-    /// the weights are known complete before this call (`settle.rs`): the GEMV and the skinny
-    /// kernel may request them before `pdl_wait`
-    pub(super) w_settled: bool,
 }
 
-/// y (M, N) = x (M, K) . W^T for packed `w` (N, ceil(K/4) bytes at `wp`); `out` = I32 (raw
-/// accumulators) or the float output dtype.
+/// y (M, N) = x (M, K) . W^T for packed weights at `wp`; `out_dtype` = I32 (raw accumulators)
+/// or the float output dtype; `settled`: the weights are known complete (`settle.rs`).
 #[allow(clippy::too_many_arguments)]
 fn matmul_core(
-    dev: &CudaDevice,
+    ctx: &Ctx,
     x: XSrc,
-    m: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     wp: u64,
-    n: usize,
     sw: WScale,
     per_tensor: bool,
     out_dtype: DType,
-    w_settled: bool,
+    settled: bool,
 ) -> Result<CudaStorageSlice> {
-    let mut out = alloc_out(dev, out_dtype, m * n)?;
-    if m == 0 || n == 0 {
-        return Ok(out);
+    let problem = Problem {
+        m,
+        n,
+        k,
+        x_dtype: match x {
+            XSrc::Float(_, dt) => Some(dt),
+            XSrc::Codes(..) => None,
+        },
+        out_dtype,
+        weight_align: Problem::align_of(wp),
+        weights_settled: settled,
+    };
+    let plan = plan(&problem, &ctx.info, &ctx.settings)?;
+    let mut out = ctx.alloc_out(out_dtype, m * n)?;
+    if plan != Plan::Empty {
+        for (v, what) in [(m, "M"), (n, "N"), (k, "K"), (n * k.div_ceil(4), "N*K/4")] {
+            i32_arg(v, what)?;
+        }
     }
-    let k4 = k.div_ceil(4);
-    i32_arg(n * k4, "N*K/4")?;
-    let c = Call {
-        dev,
-        stream: dev.cuda_stream(),
-        info: dev_info(dev)?,
+    let call = Call {
+        ctx,
         x,
         m,
-        k,
-        k4,
-        wp,
         n,
+        k,
+        wp,
         sw,
         per_tensor,
         out_dtype,
@@ -89,216 +93,106 @@ fn matmul_core(
             DType::I32 => "i32",
             d => float_suffix(d)?,
         },
-        mi: i32_arg(m, "M")?,
-        ni: i32_arg(n, "N")?,
-        ki: i32_arg(k, "K")?,
-        k4i: i32_arg(k4, "K/4")?,
-        w_settled: w_settled && !env_flag("BITLINEAR_CUDA_NO_EARLY_WEIGHTS"),
     };
-    // decode GEMV: M = 1, K % 64 == 0, 16-byte aligned weights
-    if m <= GEMV_MAX_M
-        && k > 0
-        && k <= GEMV_MAX_K
-        && k.is_multiple_of(64)
-        && wp.is_multiple_of(16)
-        && !env_flag("BITLINEAR_CUDA_NO_GEMV")
-        && !env_flag("BITLINEAR_CUDA_FORCE_GEMM")
-        && (matches!(x, XSrc::Codes(..)) || matches!(x, XSrc::Float(_, dt) if dt == out_dtype))
-    {
-        gemv(&c, &mut out)?;
-    } else if let Some(plan) = skinny_plan(&c).filter(|_| !env_flag("BITLINEAR_CUDA_FORCE_GEMM")) {
-        skinny(&c, &plan, &mut out)?;
-    } else {
-        tiled_gemm(&c, &mut out)?;
+    match plan {
+        Plan::Empty => {}
+        Plan::Zeros => {
+            // K = 0: every accumulator is 0, and so is every float output (0 * s_x * s_w)
+            let mut g = Vec::new();
+            let yp = out_slice_ptr(&mut out, &ctx.stream, &mut g)?;
+            let bytes = m * n * out_dtype.size_in_bytes();
+            // SAFETY: `yp` points to the `bytes` bytes of `out`, on this stream.
+            unsafe { cu_result::memset_d8_async(yp, 0, bytes, ctx.stream.cu_stream()) }.w()?;
+        }
+        Plan::Gemv(p) => gemv(&call, &p, &mut out)?,
+        Plan::Skinny(p) => skinny(&call, &p, &mut out)?,
+        Plan::Gemm(p) => tiled_gemm(&call, &p, &mut out)?,
     }
     Ok(out)
 }
 
 /// The decode GEMV (`kernels/gemv.cu`): register-streamed weights, x quantized in the kernel.
-fn gemv(c: &Call, out: &mut CudaStorageSlice) -> Result<()> {
-    let Call {
-        dev,
-        ref stream,
-        info,
-        x,
-        k,
-        k4,
-        wp,
-        n,
-        sw,
-        osfx,
-        ni,
-        ki,
-        k4i,
-        w_settled,
-        ..
-    } = *c;
-    let (l, t, blocks) = gemv_config(k4 / 16, n, info.sms);
-    // rows spread evenly over all warps of the grid: the first `rows_rem` get one more
-    let warps = blocks * GEMV_WARPS;
-    let (rows_base, rows_rem) = ((n / warps) as i32, (n % warps) as i32);
-    let (xname, xp, xsp, x_size) = match x {
-        XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64, dt.size_in_bytes()),
-        XSrc::Codes(p, sp) => ("i8", p, sp, 1),
+fn gemv(c: &Call, p: &GemvPlan, out: &mut CudaStorageSlice) -> Result<()> {
+    let ctx = c.ctx;
+    let (xname, xp, xsp) = match c.x {
+        XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
+        XSrc::Codes(p, sp) => ("i8", p, sp),
     };
-    let float_x = matches!(x, XSrc::Float(..));
-    let bulk_x = gemv_bulk_x(float_x, n, k4, blocks, l, k);
-    let bx = if bulk_x { "_bx" } else { "" };
-    let early = if gemv_early(w_settled, float_x, bulk_x, (k, k4), l, n, blocks) {
-        "_e"
-    } else {
-        ""
-    };
-    let f = func(dev, Module::Gemv, &format!("gemv_{xname}_{osfx}_l{l}_t{t}{bx}{early}"))?;
+    let f = ctx.func(Module::Gemv, &p.kernel_name(xname, c.osfx))?;
     let cfg = LaunchConfig {
-        grid_dim: (i32_arg(blocks, "GEMV blocks")? as u32, 1, 1),
+        grid_dim: (i32_arg(p.blocks, "GEMV blocks")? as u32, 1, 1),
         block_dim: (32 * GEMV_WARPS as u32, 1, 1),
-        // permuted codes of x, then (`_bx`) x itself
-        shared_mem_bytes: (k + if bulk_x { k * x_size } else { 0 }) as u32,
+        shared_mem_bytes: p.smem_bytes as u32,
+    };
+    let mut g = Vec::new();
+    let yp = out_slice_ptr(out, &ctx.stream, &mut g)?;
+    launch!(
+        ctx,
+        f,
+        cfg,
+        xp,
+        xsp,
+        c.wp,
+        c.n as i32,
+        c.k as i32,
+        c.k.div_ceil(4) as i32,
+        p.rows_base as i32,
+        p.rows_rem as i32,
+        c.sw.val,
+        c.sw.ptr,
+        yp
+    )
+}
+
+/// The skinny kernel: weights streamed into tensor-core fragments, x staged in shared memory,
+/// float x quantized by the kernel itself or by the quantizer kernel first.
+fn skinny(c: &Call, p: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()> {
+    let ctx = c.ctx;
+    let stream = &ctx.stream;
+    let (m, k) = (c.m, c.k);
+    let mut codes: Option<CudaSlice<u8>> = None;
+    let mut scales: Option<CudaSlice<f32>> = None;
+    let (xname, xp, xsp) = match c.x {
+        XSrc::Float(xp, dt) if p.fused_quant => (float_suffix(dt)?, xp, 0u64),
+        XSrc::Float(xp, dt) => {
+            let cs = codes.insert(ctx.alloc::<u8>(m * k)?);
+            let ss = scales.insert(ctx.alloc::<f32>(if c.per_tensor { 1 } else { m })?);
+            let mut g = Vec::new();
+            let cp = out_ptr(cs, stream, &mut g);
+            let sp = out_ptr(ss, stream, &mut g);
+            quantize_rows(ctx, xp, dt, m, k, c.per_tensor, ActOut::Codes(cp), sp)?;
+            ("i8", cp, sp)
+        }
+        XSrc::Codes(xp, sp) => ("i8", xp, sp),
+    };
+    let f = ctx.func(Module::Skinny, &p.kernel_name(xname, c.osfx))?;
+    let cfg = LaunchConfig {
+        grid_dim: (i32_arg(p.blocks, "skinny blocks")? as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: p.smem_bytes as u32,
     };
     let mut g = Vec::new();
     let yp = out_slice_ptr(out, stream, &mut g)?;
-    launch!(f, stream, cfg, xp, xsp, wp, ni, ki, k4i, rows_base, rows_rem, sw.val, sw.ptr, yp);
+    launch!(
+        ctx,
+        f,
+        cfg,
+        xp,
+        xsp,
+        c.per_tensor as i32,
+        c.wp,
+        m as i32,
+        c.n as i32,
+        k as i32,
+        k.div_ceil(4) as i32,
+        c.sw.val,
+        c.sw.ptr,
+        yp,
+        i32::from(p.early_weights)
+    )?;
     drop(g);
-    Ok(())
-}
-
-/// Launch shape of the skinny kernel (`kernels/skinny.cu`) for `2 <= M <= 32`.
-struct SkinnyPlan {
-    /// blocks of 256 k (64 packed bytes) per row
-    kb: usize,
-    /// MMA column tiles of 8 rows of x
-    mt: usize,
-    /// weight bytes per load (16, 4 or 1)
-    vec: usize,
-    rows_per_block: usize,
-    smem: usize,
-}
-
-/// The skinny kernel's launch shape, or None where the tiled GEMM should run: M > 32, x too large
-/// for shared memory, or where the GEMM is faster (`gemm_for_small_m`).
-fn skinny_plan(c: &Call) -> Option<SkinnyPlan> {
-    let Call {
-        info, m, k, k4, wp, n, ..
-    } = *c;
-    let kb = k4.div_ceil(64);
-    let row_stride = kb * 256 + 64;
-    let mt = if m <= 8 {
-        1
-    } else if m <= 16 {
-        2
-    } else {
-        4
-    };
-    let vec = if k4.is_multiple_of(16) && wp.is_multiple_of(16) {
-        16
-    } else if k4.is_multiple_of(4) && wp.is_multiple_of(4) {
-        4
-    } else {
-        1
-    };
-    let rows_per_block = skinny_rows_per_block(m, n, vec, info.sms);
-    // staged x, or the cross-warp partial sums (8 warps x rows x 8 MT columns of i32)
-    let skinny_smem = (m * row_stride).max(256 * rows_per_block * mt);
-    let skinny_fits = skinny_smem <= SKINNY_MAX_SMEM.min(info.smem_optin.saturating_sub(2048));
-    (m <= SKINNY_MAX_M && skinny_fits && !gemm_for_small_m(m, n, k, info.sms, info.sm90)).then_some(SkinnyPlan {
-        kb,
-        mt,
-        vec,
-        rows_per_block,
-        smem: skinny_smem,
-    })
-}
-
-/// The skinny kernel: weights streamed into tensor-core fragments, x staged in shared memory.
-fn skinny(c: &Call, plan: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()> {
-    let Call {
-        dev,
-        info,
-        ref stream,
-        x,
-        m,
-        k,
-        wp,
-        n,
-        sw,
-        per_tensor,
-        out_dtype,
-        osfx,
-        mi,
-        ni,
-        ki,
-        k4i,
-        w_settled,
-        ..
-    } = *c;
-    let SkinnyPlan {
-        kb,
-        mt,
-        vec,
-        rows_per_block,
-        smem: skinny_smem,
-    } = *plan;
-    // Quantize first unless the kernel can do it itself.
-    let mut tmp_codes: Option<CudaSlice<u8>> = None;
-    let mut tmp_scales: Option<CudaSlice<f32>> = None;
-    let (xname, xp, xsp) = match x {
-        XSrc::Float(p, dt)
-            if out_dtype == dt
-                && (skinny_fuses(m, kb, m * k * dt.size_in_bytes(), n.div_ceil(rows_per_block), info.sms)
-                    || env_flag("BITLINEAR_CUDA_FUSE"))
-                && !env_flag("BITLINEAR_CUDA_NO_FUSE") =>
-        {
-            (float_suffix(dt)?, p, 0u64)
-        }
-        XSrc::Float(p, dt) => {
-            let mut codes = alloc::<u8>(dev, m * k)?;
-            let mut s = alloc::<f32>(dev, if per_tensor { 1 } else { m })?;
-            let (cp, sp) = {
-                let mut g = Vec::new();
-                let cp = out_ptr(&mut codes, stream, &mut g);
-                let sp = out_ptr(&mut s, stream, &mut g);
-                quantize_rows(dev, p, dt, m, k, per_tensor, ActOut::Codes(cp), sp)?;
-                (cp, sp)
-            };
-            tmp_codes = Some(codes);
-            tmp_scales = Some(s);
-            ("i8", cp, sp)
-        }
-        XSrc::Codes(p, sp) => ("i8", p, sp),
-    };
-    let ntile = if rows_per_block == 16 { "_n1" } else { "" };
-    let name = format!("skinny_{xname}_{osfx}_m{mt}_v{vec}{ntile}");
-    let f = func(dev, Module::Skinny, &name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: skinny_smem as u32,
-    };
-    {
-        let mut g = Vec::new();
-        let yp = out_slice_ptr(out, stream, &mut g)?;
-        launch!(
-            f,
-            stream,
-            cfg,
-            xp,
-            xsp,
-            per_tensor as i32,
-            wp,
-            mi,
-            ni,
-            ki,
-            k4i,
-            sw.val,
-            sw.ptr,
-            yp,
-            // weights early where they are settled or the kernel before is the quantizer above
-            i32::from((w_settled || tmp_codes.is_some()) && !env_flag("BITLINEAR_CUDA_NO_EARLY_WEIGHTS"))
-        );
-    }
-    drop(tmp_codes);
-    drop(tmp_scales);
+    drop(codes);
+    drop(scales);
     Ok(())
 }
 
@@ -336,7 +230,8 @@ pub(crate) fn packed_accumulate(
     settled: &Settled,
 ) -> Result<CudaStorage> {
     let dev = &xq.device;
-    let stream = dev.cuda_stream();
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
     if xq.dtype() != DType::U8 {
         bail!("bitlinear cuda: activation codes must be U8, got {:?}", xq.dtype())
     }
@@ -351,17 +246,15 @@ pub(crate) fn packed_accumulate(
         bail!("bitlinear cuda: codes have K = {kx}, the weight has K = {k}")
     }
     let mut g = Vec::new();
-    let xp = in_ptr(xq, start, &stream, &mut g)?;
-    let (n, wp) = packed_in(packed, pl, k, &stream, &mut g)?;
+    let xp = in_ptr(xq, start, stream, &mut g)?;
+    let (n, wp) = packed_in(packed, pl, k, stream, &mut g)?;
     // after packed_in: the event must follow any cross-stream wait it queued
-    let w_settled = settled.check(&stream)?;
+    let w_settled = settled.check(stream)?;
     let out = matmul_core(
-        dev,
+        &ctx,
         XSrc::Codes(xp, 0),
-        m,
-        k,
+        (m, n, k),
         wp,
-        n,
         WScale { val: 1.0, ptr: 0 },
         false,
         DType::I32,
@@ -385,24 +278,23 @@ pub(crate) fn packed_matmul(
     settled: &Settled,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &x.device;
-    let stream = dev.cuda_stream();
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
     let xin = FloatIn::new(x, xl, "packed_matmul input")?;
     let (m, kx) = xin.rows_cols();
     if kx != k {
         bail!("bitlinear cuda: input has K = {kx}, the weight has K = {k}")
     }
     let mut g = Vec::new();
-    let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
-    let (n, wp) = packed_in(packed, pl, k, &stream, &mut g)?;
-    let w_settled = settled.check(&stream)?;
+    let xp = in_ptr(xin.storage(), xin.offset, stream, &mut g)?;
+    let (n, wp) = packed_in(packed, pl, k, stream, &mut g)?;
+    let w_settled = settled.check(stream)?;
     let dt = xin.dtype();
     let out = matmul_core(
-        dev,
+        &ctx,
         XSrc::Float(xp, dt),
-        m,
-        k,
+        (m, n, k),
         wp,
-        n,
         WScale { val: s_w, ptr: 0 },
         per_tensor,
         dt,
@@ -425,7 +317,8 @@ pub(crate) fn bit_matmul(
     check_finite: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &x.device;
-    let stream = dev.cuda_stream();
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
     let xin = FloatIn::new(x, xl, "bit_matmul input")?;
     let win = FloatIn::new(w, wl, "bit_matmul weight")?;
     let (m, k) = xin.rows_cols();
@@ -433,25 +326,23 @@ pub(crate) fn bit_matmul(
     if kw != k {
         bail!("bitlinear cuda: input has K = {k}, the weight has K = {kw}")
     }
-    let mut packed = alloc::<u8>(dev, n * k.div_ceil(4))?;
+    let mut packed = ctx.alloc::<u8>(n * k.div_ceil(4))?;
     let stat;
     let out;
     {
         let mut g = Vec::new();
-        let wp = in_ptr(win.storage(), win.offset, &stream, &mut g)?;
-        stat = weight_scale(dev, wp, win.dtype(), n * k)?;
-        let sp = slice_ptr(&stat, &stream, &mut g);
-        let pp = out_ptr(&mut packed, &stream, &mut g);
-        pack_into(dev, wp, win.dtype(), n, k, sp, pp)?;
-        let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
+        let wp = in_ptr(win.storage(), win.offset, stream, &mut g)?;
+        stat = weight_scale(&ctx, wp, win.dtype(), n * k)?;
+        let sp = slice_ptr(&stat, stream, &mut g);
+        let pp = out_ptr(&mut packed, stream, &mut g);
+        pack_into(&ctx, wp, win.dtype(), n, k, sp, pp)?;
+        let xp = in_ptr(xin.storage(), xin.offset, stream, &mut g)?;
         let dt = xin.dtype();
         out = matmul_core(
-            dev,
+            &ctx,
             XSrc::Float(xp, dt),
-            m,
-            k,
+            (m, n, k),
             pp,
-            n,
             WScale { val: 0.0, ptr: sp },
             per_tensor,
             dt,
@@ -460,7 +351,7 @@ pub(crate) fn bit_matmul(
         )?;
     }
     if check_finite {
-        check_finite_flag(dev, &stat)?;
+        check_finite_flag(&ctx, &stat)?;
     }
     drop(packed);
     let shape = Shape::from((m, n));

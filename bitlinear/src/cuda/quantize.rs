@@ -1,6 +1,14 @@
 //! The activation and weight quantizers on CUDA (`kernels/act_quant.cu`, `kernels/weight_quant.cu`).
 
-use super::*;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{result as cu_result, CudaSlice, LaunchConfig};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
+
+use super::buffers::{
+    finish_dtype, float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, slice_ptr, storage, FloatIn,
+};
+use super::{grid1, Ctx, Module, THREADS};
 
 /// Output of the row quantizer.
 pub(super) enum ActOut {
@@ -16,7 +24,7 @@ pub(super) enum ActOut {
 /// `scales` (M or 1 floats) may be 0 (not needed).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn quantize_rows(
-    dev: &CudaDevice,
+    ctx: &Ctx,
     xp: u64,
     dtype: DType,
     m: usize,
@@ -25,20 +33,19 @@ pub(super) fn quantize_rows(
     out: ActOut,
     scales: u64,
 ) -> Result<()> {
-    let stream = dev.cuda_stream();
+    let stream = &ctx.stream;
     let sfx = float_suffix(dtype)?;
-    let info = dev_info(dev)?;
     // per-tensor mode: [absmax bits, non-finite flag] of the whole tensor
     let mut gstat = if per_tensor {
-        Some(dev.alloc_zeros::<u32>(2)?)
+        Some(ctx.dev.alloc_zeros::<u32>(2)?)
     } else {
         None
     };
     let mut g = Vec::new();
-    let gp = gstat.as_mut().map_or(0, |s| out_ptr(s, &stream, &mut g));
+    let gp = gstat.as_mut().map_or(0, |s| out_ptr(s, stream, &mut g));
     if per_tensor && m * k > 0 {
-        let f = func(dev, Module::ActQuant, &format!("act_absmax_tensor_{sfx}"))?;
-        launch!(f, stream, grid1(m * k, info.sms * 8), xp, (m * k) as u64, gp);
+        let f = ctx.func(Module::ActQuant, &format!("act_absmax_tensor_{sfx}"))?;
+        launch!(ctx, f, grid1(m * k, ctx.info.sms * 8), xp, (m * k) as u64, gp)?;
     }
     if per_tensor && m == 0 && scales != 0 {
         // No rows: the CPU still reports the scale of an empty group.
@@ -66,13 +73,13 @@ pub(super) fn quantize_rows(
         // bf16: 23.6 us against 25.0 us with one wave of blocks grid-striding over the rows)
         ("act_quant_rows_short", 2, usize::MAX)
     } else {
-        ("act_quant_rows", 1, 4 * info.sms)
+        ("act_quant_rows", 1, 4 * ctx.info.sms)
     };
     // Only ahead of the Hopper GEMM (the permuted layout), whose producer then requests its first
     // weight tiles while this kernel runs: ahead of the skinny kernel the early start made
     // M = 16, 4096^2 slower (H100: 12.0 -> 16.5 us).
-    let trigger = i32::from(matches!(out, ActOut::Permuted(..)) && !env_flag("BITLINEAR_CUDA_NO_EARLY_TRIGGER"));
-    let f = func(dev, Module::ActQuant, &format!("{name}_{sfx}"))?;
+    let trigger = i32::from(matches!(out, ActOut::Permuted(..)) && ctx.settings.early_trigger);
+    let f = ctx.func(Module::ActQuant, &format!("{name}_{sfx}"))?;
     let cfg = LaunchConfig {
         grid_dim: (
             i32_arg(m.div_ceil(rows_per_block).min(max_blocks), "quantizer blocks")? as u32,
@@ -83,8 +90,8 @@ pub(super) fn quantize_rows(
         shared_mem_bytes: 0,
     };
     launch!(
+        ctx,
         f,
-        stream,
         cfg,
         xp,
         i32_arg(m, "M")?,
@@ -98,7 +105,7 @@ pub(super) fn quantize_rows(
         fake,
         rowsum,
         trigger
-    );
+    )?;
     drop(g);
     Ok(())
 }
@@ -110,17 +117,18 @@ pub(crate) fn quantize_activations(
     per_tensor: bool,
 ) -> Result<(CudaStorage, CudaStorage)> {
     let dev = &x.device;
-    let stream = dev.cuda_stream();
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
     let xin = FloatIn::new(x, l, "quantize_activations input")?;
     let (m, k) = xin.rows_cols();
-    let mut codes = alloc::<u8>(dev, m * k)?;
-    let mut scales = alloc::<f32>(dev, if per_tensor { 1 } else { m })?;
+    let mut codes = ctx.alloc::<u8>(m * k)?;
+    let mut scales = ctx.alloc::<f32>(if per_tensor { 1 } else { m })?;
     {
         let mut g = Vec::new();
-        let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
-        let cp = out_ptr(&mut codes, &stream, &mut g);
-        let sp = out_ptr(&mut scales, &stream, &mut g);
-        quantize_rows(dev, xp, xin.dtype(), m, k, per_tensor, ActOut::Codes(cp), sp)?;
+        let xp = in_ptr(xin.storage(), xin.offset, stream, &mut g)?;
+        let cp = out_ptr(&mut codes, stream, &mut g);
+        let sp = out_ptr(&mut scales, stream, &mut g);
+        quantize_rows(&ctx, xp, xin.dtype(), m, k, per_tensor, ActOut::Codes(cp), sp)?;
     }
     Ok((
         storage(CudaStorageSlice::U8(codes), dev),
@@ -131,15 +139,16 @@ pub(crate) fn quantize_activations(
 /// `x~ = x_q * s_x` in x's dtype.
 pub(crate) fn fake_quant_activations(x: &CudaStorage, l: &Layout, per_tensor: bool) -> Result<(CudaStorage, Shape)> {
     let dev = &x.device;
-    let stream = dev.cuda_stream();
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
     let xin = FloatIn::new(x, l, "fake_quantize_activations input")?;
     let (m, k) = xin.rows_cols();
-    let mut out = alloc_out(dev, xin.dtype(), m * k)?;
+    let mut out = ctx.alloc_out(xin.dtype(), m * k)?;
     {
         let mut g = Vec::new();
-        let xp = in_ptr(xin.storage(), xin.offset, &stream, &mut g)?;
-        let op = out_slice_ptr(&mut out, &stream, &mut g)?;
-        quantize_rows(dev, xp, xin.dtype(), m, k, per_tensor, ActOut::Fake(op), 0)?;
+        let xp = in_ptr(xin.storage(), xin.offset, stream, &mut g)?;
+        let op = out_slice_ptr(&mut out, stream, &mut g)?;
+        quantize_rows(&ctx, xp, xin.dtype(), m, k, per_tensor, ActOut::Fake(op), 0)?;
     }
     let shape = l.shape().clone();
     let out = finish_dtype(storage(out, dev), &shape, x.dtype())?;
@@ -147,41 +156,42 @@ pub(crate) fn fake_quant_activations(x: &CudaStorage, l: &Layout, per_tensor: bo
 }
 
 /// Launches the absmean reduction over `n` weights; returns `stat` = [s_w bits, non-finite flag].
-pub(super) fn weight_scale(dev: &CudaDevice, wp: u64, dtype: DType, n: usize) -> Result<CudaSlice<u32>> {
-    let stream = dev.cuda_stream();
+pub(super) fn weight_scale(ctx: &Ctx, wp: u64, dtype: DType, n: usize) -> Result<CudaSlice<u32>> {
+    let stream = &ctx.stream;
     let sfx = float_suffix(dtype)?;
     // stat: [s_w bits, non-finite flag, count of finished partial blocks]
-    let mut stat = dev.alloc_zeros::<u32>(3)?;
+    let mut stat = ctx.dev.alloc_zeros::<u32>(3)?;
     // Grid size depends on n only, so the reduction tree (and s_w) is the same on every run.
     let blocks = n.div_ceil(THREADS as usize * 8).clamp(1, 1024);
-    let mut partials = alloc::<f64>(dev, blocks)?;
+    let mut partials = ctx.alloc::<f64>(blocks)?;
     let mut g = Vec::new();
-    let sp = out_ptr(&mut stat, &stream, &mut g);
-    let pp = out_ptr(&mut partials, &stream, &mut g);
+    let sp = out_ptr(&mut stat, stream, &mut g);
+    let pp = out_ptr(&mut partials, stream, &mut g);
     if n > 0 {
         // the last block to finish also makes the final sum
-        let f = func(dev, Module::WeightQuant, &format!("w_absmean_partial_{sfx}"))?;
+        let f = ctx.func(Module::WeightQuant, &format!("w_absmean_partial_{sfx}"))?;
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(f, stream, cfg, wp, n as u64, pp, sp);
+        launch!(ctx, f, cfg, wp, n as u64, pp, sp)?;
     } else {
-        let f = func(dev, Module::WeightQuant, "w_absmean_final")?;
+        let f = ctx.func(Module::WeightQuant, "w_absmean_final")?;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(f, stream, cfg, pp, 0i32, 0u64, sp);
+        launch!(ctx, f, cfg, pp, 0i32, 0u64, sp)?;
     }
     drop(g);
     Ok(stat)
 }
 
-pub(super) fn check_finite_flag(dev: &CudaDevice, stat: &CudaSlice<u32>) -> Result<f32> {
-    let st = dev.clone_dtoh(stat)?;
+/// Reads `stat` back (waiting for the stream): `s_w`, or an error where a weight was not finite.
+pub(super) fn check_finite_flag(ctx: &Ctx, stat: &CudaSlice<u32>) -> Result<f32> {
+    let st = ctx.dev.clone_dtoh(stat)?;
     if st[1] != 0 {
         bail!("cannot quantize weights that contain NaN or infinite values")
     }
@@ -189,51 +199,37 @@ pub(super) fn check_finite_flag(dev: &CudaDevice, stat: &CudaSlice<u32>) -> Resu
 }
 
 /// Packs `w` (n, k) at `wp` into `out` using the device-side scale `stat[0]`.
-pub(super) fn pack_into(
-    dev: &CudaDevice,
-    wp: u64,
-    dtype: DType,
-    n: usize,
-    k: usize,
-    stat: u64,
-    out: u64,
-) -> Result<()> {
+pub(super) fn pack_into(ctx: &Ctx, wp: u64, dtype: DType, n: usize, k: usize, stat: u64, out: u64) -> Result<()> {
     let k4 = k.div_ceil(4);
     if n * k4 == 0 {
         return Ok(());
     }
-    let stream = dev.cuda_stream();
-    let info = dev_info(dev)?;
+    let sms = ctx.info.sms;
     if k.is_multiple_of(16) && wp.is_multiple_of(16) {
         // rows line up with 32-bit words: the flat packer (several words a thread in flight)
         let words = n * k / 16;
-        let f = func(
-            dev,
-            Module::WeightQuant,
-            &format!("w_pack_flat_{}", float_suffix(dtype)?),
-        )?;
+        let f = ctx.func(Module::WeightQuant, &format!("w_pack_flat_{}", float_suffix(dtype)?))?;
         let per_thread = if dtype == DType::F32 { 2 } else { 4 };
-        launch!(
+        return launch!(
+            ctx,
             f,
-            stream,
-            grid1(words.div_ceil(per_thread), info.sms * 8),
+            grid1(words.div_ceil(per_thread), sms * 8),
             wp,
             words as u64,
             stat,
             out
         );
-        return Ok(());
     }
-    let f = func(dev, Module::WeightQuant, &format!("w_pack_{}", float_suffix(dtype)?))?;
+    let f = ctx.func(Module::WeightQuant, &format!("w_pack_{}", float_suffix(dtype)?))?;
     // one block per weight row (grid-stride)
     let cfg = LaunchConfig {
-        grid_dim: (n.min(info.sms * 16) as u32, 1, 1),
+        grid_dim: (n.min(sms * 16) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     launch!(
+        ctx,
         f,
-        stream,
         cfg,
         wp,
         i32_arg(n, "N")?,
@@ -242,27 +238,27 @@ pub(super) fn pack_into(
         stat,
         out,
         (k.is_multiple_of(16) && wp.is_multiple_of(16)) as i32
-    );
-    Ok(())
+    )
 }
 
 /// `PackedTernary::pack` on CUDA: packed bytes (N, ceil(K/4)) and s_w (read back to the host).
 pub(crate) fn pack_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaStorage, f32)> {
     let dev = &w.device;
-    let stream = dev.cuda_stream();
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
     let win = FloatIn::new(w, l, "weight")?;
     let (n, k) = weight_dims(&win.dims)?;
-    let mut bytes = alloc::<u8>(dev, n * k.div_ceil(4))?;
+    let mut bytes = ctx.alloc::<u8>(n * k.div_ceil(4))?;
     let stat;
     {
         let mut g = Vec::new();
-        let wp = in_ptr(win.storage(), win.offset, &stream, &mut g)?;
-        stat = weight_scale(dev, wp, win.dtype(), n * k)?;
-        let sp = slice_ptr(&stat, &stream, &mut g);
-        let bp = out_ptr(&mut bytes, &stream, &mut g);
-        pack_into(dev, wp, win.dtype(), n, k, sp, bp)?;
+        let wp = in_ptr(win.storage(), win.offset, stream, &mut g)?;
+        stat = weight_scale(&ctx, wp, win.dtype(), n * k)?;
+        let sp = slice_ptr(&stat, stream, &mut g);
+        let bp = out_ptr(&mut bytes, stream, &mut g);
+        pack_into(&ctx, wp, win.dtype(), n, k, sp, bp)?;
     }
-    let s_w = check_finite_flag(dev, &stat)?;
+    let s_w = check_finite_flag(&ctx, &stat)?;
     Ok((storage(CudaStorageSlice::U8(bytes), dev), s_w))
 }
 
@@ -276,29 +272,25 @@ pub(super) fn weight_dims(dims: &[usize]) -> Result<(usize, usize)> {
 /// `W~ = w_q * s_w` in w's dtype.
 pub(crate) fn fake_quant_weights(w: &CudaStorage, l: &Layout, check_finite: bool) -> Result<(CudaStorage, Shape)> {
     let dev = &w.device;
-    let stream = dev.cuda_stream();
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
     let win = FloatIn::new(w, l, "weight")?;
     let n: usize = win.dims.iter().product();
-    let mut out = alloc_out(dev, win.dtype(), n)?;
+    let mut out = ctx.alloc_out(win.dtype(), n)?;
     let stat;
     {
         let mut g = Vec::new();
-        let wp = in_ptr(win.storage(), win.offset, &stream, &mut g)?;
-        stat = weight_scale(dev, wp, win.dtype(), n)?;
-        let sp = slice_ptr(&stat, &stream, &mut g);
-        let op = out_slice_ptr(&mut out, &stream, &mut g)?;
+        let wp = in_ptr(win.storage(), win.offset, stream, &mut g)?;
+        stat = weight_scale(&ctx, wp, win.dtype(), n)?;
+        let sp = slice_ptr(&stat, stream, &mut g);
+        let op = out_slice_ptr(&mut out, stream, &mut g)?;
         if n > 0 {
-            let info = dev_info(dev)?;
-            let f = func(
-                dev,
-                Module::WeightQuant,
-                &format!("w_fake_{}", float_suffix(win.dtype())?),
-            )?;
-            launch!(f, stream, grid1(n, info.sms * 16), wp, n as u64, sp, op);
+            let f = ctx.func(Module::WeightQuant, &format!("w_fake_{}", float_suffix(win.dtype())?))?;
+            launch!(ctx, f, grid1(n, ctx.info.sms * 16), wp, n as u64, sp, op)?;
         }
     }
     if check_finite {
-        check_finite_flag(dev, &stat)?;
+        check_finite_flag(&ctx, &stat)?;
     }
     let shape = l.shape().clone();
     let out = finish_dtype(storage(out, dev), &shape, w.dtype())?;

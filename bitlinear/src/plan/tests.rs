@@ -1,0 +1,126 @@
+//! Tests of the top-level choice between the kernels (`plan`).
+
+use super::*;
+
+fn h100() -> DeviceInfo {
+    DeviceInfo::sm90(132)
+}
+
+fn run(p: &Problem) -> Plan {
+    plan(p, &h100(), &KernelSettings::default()).unwrap()
+}
+
+fn bf16(m: usize, n: usize, k: usize) -> Problem {
+    Problem::new(m, n, k, Some(DType::BF16), DType::BF16)
+}
+
+#[test]
+fn empty_and_zero_k_launch_no_matmul() {
+    for (m, n, k) in [(0, 5, 8), (3, 0, 8), (0, 0, 0), (0, 4, 0)] {
+        assert_eq!(run(&bf16(m, n, k)), Plan::Empty, "{m} x {n} x {k}");
+    }
+    assert_eq!(run(&bf16(3, 5, 0)), Plan::Zeros);
+    assert_eq!(run(&Problem::new(1, 5, 0, None, DType::I32)), Plan::Zeros);
+}
+
+#[test]
+fn each_kernel_where_the_rules_put_it() {
+    assert!(matches!(run(&bf16(1, 2560, 2560)), Plan::Gemv(_)));
+    // the GEMV needs K % 64 == 0, K <= 8192, aligned weights and x of the output dtype
+    assert!(matches!(run(&bf16(1, 2560, 2500)), Plan::Skinny(_)));
+    assert!(matches!(run(&bf16(1, 2560, 16384)), Plan::Skinny(_)));
+    let unaligned = Problem {
+        weight_align: 8,
+        ..bf16(1, 2560, 2560)
+    };
+    assert!(matches!(run(&unaligned), Plan::Skinny(_)));
+    assert!(matches!(
+        run(&Problem::new(1, 64, 64, Some(DType::F32), DType::BF16)),
+        Plan::Skinny(_)
+    ));
+    assert!(matches!(run(&Problem::new(1, 64, 64, None, DType::I32)), Plan::Gemv(_)));
+    assert!(matches!(run(&bf16(4, 2560, 2560)), Plan::Skinny(_)));
+    assert!(matches!(run(&bf16(32, 2560, 2560)), Plan::Gemm(_)));
+    assert!(matches!(run(&bf16(4096, 4096, 4096)), Plan::Gemm(_)));
+    // x too large for the skinny kernel's shared memory: the GEMM
+    assert!(matches!(run(&bf16(8, 64, 65536)), Plan::Gemm(_)));
+}
+
+#[test]
+fn forced_kernels_hold_where_they_can_run() {
+    let force = |kernel| KernelSettings {
+        force: ForcedChoices {
+            kernel: Some(kernel),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let d = h100();
+    let gemm = force(KernelKind::Gemm);
+    assert!(matches!(plan(&bf16(1, 2560, 2560), &d, &gemm).unwrap(), Plan::Gemm(_)));
+    assert!(matches!(plan(&bf16(4, 2560, 2560), &d, &gemm).unwrap(), Plan::Gemm(_)));
+    let skinny = force(KernelKind::Skinny);
+    assert!(matches!(
+        plan(&bf16(1, 2560, 2560), &d, &skinny).unwrap(),
+        Plan::Skinny(_)
+    ));
+    assert!(matches!(
+        plan(&bf16(32, 2560, 2560), &d, &skinny).unwrap(),
+        Plan::Skinny(_)
+    ));
+    // more rows than the skinny kernel takes
+    assert!(matches!(
+        plan(&bf16(33, 2560, 2560), &d, &skinny).unwrap(),
+        Plan::Gemm(_)
+    ));
+    // the GEMV where it fits; elsewhere the rules
+    let gemv = force(KernelKind::Gemv);
+    assert!(matches!(plan(&bf16(1, 64, 64), &d, &gemv).unwrap(), Plan::Gemv(_)));
+    assert!(matches!(plan(&bf16(2, 64, 64), &d, &gemv).unwrap(), Plan::Skinny(_)));
+}
+
+#[test]
+fn early_weights_follow_settledness_and_settings() {
+    let settled = Problem {
+        weights_settled: true,
+        ..bf16(1, 2560, 2560)
+    };
+    let Plan::Gemv(g) = run(&settled) else { panic!() };
+    assert!(g.early_weights);
+    let off = KernelSettings {
+        early_weights: false,
+        ..Default::default()
+    };
+    let Plan::Gemv(g) = plan(&settled, &h100(), &off).unwrap() else {
+        panic!()
+    };
+    assert!(!g.early_weights);
+    let Plan::Skinny(s) = plan(&bf16(4, 2560, 2560), &h100(), &off).unwrap() else {
+        panic!()
+    };
+    assert!(!s.early_weights);
+}
+
+#[test]
+fn plans_print_every_parameter() {
+    let text = format!("{:?}", run(&bf16(1, 13824, 2560)));
+    for field in [
+        "lanes: 8",
+        "chunks: 5",
+        "blocks:",
+        "bulk_x: true",
+        "early_weights: false",
+        "smem_bytes:",
+    ] {
+        assert!(text.contains(field), "{text}");
+    }
+}
+
+#[test]
+fn alignment_of_addresses() {
+    assert_eq!(Problem::align_of(0), 256);
+    assert_eq!(Problem::align_of(0x7f00_0000_1000), 256);
+    assert_eq!(Problem::align_of(0x7f00_0000_1010), 16);
+    assert_eq!(Problem::align_of(0x7f00_0000_1004), 4);
+    assert_eq!(Problem::align_of(0x7f00_0000_1003), 1);
+}
