@@ -251,7 +251,9 @@ pub fn set_kernel_settings(device: &Device, settings: KernelSettings) -> Result<
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => crate::cuda::set_settings(d, settings),
-        _ => drop(settings),
+        _ => {
+            let _ = settings;
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Source-level guard for the CUDA kernels (runs without a GPU): every kernel is launched with
-//! programmatic dependent launch on compute capability 9.0+ (`src/cuda/mod.rs`, `launch!`), so
+//! programmatic dependent launch on compute capability 9.0+ (`src/cuda/launch.rs`, `launch!`), so
 //! every kernel must call `pdl_wait()` (`kernels/common.cuh`) before it touches global memory;
 //! a kernel without it could read its inputs before the previous kernel has written them. (The
 //! GEMV, the skinny kernel and the Hopper GEMM request their weights before it only where the

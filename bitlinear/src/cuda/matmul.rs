@@ -12,8 +12,8 @@ use super::buffers::{
 };
 use super::gemm::tiled_gemm;
 use super::quantize::{check_finite_flag, pack_into, quantize_rows, weight_dims, weight_scale, ActOut};
-use super::{Ctx, Module, Settled, THREADS};
-use crate::plan::{plan, GemvPlan, Plan, Problem, SkinnyPlan, GEMV_WARPS};
+use super::{Ctx, Module, Settled};
+use crate::plan::{plan, GemvPlan, Plan, Problem, SkinnyPlan, GEMV_WARPS, SKINNY_THREADS};
 
 /// Activation source of a matmul.
 #[derive(Clone, Copy)]
@@ -168,7 +168,7 @@ fn skinny(c: &Call, p: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()> {
     let f = ctx.func(Module::Skinny, &p.kernel_name(xname, c.osfx))?;
     let cfg = LaunchConfig {
         grid_dim: (i32_arg(p.blocks, "skinny blocks")? as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (SKINNY_THREADS as u32, 1, 1),
         shared_mem_bytes: p.smem_bytes as u32,
     };
     let mut g = Vec::new();

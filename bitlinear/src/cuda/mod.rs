@@ -53,7 +53,7 @@ pub(crate) use settle::Settled;
 use kernels::Module;
 
 /// Threads a block of the elementwise and quantizer kernels (`QT` in their `.cu` files).
-const THREADS: u32 = 256;
+const THREADS: u32 = crate::plan::QUANT_THREADS as u32;
 
 /// One op call on one device: its stream, facts and settings, read once.
 struct Ctx<'a> {

@@ -9,6 +9,7 @@ use super::buffers::{
     finish_dtype, float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, slice_ptr, storage, FloatIn,
 };
 use super::{grid1, Ctx, Module, THREADS};
+use crate::plan::{act_quant_plan, ActLayout};
 
 /// Output of the row quantizer.
 pub(super) enum ActOut {
@@ -62,30 +63,15 @@ pub(super) fn quantize_rows(
         ActOut::Permuted(p, ld, rs) => (1, p, ld, 0, rs),
         ActOut::Fake(p) => (2, 0, k, p, 0),
     };
-    // When a thread has at most one 16-k group of a row (K <= 4096, K % 16 == 0, aligned x), the
-    // kernel that takes two rows at a time runs, a block per pair of rows; otherwise rows are
-    // grid-strided over about one wave of blocks (4 of 256 threads fit on an SM). (Staging rows
-    // in shared memory with cp.async, two rows ahead, measured no faster on an H200.)
-    let short =
-        k.is_multiple_of(16) && k <= 16 * THREADS as usize && xp.is_multiple_of(16) && ld <= 16 * THREADS as usize;
-    let (name, rows_per_block, max_blocks) = if short {
-        // every block one pair of rows: blocks in different phases overlap (H100, 4096 x 4096
-        // bf16: 23.6 us against 25.0 us with one wave of blocks grid-striding over the rows)
-        ("act_quant_rows_short", 2, usize::MAX)
-    } else {
-        ("act_quant_rows", 1, 4 * ctx.info.sms)
+    let layout = match out {
+        ActOut::Codes(_) => ActLayout::Codes,
+        ActOut::Permuted(_, ld, _) => ActLayout::Permuted { ld },
+        ActOut::Fake(_) => ActLayout::Fake,
     };
-    // Only ahead of the Hopper GEMM (the permuted layout), whose producer then requests its first
-    // weight tiles while this kernel runs: ahead of the skinny kernel the early start made
-    // M = 16, 4096^2 slower (H100: 12.0 -> 16.5 us).
-    let trigger = i32::from(matches!(out, ActOut::Permuted(..)) && ctx.settings.early_trigger);
-    let f = ctx.func(Module::ActQuant, &format!("{name}_{sfx}"))?;
+    let p = act_quant_plan(m, k, layout, xp.is_multiple_of(16), &ctx.info, &ctx.settings);
+    let f = ctx.func(Module::ActQuant, &p.kernel_name(sfx))?;
     let cfg = LaunchConfig {
-        grid_dim: (
-            i32_arg(m.div_ceil(rows_per_block).min(max_blocks), "quantizer blocks")? as u32,
-            1,
-            1,
-        ),
+        grid_dim: (i32_arg(p.blocks, "quantizer blocks")? as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -104,7 +90,7 @@ pub(super) fn quantize_rows(
         scales,
         fake,
         rowsum,
-        trigger
+        i32::from(p.early_trigger)
     )?;
     drop(g);
     Ok(())

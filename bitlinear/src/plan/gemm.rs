@@ -1,6 +1,6 @@
 //! The tiled GEMM path (`kernels/gemm.cu`, `kernels/gemm90a.cu`): kernel and CTA tile, split-K,
 //! grid, shared memory, output stores and early weights. The measurements behind each rule are
-//! in bench/RESULTS.md, "Launch rules".
+//! in bench/RESULTS.md, "Launch rules and the measurements behind them".
 
 use candle_core::{bail, Result};
 
@@ -183,14 +183,14 @@ pub(super) fn gemm_plan(
         tma_store,
         epilogue_rows,
         // Not with split K: the workspace memset sits between the quantizer and the GEMM, so
-        // nothing overlaps and early requests only delay the first x copies (RESULTS, "Hopper
-        // GEMM early weights"). Not after a weight repack, which writes them.
+        // nothing overlaps and early requests only delay the first x copies (RESULTS, "Rule:
+        // early weights of the Hopper GEMM"). Not after a weight repack, which writes them.
         early_weights: tile.is_tma() && !repack_weights && splits == 1 && settings.early_weights,
     })
 }
 
-/// The tile for `m` rows of x, `n` weight rows and `k_tiles` k tiles of 128 (RESULTS, "GEMM
-/// tile"). A forced tile holds where it can run (the TMA tiles need the Hopper kernel and K > 0).
+/// The tile for `m` rows of x, `n` weight rows and `k_tiles` k tiles of 128 (RESULTS, "Rule:
+/// GEMM tile choice"). A forced tile holds where it can run (the TMA tiles need the Hopper kernel and K > 0).
 fn gemm_tile(m: usize, n: usize, k_tiles: usize, info: &DeviceInfo, force: &ForcedChoices) -> GemmTile {
     let tma = info.has_hopper_gemm() && k_tiles > 0;
     if let Some(t) = force.gemm_tile.filter(|t| !t.is_tma() || tma) {
@@ -234,7 +234,7 @@ fn gemm_tile(m: usize, n: usize, k_tiles: usize, info: &DeviceInfo, force: &Forc
 /// Estimated time of the persistent TMA GEMM with `bt`-token x 128-row tiles, in token rows: the
 /// rounds of one tile per SM, each costing its tokens plus a per-tile overhead (the epilogue and
 /// pipeline fill, about 32 token rows' worth). 192-token tiles are taken where this is at least
-/// 10% less than with 256-token ones (RESULTS, "192-token tiles").
+/// 10% less than with 256-token ones (RESULTS, "Rule: 192-token tiles").
 fn tma_rounds_cost(bt: usize, m: usize, n: usize, sms: usize) -> usize {
     (m.div_ceil(bt) * n.div_ceil(128)).div_ceil(sms.max(1)) * (bt + 32)
 }
@@ -256,7 +256,7 @@ fn max_splits(k_tiles: usize) -> usize {
     (k_tiles / 2).clamp(1, 16)
 }
 
-/// The split rule (RESULTS, "Split-K").
+/// The split rule (RESULTS, "Rule: split-K").
 fn auto_splits(tile: GemmTile, tiles: usize, k_tiles: usize, sms: usize) -> usize {
     let max_splits = max_splits(k_tiles);
     let tiles = tiles.max(1);

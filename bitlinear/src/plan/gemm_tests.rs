@@ -21,7 +21,7 @@ fn kt(k: usize) -> usize {
     k.div_ceil(128)
 }
 
-/// The choices measured fastest on the H100 (RESULTS, "GEMM tile").
+/// The choices measured fastest on the H100 (RESULTS, "Rule: GEMM tile choice").
 #[test]
 fn benchmark_shapes_take_the_measured_best() {
     for (n, k) in [(2560, 2560), (13824, 2560), (2560, 6912), (4096, 4096)] {

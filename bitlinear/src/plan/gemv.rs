@@ -1,6 +1,6 @@
 //! The decode GEMV (`kernels/gemv.cu`, `M = 1`): lanes per weight row, chunks per lane, blocks,
 //! and whether `x` comes by a bulk copy and the first weights before `pdl_wait`. The measurements
-//! behind each rule are in bench/RESULTS.md, "Launch rules".
+//! behind each rule are in bench/RESULTS.md, "Launch rules and the measurements behind them".
 
 use super::{DeviceInfo, ForcedChoices};
 
@@ -78,6 +78,9 @@ pub(super) fn gemv_plan(
     let k4 = k / 4;
     let (lanes, chunks, blocks) = gemv_config(k4 / 16, n, info.sms, force.gemv_lanes);
     let warps = blocks * GEMV_WARPS;
+    // A bulk copy of float x where the weights take long enough to stream that its longer
+    // latency is hidden, and there only with 8 lanes a row or where every warp holds x (RESULTS,
+    // "Rule: GEMV bulk copy of x"); int8 codes have no quantizer to wait for.
     let bulk_x = force
         .gemv_bulk_x
         .unwrap_or_else(|| float_x && large_weights(n, k4, blocks) && (lanes == 8 || x_warps(k) >= GEMV_WARPS));
@@ -105,7 +108,7 @@ pub(super) fn gemv_plan(
 /// the busiest warp) per busy SM. Among those within 25% of the least cost, the fewest idle
 /// chunk slots (L * T - cpr) win, then the least cost, then more lanes: the idle SMs of a
 /// cheaper-looking grid are not lost, since with programmatic dependent launch the next call's
-/// blocks start on them (RESULTS, "GEMV lanes per row").
+/// blocks start on them (RESULTS, "Rule: GEMV lanes per row").
 fn gemv_config(cpr: usize, n: usize, sms: usize, forced_lanes: Option<usize>) -> (usize, usize, usize) {
     let warps_for = |(l, t): (usize, usize)| {
         let rows_per_batch = 32 / l;
@@ -148,8 +151,8 @@ fn x_warps(k: usize) -> usize {
 /// (float x): with the bulk copy of x only where every warp holds x; with the threads' own loads
 /// of x where fewer than half of the warps hold x (the others request weights early, and the x
 /// warps' loads are not queued behind much), where the weights are large, or where the work is
-/// uneven (the SMs that finish first start the next call's weights). RESULTS, "GEMV early
-/// weights".
+/// uneven (the SMs that finish first start the next call's weights). RESULTS, "Rule: GEMV
+/// early weights".
 fn gemv_early(bulk_x: bool, (k, k4): (usize, usize), lanes: usize, n: usize, blocks: usize) -> bool {
     let x_warps = x_warps(k);
     if bulk_x {
@@ -207,7 +210,7 @@ mod tests {
         }
     }
 
-    /// The choices measured fastest on the H100 (RESULTS, "GEMV lanes per row").
+    /// The choices measured fastest on the H100 (RESULTS, "Rule: GEMV lanes per row").
     #[test]
     fn benchmark_shapes_take_the_measured_best() {
         let pick = |n: usize, k: usize| {
@@ -224,7 +227,7 @@ mod tests {
         assert_eq!(pick(8192, 3072), (16, 3));
     }
 
-    /// Early weights where they were measured faster (RESULTS, "GEMV early weights"), for
+    /// Early weights where they were measured faster (RESULTS, "Rule: GEMV early weights"), for
     /// settled weights and float x only.
     #[test]
     fn early_weights_where_they_were_measured_faster() {
@@ -271,8 +274,9 @@ mod tests {
         assert!(uneven_work(32, 2112 + 10, 132));
     }
 
-    /// The bulk copy of x where it was measured faster (RESULTS, "GEMV bulk copy of x"): float x
-    /// at 13824 x 2560 (8 lanes) and 4096 x 8192 (every warp holds x); never for int8 codes.
+    /// The bulk copy of x where it was measured faster (RESULTS, "Rule: GEMV bulk copy of x"):
+    /// float x at 13824 x 2560 (8 lanes) and 4096 x 8192 (every warp holds x); never for int8
+    /// codes.
     #[test]
     fn bulk_x_where_it_was_measured_faster() {
         assert!(plan(13824, 2560, true, false).bulk_x);

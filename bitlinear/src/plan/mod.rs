@@ -4,8 +4,8 @@
 //! device ([`DeviceInfo`]: queried from the device) and the settings ([`KernelSettings`]: set per
 //! device with [`crate::set_kernel_settings`]). Its [`Plan`] names the kernel and every launch
 //! parameter; the CUDA code only carries it out. The rules were fitted on measurements
-//! (bench/RESULTS.md, "Launch rules"), and the tests here pin them on the measured shapes, so
-//! they run without a GPU.
+//! (bench/RESULTS.md, "Launch rules and the measurements behind them"), and the tests here pin
+//! them on the measured shapes, without a GPU.
 //!
 //! ```
 //! use bitlinear::plan::{plan, DeviceInfo, KernelSettings, Plan, Problem};
@@ -25,13 +25,15 @@ use candle_core::{DType, Result};
 
 mod gemm;
 mod gemv;
+mod quant;
 mod settings;
 mod skinny;
 
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
 pub use gemv::{GemvPlan, GEMV_MAX_K, GEMV_SHAPES, GEMV_WARPS};
+pub use quant::{act_quant_plan, ActLayout, ActQuantPlan, QUANT_THREADS};
 pub use settings::{ForcedChoices, KernelKind, KernelSettings};
-pub use skinny::{SkinnyPlan, SKINNY_MAX_M};
+pub use skinny::{SkinnyPlan, SKINNY_MAX_M, SKINNY_THREADS};
 
 /// What the planner needs to know of a device (queried once per device on CUDA).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

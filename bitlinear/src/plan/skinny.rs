@@ -1,10 +1,12 @@
 //! The skinny kernel (`kernels/skinny.cu`, `2 <= M <= 32`, and `M = 1` off the GEMV): whether it
 //! runs or the tiled GEMM, its rows per block, load width and shared memory, and whether it
 //! quantizes `x` itself. The measurements behind each rule are in bench/RESULTS.md, "Launch
-//! rules".
+//! rules and the measurements behind them".
 
 use super::{DeviceInfo, ForcedChoices};
 
+/// Threads a block of the skinny kernel (`SK_THREADS` in `kernels/skinny.cu`).
+pub const SKINNY_THREADS: usize = 256;
 /// Largest `M` of the skinny kernel (4 MMA column tiles of 8 rows).
 pub const SKINNY_MAX_M: usize = 32;
 /// Largest dynamic shared memory the skinny kernel may use (two blocks an SM on the H100).
@@ -111,8 +113,8 @@ pub(super) fn skinny_plan(
 /// `hopper`: the Hopper GEMM can run. Every skinny block stages all of x, so its time grows with
 /// M where N is large; the GEMM stages x once per tile and is faster there from M = 12. With the
 /// Hopper GEMM also from M = 17 where the skinny kernel's 32-row blocks leave a quarter of the
-/// SMs idle, and from M = 16 where they need more than one wave or K > 8192 (RESULTS, "Skinny
-/// kernel or GEMM").
+/// SMs idle, and from M = 16 where they need more than one wave or K > 8192 (RESULTS, "Rule:
+/// skinny vs GEMM for small M").
 pub(super) fn gemm_for_small_m(m: usize, n: usize, k: usize, sms: usize, hopper: bool) -> bool {
     m >= 12 && n.div_ceil(64) >= sms
         || hopper && m > 16 && 4 * n.div_ceil(32) <= 3 * sms
@@ -122,8 +124,8 @@ pub(super) fn gemm_for_small_m(m: usize, n: usize, k: usize, sms: usize, hopper:
 /// Weight rows per skinny block, 16 or 32, for `m` rows of x, `n` weight rows, `vec`-byte weight
 /// loads (16 is built only for `vec == 16`) and `sms` SMs. 16-row blocks fill more SMs at small
 /// N, but every block stages all of x: worth it for M <= 2 wherever 32-row blocks leave SMs
-/// idle, and for any M where 32-row blocks fill at most half the SMs (RESULTS, "Skinny rows per
-/// block").
+/// idle, and for any M where 32-row blocks fill at most half the SMs (RESULTS, "Rule: skinny
+/// rows per block").
 fn skinny_rows_per_block(m: usize, n: usize, vec: usize, sms: usize) -> usize {
     if vec == 16 && (m <= 2 && n.div_ceil(32) < sms || 2 * n.div_ceil(32) <= sms) {
         16
@@ -142,7 +144,7 @@ const FUSED_MAX_BYTES: usize = 16 * 1024;
 /// for `m` rows of `kb` blocks of 256 k, `x_bytes` bytes of x and `blocks` skinny blocks: where
 /// x is small enough (above) and there are at most two blocks an SM, since every block
 /// quantizes all of x, and after the quantizer kernel the blocks request their weights early
-/// (RESULTS, "Skinny fused quantizer").
+/// (RESULTS, "Rule: skinny fused quantizer").
 fn skinny_fuses(m: usize, kb: usize, x_bytes: usize, blocks: usize, sms: usize) -> bool {
     (m * kb * 16 <= FUSED_MAX_GROUPS || x_bytes <= FUSED_MAX_BYTES) && blocks <= 2 * sms
 }
@@ -166,8 +168,8 @@ mod tests {
         assert!(fuses(5, 1000, 1000));
     }
 
-    /// The choices measured fastest on the H100 (RESULTS, "Skinny kernel or GEMM" and "Skinny
-    /// rows per block").
+    /// The choices measured fastest on the H100 (RESULTS, "Rule: skinny vs GEMM for
+    /// small M" and "Rule: skinny rows per block").
     #[test]
     fn benchmark_shapes_take_the_measured_best() {
         for m in [12, 16, 24, 32] {
