@@ -110,6 +110,18 @@ pub(crate) fn cpu_quantize(x: &[f32], m: usize, k: usize, scaling: ActScaling) -
     }
 }
 
+/// Zeros of `shape` in `dtype` on `device`; where the shape has no element, an empty tensor
+/// (candle cannot allocate zero bytes on CUDA).
+pub(crate) fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) if shape.iter().product::<usize>() == 0 => {
+            Ok(tensor_from(Storage::Cuda(crate::cuda::empty_storage(d, dtype)?), shape))
+        }
+        _ => Tensor::zeros(shape, dtype, device),
+    }
+}
+
 fn tensor_from(storage: Storage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }

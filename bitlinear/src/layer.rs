@@ -55,7 +55,11 @@ fn flatten_rows(x: &Tensor, k: usize, ctx: &str) -> Result<(Tensor, Vec<usize>)>
 }
 
 /// RMSNorm over the last dim, computed in f32 and returned in `x`'s dtype.
+/// An empty input is returned as it is: candle's CUDA kernels cannot run on zero elements.
 fn rms_norm(x: &Tensor, gain: &Tensor) -> Result<Tensor> {
+    if x.elem_count() == 0 {
+        return Ok(x.clone());
+    }
     let x32 = x.to_dtype(DType::F32)?;
     let rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + RMS_NORM_EPS)?.sqrt()?;
     x32.broadcast_div(&rms)?
@@ -63,10 +67,12 @@ fn rms_norm(x: &Tensor, gain: &Tensor) -> Result<Tensor> {
         .to_dtype(x.dtype())
 }
 
+/// Adds the bias (not to an empty output: candle's CUDA kernels cannot run on zero elements)
+/// and restores the leading dims.
 fn finish(y: Tensor, bias: Option<&Tensor>, mut lead: Vec<usize>) -> Result<Tensor> {
     let y = match bias {
-        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-        None => y,
+        Some(b) if y.elem_count() > 0 => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+        _ => y,
     };
     lead.push(y.dim(1)?);
     y.reshape(lead)

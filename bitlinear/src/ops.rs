@@ -119,6 +119,13 @@ impl CustomOp2 for BitMatmul {
     /// `grad_x = grad_y · W~` and `grad_W = grad_yᵀ · x~` (computed in f32, cast back to each
     /// operand's dtype).
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_y: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ((m, k), n) = (x.dims2()?, w.dim(0)?);
+        if m == 0 || n == 0 || k == 0 {
+            // sums over nothing: zeros (and no kernel on zero elements, which CUDA rejects)
+            let grad_x = device::zeros(&[m, k], x.dtype(), x.device())?;
+            let grad_w = device::zeros(&[n, k], w.dtype(), w.device())?;
+            return Ok((Some(grad_x), Some(grad_w)));
+        }
         let g = grad_y.to_dtype(DType::F32)?;
         let w_deq = fake_quant_weights(w, self.check_finite)?.to_dtype(DType::F32)?;
         let x_deq = fake_quantize_activations(x, self.scaling)?.to_dtype(DType::F32)?;

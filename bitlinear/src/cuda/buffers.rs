@@ -150,7 +150,7 @@ pub(super) fn finish_dtype(out: CudaStorage, shape: &Shape, want: DType) -> Resu
 }
 
 /// A storage of no elements (owning a one-element allocation: candle cannot allocate zero).
-pub(super) fn empty_storage(dev: &CudaDevice, dtype: DType) -> Result<CudaStorage> {
+pub(crate) fn empty_storage(dev: &CudaDevice, dtype: DType) -> Result<CudaStorage> {
     // SAFETY: no element of an empty storage is ever read.
     let slice = unsafe {
         match dtype {

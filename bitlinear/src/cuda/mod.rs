@@ -45,6 +45,7 @@ mod quantize;
 mod settle;
 mod tma;
 
+pub(crate) use buffers::empty_storage;
 pub(crate) use kernels::{device_info, set_settings, settings};
 pub(crate) use matmul::{bit_matmul, packed_accumulate, packed_matmul};
 pub(crate) use quantize::{fake_quant_activations, fake_quant_weights, pack_weights, quantize_activations};
