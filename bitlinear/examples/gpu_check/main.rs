@@ -142,7 +142,7 @@ mod real {
         let o = parse()?;
         let gpu = Device::new_cuda(0)?;
         if let Some(name) = &o.variant {
-            let v = crate::variants::variant(name).ok_or_else(|| anyhow!("no kernel variant {name}"))?;
+            let v = crate::variants::by_name(name).ok_or_else(|| anyhow!("no kernel variant {name}"))?;
             let mut s = bitlinear::kernel_settings(&gpu);
             (v.apply)(&mut s);
             crate::variants::set(&gpu, s);

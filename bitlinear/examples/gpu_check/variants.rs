@@ -11,7 +11,19 @@ pub(crate) struct Variant {
     pub(crate) apply: fn(&mut KernelSettings),
 }
 
-/// The GEMM with a forced tile (and the rest of `f`).
+/// A variant `$name` that changes the settings `s` by `$body`.
+macro_rules! variant {
+    ($name:expr, |$s:ident| $body:expr) => {
+        Variant {
+            name: $name,
+            apply: |$s| {
+                $body;
+            },
+        }
+    };
+}
+
+/// The GEMM with a forced tile (and the change `$body`).
 macro_rules! gemm {
     ($name:expr, $tile:ident $(, |$s:ident| $body:expr)?) => {
         Variant {
@@ -31,69 +43,24 @@ pub(crate) const VARIANTS: &[Variant] = &[
     gemm!("gemm-wide", Wide),
     gemm!("gemm-small-nosplit", Small, |s| s.force.gemm_splits = Some(1)),
     gemm!("gemm-big-split5", Big, |s| s.force.gemm_splits = Some(5)),
-    Variant {
-        name: "no-fuse",
-        apply: |s| s.force.skinny_fused_quant = Some(false),
-    },
-    Variant {
-        name: "fuse",
-        apply: |s| s.force.skinny_fused_quant = Some(true),
-    },
-    Variant {
-        name: "skinny",
-        apply: |s| s.force.kernel = Some(KernelKind::Skinny),
-    },
-    Variant {
-        name: "gemv-l8",
-        apply: |s| s.force.gemv_lanes = Some(8),
-    },
-    Variant {
-        name: "gemv-l16",
-        apply: |s| s.force.gemv_lanes = Some(16),
-    },
-    Variant {
-        name: "gemv-l32",
-        apply: |s| s.force.gemv_lanes = Some(32),
-    },
-    Variant {
-        name: "gemv-bulk-x",
-        apply: |s| s.force.gemv_bulk_x = Some(true),
-    },
-    Variant {
-        name: "gemv-no-bulk-x",
-        apply: |s| s.force.gemv_bulk_x = Some(false),
-    },
-    Variant {
-        name: "gemv-early",
-        apply: |s| s.force.gemv_early_weights = Some(true),
-    },
-    Variant {
-        name: "gemv-late",
-        apply: |s| s.force.gemv_early_weights = Some(false),
-    },
-    Variant {
-        name: "skinny-rows16",
-        apply: |s| s.force.skinny_rows = Some(16),
-    },
-    Variant {
-        name: "skinny-rows32",
-        apply: |s| s.force.skinny_rows = Some(32),
-    },
-    Variant {
-        name: "no-pdl",
-        apply: |s| s.pdl = false,
-    },
-    Variant {
-        name: "no-early-weights",
-        apply: |s| s.early_weights = false,
-    },
-    Variant {
-        name: "no-early",
-        apply: |s| {
-            s.early_weights = false;
-            s.early_trigger = false;
-        },
-    },
+    variant!("no-fuse", |s| s.force.skinny_fused_quant = Some(false)),
+    variant!("fuse", |s| s.force.skinny_fused_quant = Some(true)),
+    variant!("skinny", |s| s.force.kernel = Some(KernelKind::Skinny)),
+    variant!("gemv-l8", |s| s.force.gemv_lanes = Some(8)),
+    variant!("gemv-l16", |s| s.force.gemv_lanes = Some(16)),
+    variant!("gemv-l32", |s| s.force.gemv_lanes = Some(32)),
+    variant!("gemv-bulk-x", |s| s.force.gemv_bulk_x = Some(true)),
+    variant!("gemv-no-bulk-x", |s| s.force.gemv_bulk_x = Some(false)),
+    variant!("gemv-early", |s| s.force.gemv_early_weights = Some(true)),
+    variant!("gemv-late", |s| s.force.gemv_early_weights = Some(false)),
+    variant!("skinny-rows16", |s| s.force.skinny_rows = Some(16)),
+    variant!("skinny-rows32", |s| s.force.skinny_rows = Some(32)),
+    variant!("no-pdl", |s| s.pdl = false),
+    variant!("no-early-weights", |s| s.early_weights = false),
+    variant!("no-early", |s| {
+        s.early_weights = false;
+        s.early_trigger = false
+    }),
     gemm!("gemm-tma", Tma),
     gemm!("gemm-tma-no-store", Tma, |s| s.force.tma_store = Some(false)),
     gemm!("gemm-tma192", Tma192),
@@ -108,7 +75,7 @@ pub(crate) const VARIANTS: &[Variant] = &[
 ];
 
 /// The variant called `name`.
-pub(crate) fn variant(name: &str) -> Option<&'static Variant> {
+pub(crate) fn by_name(name: &str) -> Option<&'static Variant> {
     VARIANTS.iter().find(|v| v.name == name)
 }
 

@@ -11,7 +11,7 @@ use super::buffers::{
     finish_dtype, float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, slice_ptr, storage, FloatIn,
 };
 use super::gemm::tiled_gemm;
-use super::quantize::{check_finite_flag, pack_into, quantize_rows, weight_dims, weight_scale, ActOut};
+use super::quantize::{check_finite_flag, pack_on_device, quantize_rows, weight_dims, ActOut};
 use super::{Ctx, Module, Settled};
 use crate::plan::{plan, GemvPlan, Plan, Problem, SkinnyPlan, GEMV_WARPS, SKINNY_THREADS};
 
@@ -326,16 +326,12 @@ pub(crate) fn bit_matmul(
     if kw != k {
         bail!("bitlinear cuda: input has K = {k}, the weight has K = {kw}")
     }
-    let mut packed = ctx.alloc::<u8>(n * k.div_ceil(4))?;
-    let stat;
+    let (packed, stat) = pack_on_device(&ctx, &win, n, k)?;
     let out;
     {
         let mut g = Vec::new();
-        let wp = in_ptr(win.storage(), win.offset, stream, &mut g)?;
-        stat = weight_scale(&ctx, wp, win.dtype(), n * k)?;
         let sp = slice_ptr(&stat, stream, &mut g);
-        let pp = out_ptr(&mut packed, stream, &mut g);
-        pack_into(&ctx, wp, win.dtype(), n, k, sp, pp)?;
+        let pp = slice_ptr(&packed, stream, &mut g);
         let xp = in_ptr(xin.storage(), xin.offset, stream, &mut g)?;
         let dt = xin.dtype();
         out = matmul_core(

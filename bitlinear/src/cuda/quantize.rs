@@ -227,23 +227,28 @@ pub(super) fn pack_into(ctx: &Ctx, wp: u64, dtype: DType, n: usize, k: usize, st
     )
 }
 
+/// The weight `win` (n, k) quantized and packed on the device: packed bytes (n, ceil(k/4)) and
+/// `stat` = [s_w bits, non-finite flag, ..] (see [`weight_scale`]).
+pub(super) fn pack_on_device(ctx: &Ctx, win: &FloatIn, n: usize, k: usize) -> Result<(CudaSlice<u8>, CudaSlice<u32>)> {
+    let stream = &ctx.stream;
+    let mut bytes = ctx.alloc::<u8>(n * k.div_ceil(4))?;
+    let mut g = Vec::new();
+    let wp = in_ptr(win.storage(), win.offset, stream, &mut g)?;
+    let stat = weight_scale(ctx, wp, win.dtype(), n * k)?;
+    let sp = slice_ptr(&stat, stream, &mut g);
+    let bp = out_ptr(&mut bytes, stream, &mut g);
+    pack_into(ctx, wp, win.dtype(), n, k, sp, bp)?;
+    drop(g);
+    Ok((bytes, stat))
+}
+
 /// `PackedTernary::pack` on CUDA: packed bytes (N, ceil(K/4)) and s_w (read back to the host).
 pub(crate) fn pack_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaStorage, f32)> {
     let dev = &w.device;
     let ctx = Ctx::new(dev)?;
-    let stream = &ctx.stream;
     let win = FloatIn::new(w, l, "weight")?;
     let (n, k) = weight_dims(&win.dims)?;
-    let mut bytes = ctx.alloc::<u8>(n * k.div_ceil(4))?;
-    let stat;
-    {
-        let mut g = Vec::new();
-        let wp = in_ptr(win.storage(), win.offset, stream, &mut g)?;
-        stat = weight_scale(&ctx, wp, win.dtype(), n * k)?;
-        let sp = slice_ptr(&stat, stream, &mut g);
-        let bp = out_ptr(&mut bytes, stream, &mut g);
-        pack_into(&ctx, wp, win.dtype(), n, k, sp, bp)?;
-    }
+    let (bytes, stat) = pack_on_device(&ctx, &win, n, k)?;
     let s_w = check_finite_flag(&ctx, &stat)?;
     Ok((storage(CudaStorageSlice::U8(bytes), dev), s_w))
 }
