@@ -60,7 +60,13 @@ pub fn cuda_device(test: &str) -> Option<Device> {
                 panic!("{test}: BITLINEAR_REQUIRE_CUDA is set but there is no usable CUDA device: {e}");
             }
             // Straight to the process's stderr: `eprintln!` would be captured and never shown.
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test} on cuda: no usable CUDA device ({e})");
+            // The error itself is not printed: formatting it asks the driver library for its
+            // message, which crashes with the toolkit's stub libcuda (a build machine's).
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test} on cuda: Device::new_cuda(0) failed, no GPU or driver \
+                 (BITLINEAR_REQUIRE_CUDA=1 makes this a failure that shows the error)"
+            );
             None
         }
     }
