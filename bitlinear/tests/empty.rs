@@ -78,19 +78,33 @@ fn zeros(n: usize) -> Vec<f32> {
     vec![0.0; n]
 }
 
+/// Runs one op of a case: an error or a panic from inside it (candle's own CUDA kernels panic on
+/// some empty shapes) comes out naming the case and the step.
+fn case<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| e.context(what.to_string())),
+        Err(p) => {
+            let msg = (p.downcast_ref::<String>().cloned())
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("{what}: panicked: {msg}")
+        }
+    }
+}
+
 fn pack_empty_weights(dev: &Device) -> Result<()> {
     for &(n, k) in &[(0, 7), (0, 0), (5, 0), (130, 0), (0, 1000)] {
         for &dt in DTYPES {
             let what = format!("pack N = {n}, K = {k}, {dt:?} on {}", dev_name(dev));
             let w = full(0.0, &[n, k], dt, dev)?;
-            let p = PackedTernary::pack(&w)?;
+            let p = case(&what, || PackedTernary::pack(&w))?;
             assert_eq!(p.scale(), WEIGHT_EPS, "{what}: empty weight scale");
             assert_eq!((p.out_features(), p.in_features()), (n, k), "{what}");
             assert_eq!(p.bytes().dims(), &[n, packed_len(k)], "{what}: bytes shape");
             assert_eq!(p.bytes().dtype(), DType::U8);
             assert!(p.device().same_device(dev));
             assert_eq!(p.unpack()?, Vec::<i8>::new(), "{what}: codes");
-            check(&p.dequantize()?, &[n, k], DType::F32, &[], &what);
+            check(&case(&what, || p.dequantize())?, &[n, k], DType::F32, &[], &what);
         }
         // from_parts accepts the empty bytes too
         let bytes = Tensor::zeros((n, packed_len(k)), DType::U8, &Device::Cpu)?.to_device(dev)?;
@@ -107,7 +121,7 @@ fn quantize_activations_empty(dev: &Device) -> Result<()> {
             let what = at((m, n, k), dt, dev);
             let (x, xv) = random(&mut rng, &[m, k], dt, dev)?;
             for &sc in SCALINGS {
-                let (codes, scales) = quantize_activations(&x, sc)?;
+                let (codes, scales) = case(&format!("{what} {sc:?}"), || quantize_activations(&x, sc))?;
                 let (want_q, want_s) = match sc {
                     ActScaling::PerToken => {
                         let r = ref_quantize_rows(&xv, m, k);
@@ -149,10 +163,12 @@ fn packed_accumulate_empty(dev: &Device) -> Result<()> {
     for &(m, n, k) in CASES {
         let what = at((m, n, k), DType::U8, dev);
         let (w, _) = random(&mut rng, &[n, k], DType::F32, dev)?;
-        let p = PackedTernary::pack(&w)?;
+        let p = case(&format!("{what}: pack"), || PackedTernary::pack(&w))?;
         let (x, _) = random(&mut rng, &[m, k], DType::F32, dev)?;
-        let (codes, _) = quantize_activations(&x, ActScaling::PerToken)?;
-        let acc = packed_accumulate(&codes, &p)?;
+        let (codes, _) = case(&format!("{what}: quantize"), || {
+            quantize_activations(&x, ActScaling::PerToken)
+        })?;
+        let acc = case(&format!("{what}: accumulate"), || packed_accumulate(&codes, &p))?;
         assert_eq!(
             (acc.dims(), acc.dtype()),
             (&[m, n][..], DType::I32),
@@ -160,7 +176,10 @@ fn packed_accumulate_empty(dev: &Device) -> Result<()> {
         );
         assert_eq!(i64_vec(&acc), vec![0; m * n], "{what}: accumulators");
         // codes built directly (not by the quantizer)
-        let acc = packed_accumulate(&Tensor::zeros((m, k), DType::U8, &Device::Cpu)?.to_device(dev)?, &p)?;
+        let zero_codes = Tensor::zeros((m, k), DType::U8, &Device::Cpu)?.to_device(dev)?;
+        let acc = case(&format!("{what}: accumulate zero codes"), || {
+            packed_accumulate(&zero_codes, &p)
+        })?;
         assert_eq!(i64_vec(&acc), vec![0; m * n], "{what}: accumulators of zero codes");
     }
     Ok(())
@@ -174,12 +193,13 @@ fn bit_matmul_forward_empty(dev: &Device) -> Result<()> {
             let (x, _) = random(&mut rng, &[m, k], dt, dev)?;
             let (w, _) = random(&mut rng, &[n, k], dt, dev)?;
             for &sc in SCALINGS {
-                let y = bit_matmul(&x, &w, sc)?;
-                check(&y, &[m, n], dt, &zeros(m * n), &format!("{what} {sc:?}: bit_matmul"));
+                let what = format!("{what} {sc:?}: bit_matmul");
+                let y = case(&what, || bit_matmul(&x, &w, sc))?;
+                check(&y, &[m, n], dt, &zeros(m * n), &what);
             }
             // an f32 weight under a `dt` input: the output has the input's dtype
             let (w32, _) = random(&mut rng, &[n, k], DType::F32, dev)?;
-            let y = bit_matmul(&x, &w32, ActScaling::PerToken)?;
+            let y = case(&what, || bit_matmul(&x, &w32, ActScaling::PerToken))?;
             check(
                 &y,
                 &[m, n],
@@ -201,8 +221,13 @@ fn bit_matmul_backward_empty(dev: &Device) -> Result<()> {
             let wv = Var::from_tensor(&random(&mut rng, &[n, k], dt, dev)?.0)?;
             let (g, _) = random(&mut rng, &[m, n], dt, dev)?;
             for &sc in SCALINGS {
-                let y = bit_matmul(xv.as_tensor(), wv.as_tensor(), sc)?;
-                let grads = (y * &g)?.sum_all()?.backward()?;
+                let what = format!("{what} {sc:?}");
+                let y = case(&format!("{what}: forward"), || {
+                    bit_matmul(xv.as_tensor(), wv.as_tensor(), sc)
+                })?;
+                // candle's own ops on the empty y and G (the seed of the backward pass)
+                let loss = case(&format!("{what}: loss (candle)"), || (y * &g)?.sum_all())?;
+                let grads = case(&format!("{what}: backward"), || loss.backward())?;
                 // grad_x = G W~ sums over N, grad_W = Gᵀ x~ over M: one of M, N, K is zero, so
                 // each gradient is either empty or an empty sum.
                 let gx = grads.get(&xv).expect("a gradient for x");
@@ -223,8 +248,9 @@ fn packed_matmul_empty(dev: &Device) -> Result<()> {
             let what = at((m, n, k), dt, dev);
             let (x, _) = random(&mut rng, &[m, k], dt, dev)?;
             for &sc in SCALINGS {
-                let y = packed_matmul(&x, &p, sc)?;
-                check(&y, &[m, n], dt, &zeros(m * n), &format!("{what} {sc:?}: packed_matmul"));
+                let what = format!("{what} {sc:?}: packed_matmul");
+                let y = case(&what, || packed_matmul(&x, &p, sc))?;
+                check(&y, &[m, n], dt, &zeros(m * n), &what);
             }
         }
     }
@@ -244,7 +270,7 @@ fn fake_quantize_empty(dev: &Device) -> Result<()> {
             let r = ref_quantize_weights(&wv);
             let want = in_dt(r.q.iter().map(|&q| q as f32 * r.scale).collect(), &[n, k])?;
             check(
-                &fake_quantize_weights(&w)?,
+                &case(&what, || fake_quantize_weights(&w))?,
                 &[n, k],
                 dt,
                 &want,
@@ -258,7 +284,7 @@ fn fake_quantize_empty(dev: &Device) -> Result<()> {
                 };
                 let s = |i: usize| r.scales[if r.scales.len() == 1 { 0 } else { i / k }];
                 let want = in_dt(r.q.iter().enumerate().map(|(i, &q)| q as f32 * s(i)).collect(), &[m, k])?;
-                let got = fake_quantize_activations(&x, sc)?;
+                let got = case(&what, || fake_quantize_activations(&x, sc))?;
                 check(&got, &[m, k], dt, &want, &format!("{what} {sc:?}: fake activations"));
             }
         }
@@ -314,12 +340,12 @@ fn layer_contract(dev: &Device, name: &str, forward: impl Fn(&BitLinear, &Tensor
                     let mut dims = lead.clone();
                     dims.push(k);
                     let (x, _) = random(&mut rng, &dims, dt, dev)?;
-                    let y = forward(&l, &x)?;
                     let what = format!(
-                        "{name}: x {dims:?}, {}, bias {}",
+                        "{name}: x {dims:?}, {}, bias and norm {}",
                         at((m, n, k), dt, dev),
                         l.bias().is_some()
                     );
+                    let y = case(&what, || forward(&l, &x))?;
                     let mut want_dims = lead.clone();
                     want_dims.push(n);
                     let want: Vec<f32> = bias.iter().copied().cycle().take(rows * n).collect();
