@@ -1,4 +1,5 @@
-//! Property tests over shapes and values.
+//! Property tests over shapes and values, on the CPU only (proptest shrinks on the host; CUDA is
+//! covered by the `device_test!` suites and `cross_device.rs`).
 mod common;
 
 use bitlinear::{pack_ternary, packed_accumulate, quantize_activations, unpack_ternary, ActScaling, PackedTernary};
