@@ -232,9 +232,10 @@ pub(super) fn pack_into(ctx: &Ctx, wp: u64, dtype: DType, n: usize, k: usize, st
 pub(super) fn pack_on_device(ctx: &Ctx, win: &FloatIn, n: usize, k: usize) -> Result<(CudaSlice<u8>, CudaSlice<u32>)> {
     let stream = &ctx.stream;
     let mut bytes = ctx.alloc::<u8>(n * k.div_ceil(4))?;
+    let stat;
     let mut g = Vec::new();
     let wp = in_ptr(win.storage(), win.offset, stream, &mut g)?;
-    let stat = weight_scale(ctx, wp, win.dtype(), n * k)?;
+    stat = weight_scale(ctx, wp, win.dtype(), n * k)?;
     let sp = slice_ptr(&stat, stream, &mut g);
     let bp = out_ptr(&mut bytes, stream, &mut g);
     pack_into(ctx, wp, win.dtype(), n, k, sp, bp)?;
