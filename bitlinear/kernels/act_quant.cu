@@ -32,7 +32,7 @@
 //   Hopper GEMM (trigger = 1) then lets it start at once, so that it requests its weights early.
 #include "common.cuh"
 
-#define QT 256  // threads a block (src/cuda/mod.rs: THREADS)
+#define QT 256  // threads a block (src/plan/quant.rs: QUANT_THREADS)
 
 // Raw bits of the 16 values k = 16g .. 16g+15 of a row (T zero at and past K); held in
 // registers as a prefetch, converted to f32 only when used (raw_to_f32).

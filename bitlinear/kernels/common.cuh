@@ -23,7 +23,7 @@
 #define BL_ACT_EPS 1e-5f
 #define BL_WEIGHT_EPS 1e-5f
 
-// ---- programmatic dependent launch (src/cuda/mod.rs: every kernel is launched with it on
+// ---- programmatic dependent launch (src/cuda/launch.rs: every kernel is launched with it on
 // compute capability 9.0+, so a kernel may start while the previous one of the stream runs) ----
 // Every kernel calls pdl_wait() before its first global memory access: it waits until the
 // previous kernel has completed and its writes are visible, so results are those of plain stream

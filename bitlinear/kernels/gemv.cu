@@ -17,7 +17,7 @@
 // one row (L in {8, 16, 32}, a template parameter), so a warp takes P = 32 / L rows at a time (a
 // "batch", at most RB = min(8, 16 / T) of them); lane (rg, lr) of a batch owns chunks lr,
 // lr + L, ..., lr + L (T - 1) of row rg (T = ceil(cpr / L), a template parameter). The host picks
-// (L, T) from the work per lane and busy SM and the idle chunk slots (src/gemv_launch.rs,
+// (L, T) from the work per lane and busy SM and the idle chunk slots (src/plan/gemv.rs,
 // gemv_config; bench/RESULTS.md, Rule: GEMV lanes per row): K = 2560 (40 chunks) takes L = 8,
 // T = 5 at N = 13824 and L = 16, T = 3 at N = 2560.
 //   * x first: each thread with a 16-k group of x (tid < K / 16, the "x warps") requests its raw
@@ -36,7 +36,7 @@
 //     bytes) that completes on an mbarrier; it does not queue with the threads' loads, so every
 //     warp requests its weights at once and the x warps then wait on the mbarrier. Its latency
 //     is longer, so the host takes it only where the weights stream long enough, with 8 lanes a
-//     row or every warp holding x (src/gemv_launch.rs, gemv_bulk_x; bench/RESULTS.md, Rule: GEMV
+//     row or every warp holding x (src/plan/gemv.rs, gemv_plan; bench/RESULTS.md, Rule: GEMV
 //     bulk copy of x).
 //   * quantize x into shared memory: absmax as an integer max over the bits of |x| (exact; NaN
 //     and Inf show as >= 0x7f800000) reduced per warp, then across warps through shared memory
@@ -346,7 +346,7 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
 
 // name: gemv_<x>_<out>_l<L>_t<T>[_bx][_e]: L lanes per row, T = ceil(cpr / L) chunks per lane
 // and row, _bx: x by a bulk copy, _e: the first chunk slot of weights requested before pdl_wait
-// (TE = 1; float x only, the decode path). The host picks among these (src/gemv_launch.rs;
+// (TE = 1; float x only, the decode path). The host picks among these (src/plan/gemv.rs;
 // L = 32 covers every K).
 #define GV_LT(L, T, XT, OT, XN, ON)                                      \
     GV_INST(L, T, false, 0, XT, OT, gemv_##XN##_##ON##_l##L##_t##T)     \

@@ -28,7 +28,7 @@
 //   packed_repack        packed bytes (N, K4) -> (N, K4p) with K4p a multiple of 16, pad 0x55.
 #include "common.cuh"
 
-#define QT 256  // threads a block (src/cuda/mod.rs: THREADS)
+#define QT 256  // threads a block (src/plan/quant.rs: QUANT_THREADS)
 
 // Unpacks a 16-byte vector of T into VN = 16 / sizeof(T) floats.
 template <typename T> struct Vec16 {

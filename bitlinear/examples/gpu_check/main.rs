@@ -1,4 +1,4 @@
-//! GPU correctness suite and benchmark for bitlinear's CUDA kernels (issue 3).
+//! GPU correctness suite and benchmark for bitlinear's CUDA kernels.
 //!
 //! Build (no GPU needed): `cargo build --release --features cuda -p bitlinear --example gpu_check`
 //! Run on the GPU machine: `gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick]
