@@ -18,10 +18,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Module, Tensor};
+use cifar::Split;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use train::cli::Args;
-use train::data::{encode_records, Split, TEST_FILE, TRAIN_FILES};
 use train::trainer::Trainer;
 
 #[derive(Parser)]
@@ -177,7 +177,7 @@ fn check(dev: &candle_core::Device) -> Result<()> {
     let order: Vec<usize> = (0..300).rev().collect();
     let params: Vec<_> = (0..300).map(|_| train::augment::AugParams::sample(&mut rng)).collect();
     let tables = train::cuda::EpochTables::new(&order, &params, dev)?;
-    let norm = train::augment::Normalizer::default();
+    let norm = cifar::Normalizer::default();
     let (start, b) = (37, 200);
     let (x, y) = train::cuda::augment_batch(&images, &labels, &tables, start, b, &norm)?;
     let want =
@@ -241,14 +241,11 @@ fn main() -> Result<()> {
     let o = Opts::parse();
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    std::fs::create_dir_all(&data)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let n_train = o.steps * o.batch_size;
-    let per_file = n_train.div_ceil(TRAIN_FILES.len());
-    for f in TRAIN_FILES {
-        std::fs::write(data.join(f), encode_records(&random_split(per_file, &mut rng)))?;
-    }
-    std::fs::write(data.join(TEST_FILE), encode_records(&random_split(1000, &mut rng)))?;
+    let per_file = n_train.div_ceil(5);
+    let train: [Split; 5] = std::array::from_fn(|_| random_split(per_file, &mut rng));
+    cifar::write_cifar10(&data, &train, &random_split(1000, &mut rng))?;
     let args = Args::try_parse_from([
         "train",
         "--device",

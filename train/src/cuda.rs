@@ -16,8 +16,8 @@
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
+use cifar::Normalizer;
 
-use crate::augment::Normalizer;
 use crate::optim::AdamWConfig;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train_ops.ptx"));

@@ -2,10 +2,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use cifar::{Lut, Normalizer};
 
 use super::Trainer;
-use crate::augment::{self, AugParams, Lut, Normalizer};
-use crate::data;
+use crate::augment::{self, AugParams};
 
 /// Where batches are assembled: on the host with rayon, or on the device with tensor ops.
 pub(super) enum Pipeline {
@@ -30,7 +30,7 @@ pub(super) type EpochTablesOpt = std::convert::Infallible;
 impl Pipeline {
     /// The pipeline for `device`: a lookup table for the host, or both splits' images and labels
     /// uploaded once for the device.
-    pub(super) fn new(device: &Device, data: &data::Cifar10, norm: &Normalizer) -> Result<Self> {
+    pub(super) fn new(device: &Device, data: &cifar::Cifar10, norm: &Normalizer) -> Result<Self> {
         Ok(if device.is_cpu() {
             Pipeline::Cpu {
                 lut: Box::new(norm.lut()),

@@ -8,14 +8,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use cifar::Normalizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use model::{SimpleBitCnn, SimpleBitCnnConfig};
 use rand::seq::SliceRandom;
 
-use crate::augment::{AugParams, Normalizer};
+use crate::augment::AugParams;
 use crate::checkpoint::{self, RunSettings, TrainState};
 use crate::cli::{Args, DeviceArg, DtypeArg};
-use crate::data;
 use crate::init;
 use crate::metrics::{self, EpochMetrics, Summary};
 use crate::optim::{AdamW, AdamWConfig, Schedule};
@@ -54,7 +54,7 @@ pub struct Trainer {
     pub varmap: VarMap,
     pub model: SimpleBitCnn,
     pub optimizer: AdamW,
-    pub data: data::Cifar10,
+    pub data: cifar::Cifar10,
     pub state: TrainState,
     pipeline: Pipeline,
     norm: Normalizer,
@@ -86,7 +86,7 @@ impl Trainer {
                 resume_path.display()
             );
         }
-        let data = data::load_cifar10(&args.data_dir, args.train_limit)?;
+        let data = cifar::load_cifar10(&args.data_dir, args.train_limit)?;
 
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
