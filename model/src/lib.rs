@@ -25,10 +25,12 @@
 //! (e.g. f32 master weights with bf16 activations) are cast inside the graph, so gradients still
 //! reach the f32 variables.
 
+mod atomic;
 mod layers;
 pub mod packed_file;
 mod pool;
 
+pub use atomic::write_atomic;
 pub use layers::{Fc, PackedFc};
 pub use pool::{max_pool2x2, max_pool2x2_ops};
 

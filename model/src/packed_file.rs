@@ -147,13 +147,13 @@ impl PackedSimpleBitCnn {
         Ok((tensors, meta))
     }
 
-    /// Writes the packed file atomically (a temporary file in the same directory, then a
-    /// rename): a failure leaves no partial file behind.
+    /// Writes the packed file with [`crate::write_atomic`]: a failure leaves no partial file
+    /// behind.
     pub fn save(&self, path: &Path, dtype: DType) -> Result<()> {
         let (tensors, meta) = self.to_packed_tensors(dtype)?;
         let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
             .map_err(|e| candle_core::Error::msg(format!("serializing {}: {e}", path.display())))?;
-        write_atomic(path, &bytes)
+        Ok(crate::write_atomic(path, &bytes)?)
     }
 
     /// Reads a packed file's metadata and checks its format and version.
@@ -272,35 +272,4 @@ impl PackedSimpleBitCnn {
             std::fs::read(path).map_err(|e| candle_core::Error::msg(format!("reading {}: {e}", path.display())))?;
         Self::from_packed_bytes(&bytes, device).map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        bail!(
-            "cannot write {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        )
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        candle_core::Error::msg(format!("writing {}: {e}", path.display()))
-    })
 }
