@@ -8,15 +8,17 @@ mod device;
 mod gemm_launch;
 mod gemv_launch;
 mod layer;
+mod layer_common;
 mod ops;
 mod packed;
+mod packed_layer;
 pub mod quant;
 mod skinny_launch;
 
 pub use device::{packed_accumulate, quantize_activations};
-pub use layer::{
-    bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinear, BitLinearConfig, PackedBitLinear, RMS_NORM_EPS,
-};
+pub use layer::{bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinear};
+pub use layer_common::{BitLinearConfig, RMS_NORM_EPS};
 pub use ops::{bit_matmul, fake_quantize_activations, fake_quantize_weights, packed_matmul, BitMatmul};
 pub use packed::{pack_ternary, packed_len, unpack_ternary, PackedTernary};
+pub use packed_layer::PackedBitLinear;
 pub use quant::ActScaling;
