@@ -25,7 +25,9 @@ use bitlinear::{ActScaling, BitLinearConfig, PackedBitLinear};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::{Conv, FcKind, PackedFc, PackedSimpleBitCnn, SimpleBitCnnConfig, FLAT_FEATURES, HIDDEN, NUM_CLASSES};
+use crate::{
+    Conv, FcKind, PackedFc, PackedSimpleBitCnn, PoolKernel, SimpleBitCnnConfig, FLAT_FEATURES, HIDDEN, NUM_CLASSES,
+};
 
 /// Value of the `format` metadata key.
 pub const FORMAT: &str = "bitlinear-packed";
@@ -239,7 +241,13 @@ impl PackedSimpleBitCnn {
         }
         let fc2 = fcs.pop().expect("two layers");
         let fc1 = fcs.pop().expect("two layers");
-        Ok(Self { conv1, conv2, fc1, fc2 })
+        Ok(Self {
+            conv1,
+            conv2,
+            fc1,
+            fc2,
+            pool: PoolKernel::default(),
+        })
     }
 
     /// Loads the inference network from a packed file.
