@@ -2,9 +2,9 @@
 //!
 //! The data set and its normalisation are the [`cifar`] crate's. One file per concept: [`cli`]
 //! (options), [`augment`] (crop/flip/normalise on CPU or device), [`init`] (seeded
-//! initialisation), [`rng`] (per-epoch
-//! seeds), [`optim`] (AdamW and schedules), [`checkpoint`] (atomic safetensors), [`metrics`]
-//! (CSV and summary), [`plot`] (PNG curves) and [`trainer`] (the loop).
+//! initialisation), [`rng`] (per-epoch seeds), [`optim`] (AdamW and schedules), [`checkpoint`]
+//! (atomic safetensors), [`metrics`] (CSV and summary), [`plot`] (PNG curves), [`tuning`]
+//! (switches of the CUDA path) and [`trainer`] (the loop).
 
 pub mod augment;
 pub mod checkpoint;
@@ -17,3 +17,4 @@ pub mod optim;
 pub mod plot;
 pub mod rng;
 pub mod trainer;
+pub mod tuning;
