@@ -6,15 +6,17 @@ mod cpu;
 mod cuda;
 mod device;
 mod layer;
+mod layer_common;
 mod ops;
 mod packed;
+mod packed_layer;
 pub mod plan;
 pub mod quant;
 
 pub use device::{cuda_device_info, kernel_settings, packed_accumulate, quantize_activations, set_kernel_settings};
-pub use layer::{
-    bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinear, BitLinearConfig, PackedBitLinear, RMS_NORM_EPS,
-};
+pub use layer::{bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinear};
+pub use layer_common::{BitLinearConfig, RMS_NORM_EPS};
 pub use ops::{bit_matmul, fake_quantize_activations, fake_quantize_weights, packed_matmul, BitMatmul};
 pub use packed::{pack_ternary, packed_len, unpack_ternary, PackedTernary};
+pub use packed_layer::PackedBitLinear;
 pub use quant::ActScaling;

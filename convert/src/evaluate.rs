@@ -5,9 +5,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
+use cifar::{normalize_batch, Normalizer, Split};
 use model::PackedSimpleBitCnn;
-use train::augment::{augment_batch_cpu, AugParams, Normalizer};
-use train::data::{missing_data_help, read_batch_file, Split, TEST_FILE};
 
 /// Largest difference between two logits that `verify` accepts. Both forms run the same integer
 /// kernels and the same float epilogue, so the logits are expected to be bit-identical; the
@@ -16,22 +15,13 @@ pub const LOGIT_TOLERANCE: f32 = 1e-4;
 
 const BATCH: usize = 500;
 
-/// Reads `test_batch.bin` from a CIFAR-10 binary directory.
-pub fn load_test_split(data_dir: &Path) -> Result<Split> {
-    let path = data_dir.join(TEST_FILE);
-    if !path.is_file() {
-        bail!("{}", missing_data_help(data_dir))
-    }
-    read_batch_file(&path)
-}
-
 /// The logits `(N, 10)` of `model` on every image of `split`, normalized as in training.
 pub fn logits<M: Module>(model: &M, split: &Split, device: &Device) -> Result<Vec<Vec<f32>>> {
     let lut = Normalizer::default().lut();
     let mut out = Vec::with_capacity(split.len());
     let all: Vec<usize> = (0..split.len()).collect();
     for idx in all.chunks(BATCH) {
-        let x = augment_batch_cpu(split, idx, &vec![AugParams::IDENTITY; idx.len()], &lut);
+        let x = normalize_batch(split, idx, &lut);
         let x = Tensor::from_vec(x, (idx.len(), 3, 32, 32), device)?;
         out.extend(model.forward(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?);
     }
@@ -115,7 +105,7 @@ pub fn verify(checkpoint: &Path, packed: &Path, data_dir: &Path) -> Result<Verif
     }
     let packed_model = PackedSimpleBitCnn::from_packed_bytes(&packed_bytes, &device)
         .with_context(|| format!("loading {}", packed.display()))?;
-    let split = load_test_split(data_dir)?;
+    let split = cifar::load_test(data_dir)?;
     let a = logits(&float_model, &split, &device)?;
     let b = logits(&packed_model, &split, &device)?;
     let mut mismatches = 0;
@@ -140,7 +130,7 @@ pub fn verify(checkpoint: &Path, packed: &Path, data_dir: &Path) -> Result<Verif
 /// Test accuracy of a packed file alone (no float BitLinear weights are read or built).
 pub fn eval_packed(packed: &Path, data_dir: &Path, device: &Device) -> Result<(usize, f64)> {
     let model = PackedSimpleBitCnn::load(packed, device)?;
-    let split = load_test_split(data_dir)?;
+    let split = cifar::load_test(data_dir)?;
     let l = logits(&model, &split, device)?;
     Ok((split.len(), accuracy(&l, &split.labels)))
 }

@@ -1,5 +1,6 @@
 //! Fully connected layers that are either BitLinear or plain Linear.
 
+use bitlinear::BitLinearConfig;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -15,10 +16,11 @@ pub enum Fc {
 }
 
 impl Fc {
-    /// Creates the layer's variables under `vb` with `candle_nn::linear`'s initialisation.
-    pub fn new(kind: FcKind, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    /// Creates the layer's variables under `vb` with `candle_nn::linear`'s initialisation. A
+    /// BitLinear layer gets the options `bit` (a plain Linear has none).
+    pub fn new(kind: FcKind, in_dim: usize, out_dim: usize, bit: BitLinearConfig, vb: VarBuilder) -> Result<Self> {
         Ok(match kind {
-            FcKind::BitLinear => Fc::Bit(bitlinear::bit_linear(in_dim, out_dim, vb)?),
+            FcKind::BitLinear => Fc::Bit(bitlinear::bit_linear_with_config(in_dim, out_dim, bit, vb)?),
             FcKind::Linear => Fc::Plain(candle_nn::linear(in_dim, out_dim, vb)?),
         })
     }

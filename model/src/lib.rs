@@ -25,12 +25,14 @@
 //! (e.g. f32 master weights with bf16 activations) are cast inside the graph, so gradients still
 //! reach the f32 variables.
 
+mod atomic;
 mod layers;
 pub mod packed_file;
 mod pool;
 
+pub use atomic::write_atomic;
 pub use layers::{Fc, PackedFc};
-pub use pool::{max_pool2x2, max_pool2x2_ops};
+pub use pool::{max_pool2x2, max_pool2x2_ops, PoolKernel};
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -100,6 +102,37 @@ impl SimpleBitCnnConfig {
         Self {
             fc1: FcKind::Linear,
             fc2: FcKind::Linear,
+        }
+    }
+}
+
+/// How a network computes, as opposed to what it holds ([`SimpleBitCnnConfig`]): these options
+/// change neither its variables nor its forward values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComputeOptions {
+    /// Whether every BitLinear forward checks its float weight for NaN and infinite values
+    /// ([`bitlinear::BitLinearConfig::check_finite`]; default on). A training loop that checks
+    /// its weights itself turns it off: on CUDA each check waits for the stream.
+    pub check_finite: bool,
+    /// The max pooling implementation (default [`PoolKernel::Fused`]).
+    pub pool: PoolKernel,
+}
+
+impl Default for ComputeOptions {
+    fn default() -> Self {
+        Self {
+            check_finite: true,
+            pool: PoolKernel::Fused,
+        }
+    }
+}
+
+impl ComputeOptions {
+    /// The options of the network's BitLinear layers: bias, RMSNorm, per-token scaling.
+    pub fn bit_linear(&self) -> bitlinear::BitLinearConfig {
+        bitlinear::BitLinearConfig {
+            check_finite: self.check_finite,
+            ..Default::default()
         }
     }
 }
@@ -180,10 +213,10 @@ fn check_input(x: &Tensor) -> Result<()> {
 ///
 /// ReLU is applied after the pooling: `relu(maxpool(x)) == maxpool(relu(x))` exactly (ReLU is
 /// monotone) and the gradients agree, on a quarter of the elements.
-fn features(conv1: &Conv, conv2: &Conv, x: &Tensor) -> Result<Tensor> {
+fn features(conv1: &Conv, conv2: &Conv, pool: PoolKernel, x: &Tensor) -> Result<Tensor> {
     check_input(x)?;
-    let x = max_pool2x2(&conv1.forward(x)?)?.relu()?;
-    let x = max_pool2x2(&conv2.forward(&x)?)?.relu()?;
+    let x = pool.max_pool2x2(&conv1.forward(x)?)?.relu()?;
+    let x = pool.max_pool2x2(&conv2.forward(&x)?)?.relu()?;
     x.flatten_from(1)
 }
 
@@ -195,21 +228,30 @@ pub struct SimpleBitCnn {
     fc1: Fc,
     fc2: Fc,
     config: SimpleBitCnnConfig,
+    options: ComputeOptions,
 }
 
 impl SimpleBitCnn {
-    /// Builds the network from `vb` (variables `conv1.*`, `conv2.*`, `fc1.*`, `fc2.*`).
+    /// Builds the network from `vb` (variables `conv1.*`, `conv2.*`, `fc1.*`, `fc2.*`), with the
+    /// default [`ComputeOptions`].
     pub fn new(config: SimpleBitCnnConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_options(config, ComputeOptions::default(), vb)
+    }
+
+    /// Builds the network from `vb` with explicit [`ComputeOptions`].
+    pub fn with_options(config: SimpleBitCnnConfig, options: ComputeOptions, vb: VarBuilder) -> Result<Self> {
         let conv1 = Conv::new(INPUT_SHAPE.0, 32, 3, 1, vb.pp("conv1"))?;
         let conv2 = Conv::new(32, 64, 3, 1, vb.pp("conv2"))?;
-        let fc1 = Fc::new(config.fc1, FLAT_FEATURES, HIDDEN, vb.pp("fc1"))?;
-        let fc2 = Fc::new(config.fc2, HIDDEN, NUM_CLASSES, vb.pp("fc2"))?;
+        let bit = options.bit_linear();
+        let fc1 = Fc::new(config.fc1, FLAT_FEATURES, HIDDEN, bit, vb.pp("fc1"))?;
+        let fc2 = Fc::new(config.fc2, HIDDEN, NUM_CLASSES, bit, vb.pp("fc2"))?;
         Ok(Self {
             conv1,
             conv2,
             fc1,
             fc2,
             config,
+            options,
         })
     }
 
@@ -218,14 +260,21 @@ impl SimpleBitCnn {
         self.config
     }
 
-    /// The inference form: same convolutions, BitLinear layers with pre-packed ternary weights.
-    /// Its predictions equal this network's (the integer part of every BitLinear is identical).
+    /// The options this network computes with.
+    pub fn options(&self) -> ComputeOptions {
+        self.options
+    }
+
+    /// The inference form: same convolutions (and pooling), BitLinear layers with pre-packed
+    /// ternary weights. Its predictions equal this network's (the integer part of every
+    /// BitLinear is identical).
     pub fn to_packed(&self) -> Result<PackedSimpleBitCnn> {
         Ok(PackedSimpleBitCnn {
             conv1: self.conv1.clone(),
             conv2: self.conv2.clone(),
             fc1: self.fc1.to_packed()?,
             fc2: self.fc2.to_packed()?,
+            pool: self.options.pool,
         })
     }
 }
@@ -233,7 +282,7 @@ impl SimpleBitCnn {
 impl Module for SimpleBitCnn {
     /// (B, 3, 32, 32) float images -> (B, 10) logits, in the input's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = features(&self.conv1, &self.conv2, x)?;
+        let x = features(&self.conv1, &self.conv2, self.options.pool, x)?;
         let x = self.fc1.forward(&x)?.relu()?;
         self.fc2.forward(&x)
     }
@@ -246,12 +295,13 @@ pub struct PackedSimpleBitCnn {
     conv2: Conv,
     fc1: PackedFc,
     fc2: PackedFc,
+    pool: PoolKernel,
 }
 
 impl Module for PackedSimpleBitCnn {
     /// (B, 3, 32, 32) float images -> (B, 10) logits, in the input's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = features(&self.conv1, &self.conv2, x)?;
+        let x = features(&self.conv1, &self.conv2, self.pool, x)?;
         let x = self.fc1.forward(&x)?.relu()?;
         self.fc2.forward(&x)
     }

@@ -1,7 +1,9 @@
 //! The packed 2-bit model file: a safetensors file from which [`PackedSimpleBitCnn`] is rebuilt
 //! without any float weight of its BitLinear layers.
 //!
-//! Tensors (a BitLinear layer `L`; `S` is the stored float dtype, f32 unless chosen otherwise):
+//! Tensors (a BitLinear layer `L`, stored and read by [`bitlinear::PackedBitLinear::tensors`] and
+//! [`bitlinear::PackedBitLinear::load`] under the prefix `L`; `S` is the stored float dtype, f32
+//! unless chosen otherwise):
 //!
 //! | name | dtype, shape | what |
 //! | --- | --- | --- |
@@ -19,11 +21,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use bitlinear::{ActScaling, PackedBitLinear, PackedTernary};
+use bitlinear::{ActScaling, BitLinearConfig, PackedBitLinear};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::{Conv, FcKind, PackedFc, PackedSimpleBitCnn, SimpleBitCnnConfig, FLAT_FEATURES, HIDDEN, NUM_CLASSES};
+use crate::{
+    Conv, FcKind, PackedFc, PackedSimpleBitCnn, PoolKernel, SimpleBitCnnConfig, FLAT_FEATURES, HIDDEN, NUM_CLASSES,
+};
 
 /// Value of the `format` metadata key.
 pub const FORMAT: &str = "bitlinear-packed";
@@ -82,6 +86,22 @@ fn parse_config(json: &str) -> Result<SimpleBitCnnConfig> {
     })
 }
 
+/// The dtypes the format stores, by tensor name: packed codes as U8, their scales as F32, every
+/// other tensor as a float. (A `VarBuilder` converts on read, so this is checked on the file.)
+fn check_dtype(name: &str, dtype: DType) -> Result<()> {
+    let (ok, want) = if name.ends_with(".weight.packed") {
+        (dtype == DType::U8, "U8")
+    } else if name.ends_with(".weight.scale") {
+        (dtype == DType::F32, "F32")
+    } else {
+        (matches!(dtype, DType::F32 | DType::BF16 | DType::F16), "a float")
+    };
+    if !ok {
+        bail!("tensor {name:?} has dtype {dtype:?}, expected {want}")
+    }
+    Ok(())
+}
+
 impl PackedSimpleBitCnn {
     /// The configuration (kind of each fully connected layer).
     pub fn config(&self) -> SimpleBitCnnConfig {
@@ -122,18 +142,22 @@ impl PackedSimpleBitCnn {
                     if l.act_scaling() != ActScaling::PerToken {
                         bail!("{name}: only per-token activation scaling can be stored")
                     }
-                    let w = l.weight();
-                    tensors.push((format!("{name}.weight.packed"), w.bytes().to_device(cpu)?));
-                    tensors.push((format!("{name}.weight.scale"), Tensor::new(&[w.scale()], cpu)?));
-                    meta.insert(format!("{name}.in_features"), w.in_features().to_string());
-                    let Some(norm) = l.norm_gain() else {
+                    if l.norm_gain().is_none() {
                         bail!("{name}: BitLinear without RMSNorm")
-                    };
-                    let Some(bias) = l.bias() else {
+                    }
+                    if l.bias().is_none() {
                         bail!("{name}: BitLinear without bias")
-                    };
-                    tensors.push((format!("{name}.norm.weight"), float(norm)?));
-                    tensors.push((format!("{name}.bias"), float(bias)?));
+                    }
+                    meta.insert(format!("{name}.in_features"), l.weight().in_features().to_string());
+                    for (k, t) in l.tensors()? {
+                        // The packed weight and its scale as they are; bias and gain in `dtype`.
+                        let t = if k.starts_with("weight.") {
+                            t.to_device(cpu)?
+                        } else {
+                            float(&t)?
+                        };
+                        tensors.push((format!("{name}.{k}"), t));
+                    }
                 }
                 PackedFc::Plain(l) => {
                     tensors.push((format!("{name}.weight"), float(l.weight())?));
@@ -147,13 +171,13 @@ impl PackedSimpleBitCnn {
         Ok((tensors, meta))
     }
 
-    /// Writes the packed file atomically (a temporary file in the same directory, then a
-    /// rename): a failure leaves no partial file behind.
+    /// Writes the packed file with [`crate::write_atomic`]: a failure leaves no partial file
+    /// behind.
     pub fn save(&self, path: &Path, dtype: DType) -> Result<()> {
         let (tensors, meta) = self.to_packed_tensors(dtype)?;
         let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
             .map_err(|e| candle_core::Error::msg(format!("serializing {}: {e}", path.display())))?;
-        write_atomic(path, &bytes)
+        Ok(crate::write_atomic(path, &bytes)?)
     }
 
     /// Reads a packed file's metadata and checks its format and version.
@@ -194,76 +218,36 @@ impl PackedSimpleBitCnn {
     pub fn from_packed_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
         let info = Self::read_info(bytes)?;
         let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
-        let get = |name: &str| -> Result<&Tensor> {
-            tensors
-                .get(name)
-                .ok_or_else(|| candle_core::Error::msg(format!("tensor {name:?} is missing")))
-        };
-        // Float tensors go to f32 on the target device, as the training form holds them.
-        let float = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = get(name)?;
-            if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-                bail!("tensor {name:?} has dtype {:?}, expected a float", t.dtype())
-            }
-            if t.dims() != shape {
-                bail!("tensor {name:?} has shape {:?}, expected {shape:?}", t.dims())
-            }
-            t.to_dtype(DType::F32)?.to_device(device)
-        };
-        let conv_vars: HashMap<String, Tensor> = [
-            ("conv1.weight", &[32usize, 3, 3, 3][..]),
-            ("conv1.bias", &[32]),
-            ("conv2.weight", &[64, 32, 3, 3]),
-            ("conv2.bias", &[64]),
-        ]
-        .iter()
-        .map(|&(n, s)| Ok((n.to_string(), float(n, s)?)))
-        .collect::<Result<_>>()?;
-        let vb = VarBuilder::from_tensors(conv_vars, DType::F32, device);
+        for (name, t) in &tensors {
+            check_dtype(name, t.dtype())?;
+        }
+        // The layers read their own tensors (names, shapes, codes); floats become f32 on
+        // `device`, as the training form holds them.
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let conv1 = Conv::new(3, 32, 3, 1, vb.pp("conv1"))?;
         let conv2 = Conv::new(32, 64, 3, 1, vb.pp("conv2"))?;
         let mut fcs = vec![];
         for (name, kind, k, n) in fc_layers(info.config) {
-            let bias = float(&format!("{name}.bias"), &[n])?;
             fcs.push(match kind {
                 FcKind::BitLinear => {
                     let stored_k = info.metadata.get(&format!("{name}.in_features"));
                     if stored_k.and_then(|v| v.parse::<usize>().ok()) != Some(k) {
                         bail!("{name}.in_features is {stored_k:?}, the network needs {k}")
                     }
-                    let bytes = get(&format!("{name}.weight.packed"))?;
-                    let scale = get(&format!("{name}.weight.scale"))?;
-                    if scale.dtype() != DType::F32 || scale.dims() != [1] {
-                        bail!("tensor \"{name}.weight.scale\" must be F32 of shape [1]")
-                    }
-                    let scale = scale.to_vec1::<f32>()?[0];
-                    if bytes.dims() != [n, k.div_ceil(4)] {
-                        bail!(
-                            "tensor \"{name}.weight.packed\" has shape {:?}, expected {:?}",
-                            bytes.dims(),
-                            [n, k.div_ceil(4)]
-                        )
-                    }
-                    let packed = PackedTernary::from_parts(bytes.clone(), scale, k)
-                        .map_err(|e| candle_core::Error::msg(format!("{name}.weight.packed: {e}")))?
-                        .to_device(device)?;
-                    let norm = float(&format!("{name}.norm.weight"), &[k])?;
-                    PackedFc::Bit(PackedBitLinear::new(
-                        packed,
-                        Some(bias),
-                        Some(norm),
-                        ActScaling::PerToken,
-                    )?)
+                    PackedFc::Bit(PackedBitLinear::load(k, n, BitLinearConfig::default(), vb.pp(name))?)
                 }
-                FcKind::Linear => {
-                    let w = float(&format!("{name}.weight"), &[n, k])?;
-                    PackedFc::Plain(candle_nn::Linear::new(w, Some(bias)))
-                }
+                FcKind::Linear => PackedFc::Plain(candle_nn::linear(k, n, vb.pp(name))?),
             });
         }
         let fc2 = fcs.pop().expect("two layers");
         let fc1 = fcs.pop().expect("two layers");
-        Ok(Self { conv1, conv2, fc1, fc2 })
+        Ok(Self {
+            conv1,
+            conv2,
+            fc1,
+            fc2,
+            pool: PoolKernel::default(),
+        })
     }
 
     /// Loads the inference network from a packed file.
@@ -272,35 +256,4 @@ impl PackedSimpleBitCnn {
             std::fs::read(path).map_err(|e| candle_core::Error::msg(format!("reading {}: {e}", path.display())))?;
         Self::from_packed_bytes(&bytes, device).map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        bail!(
-            "cannot write {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        )
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        candle_core::Error::msg(format!("writing {}: {e}", path.display()))
-    })
 }

@@ -7,13 +7,35 @@
 //! sends each window's gradient, unscaled, to its maximum (the first one in row-major order on
 //! ties, as PyTorch does), in one pass each way, over rayon's threads.
 //! With the `cuda` feature, f32 tensors on a CUDA device use two fused kernels
-//! (`kernels/pool.cu`) with the same semantics (set `MODEL_CUDA_POOL_OPS=1` to use the generic
-//! ops instead, for benchmarks). Other devices and dtypes use [`max_pool2x2_ops`], the same
-//! pooling written with reshape and `max` reductions (whose backward is correct on every device);
-//! odd sizes use candle's `max_pool2d`.
+//! (`kernels/pool.cu`) with the same semantics. Other devices and dtypes use [`max_pool2x2_ops`],
+//! the same pooling written with reshape and `max` reductions (whose backward is correct on every
+//! device); odd sizes use candle's `max_pool2d`. [`PoolKernel`] chooses between the two, so that
+//! a benchmark can measure what the fused kernels bring.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+/// Which implementation of 2x2 max pooling a network runs. Both give the same forward values; on
+/// ties the fused kernels send the gradient to the first maximum (as PyTorch does), the tensor ops
+/// to every maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolKernel {
+    /// [`max_pool2x2`]: the fused kernels where the device has them (the default).
+    #[default]
+    Fused,
+    /// [`max_pool2x2_ops`]: generic tensor ops on every device.
+    TensorOps,
+}
+
+impl PoolKernel {
+    /// 2x2, stride 2 max pooling of a (B, C, H, W) tensor with this implementation.
+    pub fn max_pool2x2(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            PoolKernel::Fused => max_pool2x2(x),
+            PoolKernel::TensorOps => max_pool2x2_ops(x),
+        }
+    }
+}
 
 /// 2x2, stride 2 max pooling of a (B, C, H, W) tensor.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
@@ -33,9 +55,7 @@ fn fused_device(x: &Tensor) -> bool {
     match x.device() {
         candle_core::Device::Cpu => true,
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(_) => {
-            std::env::var_os("MODEL_CUDA_POOL_OPS").is_none_or(|v| v.is_empty() || v == "0")
-        }
+        candle_core::Device::Cuda(_) => true,
         _ => false,
     }
 }

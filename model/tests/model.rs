@@ -159,3 +159,33 @@ fn fc_kind_parses() {
     assert_eq!("bitlinear".parse::<FcKind>().unwrap(), FcKind::BitLinear);
     assert!("conv".parse::<FcKind>().unwrap_err().contains("bitlinear"));
 }
+
+#[test]
+fn compute_options_change_neither_variables_nor_outputs() {
+    use model::{ComputeOptions, PoolKernel};
+    let (vm, m) = build(SimpleBitCnnConfig::bitlinear());
+    let options = ComputeOptions {
+        check_finite: false,
+        pool: PoolKernel::TensorOps,
+    };
+    assert!(!options.bit_linear().check_finite);
+    let vm2 = VarMap::new();
+    let m2 = SimpleBitCnn::with_options(
+        SimpleBitCnnConfig::bitlinear(),
+        options,
+        VarBuilder::from_varmap(&vm2, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    assert_eq!(m2.options(), options);
+    assert_eq!(m.options(), ComputeOptions::default());
+    assert_eq!(names_and_shapes(&vm2), names_and_shapes(&vm));
+    // Same weights in both.
+    for (name, var) in vm2.data().lock().unwrap().iter() {
+        var.set(vm.data().lock().unwrap()[name].as_tensor()).unwrap();
+    }
+    let x = Tensor::randn(0f32, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
+    let (a, b) = (m.forward(&x).unwrap(), m2.forward(&x).unwrap());
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    let p = m2.to_packed().unwrap().forward(&x).unwrap();
+    assert_eq!(p.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+}

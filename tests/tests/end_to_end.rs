@@ -2,8 +2,8 @@
 //! against the float checkpoint image by image, inspect it, and evaluate it alone.
 use std::path::{Path, PathBuf};
 
+use cifar::{RECORD_BYTES, TEST_FILE, TRAIN_FILES};
 use clap::Parser;
-use train::data::{RECORD_BYTES, TEST_FILE, TRAIN_FILES};
 
 /// The shared CIFAR-10 directory. Under CI its absence is a failure; elsewhere the test is
 /// skipped with a message.

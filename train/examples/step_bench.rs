@@ -9,20 +9,21 @@
 //!   metrics: the code path of the `train` binary), after one warm-up epoch;
 //! * a breakdown on one fixed batch: forward + loss, + backward, + AdamW (ms per step).
 //!
-//! The device is synchronized before each clock read. The environment switches of
-//! `train::cuda` (`TRAIN_CUDA_NO_ADAMW`, `..._AUG`, `..._EVENTS`,
-//! `..._ASYNC_CHECK`, `TRAIN_CUDA_BASELINE`), `MODEL_CUDA_POOL_OPS` and bitlinear's
-//! `BITLINEAR_CUDA_*` select the variants; run the example once per variant.
+//! The device is synchronized before each clock read. The flags `--no-fused-adamw`,
+//! `--no-fused-augment`, `--keep-event-tracking`, `--no-deferred-finite-check`,
+//! `--no-fused-pool` and `--baseline` (all of them) turn off the pieces of
+//! [`train::tuning::CudaTuning`]; run the example once per variant.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Module, Tensor};
+use cifar::Split;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use train::cli::Args;
-use train::data::{encode_records, Split, TEST_FILE, TRAIN_FILES};
 use train::trainer::Trainer;
+use train::tuning::CudaTuning;
 
 #[derive(Parser)]
 struct Opts {
@@ -47,6 +48,40 @@ struct Opts {
     /// First compare the fused CUDA kernels with the tensor-op paths (and the CPU pool).
     #[arg(long)]
     check: bool,
+    /// AdamW as tensor ops instead of the fused kernel.
+    #[arg(long)]
+    no_fused_adamw: bool,
+    /// Batches assembled with tensor ops instead of the fused kernel.
+    #[arg(long)]
+    no_fused_augment: bool,
+    /// Keep cudarc's per-allocation CUDA events.
+    #[arg(long)]
+    keep_event_tracking: bool,
+    /// BitLinear checks its weights for NaN/inf on every call instead of the trainer once an
+    /// epoch.
+    #[arg(long)]
+    no_deferred_finite_check: bool,
+    /// Max pooling with generic tensor ops instead of the fused kernels.
+    #[arg(long)]
+    no_fused_pool: bool,
+    /// All of the above: the plain candle path.
+    #[arg(long)]
+    baseline: bool,
+}
+
+impl Opts {
+    fn tuning(&self) -> CudaTuning {
+        if self.baseline {
+            return CudaTuning::baseline();
+        }
+        CudaTuning {
+            fused_adamw: !self.no_fused_adamw,
+            fused_augment: !self.no_fused_augment,
+            disable_event_tracking: !self.keep_event_tracking,
+            deferred_finite_check: !self.no_deferred_finite_check,
+            fused_pool: !self.no_fused_pool,
+        }
+    }
 }
 
 /// ms per iteration of `f` (after 5 warm-up iterations), synchronized.
@@ -177,7 +212,7 @@ fn check(dev: &candle_core::Device) -> Result<()> {
     let order: Vec<usize> = (0..300).rev().collect();
     let params: Vec<_> = (0..300).map(|_| train::augment::AugParams::sample(&mut rng)).collect();
     let tables = train::cuda::EpochTables::new(&order, &params, dev)?;
-    let norm = train::augment::Normalizer::default();
+    let norm = cifar::Normalizer::default();
     let (start, b) = (37, 200);
     let (x, y) = train::cuda::augment_batch(&images, &labels, &tables, start, b, &norm)?;
     let want =
@@ -200,7 +235,6 @@ fn check(dev: &candle_core::Device) -> Result<()> {
     let shapes = [(512usize, 4096usize), (10, 1)];
     let mut finals = Vec::new();
     for fused in [true, false] {
-        std::env::set_var("TRAIN_CUDA_NO_ADAMW", if fused { "0" } else { "1" });
         let mut r2 = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let vars: Vec<(String, Var)> = shapes
             .iter()
@@ -211,6 +245,7 @@ fn check(dev: &candle_core::Device) -> Result<()> {
             })
             .collect::<Result<_>>()?;
         let mut opt = train::optim::AdamW::new(vars.clone(), Default::default())?;
+        opt.set_fused_cuda(fused);
         for step in 0..3 {
             let mut loss = Tensor::zeros((), DType::F32, dev)?;
             for (_, v) in &vars {
@@ -221,7 +256,6 @@ fn check(dev: &candle_core::Device) -> Result<()> {
         }
         finals.push(vars.iter().map(|(_, v)| v.as_tensor().clone()).collect::<Vec<_>>());
     }
-    std::env::remove_var("TRAIN_CUDA_NO_ADAMW");
     for (a, b) in finals[0].iter().zip(&finals[1]) {
         let d = max_diff(a, b)?;
         eprintln!("check adamw {:?}: max diff {d:e}", a.dims());
@@ -241,15 +275,12 @@ fn main() -> Result<()> {
     let o = Opts::parse();
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    std::fs::create_dir_all(&data)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let n_train = o.steps * o.batch_size;
-    let per_file = n_train.div_ceil(TRAIN_FILES.len());
-    for f in TRAIN_FILES {
-        std::fs::write(data.join(f), encode_records(&random_split(per_file, &mut rng)))?;
-    }
-    std::fs::write(data.join(TEST_FILE), encode_records(&random_split(1000, &mut rng)))?;
-    let args = Args::try_parse_from([
+    let per_file = n_train.div_ceil(5);
+    let train: [Split; 5] = std::array::from_fn(|_| random_split(per_file, &mut rng));
+    cifar::write_cifar10(&data, &train, &random_split(1000, &mut rng))?;
+    let mut args = Args::try_parse_from([
         "train",
         "--device",
         &o.device,
@@ -266,6 +297,7 @@ fn main() -> Result<()> {
         "--epochs",
         &(o.epochs + 1).to_string(),
     ])?;
+    args.cuda = o.tuning();
     let mut t = Trainer::new(args)?;
     let dev = t.device.clone();
     if o.check {
@@ -317,14 +349,10 @@ fn main() -> Result<()> {
     let fwd = variant("forward+loss", 0, &mut t)?;
     let bwd = variant("forward+loss+backward", 1, &mut t)?;
     let opt = variant("forward+loss+backward+adamw", 2, &mut t)?;
-    let vars: Vec<String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("TRAIN_CUDA") || k.starts_with("MODEL_CUDA") || k.starts_with("BITLINEAR_CUDA"))
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
     println!(
-        "RESULT env=[{}] epoch_ms_per_step={mean:.3} (best {best:.3}, {:.0} img/s) fwd={fwd:.3} fwd_bwd={bwd:.3} \
+        "RESULT tuning={:?} epoch_ms_per_step={mean:.3} (best {best:.3}, {:.0} img/s) fwd={fwd:.3} fwd_bwd={bwd:.3} \
          fwd_bwd_opt={opt:.3}",
-        vars.join(" "),
+        o.tuning(),
         1e3 * b as f64 / mean
     );
     Ok(())

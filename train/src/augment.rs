@@ -1,5 +1,5 @@
-//! Data augmentation and normalisation: random crop 32 from the 4-pixel zero-padded image, then a
-//! random horizontal flip, then per-channel normalisation `(v / 255 - mean) / std` (the pipeline
+//! Data augmentation: random crop 32 from the 4-pixel zero-padded image, then a random horizontal
+//! flip, then the per-channel normalisation of [`cifar::Normalizer`] (the pipeline
 //! `RandomCrop(32, padding=4)`, `RandomHorizontalFlip`, `ToTensor`, `Normalize` of torchvision).
 //!
 //! The random choices ([`AugParams`]) are drawn on the host from the epoch's seeded RNG, so both
@@ -12,58 +12,12 @@ use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 use rayon::prelude::*;
 
-use crate::data::{Split, IMAGE_BYTES};
+use cifar::{Lut, Normalizer, Split, IMAGE_BYTES};
 
 /// Zero padding on each side before the random crop.
 pub const PAD: usize = 4;
 const SIDE: usize = 32;
 const PLANE: usize = SIDE * SIDE;
-
-/// Per-channel normalisation constants.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Normalizer {
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-}
-
-impl Default for Normalizer {
-    /// The CIFAR-10 reference constants.
-    fn default() -> Self {
-        Self {
-            mean: [0.4914, 0.4822, 0.4465],
-            std: [0.2023, 0.1994, 0.2010],
-        }
-    }
-}
-
-impl Normalizer {
-    /// `scale[c] = 1 / (255 std[c])`, `shift[c] = mean[c] / std[c]`; a byte `v` of channel `c`
-    /// maps to `v * scale[c] - shift[c]` (f32, two roundings, in both implementations).
-    pub fn affine(&self) -> ([f32; 3], [f32; 3]) {
-        let scale = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
-        let shift = std::array::from_fn(|c| self.mean[c] / self.std[c]);
-        (scale, shift)
-    }
-
-    /// The mapping of every byte value, per channel.
-    pub fn lut(&self) -> Lut {
-        let (scale, shift) = self.affine();
-        Lut(std::array::from_fn(|c| {
-            std::array::from_fn(|v| v as f32 * scale[c] - shift[c])
-        }))
-    }
-}
-
-/// Byte value -> normalised f32, per channel.
-#[derive(Debug, Clone)]
-pub struct Lut(pub [[f32; 256]; 3]);
-
-impl Lut {
-    /// Maps bytes to themselves (`v as f32`): for tests and raw-pixel views.
-    pub fn identity() -> Self {
-        Lut([std::array::from_fn(|v| v as f32); 3])
-    }
-}
 
 /// The random choices for one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Checkpoints: safetensors files written atomically (temporary file, fsync, rename).
+//! Checkpoints: safetensors files written with [`model::write_atomic`].
 //!
 //! A run directory holds:
 //! - `last.safetensors`: the model's variables after the last finished epoch (weights only, the
@@ -11,8 +11,7 @@
 //!   `(seed, epoch)`.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -74,36 +73,6 @@ pub struct TrainState {
     pub history: Vec<EpochMetrics>,
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
-}
-
-/// Writes `bytes` to `path` atomically: readers see the old file or the new one, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    if let Some(dir) = path.parent() {
-        // Make the rename durable; not all platforms allow opening a directory.
-        if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        }) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
 /// Serialises named tensors (any device) with optional metadata and writes them atomically.
 pub fn save_tensors(
     path: &Path,
@@ -116,7 +85,7 @@ pub fn save_tensors(
         .collect::<candle_core::Result<_>>()?;
     let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), metadata)
         .with_context(|| format!("serialising {}", path.display()))?;
-    write_atomic(path, &bytes)
+    Ok(model::write_atomic(path, &bytes)?)
 }
 
 /// Saves the resume checkpoint: variables, optimizer tensors and the state.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 
 use crate::optim::Schedule;
+use crate::tuning::CudaTuning;
 
 /// Train the SimpleBitCnn (ternary BitLinear layers) on CIFAR-10.
 #[derive(Debug, Clone, Parser)]
@@ -75,6 +76,11 @@ pub struct Args {
     /// Stop after this many epochs have been done, as if the run had been killed (testing).
     #[arg(long, hide = true, value_parser = positive)]
     pub stop_after_epochs: Option<usize>,
+
+    /// Switches of the CUDA training path (not options of the binary: all on; benchmarks set
+    /// them).
+    #[arg(skip)]
+    pub cuda: CudaTuning,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

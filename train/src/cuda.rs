@@ -1,65 +1,62 @@
 //! Fused CUDA kernels of the training loop (feature `cuda`; kernels in `kernels/train_ops.cu`)
-//! and the CUDA device settings used for training.
-//!
-//! Each piece can be turned off with an environment variable, so that `examples/step_bench.rs`
-//! can measure what it brings (all are on by default; `TRAIN_CUDA_BASELINE=1` turns all off):
-//! * `TRAIN_CUDA_NO_ADAMW`: AdamW as tensor ops (~10 launches per variable) instead of one fused
-//!   launch per variable;
-//! * `TRAIN_CUDA_NO_AUG`: batches assembled with tensor ops and per-batch index uploads instead of
-//!   one fused kernel reading the epoch's order and crop/flip parameters, uploaded once an epoch;
-//! * `TRAIN_CUDA_NO_EVENTS`: keep cudarc's per-allocation CUDA events (two `cuEventCreate` per
-//!   buffer, useless with candle's single stream);
-//! * `TRAIN_CUDA_NO_ASYNC_CHECK`: keep bitlinear's per-call read-back of the "non-finite weight"
-//!   flag (a stream synchronization in every BitLinear forward and backward) instead of checking
-//!   the weights once an epoch.
+//! and the CUDA device settings used for training. Which of them the trainer uses is
+//! [`crate::tuning::CudaTuning`]'s choice.
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{sys, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
+use cifar::Normalizer;
 
-use crate::augment::Normalizer;
 use crate::optim::AdamWConfig;
+use crate::tuning::CudaTuning;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train_ops.ptx"));
 const MODULE: &str = "train_ops";
 const THREADS: u32 = 256;
 
-/// Whether the fused/tuned piece `what` (ADAMW, AUG, EVENTS, ASYNC_CHECK) is on.
-pub fn enabled(what: &str) -> bool {
-    let off = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0");
-    !off("TRAIN_CUDA_BASELINE") && !off(&format!("TRAIN_CUDA_NO_{what}"))
+/// Multiprocessor count of `dev`, read once per device.
+fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    static SMS: OnceLock<Mutex<HashMap<DeviceId, usize>>> = OnceLock::new();
+    let mut sms = SMS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(&n) = sms.get(&dev.id()) {
+        return Ok(n);
+    }
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?
+        .max(1) as usize;
+    sms.insert(dev.id(), n);
+    Ok(n)
 }
 
-fn cfg(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, 132 * 16) as u32;
-    LaunchConfig {
+/// A grid-stride launch over `n` elements: one thread an element, at most 16 blocks per
+/// multiprocessor (the kernels loop over the rest).
+fn cfg(dev: &CudaDevice, n: usize) -> Result<LaunchConfig> {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, sm_count(dev)? * 16) as u32;
+    Ok(LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
-/// Settings for a training process on `dev` (call before creating tensors): no per-allocation
-/// events. Also stops bitlinear's per-call host
-/// read-back of its non-finite flag (`BITLINEAR_CUDA_NO_FINITE_CHECK`); the trainer then checks
-/// the weights once an epoch ([`crate::trainer`]).
-pub fn tune_device(dev: &Device) -> Result<()> {
-    let Device::Cuda(d) = dev else { return Ok(()) };
-    if enabled("EVENTS") {
+/// Settings for a training process on `dev`, before it creates tensors: with
+/// [`CudaTuning::disable_event_tracking`], no per-allocation events.
+pub fn tune_device(dev: &Device, tuning: &CudaTuning) {
+    let Device::Cuda(d) = dev else { return };
+    if tuning.disable_event_tracking {
         // SAFETY: candle uses a single stream per device here, so no cross-stream ordering is
         // needed: the events only ever guard multi-stream use.
         unsafe { d.disable_event_tracking() };
     }
-    if enabled("ASYNC_CHECK") && std::env::var_os("BITLINEAR_CUDA_NO_FINITE_CHECK").is_none() {
-        std::env::set_var("BITLINEAR_CUDA_NO_FINITE_CHECK", "1");
-    }
-    Ok(())
-}
-
-/// Whether the per-call non-finite checks of bitlinear are off in this process (then the trainer
-/// checks the weights itself).
-pub fn finite_check_deferred() -> bool {
-    std::env::var("BITLINEAR_CUDA_NO_FINITE_CHECK").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Device pointer of a contiguous f32 CUDA tensor's first element.
@@ -129,7 +126,7 @@ pub fn adamw_step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: &AdamWConfi
         .arg(&lr);
     // SAFETY: the arguments match `adamw_f32`'s C signature; p, m, v, g each hold n f32 from the
     // given pointers; p, m and v are distinct variables (no aliasing of the written buffers).
-    unsafe { b.launch(cfg(n)) }.w()?;
+    unsafe { b.launch(cfg(dev, n)?) }.w()?;
     Ok(())
 }
 
@@ -218,7 +215,7 @@ impl CustomOp3 for Augment {
             bld.arg(&mut out);
             // SAFETY: matches `augment_u8`'s signature; order/params hold start + b entries
             // (checked above) and the order entries are indices of `images` (the caller's).
-            unsafe { bld.launch(cfg(n)) }.w()?;
+            unsafe { bld.launch(cfg(dev, n)?) }.w()?;
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -256,7 +253,7 @@ impl CustomOp2 for GatherLabels {
             let mut bld = f.builder();
             bld.arg(&labels).arg(&order).arg(&start).arg(&b).arg(&mut out);
             // SAFETY: matches `gather_labels`' signature; order holds start + b entries.
-            unsafe { bld.launch(cfg(self.b)) }.w()?;
+            unsafe { bld.launch(cfg(dev, self.b)?) }.w()?;
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(self.b)))
     }

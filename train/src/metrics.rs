@@ -49,7 +49,7 @@ pub fn to_csv(history: &[EpochMetrics]) -> String {
 
 /// Rewrites `metrics.csv` atomically from the whole history.
 pub fn write_csv(path: &Path, history: &[EpochMetrics]) -> Result<()> {
-    crate::checkpoint::write_atomic(path, to_csv(history).as_bytes())
+    Ok(model::write_atomic(path, to_csv(history).as_bytes())?)
 }
 
 /// Steady throughput: the mean images/s of the epochs after the first (which pays warm-up

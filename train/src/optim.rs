@@ -10,8 +10,8 @@
 //! Weight decay applies to every parameter (as `AdamW(model.parameters())` does).
 //!
 //! With the `cuda` feature, f32 variables on a CUDA device are updated in place by one fused
-//! kernel launch each (`crate::cuda::adamw_step`, same formula and operation order); elsewhere
-//! the update is made of tensor ops.
+//! kernel launch each (`crate::cuda::adamw_step`, same formula and operation order) unless
+//! [`AdamW::set_fused_cuda`] turned that off; elsewhere the update is made of tensor ops.
 
 use std::collections::BTreeMap;
 
@@ -51,6 +51,7 @@ pub struct AdamW {
     slots: BTreeMap<String, Slot>,
     step: u64,
     config: AdamWConfig,
+    fused_cuda: bool,
 }
 
 impl AdamW {
@@ -62,7 +63,18 @@ impl AdamW {
             let v = Var::zeros(var.shape(), var.dtype(), var.device())?;
             slots.insert(name, Slot { var, m, v });
         }
-        Ok(Self { slots, step: 0, config })
+        Ok(Self {
+            slots,
+            step: 0,
+            config,
+            fused_cuda: true,
+        })
+    }
+
+    /// Whether f32 variables on a CUDA device are updated by the fused kernel (the default) or by
+    /// tensor ops ([`crate::tuning::CudaTuning::fused_adamw`]). No effect elsewhere.
+    pub fn set_fused_cuda(&mut self, on: bool) {
+        self.fused_cuda = on;
     }
 
     /// Number of updates done so far.
@@ -96,7 +108,7 @@ impl AdamW {
             if slot.var.device().is_cuda()
                 && slot.var.dtype() == candle_core::DType::F32
                 && g.dtype() == candle_core::DType::F32
-                && crate::cuda::enabled("ADAMW")
+                && self.fused_cuda
             {
                 crate::cuda::adamw_step(
                     slot.var.as_tensor(),

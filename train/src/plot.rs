@@ -124,5 +124,5 @@ pub fn plot_history(path: &Path, history: &[EpochMetrics]) -> Result<()> {
         let mut writer = enc.write_header().map_err(err)?;
         writer.write_image_data(&buf).map_err(err)?;
     }
-    crate::checkpoint::write_atomic(path, &png)
+    Ok(model::write_atomic(path, &png)?)
 }

@@ -1,10 +1,9 @@
 mod common;
 
 use candle_core::Device;
+use cifar::{normalize_batch, Lut, Normalizer};
 use rand::SeedableRng;
-use train::augment::{
-    augment_batch_cpu, augment_batch_tensor, augment_into, images_tensor, AugParams, Lut, Normalizer,
-};
+use train::augment::{augment_batch_cpu, augment_batch_tensor, augment_into, images_tensor, AugParams};
 
 fn raw(src: &[u8], p: AugParams) -> Vec<f32> {
     let mut out = vec![0f32; 3072];
@@ -82,11 +81,12 @@ fn sampled_offsets_stay_within_the_padding_and_cover_it() {
 }
 
 #[test]
-fn normalisation_uses_the_reference_constants() {
+fn identity_augmentation_is_the_plain_normalisation() {
+    let split = common::random_split(12, 6);
     let lut = Normalizer::default().lut();
-    let want = (200.0 / 255.0 - 0.4822) / 0.1994;
-    assert!((lut.0[1][200] - want).abs() < 1e-5);
-    assert!((lut.0[0][0] - (-0.4914 / 0.2023)).abs() < 1e-5);
+    let indices: Vec<usize> = (0..12).rev().collect();
+    let aug = augment_batch_cpu(&split, &indices, &[AugParams::IDENTITY; 12], &lut);
+    assert_eq!(aug, normalize_batch(&split, &indices, &lut));
 }
 
 #[test]

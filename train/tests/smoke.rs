@@ -4,9 +4,9 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use cifar::{read_batch_file, Normalizer};
 use model::{SimpleBitCnn, SimpleBitCnnConfig};
-use train::augment::{augment_batch_cpu, AugParams, Normalizer};
-use train::data::read_batch_file;
+use train::augment::{augment_batch_cpu, AugParams};
 use train::init::{seeded_init, sorted_vars};
 use train::optim::{AdamW, AdamWConfig};
 

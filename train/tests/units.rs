@@ -101,3 +101,22 @@ fn plot_is_a_png_of_the_expected_size() {
     assert!(csv.starts_with("epoch,lr,train_loss,train_acc,test_loss,test_acc"));
     assert_eq!(train::metrics::steady_images_per_sec(&history), 100.0);
 }
+
+#[test]
+fn cuda_tuning_leaves_the_cpu_model_alone() {
+    use candle_core::Device;
+    use model::ComputeOptions;
+    use train::tuning::CudaTuning;
+    let on = CudaTuning::default();
+    assert!(
+        on.fused_adamw && on.fused_augment && on.disable_event_tracking && on.deferred_finite_check && on.fused_pool
+    );
+    let off = CudaTuning::baseline();
+    assert_ne!(on, off);
+    for t in [on, off] {
+        assert_eq!(t.compute_options(&Device::Cpu), ComputeOptions::default());
+    }
+    // The trainer's configuration carries the default tuning; the binary has no flag for it.
+    let args = <train::cli::Args as clap::Parser>::parse_from(["train"]);
+    assert_eq!(args.cuda, on);
+}

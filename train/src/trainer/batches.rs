@@ -2,10 +2,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use cifar::{Lut, Normalizer};
 
 use super::Trainer;
-use crate::augment::{self, AugParams, Lut, Normalizer};
-use crate::data;
+use crate::augment::{self, AugParams};
 
 /// Where batches are assembled: on the host with rayon, or on the device with tensor ops.
 pub(super) enum Pipeline {
@@ -30,7 +30,7 @@ pub(super) type EpochTablesOpt = std::convert::Infallible;
 impl Pipeline {
     /// The pipeline for `device`: a lookup table for the host, or both splits' images and labels
     /// uploaded once for the device.
-    pub(super) fn new(device: &Device, data: &data::Cifar10, norm: &Normalizer) -> Result<Self> {
+    pub(super) fn new(device: &Device, data: &cifar::Cifar10, norm: &Normalizer) -> Result<Self> {
         Ok(if device.is_cpu() {
             Pipeline::Cpu {
                 lut: Box::new(norm.lut()),
@@ -73,8 +73,7 @@ impl Trainer {
     }
 
     /// Batch `start..start + b` of the epoch described by `tables`, assembled on the device by the
-    /// fused kernel; `None` where that path is not available (CPU, no `cuda` feature, or turned
-    /// off with `TRAIN_CUDA_NO_AUG`).
+    /// fused kernel ([`crate::tuning::CudaTuning::fused_augment`]).
     #[cfg(feature = "cuda")]
     pub(super) fn fused_batch(
         &self,
@@ -96,14 +95,15 @@ impl Trainer {
         Ok((x, y))
     }
 
-    /// The epoch's tables for [`Self::fused_batch`], when that path is used.
+    /// The epoch's tables for [`Self::fused_batch`]; `None` where that path is not taken (not a
+    /// CUDA device, or turned off).
     #[cfg(feature = "cuda")]
     pub(super) fn fused_tables(
         &self,
         order: &[usize],
         params: &[AugParams],
     ) -> Result<Option<crate::cuda::EpochTables>> {
-        if !self.device.is_cuda() || !crate::cuda::enabled("AUG") {
+        if !self.device.is_cuda() || !self.args.cuda.fused_augment {
             return Ok(None);
         }
         Ok(Some(crate::cuda::EpochTables::new(order, params, &self.device)?))

@@ -8,14 +8,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use cifar::Normalizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use model::{SimpleBitCnn, SimpleBitCnnConfig};
 use rand::seq::SliceRandom;
 
-use crate::augment::{AugParams, Normalizer};
+use crate::augment::AugParams;
 use crate::checkpoint::{self, RunSettings, TrainState};
 use crate::cli::{Args, DeviceArg, DtypeArg};
-use crate::data;
 use crate::init;
 use crate::metrics::{self, EpochMetrics, Summary};
 use crate::optim::{AdamW, AdamWConfig, Schedule};
@@ -54,7 +54,7 @@ pub struct Trainer {
     pub varmap: VarMap,
     pub model: SimpleBitCnn,
     pub optimizer: AdamW,
-    pub data: data::Cifar10,
+    pub data: cifar::Cifar10,
     pub state: TrainState,
     pipeline: Pipeline,
     norm: Normalizer,
@@ -64,8 +64,9 @@ impl Trainer {
     /// Loads the data, builds the model and optimizer, and restores `--resume` state.
     pub fn new(args: Args) -> Result<Self> {
         let device = open_device(args.device)?;
+        let tuning = args.cuda;
         #[cfg(feature = "cuda")]
-        crate::cuda::tune_device(&device)?;
+        crate::cuda::tune_device(&device, &tuning);
         let dtype = match args.dtype {
             DtypeArg::F32 => DType::F32,
             DtypeArg::Bf16 => DType::BF16,
@@ -86,7 +87,7 @@ impl Trainer {
                 resume_path.display()
             );
         }
-        let data = data::load_cifar10(&args.data_dir, args.train_limit)?;
+        let data = cifar::load_cifar10(&args.data_dir, args.train_limit)?;
 
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
@@ -94,7 +95,8 @@ impl Trainer {
             fc1: args.fc1.into(),
             fc2: args.fc2.into(),
         };
-        let model = SimpleBitCnn::new(config, vb).context("building the model")?;
+        let model =
+            SimpleBitCnn::with_options(config, tuning.compute_options(&device), vb).context("building the model")?;
         init::seeded_init(&varmap, args.seed)?;
         let adamw = AdamWConfig {
             lr: args.lr,
@@ -102,6 +104,7 @@ impl Trainer {
             ..Default::default()
         };
         let mut optimizer = AdamW::new(init::sorted_vars(&varmap), adamw)?;
+        optimizer.set_fused_cuda(tuning.fused_adamw);
 
         let settings = RunSettings {
             fc1: config.fc1.as_str().to_string(),
@@ -173,12 +176,11 @@ impl Trainer {
         })
     }
 
-    /// Fails if a weight is NaN or infinite. On CUDA the per-call checks of the BitLinear op are
-    /// off during training (each one stalls the stream), so this keeps the contract (non-finite
-    /// weights -> an error) at epoch granularity.
+    /// Fails if a weight is NaN or infinite, where the model's BitLinear layers do not check
+    /// their weights on every call ([`crate::tuning::CudaTuning::deferred_finite_check`]): the
+    /// contract (non-finite weights -> an error) then holds at epoch granularity.
     fn check_weights_finite(&self) -> Result<()> {
-        #[cfg(feature = "cuda")]
-        if self.device.is_cuda() && crate::cuda::finite_check_deferred() {
+        if !self.model.options().check_finite {
             // 0 * x is 0 for finite x and NaN otherwise: one sum over all variables, one read.
             let mut total = Tensor::zeros((), DType::F32, &self.device)?;
             for (_, v) in init::sorted_vars(&self.varmap) {

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use cifar::{Split, IMAGE_BYTES};
 use rand::{Rng, SeedableRng};
-use train::data::{encode_records, Split, IMAGE_BYTES, TEST_FILE, TRAIN_FILES};
 
 /// `n` random images with labels `i % 10`, reproducible from `seed`.
 pub fn random_split(n: usize, seed: u64) -> Split {
@@ -18,16 +18,11 @@ pub fn random_split(n: usize, seed: u64) -> Split {
 /// Writes a complete CIFAR-10 binary directory: `per_file` random images in each training file,
 /// `test` in the test file. Returns the training and test splits as written.
 pub fn write_dataset(dir: &Path, per_file: usize, test: usize) -> (Split, Split) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut train = Split::default();
-    for (i, f) in TRAIN_FILES.iter().enumerate() {
-        let s = random_split(per_file, 100 + i as u64);
-        std::fs::write(dir.join(f), encode_records(&s)).unwrap();
-        train.images.extend_from_slice(&s.images);
-        train.labels.extend_from_slice(&s.labels);
-    }
+    let files: [Split; 5] = std::array::from_fn(|i| random_split(per_file, 100 + i as u64));
     let t = random_split(test, 7);
-    std::fs::write(dir.join(TEST_FILE), encode_records(&t)).unwrap();
+    cifar::write_cifar10(dir, &files, &t).unwrap();
+    let mut train = Split::default();
+    files.iter().for_each(|s| train.extend(s));
     (train, t)
 }
 

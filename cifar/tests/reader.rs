@@ -1,6 +1,9 @@
+//! The binary reader and writer: exact pixels and labels, file order, limits, clear errors.
 mod common;
 
-use train::data::{load_cifar10, read_batch_file, Split, IMAGE_BYTES, RECORD_BYTES, TEST_FILE, TRAIN_FILES};
+use cifar::{
+    load_cifar10, load_test, read_batch_file, Error, Split, IMAGE_BYTES, RECORD_BYTES, TEST_FILE, TRAIN_FILES,
+};
 
 #[test]
 fn loader_reads_exact_pixels_and_labels() {
@@ -123,4 +126,45 @@ fn truncate_split() {
     s.truncate(2);
     assert_eq!(s.len(), 2);
     assert_eq!(s.image(1), orig.image(1));
+}
+
+#[test]
+fn errors_are_typed_and_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("short.bin");
+    std::fs::write(&p, vec![0u8; RECORD_BYTES + 5]).unwrap();
+    match read_batch_file(&p).unwrap_err() {
+        Error::Truncated { path, len } => assert_eq!((path, len), (p, RECORD_BYTES + 5)),
+        e => panic!("unexpected {e:?}"),
+    }
+    let e = read_batch_file(&dir.path().join("nope.bin")).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    assert!(
+        e.to_string().starts_with("reading ") && e.to_string().contains("nope.bin"),
+        "{e}"
+    );
+}
+
+#[test]
+fn test_split_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, test) = common::write_dataset(dir.path(), 1, 6);
+    assert_eq!(load_test(dir.path()).unwrap(), test);
+    // Only the test file is needed.
+    for f in TRAIN_FILES {
+        std::fs::remove_file(dir.path().join(f)).unwrap();
+    }
+    assert_eq!(load_test(dir.path()).unwrap(), test);
+    std::fs::remove_file(dir.path().join(TEST_FILE)).unwrap();
+    let err = load_test(dir.path()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Missing { files, .. } if files == &[TEST_FILE]),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("cifar-10-binary.tar.gz"), "{err}");
+    let err = load_test(&dir.path().join("nope")).unwrap_err();
+    assert!(
+        matches!(&err, Error::Missing { files, .. } if files.is_empty()),
+        "{err:?}"
+    );
 }

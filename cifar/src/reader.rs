@@ -1,4 +1,4 @@
-//! A validating reader of the CIFAR-10 *binary version*.
+//! The CIFAR-10 *binary version*: reading (every record validated) and writing.
 //!
 //! Each file is a sequence of 3073-byte records: one label byte (0-9), then the 32x32 red plane,
 //! the green plane and the blue plane, each row-major (1024 bytes each). The training set is
@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::{Error, Result};
 
 /// Bytes of one image (3 planes of 32x32).
 pub const IMAGE_BYTES: usize = 3 * 32 * 32;
@@ -60,33 +60,33 @@ impl Split {
         }
     }
 
+    /// Appends the images of `other`.
+    pub fn extend(&mut self, other: &Split) {
+        self.images.extend_from_slice(&other.images);
+        self.labels.extend_from_slice(&other.labels);
+    }
+
     fn extend_from_records(&mut self, bytes: &[u8], path: &Path) -> Result<()> {
         if bytes.is_empty() {
-            bail!("{} is empty: expected records of {RECORD_BYTES} bytes", path.display());
+            return Err(Error::Empty { path: path.into() });
         }
         if !bytes.len().is_multiple_of(RECORD_BYTES) {
-            bail!(
-                "{} is truncated or not a CIFAR-10 binary file: its size, {} bytes, is not a \
-                 multiple of the record size {RECORD_BYTES} (1 label byte + 3072 pixel bytes); \
-                 {} complete records and {} stray bytes",
-                path.display(),
-                bytes.len(),
-                bytes.len() / RECORD_BYTES,
-                bytes.len() % RECORD_BYTES
-            );
+            return Err(Error::Truncated {
+                path: path.into(),
+                len: bytes.len(),
+            });
         }
         let n = bytes.len() / RECORD_BYTES;
         self.labels.reserve(n);
         self.images.reserve(n * IMAGE_BYTES);
-        for (i, rec) in bytes.chunks_exact(RECORD_BYTES).enumerate() {
+        for (record, rec) in bytes.chunks_exact(RECORD_BYTES).enumerate() {
             let label = rec[0];
             if label >= NUM_CLASSES {
-                bail!(
-                    "{}: record {i} (byte offset {}) has label {label}; CIFAR-10 labels are 0-9 \
-                     (is this the CIFAR-100 binary file, or not a CIFAR file at all?)",
-                    path.display(),
-                    i * RECORD_BYTES
-                );
+                return Err(Error::BadLabel {
+                    path: path.into(),
+                    record,
+                    label,
+                });
             }
             self.labels.push(label);
             self.images.extend_from_slice(&rec[1..]);
@@ -98,11 +98,13 @@ impl Split {
 /// CIFAR-10: training and test splits.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cifar10 {
+    /// The 50,000 training images (fewer with a limit), in file order.
     pub train: Split,
+    /// The 10,000 test images.
     pub test: Split,
 }
 
-/// The message shown when the data directory or one of its files is missing.
+/// How to get the data set, for a directory `dir` that lacks it.
 pub fn missing_data_help(dir: &Path) -> String {
     let mut files: Vec<&str> = TRAIN_FILES.to_vec();
     files.push(TEST_FILE);
@@ -118,40 +120,57 @@ pub fn missing_data_help(dir: &Path) -> String {
     )
 }
 
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|err| Error::Io {
+        action: "reading",
+        path: path.into(),
+        err,
+    })
+}
+
 /// Reads one binary batch file, validating every record.
 pub fn read_batch_file(path: &Path) -> Result<Split> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut split = Split::default();
-    split.extend_from_records(&bytes, path)?;
+    split.extend_from_records(&read(path)?, path)?;
     Ok(split)
 }
 
-/// Reads the whole data set from `dir`. With `train_limit = Some(n)` only the first `n` training
-/// images are kept (and only the files needed for them are read).
-pub fn load_cifar10(dir: &Path, train_limit: Option<usize>) -> Result<Cifar10> {
-    let paths: Vec<PathBuf> = TRAIN_FILES
-        .iter()
-        .chain(std::iter::once(&TEST_FILE))
-        .map(|f| dir.join(f))
-        .collect();
+/// The paths of `files` in `dir`, or [`Error::Missing`] naming those that are not there.
+fn existing(dir: &Path, files: &[&str]) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
-        bail!("{}", missing_data_help(dir));
+        return Err(Error::Missing {
+            dir: dir.into(),
+            files: Vec::new(),
+        });
     }
-    let missing: Vec<String> = paths
+    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    let missing: Vec<String> = files
         .iter()
-        .filter(|p| !p.is_file())
-        .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .zip(&paths)
+        .filter(|(_, p)| !p.is_file())
+        .map(|(f, _)| f.to_string())
         .collect();
     if !missing.is_empty() {
-        bail!("missing file(s) {}.\n{}", missing.join(", "), missing_data_help(dir));
+        return Err(Error::Missing {
+            dir: dir.into(),
+            files: missing,
+        });
     }
+    Ok(paths)
+}
+
+/// Reads the whole data set from `dir`. With `train_limit = Some(n)` only the first `n` training
+/// images are kept (and only the files needed for them are read). All six files must exist.
+pub fn load_cifar10(dir: &Path, train_limit: Option<usize>) -> Result<Cifar10> {
+    let mut files = TRAIN_FILES.to_vec();
+    files.push(TEST_FILE);
+    let paths = existing(dir, &files)?;
     let mut train = Split::default();
     for path in &paths[..TRAIN_FILES.len()] {
         if train_limit.is_some_and(|n| train.len() >= n) {
             break;
         }
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        train.extend_from_records(&bytes, path)?;
+        train.extend_from_records(&read(path)?, path)?;
     }
     if let Some(n) = train_limit {
         train.truncate(n);
@@ -160,8 +179,13 @@ pub fn load_cifar10(dir: &Path, train_limit: Option<usize>) -> Result<Cifar10> {
     Ok(Cifar10 { train, test })
 }
 
-/// Encodes images and labels as CIFAR-10 binary records (the inverse of [`read_batch_file`]);
-/// used to make test fixtures.
+/// Reads the test set (`test_batch.bin`) of the directory `dir`.
+pub fn load_test(dir: &Path) -> Result<Split> {
+    let paths = existing(dir, &[TEST_FILE])?;
+    read_batch_file(&paths[0])
+}
+
+/// Encodes images and labels as CIFAR-10 binary records (the inverse of [`read_batch_file`]).
 pub fn encode_records(split: &Split) -> Vec<u8> {
     let mut out = Vec::with_capacity(split.len() * RECORD_BYTES);
     for i in 0..split.len() {
@@ -169,4 +193,24 @@ pub fn encode_records(split: &Split) -> Vec<u8> {
         out.extend_from_slice(split.image(i));
     }
     out
+}
+
+/// Writes a CIFAR-10 binary directory (created if needed): `train[i]` to the `i`-th training
+/// file, `test` to the test file. Data sets for tests and benchmarks; [`load_cifar10`] reads it
+/// back, provided no split is empty.
+pub fn write_cifar10(dir: &Path, train: &[Split; 5], test: &Split) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |err| Error::Io {
+            action: "writing",
+            path,
+            err,
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for (file, split) in TRAIN_FILES.iter().chain([&TEST_FILE]).zip(train.iter().chain([test])) {
+        let path = dir.join(file);
+        std::fs::write(&path, encode_records(split)).map_err(io(&path))?;
+    }
+    Ok(())
 }

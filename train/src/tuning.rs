@@ -1,0 +1,68 @@
+//! The switches of the CUDA training path ([`CudaTuning`]).
+
+use candle_core::Device;
+use model::{ComputeOptions, PoolKernel};
+
+/// Which optimisations of the CUDA training path are on. All are on by default; each can be
+/// turned off to measure what it brings (`examples/step_bench.rs`). None changes the variables or
+/// the run's results beyond float rounding (fused AdamW sums in another order), and none has an
+/// effect on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaTuning {
+    /// AdamW updates each f32 variable with one fused kernel launch, instead of about ten tensor
+    /// ops (each a launch).
+    pub fused_adamw: bool,
+    /// Batches are assembled by one fused kernel from the epoch's sample order and crop/flip
+    /// parameters, uploaded once an epoch, instead of tensor ops and an index upload per batch.
+    pub fused_augment: bool,
+    /// cudarc's per-allocation CUDA events (two `cuEventCreate` per buffer) are turned off: they
+    /// only order work across streams, and candle uses one stream per device.
+    pub disable_event_tracking: bool,
+    /// The BitLinear layers are built without their per-call non-finite weight check (on CUDA a
+    /// read-back that waits for the stream, in every forward and backward); the trainer checks
+    /// all weights once an epoch instead, so diverged weights are still an error.
+    pub deferred_finite_check: bool,
+    /// Max pooling runs the model's fused kernels instead of generic tensor ops.
+    pub fused_pool: bool,
+}
+
+impl Default for CudaTuning {
+    fn default() -> Self {
+        Self {
+            fused_adamw: true,
+            fused_augment: true,
+            disable_event_tracking: true,
+            deferred_finite_check: true,
+            fused_pool: true,
+        }
+    }
+}
+
+impl CudaTuning {
+    /// Every switch off: the plain candle path.
+    pub fn baseline() -> Self {
+        Self {
+            fused_adamw: false,
+            fused_augment: false,
+            disable_event_tracking: false,
+            deferred_finite_check: false,
+            fused_pool: false,
+        }
+    }
+
+    /// The model's options on `device`: the defaults on the CPU; on CUDA the finite check and
+    /// the pooling these switches ask for.
+    pub fn compute_options(&self, device: &Device) -> ComputeOptions {
+        if !device.is_cuda() {
+            return ComputeOptions::default();
+        }
+        ComputeOptions {
+            check_finite: !self.deferred_finite_check,
+            pool: if self.fused_pool {
+                PoolKernel::Fused
+            } else {
+                PoolKernel::TensorOps
+            },
+        }
+    }
+}
