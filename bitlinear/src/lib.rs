@@ -5,6 +5,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
+pub mod interop;
 mod layer;
 mod layer_common;
 mod ops;
