@@ -5,9 +5,17 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// A human-readable listing of the file.
+/// A human-readable listing of the file: a packed or float safetensors file, an HF BitNet
+/// checkpoint (file or model directory) or a GGUF file.
 pub fn inspect(path: &Path) -> Result<String> {
+    if path.is_dir() {
+        let summary = crate::inspect_interop::hf_config_summary(path)?;
+        return Ok(summary + &inspect(&path.join("model.safetensors"))?);
+    }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if crate::inspect_interop::is_gguf(&bytes) {
+        return crate::inspect_interop::inspect_gguf(path, &bytes);
+    }
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
@@ -53,5 +61,8 @@ pub fn inspect(path: &Path) -> Result<String> {
         "tensors: {} bytes in all, {packed} bytes of packed ternary weights",
         total
     )?;
+    if let Some(hf) = crate::inspect_interop::hf_summary(&st)? {
+        out.push_str(&hf);
+    }
     Ok(out)
 }

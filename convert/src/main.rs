@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(version, about = "Pack, inspect and verify BitLinear (1.58-bit) SimpleBitCnn models")]
+#[command(version, about = "Pack, inspect and verify BitLinear (1.58-bit) SimpleBitCnn models; import and export HF BitNet and GGUF ternary checkpoints")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,6 +18,29 @@ enum FloatDtype {
     F32,
     Bf16,
     F16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HfClass {
+    Bitlinear,
+    Autobitlinear,
+}
+
+impl From<HfClass> for convert::hf::LinearClass {
+    fn from(c: HfClass) -> Self {
+        match c {
+            HfClass::Bitlinear => Self::BitLinear,
+            HfClass::Autobitlinear => Self::AutoBitLinear,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TernaryType {
+    #[value(name = "tq2-0")]
+    Tq2_0,
+    #[value(name = "tq1-0")]
+    Tq1_0,
 }
 
 #[derive(Subcommand)]
@@ -48,6 +71,42 @@ enum Command {
         /// CIFAR-10 binary directory (holding test_batch.bin).
         #[arg(long, default_value = "data/cifar-10-batches-bin")]
         data_dir: PathBuf,
+    },
+    /// Convert a Hugging Face transformers BitNet checkpoint (a safetensors file or a model
+    /// directory) to a packed file, layer by layer; config.json is kept in the metadata.
+    ImportHf {
+        /// model.safetensors, or a directory with config.json and model.safetensors (or shards).
+        #[arg(long)]
+        input: PathBuf,
+        /// The packed file to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// The transformers class the weight_scale is for (default: the config's
+        /// quantization_config.linear_class, else bitlinear).
+        #[arg(long, value_enum)]
+        linear_class: Option<HfClass>,
+    },
+    /// Write a packed file as a Hugging Face transformers BitNet directory (model.safetensors,
+    /// and config.json when the packed file came from one).
+    ExportHf {
+        #[arg(long)]
+        packed: PathBuf,
+        /// The directory to write into (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+        /// bitlinear: weight_scale = 1/s_w (BitLinear divides); autobitlinear: weight_scale = s_w.
+        #[arg(long, value_enum, default_value = "bitlinear")]
+        linear_class: HfClass,
+    },
+    /// Write a packed file as GGUF v3 with TQ2_0 (or TQ1_0) ternary tensors.
+    ExportGguf {
+        #[arg(long)]
+        packed: PathBuf,
+        /// The GGUF file to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "tq2-0")]
+        r#type: TernaryType,
     },
     /// Test accuracy of a packed file alone.
     Eval {
@@ -95,6 +154,45 @@ fn run(cli: Cli) -> Result<bool> {
             );
             println!("{}", if v.passed() { "verify: OK" } else { "verify: FAILED" });
             Ok(v.passed())
+        }
+        Command::ImportHf {
+            input,
+            out,
+            linear_class,
+        } => {
+            let r = convert::hf::import_hf(&input, &out, linear_class.map(Into::into))?;
+            println!(
+                "wrote {}: {} BitLinear layers ({:?} weight_scale), {} other tensors copied",
+                out.display(),
+                r.layers,
+                r.linear_class,
+                r.copied
+            );
+            Ok(true)
+        }
+        Command::ExportHf {
+            packed,
+            out,
+            linear_class,
+        } => {
+            let n = convert::hf::export_hf(&packed, &out, linear_class.into())?;
+            println!("wrote {}: {n} BitLinear layers", out.display());
+            Ok(true)
+        }
+        Command::ExportGguf { packed, out, r#type } => {
+            let ty = match r#type {
+                TernaryType::Tq2_0 => bitlinear::interop::gguf::GgmlType::TQ2_0,
+                TernaryType::Tq1_0 => bitlinear::interop::gguf::GgmlType::TQ1_0,
+            };
+            let r = convert::gguf_export::export_gguf(&packed, &out, ty)?;
+            println!(
+                "wrote {}: {} ternary tensors ({ty:?}), {} other tensors, {} bytes",
+                out.display(),
+                r.layers,
+                r.others,
+                r.bytes
+            );
+            Ok(true)
         }
         Command::Eval { packed, data_dir } => {
             let (n, acc) = convert::evaluate::eval_packed(&packed, &data_dir, &Device::Cpu)?;

@@ -1,0 +1,118 @@
+//! `export-gguf`: our packed file to a GGUF v3 file with `TQ2_0` (or `TQ1_0`) ternary tensors.
+//!
+//! Tensors: each BitLinear layer `L` becomes `L.weight`, ggml dims `[K', N]` with `K'` = K
+//! rounded up to 256 (GGUF rows are whole blocks; the extra columns are zero weights), every
+//! block's f16 scale the layer's `s_w`. Every other tensor is stored as F32, F16 or BF16 as it
+//! is (its shape reversed into ggml order). Names stay ours: the file is a valid GGUF (read by
+//! the `gguf` Python package and by ggml's reader) but not a model llama.cpp can run, which wants
+//! its own tensor names and hyperparameter keys.
+//!
+//! Metadata: `general.architecture` (`bitnet` for `BitNetForCausalLM`, else the model name in
+//! lower case), `general.name`, `general.alignment` (32), `general.file_type` (llama.cpp's
+//! `MOSTLY_TQ2_0` = 37 or `MOSTLY_TQ1_0` = 36), `general.quantization_version` (2); ours:
+//! `bitlinear.format_version`, `bitlinear.model_config` (the packed file's), and per layer
+//! `bitlinear.L.in_features` (the logical K) and `bitlinear.L.scale` (the exact f32 `s_w`, which
+//! the f16 block scales round), from which [`import_layer`] restores the layer bit for bit.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use bitlinear::interop::gguf::{GgmlType, Gguf, Value, Writer};
+use bitlinear::interop::{tq1_0, tq2_0};
+use bitlinear::PackedTernary;
+use candle_core::Device;
+use safetensors::Dtype;
+
+use crate::raw;
+
+/// What `export-gguf` wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufReport {
+    /// Ternary tensors.
+    pub layers: usize,
+    /// Other tensors.
+    pub others: usize,
+    /// Bytes written.
+    pub bytes: usize,
+}
+
+/// The GGUF `general.architecture` for one of our model names.
+fn architecture(model: &str) -> String {
+    match model {
+        "BitNetForCausalLM" => "bitnet".into(),
+        m => m.to_lowercase(),
+    }
+}
+
+/// `export-gguf`: writes `out` atomically; `ty` is [`GgmlType::TQ2_0`] or [`GgmlType::TQ1_0`].
+pub fn export_gguf(packed: &Path, out: &Path, ty: GgmlType) -> Result<GgufReport> {
+    let model = raw::read_packed(packed)?;
+    let file_type = match ty {
+        GgmlType::TQ2_0 => 37u32,
+        GgmlType::TQ1_0 => 36,
+        t => bail!("export-gguf writes TQ2_0 or TQ1_0 ternary tensors, not {t:?}"),
+    };
+    let name = model.metadata.get("model").cloned().unwrap_or_else(|| "unknown".into());
+    let mut w = Writer::new();
+    w.metadata("general.architecture", Value::String(architecture(&name)))
+        .metadata("general.name", Value::String(name))
+        .metadata("general.alignment", Value::U32(32))
+        .metadata("general.file_type", Value::U32(file_type))
+        .metadata("general.quantization_version", Value::U32(2))
+        .metadata("bitlinear.format_version", Value::U32(model::packed_file::FORMAT_VERSION));
+    if let Some(c) = model.metadata.get("model_config") {
+        w.metadata("bitlinear.model_config", Value::String(c.clone()));
+    }
+    for (layer, p) in &model.layers {
+        let data = match ty {
+            GgmlType::TQ2_0 => tq2_0::encode(p),
+            _ => tq1_0::encode(p),
+        }
+        .with_context(|| format!("layer {layer:?}"))?;
+        let k_stored = p.in_features().div_ceil(256) as u64 * 256;
+        w.metadata(&format!("bitlinear.{layer}.in_features"), Value::U64(p.in_features() as u64))
+            .metadata(&format!("bitlinear.{layer}.scale"), Value::F32(p.scale()))
+            .tensor(&format!("{layer}.weight"), vec![k_stored, p.out_features() as u64], ty, data);
+    }
+    for (tname, t) in &model.others {
+        let ty = match t.dtype {
+            Dtype::F32 => GgmlType::F32,
+            Dtype::F16 => GgmlType::F16,
+            Dtype::BF16 => GgmlType::BF16,
+            d => bail!("tensor {tname:?} has dtype {d:?}, which export-gguf does not store"),
+        };
+        let dims = t.shape.iter().rev().map(|&d| d as u64).collect();
+        w.tensor(tname, dims, ty, t.data.clone());
+    }
+    let bytes = w.to_bytes()?;
+    model::write_atomic(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    Ok(GgufReport { layers: model.layers.len(), others: model.others.len(), bytes: bytes.len() })
+}
+
+/// A ternary tensor `name` (`TQ2_0` or `TQ1_0`, dims `[K', N]`) of a parsed GGUF file as a
+/// [`PackedTernary`], using our `bitlinear.L.in_features` and `bitlinear.L.scale` metadata when
+/// present (`L` = `name` without `.weight`); otherwise `K = K'` and the blocks' f16 scale.
+pub fn import_layer(gguf: &Gguf, bytes: &[u8], name: &str) -> Result<PackedTernary> {
+    let Some(t) = gguf.tensor(name) else { bail!("no tensor {name:?}") };
+    let &[k_stored, n] = t.dims.as_slice() else {
+        bail!("tensor {name:?} has dims {:?}; a weight is 2-D", t.dims)
+    };
+    let layer = name.strip_suffix(".weight").unwrap_or(name);
+    let k = match gguf.get(&format!("bitlinear.{layer}.in_features")) {
+        Some(v) => v.as_u64().with_context(|| format!("bitlinear.{layer}.in_features is not an integer"))?,
+        None => k_stored,
+    };
+    let exact = match gguf.get(&format!("bitlinear.{layer}.scale")) {
+        Some(Value::F32(s)) => Some(*s),
+        Some(v) => bail!("bitlinear.{layer}.scale is {v:?}, expected an f32"),
+        None => None,
+    };
+    let data = gguf.data(bytes, t)?;
+    let (n, k_stored, k) = (usize::try_from(n)?, usize::try_from(k_stored)?, usize::try_from(k)?);
+    let decode = match GgmlType::from_id(t.type_id) {
+        Some(GgmlType::TQ2_0) => tq2_0::decode,
+        Some(GgmlType::TQ1_0) => tq1_0::decode,
+        _ => bail!("tensor {name:?} has ggml type {}, not TQ2_0 (35) or TQ1_0 (34)", t.type_id),
+    };
+    decode(data, n, k_stored, k, exact, &Device::Cpu).with_context(|| format!("tensor {name:?}"))
+}
