@@ -59,7 +59,10 @@ pub fn export_gguf(packed: &Path, out: &Path, ty: GgmlType) -> Result<GgufReport
         .metadata("general.alignment", Value::U32(32))
         .metadata("general.file_type", Value::U32(file_type))
         .metadata("general.quantization_version", Value::U32(2))
-        .metadata("bitlinear.format_version", Value::U32(model::packed_file::FORMAT_VERSION));
+        .metadata(
+            "bitlinear.format_version",
+            Value::U32(model::packed_file::FORMAT_VERSION),
+        );
     if let Some(c) = model.metadata.get("model_config") {
         w.metadata("bitlinear.model_config", Value::String(c.clone()));
     }
@@ -70,9 +73,17 @@ pub fn export_gguf(packed: &Path, out: &Path, ty: GgmlType) -> Result<GgufReport
         }
         .with_context(|| format!("layer {layer:?}"))?;
         let k_stored = p.in_features().div_ceil(256) as u64 * 256;
-        w.metadata(&format!("bitlinear.{layer}.in_features"), Value::U64(p.in_features() as u64))
-            .metadata(&format!("bitlinear.{layer}.scale"), Value::F32(p.scale()))
-            .tensor(&format!("{layer}.weight"), vec![k_stored, p.out_features() as u64], ty, data);
+        w.metadata(
+            &format!("bitlinear.{layer}.in_features"),
+            Value::U64(p.in_features() as u64),
+        )
+        .metadata(&format!("bitlinear.{layer}.scale"), Value::F32(p.scale()))
+        .tensor(
+            &format!("{layer}.weight"),
+            vec![k_stored, p.out_features() as u64],
+            ty,
+            data,
+        );
     }
     for (tname, t) in &model.others {
         let ty = match t.dtype {
@@ -86,20 +97,28 @@ pub fn export_gguf(packed: &Path, out: &Path, ty: GgmlType) -> Result<GgufReport
     }
     let bytes = w.to_bytes()?;
     model::write_atomic(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
-    Ok(GgufReport { layers: model.layers.len(), others: model.others.len(), bytes: bytes.len() })
+    Ok(GgufReport {
+        layers: model.layers.len(),
+        others: model.others.len(),
+        bytes: bytes.len(),
+    })
 }
 
 /// A ternary tensor `name` (`TQ2_0` or `TQ1_0`, dims `[K', N]`) of a parsed GGUF file as a
 /// [`PackedTernary`], using our `bitlinear.L.in_features` and `bitlinear.L.scale` metadata when
 /// present (`L` = `name` without `.weight`); otherwise `K = K'` and the blocks' f16 scale.
 pub fn import_layer(gguf: &Gguf, bytes: &[u8], name: &str) -> Result<PackedTernary> {
-    let Some(t) = gguf.tensor(name) else { bail!("no tensor {name:?}") };
+    let Some(t) = gguf.tensor(name) else {
+        bail!("no tensor {name:?}")
+    };
     let &[k_stored, n] = t.dims.as_slice() else {
         bail!("tensor {name:?} has dims {:?}; a weight is 2-D", t.dims)
     };
     let layer = name.strip_suffix(".weight").unwrap_or(name);
     let k = match gguf.get(&format!("bitlinear.{layer}.in_features")) {
-        Some(v) => v.as_u64().with_context(|| format!("bitlinear.{layer}.in_features is not an integer"))?,
+        Some(v) => v
+            .as_u64()
+            .with_context(|| format!("bitlinear.{layer}.in_features is not an integer"))?,
         None => k_stored,
     };
     let exact = match gguf.get(&format!("bitlinear.{layer}.scale")) {
@@ -112,7 +131,10 @@ pub fn import_layer(gguf: &Gguf, bytes: &[u8], name: &str) -> Result<PackedTerna
     let decode = match GgmlType::from_id(t.type_id) {
         Some(GgmlType::TQ2_0) => tq2_0::decode,
         Some(GgmlType::TQ1_0) => tq1_0::decode,
-        _ => bail!("tensor {name:?} has ggml type {}, not TQ2_0 (35) or TQ1_0 (34)", t.type_id),
+        _ => bail!(
+            "tensor {name:?} has ggml type {}, not TQ2_0 (35) or TQ1_0 (34)",
+            t.type_id
+        ),
     };
     decode(data, n, k_stored, k, exact, &Device::Cpu).with_context(|| format!("tensor {name:?}"))
 }

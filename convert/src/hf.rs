@@ -58,8 +58,9 @@ pub struct ImportReport {
     pub linear_class: LinearClass,
 }
 
-/// The safetensors files and the config of an HF input (a file, or a model directory with
-/// `model.safetensors` or a `model.safetensors.index.json` of shards).
+/// The safetensors files and the config of an HF input: a file (its sibling `config.json` is
+/// used when there is one), or a model directory with `config.json` and `model.safetensors` or a
+/// `model.safetensors.index.json` of shards.
 fn hf_inputs(input: &Path) -> Result<(Vec<PathBuf>, Option<String>)> {
     if !input.is_dir() {
         let config = input.parent().map(|d| d.join("config.json")).filter(|c| c.is_file());
@@ -74,9 +75,14 @@ fn hf_inputs(input: &Path) -> Result<(Vec<PathBuf>, Option<String>)> {
         return Ok((vec![single], Some(config)));
     }
     let index = input.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index)
-        .with_context(|| format!("{} has neither model.safetensors nor model.safetensors.index.json", input.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+    let text = std::fs::read_to_string(&index).with_context(|| {
+        format!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            input.display()
+        )
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
     let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
         bail!("{}: no weight_map object", index.display())
     };
@@ -91,9 +97,14 @@ fn hf_inputs(input: &Path) -> Result<(Vec<PathBuf>, Option<String>)> {
 
 /// The linear class named by a config's `quantization_config`, if any.
 fn config_linear_class(config: &serde_json::Value) -> Result<Option<LinearClass>> {
-    let Some(q) = config.get("quantization_config") else { return Ok(None) };
+    let Some(q) = config.get("quantization_config") else {
+        return Ok(None);
+    };
     if q.get("quant_method").and_then(|m| m.as_str()) != Some("bitnet") {
-        bail!("quantization_config.quant_method is {:?}, not \"bitnet\"", q.get("quant_method"))
+        bail!(
+            "quantization_config.quant_method is {:?}, not \"bitnet\"",
+            q.get("quant_method")
+        )
     }
     if q.get("quantization_mode").and_then(|m| m.as_str()) == Some("online") {
         bail!("quantization_mode \"online\": the checkpoint holds float training weights, not ternary ones")
@@ -105,7 +116,8 @@ fn config_linear_class(config: &serde_json::Value) -> Result<Option<LinearClass>
     })
 }
 
-/// Converts one HF BitLinear layer. `n_hint` is the out-features recorded by `export-hf`.
+/// Converts one HF BitLinear layer; `meta` is the checkpoint's safetensors metadata, where
+/// `export-hf` records the exact scale and an out-features count that is not a multiple of 4.
 fn import_layer(
     layer: &str,
     weight: &RawTensor,
@@ -115,7 +127,10 @@ fn import_layer(
 ) -> Result<bitlinear::PackedTernary> {
     let ws = weight_scale.to_f32().context("weight_scale")?;
     if ws.len() != 1 {
-        bail!("weight_scale has {} values, expected 1 (one scale per tensor)", ws.len())
+        bail!(
+            "weight_scale has {} values, expected 1 (one scale per tensor)",
+            ws.len()
+        )
     }
     let conv = class.convention();
     let &[rows, k] = weight.shape.as_slice() else {
@@ -124,9 +139,11 @@ fn import_layer(
     let n = match weight.dtype {
         // transformers' classes need N = 4 · rows; our exports of other N record it.
         Dtype::U8 => match meta.get(&format!("bitlinear.{layer}.out_features")) {
-            Some(v) => v.parse::<usize>().ok().filter(|n| hf_rows(*n) == rows).with_context(|| {
-                format!("bitlinear.{layer}.out_features = {v:?} does not fit {rows} packed rows")
-            })?,
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| hf_rows(*n) == rows)
+                .with_context(|| format!("bitlinear.{layer}.out_features = {v:?} does not fit {rows} packed rows"))?,
             None => rows * 4,
         },
         _ => rows,
@@ -166,7 +183,9 @@ pub fn import_hf(input: &Path, out: &Path, class: Option<LinearClass>) -> Result
     };
     let class = match class {
         Some(c) => c,
-        None => config_linear_class(&config_json).context("config.json")?.unwrap_or(LinearClass::BitLinear),
+        None => config_linear_class(&config_json)
+            .context("config.json")?
+            .unwrap_or(LinearClass::BitLinear),
     };
     let mut tensors = RawTensors::new();
     let mut file_meta = HashMap::new();
@@ -176,7 +195,12 @@ pub fn import_hf(input: &Path, out: &Path, class: Option<LinearClass>) -> Result
         if m.get("format").map(String::as_str) == Some(model::packed_file::FORMAT) {
             bail!("{} is already a packed file", f.display())
         }
-        tensors.extend(t);
+        for (name, tensor) in t {
+            if tensors.iter().any(|(n, _)| *n == name) {
+                bail!("tensor {name:?} appears in more than one shard")
+            }
+            tensors.push((name, tensor));
+        }
         file_meta.extend(m);
     }
     let by_name: HashMap<&str, &RawTensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -185,7 +209,11 @@ pub fn import_hf(input: &Path, out: &Path, class: Option<LinearClass>) -> Result
         .and_then(|a| a.get(0))
         .and_then(|a| a.as_str())
         .unwrap_or("unknown");
-    let compact = if config.is_some() { config_json.to_string() } else { "{}".to_string() };
+    let compact = if config.is_some() {
+        config_json.to_string()
+    } else {
+        "{}".to_string()
+    };
     let mut meta = raw::packed_metadata(model_name, &compact);
     meta.insert("source".into(), format!("hf-transformers-bitnet ({})", class.name()));
     let mut out_tensors = RawTensors::new();
@@ -197,22 +225,35 @@ pub fn import_hf(input: &Path, out: &Path, class: Option<LinearClass>) -> Result
             };
             let p = import_layer(layer, w, t, class, &file_meta).with_context(|| format!("layer {layer:?}"))?;
             let bytes = p.bytes().flatten_all()?.to_vec1::<u8>()?;
-            out_tensors.push((format!("{layer}.weight.packed"), RawTensor::u8(p.bytes().dims().to_vec(), bytes)));
+            out_tensors.push((
+                format!("{layer}.weight.packed"),
+                RawTensor::u8(p.bytes().dims().to_vec(), bytes),
+            ));
             out_tensors.push((format!("{layer}.weight.scale"), RawTensor::f32(vec![1], &[p.scale()])));
             meta.insert(format!("{layer}.in_features"), p.in_features().to_string());
             layers += 1;
-        } else if name.strip_suffix(".weight").is_some_and(|l| by_name.contains_key(format!("{l}.weight_scale").as_str())) {
+        } else if name
+            .strip_suffix(".weight")
+            .is_some_and(|l| by_name.contains_key(format!("{l}.weight_scale").as_str()))
+        {
             // converted with its weight_scale
         } else {
             out_tensors.push((name.clone(), t.clone()));
         }
     }
     if layers == 0 {
-        bail!("{}: no BitLinear layer (no `*.weight_scale` tensor): not an HF BitNet checkpoint", input.display())
+        bail!(
+            "{}: no BitLinear layer (no `*.weight_scale` tensor): not an HF BitNet checkpoint",
+            input.display()
+        )
     }
     let copied = out_tensors.len() - 2 * layers;
     raw::write(out, &out_tensors, meta)?;
-    Ok(ImportReport { layers, copied, linear_class: class })
+    Ok(ImportReport {
+        layers,
+        copied,
+        linear_class: class,
+    })
 }
 
 /// `export-hf`: our packed file to an HF BitNet directory `out_dir` (`model.safetensors`, and
@@ -234,7 +275,10 @@ pub fn export_hf(packed: &Path, out_dir: &Path, class: LinearClass) -> Result<us
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let config = model.metadata.get("model_config").and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok());
+    let config = model
+        .metadata
+        .get("model_config")
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok());
     if let Some(mut config) = config.filter(|c| c.get("model_type").is_some()) {
         if let Some(q) = config.get_mut("quantization_config").and_then(|q| q.as_object_mut()) {
             q.insert("linear_class".into(), class.name().into());

@@ -29,11 +29,19 @@ pub fn inspect_gguf(path: &Path, bytes: &[u8]) -> Result<String> {
     let g = Gguf::parse(bytes).with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
     let mut out = String::new();
     writeln!(out, "file: {} ({} bytes)", path.display(), bytes.len())?;
-    writeln!(out, "format: GGUF v{} (alignment {}, data at {})", g.version, g.alignment, g.data_offset)?;
+    writeln!(
+        out,
+        "format: GGUF v{} (alignment {}, data at {})",
+        g.version, g.alignment, g.data_offset
+    )?;
     for (k, v) in &g.metadata {
         writeln!(out, "{k}: {}", show(v))?;
     }
-    writeln!(out, "{:<44} {:<8} {:<16} {:>10}  ternary", "tensor", "type", "ggml dims", "bytes")?;
+    writeln!(
+        out,
+        "{:<44} {:<8} {:<16} {:>10}  ternary",
+        "tensor", "type", "ggml dims", "bytes"
+    )?;
     for t in &g.tensors {
         let ty = GgmlType::from_id(t.type_id);
         let len = ty.and_then(|ty| ty.data_len(&t.dims).ok());
@@ -64,13 +72,21 @@ pub fn hf_summary(st: &SafeTensors) -> Result<Option<String>> {
     names.sort();
     let mut out = String::new();
     for name in names {
-        let Some(layer) = name.strip_suffix(".weight_scale") else { continue };
-        let Ok(w) = st.tensor(&format!("{layer}.weight")) else { continue };
+        let Some(layer) = name.strip_suffix(".weight_scale") else {
+            continue;
+        };
+        let Ok(w) = st.tensor(&format!("{layer}.weight")) else {
+            continue;
+        };
         let s = st.tensor(name)?;
-        let ws = crate::raw::RawTensor { dtype: s.dtype(), shape: s.shape().to_vec(), data: s.data().to_vec() }
-            .to_f32()
-            .ok()
-            .and_then(|v| v.first().copied());
+        let ws = crate::raw::RawTensor {
+            dtype: s.dtype(),
+            shape: s.shape().to_vec(),
+            data: s.data().to_vec(),
+        }
+        .to_f32()
+        .ok()
+        .and_then(|v| v.first().copied());
         let scales = match ws {
             Some(ws) => format!(
                 "weight_scale {ws} (s_w {} as BitLinear, {} as AutoBitLinear)",

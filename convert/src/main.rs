@@ -7,7 +7,10 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(version, about = "Pack, inspect and verify BitLinear (1.58-bit) SimpleBitCnn models; import and export HF BitNet and GGUF ternary checkpoints")]
+#[command(
+    version,
+    about = "Pack, inspect and verify BitLinear (1.58-bit) SimpleBitCnn models; import and export HF BitNet and GGUF ternary checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

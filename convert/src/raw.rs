@@ -26,21 +26,38 @@ impl RawTensor {
     /// An f32 tensor.
     pub fn f32(shape: Vec<usize>, values: &[f32]) -> Self {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Self { dtype: Dtype::F32, shape, data }
+        Self {
+            dtype: Dtype::F32,
+            shape,
+            data,
+        }
     }
 
     /// A u8 tensor.
     pub fn u8(shape: Vec<usize>, data: Vec<u8>) -> Self {
-        Self { dtype: Dtype::U8, shape, data }
+        Self {
+            dtype: Dtype::U8,
+            shape,
+            data,
+        }
     }
 
     /// The values of a float tensor (F32, F16 or BF16) as f32, exactly.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let d = &self.data;
         Ok(match self.dtype {
-            Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            Dtype::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::F16 => d
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             t => bail!("expected a float tensor, got {t:?}"),
         })
     }
@@ -51,13 +68,18 @@ pub type RawTensors = Vec<(String, RawTensor)>;
 
 /// Parses safetensors bytes into raw tensors (sorted by name) and the metadata.
 pub fn parse(bytes: &[u8], what: &Path) -> Result<(RawTensors, HashMap<String, String>)> {
-    let st = SafeTensors::deserialize(bytes).with_context(|| format!("{} is not a valid safetensors file", what.display()))?;
+    let st = SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", what.display()))?;
     let (_, meta) = SafeTensors::read_metadata(bytes)?;
     let mut tensors: RawTensors = st
         .tensors()
         .into_iter()
         .map(|(name, v)| {
-            let t = RawTensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() };
+            let t = RawTensor {
+                dtype: v.dtype(),
+                shape: v.shape().to_vec(),
+                data: v.data().to_vec(),
+            };
             (name, t)
         })
         .collect();
@@ -104,18 +126,32 @@ pub fn read_packed(path: &Path) -> Result<PackedModel> {
     let (tensors, metadata) = parse(&bytes, path)?;
     match metadata.get("format").map(String::as_str) {
         Some(FORMAT) => {}
-        other => bail!("{}: format is {other:?}, expected {FORMAT:?} (a packed file)", path.display()),
+        other => bail!(
+            "{}: format is {other:?}, expected {FORMAT:?} (a packed file)",
+            path.display()
+        ),
     }
     if metadata.get("format_version").map(String::as_str) != Some(&FORMAT_VERSION.to_string()) {
-        bail!("{}: format_version {:?} is not supported", path.display(), metadata.get("format_version"))
+        bail!(
+            "{}: format_version {:?} is not supported",
+            path.display(),
+            metadata.get("format_version")
+        )
     }
     let by_name: HashMap<&str, &RawTensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut layers = vec![];
     for (name, t) in &tensors {
-        let Some(layer) = name.strip_suffix(".weight.packed") else { continue };
+        let Some(layer) = name.strip_suffix(".weight.packed") else {
+            continue;
+        };
         let ctx = || format!("{}: layer {layer:?}", path.display());
         let (Dtype::U8, &[n, k4]) = (t.dtype, t.shape.as_slice()) else {
-            bail!("{}: {name:?} must be U8 (N, ceil(K/4)), got {:?} {:?}", ctx(), t.dtype, t.shape)
+            bail!(
+                "{}: {name:?} must be U8 (N, ceil(K/4)), got {:?} {:?}",
+                ctx(),
+                t.dtype,
+                t.shape
+            )
         };
         let k: usize = metadata
             .get(&format!("{layer}.in_features"))
@@ -135,5 +171,9 @@ pub fn read_packed(path: &Path) -> Result<PackedModel> {
             .any(|s| n.strip_suffix(s).is_some_and(|l| layers.iter().any(|(p, _)| p == l)))
     };
     let others = tensors.into_iter().filter(|(n, _)| !is_layer_part(n)).collect();
-    Ok(PackedModel { layers, others, metadata })
+    Ok(PackedModel {
+        layers,
+        others,
+        metadata,
+    })
 }

@@ -23,7 +23,11 @@ fn load(name: &str) -> HashMap<String, Tensor> {
 /// A fixture's tensors as stored (candle does not read int8 tensors).
 fn load_raw(name: &str) -> HashMap<String, RawTensor> {
     let path = fixtures().join(name);
-    raw::parse(&std::fs::read(&path).unwrap(), &path).unwrap().0.into_iter().collect()
+    raw::parse(&std::fs::read(&path).unwrap(), &path)
+        .unwrap()
+        .0
+        .into_iter()
+        .collect()
 }
 
 fn i8s(t: &RawTensor) -> Vec<i8> {
@@ -33,7 +37,11 @@ fn i8s(t: &RawTensor) -> Vec<i8> {
 
 fn run(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_convert")).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -48,7 +56,9 @@ fn hf_packing_matches_transformers_pack_weights() {
     assert_eq!(cases, 7);
     for i in 0..cases {
         let v = &t[&format!("values.{i}")];
-        let &[n, k] = v.shape.as_slice() else { panic!("{:?}", v.shape) };
+        let &[n, k] = v.shape.as_slice() else {
+            panic!("{:?}", v.shape)
+        };
         let packed = t[&format!("packed.{i}")].data.clone();
         let values = i8s(v);
         assert_eq!(pack_hf(&values, n, k).unwrap(), packed, "case {i} ({n}, {k})");
@@ -89,7 +99,11 @@ fn imported_hf_layer_matches_transformers_bitlinear() {
         serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(kept, config);
 
-    let (_, io_meta) = raw::parse(&std::fs::read(fixtures().join("bitlinear_io.safetensors")).unwrap(), &out).unwrap();
+    let (_, io_meta) = raw::parse(
+        &std::fs::read(fixtures().join("bitlinear_io.safetensors")).unwrap(),
+        &out,
+    )
+    .unwrap();
     let io = load("bitlinear_io.safetensors");
     let layer = &io_meta["layer"];
     let (_, w) = model.layers.iter().find(|(n, _)| n == layer).unwrap();
@@ -108,7 +122,12 @@ fn autobitlinear_weight_matches_transformers() {
     let values = ternary_from_floats(&t["weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap()).unwrap();
     let ws = t["weight_scale"].to_vec1::<f32>().unwrap()[0];
     let s_w = scale_from_hf(ws, ScaleConvention::Multiply).unwrap();
-    let bytes = Tensor::from_vec(bitlinear::pack_ternary(&values, n, k).unwrap(), (n, k.div_ceil(4)), &Device::Cpu).unwrap();
+    let bytes = Tensor::from_vec(
+        bitlinear::pack_ternary(&values, n, k).unwrap(),
+        (n, k.div_ceil(4)),
+        &Device::Cpu,
+    )
+    .unwrap();
     let w = PackedTernary::from_parts(bytes, s_w, k).unwrap();
     let fc = PackedBitLinear::new(w, None, None, ActScaling::PerToken).unwrap();
     let d = max_rel_diff(&fc.forward(&t["x"]).unwrap(), &t["y"]);
@@ -145,7 +164,12 @@ fn gguf_package_file_imports_exactly() {
         }
     }
     let norm = g.tensor("norm.weight").unwrap();
-    let got: Vec<f32> = g.data(&bytes, norm).unwrap().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let got: Vec<f32> = g
+        .data(&bytes, norm)
+        .unwrap()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     assert_eq!(got, expected["norm.weight"].to_f32().unwrap());
 }
 
@@ -156,19 +180,34 @@ fn awkward_packed_file(path: &Path) -> Vec<(String, PackedTernary)> {
     let mut tensors = vec![];
     let mut meta = raw::packed_metadata("Toy", "{}");
     let mut layers = vec![];
-    for (i, (n, k)) in [(5usize, 300usize), (4, 7), (1, 256), (13, 513)].into_iter().enumerate() {
+    for (i, (n, k)) in [(5usize, 300usize), (4, 7), (1, 256), (13, 513)]
+        .into_iter()
+        .enumerate()
+    {
         let v: Vec<i8> = (0..n * k).map(|_| rng.gen_range(-1..=1)).collect();
         let bytes = bitlinear::pack_ternary(&v, n, k).unwrap();
         let scale = rng.gen_range(0.001f32..3.0);
         let name = format!("l{i}");
-        tensors.push((format!("{name}.weight.packed"), RawTensor::u8(vec![n, k.div_ceil(4)], bytes.clone())));
+        tensors.push((
+            format!("{name}.weight.packed"),
+            RawTensor::u8(vec![n, k.div_ceil(4)], bytes.clone()),
+        ));
         tensors.push((format!("{name}.weight.scale"), RawTensor::f32(vec![1], &[scale])));
         meta.insert(format!("{name}.in_features"), k.to_string());
         let t = Tensor::from_vec(bytes, (n, k.div_ceil(4)), &Device::Cpu).unwrap();
         layers.push((name, PackedTernary::from_parts(t, scale, k).unwrap()));
     }
-    let norm: Vec<u8> = (0..6).flat_map(|i| half::bf16::from_f32(i as f32 * 0.7).to_le_bytes()).collect();
-    tensors.push(("norm".into(), RawTensor { dtype: safetensors::Dtype::BF16, shape: vec![2, 3], data: norm }));
+    let norm: Vec<u8> = (0..6)
+        .flat_map(|i| half::bf16::from_f32(i as f32 * 0.7).to_le_bytes())
+        .collect();
+    tensors.push((
+        "norm".into(),
+        RawTensor {
+            dtype: safetensors::Dtype::BF16,
+            shape: vec![2, 3],
+            data: norm,
+        },
+    ));
     raw::write(path, &tensors, meta).unwrap();
     layers
 }
@@ -179,7 +218,11 @@ fn same(a: &[(String, PackedTernary)], b: &[(String, PackedTernary)]) {
         assert_eq!(na, nb);
         assert_eq!(pa.in_features(), pb.in_features(), "{na}");
         assert_eq!(pa.scale().to_bits(), pb.scale().to_bits(), "{na}");
-        assert_eq!(pa.bytes().to_vec2::<u8>().unwrap(), pb.bytes().to_vec2::<u8>().unwrap(), "{na}");
+        assert_eq!(
+            pa.bytes().to_vec2::<u8>().unwrap(),
+            pb.bytes().to_vec2::<u8>().unwrap(),
+            "{na}"
+        );
     }
 }
 
@@ -192,11 +235,27 @@ fn files_round_trip_exactly() {
     same(&layers, &original.layers);
     for class in ["bitlinear", "autobitlinear"] {
         let hf = p(&format!("hf-{class}"));
-        let (ok, text) = run(&["export-hf", "--packed", s(&p("a.safetensors")), "--out", s(&hf), "--linear-class", class]);
+        let (ok, text) = run(&[
+            "export-hf",
+            "--packed",
+            s(&p("a.safetensors")),
+            "--out",
+            s(&hf),
+            "--linear-class",
+            class,
+        ]);
         assert!(ok, "{text}");
         let back = p(&format!("back-{class}.safetensors"));
         let input = hf.join("model.safetensors");
-        let (ok, text) = run(&["import-hf", "--input", s(&input), "--out", s(&back), "--linear-class", class]);
+        let (ok, text) = run(&[
+            "import-hf",
+            "--input",
+            s(&input),
+            "--out",
+            s(&back),
+            "--linear-class",
+            class,
+        ]);
         assert!(ok, "{text}");
         let m = raw::read_packed(&back).unwrap();
         same(&layers, &m.layers);
@@ -204,13 +263,26 @@ fn files_round_trip_exactly() {
     }
     for ty in ["tq2-0", "tq1-0"] {
         let out = p(&format!("m-{ty}.gguf"));
-        let (ok, text) = run(&["export-gguf", "--packed", s(&p("a.safetensors")), "--out", s(&out), "--type", ty]);
+        let (ok, text) = run(&[
+            "export-gguf",
+            "--packed",
+            s(&p("a.safetensors")),
+            "--out",
+            s(&out),
+            "--type",
+            ty,
+        ]);
         assert!(ok, "{text}");
         let bytes = std::fs::read(&out).unwrap();
         let g = Gguf::parse(&bytes).unwrap();
         let back: Vec<_> = layers
             .iter()
-            .map(|(n, _)| (n.clone(), convert::gguf_export::import_layer(&g, &bytes, &format!("{n}.weight")).unwrap()))
+            .map(|(n, _)| {
+                (
+                    n.clone(),
+                    convert::gguf_export::import_layer(&g, &bytes, &format!("{n}.weight")).unwrap(),
+                )
+            })
             .collect();
         same(&layers, &back);
         let norm = g.tensor("norm").unwrap();
@@ -243,11 +315,17 @@ fn inspect_understands_gguf_and_hf() {
     let (ok, text) = run(&["inspect", s(&fixtures().join("tq.gguf"))]);
     assert!(ok, "{text}");
     assert!(text.contains("format: GGUF v3"), "{text}");
-    assert!(text.contains("TQ1_0") && text.contains("(5, 512) scale 0.375"), "{text}");
+    assert!(
+        text.contains("TQ1_0") && text.contains("(5, 512) scale 0.375"),
+        "{text}"
+    );
     let (ok, text) = run(&["inspect", s(&fixtures().join("tiny-bitnet"))]);
     assert!(ok, "{text}");
     assert!(text.contains("model_type \"bitnet\""), "{text}");
-    assert!(text.contains("model.layers.0.self_attn.q_proj: packed (64, 64)"), "{text}");
+    assert!(
+        text.contains("model.layers.0.self_attn.q_proj: packed (64, 64)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -258,7 +336,12 @@ fn malformed_inputs_are_clear_errors_and_leave_no_file() {
     awkward_packed_file(&p("packed.safetensors"));
     // Not an HF BitNet checkpoint: no weight_scale tensors.
     let plain = p("plain.safetensors");
-    raw::write(&plain, &vec![("w".into(), RawTensor::f32(vec![2], &[1.0, 2.0]))], HashMap::new()).unwrap();
+    raw::write(
+        &plain,
+        &vec![("w".into(), RawTensor::f32(vec![2], &[1.0, 2.0]))],
+        HashMap::new(),
+    )
+    .unwrap();
     let (ok, text) = run(&["import-hf", "--input", s(&plain), "--out", s(&out)]);
     assert!(!ok && text.contains("not an HF BitNet checkpoint"), "{text}");
     // A packed file is not an HF checkpoint either.

@@ -191,7 +191,11 @@ impl<'a> Reader<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            _ => bail!("GGUF truncated: {what} of {n} bytes at offset {} runs past the end ({} bytes)", self.pos, self.bytes.len()),
+            _ => bail!(
+                "GGUF truncated: {what} of {n} bytes at offset {} runs past the end ({} bytes)",
+                self.pos,
+                self.bytes.len()
+            ),
         }
     }
     fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
@@ -286,7 +290,12 @@ impl Gguf {
             let dims = (0..rank).map(|_| r.u64("tensor dim")).collect::<Result<Vec<_>>>()?;
             let type_id = r.u32("tensor type")?;
             let offset = r.u64("tensor offset")?;
-            tensors.push(TensorInfo { name, dims, type_id, offset });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                type_id,
+                offset,
+            });
         }
         let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
             None => DEFAULT_ALIGNMENT,
@@ -296,10 +305,20 @@ impl Gguf {
             },
         };
         let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
-        let gguf = Self { version, metadata, tensors, alignment, data_offset };
+        let gguf = Self {
+            version,
+            metadata,
+            tensors,
+            alignment,
+            data_offset,
+        };
         for t in &gguf.tensors {
             if t.offset % alignment != 0 {
-                bail!("GGUF tensor {:?} offset {} is not a multiple of the alignment {alignment}", t.name, t.offset)
+                bail!(
+                    "GGUF tensor {:?} offset {} is not a multiple of the alignment {alignment}",
+                    t.name,
+                    t.offset
+                )
             }
             if GgmlType::from_id(t.type_id).is_some() {
                 gguf.data(bytes, t)?;
@@ -321,14 +340,24 @@ impl Gguf {
     /// The data of tensor `t` in the file `bytes` (the ones parsed); its type must be known.
     pub fn data<'a>(&self, bytes: &'a [u8], t: &TensorInfo) -> Result<&'a [u8]> {
         let Some(ty) = GgmlType::from_id(t.type_id) else {
-            bail!("GGUF tensor {:?} has ggml type {}, which this crate does not read", t.name, t.type_id)
+            bail!(
+                "GGUF tensor {:?} has ggml type {}, which this crate does not read",
+                t.name,
+                t.type_id
+            )
         };
-        let len = ty.data_len(&t.dims).map_err(|e| candle_core::Error::msg(format!("tensor {:?}: {e}", t.name)))?;
+        let len = ty
+            .data_len(&t.dims)
+            .map_err(|e| candle_core::Error::msg(format!("tensor {:?}: {e}", t.name)))?;
         let start = self.data_offset.checked_add(t.offset);
         let end = start.and_then(|s| s.checked_add(len));
         match (start, end) {
             (Some(s), Some(e)) if e <= bytes.len() as u64 => Ok(&bytes[s as usize..e as usize]),
-            _ => bail!("GGUF tensor {:?} ({len} bytes at data offset {}) runs past the end of the file", t.name, t.offset),
+            _ => bail!(
+                "GGUF tensor {:?} ({len} bytes at data offset {}) runs past the end of the file",
+                t.name,
+                t.offset
+            ),
         }
     }
 }
@@ -401,9 +430,10 @@ impl Writer {
             }
         }
         let alignment = match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
-            Some((_, v)) => v.as_u64().filter(|a| *a > 0 && a.is_power_of_two()).ok_or_else(|| {
-                candle_core::Error::msg(format!("general.alignment {v:?} is not a power of two"))
-            })?,
+            Some((_, v)) => v
+                .as_u64()
+                .filter(|a| *a > 0 && a.is_power_of_two())
+                .ok_or_else(|| candle_core::Error::msg(format!("general.alignment {v:?} is not a power of two")))?,
             None => DEFAULT_ALIGNMENT,
         } as usize;
         let mut seen = std::collections::HashSet::new();

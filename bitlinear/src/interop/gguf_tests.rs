@@ -7,7 +7,12 @@ fn sample() -> Writer {
         .metadata("x.list", Value::Array(4, vec![Value::U32(1), Value::U32(7)]))
         .metadata("x.f", Value::F32(0.25))
         .metadata("x.b", Value::Bool(true))
-        .tensor("a", vec![3], GgmlType::F32, [1f32, 2., 3.].iter().flat_map(|v| v.to_le_bytes()).collect())
+        .tensor(
+            "a",
+            vec![3],
+            GgmlType::F32,
+            [1f32, 2., 3.].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
         .tensor("t", vec![256, 2], GgmlType::TQ2_0, vec![0x55; 132]);
     w
 }
@@ -21,7 +26,10 @@ fn writes_and_reads_back() {
     assert_eq!(g.alignment, 64);
     assert_eq!(g.data_offset % 64, 0);
     assert_eq!(g.get("general.architecture"), Some(&Value::String("bitnet".into())));
-    assert_eq!(g.get("x.list"), Some(&Value::Array(4, vec![Value::U32(1), Value::U32(7)])));
+    assert_eq!(
+        g.get("x.list"),
+        Some(&Value::Array(4, vec![Value::U32(1), Value::U32(7)]))
+    );
     assert_eq!(g.get("x.b"), Some(&Value::Bool(true)));
     let a = g.tensor("a").unwrap();
     assert_eq!(g.data(&bytes, a).unwrap(), &sample().tensors[0].3[..]);

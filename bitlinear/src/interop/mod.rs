@@ -1,4 +1,4 @@
-//! Conversions between [`PackedTernary`](crate::PackedTernary) and the other formats that hold
+//! Conversions between [`PackedTernary`] and the other formats that hold
 //! 1.58-bit weights, one module per format, plus the GGUF container that two of them live in.
 //!
 //! | format | module | into `PackedTernary` | out of it |
@@ -27,7 +27,13 @@ use candle_core::{bail, Device, Result, Tensor};
 use crate::packed::{pack_ternary, packed_len, PackedTernary};
 
 /// Builds a `PackedTernary` from ternary values `(n, k)` row-major and a scale.
-pub(crate) fn packed_from_values(values: &[i8], n: usize, k: usize, scale: f32, device: &Device) -> Result<PackedTernary> {
+pub(crate) fn packed_from_values(
+    values: &[i8],
+    n: usize,
+    k: usize,
+    scale: f32,
+    device: &Device,
+) -> Result<PackedTernary> {
     let bytes = pack_ternary(values, n, k)?;
     let bytes = Tensor::from_vec(bytes, (n, packed_len(k)), device)?;
     PackedTernary::from_parts(bytes, scale, k)
@@ -101,6 +107,15 @@ pub(crate) mod test_util {
     }
 
     /// Sizes that are and are not multiples of 4 and 256.
-    pub const SIZES: [(usize, usize); 9] =
-        [(1, 1), (3, 5), (4, 4), (5, 255), (7, 256), (8, 257), (13, 300), (2, 513), (0, 7)];
+    pub const SIZES: [(usize, usize); 9] = [
+        (1, 1),
+        (3, 5),
+        (4, 4),
+        (5, 255),
+        (7, 256),
+        (8, 257),
+        (13, 300),
+        (2, 513),
+        (0, 7),
+    ];
 }

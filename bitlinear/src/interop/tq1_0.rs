@@ -46,10 +46,8 @@ pub fn encode(weight: &PackedTernary) -> Result<Vec<u8>> {
         for chunk in row.chunks(BLOCK) {
             let code = |e: usize| chunk.get(e).map_or(1u16, |&w| (w + 1) as u16); // padding: zero weight
             for i in 0..52 {
-                let q = digits(i)
-                    .iter()
-                    .fold(0u16, |q, e| 3 * q + e.map_or(0, code));
-                out.push(((q * 256 + 242) / 243) as u8);
+                let q = digits(i).iter().fold(0u16, |q, e| 3 * q + e.map_or(0, code));
+                out.push((q * 256).div_ceil(243) as u8);
             }
             out.extend_from_slice(&d);
         }
@@ -60,7 +58,14 @@ pub fn encode(weight: &PackedTernary) -> Result<Vec<u8>> {
 /// Decodes `n` rows of `k_stored` (a multiple of 256) weights of `TQ1_0` data, keeping the first
 /// `k` of each row (the padding must be zero weights), into a [`PackedTernary`] on `device`;
 /// `exact_scale` as in [`super::tq2_0::decode`].
-pub fn decode(data: &[u8], n: usize, k_stored: usize, k: usize, exact_scale: Option<f32>, device: &Device) -> Result<PackedTernary> {
+pub fn decode(
+    data: &[u8],
+    n: usize,
+    k_stored: usize,
+    k: usize,
+    exact_scale: Option<f32>,
+    device: &Device,
+) -> Result<PackedTernary> {
     let (values, scales) = decode_blocks(data, n, k_stored, k, "TQ1_0", BLOCK_BYTES, |b, vals| {
         for (i, &byte) in b[..52].iter().enumerate() {
             for (j, e) in digits(i).iter().enumerate() {
@@ -90,7 +95,7 @@ mod tests {
     fn every_byte_value_decodes_to_its_digits() {
         // All 243 five-digit numbers survive the ceil(q·256/243) storage.
         for q in 0u16..243 {
-            let byte = ((q * 256 + 242) / 243) as u8;
+            let byte = (q * 256).div_ceil(243) as u8;
             let got: Vec<u16> = POW3.iter().map(|&p| (byte.wrapping_mul(p) as u16 * 3) >> 8).collect();
             let want: Vec<u16> = (0..5).rev().map(|j| (q / 3u16.pow(j)) % 3).collect();
             assert_eq!(got, want, "q = {q}");
@@ -132,6 +137,9 @@ mod tests {
         assert!(decode(&bad, 1, 256, 3, None, &Device::Cpu).is_err());
         let mut pad = data.clone();
         pad[5] = 0; // weights 5, 37, ... = -1, past K = 3
-        assert!(decode(&pad, 1, 256, 3, None, &Device::Cpu).unwrap_err().to_string().contains("padding"));
+        assert!(decode(&pad, 1, 256, 3, None, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+            .contains("padding"));
     }
 }

@@ -52,7 +52,14 @@ pub fn encode(weight: &PackedTernary) -> Result<Vec<u8>> {
 /// `k` of each row (the padding beyond must be zero weights), into a [`PackedTernary`] on
 /// `device`. `exact_scale` is the f32 scale recorded beside the data, if any (see the module
 /// docs for the scale rule).
-pub fn decode(data: &[u8], n: usize, k_stored: usize, k: usize, exact_scale: Option<f32>, device: &Device) -> Result<PackedTernary> {
+pub fn decode(
+    data: &[u8],
+    n: usize,
+    k_stored: usize,
+    k: usize,
+    exact_scale: Option<f32>,
+    device: &Device,
+) -> Result<PackedTernary> {
     let (values, scales) = decode_blocks(data, n, k_stored, k, "TQ2_0", BLOCK_BYTES, |b, vals| {
         for (e, v) in vals.iter_mut().enumerate() {
             let (byte, shift) = position(e);
@@ -63,6 +70,9 @@ pub fn decode(data: &[u8], n: usize, k_stored: usize, k: usize, exact_scale: Opt
     let scale = super::block_scale(&scales, exact_scale, "TQ2_0")?;
     super::packed_from_values(&values, n, k, scale, device)
 }
+
+/// Each block's f16 scale bits and whether it holds a non-zero weight.
+pub(crate) type BlockScales = Vec<(u16, bool)>;
 
 /// The shared block walk of the block formats: checks sizes, decodes each block's 256 codes
 /// (`w + 1`, in 0..=2, else an error) with `block`, which returns the f16 scale bits, and keeps
@@ -75,14 +85,17 @@ pub(crate) fn decode_blocks(
     format: &str,
     block_bytes: usize,
     block: impl Fn(&[u8], &mut [u8; BLOCK]) -> u16,
-) -> Result<(Vec<i8>, Vec<(u16, bool)>)> {
-    if k_stored != k.div_ceil(BLOCK) * BLOCK {
+) -> Result<(Vec<i8>, BlockScales)> {
+    if k.checked_next_multiple_of(BLOCK) != Some(k_stored) {
         bail!("{format}: a row of {k_stored} stored weights does not hold {k} weights: rows are {k} weights padded to whole blocks of {BLOCK}")
     }
     let blocks = k_stored / BLOCK;
     let expected = n.checked_mul(blocks).and_then(|b| b.checked_mul(block_bytes));
     if expected != Some(data.len()) {
-        bail!("{format}: {} bytes of data for ({n}, {k_stored}) weights, expected {expected:?}", data.len())
+        bail!(
+            "{format}: {} bytes of data for ({n}, {k_stored}) weights, expected {expected:?}",
+            data.len()
+        )
     }
     let mut values = Vec::with_capacity(n * k);
     let mut scales = Vec::with_capacity(n * blocks);
@@ -99,7 +112,10 @@ pub(crate) fn decode_blocks(
             if col0 + e < k {
                 values.push(c as i8 - 1);
             } else if c != 1 {
-                bail!("{format}: row {row} has a non-zero weight at padding column {} (K = {k})", col0 + e)
+                bail!(
+                    "{format}: row {row} has a non-zero weight at padding column {} (K = {k})",
+                    col0 + e
+                )
             }
         }
         scales.push((d, nonzero));
@@ -177,9 +193,15 @@ mod tests {
         assert!(decode(&data, 1, 255, 3, None, &Device::Cpu).is_err());
         let mut bad = data.clone();
         bad[0] |= 0b11;
-        assert!(decode(&bad, 1, 256, 3, None, &Device::Cpu).unwrap_err().to_string().contains("code 3"));
+        assert!(decode(&bad, 1, 256, 3, None, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+            .contains("code 3"));
         let mut pad = data.clone();
         pad[3] = 0b01_01_01_10; // weight 3 = +1, past K = 3
-        assert!(decode(&pad, 1, 256, 3, None, &Device::Cpu).unwrap_err().to_string().contains("padding"));
+        assert!(decode(&pad, 1, 256, 3, None, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+            .contains("padding"));
     }
 }
