@@ -220,5 +220,10 @@ mod tests {
         }
         // Most f32 scales have an exact reciprocal partner; the rest are one rounding away.
         assert!(exact > 1500, "{exact}");
+        // 1.9900001 has none: every f32 r near 1/s gives 1/r != s.
+        let s = f32::from_bits(0x3ffe_b853);
+        let r = scale_to_hf(s, ScaleConvention::Divide);
+        assert_eq!(r, 1.0 / s);
+        assert_ne!(scale_from_hf(r, ScaleConvention::Divide).unwrap(), s);
     }
 }
