@@ -46,7 +46,7 @@ pub fn inspect_gguf(path: &Path, bytes: &[u8]) -> Result<String> {
         let ty = GgmlType::from_id(t.type_id);
         let len = ty.and_then(|ty| ty.data_len(&t.dims).ok());
         let ternary = match ty {
-            Some(GgmlType::TQ1_0 | GgmlType::TQ2_0) => match crate::gguf_export::import_layer(&g, bytes, &t.name) {
+            Some(GgmlType::TQ1_0 | GgmlType::TQ2_0) => match crate::gguf_file::import_layer(&g, bytes, &t.name) {
                 Ok(p) => format!("({}, {}) scale {}", p.out_features(), p.in_features(), p.scale()),
                 Err(e) => format!("not importable: {e:#}"),
             },

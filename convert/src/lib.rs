@@ -4,12 +4,12 @@
 //! One file per concept: [`checkpoint`] (reading a float checkpoint), [`inspect`] (listing any
 //! safetensors file), [`evaluate`] (running a model over the CIFAR-10 test set; `verify` and
 //! `eval`). The interop formats: [`hf`] (`import-hf`, `export-hf`: Hugging Face transformers
-//! BitNet checkpoints), [`gguf_export`] (`export-gguf`), [`inspect_interop`] (their listings),
+//! BitNet checkpoints), [`gguf_file`] (`export-gguf`, `import-gguf`), [`inspect_interop`] (their listings),
 //! over [`raw`] (safetensors files as raw tensors, packed files of any model).
 
 pub mod checkpoint;
 pub mod evaluate;
-pub mod gguf_export;
+pub mod gguf_file;
 pub mod hf;
 pub mod inspect;
 pub mod inspect_interop;

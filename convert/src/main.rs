@@ -111,6 +111,15 @@ enum Command {
         #[arg(long, value_enum, default_value = "tq2-0")]
         r#type: TernaryType,
     },
+    /// Convert a GGUF file's TQ2_0/TQ1_0 tensors (one scale each) to a packed file; F32, F16 and
+    /// BF16 tensors are copied.
+    ImportGguf {
+        #[arg(long)]
+        input: PathBuf,
+        /// The packed file to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Test accuracy of a packed file alone.
     Eval {
         #[arg(long)]
@@ -187,13 +196,23 @@ fn run(cli: Cli) -> Result<bool> {
                 TernaryType::Tq2_0 => bitlinear::interop::gguf::GgmlType::TQ2_0,
                 TernaryType::Tq1_0 => bitlinear::interop::gguf::GgmlType::TQ1_0,
             };
-            let r = convert::gguf_export::export_gguf(&packed, &out, ty)?;
+            let r = convert::gguf_file::export_gguf(&packed, &out, ty)?;
             println!(
                 "wrote {}: {} ternary tensors ({ty:?}), {} other tensors, {} bytes",
                 out.display(),
                 r.layers,
                 r.others,
                 r.bytes
+            );
+            Ok(true)
+        }
+        Command::ImportGguf { input, out } => {
+            let r = convert::gguf_file::import_gguf(&input, &out)?;
+            println!(
+                "wrote {}: {} ternary layers, {} other tensors copied",
+                out.display(),
+                r.layers,
+                r.copied
             );
             Ok(true)
         }

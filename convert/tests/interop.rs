@@ -142,7 +142,7 @@ fn gguf_package_file_imports_exactly() {
     assert_eq!(g.version, 3);
     let expected = load_raw("tq_expected.safetensors");
     for name in ["tq2.a", "tq2.b", "tq2.zeros", "tq1.a", "tq1.b"] {
-        let p = convert::gguf_export::import_layer(&g, &bytes, name).unwrap();
+        let p = convert::gguf_file::import_layer(&g, &bytes, name).unwrap();
         let want = i8s(&expected[&format!("{name}.values")]);
         assert_eq!(p.unpack().unwrap(), want, "{name}");
         let scale = expected[&format!("{name}.scale")].to_f32().unwrap()[0];
@@ -285,7 +285,7 @@ fn files_round_trip_exactly() {
             .map(|(n, _)| {
                 (
                     n.clone(),
-                    convert::gguf_export::import_layer(&g, &bytes, &format!("{n}.weight")).unwrap(),
+                    convert::gguf_file::import_layer(&g, &bytes, &format!("{n}.weight")).unwrap(),
                 )
             })
             .collect();
@@ -293,6 +293,14 @@ fn files_round_trip_exactly() {
         let norm = g.tensor("norm").unwrap();
         assert_eq!((norm.dims.clone(), norm.type_id), (vec![3, 2], GgmlType::BF16.id()));
         assert_eq!(g.data(&bytes, norm).unwrap(), &original.others[0].1.data[..]);
+        // And the whole file back: the same layers and tensors.
+        let back = p(&format!("back-{ty}.safetensors"));
+        let (ok, text) = run(&["import-gguf", "--input", s(&out), "--out", s(&back)]);
+        assert!(ok, "{text}");
+        let m = raw::read_packed(&back).unwrap();
+        same(&layers, &m.layers);
+        assert_eq!(m.others, original.others);
+        assert_eq!(m.metadata["model"], "Toy");
     }
 }
 

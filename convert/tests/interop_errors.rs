@@ -188,3 +188,27 @@ fn exports_reject_non_packed_input_and_inspect_rejects_bad_gguf() {
     let (ok, e) = run(&["inspect", s(&gguf)]);
     assert!(!ok && e.contains("version 7"), "{e}");
 }
+
+#[test]
+fn import_gguf_explains_what_it_cannot_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop/tq.gguf");
+    // The gguf package's file imports (one scale per tensor, f16 precision).
+    let (ok, e) = run(&["import-gguf", "--input", s(&fixture), "--out", s(&out)]);
+    assert!(ok, "{e}");
+    assert!(e.contains("5 ternary layers, 1 other tensors"), "{e}");
+    std::fs::remove_file(&out).unwrap();
+    // Blocks of one tensor with different scales: named, and no file written.
+    let bytes = std::fs::read(&fixture).unwrap();
+    let g = bitlinear::interop::gguf::Gguf::parse(&bytes).unwrap();
+    let t = g.tensor("tq2.a").unwrap();
+    let at = (g.data_offset + t.offset) as usize + 66 + 64; // block 1's scale
+    let mut bad = bytes.clone();
+    bad[at..at + 2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+    let input = dir.path().join("bad.gguf");
+    std::fs::write(&input, &bad).unwrap();
+    let (ok, e) = run(&["import-gguf", "--input", s(&input), "--out", s(&out)]);
+    assert!(!ok && e.contains("block 1 has scale 0.5 but block 0 has 0.375"), "{e}");
+    assert!(!out.exists());
+}

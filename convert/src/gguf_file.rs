@@ -1,4 +1,5 @@
-//! `export-gguf`: our packed file to a GGUF v3 file with `TQ2_0` (or `TQ1_0`) ternary tensors.
+//! `export-gguf` (our packed file to a GGUF v3 file with `TQ2_0` or `TQ1_0` ternary tensors) and
+//! `import-gguf` (back, or from any GGUF whose ternary tensors each carry one scale).
 //!
 //! Tensors: each BitLinear layer `L` becomes `L.weight`, ggml dims `[K', N]` with `K'` = K
 //! rounded up to 256 (GGUF rows are whole blocks; the extra columns are zero weights), every
@@ -23,7 +24,7 @@ use bitlinear::PackedTernary;
 use candle_core::Device;
 use safetensors::Dtype;
 
-use crate::raw;
+use crate::raw::{self, RawTensor, RawTensors};
 
 /// What `export-gguf` wrote.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,4 +138,78 @@ pub fn import_layer(gguf: &Gguf, bytes: &[u8], name: &str) -> Result<PackedTerna
         ),
     };
     decode(data, n, k_stored, k, exact, &Device::Cpu).with_context(|| format!("tensor {name:?}"))
+}
+
+/// What `import-gguf` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufImport {
+    /// Ternary tensors converted to packed layers.
+    pub layers: usize,
+    /// F32/F16/BF16 tensors copied.
+    pub copied: usize,
+}
+
+/// `import-gguf`: a GGUF file to our packed file, written atomically. Every `TQ2_0`/`TQ1_0`
+/// tensor `L.weight` becomes the layer `L` ([`import_layer`]: exact when our metadata is there,
+/// an error naming the blocks when its blocks carry different scales); F32, F16 and BF16
+/// tensors are copied with their shape turned back from ggml order; any other type is an error.
+/// `model` comes from `general.name`, `model_config` from `bitlinear.model_config` (else `{}`).
+pub fn import_gguf(input: &Path, out: &Path) -> Result<GgufImport> {
+    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let g = Gguf::parse(&bytes).with_context(|| format!("{} is not a valid GGUF file", input.display()))?;
+    let text = |key: &str| match g.get(key) {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let name = text("general.name").unwrap_or_else(|| "unknown".into());
+    let mut meta = raw::packed_metadata(&name, &text("bitlinear.model_config").unwrap_or_else(|| "{}".into()));
+    meta.insert("source".into(), format!("gguf v{}", g.version));
+    let mut tensors = RawTensors::new();
+    let mut layers = 0;
+    for t in &g.tensors {
+        let dtype = match GgmlType::from_id(t.type_id) {
+            Some(GgmlType::TQ2_0 | GgmlType::TQ1_0) => {
+                let p = import_layer(&g, &bytes, &t.name)?;
+                let layer = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+                let packed = p.bytes().flatten_all()?.to_vec1::<u8>()?;
+                tensors.push((
+                    format!("{layer}.weight.packed"),
+                    RawTensor::u8(p.bytes().dims().to_vec(), packed),
+                ));
+                tensors.push((format!("{layer}.weight.scale"), RawTensor::f32(vec![1], &[p.scale()])));
+                meta.insert(format!("{layer}.in_features"), p.in_features().to_string());
+                layers += 1;
+                continue;
+            }
+            Some(GgmlType::F32) => Dtype::F32,
+            Some(GgmlType::F16) => Dtype::F16,
+            Some(GgmlType::BF16) => Dtype::BF16,
+            None => bail!(
+                "tensor {:?} has ggml type {}, which import-gguf does not read",
+                t.name,
+                t.type_id
+            ),
+        };
+        let shape = t
+            .dims
+            .iter()
+            .rev()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        tensors.push((
+            t.name.clone(),
+            RawTensor {
+                dtype,
+                shape,
+                data: g.data(&bytes, t)?.to_vec(),
+            },
+        ));
+    }
+    if layers == 0 {
+        bail!("{}: no TQ2_0 or TQ1_0 tensor to import", input.display())
+    }
+    let copied = tensors.len() - 2 * layers;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    raw::write(out, &tensors, meta)?;
+    Ok(GgufImport { layers, copied })
 }
