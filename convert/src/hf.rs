@@ -5,8 +5,8 @@
 //! `(ceil(N/4), K)`, packed; or, for `AutoBitLinear` in offline mode, a float `(N, K)` holding
 //! -1/0/1) and `L.weight_scale`. It becomes our `L.weight.packed`, `L.weight.scale` and the
 //! metadata `L.in_features`; every other tensor is copied as stored (dtype and bytes). The
-//! checkpoint's `config.json` is kept verbatim in the `model_config` metadata, its first
-//! architecture in `model`.
+//! checkpoint's `config.json` is kept in the `model_config` metadata (the same JSON value, written
+//! compactly), its first architecture in `model`.
 //!
 //! Exactness: codes are exact both ways. The scale is exact both ways with the `multiply`
 //! convention; with `divide` (transformers' `BitLinear`, `weight_scale = 1/s_w`), `export-hf`
