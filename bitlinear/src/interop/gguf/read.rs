@@ -159,6 +159,15 @@ impl Gguf {
                 _ => bail!("general.alignment {v:?} is not a power of two"),
             },
         };
+        // Readers look keys and tensors up by name: a repeated one would be read ambiguously.
+        let mut keys = std::collections::HashSet::new();
+        if let Some((k, _)) = metadata.iter().find(|(k, _)| !keys.insert(k.as_str())) {
+            bail!("GGUF metadata key {k:?} is repeated")
+        }
+        let mut names = std::collections::HashSet::new();
+        if let Some(t) = tensors.iter().find(|t| !names.insert(t.name.as_str())) {
+            bail!("GGUF tensor {:?} is repeated", t.name)
+        }
         let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
         let gguf = Self {
             version,

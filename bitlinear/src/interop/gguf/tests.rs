@@ -84,3 +84,26 @@ fn writer_rejects_inconsistent_input() {
     w.metadata("l", Value::Array(4, vec![Value::U8(1)]));
     assert!(w.to_bytes().is_err());
 }
+
+#[test]
+fn rejects_repeated_names() {
+    // Rename tensor "t" to "a" (same length) in the written bytes: two tensors named "a".
+    let mut bytes = sample().to_bytes().unwrap();
+    let g = Gguf::parse(&bytes).unwrap();
+    let pos = (0..g.data_offset as usize)
+        .find(|&i| bytes[i..i + 9] == [1, 0, 0, 0, 0, 0, 0, 0, b't'])
+        .unwrap();
+    bytes[pos + 8] = b'a';
+    assert!(Gguf::parse(&bytes)
+        .unwrap_err()
+        .to_string()
+        .contains("tensor \"a\" is repeated"));
+    // The same for a metadata key: "x.f" -> "x.b".
+    let mut bytes = sample().to_bytes().unwrap();
+    let pos = (0..bytes.len() - 3).find(|&i| &bytes[i..i + 3] == b"x.f").unwrap();
+    bytes[pos + 2] = b'b';
+    assert!(Gguf::parse(&bytes)
+        .unwrap_err()
+        .to_string()
+        .contains("\"x.b\" is repeated"));
+}
