@@ -9,8 +9,7 @@ use anyhow::{Context, Result};
 /// checkpoint (file or model directory) or a GGUF file.
 pub fn inspect(path: &Path) -> Result<String> {
     if path.is_dir() {
-        let summary = crate::inspect_interop::hf_config_summary(path)?;
-        return Ok(summary + &inspect(&path.join("model.safetensors"))?);
+        return crate::inspect_interop::inspect_hf_dir(path);
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if crate::inspect_interop::is_gguf(&bytes) {

@@ -104,6 +104,44 @@ pub fn hf_summary(st: &SafeTensors) -> Result<Option<String>> {
     Ok((!out.is_empty()).then(|| format!("HF transformers BitNet layers (N = 4 x packed rows):\n{out}")))
 }
 
+/// An HF model directory: its config.json summarized, then `model.safetensors` or every shard
+/// named by `model.safetensors.index.json`, each listed by [`crate::inspect::inspect`].
+pub fn inspect_hf_dir(dir: &Path) -> Result<String> {
+    let mut out = hf_config_summary(dir)?;
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(out + &crate::inspect::inspect(&single)?);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).with_context(|| {
+        format!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        )
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+    let mut shards: Vec<&str> = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: no weight_map object", index.display()))?
+        .values()
+        .filter_map(|v| v.as_str())
+        .collect();
+    shards.sort();
+    shards.dedup();
+    for shard in shards {
+        if shard.contains('/') || shard.contains('\\') || shard == ".." {
+            anyhow::bail!(
+                "{}: shard names must be plain file names, got {shard:?}",
+                index.display()
+            )
+        }
+        out += &crate::inspect::inspect(&dir.join(shard))?;
+    }
+    Ok(out)
+}
+
 /// The config.json of an HF model directory, summarized.
 pub fn hf_config_summary(dir: &Path) -> Result<String> {
     let path = dir.join("config.json");

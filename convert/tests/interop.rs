@@ -340,3 +340,39 @@ fn inspect_understands_gguf_and_hf() {
         "{text}"
     );
 }
+
+#[test]
+fn sharded_model_directory_imports_like_the_single_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = fixtures().join("tiny-bitnet");
+    let file = model_dir.join("model.safetensors");
+    let (tensors, _) = raw::parse(&std::fs::read(&file).unwrap(), &file).unwrap();
+    // Split the tensors over two shards (a layer's weight and weight_scale may land apart).
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    std::fs::copy(model_dir.join("config.json"), sharded.join("config.json")).unwrap();
+    let mut map = serde_json::Map::new();
+    let mut shards = [vec![], vec![]];
+    for (i, (name, t)) in tensors.into_iter().enumerate() {
+        let shard = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        map.insert(name.clone(), shard.into());
+        shards[i % 2].push((name, t));
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        let name = format!("model-0000{}-of-00002.safetensors", i + 1);
+        raw::write(&sharded.join(name), shard, HashMap::new()).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    assert!(run(&["import-hf", "--input", s(&model_dir), "--out", s(&a)]).0);
+    let (ok, text) = run(&["import-hf", "--input", s(&sharded), "--out", s(&b)]);
+    assert!(ok, "{text}");
+    let (ma, mb) = (raw::read_packed(&a).unwrap(), raw::read_packed(&b).unwrap());
+    same(&ma.layers, &mb.layers);
+    assert_eq!(ma.others, mb.others);
+    let (ok, text) = run(&["inspect", s(&sharded)]);
+    assert!(ok, "{text}");
+    assert!(text.contains("model-00001-of-00002") && text.contains("model-00002-of-00002"), "{text}");
+}
