@@ -374,5 +374,8 @@ fn sharded_model_directory_imports_like_the_single_file() {
     assert_eq!(ma.others, mb.others);
     let (ok, text) = run(&["inspect", s(&sharded)]);
     assert!(ok, "{text}");
-    assert!(text.contains("model-00001-of-00002") && text.contains("model-00002-of-00002"), "{text}");
+    assert!(
+        text.contains("model-00001-of-00002") && text.contains("model-00002-of-00002"),
+        "{text}"
+    );
 }
