@@ -1,57 +1,27 @@
 //! Float checkpoints written by `train` (`best.safetensors`, `last.safetensors`): the variables of
-//! `model::SimpleBitCnn` under their own names.
+//! `model::SimpleBitCnn` and the configuration recorded with them ([`model::Checkpoint`]).
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use model::{FcKind, SimpleBitCnn, SimpleBitCnnConfig};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use model::{Checkpoint, ComputeOptions, SimpleBitCnn};
 
-/// Which layers are BitLinear: those that have an RMSNorm gain (`fcN.norm.weight`).
-pub fn infer_config(tensors: &HashMap<String, Tensor>) -> SimpleBitCnnConfig {
-    let kind = |l: &str| match tensors.contains_key(&format!("{l}.norm.weight")) {
-        true => FcKind::BitLinear,
-        false => FcKind::Linear,
-    };
-    SimpleBitCnnConfig {
-        fc1: kind("fc1"),
-        fc2: kind("fc2"),
-    }
-}
-
-/// Reads the checkpoint's tensors (as f32 on the CPU).
-pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+/// Reads and validates a float checkpoint (tensors F32 on the CPU): the configuration comes from
+/// its metadata, and every tensor must be exactly one that configuration needs.
+pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if let Ok((_, st)) = safetensors::SafeTensors::read_metadata(&bytes) {
-        if st.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str) == Some(model::packed_file::FORMAT)
-        {
-            bail!("{} is a packed file, not a float checkpoint", path.display())
-        }
-    }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .with_context(|| format!("{} is not a valid safetensors checkpoint", path.display()))?;
-    tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
-        .collect::<candle_core::Result<_>>()
-        .map_err(Into::into)
+    Checkpoint::from_bytes(&bytes).with_context(|| format!("{} is not a usable float checkpoint", path.display()))
 }
 
-/// Builds the training-form network from checkpoint tensors.
-pub fn model_from_tensors(tensors: HashMap<String, Tensor>, device: &Device) -> Result<SimpleBitCnn> {
-    let config = infer_config(&tensors);
-    let tensors = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_device(device)?)))
-        .collect::<candle_core::Result<HashMap<_, _>>>()?;
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    SimpleBitCnn::new(config, vb).context("the checkpoint does not hold a SimpleBitCnn")
+/// Builds the training-form network from a validated checkpoint.
+pub fn model_from_checkpoint(checkpoint: Checkpoint, device: &Device) -> Result<SimpleBitCnn> {
+    checkpoint
+        .into_model(ComputeOptions::default(), device)
+        .context("building the SimpleBitCnn")
 }
 
 /// Loads a float checkpoint as the training-form network.
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<SimpleBitCnn> {
-    let tensors = read_tensors(path)?;
-    model_from_tensors(tensors, device).with_context(|| format!("loading {}", path.display()))
+    model_from_checkpoint(read_checkpoint(path)?, device)
 }

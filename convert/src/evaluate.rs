@@ -74,28 +74,19 @@ pub fn verify(checkpoint: &Path, packed: &Path, data_dir: &Path) -> Result<Verif
     let device = Device::Cpu;
     let packed_bytes = std::fs::read(packed).with_context(|| format!("reading {}", packed.display()))?;
     let info = PackedSimpleBitCnn::read_info(&packed_bytes).with_context(|| format!("{}", packed.display()))?;
-    let stored = match info.metadata.get("float_dtype").map(String::as_str) {
-        Some("bf16") => DType::BF16,
-        Some("f16") => DType::F16,
-        _ => DType::F32,
-    };
-    let tensors = crate::checkpoint::read_tensors(checkpoint)?
-        .into_iter()
-        .map(|(k, t)| {
-            // The latent BitLinear weights are packed, never stored as floats: keep them.
-            let keep = k.ends_with(".weight")
-                && info
-                    .metadata
-                    .contains_key(&format!("{}.in_features", &k[..k.len() - 7]));
-            let t = if keep {
-                t
-            } else {
-                t.to_dtype(stored)?.to_dtype(DType::F32)?
-            };
-            Ok((k, t))
-        })
-        .collect::<candle_core::Result<_>>()?;
-    let float_model = crate::checkpoint::model_from_tensors(tensors, &device)?;
+    let stored = info.float_dtype;
+    let mut checkpoint = crate::checkpoint::read_checkpoint(checkpoint)?;
+    for (k, t) in checkpoint.tensors.iter_mut() {
+        // The latent BitLinear weights are packed, never stored as floats: keep them.
+        let keep = k.ends_with(".weight")
+            && info
+                .metadata
+                .contains_key(&format!("{}.in_features", &k[..k.len() - 7]));
+        if !keep {
+            *t = t.to_dtype(stored)?.to_dtype(DType::F32)?;
+        }
+    }
+    let float_model = crate::checkpoint::model_from_checkpoint(checkpoint, &device)?;
     if float_model.config() != info.config {
         bail!(
             "the checkpoint's layers ({:?}) differ from the packed file's ({:?})",

@@ -1,40 +1,11 @@
 //! `convert` on randomly initialized SimpleBitCnn checkpoints: exactness, size, bad input.
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use model::{PackedSimpleBitCnn, SimpleBitCnn, SimpleBitCnnConfig};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_convert"))
-}
-
-/// A fresh random float checkpoint at `dir/ckpt.safetensors` and the model it holds.
-fn checkpoint(dir: &Path, config: SimpleBitCnnConfig) -> (PathBuf, SimpleBitCnn) {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let model = SimpleBitCnn::new(config, vb).unwrap();
-    // Non-trivial norms and biases, so storing them wrong would show.
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        if name.ends_with("norm.weight") || name.ends_with("bias") {
-            let t = Tensor::rand(0.5f32, 1.5, var.shape(), &Device::Cpu).unwrap();
-            var.set(&t).unwrap();
-        }
-    }
-    let path = dir.join("ckpt.safetensors");
-    varmap.save(&path).unwrap();
-    (path, model)
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use common::{bin, checkpoint, run};
+use model::{PackedSimpleBitCnn, SimpleBitCnnConfig};
 
 #[test]
 fn export_preserves_every_ternary_weight_and_scale() {

@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let named = |e: io::Error| io::Error::new(e.kind(), format!("writing {}: {e}", path.display()));
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -41,10 +40,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
             ),
         ));
     }
-    let tmp = temp_path(dir, path);
-    let written = write_synced(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    write_via(path, dir, &temp_path(dir, path), bytes)
+}
+
+/// [`write_atomic`] through the temporary file `tmp` in `dir`.
+fn write_via(path: &Path, dir: &Path, tmp: &Path, bytes: &[u8]) -> io::Result<()> {
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("writing {}: {e}", path.display()));
+    // `create_new`: never write through a file (or link) that is already there, and never remove
+    // one this call did not create.
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(named)?;
+    let written = write_synced(file, bytes).and_then(|()| std::fs::rename(tmp, path));
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
+        // Every failure after the creation (a short write, a full disk, a rename onto a
+        // directory) removes the temporary file.
+        let _ = std::fs::remove_file(tmp);
         return Err(named(e));
     }
     sync_dir(dir).map_err(named)
@@ -59,9 +72,7 @@ fn temp_path(dir: &Path, path: &Path) -> PathBuf {
     dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
-fn write_synced(tmp: &Path, bytes: &[u8]) -> io::Result<()> {
-    // `create_new`: never write through a file (or link) that is already there.
-    let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+fn write_synced(mut f: std::fs::File, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -78,4 +89,21 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(not(unix))]
 fn sync_dir(_dir: &Path) -> io::Result<()> {
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_temporary_name_taken_by_another_file_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("t.bin");
+        let taken = dir.path().join(".t.bin.taken.tmp");
+        std::fs::write(&taken, b"theirs").unwrap();
+        let e = write_via(&target, dir.path(), &taken, b"mine").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&taken).unwrap(), b"theirs");
+        assert!(!target.exists());
+    }
 }

@@ -26,13 +26,18 @@
 //! reach the f32 variables.
 
 mod atomic;
+mod checkpoint_file;
 mod layers;
+pub mod layout;
 pub mod packed_file;
 mod pool;
+mod validate;
 
 pub use atomic::write_atomic;
+pub use checkpoint_file::{checkpoint_metadata, Checkpoint};
 pub use layers::{Fc, PackedFc};
 pub use pool::{max_pool2x2, max_pool2x2_ops, PoolKernel};
+pub use validate::{check_finite, check_tensors, TensorSpec};
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;

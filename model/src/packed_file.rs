@@ -15,8 +15,12 @@
 //!
 //! `__metadata__` holds `format` = [`FORMAT`], `format_version` = [`FORMAT_VERSION`], the packing
 //! order and code mapping in words, `model` = `SimpleBitCnn`, `model_config` (JSON: the kind of
-//! each fully connected layer, the activation scaling) and `L.in_features` for each BitLinear
-//! layer (K cannot be recovered from the byte count alone).
+//! each fully connected layer, the activation scaling), `float_dtype` (`f32`, `bf16` or `f16`:
+//! the dtype `S` of every float tensor, exactly) and `L.in_features` for each BitLinear layer (K
+//! cannot be recovered from the byte count alone).
+//!
+//! The complete format, with everything needed to run a file without this crate, is
+//! `docs/format-simple-bit-cnn.md` in the repository.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,9 +29,9 @@ use bitlinear::{ActScaling, BitLinearConfig, PackedBitLinear};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::{
-    Conv, FcKind, PackedFc, PackedSimpleBitCnn, PoolKernel, SimpleBitCnnConfig, FLAT_FEATURES, HIDDEN, NUM_CLASSES,
-};
+use crate::layout::{config_json, fc_layers, packed_specs, parse_config, MODEL_NAME};
+use crate::validate::check_tensors;
+use crate::{Conv, FcKind, PackedFc, PackedSimpleBitCnn, PoolKernel, SimpleBitCnnConfig};
 
 /// Value of the `format` metadata key.
 pub const FORMAT: &str = "bitlinear-packed";
@@ -48,58 +52,21 @@ pub struct PackedFileInfo {
     pub version: u32,
     /// The network's configuration.
     pub config: SimpleBitCnnConfig,
+    /// The dtype of the float tensors (`float_dtype`): F32, BF16 or F16.
+    pub float_dtype: DType,
     /// All `__metadata__` entries.
     pub metadata: HashMap<String, String>,
 }
 
-fn fc_layers(config: SimpleBitCnnConfig) -> [(&'static str, FcKind, usize, usize); 2] {
-    [
-        ("fc1", config.fc1, FLAT_FEATURES, HIDDEN),
-        ("fc2", config.fc2, HIDDEN, NUM_CLASSES),
-    ]
-}
-
-fn config_json(config: SimpleBitCnnConfig) -> String {
-    format!(
-        r#"{{"fc1":"{}","fc2":"{}","act_scaling":"per-token"}}"#,
-        config.fc1.as_str(),
-        config.fc2.as_str()
-    )
-}
-
-fn parse_config(json: &str) -> Result<SimpleBitCnnConfig> {
-    // A tiny fixed schema: read the two string fields without pulling a JSON parser in.
-    let field = |name: &str| -> Result<FcKind> {
-        let key = format!("\"{name}\":\"");
-        let Some(start) = json.find(&key).map(|i| i + key.len()) else {
-            bail!("model_config {json:?} has no {name:?} field")
-        };
-        let end = json[start..].find('"').map(|e| start + e).unwrap_or(json.len());
-        json[start..end].parse::<FcKind>().map_err(candle_core::Error::msg)
-    };
-    if !json.contains(r#""act_scaling":"per-token""#) {
-        bail!("model_config {json:?}: only per-token activation scaling is supported")
+/// The float dtype recorded in the `float_dtype` metadata: `f32`, `bf16` or `f16`.
+fn parse_float_dtype(metadata: &HashMap<String, String>) -> Result<DType> {
+    match metadata.get("float_dtype").map(String::as_str) {
+        Some("f32") => Ok(DType::F32),
+        Some("bf16") => Ok(DType::BF16),
+        Some("f16") => Ok(DType::F16),
+        Some(other) => bail!("float_dtype {other:?} is not one of \"f32\", \"bf16\", \"f16\""),
+        None => bail!("no \"float_dtype\" metadata"),
     }
-    Ok(SimpleBitCnnConfig {
-        fc1: field("fc1")?,
-        fc2: field("fc2")?,
-    })
-}
-
-/// The dtypes the format stores, by tensor name: packed codes as U8, their scales as F32, every
-/// other tensor as a float. (A `VarBuilder` converts on read, so this is checked on the file.)
-fn check_dtype(name: &str, dtype: DType) -> Result<()> {
-    let (ok, want) = if name.ends_with(".weight.packed") {
-        (dtype == DType::U8, "U8")
-    } else if name.ends_with(".weight.scale") {
-        (dtype == DType::F32, "F32")
-    } else {
-        (matches!(dtype, DType::F32 | DType::BF16 | DType::F16), "a float")
-    };
-    if !ok {
-        bail!("tensor {name:?} has dtype {dtype:?}, expected {want}")
-    }
-    Ok(())
 }
 
 impl PackedSimpleBitCnn {
@@ -128,7 +95,7 @@ impl PackedSimpleBitCnn {
             ("format_version".to_string(), FORMAT_VERSION.to_string()),
             ("packing".to_string(), PACKING.to_string()),
             ("code_mapping".to_string(), CODE_MAPPING.to_string()),
-            ("model".to_string(), "SimpleBitCnn".to_string()),
+            ("model".to_string(), MODEL_NAME.to_string()),
             ("model_config".to_string(), config_json(self.config())),
             ("float_dtype".to_string(), format!("{dtype:?}").to_lowercase()),
         ]);
@@ -200,27 +167,26 @@ impl PackedSimpleBitCnn {
         let Some(json) = metadata.get("model_config") else {
             bail!("no \"model_config\" metadata")
         };
-        if metadata.get("model").map(String::as_str) != Some("SimpleBitCnn") {
-            bail!(
-                "model is {:?}, this build knows \"SimpleBitCnn\"",
-                metadata.get("model")
-            )
+        if metadata.get("model").map(String::as_str) != Some(MODEL_NAME) {
+            bail!("model is {:?}, this build knows {MODEL_NAME:?}", metadata.get("model"))
         }
         Ok(PackedFileInfo {
             version: FORMAT_VERSION,
             config: parse_config(json)?,
+            float_dtype: parse_float_dtype(&metadata)?,
             metadata,
         })
     }
 
-    /// Loads the inference network from a packed file's bytes onto `device`. Every tensor's
-    /// presence, dtype and shape is checked, and every packed code is validated.
+    /// Loads the inference network from a packed file's bytes onto `device`. The tensors must be
+    /// exactly those of [`crate::layout::packed_specs`] for the recorded `model_config` and
+    /// `float_dtype` (no unknown or missing name, exact dtypes and shapes, no NaN or infinity),
+    /// and every packed code valid. Float tensors are widened to f32.
     pub fn from_packed_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
         let info = Self::read_info(bytes)?;
         let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
-        for (name, t) in &tensors {
-            check_dtype(name, t.dtype())?;
-        }
+        let note = format!(" (float_dtype is {:?})", info.metadata["float_dtype"]);
+        check_tensors(&tensors, &packed_specs(info.config, info.float_dtype), &note)?;
         // The layers read their own tensors (names, shapes, codes); floats become f32 on
         // `device`, as the training form holds them.
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);

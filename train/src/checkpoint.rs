@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::EpochMetrics;
@@ -24,6 +24,8 @@ pub const LAST: &str = "last.safetensors";
 pub const BEST: &str = "best.safetensors";
 pub const RESUME: &str = "resume.safetensors";
 const STATE_KEY: &str = "train_state";
+/// The [`TrainState::version`] this build writes and reads.
+pub const STATE_VERSION: u32 = 1;
 /// Prefix of the optimizer tensors in `resume.safetensors`.
 pub const OPTIM_PREFIX: &str = "optim.";
 
@@ -73,6 +75,79 @@ pub struct TrainState {
     pub history: Vec<EpochMetrics>,
 }
 
+impl TrainState {
+    /// The state of a run before its first epoch.
+    pub fn new(settings: RunSettings) -> Self {
+        Self {
+            version: STATE_VERSION,
+            epochs_done: 0,
+            optimizer_step: 0,
+            best_test_acc: f64::NEG_INFINITY,
+            best_epoch: 0,
+            settings,
+            history: Vec::new(),
+        }
+    }
+
+    /// Checks that a loaded state is one the training loop can have written: its version, at
+    /// least one and at most `settings.epochs` finished epochs, one history row per epoch,
+    /// `steps_per_epoch` optimizer steps per epoch, and the best epoch and accuracy the history
+    /// shows. Anything else (an edited or foreign file) is an error naming the field.
+    pub fn validate(&self, steps_per_epoch: u64) -> Result<()> {
+        let e = self.epochs_done;
+        // A state is written only after an epoch finished; 0 would restart over trained weights.
+        ensure!(
+            e >= 1,
+            "epochs_done = 0, but a resume state is only written after a finished epoch"
+        );
+        ensure!(
+            e <= self.settings.epochs,
+            "epochs_done = {e} is more than the run's --epochs {}",
+            self.settings.epochs
+        );
+        ensure!(
+            self.history.len() == e,
+            "the history has {} epochs, epochs_done = {e}",
+            self.history.len()
+        );
+        for (i, m) in self.history.iter().enumerate() {
+            ensure!(
+                m.epoch == i + 1,
+                "history row {} is epoch {}, expected {}",
+                i + 1,
+                m.epoch,
+                i + 1
+            );
+            let values = [m.lr, m.train_loss, m.train_acc, m.test_loss, m.test_acc];
+            ensure!(
+                values.iter().all(|v| v.is_finite()),
+                "history row {} holds a non-finite value",
+                i + 1
+            );
+        }
+        let want = e as u64 * steps_per_epoch;
+        ensure!(
+            self.optimizer_step == want,
+            "optimizer_step = {}, but {e} epochs of {steps_per_epoch} steps make {want}",
+            self.optimizer_step
+        );
+        // The loop keeps the first epoch with the highest test accuracy.
+        let best = self
+            .history
+            .iter()
+            .fold(&self.history[0], |b, m| if m.test_acc > b.test_acc { m } else { b });
+        ensure!(
+            self.best_epoch == best.epoch && self.best_test_acc == best.test_acc,
+            "best_epoch = {} with best_test_acc = {}, but the history's best is epoch {} ({})",
+            self.best_epoch,
+            self.best_test_acc,
+            best.epoch,
+            best.test_acc
+        );
+        Ok(())
+    }
+}
+
 /// Serialises named tensors (any device) with optional metadata and writes them atomically.
 pub fn save_tensors(
     path: &Path,
@@ -101,7 +176,8 @@ pub fn save_resume(
     save_tensors(path, &all, Some(meta))
 }
 
-/// A loaded resume checkpoint.
+/// A loaded resume checkpoint (its state's version checked, nothing else: see
+/// [`TrainState::validate`] and [`ResumePoint::check_tensors`]).
 pub struct ResumePoint {
     pub state: TrainState,
     pub tensors: HashMap<String, Tensor>,
@@ -118,9 +194,54 @@ pub fn load_resume(path: &Path) -> Result<ResumePoint> {
             path.display()
         );
     };
+    // The version first: another version's state may not even parse as this one.
+    let version = serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v.get("version").cloned());
+    if version != Some(serde_json::Value::from(STATE_VERSION)) {
+        bail!(
+            "{}: training state version {} is not supported (this build reads version {STATE_VERSION})",
+            path.display(),
+            version.map_or("(none)".to_string(), |v| v.to_string())
+        );
+    }
     let state: TrainState =
         serde_json::from_str(json).with_context(|| format!("parsing the training state in {}", path.display()))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .with_context(|| format!("loading tensors from {}", path.display()))?;
     Ok(ResumePoint { state, tensors })
+}
+
+impl ResumePoint {
+    /// Checks the tensors against the model's variables `vars`: exactly each variable and its two
+    /// AdamW moments (`optim.m.<name>`, `optim.v.<name>`), no other tensor, each with the
+    /// variable's dtype and shape, all finite, and every second moment `v` non-negative (its
+    /// square root is taken).
+    pub fn check_tensors(&self, vars: &[(String, Var)]) -> Result<()> {
+        let mut specs = Vec::with_capacity(3 * vars.len());
+        for (name, var) in vars {
+            for n in [
+                name.clone(),
+                format!("{OPTIM_PREFIX}m.{name}"),
+                format!("{OPTIM_PREFIX}v.{name}"),
+            ] {
+                specs.push(model::TensorSpec {
+                    name: n,
+                    shape: var.dims().to_vec(),
+                    dtype: var.dtype(),
+                });
+            }
+        }
+        model::check_tensors(&self.tensors, &specs, "")?;
+        for (name, _) in vars {
+            let key = format!("{OPTIM_PREFIX}v.{name}");
+            let min = self.tensors[&key].to_dtype(DType::F32)?.flatten_all()?.min(0)?;
+            let min = min.to_scalar::<f32>()?;
+            ensure!(
+                min >= 0.0,
+                "optimizer state {key:?} holds {min}: a second moment is never negative"
+            );
+        }
+        Ok(())
+    }
 }

@@ -147,20 +147,23 @@ impl AdamW {
     }
 
     /// Restores the moments (from [`AdamW::state_tensors`]'s names, looked up by `get`) and the
-    /// step count.
+    /// step count. Each moment must have its variable's dtype and shape exactly (never
+    /// converted: integer data relabelled as floats is an error).
     pub fn load_state(&mut self, step: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<()> {
         for (name, s) in &self.slots {
             for (key, var) in [(format!("m.{name}"), &s.m), (format!("v.{name}"), &s.v)] {
                 let t = get(&key)
                     .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state {key} missing in checkpoint")))?;
-                if t.shape() != var.shape() {
+                if t.shape() != var.shape() || t.dtype() != var.dtype() {
                     candle_core::bail!(
-                        "optimizer state {key} has shape {:?}, expected {:?}",
+                        "optimizer state {key} is {:?} {:?}, expected {:?} {:?}",
+                        t.dtype(),
                         t.shape(),
+                        var.dtype(),
                         var.shape()
                     );
                 }
-                var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+                var.set(&t.to_device(var.device())?)?;
             }
         }
         self.step = step;

@@ -119,15 +119,7 @@ impl Trainer {
             train_images: data.train.len(),
             dtype: args.dtype.as_str().to_string(),
         };
-        let mut state = TrainState {
-            version: 1,
-            epochs_done: 0,
-            optimizer_step: 0,
-            best_test_acc: f64::NEG_INFINITY,
-            best_epoch: 0,
-            settings: settings.clone(),
-            history: Vec::new(),
-        };
+        let mut state = TrainState::new(settings.clone());
         if args.resume {
             let point = checkpoint::load_resume(&resume_path)?;
             let diffs = point.state.settings.differences(&settings);
@@ -139,20 +131,18 @@ impl Trainer {
                     diffs.join("\n  ")
                 );
             }
-            for (name, var) in init::sorted_vars(&varmap) {
-                let t = point
-                    .tensors
-                    .get(&name)
-                    .with_context(|| format!("{} lacks variable {name}", resume_path.display()))?;
-                if t.shape() != var.shape() {
-                    bail!(
-                        "{}: {name} has shape {:?}, the model expects {:?}",
-                        resume_path.display(),
-                        t.shape(),
-                        var.shape()
-                    );
-                }
-                var.set(&t.to_dtype(var.dtype())?.to_device(&device)?)?;
+            let steps_per_epoch = data.train.len().div_ceil(args.batch_size) as u64;
+            let invalid = |e: anyhow::Error| {
+                e.context(format!(
+                    "--resume: {} is not a valid resume state",
+                    resume_path.display()
+                ))
+            };
+            point.state.validate(steps_per_epoch).map_err(invalid)?;
+            let vars = init::sorted_vars(&varmap);
+            point.check_tensors(&vars).map_err(invalid)?;
+            for (name, var) in vars {
+                var.set(&point.tensors[&name].to_device(&device)?)?;
             }
             optimizer.load_state(point.state.optimizer_step, |k| {
                 point.tensors.get(&format!("{}{k}", checkpoint::OPTIM_PREFIX)).cloned()
@@ -292,7 +282,9 @@ impl Trainer {
         let out = &self.args.out;
         let vars = self.named_vars();
         let epoch_meta = |extra: Option<(&str, String)>| {
-            let mut m = std::collections::HashMap::from([("epoch".to_string(), self.state.epochs_done.to_string())]);
+            // The configuration is recorded: a reader never guesses it from the tensor names.
+            let mut m = model::checkpoint_metadata(self.model.config());
+            m.insert("epoch".to_string(), self.state.epochs_done.to_string());
             if let Some((k, v)) = extra {
                 m.insert(k.to_string(), v);
             }
