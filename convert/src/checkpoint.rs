@@ -21,17 +21,23 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>) -> SimpleBitCnnConfig {
     }
 }
 
-/// Reads the checkpoint's tensors (as f32 on the CPU).
+/// Reads the checkpoint's tensors (as f32 on the CPU): [`tensors_from_bytes`] on the file's
+/// bytes, errors naming the file.
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if let Ok((_, st)) = safetensors::SafeTensors::read_metadata(&bytes) {
+    tensors_from_bytes(&bytes).with_context(|| format!("{} is not a usable float checkpoint", path.display()))
+}
+
+/// Parses the bytes of a float checkpoint into its tensors (as f32 on the CPU). A packed file is
+/// an error.
+pub fn tensors_from_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
+    if let Ok((_, st)) = safetensors::SafeTensors::read_metadata(bytes) {
         if st.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str) == Some(model::packed_file::FORMAT)
         {
-            bail!("{} is a packed file, not a float checkpoint", path.display())
+            bail!("a packed file, not a float checkpoint")
         }
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .with_context(|| format!("{} is not a valid safetensors checkpoint", path.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).context("not a valid safetensors file")?;
     tensors
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
