@@ -2,7 +2,8 @@
 mod common;
 
 use cifar::{
-    load_cifar10, load_test, read_batch_bytes, read_batch_file, Error, Split, IMAGE_BYTES, RECORD_BYTES, TEST_FILE, TRAIN_FILES,
+    load_cifar10, load_test, read_batch_bytes, read_batch_file, Error, Split, IMAGE_BYTES, RECORD_BYTES, TEST_FILE,
+    TRAIN_FILES,
 };
 
 #[test]

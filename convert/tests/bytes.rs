@@ -9,7 +9,12 @@ use rand::Rng;
 
 fn random(shape: &[usize], rng: &mut impl Rng) -> Tensor {
     let n = shape.iter().product();
-    Tensor::from_vec((0..n).map(|_| rng.gen_range(-2f32..2.0)).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(
+        (0..n).map(|_| rng.gen_range(-2f32..2.0)).collect::<Vec<_>>(),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -28,9 +33,15 @@ fn checkpoint_bytes_read_like_the_file_as_f32() {
             .collect()
     };
     let want = HashMap::from([
-        ("a".to_string(), (DType::F32, a.flatten_all().unwrap().to_vec1::<f32>().unwrap())),
+        (
+            "a".to_string(),
+            (DType::F32, a.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+        ),
         // bf16 widened to f32 exactly.
-        ("b".to_string(), (DType::F32, half.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap())),
+        (
+            "b".to_string(),
+            (DType::F32, half.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()),
+        ),
     ]);
     assert_eq!(vals(tensors_from_bytes(&bytes).unwrap()), want);
     assert_eq!(vals(read_tensors(&path).unwrap()), want);
@@ -38,8 +49,12 @@ fn checkpoint_bytes_read_like_the_file_as_f32() {
 
 #[test]
 fn checkpoint_bytes_errors() {
-    let msg = |b: &[u8]| format!("{:#}", tensors_from_bytes(b).err().expect("an error"));
-    assert!(msg(b"garbage").contains("not a valid safetensors file"), "{}", msg(b"garbage"));
+    let msg = |b: &[u8]| format!("{:#}", tensors_from_bytes(b).expect_err("an error"));
+    assert!(
+        msg(b"garbage").contains("not a valid safetensors file"),
+        "{}",
+        msg(b"garbage")
+    );
     let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
     let meta = HashMap::from([("format".to_string(), model::packed_file::FORMAT.to_string())]);
     let packed = safetensors::serialize([("a", &t)], Some(meta)).unwrap();
@@ -47,8 +62,11 @@ fn checkpoint_bytes_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.safetensors");
     std::fs::write(&path, &packed).unwrap();
-    let err = format!("{:#}", read_tensors(&path).err().expect("an error"));
-    assert!(err.contains(&path.display().to_string()) && err.contains("a packed file"), "{err}");
+    let err = format!("{:#}", read_tensors(&path).expect_err("an error"));
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("a packed file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -67,7 +85,10 @@ fn inspect_bytes_lists_like_the_file() {
     assert!(text.contains("format: demo\n"), "{text}");
     let total = rows * cols + 16;
     assert!(
-        text.contains(&format!("tensors: {total} bytes in all, {} bytes of packed ternary weights", rows * cols)),
+        text.contains(&format!(
+            "tensors: {total} bytes in all, {} bytes of packed ternary weights",
+            rows * cols
+        )),
         "{text}"
     );
     assert!(inspect_bytes(&bytes[..bytes.len() - 1], &path).is_err());

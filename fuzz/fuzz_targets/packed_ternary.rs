@@ -16,9 +16,15 @@ fuzz_target!(|data: &[u8]| {
     let body = &data[7..];
     let n = if row == 0 { body.len().min(4) } else { body.len() / row };
     let bytes = Tensor::from_vec(body[..n * row].to_vec(), (n, row), &Device::Cpu).unwrap();
-    let Ok(p) = PackedTernary::from_parts(bytes, scale, k) else { return };
+    let Ok(p) = PackedTernary::from_parts(bytes, scale, k) else {
+        return;
+    };
     let codes = p.unpack().unwrap();
-    assert_eq!(pack_ternary(&codes, n, k).unwrap(), &body[..n * row], "repacking must give the same bytes");
+    assert_eq!(
+        pack_ternary(&codes, n, k).unwrap(),
+        &body[..n * row],
+        "repacking must give the same bytes"
+    );
     let _ = p.dequantize().unwrap();
     let layer = PackedBitLinear::new(p, None, None, ActScaling::PerToken).unwrap();
     let x = Tensor::ones((2, k), candle_core::DType::F32, &Device::Cpu).unwrap();
