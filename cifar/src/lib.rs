@@ -20,6 +20,6 @@ mod reader;
 pub use error::{Error, Result};
 pub use normalize::{normalize_batch, Lut, Normalizer};
 pub use reader::{
-    encode_records, load_cifar10, load_test, missing_data_help, read_batch_file, write_cifar10, Cifar10, Split,
-    DOWNLOAD_URL, IMAGE_BYTES, NUM_CLASSES, RECORD_BYTES, TEST_FILE, TRAIN_FILES,
+    encode_records, load_cifar10, load_test, missing_data_help, read_batch_bytes, read_batch_file, write_cifar10,
+    Cifar10, Split, DOWNLOAD_URL, IMAGE_BYTES, NUM_CLASSES, RECORD_BYTES, TEST_FILE, TRAIN_FILES,
 };

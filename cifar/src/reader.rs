@@ -130,8 +130,25 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 
 /// Reads one binary batch file, validating every record.
 pub fn read_batch_file(path: &Path) -> Result<Split> {
+    read_batch_bytes(&read(path)?, path)
+}
+
+/// Parses the bytes of one binary batch file, validating every record exactly as
+/// [`read_batch_file`] does; `source` only names the bytes in errors.
+///
+/// ```
+/// use std::path::Path;
+/// let mut bytes = vec![7u8]; // label 7
+/// bytes.extend(vec![200u8; cifar::IMAGE_BYTES]);
+/// let split = cifar::read_batch_bytes(&bytes, Path::new("memory"))?;
+/// assert_eq!((split.labels.as_slice(), split.image(0)[0]), (&[7u8][..], 200));
+/// bytes[0] = 10; // not a class
+/// assert!(cifar::read_batch_bytes(&bytes, Path::new("memory")).is_err());
+/// # Ok::<(), cifar::Error>(())
+/// ```
+pub fn read_batch_bytes(bytes: &[u8], source: &Path) -> Result<Split> {
     let mut split = Split::default();
-    split.extend_from_records(&read(path)?, path)?;
+    split.extend_from_records(bytes, source)?;
     Ok(split)
 }
 

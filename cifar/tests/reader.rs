@@ -2,7 +2,8 @@
 mod common;
 
 use cifar::{
-    load_cifar10, load_test, read_batch_file, Error, Split, IMAGE_BYTES, RECORD_BYTES, TEST_FILE, TRAIN_FILES,
+    load_cifar10, load_test, read_batch_bytes, read_batch_file, Error, Split, IMAGE_BYTES, RECORD_BYTES, TEST_FILE,
+    TRAIN_FILES,
 };
 
 #[test]
@@ -167,4 +168,31 @@ fn test_split_alone() {
         matches!(&err, Error::Missing { files, .. } if files.is_empty()),
         "{err:?}"
     );
+}
+
+#[test]
+fn bytes_parse_exactly_like_the_file_and_name_the_source() {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    let n = rng.gen_range(1..6);
+    let split = Split {
+        images: (0..n * IMAGE_BYTES).map(|_| rng.gen()).collect(),
+        labels: (0..n).map(|_| rng.gen_range(0..10)).collect(),
+    };
+    let bytes = cifar::encode_records(&split);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.bin");
+    std::fs::write(&path, &bytes).unwrap();
+    let source = std::path::Path::new("in-memory batch");
+    assert_eq!(read_batch_bytes(&bytes, source).unwrap(), split);
+    assert_eq!(read_batch_file(&path).unwrap(), split);
+    // The same errors, naming the given source.
+    let err = |b: &[u8]| read_batch_bytes(b, source).unwrap_err().to_string();
+    assert!(err(&[]).contains("in-memory batch is empty"), "{}", err(&[]));
+    let short = err(&bytes[..bytes.len() - 1]);
+    assert!(short.contains("in-memory batch is truncated"), "{short}");
+    let mut bad = bytes.clone();
+    bad[(n - 1) * RECORD_BYTES] = 10 + rng.gen_range(0..246) as u8;
+    let label = err(&bad);
+    assert!(label.contains(&format!("record {}", n - 1)), "{label}");
 }

@@ -6,18 +6,34 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// A human-readable listing of the file: a packed or float safetensors file, an HF BitNet
-/// checkpoint (file or model directory) or a GGUF file.
+/// checkpoint (file or model directory) or a GGUF file ([`inspect_bytes`] on a file's bytes).
 pub fn inspect(path: &Path) -> Result<String> {
     if path.is_dir() {
         return crate::inspect_interop::inspect_hf_dir(path);
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if crate::inspect_interop::is_gguf(&bytes) {
-        return crate::inspect_interop::inspect_gguf(path, &bytes);
+    inspect_bytes(&bytes, path)
+}
+
+/// A human-readable listing of a file's bytes (a safetensors or GGUF file); `path` only names the
+/// file in the listing.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let t = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let bytes = safetensors::serialize([("w", &t)], None)?;
+/// let text = convert::inspect::inspect_bytes(&bytes, "w.safetensors".as_ref())?;
+/// assert!(text.contains("format: float checkpoint (no format metadata)"));
+/// assert!(text.contains("tensors: 24 bytes in all, 0 bytes of packed ternary weights"));
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+pub fn inspect_bytes(bytes: &[u8], path: &Path) -> Result<String> {
+    if crate::inspect_interop::is_gguf(bytes) {
+        return crate::inspect_interop::inspect_gguf(path, bytes);
     }
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let mut out = String::new();
     let format = metadata

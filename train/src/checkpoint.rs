@@ -183,16 +183,19 @@ pub struct ResumePoint {
     pub tensors: HashMap<String, Tensor>,
 }
 
-/// Loads `resume.safetensors` (tensors on the CPU).
+/// Loads `resume.safetensors` (tensors on the CPU): [`resume_from_bytes`] on the file's bytes,
+/// errors naming the file.
 pub fn load_resume(path: &Path) -> Result<ResumePoint> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    resume_from_bytes(&bytes).with_context(|| format!("loading the resume state {}", path.display()))
+}
+
+/// Parses the bytes of a `resume.safetensors` file: the training state from the metadata and the
+/// tensors (on the CPU).
+pub fn resume_from_bytes(bytes: &[u8]) -> Result<ResumePoint> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).context("not a valid safetensors file")?;
     let Some(json) = meta.metadata().as_ref().and_then(|m| m.get(STATE_KEY)) else {
-        bail!(
-            "{} has no training state (not written by this program?)",
-            path.display()
-        );
+        bail!("no training state (not written by this program?)");
     };
     // The version first: another version's state may not even parse as this one.
     let version = serde_json::from_str::<serde_json::Value>(json)
@@ -200,15 +203,12 @@ pub fn load_resume(path: &Path) -> Result<ResumePoint> {
         .and_then(|v| v.get("version").cloned());
     if version != Some(serde_json::Value::from(STATE_VERSION)) {
         bail!(
-            "{}: training state version {} is not supported (this build reads version {STATE_VERSION})",
-            path.display(),
+            "training state version {} is not supported (this build reads version {STATE_VERSION})",
             version.map_or("(none)".to_string(), |v| v.to_string())
         );
     }
-    let state: TrainState =
-        serde_json::from_str(json).with_context(|| format!("parsing the training state in {}", path.display()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .with_context(|| format!("loading tensors from {}", path.display()))?;
+    let state: TrainState = serde_json::from_str(json).context("parsing the training state")?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).context("loading the tensors")?;
     Ok(ResumePoint { state, tensors })
 }
 

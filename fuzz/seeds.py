@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Writes the committed seed corpora of the fuzz targets into fuzz/seeds/<target>/.
+
+Deterministic (fixed random seed), standard library only, small (the whole corpus stays well under
+1 MB): the network's real files are megabytes, so the safetensors seeds carry every tensor name,
+dtype and metadata key of the real formats with small shapes (the first layers at their real
+shapes), which is what the loaders parse and check before any large tensor. Run from anywhere:
+`python3 fuzz/seeds.py`.
+"""
+import json
+import os
+import random
+import shutil
+import struct
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
+rng = random.Random(20)
+
+DT = {"F32": ("<f", 4), "F16": ("<e", 2), "BF16": (None, 2), "U8": ("<B", 1), "I32": ("<i", 4)}
+
+
+def encode(dtype, shape, values=None):
+    n = 1
+    for d in shape:
+        n *= d
+    if values is None:
+        values = [rng.uniform(-1, 1) for _ in range(n)] if dtype != "U8" else [0x55] * n
+    fmt, _ = DT[dtype]
+    if dtype == "BF16":
+        return b"".join(struct.pack("<f", v)[2:] for v in values)
+    if dtype == "I32":
+        values = [int(v * 100) for v in values]
+    return b"".join(struct.pack(fmt, v) for v in values)
+
+
+def safetensors(tensors, metadata=None):
+    """tensors: list of (name, dtype, shape[, values])."""
+    header, data = {}, b""
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for t in tensors:
+        name, dtype, shape = t[:3]
+        raw = encode(dtype, shape, t[3] if len(t) > 3 else None)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def config(fc1, fc2):
+    return json.dumps({"fc1": fc1, "fc2": fc2, "act_scaling": "per-token"}, separators=(",", ":"))
+
+
+def convs(dtype, real_conv1=True):
+    c1 = [32, 3, 3, 3] if real_conv1 else [2, 3, 3, 3]
+    return [("conv1.weight", dtype, c1), ("conv1.bias", dtype, [c1[0]]),
+            ("conv2.weight", dtype, [4, 2, 3, 3]), ("conv2.bias", dtype, [64])]
+
+
+def bit_layer(name, n, k4, dtype, k):
+    return [(f"{name}.weight.packed", "U8", [n, k4]), (f"{name}.weight.scale", "F32", [1], [0.25]),
+            (f"{name}.bias", dtype, [n]), (f"{name}.norm.weight", dtype, [k])]
+
+
+def packed_seeds():
+    out = {}
+    for i, (fc1, fc2, dtype) in enumerate([("bitlinear", "bitlinear", "F32"), ("bitlinear", "linear", "BF16"),
+                                            ("linear", "linear", "F16")]):
+        meta = {"format": "bitlinear-packed", "format_version": "1", "model": "SimpleBitCnn",
+                "model_config": config(fc1, fc2), "float_dtype": dtype.lower(),
+                "packing": "row-major", "code_mapping": "code = w + 1"}
+        tensors = convs(dtype, real_conv1=i == 0)
+        for name, kind, k, n in [("fc1", fc1, 8, 4), ("fc2", fc2, 4, 10)]:
+            if kind == "bitlinear":
+                meta[f"{name}.in_features"] = str(4096 if name == "fc1" else 512)
+                tensors += bit_layer(name, n, k // 4, dtype, k)
+            else:
+                tensors += [(f"{name}.weight", dtype, [n, k]), (f"{name}.bias", dtype, [n])]
+        out[f"packed_{fc1}_{fc2}_{dtype.lower()}"] = safetensors(tensors, meta)
+    return out
+
+
+def checkpoint_seeds():
+    out = {}
+    for i, (fc1, fc2, dtype) in enumerate([("bitlinear", "bitlinear", "F32"), ("linear", "bitlinear", "BF16"),
+                                            ("bitlinear", "linear", "F32")]):
+        tensors = convs(dtype, real_conv1=i == 0)
+        for name, kind, k, n in [("fc1", fc1, 8, 4), ("fc2", fc2, 4, 10)]:
+            tensors += [(f"{name}.weight", dtype, [n, k]), (f"{name}.bias", dtype, [n])]
+            if kind == "bitlinear":
+                tensors.append((f"{name}.norm.weight", dtype, [k]))
+        # The recorded configuration (what a checkpoint written by `train` carries).
+        meta = {"model": "SimpleBitCnn", "model_config": config(fc1, fc2), "epoch": str(i + 1)}
+        out[f"ckpt_{fc1}_{fc2}_{dtype.lower()}"] = safetensors(tensors, meta if i != 2 else None)
+    # A checkpoint variable relabelled I32.
+    out["ckpt_i32"] = safetensors([("conv1.bias", "I32", [32]), ("fc2.bias", "F32", [10])])
+    return out
+
+
+def resume_seeds():
+    out = {}
+    for epochs_done in (1, 2):
+        history = [{"epoch": e, "lr": 0.001, "train_loss": 1.5 / e, "train_acc": 0.3 * e, "test_loss": 1.4 / e,
+                    "test_acc": 0.35 * e, "epoch_seconds": 12.5, "train_seconds": 10.0, "images_per_sec": 4000.0}
+                   for e in range(1, epochs_done + 1)]
+        state = {"version": 1, "epochs_done": epochs_done, "optimizer_step": 391 * epochs_done,
+                 "best_test_acc": 0.35 * epochs_done, "best_epoch": epochs_done,
+                 "settings": {"fc1": "bitlinear", "fc2": "bitlinear", "epochs": 20, "batch_size": 128, "lr": 0.001,
+                              "weight_decay": 0.01, "schedule": ["constant", "cosine"][epochs_done - 1], "seed": 0,
+                              "train_limit": None if epochs_done == 1 else 1000, "train_images": 50000,
+                              "dtype": "f32"},
+                 "history": history}
+        tensors = []
+        for name, shape in [("conv1.bias", [32]), ("fc2.norm.weight", [8]), ("fc2.weight", [2, 8])]:
+            tensors += [(name, "F32", shape), (f"optim.m.{name}", "F32", shape), (f"optim.v.{name}", "F32", shape,
+                                                                                     [rng.uniform(0, 1e-3) for _ in range(
+                                                                                         shape[0] * (shape[1] if len(shape) > 1 else 1))])]
+        out[f"resume_{epochs_done}"] = safetensors(tensors, {"train_state": json.dumps(state, separators=(",", ":"))})
+    return out
+
+
+def cifar_seeds():
+    out = {}
+    for n in (1, 2, 3):
+        out[f"records_{n}"] = b"".join(bytes([rng.randrange(10)]) + bytes(rng.randrange(256) for _ in range(3072))
+                                       for _ in range(n))
+    return out
+
+
+def ternary_seeds():
+    out = {}
+    # The README's example: [1, -1, 0, 1, -1] packs to [0x92, 0x54] (K = 5, 2 bytes per row).
+    out["readme_k5"] = struct.pack("<HBf", 5, 2, 0.5) + bytes([0x92, 0x54])
+    for n, k in [(3, 8), (4, 13), (2, 1), (1, 64)]:
+        k4 = (k + 3) // 4
+        codes = [rng.randrange(3) for _ in range(n * k)]
+        body = b""
+        for r in range(n):
+            row = codes[r * k:(r + 1) * k] + [1] * (4 * k4 - k)
+            body += bytes(sum(c << (2 * i) for i, c in enumerate(row[j:j + 4])) for j in range(0, 4 * k4, 4))
+        out[f"n{n}_k{k}"] = struct.pack("<HBf", k, k4, rng.uniform(1e-3, 2)) + body
+    return out
+
+
+def main():
+    packed, ckpt = packed_seeds(), checkpoint_seeds()
+    corpora = {
+        "packed_file": packed,
+        "checkpoint": ckpt,
+        "resume": resume_seeds(),
+        "cifar_records": cifar_seeds(),
+        "packed_ternary": ternary_seeds(),
+        "inspect": {**{k: v for k, v in packed.items() if len(v) < 8000}, **ckpt},
+    }
+    shutil.rmtree(ROOT, ignore_errors=True)
+    total = 0
+    for target, files in corpora.items():
+        os.makedirs(os.path.join(ROOT, target))
+        for name, data in files.items():
+            with open(os.path.join(ROOT, target, name), "wb") as f:
+                f.write(data)
+            total += len(data)
+    print(f"wrote {sum(map(len, corpora.values()))} seeds, {total} bytes, under {ROOT}")
+
+
+if __name__ == "__main__":
+    main()
