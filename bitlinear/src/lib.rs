@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod conv;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -14,6 +15,7 @@ mod packed_layer;
 pub mod plan;
 pub mod quant;
 
+pub use conv::{bit_conv2d, bit_conv2d_no_bias, BitConv2d, BitConv2dConfig};
 pub use device::{cuda_device_info, kernel_settings, packed_accumulate, quantize_activations, set_kernel_settings};
 pub use layer::{bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinear};
 pub use layer_common::{BitLinearConfig, RMS_NORM_EPS};

@@ -1,0 +1,174 @@
+//! `BitConv2d`: a ternary-weight, int8-activation 2-D convolution (first version: the
+//! quantize-then-convolve training form over candle's own `conv2d`; no packed kernel yet).
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::{Init, Module, VarBuilder};
+
+use crate::{fake_quantize_activations, fake_quantize_weights, ActScaling};
+
+/// Options of a [`BitConv2d`] layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitConv2dConfig {
+    /// Stride in both spatial dims (at least 1).
+    pub stride: usize,
+    /// Zero padding on every spatial side.
+    pub padding: usize,
+    /// Learn and add a per-output-channel bias (in full precision, after the convolution).
+    pub bias: bool,
+}
+
+impl Default for BitConv2dConfig {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            bias: true,
+        }
+    }
+}
+
+/// A 2-D convolution over NCHW input with ternary absmean weights (one scale per tensor, as
+/// [`BitLinear`](crate::BitLinear)) and int8 absmax activations with **one scale per image**
+/// (over that image's `C·H·W` values).
+///
+/// Why per image: an output pixel sums over a whole receptive field, so only a scale shared by
+/// every input pixel of that field factors out of the integer sum; a per-image (not per-batch)
+/// scale keeps each image's output independent of the rest of the batch.
+///
+/// The weight is candle's layout `(c_out, c_in, kh, kw)`; seen as a ternary matrix it is
+/// `N = c_out` rows of `K = c_in·kh·kw` in that row-major order (`kw` fastest).
+///
+/// Backward is straight-through: the input gradient is the transposed convolution of the output
+/// gradient with the fake-quantized weight, the weight gradient the correlation of the output
+/// gradient with the fake-quantized input (candle's `conv2d` backward on those tensors).
+///
+/// ```
+/// use bitlinear::{bit_conv2d, BitConv2dConfig};
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let vm = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+/// let conv = bit_conv2d(3, 8, 3, BitConv2dConfig { padding: 1, ..Default::default() }, vb)?;
+/// let x = Tensor::randn(0f32, 1.0, (2, 3, 7, 7), &Device::Cpu)?;
+/// assert_eq!(conv.forward(&x)?.dims(), &[2, 8, 7, 7]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct BitConv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: BitConv2dConfig,
+}
+
+/// A [`BitConv2d`] with a `k × k` kernel, weight `vb["weight"]` and (if `cfg.bias`) `vb["bias"]`,
+/// initialised like `candle_nn::conv2d`.
+pub fn bit_conv2d(c_in: usize, c_out: usize, k: usize, cfg: BitConv2dConfig, vb: VarBuilder) -> Result<BitConv2d> {
+    let fan_in = (c_in * k * k).max(1) as f64;
+    let bound = 1.0 / fan_in.sqrt();
+    let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", Init::Uniform { lo: -bound, up: bound })?;
+    let bias = if cfg.bias {
+        Some(vb.get_with_hints(c_out, "bias", Init::Uniform { lo: -bound, up: bound })?)
+    } else {
+        None
+    };
+    BitConv2d::new(weight, bias, cfg)
+}
+
+/// [`bit_conv2d`] without a bias.
+pub fn bit_conv2d_no_bias(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    cfg: BitConv2dConfig,
+    vb: VarBuilder,
+) -> Result<BitConv2d> {
+    bit_conv2d(c_in, c_out, k, BitConv2dConfig { bias: false, ..cfg }, vb)
+}
+
+impl BitConv2d {
+    /// A layer over an existing weight `(c_out, c_in, kh, kw)` and optional bias `(c_out)`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, config: BitConv2dConfig) -> Result<Self> {
+        if weight.rank() != 4 {
+            candle_core::bail!(
+                "BitConv2d: weight must be (c_out, c_in, kh, kw), got {:?}",
+                weight.dims()
+            );
+        }
+        if config.stride == 0 {
+            candle_core::bail!("BitConv2d: stride must be at least 1");
+        }
+        if let Some(b) = &bias {
+            if b.dims() != [weight.dim(0)?] {
+                candle_core::bail!("BitConv2d: bias must be ({}), got {:?}", weight.dim(0)?, b.dims());
+            }
+        }
+        let config = BitConv2dConfig {
+            bias: bias.is_some(),
+            ..config
+        };
+        Ok(Self { weight, bias, config })
+    }
+
+    /// The float weight `(c_out, c_in, kh, kw)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The layer's options.
+    pub fn config(&self) -> BitConv2dConfig {
+        self.config
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        let (_, c_in, kh, kw) = self.weight.dims4()?;
+        if x.rank() != 4 {
+            candle_core::bail!("BitConv2d: input must be NCHW (rank 4), got {:?}", x.dims());
+        }
+        if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
+            candle_core::bail!("BitConv2d: input dtype {:?} is not a float type", x.dtype());
+        }
+        let (b, c, h, w) = x.dims4()?;
+        if c != c_in {
+            candle_core::bail!("BitConv2d: input has {c} channels, the layer expects {c_in}");
+        }
+        let p = self.config.padding;
+        if h + 2 * p < kh || w + 2 * p < kw {
+            candle_core::bail!(
+                "BitConv2d: kernel {kh}x{kw} is larger than the padded input {}x{}",
+                h + 2 * p,
+                w + 2 * p
+            );
+        }
+        Ok((b, c, h, w))
+    }
+}
+
+/// Straight-through estimate: `t`'s value is `q`, its gradient flows to `t` unchanged.
+fn straight_through(t: &Tensor, q: &Tensor) -> Result<Tensor> {
+    t + (q - t)?.detach()
+}
+
+impl Module for BitConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = self.check_input(x)?;
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let p = self.config.padding;
+        let s = self.config.stride;
+        let (ho, wo) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
+        if b == 0 || c_out == 0 {
+            return Tensor::zeros((b, c_out, ho, wo), x.dtype(), x.device());
+        }
+        let wq = fake_quantize_weights(&self.weight.reshape((c_out, c_in * kh * kw))?)?.reshape(self.weight.dims())?;
+        let xq = fake_quantize_activations(&x.reshape((b, c * h * w))?, ActScaling::PerToken)?.reshape((b, c, h, w))?;
+        let y = straight_through(x, &xq)?.conv2d(&straight_through(&self.weight, &wq)?, p, s, 1, 1)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
