@@ -221,7 +221,7 @@ pub fn packed_accumulate(x_codes: &Tensor, w: &PackedTernary) -> Result<Tensor> 
         (Storage::Cpu(xs), Storage::Cpu(ws)) => {
             let xq = cpu_u8(xs, xl)?;
             let xq: &[i8] = bytemuck_i8(xq);
-            let prep = crate::cpu::PreparedActivations::new(xq, m, k);
+            let prep = crate::cpu::PreparedActivations::new(cpu_kernel(), xq, m, k);
             let acc = crate::cpu::packed_accumulate(&prep, cpu_u8(ws, wl)?, n, k);
             Ok(tensor_from(Storage::Cpu(CpuStorage::I32(acc)), (m, n)))
         }
@@ -249,8 +249,9 @@ pub(crate) fn bytemuck_i8(v: &[u8]) -> &[i8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const i8, v.len()) }
 }
 
-/// Sets the kernel settings of a CUDA `device` for every later call on it (see
-/// [`KernelSettings`]). The CPU kernels have no settings: for a CPU device this does nothing.
+/// Sets the kernel settings of `device` for every later call on it (see [`KernelSettings`]).
+/// For the CPU device only `force.cpu_kernel` matters (process-wide); forcing a kernel this CPU
+/// does not support is an error.
 ///
 /// ```
 /// use bitlinear::plan::KernelSettings;
@@ -263,19 +264,34 @@ pub fn set_kernel_settings(device: &Device, settings: KernelSettings) -> Result<
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => crate::cuda::set_settings(d, settings),
-        _ => {
-            let _ = settings;
+        Device::Cpu => {
+            if let Some(k) = settings.force.cpu_kernel.filter(|k| !k.is_supported()) {
+                bail!("set_kernel_settings: this CPU does not support the {k:?} kernel");
+            }
+            *CPU_SETTINGS.write().unwrap_or_else(|e| e.into_inner()) = settings;
         }
+        _ => {}
     }
     Ok(())
 }
 
+/// The CPU device's settings (process-wide).
+static CPU_SETTINGS: std::sync::LazyLock<std::sync::RwLock<KernelSettings>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The CPU kernel calls run on now: the forced one, or the fastest this CPU supports.
+pub(crate) fn cpu_kernel() -> crate::cpu::CpuKernel {
+    let forced = CPU_SETTINGS.read().unwrap_or_else(|e| e.into_inner()).force.cpu_kernel;
+    forced.unwrap_or_else(crate::cpu::CpuKernel::detect)
+}
+
 /// The kernel settings of `device`: the defaults until [`set_kernel_settings`] changes them
-/// (always the defaults for a CPU device).
+/// (process-wide for the CPU device).
 pub fn kernel_settings(device: &Device) -> KernelSettings {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => crate::cuda::settings(d),
+        Device::Cpu => CPU_SETTINGS.read().unwrap_or_else(|e| e.into_inner()).clone(),
         _ => KernelSettings::default(),
     }
 }

@@ -26,26 +26,13 @@ fn cpu_forward(
     scaling: ActScaling,
     dtype: DType,
 ) -> Result<CpuStorage> {
-    use rayon::prelude::*;
     let per_tensor = (scaling == ActScaling::PerTensor).then(|| quant::absmax_scale(x));
-    let (prep, scales) = crate::cpu::PreparedActivations::quantize(x, m, k, per_tensor);
-    let acc = crate::cpu::packed_accumulate(&prep, w.bytes, w.n, k);
+    let kernel = crate::device::cpu_kernel();
+    let (prep, scales) = crate::cpu::PreparedActivations::quantize(kernel, x, m, k, per_tensor);
     let mut y = vec![0f32; m * w.n];
-    if w.n > 0 {
-        let row = |((y, acc), &s_x): ((&mut [f32], &[i32]), &f32)| {
-            for (y, &a) in y.iter_mut().zip(acc) {
-                *y = quant::dequantize(a, s_x, w.s_w);
-            }
-        };
-        if m == 1 {
-            row(((&mut y, &acc), &scales[0])); // not worth waking the thread pool
-        } else {
-            y.par_chunks_mut(w.n)
-                .zip(acc.par_chunks(w.n))
-                .zip(&scales)
-                .for_each(row);
-        }
-    }
+    crate::cpu::packed_matmul_into(&prep, w.bytes, w.n, k, &mut y, |row, acc| {
+        quant::dequantize(acc, scales[row], w.s_w)
+    });
     cpu_from_f32(y, dtype)
 }
 

@@ -32,7 +32,7 @@ mod skinny;
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
 pub use gemv::{GemvPlan, GEMV_MAX_K, GEMV_SHAPES, GEMV_WARPS};
 pub use quant::{act_quant_plan, ActLayout, ActQuantPlan, QUANT_THREADS};
-pub use settings::{ForcedChoices, KernelKind, KernelSettings};
+pub use settings::{CpuKernel, ForcedChoices, KernelKind, KernelSettings};
 pub use skinny::{SkinnyPlan, SKINNY_MAX_M, SKINNY_THREADS};
 
 /// What the planner needs to know of a device (queried once per device on CUDA).

@@ -1,8 +1,10 @@
-//! [`KernelSettings`]: the switches of the CUDA kernels, one value per device.
+//! [`KernelSettings`]: the switches of the kernels, one value per device.
 
 use super::gemm::GemmTile;
+pub use crate::cpu::CpuKernel;
 
-/// The switches of the CUDA kernels of one device (set with [`crate::set_kernel_settings`]).
+/// The switches of the kernels of one device (set with [`crate::set_kernel_settings`]): the CUDA
+/// kernels' switches, and for the CPU device only `force.cpu_kernel`.
 ///
 /// The defaults are what the library is tuned and tested for; the other values exist to turn a
 /// mechanism off when debugging or measuring it, and, through [`ForcedChoices`], to run a
@@ -95,4 +97,7 @@ pub struct ForcedChoices {
     /// Whether the Hopper GEMM writes its output by TMA stores (on still needs 16-byte aligned
     /// output rows) or by the threads' own stores.
     pub tma_store: Option<bool>,
+    /// The CPU kernel (settings of the CPU device only; it must be one this CPU supports, see
+    /// [`CpuKernel::is_supported`]). `None`: the fastest supported one.
+    pub cpu_kernel: Option<CpuKernel>,
 }

@@ -1,0 +1,230 @@
+//! CPU kernels: int8 activations × packed ternary weights → i32 accumulators.
+//!
+//! Weights stay packed. A byte holds four codes `c = w + 1 ∈ {0, 1, 2}` for `k = 4j..4j+3`, so
+//! `Σ w·x = Σ c·x − Σ x`: the kernels multiply unsigned codes by signed activations (the shape
+//! of x86's `pmaddubsw` and `vpdpbusd`) and subtract the row sum of the activations once per row.
+//!
+//! To decode without shuffles, each activation row is permuted once per call into blocks of
+//! `4 · B` values, `B` the kernel's vector width in bytes: for a block of `B` packed bytes,
+//! plane `p ∈ 0..4` holds `x[4i + p]` for lane `i ∈ 0..B`, and plane `p` of the weights is
+//! simply `(byte >> 2p) & 3`. Rows are padded with zero activations to a whole block, so
+//! padding codes contribute nothing.
+//!
+//! The kernel is chosen once per process from the CPU's features ([`CpuKernel::detect`]), unless
+//! the CPU's kernel settings force one (`ForcedChoices::cpu_kernel`): AVX-512 VNNI (`vpdpbusd` on 512-bit vectors), VNNI on 256-bit vectors (AVX-VNNI, or AVX-512 VNNI with
+//! VL), AVX2 (`pmaddubsw`), or portable Rust. All give identical integers (exact sums).
+//!
+//! Work is split over output features (rows of the weight) with rayon; each task takes
+//! `ROWS` weight rows at a time and reuses every weight vector it decodes for several
+//! activation rows. Results go straight to their `(m, n)` place through an epilogue, and the
+//! prepared activations reuse a per-thread buffer, so a call allocates only its output.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod kernel;
+mod portable;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+use std::cell::Cell;
+
+use rayon::prelude::*;
+
+pub use kernel::CpuKernel;
+
+use crate::quant;
+
+/// Weight rows computed together.
+const ROWS: usize = 4;
+/// Products smaller than this many multiply-adds run on the calling thread: waking the pool
+/// costs more than it saves below it.
+const SERIAL_MACS: usize = 1 << 20;
+/// Activation rows per cache tile (32 rows of K = 4096 codes: 128 KiB).
+const M_TILE: usize = 32;
+
+thread_local! {
+    /// The prepared-activation buffer of the last call on this thread, reused by the next.
+    static SCRATCH: Cell<Vec<i8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Activations prepared for a kernel: permuted, zero-padded, with row sums.
+pub(crate) struct PreparedActivations {
+    kernel: CpuKernel,
+    data: Vec<i8>,
+    row_sums: Vec<i32>,
+    blocks: usize,
+}
+
+impl Drop for PreparedActivations {
+    fn drop(&mut self) {
+        SCRATCH.set(std::mem::take(&mut self.data));
+    }
+}
+
+impl PreparedActivations {
+    /// Permutes `m` rows of `k` int8 codes (row-major) into the layout of `kernel`.
+    pub(crate) fn new(kernel: CpuKernel, x_q: &[i8], m: usize, k: usize) -> Self {
+        Self::build(kernel, m, k, |r, row| {
+            row.copy_from_slice(&x_q[r * k..(r + 1) * k]);
+            0.0
+        })
+        .0
+    }
+
+    /// Quantizes f32 rows `(m, k)` straight into the layout of `kernel`; returns the scale of
+    /// each row (all equal to `per_tensor_scale` when given).
+    pub(crate) fn quantize(
+        kernel: CpuKernel,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        per_tensor_scale: Option<f32>,
+    ) -> (Self, Vec<f32>) {
+        Self::build(kernel, m, k, |r, row| {
+            let src = &x[r * k..(r + 1) * k];
+            let s = per_tensor_scale.unwrap_or_else(|| quant::absmax_scale(src));
+            quant::quantize_row_with_scale(src, s, row);
+            s
+        })
+    }
+
+    /// Fills each row's codes through `fill(row_index, codes) -> scale` (rows in parallel), then
+    /// permutes them. Returns the prepared rows and the scales.
+    fn build(kernel: CpuKernel, m: usize, k: usize, fill: impl Fn(usize, &mut [i8]) -> f32 + Sync) -> (Self, Vec<f32>) {
+        let (bb, bk) = (kernel.block_bytes(), 4 * kernel.block_bytes());
+        let blocks = k.div_ceil(bk);
+        let row_len = blocks * bk;
+        let mut data = SCRATCH.take();
+        data.clear();
+        data.resize(m * row_len, 0);
+        let mut row_sums = vec![0i32; m];
+        let mut scales = vec![0f32; m];
+        if row_len == 0 {
+            scales.iter_mut().enumerate().for_each(|(r, s)| *s = fill(r, &mut []));
+        } else {
+            let row = |codes: &mut Vec<i8>, (r, ((dst, sum), scale)): (usize, ((&mut [i8], &mut i32), &mut f32))| {
+                *scale = fill(r, &mut codes[..k]); // the tail beyond k stays zero
+                *sum = codes[..k].iter().map(|&v| v as i32).sum();
+                for (d, c) in dst.chunks_exact_mut(bk).zip(codes.chunks_exact(bk)) {
+                    for lane in 0..bb {
+                        for plane in 0..4 {
+                            d[plane * bb + lane] = c[4 * lane + plane];
+                        }
+                    }
+                }
+            };
+            if m * row_len < SERIAL_MACS / 64 {
+                let mut codes = vec![0i8; row_len];
+                let rows = data.chunks_mut(row_len).zip(row_sums.iter_mut()).zip(scales.iter_mut());
+                rows.enumerate().for_each(|item| row(&mut codes, item));
+            } else {
+                data.par_chunks_mut(row_len)
+                    .zip(row_sums.par_iter_mut())
+                    .zip(scales.par_iter_mut())
+                    .enumerate()
+                    .for_each_init(|| vec![0i8; row_len], row);
+            }
+        }
+        (Self { kernel, data, row_sums, blocks }, scales)
+    }
+
+}
+
+/// The output of a call, written by tasks that own disjoint sets of columns.
+struct SharedOut<T>(*mut T);
+// SAFETY: every task writes only the columns of its own weight rows (see `packed_matmul_into`).
+unsafe impl<T: Copy + Send> Sync for SharedOut<T> {}
+
+/// `acc[m][n] = Σ_k x_q[m][k] · w[n][k]` for packed weight bytes `(n, ceil(k/4))`, row-major
+/// `(m, n)`.
+pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize, k: usize) -> Vec<i32> {
+    let mut out = vec![0i32; x.row_sums.len() * n];
+    packed_matmul_into(x, packed, n, k, &mut out, |_, acc| acc);
+    out
+}
+
+/// Computes every accumulator and stores `epilogue(m, acc)` at `out[m · n + n_index]`.
+pub(crate) fn packed_matmul_into<T: Copy + Send>(
+    x: &PreparedActivations,
+    packed: &[u8],
+    n: usize,
+    k: usize,
+    out: &mut [T],
+    epilogue: impl Fn(usize, i32) -> T + Sync,
+) {
+    let m = x.row_sums.len();
+    assert_eq!(out.len(), m * n, "output of the packed kernel has the wrong length");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let k4 = k.div_ceil(4);
+    let padded = x.blocks * x.kernel.block_bytes();
+    let group = x.kernel.rows_per_call();
+    // Rows per rayon task: enough work per task, enough tasks for both cores.
+    let rows_per_task = ROWS * (n / (ROWS * 32)).clamp(1, 16);
+    let tasks = n.div_ceil(rows_per_task);
+    let shared = SharedOut(out.as_mut_ptr());
+    let task = |t: usize| {
+        let out = &shared;
+        let n0 = t * rows_per_task;
+        let rows = rows_per_task.min(n - n0);
+        // Rows are used in place when they are whole blocks; otherwise copied zero-padded.
+        let direct = k4 == padded;
+        let mut wbuf = Vec::new();
+        let mut dots = [[0i32; ROWS]; kernel::MAX_X_ROWS];
+        // Activation rows in tiles that stay in L2 while every weight tile of the task passes.
+        for m0 in (0..m).step_by(M_TILE) {
+            for r0 in (0..rows).step_by(ROWS) {
+                let nr = ROWS.min(rows - r0);
+                let first = (n0 + r0) * k4;
+                let w: &[u8] = if direct && nr == ROWS {
+                    &packed[first..first + ROWS * k4]
+                } else {
+                    wbuf.clear();
+                    wbuf.resize(ROWS * padded, 0);
+                    for r in 0..nr {
+                        let src = &packed[first + r * k4..first + (r + 1) * k4];
+                        wbuf[r * padded..r * padded + k4].copy_from_slice(src);
+                    }
+                    &wbuf
+                };
+                let end = m.min(m0 + M_TILE);
+                let mut mm = m0;
+                while mm < end {
+                    let here = (end - mm).min(group);
+                    x.kernel.dot(w, padded, &x.data[mm * x.row_len()..], x.row_len(), here, &mut dots);
+                    for (i, d) in dots.iter().enumerate().take(here) {
+                        let base = (mm + i) * n + n0 + r0;
+                        for (r, &v) in d.iter().enumerate().take(nr) {
+                            let value = epilogue(mm + i, v - x.row_sums[mm + i]);
+                            // SAFETY: `base + r < m · n` (row `mm + i < m`, column `n0 + r0 + r
+                            // < n`), and column `n0 + r0 + r` belongs to this task alone.
+                            unsafe { out.0.add(base + r).write(value) };
+                        }
+                    }
+                    mm += here;
+                }
+            }
+        }
+    };
+    if m * n * k < SERIAL_MACS {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+impl PreparedActivations {
+    /// Length of one prepared row (a whole number of blocks).
+    fn row_len(&self) -> usize {
+        self.blocks * 4 * self.kernel.block_bytes()
+    }
+
+    /// Prepared row `m`.
+    #[cfg(test)]
+    fn row(&self, m: usize) -> &[i8] {
+        &self.data[m * self.row_len()..(m + 1) * self.row_len()]
+    }
+}
