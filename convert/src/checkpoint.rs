@@ -12,7 +12,6 @@ use model::{Checkpoint, ComputeOptions, SimpleBitCnn};
 pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Checkpoint::from_bytes(&bytes).with_context(|| format!("{} is not a usable float checkpoint", path.display()))
-
 }
 
 /// Builds the training-form network from a validated checkpoint.

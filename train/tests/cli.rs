@@ -158,7 +158,11 @@ fn resume_is_bit_exact() {
     );
     let meta = |p: &Path| {
         let bytes = std::fs::read(p).unwrap();
-        safetensors::SafeTensors::read_metadata(&bytes).unwrap().1.metadata().clone()
+        safetensors::SafeTensors::read_metadata(&bytes)
+            .unwrap()
+            .1
+            .metadata()
+            .clone()
     };
     assert_eq!(meta(&a.join("last.safetensors")), meta(&b.join("last.safetensors")));
     assert_eq!(

@@ -8,7 +8,6 @@ const BLOCK_BYTES: usize = 32;
 /// Activations per block.
 const BLOCK_K: usize = 4 * BLOCK_BYTES;
 
-
 /// AVX2: `pmaddubsw` multiplies the unsigned 2-bit codes by the signed activations (products
 /// at most 2·128 in magnitude, pair sums within i16), `pmaddwd` widens to i32.
 #[target_feature(enable = "avx2")]

@@ -34,13 +34,23 @@ pub enum CpuKernel {
 
 impl CpuKernel {
     /// Every kernel, fastest first (the order [`CpuKernel::detect`] tries them in).
-    pub const ALL: [CpuKernel; 5] =
-        [CpuKernel::Avx512Vnni, CpuKernel::Avx512Vnni256, CpuKernel::AvxVnni, CpuKernel::Avx2, CpuKernel::Portable];
+    pub const ALL: [CpuKernel; 5] = [
+        CpuKernel::Avx512Vnni,
+        CpuKernel::Avx512Vnni256,
+        CpuKernel::AvxVnni,
+        CpuKernel::Avx2,
+        CpuKernel::Portable,
+    ];
 
     /// The fastest kernel this CPU runs, detected on the first call.
     pub fn detect() -> CpuKernel {
         static CHOSEN: OnceLock<CpuKernel> = OnceLock::new();
-        *CHOSEN.get_or_init(|| CpuKernel::ALL.into_iter().find(|k| k.is_supported()).unwrap_or(CpuKernel::Portable))
+        *CHOSEN.get_or_init(|| {
+            CpuKernel::ALL
+                .into_iter()
+                .find(|k| k.is_supported())
+                .unwrap_or(CpuKernel::Portable)
+        })
     }
 
     /// Whether this CPU has the instructions of the kernel.

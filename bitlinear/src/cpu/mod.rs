@@ -127,9 +127,16 @@ impl PreparedActivations {
                     .for_each_init(|| vec![0i8; row_len], row);
             }
         }
-        (Self { kernel, data, row_sums, blocks }, scales)
+        (
+            Self {
+                kernel,
+                data,
+                row_sums,
+                blocks,
+            },
+            scales,
+        )
     }
-
 }
 
 /// The output of a call, written by tasks that own disjoint sets of columns.
@@ -194,7 +201,8 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
                 let mut mm = m0;
                 while mm < end {
                     let here = (end - mm).min(group);
-                    x.kernel.dot(w, padded, &x.data[mm * x.row_len()..], x.row_len(), here, &mut dots);
+                    x.kernel
+                        .dot(w, padded, &x.data[mm * x.row_len()..], x.row_len(), here, &mut dots);
                     for (i, d) in dots.iter().enumerate().take(here) {
                         let base = (mm + i) * n + n0 + r0;
                         for (r, &v) in d.iter().enumerate().take(nr) {

@@ -51,7 +51,11 @@ fn every_kernel_agrees_with_naive() {
             let w: Vec<i8> = (0..n * k).map(|_| (rng.next() % 3) as i8 - 1).collect();
             let packed = crate::packed::pack_ternary(&w, n, k).unwrap();
             let prep = PreparedActivations::new(kernel, &xq, m, k);
-            assert_eq!(packed_accumulate(&prep, &packed, n, k), naive(&xq, &w, m, n, k), "{kernel:?} {m}x{n}x{k}");
+            assert_eq!(
+                packed_accumulate(&prep, &packed, n, k),
+                naive(&xq, &w, m, n, k),
+                "{kernel:?} {m}x{n}x{k}"
+            );
         }
     }
 }
@@ -89,7 +93,11 @@ fn extremes() {
         for v in [-128i8, 127] {
             let xq = vec![v; m * k];
             let prep = PreparedActivations::new(kernel, &xq, m, k);
-            assert_eq!(packed_accumulate(&prep, &packed, n, k), vec![v as i32 * k as i32; m * n], "{kernel:?}");
+            assert_eq!(
+                packed_accumulate(&prep, &packed, n, k),
+                vec![v as i32 * k as i32; m * n],
+                "{kernel:?}"
+            );
         }
     }
 }
