@@ -103,7 +103,7 @@ impl CpuKernel {
         out: &mut [[i32; ROWS]; MAX_X_ROWS],
     ) {
         assert!(rows >= 1 && rows <= self.rows_per_call() && w.len() >= ROWS * padded);
-        assert!(x.len() >= (rows - 1) * x_stride + padded * 4 && padded % self.block_bytes() == 0);
+        assert!(x.len() >= (rows - 1) * x_stride + padded * 4 && padded.is_multiple_of(self.block_bytes()));
         let xr = |i: usize| &x[i * x_stride..i * x_stride + 4 * padded];
         match self {
             CpuKernel::Portable => out[0] = portable::dot_rows(w, padded, xr(0), self.block_bytes()),
