@@ -148,7 +148,9 @@ pub fn ensure_cifar10(dir: &Path, opts: &DownloadOptions) -> Result<Option<Downl
 /// Steps: stream into a temporary file in `dir`'s parent (created if needed), computing the
 /// MD5; compare it with `opts.md5`; extract into a temporary directory there; read every batch
 /// file with the reader's checks; rename into place. Any failure is [`Error::Download`] and
-/// leaves nothing behind.
+/// leaves nothing behind. A process killed mid-way (no destructor runs) may leave a hidden
+/// `.cifar-10-binary.*.tar.gz.part` file or `.cifar-10-extract.*` directory in the parent: never
+/// taken for the data set (the next run downloads again), safe to delete.
 pub fn download_cifar10(dir: &Path, opts: &DownloadOptions) -> Result<Downloaded> {
     let fail = |reason| Error::Download {
         url: opts.url.clone(),
