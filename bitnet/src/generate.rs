@@ -153,15 +153,11 @@ impl<'a> Generation<'a> {
         self
     }
 
-    /// Runs `prompt` then generates up to `max_new_tokens`, calling `on_token` with each new
-    /// token as soon as it is sampled. The prompt plus the new tokens must fit in
+    /// Checks what [`Self::run`] would reject before it runs anything: invalid sampling
+    /// settings, an empty prompt, a token outside the vocabulary, or more tokens than
     /// `max_position_embeddings`.
-    pub fn run(
-        &self,
-        prompt: &[u32],
-        max_new_tokens: usize,
-        mut on_token: impl FnMut(u32) -> Result<()>,
-    ) -> Result<GenerationOutput> {
+    pub fn check(&self, prompt: &[u32], max_new_tokens: usize) -> Result<()> {
+        self.sampling.validate()?;
         if prompt.is_empty() {
             bail!("generate: the prompt has no tokens")
         }
@@ -176,6 +172,19 @@ impl<'a> Generation<'a> {
         if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
             bail!("generate: prompt token {bad} is outside the vocabulary of {vocab}")
         }
+        Ok(())
+    }
+
+    /// Runs `prompt` then generates up to `max_new_tokens`, calling `on_token` with each new
+    /// token as soon as it is sampled. The prompt plus the new tokens must fit in
+    /// `max_position_embeddings`.
+    pub fn run(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        mut on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<GenerationOutput> {
+        self.check(prompt, max_new_tokens)?;
         let mut sampler = Sampler::new(self.sampling)?;
         let device = self.model.device();
         let mut cache = self.model.new_cache(prompt.len() + max_new_tokens)?;
@@ -203,5 +212,72 @@ impl<'a> Generation<'a> {
             prefill_secs,
             decode_secs: total - prefill_secs,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draws(sampling: Sampling, logits: &[f32], n: usize) -> Vec<usize> {
+        let mut s = Sampler::new(sampling).unwrap();
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..n {
+            counts[s.sample(logits).unwrap() as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn greedy_picks_first_maximum_and_skips_nan() {
+        let mut s = Sampler::new(Sampling::GREEDY).unwrap();
+        assert_eq!(s.sample(&[0.5, 2.0, -1.0, 2.0]).unwrap(), 1);
+        assert_eq!(s.sample(&[f32::NAN, -3.0, -4.0]).unwrap(), 1);
+        assert!(s.sample(&[f32::NAN]).is_err());
+        assert!(s.sample(&[]).is_err());
+    }
+
+    #[test]
+    fn temperature_one_follows_the_softmax() {
+        // Probabilities 1/4, 3/4: 8000 draws put the share of token 1 within 0.03 of 0.75
+        // (about 6 standard deviations).
+        let logits = [0.0f32, 3f32.ln()];
+        let c = draws(Sampling { temperature: 1.0, top_p: 1.0, seed: 7 }, &logits, 8000);
+        let share = c[1] as f64 / 8000.0;
+        assert!((share - 0.75).abs() < 0.03, "{c:?}");
+        // Temperature 0.5 squares the odds: 1/10, 9/10.
+        let c = draws(Sampling { temperature: 0.5, top_p: 1.0, seed: 8 }, &logits, 8000);
+        assert!((c[1] as f64 / 8000.0 - 0.9).abs() < 0.03, "{c:?}");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus() {
+        // Probabilities 0.6, 0.3, 0.1 (in shuffled order).
+        let logits = [0.3f32.ln(), 0.1f32.ln(), 0.6f32.ln()];
+        let only_top = draws(Sampling { temperature: 1.0, top_p: 0.5, seed: 1 }, &logits, 500);
+        assert_eq!(only_top, vec![0, 0, 500]);
+        let two = draws(Sampling { temperature: 1.0, top_p: 0.85, seed: 2 }, &logits, 3000);
+        assert_eq!(two[1], 0, "{two:?}");
+        // Renormalized over the nucleus: 0.6 / 0.9 = 2/3 for the top token.
+        assert!((two[2] as f64 / 3000.0 - 2.0 / 3.0).abs() < 0.04, "{two:?}");
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_differs() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.1).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(Sampling { temperature: 1.0, top_p: 0.95, seed }).unwrap();
+            (0..64).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(3), run(3));
+        assert_ne!(run(3), run(4));
+    }
+
+    #[test]
+    fn invalid_settings_are_errors() {
+        for (t, p) in [(-0.1, 1.0), (f64::NAN, 1.0), (f64::INFINITY, 1.0), (1.0, 0.0), (1.0, 1.5), (1.0, f64::NAN)] {
+            let e = Sampler::new(Sampling { temperature: t, top_p: p, seed: 0 }).unwrap_err();
+            assert!(e.to_string().contains(if t.is_finite() && t >= 0.0 { "top_p" } else { "temperature" }), "{e}");
+        }
     }
 }
