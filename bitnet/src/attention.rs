@@ -96,4 +96,3 @@ fn causal_mask(groups: usize, s: usize, start: usize, device: &Device) -> Result
         .collect();
     Tensor::from_vec(mask, (groups * s, t), device)
 }
-

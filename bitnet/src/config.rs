@@ -231,14 +231,20 @@ mod tests {
     #[test]
     fn reads_transformers_5_rope_parameters_and_eos_lists() {
         let v5 = REAL
-            .replace("\"rope_theta\":500000.0", "\"rope_parameters\":{\"rope_theta\":250000.0,\"rope_type\":\"default\"}")
+            .replace(
+                "\"rope_theta\":500000.0",
+                "\"rope_parameters\":{\"rope_theta\":250000.0,\"rope_type\":\"default\"}",
+            )
             .replace("\"eos_token_id\":128001", "\"eos_token_id\":[128001,128009]");
         let c = parse(&v5).unwrap();
         assert_eq!(c.rope_base(), 250000.0);
         assert_eq!(c.eos_ids(), vec![128001, 128009]);
         let no_rope = REAL.replace("\"rope_theta\":500000.0,", "");
         assert_eq!(parse(&no_rope).unwrap().rope_base(), 10000.0);
-        let scaled = REAL.replace("\"rope_theta\":500000.0", "\"rope_parameters\":{\"rope_type\":\"yarn\"}");
+        let scaled = REAL.replace(
+            "\"rope_theta\":500000.0",
+            "\"rope_parameters\":{\"rope_type\":\"yarn\"}",
+        );
         let e = parse(&scaled).unwrap_err();
         assert!(e.to_string().contains("yarn"), "{e}");
     }

@@ -22,7 +22,11 @@ pub struct Sampling {
 
 impl Sampling {
     /// Greedy decoding.
-    pub const GREEDY: Self = Self { temperature: 0.0, top_p: 1.0, seed: 0 };
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+    };
 
     fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
@@ -46,7 +50,10 @@ impl Sampler {
     /// A sampler; an invalid temperature or `top_p` is an error.
     pub fn new(sampling: Sampling) -> Result<Self> {
         sampling.validate()?;
-        Ok(Self { sampling, rng: StdRng::seed_from_u64(sampling.seed) })
+        Ok(Self {
+            sampling,
+            rng: StdRng::seed_from_u64(sampling.seed),
+        })
     }
 
     /// The next token from one row of logits. Greedy picks the first maximum (as `argmax` in
@@ -144,7 +151,11 @@ pub struct Generation<'a> {
 impl<'a> Generation<'a> {
     /// Generation on `model` under `sampling`, with no stop tokens.
     pub fn new(model: &'a BitNetModel, sampling: Sampling) -> Self {
-        Self { model, sampling, stop: Vec::new() }
+        Self {
+            model,
+            sampling,
+            stop: Vec::new(),
+        }
     }
 
     /// Stops after any of `tokens` is generated (e.g. the config's EOS ids).
@@ -242,11 +253,27 @@ mod tests {
         // Probabilities 1/4, 3/4: 8000 draws put the share of token 1 within 0.03 of 0.75
         // (about 6 standard deviations).
         let logits = [0.0f32, 3f32.ln()];
-        let c = draws(Sampling { temperature: 1.0, top_p: 1.0, seed: 7 }, &logits, 8000);
+        let c = draws(
+            Sampling {
+                temperature: 1.0,
+                top_p: 1.0,
+                seed: 7,
+            },
+            &logits,
+            8000,
+        );
         let share = c[1] as f64 / 8000.0;
         assert!((share - 0.75).abs() < 0.03, "{c:?}");
         // Temperature 0.5 squares the odds: 1/10, 9/10.
-        let c = draws(Sampling { temperature: 0.5, top_p: 1.0, seed: 8 }, &logits, 8000);
+        let c = draws(
+            Sampling {
+                temperature: 0.5,
+                top_p: 1.0,
+                seed: 8,
+            },
+            &logits,
+            8000,
+        );
         assert!((c[1] as f64 / 8000.0 - 0.9).abs() < 0.03, "{c:?}");
     }
 
@@ -254,9 +281,25 @@ mod tests {
     fn top_p_keeps_the_smallest_nucleus() {
         // Probabilities 0.6, 0.3, 0.1 (in shuffled order).
         let logits = [0.3f32.ln(), 0.1f32.ln(), 0.6f32.ln()];
-        let only_top = draws(Sampling { temperature: 1.0, top_p: 0.5, seed: 1 }, &logits, 500);
+        let only_top = draws(
+            Sampling {
+                temperature: 1.0,
+                top_p: 0.5,
+                seed: 1,
+            },
+            &logits,
+            500,
+        );
         assert_eq!(only_top, vec![0, 0, 500]);
-        let two = draws(Sampling { temperature: 1.0, top_p: 0.85, seed: 2 }, &logits, 3000);
+        let two = draws(
+            Sampling {
+                temperature: 1.0,
+                top_p: 0.85,
+                seed: 2,
+            },
+            &logits,
+            3000,
+        );
         assert_eq!(two[1], 0, "{two:?}");
         // Renormalized over the nucleus: 0.6 / 0.9 = 2/3 for the top token.
         assert!((two[2] as f64 / 3000.0 - 2.0 / 3.0).abs() < 0.04, "{two:?}");
@@ -266,7 +309,12 @@ mod tests {
     fn same_seed_same_tokens_other_seed_differs() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.1).collect();
         let run = |seed| {
-            let mut s = Sampler::new(Sampling { temperature: 1.0, top_p: 0.95, seed }).unwrap();
+            let mut s = Sampler::new(Sampling {
+                temperature: 1.0,
+                top_p: 0.95,
+                seed,
+            })
+            .unwrap();
             (0..64).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(run(3), run(3));
@@ -275,9 +323,28 @@ mod tests {
 
     #[test]
     fn invalid_settings_are_errors() {
-        for (t, p) in [(-0.1, 1.0), (f64::NAN, 1.0), (f64::INFINITY, 1.0), (1.0, 0.0), (1.0, 1.5), (1.0, f64::NAN)] {
-            let e = Sampler::new(Sampling { temperature: t, top_p: p, seed: 0 }).unwrap_err();
-            assert!(e.to_string().contains(if t.is_finite() && t >= 0.0 { "top_p" } else { "temperature" }), "{e}");
+        for (t, p) in [
+            (-0.1, 1.0),
+            (f64::NAN, 1.0),
+            (f64::INFINITY, 1.0),
+            (1.0, 0.0),
+            (1.0, 1.5),
+            (1.0, f64::NAN),
+        ] {
+            let e = Sampler::new(Sampling {
+                temperature: t,
+                top_p: p,
+                seed: 0,
+            })
+            .unwrap_err();
+            assert!(
+                e.to_string().contains(if t.is_finite() && t >= 0.0 {
+                    "top_p"
+                } else {
+                    "temperature"
+                }),
+                "{e}"
+            );
         }
     }
 }

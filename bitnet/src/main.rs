@@ -62,15 +62,23 @@ fn main() -> Result<()> {
     let device = device(args.device)?;
     let model = BitNetModel::load_dir(&args.model, &device)?;
     let tok_path = args.model.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", tok_path.display()))?;
+    let tokenizer =
+        Tokenizer::from_file(&tok_path).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", tok_path.display()))?;
     let prompt = tokenizer
         .encode(args.prompt.as_str(), true)
         .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?
         .get_ids()
         .to_vec();
-    let sampling = Sampling { temperature: args.temperature, top_p: args.top_p, seed: args.seed };
-    let stop = if args.ignore_eos { Vec::new() } else { model.config().eos_ids() };
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let stop = if args.ignore_eos {
+        Vec::new()
+    } else {
+        model.config().eos_ids()
+    };
     let generation = Generation::new(&model, sampling).stop_at(stop);
     generation.check(&prompt, args.max_new_tokens)?;
     let mut out = std::io::stdout().lock();
@@ -79,7 +87,9 @@ fn main() -> Result<()> {
     let mut stream = tokenizer.decode_stream(true);
     let result = generation
         .run(&prompt, args.max_new_tokens, |id| {
-            let text = stream.step(id).map_err(|e| candle_core::Error::Msg(format!("cannot decode token {id}: {e}")))?;
+            let text = stream
+                .step(id)
+                .map_err(|e| candle_core::Error::Msg(format!("cannot decode token {id}: {e}")))?;
             if let Some(text) = text {
                 write!(out, "{text}").and_then(|_| out.flush())?;
             }

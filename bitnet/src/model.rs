@@ -44,7 +44,11 @@ impl Cache {
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| LayerCache::new(cfg, batch, capacity, device))
             .collect::<Result<_>>()?;
-        Ok(Self { layers, len: 0, capacity })
+        Ok(Self {
+            layers,
+            len: 0,
+            capacity,
+        })
     }
 
     /// Tokens already in the cache (the position of the next one).
@@ -89,7 +93,9 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, start: usize, rope: &Rope, cache: &mut LayerCache) -> Result<Tensor> {
-        let a = self.self_attn.forward(&self.input_layernorm.forward(x)?, start, rope, cache)?;
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, start, rope, cache)?;
         let x = (x + a)?;
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + m
@@ -121,7 +127,10 @@ impl BitNetModel {
         // SAFETY: the file is mapped read-only; it must not be modified while being read.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
             .and_then(|vb| Self::load(config, vb))
-            .map_err(|source| LoadError::Weights { path: path.clone(), source })?;
+            .map_err(|source| LoadError::Weights {
+                path: path.clone(),
+                source,
+            })?;
         Ok(vb)
     }
 
@@ -141,8 +150,21 @@ impl BitNetModel {
         } else {
             candle_nn::linear_no_bias(h, vocab, vb.pp("lm_head"))?
         };
-        let rope = Rope::new(config.rope_base(), config.head_dim(), config.max_position_embeddings, &device)?;
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device })
+        let rope = Rope::new(
+            config.rope_base(),
+            config.head_dim(),
+            config.max_position_embeddings,
+            &device,
+        )?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device,
+        })
     }
 
     /// The configuration.

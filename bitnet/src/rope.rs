@@ -46,4 +46,3 @@ impl Rope {
         self.cos.dim(0).unwrap_or(0)
     }
 }
-

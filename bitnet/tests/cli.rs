@@ -20,32 +20,73 @@ const PROMPT: &str = "The quick brown fox jumps over the lazy dog.";
 #[test]
 fn greedy_run_prints_transformers_continuation() {
     let dir = fixture().join("tiny-bitnet-lm");
-    let expected = candle_core::safetensors::load(fixture().join("expected.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let greedy: Vec<u32> = expected["greedy_ids"].to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect();
+    let expected =
+        candle_core::safetensors::load(fixture().join("expected.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let greedy: Vec<u32> = expected["greedy_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
     let tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let n = greedy.len().to_string();
-    let out = run(&["--model", dir.to_str().unwrap(), "--prompt", PROMPT, "--max-new-tokens", &n, "--ignore-eos"]);
+    let out = run(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let text = tok.decode(&greedy, true).unwrap();
     assert_eq!(stdout, format!("{PROMPT}{text}\n"));
-    assert!(stderr.contains(&format!("prompt: 29 tokens")) && stderr.contains(&format!("decode: {n} tokens")), "{stderr}");
+    assert!(
+        stderr.contains("prompt: 29 tokens") && stderr.contains(&format!("decode: {n} tokens")),
+        "{stderr}"
+    );
     assert!(stderr.contains("tokens/s"), "{stderr}");
 
     // Without --ignore-eos it stops at the first EOS token (id 1 in this tokenizer).
     let first_eos = greedy.iter().position(|&t| t == 1).unwrap();
-    let out = run(&["--model", dir.to_str().unwrap(), "--prompt", PROMPT, "--max-new-tokens", &n]);
+    let out = run(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        &n,
+    ]);
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("decode: {} tokens", first_eos + 1)), "{stderr}");
+    assert!(
+        stderr.contains(&format!("decode: {} tokens", first_eos + 1)),
+        "{stderr}"
+    );
 }
 
 /// Sampling with a seed is reproducible.
 #[test]
 fn seeded_sampling_is_reproducible() {
     let dir = fixture().join("tiny-bitnet-lm");
-    let args = ["--model", dir.to_str().unwrap(), "--prompt", PROMPT, "--max-new-tokens", "10", "--temperature", "0.8", "--top-p", "0.9", "--seed", "5", "--ignore-eos"];
+    let args = [
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--ignore-eos",
+    ];
     let (a, b) = (run(&args), run(&args));
     assert!(a.status.success() && b.status.success());
     assert_eq!(a.stdout, b.stdout);
@@ -58,7 +99,10 @@ fn bad_arguments_are_clear_errors() {
     let cases: [(&[&str], &str); 4] = [
         (&["--model", "/nonexistent-model-dir", "--prompt", "x"], "config.json"),
         (&["--model", dir, "--prompt", "x", "--temperature=-1"], "temperature"),
-        (&["--model", dir, "--prompt", "x", "--max-new-tokens", "100"], "max_position_embeddings"),
+        (
+            &["--model", dir, "--prompt", "x", "--max-new-tokens", "100"],
+            "max_position_embeddings",
+        ),
         (&["--model", dir, "--prompt", "x", "--device", "tpu"], "tpu"),
     ];
     for (args, needle) in cases {

@@ -20,10 +20,20 @@ struct Expected {
 
 fn expected() -> Expected {
     let t = candle_core::safetensors::load(fixture_dir().join("expected.safetensors"), &Device::Cpu).unwrap();
-    let ids = |name: &str| t[name].to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect();
-    Expected { prompt: ids("prompt_ids"), logits: t["logits"].clone(),
+    let ids = |name: &str| {
+        t[name]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect()
+    };
+    Expected {
+        prompt: ids("prompt_ids"),
+        logits: t["logits"].clone(),
         logits_quant_divide: t["logits_quant_divide"].clone(),
-        greedy: ids("greedy_ids") }
+        greedy: ids("greedy_ids"),
+    }
 }
 
 fn model() -> BitNetModel {
@@ -31,7 +41,16 @@ fn model() -> BitNetModel {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Our logits at every prompt position against transformers' (f32 on both sides).
@@ -50,17 +69,26 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn logits_match_transformers() {
     let e = expected();
     let m = model();
-    let ids = Tensor::new(e.prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(e.prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mut cache = m.new_cache(e.prompt.len()).unwrap();
     let ours = m.forward(&ids, &mut cache).unwrap().squeeze(0).unwrap();
     assert_eq!(ours.dims(), e.logits.dims());
     let same_rounding = max_abs_diff(&ours, &e.logits_quant_divide);
     let plain = max_abs_diff(&ours, &e.logits);
     println!("max |ours - transformers|: {same_rounding:e} (same quantizer rounding), {plain:e} (plain)");
-    assert!(same_rounding < 1e-5, "same rounding: max abs logit difference {same_rounding}");
+    assert!(
+        same_rounding < 1e-5,
+        "same rounding: max abs logit difference {same_rounding}"
+    );
     assert!(plain < 5e-3, "plain transformers: max abs logit difference {plain}");
     // Every position predicts the same token.
-    assert_eq!(ours.argmax(1).unwrap().to_vec1::<u32>().unwrap(), e.logits.argmax(1).unwrap().to_vec1::<u32>().unwrap());
+    assert_eq!(
+        ours.argmax(1).unwrap().to_vec1::<u32>().unwrap(),
+        e.logits.argmax(1).unwrap().to_vec1::<u32>().unwrap()
+    );
 }
 
 /// Greedy generation gives transformers' tokens exactly.
@@ -90,15 +118,27 @@ fn kv_cache_decode_matches_full_forward() {
     let m = model();
     let seq: Vec<u32> = e.prompt.iter().chain(&e.greedy).copied().collect();
     let all = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let full = m.forward(&all, &mut m.new_cache(seq.len()).unwrap()).unwrap().squeeze(0).unwrap();
+    let full = m
+        .forward(&all, &mut m.new_cache(seq.len()).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     for split in [1, 7, e.prompt.len()] {
         let mut cache = m.new_cache(seq.len()).unwrap();
-        let head = m.forward(&all.narrow(1, 0, split).unwrap(), &mut cache).unwrap().squeeze(0).unwrap();
+        let head = m
+            .forward(&all.narrow(1, 0, split).unwrap(), &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let mut diffs: Vec<f32> = (0..split)
             .map(|pos| max_abs_diff(&head.i(pos).unwrap(), &full.i(pos).unwrap()))
             .collect();
         for pos in split..seq.len() {
-            let step = m.forward_last(&all.narrow(1, pos, 1).unwrap(), &mut cache).unwrap().squeeze(0).unwrap();
+            let step = m
+                .forward_last(&all.narrow(1, pos, 1).unwrap(), &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
             diffs.push(max_abs_diff(&step, &full.i(pos).unwrap()));
         }
         let flipped = diffs.iter().filter(|&&d| d >= 1e-5).count();

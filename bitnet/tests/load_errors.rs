@@ -60,7 +60,11 @@ fn bad_json_and_unsupported_activation() {
 
 #[test]
 fn missing_tensor_is_named() {
-    for name in ["model.layers.1.mlp.down_proj.weight_scale", "model.layers.0.self_attn.attn_sub_norm.weight", "model.norm.weight"] {
+    for name in [
+        "model.layers.1.mlp.down_proj.weight_scale",
+        "model.layers.0.self_attn.attn_sub_norm.weight",
+        "model.norm.weight",
+    ] {
         let dir = copy();
         let mut t = tensors(dir.path());
         t.remove(name).unwrap();
