@@ -14,6 +14,8 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod attention;
 pub mod config;
 pub mod generate;
@@ -22,8 +24,6 @@ mod mlp;
 mod model;
 mod rope;
 
-pub use attention::LayerCache;
 pub use config::{BitNetConfig, ConfigError};
 pub use linear::BitNetLinear;
 pub use model::{BitNetModel, Cache, LoadError};
-pub use rope::Rope;

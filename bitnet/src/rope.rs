@@ -40,9 +40,4 @@ impl Rope {
         let sin = self.sin.narrow(0, start, seq)?.to_dtype(x.dtype())?;
         candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
-
-    /// Positions the tables cover.
-    pub fn max_positions(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
-    }
 }
