@@ -120,3 +120,22 @@ fn sequence_past_capacity_is_an_error() {
     assert!(e.to_string().contains("capacity 3"), "{e}");
     assert_eq!(cache.len(), 2);
 }
+
+#[test]
+fn generation_rejects_bad_prompts() {
+    use bitnet::generate::{Generation, Sampling};
+    let m = load(&fixture()).unwrap();
+    let g = Generation::new(&m, Sampling::GREEDY);
+    let cases: [(&[u32], usize, &str); 3] = [
+        (&[], 4, "no tokens"),
+        (&[5, 300], 4, "token 300 is outside the vocabulary of 300"),
+        (&[5, 6], 63, "exceed max_position_embeddings 64"),
+    ];
+    for (prompt, n, needle) in cases {
+        let e = g.run(prompt, n, |_| Ok(())).unwrap_err();
+        assert!(e.to_string().contains(needle), "{prompt:?}: {e}");
+    }
+    // The longest allowed run fills the context exactly.
+    let out = g.run(&[5, 6], 62, |_| Ok(())).unwrap();
+    assert_eq!(out.tokens.len(), 62);
+}
