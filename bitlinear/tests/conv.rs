@@ -1,12 +1,15 @@
-//! BitConv2d against an independent f64 reference: per-image int8 quantization (round half to
-//! even), absmean ternary weights and a direct convolution loop with exact i64 accumulators.
+//! BitConv2d and PackedBitConv2d against an independent f64 reference: per-image int8
+//! quantization (round half to even), absmean ternary weights and a direct convolution loop with
+//! exact i64 accumulators. The packed form's accumulators must equal the reference's exactly.
 
 mod common;
 
-use bitlinear::{BitConv2d, BitConv2dConfig};
-use candle_core::{Device, Module, Result, Tensor};
+use bitlinear::{BitConv2d, BitConv2dConfig, PackedBitConv2d};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
 use common::{device_test, randn, ref_quantize_rows, ref_quantize_weights, rng};
 use rand::Rng;
+use std::collections::HashMap;
 
 struct Shape {
     b: usize,
@@ -65,16 +68,35 @@ fn check_shape(dev: &Device, s: &Shape, r: &mut rand::rngs::StdRng) -> Result<()
     };
     let layer = BitConv2d::new(wt, Some(bt), cfg)?;
     let y: Vec<f32> = layer.forward(&xt)?.flatten_all()?.to_vec1()?;
+    let packed = layer.pack()?;
+    let yp: Vec<f32> = packed.forward(&xt)?.flatten_all()?.to_vec1()?;
+    let (pacc, pscales) = packed.accumulate(&xt)?;
 
     let acts = ref_quantize_rows(&x, s.b, s.c * s.h * s.w);
     let wts = ref_quantize_weights(&w);
     let (acc, ho, wo) = ref_conv_int(s, &acts.q, &wts.q);
+    let at = format!(
+        "b {} c {} {}x{} co {} k {} stride {} pad {}",
+        s.b, s.c, s.h, s.w, s.co, s.k, s.stride, s.pad
+    );
+    assert_eq!(pacc.dims(), &[s.b, s.co, ho, wo], "{at}: accumulator shape");
+    let pacc: Vec<i64> = pacc
+        .flatten_all()?
+        .to_vec1::<i32>()?
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    assert!(pacc == acc, "{at}: packed accumulators differ from the reference");
+    assert_eq!(pscales.to_vec1::<f32>()?, acts.scales, "{at}: activation scales");
+    assert_eq!(packed.weight().scale(), wts.scale, "{at}: weight scale");
     assert_eq!(y.len(), acc.len());
+    assert_eq!(yp.len(), acc.len());
     let plane = s.co * ho * wo;
     // Float convolution of the fake-quantized values: each product is exact in f32, the sum of
-    // at most c·k·k terms below 127 · 1 loses at most ~K ulps of the largest partial sum.
+    // at most c·k·k terms below 127 · 1 loses at most ~K ulps of the largest partial sum. The
+    // packed form's sum is exact; its two f32 scale products and the bias add round once each.
     let kk = (s.c * s.k * s.k) as f64;
-    for (i, (&got, &a)) in y.iter().zip(&acc).enumerate() {
+    for (i, ((&got, &gotp), &a)) in y.iter().zip(&yp).zip(&acc).enumerate() {
         let n = i / plane;
         let o = (i / (ho * wo)) % s.co;
         let sxw = acts.scales[n] as f64 * wts.scale as f64;
@@ -82,7 +104,16 @@ fn check_shape(dev: &Device, s: &Shape, r: &mut rand::rngs::StdRng) -> Result<()
         let tol = 127.0 * kk * sxw * 1e-6 + 1e-6;
         assert!(
             (got as f64 - want).abs() <= tol,
-            "elem {i}: got {got}, want {want}, tol {tol}"
+            "{at}: elem {i}: got {got}, want {want}, tol {tol}"
+        );
+        let tolp = (want.abs() + bias[o].abs() as f64) * 3.0 * f32::EPSILON as f64 + 1e-30;
+        assert!(
+            (gotp as f64 - want).abs() <= tolp,
+            "{at}: packed elem {i}: got {gotp}, want {want}, tol {tolp}"
+        );
+        assert!(
+            (gotp - got).abs() as f64 <= tol + tolp,
+            "{at}: packed {gotp} vs float {got}"
         );
     }
     Ok(())
@@ -111,6 +142,38 @@ fn random_shapes(dev: &Device) -> Result<()> {
             pad,
         };
         check_shape(dev, &s, &mut r)?;
+    }
+    Ok(())
+}
+
+fn tiled_shapes(dev: &Device) -> Result<()> {
+    // Larger than one im2col tile (1 Mi codes): the rows of one image split over tiles, and a
+    // batch split into tiles of whole images.
+    let mut r = rng("conv_tiled_shapes");
+    let shapes = [
+        Shape {
+            b: 2,
+            c: 16,
+            h: 53,
+            w: 53,
+            co: 3,
+            k: 5,
+            stride: 1,
+            pad: 2,
+        },
+        Shape {
+            b: 40,
+            c: 3,
+            h: 64,
+            w: 63,
+            co: 4,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        },
+    ];
+    for s in &shapes {
+        check_shape(dev, s, &mut r)?;
     }
     Ok(())
 }
@@ -153,27 +216,124 @@ fn straight_through_grads(dev: &Device) -> Result<()> {
 }
 
 fn bad_inputs(dev: &Device) -> Result<()> {
-    let wt = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, dev)?;
-    let layer = BitConv2d::new(
-        wt,
-        None,
-        BitConv2dConfig {
-            bias: false,
-            ..Default::default()
-        },
-    )?;
-    let f = |d: &[usize]| layer.forward(&Tensor::zeros(d, candle_core::DType::F32, dev).unwrap());
-    assert!(f(&[3, 5, 5]).is_err(), "rank 3 accepted");
-    assert!(f(&[1, 2, 5, 5]).is_err(), "channel mismatch accepted");
-    assert!(f(&[1, 3, 2, 5]).is_err(), "kernel larger than input accepted");
-    assert!(
-        layer
-            .forward(&Tensor::zeros((1, 3, 5, 5), candle_core::DType::U8, dev)?)
-            .is_err(),
-        "u8 accepted"
+    let wt = Tensor::zeros((4, 3, 3, 3), DType::F32, dev)?;
+    let cfg = BitConv2dConfig {
+        bias: false,
+        ..Default::default()
+    };
+    let layer = BitConv2d::new(wt, None, cfg)?;
+    let packed = layer.pack()?;
+    let forms: [(&str, &dyn Module); 2] = [("float", &layer), ("packed", &packed)];
+    for (form, m) in forms {
+        let f = |d: &[usize], dt: DType| m.forward(&Tensor::zeros(d, dt, dev)?);
+        assert!(f(&[3, 5, 5], DType::F32).is_err(), "{form}: rank 3 accepted");
+        assert!(f(&[1, 1, 3, 5, 5], DType::F32).is_err(), "{form}: rank 5 accepted");
+        assert!(
+            f(&[1, 2, 5, 5], DType::F32).is_err(),
+            "{form}: channel mismatch accepted"
+        );
+        assert!(
+            f(&[1, 3, 2, 5], DType::F32).is_err(),
+            "{form}: kernel taller than input accepted"
+        );
+        assert!(
+            f(&[1, 3, 5, 2], DType::F32).is_err(),
+            "{form}: kernel wider than input accepted"
+        );
+        assert!(f(&[1, 3, 5, 5], DType::U8).is_err(), "{form}: u8 accepted");
+        assert!(f(&[1, 3, 5, 5], DType::U32).is_err(), "{form}: u32 accepted");
+    }
+    // Padding makes a small input fit.
+    let padded = BitConv2d::new(layer.weight().clone(), None, BitConv2dConfig { padding: 1, ..cfg })?;
+    assert_eq!(
+        padded
+            .pack()?
+            .forward(&Tensor::zeros((1, 3, 1, 1), DType::F32, dev)?)?
+            .dims(),
+        &[1, 4, 1, 1]
     );
-    assert_eq!(f(&[0, 3, 5, 5])?.dims(), &[0, 4, 3, 3]);
+    assert!(BitConv2d::new(layer.weight().clone(), None, BitConv2dConfig { stride: 0, ..cfg }).is_err());
     Ok(())
 }
 
-device_test!(random_shapes, straight_through_grads, bad_inputs);
+fn empty_batch(dev: &Device) -> Result<()> {
+    // Empty in, empty out (tests/empty.rs): the right shape and dtype, no elements.
+    let mut r = rng("conv_empty");
+    let wt = Tensor::from_vec(randn(&mut r, 4 * 3 * 3 * 3, 0.2), (4, 3, 3, 3), dev)?;
+    let bias = Tensor::from_vec(randn(&mut r, 4, 0.1), 4, dev)?;
+    let cfg = BitConv2dConfig {
+        stride: 2,
+        padding: 1,
+        bias: true,
+    };
+    let layer = BitConv2d::new(wt, Some(bias), cfg)?;
+    let packed = layer.pack()?;
+    for dt in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        let x = Tensor::zeros((0, 3, 7, 5), dt, dev)?;
+        for y in [layer.forward(&x)?, packed.forward(&x)?] {
+            assert_eq!(y.dims(), &[0, 4, 4, 3], "{dt:?}");
+            assert_eq!(y.dtype(), dt);
+        }
+        let (acc, scales) = packed.accumulate(&x)?;
+        assert_eq!((acc.dims(), acc.dtype()), (&[0, 4, 4, 3][..], DType::I32));
+        assert_eq!(scales.dims(), &[0]);
+    }
+    Ok(())
+}
+
+fn packed_storage(dev: &Device) -> Result<()> {
+    // tensors() -> load() rebuilds the same layer; missing, misshapen or invalid tensors are errors.
+    let mut r = rng("conv_storage");
+    let (c, co, k) = (3, 5, 3);
+    let wt = Tensor::from_vec(randn(&mut r, co * c * k * k, 0.2), (co, c, k, k), dev)?;
+    let bias = Tensor::from_vec(randn(&mut r, co, 0.1), co, dev)?;
+    let cfg = BitConv2dConfig {
+        stride: 2,
+        padding: 1,
+        bias: true,
+    };
+    let packed = BitConv2d::new(wt, Some(bias), cfg)?.pack()?;
+    let tensors: HashMap<String, Tensor> = packed.tensors()?.into_iter().collect();
+    assert_eq!(tensors["weight.packed"].dims(), &[co, 7]);
+    let load =
+        |t: HashMap<String, Tensor>| PackedBitConv2d::load(c, co, k, cfg, VarBuilder::from_tensors(t, DType::F32, dev));
+    let loaded = load(tensors.clone())?;
+    let x = Tensor::from_vec(randn(&mut r, 2 * c * 9 * 7, 1.0), (2, c, 9, 7), dev)?;
+    assert_eq!(
+        loaded.forward(&x)?.flatten_all()?.to_vec1::<f32>()?,
+        packed.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
+    );
+    for name in ["weight.packed", "weight.scale", "bias"] {
+        let mut t = tensors.clone();
+        t.remove(name);
+        let e = load(t).expect_err(name).to_string();
+        assert!(e.contains(name) && e.contains("missing"), "{name}: {e}");
+    }
+    assert!(
+        PackedBitConv2d::load(
+            c,
+            co,
+            5,
+            cfg,
+            VarBuilder::from_tensors(tensors.clone(), DType::F32, dev)
+        )
+        .is_err(),
+        "wrong kernel size accepted"
+    );
+    let mut t = tensors.clone();
+    t.insert("weight.packed".into(), Tensor::full(0xFFu8, (co, 7), dev)?);
+    assert!(load(t).is_err(), "code 3 accepted");
+    let mut t = tensors;
+    t.insert("weight.scale".into(), Tensor::new(&[f32::NAN], dev)?);
+    assert!(load(t).is_err(), "NaN scale accepted");
+    Ok(())
+}
+
+device_test!(
+    random_shapes,
+    tiled_shapes,
+    straight_through_grads,
+    bad_inputs,
+    empty_batch,
+    packed_storage
+);
