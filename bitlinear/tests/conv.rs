@@ -178,6 +178,94 @@ fn tiled_shapes(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Straight-through gradients of `Σ g · conv(x~, w~)` in f64, with `x~ = x_q·s_x` per image and
+/// `w~ = w_q·s_w`: `dx[n,c,iy,ix] = Σ g[n,o,y,x]·w~[o,c,ky,kx]` over the taps reading that input,
+/// `dw[o,c,ky,kx] = Σ g[n,o,y,x]·x~[n,c,iy,ix]`; padding taps read nothing.
+/// Each with the sum of the magnitudes of its terms, for a rounding bound.
+fn ref_conv_grads(s: &Shape, x: &[f32], w: &[f32], g: &[f32]) -> [(Vec<f64>, Vec<f64>); 2] {
+    let acts = ref_quantize_rows(x, s.b, s.c * s.h * s.w);
+    let wts = ref_quantize_weights(w);
+    let ho = (s.h + 2 * s.pad - s.k) / s.stride + 1;
+    let wo = (s.w + 2 * s.pad - s.k) / s.stride + 1;
+    let (mut dx, mut dw) = (vec![0f64; x.len()], vec![0f64; w.len()]);
+    let (mut dxa, mut dwa) = (vec![0f64; x.len()], vec![0f64; w.len()]);
+    for n in 0..s.b {
+        for o in 0..s.co {
+            for y in 0..ho {
+                for xo in 0..wo {
+                    let gv = g[((n * s.co + o) * ho + y) * wo + xo] as f64;
+                    for c in 0..s.c {
+                        for ky in 0..s.k {
+                            for kx in 0..s.k {
+                                let iy = (y * s.stride + ky) as isize - s.pad as isize;
+                                let ix = (xo * s.stride + kx) as isize - s.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                    continue;
+                                }
+                                let xi = ((n * s.c + c) * s.h + iy as usize) * s.w + ix as usize;
+                                let wi = ((o * s.c + c) * s.k + ky) * s.k + kx;
+                                let tx = gv * wts.q[wi] as f64 * wts.scale as f64;
+                                let tw = gv * acts.q[xi] as f64 * acts.scales[n] as f64;
+                                (dx[xi], dxa[xi]) = (dx[xi] + tx, dxa[xi] + tx.abs());
+                                (dw[wi], dwa[wi]) = (dw[wi] + tw, dwa[wi] + tw.abs());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    [(dx, dxa), (dw, dwa)]
+}
+
+fn backward_reference(dev: &Device) -> Result<()> {
+    // The layer's gradients against the f64 straight-through reference, on random shapes.
+    let mut r = rng("conv_backward_reference");
+    for _ in 0..if dev.is_cuda() { 20 } else { 6 } {
+        let s = Shape {
+            b: r.gen_range(1..4),
+            c: [3, r.gen_range(1..6)][r.gen_range(0..2)],
+            h: 2 * r.gen_range(2..5) + 1,
+            w: 2 * r.gen_range(2..5) + 1,
+            co: r.gen_range(1..6),
+            k: [1, 3][r.gen_range(0..2)],
+            stride: r.gen_range(1..3),
+            pad: r.gen_range(0..2),
+        };
+        let (ho, wo) = (
+            (s.h + 2 * s.pad - s.k) / s.stride + 1,
+            (s.w + 2 * s.pad - s.k) / s.stride + 1,
+        );
+        let x = randn(&mut r, s.b * s.c * s.h * s.w, 1.0);
+        let w = randn(&mut r, s.co * s.c * s.k * s.k, 0.2);
+        let g = randn(&mut r, s.b * s.co * ho * wo, 1.0);
+        let xv = candle_core::Var::from_vec(x.clone(), (s.b, s.c, s.h, s.w), dev)?;
+        let wv = candle_core::Var::from_vec(w.clone(), (s.co, s.c, s.k, s.k), dev)?;
+        let cfg = BitConv2dConfig {
+            stride: s.stride,
+            padding: s.pad,
+            bias: false,
+        };
+        let layer = BitConv2d::new(wv.as_tensor().clone(), None, cfg)?;
+        let gt = Tensor::from_vec(g.clone(), (s.b, s.co, ho, wo), dev)?;
+        let grads = (layer.forward(xv.as_tensor())? * gt)?.sum_all()?.backward()?;
+        let [dx, dw] = ref_conv_grads(&s, &x, &w, &g);
+        for (name, var, (want, mag)) in [("dx", &xv, dx), ("dw", &wv, dw)] {
+            let got: Vec<f32> = grads.get(var).expect(name).flatten_all()?.to_vec1()?;
+            // f32 sums of at most B·Ho·Wo (dw) or c_out·k·k (dx) terms (at most 363 here): each
+            // step rounds by 2^-24 of a partial sum, so 1e-4 of the terms' magnitudes bounds it.
+            for (i, ((&gv, &wv), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                let tol = 1e-4 * m + 1e-12;
+                assert!(
+                    (gv as f64 - wv).abs() <= tol,
+                    "{name}[{i}]: got {gv}, want {wv}, tol {tol}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn straight_through_grads(dev: &Device) -> Result<()> {
     // The gradients equal candle's conv2d gradients on the fake-quantized tensors.
     let mut r = rng("conv_grads");
@@ -333,6 +421,7 @@ device_test!(
     random_shapes,
     tiled_shapes,
     straight_through_grads,
+    backward_reference,
     bad_inputs,
     empty_batch,
     packed_storage
