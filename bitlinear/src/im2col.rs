@@ -1,9 +1,10 @@
 //! The int8 im2col of [`PackedBitConv2d`](crate::PackedBitConv2d): each output pixel's receptive
 //! field gathered into one row of `K = c_in·kh·kw` codes, in the packed weight's K order.
 //!
-//! The gather is a candle `index_select` of U8 codes with a precomputed U32 index, so it runs on
-//! every device as is. Each image's codes get one extra zero code at the end (index `C·H·W`),
-//! and padding positions point there: code 0 is the value 0 whatever the image's scale.
+//! On the CPU the gather is a candle `index_select` of U8 codes with a precomputed U32 index.
+//! Each image's codes get one extra zero code at the end (index `C·H·W`), and padding positions
+//! point there: code 0 is the value 0 whatever the image's scale. On CUDA it is the
+//! `im2col_i8` kernel (`kernels/conv.cu`), which writes the same rows directly.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -75,8 +76,51 @@ impl Geometry {
     }
 }
 
+/// Gathers im2col rows of a batch of int8 codes, a tile at a time.
+pub(crate) enum Gatherer {
+    /// `index_select` of the codes with the zero code appended, by [`Geometry::index`].
+    Index { codes: Tensor, index: Tensor },
+    /// The CUDA kernel, over the codes as they are.
+    #[cfg(feature = "cuda")]
+    Kernel { codes: Tensor },
+}
+
+impl Gatherer {
+    /// A gatherer of the im2col rows of `codes` (U8 `(b, C·H·W)`).
+    pub fn new(codes: Tensor, g: &Geometry) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if codes.device().is_cuda() {
+            return Ok(Self::Kernel {
+                codes: codes.contiguous()?,
+            });
+        }
+        Ok(Self::Index {
+            index: g.index(codes.device())?,
+            codes: with_zero_code(&codes)?,
+        })
+    }
+
+    /// Rows `r0 .. r0 + r` of images `i0 .. i0 + bt`: U8 `(bt·r, K)`, image-major.
+    pub fn rows(&self, g: &Geometry, (i0, bt): (usize, usize), (r0, r): (usize, usize)) -> Result<Tensor> {
+        let k = g.k();
+        match self {
+            Self::Index { codes, index } => gather(&codes.narrow(0, i0, bt)?, &index.narrow(0, r0 * k, r * k)?, r, k),
+            #[cfg(feature = "cuda")]
+            Self::Kernel { codes } => {
+                let imgs = codes.narrow(0, i0, bt)?;
+                let (storage, layout) = imgs.storage_and_layout();
+                let candle_core::Storage::Cuda(s) = &*storage else {
+                    candle_core::bail!("BitConv2d: internal error, codes left the GPU")
+                };
+                let out = crate::cuda::im2col(s, layout, g, r0, r)?;
+                Ok(crate::device::tensor_from(candle_core::Storage::Cuda(out), (bt * r, k)))
+            }
+        }
+    }
+}
+
 /// Appends the zero code to each image: `(b, C·H·W)` U8 codes to `(b, C·H·W + 1)`.
-pub(crate) fn with_zero_code(codes: &Tensor) -> Result<Tensor> {
+fn with_zero_code(codes: &Tensor) -> Result<Tensor> {
     let b = codes.dim(0)?;
     let zero = Tensor::zeros((b, 1), DType::U8, codes.device())?;
     Tensor::cat(&[codes, &zero], 1)
@@ -84,7 +128,7 @@ pub(crate) fn with_zero_code(codes: &Tensor) -> Result<Tensor> {
 
 /// The im2col rows of images `codes (bt, C·H·W + 1)` for the output pixels whose gather index is
 /// `index` (`rows` consecutive rows of [`Geometry::index`]): U8 `(bt·rows, K)`, image-major.
-pub(crate) fn gather(codes: &Tensor, index: &Tensor, rows: usize, k: usize) -> Result<Tensor> {
+fn gather(codes: &Tensor, index: &Tensor, rows: usize, k: usize) -> Result<Tensor> {
     let bt = codes.dim(0)?;
     codes.index_select(index, 1)?.reshape((bt * rows, k))
 }

@@ -5,7 +5,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 use crate::conv::{check_input, BitConv2dConfig};
-use crate::im2col::{gather, tiling, with_zero_code, Geometry};
+use crate::im2col::{tiling, Gatherer, Geometry};
 use crate::packed::{packed_len, PackedTernary};
 use crate::packed_layer::{fetch, path};
 use crate::{packed_accumulate, quantize_activations, ActScaling};
@@ -197,18 +197,17 @@ impl PackedBitConv2d {
         let (k, (ho, wo)) = (g.k(), g.out_hw());
         let rows = ho * wo;
         let (codes, scales) = quantize_activations(&x.reshape((b, c * h * w))?, ActScaling::PerToken)?;
-        let codes = with_zero_code(&codes)?;
-        let index = g.index(x.device())?;
+        let gatherer = Gatherer::new(codes, &g)?;
         let (bt, rt) = tiling(b, rows, k);
         let mut tiles = Vec::new();
         for i0 in (0..b).step_by(bt) {
-            let imgs = codes.narrow(0, i0, bt.min(b - i0))?;
+            let bi = bt.min(b - i0);
             let mut parts = Vec::new();
             for r0 in (0..rows).step_by(rt) {
                 let r = rt.min(rows - r0);
-                let cols = gather(&imgs, &index.narrow(0, r0 * k, r * k)?, r, k)?;
+                let cols = gatherer.rows(&g, (i0, bi), (r0, r))?;
                 let acc = packed_accumulate(&cols, &self.weight)?;
-                parts.push(acc.reshape((imgs.dim(0)?, r, n))?);
+                parts.push(acc.reshape((bi, r, n))?);
             }
             tiles.push(Tensor::cat(&parts, 1)?);
         }
