@@ -1,6 +1,7 @@
 //! The int8 im2col gather of `PackedBitConv2d` on CUDA (`kernels/conv.cu`), launched as
 //! `crate::plan::im2col_plan` decides.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
