@@ -1,5 +1,6 @@
 // bitlinear convolution helpers: the int8 im2col gather of PackedBitConv2d, feeding the packed
-// GEMM (packed_accumulate) with canonical int8 code rows.
+// GEMM (packed_accumulate) with canonical int8 code rows, and the dequantizer of its
+// accumulators into NCHW (conv_dequant_f32, described above the kernel).
 //
 // Data layout
 //   codes : (images, C*H*W) int8 codes, one image after the other, each image NCHW (C, H, W)
@@ -38,5 +39,25 @@ extern "C" __global__ void im2col_i8(const int8_t* __restrict__ codes, int8_t* _
             v = codes[img * image_len + ((long long)ci * H + iy) * W + ix];
         }
         rows[i] = v;
+    }
+}
+
+// conv_dequant_f32: the accumulators of one tile, acc (images, R, N) int32 (row r of image i =
+// output pixel r0 + r, column = output channel), to y (images, N, R) f32, the tile's block of
+// the NCHW output: y[i][o][r] = (acc[i][r][o] * sx[i]) * sw, rounded twice in f32 (no FMA), as
+// the CPU's quant::dequantize. `sx` points at the tile's first image's scale. Grid-stride over
+// the images*N*R outputs, one output a thread (consecutive threads write consecutive pixels).
+extern "C" __global__ void conv_dequant_f32(const int* __restrict__ acc, const float* __restrict__ sx,
+                                            float sw, float* __restrict__ y, int images, int R, int N) {
+    pdl_wait();
+    const long long total = (long long)images * N * R;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long plane = (long long)N * R;
+        const int img = (int)(i / plane);
+        const long long rest = i - img * plane;
+        const int o = (int)(rest / R), r = (int)(rest - (long long)o * R);
+        const float v = (float)acc[((long long)img * R + r) * N + o];
+        y[i] = __fmul_rn(__fmul_rn(v, sx[img]), sw);
     }
 }

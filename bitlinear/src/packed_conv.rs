@@ -159,20 +159,12 @@ impl PackedBitConv2d {
     /// activation scales `s_x (B)` (F32). The output is `(acc · s_x) · s_w` (+ bias).
     ///
     /// The accumulators are returned on the CPU: candle's CUDA backend has no I32 copy or cast
-    /// kernels, so the NCHW reordering (and, in [`Module::forward`], the dequantization) happens
-    /// there for now; the scales stay on the input's device.
+    /// kernels, so they are reordered to NCHW there; the scales stay on the input's device.
     pub fn accumulate(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (tiles, scales, (ho, wo)) = self.accumulate_rows(x)?;
-        let (b, n) = (x.dim(0)?, self.weight.out_features());
-        let tiles = tiles
-            .iter()
-            .map(|a| a.to_device(&Device::Cpu))
-            .collect::<Result<Vec<_>>>()?;
-        let acc = match tiles.is_empty() {
-            true => Tensor::zeros((0, ho * wo, n), DType::I32, &Device::Cpu)?,
-            false => Tensor::cat(&tiles, 0)?,
-        };
-        let acc = acc.transpose(1, 2)?.contiguous()?.reshape((b, n, ho, wo))?;
+        let n = self.weight.out_features();
+        let (tiles, scales, (ho, wo)) = self.map_tiles(x, |acc, _, _| acc.to_device(&Device::Cpu))?;
+        let acc = cat_tiles(tiles, 1, (0, ho * wo, n), DType::I32, &Device::Cpu)?;
+        let acc = acc.transpose(1, 2)?.contiguous()?.reshape((x.dim(0)?, n, ho, wo))?;
         Ok((acc, scales))
     }
 
@@ -189,8 +181,15 @@ impl PackedBitConv2d {
         })
     }
 
-    /// Per tile of images, the accumulators `(bt, Ho·Wo, c_out)`; the scales `(B)`; `(Ho, Wo)`.
-    fn accumulate_rows(&self, x: &Tensor) -> Result<(Vec<Tensor>, Tensor, (usize, usize))> {
+    /// Runs quantize -> im2col -> [`packed_accumulate`] a bounded tile at a time and maps each
+    /// tile's accumulators `(bi, r, c_out)` (images `i0 ..`) with `f(acc, scales, i0)`. Returns
+    /// the mapped tiles (per tile of images, its row tiles), the scales `(B)` and `(Ho, Wo)`.
+    #[allow(clippy::type_complexity)]
+    fn map_tiles(
+        &self,
+        x: &Tensor,
+        mut f: impl FnMut(Tensor, &Tensor, usize) -> Result<Tensor>,
+    ) -> Result<(Vec<Vec<Tensor>>, Tensor, (usize, usize))> {
         let n = self.weight.out_features();
         let (b, c, h, w) = check_input(x, (n, self.c_in, self.kh, self.kw), self.config, "PackedBitConv2d")?;
         let g = self.geometry(x)?;
@@ -206,12 +205,49 @@ impl PackedBitConv2d {
             for r0 in (0..rows).step_by(rt) {
                 let r = rt.min(rows - r0);
                 let cols = gatherer.rows(&g, (i0, bi), (r0, r))?;
-                let acc = packed_accumulate(&cols, &self.weight)?;
-                parts.push(acc.reshape((bi, r, n))?);
+                let acc = packed_accumulate(&cols, &self.weight)?.reshape((bi, r, n))?;
+                parts.push(f(acc, &scales, i0)?);
             }
-            tiles.push(Tensor::cat(&parts, 1)?);
+            tiles.push(parts);
         }
         Ok((tiles, scales, (ho, wo)))
+    }
+
+    /// The dequantized output `(B, c_out, Ho, Wo)` in F32, without the bias.
+    fn dequantized(&self, x: &Tensor) -> Result<Tensor> {
+        let s_w = self.weight.scale();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let n = self.weight.out_features();
+            // on the device: each tile straight to its (bi, c_out, r) block of the output
+            let (tiles, _, (ho, wo)) =
+                self.map_tiles(x, |acc, scales, i0| crate::cuda::conv_dequantize(&acc, scales, i0, s_w))?;
+            return cat_tiles(tiles, 2, (0, n, ho * wo), DType::F32, x.device())?.reshape((x.dim(0)?, n, ho, wo));
+        }
+        let (acc, scales) = self.accumulate(x)?;
+        let sx = scales.to_device(&Device::Cpu)?.reshape((x.dim(0)?, 1, 1, 1))?;
+        // `(acc · s_x) · s_w` in f32, as `quant::dequantize`
+        let y = acc.to_dtype(DType::F32)?.broadcast_mul(&sx)?.affine(s_w as f64, 0.0)?;
+        y.to_device(x.device())
+    }
+}
+
+/// Joins per-image-tile row tiles along `dim`, then the image tiles along dim 0; `empty` is the
+/// shape of no tiles.
+fn cat_tiles(
+    tiles: Vec<Vec<Tensor>>,
+    dim: usize,
+    empty: (usize, usize, usize),
+    dt: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let tiles = tiles
+        .iter()
+        .map(|parts| Tensor::cat(parts, dim))
+        .collect::<Result<Vec<_>>>()?;
+    match tiles.is_empty() {
+        true => Tensor::zeros(empty, dt, dev),
+        false => Tensor::cat(&tiles, 0),
     }
 }
 
@@ -225,12 +261,7 @@ impl Module for PackedBitConv2d {
             // nothing to sum: every accumulator is 0
             Tensor::zeros((b, c_out, ho, wo), DType::F32, x.device())?
         } else {
-            let (acc, scales) = self.accumulate(x)?;
-            // I32 has no cast kernel in candle's CUDA backend: dequantize on the CPU.
-            let acc = acc.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            let sx = scales.to_device(&Device::Cpu)?.reshape((b, 1, 1, 1))?;
-            let y = acc.broadcast_mul(&sx)?.affine(self.weight.scale() as f64, 0.0)?;
-            y.to_device(x.device())?
+            self.dequantized(x)?
         };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, c_out, 1, 1))?)?,

@@ -1,11 +1,12 @@
-//! The int8 im2col gather of `PackedBitConv2d` on CUDA (`kernels/conv.cu`): its launch.
+//! The kernels of `PackedBitConv2d` on CUDA (`kernels/conv.cu`: the int8 im2col gather and the
+//! accumulator dequantizer): their launch.
 
 use super::DeviceInfo;
 
-/// Threads a block of `im2col_i8`.
+/// Threads a block of `im2col_i8` and `conv_dequant_f32`.
 pub const IM2COL_THREADS: usize = 256;
 
-/// Launch of `im2col_i8`, a grid-stride loop over the tile's bytes.
+/// Launch of `im2col_i8` or `conv_dequant_f32`, grid-stride loops over a tile's outputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Im2colPlan {
     /// Blocks.
@@ -14,7 +15,7 @@ pub struct Im2colPlan {
     pub threads: usize,
 }
 
-/// The launch gathering `bytes` im2col bytes: one thread a byte up to 8 waves of blocks (enough
+/// The launch writing `bytes` outputs (im2col bytes or dequantized values): one thread an output up to 8 waves of blocks (enough
 /// to fill the device; beyond that each thread loops), at least one block. A first version, not
 /// yet tuned on measurements.
 pub fn im2col_plan(bytes: usize, info: &DeviceInfo) -> Im2colPlan {
