@@ -1,10 +1,10 @@
-//! `BitConv2d`: a ternary-weight, int8-activation 2-D convolution (first version: the
-//! quantize-then-convolve training form over candle's own `conv2d`; no packed kernel yet).
+//! `BitConv2d`: a ternary-weight, int8-activation 2-D convolution, the quantize-then-convolve
+//! training form over candle's own `conv2d` (the packed inference form is `packed_conv.rs`).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, Module, VarBuilder};
 
-use crate::{fake_quantize_activations, fake_quantize_weights, ActScaling};
+use crate::{fake_quantize_activations, fake_quantize_weights, ActScaling, PackedBitConv2d, PackedTernary};
 
 /// Options of a [`BitConv2d`] layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,28 +124,47 @@ impl BitConv2d {
         self.config
     }
 
-    fn check_input(&self, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
-        let (_, c_in, kh, kw) = self.weight.dims4()?;
-        if x.rank() != 4 {
-            candle_core::bail!("BitConv2d: input must be NCHW (rank 4), got {:?}", x.dims());
-        }
-        if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
-            candle_core::bail!("BitConv2d: input dtype {:?} is not a float type", x.dtype());
-        }
-        let (b, c, h, w) = x.dims4()?;
-        if c != c_in {
-            candle_core::bail!("BitConv2d: input has {c} channels, the layer expects {c_in}");
-        }
-        let p = self.config.padding;
-        if h + 2 * p < kh || w + 2 * p < kw {
-            candle_core::bail!(
-                "BitConv2d: kernel {kh}x{kw} is larger than the padded input {}x{}",
-                h + 2 * p,
-                w + 2 * p
-            );
-        }
-        Ok((b, c, h, w))
+    /// The packed inference form: the ternary weight as a [`PackedTernary`] of `c_out` rows of
+    /// `c_in·kh·kw` (`kw` fastest) with its absmean scale, and the bias as it is.
+    pub fn pack(&self) -> Result<PackedBitConv2d> {
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let w = self.weight.detach().reshape((c_out, c_in * kh * kw))?;
+        PackedBitConv2d::new(
+            PackedTernary::pack(&w)?,
+            (c_in, kh, kw),
+            self.bias.as_ref().map(Tensor::detach),
+            self.config,
+        )
     }
+}
+
+/// Checks an NCHW input against a `(c_out, c_in, kh, kw)` kernel: rank, float dtype, channels,
+/// kernel within the padded input. Returns the input's `(b, c, h, w)`.
+pub(crate) fn check_input(
+    x: &Tensor,
+    (_, c_in, kh, kw): (usize, usize, usize, usize),
+    config: BitConv2dConfig,
+    who: &str,
+) -> Result<(usize, usize, usize, usize)> {
+    if x.rank() != 4 {
+        candle_core::bail!("{who}: input must be NCHW (rank 4), got {:?}", x.dims());
+    }
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
+        candle_core::bail!("{who}: input dtype {:?} is not a float type", x.dtype());
+    }
+    let (b, c, h, w) = x.dims4()?;
+    if c != c_in {
+        candle_core::bail!("{who}: input has {c} channels, the layer expects {c_in}");
+    }
+    let p = config.padding;
+    if h + 2 * p < kh || w + 2 * p < kw {
+        candle_core::bail!(
+            "{who}: kernel {kh}x{kw} is larger than the padded input {}x{}",
+            h + 2 * p,
+            w + 2 * p
+        );
+    }
+    Ok((b, c, h, w))
 }
 
 /// Straight-through estimate: `t`'s value is `q`, its gradient flows to `t` unchanged.
@@ -155,7 +174,7 @@ fn straight_through(t: &Tensor, q: &Tensor) -> Result<Tensor> {
 
 impl Module for BitConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = self.check_input(x)?;
+        let (b, c, h, w) = check_input(x, self.weight.dims4()?, self.config, "BitConv2d")?;
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
         let p = self.config.padding;
         let s = self.config.stride;

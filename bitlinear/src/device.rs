@@ -122,7 +122,7 @@ pub(crate) fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Te
     }
 }
 
-fn tensor_from(storage: Storage, shape: impl Into<Shape>) -> Tensor {
+pub(crate) fn tensor_from(storage: Storage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }
 

@@ -6,11 +6,13 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
+mod im2col;
 pub mod interop;
 mod layer;
 mod layer_common;
 mod ops;
 mod packed;
+mod packed_conv;
 mod packed_layer;
 pub mod plan;
 pub mod quant;
@@ -21,5 +23,6 @@ pub use layer::{bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinea
 pub use layer_common::{BitLinearConfig, RMS_NORM_EPS};
 pub use ops::{bit_matmul, fake_quantize_activations, fake_quantize_weights, packed_matmul, BitMatmul};
 pub use packed::{pack_ternary, packed_len, unpack_ternary, PackedTernary};
+pub use packed_conv::PackedBitConv2d;
 pub use packed_layer::PackedBitLinear;
 pub use quant::ActScaling;

@@ -54,7 +54,7 @@ pub struct PackedBitLinear {
 }
 
 /// The full name of `name` under `vb`.
-fn path(vb: &VarBuilder, name: &str) -> String {
+pub(crate) fn path(vb: &VarBuilder, name: &str) -> String {
     match vb.prefix() {
         p if p.is_empty() => name.to_string(),
         p => format!("{p}.{name}"),
@@ -62,7 +62,7 @@ fn path(vb: &VarBuilder, name: &str) -> String {
 }
 
 /// The tensor `name` under `vb`, in `dtype`, of exactly `shape`; the errors name its full path.
-fn fetch(vb: &VarBuilder, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+pub(crate) fn fetch(vb: &VarBuilder, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
     let path = path(vb, name);
     if !vb.contains_tensor(name) {
         bail!("tensor {path:?} is missing")

@@ -1,12 +1,15 @@
-//! BitConv2d against an independent f64 reference: per-image int8 quantization (round half to
-//! even), absmean ternary weights and a direct convolution loop with exact i64 accumulators.
+//! BitConv2d and PackedBitConv2d against an independent f64 reference: per-image int8
+//! quantization (round half to even), absmean ternary weights and a direct convolution loop with
+//! exact i64 accumulators. The packed form's accumulators must equal the reference's exactly.
 
 mod common;
 
-use bitlinear::{BitConv2d, BitConv2dConfig};
-use candle_core::{Device, Module, Result, Tensor};
+use bitlinear::{BitConv2d, BitConv2dConfig, PackedBitConv2d};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
 use common::{device_test, randn, ref_quantize_rows, ref_quantize_weights, rng};
 use rand::Rng;
+use std::collections::HashMap;
 
 struct Shape {
     b: usize,
@@ -65,16 +68,35 @@ fn check_shape(dev: &Device, s: &Shape, r: &mut rand::rngs::StdRng) -> Result<()
     };
     let layer = BitConv2d::new(wt, Some(bt), cfg)?;
     let y: Vec<f32> = layer.forward(&xt)?.flatten_all()?.to_vec1()?;
+    let packed = layer.pack()?;
+    let yp: Vec<f32> = packed.forward(&xt)?.flatten_all()?.to_vec1()?;
+    let (pacc, pscales) = packed.accumulate(&xt)?;
 
     let acts = ref_quantize_rows(&x, s.b, s.c * s.h * s.w);
     let wts = ref_quantize_weights(&w);
     let (acc, ho, wo) = ref_conv_int(s, &acts.q, &wts.q);
+    let at = format!(
+        "b {} c {} {}x{} co {} k {} stride {} pad {}",
+        s.b, s.c, s.h, s.w, s.co, s.k, s.stride, s.pad
+    );
+    assert_eq!(pacc.dims(), &[s.b, s.co, ho, wo], "{at}: accumulator shape");
+    let pacc: Vec<i64> = pacc
+        .flatten_all()?
+        .to_vec1::<i32>()?
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    assert!(pacc == acc, "{at}: packed accumulators differ from the reference");
+    assert_eq!(pscales.to_vec1::<f32>()?, acts.scales, "{at}: activation scales");
+    assert_eq!(packed.weight().scale(), wts.scale, "{at}: weight scale");
     assert_eq!(y.len(), acc.len());
+    assert_eq!(yp.len(), acc.len());
     let plane = s.co * ho * wo;
     // Float convolution of the fake-quantized values: each product is exact in f32, the sum of
-    // at most c·k·k terms below 127 · 1 loses at most ~K ulps of the largest partial sum.
+    // at most c·k·k terms below 127 · 1 loses at most ~K ulps of the largest partial sum. The
+    // packed form's sum is exact; its two f32 scale products and the bias add round once each.
     let kk = (s.c * s.k * s.k) as f64;
-    for (i, (&got, &a)) in y.iter().zip(&acc).enumerate() {
+    for (i, ((&got, &gotp), &a)) in y.iter().zip(&yp).zip(&acc).enumerate() {
         let n = i / plane;
         let o = (i / (ho * wo)) % s.co;
         let sxw = acts.scales[n] as f64 * wts.scale as f64;
@@ -82,7 +104,16 @@ fn check_shape(dev: &Device, s: &Shape, r: &mut rand::rngs::StdRng) -> Result<()
         let tol = 127.0 * kk * sxw * 1e-6 + 1e-6;
         assert!(
             (got as f64 - want).abs() <= tol,
-            "elem {i}: got {got}, want {want}, tol {tol}"
+            "{at}: elem {i}: got {got}, want {want}, tol {tol}"
+        );
+        let tolp = (want.abs() + bias[o].abs() as f64) * 3.0 * f32::EPSILON as f64 + 1e-30;
+        assert!(
+            (gotp as f64 - want).abs() <= tolp,
+            "{at}: packed elem {i}: got {gotp}, want {want}, tol {tolp}"
+        );
+        assert!(
+            (gotp - got).abs() as f64 <= tol + tolp,
+            "{at}: packed {gotp} vs float {got}"
         );
     }
     Ok(())
@@ -111,6 +142,126 @@ fn random_shapes(dev: &Device) -> Result<()> {
             pad,
         };
         check_shape(dev, &s, &mut r)?;
+    }
+    Ok(())
+}
+
+fn tiled_shapes(dev: &Device) -> Result<()> {
+    // Larger than one im2col tile (1 Mi codes): the rows of one image split over tiles, and a
+    // batch split into tiles of whole images.
+    let mut r = rng("conv_tiled_shapes");
+    let shapes = [
+        Shape {
+            b: 2,
+            c: 16,
+            h: 53,
+            w: 53,
+            co: 3,
+            k: 5,
+            stride: 1,
+            pad: 2,
+        },
+        Shape {
+            b: 40,
+            c: 3,
+            h: 64,
+            w: 63,
+            co: 4,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        },
+    ];
+    for s in &shapes {
+        check_shape(dev, s, &mut r)?;
+    }
+    Ok(())
+}
+
+/// Straight-through gradients of `Σ g · conv(x~, w~)` in f64, with `x~ = x_q·s_x` per image and
+/// `w~ = w_q·s_w`: `dx[n,c,iy,ix] = Σ g[n,o,y,x]·w~[o,c,ky,kx]` over the taps reading that input,
+/// `dw[o,c,ky,kx] = Σ g[n,o,y,x]·x~[n,c,iy,ix]`; padding taps read nothing.
+/// Each with the sum of the magnitudes of its terms, for a rounding bound.
+fn ref_conv_grads(s: &Shape, x: &[f32], w: &[f32], g: &[f32]) -> [(Vec<f64>, Vec<f64>); 2] {
+    let acts = ref_quantize_rows(x, s.b, s.c * s.h * s.w);
+    let wts = ref_quantize_weights(w);
+    let ho = (s.h + 2 * s.pad - s.k) / s.stride + 1;
+    let wo = (s.w + 2 * s.pad - s.k) / s.stride + 1;
+    let (mut dx, mut dw) = (vec![0f64; x.len()], vec![0f64; w.len()]);
+    let (mut dxa, mut dwa) = (vec![0f64; x.len()], vec![0f64; w.len()]);
+    for n in 0..s.b {
+        for o in 0..s.co {
+            for y in 0..ho {
+                for xo in 0..wo {
+                    let gv = g[((n * s.co + o) * ho + y) * wo + xo] as f64;
+                    for c in 0..s.c {
+                        for ky in 0..s.k {
+                            for kx in 0..s.k {
+                                let iy = (y * s.stride + ky) as isize - s.pad as isize;
+                                let ix = (xo * s.stride + kx) as isize - s.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                    continue;
+                                }
+                                let xi = ((n * s.c + c) * s.h + iy as usize) * s.w + ix as usize;
+                                let wi = ((o * s.c + c) * s.k + ky) * s.k + kx;
+                                let tx = gv * wts.q[wi] as f64 * wts.scale as f64;
+                                let tw = gv * acts.q[xi] as f64 * acts.scales[n] as f64;
+                                (dx[xi], dxa[xi]) = (dx[xi] + tx, dxa[xi] + tx.abs());
+                                (dw[wi], dwa[wi]) = (dw[wi] + tw, dwa[wi] + tw.abs());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    [(dx, dxa), (dw, dwa)]
+}
+
+fn backward_reference(dev: &Device) -> Result<()> {
+    // The layer's gradients against the f64 straight-through reference, on random shapes.
+    let mut r = rng("conv_backward_reference");
+    for _ in 0..if dev.is_cuda() { 20 } else { 6 } {
+        let s = Shape {
+            b: r.gen_range(1..4),
+            c: [3, r.gen_range(1..6)][r.gen_range(0..2)],
+            h: 2 * r.gen_range(2..5) + 1,
+            w: 2 * r.gen_range(2..5) + 1,
+            co: r.gen_range(1..6),
+            k: [1, 3][r.gen_range(0..2)],
+            stride: r.gen_range(1..3),
+            pad: r.gen_range(0..2),
+        };
+        let (ho, wo) = (
+            (s.h + 2 * s.pad - s.k) / s.stride + 1,
+            (s.w + 2 * s.pad - s.k) / s.stride + 1,
+        );
+        let x = randn(&mut r, s.b * s.c * s.h * s.w, 1.0);
+        let w = randn(&mut r, s.co * s.c * s.k * s.k, 0.2);
+        let g = randn(&mut r, s.b * s.co * ho * wo, 1.0);
+        let xv = candle_core::Var::from_vec(x.clone(), (s.b, s.c, s.h, s.w), dev)?;
+        let wv = candle_core::Var::from_vec(w.clone(), (s.co, s.c, s.k, s.k), dev)?;
+        let cfg = BitConv2dConfig {
+            stride: s.stride,
+            padding: s.pad,
+            bias: false,
+        };
+        let layer = BitConv2d::new(wv.as_tensor().clone(), None, cfg)?;
+        let gt = Tensor::from_vec(g.clone(), (s.b, s.co, ho, wo), dev)?;
+        let grads = (layer.forward(xv.as_tensor())? * gt)?.sum_all()?.backward()?;
+        let [dx, dw] = ref_conv_grads(&s, &x, &w, &g);
+        for (name, var, (want, mag)) in [("dx", &xv, dx), ("dw", &wv, dw)] {
+            let got: Vec<f32> = grads.get(var).expect(name).flatten_all()?.to_vec1()?;
+            // f32 sums of at most B·Ho·Wo (dw) or c_out·k·k (dx) terms (at most 363 here): each
+            // step rounds by 2^-24 of a partial sum, so 1e-4 of the terms' magnitudes bounds it.
+            for (i, ((&gv, &wv), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                let tol = 1e-4 * m + 1e-12;
+                assert!(
+                    (gv as f64 - wv).abs() <= tol,
+                    "{name}[{i}]: got {gv}, want {wv}, tol {tol}"
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -153,27 +304,125 @@ fn straight_through_grads(dev: &Device) -> Result<()> {
 }
 
 fn bad_inputs(dev: &Device) -> Result<()> {
-    let wt = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, dev)?;
-    let layer = BitConv2d::new(
-        wt,
-        None,
-        BitConv2dConfig {
-            bias: false,
-            ..Default::default()
-        },
-    )?;
-    let f = |d: &[usize]| layer.forward(&Tensor::zeros(d, candle_core::DType::F32, dev).unwrap());
-    assert!(f(&[3, 5, 5]).is_err(), "rank 3 accepted");
-    assert!(f(&[1, 2, 5, 5]).is_err(), "channel mismatch accepted");
-    assert!(f(&[1, 3, 2, 5]).is_err(), "kernel larger than input accepted");
-    assert!(
-        layer
-            .forward(&Tensor::zeros((1, 3, 5, 5), candle_core::DType::U8, dev)?)
-            .is_err(),
-        "u8 accepted"
+    let wt = Tensor::zeros((4, 3, 3, 3), DType::F32, dev)?;
+    let cfg = BitConv2dConfig {
+        bias: false,
+        ..Default::default()
+    };
+    let layer = BitConv2d::new(wt, None, cfg)?;
+    let packed = layer.pack()?;
+    let forms: [(&str, &dyn Module); 2] = [("float", &layer), ("packed", &packed)];
+    for (form, m) in forms {
+        let f = |d: &[usize], dt: DType| m.forward(&Tensor::zeros(d, dt, dev)?);
+        assert!(f(&[3, 5, 5], DType::F32).is_err(), "{form}: rank 3 accepted");
+        assert!(f(&[1, 1, 3, 5, 5], DType::F32).is_err(), "{form}: rank 5 accepted");
+        assert!(
+            f(&[1, 2, 5, 5], DType::F32).is_err(),
+            "{form}: channel mismatch accepted"
+        );
+        assert!(
+            f(&[1, 3, 2, 5], DType::F32).is_err(),
+            "{form}: kernel taller than input accepted"
+        );
+        assert!(
+            f(&[1, 3, 5, 2], DType::F32).is_err(),
+            "{form}: kernel wider than input accepted"
+        );
+        assert!(f(&[1, 3, 5, 5], DType::U8).is_err(), "{form}: u8 accepted");
+        assert!(f(&[1, 3, 5, 5], DType::U32).is_err(), "{form}: u32 accepted");
+    }
+    // Padding makes a small input fit.
+    let padded = BitConv2d::new(layer.weight().clone(), None, BitConv2dConfig { padding: 1, ..cfg })?;
+    assert_eq!(
+        padded
+            .pack()?
+            .forward(&Tensor::zeros((1, 3, 1, 1), DType::F32, dev)?)?
+            .dims(),
+        &[1, 4, 1, 1]
     );
-    assert_eq!(f(&[0, 3, 5, 5])?.dims(), &[0, 4, 3, 3]);
+    assert!(BitConv2d::new(layer.weight().clone(), None, BitConv2dConfig { stride: 0, ..cfg }).is_err());
     Ok(())
 }
 
-device_test!(random_shapes, straight_through_grads, bad_inputs);
+fn empty_batch(dev: &Device) -> Result<()> {
+    // Empty in, empty out (tests/empty.rs): the right shape and dtype, no elements.
+    let mut r = rng("conv_empty");
+    let wt = Tensor::from_vec(randn(&mut r, 4 * 3 * 3 * 3, 0.2), (4, 3, 3, 3), dev)?;
+    let bias = Tensor::from_vec(randn(&mut r, 4, 0.1), 4, dev)?;
+    let cfg = BitConv2dConfig {
+        stride: 2,
+        padding: 1,
+        bias: true,
+    };
+    let layer = BitConv2d::new(wt, Some(bias), cfg)?;
+    let packed = layer.pack()?;
+    for dt in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        let x = Tensor::zeros((0, 3, 7, 5), dt, dev)?;
+        for y in [layer.forward(&x)?, packed.forward(&x)?] {
+            assert_eq!(y.dims(), &[0, 4, 4, 3], "{dt:?}");
+            assert_eq!(y.dtype(), dt);
+        }
+        let (acc, scales) = packed.accumulate(&x)?;
+        assert_eq!((acc.dims(), acc.dtype()), (&[0, 4, 4, 3][..], DType::I32));
+        assert_eq!(scales.dims(), &[0]);
+    }
+    Ok(())
+}
+
+fn packed_storage(dev: &Device) -> Result<()> {
+    // tensors() -> load() rebuilds the same layer; missing, misshapen or invalid tensors are errors.
+    let mut r = rng("conv_storage");
+    let (c, co, k) = (3, 5, 3);
+    let wt = Tensor::from_vec(randn(&mut r, co * c * k * k, 0.2), (co, c, k, k), dev)?;
+    let bias = Tensor::from_vec(randn(&mut r, co, 0.1), co, dev)?;
+    let cfg = BitConv2dConfig {
+        stride: 2,
+        padding: 1,
+        bias: true,
+    };
+    let packed = BitConv2d::new(wt, Some(bias), cfg)?.pack()?;
+    let tensors: HashMap<String, Tensor> = packed.tensors()?.into_iter().collect();
+    assert_eq!(tensors["weight.packed"].dims(), &[co, 7]);
+    let load =
+        |t: HashMap<String, Tensor>| PackedBitConv2d::load(c, co, k, cfg, VarBuilder::from_tensors(t, DType::F32, dev));
+    let loaded = load(tensors.clone())?;
+    let x = Tensor::from_vec(randn(&mut r, 2 * c * 9 * 7, 1.0), (2, c, 9, 7), dev)?;
+    assert_eq!(
+        loaded.forward(&x)?.flatten_all()?.to_vec1::<f32>()?,
+        packed.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
+    );
+    for name in ["weight.packed", "weight.scale", "bias"] {
+        let mut t = tensors.clone();
+        t.remove(name);
+        let e = load(t).expect_err(name).to_string();
+        assert!(e.contains(name) && e.contains("missing"), "{name}: {e}");
+    }
+    assert!(
+        PackedBitConv2d::load(
+            c,
+            co,
+            5,
+            cfg,
+            VarBuilder::from_tensors(tensors.clone(), DType::F32, dev)
+        )
+        .is_err(),
+        "wrong kernel size accepted"
+    );
+    let mut t = tensors.clone();
+    t.insert("weight.packed".into(), Tensor::full(0xFFu8, (co, 7), dev)?);
+    assert!(load(t).is_err(), "code 3 accepted");
+    let mut t = tensors;
+    t.insert("weight.scale".into(), Tensor::new(&[f32::NAN], dev)?);
+    assert!(load(t).is_err(), "NaN scale accepted");
+    Ok(())
+}
+
+device_test!(
+    random_shapes,
+    tiled_shapes,
+    straight_through_grads,
+    backward_reference,
+    bad_inputs,
+    empty_batch,
+    packed_storage
+);

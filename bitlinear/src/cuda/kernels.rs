@@ -17,6 +17,7 @@ static GEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.fatbi
 /// Empty unless built for compute capability 9.0 (sm_90a).
 static GEMM90A_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a.fatbin"));
 static GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
+static CONV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv.fatbin"));
 
 /// One compiled `kernels/*.cu` file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -27,6 +28,7 @@ pub(super) enum Module {
     Gemm,
     Gemm90a,
     Gemv,
+    Conv,
 }
 
 impl Module {
@@ -38,6 +40,7 @@ impl Module {
             Module::Gemm => GEMM_FATBIN,
             Module::Gemm90a => GEMM90A_FATBIN,
             Module::Gemv => GEMV_FATBIN,
+            Module::Conv => CONV_FATBIN,
         }
     }
 }
@@ -112,7 +115,7 @@ pub(super) fn func(dev: &CudaDevice, info: &DeviceInfo, module: Module, name: &s
         }
     };
     let f = md.load_function(name).w()?;
-    if !matches!(module, Module::ActQuant | Module::WeightQuant) {
+    if !matches!(module, Module::ActQuant | Module::WeightQuant | Module::Conv) {
         let stat = f
             .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
             .w()?;

@@ -38,6 +38,7 @@ use crate::plan::{DeviceInfo, KernelSettings};
 #[macro_use]
 mod launch;
 mod buffers;
+mod conv;
 mod gemm;
 mod kernels;
 mod matmul;
@@ -46,6 +47,7 @@ mod settle;
 mod tma;
 
 pub(crate) use buffers::empty_storage;
+pub(crate) use conv::{conv_dequantize, im2col};
 pub(crate) use kernels::{device_info, set_settings, settings};
 pub(crate) use matmul::{bit_matmul, packed_accumulate, packed_matmul};
 pub(crate) use quantize::{fake_quant_activations, fake_quant_weights, pack_weights, quantize_activations};

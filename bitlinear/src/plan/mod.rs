@@ -23,12 +23,14 @@
 
 use candle_core::{DType, Result};
 
+mod conv;
 mod gemm;
 mod gemv;
 mod quant;
 mod settings;
 mod skinny;
 
+pub use conv::{im2col_plan, Im2colPlan, IM2COL_THREADS};
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
 pub use gemv::{GemvPlan, GEMV_MAX_K, GEMV_SHAPES, GEMV_WARPS};
 pub use quant::{act_quant_plan, ActLayout, ActQuantPlan, QUANT_THREADS};

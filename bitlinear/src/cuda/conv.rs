@@ -1,0 +1,114 @@
+//! The kernels of `PackedBitConv2d` on CUDA (`kernels/conv.cu`): the int8 im2col gather and the
+//! dequantizer of the accumulators, launched as `crate::plan::im2col_plan` decides.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::CudaStorageSlice;
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
+
+use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
+use super::{Ctx, Module};
+use crate::im2col::Geometry;
+use crate::plan::im2col_plan;
+
+/// Rows `r0 .. r0 + r` of the im2col of images `codes` (U8 `(images, C·H·W)`, contiguous):
+/// U8 `(images · r, K)`, image-major, as `crate::im2col` documents.
+pub(crate) fn im2col(codes: &CudaStorage, l: &Layout, g: &Geometry, r0: usize, r: usize) -> Result<CudaStorage> {
+    let dev = &codes.device;
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
+    if codes.dtype() != DType::U8 {
+        bail!("bitlinear cuda: im2col codes must be U8, got {:?}", codes.dtype())
+    }
+    let Some((start, _)) = l.contiguous_offsets() else {
+        bail!("bitlinear cuda: im2col codes must be contiguous")
+    };
+    let images = l.dims().first().copied().unwrap_or(0);
+    let (_, wo) = g.out_hw();
+    let bytes = images * r * g.k();
+    let mut out = ctx.alloc::<u8>(bytes)?;
+    if bytes > 0 {
+        let p = im2col_plan(bytes, &ctx.info);
+        let mut guards = Vec::new();
+        let xp = in_ptr(codes, start, stream, &mut guards)?;
+        let op = out_ptr(&mut out, stream, &mut guards);
+        let f = ctx.func(Module::Conv, "im2col_i8")?;
+        let cfg = LaunchConfig {
+            grid_dim: (i32_arg(p.blocks, "im2col blocks")? as u32, 1, 1),
+            block_dim: (p.threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let a = |v: usize, what: &str| i32_arg(v, what);
+        launch!(
+            ctx,
+            f,
+            cfg,
+            xp,
+            op,
+            a(images, "images")?,
+            a(g.c, "C")?,
+            a(g.h, "H")?,
+            a(g.w, "W")?,
+            a(g.kh, "KH")?,
+            a(g.kw, "KW")?,
+            a(g.stride, "stride")?,
+            a(g.pad, "padding")?,
+            a(wo, "Wo")?,
+            a(r0, "first row")?,
+            a(r, "rows")?
+        )?;
+        drop(guards);
+    }
+    Ok(storage(CudaStorageSlice::U8(out), dev))
+}
+
+/// One tile's accumulators `acc` (I32 `(bi, r, N)`, images `i0 ..`) dequantized with the
+/// per-image scales `scales` (F32 `(B)`) and `s_w`: F32 `(bi, N, r)`, `(acc · s_x) · s_w`.
+pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: f32) -> Result<Tensor> {
+    let (bi, r, n) = acc.dims3()?;
+    let acc = acc.contiguous()?;
+    let (a_st, a_l) = acc.storage_and_layout();
+    let (s_st, s_l) = scales.storage_and_layout();
+    let (Storage::Cuda(a), Storage::Cuda(s)) = (&*a_st, &*s_st) else {
+        bail!("bitlinear cuda: conv_dequantize expects CUDA tensors")
+    };
+    let (Some((a0, _)), Some((s0, _))) = (a_l.contiguous_offsets(), s_l.contiguous_offsets()) else {
+        bail!("bitlinear cuda: conv_dequantize inputs must be contiguous")
+    };
+    if a.dtype() != DType::I32 || s.dtype() != DType::F32 || i0 + bi > s_l.shape().elem_count() {
+        bail!("bitlinear cuda: conv_dequantize needs I32 accumulators and F32 scales for every image")
+    }
+    let dev = &a.device;
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
+    let total = bi * r * n;
+    let mut out = ctx.alloc::<f32>(total)?;
+    if total > 0 {
+        let p = im2col_plan(total, &ctx.info);
+        let mut guards = Vec::new();
+        let ap = in_ptr(a, a0, stream, &mut guards)?;
+        let sp = in_ptr(s, s0 + i0, stream, &mut guards)?;
+        let yp = out_ptr(&mut out, stream, &mut guards);
+        let f = ctx.func(Module::Conv, "conv_dequant_f32")?;
+        let cfg = LaunchConfig {
+            grid_dim: (i32_arg(p.blocks, "dequantizer blocks")? as u32, 1, 1),
+            block_dim: (p.threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            ctx,
+            f,
+            cfg,
+            ap,
+            sp,
+            s_w,
+            yp,
+            i32_arg(bi, "images")?,
+            i32_arg(r, "rows")?,
+            i32_arg(n, "N")?
+        )?;
+        drop(guards);
+    }
+    let out = storage(CudaStorageSlice::F32(out), dev);
+    Ok(crate::device::tensor_from(Storage::Cuda(out), (bi, n, r)))
+}

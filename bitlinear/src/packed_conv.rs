@@ -1,0 +1,272 @@
+//! `PackedBitConv2d`: the inference form of a [`BitConv2d`](crate::BitConv2d), its weight packed
+//! 2 bits a value and its forward an exact int8 × ternary integer convolution.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::{Module, VarBuilder};
+
+use crate::conv::{check_input, BitConv2dConfig};
+use crate::im2col::{tiling, Gatherer, Geometry};
+use crate::packed::{packed_len, PackedTernary};
+use crate::packed_layer::{fetch, path};
+use crate::{packed_accumulate, quantize_activations, ActScaling};
+
+/// The inference form of [`BitConv2d`](crate::BitConv2d), made by
+/// [`BitConv2d::pack`](crate::BitConv2d::pack) or [`Self::load`].
+///
+/// The weight `(c_out, c_in, kh, kw)` is a [`PackedTernary`] of `N = c_out` rows and
+/// `K = c_in·kh·kw` columns in that row-major order (`kw` fastest, then `kh`, then `c_in`).
+///
+/// Forward: each image is quantized to int8 codes with its own absmax scale `s_x` (as the float
+/// layer does), its receptive fields are gathered into int8 im2col rows `(Ho·Wo, K)` (a bounded
+/// tile of rows at a time), multiplied exactly with the packed weight into i32 accumulators
+/// ([`packed_accumulate`]), and dequantized as `(acc · s_x) · s_w` in f32, plus the bias. The
+/// accumulators are exact, so the outputs differ from the float layer's only by its f32
+/// rounding (relative 1e-6 of `127·K·s_x·s_w` is ample, see the tests).
+///
+/// Stored as tensors under the layer's prefix, like
+/// [`PackedBitLinear`](crate::PackedBitLinear):
+///
+/// | name | dtype, shape | what |
+/// | --- | --- | --- |
+/// | `weight.packed` | U8 `(c_out, ceil(c_in·kh·kw/4))` | the [`PackedTernary`] bytes |
+/// | `weight.scale` | F32 `(1,)` | the absmean scale `s_w` |
+/// | `bias` | float `(c_out,)` | with [`BitConv2dConfig::bias`] |
+///
+/// ```
+/// use std::collections::HashMap;
+/// use bitlinear::{bit_conv2d, BitConv2dConfig, PackedBitConv2d};
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+///
+/// let vm = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+/// let cfg = BitConv2dConfig { padding: 1, ..Default::default() };
+/// let packed = bit_conv2d(3, 8, 3, cfg, vb.pp("conv"))?.pack()?;
+/// let tensors: HashMap<String, Tensor> =
+///     packed.tensors()?.into_iter().map(|(n, t)| (format!("conv.{n}"), t)).collect();
+/// assert_eq!(tensors["conv.weight.packed"].dims(), &[8, 7]); // ceil(27 / 4) bytes a row
+///
+/// let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+/// let loaded = PackedBitConv2d::load(3, 8, 3, cfg, vb.pp("conv"))?;
+/// let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 9), &Device::Cpu)?;
+/// let y = loaded.forward(&x)?;
+/// assert_eq!(y.dims(), &[2, 8, 9, 9]);
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, packed.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct PackedBitConv2d {
+    weight: PackedTernary,
+    c_in: usize,
+    kh: usize,
+    kw: usize,
+    bias: Option<Tensor>,
+    config: BitConv2dConfig,
+}
+
+impl PackedBitConv2d {
+    /// A layer over a packed weight of `c_out` rows and `c_in·kh·kw` columns (in the K order of
+    /// the type's docs) and an optional bias `(c_out)`. `config.bias` follows `bias`.
+    pub fn new(
+        weight: PackedTernary,
+        (c_in, kh, kw): (usize, usize, usize),
+        bias: Option<Tensor>,
+        config: BitConv2dConfig,
+    ) -> Result<Self> {
+        if weight.in_features() != c_in * kh * kw {
+            bail!(
+                "PackedBitConv2d: the packed weight has K = {}, c_in·kh·kw = {}",
+                weight.in_features(),
+                c_in * kh * kw
+            )
+        }
+        if config.stride == 0 {
+            bail!("PackedBitConv2d: stride must be at least 1")
+        }
+        let c_out = weight.out_features();
+        if bias.as_ref().is_some_and(|b| b.dims() != [c_out]) {
+            bail!("PackedBitConv2d: bias must have shape ({c_out},)")
+        }
+        let config = BitConv2dConfig {
+            bias: bias.is_some(),
+            ..config
+        };
+        Ok(Self {
+            weight,
+            c_in,
+            kh,
+            kw,
+            bias,
+            config,
+        })
+    }
+
+    /// Loads a `k × k` layer of `c_in` inputs and `c_out` outputs stored under `vb` (the names in
+    /// the type's docs), on `vb`'s device; `bias` is read as `vb`'s dtype when `config.bias`.
+    /// Presence, shapes, byte values, the scale (finite, positive) and every 2-bit code are
+    /// checked, as by [`PackedBitLinear::load`](crate::PackedBitLinear::load).
+    pub fn load(c_in: usize, c_out: usize, k: usize, config: BitConv2dConfig, vb: VarBuilder) -> Result<Self> {
+        let kk = c_in * k * k;
+        let bytes = fetch(&vb, "weight.packed", &[c_out, packed_len(kk)], DType::U8)?;
+        let scale = fetch(&vb, "weight.scale", &[1], DType::F32)?.to_vec1::<f32>()?[0];
+        let weight = PackedTernary::from_parts(bytes, scale, kk)
+            .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path(&vb, "weight.packed"))))?;
+        let bias = config
+            .bias
+            .then(|| fetch(&vb, "bias", &[c_out], vb.dtype()))
+            .transpose()?;
+        Self::new(weight, (c_in, k, k), bias, config)
+    }
+
+    /// The layer's tensors, named relative to its prefix as [`Self::load`] reads them.
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let w = &self.weight;
+        let mut out = vec![
+            ("weight.packed".to_string(), w.bytes().clone()),
+            ("weight.scale".to_string(), Tensor::new(&[w.scale()], w.device())?),
+        ];
+        out.extend(self.bias.iter().map(|b| ("bias".to_string(), b.clone())));
+        Ok(out)
+    }
+
+    /// The packed weight `(c_out, c_in·kh·kw)`.
+    pub fn weight(&self) -> &PackedTernary {
+        &self.weight
+    }
+
+    /// The kernel's `(c_in, kh, kw)`.
+    pub fn kernel_dims(&self) -> (usize, usize, usize) {
+        (self.c_in, self.kh, self.kw)
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The layer's options.
+    pub fn config(&self) -> BitConv2dConfig {
+        self.config
+    }
+
+    /// The device holding the packed weight.
+    pub fn device(&self) -> &Device {
+        self.weight.device()
+    }
+
+    /// The integer core of the forward: the exact i32 accumulators `(B, c_out, Ho, Wo)` of the
+    /// convolution of each image's int8 codes with the ternary weight, and the per-image
+    /// activation scales `s_x (B)` (F32). The output is `(acc · s_x) · s_w` (+ bias).
+    ///
+    /// The accumulators are returned on the CPU: candle's CUDA backend has no I32 copy or cast
+    /// kernels, so they are reordered to NCHW there; the scales stay on the input's device.
+    pub fn accumulate(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = self.weight.out_features();
+        let (tiles, scales, (ho, wo)) = self.map_tiles(x, |acc, _, _| acc.to_device(&Device::Cpu))?;
+        let acc = cat_tiles(tiles, 1, (0, ho * wo, n), DType::I32, &Device::Cpu)?;
+        let acc = acc.transpose(1, 2)?.contiguous()?.reshape((x.dim(0)?, n, ho, wo))?;
+        Ok((acc, scales))
+    }
+
+    fn geometry(&self, x: &Tensor) -> Result<Geometry> {
+        let (_, c, h, w) = x.dims4()?;
+        Ok(Geometry {
+            c,
+            h,
+            w,
+            kh: self.kh,
+            kw: self.kw,
+            stride: self.config.stride,
+            pad: self.config.padding,
+        })
+    }
+
+    /// Runs quantize -> im2col -> [`packed_accumulate`] a bounded tile at a time and maps each
+    /// tile's accumulators `(bi, r, c_out)` (images `i0 ..`) with `f(acc, scales, i0)`. Returns
+    /// the mapped tiles (per tile of images, its row tiles), the scales `(B)` and `(Ho, Wo)`.
+    #[allow(clippy::type_complexity)]
+    fn map_tiles(
+        &self,
+        x: &Tensor,
+        mut f: impl FnMut(Tensor, &Tensor, usize) -> Result<Tensor>,
+    ) -> Result<(Vec<Vec<Tensor>>, Tensor, (usize, usize))> {
+        let n = self.weight.out_features();
+        let (b, c, h, w) = check_input(x, (n, self.c_in, self.kh, self.kw), self.config, "PackedBitConv2d")?;
+        let g = self.geometry(x)?;
+        let (k, (ho, wo)) = (g.k(), g.out_hw());
+        let rows = ho * wo;
+        let (codes, scales) = quantize_activations(&x.reshape((b, c * h * w))?, ActScaling::PerToken)?;
+        let gatherer = Gatherer::new(codes, &g)?;
+        let (bt, rt) = tiling(b, rows, k);
+        let mut tiles = Vec::new();
+        for i0 in (0..b).step_by(bt) {
+            let bi = bt.min(b - i0);
+            let mut parts = Vec::new();
+            for r0 in (0..rows).step_by(rt) {
+                let r = rt.min(rows - r0);
+                let cols = gatherer.rows(&g, (i0, bi), (r0, r))?;
+                let acc = packed_accumulate(&cols, &self.weight)?.reshape((bi, r, n))?;
+                parts.push(f(acc, &scales, i0)?);
+            }
+            tiles.push(parts);
+        }
+        Ok((tiles, scales, (ho, wo)))
+    }
+
+    /// The dequantized output `(B, c_out, Ho, Wo)` in F32, without the bias.
+    fn dequantized(&self, x: &Tensor) -> Result<Tensor> {
+        let s_w = self.weight.scale();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let n = self.weight.out_features();
+            // on the device: each tile straight to its (bi, c_out, r) block of the output
+            let (tiles, _, (ho, wo)) =
+                self.map_tiles(x, |acc, scales, i0| crate::cuda::conv_dequantize(&acc, scales, i0, s_w))?;
+            return cat_tiles(tiles, 2, (0, n, ho * wo), DType::F32, x.device())?.reshape((x.dim(0)?, n, ho, wo));
+        }
+        let (acc, scales) = self.accumulate(x)?;
+        let sx = scales.to_device(&Device::Cpu)?.reshape((x.dim(0)?, 1, 1, 1))?;
+        // `(acc · s_x) · s_w` in f32, as `quant::dequantize`
+        let y = acc.to_dtype(DType::F32)?.broadcast_mul(&sx)?.affine(s_w as f64, 0.0)?;
+        y.to_device(x.device())
+    }
+}
+
+/// Joins per-image-tile row tiles along `dim`, then the image tiles along dim 0; `empty` is the
+/// shape of no tiles.
+fn cat_tiles(
+    tiles: Vec<Vec<Tensor>>,
+    dim: usize,
+    empty: (usize, usize, usize),
+    dt: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let tiles = tiles
+        .iter()
+        .map(|parts| Tensor::cat(parts, dim))
+        .collect::<Result<Vec<_>>>()?;
+    match tiles.is_empty() {
+        true => Tensor::zeros(empty, dt, dev),
+        false => Tensor::cat(&tiles, 0),
+    }
+}
+
+impl Module for PackedBitConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c_out = self.weight.out_features();
+        let shape = (c_out, self.c_in, self.kh, self.kw);
+        let (b, ..) = check_input(x, shape, self.config, "PackedBitConv2d")?;
+        let (ho, wo) = self.geometry(x)?.out_hw();
+        let y = if b == 0 || c_out == 0 || self.c_in * self.kh * self.kw == 0 {
+            // nothing to sum: every accumulator is 0
+            Tensor::zeros((b, c_out, ho, wo), DType::F32, x.device())?
+        } else {
+            self.dequantized(x)?
+        };
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, c_out, 1, 1))?)?,
+            None => y,
+        };
+        y.to_dtype(x.dtype())
+    }
+}
