@@ -198,12 +198,18 @@ pub fn import_gguf_bytes(bytes: &[u8]) -> Result<Converted<GgufImport>> {
                 t.type_id
             ),
         };
+        raw::check_copied_name(&t.name)?;
         let shape = t
             .dims
             .iter()
             .rev()
             .map(|&d| usize::try_from(d))
             .collect::<Result<Vec<_>, _>>()?;
+        // An empty tensor can have dims whose product overflows before its zero (ggml multiplies
+        // from the other end); safetensors' writer multiplies unchecked, so refuse them here.
+        if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none() {
+            bail!("tensor {:?} has dims {:?} whose product overflows", t.name, t.dims)
+        }
         tensors.push((
             t.name.clone(),
             RawTensor {

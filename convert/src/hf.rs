@@ -256,6 +256,7 @@ pub fn import_hf_bytes(
         {
             // converted with its weight_scale
         } else {
+            raw::check_copied_name(name)?;
             out_tensors.push((name.clone(), t.clone()));
         }
     }

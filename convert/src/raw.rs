@@ -109,6 +109,15 @@ pub struct Converted<R> {
     pub report: R,
 }
 
+/// Errors for a tensor an import would copy under a name our packed layers use (`L.weight.packed`,
+/// `L.weight.scale`): the file would hold a layer that is not one, or the same name twice.
+pub fn check_copied_name(name: &str) -> Result<()> {
+    if name.ends_with(".weight.packed") || name.ends_with(".weight.scale") {
+        bail!("tensor {name:?} is not a ternary layer but has the name of a packed layer's part")
+    }
+    Ok(())
+}
+
 /// The metadata every packed file starts with.
 pub fn packed_metadata(model_name: &str, model_config: &str) -> HashMap<String, String> {
     HashMap::from([
