@@ -218,6 +218,18 @@ def gguf_seeds():
     return out
 
 
+def codec_seeds():
+    """codec (0 TQ2_0, 1 TQ1_0, 2 HF), N, K (u16), stored blocks, exact-scale flag, scale, data."""
+    out = {}
+    head = lambda codec, n, k, blocks, flags, scale: struct.pack("<BBHBBf", codec, n, k, blocks, flags, scale)
+    out["tq2_k256"] = head(0, 2, 256, 1, 0, 0.5) + tq2_rows(2, 256, 256, 0.5)
+    out["tq2_k300_exact"] = head(0, 1, 300, 2, 1, 0.3) + tq2_rows(1, 512, 300, 0.3)
+    out["tq1_k256"] = head(1, 1, 256, 1, 0, 0.25) + bytes(rng.randrange(256) for _ in range(52)) + struct.pack("<e", 0.25)
+    out["hf_n6_k5"] = head(2, 6, 5, 0, 0, 2.0) + bytes(hf_packed(6, 5))
+    out["hf_n4_k8_divide"] = head(2, 4, 8, 0, 2, 4.0) + bytes(hf_packed(4, 8))
+    return out
+
+
 def main():
     packed, ckpt = packed_seeds(), checkpoint_seeds()
     corpora = {
@@ -228,6 +240,7 @@ def main():
         "packed_ternary": ternary_seeds(),
         "gguf": gguf_seeds(),
         "hf_bitnet": hf_seeds(),
+        "ternary_codecs": codec_seeds(),
         "inspect": {**{k: v for k, v in packed.items() if len(v) < 8000}, **ckpt},
     }
     shutil.rmtree(ROOT, ignore_errors=True)
