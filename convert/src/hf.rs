@@ -179,11 +179,16 @@ pub fn import_hf(input: &Path, out: &Path, class: Option<LinearClass>) -> Result
     let (files, config) = hf_inputs(input)?;
     let shards = files
         .iter()
-        .map(|f| Ok((f.clone(), std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)))
+        .map(|f| {
+            Ok((
+                f.clone(),
+                std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
     let shards: Vec<(&Path, &[u8])> = shards.iter().map(|(f, b)| (f.as_path(), b.as_slice())).collect();
-    let c = import_hf_bytes(&shards, config.as_deref(), class)
-        .with_context(|| format!("importing {}", input.display()))?;
+    let c =
+        import_hf_bytes(&shards, config.as_deref(), class).with_context(|| format!("importing {}", input.display()))?;
     raw::write(out, &c.tensors, c.metadata)?;
     Ok(c.report)
 }

@@ -10,7 +10,9 @@ use convert::raw;
 use rand::{Rng, SeedableRng};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/interop")
+        .join(name)
 }
 
 /// One TQ2_0 row of 256 random ternary weights (each byte's four 2-bit codes in 0..=2) with `scale`.
@@ -51,7 +53,10 @@ fn import_gguf_bytes_rejects_dims_whose_product_overflows() {
         w.to_bytes().unwrap()
     };
     let e = import_gguf_bytes(&file(vec![0, 1 << 32, 1 << 32])).unwrap_err();
-    assert!(format!("{e:#}").contains("\"empty\" has dims [0, 4294967296, 4294967296] whose product overflows"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("\"empty\" has dims [0, 4294967296, 4294967296] whose product overflows"),
+        "{e:#}"
+    );
     // Empty with dims that fit: copied, shape reversed.
     let c = import_gguf_bytes(&file(vec![0, 3, 5])).unwrap();
     let (_, t) = c.tensors.iter().find(|(n, _)| n == "empty").unwrap();
@@ -85,7 +90,10 @@ fn import_hf_bytes_is_what_import_hf_writes() {
 fn import_hf_bytes_errors_name_the_shard_and_the_problem() {
     let shard: &Path = "shard-7.safetensors".as_ref();
     let e = import_hf_bytes(&[(shard, b"not safetensors")], None, None).unwrap_err();
-    assert!(format!("{e:#}").contains("shard-7.safetensors is not a valid safetensors file"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("shard-7.safetensors is not a valid safetensors file"),
+        "{e:#}"
+    );
     let bytes = std::fs::read(fixture("hf_pack.safetensors")).unwrap();
     let e = import_hf_bytes(&[(shard, &bytes)], None, Some(LinearClass::AutoBitLinear)).unwrap_err();
     assert!(format!("{e:#}").contains("not an HF BitNet checkpoint"), "{e:#}");
@@ -103,7 +111,10 @@ fn imports_reject_copied_tensors_named_like_packed_layers() {
         w.tensor("fc.weight", vec![256, 1], GgmlType::TQ2_0, tq2_row(&mut rng, 0.5));
         w.tensor(name, vec![1], GgmlType::F32, 1f32.to_le_bytes().to_vec());
         let e = import_gguf_bytes(&w.to_bytes().unwrap()).unwrap_err();
-        assert!(format!("{e:#}").contains(&format!("tensor {name:?} is not a ternary layer")), "{e:#}");
+        assert!(
+            format!("{e:#}").contains(&format!("tensor {name:?} is not a ternary layer")),
+            "{e:#}"
+        );
         let hf = raw::RawTensors::from([
             ("fc.weight".to_string(), raw::RawTensor::u8(vec![1, 4], vec![0x01; 4])),
             ("fc.weight_scale".to_string(), raw::RawTensor::f32(vec![1], &[2.0])),
@@ -114,7 +125,10 @@ fn imports_reject_copied_tensors_named_like_packed_layers() {
         raw::write(&path, &hf, Default::default()).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let e = import_hf_bytes(&[(path.as_path(), &bytes)], None, None).unwrap_err();
-        assert!(format!("{e:#}").contains(&format!("tensor {name:?} is not a ternary layer")), "{e:#}");
+        assert!(
+            format!("{e:#}").contains(&format!("tensor {name:?} is not a ternary layer")),
+            "{e:#}"
+        );
     }
     // Without the stray tensor both import.
     let mut w = Writer::new();

@@ -29,18 +29,36 @@ fuzz_target!(|data: &[u8]| {
     match data[0] % 3 {
         0 => {
             if let Ok(p) = tq2_0::decode(body, n, k_stored, k, exact, cpu) {
-                let back = tq2_0::decode(&tq2_0::encode(&p).unwrap(), n, k.div_ceil(256) * 256, k, Some(p.scale()), cpu);
+                let back = tq2_0::decode(
+                    &tq2_0::encode(&p).unwrap(),
+                    n,
+                    k.div_ceil(256) * 256,
+                    k,
+                    Some(p.scale()),
+                    cpu,
+                );
                 same(&p, &back.unwrap());
             }
         }
         1 => {
             if let Ok(p) = tq1_0::decode(body, n, k_stored, k, exact, cpu) {
-                let back = tq1_0::decode(&tq1_0::encode(&p).unwrap(), n, k.div_ceil(256) * 256, k, Some(p.scale()), cpu);
+                let back = tq1_0::decode(
+                    &tq1_0::encode(&p).unwrap(),
+                    n,
+                    k.div_ceil(256) * 256,
+                    k,
+                    Some(p.scale()),
+                    cpu,
+                );
                 same(&p, &back.unwrap());
             }
         }
         _ => {
-            let conv = if data[5] & 2 == 0 { ScaleConvention::Multiply } else { ScaleConvention::Divide };
+            let conv = if data[5] & 2 == 0 {
+                ScaleConvention::Multiply
+            } else {
+                ScaleConvention::Divide
+            };
             if let Ok(p) = from_hf(body, n, k, scale, conv, cpu) {
                 let (bytes, ws) = to_hf(&p, ScaleConvention::Multiply).unwrap();
                 same(&p, &from_hf(&bytes, n, k, ws, ScaleConvention::Multiply, cpu).unwrap());

@@ -11,7 +11,11 @@ pub fn check_packed<R>(c: &Converted<R>) {
             continue;
         };
         let k: usize = c.metadata[&format!("{layer}.in_features")].parse().unwrap();
-        let (_, scale) = c.tensors.iter().find(|(n, _)| *n == format!("{layer}.weight.scale")).unwrap();
+        let (_, scale) = c
+            .tensors
+            .iter()
+            .find(|(n, _)| *n == format!("{layer}.weight.scale"))
+            .unwrap();
         let scale = scale.to_f32().unwrap();
         assert_eq!(scale.len(), 1);
         let bytes = Tensor::from_vec(t.data.clone(), (t.shape[0], t.shape[1]), &Device::Cpu).unwrap();
@@ -21,7 +25,12 @@ pub fn check_packed<R>(c: &Converted<R>) {
     let views: Vec<_> = c
         .tensors
         .iter()
-        .map(|(n, t)| (n.as_str(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap()))
+        .map(|(n, t)| {
+            (
+                n.as_str(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize(views, Some(c.metadata.clone())).expect("an imported model serializes");
 }

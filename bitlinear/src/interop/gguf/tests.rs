@@ -112,7 +112,11 @@ fn rejects_repeated_names() {
 /// byte count of its first row (a panic with overflow checks, a wrong size without).
 #[test]
 fn data_len_of_a_huge_first_row_is_an_error() {
-    for (ty, ne0) in [(GgmlType::F32, 1u64 << 62), (GgmlType::F16, 1 << 63), (GgmlType::BF16, 1 << 63)] {
+    for (ty, ne0) in [
+        (GgmlType::F32, 1u64 << 62),
+        (GgmlType::F16, 1 << 63),
+        (GgmlType::BF16, 1 << 63),
+    ] {
         let e = ty.data_len(&[ne0]).unwrap_err().to_string();
         assert!(e.contains("overflow"), "{e}");
         assert!(ty.data_len(&[ne0, 1]).is_err());
