@@ -156,14 +156,19 @@ mod tests {
         type Decode = fn(&[u8], usize, usize, usize, Option<f32>, &Device) -> Result<PackedTernary>;
         for (data, decode) in [
             (encode(&zeros).unwrap(), decode as Decode),
-            (super::super::tq2_0::encode(&zeros).unwrap(), super::super::tq2_0::decode),
+            (
+                super::super::tq2_0::encode(&zeros).unwrap(),
+                super::super::tq2_0::decode,
+            ),
         ] {
             let back = decode(&data, n, k_stored, k, Some(fits), &Device::Cpu).unwrap();
             assert_eq!(back.scale().to_bits(), fits.to_bits());
             assert_eq!(back.unpack().unwrap(), vec![0; n * k]);
             assert_eq!(decode(&data, n, k_stored, k, None, &Device::Cpu).unwrap().scale(), 1.0);
             for bad in [2.5e-32f32, 1e6, 0.0, -1.0, f32::NAN, f32::INFINITY] {
-                let e = decode(&data, n, k_stored, k, Some(bad), &Device::Cpu).unwrap_err().to_string();
+                let e = decode(&data, n, k_stored, k, Some(bad), &Device::Cpu)
+                    .unwrap_err()
+                    .to_string();
                 assert!(e.contains("does not fit an f16 block scale"), "{bad}: {e}");
             }
         }
