@@ -143,6 +143,93 @@ def ternary_seeds():
     return out
 
 
+FIXTURES = os.path.join(os.path.dirname(ROOT), "..", "convert", "tests", "fixtures", "interop")
+
+
+def hf_packed(n, k):
+    """transformers' packing: value w + 1 of row r at bits 2 * (r // rows) of byte (r % rows, c)."""
+    rows = (n + 3) // 4
+    vals = [[rng.randrange(3) for _ in range(k)] for _ in range(n)] + [[1] * k] * (4 * rows - n)
+    return [sum(vals[i * rows + r][c] << (2 * i) for i in range(4)) for r in range(rows) for c in range(k)]
+
+
+def hf_seeds():
+    """A mode byte (0: class from the config, 1: BitLinear, 2: AutoBitLinear), then the file."""
+    out = {}
+    layers = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+    t = [("model.norm.weight", "F32", [8])]
+    for l, (n, k) in zip(layers, [(8, 8), (4, 12)]):
+        t += [(l + ".weight", "U8", [(n + 3) // 4, k], hf_packed(n, k)), (l + ".weight_scale", "F32", [1], [0.5])]
+    out["bitlinear"] = b"\x01" + safetensors(t, {"format": "pt"})
+    # export-hf's metadata: the exact scale, an out-features count that is not a multiple of 4.
+    l = layers[0]
+    t = [(l + ".weight", "U8", [2, 5], hf_packed(6, 5)), (l + ".weight_scale", "F32", [1], [4.0])]
+    meta = {"format": "pt", f"bitlinear.{l}.scale": "0.25", f"bitlinear.{l}.out_features": "6"}
+    out["export_meta"] = b"\x00" + safetensors(t, meta)
+    t = [(l + ".weight", "F32", [3, 4], [rng.choice([-1.0, 0.0, 1.0]) for _ in range(12)]),
+         (l + ".weight_scale", "BF16", [1], [0.75]), ("lm_head.weight", "F16", [2, 4])]
+    out["autobitlinear"] = b"\x02" + safetensors(t)
+    return out
+
+
+def gguf_string(s):
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def gguf(kvs, tensors, alignment=32):
+    """kvs: (key, type id, packed value bytes); tensors: (name, dims in ggml order, type id, data)."""
+    h = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs))
+    for key, ty, value in kvs:
+        h += gguf_string(key) + struct.pack("<I", ty) + value
+    data = b""
+    for name, dims, ty, raw in tensors:
+        data += b"\0" * (-len(data) % alignment)
+        h += gguf_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        h += struct.pack("<IQ", ty, len(data))
+        data += raw
+    return h + b"\0" * (-len(h) % alignment) + data
+
+
+def tq2_rows(n, k_stored, k, scale):
+    """TQ2_0 blocks (64 bytes of 2-bit codes, f16 scale); codes past k are 1 (zero weights)."""
+    out = b""
+    for _ in range(n):
+        for b in range(k_stored // 256):
+            zero = (b + 1) * 256 > k
+            out += bytes(0x55 if zero else sum(rng.randrange(3) << s for s in (0, 2, 4, 6)) for _ in range(64))
+            out += struct.pack("<e", scale)
+    return out
+
+
+def gguf_seeds():
+    out = {}
+    with open(os.path.join(FIXTURES, "tq.gguf"), "rb") as f:
+        out["gguf_package_tq"] = f.read()  # written by the gguf Python package: TQ2_0, TQ1_0, F32
+    ours = [("general.architecture", 8, gguf_string("simplebitcnn")), ("general.alignment", 4, struct.pack("<I", 32)),
+            ("bitlinear.model_config", 8, gguf_string(config("bitlinear", "bitlinear"))),
+            ("bitlinear.fc1.in_features", 10, struct.pack("<Q", 200)),
+            ("bitlinear.fc1.scale", 6, struct.pack("<f", 0.123))]
+    tensors = [("fc1.weight", [256, 3], 35, tq2_rows(3, 256, 200, 0.123)),
+               ("fc1.norm.weight", [200], 0, encode("F32", [200])),
+               ("conv1.bias", [4], 1, encode("F16", [4])), ("conv2.bias", [4], 30, encode("BF16", [4]))]
+    out["ours_tq2_padded"] = gguf(ours, tensors)
+    out["tq2_two_blocks"] = gguf([], [("w.weight", [512, 2], 35, tq2_rows(2, 512, 512, 0.5))], alignment=32)
+    return out
+
+
+def codec_seeds():
+    """codec (0 TQ2_0, 1 TQ1_0, 2 HF), N, K (u16), stored blocks, exact-scale flag, scale, data."""
+    out = {}
+    head = lambda codec, n, k, blocks, flags, scale: struct.pack("<BBHBBf", codec, n, k, blocks, flags, scale)
+    out["tq2_k256"] = head(0, 2, 256, 1, 0, 0.5) + tq2_rows(2, 256, 256, 0.5)
+    out["tq2_k300_exact"] = head(0, 1, 300, 2, 1, 0.3) + tq2_rows(1, 512, 300, 0.3)
+    out["tq1_k256"] = head(1, 1, 256, 1, 0, 0.25) + bytes(rng.randrange(256) for _ in range(52)) + struct.pack("<e", 0.25)
+    out["hf_n6_k5"] = head(2, 6, 5, 0, 0, 2.0) + bytes(hf_packed(6, 5))
+    out["hf_n4_k8_divide"] = head(2, 4, 8, 0, 2, 4.0) + bytes(hf_packed(4, 8))
+    return out
+
+
 def main():
     packed, ckpt = packed_seeds(), checkpoint_seeds()
     corpora = {
@@ -151,6 +238,9 @@ def main():
         "resume": resume_seeds(),
         "cifar_records": cifar_seeds(),
         "packed_ternary": ternary_seeds(),
+        "gguf": gguf_seeds(),
+        "hf_bitnet": hf_seeds(),
+        "ternary_codecs": codec_seeds(),
         "inspect": {**{k: v for k, v in packed.items() if len(v) < 8000}, **ckpt},
     }
     shutil.rmtree(ROOT, ignore_errors=True)

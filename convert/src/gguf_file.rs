@@ -24,7 +24,7 @@ use bitlinear::PackedTernary;
 use candle_core::Device;
 use safetensors::Dtype;
 
-use crate::raw::{self, RawTensor, RawTensors};
+use crate::raw::{self, Converted, RawTensor, RawTensors};
 
 /// What `export-gguf` wrote.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,7 +156,15 @@ pub struct GgufImport {
 /// `model` comes from `general.name`, `model_config` from `bitlinear.model_config` (else `{}`).
 pub fn import_gguf(input: &Path, out: &Path) -> Result<GgufImport> {
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    let g = Gguf::parse(&bytes).with_context(|| format!("{} is not a valid GGUF file", input.display()))?;
+    let c = import_gguf_bytes(&bytes).with_context(|| format!("importing {}", input.display()))?;
+    raw::write(out, &c.tensors, c.metadata)?;
+    Ok(c.report)
+}
+
+/// [`import_gguf`] of a GGUF file's bytes, in memory: the packed file's tensors (sorted by name)
+/// and metadata, not written. Any bytes give a result or an error, never a panic.
+pub fn import_gguf_bytes(bytes: &[u8]) -> Result<Converted<GgufImport>> {
+    let g = Gguf::parse(bytes).context("not a valid GGUF file")?;
     let text = |key: &str| match g.get(key) {
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
@@ -169,7 +177,7 @@ pub fn import_gguf(input: &Path, out: &Path) -> Result<GgufImport> {
     for t in &g.tensors {
         let dtype = match GgmlType::from_id(t.type_id) {
             Some(GgmlType::TQ2_0 | GgmlType::TQ1_0) => {
-                let p = import_layer(&g, &bytes, &t.name)?;
+                let p = import_layer(&g, bytes, &t.name)?;
                 let layer = t.name.strip_suffix(".weight").unwrap_or(&t.name);
                 let packed = p.bytes().flatten_all()?.to_vec1::<u8>()?;
                 tensors.push((
@@ -190,26 +198,35 @@ pub fn import_gguf(input: &Path, out: &Path) -> Result<GgufImport> {
                 t.type_id
             ),
         };
+        raw::check_copied_name(&t.name)?;
         let shape = t
             .dims
             .iter()
             .rev()
             .map(|&d| usize::try_from(d))
             .collect::<Result<Vec<_>, _>>()?;
+        // An empty tensor can have dims whose product overflows before its zero (ggml multiplies
+        // from the other end); safetensors' writer multiplies unchecked, so refuse them here.
+        if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none() {
+            bail!("tensor {:?} has dims {:?} whose product overflows", t.name, t.dims)
+        }
         tensors.push((
             t.name.clone(),
             RawTensor {
                 dtype,
                 shape,
-                data: g.data(&bytes, t)?.to_vec(),
+                data: g.data(bytes, t)?.to_vec(),
             },
         ));
     }
     if layers == 0 {
-        bail!("{}: no TQ2_0 or TQ1_0 tensor to import", input.display())
+        bail!("no TQ2_0 or TQ1_0 tensor to import")
     }
     let copied = tensors.len() - 2 * layers;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    raw::write(out, &tensors, meta)?;
-    Ok(GgufImport { layers, copied })
+    Ok(Converted {
+        tensors,
+        metadata: meta,
+        report: GgufImport { layers, copied },
+    })
 }

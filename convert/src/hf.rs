@@ -21,7 +21,7 @@ use bitlinear::interop::hf_bitnet::{from_hf, hf_rows, scale_to_hf, ternary_from_
 use candle_core::Device;
 use safetensors::Dtype;
 
-use crate::raw::{self, RawTensor, RawTensors};
+use crate::raw::{self, Converted, RawTensor, RawTensors};
 
 /// Which transformers class the checkpoint is for (`quantization_config.linear_class`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +177,31 @@ fn import_layer(
 /// (default `bitlinear`).
 pub fn import_hf(input: &Path, out: &Path, class: Option<LinearClass>) -> Result<ImportReport> {
     let (files, config) = hf_inputs(input)?;
-    let config_json: serde_json::Value = match &config {
+    let shards = files
+        .iter()
+        .map(|f| {
+            Ok((
+                f.clone(),
+                std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let shards: Vec<(&Path, &[u8])> = shards.iter().map(|(f, b)| (f.as_path(), b.as_slice())).collect();
+    let c =
+        import_hf_bytes(&shards, config.as_deref(), class).with_context(|| format!("importing {}", input.display()))?;
+    raw::write(out, &c.tensors, c.metadata)?;
+    Ok(c.report)
+}
+
+/// [`import_hf`] in memory: the safetensors `shards` (each named for messages, with its bytes)
+/// and the text of `config.json` (if any) to the packed file's tensors and metadata, not written.
+/// Any bytes give a result or an error, never a panic.
+pub fn import_hf_bytes(
+    shards: &[(&Path, &[u8])],
+    config: Option<&str>,
+    class: Option<LinearClass>,
+) -> Result<Converted<ImportReport>> {
+    let config_json: serde_json::Value = match config {
         Some(c) => serde_json::from_str(c).context("config.json is not valid JSON")?,
         None => serde_json::Value::Null,
     };
@@ -189,9 +213,8 @@ pub fn import_hf(input: &Path, out: &Path, class: Option<LinearClass>) -> Result
     };
     let mut tensors = RawTensors::new();
     let mut file_meta = HashMap::new();
-    for f in &files {
-        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-        let (t, m) = raw::parse(&bytes, f)?;
+    for &(f, bytes) in shards {
+        let (t, m) = raw::parse(bytes, f)?;
         if m.get("format").map(String::as_str) == Some(model::packed_file::FORMAT) {
             bail!("{} is already a packed file", f.display())
         }
@@ -238,21 +261,22 @@ pub fn import_hf(input: &Path, out: &Path, class: Option<LinearClass>) -> Result
         {
             // converted with its weight_scale
         } else {
+            raw::check_copied_name(name)?;
             out_tensors.push((name.clone(), t.clone()));
         }
     }
     if layers == 0 {
-        bail!(
-            "{}: no BitLinear layer (no `*.weight_scale` tensor): not an HF BitNet checkpoint",
-            input.display()
-        )
+        bail!("no BitLinear layer (no `*.weight_scale` tensor): not an HF BitNet checkpoint")
     }
     let copied = out_tensors.len() - 2 * layers;
-    raw::write(out, &out_tensors, meta)?;
-    Ok(ImportReport {
-        layers,
-        copied,
-        linear_class: class,
+    Ok(Converted {
+        tensors: out_tensors,
+        metadata: meta,
+        report: ImportReport {
+            layers,
+            copied,
+            linear_class: class,
+        },
     })
 }
 

@@ -97,6 +97,27 @@ pub fn write(path: &Path, tensors: &RawTensors, meta: HashMap<String, String>) -
     model::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
 
+/// A packed file an import built in memory, before [`write`]: its tensors, its metadata, and the
+/// import's report (`R`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Converted<R> {
+    /// The tensors, in the order they are written.
+    pub tensors: RawTensors,
+    /// The packed file's metadata.
+    pub metadata: HashMap<String, String>,
+    /// What the import did.
+    pub report: R,
+}
+
+/// Errors for a tensor an import would copy under a name our packed layers use (`L.weight.packed`,
+/// `L.weight.scale`): the file would hold a layer that is not one, or the same name twice.
+pub fn check_copied_name(name: &str) -> Result<()> {
+    if name.ends_with(".weight.packed") || name.ends_with(".weight.scale") {
+        bail!("tensor {name:?} is not a ternary layer but has the name of a packed layer's part")
+    }
+    Ok(())
+}
+
 /// The metadata every packed file starts with.
 pub fn packed_metadata(model_name: &str, model_config: &str) -> HashMap<String, String> {
     HashMap::from([

@@ -52,7 +52,8 @@ pub(crate) fn f16_scale(scale: f32, format: &str) -> Result<u16> {
 /// The one tensor scale of a block format, from the f16 scale of every block and whether the
 /// block holds a non-zero weight. Blocks of zeros may carry any scale (ggml's quantizer writes
 /// their absmax, 0); every other block must carry the same positive f16. `exact` is the f32 scale
-/// recorded next to the data (our GGUF metadata); it is used when it rounds to that f16.
+/// recorded next to the data (our GGUF metadata); it is used when it rounds to that f16 (or, when
+/// every weight is zero, when it fits an f16), and is an error otherwise.
 pub(crate) fn block_scale(scales: &[(u16, bool)], exact: Option<f32>, format: &str) -> Result<f32> {
     let mut common: Option<(usize, u16)> = None;
     for (i, &(d, nonzero)) in scales.iter().enumerate() {
@@ -84,9 +85,14 @@ pub(crate) fn block_scale(scales: &[(u16, bool)], exact: Option<f32>, format: &s
             Ok(e)
         }
         (Some((_, d)), None) => Ok(half::f16::from_bits(d).to_f32()),
-        // All weights zero: the scale changes no output; keep the recorded one, else 1.
-        (None, Some(e)) if e.is_finite() && e > 0.0 => Ok(e),
-        (None, _) => Ok(1.0),
+        // All weights zero: the scale changes no output; keep the recorded one, else 1. A recorded
+        // scale no block could carry is an error, as it is beside non-zero blocks: the weight
+        // could not be written back (found by the `ternary_codecs` fuzz target).
+        (None, Some(e)) => match f16_scale(e, format) {
+            Ok(_) => Ok(e),
+            Err(_) => bail!("{format}: the recorded exact scale {e} does not fit an f16 block scale"),
+        },
+        (None, None) => Ok(1.0),
     }
 }
 

@@ -142,4 +142,35 @@ mod tests {
             .to_string()
             .contains("padding"));
     }
+
+    /// Found by the `ternary_codecs` fuzz target: an all-zero (or empty) weight took any finite
+    /// positive recorded scale, even one no f16 block scale holds, and then could not be encoded.
+    #[test]
+    fn all_zero_weights_take_only_a_recorded_scale_an_f16_holds() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let (n, k) = (rng.gen_range(0..4usize), rng.gen_range(1..300usize));
+        let fits = rng.gen_range(1e-3f32..1e3);
+        let zeros = packed_from_values(&vec![0; n * k], n, k, fits, &Device::Cpu).unwrap();
+        let k_stored = k.div_ceil(256) * 256;
+        type Decode = fn(&[u8], usize, usize, usize, Option<f32>, &Device) -> Result<PackedTernary>;
+        for (data, decode) in [
+            (encode(&zeros).unwrap(), decode as Decode),
+            (
+                super::super::tq2_0::encode(&zeros).unwrap(),
+                super::super::tq2_0::decode,
+            ),
+        ] {
+            let back = decode(&data, n, k_stored, k, Some(fits), &Device::Cpu).unwrap();
+            assert_eq!(back.scale().to_bits(), fits.to_bits());
+            assert_eq!(back.unpack().unwrap(), vec![0; n * k]);
+            assert_eq!(decode(&data, n, k_stored, k, None, &Device::Cpu).unwrap().scale(), 1.0);
+            for bad in [2.5e-32f32, 1e6, 0.0, -1.0, f32::NAN, f32::INFINITY] {
+                let e = decode(&data, n, k_stored, k, Some(bad), &Device::Cpu)
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("does not fit an f16 block scale"), "{bad}: {e}");
+            }
+        }
+    }
 }

@@ -81,9 +81,10 @@ impl GgmlType {
         if ne0 % be != 0 {
             bail!("{self:?}: a row of {ne0} elements is not a whole number of {be}-element blocks")
         }
+        // Checked from the first row on: `ne0` comes from the file and can be near 2^64.
         dims.iter()
             .skip(1)
-            .try_fold((ne0 / be) * bb, |acc, &d| acc.checked_mul(d))
+            .fold((ne0 / be).checked_mul(bb), |acc, &d| acc?.checked_mul(d))
             .ok_or_else(|| candle_core::Error::msg(format!("tensor dims {dims:?} overflow")))
     }
 }

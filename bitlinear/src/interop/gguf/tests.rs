@@ -107,3 +107,29 @@ fn rejects_repeated_names() {
         .to_string()
         .contains("\"x.b\" is repeated"));
 }
+
+/// Found by the `gguf` fuzz target: an F32/F16/BF16 first dimension near 2^64 overflowed the
+/// byte count of its first row (a panic with overflow checks, a wrong size without).
+#[test]
+fn data_len_of_a_huge_first_row_is_an_error() {
+    for (ty, ne0) in [
+        (GgmlType::F32, 1u64 << 62),
+        (GgmlType::F16, 1 << 63),
+        (GgmlType::BF16, 1 << 63),
+    ] {
+        let e = ty.data_len(&[ne0]).unwrap_err().to_string();
+        assert!(e.contains("overflow"), "{e}");
+        assert!(ty.data_len(&[ne0, 1]).is_err());
+        assert_eq!(ty.data_len(&[ne0 / 2]).unwrap(), 1 << 63);
+    }
+    // Block types: the most blocks a u64 of elements holds fit, times 256 rows not.
+    for ty in [GgmlType::TQ2_0, GgmlType::TQ1_0] {
+        let blocks = (1u64 << 56) - 1;
+        assert_eq!(ty.data_len(&[blocks * 256]).unwrap(), blocks * ty.block().1);
+        assert!(ty.data_len(&[blocks * 256, 1 << 8]).is_err());
+    }
+    // The writer checks a tensor's size with it: an error, not a panic.
+    let mut w = Writer::new();
+    w.tensor("w", vec![1 << 62, 1], GgmlType::F32, vec![0; 4]);
+    assert!(w.to_bytes().is_err());
+}
