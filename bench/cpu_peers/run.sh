@@ -8,14 +8,14 @@
 # Needs: bench/cpu_peers/build.sh (peers/bin/*) and
 #   CARGO_TARGET_DIR=/work/target cargo build --release -p bitlinear --example cpu_bench
 # Env: PASSES (3), THREADS (2), SHAPES ("MxNxK ..."), CPU_BENCH (path of the cpu_bench binary),
-#      LOG (bench/cpu_peers/last-run.log), KERNELS (cpu_bench kernel names; default: all supported).
+#      LOG (bench/cpu_peers-latest.log), KERNELS (cpu_bench kernel names; default: all supported).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PASSES=${PASSES:-3}
 THREADS=${THREADS:-2}
 SHAPES=${SHAPES:-"1x512x4096 1x4096x4096 1x2560x6912 128x512x4096 128x4096x4096"}
 CPU_BENCH=${CPU_BENCH:-${CARGO_TARGET_DIR:-/work/target}/release/examples/cpu_bench}
-LOG=${LOG:-bench/cpu_peers/last-run.log}
+LOG=${LOG:-bench/cpu_peers-latest.log}
 P=peers/bin
 [ -x "$CPU_BENCH" ] || { echo "no $CPU_BENCH: build the cpu_bench example first" >&2; exit 1; }
 KERNELS=${KERNELS:-$("$CPU_BENCH" --list | tr '\n' ' ')}

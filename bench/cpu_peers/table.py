@@ -33,7 +33,6 @@ for line in open(log):
 shapes = list(dict.fromkeys(s for (_, s) in res))
 names = list(dict.fromkeys(n for (n, _) in res))
 ours = [n for n in names if n.startswith("ours_")]
-ours.sort(key=lambda n: (n != f"ours_{default}", n))
 cols = [("ggml_tq2_0", "ggml TQ2_0"), ("bitnet_i2_s", "bitnet.cpp I2_S"), ("bitnet_tl2", "bitnet.cpp TL2")]
 cols += [(n, f"ours {n[5:]}" + (" (default)" if n == f"ours_{default}" else "")) for n in ours]
 cols += [("candle_f32", "candle f32")]
