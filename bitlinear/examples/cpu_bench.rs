@@ -3,9 +3,12 @@
 //! under each CPU kernel this machine supports, and candle's f32 matmul (`x · Wᵀ`).
 //!
 //! Build: `cargo build --release -p bitlinear --example cpu_bench`.
-//! Run: `cpu_bench MxNxK... [--kernel NAME|default|all] [--candle] [--threads T]`
+//! Run: `cpu_bench MxNxK... [--kernel NAME|default|all] [--candle] [--threads T] [--in-pool]`
 //! (`--kernel` may repeat; kernel names are those of `bitlinear::plan::CpuKernel`, any case;
-//! `default` is the one the library picks; `--threads` sizes rayon's global pool, default 2).
+//! `default` is the one the library picks; `--threads` sizes rayon's global pool, default 2;
+//! `--in-pool` runs every call from inside that pool, so the calling thread is one of its
+//! workers, as in ggml where the caller is thread 0: it shows what the hand-off to the pool
+//! costs, and is not how the table is measured).
 //! `cpu_bench --list` prints the kernels this CPU supports, the library's default first.
 //!
 //! Protocol, shared with `bench/cpu_peers/ggml_matmul.c`: a warm-up of at least 200 ms, then 10
@@ -183,6 +186,7 @@ fn main() -> Result<()> {
     let mut shapes = Vec::new();
     let mut contenders = Vec::new();
     let mut threads = 2usize;
+    let mut in_pool = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -209,13 +213,14 @@ fn main() -> Result<()> {
                 }
             }
             "--candle" => contenders.push(Contender::CandleF32),
+            "--in-pool" => in_pool = true,
             "--threads" => threads = args.next().context("--threads needs a count")?.parse()?,
             s if s.starts_with("--") => bail!("unknown flag {s}"),
             s => shapes.push(parse_shape(s)?),
         }
     }
     if shapes.is_empty() {
-        bail!("usage: cpu_bench MxNxK... [--kernel NAME|default|all]... [--candle] [--threads T] | --list");
+        bail!("usage: cpu_bench MxNxK... [--kernel NAME|default|all]... [--candle] [--threads T] [--in-pool] | --list");
     }
     if contenders.is_empty() {
         contenders.push(Contender::Default);
@@ -223,7 +228,11 @@ fn main() -> Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     for &(m, n, k) in &shapes {
         for &c in &contenders {
-            run_shape(m, n, k, c)?;
+            if in_pool {
+                rayon::scope(|_| run_shape(m, n, k, c))?;
+            } else {
+                run_shape(m, n, k, c)?;
+            }
         }
     }
     Ok(())
