@@ -7,6 +7,9 @@
 // it inside the call (q8_K for TQ2_0, bitnet.cpp's per-row int8 for I2_S and TL2), as in
 // inference, so its cost is in the time.
 //
+// With --rotate-mb MB the calls cycle through copies of the weight that fill MB, so that the
+// weights come from DRAM (as in the decode of a model much larger than the caches).
+//
 // Protocol (the same as bitlinear/examples/cpu_bench.rs): warm-up of at least 200 ms, then 10
 // rounds of `iters` calls (iters chosen so a round lasts about 100 ms, 5 to 2000 calls), each
 // call timed alone. Prints, per shape, the median of the round medians and the 10th and 90th
@@ -79,13 +82,24 @@ static void * read_file(const char * path, size_t expect) {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: ggml_matmul TYPE MxNxK [THREADS] [TL2_DIR]\n"
+            "usage: ggml_matmul TYPE MxNxK [THREADS] [TL2_DIR] [--rotate-mb MB]\n"
             "  TYPE: tq2_0 (ggml), i2_s or tl2 (bitnet.cpp build); THREADS default 2;\n"
             "  TL2_DIR: where tl2_prep.py wrote tl2_NxK.bin and tern_NxK.bin (tl2 only)\n");
     exit(2);
 }
 
 int main(int argc, char ** argv) {
+    // --rotate-mb MB (anywhere): cycle the calls through copies of the weight filling MB, so
+    // each call reads its weights from DRAM rather than from the caches (decode of a model).
+    double rotate_mb = 0;
+    for (int i = 1; i + 1 < argc; i++) {
+        if (strcmp(argv[i], "--rotate-mb") == 0) {
+            rotate_mb = atof(argv[i + 1]);
+            memmove(argv + i, argv + i + 2, sizeof(char *) * (argc - i - 1));
+            argc -= 2;
+            break;
+        }
+    }
     if (argc < 3) usage();
     const char * tname = argv[1];
     int M, N, K;
@@ -132,13 +146,25 @@ int main(int argc, char ** argv) {
     float * xf = malloc(sizeof(float) * (size_t) M * K);
     for (size_t i = 0; i < (size_t) M * K; i++) xf[i] = rng_unit();
 
+    // Weight bytes of one copy (at most 2 bits a weight plus block scales).
+    size_t wcopy = (size_t) N * K / 4 + (size_t) N * K / 128 + 64;
+    int copies = rotate_mb > 0 ? (int) ceil(rotate_mb * 1048576.0 / wcopy) : 1;
+    if (copies < 1) copies = 1;
+#ifdef PEER_BITNET
+    size_t walloc = (size_t) N * K + 64;  // the fork allocates a byte a weight for I2_S and TL2
+#else
+    size_t walloc = wcopy;
+#endif
     struct ggml_init_params ip = {
-        .mem_size = (size_t) N * K + (size_t) M * K * 4 + (size_t) M * N * 4 + (64u << 20),
+        .mem_size = copies * (walloc + (size_t) M * N * 4 + ggml_graph_overhead() + 4096) + (size_t) M * K * 4 + (64u << 20),
         .mem_buffer = NULL,
         .no_alloc = false,
     };
     struct ggml_context * ctx = ggml_init(ip);
-    struct ggml_tensor * w = ggml_new_tensor_2d(ctx, type, K, N);
+    struct ggml_tensor ** ws = malloc(sizeof(*ws) * copies);
+    struct ggml_tensor ** ys = malloc(sizeof(*ys) * copies);
+    struct ggml_cgraph ** gfs = malloc(sizeof(*gfs) * copies);
+    struct ggml_tensor * w = ws[0] = ggml_new_tensor_2d(ctx, type, K, N);
     struct ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, K, M);
     memcpy(x->data, xf, sizeof(float) * (size_t) M * K);
 
@@ -147,9 +173,6 @@ int main(int argc, char ** argv) {
         size_t off = wbytes % 32 ? wbytes + 32 - wbytes % 32 : wbytes;
         float one = 1.0f;  // the weight scale, read from just past the (aligned) weights
         memcpy((char *) w->data + off, &one, sizeof one);
-#ifdef PEER_BITNET
-        ggml_bitnet_transform_tensor(w);  // as llama.cpp's model loader does for TL2 weights
-#endif
     } else {
         // Quantized once from f32 ternary values: exact for both types (scale 1).
         float * wf = malloc(sizeof(float) * (size_t) N * K);
@@ -158,9 +181,21 @@ int main(int argc, char ** argv) {
         free(wf);
     }
 
-    struct ggml_tensor * y = ggml_mul_mat(ctx, w, x);  // (N, M) in ggml's order: row m has N values
-    struct ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, y);
+    for (int c = 0; c < copies; c++) {
+        if (c > 0) {
+            ws[c] = ggml_new_tensor_2d(ctx, type, K, N);
+            memcpy(ws[c]->data, w->data, ggml_nbytes(w));
+        }
+#ifdef PEER_BITNET
+        if (is_tl2) ggml_bitnet_transform_tensor(ws[c]);  // as llama.cpp's model loader does
+#endif
+        ys[c] = ggml_mul_mat(ctx, ws[c], x);  // (N, M) in ggml's order: row m has N values
+        gfs[c] = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gfs[c], ys[c]);
+    }
+    struct ggml_tensor * y = ys[0];
+    struct ggml_cgraph * gf = gfs[0];
+    int next = 0;  // the copy the next call uses
 
 #ifndef PEER_BITNET
     ggml_cpu_init();
@@ -178,14 +213,16 @@ int main(int argc, char ** argv) {
     double t0 = now_us();
     int warm = 0;
     while (warm < 3 || now_us() - t0 < 200e3) {
-        if (ggml_graph_compute(gf, &plan) != GGML_STATUS_SUCCESS) {
+        if (ggml_graph_compute(gfs[next], &plan) != GGML_STATUS_SUCCESS) {
             fprintf(stderr, "ggml_graph_compute failed\n");
             return 1;
         }
         warm++;
+        next = (next + 1) % copies;
     }
     double per_call = (now_us() - t0) / warm;
 
+    ggml_graph_compute(gf, &plan);  // the checked output is copy 0's
     double max_err = 0, max_ref = 0;
     int check_rows[2] = {0, M - 1};
     for (int c = 0; c < 2; c++) {
@@ -208,8 +245,9 @@ int main(int argc, char ** argv) {
         double * t = all + (size_t) r * iters;
         for (int i = 0; i < iters; i++) {
             double a = now_us();
-            ggml_graph_compute(gf, &plan);
+            ggml_graph_compute(gfs[next], &plan);
             t[i] = now_us() - a;
+            next = (next + 1) % copies;
         }
         double * copy = malloc(sizeof(double) * iters);
         memcpy(copy, t, sizeof(double) * iters);

@@ -8,7 +8,9 @@
 # Needs: bench/cpu_peers/build.sh (peers/bin/*) and
 #   CARGO_TARGET_DIR=/work/target cargo build --release -p bitlinear --example cpu_bench
 # Env: PASSES (3), THREADS (2), SHAPES ("MxNxK ..."), CPU_BENCH (path of the cpu_bench binary),
-#      LOG (bench/cpu_peers-latest.log), KERNELS (cpu_bench kernel names; default: all supported).
+#      LOG (bench/cpu_peers-latest.log), KERNELS (cpu_bench kernel names; default: all supported),
+#      ROTATE_MB (0: every call reuses one weight, which then sits in L2/L3; MB > 0: calls cycle
+#      through copies of the weight filling MB, so weights stream from DRAM as in decode).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PASSES=${PASSES:-3}
@@ -19,6 +21,7 @@ LOG=${LOG:-bench/cpu_peers-latest.log}
 P=peers/bin
 [ -x "$CPU_BENCH" ] || { echo "no $CPU_BENCH: build the cpu_bench example first" >&2; exit 1; }
 KERNELS=${KERNELS:-$("$CPU_BENCH" --list | tr '\n' ' ')}
+ROTATE_MB=${ROTATE_MB:-0}
 
 # One command line per contender (the shape is appended).
 CONTENDERS=()
@@ -46,7 +49,7 @@ wait_quiet() {
 }
 
 {
-    echo "# $(date -u '+%Y-%m-%d %H:%M UTC') $(git rev-parse --short HEAD) passes=$PASSES threads=$THREADS"
+    echo "# $(date -u '+%Y-%m-%d %H:%M UTC') $(git rev-parse --short HEAD) passes=$PASSES threads=$THREADS rotate_mb=$ROTATE_MB"
     echo "# CPU: $(lscpu | sed -n 's/^Model name: *//p') (family $(lscpu | sed -n 's/^CPU family: *//p'), model $(lscpu | sed -n 's/^Model: *//p')), $(nproc) CPUs, L2 $(lscpu | sed -n 's/^L2 cache: *//p'), L3 $(lscpu | sed -n 's/^L3 cache: *//p')"
     echo "# flags: $(grep -o -w -E 'avx2|fma|avx512f|avx512bw|avx512vl|avx512_vnni|avx_vnni|avx512_bf16|avx512_fp16|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
     echo "# peers: $(cat peers/ggml/PEER_COMMIT 2>/dev/null); $(cat peers/bitnet/PEER_COMMIT 2>/dev/null)"
@@ -61,7 +64,7 @@ for pass in $(seq 0 $((PASSES - 1))); do
             # TL2 here is bitnet.cpp's M = 1 kernel: at M > 1 its output fails the check.
             if [[ $c == *" tl2 "* && $shape != 1x* ]]; then continue; fi
             echo "PASS $pass" >> "$LOG"
-            ${c/@/$shape} >> "$LOG" 2>&1 || echo "FAILED ${c/@/$shape}" >> "$LOG"
+            ${c/@/$shape} --rotate-mb "$ROTATE_MB" >> "$LOG" 2>&1 || echo "FAILED ${c/@/$shape}" >> "$LOG"
         done
     done
 done

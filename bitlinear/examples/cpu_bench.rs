@@ -3,12 +3,14 @@
 //! under each CPU kernel this machine supports, and candle's f32 matmul (`x · Wᵀ`).
 //!
 //! Build: `cargo build --release -p bitlinear --example cpu_bench`.
-//! Run: `cpu_bench MxNxK... [--kernel NAME|default|all] [--candle] [--threads T] [--in-pool]`
+//! Run: `cpu_bench MxNxK... [--kernel NAME|default|all] [--candle] [--threads T] [--in-pool]
+//! [--rotate-mb MB]`
 //! (`--kernel` may repeat; kernel names are those of `bitlinear::plan::CpuKernel`, any case;
 //! `default` is the one the library picks; `--threads` sizes rayon's global pool, default 2;
 //! `--in-pool` runs every call from inside that pool, so the calling thread is one of its
 //! workers, as in ggml where the caller is thread 0: it shows what the hand-off to the pool
-//! costs, and is not how the table is measured).
+//! costs, and is not how the table is measured); `--rotate-mb MB` cycles the calls through copies
+//! of the weight filling MB, so that weights come from DRAM as in the decode of a large model.
 //! `cpu_bench --list` prints the kernels this CPU supports, the library's default first.
 //!
 //! Protocol, shared with `bench/cpu_peers/ggml_matmul.c`: a warm-up of at least 200 ms, then 10
@@ -88,6 +90,11 @@ fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {
     }
 }
 
+/// Copies of a weight of `bytes` that fill `rotate_mb` MiB (at least one).
+fn copies(rotate_mb: f64, bytes: usize) -> usize {
+    ((rotate_mb * 1_048_576.0 / bytes as f64).ceil() as usize).max(1)
+}
+
 fn quantile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[(q * (v.len() - 1) as f64).round() as usize]
@@ -123,7 +130,7 @@ fn time(mut call: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64, usize)> 
     ))
 }
 
-fn run_shape(m: usize, n: usize, k: usize, contender: Contender) -> Result<()> {
+fn run_shape(m: usize, n: usize, k: usize, contender: Contender, rotate_mb: f64) -> Result<()> {
     let dev = Device::Cpu;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((n as u64) << 32) ^ k as u64);
     let tern: Vec<f32> = (0..n * k).map(|_| (rng.next() % 3) as f32 - 1.0).collect();
@@ -143,8 +150,18 @@ fn run_shape(m: usize, n: usize, k: usize, contender: Contender) -> Result<()> {
     // matrix), 1 for the f32 matmul of the ternary values themselves.
     let (mut call, s_w): (Box<dyn FnMut() -> Result<Tensor>>, f32) = match contender {
         Contender::CandleF32 => {
-            let wt = w.t()?;
-            (Box::new(move || Ok(x.matmul(&wt)?)), 1.0)
+            let copies = copies(rotate_mb, n * k * 4);
+            let wts = (0..copies)
+                .map(|_| w.copy()?.t())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let mut next = 0;
+            (
+                Box::new(move || {
+                    next = (next + 1) % copies;
+                    Ok(x.matmul(&wts[(next + copies - 1) % copies])?)
+                }),
+                1.0,
+            )
         }
         Contender::Default | Contender::Kernel(_) => {
             let forced = match contender {
@@ -154,8 +171,20 @@ fn run_shape(m: usize, n: usize, k: usize, contender: Contender) -> Result<()> {
             bitlinear::set_kernel_settings(&dev, settings(forced))?;
             let packed = PackedTernary::pack(&w)?;
             let s_w = packed.scale();
+            let copies = copies(rotate_mb, packed.bytes().elem_count());
+            let all = (0..copies)
+                .map(|_| PackedTernary::from_parts(packed.bytes().copy()?, s_w, k))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let mut next = 0;
             (
-                Box::new(move || Ok(packed_matmul(&x, &packed, ActScaling::PerToken)?)),
+                Box::new(move || {
+                    next = (next + 1) % copies;
+                    Ok(packed_matmul(
+                        &x,
+                        &all[(next + copies - 1) % copies],
+                        ActScaling::PerToken,
+                    )?)
+                }),
                 s_w,
             )
         }
@@ -187,6 +216,7 @@ fn main() -> Result<()> {
     let mut contenders = Vec::new();
     let mut threads = 2usize;
     let mut in_pool = false;
+    let mut rotate_mb = 0f64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -214,13 +244,14 @@ fn main() -> Result<()> {
             }
             "--candle" => contenders.push(Contender::CandleF32),
             "--in-pool" => in_pool = true,
+            "--rotate-mb" => rotate_mb = args.next().context("--rotate-mb needs MiB")?.parse()?,
             "--threads" => threads = args.next().context("--threads needs a count")?.parse()?,
             s if s.starts_with("--") => bail!("unknown flag {s}"),
             s => shapes.push(parse_shape(s)?),
         }
     }
     if shapes.is_empty() {
-        bail!("usage: cpu_bench MxNxK... [--kernel NAME|default|all]... [--candle] [--threads T] [--in-pool] | --list");
+        bail!("usage: cpu_bench MxNxK... [--kernel NAME|default|all]... [--candle] [--threads T] [--in-pool] [--rotate-mb MB] | --list");
     }
     if contenders.is_empty() {
         contenders.push(Contender::Default);
@@ -229,9 +260,9 @@ fn main() -> Result<()> {
     for &(m, n, k) in &shapes {
         for &c in &contenders {
             if in_pool {
-                rayon::scope(|_| run_shape(m, n, k, c))?;
+                rayon::scope(|_| run_shape(m, n, k, c, rotate_mb))?;
             } else {
-                run_shape(m, n, k, c)?;
+                run_shape(m, n, k, c, rotate_mb)?;
             }
         }
     }
