@@ -33,11 +33,12 @@ fi
 for k in $KERNELS; do CONTENDERS+=("$CPU_BENCH @ --kernel $k --threads $THREADS"); done
 CONTENDERS+=("$CPU_BENCH @ --candle --threads $THREADS")
 
-# Waits (up to 2 minutes) until the CPUs were at least 90% idle over one second.
+# Waits (up to 2 minutes) until the CPUs were at least 90% idle over half a second: ggml's
+# threads spin while they wait, so a busy neighbour can cost it a scheduler slice a call.
 busy_pct() {
     local a b
     read -r _ a1 a2 a3 a4 a5 a6 a7 _ < /proc/stat
-    sleep 1
+    sleep 0.5
     read -r _ b1 b2 b3 b4 b5 b6 b7 _ < /proc/stat
     local busy=$(( (b1+b2+b3+b6+b7) - (a1+a2+a3+a6+a7) )) total=$(( (b1+b2+b3+b4+b5+b6+b7) - (a1+a2+a3+a4+a5+a6+a7) ))
     echo $(( 100 * busy / (total > 0 ? total : 1) ))
@@ -58,11 +59,11 @@ wait_quiet() {
 n=${#CONTENDERS[@]}
 for pass in $(seq 0 $((PASSES - 1))); do
     for shape in $SHAPES; do
-        wait_quiet
         for i in $(seq 0 $((n - 1))); do
             c=${CONTENDERS[$(( (i + pass) % n ))]}
             # TL2 here is bitnet.cpp's M = 1 kernel: at M > 1 its output fails the check.
             if [[ $c == *" tl2 "* && $shape != 1x* ]]; then continue; fi
+            wait_quiet
             echo "PASS $pass" >> "$LOG"
             ${c/@/$shape} --rotate-mb "$ROTATE_MB" >> "$LOG" 2>&1 || echo "FAILED ${c/@/$shape}" >> "$LOG"
         done
