@@ -33,7 +33,7 @@ fi
 for k in $KERNELS; do CONTENDERS+=("$CPU_BENCH @ --kernel $k --threads $THREADS"); done
 CONTENDERS+=("$CPU_BENCH @ --candle --threads $THREADS")
 
-# Waits (up to 2 minutes) until the CPUs were at least 90% idle over half a second: ggml's
+# Waits (up to 30 s) until the CPUs were at least 90% idle over half a second: ggml's
 # threads spin while they wait, so a busy neighbour can cost it a scheduler slice a call.
 busy_pct() {
     local a b
@@ -45,7 +45,7 @@ busy_pct() {
 }
 wait_quiet() {
     local t=0 b
-    while b=$(busy_pct) && [ "$b" -gt 10 ] && [ $t -lt 120 ]; do sleep 4; t=$((t + 5)); done
+    while b=$(busy_pct) && [ "$b" -gt 10 ] && [ $t -lt 30 ]; do sleep 4; t=$((t + 5)); done
     echo "# quiet check: ${b}% busy (waited ${t}s) load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$LOG"
 }
 
