@@ -198,16 +198,15 @@ pub fn resume_from_bytes(bytes: &[u8]) -> Result<ResumePoint> {
         bail!("no training state (not written by this program?)");
     };
     // The version first: another version's state may not even parse as this one.
-    let version = serde_json::from_str::<serde_json::Value>(json)
-        .ok()
-        .and_then(|v| v.get("version").cloned());
+    let value: serde_json::Value = serde_json::from_str(json).context("parsing the training state")?;
+    let version = value.get("version").cloned();
     if version != Some(serde_json::Value::from(STATE_VERSION)) {
         bail!(
             "training state version {} is not supported (this build reads version {STATE_VERSION})",
             version.map_or("(none)".to_string(), |v| v.to_string())
         );
     }
-    let state: TrainState = serde_json::from_str(json).context("parsing the training state")?;
+    let state: TrainState = serde_json::from_value(value).context("parsing the training state")?;
     let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).context("loading the tensors")?;
     Ok(ResumePoint { state, tensors })
 }
