@@ -48,9 +48,12 @@ pub struct BitNetConfig {
     pub num_key_value_heads: Option<usize>,
     /// RMSNorm epsilon, added to the mean square before the square root.
     pub rms_norm_eps: f64,
-    /// RoPE base frequency.
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// RoPE base frequency as transformers 4 writes it (top level); see [`Self::rope_base`].
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// RoPE settings as transformers 5 writes them; see [`Self::rope_base`].
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
     /// Longest sequence (prompt + generated) the KV cache is sized for.
     pub max_position_embeddings: usize,
     /// Vocabulary size (embedding and head rows).
@@ -63,14 +66,34 @@ pub struct BitNetConfig {
     /// Beginning-of-sequence token id.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
-    /// End-of-sequence token id.
+    /// End-of-sequence token id(s).
     #[serde(default)]
-    pub eos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
 }
 
-fn default_rope_theta() -> f64 {
-    10_000.0
+/// `rope_parameters` of a transformers 5 config.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RopeParameters {
+    /// RoPE base frequency.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// Only `"default"` (plain RoPE, no scaling) is supported.
+    #[serde(default)]
+    pub rope_type: Option<String>,
 }
+
+/// One token id or several (configs write `eos_token_id` both ways).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// A list of ids.
+    Many(Vec<u32>),
+}
+
+/// transformers' default RoPE base when a config names none.
+const DEFAULT_ROPE_THETA: f64 = 10_000.0;
 
 impl BitNetConfig {
     /// Reads and validates `config.json` at `path`.
@@ -98,6 +121,25 @@ impl BitNetConfig {
     /// Key/value heads (`num_attention_heads` when the file omits it).
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// RoPE base frequency: `rope_parameters.rope_theta` (transformers 5), else `rope_theta`
+    /// (transformers 4), else transformers' default 10000.
+    pub fn rope_base(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(DEFAULT_ROPE_THETA)
+    }
+
+    /// End-of-sequence token ids (empty when the config names none).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            None => Vec::new(),
+            Some(TokenIds::One(id)) => vec![*id],
+            Some(TokenIds::Many(ids)) => ids.clone(),
+        }
     }
 
     /// Width of one attention head.
@@ -143,8 +185,14 @@ impl BitNetConfig {
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps {} is not a positive number", self.rms_norm_eps));
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(format!("rope_theta {} is not a positive number", self.rope_theta));
+        if let Some(kind) = self.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()) {
+            if kind != "default" {
+                return Err(format!("rope_type {kind:?}: only \"default\" RoPE is supported"));
+            }
+        }
+        let theta = self.rope_base();
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("rope_theta {theta} is not a positive number"));
         }
         Ok(())
     }
@@ -154,7 +202,9 @@ impl BitNetConfig {
 mod tests {
     use super::*;
 
-    // The fields of microsoft/bitnet-b1.58-2B-4T's config.json.
+    // The fields of microsoft/bitnet-b1.58-2B-4T's config.json this crate reads, as quoted in a
+    // public copy of the model card (the hub itself is not reachable from here); its
+    // quantization_config ({"quant_method": "bitnet", ...}) and auto_map are left out.
     const REAL: &str = r#"{"architectures":["BitNetForCausalLM"],"bos_token_id":128000,
       "eos_token_id":128001,"hidden_act":"relu2","hidden_size":2560,"intermediate_size":6912,
       "max_position_embeddings":4096,"model_type":"bitnet","num_attention_heads":20,
@@ -173,9 +223,30 @@ mod tests {
             (2560, 6912, 30)
         );
         assert_eq!((c.num_attention_heads, c.kv_heads(), c.head_dim()), (20, 5, 128));
-        assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-5, 500000.0));
-        assert_eq!((c.bos_token_id, c.eos_token_id), (Some(128000), Some(128001)));
+        assert_eq!((c.rms_norm_eps, c.rope_base()), (1e-5, 500000.0));
+        assert_eq!((c.bos_token_id, c.eos_ids()), (Some(128000), vec![128001]));
         assert!(c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn reads_transformers_5_rope_parameters_and_eos_lists() {
+        let v5 = REAL
+            .replace(
+                "\"rope_theta\":500000.0",
+                "\"rope_parameters\":{\"rope_theta\":250000.0,\"rope_type\":\"default\"}",
+            )
+            .replace("\"eos_token_id\":128001", "\"eos_token_id\":[128001,128009]");
+        let c = parse(&v5).unwrap();
+        assert_eq!(c.rope_base(), 250000.0);
+        assert_eq!(c.eos_ids(), vec![128001, 128009]);
+        let no_rope = REAL.replace("\"rope_theta\":500000.0,", "");
+        assert_eq!(parse(&no_rope).unwrap().rope_base(), 10000.0);
+        let scaled = REAL.replace(
+            "\"rope_theta\":500000.0",
+            "\"rope_parameters\":{\"rope_type\":\"yarn\"}",
+        );
+        let e = parse(&scaled).unwrap_err();
+        assert!(e.to_string().contains("yarn"), "{e}");
     }
 
     #[test]

@@ -1,9 +1,29 @@
 //! BitNet b1.58 transformer (the `microsoft/bitnet-b1.58-2B-4T` architecture) on the
-//! `bitlinear` kernels.
+//! `bitlinear` kernels: loads a Hugging Face model directory in the packed layout and generates.
 //!
-//! Work in progress: so far the typed model configuration read from a Hugging Face
-//! `config.json` ([`config::BitNetConfig`]).
+//! The projections are int8 (per token) x packed ternary products on the library's exact integer
+//! kernels; everything else (embeddings, norms, RoPE, attention, head) is f32 candle.
+//!
+//! ```no_run
+//! use bitnet::{BitNetModel, generate::{Generation, Sampling}};
+//! let device = candle_core::Device::Cpu;
+//! let model = BitNetModel::load_dir(std::path::Path::new("bitnet-b1.58-2B-4T"), &device)?;
+//! let sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+//! let out = Generation::new(&model, sampling).run(&[128000, 791], 16, |_| Ok(()))?;
+//! println!("{:?}", out.tokens);
+//! # Ok::<(), anyhow::Error>(())
+//! ```
 
+#![warn(missing_docs)]
+
+mod attention;
 pub mod config;
+pub mod generate;
+mod linear;
+mod mlp;
+mod model;
+mod rope;
 
 pub use config::{BitNetConfig, ConfigError};
+pub use linear::BitNetLinear;
+pub use model::{BitNetModel, Cache, LoadError};

@@ -26,6 +26,8 @@ pub const TRAIN_FILES: [&str; 5] = [
 pub const TEST_FILE: &str = "test_batch.bin";
 /// Where the binary version of CIFAR-10 can be downloaded.
 pub const DOWNLOAD_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+/// The MD5 of the archive at [`DOWNLOAD_URL`], as published on the data set's page.
+pub const DOWNLOAD_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 
 /// A set of images with labels, kept as raw bytes (CHW, u8) for cheap augmentation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -111,7 +113,7 @@ pub fn missing_data_help(dir: &Path) -> String {
     format!(
         "CIFAR-10 (binary version) not found in {}.\n\
          The directory must contain these 6 files: {}.\n\
-         To get them: download {DOWNLOAD_URL} and extract it \
+         To get them by hand: download {DOWNLOAD_URL} (MD5 {DOWNLOAD_MD5}) and extract it \
          (`tar xzf cifar-10-binary.tar.gz` creates cifar-10-batches-bin/), \
          then pass --data-dir path/to/cifar-10-batches-bin \
          (the default is data/cifar-10-batches-bin).",

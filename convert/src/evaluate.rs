@@ -70,7 +70,14 @@ impl Verification {
 ///
 /// The packed file may store its float tensors (convolutions, biases, norms) as bf16 or f16; the
 /// checkpoint's are rounded the same way first, so the comparison isolates the packing itself.
-pub fn verify(checkpoint: &Path, packed: &Path, data_dir: &Path) -> Result<Verification> {
+/// The test set is read from `data_dir`, downloaded there first per `download` when it is missing
+/// or empty ([`cifar::ensure_cifar10`]; the files are checked before).
+pub fn verify(
+    checkpoint: &Path,
+    packed: &Path,
+    data_dir: &Path,
+    download: &cifar::DownloadOptions,
+) -> Result<Verification> {
     let device = Device::Cpu;
     let packed_bytes = std::fs::read(packed).with_context(|| format!("reading {}", packed.display()))?;
     let info = PackedSimpleBitCnn::read_info(&packed_bytes).with_context(|| format!("{}", packed.display()))?;
@@ -96,6 +103,7 @@ pub fn verify(checkpoint: &Path, packed: &Path, data_dir: &Path) -> Result<Verif
     }
     let packed_model = PackedSimpleBitCnn::from_packed_bytes(&packed_bytes, &device)
         .with_context(|| format!("loading {}", packed.display()))?;
+    cifar::ensure_cifar10(data_dir, download)?;
     let split = cifar::load_test(data_dir)?;
     let a = logits(&float_model, &split, &device)?;
     let b = logits(&packed_model, &split, &device)?;
@@ -118,9 +126,17 @@ pub fn verify(checkpoint: &Path, packed: &Path, data_dir: &Path) -> Result<Verif
     })
 }
 
-/// Test accuracy of a packed file alone (no float BitLinear weights are read or built).
-pub fn eval_packed(packed: &Path, data_dir: &Path, device: &Device) -> Result<(usize, f64)> {
+/// Test accuracy of a packed file alone (no float BitLinear weights are read or built), on the
+/// test set of `data_dir` (downloaded first per `download` when missing or empty, after the file
+/// was loaded).
+pub fn eval_packed(
+    packed: &Path,
+    data_dir: &Path,
+    download: &cifar::DownloadOptions,
+    device: &Device,
+) -> Result<(usize, f64)> {
     let model = PackedSimpleBitCnn::load(packed, device)?;
+    cifar::ensure_cifar10(data_dir, download)?;
     let split = cifar::load_test(data_dir)?;
     let l = logits(&model, &split, device)?;
     Ok((split.len(), accuracy(&l, &split.labels)))

@@ -71,9 +71,12 @@ enum Command {
         checkpoint: PathBuf,
         #[arg(long)]
         packed: PathBuf,
-        /// CIFAR-10 binary directory (holding test_batch.bin).
+        /// CIFAR-10 binary directory (holding test_batch.bin); downloaded there when missing or
+        /// empty (see --no-download).
         #[arg(long, default_value = "data/cifar-10-batches-bin")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        download: cifar::DownloadArgs,
     },
     /// Convert a Hugging Face transformers BitNet checkpoint (a safetensors file or a model
     /// directory) to a packed file, layer by layer; config.json is kept in the metadata.
@@ -124,8 +127,12 @@ enum Command {
     Eval {
         #[arg(long)]
         packed: PathBuf,
+        /// CIFAR-10 binary directory (holding test_batch.bin); downloaded there when missing or
+        /// empty (see --no-download).
         #[arg(long, default_value = "data/cifar-10-batches-bin")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        download: cifar::DownloadArgs,
     },
 }
 
@@ -153,8 +160,9 @@ fn run(cli: Cli) -> Result<bool> {
             checkpoint,
             packed,
             data_dir,
+            download,
         } => {
-            let v = convert::evaluate::verify(&checkpoint, &packed, &data_dir)?;
+            let v = convert::evaluate::verify(&checkpoint, &packed, &data_dir, &download.options())?;
             println!("images:                 {}", v.images);
             println!("float checkpoint acc:   {:.2}%", 100.0 * v.float_accuracy);
             println!("packed file acc:        {:.2}%", 100.0 * v.packed_accuracy);
@@ -216,8 +224,12 @@ fn run(cli: Cli) -> Result<bool> {
             );
             Ok(true)
         }
-        Command::Eval { packed, data_dir } => {
-            let (n, acc) = convert::evaluate::eval_packed(&packed, &data_dir, &Device::Cpu)?;
+        Command::Eval {
+            packed,
+            data_dir,
+            download,
+        } => {
+            let (n, acc) = convert::evaluate::eval_packed(&packed, &data_dir, &download.options(), &Device::Cpu)?;
             println!(
                 "test accuracy of {}: {:.2}% on {n} images",
                 packed.display(),

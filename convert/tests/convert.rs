@@ -141,7 +141,9 @@ fn bad_inputs_give_clear_errors_and_no_partial_files() {
     let good_bytes = std::fs::read(&good).unwrap();
 
     let expect_load_error = |path: &Path, needle: &str| {
-        let (ok, _, stderr) = run(bin().args(["eval", "--data-dir", "/nonexistent", "--packed"]).arg(path));
+        let (ok, _, stderr) = run(bin()
+            .args(["eval", "--no-download", "--data-dir", "/nonexistent", "--packed"])
+            .arg(path));
         assert!(!ok);
         assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
     };
@@ -233,7 +235,7 @@ fn bad_inputs_give_clear_errors_and_no_partial_files() {
 
     // Missing data directory for eval: explains how to get CIFAR-10.
     let (ok, _, stderr) = run(bin()
-        .args(["eval", "--data-dir"])
+        .args(["eval", "--no-download", "--data-dir"])
         .arg(d.join("nodata"))
         .arg("--packed")
         .arg(&good));

@@ -24,6 +24,14 @@ fn shared_cifar() -> Option<PathBuf> {
     None
 }
 
+/// The data set is always there: a download would be a bug.
+fn no_download() -> cifar::DownloadOptions {
+    cifar::DownloadOptions {
+        fetch: cifar::Fetch::Never,
+        ..Default::default()
+    }
+}
+
 /// Copies the first `train_per_file` records of each training file and `test` records of the
 /// test file into `dst`, so the test trains and verifies on real images in seconds.
 fn slice_dataset(src: &Path, dst: &Path, train_per_file: usize, test: usize) {
@@ -69,7 +77,7 @@ fn train_export_verify_inspect_eval() {
     // Convolutions stay f32; the 2.1M BitLinear weights shrink 16x: well over 8x in all.
     assert!(before > 8 * after, "{before} -> {after}");
 
-    let v = convert::evaluate::verify(&best, &packed, &data).unwrap();
+    let v = convert::evaluate::verify(&best, &packed, &data, &no_download()).unwrap();
     assert_eq!(v.images, 400);
     assert_eq!(v.prediction_mismatches, 0);
     assert_eq!(v.max_logit_diff, 0.0, "same kernels, same epilogue: identical logits");
@@ -80,7 +88,7 @@ fn train_export_verify_inspect_eval() {
     assert!(listing.contains("format: bitlinear-packed"), "{listing}");
     assert!(listing.contains("fc1.weight.packed"), "{listing}");
 
-    let (n, acc) = convert::evaluate::eval_packed(&packed, &data, &candle_core::Device::Cpu).unwrap();
+    let (n, acc) = convert::evaluate::eval_packed(&packed, &data, &no_download(), &candle_core::Device::Cpu).unwrap();
     assert_eq!((n, acc), (400, v.packed_accuracy));
     // Two epochs on 640 images: better than chance (10%).
     assert!(acc > 0.12, "accuracy {acc}");

@@ -12,9 +12,13 @@ use crate::tuning::CudaTuning;
 #[command(name = "train", version, about)]
 pub struct Args {
     /// Directory of the CIFAR-10 binary version (data_batch_1.bin ... data_batch_5.bin,
-    /// test_batch.bin).
+    /// test_batch.bin); downloaded there when missing or empty (see --no-download).
     #[arg(long, default_value = "data/cifar-10-batches-bin")]
     pub data_dir: PathBuf,
+
+    /// Fetching CIFAR-10 into --data-dir.
+    #[command(flatten)]
+    pub download: cifar::DownloadArgs,
 
     /// Number of epochs (>= 1).
     #[arg(long, default_value_t = 20, value_parser = positive, allow_negative_numbers = true)]

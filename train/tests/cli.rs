@@ -41,8 +41,15 @@ fn missing_data_dir_explains_what_to_get() {
     let data = tmp.path().join("no-such-dir");
     let out = tmp.path().join("run");
     fails_with(
-        &["--data-dir", data.to_str().unwrap(), "--out", out.to_str().unwrap()],
         &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--no-download",
+        ],
+        &[
+            "--no-download",
             "data_batch_1.bin",
             "data_batch_5.bin",
             "test_batch.bin",

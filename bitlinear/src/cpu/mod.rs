@@ -17,24 +17,25 @@
 //! Work is split over output features (rows of the weight) with rayon; each task takes
 //! `ROWS` weight rows at a time and reuses every weight vector it decodes for several
 //! activation rows. Results go straight to their `(m, n)` place through an epilogue, and the
-//! prepared activations reuse a per-thread buffer, so a call allocates only its output.
+//! prepared activations ([`prepare`]) reuse a per-thread buffer, so a call allocates only its
+//! output.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod kernel;
 mod portable;
+mod prepare;
+#[cfg(target_arch = "x86_64")]
+mod prepare_avx2;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
-use std::cell::Cell;
-
 use rayon::prelude::*;
 
 pub use kernel::CpuKernel;
-
-use crate::quant;
+pub(crate) use prepare::PreparedActivations;
 
 /// Weight rows computed together.
 const ROWS: usize = 4;
@@ -43,101 +44,6 @@ const ROWS: usize = 4;
 const SERIAL_MACS: usize = 1 << 20;
 /// Activation rows per cache tile (32 rows of K = 4096 codes: 128 KiB).
 const M_TILE: usize = 32;
-
-thread_local! {
-    /// The prepared-activation buffer of the last call on this thread, reused by the next.
-    static SCRATCH: Cell<Vec<i8>> = const { Cell::new(Vec::new()) };
-}
-
-/// Activations prepared for a kernel: permuted, zero-padded, with row sums.
-pub(crate) struct PreparedActivations {
-    kernel: CpuKernel,
-    data: Vec<i8>,
-    row_sums: Vec<i32>,
-    blocks: usize,
-}
-
-impl Drop for PreparedActivations {
-    fn drop(&mut self) {
-        SCRATCH.set(std::mem::take(&mut self.data));
-    }
-}
-
-impl PreparedActivations {
-    /// Permutes `m` rows of `k` int8 codes (row-major) into the layout of `kernel`.
-    pub(crate) fn new(kernel: CpuKernel, x_q: &[i8], m: usize, k: usize) -> Self {
-        Self::build(kernel, m, k, |r, row| {
-            row.copy_from_slice(&x_q[r * k..(r + 1) * k]);
-            0.0
-        })
-        .0
-    }
-
-    /// Quantizes f32 rows `(m, k)` straight into the layout of `kernel`; returns the scale of
-    /// each row (all equal to `per_tensor_scale` when given).
-    pub(crate) fn quantize(
-        kernel: CpuKernel,
-        x: &[f32],
-        m: usize,
-        k: usize,
-        per_tensor_scale: Option<f32>,
-    ) -> (Self, Vec<f32>) {
-        Self::build(kernel, m, k, |r, row| {
-            let src = &x[r * k..(r + 1) * k];
-            let s = per_tensor_scale.unwrap_or_else(|| quant::absmax_scale(src));
-            quant::quantize_row_with_scale(src, s, row);
-            s
-        })
-    }
-
-    /// Fills each row's codes through `fill(row_index, codes) -> scale` (rows in parallel), then
-    /// permutes them. Returns the prepared rows and the scales.
-    fn build(kernel: CpuKernel, m: usize, k: usize, fill: impl Fn(usize, &mut [i8]) -> f32 + Sync) -> (Self, Vec<f32>) {
-        let (bb, bk) = (kernel.block_bytes(), 4 * kernel.block_bytes());
-        let blocks = k.div_ceil(bk);
-        let row_len = blocks * bk;
-        let mut data = SCRATCH.take();
-        data.clear();
-        data.resize(m * row_len, 0);
-        let mut row_sums = vec![0i32; m];
-        let mut scales = vec![0f32; m];
-        if row_len == 0 {
-            scales.iter_mut().enumerate().for_each(|(r, s)| *s = fill(r, &mut []));
-        } else {
-            let row = |codes: &mut Vec<i8>, (r, ((dst, sum), scale)): (usize, ((&mut [i8], &mut i32), &mut f32))| {
-                *scale = fill(r, &mut codes[..k]); // the tail beyond k stays zero
-                *sum = codes[..k].iter().map(|&v| v as i32).sum();
-                for (d, c) in dst.chunks_exact_mut(bk).zip(codes.chunks_exact(bk)) {
-                    for lane in 0..bb {
-                        for plane in 0..4 {
-                            d[plane * bb + lane] = c[4 * lane + plane];
-                        }
-                    }
-                }
-            };
-            if m * row_len < SERIAL_MACS / 64 {
-                let mut codes = vec![0i8; row_len];
-                let rows = data.chunks_mut(row_len).zip(row_sums.iter_mut()).zip(scales.iter_mut());
-                rows.enumerate().for_each(|item| row(&mut codes, item));
-            } else {
-                data.par_chunks_mut(row_len)
-                    .zip(row_sums.par_iter_mut())
-                    .zip(scales.par_iter_mut())
-                    .enumerate()
-                    .for_each_init(|| vec![0i8; row_len], row);
-            }
-        }
-        (
-            Self {
-                kernel,
-                data,
-                row_sums,
-                blocks,
-            },
-            scales,
-        )
-    }
-}
 
 /// The output of a call, written by tasks that own disjoint sets of columns.
 struct SharedOut<T>(*mut T);
@@ -221,18 +127,5 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
         (0..tasks).for_each(task);
     } else {
         (0..tasks).into_par_iter().for_each(task);
-    }
-}
-
-impl PreparedActivations {
-    /// Length of one prepared row (a whole number of blocks).
-    fn row_len(&self) -> usize {
-        self.blocks * 4 * self.kernel.block_bytes()
-    }
-
-    /// Prepared row `m`.
-    #[cfg(test)]
-    fn row(&self, m: usize) -> &[i8] {
-        &self.data[m * self.row_len()..(m + 1) * self.row_len()]
     }
 }

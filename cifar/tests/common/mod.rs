@@ -1,6 +1,8 @@
 //! Fixtures shared by the cifar tests.
 #![allow(dead_code)]
 
+pub mod loopback;
+
 use std::path::Path;
 
 use cifar::{Split, IMAGE_BYTES};

@@ -87,6 +87,14 @@ impl Trainer {
                 resume_path.display()
             );
         }
+        if let Some(d) = cifar::ensure_cifar10(&args.data_dir, &args.download.options())? {
+            eprintln!(
+                "data: downloaded {} ({} bytes, MD5 verified) into {}",
+                d.url,
+                d.bytes,
+                d.dir.display()
+            );
+        }
         let data = cifar::load_cifar10(&args.data_dir, args.train_limit)?;
 
         let varmap = VarMap::new();

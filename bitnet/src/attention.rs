@@ -1,0 +1,98 @@
+//! Grouped-query self-attention with a preallocated KV cache and BitNet's `attn_sub_norm`.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{RmsNorm, VarBuilder};
+
+use crate::config::BitNetConfig;
+use crate::linear::BitNetLinear;
+use crate::rope::Rope;
+
+/// Keys and values of one layer for positions `0..capacity`, allocated once so that a decode
+/// step writes in place instead of concatenating.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl LayerCache {
+    /// Zeroed buffers `(batch, kv_heads, capacity, head_dim)`.
+    pub fn new(cfg: &BitNetConfig, batch: usize, capacity: usize, device: &Device) -> Result<Self> {
+        let shape = (batch, cfg.kv_heads(), capacity, cfg.head_dim());
+        Ok(Self {
+            k: Tensor::zeros(shape, DType::F32, device)?,
+            v: Tensor::zeros(shape, DType::F32, device)?,
+        })
+    }
+}
+
+/// One attention block: q/k/v projections, RoPE, causal attention over the cache,
+/// `attn_sub_norm`, then `o_proj` (the sub-norm is BitNet's addition to the Llama block).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: BitNetLinear,
+    k_proj: BitNetLinear,
+    v_proj: BitNetLinear,
+    o_proj: BitNetLinear,
+    attn_sub_norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Loads `self_attn` under `vb`.
+    pub fn load(cfg: &BitNetConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, kvh, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let hidden = cfg.hidden_size;
+        Ok(Self {
+            q_proj: BitNetLinear::load(hidden, h * d, vb.pp("q_proj"))?,
+            k_proj: BitNetLinear::load(hidden, kvh * d, vb.pp("k_proj"))?,
+            v_proj: BitNetLinear::load(hidden, kvh * d, vb.pp("v_proj"))?,
+            o_proj: BitNetLinear::load(h * d, hidden, vb.pp("o_proj"))?,
+            attn_sub_norm: candle_nn::rms_norm(hidden, cfg.rms_norm_eps, vb.pp("attn_sub_norm"))?,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+        })
+    }
+
+    /// `x (batch, seq, hidden)` whose first token sits at position `start`; writes its keys and
+    /// values into `cache` at `start..start + seq` and attends over `0..start + seq`.
+    pub fn forward(&self, x: &Tensor, start: usize, rope: &Rope, cache: &mut LayerCache) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
+        let q = rope.apply(&heads(self.q_proj.forward(x)?, h)?, start)?;
+        let k = rope.apply(&heads(self.k_proj.forward(x)?, kvh)?, start)?;
+        let v = heads(self.v_proj.forward(x)?, kvh)?;
+        cache.k.slice_set(&k, 2, start)?;
+        cache.v.slice_set(&v, 2, start)?;
+        let t = start + s;
+        let k = cache.k.narrow(2, 0, t)?;
+        let v = cache.v.narrow(2, 0, t)?;
+        // Grouped-query attention without copying the cache: the `h / kvh` query heads that share
+        // a KV head are stacked along the rows, (b, kvh, groups · s, d).
+        let groups = h / kvh;
+        let q = q.reshape((b, kvh, groups * s, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut att = (q.matmul(&k.transpose(2, 3)?)? * scale)?;
+        if s > 1 {
+            att = att.broadcast_add(&causal_mask(groups, s, start, x.device())?)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?; // (b, kvh, groups · s, d) = (b, h, s, d)
+        let y = y.reshape((b, h, s, d))?.transpose(1, 2)?.reshape((b, s, h * d))?;
+        self.o_proj.forward(&self.attn_sub_norm.forward(&y)?)
+    }
+}
+
+/// Additive mask `(groups · s, start + s)`: row `r` is the query at position `start + r % s`,
+/// which sees keys `0..=start + r % s`.
+fn causal_mask(groups: usize, s: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let t = start + s;
+    let mask: Vec<f32> = (0..groups * s)
+        .flat_map(|r| (0..t).map(move |j| if j <= start + r % s { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (groups * s, t), device)
+}

@@ -1,0 +1,37 @@
+//! BitNet's feed-forward block: squared-ReLU gate times up, `ffn_sub_norm`, down.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{RmsNorm, VarBuilder};
+
+use crate::config::BitNetConfig;
+use crate::linear::BitNetLinear;
+
+/// `down(ffn_sub_norm(relu(gate(x))² · up(x)))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: BitNetLinear,
+    up_proj: BitNetLinear,
+    down_proj: BitNetLinear,
+    ffn_sub_norm: RmsNorm,
+}
+
+impl Mlp {
+    /// Loads `mlp` under `vb` (the config was validated to use `relu2`).
+    pub fn load(cfg: &BitNetConfig, vb: VarBuilder) -> Result<Self> {
+        let (hidden, inner) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: BitNetLinear::load(hidden, inner, vb.pp("gate_proj"))?,
+            up_proj: BitNetLinear::load(hidden, inner, vb.pp("up_proj"))?,
+            down_proj: BitNetLinear::load(inner, hidden, vb.pp("down_proj"))?,
+            ffn_sub_norm: candle_nn::rms_norm(inner, cfg.rms_norm_eps, vb.pp("ffn_sub_norm"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.relu()?.sqr()?;
+        let h = (gate * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&self.ffn_sub_norm.forward(&h)?)
+    }
+}

@@ -1,0 +1,219 @@
+//! The BitNet b1.58 causal language model: embeddings, decoder layers, final norm, head.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use crate::attention::{Attention, LayerCache};
+use crate::config::{BitNetConfig, ConfigError};
+use crate::mlp::Mlp;
+use crate::rope::Rope;
+
+/// Why a model directory could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// `config.json` is missing, unreadable, malformed or unsupported.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `model.safetensors` is missing.
+    #[error("no weights at {0} (a single model.safetensors file is expected)")]
+    MissingWeights(PathBuf),
+    /// A tensor is missing, has the wrong shape or holds invalid packed codes.
+    #[error("cannot load weights from {path}: {source}")]
+    Weights {
+        /// The safetensors file.
+        path: PathBuf,
+        /// candle's error, naming the tensor.
+        source: candle_core::Error,
+    },
+}
+
+/// Keys and values of every layer, preallocated for `capacity` positions, and how many are
+/// filled. A fresh cache starts a new sequence.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    capacity: usize,
+}
+
+impl Cache {
+    /// An empty cache for `batch` sequences of up to `capacity` tokens.
+    pub fn new(cfg: &BitNetConfig, batch: usize, capacity: usize, device: &Device) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| LayerCache::new(cfg, batch, capacity, device))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Tokens already in the cache (the position of the next one).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token has been run yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most tokens the cache holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets the sequence (the buffers are kept and overwritten).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm FFN, each added to the residual.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &BitNetConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: candle_nn::rms_norm(h, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: candle_nn::rms_norm(h, eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::load(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, start: usize, rope: &Rope, cache: &mut LayerCache) -> Result<Tensor> {
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, start, rope, cache)?;
+        let x = (x + a)?;
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        x + m
+    }
+}
+
+/// `BitNetForCausalLM`: token ids in, next-token logits out. Activations are f32; the
+/// projections are packed ternary; embeddings and head are float.
+#[derive(Debug, Clone)]
+pub struct BitNetModel {
+    config: BitNetConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+impl BitNetModel {
+    /// Loads a Hugging Face model directory: `config.json` and `model.safetensors` in the packed
+    /// layout of `microsoft/bitnet-b1.58-2B-4T`.
+    pub fn load_dir(dir: &Path, device: &Device) -> std::result::Result<Self, LoadError> {
+        let config = BitNetConfig::from_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        if !path.is_file() {
+            return Err(LoadError::MissingWeights(path));
+        }
+        // SAFETY: the file is mapped read-only; it must not be modified while being read.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
+            .and_then(|vb| Self::load(config, vb))
+            .map_err(|source| LoadError::Weights {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(vb)
+    }
+
+    /// Builds the model from `vb` (rooted above `model.` / `lm_head.`), converting float weights
+    /// to f32.
+    pub fn load(config: BitNetConfig, vb: VarBuilder) -> Result<Self> {
+        let device = vb.device().clone();
+        let m = vb.pp("model");
+        let (h, vocab) = (config.hidden_size, config.vocab_size);
+        let embed_tokens = candle_nn::embedding(vocab, h, m.pp("embed_tokens"))?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&config, m.pp("layers").pp(i)))
+            .collect::<Result<_>>()?;
+        let norm = candle_nn::rms_norm(h, config.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(h, vocab, vb.pp("lm_head"))?
+        };
+        let rope = Rope::new(
+            config.rope_base(),
+            config.head_dim(),
+            config.max_position_embeddings,
+            &device,
+        )?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BitNetConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for one sequence of up to `capacity` tokens (at most
+    /// `max_position_embeddings`).
+    pub fn new_cache(&self, capacity: usize) -> Result<Cache> {
+        let capacity = capacity.min(self.config.max_position_embeddings);
+        Cache::new(&self.config, 1, capacity, &self.device)
+    }
+
+    /// Final hidden states `(batch, seq, hidden)` of `ids (batch, seq)` (u32), which continue the
+    /// sequence in `cache`.
+    fn hidden(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let (_, s) = ids.dims2()?;
+        let start = cache.len;
+        if start + s > cache.capacity {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the cache capacity {} (max_position_embeddings {})",
+                start + s,
+                cache.capacity,
+                self.config.max_position_embeddings
+            )
+        }
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, start, &self.rope, c)?;
+        }
+        cache.len += s;
+        self.norm.forward(&x)
+    }
+
+    /// Logits `(batch, seq, vocab)` at every position of `ids`.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        self.lm_head.forward(&self.hidden(ids, cache)?)
+    }
+
+    /// Logits `(batch, vocab)` at the last position of `ids` only (the head runs once per row).
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let h = self.hidden(ids, cache)?;
+        let s = h.dim(1)?;
+        self.lm_head.forward(&h.i((.., s - 1, ..))?.contiguous()?)
+    }
+}
