@@ -257,7 +257,11 @@ impl Module for PackedBitConv2d {
         let shape = (c_out, self.c_in, self.kh, self.kw);
         let (b, ..) = check_input(x, shape, self.config, "PackedBitConv2d")?;
         let (ho, wo) = self.geometry(x)?.out_hw();
-        let y = if b == 0 || c_out == 0 || self.c_in * self.kh * self.kw == 0 {
+        if b * c_out == 0 {
+            // no elements: return before any op, as candle's CUDA kernels reject empty launches
+            return Tensor::zeros((b, c_out, ho, wo), x.dtype(), x.device());
+        }
+        let y = if self.c_in * self.kh * self.kw == 0 {
             // nothing to sum: every accumulator is 0
             Tensor::zeros((b, c_out, ho, wo), DType::F32, x.device())?
         } else {
