@@ -103,8 +103,12 @@ impl CustomOp2 for BitMatmul {
 
     /// Straight-through estimator: the rounding is treated as the identity, so the gradients are
     /// those of a float matmul with the dequantized operands `W~ = W_q·s_w` and `x~ = x_q·s_x`:
-    /// `grad_x = grad_y · W~` and `grad_W = grad_yᵀ · x~` (computed in f32, cast back to each
-    /// operand's dtype).
+    /// `grad_x = grad_y · W~` and `grad_W = grad_yᵀ · x~`, each cast back to its operand's dtype.
+    /// `W~` and `x~` are formed in the operands' dtypes. On CUDA, when `x`, `W` and `grad_y` share
+    /// a half dtype (bf16 or f16), the two products run on cuBLAS in that dtype: its tensor cores
+    /// accumulate in f32 and round once to the output dtype, the same single rounding as the f32
+    /// product's cast, so the results differ from the f32 path only in summation order. Otherwise
+    /// (and always on the CPU) the products are computed in f32.
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_y: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let ((m, k), n) = (x.dims2()?, w.dim(0)?);
         if m == 0 || n == 0 || k == 0 {
@@ -113,9 +117,16 @@ impl CustomOp2 for BitMatmul {
             let grad_w = device::zeros(&[n, k], w.dtype(), w.device())?;
             return Ok((Some(grad_x), Some(grad_w)));
         }
-        let g = grad_y.to_dtype(DType::F32)?;
-        let w_deq = fake_quant_weights(w, self.check_finite)?.to_dtype(DType::F32)?;
-        let x_deq = fake_quantize_activations(x, self.scaling)?.to_dtype(DType::F32)?;
+        let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+        let same = x.dtype() == w.dtype() && x.dtype() == grad_y.dtype();
+        let product = if half && same && x.device().is_cuda() {
+            x.dtype()
+        } else {
+            DType::F32
+        };
+        let g = grad_y.to_dtype(product)?;
+        let w_deq = fake_quant_weights(w, self.check_finite)?.to_dtype(product)?;
+        let x_deq = fake_quantize_activations(x, self.scaling)?.to_dtype(product)?;
         let grad_x = g.matmul(&w_deq)?.to_dtype(x.dtype())?;
         let grad_w = g.t()?.matmul(&x_deq)?.to_dtype(w.dtype())?;
         Ok((Some(grad_x), Some(grad_w)))

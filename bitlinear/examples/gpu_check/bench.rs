@@ -31,13 +31,13 @@ ret;
 }
 "#;
 
-struct Timer {
-    dev: candle_core::CudaDevice,
+pub(crate) struct Timer {
+    pub(crate) dev: candle_core::CudaDevice,
     spin: CudaFunction,
 }
 
 impl Timer {
-    fn new(gpu: &Device) -> Result<Self> {
+    pub(crate) fn new(gpu: &Device) -> Result<Self> {
         let dev = match gpu {
             Device::Cuda(d) => d.clone(),
             _ => return Err(anyhow!("not a CUDA device")),
@@ -66,7 +66,7 @@ impl Timer {
     /// calls `op(i)`, after `warmup` calls. One event pair brackets each batch, so the time
     /// includes the gaps between consecutive kernels but no host overhead (the batch is
     /// queued behind the spin kernel) and no per-call event overhead.
-    fn time(
+    pub(crate) fn time(
         &self,
         warmup: usize,
         batches: usize,
@@ -125,7 +125,7 @@ pub(crate) fn prof(gpu: &Device, o: &Opts) -> Result<()> {
 
 /// The training forward (quantize, pack, matmul) without the non-finite weight check, whose
 /// read-back would wait for the stream between calls.
-fn full_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn full_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let op = BitMatmul {
         check_finite: false,
         ..BitMatmul::new(ActScaling::PerToken)

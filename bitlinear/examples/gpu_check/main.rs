@@ -1,7 +1,7 @@
 //! GPU correctness suite and benchmark for bitlinear's CUDA kernels.
 //!
 //! Build (no GPU needed): `cargo build --release --features cuda -p bitlinear --example gpu_check`
-//! Run on the GPU machine: `gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick]
+//! Run on the GPU machine: `gpu_check [--check] [--bench] [--bench-train] [--cases N] [--seed S] [--quick]
 //! [--only M,N,K]... [--no-variants] [--variant NAME] [--rotate-bytes B] [--prof M,N,K]...`
 //! (no flag = both parts). `--variant NAME` runs everything under one of the kernel variants of
 //! `variants.rs` (settings forced over the launch rules). Exits with status 1 when any check
@@ -20,6 +20,9 @@
 //! batches of back-to-back calls queued behind a spin kernel (so host overhead is hidden), warm-up,
 //! median over batches of the time per call; weight buffers rotated so that each op's weights
 //! total more than the L2 (160 MB by default, `--rotate-bytes`).
+//!
+//! Bench-train (`--bench-train`, `train_step.rs`): one layer's training step, ours against
+//! candle's bf16 matmul, at the shapes of issue 21's targets.
 
 #[cfg(feature = "cuda")]
 fn main() {
@@ -50,6 +53,8 @@ mod check;
 #[cfg(feature = "cuda")]
 mod compare;
 #[cfg(feature = "cuda")]
+mod train_step;
+#[cfg(feature = "cuda")]
 mod variants;
 
 /// Command-line options.
@@ -57,6 +62,8 @@ mod variants;
 pub(crate) struct Opts {
     pub(crate) check: bool,
     pub(crate) bench: bool,
+    /// the training-step benchmark (`train_step.rs`)
+    pub(crate) bench_train: bool,
     pub(crate) cases: usize,
     pub(crate) seed: u64,
     pub(crate) quick: bool,
@@ -96,6 +103,7 @@ mod real {
         let mut o = Opts {
             check: false,
             bench: false,
+            bench_train: false,
             cases: 220,
             seed: 0x5eed,
             quick: false,
@@ -110,6 +118,7 @@ mod real {
             match a.as_str() {
                 "--check" => o.check = true,
                 "--bench" => o.bench = true,
+                "--bench-train" => o.bench_train = true,
                 "--quick" => o.quick = true,
                 "--no-variants" => o.no_variants = true,
                 "--variant" => o.variant = Some(args.next().context("--variant NAME")?),
@@ -131,7 +140,7 @@ mod real {
         if !o.prof.is_empty() {
             return Ok(o);
         }
-        if !o.check && !o.bench {
+        if !o.check && !o.bench && !o.bench_train {
             o.check = true;
             o.bench = true;
         }
@@ -158,6 +167,9 @@ mod real {
         }
         if o.bench {
             bench(&gpu, &o)?;
+        }
+        if o.bench_train {
+            crate::train_step::bench_train(&gpu, &o)?;
         }
         println!(
             "\ngpu_check: {}",
