@@ -1,16 +1,26 @@
 //! Prefill and decode throughput of a BitNet b1.58 model with random weights at the shapes of
-//! `microsoft/bitnet-b1.58-2B-4T` (no checkpoint needed).
+//! `microsoft/bitnet-b1.58-2B-4T` (no checkpoint needed), against the same architecture with
+//! dense float projections (`--compare-dense`), and where a decode step's time goes.
 //!
-//! `cargo run --release -p bitnet --example random_decode -- [--layers 30] [--prompt 128]
-//! [--new 256] [--device cpu|cuda]`
+//! `cargo run --release -p bitnet [--features cuda] --example random_decode -- [--layers 30]
+//! [--prompt 128] [--new 256] [--device cpu|cuda] [--dtype f32|bf16] [--compare-dense]`
+//!
+//! Each model generates greedily twice (the first run warms up: kernel JIT, first-use weight
+//! preparation); the second is reported: prefill tokens/s (prompt and first token) and decode
+//! tokens/s from the median time between consecutive tokens (each includes the host's read of
+//! the logits). Then, for the packed model: the projections and the head alone (the same
+//! weights' shapes, the calls of one decode step back to back, one synchronisation), and the
+//! host time to enqueue one decode step (no synchronisation) against its full time.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use bitnet::generate::{Generation, Sampling};
-use bitnet::{BitNetConfig, BitNetModel};
-use candle_core::{DType, Device, Tensor};
+use bitnet::{BitNetConfig, BitNetModel, Projections};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use clap::{Parser, ValueEnum};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const CONFIG_2B4T: &str = r#"{"hidden_act":"relu2","hidden_size":2560,"intermediate_size":6912,
@@ -18,78 +28,239 @@ const CONFIG_2B4T: &str = r#"{"hidden_act":"relu2","hidden_size":2560,"intermedi
   "num_key_value_heads":5,"rms_norm_eps":1e-05,"rope_theta":500000.0,
   "tie_word_embeddings":true,"vocab_size":128256}"#;
 
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
+#[derive(Debug, Parser)]
+struct Args {
+    /// Decoder layers (30 in 2B4T).
+    #[arg(long, default_value_t = 30)]
+    layers: usize,
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// Generated tokens.
+    #[arg(long, default_value_t = 256)]
+    new: usize,
+    #[arg(long, value_enum, default_value_t = Kind::Cpu)]
+    device: Kind,
+    /// Float dtype of embeddings, norms, attention, cache and head.
+    #[arg(long, value_enum, default_value_t = Float::F32)]
+    dtype: Float,
+    /// Also run the same architecture with dense float projections (plain candle `Linear`).
+    #[arg(long)]
+    compare_dense: bool,
 }
 
-/// Random packed bytes: every 2-bit field a valid code (0, 1 or 2).
-fn packed(rng: &mut StdRng, rows: usize, k: usize, device: &Device) -> Result<Tensor> {
-    let bytes: Vec<u8> = (0..rows * k)
-        .map(|_| (0..4).fold(0u8, |b, i| b | (rng.gen_range(0..3u8) << (2 * i))))
-        .collect();
-    Ok(Tensor::from_vec(bytes, (rows, k), device)?)
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Kind {
+    Cpu,
+    Cuda,
 }
 
-fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let layers: usize = arg(&args, "--layers", "30").parse()?;
-    let prompt_len: usize = arg(&args, "--prompt", "128").parse()?;
-    let new: usize = arg(&args, "--new", "256").parse()?;
-    let device = match arg(&args, "--device", "cpu").as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        other => return Err(anyhow!("unknown device {other}")),
-    };
-    let json = CONFIG_2B4T.replace("\"num_hidden_layers\":30", &format!("\"num_hidden_layers\":{layers}"));
-    let cfg = BitNetConfig::from_json(&json, std::path::Path::new("2B4T shapes"))?;
-    let (h, inner, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
-    let kv = cfg.kv_heads() * d;
-    let mut rng = StdRng::seed_from_u64(0);
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Float {
+    F32,
+    Bf16,
+}
+
+/// The projections of one layer: name, out features, in features.
+fn projections(cfg: &BitNetConfig) -> [(&'static str, usize, usize); 7] {
+    let (h, inner) = (cfg.hidden_size, cfg.intermediate_size);
+    let kv = cfg.kv_heads() * cfg.head_dim();
+    [
+        ("self_attn.q_proj", h, h),
+        ("self_attn.k_proj", kv, h),
+        ("self_attn.v_proj", kv, h),
+        ("self_attn.o_proj", h, h),
+        ("mlp.gate_proj", inner, h),
+        ("mlp.up_proj", inner, h),
+        ("mlp.down_proj", h, inner),
+    ]
+}
+
+/// Random packed bytes `(rows, k)` made on the device: every 2-bit field a valid code (0, 1, 2).
+fn packed_bytes(rows: usize, k: usize, device: &Device) -> Result<Tensor> {
+    let mut b = Tensor::zeros((rows, k), DType::F32, device)?;
+    for field in 0..4 {
+        let code = Tensor::rand(0f32, 3.0, (rows, k), device)?.floor()?.clamp(0f32, 2f32)?;
+        b = (b + code.affine(4f64.powi(field), 0.0)?)?;
+    }
+    Ok(b.to_dtype(DType::U8)?)
+}
+
+/// A model with random weights: packed, or dense float projections of `dtype`.
+fn random_model(
+    cfg: &BitNetConfig,
+    projections_kind: Projections,
+    dtype: DType,
+    device: &Device,
+) -> Result<BitNetModel> {
+    let h = cfg.hidden_size;
     let mut t = HashMap::new();
+    let randn = |dims: (usize, usize), std: f32| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, std, dims, device)?.to_dtype(dtype)?)
+    };
     t.insert(
         "model.embed_tokens.weight".to_string(),
-        Tensor::randn(0f32, 1.0, (cfg.vocab_size, h), &device)?,
+        randn((cfg.vocab_size, h), 1.0)?,
     );
-    t.insert("model.norm.weight".to_string(), Tensor::ones(h, DType::F32, &device)?);
-    for l in 0..layers {
+    t.insert("model.norm.weight".to_string(), Tensor::ones(h, dtype, device)?);
+    for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (name, n, k) in [
-            ("self_attn.q_proj", h, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, h),
-            ("mlp.gate_proj", inner, h),
-            ("mlp.up_proj", inner, h),
-            ("mlp.down_proj", h, inner),
-        ] {
-            t.insert(
-                format!("{p}.{name}.weight"),
-                packed(&mut rng, n.div_ceil(4), k, &device)?,
-            );
-            t.insert(format!("{p}.{name}.weight_scale"), Tensor::new(&[1.0f32], &device)?);
+        for (name, n, k) in projections(cfg) {
+            match projections_kind {
+                Projections::PackedTernary => {
+                    t.insert(format!("{p}.{name}.weight"), packed_bytes(n.div_ceil(4), k, device)?);
+                    t.insert(format!("{p}.{name}.weight_scale"), Tensor::new(&[1.0f32], device)?);
+                }
+                Projections::Dense => {
+                    t.insert(format!("{p}.{name}.weight"), randn((n, k), 0.02)?);
+                }
+            }
         }
         for (name, n) in [
             ("input_layernorm", h),
             ("post_attention_layernorm", h),
             ("self_attn.attn_sub_norm", h),
-            ("mlp.ffn_sub_norm", inner),
+            ("mlp.ffn_sub_norm", cfg.intermediate_size),
         ] {
-            t.insert(format!("{p}.{name}.weight"), Tensor::ones(n, DType::F32, &device)?);
+            t.insert(format!("{p}.{name}.weight"), Tensor::ones(n, dtype, device)?);
         }
     }
-    let model = BitNetModel::load(cfg.clone(), VarBuilder::from_tensors(t, DType::F32, &device))?;
-    let prompt: Vec<u32> = (0..prompt_len)
+    Ok(BitNetModel::load_with(
+        cfg.clone(),
+        projections_kind,
+        VarBuilder::from_tensors(t, dtype, device),
+    )?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Greedy generation, run twice; returns (prefill tokens/s, median decode seconds per token)
+/// of the second run.
+fn generation(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<(f64, f64)> {
+    let mut result = (0.0, 0.0);
+    for _ in 0..2 {
+        let mut stamps = Vec::with_capacity(new);
+        let out = Generation::new(model, Sampling::GREEDY).run(prompt, new, |_| {
+            stamps.push(Instant::now());
+            Ok(())
+        })?;
+        let gaps: Vec<f64> = stamps.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+        result = (out.prefill_tokens_per_sec(), median(gaps));
+    }
+    Ok(result)
+}
+
+/// Median seconds of the projections and head of one decode step, run back to back on random
+/// weights of the model's shapes, one synchronisation per step.
+fn matmuls_alone(cfg: &BitNetConfig, dtype: DType, device: &Device) -> Result<f64> {
+    let mut weights = Vec::new();
+    for _ in 0..cfg.num_hidden_layers {
+        for (name, n, k) in projections(cfg) {
+            let mut t = HashMap::new();
+            t.insert("weight".to_string(), packed_bytes(n.div_ceil(4), k, device)?);
+            t.insert("weight_scale".to_string(), Tensor::new(&[1.0f32], device)?);
+            let vb = VarBuilder::from_tensors(t, dtype, device);
+            weights.push((name, bitnet::BitNetLinear::load(k, n, vb)?));
+        }
+    }
+    let head = candle_nn::Linear::new(
+        Tensor::randn(0f32, 1.0, (cfg.vocab_size, cfg.hidden_size), device)?.to_dtype(dtype)?,
+        None,
+    );
+    let xh = Tensor::randn(0f32, 1.0, (1, cfg.hidden_size), device)?.to_dtype(dtype)?;
+    let xi = Tensor::randn(0f32, 1.0, (1, cfg.intermediate_size), device)?.to_dtype(dtype)?;
+    let mut times = Vec::new();
+    for rep in 0..23 {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        for (name, w) in &weights {
+            w.forward(if *name == "mlp.down_proj" { &xi } else { &xh })?;
+        }
+        head.forward(&xh)?;
+        device.synchronize()?;
+        if rep >= 3 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
+/// Median host seconds to enqueue one decode step (no synchronisation) and its full time.
+fn enqueue_vs_step(model: &BitNetModel, prompt: &[u32]) -> Result<(f64, f64)> {
+    let device = model.device();
+    let mut cache = model.new_cache(prompt.len() + 40)?;
+    model.forward_last(&Tensor::new(prompt, device)?.unsqueeze(0)?, &mut cache)?;
+    let (mut host, mut full) = (Vec::new(), Vec::new());
+    for _ in 0..40 {
+        let ids = Tensor::new(&[prompt[0]], device)?.unsqueeze(0)?;
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let logits = model.forward_last(&ids, &mut cache)?;
+        host.push(t0.elapsed().as_secs_f64());
+        device.synchronize()?;
+        full.push(t0.elapsed().as_secs_f64());
+        drop(logits);
+    }
+    Ok((median(host), median(full)))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = match args.device {
+        Kind::Cpu => Device::Cpu,
+        Kind::Cuda => Device::new_cuda(0)?,
+    };
+    let dtype = match args.dtype {
+        Float::F32 => DType::F32,
+        Float::Bf16 => DType::BF16,
+    };
+    let json = CONFIG_2B4T.replace(
+        "\"num_hidden_layers\":30",
+        &format!("\"num_hidden_layers\":{}", args.layers),
+    );
+    let cfg = BitNetConfig::from_json(&json, std::path::Path::new("2B4T shapes"))?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let prompt: Vec<u32> = (0..args.prompt)
         .map(|_| rng.gen_range(0..cfg.vocab_size as u32))
         .collect();
-    let out = Generation::new(&model, Sampling::GREEDY).run(&prompt, new, |_| Ok(()))?;
     println!(
-        "{layers} layers, {prompt_len}-token prompt: prefill {:.1} tokens/s; {} new tokens: decode {:.2} tokens/s ({device:?})",
-        out.prefill_tokens_per_sec(),
-        out.tokens.len(),
-        out.decode_tokens_per_sec()
+        "{} layers, {}-token prompt, {} new tokens, {dtype:?} float parts, {device:?}",
+        args.layers, args.prompt, args.new
     );
+    let mut kinds = vec![Projections::PackedTernary];
+    if args.compare_dense {
+        kinds.push(Projections::Dense);
+    }
+    let mut decode = Vec::new();
+    for kind in kinds {
+        let model = random_model(&cfg, kind, dtype, &device)?;
+        let (prefill, per_token) = generation(&model, &prompt, args.new)?;
+        decode.push(per_token);
+        println!(
+            "{kind:?}: prefill {prefill:.1} tokens/s; decode {:.1} tokens/s ({:.3} ms a token, median)",
+            1.0 / per_token,
+            per_token * 1e3
+        );
+        if kind == Projections::PackedTernary {
+            let (host, full) = enqueue_vs_step(&model, &prompt)?;
+            drop(model);
+            let alone = matmuls_alone(&cfg, dtype, &device)?;
+            println!(
+                "  one decode step (forward_last of one token, no sampling): {:.3} ms; host enqueue {:.3} ms; \
+                 the 7 x {} projections + head alone: {:.3} ms; rest (other kernels, launch gaps): {:.3} ms",
+                full * 1e3,
+                host * 1e3,
+                args.layers,
+                alone * 1e3,
+                (full - alone) * 1e3
+            );
+        }
+    }
+    if let [ours, dense] = decode[..] {
+        println!("decode speed-up over the dense {dtype:?} model: {:.2}x", dense / ours);
+    }
     Ok(())
 }

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use crate::config::BitNetConfig;
-use crate::linear::BitNetLinear;
+use crate::linear::{BitNetLinear, Projections};
 use crate::rope::Rope;
 
 /// Keys and values of one layer for positions `0..capacity`, allocated once so that a decode
@@ -16,12 +16,12 @@ pub struct LayerCache {
 }
 
 impl LayerCache {
-    /// Zeroed buffers `(batch, kv_heads, capacity, head_dim)`.
-    pub fn new(cfg: &BitNetConfig, batch: usize, capacity: usize, device: &Device) -> Result<Self> {
+    /// Zeroed buffers `(batch, kv_heads, capacity, head_dim)` of `dtype` (the model's).
+    pub fn new(cfg: &BitNetConfig, batch: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
         let shape = (batch, cfg.kv_heads(), capacity, cfg.head_dim());
         Ok(Self {
-            k: Tensor::zeros(shape, DType::F32, device)?,
-            v: Tensor::zeros(shape, DType::F32, device)?,
+            k: Tensor::zeros(shape, dtype, device)?,
+            v: Tensor::zeros(shape, dtype, device)?,
         })
     }
 }
@@ -42,14 +42,14 @@ pub struct Attention {
 
 impl Attention {
     /// Loads `self_attn` under `vb`.
-    pub fn load(cfg: &BitNetConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn load(cfg: &BitNetConfig, projections: Projections, vb: VarBuilder) -> Result<Self> {
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let hidden = cfg.hidden_size;
         Ok(Self {
-            q_proj: BitNetLinear::load(hidden, h * d, vb.pp("q_proj"))?,
-            k_proj: BitNetLinear::load(hidden, kvh * d, vb.pp("k_proj"))?,
-            v_proj: BitNetLinear::load(hidden, kvh * d, vb.pp("v_proj"))?,
-            o_proj: BitNetLinear::load(h * d, hidden, vb.pp("o_proj"))?,
+            q_proj: BitNetLinear::load_as(hidden, h * d, projections, vb.pp("q_proj"))?,
+            k_proj: BitNetLinear::load_as(hidden, kvh * d, projections, vb.pp("k_proj"))?,
+            v_proj: BitNetLinear::load_as(hidden, kvh * d, projections, vb.pp("v_proj"))?,
+            o_proj: BitNetLinear::load_as(h * d, hidden, projections, vb.pp("o_proj"))?,
             attn_sub_norm: candle_nn::rms_norm(hidden, cfg.rms_norm_eps, vb.pp("attn_sub_norm"))?,
             heads: h,
             kv_heads: kvh,
@@ -78,7 +78,7 @@ impl Attention {
         let scale = 1.0 / (d as f64).sqrt();
         let mut att = (q.matmul(&k.transpose(2, 3)?)? * scale)?;
         if s > 1 {
-            att = att.broadcast_add(&causal_mask(groups, s, start, x.device())?)?;
+            att = att.broadcast_add(&causal_mask(groups, s, start, x.device())?.to_dtype(att.dtype())?)?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v.contiguous()?)?; // (b, kvh, groups · s, d) = (b, h, s, d)

@@ -205,7 +205,7 @@ impl<'a> Generation<'a> {
         let mut prefill_secs = 0.0;
         while tokens.len() < max_new_tokens {
             let logits = self.model.forward_last(&input, &mut cache)?.squeeze(0)?;
-            let next = sampler.sample(&logits.to_vec1::<f32>()?)?;
+            let next = sampler.sample(&logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)?;
             if tokens.is_empty() {
                 prefill_secs = t0.elapsed().as_secs_f64();
             }

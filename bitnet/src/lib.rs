@@ -2,12 +2,13 @@
 //! `bitlinear` kernels: loads a Hugging Face model directory in the packed layout and generates.
 //!
 //! The projections are int8 (per token) x packed ternary products on the library's exact integer
-//! kernels; everything else (embeddings, norms, RoPE, attention, head) is f32 candle.
+//! kernels; everything else (embeddings, norms, RoPE, attention, head) is candle in the model's
+//! float dtype (f32, or bf16 on GPUs).
 //!
 //! ```no_run
 //! use bitnet::{BitNetModel, generate::{Generation, Sampling}};
 //! let device = candle_core::Device::Cpu;
-//! let model = BitNetModel::load_dir(std::path::Path::new("bitnet-b1.58-2B-4T"), &device)?;
+//! let model = BitNetModel::load_dir(std::path::Path::new("bitnet-b1.58-2B-4T"), candle_core::DType::F32, &device)?;
 //! let sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
 //! let out = Generation::new(&model, sampling).run(&[128000, 791], 16, |_| Ok(()))?;
 //! println!("{:?}", out.tokens);
@@ -25,5 +26,5 @@ mod model;
 mod rope;
 
 pub use config::{BitNetConfig, ConfigError};
-pub use linear::BitNetLinear;
+pub use linear::{BitNetLinear, Projections};
 pub use model::{BitNetModel, Cache, LoadError};

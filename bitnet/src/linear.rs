@@ -1,12 +1,33 @@
-//! A BitLinear projection in transformers' packed layout, run on the `bitlinear` kernels.
+//! A BitLinear projection in transformers' packed layout, run on the `bitlinear` kernels, or
+//! its dense float stand-in for comparisons.
 
 use bitlinear::interop::hf_bitnet::{self, ScaleConvention};
 use bitlinear::{packed_matmul, ActScaling, PackedTernary};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{Linear, VarBuilder};
+
+/// How the projections' weights are stored and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Projections {
+    /// transformers' packed layout: `weight` uint8 `(ceil(out/4), in)` and `weight_scale`; run
+    /// as int8 activations x packed ternary weights on the `bitlinear` kernels (the model).
+    #[default]
+    PackedTernary,
+    /// `weight` a float `(out, in)` matrix run as a plain candle `Linear` in the model's dtype,
+    /// without any quantization: the same architecture in full precision, the baseline that
+    /// benchmarks compare the packed model against. Not BitNet's arithmetic.
+    Dense,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Packed(PackedTernary),
+    Dense(Linear),
+}
 
 /// `y = x · Wᵀ` with `x` quantized per token to int8 (absmax) and `W` ternary: the exact integer
-/// product on the packed kernels, then `(acc · s_x) · s_w` in f32.
+/// product on the packed kernels, then `(acc · s_x) · s_w` in f32, cast to `x`'s dtype
+/// ([`Projections::Dense`]: a plain float matmul instead).
 ///
 /// transformers' `BitLinear` computes the same integer product; its float steps differ only in
 /// rounding order: it quantizes with `round(x · (127 / max|x|))` where we use
@@ -15,7 +36,8 @@ use candle_nn::VarBuilder;
 /// apart, so a code can differ by one where `x · 127 / max|x|` lies within an ulp of a half.
 #[derive(Debug, Clone)]
 pub struct BitNetLinear {
-    weight: PackedTernary,
+    weight: Weight,
+    out_features: usize,
 }
 
 impl BitNetLinear {
@@ -36,25 +58,47 @@ impl BitNetLinear {
             vb.device(),
         )
         .map_err(|e| e.context(format!("packed weight {}", vb.prefix())))?;
-        Ok(Self { weight })
+        Ok(Self {
+            weight: Weight::Packed(weight),
+            out_features,
+        })
     }
 
-    /// The packed ternary weight.
-    pub fn weight(&self) -> &PackedTernary {
-        &self.weight
+    /// Loads under `vb` as `projections` says: [`BitNetLinear::load`], or a float `weight
+    /// (out, in)` in `vb`'s dtype for [`Projections::Dense`].
+    pub fn load_as(in_features: usize, out_features: usize, projections: Projections, vb: VarBuilder) -> Result<Self> {
+        match projections {
+            Projections::PackedTernary => Self::load(in_features, out_features, vb),
+            Projections::Dense => Ok(Self {
+                weight: Weight::Dense(candle_nn::linear_no_bias(in_features, out_features, vb)?),
+                out_features,
+            }),
+        }
+    }
+
+    /// The packed ternary weight (`None` for [`Projections::Dense`]).
+    pub fn weight(&self) -> Option<&PackedTernary> {
+        match &self.weight {
+            Weight::Packed(w) => Some(w),
+            Weight::Dense(_) => None,
+        }
     }
 }
 
 impl Module for BitNetLinear {
     /// `x (..., in)` to `(..., out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match &self.weight {
+            Weight::Dense(linear) => return linear.forward(x),
+            Weight::Packed(w) => w,
+        };
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / k.max(1);
-        let y = packed_matmul(&x.reshape((rows, k))?, &self.weight, ActScaling::PerToken)?;
+        let y = packed_matmul(&x.reshape((rows, k))?, w, ActScaling::PerToken)?;
         let mut out = dims;
         if let Some(last) = out.last_mut() {
-            *last = self.weight.out_features();
+            *last = self.out_features;
         }
         y.reshape(out)
     }

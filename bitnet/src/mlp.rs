@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use crate::config::BitNetConfig;
-use crate::linear::BitNetLinear;
+use crate::linear::{BitNetLinear, Projections};
 
 /// `down(ffn_sub_norm(relu(gate(x))² · up(x)))`.
 #[derive(Debug, Clone)]
@@ -17,12 +17,12 @@ pub struct Mlp {
 
 impl Mlp {
     /// Loads `mlp` under `vb` (the config was validated to use `relu2`).
-    pub fn load(cfg: &BitNetConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn load(cfg: &BitNetConfig, projections: Projections, vb: VarBuilder) -> Result<Self> {
         let (hidden, inner) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: BitNetLinear::load(hidden, inner, vb.pp("gate_proj"))?,
-            up_proj: BitNetLinear::load(hidden, inner, vb.pp("up_proj"))?,
-            down_proj: BitNetLinear::load(inner, hidden, vb.pp("down_proj"))?,
+            gate_proj: BitNetLinear::load_as(hidden, inner, projections, vb.pp("gate_proj"))?,
+            up_proj: BitNetLinear::load_as(hidden, inner, projections, vb.pp("up_proj"))?,
+            down_proj: BitNetLinear::load_as(inner, hidden, projections, vb.pp("down_proj"))?,
             ffn_sub_norm: candle_nn::rms_norm(inner, cfg.rms_norm_eps, vb.pp("ffn_sub_norm"))?,
         })
     }

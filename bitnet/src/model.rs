@@ -7,6 +7,7 @@ use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::attention::{Attention, LayerCache};
 use crate::config::{BitNetConfig, ConfigError};
+use crate::linear::Projections;
 use crate::mlp::Mlp;
 use crate::rope::Rope;
 
@@ -39,10 +40,11 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// An empty cache for `batch` sequences of up to `capacity` tokens.
-    pub fn new(cfg: &BitNetConfig, batch: usize, capacity: usize, device: &Device) -> Result<Self> {
+    /// An empty cache for `batch` sequences of up to `capacity` tokens, keys and values in
+    /// `dtype` (the model's, [`BitNetModel::dtype`]).
+    pub fn new(cfg: &BitNetConfig, batch: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
-            .map(|_| LayerCache::new(cfg, batch, capacity, device))
+            .map(|_| LayerCache::new(cfg, batch, capacity, dtype, device))
             .collect::<Result<_>>()?;
         Ok(Self {
             layers,
@@ -82,13 +84,13 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(cfg: &BitNetConfig, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &BitNetConfig, projections: Projections, vb: VarBuilder) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: candle_nn::rms_norm(h, eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::load(cfg, projections, vb.pp("self_attn"))?,
             post_attention_layernorm: candle_nn::rms_norm(h, eps, vb.pp("post_attention_layernorm"))?,
-            mlp: Mlp::load(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::load(cfg, projections, vb.pp("mlp"))?,
         })
     }
 
@@ -102,8 +104,10 @@ impl DecoderLayer {
     }
 }
 
-/// `BitNetForCausalLM`: token ids in, next-token logits out. Activations are f32; the
-/// projections are packed ternary; embeddings and head are float.
+/// `BitNetForCausalLM`: token ids in, next-token logits out. The projections are packed ternary
+/// (int8 activations on the `bitlinear` kernels); embeddings, norms, attention, KV cache and
+/// head are float in the model's dtype (f32 matches transformers' logits within 1e-5; bf16 halves
+/// the head's and the cache's memory traffic, for GPUs). Logits come out in that dtype.
 #[derive(Debug, Clone)]
 pub struct BitNetModel {
     config: BitNetConfig,
@@ -112,20 +116,22 @@ pub struct BitNetModel {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    dtype: DType,
     device: Device,
 }
 
 impl BitNetModel {
     /// Loads a Hugging Face model directory: `config.json` and `model.safetensors` in the packed
-    /// layout of `microsoft/bitnet-b1.58-2B-4T`.
-    pub fn load_dir(dir: &Path, device: &Device) -> std::result::Result<Self, LoadError> {
+    /// layout of `microsoft/bitnet-b1.58-2B-4T`, float weights converted to `dtype` (F32, BF16
+    /// or F16).
+    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
         let config = BitNetConfig::from_file(&dir.join("config.json"))?;
         let path = dir.join("model.safetensors");
         if !path.is_file() {
             return Err(LoadError::MissingWeights(path));
         }
         // SAFETY: the file is mapped read-only; it must not be modified while being read.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
             .and_then(|vb| Self::load(config, vb))
             .map_err(|source| LoadError::Weights {
                 path: path.clone(),
@@ -134,15 +140,24 @@ impl BitNetModel {
         Ok(vb)
     }
 
-    /// Builds the model from `vb` (rooted above `model.` / `lm_head.`), converting float weights
-    /// to f32.
+    /// Builds the model from `vb` (rooted above `model.` / `lm_head.`), packed projections, float
+    /// weights converted to `vb`'s dtype (which must be F32, BF16 or F16).
     pub fn load(config: BitNetConfig, vb: VarBuilder) -> Result<Self> {
-        let device = vb.device().clone();
+        Self::load_with(config, Projections::PackedTernary, vb)
+    }
+
+    /// [`BitNetModel::load`] with the projections stored as `projections` says
+    /// ([`Projections::Dense`]: the full-precision baseline of the same architecture).
+    pub fn load_with(config: BitNetConfig, projections: Projections, vb: VarBuilder) -> Result<Self> {
+        let (device, dtype) = (vb.device().clone(), vb.dtype());
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            candle_core::bail!("BitNetModel: float weights must be f32, bf16 or f16, not {dtype:?}")
+        }
         let m = vb.pp("model");
         let (h, vocab) = (config.hidden_size, config.vocab_size);
         let embed_tokens = candle_nn::embedding(vocab, h, m.pp("embed_tokens"))?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&config, m.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::load(&config, projections, m.pp("layers").pp(i)))
             .collect::<Result<_>>()?;
         let norm = candle_nn::rms_norm(h, config.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if config.tie_word_embeddings {
@@ -154,6 +169,7 @@ impl BitNetModel {
             config.rope_base(),
             config.head_dim(),
             config.max_position_embeddings,
+            dtype,
             &device,
         )?;
         Ok(Self {
@@ -163,8 +179,14 @@ impl BitNetModel {
             norm,
             lm_head,
             rope,
+            dtype,
             device,
         })
+    }
+
+    /// The dtype of the float weights, activations, KV cache and logits.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The configuration.
@@ -181,7 +203,7 @@ impl BitNetModel {
     /// `max_position_embeddings`).
     pub fn new_cache(&self, capacity: usize) -> Result<Cache> {
         let capacity = capacity.min(self.config.max_position_embeddings);
-        Cache::new(&self.config, 1, capacity, &self.device)
+        Cache::new(&self.config, 1, capacity, self.dtype, &self.device)
     }
 
     /// Final hidden states `(batch, seq, hidden)` of `ids (batch, seq)` (u32), which continue the

@@ -1,6 +1,6 @@
 //! Rotary position embeddings, the `rotate_half` (non-interleaved) form of transformers' BitNet.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Precomputed `cos` and `sin` tables `(max_positions, head_dim / 2)`.
 #[derive(Debug, Clone)]
@@ -10,9 +10,10 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Tables for positions `0..max_positions`. As in transformers, in f32:
-    /// `inv_freq[i] = 1 / base^(2i / head_dim)` and the angle is `position · inv_freq[i]`.
-    pub fn new(base: f64, head_dim: usize, max_positions: usize, device: &Device) -> Result<Self> {
+    /// Tables for positions `0..max_positions`, computed as in transformers in f32
+    /// (`inv_freq[i] = 1 / base^(2i / head_dim)`, angle `position · inv_freq[i]`), stored in
+    /// `dtype` (the activations'; transformers also casts them to the activations' dtype).
+    pub fn new(base: f64, head_dim: usize, max_positions: usize, dtype: DType, device: &Device) -> Result<Self> {
         let half = head_dim / 2;
         let base = base as f32;
         let inv: Vec<f32> = (0..half)
@@ -28,8 +29,8 @@ impl Rope {
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
+            cos: Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?,
         })
     }
 

@@ -37,7 +37,12 @@ fn expected() -> Expected {
 }
 
 fn model() -> BitNetModel {
-    BitNetModel::load_dir(&fixture_dir().join("tiny-bitnet-lm"), &Device::Cpu).unwrap()
+    BitNetModel::load_dir(
+        &fixture_dir().join("tiny-bitnet-lm"),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -20,7 +20,7 @@ fn copy() -> tempfile::TempDir {
 }
 
 fn load(dir: &Path) -> Result<BitNetModel, LoadError> {
-    BitNetModel::load_dir(dir, &Device::Cpu)
+    BitNetModel::load_dir(dir, candle_core::DType::F32, &Device::Cpu)
 }
 
 fn tensors(dir: &Path) -> HashMap<String, Tensor> {
