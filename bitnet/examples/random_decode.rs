@@ -47,6 +47,9 @@ struct Args {
     /// Also run the same architecture with dense float projections (plain candle `Linear`).
     #[arg(long)]
     compare_dense: bool,
+    /// Keep cudarc's per-allocation events (the `bitnet` binary turns them off: one stream).
+    #[arg(long)]
+    keep_event_tracking: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -213,6 +216,11 @@ fn main() -> Result<()> {
         Kind::Cpu => Device::Cpu,
         Kind::Cuda => Device::new_cuda(0)?,
     };
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(d), false) = (&device, args.keep_event_tracking) {
+        // SAFETY: one stream (as the `bitnet` binary).
+        unsafe { d.disable_event_tracking() };
+    }
     let dtype = match args.dtype {
         Float::F32 => DType::F32,
         Float::Bf16 => DType::BF16,
@@ -227,8 +235,11 @@ fn main() -> Result<()> {
         .map(|_| rng.gen_range(0..cfg.vocab_size as u32))
         .collect();
     println!(
-        "{} layers, {}-token prompt, {} new tokens, {dtype:?} float parts, {device:?}",
-        args.layers, args.prompt, args.new
+        "{} layers, {}-token prompt, {} new tokens, {dtype:?} float parts, {device:?}, event tracking {}",
+        args.layers,
+        args.prompt,
+        args.new,
+        if args.keep_event_tracking { "on" } else { "off" }
     );
     let mut kinds = vec![Projections::PackedTernary];
     if args.compare_dense {

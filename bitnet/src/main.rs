@@ -70,7 +70,16 @@ fn device(kind: DeviceKind) -> Result<Device> {
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => Ok(Device::new_cuda(0)?),
+        DeviceKind::Cuda => {
+            let device = Device::new_cuda(0)?;
+            if let Device::Cuda(d) = &device {
+                // SAFETY: everything here runs on candle's single stream of this device, so the
+                // per-allocation events that order work across streams are never needed; each
+                // costs host time on every kernel launch of a decode step.
+                unsafe { d.disable_event_tracking() };
+            }
+            Ok(device)
+        }
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda => Err(anyhow!("--device cuda needs a build with `--features cuda`")),
     }
