@@ -69,19 +69,59 @@ impl Attention {
         cache.k.slice_set(&k, 2, start)?;
         cache.v.slice_set(&v, 2, start)?;
         let t = start + s;
-        let k = cache.k.narrow(2, 0, t)?;
-        let v = cache.v.narrow(2, 0, t)?;
+        let mask = if s > 1 {
+            Some(causal_mask(h / kvh, s, start, x.device())?.to_dtype(x.dtype())?)
+        } else {
+            None
+        };
+        self.attend(q, &cache.k.narrow(2, 0, t)?, &cache.v.narrow(2, 0, t)?, mask.as_ref())
+    }
+
+    /// One token `x (batch, 1, hidden)` at the position held on the device in `pos` (u32, `(1,)`):
+    /// writes its key and value into `cache` there and attends over the whole cache, the
+    /// positions after `pos` hidden by `future (capacity,)` (0 where visible, the dtype's most
+    /// negative value where not). No shape depends on the position, so the same kernels with
+    /// the same arguments serve every step (what a CUDA graph replay needs).
+    pub fn forward_at(
+        &self,
+        x: &Tensor,
+        pos: &Tensor,
+        future: &Tensor,
+        rope: &Rope,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        if s != 1 {
+            candle_core::bail!("forward_at runs one token, got {s}")
+        }
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let heads = |t: Tensor, n: usize| t.reshape((b, 1, n, d))?.transpose(1, 2)?.contiguous();
+        let q = rope.apply_at(&heads(self.q_proj.forward(x)?, h)?, pos)?;
+        let k = rope.apply_at(&heads(self.k_proj.forward(x)?, kvh)?, pos)?;
+        let v = heads(self.v_proj.forward(x)?, kvh)?;
+        let idx = pos.reshape((1, 1, 1, 1))?.broadcast_as((b, kvh, 1, d))?.contiguous()?;
+        cache.k.scatter_set(&idx, &k, 2)?;
+        cache.v.scatter_set(&idx, &v, 2)?;
+        self.attend(q, &cache.k, &cache.v, Some(future))
+    }
+
+    /// Attention of `q (b, heads, s, d)` over `k`, `v (b, kv_heads, t, d)` (views of the cache),
+    /// plus the additive `mask` (broadcast to `(groups · s, t)`), then `attn_sub_norm` and `o_proj`.
+    fn attend(&self, q: Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, s, _) = q.dims4()?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         // Grouped-query attention without copying the cache: the `h / kvh` query heads that share
         // a KV head are stacked along the rows, (b, kvh, groups · s, d).
         let groups = h / kvh;
         let q = q.reshape((b, kvh, groups * s, d))?;
         let scale = 1.0 / (d as f64).sqrt();
         let mut att = (q.matmul(&k.transpose(2, 3)?)? * scale)?;
-        if s > 1 {
-            att = att.broadcast_add(&causal_mask(groups, s, start, x.device())?.to_dtype(att.dtype())?)?;
+        if let Some(mask) = mask {
+            att = att.broadcast_add(mask)?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?; // (b, kvh, groups · s, d) = (b, h, s, d)
+        // The cache view is strided only between heads: both matmul backends take it as it is.
+        let y = att.matmul(v)?; // (b, kvh, groups · s, d) = (b, h, s, d)
         let y = y.reshape((b, h, s, d))?.transpose(1, 2)?.reshape((b, s, h * d))?;
         self.o_proj.forward(&self.attn_sub_norm.forward(&y)?)
     }

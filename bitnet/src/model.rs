@@ -37,6 +37,9 @@ pub struct Cache {
     layers: Vec<LayerCache>,
     len: usize,
     capacity: usize,
+    /// `0..capacity` (u32) on the device: [`BitNetModel::decode_at`] masks the positions after
+    /// the current one against it.
+    positions: Tensor,
 }
 
 impl Cache {
@@ -50,6 +53,7 @@ impl Cache {
             layers,
             len: 0,
             capacity,
+            positions: Tensor::arange(0u32, capacity as u32, device)?,
         })
     }
 
@@ -98,6 +102,22 @@ impl DecoderLayer {
         let a = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, start, rope, cache)?;
+        let x = (x + a)?;
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        x + m
+    }
+
+    fn forward_at(
+        &self,
+        x: &Tensor,
+        pos: &Tensor,
+        future: &Tensor,
+        rope: &Rope,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let a = self
+            .self_attn
+            .forward_at(&self.input_layernorm.forward(x)?, pos, future, rope, cache)?;
         let x = (x + a)?;
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + m
@@ -238,4 +258,38 @@ impl BitNetModel {
         let s = h.dim(1)?;
         self.lm_head.forward(&h.i((.., s - 1, ..))?.contiguous()?)
     }
+
+    /// One decode step with the position on the device: logits `(1, vocab)` of token
+    /// `id (1, 1)` (u32) at position `pos (1,)` (u32, below the cache capacity), whose key and
+    /// value are written into `cache` there. Attention runs over the whole cache capacity with
+    /// the later positions masked, so no shape, offset or host value depends on the position:
+    /// after one call (which loads the kernels and settles the weights) the step can be captured
+    /// once as a CUDA graph and replayed with new values written into `id` and `pos`. The result
+    /// matches [`Self::forward_last`] at that position up to float rounding. It neither reads nor
+    /// advances the cache's length; the caller tracks positions.
+    pub fn decode_at(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let future = cache
+            .positions
+            .broadcast_gt(pos)?
+            .to_dtype(self.dtype)?
+            .affine(most_negative(self.dtype)?, 0.0)?;
+        let mut x = self.embed_tokens.forward(id)?;
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_at(&x, pos, &future, &self.rope, c)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?.squeeze(1)?)
+    }
+}
+
+/// The most negative finite value of a float dtype: an additive mask that zeroes a softmax entry
+/// without the NaN that `0 · -inf` would give when the mask is scaled from 0/1.
+fn most_negative(dtype: DType) -> Result<f64> {
+    Ok(match dtype {
+        DType::F32 => f32::MIN as f64,
+        DType::F64 => f64::MIN,
+        // -(2 - 2^-7) · 2^127 and -65504, the formats' largest finite magnitudes.
+        DType::BF16 => -3.3895313892515355e38,
+        DType::F16 => -65504.0,
+        d => candle_core::bail!("no float mask value for {d:?}"),
+    })
 }

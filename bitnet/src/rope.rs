@@ -41,4 +41,12 @@ impl Rope {
         let sin = self.sin.narrow(0, start, seq)?.to_dtype(x.dtype())?;
         candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
+
+    /// Rotates one row per head, `x (batch, heads, 1, head_dim)`, at the position held on the
+    /// device in `pos` (u32, `(1,)`).
+    pub fn apply_at(&self, x: &Tensor, pos: &Tensor) -> Result<Tensor> {
+        let cos = self.cos.index_select(pos, 0)?.to_dtype(x.dtype())?;
+        let sin = self.sin.index_select(pos, 0)?.to_dtype(x.dtype())?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
 }

@@ -1,0 +1,59 @@
+//! `decode_at`, the decode step whose shapes do not depend on the position (for CUDA graphs),
+//! against `forward_last`.
+
+use std::path::{Path, PathBuf};
+
+use bitnet::BitNetModel;
+use candle_core::{DType, Device, IndexOp, Tensor};
+
+fn fixture_model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bitnet-lm")
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// `decode_at` (position on the device, attention over the whole cache with the later positions
+/// masked) gives the logits of `forward_last` (attention over the filled part only), in f32 and
+/// bf16: the masked entries are exactly zero after the softmax, only summation order differs.
+#[test]
+fn decode_at_matches_forward_last() {
+    let ids = Tensor::new(&[[3u32, 17, 250, 9, 42, 0, 199, 5]], &Device::Cpu).unwrap();
+    let n = ids.dim(1).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let m = BitNetModel::load_dir(&fixture_model_dir(), dtype, &Device::Cpu).unwrap();
+        // Capacity beyond the prompt, so that masked, never written positions are attended too.
+        let (mut a, mut b) = (m.new_cache(n + 5).unwrap(), m.new_cache(n + 5).unwrap());
+        m.forward(&ids.i((.., ..3)).unwrap(), &mut a).unwrap();
+        m.forward(&ids.i((.., ..3)).unwrap(), &mut b).unwrap();
+        for i in 3..n {
+            let id = ids.i((.., i..i + 1)).unwrap();
+            let want = m.forward_last(&id, &mut a).unwrap();
+            let pos = Tensor::new(&[i as u32], &Device::Cpu).unwrap();
+            let got = m.decode_at(&id, &pos, &mut b).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (want.dims(), dtype));
+            let d = max_abs_diff(&got, &want);
+            let tol = if dtype == DType::F32 { 1e-5 } else { 0.02 };
+            assert!(d < tol, "{dtype:?} position {i}: decode_at differs by {d}");
+        }
+    }
+}
+
+/// A multi-token input is an error, not a panic.
+#[test]
+fn decode_at_takes_one_token() {
+    let m = BitNetModel::load_dir(&fixture_model_dir(), DType::F32, &Device::Cpu).unwrap();
+    let mut cache = m.new_cache(8).unwrap();
+    let two = Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap();
+    let pos = Tensor::new(&[0u32], &Device::Cpu).unwrap();
+    assert!(m.decode_at(&two, &pos, &mut cache).is_err());
+}
