@@ -11,11 +11,17 @@
 //! the logits). Then, for the packed model: the projections and the head alone (the same
 //! weights' shapes, the calls of one decode step back to back, one synchronisation), and the
 //! host time to enqueue one decode step (no synchronisation) against its full time.
+//!
+//! With `--graph` (CUDA builds), each model also decodes through a CUDA graph: the step of
+//! `BitNetModel::decode_at` (the position a device value, attention over the whole cache) is
+//! captured once and replayed per token; reported: the median time a token (launch to the host
+//! holding the next token id), the host time of the launch, and how many leading greedy tokens
+//! equal the eager generation's.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use bitnet::generate::{Generation, Sampling};
 use bitnet::{BitNetConfig, BitNetModel, Projections};
 use candle_core::{DType, Device, Module, Tensor};
@@ -50,6 +56,9 @@ struct Args {
     /// Keep cudarc's per-allocation events (the `bitnet` binary turns them off: one stream).
     #[arg(long)]
     keep_event_tracking: bool,
+    /// Also decode through a CUDA graph of the decode step (CUDA only).
+    #[arg(long)]
+    graph: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -210,6 +219,76 @@ fn enqueue_vs_step(model: &BitNetModel, prompt: &[u32]) -> Result<(f64, f64)> {
     Ok((median(host), median(full)))
 }
 
+/// Greedy decode through a CUDA graph of [`BitNetModel::decode_at`]: prefill eagerly, run the
+/// step once eagerly (kernels loaded, weights settled, small uploads cached), capture it, then per
+/// token write the id and position into the graph's input buffers and replay. Returns the median
+/// seconds a token and of the launch call (after 16 warm-up tokens), and how many leading tokens
+/// equal an eager greedy generation's (rounding may differ: attention spans the whole cache).
+#[cfg(feature = "cuda")]
+fn graph_decode(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<(f64, f64, usize, usize)> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let device = model.device();
+    let eager = Generation::new(model, Sampling::GREEDY)
+        .run(prompt, new, |_| Ok(()))?
+        .tokens;
+    let cuda = device.as_cuda_device()?;
+    let stream = cuda.cuda_stream();
+    let mut cache = model.new_cache(prompt.len() + new)?;
+    let first = model.forward_last(&Tensor::new(prompt, device)?.unsqueeze(0)?, &mut cache)?;
+    let mut next = first.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0];
+    let id = Tensor::zeros((1, 1), DType::U32, device)?;
+    let pos = Tensor::zeros(1, DType::U32, device)?;
+    let set =
+        |t: &Tensor, v: u32| -> Result<()> { Ok(t.slice_set(&Tensor::new(&[v], device)?.reshape(t.shape())?, 0, 0)?) };
+    // candle uploads small kernel arguments (shapes, strides) from the host; under this guard it
+    // keeps them on the device, so the capture records device copies instead of host uploads.
+    let _htod_cache = cuda.enable_cuda_graph_htod_cache();
+    set(&id, next)?;
+    set(&pos, prompt.len() as u32)?;
+    // The warm-up writes the first step's key and value, which the first replay rewrites.
+    model
+        .decode_at(&id, &pos, &mut cache)?
+        .argmax(candle_core::D::Minus1)?
+        .to_vec1::<u32>()?;
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| anyhow!("begin_capture: {e:?}"))?;
+    let captured = model
+        .decode_at(&id, &pos, &mut cache)
+        .and_then(|logits| logits.argmax(candle_core::D::Minus1));
+    // The output stays allocated between replays; the flag lets each launch reuse it.
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    let out = captured.map_err(|e| anyhow!("capturing the decode step: {e}"))?;
+    let graph = graph
+        .map_err(|e| anyhow!("end_capture: {e:?}"))?
+        .ok_or_else(|| anyhow!("the capture recorded no graph"))?;
+    let mut tokens = vec![next];
+    let (mut steps, mut launches) = (Vec::new(), Vec::new());
+    for i in 0..new.saturating_sub(1) {
+        set(&id, next)?;
+        set(&pos, (prompt.len() + i) as u32)?;
+        let t0 = Instant::now();
+        graph.launch().map_err(|e| anyhow!("graph launch: {e:?}"))?;
+        let launched = t0.elapsed().as_secs_f64();
+        next = out.to_vec1::<u32>()?[0];
+        tokens.push(next);
+        if i >= 16 {
+            steps.push(t0.elapsed().as_secs_f64());
+            launches.push(launched);
+        }
+    }
+    if steps.is_empty() {
+        return Err(anyhow!("--graph needs more than 17 new tokens"));
+    }
+    let agree = tokens.iter().zip(&eager).take_while(|(a, b)| a == b).count();
+    Ok((median(steps), median(launches), agree, eager.len().min(tokens.len())))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn graph_decode(_: &BitNetModel, _: &[u32], _: usize) -> Result<(f64, f64, usize, usize)> {
+    Err(anyhow!("--graph needs a build with `--features cuda`"))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = match args.device {
@@ -246,6 +325,7 @@ fn main() -> Result<()> {
         kinds.push(Projections::Dense);
     }
     let mut decode = Vec::new();
+    let mut graphs = Vec::new();
     for kind in kinds {
         let model = random_model(&cfg, kind, dtype, &device)?;
         let (prefill, per_token) = generation(&model, &prompt, args.new)?;
@@ -255,6 +335,22 @@ fn main() -> Result<()> {
             1.0 / per_token,
             per_token * 1e3
         );
+        if args.graph {
+            // A failed capture is reported; the other measurements still run.
+            match graph_decode(&model, &prompt, args.new) {
+                Ok((step, launch, agree, n)) => {
+                    graphs.push(step);
+                    println!(
+                        "  {kind:?} CUDA graph: decode {:.1} tokens/s ({:.3} ms a token, median); \
+                         graph launch (host) {:.3} ms; first {agree} of {n} tokens as eager",
+                        1.0 / step,
+                        step * 1e3,
+                        launch * 1e3
+                    );
+                }
+                Err(e) => println!("  ERROR {kind:?} CUDA graph: {e:#}"),
+            }
+        }
         if kind == Projections::PackedTernary {
             let (host, full) = enqueue_vs_step(&model, &prompt)?;
             drop(model);
@@ -272,6 +368,13 @@ fn main() -> Result<()> {
     }
     if let [ours, dense] = decode[..] {
         println!("decode speed-up over the dense {dtype:?} model: {:.2}x", dense / ours);
+        if let [ours_graph, dense_graph] = graphs[..] {
+            println!(
+                "with CUDA graphs: ours over dense (graph) {:.2}x, ours over dense (eager) {:.2}x",
+                dense_graph / ours_graph,
+                dense / ours_graph
+            );
+        }
     }
     Ok(())
 }
