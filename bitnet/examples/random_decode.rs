@@ -293,6 +293,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = match args.device {
         Kind::Cpu => Device::Cpu,
+        // Stream capture is documented for created streams; candle's default is the per-thread
+        // default stream, so a graph run gets a stream of its own (eager runs keep the default).
+        Kind::Cuda if args.graph => Device::new_cuda_with_stream(0)?,
         Kind::Cuda => Device::new_cuda(0)?,
     };
     #[cfg(feature = "cuda")]
