@@ -23,6 +23,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod kernel;
+mod layout;
 mod portable;
 mod prepare;
 #[cfg(target_arch = "x86_64")]
@@ -35,6 +36,8 @@ mod vnni;
 use rayon::prelude::*;
 
 pub use kernel::CpuKernel;
+use kernel::Strides;
+pub(crate) use layout::{CpuLayouts, Weights};
 pub(crate) use prepare::PreparedActivations;
 
 /// Weight rows computed together.
@@ -50,9 +53,9 @@ struct SharedOut<T>(*mut T);
 // SAFETY: every task writes only the columns of its own weight rows (see `packed_matmul_into`).
 unsafe impl<T: Copy + Send> Sync for SharedOut<T> {}
 
-/// `acc[m][n] = Σ_k x_q[m][k] · w[n][k]` for packed weight bytes `(n, ceil(k/4))`, row-major
+/// `acc[m][n] = Σ_k x_q[m][k] · w[n][k]` for a packed weight of `n` rows of `k`, row-major
 /// `(m, n)`.
-pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize, k: usize) -> Vec<i32> {
+pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: Weights, n: usize, k: usize) -> Vec<i32> {
     let mut out = vec![0i32; x.row_sums.len() * n];
     packed_matmul_into(x, packed, n, k, &mut out, |_, acc| acc);
     out
@@ -61,7 +64,7 @@ pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize
 /// Computes every accumulator and stores `epilogue(m, acc)` at `out[m · n + n_index]`.
 pub(crate) fn packed_matmul_into<T: Copy + Send>(
     x: &PreparedActivations,
-    packed: &[u8],
+    packed: Weights,
     n: usize,
     k: usize,
     out: &mut [T],
@@ -75,6 +78,13 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
     let k4 = k.div_ceil(4);
     let padded = x.blocks * x.kernel.block_bytes();
     let group = x.kernel.rows_per_call();
+    if let Weights::Grouped(g) = packed {
+        assert_eq!(
+            g.len(),
+            n.div_ceil(ROWS) * ROWS * padded,
+            "grouped weight has the wrong length"
+        );
+    }
     // Rows per rayon task: enough work per task, enough tasks for both cores.
     let rows_per_task = ROWS * (n / (ROWS * 32)).clamp(1, 16);
     let tasks = n.div_ceil(rows_per_task);
@@ -83,7 +93,8 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
         let out = &shared;
         let n0 = t * rows_per_task;
         let rows = rows_per_task.min(n - n0);
-        // Rows are used in place when they are whole blocks; otherwise copied zero-padded.
+        let bb = x.kernel.block_bytes();
+        // Plain rows are used in place when they are whole blocks; otherwise copied zero-padded.
         let direct = k4 == padded;
         let mut wbuf = Vec::new();
         let mut dots = [[0i32; ROWS]; kernel::MAX_X_ROWS];
@@ -91,24 +102,45 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
         for m0 in (0..m).step_by(M_TILE) {
             for r0 in (0..rows).step_by(ROWS) {
                 let nr = ROWS.min(rows - r0);
-                let first = (n0 + r0) * k4;
-                let w: &[u8] = if direct && nr == ROWS {
-                    &packed[first..first + ROWS * k4]
-                } else {
-                    wbuf.clear();
-                    wbuf.resize(ROWS * padded, 0);
-                    for r in 0..nr {
-                        let src = &packed[first + r * k4..first + (r + 1) * k4];
-                        wbuf[r * padded..r * padded + k4].copy_from_slice(src);
+                let (w, strides): (&[u8], Strides) = match packed {
+                    Weights::Grouped(g) => {
+                        // `n0 + r0` is a multiple of ROWS: the start of a group.
+                        let first = (n0 + r0) * padded;
+                        let s = Strides {
+                            row: bb,
+                            block: ROWS * bb,
+                        };
+                        (&g[first..first + ROWS * padded], s)
                     }
-                    &wbuf
+                    Weights::Plain(p) => {
+                        let first = (n0 + r0) * k4;
+                        let s = Strides { row: padded, block: bb };
+                        if direct && nr == ROWS {
+                            (&p[first..first + ROWS * k4], s)
+                        } else {
+                            wbuf.clear();
+                            wbuf.resize(ROWS * padded, 0);
+                            for r in 0..nr {
+                                let src = &p[first + r * k4..first + (r + 1) * k4];
+                                wbuf[r * padded..r * padded + k4].copy_from_slice(src);
+                            }
+                            (&wbuf, s)
+                        }
+                    }
                 };
                 let end = m.min(m0 + M_TILE);
                 let mut mm = m0;
                 while mm < end {
                     let here = (end - mm).min(group);
-                    x.kernel
-                        .dot(w, padded, &x.data[mm * x.row_len()..], x.row_len(), here, &mut dots);
+                    x.kernel.dot(
+                        w,
+                        strides,
+                        x.blocks,
+                        &x.data[mm * x.row_len()..],
+                        x.row_len(),
+                        here,
+                        &mut dots,
+                    );
                     for (i, d) in dots.iter().enumerate().take(here) {
                         let base = (mm + i) * n + n0 + r0;
                         for (r, &v) in d.iter().enumerate().take(nr) {
