@@ -2,7 +2,8 @@
 //! `microsoft/bitnet-b1.58-2B-4T` (no checkpoint needed).
 //!
 //! `cargo run --release -p bitnet --example random_decode -- [--layers 30] [--prompt 128]
-//! [--new 256] [--device cpu|cuda]`
+//! [--new 256] [--device cpu|cuda] [--cpu-kernel NAME]` (NAME: a `bitlinear::plan::CpuKernel`
+//! variant, any case; the library's choice when absent)
 
 use std::collections::HashMap;
 
@@ -43,6 +44,26 @@ fn main() -> Result<()> {
         "cuda" => Device::new_cuda(0)?,
         other => return Err(anyhow!("unknown device {other}")),
     };
+    if let Some(name) = args
+        .iter()
+        .position(|a| a == "--cpu-kernel")
+        .and_then(|i| args.get(i + 1))
+    {
+        use bitlinear::plan::{CpuKernel, ForcedChoices, KernelSettings};
+        let kernel = CpuKernel::ALL
+            .into_iter()
+            .find(|k| format!("{k:?}").eq_ignore_ascii_case(name))
+            .ok_or_else(|| anyhow!("unknown CPU kernel {name} (one of {:?})", CpuKernel::ALL))?;
+        let force = ForcedChoices {
+            cpu_kernel: Some(kernel),
+            ..Default::default()
+        };
+        let settings = KernelSettings {
+            force,
+            ..Default::default()
+        };
+        bitlinear::set_kernel_settings(&Device::Cpu, settings)?;
+    }
     let json = CONFIG_2B4T.replace("\"num_hidden_layers\":30", &format!("\"num_hidden_layers\":{layers}"));
     let cfg = BitNetConfig::from_json(&json, std::path::Path::new("2B4T shapes"))?;
     let (h, inner, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
