@@ -33,7 +33,7 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use kernel::CpuKernel;
 use kernel::Strides;
@@ -158,6 +158,33 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
     if m * n * k < SERIAL_MACS {
         (0..tasks).for_each(task);
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        run_shared(tasks, &task);
     }
+}
+
+/// Runs `task(0..tasks)` on the calling thread and `current_num_threads() - 1` pool workers,
+/// each claiming the next task from a shared counter.
+///
+/// The calling thread works instead of waiting: a call from outside the pool would otherwise
+/// queue every task, sleep, and be woken when the workers finish, and at M = 1 that hand-off
+/// costs as much as the work. The caller starts at once; a worker that wakes late finds fewer
+/// tasks left, so a slow wake-up lengthens the call by less than its own delay.
+fn run_shared(tasks: usize, task: &(impl Fn(usize) + Sync)) {
+    let next = AtomicUsize::new(0);
+    let claim = || loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= tasks {
+            break;
+        }
+        task(t);
+    };
+    let helpers = rayon::current_num_threads()
+        .saturating_sub(1)
+        .min(tasks.saturating_sub(1));
+    rayon::in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| claim());
+        }
+        claim();
+    });
 }
