@@ -16,6 +16,7 @@ use super::ROWS;
 /// # Safety
 /// The CPU must have the kernel's features; `w` holds `ROWS` rows of `blocks` blocks placed by
 /// `s` and `x` holds `rows` prepared rows of `blocks` blocks in the kernel's layout.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn dot(
     kernel: CpuKernel,
     w: *const u8,
