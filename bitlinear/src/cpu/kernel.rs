@@ -118,8 +118,12 @@ impl CpuKernel {
     ) {
         let bb = self.block_bytes();
         let padded = blocks * bb;
-        assert!(rows >= 1 && rows <= self.rows_per_call() && s.block >= bb && s.row >= bb);
-        assert!(blocks == 0 || w.len() >= (ROWS - 1) * s.row + (blocks - 1) * s.block + bb);
+        assert!(rows >= 1 && rows <= self.rows_per_call());
+        // K = 0 has no blocks, and the plain layout's rows are then 0 bytes apart
+        assert!(
+            blocks == 0
+                || (s.block >= bb && s.row >= bb && w.len() >= (ROWS - 1) * s.row + (blocks - 1) * s.block + bb)
+        );
         assert!(x.len() >= (rows - 1) * x_stride + padded * 4);
         let xr = |i: usize| &x[i * x_stride..i * x_stride + 4 * padded];
         match self {

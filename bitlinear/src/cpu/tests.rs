@@ -46,6 +46,7 @@ fn every_kernel_agrees_with_naive() {
     // m = 5..7: every remainder of the four-row VNNI calls; n not a multiple of ROWS.
     let shapes = [
         (1, 1, 1),
+        (3, 5, 0),
         (3, 5, 7),
         (2, 9, 130),
         (5, 17, 257),
