@@ -14,7 +14,11 @@
 //! the CPU's kernel settings force one (`ForcedChoices::cpu_kernel`): AVX-512 VNNI (`vpdpbusd` on 512-bit vectors), VNNI on 256-bit vectors (AVX-VNNI, or AVX-512 VNNI with
 //! VL), AVX2 (`pmaddubsw`), or portable Rust. All give identical integers (exact sums).
 //!
-//! Work is split over output features (rows of the weight) with rayon; each task takes
+//! The x86 kernels read the weight in a grouped layout ([`layout`]: each group of `ROWS` rows
+//! block by block, one sequential stream), converted once and cached with the weight.
+//!
+//! Work is split over output features (rows of the weight) between the calling thread and
+//! rayon's workers; each task takes
 //! `ROWS` weight rows at a time and reuses every weight vector it decodes for several
 //! activation rows. Results go straight to their `(m, n)` place through an epilogue, and the
 //! prepared activations ([`prepare`]) reuse a per-thread buffer, so a call allocates only its
