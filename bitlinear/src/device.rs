@@ -221,8 +221,10 @@ pub fn packed_accumulate(x_codes: &Tensor, w: &PackedTernary) -> Result<Tensor> 
         (Storage::Cpu(xs), Storage::Cpu(ws)) => {
             let xq = cpu_u8(xs, xl)?;
             let xq: &[i8] = bytemuck_i8(xq);
-            let prep = crate::cpu::PreparedActivations::new(cpu_kernel(), xq, m, k);
-            let acc = crate::cpu::packed_accumulate(&prep, cpu_u8(ws, wl)?, n, k);
+            let kernel = cpu_kernel();
+            let prep = crate::cpu::PreparedActivations::new(kernel, xq, m, k);
+            let weights = w.cpu_layouts().get(kernel, cpu_u8(ws, wl)?, n, k);
+            let acc = crate::cpu::packed_accumulate(&prep, weights, n, k);
             Ok(tensor_from(Storage::Cpu(CpuStorage::I32(acc)), (m, n)))
         }
         #[cfg(feature = "cuda")]

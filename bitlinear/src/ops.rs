@@ -13,7 +13,9 @@ use crate::quant::{self, ActScaling};
 
 /// A packed weight as the CPU kernel reads it.
 struct PackedView<'a> {
+    /// the packed bytes; the grouped layout comes from `layouts` when there is one
     bytes: &'a [u8],
+    layouts: Option<&'a crate::cpu::CpuLayouts>,
     n: usize,
     s_w: f32,
 }
@@ -30,7 +32,12 @@ fn cpu_forward(
     let kernel = crate::device::cpu_kernel();
     let (prep, scales) = crate::cpu::PreparedActivations::quantize(kernel, x, m, k, per_tensor);
     let mut y = vec![0f32; m * w.n];
-    crate::cpu::packed_matmul_into(&prep, w.bytes, w.n, k, &mut y, |row, acc| {
+    let weights = match w.layouts {
+        Some(l) => l.get(kernel, w.bytes, w.n, k),
+        // a weight packed for this call alone is read once: no conversion
+        None => crate::cpu::Weights::Plain(w.bytes),
+    };
+    crate::cpu::packed_matmul_into(&prep, weights, w.n, k, &mut y, |row, acc| {
         quant::dequantize(acc, scales[row], w.s_w)
     });
     cpu_from_f32(y, dtype)
@@ -91,7 +98,12 @@ impl CustomOp2 for BitMatmul {
             bail!("bit-matmul: internal error, expected rank-2 operands")
         };
         let (bytes, s_w) = pack_f32(&cpu_f32(ws, wl)?, n, k)?;
-        let w = PackedView { bytes: &bytes, n, s_w };
+        let w = PackedView {
+            bytes: &bytes,
+            layouts: None,
+            n,
+            s_w,
+        };
         let y = cpu_forward(&cpu_f32(xs, xl)?, (m, k), w, self.scaling, xs.dtype())?;
         Ok((y, Shape::from((m, n))))
     }
@@ -139,6 +151,8 @@ struct PackedMatmul {
     k: usize,
     s_w: f32,
     scaling: ActScaling,
+    /// the weight's grouped layouts for the CPU kernels
+    cpu_layouts: crate::cpu::CpuLayouts,
     /// the weight's settled state on CUDA (`cuda::settle`)
     #[cfg(feature = "cuda")]
     settled: crate::cuda::Settled,
@@ -156,6 +170,7 @@ impl CustomOp2 for PackedMatmul {
         let bytes = device::cpu_u8(bs, bl)?;
         let w = PackedView {
             bytes,
+            layouts: Some(&self.cpu_layouts),
             n,
             s_w: self.s_w,
         };
@@ -266,6 +281,7 @@ pub fn packed_matmul(x: &Tensor, w: &PackedTernary, scaling: ActScaling) -> Resu
         k,
         s_w: w.scale(),
         scaling,
+        cpu_layouts: w.cpu_layouts().clone(),
         #[cfg(feature = "cuda")]
         settled: w.settled().clone(),
     };

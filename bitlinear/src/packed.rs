@@ -80,6 +80,8 @@ pub struct PackedTernary {
     bytes: Tensor,
     scale: f32,
     k: usize,
+    /// the CPU kernels' grouped layouts of the bytes, made on first use (shared by clones)
+    cpu_layouts: crate::cpu::CpuLayouts,
     /// whether the bytes are known complete on the CUDA device (shared by clones)
     #[cfg(feature = "cuda")]
     settled: crate::cuda::Settled,
@@ -91,6 +93,7 @@ impl PackedTernary {
             bytes,
             scale,
             k,
+            cpu_layouts: Default::default(),
             #[cfg(feature = "cuda")]
             settled: Default::default(),
         }
@@ -145,6 +148,10 @@ impl PackedTernary {
     }
 
     /// Internal constructor for bytes produced by one of our packers (already valid).
+    pub(crate) fn cpu_layouts(&self) -> &crate::cpu::CpuLayouts {
+        &self.cpu_layouts
+    }
+
     pub(crate) fn from_trusted(bytes: Tensor, scale: f32, k: usize) -> Self {
         Self::with_bytes(bytes, scale, k)
     }

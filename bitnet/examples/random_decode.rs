@@ -3,7 +3,8 @@
 //! dense float projections (`--compare-dense`), and where a decode step's time goes.
 //!
 //! `cargo run --release -p bitnet [--features cuda] --example random_decode -- [--layers 30]
-//! [--prompt 128] [--new 256] [--device cpu|cuda] [--dtype f32|bf16] [--compare-dense]`
+//! [--prompt 128] [--new 256] [--device cpu|cuda] [--dtype f32|bf16] [--compare-dense]
+//! [--graph] [--cpu-kernel NAME]`
 //!
 //! Each model generates greedily twice (the first run warms up: kernel JIT, first-use weight
 //! preparation); the second is reported: prefill tokens/s (prompt and first token) and decode
@@ -59,6 +60,28 @@ struct Args {
     /// Also decode through a CUDA graph of the decode step (CUDA only).
     #[arg(long)]
     graph: bool,
+    /// Force the CPU kernel of the projections (a `bitlinear::plan::CpuKernel` variant, any
+    /// case); the library's choice when absent.
+    #[arg(long)]
+    cpu_kernel: Option<String>,
+}
+
+/// Forces the CPU kernel named `name` for the whole process.
+fn force_cpu_kernel(name: &str) -> Result<()> {
+    use bitlinear::plan::{CpuKernel, ForcedChoices, KernelSettings};
+    let kernel = CpuKernel::ALL
+        .into_iter()
+        .find(|k| format!("{k:?}").eq_ignore_ascii_case(name))
+        .ok_or_else(|| anyhow!("unknown CPU kernel {name} (one of {:?})", CpuKernel::ALL))?;
+    let settings = KernelSettings {
+        force: ForcedChoices {
+            cpu_kernel: Some(kernel),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    bitlinear::set_kernel_settings(&Device::Cpu, settings)?;
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -291,6 +314,9 @@ fn graph_decode(_: &BitNetModel, _: &[u32], _: usize) -> Result<(f64, f64, usize
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(name) = &args.cpu_kernel {
+        force_cpu_kernel(name)?;
+    }
     let device = match args.device {
         Kind::Cpu => Device::Cpu,
         // Stream capture is documented for created streams; candle's default is the per-thread

@@ -46,6 +46,42 @@ enum TernaryType {
     Tq1_0,
 }
 
+/// The CPU kernel of `eval` (`bitlinear::plan::CpuKernel`); `default` is the library's choice.
+#[derive(Clone, Copy, ValueEnum)]
+enum CpuKernelArg {
+    Default,
+    Portable,
+    Avx2,
+    AvxVnni,
+    Avx512Vnni256,
+    Avx512Vnni,
+}
+
+impl CpuKernelArg {
+    /// Forces the kernel for every later CPU call (an error where this CPU lacks it).
+    fn apply(self) -> Result<()> {
+        use bitlinear::plan::{CpuKernel, ForcedChoices, KernelSettings};
+        let kernel = match self {
+            CpuKernelArg::Default => return Ok(()),
+            CpuKernelArg::Portable => CpuKernel::Portable,
+            CpuKernelArg::Avx2 => CpuKernel::Avx2,
+            CpuKernelArg::AvxVnni => CpuKernel::AvxVnni,
+            CpuKernelArg::Avx512Vnni256 => CpuKernel::Avx512Vnni256,
+            CpuKernelArg::Avx512Vnni => CpuKernel::Avx512Vnni,
+        };
+        let force = ForcedChoices {
+            cpu_kernel: Some(kernel),
+            ..Default::default()
+        };
+        let settings = KernelSettings {
+            force,
+            ..Default::default()
+        };
+        bitlinear::set_kernel_settings(&Device::Cpu, settings)?;
+        Ok(())
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Pack every BitLinear weight of a float checkpoint into 2-bit codes + scale.
@@ -133,6 +169,9 @@ enum Command {
         data_dir: PathBuf,
         #[command(flatten)]
         download: cifar::DownloadArgs,
+        /// The CPU kernel the packed layers run on.
+        #[arg(long, value_enum, default_value = "default")]
+        cpu_kernel: CpuKernelArg,
     },
 }
 
@@ -228,12 +267,16 @@ fn run(cli: Cli) -> Result<bool> {
             packed,
             data_dir,
             download,
+            cpu_kernel,
         } => {
+            cpu_kernel.apply()?;
+            let start = std::time::Instant::now();
             let (n, acc) = convert::evaluate::eval_packed(&packed, &data_dir, &download.options(), &Device::Cpu)?;
             println!(
-                "test accuracy of {}: {:.2}% on {n} images",
+                "test accuracy of {}: {:.2}% on {n} images ({:.2} s with loading)",
                 packed.display(),
-                100.0 * acc
+                100.0 * acc,
+                start.elapsed().as_secs_f64()
             );
             Ok(true)
         }

@@ -1,5 +1,6 @@
 //! The AVX2 kernel: `pmaddubsw` on 256-bit vectors, one block = 32 packed bytes.
 
+use super::kernel::Strides;
 use super::ROWS;
 use std::arch::x86_64::*;
 
@@ -11,9 +12,8 @@ const BLOCK_K: usize = 4 * BLOCK_BYTES;
 /// AVX2: `pmaddubsw` multiplies the unsigned 2-bit codes by the signed activations (products
 /// at most 2·128 in magnitude, pair sums within i16), `pmaddwd` widens to i32.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn dot_rows(w: &[u8], padded: usize, x: &[i8]) -> [i32; ROWS] {
-    let blocks = padded / BLOCK_BYTES;
-    debug_assert!(w.len() >= ROWS * padded && x.len() >= blocks * BLOCK_K);
+pub(super) unsafe fn dot_rows(w: &[u8], s: Strides, blocks: usize, x: &[i8]) -> [i32; ROWS] {
+    debug_assert!(x.len() >= blocks * BLOCK_K);
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_si256(); ROWS];
@@ -27,7 +27,7 @@ pub(super) unsafe fn dot_rows(w: &[u8], padded: usize, x: &[i8]) -> [i32; ROWS] 
             _mm256_loadu_si256(xp.add(b * BLOCK_K + 96) as *const __m256i),
         ];
         for (r, a) in acc.iter_mut().enumerate() {
-            let v = _mm256_loadu_si256(wp.add(r * padded + b * BLOCK_BYTES) as *const __m256i);
+            let v = _mm256_loadu_si256(wp.add(r * s.row + b * s.block) as *const __m256i);
             let c0 = _mm256_and_si256(v, mask);
             let c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
             let c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
@@ -54,9 +54,8 @@ const I16_BLOCKS: usize = 8;
 /// `dot_rows` against two prepared rows: every weight vector is decoded once for both. The
 /// products go into i16 lane sums for up to `I16_BLOCKS` blocks, then are widened to i32.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn dot_rows2(w: &[u8], padded: usize, x0: &[i8], x1: &[i8]) -> [[i32; ROWS]; 2] {
-    let blocks = padded / BLOCK_BYTES;
-    debug_assert!(w.len() >= ROWS * padded && x0.len() >= blocks * BLOCK_K && x1.len() >= blocks * BLOCK_K);
+pub(super) unsafe fn dot_rows2(w: &[u8], s: Strides, blocks: usize, x0: &[i8], x1: &[i8]) -> [[i32; ROWS]; 2] {
+    debug_assert!(x0.len() >= blocks * BLOCK_K && x1.len() >= blocks * BLOCK_K);
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_si256(); ROWS]; 2];
@@ -65,23 +64,23 @@ pub(super) unsafe fn dot_rows2(w: &[u8], padded: usize, x0: &[i8], x1: &[i8]) ->
     let mut b0 = 0;
     while b0 < blocks {
         let b1 = blocks.min(b0 + I16_BLOCKS);
-        let mut s = [[_mm256_setzero_si256(); ROWS]; 2];
+        let mut sums = [[_mm256_setzero_si256(); ROWS]; 2];
         for b in b0..b1 {
             let mut v = [_mm256_setzero_si256(); ROWS];
             for (r, vr) in v.iter_mut().enumerate() {
-                *vr = _mm256_loadu_si256(wp.add(r * padded + b * BLOCK_BYTES) as *const __m256i);
+                *vr = _mm256_loadu_si256(wp.add(r * s.row + b * s.block) as *const __m256i);
             }
             for p in 0..4 {
                 let xa = _mm256_loadu_si256(xp0.add(b * BLOCK_K + 32 * p) as *const __m256i);
                 let xb = _mm256_loadu_si256(xp1.add(b * BLOCK_K + 32 * p) as *const __m256i);
                 for r in 0..ROWS {
                     let c = _mm256_and_si256(shift_right_2p(v[r], p), mask);
-                    s[0][r] = _mm256_add_epi16(s[0][r], _mm256_maddubs_epi16(c, xa));
-                    s[1][r] = _mm256_add_epi16(s[1][r], _mm256_maddubs_epi16(c, xb));
+                    sums[0][r] = _mm256_add_epi16(sums[0][r], _mm256_maddubs_epi16(c, xa));
+                    sums[1][r] = _mm256_add_epi16(sums[1][r], _mm256_maddubs_epi16(c, xb));
                 }
             }
         }
-        for (a, t) in acc.iter_mut().zip(&s) {
+        for (a, t) in acc.iter_mut().zip(&sums) {
             for (ar, tr) in a.iter_mut().zip(t) {
                 *ar = _mm256_add_epi32(*ar, _mm256_madd_epi16(*tr, ones));
             }

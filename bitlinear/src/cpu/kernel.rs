@@ -10,6 +10,17 @@ use super::{portable, ROWS};
 /// Most activation rows any kernel takes in one call.
 pub(crate) const MAX_X_ROWS: usize = 4;
 
+/// Where a tile of `ROWS` weight rows lies: block `b` of row `r` at byte `r · row + b · block`
+/// (the plain layout: `row` = the padded row, `block` = the block width; the grouped one:
+/// `row` = the block width, `block` = `ROWS` blocks).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Strides {
+    /// Bytes from one row to the next.
+    pub(crate) row: usize,
+    /// Bytes from one block of a row to its next.
+    pub(crate) block: usize,
+}
+
 /// A CPU kernel of the packed matmul. Every kernel gives identical integers; the fastest one
 /// the CPU supports runs unless [`crate::plan::ForcedChoices::cpu_kernel`] picks another.
 ///
@@ -89,24 +100,34 @@ impl CpuKernel {
         }
     }
 
-    /// `out[i][r] = Σ c·x` of `ROWS` padded weight rows (`w`, stride `padded` bytes) against
-    /// prepared activation rows `i < rows` (`x`, stride `x_stride`).
+    /// `out[i][r] = Σ c·x` of `ROWS` weight rows of `blocks` blocks each (`w`, block `b` of row
+    /// `r` at byte `r · s.row + b · s.block`) against prepared activation rows `i < rows` (`x`,
+    /// stride `x_stride`).
     ///
-    /// `rows <= self.rows_per_call()`, `w.len() >= ROWS · padded`, `x` holds `rows` rows.
+    /// `rows <= self.rows_per_call()`, `w` holds every block, `x` holds `rows` rows.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn dot(
         self,
         w: &[u8],
-        padded: usize,
+        s: Strides,
+        blocks: usize,
         x: &[i8],
         x_stride: usize,
         rows: usize,
         out: &mut [[i32; ROWS]; MAX_X_ROWS],
     ) {
-        assert!(rows >= 1 && rows <= self.rows_per_call() && w.len() >= ROWS * padded);
-        assert!(x.len() >= (rows - 1) * x_stride + padded * 4 && padded.is_multiple_of(self.block_bytes()));
+        let bb = self.block_bytes();
+        let padded = blocks * bb;
+        assert!(rows >= 1 && rows <= self.rows_per_call());
+        // K = 0 has no blocks, and the plain layout's rows are then 0 bytes apart
+        assert!(
+            blocks == 0
+                || (s.block >= bb && s.row >= bb && w.len() >= (ROWS - 1) * s.row + (blocks - 1) * s.block + bb)
+        );
+        assert!(x.len() >= (rows - 1) * x_stride + padded * 4);
         let xr = |i: usize| &x[i * x_stride..i * x_stride + 4 * padded];
         match self {
-            CpuKernel::Portable => out[0] = portable::dot_rows(w, padded, xr(0), self.block_bytes()),
+            CpuKernel::Portable => out[0] = portable::dot_rows(w, s, blocks, xr(0), bb),
             #[cfg(target_arch = "x86_64")]
             CpuKernel::Avx2 => {
                 debug_assert!(self.is_supported());
@@ -114,9 +135,9 @@ impl CpuKernel {
                 // lengths were checked above.
                 unsafe {
                     if rows == 2 {
-                        [out[0], out[1]] = avx2::dot_rows2(w, padded, xr(0), xr(1));
+                        [out[0], out[1]] = avx2::dot_rows2(w, s, blocks, xr(0), xr(1));
                     } else {
-                        out[0] = avx2::dot_rows(w, padded, xr(0));
+                        out[0] = avx2::dot_rows(w, s, blocks, xr(0));
                     }
                 }
             }
@@ -124,7 +145,7 @@ impl CpuKernel {
             CpuKernel::AvxVnni | CpuKernel::Avx512Vnni256 | CpuKernel::Avx512Vnni => {
                 debug_assert!(self.is_supported());
                 // SAFETY: as above, for the kernel's own features.
-                unsafe { vnni::dot(self, w, padded, x.as_ptr(), x_stride, rows, out) }
+                unsafe { vnni::dot(self, w.as_ptr(), s, blocks, x.as_ptr(), x_stride, rows, out) }
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("only the portable kernel exists off x86-64"),

@@ -14,7 +14,11 @@
 //! the CPU's kernel settings force one (`ForcedChoices::cpu_kernel`): AVX-512 VNNI (`vpdpbusd` on 512-bit vectors), VNNI on 256-bit vectors (AVX-VNNI, or AVX-512 VNNI with
 //! VL), AVX2 (`pmaddubsw`), or portable Rust. All give identical integers (exact sums).
 //!
-//! Work is split over output features (rows of the weight) with rayon; each task takes
+//! The x86 kernels read the weight in a grouped layout ([`layout`]: each group of `ROWS` rows
+//! block by block, one sequential stream), converted once and cached with the weight.
+//!
+//! Work is split over output features (rows of the weight) between the calling thread and
+//! rayon's workers; each task takes
 //! `ROWS` weight rows at a time and reuses every weight vector it decodes for several
 //! activation rows. Results go straight to their `(m, n)` place through an epilogue, and the
 //! prepared activations ([`prepare`]) reuse a per-thread buffer, so a call allocates only its
@@ -23,6 +27,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod kernel;
+mod layout;
 mod portable;
 mod prepare;
 #[cfg(target_arch = "x86_64")]
@@ -32,9 +37,11 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use kernel::CpuKernel;
+use kernel::Strides;
+pub(crate) use layout::{CpuLayouts, Weights};
 pub(crate) use prepare::PreparedActivations;
 
 /// Weight rows computed together.
@@ -50,9 +57,9 @@ struct SharedOut<T>(*mut T);
 // SAFETY: every task writes only the columns of its own weight rows (see `packed_matmul_into`).
 unsafe impl<T: Copy + Send> Sync for SharedOut<T> {}
 
-/// `acc[m][n] = Σ_k x_q[m][k] · w[n][k]` for packed weight bytes `(n, ceil(k/4))`, row-major
+/// `acc[m][n] = Σ_k x_q[m][k] · w[n][k]` for a packed weight of `n` rows of `k`, row-major
 /// `(m, n)`.
-pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize, k: usize) -> Vec<i32> {
+pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: Weights, n: usize, k: usize) -> Vec<i32> {
     let mut out = vec![0i32; x.row_sums.len() * n];
     packed_matmul_into(x, packed, n, k, &mut out, |_, acc| acc);
     out
@@ -61,7 +68,7 @@ pub(crate) fn packed_accumulate(x: &PreparedActivations, packed: &[u8], n: usize
 /// Computes every accumulator and stores `epilogue(m, acc)` at `out[m · n + n_index]`.
 pub(crate) fn packed_matmul_into<T: Copy + Send>(
     x: &PreparedActivations,
-    packed: &[u8],
+    packed: Weights,
     n: usize,
     k: usize,
     out: &mut [T],
@@ -75,6 +82,13 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
     let k4 = k.div_ceil(4);
     let padded = x.blocks * x.kernel.block_bytes();
     let group = x.kernel.rows_per_call();
+    if let Weights::Grouped(g) = packed {
+        assert_eq!(
+            g.len(),
+            n.div_ceil(ROWS) * ROWS * padded,
+            "grouped weight has the wrong length"
+        );
+    }
     // Rows per rayon task: enough work per task, enough tasks for both cores.
     let rows_per_task = ROWS * (n / (ROWS * 32)).clamp(1, 16);
     let tasks = n.div_ceil(rows_per_task);
@@ -83,7 +97,8 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
         let out = &shared;
         let n0 = t * rows_per_task;
         let rows = rows_per_task.min(n - n0);
-        // Rows are used in place when they are whole blocks; otherwise copied zero-padded.
+        let bb = x.kernel.block_bytes();
+        // Plain rows are used in place when they are whole blocks; otherwise copied zero-padded.
         let direct = k4 == padded;
         let mut wbuf = Vec::new();
         let mut dots = [[0i32; ROWS]; kernel::MAX_X_ROWS];
@@ -91,24 +106,45 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
         for m0 in (0..m).step_by(M_TILE) {
             for r0 in (0..rows).step_by(ROWS) {
                 let nr = ROWS.min(rows - r0);
-                let first = (n0 + r0) * k4;
-                let w: &[u8] = if direct && nr == ROWS {
-                    &packed[first..first + ROWS * k4]
-                } else {
-                    wbuf.clear();
-                    wbuf.resize(ROWS * padded, 0);
-                    for r in 0..nr {
-                        let src = &packed[first + r * k4..first + (r + 1) * k4];
-                        wbuf[r * padded..r * padded + k4].copy_from_slice(src);
+                let (w, strides): (&[u8], Strides) = match packed {
+                    Weights::Grouped(g) => {
+                        // `n0 + r0` is a multiple of ROWS: the start of a group.
+                        let first = (n0 + r0) * padded;
+                        let s = Strides {
+                            row: bb,
+                            block: ROWS * bb,
+                        };
+                        (&g[first..first + ROWS * padded], s)
                     }
-                    &wbuf
+                    Weights::Plain(p) => {
+                        let first = (n0 + r0) * k4;
+                        let s = Strides { row: padded, block: bb };
+                        if direct && nr == ROWS {
+                            (&p[first..first + ROWS * k4], s)
+                        } else {
+                            wbuf.clear();
+                            wbuf.resize(ROWS * padded, 0);
+                            for r in 0..nr {
+                                let src = &p[first + r * k4..first + (r + 1) * k4];
+                                wbuf[r * padded..r * padded + k4].copy_from_slice(src);
+                            }
+                            (&wbuf, s)
+                        }
+                    }
                 };
                 let end = m.min(m0 + M_TILE);
                 let mut mm = m0;
                 while mm < end {
                     let here = (end - mm).min(group);
-                    x.kernel
-                        .dot(w, padded, &x.data[mm * x.row_len()..], x.row_len(), here, &mut dots);
+                    x.kernel.dot(
+                        w,
+                        strides,
+                        x.blocks,
+                        &x.data[mm * x.row_len()..],
+                        x.row_len(),
+                        here,
+                        &mut dots,
+                    );
                     for (i, d) in dots.iter().enumerate().take(here) {
                         let base = (mm + i) * n + n0 + r0;
                         for (r, &v) in d.iter().enumerate().take(nr) {
@@ -126,6 +162,33 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
     if m * n * k < SERIAL_MACS {
         (0..tasks).for_each(task);
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        run_shared(tasks, &task);
     }
+}
+
+/// Runs `task(0..tasks)` on the calling thread and `current_num_threads() - 1` pool workers,
+/// each claiming the next task from a shared counter.
+///
+/// The calling thread works instead of waiting: a call from outside the pool would otherwise
+/// queue every task, sleep, and be woken when the workers finish, and at M = 1 that hand-off
+/// costs as much as the work. The caller starts at once; a worker that wakes late finds fewer
+/// tasks left, so a slow wake-up lengthens the call by less than its own delay.
+fn run_shared(tasks: usize, task: &(impl Fn(usize) + Sync)) {
+    let next = AtomicUsize::new(0);
+    let claim = || loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= tasks {
+            break;
+        }
+        task(t);
+    };
+    let helpers = rayon::current_num_threads()
+        .saturating_sub(1)
+        .min(tasks.saturating_sub(1));
+    rayon::in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| claim());
+        }
+        claim();
+    });
 }

@@ -19,6 +19,16 @@ fn kernels() -> Vec<CpuKernel> {
     run
 }
 
+/// The product read from the plain bytes and from the layout the kernel takes (a fresh cache,
+/// so the conversion runs), asserted equal.
+fn accumulate(prep: &PreparedActivations, packed: &[u8], n: usize, k: usize) -> Vec<i32> {
+    let plain = packed_accumulate(prep, Weights::Plain(packed), n, k);
+    let layouts = CpuLayouts::default();
+    let cached = packed_accumulate(prep, layouts.get(prep.kernel, packed, n, k), n, k);
+    assert_eq!(plain, cached, "{:?}: plain and cached layouts differ", prep.kernel);
+    plain
+}
+
 struct XorShift(u64);
 impl XorShift {
     fn next(&mut self) -> u64 {
@@ -36,6 +46,7 @@ fn every_kernel_agrees_with_naive() {
     // m = 5..7: every remainder of the four-row VNNI calls; n not a multiple of ROWS.
     let shapes = [
         (1, 1, 1),
+        (3, 5, 0),
         (3, 5, 7),
         (2, 9, 130),
         (5, 17, 257),
@@ -52,7 +63,7 @@ fn every_kernel_agrees_with_naive() {
             let packed = crate::packed::pack_ternary(&w, n, k).unwrap();
             let prep = PreparedActivations::new(kernel, &xq, m, k);
             assert_eq!(
-                packed_accumulate(&prep, &packed, n, k),
+                accumulate(&prep, &packed, n, k),
                 naive(&xq, &w, m, n, k),
                 "{kernel:?} {m}x{n}x{k}"
             );
@@ -72,10 +83,14 @@ fn every_row_count_of_every_kernel() {
         let w: Vec<u8> = (0..ROWS * padded).map(|_| rng.next() as u8).collect();
         for rows in 1..=kernel.rows_per_call() {
             let mut got = [[0; ROWS]; kernel::MAX_X_ROWS];
-            kernel.dot(&w, padded, &prep.data, prep.row_len(), rows, &mut got);
+            let s = Strides {
+                row: padded,
+                block: kernel.block_bytes(),
+            };
+            kernel.dot(&w, s, prep.blocks, &prep.data, prep.row_len(), rows, &mut got);
             for (i, g) in got.iter().enumerate().take(rows) {
                 // byte value 3 is not a ternary code, but every kernel must still agree
-                let want = portable::dot_rows(&w, padded, prep.row(i), kernel.block_bytes());
+                let want = portable::dot_rows(&w, s, prep.blocks, prep.row(i), kernel.block_bytes());
                 assert_eq!(*g, want, "{kernel:?}, {rows} rows, row {i}");
             }
         }
@@ -94,7 +109,7 @@ fn extremes() {
             let xq = vec![v; m * k];
             let prep = PreparedActivations::new(kernel, &xq, m, k);
             assert_eq!(
-                packed_accumulate(&prep, &packed, n, k),
+                accumulate(&prep, &packed, n, k),
                 vec![v as i32 * k as i32; m * n],
                 "{kernel:?}"
             );
@@ -112,5 +127,61 @@ fn reused_scratch_is_clean() {
     let w = vec![1i8, -1, 1];
     let packed = crate::packed::pack_ternary(&w, 1, 3).unwrap();
     let prep = PreparedActivations::new(kernel, &xq, 1, 3);
-    assert_eq!(packed_accumulate(&prep, &packed, 1, 3), vec![1]);
+    assert_eq!(accumulate(&prep, &packed, 1, 3), vec![1]);
+}
+
+/// The grouped layout against its definition, for awkward shapes: N not a multiple of ROWS,
+/// K not a multiple of 4 or of a block, K = 0, N = 0.
+#[test]
+fn grouped_layout_places_every_byte() {
+    let mut rng = XorShift(0x5151_7272 ^ std::process::id() as u64);
+    for bb in [32, 64] {
+        for (n, k) in [
+            (1usize, 1usize),
+            (3, 5),
+            (4, 128),
+            (5, 129),
+            (7, 255),
+            (9, 257),
+            (6, 1000),
+            (2, 0),
+            (0, 9),
+        ] {
+            let k4 = k.div_ceil(4);
+            let packed: Vec<u8> = (0..n * k4).map(|_| rng.next() as u8).collect();
+            let got = layout::group(&packed, n, k, bb);
+            let padded = layout::padded_row(k, bb);
+            assert_eq!(got.len(), n.div_ceil(ROWS) * ROWS * padded, "{n}x{k} at {bb}");
+            for row in 0..n.div_ceil(ROWS) * ROWS {
+                for j in 0..padded {
+                    let (g, r, b, i) = (row / ROWS, row % ROWS, j / bb, j % bb);
+                    let want = if row < n && j < k4 { packed[row * k4 + j] } else { 0 };
+                    let at = g * ROWS * padded + (b * ROWS + r) * bb + i;
+                    assert_eq!(got[at], want, "{n}x{k} at {bb}: row {row}, byte {j}");
+                }
+            }
+        }
+    }
+}
+
+/// The cache converts once: a second request returns the same bytes, and the portable kernel
+/// reads the plain bytes.
+#[test]
+fn layouts_are_cached() {
+    let packed: Vec<u8> = (0..5 * 30).map(|i| i as u8).collect();
+    let layouts = CpuLayouts::default();
+    for kernel in kernels() {
+        let (a, b) = (
+            layouts.get(kernel, &packed, 5, 120),
+            layouts.get(kernel, &packed, 5, 120),
+        );
+        match (a, b) {
+            (Weights::Grouped(a), Weights::Grouped(b)) => assert_eq!(a.as_ptr(), b.as_ptr(), "{kernel:?}"),
+            (Weights::Plain(a), Weights::Plain(_)) => {
+                assert_eq!(kernel, CpuKernel::Portable);
+                assert_eq!(a.as_ptr(), packed.as_ptr());
+            }
+            _ => panic!("{kernel:?}: the layout changed between calls"),
+        }
+    }
 }

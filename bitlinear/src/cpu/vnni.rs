@@ -8,18 +8,20 @@
 
 use std::arch::x86_64::*;
 
-use super::kernel::{CpuKernel, MAX_X_ROWS};
+use super::kernel::{CpuKernel, Strides, MAX_X_ROWS};
 use super::ROWS;
 
 /// Runs `kernel` (a VNNI kernel) on `rows` activation rows at `x` (stride `x_stride`).
 ///
 /// # Safety
-/// The CPU must have the kernel's features; `w` holds `ROWS` rows of `padded` bytes and `x`
-/// holds `rows` prepared rows of `4 · padded` codes in the kernel's layout.
+/// The CPU must have the kernel's features; `w` holds `ROWS` rows of `blocks` blocks placed by
+/// `s` and `x` holds `rows` prepared rows of `blocks` blocks in the kernel's layout.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn dot(
     kernel: CpuKernel,
-    w: &[u8],
-    padded: usize,
+    w: *const u8,
+    s: Strides,
+    blocks: usize,
     x: *const i8,
     x_stride: usize,
     rows: usize,
@@ -28,10 +30,10 @@ pub(super) unsafe fn dot(
     macro_rules! run {
         ($f:ident) => {
             match rows {
-                1 => out[..1].copy_from_slice(&$f::<1>(w.as_ptr(), padded, x, x_stride)),
-                2 => out[..2].copy_from_slice(&$f::<2>(w.as_ptr(), padded, x, x_stride)),
-                3 => out[..3].copy_from_slice(&$f::<3>(w.as_ptr(), padded, x, x_stride)),
-                _ => out[..4].copy_from_slice(&$f::<4>(w.as_ptr(), padded, x, x_stride)),
+                1 => out[..1].copy_from_slice(&$f::<1>(w, s, blocks, x, x_stride)),
+                2 => out[..2].copy_from_slice(&$f::<2>(w, s, blocks, x, x_stride)),
+                3 => out[..3].copy_from_slice(&$f::<3>(w, s, blocks, x, x_stride)),
+                _ => out[..4].copy_from_slice(&$f::<4>(w, s, blocks, x, x_stride)),
             }
         };
     }
@@ -50,17 +52,18 @@ macro_rules! dot_256 {
         #[target_feature(enable = $features)]
         unsafe fn $name<const MX: usize>(
             w: *const u8,
-            padded: usize,
+            s: Strides,
+            blocks: usize,
             x: *const i8,
             x_stride: usize,
         ) -> [[i32; ROWS]; MX] {
             const BYTES: usize = 32;
             let mask = _mm256_set1_epi8(3);
             let mut acc = [[_mm256_setzero_si256(); ROWS]; MX];
-            for b in 0..padded / BYTES {
+            for b in 0..blocks {
                 let mut v = [_mm256_setzero_si256(); ROWS];
                 for (r, vr) in v.iter_mut().enumerate() {
-                    *vr = _mm256_loadu_si256(w.add(r * padded + b * BYTES).cast());
+                    *vr = _mm256_loadu_si256(w.add(r * s.row + b * s.block).cast());
                 }
                 macro_rules! plane {
                     ($p:literal) => {{
@@ -99,14 +102,20 @@ dot_256!(dot_256_evex, "avx2,avx512vnni,avx512vl", _mm256_dpbusd_epi32);
 
 /// The 512-bit kernel over 64-byte blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot_512<const MX: usize>(w: *const u8, padded: usize, x: *const i8, x_stride: usize) -> [[i32; ROWS]; MX] {
+unsafe fn dot_512<const MX: usize>(
+    w: *const u8,
+    s: Strides,
+    blocks: usize,
+    x: *const i8,
+    x_stride: usize,
+) -> [[i32; ROWS]; MX] {
     const BYTES: usize = 64;
     let mask = _mm512_set1_epi8(3);
     let mut acc = [[_mm512_setzero_si512(); ROWS]; MX];
-    for b in 0..padded / BYTES {
+    for b in 0..blocks {
         let mut v = [_mm512_setzero_si512(); ROWS];
         for (r, vr) in v.iter_mut().enumerate() {
-            *vr = _mm512_loadu_si512(w.add(r * padded + b * BYTES).cast());
+            *vr = _mm512_loadu_si512(w.add(r * s.row + b * s.block).cast());
         }
         macro_rules! plane {
             ($p:literal) => {{
