@@ -99,12 +99,7 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, start: usize, rope: &Rope, cache: &mut LayerCache) -> Result<Tensor> {
-        let a = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, start, rope, cache)?;
-        let x = (x + a)?;
-        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
-        x + m
+        self.residual_block(x, |h| self.self_attn.forward(h, start, rope, cache))
     }
 
     fn forward_at(
@@ -115,10 +110,12 @@ impl DecoderLayer {
         rope: &Rope,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
-        let a = self
-            .self_attn
-            .forward_at(&self.input_layernorm.forward(x)?, pos, future, rope, cache)?;
-        let x = (x + a)?;
+        self.residual_block(x, |h| self.self_attn.forward_at(h, pos, future, rope, cache))
+    }
+
+    /// `x + attention(norm(x))`, then that plus `mlp(norm(·))`.
+    fn residual_block(&self, x: &Tensor, attention: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let x = (x + attention(&self.input_layernorm.forward(x)?)?)?;
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + m
     }

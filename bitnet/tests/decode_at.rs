@@ -11,15 +11,16 @@ fn fixture_model_dir() -> PathBuf {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    let values = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (values(a), values(b));
+    a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 /// `decode_at` (position on the device, attention over the whole cache with the later positions
