@@ -6,8 +6,8 @@ use candle_nn::{Module, VarBuilder};
 
 use crate::conv::{check_input, BitConv2dConfig};
 use crate::im2col::{tiling, Gatherer, Geometry};
-use crate::packed::{packed_len, PackedTernary};
-use crate::packed_layer::{fetch, path};
+use crate::packed::PackedTernary;
+use crate::packed_layer::{fetch, load_packed_weight, packed_weight_tensors};
 use crate::{packed_accumulate, quantize_activations, ActScaling};
 
 /// The inference form of [`BitConv2d`](crate::BitConv2d), made by
@@ -107,10 +107,7 @@ impl PackedBitConv2d {
     /// checked, as by [`PackedBitLinear::load`](crate::PackedBitLinear::load).
     pub fn load(c_in: usize, c_out: usize, k: usize, config: BitConv2dConfig, vb: VarBuilder) -> Result<Self> {
         let kk = c_in * k * k;
-        let bytes = fetch(&vb, "weight.packed", &[c_out, packed_len(kk)], DType::U8)?;
-        let scale = fetch(&vb, "weight.scale", &[1], DType::F32)?.to_vec1::<f32>()?[0];
-        let weight = PackedTernary::from_parts(bytes, scale, kk)
-            .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path(&vb, "weight.packed"))))?;
+        let weight = load_packed_weight(&vb, c_out, kk)?;
         let bias = config
             .bias
             .then(|| fetch(&vb, "bias", &[c_out], vb.dtype()))
@@ -120,11 +117,7 @@ impl PackedBitConv2d {
 
     /// The layer's tensors, named relative to its prefix as [`Self::load`] reads them.
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let w = &self.weight;
-        let mut out = vec![
-            ("weight.packed".to_string(), w.bytes().clone()),
-            ("weight.scale".to_string(), Tensor::new(&[w.scale()], w.device())?),
-        ];
+        let mut out = packed_weight_tensors(&self.weight)?;
         out.extend(self.bias.iter().map(|b| ("bias".to_string(), b.clone())));
         Ok(out)
     }

@@ -61,6 +61,25 @@ pub(crate) fn path(vb: &VarBuilder, name: &str) -> String {
     }
 }
 
+/// The packed weight of `n` rows of `k` stored under `vb` as `weight.packed` (U8 `(n,
+/// ceil(k/4))`) and `weight.scale` (F32 `(1,)`), validated as by [`PackedTernary::from_parts`];
+/// the errors name the tensor.
+pub(crate) fn load_packed_weight(vb: &VarBuilder, n: usize, k: usize) -> Result<PackedTernary> {
+    let bytes = fetch(vb, "weight.packed", &[n, packed_len(k)], DType::U8)?;
+    let scale = fetch(vb, "weight.scale", &[1], DType::F32)?.to_vec1::<f32>()?[0];
+    PackedTernary::from_parts(bytes, scale, k)
+        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path(vb, "weight.packed"))))
+}
+
+/// `weight.packed` and `weight.scale` of `w` (the scale on the weight's device), as
+/// [`load_packed_weight`] reads them.
+pub(crate) fn packed_weight_tensors(w: &PackedTernary) -> Result<Vec<(String, Tensor)>> {
+    Ok(vec![
+        ("weight.packed".to_string(), w.bytes().clone()),
+        ("weight.scale".to_string(), Tensor::new(&[w.scale()], w.device())?),
+    ])
+}
+
 /// The tensor `name` under `vb`, in `dtype`, of exactly `shape`; the errors name its full path.
 pub(crate) fn fetch(vb: &VarBuilder, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
     let path = path(vb, name);
@@ -113,10 +132,7 @@ impl PackedBitLinear {
     /// byte values, the scale finite and positive, and every 2-bit code valid (code 3 is
     /// rejected, as by [`PackedTernary::from_parts`]). `config.check_finite` does not apply.
     pub fn load(in_dim: usize, out_dim: usize, config: BitLinearConfig, vb: VarBuilder) -> Result<Self> {
-        let bytes = fetch(&vb, "weight.packed", &[out_dim, packed_len(in_dim)], DType::U8)?;
-        let scale = fetch(&vb, "weight.scale", &[1], DType::F32)?.to_vec1::<f32>()?[0];
-        let weight = PackedTernary::from_parts(bytes, scale, in_dim)
-            .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path(&vb, "weight.packed"))))?;
+        let weight = load_packed_weight(&vb, out_dim, in_dim)?;
         let float = |name: &str, dim: usize| fetch(&vb, name, &[dim], vb.dtype());
         let bias = config.bias.then(|| float("bias", out_dim)).transpose()?;
         let norm = config.rms_norm.then(|| float("norm.weight", in_dim)).transpose()?;
@@ -127,11 +143,7 @@ impl PackedBitLinear {
     /// `weight.packed`, `weight.scale` (on the weight's device), then `bias` and `norm.weight`
     /// where the layer has them, as they are.
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let w = &self.weight;
-        let mut out = vec![
-            ("weight.packed".to_string(), w.bytes().clone()),
-            ("weight.scale".to_string(), Tensor::new(&[w.scale()], w.device())?),
-        ];
+        let mut out = packed_weight_tensors(&self.weight)?;
         out.extend(self.bias.iter().map(|b| ("bias".to_string(), b.clone())));
         out.extend(self.norm.iter().map(|g| ("norm.weight".to_string(), g.clone())));
         Ok(out)
