@@ -175,18 +175,7 @@ fn permute_scalar(natural: &[i8], bb: usize, dst: &mut [i8]) -> i32 {
 mod tests {
     use super::*;
 
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn float(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
+    use crate::cpu::tests::XorShift;
 
     /// The vectorized path writes the same bytes, sums and scales as the scalar one, for codes
     /// and floats (per row and per tensor), on every block width, with tails, ties, extremes and

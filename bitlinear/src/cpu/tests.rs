@@ -29,13 +29,19 @@ fn accumulate(prep: &PreparedActivations, packed: &[u8], n: usize, k: usize) -> 
     plain
 }
 
-struct XorShift(u64);
+/// A small seeded generator for the CPU kernel tests (this module's and `prepare`'s).
+pub(super) struct XorShift(pub(super) u64);
 impl XorShift {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
+    }
+
+    /// Uniform in [-1, 1).
+    pub(super) fn float(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     }
 }
 
