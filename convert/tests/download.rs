@@ -11,6 +11,20 @@ use loopback::{dataset_archive, md5_hex, Reply, Server};
 use model::SimpleBitCnnConfig;
 use rand::{Rng, SeedableRng};
 
+/// A float checkpoint of the reference net in `dir` and its `convert export` packed file.
+fn exported(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (ckpt, _) = checkpoint(dir, SimpleBitCnnConfig::bitlinear());
+    let packed = dir.join("m.packed.safetensors");
+    let (ok, _, stderr) = run(bin()
+        .arg("export")
+        .arg("--checkpoint")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&packed));
+    assert!(ok, "{stderr}");
+    (ckpt, packed)
+}
+
 fn split(n: usize, seed: u64) -> Split {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut images = vec![0u8; n * IMAGE_BYTES];
@@ -29,17 +43,7 @@ fn eval_and_verify_download_the_test_set() {
     let url = server.url("/cifar-10-binary.tar.gz");
     let md5 = md5_hex(&archive);
     let tmp = tempfile::tempdir().unwrap();
-    let (ckpt, _) = checkpoint(tmp.path(), SimpleBitCnnConfig::bitlinear());
-    let packed = tmp.path().join("m.packed.safetensors");
-    assert!(
-        run(bin()
-            .arg("export")
-            .arg("--checkpoint")
-            .arg(&ckpt)
-            .arg("--out")
-            .arg(&packed))
-        .0
-    );
+    let (ckpt, packed) = exported(tmp.path());
 
     // A corrupt packed file fails before anything is fetched.
     let bad = tmp.path().join("bad.safetensors");
@@ -99,17 +103,7 @@ fn eval_and_verify_download_the_test_set() {
 #[test]
 fn eval_with_no_download_explains() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ckpt, _) = checkpoint(tmp.path(), SimpleBitCnnConfig::bitlinear());
-    let packed = tmp.path().join("m.packed.safetensors");
-    assert!(
-        run(bin()
-            .arg("export")
-            .arg("--checkpoint")
-            .arg(&ckpt)
-            .arg("--out")
-            .arg(&packed))
-        .0
-    );
+    let (_, packed) = exported(tmp.path());
     let (ok, _, stderr) = run(bin()
         .arg("eval")
         .arg("--packed")
