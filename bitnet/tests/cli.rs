@@ -30,15 +30,15 @@ fn greedy_run_prints_transformers_continuation() {
         .collect();
     let tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let n = greedy.len().to_string();
-    let out = run(&[
+    let args = [
         "--model",
         dir.to_str().unwrap(),
         "--prompt",
         PROMPT,
         "--max-new-tokens",
         &n,
-        "--ignore-eos",
-    ]);
+    ];
+    let out = run(&[&args[..], &["--ignore-eos"]].concat());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -52,14 +52,7 @@ fn greedy_run_prints_transformers_continuation() {
 
     // Without --ignore-eos it stops at the first EOS token (id 1 in this tokenizer).
     let first_eos = greedy.iter().position(|&t| t == 1).unwrap();
-    let out = run(&[
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--max-new-tokens",
-        &n,
-    ]);
+    let out = run(&args);
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
