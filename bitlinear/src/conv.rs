@@ -4,7 +4,8 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, Module, VarBuilder};
 
-use crate::{fake_quantize_activations, fake_quantize_weights, ActScaling, PackedBitConv2d, PackedTernary};
+use crate::ops::fake_quant_weights;
+use crate::{quantize_activations, ActScaling, PackedBitConv2d, PackedTernary};
 
 /// Options of a [`BitConv2d`] layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +16,10 @@ pub struct BitConv2dConfig {
     pub padding: usize,
     /// Learn and add a per-output-channel bias (in full precision, after the convolution).
     pub bias: bool,
+    /// Whether the training forward checks the float weight for NaN and infinite values (an
+    /// error, default on), as [`crate::BitLinearConfig::check_finite`]: on CUDA each check waits
+    /// for the stream, so a training loop that checks its weights itself turns it off.
+    pub check_finite: bool,
 }
 
 impl Default for BitConv2dConfig {
@@ -23,6 +28,7 @@ impl Default for BitConv2dConfig {
             stride: 1,
             padding: 0,
             bias: true,
+            check_finite: true,
         }
     }
 }
@@ -168,26 +174,78 @@ pub(crate) fn check_input(
 }
 
 /// Straight-through estimate: `t`'s value is `q`, its gradient flows to `t` unchanged.
+///
+/// With `q = round(t)` the value is exactly `q`: `|q - t| <= 1/2` makes `q - t` exact
+/// (Sterbenz), and `t + (q - t)` is then the representable `q`.
 fn straight_through(t: &Tensor, q: &Tensor) -> Result<Tensor> {
     t + (q - t)?.detach()
 }
 
+/// Signed float values of int8 codes stored as two's-complement `U8` (as
+/// [`crate::quantize_activations`] returns them), in `dtype`: every value `-127..=127` is exact in
+/// f32, bf16 and f16.
+fn signed_codes(codes: &Tensor, dtype: DType) -> Result<Tensor> {
+    let c = codes.to_dtype(DType::F32)?;
+    let negative = c.ge(128f64)?.to_dtype(DType::F32)?;
+    (c - (negative * 256.0)?)?.to_dtype(dtype)
+}
+
+impl BitConv2d {
+    /// The forward in integers: `y = (conv(x_q, W_q) · s_x) · s_w (+ bias)` where the convolution
+    /// of the integer-valued codes is exact in f32 (every partial sum is an integer below
+    /// 2^24 while `K · 127 < 2^24`), so on the CPU the output equals
+    /// [`PackedBitConv2d`]'s bit for bit. The gradients are the straight-through ones: the codes
+    /// stand in for `x / s_x` and `W / s_w` (scales detached), so `dL/dx` and `dL/dW` are the
+    /// convolution gradients against `W~ = W_q · s_w` and `x~ = x_q · s_x`.
+    fn integer_forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Returns the F32 output without the bias.
+        let (b, c, h, w) = x.dims4()?;
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let (p, s) = (self.config.padding, self.config.stride);
+        let dt = x.dtype();
+        // Weights: the master weight (f32) quantized, then the codes cast to the input's dtype.
+        let w2 = self.weight.to_dtype(DType::F32)?.reshape((c_out, c_in * kh * kw))?;
+        let w_fq = fake_quant_weights(&w2, self.config.check_finite)?;
+        // s_w is the magnitude of every non-zero W~ (exact); W~ / s_w is then exactly -1, 0 or 1.
+        let s_w = w_fq.abs()?.max_all()?.detach();
+        let safe_s_w = s_w.maximum(f32::MIN_POSITIVE as f64)?;
+        let w_codes = w_fq.broadcast_div(&safe_s_w)?.detach();
+        let w_int = straight_through(&w2.broadcast_div(&safe_s_w)?, &w_codes)?
+            .reshape((c_out, c_in, kh, kw))?
+            .to_dtype(dt)?;
+        // Activations: one scale per image; the straight-through step in f32, as the quantizer
+        // divides (`x / s_x`), then the exact codes cast to the input's dtype.
+        let x2 = x.reshape((b, c * h * w))?;
+        let (codes, s_x) = quantize_activations(&x2, ActScaling::PerToken)?;
+        let s_x = s_x.reshape((b, 1))?;
+        let x_codes = signed_codes(&codes, DType::F32)?;
+        let x_int = straight_through(&x2.to_dtype(DType::F32)?.broadcast_div(&s_x)?, &x_codes)?
+            .reshape((b, c, h, w))?
+            .to_dtype(dt)?;
+        let acc = x_int.conv2d(&w_int, p, s, 1, 1)?;
+        // `(acc · s_x) · s_w` in f32, the order of the packed form's epilogue.
+        acc.to_dtype(DType::F32)?
+            .broadcast_mul(&s_x.reshape((b, 1, 1, 1))?)?
+            .broadcast_mul(&s_w.to_dtype(DType::F32)?)
+    }
+}
+
 impl Module for BitConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = check_input(x, self.weight.dims4()?, self.config, "BitConv2d")?;
+        let (b, ..) = check_input(x, self.weight.dims4()?, self.config, "BitConv2d")?;
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let (_, _, h, w) = x.dims4()?;
         let p = self.config.padding;
         let s = self.config.stride;
         let (ho, wo) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
-        if b == 0 || c_out == 0 {
+        if b == 0 || c_out == 0 || c_in * kh * kw == 0 {
             return Tensor::zeros((b, c_out, ho, wo), x.dtype(), x.device());
         }
-        let wq = fake_quantize_weights(&self.weight.reshape((c_out, c_in * kh * kw))?)?.reshape(self.weight.dims())?;
-        let xq = fake_quantize_activations(&x.reshape((b, c * h * w))?, ActScaling::PerToken)?.reshape((b, c, h, w))?;
-        let y = straight_through(x, &xq)?.conv2d(&straight_through(&self.weight, &wq)?, p, s, 1, 1)?;
-        match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?),
-            None => Ok(y),
-        }
+        let y = self.integer_forward(x)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, c_out, 1, 1))?)?,
+            None => y,
+        };
+        y.to_dtype(x.dtype())
     }
 }

@@ -237,7 +237,7 @@ pub fn fake_quantize_weights(w: &Tensor) -> Result<Tensor> {
     fake_quant_weights(w, true)
 }
 
-fn fake_quant_weights(w: &Tensor, check_finite: bool) -> Result<Tensor> {
+pub(crate) fn fake_quant_weights(w: &Tensor, check_finite: bool) -> Result<Tensor> {
     check_weight(w, "fake_quantize_weights")?;
     w.contiguous()?.apply_op1_no_bwd(&FakeQuant::Weights { check_finite })
 }

@@ -65,6 +65,7 @@ fn check_shape(dev: &Device, s: &Shape, r: &mut rand::rngs::StdRng) -> Result<()
         stride: s.stride,
         padding: s.pad,
         bias: true,
+        ..Default::default()
     };
     let layer = BitConv2d::new(wt, Some(bt), cfg)?;
     let y: Vec<f32> = layer.forward(&xt)?.flatten_all()?.to_vec1()?;
@@ -91,6 +92,10 @@ fn check_shape(dev: &Device, s: &Shape, r: &mut rand::rngs::StdRng) -> Result<()
     assert_eq!(packed.weight().scale(), wts.scale, "{at}: weight scale");
     assert_eq!(y.len(), acc.len());
     assert_eq!(yp.len(), acc.len());
+    if !dev.is_cuda() {
+        // Both forms sum the same integers exactly and apply `(acc · s_x) · s_w + bias` in f32.
+        assert!(y == yp, "{at}: training and packed forms differ on the CPU");
+    }
     let plane = s.co * ho * wo;
     // Float convolution of the fake-quantized values: each product is exact in f32, the sum of
     // at most c·k·k terms below 127 · 1 loses at most ~K ulps of the largest partial sum. The
@@ -245,6 +250,7 @@ fn backward_reference(dev: &Device) -> Result<()> {
             stride: s.stride,
             padding: s.pad,
             bias: false,
+            ..Default::default()
         };
         let layer = BitConv2d::new(wv.as_tensor().clone(), None, cfg)?;
         let gt = Tensor::from_vec(g.clone(), (s.b, s.co, ho, wo), dev)?;
@@ -279,6 +285,7 @@ fn straight_through_grads(dev: &Device) -> Result<()> {
             stride: 2,
             padding: 1,
             bias: false,
+            ..Default::default()
         },
     )?;
     let g = Tensor::from_vec(randn(&mut r, b * co * 4 * 3, 1.0), (b, co, 4, 3), dev)?;
@@ -353,6 +360,7 @@ fn empty_batch(dev: &Device) -> Result<()> {
         stride: 2,
         padding: 1,
         bias: true,
+        ..Default::default()
     };
     let layer = BitConv2d::new(wt, Some(bias), cfg)?;
     let packed = layer.pack()?;
@@ -379,6 +387,7 @@ fn packed_storage(dev: &Device) -> Result<()> {
         stride: 2,
         padding: 1,
         bias: true,
+        ..Default::default()
     };
     let packed = BitConv2d::new(wt, Some(bias), cfg)?.pack()?;
     let tensors: HashMap<String, Tensor> = packed.tensors()?.into_iter().collect();

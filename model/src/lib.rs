@@ -29,14 +29,18 @@ mod atomic;
 mod checkpoint_file;
 mod layers;
 pub mod layout;
+mod network;
 pub mod packed_file;
 mod pool;
+pub mod speedrun;
 mod validate;
 
 pub use atomic::write_atomic;
 pub use checkpoint_file::{checkpoint_metadata, Checkpoint};
 pub use layers::{Fc, PackedFc};
+pub use network::{read_metadata, Network, NetworkConfig, PackedNetwork};
 pub use pool::{max_pool2x2, max_pool2x2_ops, PoolKernel};
+pub use speedrun::{PackedTernarySpeedrun, StemKind, TernarySpeedrun, TernarySpeedrunConfig};
 pub use validate::{check_finite, check_tensors, TensorSpec};
 
 use candle_core::{DType, Module, Result, Tensor};
@@ -198,18 +202,15 @@ pub(crate) fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     }
 }
 
-/// Checks that `x` is a float batch of shape (B, 3, 32, 32).
-fn check_input(x: &Tensor) -> Result<()> {
+/// Checks that `x` is a float batch of shape (B, 3, 32, 32) for the network `who`.
+fn check_input(x: &Tensor, who: &str) -> Result<()> {
     let (c, h, w) = INPUT_SHAPE;
     match x.dims() {
         [_, xc, xh, xw] if (*xc, *xh, *xw) == (c, h, w) => {}
-        dims => candle_core::bail!("SimpleBitCnn expects input of shape (batch, {c}, {h}, {w}), got {dims:?}"),
+        dims => candle_core::bail!("{who} expects input of shape (batch, {c}, {h}, {w}), got {dims:?}"),
     }
     if !x.dtype().is_float() {
-        candle_core::bail!(
-            "SimpleBitCnn expects a float input (f32, bf16 or f16), got {:?}",
-            x.dtype()
-        );
+        candle_core::bail!("{who} expects a float input (f32, bf16 or f16), got {:?}", x.dtype());
     }
     Ok(())
 }
@@ -219,7 +220,7 @@ fn check_input(x: &Tensor) -> Result<()> {
 /// ReLU is applied after the pooling: `relu(maxpool(x)) == maxpool(relu(x))` exactly (ReLU is
 /// monotone) and the gradients agree, on a quarter of the elements.
 fn features(conv1: &Conv, conv2: &Conv, pool: PoolKernel, x: &Tensor) -> Result<Tensor> {
-    check_input(x)?;
+    check_input(x, "SimpleBitCnn")?;
     let x = pool.max_pool2x2(&conv1.forward(x)?)?.relu()?;
     let x = pool.max_pool2x2(&conv2.forward(&x)?)?.relu()?;
     x.flatten_from(1)

@@ -59,7 +59,7 @@ pub struct PackedFileInfo {
 }
 
 /// The float dtype recorded in the `float_dtype` metadata: `f32`, `bf16` or `f16`.
-fn parse_float_dtype(metadata: &HashMap<String, String>) -> Result<DType> {
+pub(crate) fn parse_float_dtype(metadata: &HashMap<String, String>) -> Result<DType> {
     match metadata.get("float_dtype").map(String::as_str) {
         Some("f32") => Ok(DType::F32),
         Some("bf16") => Ok(DType::BF16),

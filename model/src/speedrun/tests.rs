@@ -1,0 +1,221 @@
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::files::{config_json, parse_config};
+use super::*;
+use crate::{Network, NetworkConfig, PackedNetwork};
+
+const SMALL: [usize; 4] = [4, 8, 8, 16];
+
+fn small(stem: StemKind) -> TernarySpeedrunConfig {
+    TernarySpeedrunConfig { widths: SMALL, stem }
+}
+
+/// Pseudo-random images in [-2, 2) from `seed` (xorshift64*).
+fn images(b: usize, seed: u64) -> Result<Tensor> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..b * 3 * 32 * 32)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+            4.0 * u - 2.0
+        })
+        .collect();
+    Tensor::from_vec(v, (b, 3, 32, 32), &Device::Cpu)
+}
+
+/// A network trained for a few SGD steps, so that the weights moved and the running statistics
+/// differ from their initial values.
+fn trained(config: TernarySpeedrunConfig) -> Result<(VarMap, TernarySpeedrun)> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let net = TernarySpeedrun::new(config, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let labels = Tensor::new(&[1u32, 7, 3, 0, 9, 2], &dev)?;
+    let vars = vm.all_vars();
+    for step in 0..3 {
+        let logits = net.forward_t(&images(6, step)?, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let grads = loss.backward()?;
+        for v in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                v.set(&(v.as_tensor() - (g * 0.05)?)?)?;
+            }
+        }
+    }
+    Ok((vm, net))
+}
+
+fn named(vm: &VarMap) -> HashMap<String, Tensor> {
+    let data = vm.data().lock().unwrap();
+    data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+}
+
+#[test]
+fn shapes_gradients_and_variables() -> Result<()> {
+    let (vm, net) = trained(small(StemKind::Ternary))?;
+    let y = net.forward_t(&images(5, 11)?, true)?;
+    assert_eq!(y.dims(), &[5, 10]);
+    // Exactly the documented variables.
+    let mut names: Vec<String> = named(&vm).into_keys().collect();
+    names.sort();
+    let mut want: Vec<String> = speedrun_checkpoint_specs(small(StemKind::Ternary))
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    want.sort();
+    assert_eq!(names, want);
+    // Every learned variable gets a gradient; the running statistics none.
+    let grads = y.sum_all()?.backward()?;
+    let data = vm.data().lock().unwrap();
+    for (name, v) in data.iter() {
+        let has = grads.get(v.as_tensor()).is_some();
+        assert_eq!(has, !name.contains("running_"), "{name}: gradient {has}");
+    }
+    drop(data);
+    // The running statistics moved.
+    let rm = named(&vm)["block2.norm1.running_mean"]
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    assert!(rm > 0.0);
+    // Bad inputs are errors.
+    assert!(net
+        .forward_t(&Tensor::zeros((2, 3, 31, 32), DType::F32, &Device::Cpu)?, false)
+        .is_err());
+    assert!(net
+        .forward_t(&Tensor::zeros((2, 3, 32, 32), DType::U8, &Device::Cpu)?, false)
+        .is_err());
+    Ok(())
+}
+
+#[test]
+fn packed_form_equals_training_form_exactly() -> Result<()> {
+    for stem in [StemKind::Ternary, StemKind::Float] {
+        let (_, net) = trained(small(stem))?;
+        let x = images(7, 21)?;
+        let a: Vec<Vec<f32>> = net.forward(&x)?.to_vec2()?;
+        let packed = net.to_packed()?;
+        let b: Vec<Vec<f32>> = packed.forward(&x)?.to_vec2()?;
+        assert_eq!(a, b, "{stem:?}: inference logits differ");
+        // Training mode normalizes with the batch statistics: other logits.
+        let t: Vec<Vec<f32>> = net.forward_t(&x, true)?.to_vec2()?;
+        assert_ne!(a, t);
+    }
+    Ok(())
+}
+
+#[test]
+fn packed_file_round_trip() -> Result<()> {
+    let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
+    for stem in [StemKind::Ternary, StemKind::Float] {
+        let (_, net) = trained(small(stem))?;
+        let x = images(4, 5)?;
+        let want: Vec<Vec<f32>> = net.forward(&x)?.to_vec2()?;
+        let path = dir.path().join(format!("{}.safetensors", stem.as_str()));
+        net.to_packed()?.save(&path, DType::F32)?;
+        let loaded = PackedNetwork::load(&path, &Device::Cpu)?;
+        assert_eq!(loaded.config(), NetworkConfig::TernarySpeedrun(small(stem)));
+        let got: Vec<Vec<f32>> = loaded.forward(&x)?.to_vec2()?;
+        assert_eq!(got, want, "{stem:?}");
+        // bf16 storage rounds only the float tensors.
+        let bf = dir.path().join("bf16.safetensors");
+        net.to_packed()?.save(&bf, DType::BF16)?;
+        let got: Vec<Vec<f32>> = PackedNetwork::load(&bf, &Device::Cpu)?.forward(&x)?.to_vec2()?;
+        assert_eq!(got.len(), want.len());
+        assert!(got.iter().flatten().all(|v| v.is_finite()));
+    }
+    Ok(())
+}
+
+#[test]
+fn packed_file_rejects_what_it_does_not_describe() -> Result<()> {
+    let (_, net) = trained(small(StemKind::Ternary))?;
+    let (tensors, meta) = net.to_packed()?.to_packed_tensors(DType::F32)?;
+    let bytes = |tensors: &[(String, Tensor)], meta: &HashMap<String, String>| {
+        safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta.clone())).unwrap()
+    };
+    let dev = Device::Cpu;
+    assert!(PackedNetwork::from_packed_bytes(&bytes(&tensors, &meta), &dev).is_ok());
+    // A missing tensor.
+    let fewer: Vec<_> = tensors
+        .iter()
+        .filter(|(k, _)| k != "block2.norm2.running_var")
+        .cloned()
+        .collect();
+    let err = PackedNetwork::from_packed_bytes(&bytes(&fewer, &meta), &dev).unwrap_err();
+    assert!(err.to_string().contains("block2.norm2.running_var"), "{err}");
+    // Widths that do not match the tensors.
+    let mut m = meta.clone();
+    m.insert(
+        "model_config".into(),
+        config_json(TernarySpeedrunConfig {
+            widths: [4, 8, 8, 32],
+            stem: StemKind::Ternary,
+        }),
+    );
+    assert!(PackedNetwork::from_packed_bytes(&bytes(&tensors, &m), &dev).is_err());
+    // A wrong in_features record, an unknown model.
+    let mut m = meta.clone();
+    m.insert("block1.conv1.in_features".into(), "37".into());
+    assert!(PackedNetwork::from_packed_bytes(&bytes(&tensors, &m), &dev).is_err());
+    let mut m = meta.clone();
+    m.insert("model".into(), "ResNet".into());
+    let err = PackedNetwork::from_packed_bytes(&bytes(&tensors, &m), &dev).unwrap_err();
+    assert!(err.to_string().contains("ResNet"), "{err}");
+    // A NaN in a batch norm.
+    let nan: Vec<_> = tensors
+        .iter()
+        .map(|(k, t)| match k.as_str() {
+            "block1.norm1.bias" => (k.clone(), (t * f64::NAN).unwrap()),
+            _ => (k.clone(), t.clone()),
+        })
+        .collect();
+    assert!(PackedNetwork::from_packed_bytes(&bytes(&nan, &meta), &dev).is_err());
+    Ok(())
+}
+
+#[test]
+fn checkpoint_round_trip() -> Result<()> {
+    let (vm, net) = trained(small(StemKind::Ternary))?;
+    let tensors = named(&vm);
+    let bytes = safetensors::serialize(tensors.iter(), Some(net.checkpoint_metadata())).unwrap();
+    let loaded = Network::from_checkpoint_bytes(&bytes, ComputeOptions::default(), &Device::Cpu)?;
+    assert_eq!(
+        loaded.config(),
+        NetworkConfig::TernarySpeedrun(small(StemKind::Ternary))
+    );
+    let x = images(3, 8)?;
+    let a: Vec<Vec<f32>> = net.forward(&x)?.to_vec2()?;
+    let b: Vec<Vec<f32>> = loaded.forward(&x)?.to_vec2()?;
+    assert_eq!(a, b);
+    // A checkpoint missing a variable is an error.
+    let fewer: HashMap<_, _> = tensors.into_iter().filter(|(k, _)| k != "head.norm.weight").collect();
+    let bytes = safetensors::serialize(fewer.iter(), Some(net.checkpoint_metadata())).unwrap();
+    assert!(Network::from_checkpoint_bytes(&bytes, ComputeOptions::default(), &Device::Cpu).is_err());
+    Ok(())
+}
+
+#[test]
+fn config_json_round_trip_and_errors() {
+    for stem in [StemKind::Ternary, StemKind::Float] {
+        let c = TernarySpeedrunConfig {
+            widths: [3, 5, 7, 11],
+            stem,
+        };
+        assert_eq!(parse_config(&config_json(c)).unwrap(), c);
+    }
+    for bad in [
+        r#"{"widths":[1,2,3],"stem":"ternary","act_scaling":"per-image"}"#,
+        r#"{"widths":[1,2,3,0],"stem":"ternary","act_scaling":"per-image"}"#,
+        r#"{"widths":[1,2,x,4],"stem":"ternary","act_scaling":"per-image"}"#,
+        r#"{"widths":[1,2,3,4],"stem":"binary","act_scaling":"per-image"}"#,
+        r#"{"widths":[1,2,3,4],"stem":"ternary","act_scaling":"per-token"}"#,
+        r#"{"stem":"ternary"}"#,
+    ] {
+        assert!(parse_config(bad).is_err(), "{bad}");
+    }
+}
