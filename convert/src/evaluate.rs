@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use cifar::{normalize_batch, Normalizer, Split};
-use model::PackedSimpleBitCnn;
+use model::{ComputeOptions, Network, PackedNetwork};
 
 /// Largest difference between two logits that `verify` accepts. Both forms run the same integer
 /// kernels and the same float epilogue, so the logits are expected to be bit-identical; the
@@ -80,29 +80,35 @@ pub fn verify(
 ) -> Result<Verification> {
     let device = Device::Cpu;
     let packed_bytes = std::fs::read(packed).with_context(|| format!("reading {}", packed.display()))?;
-    let info = PackedSimpleBitCnn::read_info(&packed_bytes).with_context(|| format!("{}", packed.display()))?;
-    let stored = info.float_dtype;
-    let mut checkpoint = crate::checkpoint::read_checkpoint(checkpoint)?;
-    for (k, t) in checkpoint.tensors.iter_mut() {
-        // The latent BitLinear weights are packed, never stored as floats: keep them.
-        let keep = k.ends_with(".weight")
-            && info
-                .metadata
-                .contains_key(&format!("{}.in_features", &k[..k.len() - 7]));
-        if !keep {
+    let packed_model = PackedNetwork::from_packed_bytes(&packed_bytes, &device)
+        .with_context(|| format!("loading {}", packed.display()))?;
+    let packed_meta = model::read_metadata(&packed_bytes)?;
+    // Loading checked the float_dtype metadata.
+    let stored = match packed_meta.get("float_dtype").map(String::as_str) {
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        _ => DType::F32,
+    };
+    let ckpt_bytes = std::fs::read(checkpoint).with_context(|| format!("reading {}", checkpoint.display()))?;
+    let ckpt_meta = model::read_metadata(&ckpt_bytes)?;
+    let mut tensors = candle_core::safetensors::load_buffer(&ckpt_bytes, &device)
+        .with_context(|| format!("{} is not a usable float checkpoint", checkpoint.display()))?;
+    for (k, t) in tensors.iter_mut() {
+        // The latent weights of packed layers are packed, never stored as floats: keep them.
+        let keep = k.ends_with(".weight") && packed_meta.contains_key(&format!("{}.in_features", &k[..k.len() - 7]));
+        if !keep && t.dtype() == DType::F32 {
             *t = t.to_dtype(stored)?.to_dtype(DType::F32)?;
         }
     }
-    let float_model = crate::checkpoint::model_from_checkpoint(checkpoint, &device)?;
-    if float_model.config() != info.config {
+    let float_model = Network::from_checkpoint_parts(&ckpt_meta, tensors, ComputeOptions::default(), &device)
+        .with_context(|| format!("{} is not a usable float checkpoint", checkpoint.display()))?;
+    if float_model.config() != packed_model.config() {
         bail!(
-            "the checkpoint's layers ({:?}) differ from the packed file's ({:?})",
-            float_model.config(),
-            info.config
+            "the checkpoint's network ({}) differs from the packed file's ({})",
+            float_model.config().describe(),
+            packed_model.config().describe()
         )
     }
-    let packed_model = PackedSimpleBitCnn::from_packed_bytes(&packed_bytes, &device)
-        .with_context(|| format!("loading {}", packed.display()))?;
     cifar::ensure_cifar10(data_dir, download)?;
     let split = cifar::load_test(data_dir)?;
     let a = logits(&float_model, &split, &device)?;
@@ -135,7 +141,7 @@ pub fn eval_packed(
     download: &cifar::DownloadOptions,
     device: &Device,
 ) -> Result<(usize, f64)> {
-    let model = PackedSimpleBitCnn::load(packed, device)?;
+    let model = PackedNetwork::load(packed, device)?;
     cifar::ensure_cifar10(data_dir, download)?;
     let split = cifar::load_test(data_dir)?;
     let l = logits(&model, &split, device)?;

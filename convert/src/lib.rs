@@ -20,7 +20,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
-/// Reads the float checkpoint, packs its BitLinear layers and writes the packed file
+/// Reads the float checkpoint (of any network), packs its ternary layers and writes the packed file
 /// atomically. Returns `(checkpoint bytes, packed bytes)`.
 ///
 /// `out` naming the checkpoint itself (the same path, or the same file through a link or another
@@ -32,8 +32,8 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: DType) -> Result<(u64, u64)>
             out.display()
         )
     }
-    let model = checkpoint::load_checkpoint(checkpoint, &Device::Cpu)?;
-    let packed = model.to_packed().context("packing the BitLinear weights")?;
+    let model = checkpoint::load_network(checkpoint, &Device::Cpu)?;
+    let packed = model.to_packed().context("packing the ternary weights")?;
     packed.save(out, dtype)?;
     let size = |p: &Path| {
         std::fs::metadata(p)

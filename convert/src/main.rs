@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Parser)]
 #[command(
     version,
-    about = "Pack, inspect and verify BitLinear (1.58-bit) SimpleBitCnn models; import and export HF BitNet and GGUF ternary checkpoints"
+    about = "Pack, inspect and verify 1.58-bit CIFAR-10 models (SimpleBitCnn, TernarySpeedrun); import and export HF BitNet and GGUF ternary checkpoints"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -84,7 +84,8 @@ impl CpuKernelArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Pack every BitLinear weight of a float checkpoint into 2-bit codes + scale.
+    /// Pack every ternary weight (BitLinear layers, ternary convolutions) of a float checkpoint of
+    /// either network into 2-bit codes + scale.
     Export {
         /// A float checkpoint written by `train` (e.g. runs/NAME/best.safetensors).
         #[arg(long)]

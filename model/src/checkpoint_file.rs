@@ -45,9 +45,22 @@ impl Checkpoint {
     /// configuration, and any tensor that differs from [`crate::layout::checkpoint_specs`] are
     /// errors that name the cause.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let (_, st) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| candle_core::Error::msg(format!("not a valid safetensors file: {e}")))?;
-        let metadata = st.metadata().clone().unwrap_or_default();
+        let metadata = crate::read_metadata(bytes)?;
+        Self::check_metadata(&metadata)?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
+        Self::from_parts(&metadata, tensors)
+    }
+
+    /// Validates a float checkpoint already read into its metadata and tensors (on the CPU), as
+    /// [`Checkpoint::from_bytes`] does.
+    pub fn from_parts(metadata: &HashMap<String, String>, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        let config = Self::check_metadata(metadata)?;
+        check_tensors(&tensors, &checkpoint_specs(config), " (float checkpoints hold F32)")?;
+        Ok(Self { config, tensors })
+    }
+
+    /// The configuration recorded in a float checkpoint's metadata.
+    fn check_metadata(metadata: &HashMap<String, String>) -> Result<SimpleBitCnnConfig> {
         if let Some(format) = metadata.get("format") {
             bail!("format is {format:?}: a packed file, not a float checkpoint")
         }
@@ -61,10 +74,7 @@ impl Checkpoint {
         let Some(json) = metadata.get("model_config") else {
             bail!("no \"model_config\" metadata: the checkpoint does not record which layers are BitLinear")
         };
-        let config = parse_config(json)?;
-        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
-        check_tensors(&tensors, &checkpoint_specs(config), " (float checkpoints hold F32)")?;
-        Ok(Self { config, tensors })
+        parse_config(json)
     }
 
     /// Builds the training-form network on `device` with `options`.

@@ -50,8 +50,8 @@ impl NetworkConfig {
 pub enum Network {
     /// The reference CNN.
     SimpleBitCnn(SimpleBitCnn),
-    /// The fully ternary speed-run CNN.
-    TernarySpeedrun(TernarySpeedrun),
+    /// The fully ternary speed-run CNN (boxed: it holds many more layers).
+    TernarySpeedrun(Box<TernarySpeedrun>),
 }
 
 impl Network {
@@ -60,7 +60,7 @@ impl Network {
         Ok(match config {
             NetworkConfig::SimpleBitCnn(c) => Network::SimpleBitCnn(SimpleBitCnn::with_options(c, options, vb)?),
             NetworkConfig::TernarySpeedrun(c) => {
-                Network::TernarySpeedrun(TernarySpeedrun::with_options(c, options, vb)?)
+                Network::TernarySpeedrun(Box::new(TernarySpeedrun::with_options(c, options, vb)?))
             }
         })
     }
@@ -69,24 +69,41 @@ impl Network {
     /// the tensors they need) and builds the network on `device`.
     pub fn from_checkpoint_bytes(bytes: &[u8], options: ComputeOptions, device: &Device) -> Result<Self> {
         let meta = read_metadata(bytes)?;
-        if let Some(format) = meta.get("format") {
-            bail!("format is {format:?}: a packed file, not a float checkpoint")
-        }
+        Self::check_checkpoint_metadata(&meta)?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
+        Self::from_checkpoint_parts(&meta, tensors, options, device)
+    }
+
+    /// The network of a float checkpoint read into its metadata and tensors (on the CPU): the
+    /// `model` metadata picks the network, whose loader checks its configuration and tensors.
+    pub fn from_checkpoint_parts(
+        meta: &HashMap<String, String>,
+        tensors: HashMap<String, Tensor>,
+        options: ComputeOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::check_checkpoint_metadata(meta)?;
         match meta.get("model").map(String::as_str) {
             Some(SPEEDRUN_MODEL_NAME) => {
                 let Some(json) = meta.get("model_config") else {
                     bail!("no \"model_config\" metadata")
                 };
                 let config = files_parse_config(json)?;
-                let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
-                Ok(Network::TernarySpeedrun(TernarySpeedrun::from_checkpoint_tensors(
-                    config, tensors, options, device,
-                )?))
+                Ok(Network::TernarySpeedrun(Box::new(
+                    TernarySpeedrun::from_checkpoint_tensors(config, tensors, options, device)?,
+                )))
             }
             _ => Ok(Network::SimpleBitCnn(
-                Checkpoint::from_bytes(bytes)?.into_model(options, device)?,
+                Checkpoint::from_parts(meta, tensors)?.into_model(options, device)?,
             )),
         }
+    }
+
+    fn check_checkpoint_metadata(meta: &HashMap<String, String>) -> Result<()> {
+        if let Some(format) = meta.get("format") {
+            bail!("format is {format:?}: a packed file, not a float checkpoint")
+        }
+        Ok(())
     }
 
     /// The network's configuration.
@@ -126,7 +143,7 @@ impl Network {
     pub fn to_packed(&self) -> Result<PackedNetwork> {
         Ok(match self {
             Network::SimpleBitCnn(n) => PackedNetwork::SimpleBitCnn(n.to_packed()?),
-            Network::TernarySpeedrun(n) => PackedNetwork::TernarySpeedrun(n.to_packed()?),
+            Network::TernarySpeedrun(n) => PackedNetwork::TernarySpeedrun(Box::new(n.to_packed()?)),
         })
     }
 }
@@ -143,8 +160,8 @@ impl Module for Network {
 pub enum PackedNetwork {
     /// The reference CNN.
     SimpleBitCnn(PackedSimpleBitCnn),
-    /// The fully ternary speed-run CNN.
-    TernarySpeedrun(PackedTernarySpeedrun),
+    /// The fully ternary speed-run CNN (boxed: it holds many more layers).
+    TernarySpeedrun(Box<PackedTernarySpeedrun>),
 }
 
 /// The `__metadata__` of a safetensors file's bytes.
@@ -174,9 +191,9 @@ impl PackedNetwork {
             Some(MODEL_NAME) => Ok(PackedNetwork::SimpleBitCnn(PackedSimpleBitCnn::from_packed_bytes(
                 bytes, device,
             )?)),
-            Some(SPEEDRUN_MODEL_NAME) => Ok(PackedNetwork::TernarySpeedrun(
+            Some(SPEEDRUN_MODEL_NAME) => Ok(PackedNetwork::TernarySpeedrun(Box::new(
                 PackedTernarySpeedrun::from_checked_bytes(bytes, &meta, device)?,
-            )),
+            ))),
             other => bail!("model is {other:?}, this build knows {MODEL_NAME:?} and {SPEEDRUN_MODEL_NAME:?}"),
         }
     }

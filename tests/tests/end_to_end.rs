@@ -93,3 +93,63 @@ fn train_export_verify_inspect_eval() {
     // Two epochs on 640 images: better than chance (10%).
     assert!(acc > 0.12, "accuracy {acc}");
 }
+
+/// The fully ternary speed-run network, narrow so that a CPU test trains it for 200 steps: train
+/// with its recipe (and test-time augmentation), export, verify image by image, inspect, eval.
+#[test]
+fn ternary_speedrun_train_export_verify_eval() {
+    let Some(cifar) = shared_cifar() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    slice_dataset(&cifar, &data, 256, 300);
+    let run = tmp.path().join("run");
+    let args = train::cli::Args::parse_from([
+        "train".as_ref(),
+        "--model".as_ref(),
+        "ternary-speedrun".as_ref(),
+        "--widths".as_ref(),
+        "8,16,16,32".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--out".as_ref(),
+        run.as_os_str(),
+        "--epochs".as_ref(),
+        "5".as_ref(),
+        "--batch-size".as_ref(),
+        "32".as_ref(),
+        "--seed".as_ref(),
+        "5".as_ref(),
+        "--tta".as_ref(),
+    ]);
+    let mut trainer = train::trainer::Trainer::new(args).unwrap();
+    assert_eq!(trainer.recipe.label_smoothing, 0.2, "the network's own recipe");
+    let summary = trainer.run().unwrap();
+    // 1,280 images in batches of 32 for 5 epochs: 200 steps.
+    assert_eq!(trainer.state.optimizer_step, 200);
+    assert!(summary.tta_test_acc.is_some_and(|a| (0.0..=1.0).contains(&a)));
+    let last = run.join("last.safetensors");
+
+    let packed = tmp.path().join("speedrun.packed.safetensors");
+    convert::export(&last, &packed, candle_core::DType::F32).unwrap();
+    let v = convert::evaluate::verify(&last, &packed, &data, &no_download()).unwrap();
+    assert_eq!(v.images, 300);
+    assert_eq!(v.prediction_mismatches, 0);
+    assert_eq!(
+        v.max_logit_diff, 0.0,
+        "the training form computes the packed form's integers"
+    );
+    assert_eq!(
+        v.float_accuracy, summary.final_test_acc,
+        "verify re-runs the training form"
+    );
+
+    let listing = convert::inspect::inspect(&packed).unwrap();
+    assert!(listing.contains("model: TernarySpeedrun"), "{listing}");
+    assert!(listing.contains("block3.conv2.weight.packed"), "{listing}");
+
+    let (n, acc) = convert::evaluate::eval_packed(&packed, &data, &no_download(), &candle_core::Device::Cpu).unwrap();
+    assert_eq!((n, acc), (300, v.packed_accuracy));
+    assert_eq!(acc, summary.packed_test_acc);
+    // 200 steps of a narrow network: better than chance (10%).
+    assert!(acc > 0.13, "accuracy {acc}");
+}

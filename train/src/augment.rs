@@ -40,10 +40,34 @@ impl AugParams {
 
     /// Draws a crop offset uniformly in 0..=8 on each axis and a flip with probability 1/2.
     pub fn sample<R: Rng>(rng: &mut R) -> Self {
-        let dy = rng.gen_range(0..=2 * PAD as u8);
-        let dx = rng.gen_range(0..=2 * PAD as u8);
+        Self::sample_within(rng, PAD)
+    }
+
+    /// Draws a translation uniformly in `-translate..=translate` pixels on each axis (a crop
+    /// offset `PAD ± translate`; `translate` is capped at [`PAD`]) and a flip with probability
+    /// 1/2. With `translate = PAD` it draws exactly what [`AugParams::sample`] does.
+    pub fn sample_within<R: Rng>(rng: &mut R, translate: usize) -> Self {
+        let t = translate.min(PAD) as u8;
+        let lo = PAD as u8 - t;
+        let dy = lo + rng.gen_range(0..=2 * t);
+        let dx = lo + rng.gen_range(0..=2 * t);
         let flip = rng.gen_bool(0.5);
         AugParams { dy, dx, flip }
+    }
+
+    /// The test-time views: the image and its mirror, each as it is and shifted by one pixel
+    /// towards the top-left and towards the bottom-right (zeros come in at the edges).
+    pub fn test_time_views() -> [AugParams; 6] {
+        let p = PAD as u8;
+        let view = |d: u8, flip: bool| AugParams { dy: d, dx: d, flip };
+        [
+            view(p, false),
+            view(p, true),
+            view(p - 1, false),
+            view(p - 1, true),
+            view(p + 1, false),
+            view(p + 1, true),
+        ]
     }
 
     /// The source column (in the unpadded image, may be out of range) of output column `x`.

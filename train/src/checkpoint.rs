@@ -25,20 +25,22 @@ pub const BEST: &str = "best.safetensors";
 pub const RESUME: &str = "resume.safetensors";
 const STATE_KEY: &str = "train_state";
 /// The [`TrainState::version`] this build writes and reads.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 /// Prefix of the optimizer tensors in `resume.safetensors`.
 pub const OPTIM_PREFIX: &str = "optim.";
 
 /// Settings that must match for `--resume` to continue a run exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSettings {
-    pub fc1: String,
-    pub fc2: String,
+    /// The network and its configuration ([`model::NetworkConfig::describe`]).
+    pub model: String,
     pub epochs: usize,
     pub batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
     pub schedule: crate::optim::Schedule,
+    pub label_smoothing: f64,
+    pub translate: usize,
     pub seed: u64,
     pub train_limit: Option<usize>,
     pub train_images: usize,

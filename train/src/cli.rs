@@ -4,10 +4,14 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use model::NetworkConfig;
+
 use crate::optim::Schedule;
+use crate::recipe::Recipe;
 use crate::tuning::CudaTuning;
 
-/// Train the SimpleBitCnn (ternary BitLinear layers) on CIFAR-10.
+/// Train a ternary CNN on CIFAR-10: the reference SimpleBitCnn (default) or the fully ternary
+/// speed-run network. Hyper-parameters left out come from the network's recipe.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "train", version, about)]
 pub struct Args {
@@ -20,29 +24,47 @@ pub struct Args {
     #[command(flatten)]
     pub download: cifar::DownloadArgs,
 
-    /// Number of epochs (>= 1).
-    #[arg(long, default_value_t = 20, value_parser = positive, allow_negative_numbers = true)]
-    pub epochs: usize,
+    /// The network: `simple-bit-cnn` (reference, ternary classifier) or `ternary-speedrun`
+    /// (every convolution and the classifier ternary).
+    #[arg(long, value_enum, default_value_t = ModelArg::SimpleBitCnn)]
+    pub model: ModelArg,
 
-    /// Training batch size (>= 1).
-    #[arg(long, default_value_t = 128, value_parser = positive, allow_negative_numbers = true)]
-    pub batch_size: usize,
+    /// Number of epochs (>= 1) [default: the recipe's, 20 or 16].
+    #[arg(long, value_parser = positive, allow_negative_numbers = true)]
+    pub epochs: Option<usize>,
+
+    /// Training batch size (>= 1) [default: the recipe's, 128 or 512].
+    #[arg(long, value_parser = positive, allow_negative_numbers = true)]
+    pub batch_size: Option<usize>,
 
     /// Batch size for evaluating the test set (>= 1).
     #[arg(long, default_value_t = 500, value_parser = positive, allow_negative_numbers = true)]
     pub eval_batch_size: usize,
 
-    /// AdamW learning rate (> 0).
-    #[arg(long, default_value_t = 1e-3, value_parser = positive_f64, allow_negative_numbers = true)]
-    pub lr: f64,
+    /// AdamW (peak) learning rate (> 0) [default: the recipe's, 1e-3 or 4e-3].
+    #[arg(long, value_parser = positive_f64, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
 
-    /// AdamW decoupled weight decay (>= 0).
-    #[arg(long, default_value_t = 0.01, value_parser = non_negative_f64, allow_negative_numbers = true)]
-    pub weight_decay: f64,
+    /// AdamW decoupled weight decay (>= 0) [default: the recipe's, 0.01 or 0.05].
+    #[arg(long, value_parser = non_negative_f64, allow_negative_numbers = true)]
+    pub weight_decay: Option<f64>,
 
-    /// Learning-rate schedule.
-    #[arg(long, value_enum, default_value_t = ScheduleArg::Constant)]
-    pub schedule: ScheduleArg,
+    /// Learning-rate schedule [default: the recipe's, constant or warmup-linear].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleArg>,
+
+    /// Label smoothing in [0, 1) [default: the recipe's, 0 or 0.2].
+    #[arg(long, value_parser = unit_interval, allow_negative_numbers = true)]
+    pub label_smoothing: Option<f64>,
+
+    /// Largest random translation in pixels, 0..=4 [default: the recipe's, 4 or 2].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=4))]
+    pub translate: Option<u8>,
+
+    /// Also report the final test accuracy with test-time augmentation (mean logits over the
+    /// image and its mirror, each also shifted by one pixel up-left and down-right).
+    #[arg(long)]
+    pub tta: bool,
 
     /// Seed of every random choice (initialisation, shuffling, augmentation): a CPU run is
     /// reproducible from it.
@@ -61,13 +83,25 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
 
-    /// Kind of the first fully connected layer (ablation: `linear`).
-    #[arg(long, value_enum, default_value_t = LayerArg::Bitlinear)]
-    pub fc1: LayerArg,
+    /// simple-bit-cnn: kind of the first fully connected layer (ablation: `linear`)
+    /// [default: bitlinear].
+    #[arg(long, value_enum)]
+    pub fc1: Option<LayerArg>,
 
-    /// Kind of the second fully connected layer (ablation: `linear`).
-    #[arg(long, value_enum, default_value_t = LayerArg::Bitlinear)]
-    pub fc2: LayerArg,
+    /// simple-bit-cnn: kind of the second fully connected layer (ablation: `linear`)
+    /// [default: bitlinear].
+    #[arg(long, value_enum)]
+    pub fc2: Option<LayerArg>,
+
+    /// ternary-speedrun: kind of the stem convolution over the colour channels (ablation:
+    /// `float`) [default: ternary].
+    #[arg(long, value_enum)]
+    pub stem: Option<StemArg>,
+
+    /// ternary-speedrun: channels of the stem and the three blocks, e.g. `32,64,256,256`
+    /// [default: 32,64,256,256].
+    #[arg(long, value_parser = widths)]
+    pub widths: Option<[usize; 4]>,
 
     /// Run directory: metrics.csv, plot.png, last/best/resume checkpoints.
     #[arg(long, default_value = "runs/cifar10")]
@@ -87,10 +121,73 @@ pub struct Args {
     pub cuda: CudaTuning,
 }
 
+impl Args {
+    /// The recipe of `--model` with every hyper-parameter given on the command line in place.
+    pub fn recipe(&self) -> Recipe {
+        let base = match self.model {
+            ModelArg::SimpleBitCnn => Recipe::reference(),
+            ModelArg::TernarySpeedrun => Recipe::ternary_speedrun(),
+        };
+        Recipe {
+            epochs: self.epochs.unwrap_or(base.epochs),
+            batch_size: self.batch_size.unwrap_or(base.batch_size),
+            lr: self.lr.unwrap_or(base.lr),
+            weight_decay: self.weight_decay.unwrap_or(base.weight_decay),
+            schedule: self.schedule.map_or(base.schedule, Schedule::from),
+            label_smoothing: self.label_smoothing.unwrap_or(base.label_smoothing),
+            translate: self.translate.map_or(base.translate, usize::from),
+        }
+    }
+
+    /// The network `--model` and its layer options describe; an option of the other network is
+    /// an error.
+    pub fn network_config(&self) -> Result<NetworkConfig, String> {
+        match self.model {
+            ModelArg::SimpleBitCnn => {
+                if self.stem.is_some() || self.widths.is_some() {
+                    return Err("--stem and --widths apply to --model ternary-speedrun".into());
+                }
+                Ok(NetworkConfig::SimpleBitCnn(model::SimpleBitCnnConfig {
+                    fc1: self.fc1.unwrap_or(LayerArg::Bitlinear).into(),
+                    fc2: self.fc2.unwrap_or(LayerArg::Bitlinear).into(),
+                }))
+            }
+            ModelArg::TernarySpeedrun => {
+                if self.fc1.is_some() || self.fc2.is_some() {
+                    return Err("--fc1 and --fc2 apply to --model simple-bit-cnn".into());
+                }
+                let default = model::TernarySpeedrunConfig::default();
+                Ok(NetworkConfig::TernarySpeedrun(model::TernarySpeedrunConfig {
+                    widths: self.widths.unwrap_or(default.widths),
+                    stem: match self.stem.unwrap_or(StemArg::Ternary) {
+                        StemArg::Ternary => model::StemKind::Ternary,
+                        StemArg::Float => model::StemKind::Float,
+                    },
+                }))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelArg {
+    /// The reference CNN: float convolutions, ternary classifier.
+    SimpleBitCnn,
+    /// The fully ternary speed-run CNN.
+    TernarySpeedrun,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StemArg {
+    Ternary,
+    Float,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ScheduleArg {
     Constant,
     Cosine,
+    WarmupLinear,
 }
 
 impl From<ScheduleArg> for Schedule {
@@ -98,6 +195,7 @@ impl From<ScheduleArg> for Schedule {
         match s {
             ScheduleArg::Constant => Schedule::Constant,
             ScheduleArg::Cosine => Schedule::Cosine,
+            ScheduleArg::WarmupLinear => Schedule::WarmupLinear,
         }
     }
 }
@@ -163,6 +261,23 @@ fn positive_f64(s: &str) -> Result<f64, String> {
         return Err(format!("must be greater than 0, got {v}"));
     }
     Ok(v)
+}
+
+fn unit_interval(s: &str) -> Result<f64, String> {
+    let v = parse_f64(s)?;
+    if !(0.0..1.0).contains(&v) {
+        return Err(format!("must be in [0, 1), got {v}"));
+    }
+    Ok(v)
+}
+
+fn widths(s: &str) -> Result<[usize; 4], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(positive)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    <[usize; 4]>::try_from(v).map_err(|v| format!("expected 4 comma-separated widths, got {}", v.len()))
 }
 
 fn non_negative_f64(s: &str) -> Result<f64, String> {

@@ -8,7 +8,9 @@
 //! - other `*.weight` (conv kernels, linear weights): uniform in `[-1/sqrt(fan_in), 1/sqrt(fan_in)]`
 //!   (`kaiming_uniform_(a = sqrt(5))`), `fan_in = numel / shape[0]` (in features, or
 //!   in channels x kernel area);
-//! - `*.bias`: uniform in `[-1/sqrt(fan_in), 1/sqrt(fan_in)]` with the sibling weight's fan-in.
+//! - `*.bias`: uniform in `[-1/sqrt(fan_in), 1/sqrt(fan_in)]` with the sibling weight's fan-in;
+//! - batch norms (`*.bias` beside `*.running_mean`, no weight): shift 0, running mean 0, running
+//!   variance 1, as PyTorch's `BatchNorm2d`.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
@@ -42,8 +44,11 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
     for (name, var) in &vars {
         let dims = var.dims();
         let n = var.elem_count();
-        let values: Vec<f32> = if name.ends_with("norm.weight") {
+        let batch_norm = |prefix: &str| shapes.contains_key(&format!("{prefix}running_mean"));
+        let values: Vec<f32> = if name.ends_with("norm.weight") || name.ends_with("running_var") {
             vec![1.0; n]
+        } else if name.ends_with("running_mean") || name.strip_suffix("bias").is_some_and(batch_norm) {
+            vec![0.0; n]
         } else if name.ends_with("weight") {
             if dims.len() < 2 {
                 bail!("cannot initialise {name}: expected a weight of rank >= 2, got {dims:?}");
@@ -52,11 +57,12 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
             uniform(&mut rng, n, 1.0 / (fan_in as f64).sqrt())
         } else if let Some(prefix) = name.strip_suffix("bias") {
             let w = format!("{prefix}weight");
-            let d = shapes
+            let shape = shapes
                 .get(&w)
-                .and_then(|s| s.get(1))
                 .with_context(|| format!("cannot initialise {name}: no weight {w}"))?;
-            let bound = 1.0 / (*d as f64).sqrt();
+            // The weight's fan-in: in features, or in channels x kernel area.
+            let fan_in = shape.iter().skip(1).product::<usize>().max(1);
+            let bound = 1.0 / (fan_in as f64).sqrt();
             (0..n).map(|_| rng.gen_range(-bound..bound) as f32).collect()
         } else {
             bail!("cannot initialise {name}: unknown kind of variable");

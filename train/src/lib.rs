@@ -1,7 +1,7 @@
-//! Training of the SimpleBitCnn on CIFAR-10: the library behind the `train` binary.
+//! Training of the ternary CNNs on CIFAR-10: the library behind the `train` binary.
 //!
 //! The data set and its normalisation are the [`cifar`] crate's. One file per concept: [`cli`]
-//! (options), [`augment`] (crop/flip/normalise on CPU or device), [`init`] (seeded
+//! (options), [`recipe`] (each network's hyper-parameters and loss), [`augment`] (crop/flip/normalise on CPU or device), [`init`] (seeded
 //! initialisation), [`rng`] (per-epoch seeds), [`optim`] (AdamW and schedules), [`checkpoint`]
 //! (atomic safetensors), [`metrics`] (CSV and summary), [`plot`] (PNG curves), [`tuning`]
 //! (switches of the CUDA path) and [`trainer`] (the loop).
@@ -15,6 +15,7 @@ pub mod init;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod recipe;
 pub mod rng;
 pub mod trainer;
 pub mod tuning;

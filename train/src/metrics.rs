@@ -69,6 +69,11 @@ pub struct Summary {
     pub best_test_acc: f64,
     /// Test accuracy of the packed inference form after the last epoch.
     pub packed_test_acc: f64,
+    /// The same with test-time augmentation (`--tta`: mean logits over the mirror and
+    /// one-pixel shifts), when asked for.
+    pub tta_test_acc: Option<f64>,
+    /// Seconds spent in training passes (every epoch's, without evaluation and checkpoints).
+    pub train_seconds: f64,
     pub best_epoch: usize,
     pub epochs: usize,
     pub total_seconds: f64,

@@ -179,7 +179,13 @@ pub enum Schedule {
     Constant,
     /// Cosine decay from the base rate at step 0 to 0 at the last step, per step.
     Cosine,
+    /// Linear rise from `base / warmup` to the base rate over the first [`WARMUP_FRACTION`] of the
+    /// steps, then linear decay to 0 at the last step (the speed-run nets' triangle).
+    WarmupLinear,
 }
+
+/// Share of the steps [`Schedule::WarmupLinear`] spends rising.
+pub const WARMUP_FRACTION: f64 = 0.2;
 
 impl Schedule {
     /// Learning rate for update number `step` (0-based) of `total_steps`.
@@ -192,6 +198,15 @@ impl Schedule {
                 }
                 let progress = (step.min(total_steps) as f64) / total_steps as f64;
                 0.5 * base * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+            Schedule::WarmupLinear => {
+                let warmup = ((total_steps as f64 * WARMUP_FRACTION).round() as u64).max(1);
+                if step < warmup {
+                    base * (step + 1) as f64 / warmup as f64
+                } else {
+                    let left = total_steps.saturating_sub(step) as f64;
+                    base * left / total_steps.saturating_sub(warmup).max(1) as f64
+                }
             }
         }
     }

@@ -98,8 +98,8 @@ fn edited_resume_states_are_errors() {
     assert_eq!(meta["epoch"], "1");
     assert!(meta["model_config"].contains(r#""fc1":"bitlinear""#));
 
-    run.resume_fails("training state version 2 is not supported", |_, s| {
-        s["version"] = json!(2)
+    run.resume_fails("training state version 3 is not supported", |_, s| {
+        s["version"] = json!(3)
     });
     run.resume_fails("epochs_done = 5 is more than the run's --epochs 2", |_, s| {
         s["epochs_done"] = json!(5)

@@ -29,19 +29,20 @@ fn state(epochs_done: usize, rng: &mut impl Rng) -> TrainState {
         })
         .collect();
     TrainState {
-        version: 1,
+        version: train::checkpoint::STATE_VERSION,
         epochs_done,
         optimizer_step: epochs_done as u64 * 7,
         best_test_acc: 0.5,
         best_epoch: 1,
         settings: RunSettings {
-            fc1: "bitlinear".into(),
-            fc2: "linear".into(),
+            model: "SimpleBitCnn fc1=bitlinear fc2=linear".into(),
             epochs: 5,
             batch_size: 16,
             lr: 1e-3,
             weight_decay: 0.01,
             schedule: Schedule::Cosine,
+            label_smoothing: 0.0,
+            translate: 4,
             seed: rng.gen(),
             train_limit: Some(100),
             train_images: 100,

@@ -73,6 +73,26 @@ fn cosine_schedule() {
 }
 
 #[test]
+fn warmup_linear_schedule() {
+    let s = Schedule::WarmupLinear;
+    // 100 steps: 20 rising to the base rate, then 80 falling to 0.
+    assert!((s.lr(2.0, 0, 100) - 0.1).abs() < 1e-12);
+    assert!((s.lr(2.0, 9, 100) - 1.0).abs() < 1e-12);
+    assert!((s.lr(2.0, 19, 100) - 2.0).abs() < 1e-12);
+    assert!((s.lr(2.0, 20, 100) - 2.0).abs() < 1e-12);
+    assert!((s.lr(2.0, 60, 100) - 1.0).abs() < 1e-12);
+    assert!((s.lr(2.0, 99, 100) - 2.0 / 80.0).abs() < 1e-12);
+    assert_eq!(s.lr(2.0, 100, 100), 0.0);
+    // Tiny runs stay finite and positive until the end.
+    for total in 1..5 {
+        for step in 0..total {
+            let lr = s.lr(1.0, step, total);
+            assert!(lr > 0.0 && lr <= 1.0, "step {step} of {total}: {lr}");
+        }
+    }
+}
+
+#[test]
 fn plot_is_a_png_of_the_expected_size() {
     use train::metrics::EpochMetrics;
     let dir = tempfile::tempdir().unwrap();
@@ -119,4 +139,33 @@ fn cuda_tuning_leaves_the_cpu_model_alone() {
     // The trainer's configuration carries the default tuning; the binary has no flag for it.
     let args = <train::cli::Args as clap::Parser>::parse_from(["train"]);
     assert_eq!(args.cuda, on);
+}
+
+#[test]
+fn seeded_init_sets_batch_norms_like_pytorch() {
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+    let vm = VarMap::new();
+    let cfg = model::TernarySpeedrunConfig {
+        widths: [4, 8, 8, 16],
+        stem: model::StemKind::Ternary,
+    };
+    model::TernarySpeedrun::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    train::init::seeded_init(&vm, 3).unwrap();
+    let vars = train::init::sorted_vars(&vm);
+    let values = |name: &str| -> Vec<f32> {
+        let (_, v) = vars.iter().find(|(k, _)| k == name).unwrap();
+        v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    assert_eq!(values("block2.norm1.bias"), vec![0.0; 8]);
+    assert_eq!(values("block2.norm1.running_mean"), vec![0.0; 8]);
+    assert_eq!(values("block2.norm1.running_var"), vec![1.0; 8]);
+    assert_eq!(values("head.norm.weight"), vec![1.0; 8 * 2]);
+    // Convolution kernels: uniform within 1/sqrt(fan_in), fan_in = 8 * 3 * 3 for block2.conv2.
+    let w = values("block2.conv2.weight");
+    let bound = 1.0 / (72f32).sqrt();
+    assert!(w.iter().all(|v| v.abs() <= bound) && w.iter().any(|v| v.abs() > bound / 2.0));
+    // The stem's bias follows its kernel's fan-in (27).
+    let b = values("stem.bias");
+    assert!(b.iter().all(|v| v.abs() <= 1.0 / 27f32.sqrt()) && b.iter().any(|v| *v != 0.0));
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use cifar::Normalizer;
 use indicatif::{ProgressBar, ProgressStyle};
-use model::{SimpleBitCnn, SimpleBitCnnConfig};
+use model::Network;
 use rand::seq::SliceRandom;
 
 use crate::augment::AugParams;
@@ -18,7 +18,8 @@ use crate::checkpoint::{self, RunSettings, TrainState};
 use crate::cli::{Args, DeviceArg, DtypeArg};
 use crate::init;
 use crate::metrics::{self, EpochMetrics, Summary};
-use crate::optim::{AdamW, AdamWConfig, Schedule};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::recipe::{smoothed_cross_entropy, Recipe};
 use crate::rng::epoch_rng;
 use batches::Pipeline;
 
@@ -52,7 +53,9 @@ pub struct Trainer {
     pub device: Device,
     pub dtype: DType,
     pub varmap: VarMap,
-    pub model: SimpleBitCnn,
+    pub model: Network,
+    /// The hyper-parameters: the network's recipe with the command line's overrides.
+    pub recipe: Recipe,
     pub optimizer: AdamW,
     pub data: cifar::Cifar10,
     pub state: TrainState,
@@ -99,29 +102,27 @@ impl Trainer {
 
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-        let config = SimpleBitCnnConfig {
-            fc1: args.fc1.into(),
-            fc2: args.fc2.into(),
-        };
-        let model =
-            SimpleBitCnn::with_options(config, tuning.compute_options(&device), vb).context("building the model")?;
+        let config = args.network_config().map_err(anyhow::Error::msg)?;
+        let recipe = args.recipe();
+        let model = Network::new(config, tuning.compute_options(&device), vb).context("building the model")?;
         init::seeded_init(&varmap, args.seed)?;
         let adamw = AdamWConfig {
-            lr: args.lr,
-            weight_decay: args.weight_decay,
+            lr: recipe.lr,
+            weight_decay: recipe.weight_decay,
             ..Default::default()
         };
         let mut optimizer = AdamW::new(init::sorted_vars(&varmap), adamw)?;
         optimizer.set_fused_cuda(tuning.fused_adamw);
 
         let settings = RunSettings {
-            fc1: config.fc1.as_str().to_string(),
-            fc2: config.fc2.as_str().to_string(),
-            epochs: args.epochs,
-            batch_size: args.batch_size,
-            lr: args.lr,
-            weight_decay: args.weight_decay,
-            schedule: args.schedule.into(),
+            model: config.describe(),
+            epochs: recipe.epochs,
+            batch_size: recipe.batch_size,
+            lr: recipe.lr,
+            weight_decay: recipe.weight_decay,
+            schedule: recipe.schedule,
+            label_smoothing: recipe.label_smoothing,
+            translate: recipe.translate,
             seed: args.seed,
             train_limit: args.train_limit,
             train_images: data.train.len(),
@@ -139,7 +140,7 @@ impl Trainer {
                     diffs.join("\n  ")
                 );
             }
-            let steps_per_epoch = data.train.len().div_ceil(args.batch_size) as u64;
+            let steps_per_epoch = data.train.len().div_ceil(recipe.batch_size) as u64;
             let invalid = |e: anyhow::Error| {
                 e.context(format!(
                     "--resume: {} is not a valid resume state",
@@ -166,6 +167,7 @@ impl Trainer {
             dtype,
             varmap,
             model,
+            recipe,
             optimizer,
             data,
             state,
@@ -193,23 +195,25 @@ impl Trainer {
     }
 
     fn steps_per_epoch(&self) -> u64 {
-        self.data.train.len().div_ceil(self.args.batch_size) as u64
+        self.data.train.len().div_ceil(self.recipe.batch_size) as u64
     }
 
     /// One training pass over the (shuffled, augmented) training set. Returns (mean loss,
     /// accuracy, seconds, lr of the last step).
     pub fn train_epoch(&mut self, epoch: usize) -> Result<(f64, f64, f64, f64)> {
         let n = self.data.train.len();
-        let bs = self.args.batch_size;
+        let recipe = self.recipe;
+        let bs = recipe.batch_size;
         let mut rng = epoch_rng(self.args.seed, epoch);
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut rng);
-        let params: Vec<AugParams> = (0..n).map(|_| AugParams::sample(&mut rng)).collect();
+        let params: Vec<AugParams> = (0..n)
+            .map(|_| AugParams::sample_within(&mut rng, recipe.translate))
+            .collect();
 
         let steps = self.steps_per_epoch();
-        let total_steps = steps * self.args.epochs as u64;
-        let schedule: Schedule = self.args.schedule.into();
-        let pb = progress_bar(steps, epoch + 1, self.args.epochs);
+        let total_steps = steps * recipe.epochs as u64;
+        let pb = progress_bar(steps, epoch + 1, recipe.epochs);
 
         #[cfg(feature = "cuda")]
         let tables = self.fused_tables(&order, &params)?;
@@ -220,13 +224,13 @@ impl Trainer {
         let mut loss_sum = Tensor::zeros((), DType::F32, &self.device)?;
         let mut correct = Tensor::zeros((), DType::F32, &self.device)?;
         let mut seen = 0usize;
-        let mut lr = self.args.lr;
+        let mut lr = recipe.lr;
         for (i, (idx, p)) in order.chunks(bs).zip(params.chunks(bs)).enumerate() {
             let (x, y) = self.train_batch(&tables, i * bs, idx, p)?;
-            let logits = self.model.forward(&x)?.to_dtype(DType::F32)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let logits = self.model.forward_t(&x, true)?.to_dtype(DType::F32)?;
+            let loss = smoothed_cross_entropy(&logits, &y, recipe.label_smoothing)?;
             let grads = loss.backward()?;
-            lr = schedule.lr(self.args.lr, self.optimizer.step_count(), total_steps);
+            lr = recipe.schedule.lr(recipe.lr, self.optimizer.step_count(), total_steps);
             self.optimizer.set_lr(lr);
             self.optimizer.step(&grads)?;
 
@@ -253,25 +257,48 @@ impl Trainer {
 
     /// Mean loss and accuracy of `model` on the test set.
     pub fn evaluate<M: Module>(&self, model: &M) -> Result<(f64, f64)> {
+        self.evaluate_views(model, &[AugParams::IDENTITY])
+    }
+
+    /// Mean loss and accuracy on the test set of the logits averaged over `views` of each image
+    /// (test-time augmentation; one identity view is plain evaluation).
+    pub fn evaluate_views<M: Module>(&self, model: &M, views: &[AugParams]) -> Result<(f64, f64)> {
         let n = self.data.test.len();
+        let bs = self.args.eval_batch_size;
         let mut loss_sum = 0f64;
         let mut correct = 0f64;
         let all: Vec<usize> = (0..n).collect();
         #[cfg(feature = "cuda")]
-        let tables = self.fused_tables(&all, &vec![AugParams::IDENTITY; n])?;
-        for (i, idx) in all.chunks(self.args.eval_batch_size).enumerate() {
-            let params = vec![AugParams::IDENTITY; idx.len()];
-            #[cfg(feature = "cuda")]
-            let (x, y) = match &tables {
-                Some(t) => self.fused_batch(true, t, i * self.args.eval_batch_size, idx.len())?,
-                None => self.batch(true, idx, &params)?,
+        let tables = views
+            .iter()
+            .map(|v| self.fused_tables(&all, &vec![*v; n]))
+            .collect::<Result<Vec<_>>>()?;
+        for (i, idx) in all.chunks(bs).enumerate() {
+            let mut sum: Option<Tensor> = None;
+            let mut labels = None;
+            for (v, view) in views.iter().enumerate() {
+                let params = vec![*view; idx.len()];
+                #[cfg(feature = "cuda")]
+                let (x, y) = match &tables[v] {
+                    Some(t) => self.fused_batch(true, t, i * bs, idx.len())?,
+                    None => self.batch(true, idx, &params)?,
+                };
+                #[cfg(not(feature = "cuda"))]
+                let (x, y) = {
+                    let _ = (i, v);
+                    self.batch(true, idx, &params)?
+                };
+                let logits = model.forward(&x)?.to_dtype(DType::F32)?;
+                sum = Some(match sum {
+                    None => logits,
+                    Some(s) => (s + logits)?,
+                });
+                labels = Some(y);
+            }
+            let (Some(sum), Some(y)) = (sum, labels) else {
+                bail!("evaluation needs at least one view")
             };
-            #[cfg(not(feature = "cuda"))]
-            let (x, y) = {
-                let _ = i;
-                self.batch(true, idx, &params)?
-            };
-            let logits = model.forward(&x)?.to_dtype(DType::F32)?;
+            let logits = (sum / views.len() as f64)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
             correct += count_correct(&logits, &y)?.to_scalar::<f32>()? as f64;
@@ -291,7 +318,7 @@ impl Trainer {
         let vars = self.named_vars();
         let epoch_meta = |extra: Option<(&str, String)>| {
             // The configuration is recorded: a reader never guesses it from the tensor names.
-            let mut m = model::checkpoint_metadata(self.model.config());
+            let mut m = self.model.checkpoint_metadata();
             m.insert("epoch".to_string(), self.state.epochs_done.to_string());
             if let Some((k, v)) = extra {
                 m.insert(k.to_string(), v);
@@ -325,21 +352,24 @@ impl Trainer {
             self.args.data_dir.display()
         );
         let cfg = self.model.config();
+        let recipe = self.recipe;
         let params: usize = init::sorted_vars(&self.varmap)
             .iter()
             .map(|(_, v)| v.elem_count())
             .sum();
         println!(
-            "model: SimpleBitCnn fc1={} fc2={} ({params} parameters); device {}, dtype {}; \
-             batch {}, AdamW lr {} wd {}, {:?} schedule, seed {}",
-            cfg.fc1.as_str(),
-            cfg.fc2.as_str(),
+            "model: {} ({params} parameters); device {}, dtype {}; {} epochs, batch {}, AdamW lr {} \
+             wd {}, {:?} schedule, label smoothing {}, translate {}, seed {}",
+            cfg.describe(),
             device_name(&self.device),
             self.args.dtype.as_str(),
-            self.args.batch_size,
-            self.args.lr,
-            self.args.weight_decay,
-            Schedule::from(self.args.schedule),
+            recipe.epochs,
+            recipe.batch_size,
+            recipe.lr,
+            recipe.weight_decay,
+            recipe.schedule,
+            recipe.label_smoothing,
+            recipe.translate,
             self.args.seed,
         );
         if self.state.epochs_done > 0 {
@@ -353,7 +383,7 @@ impl Trainer {
         let stop_at = self
             .args
             .stop_after_epochs
-            .map_or(self.args.epochs, |s| s.min(self.args.epochs));
+            .map_or(recipe.epochs, |s| s.min(recipe.epochs));
         while self.state.epochs_done < stop_at {
             let epoch = self.state.epochs_done;
             let t0 = Instant::now();
@@ -387,7 +417,7 @@ impl Trainer {
                 "epoch {:>3}/{}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  \
                  lr {:.2e}  {:.1} s (train {:.1} s, {:.0} img/s)",
                 m.epoch,
-                self.args.epochs,
+                recipe.epochs,
                 m.train_loss,
                 100.0 * m.train_acc,
                 m.test_loss,
@@ -406,9 +436,21 @@ impl Trainer {
             100.0 * packed_acc,
             100.0 * self.state.history.last().map_or(0.0, |m| m.test_acc)
         );
+        let tta_test_acc = if self.args.tta {
+            let (_, acc) = self.evaluate_views(&packed, &AugParams::test_time_views())?;
+            println!(
+                "packed inference form with test-time augmentation: test acc {:.2}%",
+                100.0 * acc
+            );
+            Some(acc)
+        } else {
+            None
+        };
         let history = &self.state.history;
         Ok(Summary {
             packed_test_acc: packed_acc,
+            tta_test_acc,
+            train_seconds: history.iter().map(|m| m.train_seconds).sum(),
             final_test_acc: history.last().map_or(0.0, |m| m.test_acc),
             best_test_acc: self.state.best_test_acc.max(0.0),
             best_epoch: self.state.best_epoch,

@@ -1,0 +1,122 @@
+//! `convert` on the fully ternary speed-run network: export at its real widths (size), the packed
+//! file alone rebuilding the network with identical logits, inspect, and a mismatched file.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use common::{bin, run};
+use model::{PackedNetwork, StemKind, TernarySpeedrun, TernarySpeedrunConfig};
+
+/// A random checkpoint of `config` at `dir/speedrun.safetensors` (batch-norm statistics and
+/// shifts made non-trivial) and the network it holds.
+fn speedrun_checkpoint(dir: &Path, config: TernarySpeedrunConfig) -> (PathBuf, TernarySpeedrun) {
+    let varmap = VarMap::new();
+    let net = TernarySpeedrun::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        if name.contains(".norm") || name.ends_with("bias") {
+            var.set(&Tensor::rand(0.5f32, 1.5, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let path = dir.join("speedrun.safetensors");
+    let bytes = safetensors::serialize(tensors.iter(), Some(net.checkpoint_metadata())).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    (path, net)
+}
+
+fn images(b: usize) -> Tensor {
+    let v: Vec<f32> = (0..b * 3 * 32 * 32)
+        .map(|i| ((i * 7919) % 1013) as f32 / 300.0 - 1.7)
+        .collect();
+    Tensor::from_vec(v, (b, 3, 32, 32), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn export_at_full_width_is_a_twelfth_and_predicts_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, net) = speedrun_checkpoint(dir.path(), TernarySpeedrunConfig::default());
+    let out = dir.path().join("packed.safetensors");
+    let (ok, stdout, stderr) = run(bin().args(["export", "--checkpoint"]).arg(&ckpt).arg("--out").arg(&out));
+    assert!(ok, "{stdout}\n{stderr}");
+    let (before, after) = (
+        std::fs::metadata(&ckpt).unwrap().len(),
+        std::fs::metadata(&out).unwrap().len(),
+    );
+    assert!(
+        12 * after <= before,
+        "packed {after} bytes, checkpoint {before}: not 1/12"
+    );
+    let packed = PackedNetwork::load(&out, &Device::Cpu).unwrap();
+    let x = images(3);
+    let want: Vec<Vec<f32>> = net.forward(&x).unwrap().to_vec2().unwrap();
+    let got: Vec<Vec<f32>> = packed.forward(&x).unwrap().to_vec2().unwrap();
+    assert_eq!(got, want);
+
+    let (ok, listing, stderr) = run(bin().arg("inspect").arg(&out));
+    assert!(ok, "{stderr}");
+    assert!(listing.contains("model: TernarySpeedrun"), "{listing}");
+    assert!(
+        listing.contains(r#"model_config: {"widths":[32,64,256,256],"stem":"ternary""#),
+        "{listing}"
+    );
+    assert!(listing.contains("block2.conv2.in_features: 2304"), "{listing}");
+}
+
+#[test]
+fn float_stem_and_bf16_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TernarySpeedrunConfig {
+        widths: [8, 8, 16, 16],
+        stem: StemKind::Float,
+    };
+    let (ckpt, net) = speedrun_checkpoint(dir.path(), config);
+    let out = dir.path().join("bf16.safetensors");
+    convert::export(&ckpt, &out, DType::BF16).unwrap();
+    let packed = PackedNetwork::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(packed.config(), model::NetworkConfig::TernarySpeedrun(config));
+    let x = images(2);
+    let want: Vec<f32> = net.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got: Vec<f32> = packed.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    // bf16 floats (stem, norms, shifts) keep the logits close, not equal.
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() <= 0.1 * scale + 1e-3, "{got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn a_checkpoint_that_does_not_match_its_recorded_widths_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, _) = speedrun_checkpoint(
+        dir.path(),
+        TernarySpeedrunConfig {
+            widths: [4, 8, 8, 8],
+            stem: StemKind::Ternary,
+        },
+    );
+    // Rewrite the recorded widths: the tensors no longer fit.
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    let mut meta = model::read_metadata(&bytes).unwrap();
+    meta.insert(
+        "model_config".into(),
+        r#"{"widths":[4,8,8,16],"stem":"ternary","act_scaling":"per-image"}"#.into(),
+    );
+    std::fs::write(&ckpt, safetensors::serialize(tensors.iter(), Some(meta)).unwrap()).unwrap();
+    let out = dir.path().join("never.safetensors");
+    let (ok, _, stderr) = run(bin().args(["export", "--checkpoint"]).arg(&ckpt).arg("--out").arg(&out));
+    assert!(!ok);
+    assert!(stderr.contains("expected [16, 8, 3, 3]"), "{stderr}");
+    assert!(!out.exists(), "no file written on error");
+}
