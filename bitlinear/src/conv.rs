@@ -222,7 +222,7 @@ impl BitConv2d {
         let x_int = straight_through(&x2.to_dtype(DType::F32)?.broadcast_div(&s_x)?, &x_codes)?
             .reshape((b, c, h, w))?
             .to_dtype(dt)?;
-        let acc = x_int.conv2d(&w_int, p, s, 1, 1)?;
+        let acc = crate::conv_grad::conv2d(&x_int, &w_int, p, s)?;
         // `(acc · s_x) · s_w` in f32, the order of the packed form's epilogue.
         acc.to_dtype(DType::F32)?
             .broadcast_mul(&s_x.reshape((b, 1, 1, 1))?)?

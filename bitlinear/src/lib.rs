@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod conv;
+mod conv_grad;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
