@@ -1,5 +1,9 @@
 //! Networks built from BitLinear layers.
 //!
+//! Two CIFAR-10 networks: [`TernarySpeedrun`] ([`speedrun`]: every convolution and the head
+//! ternary) and the reference [`SimpleBitCnn`], described below. [`Network`] and
+//! [`PackedNetwork`] hold either, chosen by the `model` metadata of their files.
+//!
 //! [`SimpleBitCnn`] is the project's reference network for CIFAR-10:
 //!
 //! ```text

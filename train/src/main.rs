@@ -1,4 +1,4 @@
-//! `cargo run --release -p train -- [options]`: trains the SimpleBitCnn on CIFAR-10.
+//! `cargo run --release -p train -- [options]`: trains a ternary CNN on CIFAR-10 (`--model`).
 //! The last line printed is a JSON summary.
 
 use anyhow::Result;
