@@ -248,12 +248,13 @@ fn enqueue_vs_step(model: &BitNetModel, prompt: &[u32]) -> Result<(f64, f64)> {
 /// seconds a token and of the launch call (after 16 warm-up tokens), and how many leading tokens
 /// equal an eager greedy generation's (rounding may differ: attention spans the whole cache).
 #[cfg(feature = "cuda")]
-fn graph_decode(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<(f64, f64, usize, usize)> {
+fn graph_decode(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<GraphRun> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let device = model.device();
     let eager = Generation::new(model, Sampling::GREEDY)
         .run(prompt, new, |_| Ok(()))?
         .tokens;
+    let eager_at = eager_decode_at(model, prompt, new)?;
     let cuda = device.as_cuda_device()?;
     let stream = cuda.cuda_stream();
     let mut cache = model.new_cache(prompt.len() + new)?;
@@ -303,12 +304,51 @@ fn graph_decode(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<(f64,
     if steps.is_empty() {
         return Err(anyhow!("--graph needs more than 17 new tokens"));
     }
-    let agree = tokens.iter().zip(&eager).take_while(|(a, b)| a == b).count();
-    Ok((median(steps), median(launches), agree, eager.len().min(tokens.len())))
+    let agree = |reference: &[u32]| tokens.iter().zip(reference).take_while(|(a, b)| a == b).count();
+    Ok(GraphRun {
+        step: median(steps),
+        launch: median(launches),
+        agree_generation: agree(&eager),
+        agree_decode_at: agree(&eager_at),
+        tokens: eager.len().min(tokens.len()),
+    })
+}
+
+/// What `graph_decode` measured: median seconds a step and a launch, and how many leading greedy
+/// tokens of the replays equal `Generation`'s (which decodes with `forward_last` over the cache
+/// prefix and takes the arg-max on the host) and those of the same `decode_at` step run eagerly
+/// (the captured computation itself: attention over the whole masked cache, arg-max on the device).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct GraphRun {
+    step: f64,
+    launch: f64,
+    agree_generation: usize,
+    agree_decode_at: usize,
+    tokens: usize,
+}
+
+/// Greedy tokens of `decode_at` run eagerly, step by step, as the graph replays it.
+#[cfg(feature = "cuda")]
+fn eager_decode_at(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<Vec<u32>> {
+    let device = model.device();
+    let mut cache = model.new_cache(prompt.len() + new)?;
+    let first = model.forward_last(&Tensor::new(prompt, device)?.unsqueeze(0)?, &mut cache)?;
+    let mut next = first.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0];
+    let mut tokens = vec![next];
+    for i in 0..new.saturating_sub(1) {
+        let id = Tensor::new(&[[next]], device)?;
+        let pos = Tensor::new(&[(prompt.len() + i) as u32], device)?;
+        next = model
+            .decode_at(&id, &pos, &mut cache)?
+            .argmax(candle_core::D::Minus1)?
+            .to_vec1::<u32>()?[0];
+        tokens.push(next);
+    }
+    Ok(tokens)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn graph_decode(_: &BitNetModel, _: &[u32], _: usize) -> Result<(f64, f64, usize, usize)> {
+fn graph_decode(_: &BitNetModel, _: &[u32], _: usize) -> Result<GraphRun> {
     Err(anyhow!("--graph needs a build with `--features cuda`"))
 }
 
@@ -367,14 +407,18 @@ fn main() -> Result<()> {
         if args.graph {
             // A failed capture is reported; the other measurements still run.
             match graph_decode(&model, &prompt, args.new) {
-                Ok((step, launch, agree, n)) => {
-                    graphs.push(step);
+                Ok(g) => {
+                    graphs.push(g.step);
                     println!(
                         "  {kind:?} CUDA graph: decode {:.1} tokens/s ({:.3} ms a token, median); \
-                         graph launch (host) {:.3} ms; first {agree} of {n} tokens as eager",
-                        1.0 / step,
-                        step * 1e3,
-                        launch * 1e3
+                         graph launch (host) {:.3} ms; first {} of {} tokens as eager decode_at, \
+                         {} as Generation",
+                        1.0 / g.step,
+                        g.step * 1e3,
+                        g.launch * 1e3,
+                        g.agree_decode_at,
+                        g.tokens,
+                        g.agree_generation
                     );
                 }
                 Err(e) => println!("  ERROR {kind:?} CUDA graph: {e:#}"),

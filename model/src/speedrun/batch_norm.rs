@@ -14,7 +14,7 @@ pub const BATCH_NORM_EPS: f64 = 1e-12;
 /// the speed-run nets: a short run needs the running statistics to follow the weights closely.
 pub const BATCH_NORM_MOMENTUM: f64 = 0.6;
 
-/// `y = (x - mean_c) / sqrt(var_c + eps) + bias_c` over the batch and spatial positions of each
+/// `y = (x - mean_c) · (1 / sqrt(var_c + eps)) + bias_c` over the batch and spatial positions of each
 /// channel `c` in training, over the running statistics in inference.
 ///
 /// Variables: `bias` (learned, init 0), `running_mean` (0), `running_var` (1). The running
@@ -68,7 +68,9 @@ impl BatchNorm2d {
         }
         let xf = x.to_dtype(DType::F32)?;
         let shape = (1, c, 1, 1);
-        let (mean, var) = if train {
+        // Each full-size pass costs a kernel and its backward: centre once, then one scale and
+        // one shift per element (the per-channel reciprocal is C values).
+        let (centered, var) = if train {
             let n = b * h * w;
             if n < 2 {
                 candle_core::bail!("BatchNorm2d: training needs at least 2 values per channel, got {n}");
@@ -82,18 +84,14 @@ impl BatchNorm2d {
             let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
             self.running_mean.set(&rm)?;
             self.running_var.set(&rv)?;
-            (mean, var)
+            (centered, var)
         } else {
-            (
-                self.running_mean.as_tensor().reshape(shape)?,
-                self.running_var.as_tensor().reshape(shape)?,
-            )
+            let mean = self.running_mean.as_tensor().reshape(shape)?;
+            (xf.broadcast_sub(&mean)?, self.running_var.as_tensor().reshape(shape)?)
         };
         let bias = self.bias.to_dtype(DType::F32)?.reshape(shape)?;
-        let y = xf
-            .broadcast_sub(&mean)?
-            .broadcast_div(&(var + BATCH_NORM_EPS)?.sqrt()?)?
-            .broadcast_add(&bias)?;
+        let inv_std = (var + BATCH_NORM_EPS)?.sqrt()?.recip()?;
+        let y = centered.broadcast_mul(&inv_std)?.broadcast_add(&bias)?;
         y.to_dtype(x.dtype())
     }
 }
@@ -144,6 +142,7 @@ mod tests {
         // Inference uses the running statistics.
         let e: Vec<f32> = bn.forward_t(&x, false)?.flatten_all()?.to_vec1()?;
         let want0 = (1.0 - rm[0] as f64) / (rv[0] as f64 + BATCH_NORM_EPS).sqrt();
+        // (the layer multiplies by the f32 reciprocal: within a few ulps of the division)
         assert!((e[0] as f64 - want0).abs() < 1e-6);
         assert!(bn.forward_t(&x.narrow(0, 0, 1)?.narrow(3, 0, 1)?, true).is_err());
         Ok(())
