@@ -230,6 +230,34 @@ def codec_seeds():
     return out
 
 
+def speedrun_seeds():
+    """A TernarySpeedrun packed file and checkpoint at widths 2/2/2/2 (all-zero ternary codes)."""
+    w = [2, 2, 2, 2]
+    cfg = json.dumps({"widths": w, "stem": "ternary", "act_scaling": "per-image"}, separators=(",", ":"))
+    cfg = cfg.replace(", ", ",")
+    meta = {"format": "bitlinear-packed", "format_version": "1", "model": "TernarySpeedrun",
+            "model_config": cfg, "float_dtype": "f32", "packing": "row-major", "code_mapping": "code = w + 1",
+            "stem.in_features": "27", "head.in_features": "2"}
+    packed = [("stem.weight.packed", "U8", [2, 7]), ("stem.weight.scale", "F32", [1], [0.25]),
+              ("stem.bias", "F32", [2])]
+    ckpt = [("stem.weight", "F32", [2, 3, 3, 3]), ("stem.bias", "F32", [2])]
+    for i in range(1, 4):
+        for j in range(1, 3):
+            conv = f"block{i}.conv{j}"
+            meta[f"{conv}.in_features"] = "18"
+            packed += [(f"{conv}.weight.packed", "U8", [2, 5]), (f"{conv}.weight.scale", "F32", [1], [0.5])]
+            ckpt.append((f"{conv}.weight", "F32", [2, 2, 3, 3]))
+            norm = [(f"block{i}.norm{j}.bias", "F32", [2]), (f"block{i}.norm{j}.running_mean", "F32", [2]),
+                    (f"block{i}.norm{j}.running_var", "F32", [2], [1.0, 0.5])]
+            packed += norm
+            ckpt += norm
+    packed += [("head.weight.packed", "U8", [10, 1]), ("head.weight.scale", "F32", [1], [0.125]),
+               ("head.bias", "F32", [10]), ("head.norm.weight", "F32", [2])]
+    ckpt += [("head.weight", "F32", [10, 2]), ("head.bias", "F32", [10]), ("head.norm.weight", "F32", [2])]
+    ckpt_meta = {"model": "TernarySpeedrun", "model_config": cfg, "epoch": "1"}
+    return {"packed_speedrun_f32": safetensors(packed, meta)}, {"ckpt_speedrun": safetensors(ckpt, ckpt_meta)}
+
+
 def main():
     packed, ckpt = packed_seeds(), checkpoint_seeds()
     corpora = {
@@ -243,6 +271,10 @@ def main():
         "ternary_codecs": codec_seeds(),
         "inspect": {**{k: v for k, v in packed.items() if len(v) < 8000}, **ckpt},
     }
+    # Drawn last, so that the seeds above keep their random values.
+    sp_packed, sp_ckpt = speedrun_seeds()
+    corpora["packed_file"].update(sp_packed)
+    corpora["checkpoint"].update(sp_ckpt)
     shutil.rmtree(ROOT, ignore_errors=True)
     total = 0
     for target, files in corpora.items():

@@ -64,3 +64,18 @@ fn packed_bytes_round_trip_and_reject_other_dtypes() {
         assert!(err.contains(target) && err.contains(want), "{err}");
     }
 }
+
+/// The fuzz seeds of the speed-run network (written by `fuzz/seeds.py`) are valid files: the
+/// fuzzer starts from inputs that reach the whole loader and a forward.
+#[test]
+fn speedrun_fuzz_seeds_load_and_run() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+    let dev = candle_core::Device::Cpu;
+    let x = candle_core::Tensor::zeros((2, 3, 32, 32), candle_core::DType::F32, &dev).unwrap();
+    let packed = std::fs::read(seeds.join("packed_file/packed_speedrun_f32")).unwrap();
+    let net = model::PackedNetwork::from_packed_bytes(&packed, &dev).unwrap();
+    assert_eq!(candle_core::Module::forward(&net, &x).unwrap().dims(), &[2, 10]);
+    let ckpt = std::fs::read(seeds.join("checkpoint/ckpt_speedrun")).unwrap();
+    let net = model::Network::from_checkpoint_bytes(&ckpt, model::ComputeOptions::default(), &dev).unwrap();
+    assert_eq!(net.forward_t(&x, false).unwrap().dims(), &[2, 10]);
+}
