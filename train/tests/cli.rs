@@ -36,6 +36,34 @@ fn zero_or_negative_sizes_are_rejected() {
 }
 
 #[test]
+fn network_options_are_checked() {
+    let nowhere = ["--data-dir", "/nonexistent/cifar", "--no-download"];
+    let with = |extra: &[&'static str]| [&nowhere[..], extra].concat();
+    fails_with(
+        &with(&["--stem", "float"]),
+        &["--stem and --widths apply to --model ternary-speedrun"],
+    );
+    fails_with(
+        &with(&["--model", "ternary-speedrun", "--fc1", "linear"]),
+        &["--fc1 and --fc2 apply to --model simple-bit-cnn"],
+    );
+    fails_with(
+        &["--widths", "32,64,256"],
+        &["--widths", "expected 4 comma-separated widths, got 3"],
+    );
+    fails_with(&["--widths", "32,0,256,256"], &["--widths", "at least 1, got 0"]);
+    fails_with(
+        &["--label-smoothing", "1"],
+        &["--label-smoothing", "must be in [0, 1), got 1"],
+    );
+    fails_with(&["--translate", "5"], &["--translate", "5"]);
+    fails_with(
+        &["--model", "resnet"],
+        &["--model", "simple-bit-cnn", "ternary-speedrun"],
+    );
+}
+
+#[test]
 fn missing_data_dir_explains_what_to_get() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("no-such-dir");

@@ -66,6 +66,9 @@ pub struct Trainer {
 impl Trainer {
     /// Loads the data, builds the model and optimizer, and restores `--resume` state.
     pub fn new(args: Args) -> Result<Self> {
+        // Options that do not fit together fail before any device, file or download is touched.
+        let config = args.network_config().map_err(anyhow::Error::msg)?;
+        let recipe = args.recipe();
         let device = open_device(args.device)?;
         let tuning = args.cuda;
         #[cfg(feature = "cuda")]
@@ -102,8 +105,6 @@ impl Trainer {
 
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-        let config = args.network_config().map_err(anyhow::Error::msg)?;
-        let recipe = args.recipe();
         let model = Network::new(config, tuning.compute_options(&device), vb).context("building the model")?;
         init::seeded_init(&varmap, args.seed)?;
         let adamw = AdamWConfig {
