@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
-use bitnet::generate::{Generation, Sampling};
+use bitnet::generate::{DecodeMode, Generation, Sampling};
 use bitnet::{BitNetConfig, BitNetModel, Projections};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -174,11 +174,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Greedy generation, run twice; returns (prefill tokens/s, median decode seconds per token)
 /// of the second run.
-fn generation(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<(f64, f64)> {
+fn generation(model: &BitNetModel, prompt: &[u32], new: usize, mode: DecodeMode) -> Result<(f64, f64)> {
     let mut result = (0.0, 0.0);
     for _ in 0..2 {
         let mut stamps = Vec::with_capacity(new);
-        let out = Generation::new(model, Sampling::GREEDY).run(prompt, new, |_| {
+        let generation = Generation::new(model, Sampling::GREEDY).decode_mode(mode);
+        let out = generation.run(prompt, new, |_| {
             stamps.push(Instant::now());
             Ok(())
         })?;
@@ -397,7 +398,7 @@ fn main() -> Result<()> {
     let mut graphs = Vec::new();
     for kind in kinds {
         let model = random_model(&cfg, kind, dtype, &device)?;
-        let (prefill, per_token) = generation(&model, &prompt, args.new)?;
+        let (prefill, per_token) = generation(&model, &prompt, args.new, DecodeMode::Eager)?;
         decode.push(per_token);
         println!(
             "{kind:?}: prefill {prefill:.1} tokens/s; decode {:.1} tokens/s ({:.3} ms a token, median)",
@@ -405,6 +406,14 @@ fn main() -> Result<()> {
             per_token * 1e3
         );
         if args.graph {
+            // What the `bitnet` binary runs with --cuda-graph (sampling on the host per token).
+            match generation(&model, &prompt, args.new, DecodeMode::CudaGraph) {
+                Ok((_, per_token)) => println!(
+                    "  {kind:?} Generation with DecodeMode::CudaGraph: decode {:.1} tokens/s",
+                    1.0 / per_token
+                ),
+                Err(e) => println!("  ERROR {kind:?} Generation with DecodeMode::CudaGraph: {e:#}"),
+            }
             // A failed capture is reported; the other measurements still run.
             match graph_decode(&model, &prompt, args.new) {
                 Ok(g) => {

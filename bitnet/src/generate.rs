@@ -146,6 +146,21 @@ pub struct Generation<'a> {
     model: &'a BitNetModel,
     sampling: Sampling,
     stop: Vec<u32>,
+    decode: DecodeMode,
+}
+
+/// How [`Generation`] runs the steps after the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeMode {
+    /// Each token through [`BitNetModel::forward_last`] over the cache prefix, on every device.
+    #[default]
+    Eager,
+    /// [`BitNetModel::decode_at`] captured once as a CUDA graph and replayed for every token
+    /// (a build with `cuda`, a device made with `Device::new_cuda_with_stream`). Its greedy tokens
+    /// are those of `decode_at` run eagerly; they can leave [`DecodeMode::Eager`]'s after a few
+    /// tokens: attention over the whole masked cache rounds differently from attention over the
+    /// prefix, and the int8 activation quantization of every projection amplifies it.
+    CudaGraph,
 }
 
 impl<'a> Generation<'a> {
@@ -155,7 +170,14 @@ impl<'a> Generation<'a> {
             model,
             sampling,
             stop: Vec::new(),
+            decode: DecodeMode::Eager,
         }
+    }
+
+    /// Runs the decode steps as `mode` says (default [`DecodeMode::Eager`]).
+    pub fn decode_mode(mut self, mode: DecodeMode) -> Self {
+        self.decode = mode;
+        self
     }
 
     /// Stops after any of `tokens` is generated (e.g. the config's EOS ids).
@@ -165,10 +187,13 @@ impl<'a> Generation<'a> {
     }
 
     /// Checks what [`Self::run`] would reject before it runs anything: invalid sampling
-    /// settings, an empty prompt, a token outside the vocabulary, or more tokens than
+    /// settings, CUDA graph decoding off CUDA, an empty prompt, a token outside the vocabulary, or more tokens than
     /// `max_position_embeddings`.
     pub fn check(&self, prompt: &[u32], max_new_tokens: usize) -> Result<()> {
         self.sampling.validate()?;
+        if self.decode == DecodeMode::CudaGraph && !(cfg!(feature = "cuda") && self.model.device().is_cuda()) {
+            bail!("generate: CUDA graph decoding needs a CUDA device (and a build with the `cuda` feature)")
+        }
         if prompt.is_empty() {
             bail!("generate: the prompt has no tokens")
         }
@@ -203,7 +228,23 @@ impl<'a> Generation<'a> {
         let t0 = Instant::now();
         let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
         let mut prefill_secs = 0.0;
-        while tokens.len() < max_new_tokens {
+        if self.decode == DecodeMode::CudaGraph && max_new_tokens > 0 {
+            // The prompt eagerly, then every step from the graph.
+            let logits = self.model.forward_last(&input, &mut cache)?.squeeze(0)?;
+            let first = sampler.sample(&logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)?;
+            prefill_secs = t0.elapsed().as_secs_f64();
+            tokens.push(first);
+            on_token(first)?;
+            if !self.stop.contains(&first) {
+                self.graph_steps(&mut cache, first, prompt.len(), max_new_tokens - 1, |logits| {
+                    let next = sampler.sample(logits)?;
+                    tokens.push(next);
+                    on_token(next)?;
+                    Ok((!self.stop.contains(&next)).then_some(next))
+                })?;
+            }
+        }
+        while self.decode == DecodeMode::Eager && tokens.len() < max_new_tokens {
             let logits = self.model.forward_last(&input, &mut cache)?.squeeze(0)?;
             let next = sampler.sample(&logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)?;
             if tokens.is_empty() {
@@ -223,6 +264,32 @@ impl<'a> Generation<'a> {
             prefill_secs,
             decode_secs: total - prefill_secs,
         })
+    }
+}
+
+impl Generation<'_> {
+    #[cfg(feature = "cuda")]
+    fn graph_steps(
+        &self,
+        cache: &mut crate::Cache,
+        first: u32,
+        start: usize,
+        steps: usize,
+        mut next: impl FnMut(&[f32]) -> Result<Option<u32>>,
+    ) -> Result<()> {
+        crate::graph::decode(self.model, cache, first, start, steps, &mut next)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn graph_steps(
+        &self,
+        _: &mut crate::Cache,
+        _: u32,
+        _: usize,
+        _: usize,
+        _: impl FnMut(&[f32]) -> Result<Option<u32>>,
+    ) -> Result<()> {
+        bail!("DecodeMode::CudaGraph needs a build with the `cuda` feature")
     }
 }
 

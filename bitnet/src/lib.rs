@@ -20,6 +20,8 @@
 mod attention;
 pub mod config;
 pub mod generate;
+#[cfg(feature = "cuda")]
+mod graph;
 mod linear;
 mod mlp;
 mod model;

@@ -89,7 +89,7 @@ fn seeded_sampling_is_reproducible() {
 fn bad_arguments_are_clear_errors() {
     let dir = fixture().join("tiny-bitnet-lm");
     let dir = dir.to_str().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--model", "/nonexistent-model-dir", "--prompt", "x"], "config.json"),
         (&["--model", dir, "--prompt", "x", "--temperature=-1"], "temperature"),
         (
@@ -97,6 +97,10 @@ fn bad_arguments_are_clear_errors() {
             "max_position_embeddings",
         ),
         (&["--model", dir, "--prompt", "x", "--device", "tpu"], "tpu"),
+        (
+            &["--model", dir, "--prompt", "x", "--cuda-graph"],
+            "--cuda-graph needs --device cuda",
+        ),
     ];
     for (args, needle) in cases {
         let out = run(args);

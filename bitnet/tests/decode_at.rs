@@ -58,3 +58,27 @@ fn decode_at_takes_one_token() {
     let pos = Tensor::new(&[0u32], &Device::Cpu).unwrap();
     assert!(m.decode_at(&two, &pos, &mut cache).is_err());
 }
+
+/// CUDA graph decoding off CUDA is refused before anything runs.
+#[test]
+fn cuda_graph_decoding_needs_a_cuda_device() {
+    use bitnet::generate::{DecodeMode, Generation, Sampling};
+    let m = BitNetModel::load_dir(&fixture_model_dir(), DType::F32, &Device::Cpu).unwrap();
+    let mut seen = 0;
+    let g = Generation::new(&m, Sampling::GREEDY).decode_mode(DecodeMode::CudaGraph);
+    let err = g
+        .run(&[3, 17], 4, |_| {
+            seen += 1;
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("CUDA graph decoding needs a CUDA device"),
+        "{err}"
+    );
+    assert_eq!(seen, 0, "no token before the error");
+    // The default is eager.
+    assert!(Generation::new(&m, Sampling::GREEDY)
+        .run(&[3, 17], 2, |_| Ok(()))
+        .is_ok());
+}
