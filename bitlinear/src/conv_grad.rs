@@ -14,11 +14,13 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-/// `x (B, C, H, W) ⋆ w (O, C, k, k)` with zero padding `padding` and stride `stride`; for stride
-/// 1 (and `padding < k`) with the matrix-product backward of the module docs, otherwise candle's.
+/// `x (B, C, H, W) ⋆ w (O, C, kh, kw)` with zero padding `padding` and stride `stride`; for
+/// stride 1, a square kernel and `padding < k`, with the matrix-product backward of the module
+/// docs, otherwise candle's.
 pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
-    if stride != 1 || padding >= kh || padding >= kw || !(x.track_op() || w.track_op()) {
+    // The input-gradient convolution pads `k - 1 - p` on both axes: square kernels only.
+    if stride != 1 || kh != kw || padding >= kh || !(x.track_op() || w.track_op()) {
         return x.conv2d(w, padding, stride, 1, 1);
     }
     let y = x.detach().conv2d(&w.detach(), padding, 1, 1, 1)?;
