@@ -238,10 +238,15 @@ impl Module for BitConv2d {
         let p = self.config.padding;
         let s = self.config.stride;
         let (ho, wo) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
-        if b == 0 || c_out == 0 || c_in * kh * kw == 0 {
+        if b == 0 || c_out == 0 {
             return Tensor::zeros((b, c_out, ho, wo), x.dtype(), x.device());
         }
-        let y = self.integer_forward(x)?;
+        let y = if c_in * kh * kw == 0 {
+            // nothing to sum: every accumulator is 0 (then the bias, as the packed form)
+            Tensor::zeros((b, c_out, ho, wo), DType::F32, x.device())?
+        } else {
+            self.integer_forward(x)?
+        };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, c_out, 1, 1))?)?,
             None => y,

@@ -374,6 +374,18 @@ fn empty_batch(dev: &Device) -> Result<()> {
         assert_eq!((acc.dims(), acc.dtype()), (&[0, 4, 4, 3][..], DType::I32));
         assert_eq!(scales.dims(), &[0]);
     }
+    // No input channels: nothing to sum, so both forms give the bias everywhere.
+    let bias = Tensor::from_vec(randn(&mut r, 4, 0.1), 4, dev)?;
+    let layer = BitConv2d::new(Tensor::zeros((4, 0, 3, 3), DType::F32, dev)?, Some(bias.clone()), cfg)?;
+    let x = Tensor::zeros((2, 0, 7, 5), DType::F32, dev)?;
+    let want = bias
+        .reshape((1, 4, 1, 1))?
+        .broadcast_as((2, 4, 4, 3))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    for y in [layer.forward(&x)?, layer.pack()?.forward(&x)?] {
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, want);
+    }
     Ok(())
 }
 
