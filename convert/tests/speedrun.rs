@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::{bin, run};
+use common::{bin, edit, run, save_varmap};
 use model::{PackedNetwork, StemKind, TernarySpeedrun, TernarySpeedrunConfig};
 
 /// A random checkpoint of `config` at `dir/speedrun.safetensors` (batch-norm statistics and
@@ -16,22 +15,10 @@ use model::{PackedNetwork, StemKind, TernarySpeedrun, TernarySpeedrunConfig};
 fn speedrun_checkpoint(dir: &Path, config: TernarySpeedrunConfig) -> (PathBuf, TernarySpeedrun) {
     let varmap = VarMap::new();
     let net = TernarySpeedrun::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        if name.contains(".norm") || name.ends_with("bias") {
-            var.set(&Tensor::rand(0.5f32, 1.5, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    let tensors: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
     let path = dir.join("speedrun.safetensors");
-    let bytes = safetensors::serialize(tensors.iter(), Some(net.checkpoint_metadata())).unwrap();
-    std::fs::write(&path, bytes).unwrap();
+    save_varmap(&varmap, &path, net.checkpoint_metadata(), |name| {
+        name.contains(".norm") || name.ends_with("bias")
+    });
     (path, net)
 }
 
@@ -106,14 +93,12 @@ fn a_checkpoint_that_does_not_match_its_recorded_widths_is_an_error() {
         },
     );
     // Rewrite the recorded widths: the tensors no longer fit.
-    let bytes = std::fs::read(&ckpt).unwrap();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
-    let mut meta = model::read_metadata(&bytes).unwrap();
-    meta.insert(
-        "model_config".into(),
-        r#"{"widths":[4,8,8,16],"stem":"ternary","act_scaling":"per-image"}"#.into(),
-    );
-    std::fs::write(&ckpt, safetensors::serialize(tensors.iter(), Some(meta)).unwrap()).unwrap();
+    edit(&ckpt, &ckpt, |_, meta| {
+        meta.insert(
+            "model_config".into(),
+            r#"{"widths":[4,8,8,16],"stem":"ternary","act_scaling":"per-image"}"#.into(),
+        );
+    });
     let out = dir.path().join("never.safetensors");
     let (ok, _, stderr) = run(bin().args(["export", "--checkpoint"]).arg(&ckpt).arg("--out").arg(&out));
     assert!(!ok);

@@ -30,23 +30,26 @@ pub fn checkpoint(dir: &Path, config: SimpleBitCnnConfig) -> (PathBuf, SimpleBit
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let model = SimpleBitCnn::new(config, vb).unwrap();
-    // Non-trivial norms and biases, so storing them wrong would show.
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        if name.ends_with("norm.weight") || name.ends_with("bias") {
-            let t = Tensor::rand(0.5f32, 1.5, var.shape(), &Device::Cpu).unwrap();
-            var.set(&t).unwrap();
+    let path = dir.join("ckpt.safetensors");
+    save_varmap(&varmap, &path, model::checkpoint_metadata(config), |name| {
+        name.ends_with("norm.weight") || name.ends_with("bias")
+    });
+    (path, model)
+}
+
+/// Gives the variables of `varmap` that `pick` selects random values in [0.5, 1.5) (non-trivial
+/// norms and biases, so storing them wrong would show), then writes every variable to `path`
+/// with `meta`, as `train` writes a checkpoint.
+pub fn save_varmap(varmap: &VarMap, path: &Path, meta: HashMap<String, String>, pick: impl Fn(&str) -> bool) {
+    let data = varmap.data().lock().unwrap();
+    for (name, var) in data.iter() {
+        if pick(name) {
+            var.set(&Tensor::rand(0.5f32, 1.5, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
         }
     }
-    let tensors: Vec<(String, Tensor)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    let path = dir.join("ckpt.safetensors");
-    write(&path, &tensors, model::checkpoint_metadata(config));
-    (path, model)
+    let tensors: Vec<(String, Tensor)> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    write(path, &tensors, meta);
 }
 
 /// A safetensors file's tensors (in file order) and metadata.
