@@ -9,7 +9,7 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::layout::MODEL_NAME;
-use crate::packed_file::{FORMAT, FORMAT_VERSION};
+use crate::packed_file::check_format;
 use crate::speedrun::{files_parse_config, SPEEDRUN_MODEL_NAME};
 use crate::{
     Checkpoint, ComputeOptions, PackedSimpleBitCnn, PackedTernarySpeedrun, SimpleBitCnn, SimpleBitCnnConfig,
@@ -176,17 +176,7 @@ impl PackedNetwork {
     /// `model` metadata picks the network, whose loader checks every tensor.
     pub fn from_packed_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
         let meta = read_metadata(bytes)?;
-        match meta.get("format").map(String::as_str) {
-            Some(FORMAT) => {}
-            Some(other) => bail!("format is {other:?}, expected {FORMAT:?}"),
-            None => bail!("no \"format\" metadata: not a {FORMAT} file (a float checkpoint?)"),
-        }
-        if meta.get("format_version").and_then(|v| v.parse::<u32>().ok()) != Some(FORMAT_VERSION) {
-            bail!(
-                "format_version {:?} is not supported (this build reads version {FORMAT_VERSION})",
-                meta.get("format_version")
-            )
-        }
+        check_format(&meta)?;
         match meta.get("model").map(String::as_str) {
             Some(MODEL_NAME) => Ok(PackedNetwork::SimpleBitCnn(PackedSimpleBitCnn::from_packed_bytes(
                 bytes, device,

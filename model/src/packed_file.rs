@@ -69,6 +69,47 @@ pub(crate) fn parse_float_dtype(metadata: &HashMap<String, String>) -> Result<DT
     }
 }
 
+/// The metadata every packed file carries: format, version, packing, code mapping, `model`,
+/// `model_config` and `float_dtype` (which must be f32, bf16 or f16).
+pub(crate) fn packed_metadata(model: &str, model_config: String, dtype: DType) -> Result<HashMap<String, String>> {
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        bail!("packed files store float tensors as f32, bf16 or f16, not {dtype:?}")
+    }
+    Ok(HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("format_version".to_string(), FORMAT_VERSION.to_string()),
+        ("packing".to_string(), PACKING.to_string()),
+        ("code_mapping".to_string(), CODE_MAPPING.to_string()),
+        ("model".to_string(), model.to_string()),
+        ("model_config".to_string(), model_config),
+        ("float_dtype".to_string(), format!("{dtype:?}").to_lowercase()),
+    ]))
+}
+
+/// Writes a packed file with [`crate::write_atomic`]: a failure leaves no partial file behind.
+pub(crate) fn write_packed(path: &Path, tensors: &NamedTensors, meta: HashMap<String, String>) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| candle_core::Error::msg(format!("serializing {}: {e}", path.display())))?;
+    Ok(crate::write_atomic(path, &bytes)?)
+}
+
+/// Checks a packed file's `format` and `format_version` metadata.
+pub(crate) fn check_format(metadata: &HashMap<String, String>) -> Result<()> {
+    match metadata.get("format").map(String::as_str) {
+        Some(FORMAT) => {}
+        Some(other) => bail!("format is {other:?}, expected {FORMAT:?}"),
+        None => bail!("no \"format\" metadata: not a {FORMAT} file (a float checkpoint?)"),
+    }
+    let version = metadata.get("format_version").and_then(|v| v.parse::<u32>().ok());
+    if version != Some(FORMAT_VERSION) {
+        bail!(
+            "format_version {:?} is not supported (this build reads version {FORMAT_VERSION})",
+            metadata.get("format_version")
+        )
+    }
+    Ok(())
+}
+
 impl PackedSimpleBitCnn {
     /// The configuration (kind of each fully connected layer).
     pub fn config(&self) -> SimpleBitCnnConfig {
@@ -84,21 +125,10 @@ impl PackedSimpleBitCnn {
 
     /// The named tensors and metadata of the packed file; float tensors are stored as `dtype`.
     pub fn to_packed_tensors(&self, dtype: DType) -> Result<(NamedTensors, HashMap<String, String>)> {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            bail!("packed files store float tensors as f32, bf16 or f16, not {dtype:?}")
-        }
+        let mut meta = packed_metadata(MODEL_NAME, config_json(self.config()), dtype)?;
         let cpu = &Device::Cpu;
         let float = |t: &Tensor| t.to_device(cpu)?.to_dtype(dtype);
         let mut tensors = vec![];
-        let mut meta = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("format_version".to_string(), FORMAT_VERSION.to_string()),
-            ("packing".to_string(), PACKING.to_string()),
-            ("code_mapping".to_string(), CODE_MAPPING.to_string()),
-            ("model".to_string(), MODEL_NAME.to_string()),
-            ("model_config".to_string(), config_json(self.config())),
-            ("float_dtype".to_string(), format!("{dtype:?}").to_lowercase()),
-        ]);
         for (name, conv) in [("conv1", &self.conv1), ("conv2", &self.conv2)] {
             tensors.push((format!("{name}.weight"), float(conv.weight())?));
             tensors.push((format!("{name}.bias"), float(conv.bias())?));
@@ -142,28 +172,13 @@ impl PackedSimpleBitCnn {
     /// behind.
     pub fn save(&self, path: &Path, dtype: DType) -> Result<()> {
         let (tensors, meta) = self.to_packed_tensors(dtype)?;
-        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-            .map_err(|e| candle_core::Error::msg(format!("serializing {}: {e}", path.display())))?;
-        Ok(crate::write_atomic(path, &bytes)?)
+        write_packed(path, &tensors, meta)
     }
 
     /// Reads a packed file's metadata and checks its format and version.
     pub fn read_info(bytes: &[u8]) -> Result<PackedFileInfo> {
-        let (_, st) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| candle_core::Error::msg(format!("not a valid safetensors file: {e}")))?;
-        let metadata = st.metadata().clone().unwrap_or_default();
-        match metadata.get("format").map(String::as_str) {
-            Some(FORMAT) => {}
-            Some(other) => bail!("format is {other:?}, expected {FORMAT:?}"),
-            None => bail!("no \"format\" metadata: not a {FORMAT} file (a float checkpoint?)"),
-        }
-        let version = metadata.get("format_version").and_then(|v| v.parse::<u32>().ok());
-        if version != Some(FORMAT_VERSION) {
-            bail!(
-                "format_version {:?} is not supported (this build reads version {FORMAT_VERSION})",
-                metadata.get("format_version")
-            )
-        }
+        let metadata = crate::read_metadata(bytes)?;
+        check_format(&metadata)?;
         let Some(json) = metadata.get("model_config") else {
             bail!("no \"model_config\" metadata")
         };

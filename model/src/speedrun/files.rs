@@ -25,7 +25,7 @@ use super::{
     block_conv_config, stem_config, BatchNorm2d, Block, PackedTernarySpeedrun, Stem, StemKind, TernarySpeedrun,
     TernarySpeedrunConfig,
 };
-use crate::packed_file::{NamedTensors, CODE_MAPPING, FORMAT, FORMAT_VERSION, PACKING};
+use crate::packed_file::{packed_metadata, write_packed, NamedTensors};
 use crate::validate::{check_tensors, TensorSpec};
 use crate::{ComputeOptions, Conv, PoolKernel, NUM_CLASSES};
 
@@ -184,19 +184,8 @@ impl TernarySpeedrun {
 impl PackedTernarySpeedrun {
     /// The named tensors and metadata of the packed file; float tensors are stored as `dtype`.
     pub fn to_packed_tensors(&self, dtype: DType) -> Result<(NamedTensors, HashMap<String, String>)> {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            bail!("packed files store float tensors as f32, bf16 or f16, not {dtype:?}")
-        }
+        let mut meta = packed_metadata(SPEEDRUN_MODEL_NAME, config_json(self.config), dtype)?;
         let cpu = &Device::Cpu;
-        let mut meta = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("format_version".to_string(), FORMAT_VERSION.to_string()),
-            ("packing".to_string(), PACKING.to_string()),
-            ("code_mapping".to_string(), CODE_MAPPING.to_string()),
-            ("model".to_string(), SPEEDRUN_MODEL_NAME.to_string()),
-            ("model_config".to_string(), config_json(self.config)),
-            ("float_dtype".to_string(), format!("{dtype:?}").to_lowercase()),
-        ]);
         for (name, k) in packed_in_features(self.config) {
             meta.insert(format!("{name}.in_features"), k.to_string());
         }
@@ -243,9 +232,7 @@ impl PackedTernarySpeedrun {
     /// Writes the packed file with [`crate::write_atomic`]: a failure leaves no partial file.
     pub fn save(&self, path: &Path, dtype: DType) -> Result<()> {
         let (tensors, meta) = self.to_packed_tensors(dtype)?;
-        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-            .map_err(|e| candle_core::Error::msg(format!("serializing {}: {e}", path.display())))?;
-        Ok(crate::write_atomic(path, &bytes)?)
+        write_packed(path, &tensors, meta)
     }
 
     /// Loads the network from a packed file's bytes whose metadata `meta` was already checked for
