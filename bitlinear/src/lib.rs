@@ -14,6 +14,7 @@ mod layer_common;
 mod ops;
 mod packed;
 mod packed_conv;
+mod packed_conv_cpu;
 mod packed_layer;
 pub mod plan;
 pub mod quant;

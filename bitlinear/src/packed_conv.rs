@@ -5,9 +5,13 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 use crate::conv::{check_input, BitConv2dConfig};
-use crate::im2col::{tiling, Gatherer, Geometry};
+use crate::im2col::Geometry;
+#[cfg(feature = "cuda")]
+use crate::im2col::{tiling, Gatherer};
 use crate::packed::PackedTernary;
+use crate::packed_conv_cpu::{convolve, AccTile, ChannelsLastWeight};
 use crate::packed_layer::{fetch, load_packed_weight, packed_weight_tensors};
+#[cfg(feature = "cuda")]
 use crate::{packed_accumulate, quantize_activations, ActScaling};
 
 /// The inference form of [`BitConv2d`](crate::BitConv2d), made by
@@ -62,6 +66,8 @@ pub struct PackedBitConv2d {
     kw: usize,
     bias: Option<Tensor>,
     config: BitConv2dConfig,
+    /// The CPU forward's copy of the weight with its columns in `(ky, kx, ci)` order.
+    channels_last: ChannelsLastWeight,
 }
 
 impl PackedBitConv2d {
@@ -98,6 +104,7 @@ impl PackedBitConv2d {
             kw,
             bias,
             config,
+            channels_last: ChannelsLastWeight::default(),
         })
     }
 
@@ -155,10 +162,22 @@ impl PackedBitConv2d {
     /// kernels, so they are reordered to NCHW there; the scales stay on the input's device.
     pub fn accumulate(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = self.weight.out_features();
-        let (tiles, scales, (ho, wo)) = self.map_tiles(x, |acc, _, _| acc.to_device(&Device::Cpu))?;
-        let acc = cat_tiles(tiles, 1, (0, ho * wo, n), DType::I32, &Device::Cpu)?;
-        let acc = acc.transpose(1, 2)?.contiguous()?.reshape((x.dim(0)?, n, ho, wo))?;
-        Ok((acc, scales))
+        if x.device().is_cpu() {
+            let (b, ..) = check_input(x, (n, self.c_in, self.kh, self.kw), self.config, "PackedBitConv2d")?;
+            let (ho, wo) = self.geometry(x)?.out_hw();
+            let mut acc = vec![0i32; b * n * ho * wo];
+            let scales = self.convolve_cpu(x, |t| scatter_channels_first(&t, n, ho * wo, &mut acc, |_, a| a))?;
+            let acc = Tensor::from_vec(acc, (b, n, ho, wo), &Device::Cpu)?;
+            return Ok((acc, Tensor::from_vec(scales, b, &Device::Cpu)?));
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (tiles, scales, (ho, wo)) = self.map_tiles(x, |acc, _, _| acc.to_device(&Device::Cpu))?;
+            let acc = cat_tiles(tiles, 1, (0, ho * wo, n), DType::I32, &Device::Cpu)?;
+            let acc = acc.transpose(1, 2)?.contiguous()?.reshape((x.dim(0)?, n, ho, wo))?;
+            return Ok((acc, scales));
+        }
+        bail!("PackedBitConv2d: unsupported device {:?}", x.device().location())
     }
 
     fn geometry(&self, x: &Tensor) -> Result<Geometry> {
@@ -178,6 +197,7 @@ impl PackedBitConv2d {
     /// tile's accumulators `(bi, r, c_out)` (images `i0 ..`) with `f(acc, scales, i0)`. Returns
     /// the mapped tiles (per tile of images, its row tiles), the scales `(B)` and `(Ho, Wo)`.
     #[allow(clippy::type_complexity)]
+    #[cfg(feature = "cuda")]
     fn map_tiles(
         &self,
         x: &Tensor,
@@ -189,7 +209,7 @@ impl PackedBitConv2d {
         let (k, (ho, wo)) = (g.k(), g.out_hw());
         let rows = ho * wo;
         let (codes, scales) = quantize_activations(&x.reshape((b, c * h * w))?, ActScaling::PerToken)?;
-        let gatherer = Gatherer::new(codes, &g)?;
+        let gatherer = Gatherer::new(codes)?;
         let (bt, rt) = tiling(b, rows, k);
         let mut tiles = Vec::new();
         for i0 in (0..b).step_by(bt) {
@@ -217,14 +237,51 @@ impl PackedBitConv2d {
                 self.map_tiles(x, |acc, scales, i0| crate::cuda::conv_dequantize(&acc, scales, i0, s_w))?;
             return cat_tiles(tiles, 2, (0, n, ho * wo), DType::F32, x.device())?.reshape((x.dim(0)?, n, ho, wo));
         }
-        let (acc, scales) = self.accumulate(x)?;
-        let sx = scales.to_device(&Device::Cpu)?.reshape((x.dim(0)?, 1, 1, 1))?;
+        if !x.device().is_cpu() {
+            bail!("PackedBitConv2d: unsupported device {:?}", x.device().location())
+        }
+        let (b, n) = (x.dim(0)?, self.weight.out_features());
+        let (ho, wo) = self.geometry(x)?.out_hw();
+        let mut y = vec![0f32; b * n * ho * wo];
         // `(acc · s_x) · s_w` in f32, as `quant::dequantize`
-        let y = acc.to_dtype(DType::F32)?.broadcast_mul(&sx)?.affine(s_w as f64, 0.0)?;
-        y.to_device(x.device())
+        self.convolve_cpu(x, |t| {
+            scatter_channels_first(&t, n, ho * wo, &mut y, |s_x, a| crate::quant::dequantize(a, s_x, s_w))
+        })?;
+        Tensor::from_vec(y, (b, n, ho, wo), &Device::Cpu)
+    }
+
+    /// The CPU convolution of `x` (checked by the caller), its tiles handed to `sink`; returns the
+    /// per-image scales.
+    fn convolve_cpu(&self, x: &Tensor, sink: impl FnMut(AccTile)) -> Result<Vec<f32>> {
+        crate::device::check_same_device(x, self.weight.bytes(), "PackedBitConv2d")?;
+        let g = self.geometry(x)?;
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*storage else {
+            bail!("PackedBitConv2d: internal error, the CPU path got a device input")
+        };
+        let values = crate::device::cpu_f32(s, layout)?;
+        convolve(&values, x.dim(0)?, &g, &self.weight, &self.channels_last, sink)
     }
 }
 
+/// Writes a tile's accumulators `(images·rows, n)` into their places of a channels-first output
+/// `(b, n, pixels)` as `f(s_x of the image, acc)`.
+fn scatter_channels_first<T: Copy>(t: &AccTile, n: usize, pixels: usize, out: &mut [T], f: impl Fn(f32, i32) -> T) {
+    for i in 0..t.images {
+        let img = t.i0 + i;
+        let s_x = t.scales[img];
+        let acc = &t.acc[i * t.rows * n..(i + 1) * t.rows * n];
+        for o in 0..n {
+            let dst = &mut out[(img * n + o) * pixels + t.r0..][..t.rows];
+            for (r, d) in dst.iter_mut().enumerate() {
+                *d = f(s_x, acc[r * n + o]);
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
 /// Joins per-image-tile row tiles along `dim`, then the image tiles along dim 0; `empty` is the
 /// shape of no tiles.
 fn cat_tiles(
