@@ -14,38 +14,63 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::PreparedActivations;
+use crate::cpu::{broadcast_accumulate, BroadcastWeight, CpuKernel, PreparedActivations};
 use crate::device::{cpu_kernel, cpu_u8};
 use crate::im2col::{tiling, Geometry};
 use crate::packed::{pack_ternary, packed_len, PackedTernary};
 use crate::quant;
 
-/// The weight of a packed convolution with its columns in `(ky, kx, ci)` order, made on first
+/// The weight of a packed convolution with its columns in `(ky, kx, ci)` order, packed for the
+/// row kernels or decoded for the broadcast kernel (whichever the CPU runs), each made on first
 /// use and shared by the layer's clones.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct ChannelsLastWeight(Arc<OnceLock<PackedTernary>>);
+pub(crate) struct ChannelsLastWeight(Arc<(OnceLock<PackedTernary>, OnceLock<BroadcastWeight>)>);
 
 impl ChannelsLastWeight {
-    /// The reordered form of `w` (a CPU weight of `c·kh·kw` columns in `(ci, ky, kx)` order).
-    fn get(&self, w: &PackedTernary, (c, kh, kw): (usize, usize, usize)) -> Result<&PackedTernary> {
-        if let Some(p) = self.0.get() {
+    /// The packed reordered form of `w` (a CPU weight of `c·kh·kw` columns in `(ci, ky, kx)`
+    /// order).
+    fn packed(&self, w: &PackedTernary, dims: (usize, usize, usize)) -> Result<&PackedTernary> {
+        if let Some(p) = self.0 .0.get() {
             return Ok(p);
         }
-        let (n, k) = (w.out_features(), c * kh * kw);
-        let codes = w.unpack()?;
-        let mut reordered = vec![0i8; n * k];
-        for (src, dst) in codes.chunks_exact(k).zip(reordered.chunks_exact_mut(k)) {
-            for ci in 0..c {
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        dst[(ky * kw + kx) * c + ci] = src[(ci * kh + ky) * kw + kx];
-                    }
+        let (n, k) = (w.out_features(), dims.0 * dims.1 * dims.2);
+        let bytes = Tensor::from_vec(
+            pack_ternary(&reordered(w, dims)?, n, k)?,
+            (n, packed_len(k)),
+            &Device::Cpu,
+        )?;
+        Ok(self
+            .0
+             .0
+            .get_or_init(|| PackedTernary::from_trusted(bytes, w.scale(), k)))
+    }
+
+    /// The reordered form of `w` decoded for the broadcast kernel.
+    fn broadcast(&self, w: &PackedTernary, dims: (usize, usize, usize)) -> Result<&BroadcastWeight> {
+        if let Some(b) = self.0 .1.get() {
+            return Ok(b);
+        }
+        let decoded = BroadcastWeight::new(&reordered(w, dims)?, w.out_features(), dims.0 * dims.1 * dims.2);
+        Ok(self.0 .1.get_or_init(|| decoded))
+    }
+}
+
+/// The ternary values of `w` `(n, c·kh·kw)` with each row's columns moved from `(ci, ky, kx)` to
+/// `(ky, kx, ci)` order.
+fn reordered(w: &PackedTernary, (c, kh, kw): (usize, usize, usize)) -> Result<Vec<i8>> {
+    let (n, k) = (w.out_features(), c * kh * kw);
+    let codes = w.unpack()?;
+    let mut out = vec![0i8; n * k];
+    for (src, dst) in codes.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        for ci in 0..c {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    dst[(ky * kw + kx) * c + ci] = src[(ci * kh + ky) * kw + kx];
                 }
             }
         }
-        let bytes = Tensor::from_vec(pack_ternary(&reordered, n, k)?, (n, packed_len(k)), &Device::Cpu)?;
-        Ok(self.0.get_or_init(|| PackedTernary::from_trusted(bytes, w.scale(), k)))
     }
+    Ok(out)
 }
 
 /// One tile of accumulators handed to the caller: `acc` holds `images·rows` rows of `n`
@@ -103,13 +128,25 @@ pub(crate) fn convolve(
         return Ok(scales);
     }
 
-    let w = reordered.get(weight, (g.c, g.kh, g.kw))?;
+    let dims = (g.c, g.kh, g.kw);
     let kernel = cpu_kernel();
-    let (ws, wl) = w.bytes().storage_and_layout();
-    let candle_core::Storage::Cpu(ws) = &*ws else {
-        candle_core::bail!("PackedBitConv2d: internal error, the CPU path got a device weight")
+    // The broadcast kernel where the library's kernel is the 512-bit VNNI one (a forced other
+    // kernel is honoured: the row kernels then run).
+    let product = match kernel == CpuKernel::Avx512Vnni && BroadcastWeight::is_supported() {
+        true => Product::Broadcast(reordered.broadcast(weight, dims)?),
+        false => Product::Rows(reordered.packed(weight, dims)?),
     };
-    let layouts = w.cpu_layouts().get(kernel, cpu_u8(ws, wl)?, n, k);
+    let bytes = match &product {
+        Product::Rows(w) => {
+            let (ws, wl) = w.bytes().storage_and_layout();
+            let candle_core::Storage::Cpu(ws) = &*ws else {
+                candle_core::bail!("PackedBitConv2d: internal error, the CPU path got a device weight")
+            };
+            cpu_u8(ws, wl)?.to_vec()
+        }
+        Product::Broadcast(_) => vec![],
+    };
+    let mut acc = vec![];
 
     let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
     let (bt, rt) = tiling(b, pixels, k);
@@ -129,8 +166,16 @@ pub(crate) fn convolve(
                 let img = &padded[i * hp * wp * g.c..(i + 1) * hp * wp * g.c];
                 gather(img, g, r0, img_rows);
             });
-            let prep = PreparedActivations::new(kernel, rows, bi * r, k);
-            let acc = crate::cpu::packed_accumulate(&prep, layouts, n, k);
+            match &product {
+                Product::Broadcast(w) => {
+                    acc.resize(bi * r * n, 0);
+                    broadcast_accumulate(rows, bi * r, w, &mut acc);
+                }
+                Product::Rows(w) => {
+                    let prep = PreparedActivations::new(kernel, rows, bi * r, k);
+                    acc = crate::cpu::packed_accumulate(&prep, w.cpu_layouts().get(kernel, &bytes, n, k), n, k);
+                }
+            }
             sink(AccTile {
                 acc: &acc,
                 scales: &scales,
@@ -142,6 +187,14 @@ pub(crate) fn convolve(
         }
     }
     Ok(scales)
+}
+
+/// The integer product of a tile's rows, by the kernel that runs.
+enum Product<'a> {
+    /// The row kernels over the packed reordered weight.
+    Rows(&'a PackedTernary),
+    /// The broadcast kernel over the decoded reordered weight.
+    Broadcast(&'a BroadcastWeight),
 }
 
 /// One image's codes `(c, h, w)` into `dst`, channels-last `(h + 2p, w + 2p, c)` with the zero

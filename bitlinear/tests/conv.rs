@@ -447,3 +447,52 @@ device_test!(
     empty_batch,
     packed_storage
 );
+
+/// The CPU forward under each CPU kernel this machine runs (the 512-bit VNNI one takes the
+/// broadcast kernel, the others the row kernels over the reordered packed weight); the kernels
+/// it lacks are named as skipped. Forcing is process-wide, but every kernel gives the same
+/// integers, so the other tests of this binary are unaffected.
+#[test]
+fn every_cpu_kernel() -> Result<()> {
+    use bitlinear::plan::{CpuKernel, ForcedChoices, KernelSettings};
+    let set = |cpu_kernel| {
+        let force = ForcedChoices {
+            cpu_kernel,
+            ..Default::default()
+        };
+        bitlinear::set_kernel_settings(
+            &Device::Cpu,
+            KernelSettings {
+                force,
+                ..Default::default()
+            },
+        )
+    };
+    let mut r = rng("conv_every_cpu_kernel");
+    for kernel in CpuKernel::ALL {
+        if !kernel.is_supported() {
+            eprintln!("every_cpu_kernel: {kernel:?} skipped, not supported by this CPU");
+            continue;
+        }
+        set(Some(kernel))?;
+        for (b, c, co, k, stride, pad) in [
+            (3, 3, 32, 3, 1, 1),
+            (2, 7, 21, 3, 2, 0),
+            (1, 16, 70, 5, 1, 2),
+            (70, 2, 5, 1, 1, 0),
+        ] {
+            let s = Shape {
+                b,
+                c,
+                h: 2 * r.gen_range(3..8) + 1,
+                w: 2 * r.gen_range(3..8),
+                co,
+                k,
+                stride,
+                pad,
+            };
+            check_shape(&Device::Cpu, &s, &mut r).map_err(|e| e.context(format!("kernel {kernel:?}")))?;
+        }
+    }
+    set(None)
+}

@@ -5,51 +5,13 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use model::speedrun::BatchNorm2d;
 use model::{TernarySpeedrun, TernarySpeedrunConfig};
 
+#[path = "float_speedrun.rs"]
+mod float_speedrun;
+use float_speedrun::FloatSpeedrun;
+
 const BATCH: usize = 64;
-
-/// The float counterpart of the network over the variables of `vm`.
-struct FloatSpeedrun {
-    tensors: std::collections::HashMap<String, Tensor>,
-    norms: Vec<BatchNorm2d>,
-    widths: [usize; 4],
-}
-
-impl FloatSpeedrun {
-    fn new(vm: &VarMap, widths: [usize; 4]) -> Self {
-        let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
-        let mut norms = vec![];
-        for (i, &width) in widths.iter().enumerate().skip(1) {
-            for j in 1..=2 {
-                norms.push(BatchNorm2d::new(width, vb.pp(format!("block{i}.norm{j}"))).unwrap());
-            }
-        }
-        let data = vm.data().lock().unwrap();
-        let tensors = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        Self { tensors, norms, widths }
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let t = |k: &str| &self.tensors[k];
-        let w0 = self.widths[0];
-        let mut x = x
-            .conv2d(t("stem.weight"), 1, 1, 1, 1)?
-            .broadcast_add(&t("stem.bias").reshape((1, w0, 1, 1))?)?
-            .gelu_erf()?;
-        for i in 1..=3 {
-            let (n1, n2) = (&self.norms[2 * (i - 1)], &self.norms[2 * (i - 1) + 1]);
-            x = model::max_pool2x2(&x.conv2d(t(&format!("block{i}.conv1.weight")), 1, 1, 1, 1)?)?;
-            x = n1.forward_t(&x, false)?.gelu_erf()?;
-            x = x.conv2d(t(&format!("block{i}.conv2.weight")), 1, 1, 1, 1)?;
-            x = n2.forward_t(&x, false)?.gelu_erf()?;
-        }
-        let x = x.flatten_from(2)?.max(2)?;
-        let x = candle_nn::ops::rms_norm(&x, t("head.norm.weight"), bitlinear::RMS_NORM_EPS as f32)?;
-        candle_nn::Linear::new(t("head.weight").clone(), Some(t("head.bias").clone())).forward(&x)
-    }
-}
 
 fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
@@ -57,7 +19,7 @@ fn bench(c: &mut Criterion) {
     let vm = VarMap::new();
     let net = TernarySpeedrun::new(config, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     let packed = net.to_packed().unwrap();
-    let float = FloatSpeedrun::new(&vm, config.widths);
+    let float = FloatSpeedrun::new(&vm, config.widths, DType::F32, &dev).unwrap();
     let x = Tensor::randn(0f32, 1.0, (BATCH, 3, 32, 32), &dev).unwrap();
     let mut g = c.benchmark_group(format!("speedrun_infer_b{BATCH}"));
     g.sample_size(10);

@@ -26,6 +26,7 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod broadcast;
 mod kernel;
 mod layout;
 mod portable;
@@ -39,6 +40,7 @@ mod vnni;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub(crate) use broadcast::{accumulate as broadcast_accumulate, BroadcastWeight};
 pub use kernel::CpuKernel;
 use kernel::Strides;
 pub(crate) use layout::{CpuLayouts, Weights};
@@ -51,10 +53,18 @@ const ROWS: usize = 4;
 const SERIAL_MACS: usize = 1 << 20;
 /// Activation rows per cache tile (32 rows of K = 4096 codes: 128 KiB).
 const M_TILE: usize = 32;
+/// A weight of at most this many bytes (in its kernel layout) is read whole by every task, and
+/// the tasks split the activation rows instead: the weight then stays in L2 while each tile of
+/// activation rows is read from memory once. Larger weights are split over the tasks, and the
+/// activation rows are read once per task (the decode and M = 128 shapes of the LLMs). The
+/// convolutions of small CNNs are the case: 64 output channels of 3x3x32 are 8 KiB, against
+/// activation rows of megabytes.
+const SMALL_WEIGHT_BYTES: usize = 256 << 10;
 
 /// The output of a call, written by tasks that own disjoint sets of columns.
 struct SharedOut<T>(*mut T);
-// SAFETY: every task writes only the columns of its own weight rows (see `packed_matmul_into`).
+// SAFETY: every task writes only the cells of its own activation rows and weight rows (see
+// `packed_matmul_into`).
 unsafe impl<T: Copy + Send> Sync for SharedOut<T> {}
 
 /// `acc[m][n] = Σ_k x_q[m][k] · w[n][k]` for a packed weight of `n` rows of `k`, row-major
@@ -89,21 +99,28 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
             "grouped weight has the wrong length"
         );
     }
-    // Rows per rayon task: enough work per task, enough tasks for both cores.
-    let rows_per_task = ROWS * (n / (ROWS * 32)).clamp(1, 16);
-    let tasks = n.div_ceil(rows_per_task);
+    // What a rayon task covers: weight rows and activation rows; enough work per task, enough
+    // tasks for both cores.
+    let (rows_per_task, m_per_task) = match n.div_ceil(ROWS) * ROWS * padded <= SMALL_WEIGHT_BYTES && m >= 2 * M_TILE {
+        true => (n.div_ceil(ROWS) * ROWS, M_TILE),
+        false => (ROWS * (n / (ROWS * 32)).clamp(1, 16), m),
+    };
+    let n_tasks = n.div_ceil(rows_per_task);
+    let tasks = n_tasks * m.div_ceil(m_per_task);
     let shared = SharedOut(out.as_mut_ptr());
     let task = |t: usize| {
         let out = &shared;
-        let n0 = t * rows_per_task;
+        let n0 = (t % n_tasks) * rows_per_task;
         let rows = rows_per_task.min(n - n0);
+        let m_start = (t / n_tasks) * m_per_task;
+        let m_end = m.min(m_start + m_per_task);
         let bb = x.kernel.block_bytes();
         // Plain rows are used in place when they are whole blocks; otherwise copied zero-padded.
         let direct = k4 == padded;
         let mut wbuf = Vec::new();
         let mut dots = [[0i32; ROWS]; kernel::MAX_X_ROWS];
         // Activation rows in tiles that stay in L2 while every weight tile of the task passes.
-        for m0 in (0..m).step_by(M_TILE) {
+        for m0 in (m_start..m_end).step_by(M_TILE) {
             for r0 in (0..rows).step_by(ROWS) {
                 let nr = ROWS.min(rows - r0);
                 let (w, strides): (&[u8], Strides) = match packed {
@@ -132,7 +149,7 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
                         }
                     }
                 };
-                let end = m.min(m0 + M_TILE);
+                let end = m_end.min(m0 + M_TILE);
                 let mut mm = m0;
                 while mm < end {
                     let here = (end - mm).min(group);
@@ -150,7 +167,7 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
                         for (r, &v) in d.iter().enumerate().take(nr) {
                             let value = epilogue(mm + i, v - x.row_sums[mm + i]);
                             // SAFETY: `base + r < m · n` (row `mm + i < m`, column `n0 + r0 + r
-                            // < n`), and column `n0 + r0 + r` belongs to this task alone.
+                            // < n`), and row `mm + i` with column `n0 + r0 + r` belongs to this task alone.
                             unsafe { out.0.add(base + r).write(value) };
                         }
                     }
