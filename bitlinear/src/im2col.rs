@@ -8,8 +8,9 @@
 #[cfg(feature = "cuda")]
 use candle_core::{Result, Tensor};
 
-/// At most this many codes (1 MiB) of im2col rows exist at once: the rows of a batch are
-/// gathered and multiplied a tile at a time, so memory stays bounded whatever the batch size.
+/// On the CPU at most this many codes (1 MiB) of im2col rows exist at once: the rows of a batch
+/// are gathered and multiplied a tile at a time, so memory stays bounded whatever the batch size
+/// and a tile stays in L2.
 pub(crate) const TILE_CODES: usize = 1 << 20;
 
 /// The geometry of one convolution: input `(c, h, w)`, kernel `(kh, kw)`, stride, padding.
@@ -74,13 +75,14 @@ impl Gatherer {
 }
 
 /// How to tile `b` images of `rows` im2col rows of `k` codes: `(images, rows)` a tile, so that a
-/// tile holds at most [`TILE_CODES`] codes (or one row, if a row alone is larger).
-pub(crate) fn tiling(b: usize, rows: usize, k: usize) -> (usize, usize) {
+/// tile holds at most `budget` codes (or one row, if a row alone is larger). The CPU's budget is
+/// [`TILE_CODES`], CUDA's [`crate::plan::im2col_tile_codes`].
+pub(crate) fn tiling(b: usize, rows: usize, k: usize, budget: usize) -> (usize, usize) {
     let image = rows * k.max(1);
-    if image <= TILE_CODES {
-        ((TILE_CODES / image.max(1)).clamp(1, b.max(1)), rows)
+    if image <= budget {
+        ((budget / image.max(1)).clamp(1, b.max(1)), rows)
     } else {
-        (1, (TILE_CODES / k.max(1)).clamp(1, rows.max(1)))
+        (1, (budget / k.max(1)).clamp(1, rows.max(1)))
     }
 }
 
@@ -91,12 +93,13 @@ mod tests {
     #[test]
     fn tiles_stay_within_budget() {
         for (b, rows, k) in [(500, 1024, 27), (1, 1 << 20, 576), (3, 1, TILE_CODES * 2), (7, 5, 9)] {
-            let (bi, r) = tiling(b, rows, k);
+            let (bi, r) = tiling(b, rows, k, TILE_CODES);
             assert!(bi >= 1 && r >= 1 && bi <= b && r <= rows);
             assert!(bi * r * k <= TILE_CODES.max(k), "({b}, {rows}, {k}) -> ({bi}, {r})");
             assert!(bi == 1 || r == rows, "a multi-image tile takes whole images");
         }
-        assert_eq!(tiling(500, 1024, 27), (37, 1024));
-        assert_eq!(tiling(2, 2809, 400), (1, 2621)); // 53x53 output, 16 channels, 5x5
+        assert_eq!(tiling(500, 1024, 27, TILE_CODES), (37, 1024));
+        assert_eq!(tiling(500, 1024, 288, 1 << 26), (227, 1024));
+        assert_eq!(tiling(2, 2809, 400, TILE_CODES), (1, 2621)); // 53x53 output, 16 channels, 5x5
     }
 }

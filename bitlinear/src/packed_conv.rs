@@ -210,7 +210,8 @@ impl PackedBitConv2d {
         let rows = ho * wo;
         let (codes, scales) = quantize_activations(&x.reshape((b, c * h * w))?, ActScaling::PerToken)?;
         let gatherer = Gatherer::new(codes)?;
-        let (bt, rt) = tiling(b, rows, k);
+        let budget = crate::plan::im2col_tile_codes(&crate::kernel_settings(x.device()));
+        let (bt, rt) = tiling(b, rows, k, budget);
         let mut tiles = Vec::new();
         for i0 in (0..b).step_by(bt) {
             let bi = bt.min(b - i0);

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{broadcast_accumulate, BroadcastWeight, CpuKernel, PreparedActivations};
 use crate::device::{cpu_kernel, cpu_u8};
-use crate::im2col::{tiling, Geometry};
+use crate::im2col::{tiling, Geometry, TILE_CODES};
 use crate::packed::{pack_ternary, packed_len, PackedTernary};
 use crate::quant;
 
@@ -149,7 +149,7 @@ pub(crate) fn convolve(
     let mut acc = vec![];
 
     let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
-    let (bt, rt) = tiling(b, pixels, k);
+    let (bt, rt) = tiling(b, pixels, k, TILE_CODES);
     let mut padded = vec![0i8; bt * hp * wp * g.c];
     let mut rows = vec![0i8; bt * rt * k];
     for i0 in (0..b).step_by(bt) {

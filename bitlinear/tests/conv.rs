@@ -177,8 +177,20 @@ fn tiled_shapes(dev: &Device) -> Result<()> {
             pad: 1,
         },
     ];
+    // CUDA's tiles are 64x larger by default: force the CPU's budget so they split there too.
+    let budget = |codes| {
+        let mut settings = bitlinear::kernel_settings(dev);
+        settings.force.im2col_tile_codes = codes;
+        bitlinear::set_kernel_settings(dev, settings)
+    };
+    if dev.is_cuda() {
+        budget(Some(1 << 20))?;
+    }
     for s in &shapes {
         check_shape(dev, s, &mut r)?;
+    }
+    if dev.is_cuda() {
+        budget(None)?;
     }
     Ok(())
 }

@@ -16,14 +16,16 @@ pub struct FloatSpeedrun {
 
 impl FloatSpeedrun {
     /// The network over the variables of `vm`, converted to `dtype` on `dev`.
+    /// The batch norms keep their f32 statistics and compute in f32, as the network's do.
     pub fn new(vm: &VarMap, widths: [usize; 4], dtype: DType, dev: &Device) -> Result<Self> {
-        let tensors = {
+        let convert = |dtype: DType| -> Result<HashMap<String, Tensor>> {
             let data = vm.data().lock().unwrap();
             data.iter()
                 .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_device(dev)?.to_dtype(dtype)?)))
-                .collect::<Result<HashMap<_, _>>>()?
+                .collect()
         };
-        let vb = VarBuilder::from_tensors(tensors.clone(), dtype, dev);
+        let tensors = convert(dtype)?;
+        let vb = VarBuilder::from_tensors(convert(DType::F32)?, DType::F32, dev);
         let mut norms = vec![];
         for (i, &width) in widths.iter().enumerate().skip(1) {
             for j in 1..=2 {

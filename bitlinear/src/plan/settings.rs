@@ -100,4 +100,7 @@ pub struct ForcedChoices {
     /// The CPU kernel (settings of the CPU device only; it must be one this CPU supports, see
     /// [`CpuKernel::is_supported`]). `None`: the fastest supported one.
     pub cpu_kernel: Option<CpuKernel>,
+    /// At most how many int8 im2col codes a packed convolution gathers at once (at least one
+    /// row is always taken); see [`crate::plan::im2col_tile_codes`].
+    pub im2col_tile_codes: Option<usize>,
 }
