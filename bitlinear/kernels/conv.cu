@@ -47,9 +47,10 @@ extern "C" __global__ void im2col_i8(const int8_t* __restrict__ codes, int8_t* _
 // the NCHW output: y[i][o][r] = (acc[i][r][o] * sx[i]) * sw, rounded twice in f32 (no FMA), as
 // the CPU's quant::dequantize. `sx` points at the tile's first image's scale. Grid-stride over
 // the images*N*R outputs, one output a thread (consecutive threads write consecutive pixels).
-extern "C" __global__ void conv_dequant_f32(const int* __restrict__ acc, const float* __restrict__ sx,
-                                            float sw, float* __restrict__ y, int images, int R, int N) {
-    pdl_wait();
+// conv_dequant_f32 takes sw by value (the packed form's host scale), conv_dequant_f32_dsw from
+// device memory (the training forward's scale, never read back to the host).
+__device__ __forceinline__ void conv_dequant(const int* __restrict__ acc, const float* __restrict__ sx,
+                                             float sw, float* __restrict__ y, int images, int R, int N) {
     const long long total = (long long)images * N * R;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
@@ -60,4 +61,17 @@ extern "C" __global__ void conv_dequant_f32(const int* __restrict__ acc, const f
         const float v = (float)acc[((long long)img * R + r) * N + o];
         y[i] = __fmul_rn(__fmul_rn(v, sx[img]), sw);
     }
+}
+
+extern "C" __global__ void conv_dequant_f32(const int* __restrict__ acc, const float* __restrict__ sx,
+                                            float sw, float* __restrict__ y, int images, int R, int N) {
+    pdl_wait();
+    conv_dequant(acc, sx, sw, y, images, R, N);
+}
+
+extern "C" __global__ void conv_dequant_f32_dsw(const int* __restrict__ acc, const float* __restrict__ sx,
+                                                const float* __restrict__ sw, float* __restrict__ y,
+                                                int images, int R, int N) {
+    pdl_wait();
+    conv_dequant(acc, sx, *sw, y, images, R, N);
 }

@@ -192,42 +192,119 @@ fn signed_codes(codes: &Tensor, dtype: DType) -> Result<Tensor> {
 
 impl BitConv2d {
     /// The forward in integers: `y = (conv(x_q, W_q) · s_x) · s_w (+ bias)` where the convolution
-    /// of the integer-valued codes is exact in f32 (every partial sum is an integer below
-    /// 2^24 while `K · 127 < 2^24`), so on the CPU the output equals
-    /// [`PackedBitConv2d`]'s bit for bit. The gradients are the straight-through ones: the codes
-    /// stand in for `x / s_x` and `W / s_w` (scales detached), so `dL/dx` and `dL/dW` are the
-    /// convolution gradients against `W~ = W_q · s_w` and `x~ = x_q · s_x`.
+    /// of the integer codes is exact (every partial sum is an integer below 2^24 while
+    /// `K · 127 < 2^24`), so on the CPU the output equals [`PackedBitConv2d`]'s bit for bit. The
+    /// gradients are the straight-through ones: the codes stand in for `x / s_x` and `W / s_w`
+    /// (scales detached), so `dL/dx` and `dL/dW` are the convolution gradients against
+    /// `W~ = W_q · s_w` and `x~ = x_q · s_x`.
+    ///
+    /// Where the matrix-product backward applies (stride 1, a square kernel, `padding < k`) the
+    /// value is computed on the codes alone (on CUDA by the packed form's int8 kernels) and one
+    /// op carries those gradients; otherwise the straight-through steps are candle ops.
     fn integer_forward(&self, x: &Tensor) -> Result<Tensor> {
         // Returns the F32 output without the bias.
         let (b, c, h, w) = x.dims4()?;
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
         let (p, s) = (self.config.padding, self.config.stride);
-        let dt = x.dtype();
-        // Weights: the master weight (f32) quantized, then the codes cast to the input's dtype.
+        // Weights: the master weight (f32) quantized.
         let w2 = self.weight.to_dtype(DType::F32)?.reshape((c_out, c_in * kh * kw))?;
         let w_fq = fake_quant_weights(&w2, self.config.check_finite)?;
         // s_w is the magnitude of every non-zero W~ (exact); W~ / s_w is then exactly -1, 0 or 1.
         let s_w = w_fq.abs()?.max_all()?.detach();
         let safe_s_w = s_w.maximum(f32::MIN_POSITIVE as f64)?;
         let w_codes = w_fq.broadcast_div(&safe_s_w)?.detach();
-        let w_int = straight_through(&w2.broadcast_div(&safe_s_w)?, &w_codes)?
-            .reshape((c_out, c_in, kh, kw))?
-            .to_dtype(dt)?;
-        // Activations: one scale per image; the straight-through step in f32, as the quantizer
-        // divides (`x / s_x`), then the exact codes cast to the input's dtype.
+        // Activations: one scale per image.
         let x2 = x.reshape((b, c * h * w))?;
         let (codes, s_x) = quantize_activations(&x2, ActScaling::PerToken)?;
-        let s_x = s_x.reshape((b, 1))?;
-        let x_codes = signed_codes(&codes, DType::F32)?;
-        let x_int = straight_through(&x2.to_dtype(DType::F32)?.broadcast_div(&s_x)?, &x_codes)?
-            .reshape((b, c, h, w))?
+        if !crate::conv_grad::has_gemm_grad(s, kh, kw, p) {
+            return self.straight_through_forward(x, &w2, (&w_codes, &safe_s_w, &s_w), (&codes, &s_x));
+        }
+        #[cfg(feature = "cuda")]
+        let y = if x.device().is_cuda() {
+            let g = crate::im2col::Geometry {
+                c,
+                h,
+                w,
+                kh,
+                kw,
+                stride: s,
+                pad: p,
+            };
+            crate::packed_conv::training_conv_f32(codes, &s_x, &s_w, &g, &w_codes)?
+        } else {
+            integer_conv_cpu(
+                &codes,
+                &s_x,
+                &s_w,
+                x.dims4()?,
+                &w_codes.reshape((c_out, c_in, kh, kw))?,
+                p,
+            )?
+        };
+        #[cfg(not(feature = "cuda"))]
+        let y = integer_conv_cpu(
+            &codes,
+            &s_x,
+            &s_w,
+            x.dims4()?,
+            &w_codes.reshape((c_out, c_in, kh, kw))?,
+            p,
+        )?;
+        if !(x.track_op() || self.weight.track_op()) {
+            return Ok(y);
+        }
+        crate::conv_grad::quantized_conv2d(x, &self.weight, y, w_fq.reshape((c_out, c_in, kh, kw))?, p)
+    }
+
+    /// [`Self::integer_forward`] with the straight-through steps as candle ops around candle's
+    /// `conv2d` (strided or non-square convolutions).
+    fn straight_through_forward(
+        &self,
+        x: &Tensor,
+        w2: &Tensor,
+        (w_codes, safe_s_w, s_w): (&Tensor, &Tensor, &Tensor),
+        (codes, s_x): (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let (p, s) = (self.config.padding, self.config.stride);
+        let dt = x.dtype();
+        let w_int = straight_through(&w2.broadcast_div(safe_s_w)?, w_codes)?
+            .reshape((c_out, c_in, kh, kw))?
             .to_dtype(dt)?;
-        let acc = crate::conv_grad::conv2d(&x_int, &w_int, p, s)?;
+        // The straight-through step in f32, as the quantizer divides (`x / s_x`), then the exact
+        // codes cast to the input's dtype.
+        let s_x = s_x.reshape((b, 1))?;
+        let x_codes = signed_codes(codes, DType::F32)?;
+        let x_int = straight_through(
+            &x.reshape((b, c * h * w))?.to_dtype(DType::F32)?.broadcast_div(&s_x)?,
+            &x_codes,
+        )?
+        .reshape((b, c, h, w))?
+        .to_dtype(dt)?;
+        let acc = x_int.conv2d(&w_int, p, s, 1, 1)?;
         // `(acc · s_x) · s_w` in f32, the order of the packed form's epilogue.
         acc.to_dtype(DType::F32)?
             .broadcast_mul(&s_x.reshape((b, 1, 1, 1))?)?
             .broadcast_mul(&s_w.to_dtype(DType::F32)?)
     }
+}
+
+/// The value of the forward on the CPU: the f32 convolution of the codes (exact) scaled as
+/// `(acc · s_x) · s_w`, no gradient.
+fn integer_conv_cpu(
+    codes: &Tensor,
+    s_x: &Tensor,
+    s_w: &Tensor,
+    (b, c, h, w): (usize, usize, usize, usize),
+    w_codes: &Tensor,
+    padding: usize,
+) -> Result<Tensor> {
+    let x_codes = signed_codes(codes, DType::F32)?.reshape((b, c, h, w))?;
+    x_codes
+        .conv2d(w_codes, padding, 1, 1, 1)?
+        .broadcast_mul(&s_x.reshape((b, 1, 1, 1))?)?
+        .broadcast_mul(s_w)
 }
 
 impl Module for BitConv2d {

@@ -1,52 +1,58 @@
-//! A stride-1 convolution whose backward is made of matrix products.
+//! The backward of [`BitConv2d`](crate::BitConv2d)'s stride-1 convolutions, made of matrix
+//! products.
+//!
+//! The forward value `y = (conv(x_q, W_q) · s_x) · s_w` is computed on the codes alone (no
+//! gradient); the op here hands it on and carries the straight-through gradients, those of
+//! `y ≈ conv(x~, W~)` with `x~ = x_q · s_x` (per image) and `W~ = W_q · s_w`:
+//! - `dL/dx = conv2d(g, W~')` with `W~'[c][o] = W~[o][c]` flipped in both spatial dims and
+//!   padding `k - 1 - p` (the transposed convolution of stride 1 is a convolution);
+//! - `dL/dW[:, :, ky, kx] = G · X~_{ky,kx}ᵀ` for each kernel offset, where `G` is
+//!   `(c_out, B·Ho·Wo)` and `X~_{ky,kx}` the padded `x~` shifted by the offset, `(c_in, B·Ho·Wo)`.
 //!
 //! candle 0.11 differentiates `conv2d` with `conv_transpose2d` for the input gradient (a direct
-//! loop per output element on CUDA, no GEMM) and with a `conv2d` that treats the batch as
-//! channels for the weight gradient. For stride 1 both have GEMM forms, used here:
-//! - `dL/dx = conv2d(g, W')` with `W'[c][o] = W[o][c]` flipped in both spatial dims and padding
-//!   `k - 1 - p` (the transposed convolution of stride 1 is a convolution);
-//! - `dL/dW[:, :, ky, kx] = G · X_{ky,kx}ᵀ` for each kernel offset, where `G` is `(c_out, B·Ho·Wo)`
-//!   and `X_{ky,kx}` the padded input shifted by the offset, `(c_in, B·Ho·Wo)`.
-//!
-//! The forward is candle's `conv2d` on the detached operands; a [`CustomOp2`] hands that output
-//! on and carries the backward above.
+//! loop per output element on CUDA, no GEMM); and as one op, the straight-through steps cost no
+//! element-wise passes over the activations of their own.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-/// `x (B, C, H, W) ⋆ w (O, C, kh, kw)` with zero padding `padding` and stride `stride`; for
-/// stride 1, a square kernel and `padding < k`, with the matrix-product backward of the module
-/// docs, otherwise candle's.
-pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (_, _, kh, kw) = w.dims4()?;
-    // The input-gradient convolution pads `k - 1 - p` on both axes: square kernels only.
-    if stride != 1 || kh != kw || padding >= kh || !(x.track_op() || w.track_op()) {
-        return x.conv2d(w, padding, stride, 1, 1);
-    }
-    let y = x.detach().conv2d(&w.detach(), padding, 1, 1, 1)?;
-    x.apply_op2(w, ConvWithGemmGrad { y, padding })
+use crate::{fake_quantize_activations, ActScaling};
+
+/// Whether [`quantized_conv2d`] takes a convolution of this stride, kernel and padding: the
+/// input-gradient convolution pads `k - 1 - p` on both axes, so square kernels, `p < k`,
+/// stride 1.
+pub(crate) fn has_gemm_grad(stride: usize, kh: usize, kw: usize, padding: usize) -> bool {
+    stride == 1 && kh == kw && padding < kh
+}
+
+/// `y`, the forward value of the quantized convolution of `x (B, C, H, W)` with the float
+/// weight `w (O, C, k, k)`, tied to `x` and `w` with the straight-through gradients of the module
+/// docs; `w_tilde` is `W~ (O, C, k, k)`. For [`has_gemm_grad`] convolutions.
+pub(crate) fn quantized_conv2d(x: &Tensor, w: &Tensor, y: Tensor, w_tilde: Tensor, padding: usize) -> Result<Tensor> {
+    x.apply_op2(w, QuantizedConvGrad { y, w_tilde, padding })
 }
 
 /// The op: its forward returns the precomputed output `y`, its backward the two products.
-struct ConvWithGemmGrad {
+struct QuantizedConvGrad {
     y: Tensor,
+    w_tilde: Tensor,
     padding: usize,
 }
 
-impl ConvWithGemmGrad {
+impl QuantizedConvGrad {
     fn output<S: BackendStorage>(&self, pick: impl Fn(&candle_core::Storage) -> Option<&S>) -> Result<(S, Shape)> {
         let y = self.y.contiguous()?;
         let (storage, layout) = y.storage_and_layout();
         match pick(&storage) {
             Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            None => candle_core::bail!("conv-with-gemm-grad: output on another device"),
+            None => candle_core::bail!("quantized-conv: output on another device"),
         }
     }
 }
 
-impl CustomOp2 for ConvWithGemmGrad {
+impl CustomOp2 for QuantizedConvGrad {
     fn name(&self) -> &'static str {
-        "bitlinear-conv-with-gemm-grad"
+        "bitlinear-quantized-conv"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -71,31 +77,42 @@ impl CustomOp2 for ConvWithGemmGrad {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, c, _, _) = x.dims4()?;
-        let (o, _, kh, kw) = w.dims4()?;
-        let (_, _, ho, wo) = g.dims4()?;
-        let p = self.padding;
-        // dL/dx: a convolution of g with the flipped, transposed kernel.
-        let dev = w.device();
-        let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), dev);
-        let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
-        let w_t = flipped.transpose(0, 1)?.contiguous()?;
-        let dx = g.conv2d(&w_t, kh - 1 - p, 1, 1, 1)?;
-        // dL/dW: one (O, N) x (N, C) product per kernel offset, N = B·Ho·Wo.
-        let n = b * ho * wo;
-        let g_t = g.transpose(0, 1)?.contiguous()?.reshape((o, n))?;
-        let x_pad = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-        let mut taps = Vec::with_capacity(kh * kw);
-        for ky in 0..kh {
-            for kx in 0..kw {
-                let shifted = x_pad.narrow(2, ky, ho)?.narrow(3, kx, wo)?;
-                let cols = shifted.transpose(0, 1)?.contiguous()?.reshape((c, n))?;
-                taps.push(g_t.matmul(&cols.t()?)?);
-            }
-        }
-        let dw = Tensor::stack(&taps, 2)?.reshape((o, c, kh, kw))?;
-        Ok((Some(dx), Some(dw)))
+        let (b, c, h, wd) = x.dims4()?;
+        // x~ again from x (one pass) rather than kept from the forward.
+        let x_tilde = fake_quantize_activations(&x.reshape((b, c * h * wd))?, ActScaling::PerToken)?
+            .reshape((b, c, h, wd))?
+            .to_dtype(g.dtype())?;
+        let (dx, dw) = gemm_grads(&x_tilde, &self.w_tilde.to_dtype(g.dtype())?, g, self.padding)?;
+        Ok((Some(dx.to_dtype(x.dtype())?), Some(dw.to_dtype(w.dtype())?)))
     }
+}
+
+/// The gradients of `conv2d(x, w)` (stride 1, padding `p`, square kernel) for the output gradient
+/// `g`, as the products of the module docs: `(dL/dx, dL/dw)`.
+fn gemm_grads(x: &Tensor, w: &Tensor, g: &Tensor, p: usize) -> Result<(Tensor, Tensor)> {
+    let (b, c, _, _) = x.dims4()?;
+    let (o, _, kh, kw) = w.dims4()?;
+    let (_, _, ho, wo) = g.dims4()?;
+    // dL/dx: a convolution of g with the flipped, transposed kernel.
+    let dev = w.device();
+    let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), dev);
+    let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
+    let w_t = flipped.transpose(0, 1)?.contiguous()?;
+    let dx = g.conv2d(&w_t, kh - 1 - p, 1, 1, 1)?;
+    // dL/dW: one (O, N) x (N, C) product per kernel offset, N = B·Ho·Wo.
+    let n = b * ho * wo;
+    let g_t = g.transpose(0, 1)?.contiguous()?.reshape((o, n))?;
+    let x_pad = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+    let mut taps = Vec::with_capacity(kh * kw);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let shifted = x_pad.narrow(2, ky, ho)?.narrow(3, kx, wo)?;
+            let cols = shifted.transpose(0, 1)?.contiguous()?.reshape((c, n))?;
+            taps.push(g_t.matmul(&cols.t()?)?);
+        }
+    }
+    let dw = Tensor::stack(&taps, 2)?.reshape((o, c, kh, kw))?;
+    Ok((dx, dw))
 }
 
 #[cfg(test)]
@@ -103,8 +120,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// Gradients equal candle's own `conv2d` backward (up to summation order) for every padding
-    /// the op takes and odd sizes.
+    /// The products equal candle's own `conv2d` backward (up to summation order) for every
+    /// padding they take and odd sizes.
     #[test]
     fn gradients_match_candles_conv2d() -> Result<()> {
         let dev = Device::Cpu;
@@ -114,26 +131,24 @@ mod tests {
             (3, 4, 5, 9, 2, 1, 0),
             (2, 2, 8, 7, 3, 5, 2),
         ] {
+            assert!(has_gemm_grad(1, k, k, p));
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
             let k_ = Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, k, k), &dev)?)?;
-            let y = conv2d(x.as_tensor(), k_.as_tensor(), p, 1)?;
-            let want_y = x.as_tensor().conv2d(k_.as_tensor(), p, 1, 1, 1)?;
-            let diff = (&y - &want_y)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert_eq!(diff, 0.0, "forward");
+            let y = x.as_tensor().conv2d(k_.as_tensor(), p, 1, 1, 1)?;
             let g = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
-            let ours = (&y * &g)?.sum_all()?.backward()?;
-            let theirs = (&want_y * &g)?.sum_all()?.backward()?;
-            for v in [&x, &k_] {
-                let a = ours.get(v.as_tensor()).expect("gradient");
+            let (dx, dw) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p)?;
+            let theirs = (&y * &g)?.sum_all()?.backward()?;
+            for (v, ours) in [(&x, dx), (&k_, dw)] {
                 let t = theirs.get(v.as_tensor()).expect("gradient");
                 let scale = t.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
-                let d = (a - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let d = (ours - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(
                     d <= 1e-5 * scale * (c * k * k * b * h * w) as f32,
                     "{d} (scale {scale})"
                 );
             }
         }
+        assert!(!has_gemm_grad(2, 3, 3, 1) && !has_gemm_grad(1, 3, 1, 0) && !has_gemm_grad(1, 3, 3, 3));
         Ok(())
     }
 }

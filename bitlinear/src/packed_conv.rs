@@ -193,38 +193,20 @@ impl PackedBitConv2d {
         })
     }
 
-    /// Runs quantize -> im2col -> [`packed_accumulate`] a bounded tile at a time and maps each
-    /// tile's accumulators `(bi, r, c_out)` (images `i0 ..`) with `f(acc, scales, i0)`. Returns
-    /// the mapped tiles (per tile of images, its row tiles), the scales `(B)` and `(Ho, Wo)`.
+    /// Quantizes `x` and runs [`map_code_tiles`] over its codes; also returns the scales `(B)`.
     #[allow(clippy::type_complexity)]
     #[cfg(feature = "cuda")]
     fn map_tiles(
         &self,
         x: &Tensor,
-        mut f: impl FnMut(Tensor, &Tensor, usize) -> Result<Tensor>,
+        f: impl FnMut(Tensor, &Tensor, usize) -> Result<Tensor>,
     ) -> Result<(Vec<Vec<Tensor>>, Tensor, (usize, usize))> {
         let n = self.weight.out_features();
         let (b, c, h, w) = check_input(x, (n, self.c_in, self.kh, self.kw), self.config, "PackedBitConv2d")?;
         let g = self.geometry(x)?;
-        let (k, (ho, wo)) = (g.k(), g.out_hw());
-        let rows = ho * wo;
         let (codes, scales) = quantize_activations(&x.reshape((b, c * h * w))?, ActScaling::PerToken)?;
-        let gatherer = Gatherer::new(codes)?;
-        let budget = crate::plan::im2col_tile_codes(&crate::kernel_settings(x.device()));
-        let (bt, rt) = tiling(b, rows, k, budget);
-        let mut tiles = Vec::new();
-        for i0 in (0..b).step_by(bt) {
-            let bi = bt.min(b - i0);
-            let mut parts = Vec::new();
-            for r0 in (0..rows).step_by(rt) {
-                let r = rt.min(rows - r0);
-                let cols = gatherer.rows(&g, (i0, bi), (r0, r))?;
-                let acc = packed_accumulate(&cols, &self.weight)?.reshape((bi, r, n))?;
-                parts.push(f(acc, &scales, i0)?);
-            }
-            tiles.push(parts);
-        }
-        Ok((tiles, scales, (ho, wo)))
+        let tiles = map_code_tiles(codes, &scales, &g, &self.weight, f)?;
+        Ok((tiles, scales, g.out_hw()))
     }
 
     /// The dequantized output `(B, c_out, Ho, Wo)` in F32, without the bias.
@@ -234,8 +216,9 @@ impl PackedBitConv2d {
         if x.device().is_cuda() {
             let n = self.weight.out_features();
             // on the device: each tile straight to its (bi, c_out, r) block of the output
-            let (tiles, _, (ho, wo)) =
-                self.map_tiles(x, |acc, scales, i0| crate::cuda::conv_dequantize(&acc, scales, i0, s_w))?;
+            let (tiles, _, (ho, wo)) = self.map_tiles(x, |acc, scales, i0| {
+                crate::cuda::conv_dequantize(&acc, scales, i0, crate::cuda::WeightScale::Host(s_w))
+            })?;
             return cat_tiles(tiles, 2, (0, n, ho * wo), DType::F32, x.device())?.reshape((x.dim(0)?, n, ho, wo));
         }
         if !x.device().is_cpu() {
@@ -280,6 +263,73 @@ fn scatter_channels_first<T: Copy>(t: &AccTile, n: usize, pixels: usize, out: &m
             }
         }
     }
+}
+
+/// Runs im2col -> [`packed_accumulate`] over int8 `codes` `(B, C·H·W)` on CUDA a bounded tile at
+/// a time and maps each tile's accumulators `(bi, r, c_out)` (images `i0 ..`) with
+/// `f(acc, scales, i0)`. Returns the mapped tiles (per tile of images, its row tiles).
+#[cfg(feature = "cuda")]
+fn map_code_tiles(
+    codes: Tensor,
+    scales: &Tensor,
+    g: &Geometry,
+    weight: &PackedTernary,
+    mut f: impl FnMut(Tensor, &Tensor, usize) -> Result<Tensor>,
+) -> Result<Vec<Vec<Tensor>>> {
+    let (b, n, k) = (codes.dim(0)?, weight.out_features(), g.k());
+    let (ho, wo) = g.out_hw();
+    let rows = ho * wo;
+    let budget = crate::plan::im2col_tile_codes(&crate::kernel_settings(codes.device()));
+    let (bt, rt) = tiling(b, rows, k, budget);
+    let gatherer = Gatherer::new(codes)?;
+    let mut tiles = Vec::new();
+    for i0 in (0..b).step_by(bt) {
+        let bi = bt.min(b - i0);
+        let mut parts = Vec::new();
+        for r0 in (0..rows).step_by(rt) {
+            let r = rt.min(rows - r0);
+            let cols = gatherer.rows(g, (i0, bi), (r0, r))?;
+            let acc = packed_accumulate(&cols, weight)?.reshape((bi, r, n))?;
+            parts.push(f(acc, scales, i0)?);
+        }
+        tiles.push(parts);
+    }
+    Ok(tiles)
+}
+
+/// The training forward of [`BitConv2d`](crate::BitConv2d) on CUDA: `(conv(x_q, W_q) · s_x) · s_w`
+/// as F32 `(B, c_out, Ho, Wo)` for int8 `codes` `(B, C·H·W)` (images of geometry `g`) with their
+/// scales `s_x (B)`, the weight's codes `w_codes (c_out, C·kh·kw)` (values exactly -1, 0, 1) and
+/// its scale `s_w` (a one-element F32 tensor), on the packed form's int8 kernels. Nothing is read
+/// back to the host, and the values are those of the CPU's f32 convolution of the codes.
+#[cfg(feature = "cuda")]
+pub(crate) fn training_conv_f32(
+    codes: Tensor,
+    s_x: &Tensor,
+    s_w: &Tensor,
+    g: &Geometry,
+    w_codes: &Tensor,
+) -> Result<Tensor> {
+    let (b, k) = (codes.dim(0)?, g.k());
+    let (ho, wo) = g.out_hw();
+    let dev = codes.device().clone();
+    let (n, _) = w_codes.dims2()?;
+    let w_codes = w_codes.contiguous()?;
+    let bytes = {
+        let (st, l) = w_codes.storage_and_layout();
+        let candle_core::Storage::Cuda(st) = &*st else {
+            bail!("BitConv2d: internal error, weight codes left the GPU")
+        };
+        crate::cuda::pack_exact_codes(st, l)?
+    };
+    let bytes = crate::device::tensor_from(candle_core::Storage::Cuda(bytes), (n, crate::packed_len(k)));
+    // The accumulators only: the scale of this PackedTernary is never used.
+    let weight = PackedTernary::from_trusted(bytes, 1.0, k);
+    let scale = crate::cuda::WeightScale::Device(s_w);
+    let tiles = map_code_tiles(codes, s_x, g, &weight, |acc, s, i0| {
+        crate::cuda::conv_dequantize(&acc, s, i0, scale)
+    })?;
+    cat_tiles(tiles, 2, (0, n, ho * wo), DType::F32, &dev)?.reshape((b, n, ho, wo))
 }
 
 #[cfg(feature = "cuda")]

@@ -62,9 +62,17 @@ pub(crate) fn im2col(codes: &CudaStorage, l: &Layout, g: &Geometry, r0: usize, r
     Ok(storage(CudaStorageSlice::U8(out), dev))
 }
 
+/// The weight scale of [`conv_dequantize`]: a host value, or a one-element F32 tensor on the
+/// device (never read back to the host).
+#[derive(Clone, Copy)]
+pub(crate) enum WeightScale<'a> {
+    Host(f32),
+    Device(&'a Tensor),
+}
+
 /// One tile's accumulators `acc` (I32 `(bi, r, N)`, images `i0 ..`) dequantized with the
 /// per-image scales `scales` (F32 `(B)`) and `s_w`: F32 `(bi, N, r)`, `(acc · s_x) · s_w`.
-pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: f32) -> Result<Tensor> {
+pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: WeightScale) -> Result<Tensor> {
     let (bi, r, n) = acc.dims3()?;
     let acc = acc.contiguous()?;
     let (a_st, a_l) = acc.storage_and_layout();
@@ -83,30 +91,41 @@ pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: f32
     let stream = &ctx.stream;
     let total = bi * r * n;
     let mut out = ctx.alloc::<f32>(total)?;
+    // A device scale's storage, held while its pointer is in use.
+    let sw_storage = match s_w {
+        WeightScale::Device(t) => Some(t.storage_and_layout()),
+        WeightScale::Host(_) => None,
+    };
     if total > 0 {
         let p = im2col_plan(total, &ctx.info);
         let mut guards = Vec::new();
         let ap = in_ptr(a, a0, stream, &mut guards)?;
         let sp = in_ptr(s, s0 + i0, stream, &mut guards)?;
         let yp = out_ptr(&mut out, stream, &mut guards);
-        let f = ctx.func(Module::Conv, "conv_dequant_f32")?;
         let cfg = LaunchConfig {
             grid_dim: (i32_arg(p.blocks, "dequantizer blocks")? as u32, 1, 1),
             block_dim: (p.threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(
-            ctx,
-            f,
-            cfg,
-            ap,
-            sp,
-            s_w,
-            yp,
-            i32_arg(bi, "images")?,
-            i32_arg(r, "rows")?,
-            i32_arg(n, "N")?
-        )?;
+        let (images, rows, cols) = (i32_arg(bi, "images")?, i32_arg(r, "rows")?, i32_arg(n, "N")?);
+        match (s_w, &sw_storage) {
+            (WeightScale::Host(s_w), _) => {
+                let f = ctx.func(Module::Conv, "conv_dequant_f32")?;
+                launch!(ctx, f, cfg, ap, sp, s_w, yp, images, rows, cols)?;
+            }
+            (WeightScale::Device(_), None) => unreachable!("a device scale has its storage"),
+            (WeightScale::Device(_), Some((w_st, w_l))) => {
+                let (Storage::Cuda(w), Some((w0, _))) = (&**w_st, w_l.contiguous_offsets()) else {
+                    bail!("bitlinear cuda: conv_dequantize needs a contiguous CUDA weight scale")
+                };
+                if w.dtype() != DType::F32 || w_l.shape().elem_count() != 1 {
+                    bail!("bitlinear cuda: conv_dequantize needs one F32 weight scale")
+                }
+                let wp = in_ptr(w, w0, stream, &mut guards)?;
+                let f = ctx.func(Module::Conv, "conv_dequant_f32_dsw")?;
+                launch!(ctx, f, cfg, ap, sp, wp, yp, images, rows, cols)?;
+            }
+        }
         drop(guards);
     }
     let out = storage(CudaStorageSlice::F32(out), dev);

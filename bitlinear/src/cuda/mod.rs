@@ -47,10 +47,12 @@ mod settle;
 mod tma;
 
 pub(crate) use buffers::empty_storage;
-pub(crate) use conv::{conv_dequantize, im2col};
+pub(crate) use conv::{conv_dequantize, im2col, WeightScale};
 pub(crate) use kernels::{device_info, set_settings, settings};
 pub(crate) use matmul::{bit_matmul, packed_accumulate, packed_matmul};
-pub(crate) use quantize::{fake_quant_activations, fake_quant_weights, pack_weights, quantize_activations};
+pub(crate) use quantize::{
+    fake_quant_activations, fake_quant_weights, pack_exact_codes, pack_weights, quantize_activations,
+};
 pub(crate) use settle::Settled;
 
 use kernels::Module;

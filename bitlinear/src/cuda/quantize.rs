@@ -254,6 +254,18 @@ pub(crate) fn pack_weights(w: &CudaStorage, l: &Layout) -> Result<(CudaStorage, 
     Ok((storage(CudaStorageSlice::U8(bytes), dev), s_w))
 }
 
+/// The packed bytes (N, ceil(K/4)) of a weight whose values are exactly -1, 0 and 1 (absmean
+/// quantization gives each its own sign back), packed on the device without reading the scale
+/// back to the host: the training forward of `BitConv2d` packs its weight codes every step.
+pub(crate) fn pack_exact_codes(w: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let dev = &w.device;
+    let ctx = Ctx::new(dev)?;
+    let win = FloatIn::new(w, l, "weight")?;
+    let (n, k) = weight_dims(&win.dims)?;
+    let (bytes, _) = pack_on_device(&ctx, &win, n, k)?;
+    Ok(storage(CudaStorageSlice::U8(bytes), dev))
+}
+
 pub(super) fn weight_dims(dims: &[usize]) -> Result<(usize, usize)> {
     match dims {
         &[n, k] => Ok((n, k)),
