@@ -1,6 +1,7 @@
 // bitlinear convolution helpers: the int8 im2col gather of PackedBitConv2d, feeding the packed
-// GEMM (packed_accumulate) with canonical int8 code rows, and the dequantizer of its
-// accumulators into NCHW (conv_dequant_f32, described above the kernel).
+// GEMM (packed_accumulate) with canonical int8 code rows, the dequantizer of its accumulators
+// into NCHW (conv_dequant_f32), and the padded channels-first copy of the weight-gradient
+// products (pad_channels_first_f32); the last two are described above their kernels.
 //
 // Data layout
 //   codes : (images, C*H*W) int8 codes, one image after the other, each image NCHW (C, H, W)
@@ -74,4 +75,32 @@ extern "C" __global__ void conv_dequant_f32_dsw(const int* __restrict__ acc, con
                                                 int images, int R, int N) {
     pdl_wait();
     conv_dequant(acc, sx, *sw, y, images, R, N);
+}
+
+// pad_channels_first_f32: src (B, C, H, W) f32 contiguous to dst (C, B, HP, WP) f32 followed by
+// `tail` zeros: dst[c][b][y][x] = src[b][c][y - top][x - left] where that lies inside the image,
+// else 0. The weight gradient of BitConv2d (src/conv_grad.rs) reads every kernel offset of the
+// padded input as one contiguous window of this buffer. Grid-stride over the C*B*HP*WP + tail
+// outputs, one a thread: consecutive threads write consecutive x, so stores coalesce and the
+// loads of one image row are contiguous.
+extern "C" __global__ void pad_channels_first_f32(const float* __restrict__ src, float* __restrict__ dst,
+                                                  int B, int C, int H, int W, int HP, int WP, int top,
+                                                  int left, unsigned long long tail) {
+    pdl_wait();
+    const long long plane = (long long)HP * WP;
+    const long long body = (long long)C * B * plane;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < body + (long long)tail;
+         i += (long long)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        if (i < body) {
+            const long long cb = i / plane;
+            const int rest = (int)(i - cb * plane);
+            const int c = (int)(cb / B), b = (int)(cb - (long long)c * B);
+            const int y = rest / WP - top, x = rest % WP - left;
+            if (y >= 0 && y < H && x >= 0 && x < W) {
+                v = src[(((long long)b * C + c) * H + y) * W + x];
+            }
+        }
+        dst[i] = v;
+    }
 }

@@ -7,7 +7,9 @@
 //! - `dL/dx = conv2d(g, W~')` with `W~'[c][o] = W~[o][c]` flipped in both spatial dims and
 //!   padding `k - 1 - p` (the transposed convolution of stride 1 is a convolution);
 //! - `dL/dW[:, :, ky, kx] = G · X~_{ky,kx}ᵀ` for each kernel offset, where `G` is
-//!   `(c_out, B·Ho·Wo)` and `X~_{ky,kx}` the padded `x~` shifted by the offset, `(c_in, B·Ho·Wo)`.
+//!   `(c_out, B·Ho·Wo)` and `X~_{ky,kx}` the padded `x~` shifted by the offset, `(c_in, B·Ho·Wo)`
+//!   (both read in padded frames, so each shifted operand is a window of one buffer: see
+//!   `weight_grad`).
 //!
 //! candle 0.11 differentiates `conv2d` with `conv_transpose2d` for the input gradient (a direct
 //! loop per output element on CUDA, no GEMM); and as one op, the straight-through steps cost no
@@ -90,29 +92,59 @@ impl CustomOp2 for QuantizedConvGrad {
 /// The gradients of `conv2d(x, w)` (stride 1, padding `p`, square kernel) for the output gradient
 /// `g`, as the products of the module docs: `(dL/dx, dL/dw)`.
 fn gemm_grads(x: &Tensor, w: &Tensor, g: &Tensor, p: usize) -> Result<(Tensor, Tensor)> {
-    let (b, c, _, _) = x.dims4()?;
-    let (o, _, kh, kw) = w.dims4()?;
-    let (_, _, ho, wo) = g.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
     // dL/dx: a convolution of g with the flipped, transposed kernel.
     let dev = w.device();
     let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), dev);
     let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
     let w_t = flipped.transpose(0, 1)?.contiguous()?;
     let dx = g.conv2d(&w_t, kh - 1 - p, 1, 1, 1)?;
-    // dL/dW: one (O, N) x (N, C) product per kernel offset, N = B·Ho·Wo.
-    let n = b * ho * wo;
-    let g_t = g.transpose(0, 1)?.contiguous()?.reshape((o, n))?;
-    let x_pad = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+    Ok((dx, weight_grad(x, g, (kh, kw), p)?))
+}
+
+/// `dL/dW (O, C, kh, kw)` of a stride-1 convolution, one product per kernel offset without a
+/// shifted copy of `x` for each: `x` is laid out once channels first in its zero-padded frame,
+/// `(C, B, hp, wp)` flattened (plus a tail of zeros), and `g` in the same frame, `(O, B·hp·wp)`
+/// with output pixel `(y, x)` at `y·wp + x`. Output pixel `t` of offset `(ky, kx)` reads padded
+/// input `t + ky·wp + kx`, so every offset's input is the contiguous window of `C·B·hp·wp`
+/// values from `ky·wp + kx`, a matrix `(C, B·hp·wp)` as it stands. Frame positions outside the
+/// output hold `g = 0`, so what their window reads (the next channel's start, the tail) adds 0;
+/// the real pixels' reads stay inside their own image and channel.
+fn weight_grad(x: &Tensor, g: &Tensor, (kh, kw): (usize, usize), p: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (_, o, ho, wo) = g.dims4()?;
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let frame = b * hp * wp;
+    let tail = (kh - 1) * wp + kw - 1;
+    let xs = padded_channels_first(x, (hp, wp), (p, p), tail)?;
+    let gs = padded_channels_first(g, (hp, wp), (0, 0), 0)?.reshape((o, frame))?;
+    debug_assert!(ho <= hp && wo <= wp);
     let mut taps = Vec::with_capacity(kh * kw);
     for ky in 0..kh {
         for kx in 0..kw {
-            let shifted = x_pad.narrow(2, ky, ho)?.narrow(3, kx, wo)?;
-            let cols = shifted.transpose(0, 1)?.contiguous()?.reshape((c, n))?;
-            taps.push(g_t.matmul(&cols.t()?)?);
+            let window = xs.narrow(0, ky * wp + kx, c * frame)?.reshape((c, frame))?;
+            taps.push(gs.matmul(&window.t()?)?);
         }
     }
-    let dw = Tensor::stack(&taps, 2)?.reshape((o, c, kh, kw))?;
-    Ok((dx, dw))
+    Tensor::stack(&taps, 2)?.reshape((o, c, kh, kw))
+}
+
+/// `t (B, C, H, W)` channels first in zero frames of `hp x wp` (the image at `(top, left)`),
+/// flattened, then `tail` zeros: `(C·B·hp·wp + tail)`, in F32 (one kernel on CUDA).
+fn padded_channels_first(t: &Tensor, (hp, wp): (usize, usize), (top, left): (usize, usize), tail: usize) -> Result<Tensor> {
+    let t = t.to_dtype(candle_core::DType::F32)?;
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() {
+        return crate::cuda::pad_channels_first(&t, (hp, wp), (top, left), tail);
+    }
+    let (_, _, h, w) = t.dims4()?;
+    let framed = t
+        .transpose(0, 1)?
+        .pad_with_zeros(2, top, hp - h - top)?
+        .pad_with_zeros(3, left, wp - w - left)?
+        .flatten_all()?;
+    let zeros = Tensor::zeros(tail, candle_core::DType::F32, t.device())?;
+    Tensor::cat(&[&framed, &zeros], 0)
 }
 
 #[cfg(test)]

@@ -64,6 +64,9 @@ struct Opts {
     /// Max pooling with generic tensor ops instead of the fused kernels.
     #[arg(long)]
     no_fused_pool: bool,
+    /// f32 matrix products without TF32.
+    #[arg(long)]
+    no_tf32: bool,
     /// All of the above: the plain candle path.
     #[arg(long)]
     baseline: bool,
@@ -80,6 +83,7 @@ impl Opts {
             disable_event_tracking: !self.keep_event_tracking,
             deferred_finite_check: !self.no_deferred_finite_check,
             fused_pool: !self.no_fused_pool,
+            tf32_matmul: !self.no_tf32,
         }
     }
 }

@@ -49,9 +49,11 @@ fn cfg(dev: &CudaDevice, n: usize) -> Result<LaunchConfig> {
 }
 
 /// Settings for a training process on `dev`, before it creates tensors: with
-/// [`CudaTuning::disable_event_tracking`], no per-allocation events.
+/// [`CudaTuning::disable_event_tracking`], no per-allocation events; the process's TF32 switch of
+/// f32 matrix products set to [`CudaTuning::tf32_matmul`].
 pub fn tune_device(dev: &Device, tuning: &CudaTuning) {
     let Device::Cuda(d) = dev else { return };
+    candle_core::cuda::set_gemm_reduced_precision_f32(tuning.tf32_matmul);
     if tuning.disable_event_tracking {
         // SAFETY: candle uses a single stream per device here, so no cross-stream ordering is
         // needed: the events only ever guard multi-stream use.

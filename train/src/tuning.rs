@@ -24,6 +24,11 @@ pub struct CudaTuning {
     pub deferred_finite_check: bool,
     /// Max pooling runs the model's fused kernels instead of generic tensor ops.
     pub fused_pool: bool,
+    /// candle's f32 matrix products (through cuBLAS: the float layers and the backward of the
+    /// ternary convolutions and linears) may round their inputs to TF32 and run on tensor cores,
+    /// as PyTorch's convolutions do by default. The ternary layers' forward values are integer
+    /// products on our own kernels and do not change. Process-wide: candle has one switch.
+    pub tf32_matmul: bool,
 }
 
 impl Default for CudaTuning {
@@ -34,6 +39,7 @@ impl Default for CudaTuning {
             disable_event_tracking: true,
             deferred_finite_check: true,
             fused_pool: true,
+            tf32_matmul: true,
         }
     }
 }
@@ -47,6 +53,7 @@ impl CudaTuning {
             disable_event_tracking: false,
             deferred_finite_check: false,
             fused_pool: false,
+            tf32_matmul: false,
         }
     }
 

@@ -1,5 +1,6 @@
-//! The kernels of `PackedBitConv2d` on CUDA (`kernels/conv.cu`): the int8 im2col gather and the
-//! dequantizer of the accumulators, launched as `crate::plan::im2col_plan` decides.
+//! The kernels of the convolutions on CUDA (`kernels/conv.cu`): the int8 im2col gather and the
+//! dequantizer of the accumulators of `PackedBitConv2d`, and the padded channels-first copy of
+//! `BitConv2d`'s weight gradient, launched as `crate::plan::im2col_plan` decides.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -130,4 +131,56 @@ pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: Wei
     }
     let out = storage(CudaStorageSlice::F32(out), dev);
     Ok(crate::device::tensor_from(Storage::Cuda(out), (bi, n, r)))
+}
+
+/// `src` (F32 `(B, C, H, W)`) as F32 `(C·B·hp·wp + tail)`: channels first, each image placed at
+/// `(top, left)` of a zero `hp x wp` frame, then `tail` zeros (`kernels/conv.cu`).
+pub(crate) fn pad_channels_first(src: &Tensor, (hp, wp): (usize, usize), (top, left): (usize, usize), tail: usize) -> Result<Tensor> {
+    let (b, c, h, w) = src.dims4()?;
+    if src.dtype() != DType::F32 || top + h > hp || left + w > wp {
+        bail!("bitlinear cuda: pad_channels_first needs F32 images inside the frame")
+    }
+    let src = src.contiguous()?;
+    let (st, l) = src.storage_and_layout();
+    let (Storage::Cuda(s), Some((s0, _))) = (&*st, l.contiguous_offsets()) else {
+        bail!("bitlinear cuda: pad_channels_first expects a contiguous CUDA tensor")
+    };
+    let dev = &s.device;
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
+    let total = c * b * hp * wp + tail;
+    let mut out = ctx.alloc::<f32>(total)?;
+    if total > 0 {
+        let p = im2col_plan(total, &ctx.info);
+        let mut guards = Vec::new();
+        let sp = in_ptr(s, s0, stream, &mut guards)?;
+        let op = out_ptr(&mut out, stream, &mut guards);
+        let f = ctx.func(Module::Conv, "pad_channels_first_f32")?;
+        let cfg = LaunchConfig {
+            grid_dim: (i32_arg(p.blocks, "pad blocks")? as u32, 1, 1),
+            block_dim: (p.threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let a = |v: usize, what: &str| i32_arg(v, what);
+        let tail = tail as u64;
+        launch!(
+            ctx,
+            f,
+            cfg,
+            sp,
+            op,
+            a(b, "B")?,
+            a(c, "C")?,
+            a(h, "H")?,
+            a(w, "W")?,
+            a(hp, "HP")?,
+            a(wp, "WP")?,
+            a(top, "top")?,
+            a(left, "left")?,
+            tail
+        )?;
+        drop(guards);
+    }
+    let out = storage(CudaStorageSlice::F32(out), dev);
+    Ok(crate::device::tensor_from(Storage::Cuda(out), total))
 }
