@@ -1,7 +1,8 @@
 // bitlinear convolution helpers: the int8 im2col gather of PackedBitConv2d, feeding the packed
 // GEMM (packed_accumulate) with canonical int8 code rows, the dequantizer of its accumulators
-// into NCHW (conv_dequant_f32), and the padded channels-first copy of the weight-gradient
-// products (pad_channels_first_f32); the last two are described above their kernels.
+// into NCHW (conv_dequant_f32), and for BitConv2d's backward the padded channels-first copy of
+// the weight-gradient products (pad_channels_first_f32) and the transposed f32 im2col of the
+// input-gradient convolution (im2col_t_f32); the last three are described above their kernels.
 //
 // Data layout
 //   codes : (images, C*H*W) int8 codes, one image after the other, each image NCHW (C, H, W)
@@ -12,34 +13,39 @@
 //           ox*S + kx - P), or 0 where that falls in the zero padding (code 0 is the value 0).
 //
 // Tiling and what each thread does
-//   im2col_i8  a 1-D grid-stride loop over the images*R*K output bytes (blocks and threads from
-//              src/plan/conv.rs): thread t writes bytes t, t + stride, ...; consecutive threads
-//              write consecutive bytes of a row, so stores coalesce and the loads of one kernel
-//              row (kx) are contiguous in the input. Indices are 64-bit (a tile may exceed 2^31
-//              bytes in principle); the shape arguments are 32-bit (checked on the Rust side).
+//   im2col_i8  a 1-D grid-stride loop over the images*R*C (row, channel) pairs (blocks and
+//              threads from src/plan/conv.rs): a thread writes the KH*KW codes of its channel in
+//              its row (independent loads in flight, all from one neighbourhood of one plane);
+//              consecutive threads take consecutive channels of a row, so a warp's stores are one
+//              contiguous run of the row. Indices are 64-bit (a tile may exceed 2^31 bytes in
+//              principle); the shape arguments are 32-bit (checked on the Rust side).
 #include "common.cuh"
 
 extern "C" __global__ void im2col_i8(const int8_t* __restrict__ codes, int8_t* __restrict__ rows,
                                      int images, int C, int H, int W, int KH, int KW, int S, int P,
                                      int Wo, int r0, int R) {
     pdl_wait();
-    const long long K = (long long)C * KH * KW;
-    const long long total = (long long)images * R * K;
+    const int khw = KH * KW;
+    const long long K = (long long)C * khw;
+    const long long items = (long long)images * R * C;
     const long long image_len = (long long)C * H * W;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < items;
          i += (long long)gridDim.x * blockDim.x) {
-        const long long row = i / K;
-        const int j = (int)(i - row * K);
+        const long long row = i / C;
+        const int ci = (int)(i - row * C);
         const int img = (int)(row / R);
         const int p = r0 + (int)(row - (long long)img * R);
         const int oy = p / Wo, ox = p - (p / Wo) * Wo;
-        const int kx = j % KW, ky = (j / KW) % KH, ci = j / (KW * KH);
-        const int iy = oy * S + ky - P, ix = ox * S + kx - P;
-        int8_t v = 0;
-        if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
-            v = codes[img * image_len + ((long long)ci * H + iy) * W + ix];
+        const int8_t* plane = codes + img * image_len + (long long)ci * H * W;
+        int8_t* out = rows + row * K + (long long)ci * khw;
+        for (int ky = 0; ky < KH; ++ky) {
+            const int iy = oy * S + ky - P;
+            const bool row_in = iy >= 0 && iy < H;
+            for (int kx = 0; kx < KW; ++kx) {
+                const int ix = ox * S + kx - P;
+                out[ky * KW + kx] = (row_in && ix >= 0 && ix < W) ? plane[iy * W + ix] : (int8_t)0;
+            }
         }
-        rows[i] = v;
     }
 }
 
@@ -102,5 +108,38 @@ extern "C" __global__ void pad_channels_first_f32(const float* __restrict__ src,
             }
         }
         dst[i] = v;
+    }
+}
+
+// im2col_t_f32: the transposed im2col of images src (B, C, H, W) f32 for a stride-1 convolution
+// of KH x KW kernels with zero padding P: dst (B, C*KH*KW, HO*WO) f32, dst[b][j][t] =
+// src[b][ci][y + ky - P][x + kx - P] (0 in the padding), j = (ci*KH + ky)*KW + kx, t = y*WO + x.
+// Image b's block (K, HO*WO) is then the right operand of W (N, K) x cols, whose product is the
+// output image in NCHW. Blocks of `blockDim.x` threads (src/plan/conv.rs) loop over (plane,
+// tile) pairs, plane = (b, ci), tile = blockDim.x consecutive pixels: a thread writes the
+// KH*KW rows of its pixel (independent loads in flight, all from the pixel's neighbourhood), and
+// consecutive threads take consecutive pixels, so every row's stores coalesce.
+extern "C" __global__ void im2col_t_f32(const float* __restrict__ src, float* __restrict__ dst, int B, int C,
+                                        int H, int W, int KH, int KW, int P, int HO, int WO, int tiles) {
+    pdl_wait();
+    const int hw = HO * WO;
+    const long long planes = (long long)B * C;
+    for (long long blk = blockIdx.x; blk < planes * tiles; blk += gridDim.x) {
+        const long long plane = blk / tiles;
+        const int tile = (int)(blk - plane * tiles);
+        const int t = tile * blockDim.x + threadIdx.x;
+        if (t >= hw) continue;
+        const int y = t / WO, x = t - (t / WO) * WO;
+        const float* img = src + plane * H * W;
+        // rows (b, ci*KH*KW + r) of image b = plane / C start at plane * KH*KW * hw
+        float* out = dst + plane * KH * KW * hw + t;
+        for (int ky = 0; ky < KH; ++ky) {
+            const int iy = y + ky - P;
+            const bool row_in = iy >= 0 && iy < H;
+            for (int kx = 0; kx < KW; ++kx) {
+                const int ix = x + kx - P;
+                out[(long long)(ky * KW + kx) * hw] = (row_in && ix >= 0 && ix < W) ? img[iy * W + ix] : 0.0f;
+            }
+        }
     }
 }

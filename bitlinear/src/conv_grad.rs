@@ -98,8 +98,24 @@ fn gemm_grads(x: &Tensor, w: &Tensor, g: &Tensor, p: usize) -> Result<(Tensor, T
     let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), dev);
     let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
     let w_t = flipped.transpose(0, 1)?.contiguous()?;
-    let dx = g.conv2d(&w_t, kh - 1 - p, 1, 1, 1)?;
+    let dx = input_grad(g, &w_t, kh - 1 - p, x.dims4()?)?;
     Ok((dx, weight_grad(x, g, (kh, kw), p)?))
+}
+
+/// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA as the transposed im2col
+/// of `g` (our kernel) times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d`
+/// gathers its columns with a slower kernel and reorders its output); elsewhere candle's.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn input_grad(g: &Tensor, w_t: &Tensor, pad: usize, x_dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if g.device().is_cuda() && g.dtype() == candle_core::DType::F32 {
+        let (b, c, h, w) = x_dims;
+        let (_, o, kh, kw) = w_t.dims4()?;
+        let cols = crate::cuda::im2col_t(g, (kh, kw), pad, (h, w))?;
+        let w_mat = w_t.reshape((c, o * kh * kw))?.broadcast_as((b, c, o * kh * kw))?;
+        return w_mat.matmul(&cols)?.reshape((b, c, h, w));
+    }
+    g.conv2d(w_t, pad, 1, 1, 1)
 }
 
 /// `dL/dW (O, C, kh, kw)` of a stride-1 convolution, one product per kernel offset without a
@@ -131,7 +147,12 @@ fn weight_grad(x: &Tensor, g: &Tensor, (kh, kw): (usize, usize), p: usize) -> Re
 
 /// `t (B, C, H, W)` channels first in zero frames of `hp x wp` (the image at `(top, left)`),
 /// flattened, then `tail` zeros: `(C·B·hp·wp + tail)`, in F32 (one kernel on CUDA).
-fn padded_channels_first(t: &Tensor, (hp, wp): (usize, usize), (top, left): (usize, usize), tail: usize) -> Result<Tensor> {
+fn padded_channels_first(
+    t: &Tensor,
+    (hp, wp): (usize, usize),
+    (top, left): (usize, usize),
+    tail: usize,
+) -> Result<Tensor> {
     let t = t.to_dtype(candle_core::DType::F32)?;
     #[cfg(feature = "cuda")]
     if t.device().is_cuda() {

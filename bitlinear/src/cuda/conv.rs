@@ -10,7 +10,7 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
 use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
 use super::{Ctx, Module};
 use crate::im2col::Geometry;
-use crate::plan::im2col_plan;
+use crate::plan::{im2col_plan, im2col_t_plan};
 
 /// Rows `r0 .. r0 + r` of the im2col of images `codes` (U8 `(images, C·H·W)`, contiguous):
 /// U8 `(images · r, K)`, image-major, as `crate::im2col` documents.
@@ -29,7 +29,8 @@ pub(crate) fn im2col(codes: &CudaStorage, l: &Layout, g: &Geometry, r0: usize, r
     let bytes = images * r * g.k();
     let mut out = ctx.alloc::<u8>(bytes)?;
     if bytes > 0 {
-        let p = im2col_plan(bytes, &ctx.info);
+        // one thread a (row, channel) pair
+        let p = im2col_plan(images * r * g.c, &ctx.info);
         let mut guards = Vec::new();
         let xp = in_ptr(codes, start, stream, &mut guards)?;
         let op = out_ptr(&mut out, stream, &mut guards);
@@ -135,7 +136,12 @@ pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: Wei
 
 /// `src` (F32 `(B, C, H, W)`) as F32 `(C·B·hp·wp + tail)`: channels first, each image placed at
 /// `(top, left)` of a zero `hp x wp` frame, then `tail` zeros (`kernels/conv.cu`).
-pub(crate) fn pad_channels_first(src: &Tensor, (hp, wp): (usize, usize), (top, left): (usize, usize), tail: usize) -> Result<Tensor> {
+pub(crate) fn pad_channels_first(
+    src: &Tensor,
+    (hp, wp): (usize, usize),
+    (top, left): (usize, usize),
+    tail: usize,
+) -> Result<Tensor> {
     let (b, c, h, w) = src.dims4()?;
     if src.dtype() != DType::F32 || top + h > hp || left + w > wp {
         bail!("bitlinear cuda: pad_channels_first needs F32 images inside the frame")
@@ -183,4 +189,57 @@ pub(crate) fn pad_channels_first(src: &Tensor, (hp, wp): (usize, usize), (top, l
     }
     let out = storage(CudaStorageSlice::F32(out), dev);
     Ok(crate::device::tensor_from(Storage::Cuda(out), total))
+}
+
+/// The transposed im2col of `src` (F32 `(B, C, H, W)`) for a stride-1 `kh x kw` convolution with
+/// zero padding `pad` and output `(ho, wo)`: F32 `(B, C·kh·kw, ho·wo)` (`kernels/conv.cu`).
+pub(crate) fn im2col_t(src: &Tensor, (kh, kw): (usize, usize), pad: usize, (ho, wo): (usize, usize)) -> Result<Tensor> {
+    let (b, c, h, w) = src.dims4()?;
+    if src.dtype() != DType::F32 || ho + kh > h + 2 * pad + 1 || wo + kw > w + 2 * pad + 1 {
+        bail!("bitlinear cuda: im2col_t needs F32 images and an output inside the padded input")
+    }
+    let src = src.contiguous()?;
+    let (st, l) = src.storage_and_layout();
+    let (Storage::Cuda(s), Some((s0, _))) = (&*st, l.contiguous_offsets()) else {
+        bail!("bitlinear cuda: im2col_t expects a contiguous CUDA tensor")
+    };
+    let dev = &s.device;
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
+    let k = c * kh * kw;
+    let total = b * k * ho * wo;
+    let mut out = ctx.alloc::<f32>(total)?;
+    if total > 0 {
+        let p = im2col_t_plan(b * c, ho * wo, &ctx.info);
+        let mut guards = Vec::new();
+        let sp = in_ptr(s, s0, stream, &mut guards)?;
+        let op = out_ptr(&mut out, stream, &mut guards);
+        let f = ctx.func(Module::Conv, "im2col_t_f32")?;
+        let cfg = LaunchConfig {
+            grid_dim: (i32_arg(p.blocks, "im2col_t blocks")? as u32, 1, 1),
+            block_dim: (p.threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let a = |v: usize, what: &str| i32_arg(v, what);
+        launch!(
+            ctx,
+            f,
+            cfg,
+            sp,
+            op,
+            a(b, "B")?,
+            a(c, "C")?,
+            a(h, "H")?,
+            a(w, "W")?,
+            a(kh, "KH")?,
+            a(kw, "KW")?,
+            a(pad, "P")?,
+            a(ho, "HO")?,
+            a(wo, "WO")?,
+            a(p.tiles, "tiles")?
+        )?;
+        drop(guards);
+    }
+    let out = storage(CudaStorageSlice::F32(out), dev);
+    Ok(crate::device::tensor_from(Storage::Cuda(out), (b, k, ho * wo)))
 }

@@ -47,7 +47,7 @@ mod settle;
 mod tma;
 
 pub(crate) use buffers::empty_storage;
-pub(crate) use conv::{conv_dequantize, im2col, pad_channels_first, WeightScale};
+pub(crate) use conv::{conv_dequantize, im2col, im2col_t, pad_channels_first, WeightScale};
 pub(crate) use kernels::{device_info, set_settings, settings};
 pub(crate) use matmul::{bit_matmul, packed_accumulate, packed_matmul};
 pub(crate) use quantize::{

@@ -23,7 +23,8 @@ pub fn im2col_tile_codes(settings: &KernelSettings) -> usize {
         .max(1)
 }
 
-/// Launch of `im2col_i8` or `conv_dequant_f32`, grid-stride loops over a tile's outputs.
+/// Launch of `im2col_i8`, `conv_dequant_f32` or `pad_channels_first_f32`: grid-stride loops over
+/// a tile's work items.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Im2colPlan {
     /// Blocks.
@@ -32,14 +33,39 @@ pub struct Im2colPlan {
     pub threads: usize,
 }
 
-/// The launch writing `bytes` outputs (im2col bytes or dequantized values): one thread an output up to 8 waves of blocks (enough
-/// to fill the device; beyond that each thread loops), at least one block. A first version, not
-/// yet tuned on measurements.
-pub fn im2col_plan(bytes: usize, info: &DeviceInfo) -> Im2colPlan {
-    let blocks = bytes.div_ceil(IM2COL_THREADS).clamp(1, 8 * info.sms.max(1));
+/// The launch over `items` work items (im2col (row, channel) pairs, dequantized values, padded
+/// values): one thread an item up to 8 waves of blocks (enough to fill the device; beyond that
+/// each thread loops), at least one block. A first version, not yet tuned on measurements.
+pub fn im2col_plan(items: usize, info: &DeviceInfo) -> Im2colPlan {
+    let blocks = items.div_ceil(IM2COL_THREADS).clamp(1, 8 * info.sms.max(1));
     Im2colPlan {
         blocks,
         threads: IM2COL_THREADS,
+    }
+}
+
+/// Launch of `im2col_t_f32`: blocks of `threads` pixels, each block looping over (plane, tile)
+/// pairs, `tiles` blocks a plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Im2colTPlan {
+    /// Blocks.
+    pub blocks: usize,
+    /// Threads a block: the pixels of a tile.
+    pub threads: usize,
+    /// Tiles of `threads` pixels a plane of `hw` pixels.
+    pub tiles: usize,
+}
+
+/// The launch of the transposed f32 im2col of `rows` input planes of `hw` output pixels: tiles
+/// of the pixels rounded up to a warp (32 to 256, so the 4x4 images of a CNN's last stage do not leave
+/// most threads idle), up to 16 waves of blocks.
+pub fn im2col_t_plan(rows: usize, hw: usize, info: &DeviceInfo) -> Im2colTPlan {
+    let threads = hw.div_ceil(32).clamp(1, 8) * 32;
+    let tiles = hw.div_ceil(threads).max(1);
+    Im2colTPlan {
+        blocks: (rows * tiles).clamp(1, 16 * info.sms.max(1)),
+        threads,
+        tiles,
     }
 }
 
@@ -48,11 +74,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_thread_a_byte_up_to_eight_waves() {
+    fn one_thread_an_item_up_to_eight_waves() {
         let info = DeviceInfo::sm90(132);
         assert_eq!(im2col_plan(0, &info).blocks, 1);
         assert_eq!(im2col_plan(1000, &info).blocks, 4);
         assert_eq!(im2col_plan(1 << 30, &info).blocks, 8 * 132);
         assert_eq!(im2col_plan(1000, &info).threads, 256);
+    }
+
+    #[test]
+    fn transposed_im2col_tiles_cover_each_row() {
+        let info = DeviceInfo::sm90(132);
+        for (rows, hw) in [(1, 1), (7, 16), (100, 64), (512 * 576, 1024), (3, 1000)] {
+            let p = im2col_t_plan(rows, hw, &info);
+            assert!(p.threads.is_multiple_of(32) && (32..=256).contains(&p.threads));
+            assert!(p.tiles * p.threads >= hw && (p.tiles - 1) * p.threads < hw.max(1));
+            assert!(p.blocks >= 1 && p.blocks <= 16 * 132);
+        }
+        assert_eq!(
+            im2col_t_plan(10, 16, &info),
+            Im2colTPlan {
+                blocks: 10,
+                threads: 32,
+                tiles: 1
+            }
+        );
     }
 }
