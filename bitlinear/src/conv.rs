@@ -1,5 +1,5 @@
 //! `BitConv2d`: a ternary-weight, int8-activation 2-D convolution, the quantize-then-convolve
-//! training form over candle's own `conv2d` (the packed inference form is `packed_conv.rs`).
+//! training form (the packed inference form is `packed_conv.rs`, the backward `conv_grad.rs`).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, Module, VarBuilder};
@@ -46,7 +46,9 @@ impl Default for BitConv2dConfig {
 ///
 /// Backward is straight-through: the input gradient is the transposed convolution of the output
 /// gradient with the fake-quantized weight, the weight gradient the correlation of the output
-/// gradient with the fake-quantized input (candle's `conv2d` backward on those tensors).
+/// gradient with the fake-quantized input. For stride 1 and square kernels the forward value is
+/// computed on the codes alone (on CUDA by the packed form's int8 kernels) and the gradients are
+/// matrix products; otherwise both go through candle's `conv2d`.
 ///
 /// ```
 /// use bitlinear::{bit_conv2d, BitConv2dConfig};
