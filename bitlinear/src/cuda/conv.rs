@@ -12,6 +12,15 @@ use super::{Ctx, Module};
 use crate::im2col::Geometry;
 use crate::plan::{im2col_plan, im2col_t_plan};
 
+/// A 1-D launch of `blocks` blocks of `threads` threads (`what` names the blocks in errors).
+fn grid(blocks: usize, threads: usize, what: &str) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (i32_arg(blocks, what)? as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// Rows `r0 .. r0 + r` of the im2col of images `codes` (U8 `(images, C·H·W)`, contiguous):
 /// U8 `(images · r, K)`, image-major, as `crate::im2col` documents.
 pub(crate) fn im2col(codes: &CudaStorage, l: &Layout, g: &Geometry, r0: usize, r: usize) -> Result<CudaStorage> {
@@ -35,11 +44,7 @@ pub(crate) fn im2col(codes: &CudaStorage, l: &Layout, g: &Geometry, r0: usize, r
         let xp = in_ptr(codes, start, stream, &mut guards)?;
         let op = out_ptr(&mut out, stream, &mut guards);
         let f = ctx.func(Module::Conv, "im2col_i8")?;
-        let cfg = LaunchConfig {
-            grid_dim: (i32_arg(p.blocks, "im2col blocks")? as u32, 1, 1),
-            block_dim: (p.threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(p.blocks, p.threads, "im2col blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
         launch!(
             ctx,
@@ -104,11 +109,7 @@ pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: Wei
         let ap = in_ptr(a, a0, stream, &mut guards)?;
         let sp = in_ptr(s, s0 + i0, stream, &mut guards)?;
         let yp = out_ptr(&mut out, stream, &mut guards);
-        let cfg = LaunchConfig {
-            grid_dim: (i32_arg(p.blocks, "dequantizer blocks")? as u32, 1, 1),
-            block_dim: (p.threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(p.blocks, p.threads, "dequantizer blocks")?;
         let (images, rows, cols) = (i32_arg(bi, "images")?, i32_arg(r, "rows")?, i32_arg(n, "N")?);
         match (s_w, &sw_storage) {
             (WeightScale::Host(s_w), _) => {
@@ -162,11 +163,7 @@ pub(crate) fn pad_channels_first(
         let sp = in_ptr(s, s0, stream, &mut guards)?;
         let op = out_ptr(&mut out, stream, &mut guards);
         let f = ctx.func(Module::Conv, "pad_channels_first_f32")?;
-        let cfg = LaunchConfig {
-            grid_dim: (i32_arg(p.blocks, "pad blocks")? as u32, 1, 1),
-            block_dim: (p.threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(p.blocks, p.threads, "pad blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
         let tail = tail as u64;
         launch!(
@@ -215,11 +212,7 @@ pub(crate) fn im2col_t(src: &Tensor, (kh, kw): (usize, usize), pad: usize, (ho, 
         let sp = in_ptr(s, s0, stream, &mut guards)?;
         let op = out_ptr(&mut out, stream, &mut guards);
         let f = ctx.func(Module::Conv, "im2col_t_f32")?;
-        let cfg = LaunchConfig {
-            grid_dim: (i32_arg(p.blocks, "im2col_t blocks")? as u32, 1, 1),
-            block_dim: (p.threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(p.blocks, p.threads, "im2col_t blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
         launch!(
             ctx,
