@@ -100,9 +100,15 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
         );
     }
     // What a rayon task covers: weight rows and activation rows; enough work per task, enough
-    // tasks for both cores.
+    // tasks for both cores. With few activation rows (decode) about four tasks a thread: each
+    // task's weights are one long sequential stream, which the hardware prefetchers follow from
+    // DRAM (shorter tasks restart the stream more often).
     let (rows_per_task, m_per_task) = match n.div_ceil(ROWS) * ROWS * padded <= SMALL_WEIGHT_BYTES && m >= 2 * M_TILE {
         true => (n.div_ceil(ROWS) * ROWS, M_TILE),
+        false if m < M_TILE => (
+            ROWS * (n / (ROWS * 4 * rayon::current_num_threads().max(1))).clamp(1, 64),
+            m,
+        ),
         false => (ROWS * (n / (ROWS * 32)).clamp(1, 16), m),
     };
     let n_tasks = n.div_ceil(rows_per_task);
