@@ -22,10 +22,14 @@ use crate::{packed_accumulate, quantize_activations, ActScaling};
 ///
 /// Forward: each image is quantized to int8 codes with its own absmax scale `s_x` (as the float
 /// layer does), its receptive fields are gathered into int8 im2col rows `(Ho·Wo, K)` (a bounded
-/// tile of rows at a time), multiplied exactly with the packed weight into i32 accumulators
-/// ([`packed_accumulate`]), and dequantized as `(acc · s_x) · s_w` in f32, plus the bias. The
-/// accumulators are exact, so the outputs differ from the float layer's only by its f32
-/// rounding (relative 1e-6 of `127·K·s_x·s_w` is ample, see the tests).
+/// tile of rows at a time), multiplied exactly with the packed weight into i32 accumulators,
+/// and dequantized as `(acc · s_x) · s_w` in f32, plus the bias. On CUDA the rows are in the
+/// weight's K order and the product is [`packed_accumulate`](crate::packed_accumulate)'s; the
+/// CPU gathers channels-last rows against a copy of the weight with its columns reordered to
+/// match (made once, shared by clones) and multiplies them with a kernel for many rows by few
+/// channels. The accumulators
+/// are exact either way, so the outputs differ from the float layer's only by its f32 rounding
+/// (relative 1e-6 of `127·K·s_x·s_w` is ample, see the tests).
 ///
 /// Stored as tensors under the layer's prefix, like
 /// [`PackedBitLinear`](crate::PackedBitLinear):
