@@ -221,8 +221,12 @@ impl BitConv2d {
         if !crate::conv_grad::has_gemm_grad(s, kh, kw, p) {
             return self.straight_through_forward(x, &w2, (&w_codes, &safe_s_w, &s_w), (&codes, &s_x));
         }
+        // The value: on CUDA by the packed form's int8 kernels, elsewhere an f32 convolution of
+        // the codes (exact either way).
+        #[allow(unused_mut)]
+        let mut on_device = None;
         #[cfg(feature = "cuda")]
-        let y = if x.device().is_cuda() {
+        if x.device().is_cuda() {
             let g = crate::im2col::Geometry {
                 c,
                 h,
@@ -232,26 +236,25 @@ impl BitConv2d {
                 stride: s,
                 pad: p,
             };
-            crate::packed_conv::training_conv_f32(codes, &s_x, &s_w, &g, &w_codes)?
-        } else {
-            integer_conv_cpu(
+            on_device = Some(crate::packed_conv::training_conv_f32(
+                codes.clone(),
+                &s_x,
+                &s_w,
+                &g,
+                &w_codes,
+            )?);
+        }
+        let y = match on_device {
+            Some(y) => y,
+            None => integer_conv_cpu(
                 &codes,
                 &s_x,
                 &s_w,
                 x.dims4()?,
                 &w_codes.reshape((c_out, c_in, kh, kw))?,
                 p,
-            )?
+            )?,
         };
-        #[cfg(not(feature = "cuda"))]
-        let y = integer_conv_cpu(
-            &codes,
-            &s_x,
-            &s_w,
-            x.dims4()?,
-            &w_codes.reshape((c_out, c_in, kh, kw))?,
-            p,
-        )?;
         if !(x.track_op() || self.weight.track_op()) {
             return Ok(y);
         }
