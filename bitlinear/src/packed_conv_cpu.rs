@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{broadcast_accumulate, BroadcastWeight, CpuKernel, PreparedActivations};
+use crate::cpu::{broadcast_accumulate, BroadcastWeight, CpuKernel, PreparedActivations, Weights};
 use crate::device::{cpu_kernel, cpu_u8};
 use crate::im2col::{tiling, Geometry, TILE_CODES};
 use crate::packed::{pack_ternary, packed_len, PackedTernary};
@@ -132,19 +132,20 @@ pub(crate) fn convolve(
     let kernel = cpu_kernel();
     // The broadcast kernel where the library's kernel is the 512-bit VNNI one (a forced other
     // kernel is honoured: the row kernels then run).
-    let product = match kernel == CpuKernel::Avx512Vnni && BroadcastWeight::is_supported() {
-        true => Product::Broadcast(reordered.broadcast(weight, dims)?),
-        false => Product::Rows(reordered.packed(weight, dims)?),
+    let packed = match kernel == CpuKernel::Avx512Vnni && BroadcastWeight::is_supported() {
+        true => None,
+        false => Some(reordered.packed(weight, dims)?),
     };
-    let bytes = match &product {
-        Product::Rows(w) => {
-            let (ws, wl) = w.bytes().storage_and_layout();
-            let candle_core::Storage::Cpu(ws) = &*ws else {
+    // The packed bytes stay borrowed from their storage for the whole call.
+    let storage = packed.map(|w| (w, w.bytes().storage_and_layout()));
+    let product = match &storage {
+        None => Product::Broadcast(reordered.broadcast(weight, dims)?),
+        Some((w, (ws, wl))) => {
+            let candle_core::Storage::Cpu(ws) = &**ws else {
                 candle_core::bail!("PackedBitConv2d: internal error, the CPU path got a device weight")
             };
-            cpu_u8(ws, wl)?.to_vec()
+            Product::Rows(w.cpu_layouts().get(kernel, cpu_u8(ws, wl)?, n, k))
         }
-        Product::Broadcast(_) => vec![],
     };
     let mut acc = vec![];
 
@@ -173,7 +174,7 @@ pub(crate) fn convolve(
                 }
                 Product::Rows(w) => {
                     let prep = PreparedActivations::new(kernel, rows, bi * r, k);
-                    acc = crate::cpu::packed_accumulate(&prep, w.cpu_layouts().get(kernel, &bytes, n, k), n, k);
+                    acc = crate::cpu::packed_accumulate(&prep, *w, n, k);
                 }
             }
             sink(AccTile {
@@ -191,8 +192,8 @@ pub(crate) fn convolve(
 
 /// The integer product of a tile's rows, by the kernel that runs.
 enum Product<'a> {
-    /// The row kernels over the packed reordered weight.
-    Rows(&'a PackedTernary),
+    /// The row kernels over the packed reordered weight, in their layout.
+    Rows(Weights<'a>),
     /// The broadcast kernel over the decoded reordered weight.
     Broadcast(&'a BroadcastWeight),
 }
