@@ -5,7 +5,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaStorageSlice;
-use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
 use super::{Ctx, Module};
@@ -147,21 +147,9 @@ pub(crate) fn pad_channels_first(
     if src.dtype() != DType::F32 || top + h > hp || left + w > wp {
         bail!("bitlinear cuda: pad_channels_first needs F32 images inside the frame")
     }
-    let src = src.contiguous()?;
-    let (st, l) = src.storage_and_layout();
-    let (Storage::Cuda(s), Some((s0, _))) = (&*st, l.contiguous_offsets()) else {
-        bail!("bitlinear cuda: pad_channels_first expects a contiguous CUDA tensor")
-    };
-    let dev = &s.device;
-    let ctx = Ctx::new(dev)?;
-    let stream = &ctx.stream;
     let total = c * b * hp * wp + tail;
-    let mut out = ctx.alloc::<f32>(total)?;
-    if total > 0 {
+    map_f32(src, total, total, "pad_channels_first", |ctx, sp, op| {
         let p = im2col_plan(total, &ctx.info);
-        let mut guards = Vec::new();
-        let sp = in_ptr(s, s0, stream, &mut guards)?;
-        let op = out_ptr(&mut out, stream, &mut guards);
         let f = ctx.func(Module::Conv, "pad_channels_first_f32")?;
         let cfg = grid(p.blocks, p.threads, "pad blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
@@ -181,11 +169,8 @@ pub(crate) fn pad_channels_first(
             a(top, "top")?,
             a(left, "left")?,
             tail
-        )?;
-        drop(guards);
-    }
-    let out = storage(CudaStorageSlice::F32(out), dev);
-    Ok(crate::device::tensor_from(Storage::Cuda(out), total))
+        )
+    })
 }
 
 /// The transposed im2col of `src` (F32 `(B, C, H, W)`) for a stride-1 `kh x kw` convolution with
@@ -195,22 +180,10 @@ pub(crate) fn im2col_t(src: &Tensor, (kh, kw): (usize, usize), pad: usize, (ho, 
     if src.dtype() != DType::F32 || ho + kh > h + 2 * pad + 1 || wo + kw > w + 2 * pad + 1 {
         bail!("bitlinear cuda: im2col_t needs F32 images and an output inside the padded input")
     }
-    let src = src.contiguous()?;
-    let (st, l) = src.storage_and_layout();
-    let (Storage::Cuda(s), Some((s0, _))) = (&*st, l.contiguous_offsets()) else {
-        bail!("bitlinear cuda: im2col_t expects a contiguous CUDA tensor")
-    };
-    let dev = &s.device;
-    let ctx = Ctx::new(dev)?;
-    let stream = &ctx.stream;
     let k = c * kh * kw;
     let total = b * k * ho * wo;
-    let mut out = ctx.alloc::<f32>(total)?;
-    if total > 0 {
+    map_f32(src, total, (b, k, ho * wo), "im2col_t", |ctx, sp, op| {
         let p = im2col_t_plan(b * c, ho * wo, &ctx.info);
-        let mut guards = Vec::new();
-        let sp = in_ptr(s, s0, stream, &mut guards)?;
-        let op = out_ptr(&mut out, stream, &mut guards);
         let f = ctx.func(Module::Conv, "im2col_t_f32")?;
         let cfg = grid(p.blocks, p.threads, "im2col_t blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
@@ -230,9 +203,36 @@ pub(crate) fn im2col_t(src: &Tensor, (kh, kw): (usize, usize), pad: usize, (ho, 
             a(ho, "HO")?,
             a(wo, "WO")?,
             a(p.tiles, "tiles")?
-        )?;
+        )
+    })
+}
+
+/// A kernel from one contiguous CUDA tensor `src` (its dtype checked by the caller) into a new
+/// F32 buffer of `total` values, returned as a tensor of `shape`: `launch(ctx, src, out)` gets
+/// the two device pointers and is not called when `total` is 0. `who` names the caller in errors.
+fn map_f32(
+    src: &Tensor,
+    total: usize,
+    shape: impl Into<Shape>,
+    who: &str,
+    launch: impl FnOnce(&Ctx, u64, u64) -> Result<()>,
+) -> Result<Tensor> {
+    let src = src.contiguous()?;
+    let (st, l) = src.storage_and_layout();
+    let (Storage::Cuda(s), Some((s0, _))) = (&*st, l.contiguous_offsets()) else {
+        bail!("bitlinear cuda: {who} expects a contiguous CUDA tensor")
+    };
+    let dev = &s.device;
+    let ctx = Ctx::new(dev)?;
+    let stream = &ctx.stream;
+    let mut out = ctx.alloc::<f32>(total)?;
+    if total > 0 {
+        let mut guards = Vec::new();
+        let sp = in_ptr(s, s0, stream, &mut guards)?;
+        let op = out_ptr(&mut out, stream, &mut guards);
+        launch(&ctx, sp, op)?;
         drop(guards);
     }
     let out = storage(CudaStorageSlice::F32(out), dev);
-    Ok(crate::device::tensor_from(Storage::Cuda(out), (b, k, ho * wo)))
+    Ok(crate::device::tensor_from(Storage::Cuda(out), shape))
 }
