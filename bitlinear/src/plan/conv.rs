@@ -83,6 +83,18 @@ mod tests {
     }
 
     #[test]
+    fn im2col_tile_budget_is_forced_or_the_default_and_never_zero() {
+        let forced = |codes| {
+            let mut s = KernelSettings::default();
+            s.force.im2col_tile_codes = codes;
+            im2col_tile_codes(&s)
+        };
+        assert_eq!(forced(None), CUDA_IM2COL_TILE_CODES);
+        assert_eq!(forced(Some(1 << 20)), 1 << 20);
+        assert_eq!(forced(Some(0)), 1);
+    }
+
+    #[test]
     fn transposed_im2col_tiles_cover_each_row() {
         let info = DeviceInfo::sm90(132);
         for (rows, hw) in [(1, 1), (7, 16), (100, 64), (512 * 576, 1024), (3, 1000)] {
