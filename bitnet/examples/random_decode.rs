@@ -15,16 +15,17 @@
 //!
 //! With `--graph` (CUDA builds), each model also decodes through a CUDA graph: the step of
 //! `BitNetModel::decode_at` (the position a device value, attention over the whole cache) is
-//! captured once and replayed per token; reported: the median time a token (launch to the host
-//! holding the next token id), the host time of the launch, and how many leading greedy tokens
-//! equal the eager generation's.
+//! captured once and replayed per token, once with the fused decode kernels
+//! (`DecodeKernels::Fused`) and once with candle tensor ops (`DecodeKernels::TensorOps`);
+//! reported: the median time a token (launch to the host holding the next token id), the host
+//! time of the launch, and how many leading greedy tokens equal the eager generation's.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use bitnet::generate::{DecodeMode, Generation, Sampling};
-use bitnet::{BitNetConfig, BitNetModel, Projections};
+use bitnet::{BitNetConfig, BitNetModel, DecodeKernels, Projections};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use clap::{Parser, ValueEnum};
@@ -64,6 +65,11 @@ struct Args {
     /// case); the library's choice when absent.
     #[arg(long)]
     cpu_kernel: Option<String>,
+    /// Profiling mode (CUDA): only the packed model, prefill, then this many eager `decode_at`
+    /// steps with the fused kernels and as many with tensor ops, each set between
+    /// `cuProfilerStart` and `cuProfilerStop` (for `ncu --profile-from-start off`); then exit.
+    #[arg(long)]
+    profile_steps: Option<usize>,
 }
 
 /// Forces the CPU kernel named `name` for the whole process.
@@ -271,16 +277,23 @@ fn graph_decode(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<Graph
     set(&id, next)?;
     set(&pos, prompt.len() as u32)?;
     // The warm-up writes the first step's key and value, which the first replay rewrites.
-    model
-        .decode_at(&id, &pos, &mut cache)?
-        .argmax(candle_core::D::Minus1)?
-        .to_vec1::<u32>()?;
+    // The greedy token on the device: the fused argmax, or candle's where the fused kernels are
+    // off (greedy_token would read the logits back, which a capture cannot).
+    let fused = model.decode_fused(cache.capacity());
+    let pick = |logits: Tensor, cache: &bitnet::Cache| -> candle_core::Result<Tensor> {
+        if fused {
+            model.greedy_token(&logits, cache)
+        } else {
+            logits.argmax(candle_core::D::Minus1)
+        }
+    };
+    pick(model.decode_at(&id, &pos, &mut cache)?, &cache)?.to_vec1::<u32>()?;
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| anyhow!("begin_capture: {e:?}"))?;
     let captured = model
         .decode_at(&id, &pos, &mut cache)
-        .and_then(|logits| logits.argmax(candle_core::D::Minus1));
+        .and_then(|logits| pick(logits, &cache));
     // The output stays allocated between replays; the flag lets each launch reuse it.
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
     let out = captured.map_err(|e| anyhow!("capturing the decode step: {e}"))?;
@@ -339,13 +352,52 @@ fn eager_decode_at(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<Ve
     for i in 0..new.saturating_sub(1) {
         let id = Tensor::new(&[[next]], device)?;
         let pos = Tensor::new(&[(prompt.len() + i) as u32], device)?;
-        next = model
-            .decode_at(&id, &pos, &mut cache)?
-            .argmax(candle_core::D::Minus1)?
-            .to_vec1::<u32>()?[0];
+        let logits = model.decode_at(&id, &pos, &mut cache)?;
+        next = model.greedy_token(&logits, &cache)?.to_vec1::<u32>()?[0];
         tokens.push(next);
     }
     Ok(tokens)
+}
+
+/// `--profile-steps`: eager `decode_at` steps of both kernel settings inside a profiler range.
+#[cfg(feature = "cuda")]
+fn profile_steps(model: &mut BitNetModel, prompt: &[u32], steps: usize) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let device = model.device().clone();
+    for kernels in [DecodeKernels::Fused, DecodeKernels::TensorOps] {
+        model.set_decode_kernels(kernels);
+        let mut cache = model.new_cache(prompt.len() + steps + 1)?;
+        let first = model.forward_last(&Tensor::new(prompt, &device)?.unsqueeze(0)?, &mut cache)?;
+        let mut next = first.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0];
+        // One step outside the range: kernels loaded, weights settled.
+        let step = |model: &BitNetModel, cache: &mut bitnet::Cache, next: u32, i: usize| -> Result<u32> {
+            let id = Tensor::new(&[[next]], &device)?;
+            let pos = Tensor::new(&[(prompt.len() + i) as u32], &device)?;
+            let logits = model.decode_at(&id, &pos, cache)?;
+            Ok(model.greedy_token(&logits, cache)?.to_vec1::<u32>()?[0])
+        };
+        next = step(model, &mut cache, next, 0)?;
+        device.synchronize()?;
+        // SAFETY: plain driver calls on the current context.
+        unsafe { sys::cuProfilerStart() }
+            .result()
+            .map_err(|e| anyhow!("cuProfilerStart: {e:?}"))?;
+        for i in 1..=steps {
+            next = step(model, &mut cache, next, i)?;
+        }
+        device.synchronize()?;
+        // SAFETY: as above.
+        unsafe { sys::cuProfilerStop() }
+            .result()
+            .map_err(|e| anyhow!("cuProfilerStop: {e:?}"))?;
+        println!("profiled {steps} {kernels:?} steps");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profile_steps(_: &mut BitNetModel, _: &[u32], _: usize) -> Result<()> {
+    Err(anyhow!("--profile-steps needs a build with `--features cuda`"))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -390,6 +442,10 @@ fn main() -> Result<()> {
         args.new,
         if args.keep_event_tracking { "on" } else { "off" }
     );
+    if let Some(steps) = args.profile_steps {
+        let mut model = random_model(&cfg, Projections::PackedTernary, dtype, &device)?;
+        return profile_steps(&mut model, &prompt, steps);
+    }
     let mut kinds = vec![Projections::PackedTernary];
     if args.compare_dense {
         kinds.push(Projections::Dense);
@@ -397,7 +453,7 @@ fn main() -> Result<()> {
     let mut decode = Vec::new();
     let mut graphs = Vec::new();
     for kind in kinds {
-        let model = random_model(&cfg, kind, dtype, &device)?;
+        let mut model = random_model(&cfg, kind, dtype, &device)?;
         let (prefill, per_token) = generation(&model, &prompt, args.new, DecodeMode::Eager)?;
         decode.push(per_token);
         println!(
@@ -415,23 +471,29 @@ fn main() -> Result<()> {
                 Err(e) => println!("  ERROR {kind:?} Generation with DecodeMode::CudaGraph: {e:#}"),
             }
             // A failed capture is reported; the other measurements still run.
-            match graph_decode(&model, &prompt, args.new) {
-                Ok(g) => {
-                    graphs.push(g.step);
-                    println!(
-                        "  {kind:?} CUDA graph: decode {:.1} tokens/s ({:.3} ms a token, median); \
-                         graph launch (host) {:.3} ms; first {} of {} tokens as eager decode_at, \
-                         {} as Generation",
-                        1.0 / g.step,
-                        g.step * 1e3,
-                        g.launch * 1e3,
-                        g.agree_decode_at,
-                        g.tokens,
-                        g.agree_generation
-                    );
+            for kernels in [DecodeKernels::Fused, DecodeKernels::TensorOps] {
+                model.set_decode_kernels(kernels);
+                let fused = model.decode_fused(args.prompt + args.new);
+                match graph_decode(&model, &prompt, args.new) {
+                    Ok(g) => {
+                        graphs.push((kind, fused, g.step));
+                        println!(
+                            "  {kind:?} CUDA graph, {kernels:?} (fused kernels {}): decode {:.1} tokens/s \
+                             ({:.3} ms a token, median); graph launch (host) {:.3} ms; first {} of {} \
+                             tokens as eager decode_at, {} as Generation",
+                            if fused { "on" } else { "off" },
+                            1.0 / g.step,
+                            g.step * 1e3,
+                            g.launch * 1e3,
+                            g.agree_decode_at,
+                            g.tokens,
+                            g.agree_generation
+                        );
+                    }
+                    Err(e) => println!("  ERROR {kind:?} CUDA graph, {kernels:?}: {e:#}"),
                 }
-                Err(e) => println!("  ERROR {kind:?} CUDA graph: {e:#}"),
             }
+            model.set_decode_kernels(DecodeKernels::default());
         }
         if kind == Projections::PackedTernary {
             let (host, full) = enqueue_vs_step(&model, &prompt)?;
@@ -450,11 +512,18 @@ fn main() -> Result<()> {
     }
     if let [ours, dense] = decode[..] {
         println!("decode speed-up over the dense {dtype:?} model: {:.2}x", dense / ours);
-        if let [ours_graph, dense_graph] = graphs[..] {
+        let graph = |k: Projections, fused: bool| graphs.iter().find(|g| g.0 == k && g.1 == fused).map(|g| g.2);
+        if let (Some(ours), Some(dense_ops), Some(dense_fused)) = (
+            graph(Projections::PackedTernary, true),
+            graph(Projections::Dense, false),
+            graph(Projections::Dense, true),
+        ) {
             println!(
-                "with CUDA graphs: ours over dense (graph) {:.2}x, ours over dense (eager) {:.2}x",
-                dense_graph / ours_graph,
-                dense / ours_graph
+                "with CUDA graphs: ours (fused) over dense with candle ops {:.2}x, over dense with the \
+                 fused kernels {:.2}x, over dense eager {:.2}x",
+                dense_ops / ours,
+                dense_fused / ours,
+                dense / ours
             );
         }
     }

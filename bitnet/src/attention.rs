@@ -105,6 +105,44 @@ impl Attention {
         self.attend(q, &cache.k, &cache.v, Some(future))
     }
 
+    /// [`Self::forward_at`] for one sequence with RoPE, the cache write, the attention and the
+    /// sub-norm as one fused CUDA kernel (`crate::fused`): `x (1, 1, hidden)` to
+    /// `(1, 1, hidden)`. `counter` is the kernel's block counter (one u32, zero between calls).
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        pos: &Tensor,
+        rope: &Rope,
+        cache: &mut LayerCache,
+        counter: &Tensor,
+    ) -> Result<Tensor> {
+        let (cos, sin) = rope.tables();
+        let attention = crate::fused::DecodeAttention {
+            cos,
+            sin,
+            pos,
+            cache_k: &cache.k,
+            cache_v: &cache.v,
+            sub_gamma: self.attn_sub_norm.weight(),
+            eps: self.attn_sub_norm.eps(),
+            counter,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        };
+        let y = attention.forward(
+            &self.q_proj.forward(x)?,
+            &self.k_proj.forward(x)?,
+            &self.v_proj.forward(x)?,
+        )?;
+        self.o_proj.forward(&y.reshape(x.dims())?)
+    }
+
+    /// Head size, query heads and key/value heads.
+    pub fn heads(&self) -> (usize, usize, usize) {
+        (self.head_dim, self.heads, self.kv_heads)
+    }
+
     /// Attention of `q (b, heads, s, d)` over `k`, `v (b, kv_heads, t, d)` (views of the cache),
     /// plus the additive `mask` (broadcast to `(groups · s, t)`), then `attn_sub_norm` and `o_proj`.
     fn attend(&self, q: Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {

@@ -6,6 +6,8 @@ use std::time::Instant;
 use candle_core::{bail, Result, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::fused::argmax_host as argmax;
+use crate::graph::StepOutput;
 use crate::model::BitNetModel;
 
 /// How the next token is picked.
@@ -99,16 +101,6 @@ impl Sampler {
     }
 }
 
-fn argmax(xs: &[f32]) -> Option<usize> {
-    let mut best: Option<usize> = None;
-    for (i, &x) in xs.iter().enumerate() {
-        if !x.is_nan() && best.is_none_or(|b| x > xs[b]) {
-            best = Some(i);
-        }
-    }
-    best
-}
-
 /// What a generation produced and how long it took.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationOutput {
@@ -156,10 +148,13 @@ pub enum DecodeMode {
     #[default]
     Eager,
     /// [`BitNetModel::decode_at`] captured once as a CUDA graph and replayed for every token
-    /// (a build with `cuda`, a device made with `Device::new_cuda_with_stream`). Its greedy tokens
-    /// are those of `decode_at` run eagerly; they can leave [`DecodeMode::Eager`]'s after a few
-    /// tokens: attention over the whole masked cache rounds differently from attention over the
-    /// prefix, and the int8 activation quantization of every projection amplifies it.
+    /// (a build with `cuda`, a device made with `Device::new_cuda_with_stream` with cudarc's
+    /// event tracking off: `CudaDevice::disable_event_tracking`). Greedy sampling picks the token
+    /// on the device ([`BitNetModel::greedy_token`]) and reads back one id a token; other
+    /// sampling reads back the logits. Its greedy tokens are those of `decode_at` run eagerly;
+    /// they can leave [`DecodeMode::Eager`]'s after a few tokens: the fused kernels and attention
+    /// over the whole masked cache round differently from the tensor ops over the prefix, and the
+    /// int8 activation quantization of every projection amplifies it.
     CudaGraph,
 }
 
@@ -193,6 +188,16 @@ impl<'a> Generation<'a> {
         self.sampling.validate()?;
         if self.decode == DecodeMode::CudaGraph && !(cfg!(feature = "cuda") && self.model.device().is_cuda()) {
             bail!("generate: CUDA graph decoding needs a CUDA device (and a build with the `cuda` feature)")
+        }
+        #[cfg(feature = "cuda")]
+        if let (DecodeMode::CudaGraph, candle_core::Device::Cuda(d)) = (self.decode, self.model.device()) {
+            if d.is_event_tracking() {
+                bail!(
+                    "generate: CUDA graph decoding needs cudarc's per-allocation event tracking off \
+                     (`CudaDevice::disable_event_tracking`, sound while the device's one stream does all \
+                     the work): a capture cannot wait on events recorded before it"
+                )
+            }
         }
         if prompt.is_empty() {
             bail!("generate: the prompt has no tokens")
@@ -236,8 +241,13 @@ impl<'a> Generation<'a> {
             tokens.push(first);
             on_token(first)?;
             if !self.stop.contains(&first) {
-                self.graph_steps(&mut cache, first, prompt.len(), max_new_tokens - 1, |logits| {
-                    let next = sampler.sample(logits)?;
+                let greedy = self.sampling.temperature == 0.0;
+                self.graph_steps(&mut cache, first, prompt.len(), max_new_tokens - 1, greedy, |step| {
+                    let next = match step {
+                        StepOutput::Logits(logits) => sampler.sample(logits)?,
+                        StepOutput::Greedy(u32::MAX) => bail!("sample: every logit is NaN"),
+                        StepOutput::Greedy(token) => token,
+                    };
                     tokens.push(next);
                     on_token(next)?;
                     Ok((!self.stop.contains(&next)).then_some(next))
@@ -275,9 +285,10 @@ impl Generation<'_> {
         first: u32,
         start: usize,
         steps: usize,
-        mut next: impl FnMut(&[f32]) -> Result<Option<u32>>,
+        greedy: bool,
+        mut next: impl FnMut(StepOutput) -> Result<Option<u32>>,
     ) -> Result<()> {
-        crate::graph::decode(self.model, cache, first, start, steps, &mut next)
+        crate::graph::decode(self.model, cache, first, start, steps, greedy, &mut next)
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -287,7 +298,8 @@ impl Generation<'_> {
         _: u32,
         _: usize,
         _: usize,
-        _: impl FnMut(&[f32]) -> Result<Option<u32>>,
+        _: bool,
+        _: impl FnMut(StepOutput) -> Result<Option<u32>>,
     ) -> Result<()> {
         bail!("DecodeMode::CudaGraph needs a build with the `cuda` feature")
     }

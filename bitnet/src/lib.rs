@@ -19,8 +19,8 @@
 
 mod attention;
 pub mod config;
+mod fused;
 pub mod generate;
-#[cfg(feature = "cuda")]
 mod graph;
 mod linear;
 mod mlp;
@@ -28,5 +28,6 @@ mod model;
 mod rope;
 
 pub use config::{BitNetConfig, ConfigError};
+pub use fused::DecodeKernels;
 pub use linear::{BitNetLinear, Projections};
 pub use model::{BitNetModel, Cache, LoadError};

@@ -28,6 +28,17 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// [`Module::forward`] of one token with the gate, square, product and sub-norm as one
+    /// fused CUDA kernel (`crate::fused`).
+    pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let norm = &self.ffn_sub_norm;
+        let h = crate::fused::relu2_mul_rms_norm(&gate, &up, norm.weight(), norm.eps())?;
+        self.down_proj.forward(&h)
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?.relu()?.sqr()?;

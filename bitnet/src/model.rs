@@ -7,6 +7,7 @@ use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::attention::{Attention, LayerCache};
 use crate::config::{BitNetConfig, ConfigError};
+use crate::fused::{self, DecodeKernels};
 use crate::linear::Projections;
 use crate::mlp::Mlp;
 use crate::rope::Rope;
@@ -40,6 +41,9 @@ pub struct Cache {
     /// `0..capacity` (u32) on the device: [`BitNetModel::decode_at`] masks the positions after
     /// the current one against it.
     positions: Tensor,
+    /// One u32, zero between calls: the fused kernels' count of finished blocks (each kernel
+    /// resets it when its last block is done).
+    block_counter: Tensor,
 }
 
 impl Cache {
@@ -54,6 +58,7 @@ impl Cache {
             len: 0,
             capacity,
             positions: Tensor::arange(0u32, capacity as u32, device)?,
+            block_counter: Tensor::zeros(1, DType::U32, device)?,
         })
     }
 
@@ -135,6 +140,7 @@ pub struct BitNetModel {
     rope: Rope,
     dtype: DType,
     device: Device,
+    decode_kernels: DecodeKernels,
 }
 
 impl BitNetModel {
@@ -198,7 +204,31 @@ impl BitNetModel {
             rope,
             dtype,
             device,
+            decode_kernels: DecodeKernels::default(),
         })
+    }
+
+    /// Which kernels run the float parts of [`Self::decode_at`] (default
+    /// [`DecodeKernels::Fused`]).
+    pub fn set_decode_kernels(&mut self, kernels: DecodeKernels) {
+        self.decode_kernels = kernels;
+    }
+
+    /// The setting of [`Self::set_decode_kernels`].
+    pub fn decode_kernels(&self) -> DecodeKernels {
+        self.decode_kernels
+    }
+
+    /// Whether [`Self::decode_at`] runs the fused kernels for a cache of `capacity` positions:
+    /// [`DecodeKernels::Fused`] is set, the device is CUDA and the heads and the cache fit the
+    /// attention kernel (`crate::fused`).
+    pub fn decode_fused(&self, capacity: usize) -> bool {
+        self.decode_kernels == DecodeKernels::Fused
+            && self.device.is_cuda()
+            && self.layers.first().is_none_or(|l| {
+                let (d, h, kvh) = l.self_attn.heads();
+                fused::attention_supported(d, h, kvh, capacity)
+            })
     }
 
     /// The dtype of the float weights, activations, KV cache and logits.
@@ -264,7 +294,14 @@ impl BitNetModel {
     /// once as a CUDA graph and replayed with new values written into `id` and `pos`. The result
     /// matches [`Self::forward_last`] at that position up to float rounding. It neither reads nor
     /// advances the cache's length; the caller tracks positions.
+    ///
+    /// With [`DecodeKernels::Fused`] on a CUDA device ([`Self::decode_fused`]) the norms,
+    /// residual adds, RoPE, cache write, attention and sub-norms run as fused kernels, 4 a layer
+    /// instead of about 25 (f32 inside each kernel, so the logits differ from the tensor ops' in rounding).
     pub fn decode_at(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        if id.dims() == [1, 1] && self.decode_fused(cache.capacity) {
+            return self.decode_at_fused(id, pos, cache);
+        }
         let future = cache
             .positions
             .broadcast_gt(pos)?
@@ -275,6 +312,43 @@ impl BitNetModel {
             x = layer.forward_at(&x, pos, &future, &self.rope, c)?;
         }
         self.lm_head.forward(&self.norm.forward(&x)?.squeeze(1)?)
+    }
+}
+
+impl BitNetModel {
+    /// The greedy token of one row of `logits` (e.g. `(1, vocab)` from [`Self::decode_at`]) as
+    /// u32 `(1,)` on the model's device: the first maximum, NaN never picked, `u32::MAX` if every
+    /// logit is NaN (the greedy choice of [`crate::generate::Sampler`]). Where
+    /// [`Self::decode_fused`] holds for `cache` it runs as one kernel on the device, so that a
+    /// CUDA graph of a decode step can end in it and only the id is read back; elsewhere the
+    /// logits are read to the host. `cache` must not be in use by another stream.
+    pub fn greedy_token(&self, logits: &Tensor, cache: &Cache) -> Result<Tensor> {
+        if self.decode_fused(cache.capacity) {
+            return fused::argmax(logits, &cache.block_counter);
+        }
+        let values = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let id = fused::argmax_host(&values).map_or(u32::MAX, |i| i as u32);
+        Tensor::new(&[id], &self.device)
+    }
+
+    /// [`Self::decode_at`] on the fused kernels: each residual add runs with the norm after it.
+    fn decode_at_fused(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let mut x = self.embed_tokens.forward(id)?;
+        let Some(first) = self.layers.first() else {
+            return self.lm_head.forward(&self.norm.forward(&x)?.squeeze(1)?);
+        };
+        let mut normed = first.input_layernorm.forward(&x)?;
+        for (i, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let attention = layer
+                .self_attn
+                .forward_fused(&normed, pos, &self.rope, c, &cache.block_counter)?;
+            let post = &layer.post_attention_layernorm;
+            let (x1, n1) = fused::add_rms_norm(&x, &attention, post.weight(), post.eps())?;
+            let mlp = layer.mlp.forward_fused(&n1)?;
+            let next = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_layernorm);
+            (x, normed) = fused::add_rms_norm(&x1, &mlp, next.weight(), next.eps())?;
+        }
+        self.lm_head.forward(&normed.squeeze(1)?)
     }
 }
 

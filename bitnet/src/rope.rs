@@ -34,6 +34,11 @@ impl Rope {
         })
     }
 
+    /// The `cos` and `sin` tables, `(max_positions, head_dim / 2)`.
+    pub(crate) fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x (batch, heads, seq, head_dim)` whose first row sits at position `start`.
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;

@@ -1,0 +1,368 @@
+// Fused kernels of a BitNet decode step (compiled to PTX by bitnet/build.rs, launched from
+// bitnet/src/fused.rs). Between the packed projections of a layer, the tensor-op form of a decode
+// step runs ~25 small candle kernels (norms, adds, RoPE, cache writes, mask, softmax, two batched
+// products, copies); these three kernels replace them, so that a layer is 7 GEMVs and 4 of these.
+// Float math is f32; T (f32, bf16 or f16) only rounds what is stored.
+//
+// add_rms_norm_T (grid: one block per row, up to 1024 threads, n <= 16 * threads):
+//   x, delta (rows, n) T; gamma (n) T.  out (2, rows, n) T: out[0] = x + delta rounded to T (the
+//   residual stream), out[1] = rmsnorm(out[0]) * gamma with candle's formula
+//   (scale = rsqrt(mean(x^2) + eps), y = T(scale * x * gamma)). Each thread keeps its columns'
+//   values in registers, one block reduction of the squares.
+//
+// relu2_mul_rms_norm_T (same launch): gate, up (rows, n) T; gamma (n) T. out (rows, n) T =
+//   rmsnorm(T(T(relu(g)^2) * u)) * gamma: the squared-ReLU gated FFN product rounded to T where
+//   the tensor ops round it, then normalised as above.
+//
+// decode_attention_T (grid: one block per query head, 1024 threads, dynamic shared memory
+//   4 * (capacity + 35 d) bytes): one token of grouped-query attention at position
+//   p = min(*pos, capacity - 1), read from the device so that a CUDA graph replays every step,
+//   then BitNet's attn_sub_norm over all heads.
+//   q (heads, d), k_new, v_new (kv_heads, d) T: the projections of the token; cos, sin
+//   (positions, d / 2) T: RoPE tables; cache_k, cache_v (kv_heads, capacity, d) T, written at
+//   row p by the first query head of each KV head; sub_gamma (heads * d) T, eps: the sub-norm;
+//   counter: one u32, 0 between calls. raw (heads, d) T: the attention output before the norm;
+//   out (heads * d) T: after it.
+//   * RoPE (rotate_half form) of q and k_new at p into shared memory; q prescaled by 1/sqrt(d).
+//   * scores: d / 8 lanes share a key, each holding 8 dims of q and loading 16 bytes of the key
+//     row, summed by shuffles; the block takes 1024 / (d / 8) keys a pass, so that a few
+//     hundred positions cost one or two rounds of loads (key p from shared memory: other blocks
+//     may not have written it yet); kept in shared memory.
+//   * block max and sum of exp(s - max).
+//   * values: groups of d / 8 threads, each thread owning 8 consecutive dims, loop over keys
+//     j = g, g + G, ... <= p (G = 1024 / (d / 8) groups), so a group reads whole rows
+//     (coalesced); the groups of a warp add up by shuffles, the 32 warps through shared memory.
+//   * the last block to finish (an atomic count) normalises all heads into `out`.
+//   Needs d % 8 == 0, d / 8 a power of two, d <= 256, 16-byte aligned rows (checked on the host).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define NORM_THREADS 1024
+#define NORM_MAX_PER_THREAD 16
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+// Rounds through T and back: the value the tensor ops would have stored.
+template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
+
+// 8 consecutive elements as f32 (16-byte aligned for 2-byte types, 32 for f32).
+__device__ __forceinline__ void load8(const float* p, float* o) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+    o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+template <typename H> __device__ __forceinline__ void load8(const H* p, float* o) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const H* h = reinterpret_cast<const H*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = to_f(h[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum (or max) over the block; every thread gets the result. `red` holds 32 floats.
+template <bool MAX> __device__ float block_reduce(float v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    __syncthreads(); // `red` may still be read by a previous reduction
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < warps ? red[lane] : (MAX ? -INFINITY : 0.f);
+    return MAX ? warp_max(v) : warp_sum(v);
+}
+
+// rmsnorm of the row held in `v` (this thread's columns c = tid + i * blockDim.x), stored to dst.
+template <typename T>
+__device__ void norm_store(const float* v, const T* gamma, int n, float eps, T* dst, float* red) {
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
+        const int c = threadIdx.x + i * blockDim.x;
+        if (c < n) ss += v[i] * v[i];
+    }
+    ss = block_reduce<false>(ss, red);
+    const float scale = rsqrtf(ss / (float)n + eps);
+#pragma unroll
+    for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
+        const int c = threadIdx.x + i * blockDim.x;
+        if (c < n) dst[c] = from_f<T>(scale * v[i] * to_f(gamma[c]));
+    }
+}
+
+template <typename T>
+__device__ void add_rms_norm(const T* x, const T* delta, const T* gamma, int rows, int n, float eps, T* out) {
+    __shared__ float red[32];
+    const long long row = blockIdx.x;
+    float v[NORM_MAX_PER_THREAD];
+#pragma unroll
+    for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
+        const int c = threadIdx.x + i * blockDim.x;
+        v[i] = 0.f;
+        if (c < n) {
+            const T s = from_f<T>(to_f(x[row * n + c]) + to_f(delta[row * n + c]));
+            out[row * n + c] = s;
+            v[i] = to_f(s);
+        }
+    }
+    norm_store(v, gamma, n, eps, out + (long long)rows * n + row * n, red);
+}
+
+template <typename T>
+__device__ void relu2_mul_rms_norm(const T* gate, const T* up, const T* gamma, int n, float eps, T* out) {
+    __shared__ float red[32];
+    const long long row = blockIdx.x;
+    float v[NORM_MAX_PER_THREAD];
+#pragma unroll
+    for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
+        const int c = threadIdx.x + i * blockDim.x;
+        v[i] = 0.f;
+        if (c < n) {
+            const float g = fmaxf(to_f(gate[row * n + c]), 0.f);
+            v[i] = round_t<T>(round_t<T>(g * g) * to_f(up[row * n + c]));
+        }
+    }
+    norm_store(v, gamma, n, eps, out + row * n, red);
+}
+
+template <typename T>
+__device__ void decode_attention(const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin,
+                                 const uint32_t* pos, T* cache_k, T* cache_v, int capacity, int heads,
+                                 int kv_heads, int d, const T* sub_gamma, float eps, uint32_t* counter,
+                                 T* raw, T* out) {
+    extern __shared__ float sm[];
+    float* scores = sm;              // capacity
+    float* qs = scores + capacity;   // d: rotated q / sqrt(d)
+    float* ks = qs + d;              // d: rotated k_new (rounded to T)
+    float* vs = ks + d;              // d: v_new
+    float* part = vs + d;            // 32 * d: the warps' partial value sums
+    __shared__ float red[32];
+    const int head = blockIdx.x, groups = heads / kv_heads, kvh = head / groups;
+    const bool writer = head % groups == 0;
+    const int p = min((int)*pos, capacity - 1);
+    const int half = d / 2;
+    const float qscale = rsqrtf((float)d);
+    const T* qh = q + (long long)head * d;
+    const T* kh = k_new + (long long)kvh * d;
+    const T* vh = v_new + (long long)kvh * d;
+    T* ck = cache_k + (long long)kvh * capacity * d;
+    T* cv = cache_v + (long long)kvh * capacity * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const int f = i < half ? i : i - half;
+        const float c = to_f(cos[(long long)p * half + f]), s = to_f(sin[(long long)p * half + f]);
+        const float qo = to_f(qh[i < half ? i + half : i - half]);
+        const float ko = to_f(kh[i < half ? i + half : i - half]);
+        const float qr = i < half ? to_f(qh[i]) * c - qo * s : to_f(qh[i]) * c + qo * s;
+        const float kr = i < half ? to_f(kh[i]) * c - ko * s : to_f(kh[i]) * c + ko * s;
+        const T kt = from_f<T>(kr);
+        qs[i] = round_t<T>(qr) * qscale;
+        ks[i] = to_f(kt);
+        vs[i] = to_f(vh[i]);
+        if (writer) {
+            ck[(long long)p * d + i] = kt;
+            cv[(long long)p * d + i] = vh[i];
+        }
+    }
+    __syncthreads();
+
+    // Scores: d / 8 lanes share a key, each with 8 dims of q in registers and one 16-byte load
+    // of the key; a block takes blockDim.x / (d / 8) keys a pass. The loop bound is the same
+    // for every thread (the shuffles need the whole warp).
+    const int lanes_per_key = d / 8, keys_per_pass = blockDim.x / lanes_per_key;
+    const int key_slot = threadIdx.x / lanes_per_key, dim0 = (threadIdx.x % lanes_per_key) * 8;
+    float qr[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qr[e] = qs[dim0 + e];
+    float local_max = -INFINITY;
+#pragma unroll 4
+    for (int j0 = 0; j0 <= p; j0 += keys_per_pass) {
+        const int j = j0 + key_slot;
+        float kv[8];
+        if (j < p) {
+            load8(ck + (long long)j * d + dim0, kv);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) kv[e] = j == p ? ks[dim0 + e] : 0.f;
+        }
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s += qr[e] * kv[e];
+        for (int o = lanes_per_key / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (j <= p) {
+            if (dim0 == 0) scores[j] = s;
+            local_max = fmaxf(local_max, s);
+        }
+    }
+    const float mx = block_reduce<true>(local_max, red);
+    float local_sum = 0.f;
+    for (int j = threadIdx.x; j <= p; j += blockDim.x) {
+        const float e = expf(scores[j] - mx);
+        scores[j] = e;
+        local_sum += e;
+    }
+    const float sum = block_reduce<false>(local_sum, red); // its barriers publish `scores`
+
+    // Values: groups of d / 8 threads, each thread 8 dims of one key row a pass.
+    const int per_row = d / 8, group_count = blockDim.x / per_row;
+    const int g = threadIdx.x / per_row, c0 = (threadIdx.x % per_row) * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+    for (int j = g; j <= p; j += group_count) {
+        float vv[8];
+        if (j == p) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) vv[e] = vs[c0 + e];
+        } else {
+            load8(cv + (long long)j * d + c0, vv);
+        }
+        const float w = scores[j];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] += w * vv[e];
+    }
+    // The groups of a warp add up by shuffles, then one row per warp in shared memory.
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+        for (int o = per_row; o < 32; o <<= 1) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if ((threadIdx.x & 31) < per_row) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part[warp * d + c0 + e] = acc[e];
+    }
+    __syncthreads();
+    const float inv = 1.f / sum;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float s = 0.f;
+        for (int w = 0; w < warps; ++w) s += part[w * d + i];
+        raw[(long long)head * d + i] = from_f<T>(s * inv);
+    }
+
+    // attn_sub_norm over all heads by the block that finishes last (threadfence reduction): each
+    // block publishes its head, then counts itself in; the last one reads every head back from L2
+    // (ld.cg: not through its L1), normalises, and resets the counter for the next call.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int n = heads * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = to_f(__ldcg(raw + i));
+        ss += v * v;
+    }
+    ss = block_reduce<false>(ss, red);
+    const float scale = rsqrtf(ss / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        out[i] = from_f<T>(scale * to_f(__ldcg(raw + i)) * to_f(sub_gamma[i]));
+    }
+    if (threadIdx.x == 0) *counter = 0u;
+}
+
+// argmax_T (grid: ARGMAX_BLOCKS blocks of 1024 threads): the index of the first maximum of
+//   x (n) T, NaN never picked (0xffffffff if every value is NaN), as the host's greedy sampler.
+//   Each thread scans a grid-strided slice, each block reduces to one (value, index) pair in
+//   `partial` (2 * gridDim.x u32: value bits, index), and the block that finishes last (an
+//   atomic count on `counter`, one u32, zero between calls, reset here) reduces those into out[0].
+__device__ __forceinline__ bool better(float v, uint32_t i, float bv, uint32_t bi) {
+    // NaN never wins (comparisons with it are false); equal values go to the lower index.
+    return v > bv || (v == bv && i < bi);
+}
+
+__device__ void block_argmax(float& bv, uint32_t& bi, float* red_v, uint32_t* red_i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        const uint32_t i = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (better(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane == 0) { red_v[warp] = bv; red_i[warp] = bi; }
+    __syncthreads();
+    bv = lane < warps ? red_v[lane] : -INFINITY;
+    bi = lane < warps ? red_i[lane] : 0xffffffffu;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        const uint32_t i = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (better(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+}
+
+template <typename T>
+__device__ void argmax(const T* x, int n, uint32_t* counter, uint32_t* partial, uint32_t* out) {
+    __shared__ float red_v[32];
+    __shared__ uint32_t red_i[32];
+    __shared__ bool last;
+    float bv = -INFINITY;
+    uint32_t bi = 0xffffffffu;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float v = to_f(x[i]);
+        if (better(v, (uint32_t)i, bv, bi)) { bv = v; bi = (uint32_t)i; }
+    }
+    block_argmax(bv, bi, red_v, red_i);
+    if (threadIdx.x == 0) {
+        partial[2 * blockIdx.x] = __float_as_uint(bv);
+        partial[2 * blockIdx.x + 1] = bi;
+        __threadfence();
+        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    bv = -INFINITY;
+    bi = 0xffffffffu;
+    for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+        const float v = __uint_as_float(__ldcg(partial + 2 * b));
+        const uint32_t i = __ldcg(partial + 2 * b + 1);
+        if (better(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+    __syncthreads(); // red_v / red_i are reused
+    block_argmax(bv, bi, red_v, red_i);
+    if (threadIdx.x == 0) {
+        // Every value NaN: no index ever won (a -inf maximum still has one).
+        out[0] = bi;
+        *counter = 0u;
+    }
+}
+
+#define DECODE_KERNELS(T, SFX)                                                                            \
+    extern "C" __global__ void add_rms_norm_##SFX(const T* x, const T* delta, const T* gamma, int rows,   \
+                                                  int n, float eps, T* out) {                             \
+        add_rms_norm<T>(x, delta, gamma, rows, n, eps, out);                                              \
+    }                                                                                                     \
+    extern "C" __global__ void relu2_mul_rms_norm_##SFX(const T* gate, const T* up, const T* gamma, int n, \
+                                                        float eps, T* out) {                              \
+        relu2_mul_rms_norm<T>(gate, up, gamma, n, eps, out);                                              \
+    }                                                                                                     \
+    extern "C" __global__ void decode_attention_##SFX(                                                    \
+        const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, const uint32_t* pos,      \
+        T* cache_k, T* cache_v, int capacity, int heads, int kv_heads, int d, const T* sub_gamma,         \
+        float eps, uint32_t* counter, T* raw, T* out) {                                                   \
+        decode_attention<T>(q, k_new, v_new, cos, sin, pos, cache_k, cache_v, capacity, heads, kv_heads,  \
+                            d, sub_gamma, eps, counter, raw, out);                                        \
+    }                                                                                                     \
+    extern "C" __global__ void argmax_##SFX(const T* x, int n, uint32_t* counter, uint32_t* partial,      \
+                                            uint32_t* out) {                                              \
+        argmax<T>(x, n, counter, partial, out);                                                           \
+    }
+
+DECODE_KERNELS(float, f32)
+DECODE_KERNELS(__nv_bfloat16, bf16)
+DECODE_KERNELS(__half, f16)

@@ -1,0 +1,400 @@
+//! Launches of `kernels/decode.cu`: operand checks, device pointers, launch shapes.
+
+use candle_core::backend::BackendStorage;
+use std::ffi::c_void;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, SyncOnDrop,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+const MODULE: &str = "bitnet_decode";
+const NORM_THREADS: usize = 1024;
+const ATT_THREADS: u32 = 1024;
+/// Shared memory a block may take without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
+
+/// `(elements from the start offset, offset)` of a contiguous operand of `dtype`; the offset
+/// must keep 16-byte loads aligned where `aligned16` asks for it.
+fn contiguous(l: &Layout, dtype: DType, what: &str, aligned16: bool) -> Result<(usize, usize)> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{what} must be contiguous")
+    };
+    if aligned16 && !(a * dtype.size_in_bytes()).is_multiple_of(16) {
+        bail!("{what} must start 16-byte aligned")
+    }
+    Ok((a, b))
+}
+
+/// The most columns the norm kernels take (16 values a thread, 1024 threads).
+pub const NORM_MAX_COLS: usize = 16 * NORM_THREADS;
+
+/// The elements of a contiguous operand of `T`, from its start offset (16-byte aligned where the
+/// kernel loads 16 bytes at a time).
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str, aligned16: bool) -> Result<CudaView<'a, T>> {
+    let (lo, hi) = contiguous(l, s.dtype(), what, aligned16)?;
+    Ok(s.as_cuda_slice::<T>()?.slice(lo..hi))
+}
+
+/// Kernel arguments by value, in order, each in 8 bytes (`cuLaunchKernel` reads as many bytes as
+/// the C parameter has: pointers 8, `int` and `float` the low 4 on little-endian x86-64).
+#[derive(Default)]
+struct Args(Vec<u64>);
+
+impl Args {
+    /// A device pointer; its stream guard is kept in `sync` until the launch is queued.
+    fn ptr<'a>(&mut self, (p, guard): (u64, impl Into<Option<SyncOnDrop<'a>>>), sync: &mut Vec<SyncOnDrop<'a>>) {
+        self.0.push(p);
+        sync.extend(guard.into());
+    }
+
+    fn i32(&mut self, v: i32) -> &mut Self {
+        self.0.push(u64::from(v as u32));
+        self
+    }
+
+    fn f32(&mut self, v: f32) -> &mut Self {
+        self.0.push(u64::from(v.to_bits()));
+        self
+    }
+}
+
+/// Launches `f` on `stream` with `args`.
+///
+/// # Safety
+/// `args` match the kernel's C signature in order and type, and every pointer among them refers
+/// to memory of the size the kernel reads or writes.
+unsafe fn launch(f: CudaFunction, stream: &CudaStream, cfg: LaunchConfig, args: &mut Args) -> Result<()> {
+    stream.context().bind_to_thread().w()?;
+    let mut params: Vec<*mut c_void> = args.0.iter_mut().map(|v| (v as *mut u64).cast::<c_void>()).collect();
+    sys::cuLaunchKernel(
+        f.cu_function(),
+        cfg.grid_dim.0,
+        cfg.grid_dim.1,
+        cfg.grid_dim.2,
+        cfg.block_dim.0,
+        cfg.block_dim.1,
+        cfg.block_dim.2,
+        cfg.shared_mem_bytes,
+        stream.cu_stream(),
+        params.as_mut_ptr(),
+        std::ptr::null_mut(),
+    )
+    .result()
+    .w()
+}
+
+/// The CUDA storage of a tensor's storage.
+fn cuda<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
+    match s {
+        candle_core::Storage::Cuda(c) => Ok(c),
+        _ => bail!("{what} must be on the CUDA device"),
+    }
+}
+
+/// Kernel name: `base` and the suffix of the dtype it is instantiated for.
+fn kernel_name(base: &str, dtype: DType) -> Result<String> {
+    let sfx = match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => bail!("{base}: no kernel for {d:?}"),
+    };
+    Ok(format!("{base}_{sfx}"))
+}
+
+/// The row kernels: each reads two `(rows, n)` tensors and a gain `(n,)`.
+#[derive(Debug, Clone, Copy)]
+pub enum RowKernel {
+    /// `add_rms_norm`: output `(2, rows, n)`.
+    AddRmsNorm,
+    /// `relu2_mul_rms_norm`: output like the inputs.
+    Relu2MulRmsNorm,
+}
+
+/// What the attention kernel reads besides the token's projections.
+pub struct AttentionState<'a> {
+    /// RoPE tables `(positions, d / 2)` in the model's dtype.
+    pub cos: &'a Tensor,
+    /// See `cos`.
+    pub sin: &'a Tensor,
+    /// The token's position, u32 `(1,)`.
+    pub pos: &'a Tensor,
+    /// `(1, kv_heads, capacity, d)`; written in place at the position.
+    pub cache_k: &'a Tensor,
+    /// See `cache_k`.
+    pub cache_v: &'a Tensor,
+    /// `attn_sub_norm`'s gain `(heads · d,)`.
+    pub sub_gamma: &'a Tensor,
+    /// `attn_sub_norm`'s epsilon.
+    pub eps: f32,
+    /// One u32, zero between calls: the blocks count themselves in to find the last one, which
+    /// resets it.
+    pub counter: &'a Tensor,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (dividing `heads`).
+    pub kv_heads: usize,
+    /// Values a head.
+    pub head_dim: usize,
+}
+
+/// `add_rms_norm` (output `(2, rows, n)`) or `relu2_mul_rms_norm` (output like `a`).
+pub(super) fn row_kernel(
+    kernel: RowKernel,
+    eps: f32,
+    (a, al): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    (g, gl): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    match a.dtype() {
+        DType::F32 => row_kernel_t::<f32>(kernel, eps, (a, al), (b, bl), (g, gl)),
+        DType::BF16 => row_kernel_t::<bf16>(kernel, eps, (a, al), (b, bl), (g, gl)),
+        DType::F16 => row_kernel_t::<f16>(kernel, eps, (a, al), (b, bl), (g, gl)),
+        d => bail!("fused norm: no kernel for {d:?}"),
+    }
+}
+
+fn row_kernel_t<T: CudaDType + DeviceRepr>(
+    kernel: RowKernel,
+    eps: f32,
+    (a, al): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    (g, gl): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let (base, outputs) = match kernel {
+        RowKernel::AddRmsNorm => ("add_rms_norm", 2),
+        RowKernel::Relu2MulRmsNorm => ("relu2_mul_rms_norm", 1),
+    };
+    if b.dtype() != a.dtype() || g.dtype() != a.dtype() {
+        bail!("{base}: operands must share one dtype")
+    }
+    if al.dims() != bl.dims() {
+        bail!("{base}: operands of shapes {:?} and {:?}", al.dims(), bl.dims())
+    }
+    let n = al.dims().last().copied().unwrap_or(0);
+    if gl.dims() != [n] {
+        bail!("{base}: the gain must have shape ({n},), got {:?}", gl.dims())
+    }
+    if n == 0 || n > NORM_MAX_COLS {
+        bail!("{base}: rows of {n} values (1 ..= {})", NORM_MAX_COLS)
+    }
+    let rows = al.shape().elem_count() / n;
+    let dev = &a.device;
+    let (av, bv, gv) = (
+        view::<T>(a, al, &format!("{base}: input"), false)?,
+        view::<T>(b, bl, &format!("{base}: second input"), false)?,
+        view::<T>(g, gl, &format!("{base}: gain"), false)?,
+    );
+    // SAFETY: the kernel writes every output element (both halves for add_rms_norm).
+    let mut out = unsafe { dev.alloc::<T>(outputs * rows * n) }?;
+    if rows > 0 {
+        let f = dev.get_or_load_custom_func(&kernel_name(base, a.dtype())?, MODULE, PTX)?;
+        let threads = n.div_ceil(32).min(NORM_THREADS / 32) * 32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut sync = Vec::new();
+        let mut args = Args::default();
+        for v in [&av, &bv, &gv] {
+            args.ptr(v.device_ptr(&stream), &mut sync);
+        }
+        if outputs == 2 {
+            args.i32(rows as i32);
+        }
+        args.i32(n as i32).f32(eps);
+        args.ptr(out.device_ptr_mut(&stream), &mut sync);
+        // SAFETY: the arguments match the kernel's signature (kernels/decode.cu); `threads` covers
+        // n with at most 16 values a thread (n <= NORM_MAX_COLS); the inputs hold rows * n values.
+        unsafe { launch(f.into_cuda_function(), &stream, cfg, &mut args) }?;
+    }
+    let shape = if outputs == 2 {
+        Shape::from((2, rows, n))
+    } else {
+        al.shape().clone()
+    };
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+}
+
+/// The attention kernel over the projections `q`, `k`, `v` of one token.
+pub(super) fn decode_attention(
+    op: &AttentionState,
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    match q.0.dtype() {
+        DType::F32 => decode_attention_t::<f32>(op, q, k, v),
+        DType::BF16 => decode_attention_t::<bf16>(op, q, k, v),
+        DType::F16 => decode_attention_t::<f16>(op, q, k, v),
+        d => bail!("decode attention: no kernel for {d:?}"),
+    }
+}
+
+fn decode_attention_t<T: CudaDType + DeviceRepr>(
+    op: &AttentionState,
+    (q, ql): (&CudaStorage, &Layout),
+    (k, kl): (&CudaStorage, &Layout),
+    (v, vl): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    const WHAT: &str = "decode attention";
+    let (h, kvh, d) = (op.heads, op.kv_heads, op.head_dim);
+    let dtype = q.dtype();
+    let capacity = match op.cache_k.dims() {
+        &[1, heads, cap, dd] if heads == kvh && dd == d && op.cache_v.dims() == op.cache_k.dims() => cap,
+        dims => bail!("{WHAT}: caches must have shape (1, {kvh}, capacity, {d}), got {dims:?}"),
+    };
+    let half = d / 2;
+    if capacity == 0 || op.cos.dims() != op.sin.dims() || op.cos.dim(1)? != half || op.cos.dim(0)? < capacity {
+        bail!(
+            "{WHAT}: RoPE tables {:?} for a cache of {capacity} positions",
+            op.cos.dims()
+        )
+    }
+    if op.pos.dtype() != DType::U32 || op.pos.elem_count() != 1 {
+        bail!("{WHAT}: the position must be one u32")
+    }
+    if op.sub_gamma.dims() != [h * d] {
+        bail!(
+            "{WHAT}: the sub-norm gain must have shape ({},), got {:?}",
+            h * d,
+            op.sub_gamma.dims()
+        )
+    }
+    if op.counter.dtype() != DType::U32 || op.counter.elem_count() != 1 {
+        bail!("{WHAT}: the block counter must be one u32")
+    }
+    for t in [op.cos, op.sin, op.cache_k, op.cache_v, op.sub_gamma] {
+        if t.dtype() != dtype {
+            bail!("{WHAT}: tables and caches must be {dtype:?}, got {:?}", t.dtype())
+        }
+    }
+    let smem = 4 * (capacity + 35 * d);
+    if smem > DEFAULT_SMEM {
+        bail!("{WHAT}: a cache of {capacity} positions needs {smem} bytes of shared memory")
+    }
+    let dev = &q.device;
+    let stream = dev.cuda_stream();
+    let rows = |s, l, what: &str| view::<T>(s, l, &format!("{WHAT}: {what}"), true);
+    let (qv, kv, vv) = (rows(q, ql, "q")?, rows(k, kl, "k")?, rows(v, vl, "v")?);
+    let (cos_s, cos_l) = op.cos.storage_and_layout();
+    let (sin_s, sin_l) = op.sin.storage_and_layout();
+    let (pos_s, pos_l) = op.pos.storage_and_layout();
+    let (ck_s, ck_l) = op.cache_k.storage_and_layout();
+    let (cv_s, cv_l) = op.cache_v.storage_and_layout();
+    let (g_s, g_l) = op.sub_gamma.storage_and_layout();
+    let (n_s, n_l) = op.counter.storage_and_layout();
+    let cosv = view::<T>(cuda(&cos_s, "RoPE table")?, cos_l, "decode attention: cos", false)?;
+    let sinv = view::<T>(cuda(&sin_s, "RoPE table")?, sin_l, "decode attention: sin", false)?;
+    let posv = view::<u32>(cuda(&pos_s, "position")?, pos_l, "decode attention: position", false)?;
+    let ckv = rows(cuda(&ck_s, "key cache")?, ck_l, "key cache")?;
+    let cvv = rows(cuda(&cv_s, "value cache")?, cv_l, "value cache")?;
+    let gv = view::<T>(
+        cuda(&g_s, "sub-norm gain")?,
+        g_l,
+        "decode attention: sub-norm gain",
+        false,
+    )?;
+    let nv = view::<u32>(
+        cuda(&n_s, "block counter")?,
+        n_l,
+        "decode attention: block counter",
+        false,
+    )?;
+    // SAFETY: the kernel writes all 2 h d values: the attention output before the sub-norm, then
+    // after it.
+    let mut out = unsafe { dev.alloc::<T>(2 * h * d) }?;
+    let f = dev.get_or_load_custom_func(&kernel_name("decode_attention", dtype)?, MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (h as u32, 1, 1),
+        block_dim: (ATT_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut sync = Vec::new();
+    let mut args = Args::default();
+    for v in [&qv, &kv, &vv, &cosv, &sinv] {
+        args.ptr(v.device_ptr(&stream), &mut sync);
+    }
+    args.ptr(posv.device_ptr(&stream), &mut sync);
+    // The caches and the counter are written through these pointers: the model holds them
+    // mutably for the call (`&mut Cache`) and candle has no in-place op with several
+    // destinations.
+    args.ptr(ckv.device_ptr(&stream), &mut sync);
+    args.ptr(cvv.device_ptr(&stream), &mut sync);
+    args.i32(capacity as i32).i32(h as i32).i32(kvh as i32).i32(d as i32);
+    args.ptr(gv.device_ptr(&stream), &mut sync);
+    args.f32(op.eps);
+    args.ptr(nv.device_ptr(&stream), &mut sync);
+    let (out_ptr, out_sync) = out.device_ptr_mut(&stream);
+    args.ptr((out_ptr, out_sync), &mut sync);
+    args.ptr(
+        (out_ptr + (h * d * dtype.size_in_bytes()) as u64, None::<SyncOnDrop>),
+        &mut sync,
+    );
+    // SAFETY: the arguments match the kernel's signature (kernels/decode.cu), checked above:
+    // q (h, d), k and v (kvh, d), tables (>= capacity, d / 2), caches (kvh, capacity, d), gain
+    // (h * d), all contiguous in one dtype, rows 16-byte aligned; one u32 counter; 2 h d outputs;
+    // the kernel clamps the position below capacity.
+    unsafe { launch(f.into_cuda_function(), &stream, cfg, &mut args) }?;
+    drop(sync);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, h * d))))
+}
+
+/// Blocks of the argmax kernel: enough to stream a vocabulary's logits from HBM in parallel, few
+/// enough for the last block to reduce their results in one pass.
+const ARGMAX_BLOCKS: usize = 64;
+
+/// The first maximum of `x`'s values (0xffffffff if all are NaN) as `(1 + 2 ARGMAX_BLOCKS,)` u32:
+/// the index, then the blocks' partial results. `counter` is one u32 that is zero between calls.
+pub fn argmax(x: &CudaStorage, l: &Layout, counter: &Tensor) -> Result<(CudaStorage, Shape)> {
+    match x.dtype() {
+        DType::F32 => argmax_t::<f32>(x, l, counter),
+        DType::BF16 => argmax_t::<bf16>(x, l, counter),
+        DType::F16 => argmax_t::<f16>(x, l, counter),
+        d => bail!("argmax: no kernel for {d:?}"),
+    }
+}
+
+fn argmax_t<T: CudaDType + DeviceRepr>(x: &CudaStorage, l: &Layout, counter: &Tensor) -> Result<(CudaStorage, Shape)> {
+    let n = l.shape().elem_count();
+    if n == 0 || n > i32::MAX as usize {
+        bail!("argmax: {n} values (1 ..= {})", i32::MAX)
+    }
+    if counter.dtype() != DType::U32 || counter.elem_count() != 1 {
+        bail!("argmax: the block counter must be one u32")
+    }
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let xv = view::<T>(x, l, "argmax: input", false)?;
+    let (n_s, n_l) = counter.storage_and_layout();
+    let nv = view::<u32>(cuda(&n_s, "block counter")?, n_l, "argmax: block counter", false)?;
+    let len = 1 + 2 * ARGMAX_BLOCKS;
+    // SAFETY: the last block writes element 0, every block its two partial values.
+    let mut out = unsafe { dev.alloc::<u32>(len) }?;
+    let f = dev.get_or_load_custom_func(&kernel_name("argmax", x.dtype())?, MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (ARGMAX_BLOCKS as u32, 1, 1),
+        block_dim: (NORM_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut sync = Vec::new();
+    let mut args = Args::default();
+    args.ptr(xv.device_ptr(&stream), &mut sync);
+    args.i32(n as i32);
+    // The counter is written through its pointer (see `decode_attention_t`).
+    args.ptr(nv.device_ptr(&stream), &mut sync);
+    let (out_ptr, out_sync) = out.device_ptr_mut(&stream);
+    args.ptr((out_ptr + 4, None::<SyncOnDrop>), &mut sync);
+    args.ptr((out_ptr, out_sync), &mut sync);
+    // SAFETY: the arguments match `argmax_T` (kernels/decode.cu): n values of T, one u32 counter,
+    // 2 ARGMAX_BLOCKS partial u32 and the result.
+    unsafe { launch(f.into_cuda_function(), &stream, cfg, &mut args) }?;
+    drop(sync);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(len)))
+}
