@@ -117,19 +117,19 @@ impl Attention {
         counter: &Tensor,
     ) -> Result<Tensor> {
         let (cos, sin) = rope.tables();
-        let attention = crate::fused::DecodeAttention {
+        let attention = crate::fused::DecodeAttention(crate::fused::AttentionArgs {
             cos,
             sin,
             pos,
             cache_k: &cache.k,
             cache_v: &cache.v,
             sub_gamma: self.attn_sub_norm.weight(),
-            eps: self.attn_sub_norm.eps(),
+            eps: self.attn_sub_norm.eps() as f32,
             counter,
             heads: self.heads,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
-        };
+        });
         let y = attention.forward(
             &self.q_proj.forward(x)?,
             &self.k_proj.forward(x)?,

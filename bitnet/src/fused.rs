@@ -99,45 +99,31 @@ impl CustomOp3 for RowKernel {
     }
 }
 
+pub(crate) use args::AttentionArgs;
+
 /// One token of attention in a layer, on the device (see `decode_attention` in
 /// `kernels/decode.cu`): RoPE of `q (1, heads · d)` and `k (1, kv_heads · d)` at the position
 /// held in `pos` (u32 `(1,)`), `k` and `v` written into the cache at that position, attention of
 /// every query head over the cache up to it, then the layer's `attn_sub_norm`. Returns
 /// `(1, heads · d)`.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CPU runs the tensor ops
-pub(crate) struct DecodeAttention<'a> {
-    /// RoPE tables `(positions, d / 2)` in the model's dtype.
-    pub cos: &'a Tensor,
-    pub sin: &'a Tensor,
-    pub pos: &'a Tensor,
-    /// `(1, kv_heads, capacity, d)` each; written in place at the position.
-    pub cache_k: &'a Tensor,
-    pub cache_v: &'a Tensor,
-    /// `attn_sub_norm`'s gain `(heads · d,)` and epsilon.
-    pub sub_gamma: &'a Tensor,
-    pub eps: f64,
-    /// One u32, zero between calls (the kernel's count of finished blocks).
-    pub counter: &'a Tensor,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
+pub(crate) struct DecodeAttention<'a>(pub AttentionArgs<'a>);
 
 impl DecodeAttention<'_> {
     /// Runs the kernel on the three projections of one token.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (d, h, kvh) = (self.head_dim, self.heads, self.kv_heads);
-        let capacity = self.cache_k.dim(2)?;
+        let a = &self.0;
+        let (d, h, kvh) = (a.head_dim, a.heads, a.kv_heads);
+        let capacity = a.cache_k.dim(2)?;
         if !attention_supported(d, h, kvh, capacity) {
             candle_core::bail!(
                 "decode attention: unsupported heads ({h} of {d}, {kvh} KV heads) or cache ({capacity} positions)"
             )
         }
         for (t, n, what) in [(q, h * d, "q"), (k, kvh * d, "k"), (v, kvh * d, "v")] {
-            if t.elem_count() != n || t.dtype() != self.cache_k.dtype() {
+            if t.elem_count() != n || t.dtype() != a.cache_k.dtype() {
                 candle_core::bail!(
                     "decode attention: {what} must hold {n} values of {:?}, got {:?} {:?}",
-                    self.cache_k.dtype(),
+                    a.cache_k.dtype(),
                     t.shape(),
                     t.dtype()
                 )
@@ -177,20 +163,7 @@ impl CustomOp3 for DecodeAttention<'_> {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let state = cuda::AttentionState {
-            cos: self.cos,
-            sin: self.sin,
-            pos: self.pos,
-            cache_k: self.cache_k,
-            cache_v: self.cache_v,
-            sub_gamma: self.sub_gamma,
-            eps: self.eps as f32,
-            counter: self.counter,
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-        };
-        cuda::decode_attention(&state, (q, ql), (k, kl), (v, vl))
+        cuda::decode_attention(&self.0, (q, ql), (k, kl), (v, vl))
     }
 }
 
@@ -237,5 +210,6 @@ impl CustomOp1 for Argmax<'_> {
     }
 }
 
+mod args;
 #[cfg(feature = "cuda")]
 mod cuda;

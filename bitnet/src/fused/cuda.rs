@@ -10,6 +10,8 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
+use super::args::AttentionArgs;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "bitnet_decode";
 const NORM_THREADS: usize = 1024;
@@ -115,33 +117,6 @@ pub enum RowKernel {
     Relu2MulRmsNorm,
 }
 
-/// What the attention kernel reads besides the token's projections.
-pub struct AttentionState<'a> {
-    /// RoPE tables `(positions, d / 2)` in the model's dtype.
-    pub cos: &'a Tensor,
-    /// See `cos`.
-    pub sin: &'a Tensor,
-    /// The token's position, u32 `(1,)`.
-    pub pos: &'a Tensor,
-    /// `(1, kv_heads, capacity, d)`; written in place at the position.
-    pub cache_k: &'a Tensor,
-    /// See `cache_k`.
-    pub cache_v: &'a Tensor,
-    /// `attn_sub_norm`'s gain `(heads · d,)`.
-    pub sub_gamma: &'a Tensor,
-    /// `attn_sub_norm`'s epsilon.
-    pub eps: f32,
-    /// One u32, zero between calls: the blocks count themselves in to find the last one, which
-    /// resets it.
-    pub counter: &'a Tensor,
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads (dividing `heads`).
-    pub kv_heads: usize,
-    /// Values a head.
-    pub head_dim: usize,
-}
-
 /// `add_rms_norm` (output `(2, rows, n)`) or `relu2_mul_rms_norm` (output like `a`).
 pub(super) fn row_kernel(
     kernel: RowKernel,
@@ -224,7 +199,7 @@ fn row_kernel_t<T: CudaDType + DeviceRepr>(
 
 /// The attention kernel over the projections `q`, `k`, `v` of one token.
 pub(super) fn decode_attention(
-    op: &AttentionState,
+    op: &AttentionArgs,
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
     v: (&CudaStorage, &Layout),
@@ -238,7 +213,7 @@ pub(super) fn decode_attention(
 }
 
 fn decode_attention_t<T: CudaDType + DeviceRepr>(
-    op: &AttentionState,
+    op: &AttentionArgs,
     (q, ql): (&CudaStorage, &Layout),
     (k, kl): (&CudaStorage, &Layout),
     (v, vl): (&CudaStorage, &Layout),
