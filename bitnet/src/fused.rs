@@ -1,8 +1,9 @@
 //! Fused CUDA kernels for the float parts of a decode step (`kernels/decode.cu`): the residual
 //! add with the next RMSNorm, the squared-ReLU gate with the FFN sub-norm, and one kernel for
-//! RoPE, the KV-cache write and single-token attention. [`BitNetModel::decode_at`] runs them on
-//! CUDA devices when [`DecodeKernels::Fused`] is set (the default); the tensor-op form stays the
-//! reference and the path of every other device.
+//! RoPE, the KV-cache write, single-token attention and the attention sub-norm; and the greedy
+//! argmax of the logits. [`BitNetModel::decode_at`] runs them on CUDA devices when
+//! [`DecodeKernels::Fused`] is set (the default); the tensor-op form stays the reference and the
+//! path of every other device.
 //!
 //! [`BitNetModel::decode_at`]: crate::BitNetModel::decode_at
 
@@ -13,8 +14,10 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 /// kernels either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodeKernels {
-    /// Three fused kernels per layer where they apply (a CUDA device, one sequence, a head size
-    /// that is a power-of-two multiple of 8 up to 256), candle tensor ops elsewhere. The float
+    /// Four fused kernels per layer where they apply (a CUDA device, one sequence, a head size
+    /// that is a power-of-two multiple of 8 up to 256, a cache that fits the attention kernel's
+    /// shared memory: [`BitNetModel::decode_fused`](crate::BitNetModel::decode_fused)), candle
+    /// tensor ops elsewhere. The float
     /// math differs from the tensor ops only in rounding: f32 inside each kernel where candle
     /// rounds to the model dtype between ops.
     #[default]
