@@ -1,8 +1,8 @@
 //! Launches of `kernels/decode.cu`: operand checks, device pointers, launch shapes.
 
-use candle_core::backend::BackendStorage;
 use std::ffi::c_void;
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, SyncOnDrop,
 };
