@@ -1,7 +1,8 @@
 // Fused kernels of a BitNet decode step (compiled to PTX by bitnet/build.rs, launched from
 // bitnet/src/fused.rs). Between the packed projections of a layer, the tensor-op form of a decode
 // step runs ~25 small candle kernels (norms, adds, RoPE, cache writes, mask, softmax, two batched
-// products, copies); these three kernels replace them, so that a layer is 7 GEMVs and 4 of these.
+// products, copies); the first three kernels here replace them, so that a layer is 7 GEMVs and 4
+// launches of these; argmax_T picks the greedy token on the device.
 // Float math is f32; T (f32, bf16 or f16) only rounds what is stored.
 //
 // add_rms_norm_T (grid: one block per row, up to 1024 threads, n <= 16 * threads):

@@ -31,6 +31,19 @@ fn contiguous(l: &Layout, dtype: DType, what: &str, aligned16: bool) -> Result<(
     Ok((a, b))
 }
 
+/// `$f::<T>(args)` with `T` the Rust type of the float `$dtype` the kernels are instantiated for
+/// (f32, bf16, f16); `$what` names the kernel in the error for any other dtype.
+macro_rules! with_float_type {
+    ($dtype:expr, $what:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            DType::F16 => $f::<f16>($($arg),*),
+            d => bail!("{}: no kernel for {d:?}", $what),
+        }
+    };
+}
+
 /// The most columns the norm kernels take (16 values a thread, 1024 threads).
 pub const NORM_MAX_COLS: usize = 16 * NORM_THREADS;
 
@@ -125,12 +138,11 @@ pub(super) fn row_kernel(
     (b, bl): (&CudaStorage, &Layout),
     (g, gl): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
-    match a.dtype() {
-        DType::F32 => row_kernel_t::<f32>(kernel, eps, (a, al), (b, bl), (g, gl)),
-        DType::BF16 => row_kernel_t::<bf16>(kernel, eps, (a, al), (b, bl), (g, gl)),
-        DType::F16 => row_kernel_t::<f16>(kernel, eps, (a, al), (b, bl), (g, gl)),
-        d => bail!("fused norm: no kernel for {d:?}"),
-    }
+    with_float_type!(
+        a.dtype(),
+        "fused norm",
+        row_kernel_t(kernel, eps, (a, al), (b, bl), (g, gl))
+    )
 }
 
 fn row_kernel_t<T: CudaDType + DeviceRepr>(
@@ -204,12 +216,7 @@ pub(super) fn decode_attention(
     k: (&CudaStorage, &Layout),
     v: (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
-    match q.0.dtype() {
-        DType::F32 => decode_attention_t::<f32>(op, q, k, v),
-        DType::BF16 => decode_attention_t::<bf16>(op, q, k, v),
-        DType::F16 => decode_attention_t::<f16>(op, q, k, v),
-        d => bail!("decode attention: no kernel for {d:?}"),
-    }
+    with_float_type!(q.0.dtype(), "decode attention", decode_attention_t(op, q, k, v))
 }
 
 fn decode_attention_t<T: CudaDType + DeviceRepr>(
@@ -328,12 +335,7 @@ const ARGMAX_BLOCKS: usize = 64;
 /// The first maximum of `x`'s values (0xffffffff if all are NaN) as `(1 + 2 ARGMAX_BLOCKS,)` u32:
 /// the index, then the blocks' partial results. `counter` is one u32 that is zero between calls.
 pub fn argmax(x: &CudaStorage, l: &Layout, counter: &Tensor) -> Result<(CudaStorage, Shape)> {
-    match x.dtype() {
-        DType::F32 => argmax_t::<f32>(x, l, counter),
-        DType::BF16 => argmax_t::<bf16>(x, l, counter),
-        DType::F16 => argmax_t::<f16>(x, l, counter),
-        d => bail!("argmax: no kernel for {d:?}"),
-    }
+    with_float_type!(x.dtype(), "argmax", argmax_t(x, l, counter))
 }
 
 fn argmax_t<T: CudaDType + DeviceRepr>(x: &CudaStorage, l: &Layout, counter: &Tensor) -> Result<(CudaStorage, Shape)> {
