@@ -287,7 +287,10 @@ fn graph_decode(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<Graph
             logits.argmax(candle_core::D::Minus1)
         }
     };
-    pick(model.decode_at(&id, &pos, &mut cache)?, &cache)?.to_vec1::<u32>()?;
+    // Twice: weights first used by a decode step settle on the second (see graph.rs).
+    for _ in 0..2 {
+        pick(model.decode_at(&id, &pos, &mut cache)?, &cache)?.to_vec1::<u32>()?;
+    }
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| anyhow!("begin_capture: {e:?}"))?;

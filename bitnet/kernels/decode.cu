@@ -11,15 +11,17 @@
 //   (scale = rsqrt(mean(x^2) + eps), y = T(scale * x * gamma)). Each thread keeps its columns'
 //   values in registers, one block reduction of the squares.
 //
-// relu2_mul_rms_norm_T (same launch): gate, up (rows, n) T; gamma (n) T. out (rows, n) T =
-//   rmsnorm(T(T(relu(g)^2) * u)) * gamma: the squared-ReLU gated FFN product rounded to T where
-//   the tensor ops round it, then normalised as above.
+// relu2_mul_rms_norm_T (same launch): gate_up (rows, 2n) T, the stacked gate and up products
+//   before their weight scales; gamma (n) T. out (rows, n) T = rmsnorm(T(T(relu(g)^2) * u)) *
+//   gamma with g = T(gate * gate_scale), u = T(up * up_scale): the squared-ReLU gated FFN product
+//   rounded to T where the tensor ops round it, then normalised as above.
 //
 // decode_attention_T (grid: one block per query head, 1024 threads, dynamic shared memory
 //   4 * (capacity + 35 d) bytes): one token of grouped-query attention at position
 //   p = min(*pos, capacity - 1), read from the device so that a CUDA graph replays every step,
 //   then BitNet's attn_sub_norm over all heads.
-//   q (heads, d), k_new, v_new (kv_heads, d) T: the projections of the token; cos, sin
+//   qkv ((heads + 2 kv_heads) d) T: the stacked q, k and v products of the token before their
+//   weight scales q_scale, k_scale, v_scale (each rounded to T once scaled); cos, sin
 //   (positions, d / 2) T: RoPE tables; cache_k, cache_v (kv_heads, capacity, d) T, written at
 //   row p by the first query head of each KV head; sub_gamma (heads * d) T, eps: the sub-norm;
 //   counter: one u32, 0 between calls. raw (heads, d) T: the attention output before the norm;
@@ -127,25 +129,29 @@ __device__ void add_rms_norm(const T* x, const T* delta, const T* gamma, int row
 }
 
 template <typename T>
-__device__ void relu2_mul_rms_norm(const T* gate, const T* up, const T* gamma, int n, float eps, T* out) {
+__device__ void relu2_mul_rms_norm(const T* gate_up, const T* gamma, int n, float eps, float gate_scale,
+                                   float up_scale, T* out) {
     __shared__ float red[32];
     const long long row = blockIdx.x;
+    const T* gate = gate_up + row * 2 * n;
+    const T* up = gate + n;
     float v[NORM_MAX_PER_THREAD];
 #pragma unroll
     for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
         const int c = threadIdx.x + i * blockDim.x;
         v[i] = 0.f;
         if (c < n) {
-            const float g = fmaxf(to_f(gate[row * n + c]), 0.f);
-            v[i] = round_t<T>(round_t<T>(g * g) * to_f(up[row * n + c]));
+            const float g = fmaxf(round_t<T>(to_f(gate[c]) * gate_scale), 0.f);
+            const float u = round_t<T>(to_f(up[c]) * up_scale);
+            v[i] = round_t<T>(round_t<T>(g * g) * u);
         }
     }
     norm_store(v, gamma, n, eps, out + row * n, red);
 }
 
 template <typename T>
-__device__ void decode_attention(const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin,
-                                 const uint32_t* pos, T* cache_k, T* cache_v, int capacity, int heads,
+__device__ void decode_attention(const T* qkv, const T* cos, const T* sin, float q_scale, float k_scale,
+                                 float v_scale, const uint32_t* pos, T* cache_k, T* cache_v, int capacity, int heads,
                                  int kv_heads, int d, const T* sub_gamma, float eps, uint32_t* counter,
                                  T* raw, T* out) {
     extern __shared__ float sm[];
@@ -160,25 +166,27 @@ __device__ void decode_attention(const T* q, const T* k_new, const T* v_new, con
     const int p = min((int)*pos, capacity - 1);
     const int half = d / 2;
     const float qscale = rsqrtf((float)d);
-    const T* qh = q + (long long)head * d;
-    const T* kh = k_new + (long long)kvh * d;
-    const T* vh = v_new + (long long)kvh * d;
+    const T* qh = qkv + (long long)head * d;
+    const T* kh = qkv + (long long)(heads + kvh) * d;
+    const T* vh = qkv + (long long)(heads + kv_heads + kvh) * d;
     T* ck = cache_k + (long long)kvh * capacity * d;
     T* cv = cache_v + (long long)kvh * capacity * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         const int f = i < half ? i : i - half;
         const float c = to_f(cos[(long long)p * half + f]), s = to_f(sin[(long long)p * half + f]);
-        const float qo = to_f(qh[i < half ? i + half : i - half]);
-        const float ko = to_f(kh[i < half ? i + half : i - half]);
-        const float qr = i < half ? to_f(qh[i]) * c - qo * s : to_f(qh[i]) * c + qo * s;
-        const float kr = i < half ? to_f(kh[i]) * c - ko * s : to_f(kh[i]) * c + ko * s;
-        const T kt = from_f<T>(kr);
+        // The projections with their weight scales, rounded to T as a projection's output is.
+        const int o = i < half ? i + half : i - half;
+        const float qi = round_t<T>(to_f(qh[i]) * q_scale), qo = round_t<T>(to_f(qh[o]) * q_scale);
+        const float ki = round_t<T>(to_f(kh[i]) * k_scale), ko = round_t<T>(to_f(kh[o]) * k_scale);
+        const float qr = i < half ? qi * c - qo * s : qi * c + qo * s;
+        const float kr = i < half ? ki * c - ko * s : ki * c + ko * s;
+        const T kt = from_f<T>(kr), vt = from_f<T>(to_f(vh[i]) * v_scale);
         qs[i] = round_t<T>(qr) * qscale;
         ks[i] = to_f(kt);
-        vs[i] = to_f(vh[i]);
+        vs[i] = to_f(vt);
         if (writer) {
             ck[(long long)p * d + i] = kt;
-            cv[(long long)p * d + i] = vh[i];
+            cv[(long long)p * d + i] = vt;
         }
     }
     __syncthreads();
@@ -348,16 +356,16 @@ __device__ void argmax(const T* x, int n, uint32_t* counter, uint32_t* partial, 
                                                   int n, float eps, T* out) {                             \
         add_rms_norm<T>(x, delta, gamma, rows, n, eps, out);                                              \
     }                                                                                                     \
-    extern "C" __global__ void relu2_mul_rms_norm_##SFX(const T* gate, const T* up, const T* gamma, int n, \
-                                                        float eps, T* out) {                              \
-        relu2_mul_rms_norm<T>(gate, up, gamma, n, eps, out);                                              \
+    extern "C" __global__ void relu2_mul_rms_norm_##SFX(const T* gate_up, const T* gamma, int n, float eps, \
+                                                        float gate_scale, float up_scale, T* out) {       \
+        relu2_mul_rms_norm<T>(gate_up, gamma, n, eps, gate_scale, up_scale, out);                         \
     }                                                                                                     \
     extern "C" __global__ void decode_attention_##SFX(                                                    \
-        const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, const uint32_t* pos,      \
-        T* cache_k, T* cache_v, int capacity, int heads, int kv_heads, int d, const T* sub_gamma,         \
-        float eps, uint32_t* counter, T* raw, T* out) {                                                   \
-        decode_attention<T>(q, k_new, v_new, cos, sin, pos, cache_k, cache_v, capacity, heads, kv_heads,  \
-                            d, sub_gamma, eps, counter, raw, out);                                        \
+        const T* qkv, const T* cos, const T* sin, float q_scale, float k_scale, float v_scale,            \
+        const uint32_t* pos, T* cache_k, T* cache_v, int capacity, int heads, int kv_heads, int d,        \
+        const T* sub_gamma, float eps, uint32_t* counter, T* raw, T* out) {                               \
+        decode_attention<T>(qkv, cos, sin, q_scale, k_scale, v_scale, pos, cache_k, cache_v, capacity,    \
+                            heads, kv_heads, d, sub_gamma, eps, counter, raw, out);                       \
     }                                                                                                     \
     extern "C" __global__ void argmax_##SFX(const T* x, int n, uint32_t* counter, uint32_t* partial,      \
                                             uint32_t* out) {                                              \

@@ -6,6 +6,7 @@ use candle_nn::{RmsNorm, VarBuilder};
 use crate::config::BitNetConfig;
 use crate::linear::{BitNetLinear, Projections};
 use crate::rope::Rope;
+use crate::stacked::StackedLinear;
 
 /// Keys and values of one layer for positions `0..capacity`, allocated once so that a decode
 /// step writes in place instead of concatenating.
@@ -33,6 +34,9 @@ pub struct Attention {
     q_proj: BitNetLinear,
     k_proj: BitNetLinear,
     v_proj: BitNetLinear,
+    /// q, k and v stacked for the fused decode step (one product for the three); only on CUDA
+    /// devices, where that step runs.
+    qkv_stacked: Option<StackedLinear>,
     o_proj: BitNetLinear,
     attn_sub_norm: RmsNorm,
     heads: usize,
@@ -45,10 +49,19 @@ impl Attention {
     pub fn load(cfg: &BitNetConfig, projections: Projections, vb: VarBuilder) -> Result<Self> {
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let hidden = cfg.hidden_size;
+        let q_proj = BitNetLinear::load_as(hidden, h * d, projections, vb.pp("q_proj"))?;
+        let k_proj = BitNetLinear::load_as(hidden, kvh * d, projections, vb.pp("k_proj"))?;
+        let v_proj = BitNetLinear::load_as(hidden, kvh * d, projections, vb.pp("v_proj"))?;
+        let qkv_stacked = if vb.device().is_cuda() {
+            Some(StackedLinear::new(&[q_proj.clone(), k_proj.clone(), v_proj.clone()])?)
+        } else {
+            None
+        };
         Ok(Self {
-            q_proj: BitNetLinear::load_as(hidden, h * d, projections, vb.pp("q_proj"))?,
-            k_proj: BitNetLinear::load_as(hidden, kvh * d, projections, vb.pp("k_proj"))?,
-            v_proj: BitNetLinear::load_as(hidden, kvh * d, projections, vb.pp("v_proj"))?,
+            q_proj,
+            k_proj,
+            v_proj,
+            qkv_stacked,
             o_proj: BitNetLinear::load_as(h * d, hidden, projections, vb.pp("o_proj"))?,
             attn_sub_norm: candle_nn::rms_norm(hidden, cfg.rms_norm_eps, vb.pp("attn_sub_norm"))?,
             heads: h,
@@ -117,24 +130,29 @@ impl Attention {
         counter: &Tensor,
     ) -> Result<Tensor> {
         let (cos, sin) = rope.tables();
-        let attention = crate::fused::DecodeAttention(crate::fused::AttentionArgs {
-            cos,
-            sin,
-            pos,
-            cache_k: &cache.k,
-            cache_v: &cache.v,
-            sub_gamma: self.attn_sub_norm.weight(),
-            eps: self.attn_sub_norm.eps() as f32,
-            counter,
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-        });
-        let y = attention.forward(
-            &self.q_proj.forward(x)?,
-            &self.k_proj.forward(x)?,
-            &self.v_proj.forward(x)?,
-        )?;
+        let Some(qkv) = &self.qkv_stacked else {
+            candle_core::bail!("attention: the fused step needs the stacked projections (CUDA)")
+        };
+        let &[q_scale, k_scale, v_scale] = qkv.scales() else {
+            candle_core::bail!("attention: q, k and v stacked into other than three parts")
+        };
+        let attention = crate::fused::DecodeAttention {
+            args: crate::fused::AttentionArgs {
+                cos,
+                sin,
+                pos,
+                cache_k: &cache.k,
+                cache_v: &cache.v,
+                sub_gamma: self.attn_sub_norm.weight(),
+                eps: self.attn_sub_norm.eps() as f32,
+                counter,
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+                head_dim: self.head_dim,
+            },
+            scales: [q_scale, k_scale, v_scale],
+        };
+        let y = attention.forward(&qkv.forward_stacked(x)?)?;
         self.o_proj.forward(&y.reshape(x.dims())?)
     }
 

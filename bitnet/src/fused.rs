@@ -7,7 +7,7 @@
 //!
 //! [`BitNetModel::decode_at`]: crate::BitNetModel::decode_at
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Which kernels run the float parts (norms, residual adds, RoPE, cache, attention) of
 /// [`BitNetModel::decode_at`](crate::BitNetModel::decode_at). The projections run on the packed
@@ -43,33 +43,72 @@ pub(crate) fn attention_supported(d: usize, heads: usize, kv_heads: usize, capac
 /// normalised (as the tensor ops do). `x` and `delta` have the same shape, the last dimension
 /// `gamma`'s length.
 pub(crate) fn add_rms_norm(x: &Tensor, delta: &Tensor, gamma: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let out = x.apply_op3_no_bwd(delta, gamma, &RowKernel::AddRmsNorm { eps: eps as f32 })?;
+    let out = x.apply_op3_no_bwd(delta, gamma, &AddRmsNorm { eps: eps as f32 })?;
     let mut shape = vec![2];
     shape.extend_from_slice(x.dims());
     let out = out.reshape(shape)?;
     Ok((out.get(0)?, out.get(1)?))
 }
 
-/// `rmsnorm(relu(gate)² · up) · gamma`, rounded to the dtype after the square and the product
-/// (as the tensor ops do).
-pub(crate) fn relu2_mul_rms_norm(gate: &Tensor, up: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
-    gate.apply_op3_no_bwd(up, gamma, &RowKernel::Relu2MulRmsNorm { eps: eps as f32 })
+/// `rmsnorm(relu(gate)² · up) · gamma` of `gate_up (..., 2n)`, the stacked gate and up
+/// products before their weight scales `[s_gate, s_up]`: each half scaled, then rounded to the
+/// dtype where the tensor ops round (the scaled product, the square, the product).
+pub(crate) fn relu2_mul_rms_norm(gate_up: &Tensor, scales: &[f32], gamma: &Tensor, eps: f64) -> Result<Tensor> {
+    let &[gate_scale, up_scale] = scales else {
+        candle_core::bail!("relu2_mul_rms_norm: two weight scales expected, got {}", scales.len())
+    };
+    let op = Relu2MulRmsNorm {
+        eps: eps as f32,
+        gate_scale,
+        up_scale,
+    };
+    gate_up.contiguous()?.apply_op2_no_bwd(gamma, &op)
 }
 
-/// The row kernels: each reads two `(rows, n)` tensors and a gain `(n,)`.
+/// `add_rms_norm`'s op: reads two `(rows, n)` tensors and a gain `(n,)`.
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CPU runs the tensor ops
-enum RowKernel {
-    AddRmsNorm { eps: f32 },
-    Relu2MulRmsNorm { eps: f32 },
+struct AddRmsNorm {
+    eps: f32,
 }
 
-impl CustomOp3 for RowKernel {
+/// `relu2_mul_rms_norm`'s op: reads `(rows, 2n)` and a gain `(n,)`.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CPU runs the tensor ops
+struct Relu2MulRmsNorm {
+    eps: f32,
+    gate_scale: f32,
+    up_scale: f32,
+}
+
+impl CustomOp2 for Relu2MulRmsNorm {
     fn name(&self) -> &'static str {
-        match self {
-            RowKernel::AddRmsNorm { .. } => "bitnet-add-rms-norm",
-            RowKernel::Relu2MulRmsNorm { .. } => "bitnet-relu2-mul-rms-norm",
-        }
+        "bitnet-relu2-mul-rms-norm"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{}: a CUDA kernel (the CPU runs the tensor ops)", self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let kernel = cuda::RowKernel::Relu2MulRmsNorm {
+            gate_scale: self.gate_scale,
+            up_scale: self.up_scale,
+        };
+        cuda::row_kernel(kernel, self.eps, (a, al), None, (g, gl))
+    }
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "bitnet-add-rms-norm"
     }
 
     fn cpu_fwd(
@@ -94,27 +133,29 @@ impl CustomOp3 for RowKernel {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (kernel, eps) = match *self {
-            RowKernel::AddRmsNorm { eps } => (cuda::RowKernel::AddRmsNorm, eps),
-            RowKernel::Relu2MulRmsNorm { eps } => (cuda::RowKernel::Relu2MulRmsNorm, eps),
-        };
-        cuda::row_kernel(kernel, eps, (a, al), (b, bl), (g, gl))
+        cuda::row_kernel(cuda::RowKernel::AddRmsNorm, self.eps, (a, al), Some((b, bl)), (g, gl))
     }
 }
 
 pub(crate) use args::AttentionArgs;
 
 /// One token of attention in a layer, on the device (see `decode_attention` in
-/// `kernels/decode.cu`): RoPE of `q (1, heads · d)` and `k (1, kv_heads · d)` at the position
-/// held in `pos` (u32 `(1,)`), `k` and `v` written into the cache at that position, attention of
-/// every query head over the cache up to it, then the layer's `attn_sub_norm`. Returns
-/// `(1, heads · d)`.
-pub(crate) struct DecodeAttention<'a>(pub AttentionArgs<'a>);
+/// `kernels/decode.cu`), from the stacked q, k and v products `(1, (heads + 2 kv_heads) · d)`
+/// before their weight scales: RoPE of q and k at the position held in `pos` (u32 `(1,)`), k and
+/// v written into the cache at that position, attention of every query head over the cache up to
+/// it, then the layer's `attn_sub_norm`. Returns `(1, heads · d)`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CPU runs the tensor ops
+pub(crate) struct DecodeAttention<'a> {
+    /// The layer state the kernel reads.
+    pub args: AttentionArgs<'a>,
+    /// Weight scales of q, k and v, applied to their slices of the stacked product.
+    pub scales: [f32; 3],
+}
 
 impl DecodeAttention<'_> {
-    /// Runs the kernel on the three projections of one token.
-    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let a = &self.0;
+    /// Runs the kernel on the stacked projections `qkv` of one token.
+    pub fn forward(&self, qkv: &Tensor) -> Result<Tensor> {
+        let a = &self.args;
         let (d, h, kvh) = (a.head_dim, a.heads, a.kv_heads);
         let capacity = a.cache_k.dim(2)?;
         if !attention_supported(d, h, kvh, capacity) {
@@ -122,51 +163,32 @@ impl DecodeAttention<'_> {
                 "decode attention: unsupported heads ({h} of {d}, {kvh} KV heads) or cache ({capacity} positions)"
             )
         }
-        for (t, n, what) in [(q, h * d, "q"), (k, kvh * d, "k"), (v, kvh * d, "v")] {
-            if t.elem_count() != n || t.dtype() != a.cache_k.dtype() {
-                candle_core::bail!(
-                    "decode attention: {what} must hold {n} values of {:?}, got {:?} {:?}",
-                    a.cache_k.dtype(),
-                    t.shape(),
-                    t.dtype()
-                )
-            }
+        let n = (h + 2 * kvh) * d;
+        if qkv.elem_count() != n || qkv.dtype() != a.cache_k.dtype() {
+            candle_core::bail!(
+                "decode attention: q, k and v must hold {n} values of {:?}, got {:?} {:?}",
+                a.cache_k.dtype(),
+                qkv.shape(),
+                qkv.dtype()
+            )
         }
         // (2, heads · d): the output before the sub-norm, then after it.
-        q.contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, self)?
-            .get(1)
+        qkv.contiguous()?.apply_op1_no_bwd(self)?.get(1)
     }
 }
 
-impl CustomOp3 for DecodeAttention<'_> {
+impl CustomOp1 for DecodeAttention<'_> {
     fn name(&self) -> &'static str {
         "bitnet-decode-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         candle_core::bail!("{}: a CUDA kernel (the CPU runs the tensor ops)", self.name())
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        ql: &Layout,
-        k: &candle_core::CudaStorage,
-        kl: &Layout,
-        v: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::decode_attention(&self.0, (q, ql), (k, kl), (v, vl))
+    fn cuda_fwd(&self, qkv: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::decode_attention(&self.args, self.scales, (qkv, l))
     }
 }
 

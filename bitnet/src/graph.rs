@@ -80,6 +80,10 @@ pub(crate) fn decode(
     if steps == 1 {
         return Ok(());
     }
+    // The same step once more (it rewrites the same key and value): packed weights first used
+    // by the step above recorded an event there (bitlinear's settle.rs), complete now that its
+    // output was read; this call finds them settled, so that the graph captures their fast path.
+    finish(model.decode_at(&id, &pos, cache)?, cache)?;
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| driver("begin_capture", e))?;

@@ -26,6 +26,7 @@ mod linear;
 mod mlp;
 mod model;
 mod rope;
+mod stacked;
 
 pub use config::{BitNetConfig, ConfigError};
 pub use fused::DecodeKernels;

@@ -83,23 +83,34 @@ impl BitNetLinear {
             Weight::Dense(_) => None,
         }
     }
+
+    /// The dense float layer (`None` for [`Projections::PackedTernary`]).
+    pub(crate) fn dense(&self) -> Option<&Linear> {
+        match &self.weight {
+            Weight::Packed(_) => None,
+            Weight::Dense(linear) => Some(linear),
+        }
+    }
+}
+
+/// `x (..., in) · Wᵀ` over a packed weight with `out` rows, as `(..., out)`.
+pub(crate) fn packed_forward(x: &Tensor, w: &PackedTernary, out: usize) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / k.max(1);
+    let y = packed_matmul(&x.reshape((rows, k))?, w, ActScaling::PerToken)?;
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    y.reshape(dims)
 }
 
 impl Module for BitNetLinear {
     /// `x (..., in)` to `(..., out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = match &self.weight {
-            Weight::Dense(linear) => return linear.forward(x),
-            Weight::Packed(w) => w,
-        };
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / k.max(1);
-        let y = packed_matmul(&x.reshape((rows, k))?, w, ActScaling::PerToken)?;
-        let mut out = dims;
-        if let Some(last) = out.last_mut() {
-            *last = self.out_features;
+        match &self.weight {
+            Weight::Dense(linear) => linear.forward(x),
+            Weight::Packed(w) => packed_forward(x, w, self.out_features),
         }
-        y.reshape(out)
     }
 }

@@ -9,6 +9,10 @@
 //! query it without waiting, and from the first query that finds it complete the weight is
 //! "settled" for good. In a decode loop that is every call from the second token on. (Writing
 //! into `PackedTernary::bytes()` in place is documented as unsupported for this reason.)
+//!
+//! A capture into a CUDA graph may neither record nor query an event: a weight not settled when
+//! its matmul is captured stays in the graph on the safe path. Run a step twice before capturing
+//! it, so that its weights are settled.
 
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +43,11 @@ impl Settled {
         let Ok(mut state) = self.0.lock() else {
             return Ok(false);
         };
+        if !matches!(*state, State::Settled) && capturing(stream)? {
+            // A stream being captured into a CUDA graph may neither query nor record an event;
+            // the weight stays unsettled in the graph (the kernels' safe order).
+            return Ok(false);
+        }
         match &*state {
             State::Settled => Ok(true),
             State::Pending(ev) => {
@@ -54,4 +63,11 @@ impl Settled {
             }
         }
     }
+}
+
+/// Whether `stream` is being captured into a CUDA graph.
+fn capturing(stream: &CudaStream) -> Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+    let status = stream.capture_status().w()?;
+    Ok(status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }

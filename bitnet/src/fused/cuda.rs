@@ -121,61 +121,68 @@ fn kernel_name(base: &str, dtype: DType) -> Result<String> {
     Ok(format!("{base}_{sfx}"))
 }
 
-/// The row kernels: each reads two `(rows, n)` tensors and a gain `(n,)`.
+/// The row kernels.
 #[derive(Debug, Clone, Copy)]
 pub enum RowKernel {
-    /// `add_rms_norm`: output `(2, rows, n)`.
+    /// `add_rms_norm`: `x`, `delta` `(rows, n)` and a gain `(n,)` to `(2, rows, n)`.
     AddRmsNorm,
-    /// `relu2_mul_rms_norm`: output like the inputs.
-    Relu2MulRmsNorm,
+    /// `relu2_mul_rms_norm`: gate and up stacked `(rows, 2 n)` (before these weight scales) and
+    /// a gain `(n,)` to `(rows, n)`.
+    Relu2MulRmsNorm {
+        /// The gate's weight scale.
+        gate_scale: f32,
+        /// The up projection's weight scale.
+        up_scale: f32,
+    },
 }
 
 /// `add_rms_norm` (output `(2, rows, n)`) or `relu2_mul_rms_norm` (output like `a`).
 pub(super) fn row_kernel(
     kernel: RowKernel,
     eps: f32,
-    (a, al): (&CudaStorage, &Layout),
-    (b, bl): (&CudaStorage, &Layout),
-    (g, gl): (&CudaStorage, &Layout),
+    a: (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+    g: (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
-    with_float_type!(
-        a.dtype(),
-        "fused norm",
-        row_kernel_t(kernel, eps, (a, al), (b, bl), (g, gl))
-    )
+    with_float_type!(a.0.dtype(), "fused norm", row_kernel_t(kernel, eps, a, b, g))
 }
 
 fn row_kernel_t<T: CudaDType + DeviceRepr>(
     kernel: RowKernel,
     eps: f32,
     (a, al): (&CudaStorage, &Layout),
-    (b, bl): (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
     (g, gl): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
-    let (base, outputs) = match kernel {
-        RowKernel::AddRmsNorm => ("add_rms_norm", 2),
-        RowKernel::Relu2MulRmsNorm => ("relu2_mul_rms_norm", 1),
+    let base = match kernel {
+        RowKernel::AddRmsNorm => "add_rms_norm",
+        RowKernel::Relu2MulRmsNorm { .. } => "relu2_mul_rms_norm",
     };
-    if b.dtype() != a.dtype() || g.dtype() != a.dtype() {
+    let last = al.dims().last().copied().unwrap_or(0);
+    // add_rms_norm: x and delta (rows, n); relu2_mul_rms_norm: gate and up stacked (rows, 2 n).
+    let (n, b) = match (kernel, b) {
+        (RowKernel::AddRmsNorm, Some((b, bl))) if bl.dims() == al.dims() => (last, Some((b, bl))),
+        (RowKernel::AddRmsNorm, _) => bail!("{base}: two operands of one shape expected"),
+        (RowKernel::Relu2MulRmsNorm { .. }, None) if last % 2 == 0 => (last / 2, None),
+        (RowKernel::Relu2MulRmsNorm { .. }, _) => bail!("{base}: one (rows, 2 n) operand expected"),
+    };
+    if g.dtype() != a.dtype() || b.is_some_and(|(b, _)| b.dtype() != a.dtype()) {
         bail!("{base}: operands must share one dtype")
     }
-    if al.dims() != bl.dims() {
-        bail!("{base}: operands of shapes {:?} and {:?}", al.dims(), bl.dims())
-    }
-    let n = al.dims().last().copied().unwrap_or(0);
     if gl.dims() != [n] {
         bail!("{base}: the gain must have shape ({n},), got {:?}", gl.dims())
     }
     if n == 0 || n > NORM_MAX_COLS {
         bail!("{base}: rows of {n} values (1 ..= {})", NORM_MAX_COLS)
     }
-    let rows = al.shape().elem_count() / n;
+    let rows = al.shape().elem_count() / last;
     let dev = &a.device;
-    let (av, bv, gv) = (
-        view::<T>(a, al, &format!("{base}: input"), false)?,
-        view::<T>(b, bl, &format!("{base}: second input"), false)?,
-        view::<T>(g, gl, &format!("{base}: gain"), false)?,
-    );
+    let av = view::<T>(a, al, &format!("{base}: input"), false)?;
+    let bv = b
+        .map(|(b, bl)| view::<T>(b, bl, &format!("{base}: second input"), false))
+        .transpose()?;
+    let gv = view::<T>(g, gl, &format!("{base}: gain"), false)?;
+    let outputs = if bv.is_some() { 2 } else { 1 };
     // SAFETY: the kernel writes every output element (both halves for add_rms_norm).
     let mut out = unsafe { dev.alloc::<T>(outputs * rows * n) }?;
     if rows > 0 {
@@ -189,45 +196,60 @@ fn row_kernel_t<T: CudaDType + DeviceRepr>(
         let stream = dev.cuda_stream();
         let mut sync = Vec::new();
         let mut args = Args::default();
-        for v in [&av, &bv, &gv] {
-            args.ptr(v.device_ptr(&stream), &mut sync);
+        args.ptr(av.device_ptr(&stream), &mut sync);
+        if let Some(bv) = &bv {
+            args.ptr(bv.device_ptr(&stream), &mut sync);
         }
-        if outputs == 2 {
-            args.i32(rows as i32);
-        }
-        args.i32(n as i32).f32(eps);
+        args.ptr(gv.device_ptr(&stream), &mut sync);
+        match kernel {
+            RowKernel::AddRmsNorm => args.i32(rows as i32).i32(n as i32).f32(eps),
+            RowKernel::Relu2MulRmsNorm { gate_scale, up_scale } => {
+                args.i32(n as i32).f32(eps).f32(gate_scale).f32(up_scale)
+            }
+        };
         args.ptr(out.device_ptr_mut(&stream), &mut sync);
         // SAFETY: the arguments match the kernel's signature (kernels/decode.cu); `threads` covers
-        // n with at most 16 values a thread (n <= NORM_MAX_COLS); the inputs hold rows * n values.
+        // n with at most 16 values a thread (n <= NORM_MAX_COLS); the inputs hold rows * n
+        // (add_rms_norm) or rows * 2 n (relu2_mul_rms_norm) values.
         unsafe { launch(f.into_cuda_function(), &stream, cfg, &mut args) }?;
     }
     let shape = if outputs == 2 {
         Shape::from((2, rows, n))
     } else {
-        al.shape().clone()
+        let mut dims = al.dims().to_vec();
+        if let Some(d) = dims.last_mut() {
+            *d = n;
+        }
+        Shape::from(dims)
     };
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }
 
-/// The attention kernel over the projections `q`, `k`, `v` of one token.
+/// The attention kernel over the stacked q, k and v products of one token, `(h + 2 kvh) d`
+/// values before their weight `scales`; output `(2, h d)`: before and after the sub-norm.
 pub(super) fn decode_attention(
     op: &AttentionArgs,
-    q: (&CudaStorage, &Layout),
-    k: (&CudaStorage, &Layout),
-    v: (&CudaStorage, &Layout),
+    scales: [f32; 3],
+    qkv: (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
-    with_float_type!(q.0.dtype(), "decode attention", decode_attention_t(op, q, k, v))
+    with_float_type!(qkv.0.dtype(), "decode attention", decode_attention_t(op, scales, qkv))
 }
 
 fn decode_attention_t<T: CudaDType + DeviceRepr>(
     op: &AttentionArgs,
-    (q, ql): (&CudaStorage, &Layout),
-    (k, kl): (&CudaStorage, &Layout),
-    (v, vl): (&CudaStorage, &Layout),
+    scales: [f32; 3],
+    (qkv, l): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
     const WHAT: &str = "decode attention";
     let (h, kvh, d) = (op.heads, op.kv_heads, op.head_dim);
-    let dtype = q.dtype();
+    let dtype = qkv.dtype();
+    if l.shape().elem_count() != (h + 2 * kvh) * d {
+        bail!(
+            "{WHAT}: q, k and v must hold {} values, got {:?}",
+            (h + 2 * kvh) * d,
+            l.dims()
+        )
+    }
     let capacity = match op.cache_k.dims() {
         &[1, heads, cap, dd] if heads == kvh && dd == d && op.cache_v.dims() == op.cache_k.dims() => cap,
         dims => bail!("{WHAT}: caches must have shape (1, {kvh}, capacity, {d}), got {dims:?}"),
@@ -261,10 +283,10 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     if smem > DEFAULT_SMEM {
         bail!("{WHAT}: a cache of {capacity} positions needs {smem} bytes of shared memory")
     }
-    let dev = &q.device;
+    let dev = &qkv.device;
     let stream = dev.cuda_stream();
     let rows = |s, l, what: &str| view::<T>(s, l, &format!("{WHAT}: {what}"), true);
-    let (qv, kv, vv) = (rows(q, ql, "q")?, rows(k, kl, "k")?, rows(v, vl, "v")?);
+    let qkvv = view::<T>(qkv, l, "decode attention: q, k and v", false)?;
     let (cos_s, cos_l) = op.cos.storage_and_layout();
     let (sin_s, sin_l) = op.sin.storage_and_layout();
     let (pos_s, pos_l) = op.pos.storage_and_layout();
@@ -300,9 +322,11 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     };
     let mut sync = Vec::new();
     let mut args = Args::default();
-    for v in [&qv, &kv, &vv, &cosv, &sinv] {
+    for v in [&qkvv, &cosv, &sinv] {
         args.ptr(v.device_ptr(&stream), &mut sync);
     }
+    let [sq, sk, sv] = scales;
+    args.f32(sq).f32(sk).f32(sv);
     args.ptr(posv.device_ptr(&stream), &mut sync);
     // The caches and the counter are written through these pointers: the model holds them
     // mutably for the call (`&mut Cache`) and candle has no in-place op with several
@@ -320,9 +344,9 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         &mut sync,
     );
     // SAFETY: the arguments match the kernel's signature (kernels/decode.cu), checked above:
-    // q (h, d), k and v (kvh, d), tables (>= capacity, d / 2), caches (kvh, capacity, d), gain
-    // (h * d), all contiguous in one dtype, rows 16-byte aligned; one u32 counter; 2 h d outputs;
-    // the kernel clamps the position below capacity.
+    // q, k and v ((h + 2 kvh) d), tables (>= capacity, d / 2), caches (kvh, capacity, d), gain
+    // (h * d), all contiguous in one dtype, cache rows 16-byte aligned; one u32 counter; 2 h d
+    // outputs; the kernel clamps the position below capacity.
     unsafe { launch(f.into_cuda_function(), &stream, cfg, &mut args) }?;
     drop(sync);
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, h * d))))
