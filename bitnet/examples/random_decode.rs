@@ -139,9 +139,13 @@ fn random_model(
     let randn = |dims: (usize, usize), std: f32| -> Result<Tensor> {
         Ok(Tensor::randn(0f32, std, dims, device)?.to_dtype(dtype)?)
     };
+    // bf16 values, as the 2B4T checkpoint stores them (an f32 model on the CPU then holds its
+    // tied head as bf16, see BitNetModel::head_dtype).
     t.insert(
         "model.embed_tokens.weight".to_string(),
-        randn((cfg.vocab_size, h), 1.0)?,
+        randn((cfg.vocab_size, h), 1.0)?
+            .to_dtype(DType::BF16)?
+            .to_dtype(dtype)?,
     );
     t.insert("model.norm.weight".to_string(), Tensor::ones(h, dtype, device)?);
     for l in 0..cfg.num_hidden_layers {
@@ -195,9 +199,11 @@ fn generation(model: &BitNetModel, prompt: &[u32], new: usize, mode: DecodeMode)
     Ok(result)
 }
 
-/// Median seconds of the projections and head of one decode step, run back to back on random
-/// weights of the model's shapes, one synchronisation per step.
-fn matmuls_alone(cfg: &BitNetConfig, dtype: DType, device: &Device) -> Result<f64> {
+/// Median seconds of the projections and head of one decode step, run back to back (the
+/// projections on random weights of the model's shapes, the head `model`'s), one synchronisation
+/// per step.
+fn matmuls_alone(model: &BitNetModel, dtype: DType) -> Result<f64> {
+    let (cfg, device) = (model.config(), model.device());
     let mut weights = Vec::new();
     for _ in 0..cfg.num_hidden_layers {
         for (name, n, k) in projections(cfg) {
@@ -208,10 +214,6 @@ fn matmuls_alone(cfg: &BitNetConfig, dtype: DType, device: &Device) -> Result<f6
             weights.push((name, bitnet::BitNetLinear::load(k, n, vb)?));
         }
     }
-    let head = candle_nn::Linear::new(
-        Tensor::randn(0f32, 1.0, (cfg.vocab_size, cfg.hidden_size), device)?.to_dtype(dtype)?,
-        None,
-    );
     let xh = Tensor::randn(0f32, 1.0, (1, cfg.hidden_size), device)?.to_dtype(dtype)?;
     let xi = Tensor::randn(0f32, 1.0, (1, cfg.intermediate_size), device)?.to_dtype(dtype)?;
     let mut times = Vec::new();
@@ -221,7 +223,7 @@ fn matmuls_alone(cfg: &BitNetConfig, dtype: DType, device: &Device) -> Result<f6
         for (name, w) in &weights {
             w.forward(if *name == "mlp.down_proj" { &xi } else { &xh })?;
         }
-        head.forward(&xh)?;
+        model.logits(&xh)?;
         device.synchronize()?;
         if rep >= 3 {
             times.push(t0.elapsed().as_secs_f64());
@@ -500,14 +502,15 @@ fn main() -> Result<()> {
         }
         if kind == Projections::PackedTernary {
             let (host, full) = enqueue_vs_step(&model, &prompt)?;
-            drop(model);
-            let alone = matmuls_alone(&cfg, dtype, &device)?;
+            let alone = matmuls_alone(&model, dtype)?;
             println!(
                 "  one decode step (forward_last of one token, no sampling): {:.3} ms; host enqueue {:.3} ms; \
-                 the 7 x {} projections + head alone: {:.3} ms; rest (other kernels, launch gaps): {:.3} ms",
+                 the 7 x {} projections + head ({:?} weights) alone: {:.3} ms; rest (other kernels, launch \
+                 gaps): {:.3} ms",
                 full * 1e3,
                 host * 1e3,
                 args.layers,
+                model.head_dtype(),
                 alone * 1e3,
                 (full - alone) * 1e3
             );

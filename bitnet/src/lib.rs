@@ -22,6 +22,7 @@ pub mod config;
 mod fused;
 pub mod generate;
 mod graph;
+mod head;
 mod linear;
 mod mlp;
 mod model;

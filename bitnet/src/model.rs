@@ -3,11 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use crate::attention::{Attention, LayerCache};
 use crate::config::{BitNetConfig, ConfigError};
 use crate::fused::{self, DecodeKernels};
+use crate::head::VocabMatrix;
 use crate::linear::Projections;
 use crate::mlp::Mlp;
 use crate::rope::Rope;
@@ -129,14 +130,16 @@ impl DecoderLayer {
 /// `BitNetForCausalLM`: token ids in, next-token logits out. The projections are packed ternary
 /// (int8 activations on the `bitlinear` kernels); embeddings, norms, attention, KV cache and
 /// head are float in the model's dtype (f32 matches transformers' logits within 1e-5; bf16 halves
-/// the head's and the cache's memory traffic, for GPUs). Logits come out in that dtype.
+/// the head's and the cache's memory traffic, for GPUs). Logits come out in that dtype. An f32
+/// model on the CPU whose embedding/head values are all bf16 (a bf16 checkpoint) holds them as
+/// bf16 and widens them in its kernels: exact, half the head's bytes a token.
 #[derive(Debug, Clone)]
 pub struct BitNetModel {
     config: BitNetConfig,
-    embed_tokens: Embedding,
+    embed_tokens: VocabMatrix,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: VocabMatrix,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -178,15 +181,15 @@ impl BitNetModel {
         }
         let m = vb.pp("model");
         let (h, vocab) = (config.hidden_size, config.vocab_size);
-        let embed_tokens = candle_nn::embedding(vocab, h, m.pp("embed_tokens"))?;
+        let embed_tokens = VocabMatrix::new(m.pp("embed_tokens").get((vocab, h), "weight")?)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load(&config, projections, m.pp("layers").pp(i)))
             .collect::<Result<_>>()?;
         let norm = candle_nn::rms_norm(h, config.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if config.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            embed_tokens.clone()
         } else {
-            candle_nn::linear_no_bias(h, vocab, vb.pp("lm_head"))?
+            VocabMatrix::new(vb.pp("lm_head").get((vocab, h), "weight")?)?
         };
         let rope = Rope::new(
             config.rope_base(),
@@ -206,6 +209,12 @@ impl BitNetModel {
             device,
             decode_kernels: DecodeKernels::default(),
         })
+    }
+
+    /// The dtype the LM head's weights are held in: the model's, or bf16 for an f32 model on the
+    /// CPU whose head values are all bf16 (widened inside the head's kernel, exactly).
+    pub fn head_dtype(&self) -> DType {
+        self.lm_head.stored_dtype()
     }
 
     /// Which kernels run the float parts of [`Self::decode_at`] (default
@@ -266,7 +275,7 @@ impl BitNetModel {
                 self.config.max_position_embeddings
             )
         }
-        let mut x = self.embed_tokens.forward(ids)?;
+        let mut x = self.embed_tokens.embed(ids)?;
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, start, &self.rope, c)?;
         }
@@ -274,16 +283,22 @@ impl BitNetModel {
         self.norm.forward(&x)
     }
 
+    /// The head alone: logits `(..., vocab)` of final hidden states `(..., hidden)` (after the
+    /// final norm).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.logits(hidden)
+    }
+
     /// Logits `(batch, seq, vocab)` at every position of `ids`.
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        self.lm_head.forward(&self.hidden(ids, cache)?)
+        self.lm_head.logits(&self.hidden(ids, cache)?)
     }
 
     /// Logits `(batch, vocab)` at the last position of `ids` only (the head runs once per row).
     pub fn forward_last(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let h = self.hidden(ids, cache)?;
         let s = h.dim(1)?;
-        self.lm_head.forward(&h.i((.., s - 1, ..))?.contiguous()?)
+        self.lm_head.logits(&h.i((.., s - 1, ..))?.contiguous()?)
     }
 
     /// One decode step with the position on the device: logits `(1, vocab)` of token
@@ -307,11 +322,11 @@ impl BitNetModel {
             .broadcast_gt(pos)?
             .to_dtype(self.dtype)?
             .affine(most_negative(self.dtype)?, 0.0)?;
-        let mut x = self.embed_tokens.forward(id)?;
+        let mut x = self.embed_tokens.embed(id)?;
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward_at(&x, pos, &future, &self.rope, c)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x)?.squeeze(1)?)
+        self.lm_head.logits(&self.norm.forward(&x)?.squeeze(1)?)
     }
 }
 
@@ -333,9 +348,9 @@ impl BitNetModel {
 
     /// [`Self::decode_at`] on the fused kernels: each residual add runs with the norm after it.
     fn decode_at_fused(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        let mut x = self.embed_tokens.forward(id)?;
+        let mut x = self.embed_tokens.embed(id)?;
         let Some(first) = self.layers.first() else {
-            return self.lm_head.forward(&self.norm.forward(&x)?.squeeze(1)?);
+            return self.lm_head.logits(&self.norm.forward(&x)?.squeeze(1)?);
         };
         let mut normed = first.input_layernorm.forward(&x)?;
         for (i, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
@@ -348,7 +363,7 @@ impl BitNetModel {
             let next = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_layernorm);
             (x, normed) = fused::add_rms_norm(&x1, &mlp, next.weight(), next.eps())?;
         }
-        self.lm_head.forward(&normed.squeeze(1)?)
+        self.lm_head.logits(&normed.squeeze(1)?)
     }
 }
 

@@ -85,3 +85,54 @@ fn integer_float_dtype_is_an_error() {
     };
     assert!(err.contains("f32, bf16 or f16"), "{err}");
 }
+
+/// The fixture's tensors, with the embedding (the tied head) rounded to bf16 values and, if
+/// `perturb`, one of them moved off bf16 by an f32 ulp.
+fn fixture_with_bf16_embedding(perturb: bool) -> BitNetModel {
+    let dir = fixture_model_dir();
+    let config = BitNetConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let name = "model.embed_tokens.weight";
+    let e = tensors[name]
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let (vocab, hidden) = e.dims2().unwrap();
+    let mut values = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    if perturb {
+        values[7] = f32::from_bits(values[7].to_bits() + 1);
+    }
+    tensors.insert(
+        name.into(),
+        Tensor::from_vec(values, (vocab, hidden), &Device::Cpu).unwrap(),
+    );
+    BitNetModel::load(config, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap()
+}
+
+/// An f32 model on the CPU whose embedding/head values are all bf16 holds the head as bf16 and
+/// widens it in its own kernel: the logits match the same model with its head in f32 (one value
+/// off bf16 by an f32 ulp, which moves a logit by ~1e-7) within 1e-5 relative (f32 sums in
+/// another order).
+#[test]
+fn bf16_valued_head_is_held_as_bf16_on_the_cpu() {
+    let (widened, plain) = (fixture_with_bf16_embedding(false), fixture_with_bf16_embedding(true));
+    assert_eq!((widened.head_dtype(), plain.head_dtype()), (DType::BF16, DType::F32));
+    let mut rng = StdRng::seed_from_u64(0x1ead);
+    let vocab = widened.config().vocab_size;
+    let ids: Vec<u32> = (0..9).map(|_| rng.gen_range(0..vocab as u32)).collect();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let run = |m: &BitNetModel| {
+        let y = m.forward(&ids, &mut m.new_cache(9).unwrap()).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (run(&widened), run(&plain));
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff <= 1e-5 * scale,
+        "widened head differs by {diff} (logits up to {scale})"
+    );
+}
