@@ -9,7 +9,8 @@
 //   x, delta (rows, n) T; gamma (n) T.  out (2, rows, n) T: out[0] = x + delta rounded to T (the
 //   residual stream), out[1] = rmsnorm(out[0]) * gamma with candle's formula
 //   (scale = rsqrt(mean(x^2) + eps), y = T(scale * x * gamma)). Each thread keeps its columns'
-//   values in registers, one block reduction of the squares.
+//   values and gains in registers (all loads issued before the reduction), one block reduction of
+//   the squares.
 //
 // relu2_mul_rms_norm_T (same launch): gate_up (rows, 2n) T, the stacked gate and up products
 //   before their weight scales; gamma (n) T. out (rows, n) T = rmsnorm(T(T(relu(g)^2) * u)) *
@@ -26,6 +27,8 @@
 //   row p by the first query head of each KV head; sub_gamma (heads * d) T, eps: the sub-norm;
 //   counter: one u32, 0 between calls. raw (heads, d) T: the attention output before the norm;
 //   out (heads * d) T: after it.
+//   * once p is read, an L2 prefetch of the cached key and value rows 0..p-1 (one 128-byte line a
+//     thread), so that their loads below, behind RoPE and the scores, come from L2.
 //   * RoPE (rotate_half form) of q and k_new at p into shared memory; q prescaled by 1/sqrt(d).
 //   * scores: d / 8 lanes share a key, each holding 8 dims of q and loading 16 bytes of the key
 //     row, summed by shuffles; the block takes 1024 / (d / 8) keys a pass, so that a few
@@ -35,13 +38,17 @@
 //   * values: groups of d / 8 threads, each thread owning 8 consecutive dims, loop over keys
 //     j = g, g + G, ... <= p (G = 1024 / (d / 8) groups), so a group reads whole rows
 //     (coalesced); the groups of a warp add up by shuffles, the 32 warps through shared memory.
-//   * the last block to finish (an atomic count) normalises all heads into `out`.
-//   Needs d % 8 == 0, d / 8 a power of two, d <= 256, 16-byte aligned rows (checked on the host).
+//   * the last block to finish (an atomic count) normalises all heads into `out` (at most 16
+//     values a thread, read once with their gains).
+//   Needs d % 8 == 0, d / 8 a power of two, d <= 256, heads * d <= 16 * 1024, 16-byte aligned
+//   rows (checked on the host).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// Block sizes the host launches (src/fused/cuda.rs); the bounds cap registers at 64 a thread.
 #define NORM_THREADS 1024
+#define ATT_THREADS 1024
 #define NORM_MAX_PER_THREAD 16
 
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -92,9 +99,11 @@ template <bool MAX> __device__ float block_reduce(float v, float* red) {
     return MAX ? warp_max(v) : warp_sum(v);
 }
 
-// rmsnorm of the row held in `v` (this thread's columns c = tid + i * blockDim.x), stored to dst.
+// rmsnorm of the row held in `v` (this thread's columns c = tid + i * blockDim.x) with the gains
+// `g` of those columns (loaded with the row, so that no load waits behind the reduction), stored
+// to dst.
 template <typename T>
-__device__ void norm_store(const float* v, const T* gamma, int n, float eps, T* dst, float* red) {
+__device__ void norm_store(const float* v, const float* g, int n, float eps, T* dst, float* red) {
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
@@ -106,7 +115,7 @@ __device__ void norm_store(const float* v, const T* gamma, int n, float eps, T* 
 #pragma unroll
     for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
         const int c = threadIdx.x + i * blockDim.x;
-        if (c < n) dst[c] = from_f<T>(scale * v[i] * to_f(gamma[c]));
+        if (c < n) dst[c] = from_f<T>(scale * v[i] * g[i]);
     }
 }
 
@@ -114,18 +123,19 @@ template <typename T>
 __device__ void add_rms_norm(const T* x, const T* delta, const T* gamma, int rows, int n, float eps, T* out) {
     __shared__ float red[32];
     const long long row = blockIdx.x;
-    float v[NORM_MAX_PER_THREAD];
+    float v[NORM_MAX_PER_THREAD], g[NORM_MAX_PER_THREAD];
 #pragma unroll
     for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
         const int c = threadIdx.x + i * blockDim.x;
-        v[i] = 0.f;
+        v[i] = g[i] = 0.f;
         if (c < n) {
             const T s = from_f<T>(to_f(x[row * n + c]) + to_f(delta[row * n + c]));
             out[row * n + c] = s;
             v[i] = to_f(s);
+            g[i] = to_f(gamma[c]);
         }
     }
-    norm_store(v, gamma, n, eps, out + (long long)rows * n + row * n, red);
+    norm_store(v, g, n, eps, out + (long long)rows * n + row * n, red);
 }
 
 template <typename T>
@@ -135,18 +145,19 @@ __device__ void relu2_mul_rms_norm(const T* gate_up, const T* gamma, int n, floa
     const long long row = blockIdx.x;
     const T* gate = gate_up + row * 2 * n;
     const T* up = gate + n;
-    float v[NORM_MAX_PER_THREAD];
+    float v[NORM_MAX_PER_THREAD], gm[NORM_MAX_PER_THREAD];
 #pragma unroll
     for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
         const int c = threadIdx.x + i * blockDim.x;
-        v[i] = 0.f;
+        v[i] = gm[i] = 0.f;
         if (c < n) {
             const float g = fmaxf(round_t<T>(to_f(gate[c]) * gate_scale), 0.f);
             const float u = round_t<T>(to_f(up[c]) * up_scale);
             v[i] = round_t<T>(round_t<T>(g * g) * u);
+            gm[i] = to_f(gamma[c]);
         }
     }
-    norm_store(v, gamma, n, eps, out + row * n, red);
+    norm_store(v, gm, n, eps, out + row * n, red);
 }
 
 template <typename T>
@@ -171,6 +182,16 @@ __device__ void decode_attention(const T* qkv, const T* cos, const T* sin, float
     const T* vh = qkv + (long long)(heads + kv_heads + kvh) * d;
     T* ck = cache_k + (long long)kvh * capacity * d;
     T* cv = cache_v + (long long)kvh * capacity * d;
+    // Ask L2 for the cached keys and values now (rows 0..p-1, 128-byte lines), so that their
+    // loads below, which wait for RoPE and for the scores, find them there.
+    {
+        const int lines = (int)(((long long)p * d * sizeof(T) + 127) / 128);
+        for (int l = threadIdx.x; l < 2 * lines; l += blockDim.x) {
+            const char* base = reinterpret_cast<const char*>(l < lines ? ck : cv);
+            const long long off = 128LL * (l < lines ? l : l - lines);
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+        }
+    }
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         const int f = i < half ? i : i - half;
         const float c = to_f(cos[(long long)p * half + f]), s = to_f(sin[(long long)p * half + f]);
@@ -272,18 +293,20 @@ __device__ void decode_attention(const T* qkv, const T* cos, const T* sin, float
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // heads * d <= NORM_MAX_PER_THREAD * blockDim.x (checked on the host): one pass of loads.
     const int n = heads * d;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = to_f(__ldcg(raw + i));
-        ss += v * v;
-    }
-    ss = block_reduce<false>(ss, red);
-    const float scale = rsqrtf(ss / (float)n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        out[i] = from_f<T>(scale * to_f(__ldcg(raw + i)) * to_f(sub_gamma[i]));
+    float v[NORM_MAX_PER_THREAD], gains[NORM_MAX_PER_THREAD];
+#pragma unroll
+    for (int i = 0; i < NORM_MAX_PER_THREAD; ++i) {
+        const int c = threadIdx.x + i * blockDim.x;
+        v[i] = gains[i] = 0.f;
+        if (c < n) {
+            v[i] = to_f(__ldcg(raw + c));
+            gains[i] = to_f(sub_gamma[c]);
+        }
     }
     if (threadIdx.x == 0) *counter = 0u;
+    norm_store(v, gains, n, eps, out, red);
 }
 
 // argmax_T (grid: ARGMAX_BLOCKS blocks of 1024 threads): the index of the first maximum of
@@ -352,15 +375,15 @@ __device__ void argmax(const T* x, int n, uint32_t* counter, uint32_t* partial, 
 }
 
 #define DECODE_KERNELS(T, SFX)                                                                            \
-    extern "C" __global__ void add_rms_norm_##SFX(const T* x, const T* delta, const T* gamma, int rows,   \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS) add_rms_norm_##SFX(const T* x, const T* delta, const T* gamma, int rows,   \
                                                   int n, float eps, T* out) {                             \
         add_rms_norm<T>(x, delta, gamma, rows, n, eps, out);                                              \
     }                                                                                                     \
-    extern "C" __global__ void relu2_mul_rms_norm_##SFX(const T* gate_up, const T* gamma, int n, float eps, \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS) relu2_mul_rms_norm_##SFX(const T* gate_up, const T* gamma, int n, float eps, \
                                                         float gate_scale, float up_scale, T* out) {       \
         relu2_mul_rms_norm<T>(gate_up, gamma, n, eps, gate_scale, up_scale, out);                         \
     }                                                                                                     \
-    extern "C" __global__ void decode_attention_##SFX(                                                    \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) decode_attention_##SFX(                                                    \
         const T* qkv, const T* cos, const T* sin, float q_scale, float k_scale, float v_scale,            \
         const uint32_t* pos, T* cache_k, T* cache_v, int capacity, int heads, int kv_heads, int d,        \
         const T* sub_gamma, float eps, uint32_t* counter, T* raw, T* out) {                               \

@@ -37,6 +37,8 @@ pub(crate) fn attention_supported(d: usize, heads: usize, kv_heads: usize, capac
         && heads.is_multiple_of(kv_heads)
         && capacity > 0
         && 4 * (capacity + 35 * d) <= 48 * 1024
+        // the sub-norm's block holds at most 16 values a thread
+        && heads * d <= 16 * 1024
 }
 
 /// `(x + delta, rmsnorm(x + delta) · gamma)`, the sum rounded to the dtype before it is

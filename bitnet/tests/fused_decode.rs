@@ -77,8 +77,43 @@ fn fixture_fused_matches_tensor_ops() {
     }
 }
 
-/// Random weights with 2B4T's heads (20 query heads, 5 KV heads, 128 values a head), two
-/// layers, random norm gains, 300 positions prefilled and 12 decoded, in a 384-position cache.
+/// Prefills `prompt` tokens of `ids` into a cache of `capacity`, then decodes the rest token by
+/// token with `decode_at`; the logits of every decoded step as f32.
+fn decode_logits(model: &BitNetModel, ids: &Tensor, prompt: usize, capacity: usize) -> Vec<Vec<f32>> {
+    let device = model.device().clone();
+    let mut cache = model.new_cache(capacity).unwrap();
+    model.forward(&ids.i((.., ..prompt)).unwrap(), &mut cache).unwrap();
+    (prompt..ids.dim(1).unwrap())
+        .map(|i| {
+            let id = ids.i((.., i..i + 1)).unwrap();
+            let pos = Tensor::new(&[i as u32], &device).unwrap();
+            values(&model.decode_at(&id, &pos, &mut cache).unwrap())
+        })
+        .collect()
+}
+
+/// The largest logit difference of `a` from `b` relative to `b`'s largest logit, per step.
+fn step_differences(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<f32> {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| {
+            let (d, m) = a
+                .iter()
+                .zip(b)
+                .fold((0f32, 0f32), |(d, m), (x, y)| (d.max((x - y).abs()), m.max(y.abs())));
+            assert!(d.is_finite(), "non-finite logits");
+            d / m.max(1e-6)
+        })
+        .collect()
+}
+
+/// Random weights with 2B4T's heads and widths (20 query heads, 5 KV heads, 128 values a head;
+/// the norm kernels on 1024 threads), two layers, random norm gains, 300 positions prefilled and
+/// 12 decoded, in a 384-position cache. In f32 the fused step matches the tensor-op step; in
+/// bf16 both are compared with the f32 tensor-op model of the same weights, and the fused step
+/// must track it about as well as the bf16 tensor ops do. (Both bf16 paths sit 0.2-0.9 of the
+/// largest logit away from the f32 model on these random weights, and as far from each other:
+/// this model is that sensitive to bf16 rounding; the fixture's bf16 steps agree within 0.05.)
 #[test]
 fn real_heads_fused_matches_tensor_ops() {
     let device = Device::new_cuda(0).unwrap();
@@ -90,14 +125,34 @@ fn real_heads_fused_matches_tensor_ops() {
         Path::new("2b4t-heads.json"),
     )
     .unwrap();
-    let (fused, ops) = pair(random_model(&cfg, &device));
     let ids = Tensor::rand(0f32, 511.0, (1, 312), &device)
         .unwrap()
         .to_dtype(DType::U32)
         .unwrap();
-    assert!(fused.decode_fused(384));
-    let worst = compare(&fused, &ops, &ids, 300, 384);
-    assert!(worst < 1e-3, "relative logit difference {worst}");
+    let tensors = random_tensors(&cfg, &device);
+    let run = |dtype: DType| {
+        let (fused, ops) =
+            pair(BitNetModel::load(cfg.clone(), VarBuilder::from_tensors(tensors.clone(), dtype, &device)).unwrap());
+        assert!(fused.decode_fused(384));
+        (
+            decode_logits(&fused, &ids, 300, 384),
+            decode_logits(&ops, &ids, 300, 384),
+        )
+    };
+    let (fused32, ops32) = run(DType::F32);
+    let worst = step_differences(&fused32, &ops32).into_iter().fold(0f32, f32::max);
+    assert!(worst < 1e-3, "f32: relative logit difference {worst}");
+    let (fused16, ops16) = run(DType::BF16);
+    let (fused_err, ops_err) = (step_differences(&fused16, &ops32), step_differences(&ops16, &ops32));
+    eprintln!("f32 fused against f32 ops: {worst}\nbf16 fused against f32 ops, per step: {fused_err:?}\nbf16 ops against f32 ops: {ops_err:?}");
+    let (f, o) = (
+        fused_err.iter().fold(0f32, |m, &x| m.max(x)),
+        ops_err.iter().fold(0f32, |m, &x| m.max(x)),
+    );
+    assert!(
+        f <= 2.0 * o + 0.01,
+        "bf16: the fused step is {f} from the f32 model, the tensor ops {o}"
+    );
 }
 
 /// Turned off, or over a cache too long for the kernel's shared memory, the tensor ops run.
@@ -112,9 +167,10 @@ fn fused_only_where_it_applies() {
     assert!(!fixture(DType::F32, &Device::Cpu).decode_fused(64));
 }
 
-/// A model with random f32 weights: packed projections (every code valid, scale 1), embeddings
-/// and norm gains from normal distributions.
-fn random_model(cfg: &BitNetConfig, device: &Device) -> BitNetModel {
+/// Random f32 weights of a model: packed projections (every code valid, scale 1 / sqrt(in)),
+/// embeddings and norm gains from normal distributions, rounded to bf16 values (so that f32 and
+/// bf16 models of them hold the same weights).
+fn random_tensors(cfg: &BitNetConfig, device: &Device) -> HashMap<String, Tensor> {
     let (h, inner) = (cfg.hidden_size, cfg.intermediate_size);
     let kv = cfg.kv_heads() * cfg.head_dim();
     let mut t = HashMap::new();
@@ -145,9 +201,11 @@ fn random_model(cfg: &BitNetConfig, device: &Device) -> BitNetModel {
             let weights = Tensor::new(&[1f32, 4.0, 16.0, 64.0], device).unwrap();
             let bytes = codes.broadcast_mul(&weights).unwrap().sum(2).unwrap();
             t.insert(format!("{p}.{name}.weight"), bytes.to_dtype(DType::U8).unwrap());
+            // Outputs of about unit size, so that attention stays soft: with larger ones a
+            // bf16 rounding flips which key dominates and the comparison measures chaos.
             t.insert(
                 format!("{p}.{name}.weight_scale"),
-                Tensor::new(&[0.5f32], device).unwrap(),
+                Tensor::new(&[1.0 / (k as f32).sqrt()], device).unwrap(),
             );
         }
         for (name, n) in [
@@ -159,7 +217,15 @@ fn random_model(cfg: &BitNetConfig, device: &Device) -> BitNetModel {
             t.insert(format!("{p}.{name}.weight"), randn(n, 1.0, 0.2));
         }
     }
-    BitNetModel::load(cfg.clone(), VarBuilder::from_tensors(t, DType::F32, device)).unwrap()
+    t.into_iter()
+        .map(|(name, w)| {
+            let w = match w.dtype() {
+                DType::F32 => w.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap(),
+                _ => w,
+            };
+            (name, w)
+        })
+        .collect()
 }
 
 /// The device argmax (`greedy_token` where the fused kernels run) picks what the host's greedy
