@@ -199,10 +199,9 @@ fn generation(model: &BitNetModel, prompt: &[u32], new: usize, mode: DecodeMode)
     Ok(result)
 }
 
-/// Median seconds of the projections and head of one decode step, run back to back (the
-/// projections on random weights of the model's shapes, the head `model`'s), one synchronisation
-/// per step.
-fn matmuls_alone(model: &BitNetModel, dtype: DType) -> Result<f64> {
+/// Median seconds of the projections of one decode step, run back to back on random weights of
+/// the model's shapes, and of `model`'s head, one synchronisation after each.
+fn matmuls_alone(model: &BitNetModel, dtype: DType) -> Result<(f64, f64)> {
     let (cfg, device) = (model.config(), model.device());
     let mut weights = Vec::new();
     for _ in 0..cfg.num_hidden_layers {
@@ -216,20 +215,23 @@ fn matmuls_alone(model: &BitNetModel, dtype: DType) -> Result<f64> {
     }
     let xh = Tensor::randn(0f32, 1.0, (1, cfg.hidden_size), device)?.to_dtype(dtype)?;
     let xi = Tensor::randn(0f32, 1.0, (1, cfg.intermediate_size), device)?.to_dtype(dtype)?;
-    let mut times = Vec::new();
+    let (mut projections, mut head) = (Vec::new(), Vec::new());
     for rep in 0..23 {
         device.synchronize()?;
         let t0 = Instant::now();
         for (name, w) in &weights {
             w.forward(if *name == "mlp.down_proj" { &xi } else { &xh })?;
         }
+        device.synchronize()?;
+        let t1 = Instant::now();
         model.logits(&xh)?;
         device.synchronize()?;
         if rep >= 3 {
-            times.push(t0.elapsed().as_secs_f64());
+            projections.push((t1 - t0).as_secs_f64());
+            head.push(t1.elapsed().as_secs_f64());
         }
     }
-    Ok(median(times))
+    Ok((median(projections), median(head)))
 }
 
 /// Median host seconds to enqueue one decode step (no synchronisation) and its full time.
@@ -502,17 +504,18 @@ fn main() -> Result<()> {
         }
         if kind == Projections::PackedTernary {
             let (host, full) = enqueue_vs_step(&model, &prompt)?;
-            let alone = matmuls_alone(&model, dtype)?;
+            let (projections, head) = matmuls_alone(&model, dtype)?;
             println!(
                 "  one decode step (forward_last of one token, no sampling): {:.3} ms; host enqueue {:.3} ms; \
-                 the 7 x {} projections + head ({:?} weights) alone: {:.3} ms; rest (other kernels, launch \
-                 gaps): {:.3} ms",
+                 alone: the 7 x {} projections {:.3} ms, the head ({:?} weights) {:.3} ms; rest (other \
+                 kernels, launch gaps): {:.3} ms",
                 full * 1e3,
                 host * 1e3,
                 args.layers,
+                projections * 1e3,
                 model.head_dtype(),
-                alone * 1e3,
-                (full - alone) * 1e3
+                head * 1e3,
+                (full - projections - head) * 1e3
             );
         }
     }
