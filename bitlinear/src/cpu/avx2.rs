@@ -20,6 +20,7 @@ pub(super) unsafe fn dot_rows(w: &[u8], s: Strides, blocks: usize, x: &[i8]) -> 
     let wp = w.as_ptr();
     let xp = x.as_ptr();
     for b in 0..blocks {
+        s.prefetch(wp, b);
         let xs = [
             _mm256_loadu_si256(xp.add(b * BLOCK_K) as *const __m256i),
             _mm256_loadu_si256(xp.add(b * BLOCK_K + 32) as *const __m256i),
@@ -66,6 +67,7 @@ pub(super) unsafe fn dot_rows2(w: &[u8], s: Strides, blocks: usize, x0: &[i8], x
         let b1 = blocks.min(b0 + I16_BLOCKS);
         let mut sums = [[_mm256_setzero_si256(); ROWS]; 2];
         for b in b0..b1 {
+            s.prefetch(wp, b);
             let mut v = [_mm256_setzero_si256(); ROWS];
             for (r, vr) in v.iter_mut().enumerate() {
                 *vr = _mm256_loadu_si256(wp.add(r * s.row + b * s.block) as *const __m256i);

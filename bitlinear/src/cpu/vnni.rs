@@ -61,6 +61,7 @@ macro_rules! dot_256 {
             let mask = _mm256_set1_epi8(3);
             let mut acc = [[_mm256_setzero_si256(); ROWS]; MX];
             for b in 0..blocks {
+                s.prefetch(w, b);
                 let mut v = [_mm256_setzero_si256(); ROWS];
                 for (r, vr) in v.iter_mut().enumerate() {
                     *vr = _mm256_loadu_si256(w.add(r * s.row + b * s.block).cast());
@@ -113,6 +114,7 @@ unsafe fn dot_512<const MX: usize>(
     let mask = _mm512_set1_epi8(3);
     let mut acc = [[_mm512_setzero_si512(); ROWS]; MX];
     for b in 0..blocks {
+        s.prefetch(w, b);
         let mut v = [_mm512_setzero_si512(); ROWS];
         for (r, vr) in v.iter_mut().enumerate() {
             *vr = _mm512_loadu_si512(w.add(r * s.row + b * s.block).cast());
