@@ -94,10 +94,15 @@ pub(crate) mod x86 {
 
     use half::bf16;
 
-    /// How far ahead (in weights: 1 KiB) the AVX-512 loop asks for the next lines: the hardware
+    /// How far ahead (in weights: 1 KiB) the loops ask for the next lines: the hardware
     /// prefetcher alone left the stream short of the memory's rate (a prefetch past the slice is
     /// harmless: prefetches do not fault).
     const PREFETCH: usize = 512;
+
+    /// `s + Σ x·w` over the last weights of a row, one at a time.
+    fn tail(x: &[f32], w: &[bf16], s: f32) -> f32 {
+        x.iter().zip(w).fold(s, |s, (x, w)| x.mul_add(w.to_f32(), s))
+    }
 
     /// AVX-512F dot product: 64 weights an iteration in four accumulators.
     ///
@@ -129,12 +134,8 @@ pub(crate) mod x86 {
             i += 16;
         }
         let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        let mut s = _mm512_reduce_add_ps(sum);
-        while i < n {
-            s = (*xp.add(i)).mul_add(f32::from_bits((*wp.add(i) as u32) << 16), s);
-            i += 1;
-        }
-        s
+        let s = _mm512_reduce_add_ps(sum);
+        tail(&x[i..n], &w[i..n], s)
     }
 
     /// AVX2 + FMA dot product: 32 weights an iteration in four accumulators.
@@ -153,6 +154,7 @@ pub(crate) mod x86 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
+            _mm_prefetch::<_MM_HINT_T0>(wp.add(i + PREFETCH) as *const i8);
             for (a, acc) in acc.iter_mut().enumerate() {
                 let o = i + 8 * a;
                 *acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(o)), widen(wp.add(o)), *acc);
@@ -166,12 +168,8 @@ pub(crate) mod x86 {
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
         let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let mut s = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)));
-        while i < n {
-            s = (*xp.add(i)).mul_add(f32::from_bits((*wp.add(i) as u32) << 16), s);
-            i += 1;
-        }
-        s
+        let s = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)));
+        tail(&x[i..n], &w[i..n], s)
     }
 }
 
