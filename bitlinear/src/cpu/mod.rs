@@ -189,29 +189,84 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
     }
 }
 
-/// Runs `task(0..tasks)` on the calling thread and `current_num_threads() - 1` pool workers,
-/// each claiming the next task from a shared counter.
+/// Runs `task(0..tasks)` on the calling thread and up to `current_num_threads() - 1` pool
+/// workers, each claiming the next task from a shared counter.
 ///
-/// The calling thread works instead of waiting: a call from outside the pool would otherwise
-/// queue every task, sleep, and be woken when the workers finish, and at M = 1 that hand-off
-/// costs as much as the work. The caller starts at once; a worker that wakes late finds fewer
-/// tasks left, so a slow wake-up lengthens the call by less than its own delay.
+/// The calling thread works instead of waiting, and it waits only for tasks a worker has
+/// claimed: a worker still asleep when the tasks run out is not waited for (it finds the call
+/// closed when it wakes and leaves at once). A call from outside the pool would otherwise queue
+/// its tasks and sleep until a worker woke; at M = 1 that hand-off costs as much as the work, and
+/// a wake-up late by tens of microseconds made small calls bimodal.
 fn run_shared(tasks: usize, task: &(impl Fn(usize) + Sync)) {
-    let next = AtomicUsize::new(0);
-    let claim = || loop {
-        let t = next.fetch_add(1, Ordering::Relaxed);
-        if t >= tasks {
-            break;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// What the caller shares with its helpers.
+    struct Call {
+        next: AtomicUsize,
+        tasks: usize,
+        /// Helpers inside the call (they may run tasks while this is above zero).
+        active: AtomicUsize,
+        /// Set by the caller when it stops taking tasks; a helper that comes later leaves.
+        closed: AtomicBool,
+        /// The caller's `task`, its lifetime erased: dereferenced only by a helper counted in
+        /// `active` that found `closed` false, and the caller returns only once `closed` is set
+        /// and `active` is zero, so the closure outlives every use.
+        task: *const (dyn Fn(usize) + Sync),
+    }
+    // SAFETY: `task` points to a `Sync` closure, used only as the protocol above allows.
+    unsafe impl Send for Call {}
+    // SAFETY: as above; the other fields are atomics.
+    unsafe impl Sync for Call {}
+
+    impl Call {
+        fn claim(&self, task: &(dyn Fn(usize) + Sync)) {
+            loop {
+                let t = self.next.fetch_add(1, Ordering::Relaxed);
+                if t >= self.tasks {
+                    break;
+                }
+                task(t);
+            }
         }
-        task(t);
-    };
+    }
+
+    let erased: *const (dyn Fn(usize) + Sync + '_) = task;
+    let call = Arc::new(Call {
+        next: AtomicUsize::new(0),
+        tasks,
+        active: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+        // SAFETY: only the lifetime changes (a fat pointer to the same closure); see `Call::task`.
+        task: unsafe {
+            std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(erased)
+        },
+    });
     let helpers = rayon::current_num_threads()
         .saturating_sub(1)
         .min(tasks.saturating_sub(1));
-    rayon::in_place_scope(|s| {
-        for _ in 0..helpers {
-            s.spawn(|_| claim());
+    for _ in 0..helpers {
+        let call = Arc::clone(&call);
+        rayon::spawn(move || {
+            call.active.fetch_add(1, Ordering::SeqCst);
+            if !call.closed.load(Ordering::SeqCst) {
+                // SAFETY: counted in `active` before `closed` was set: the caller is still in
+                // `run_shared` and waits for this helper, so the closure is alive.
+                call.claim(unsafe { &*call.task });
+            }
+            call.active.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    call.claim(task);
+    call.closed.store(true, Ordering::SeqCst);
+    // Helpers that got in finish the tasks they claimed (at most one each).
+    let mut spins = 0u32;
+    while call.active.load(Ordering::SeqCst) != 0 {
+        spins += 1;
+        if spins < 1 << 12 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
         }
-        claim();
-    });
+    }
 }

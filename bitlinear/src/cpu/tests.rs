@@ -191,3 +191,27 @@ fn layouts_are_cached() {
         }
     }
 }
+
+/// `run_shared` runs every task exactly once and returns only when all are done: from outside
+/// the pool and from inside it (two calls at once), with many tasks or a few (helpers that wake
+/// after the tasks ran out must leave without running one), repeated so that helpers arrive at
+/// every point of a call.
+#[test]
+fn run_shared_runs_every_task_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let check = |tasks: usize| {
+        let counts: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+        super::run_shared(tasks, &|t| {
+            counts[t].fetch_add(1, Ordering::Relaxed);
+        });
+        for (t, c) in counts.iter().enumerate() {
+            assert_eq!(c.load(Ordering::Relaxed), 1, "task {t} of {tasks}");
+        }
+    };
+    for tasks in [0, 1, 2, 3, 17, 1000] {
+        for _ in 0..300 {
+            check(tasks);
+        }
+        rayon::join(|| check(tasks), || check(tasks));
+    }
+}
