@@ -17,11 +17,10 @@ use rayon::prelude::*;
 /// The matrix, as loaded or held as bf16 (see the module docs).
 #[derive(Debug, Clone)]
 pub(crate) struct VocabMatrix {
+    /// In the model's dtype, or bf16 for an f32 model on the CPU (widened by the kernels).
     weight: Tensor,
     /// The model's float dtype: what lookups and products return.
     dtype: DType,
-    /// `Some` when the weights are held as bf16 for an f32 model on the CPU.
-    linear: Option<Linear>,
 }
 
 impl VocabMatrix {
@@ -33,14 +32,9 @@ impl VocabMatrix {
             return Ok(Self {
                 weight: weight.to_dtype(DType::BF16)?,
                 dtype,
-                linear: None,
             });
         }
-        Ok(Self {
-            linear: Some(Linear::new(weight.clone(), None)),
-            weight,
-            dtype,
-        })
+        Ok(Self { weight, dtype })
     }
 
     /// The dtype the weights are held in (bf16 for an f32 model where they are widened).
@@ -58,8 +52,8 @@ impl VocabMatrix {
 
     /// `x (..., hidden) · Wᵀ` as `(..., vocab)`: the logits.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(linear) = &self.linear {
-            return linear.forward(x);
+        if self.weight.dtype() == self.dtype {
+            return Linear::new(self.weight.clone(), None).forward(x);
         }
         let mut dims = x.dims().to_vec();
         let hidden = self.weight.dim(1)?;
@@ -157,8 +151,12 @@ mod tests {
         assert_eq!(m.stored_dtype(), DType::F32);
         let x = Tensor::randn(0f32, 1.0, (1, 16), &Device::Cpu)?;
         assert_eq!(m.logits(&x)?.to_vec2::<f32>()?, x.matmul(&w.t()?)?.to_vec2::<f32>()?);
-        // A bf16 model keeps its matrix as it is, products included.
-        assert!(VocabMatrix::new(w.to_dtype(DType::BF16)?)?.linear.is_some());
+        // A bf16 model keeps its matrix as it is, products included (candle's own matmul).
+        let (w16, x16) = (w.to_dtype(DType::BF16)?, x.to_dtype(DType::BF16)?);
+        let m16 = VocabMatrix::new(w16.clone())?;
+        assert_eq!(m16.stored_dtype(), DType::BF16);
+        let want = x16.matmul(&w16.t()?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        assert_eq!(m16.logits(&x16)?.to_dtype(DType::F32)?.to_vec2::<f32>()?, want);
         Ok(())
     }
 }

@@ -25,35 +25,15 @@ fn values(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
-/// `(max |a - b|, max |b|)`.
-fn diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
-    let (a, b) = (values(a), values(b));
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(&b)
-        .fold((0f32, 0f32), |(d, m), (x, y)| (d.max((x - y).abs()), m.max(y.abs())))
-}
-
 /// Prefills `prompt` tokens of `ids` with the tensor ops into two caches, then decodes the rest
 /// token by token with `fused` and `ops` (the same weights); returns the largest logit
 /// difference relative to the largest logit, over all steps.
 fn compare(fused: &BitNetModel, ops: &BitNetModel, ids: &Tensor, prompt: usize, capacity: usize) -> f32 {
-    let device = fused.device().clone();
-    let (mut a, mut b) = (fused.new_cache(capacity).unwrap(), ops.new_cache(capacity).unwrap());
-    fused.forward(&ids.i((.., ..prompt)).unwrap(), &mut a).unwrap();
-    ops.forward(&ids.i((.., ..prompt)).unwrap(), &mut b).unwrap();
-    let mut worst = 0f32;
-    for i in prompt..ids.dim(1).unwrap() {
-        let id = ids.i((.., i..i + 1)).unwrap();
-        let pos = Tensor::new(&[i as u32], &device).unwrap();
-        let got = fused.decode_at(&id, &pos, &mut a).unwrap();
-        let want = ops.decode_at(&id, &pos, &mut b).unwrap();
-        assert_eq!((got.dims(), got.dtype()), (want.dims(), want.dtype()));
-        let (d, m) = diff(&got, &want);
-        assert!(d.is_finite(), "position {i}: non-finite logits");
-        worst = worst.max(d / m.max(1e-6));
-    }
-    worst
+    let (a, b) = (
+        decode_logits(fused, ids, prompt, capacity),
+        decode_logits(ops, ids, prompt, capacity),
+    );
+    step_differences(&a, &b).into_iter().fold(0f32, f32::max)
 }
 
 fn pair(model: BitNetModel) -> (BitNetModel, BitNetModel) {
@@ -78,7 +58,7 @@ fn fixture_fused_matches_tensor_ops() {
 }
 
 /// Prefills `prompt` tokens of `ids` into a cache of `capacity`, then decodes the rest token by
-/// token with `decode_at`; the logits of every decoded step as f32.
+/// token with `decode_at`; the logits of every decoded step (in the model's dtype) as f32.
 fn decode_logits(model: &BitNetModel, ids: &Tensor, prompt: usize, capacity: usize) -> Vec<Vec<f32>> {
     let device = model.device().clone();
     let mut cache = model.new_cache(capacity).unwrap();
@@ -87,21 +67,26 @@ fn decode_logits(model: &BitNetModel, ids: &Tensor, prompt: usize, capacity: usi
         .map(|i| {
             let id = ids.i((.., i..i + 1)).unwrap();
             let pos = Tensor::new(&[i as u32], &device).unwrap();
-            values(&model.decode_at(&id, &pos, &mut cache).unwrap())
+            let logits = model.decode_at(&id, &pos, &mut cache).unwrap();
+            assert_eq!(logits.dtype(), model.dtype(), "position {i}");
+            values(&logits)
         })
         .collect()
 }
 
 /// The largest logit difference of `a` from `b` relative to `b`'s largest logit, per step.
 fn step_differences(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<f32> {
+    assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .map(|(a, b)| {
+        .enumerate()
+        .map(|(i, (a, b))| {
+            assert_eq!(a.len(), b.len(), "step {i}: logits of different shapes");
             let (d, m) = a
                 .iter()
                 .zip(b)
                 .fold((0f32, 0f32), |(d, m), (x, y)| (d.max((x - y).abs()), m.max(y.abs())));
-            assert!(d.is_finite(), "non-finite logits");
+            assert!(d.is_finite(), "step {i}: non-finite logits");
             d / m.max(1e-6)
         })
         .collect()
