@@ -55,6 +55,17 @@
 //   * per row, the L lane sums are added with xor shuffles (integers: exact) and lane lr = 0
 //     stores the output.
 // Epilogue: y = (acc * s_x) * s_w (two roundings), cast to OT; int32 mode stores acc.
+// Input norms (the `_an` and `_rn` kernels, PRO = 1 and 2; float x, thread-load path): before
+// the absmax, the x warps turn their groups into the input of a pre-norm layer, so that the norm
+// needs no kernel of its own. Each block computes it in full (K values; the same in every block).
+//   * PRO 1, add + RMSNorm: s = T(x + delta) (delta may be null: s = x), y = T(r * s * gamma)
+//     with r = rsqrt(mean(s^2) + eps); block 0 also stores s to `resid` (the residual stream)
+//     where that is not null.
+//   * PRO 2, BitNet's squared-ReLU gate + RMSNorm: x is (1, 2K), gate then up, before their
+//     weight scales; g = max(T(gate * gate_scale), 0), u = T(up * up_scale), s = T(T(g^2) * u),
+//     then y as above. T rounds where candle's tensor ops would store.
+//   The sum of squares is one more block reduction (per-warp sums, then the 16 in order); the
+//   warps without x request their weights before it. delta, gamma and x 16-byte aligned.
 // Launch: programmatic dependent launch (common.cuh, pdl_wait), and this kernel lets the next
 // one start at once. The `_e` kernels (the host knows the weights complete: src/cuda/settle.rs)
 // request each lane's first weight chunk slot before pdl_wait, so that it streams while the
@@ -117,10 +128,32 @@ __device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
 
 // L lanes per weight row (8, 16 or 32) and T = ceil(cpr / L) 16-byte chunks per lane and row: a
 // warp works on P = 32 / L rows at a time ("a batch") and holds at most RB batches.
-template <int L, int T, bool BX, int TE, typename XT, typename OT>
+// The input norm of the `_an` / `_rn` kernels (PRO = 1 / 2; see the header).
+template <typename XT> struct InputNorm {
+    const XT* delta;  // PRO 1: added to x (may be null)
+    const XT* gamma;  // (K) gains
+    float eps;
+    float gate_scale, up_scale;  // PRO 2
+    XT* resid;        // PRO 1: s = T(x + delta) stored by block 0 (may be null)
+};
+
+// Stores 16 floats as T (exact: they are already rounded to T) at p, 16-byte aligned.
+template <typename T> __device__ __forceinline__ void store16(T* p, const float (&f)[16]) {
+    RawGroup<T> r;
+    T* e = reinterpret_cast<T*>(r.v);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) e[i] = from_f32<T>(f[i]);
+#pragma unroll
+    for (int c = 0; c < (int)sizeof(T); ++c) reinterpret_cast<uint4*>(p)[c] = r.v[c];
+}
+
+// Rounds through T and back.
+template <typename T> __device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
+
+template <int L, int T, bool BX, int TE, int PRO, typename XT, typename OT>
 __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xscales, const uint8_t* __restrict__ W,
                           int N, int K, int K4, int rows_base, int rows_rem, float sw_val,
-                          const float* __restrict__ sw_ptr, OT* __restrict__ y) {
+                          const float* __restrict__ sw_ptr, OT* __restrict__ y, InputNorm<XT> pro) {
     constexpr bool FUSED = !std::is_same<XT, int8_t>::value;
     constexpr int P = 32 / L;
     constexpr int RB = 16 / T < 8 ? 16 / T : 8;  // batches held: at most 16 chunks a lane
@@ -129,6 +162,7 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     __shared__ unsigned red_max[GV_WARPS];
     __shared__ __align__(8) uint64_t xbar;  // completes when the bulk copy of x has landed
     __shared__ int red_sum[GV_WARPS];
+    __shared__ float red_ss[GV_WARPS];  // input norm: per-warp sums of squares
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int cpr = K4 >> 4;                   // 16-byte chunks per weight row
@@ -209,6 +243,14 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     if (xbulk && tid == 0) bulk_load_g2s(xraw, x, (uint32_t)(K * sizeof(XT)), &xbar);
     RawGroup<XT> x0;
     if (!xbulk && xvec && has0) gv_load_raw(x, tid, x0);
+    // input norm operands, right behind x: delta or the up half, and the gains
+    RawGroup<XT> x1, gm;
+    if constexpr (PRO != 0) {
+        if (has0) {
+            if (PRO == 2 || pro.delta != nullptr) gv_load_raw(PRO == 2 ? x + K : pro.delta, tid, x1);
+            gv_load_raw(pro.gamma, tid, gm);
+        }
+    }
     if constexpr (TE == 0) weight_rows();  // behind x's loads: x first
     if (xbulk) {
         load_rest();
@@ -233,13 +275,53 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
         } else {
             gv_load16_unaligned(x, tid, f0);
         }
+        if constexpr (PRO != 0) {
+            // the input norm (header): s into f0, its sum of squares over the block, then y
+            float ss = 0.0f;
+            if (has0) {
+                float a[16];
+                if (PRO == 2 || pro.delta != nullptr) {
+                    raw_to_f32(x1, a);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 16; ++i) a[i] = 0.0f;
+                }
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    float v;
+                    if constexpr (PRO == 1) {
+                        v = pro.delta != nullptr ? round_to<XT>(f0[i] + a[i]) : f0[i];
+                    } else {
+                        const float g = fmaxf(round_to<XT>(f0[i] * pro.gate_scale), 0.0f);
+                        const float u = round_to<XT>(a[i] * pro.up_scale);
+                        v = round_to<XT>(round_to<XT>(g * g) * u);
+                    }
+                    f0[i] = v;
+                    ss += v * v;
+                }
+                if (PRO == 1 && pro.resid != nullptr && blockIdx.x == 0) store16(pro.resid + 16 * tid, f0);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            if (lane == 0) red_ss[warp] = ss;
+            if (warp >= x_warps) load_rest();  // no x here: the weights now
+            __syncthreads();
+            ss = 0.0f;
+#pragma unroll
+            for (int w = 0; w < GV_WARPS; ++w) ss += red_ss[w];
+            const float r = rsqrtf(ss / (float)K + pro.eps);
+            float gf[16];
+            raw_to_f32(gm, gf);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) f0[i] = has0 ? round_to<XT>(r * f0[i] * gf[i]) : 0.0f;
+        }
         // absmax as the integer max of the bits of |x|: exact, and NaN/Inf show as >= 0x7f800000
         unsigned amax = 0u;
 #pragma unroll
         for (int i = 0; i < 16; ++i) amax = max(amax, __float_as_uint(f0[i]) & 0x7fffffffu);
         amax = __reduce_max_sync(0xffffffffu, amax);
         if (lane == 0) red_max[warp] = amax;
-        if (!xbulk && warp >= x_warps) load_rest();
+        if (PRO == 0 && !xbulk && warp >= x_warps) load_rest();
         __syncthreads();
         if (!xbulk && warp < x_warps) load_rest();
         amax = red_max[0];
@@ -341,7 +423,18 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     extern "C" __global__ void __launch_bounds__(GV_THREADS, 1)                                                \
         NAME(const XT* x, const float* xs, const uint8_t* W, int N, int K, int K4, int rows_base, int rows_rem, \
              float sw_val, const float* sw_ptr, OT* y) {                                                        \
-        gemv_impl<L, T, BX, TE, XT, OT>(x, xs, W, N, K, K4, rows_base, rows_rem, sw_val, sw_ptr, y);          \
+        gemv_impl<L, T, BX, TE, 0, XT, OT>(x, xs, W, N, K, K4, rows_base, rows_rem, sw_val, sw_ptr, y,         \
+                                           InputNorm<XT>{nullptr, nullptr, 0.0f, 0.0f, 0.0f, nullptr});        \
+    }
+// The input-norm kernels (float x, OT = XT, thread loads of x): the plain arguments, then the
+// norm's (InputNorm's fields in order).
+#define GV_INST_NORM(L, T, TE, PRO, XT, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(GV_THREADS, 1)                                                \
+        NAME(const XT* x, const float* xs, const uint8_t* W, int N, int K, int K4, int rows_base, int rows_rem, \
+             float sw_val, const float* sw_ptr, XT* y, const XT* delta, const XT* gamma, float eps,            \
+             float gate_scale, float up_scale, XT* resid) {                                                    \
+        gemv_impl<L, T, false, TE, PRO, XT, XT>(x, xs, W, N, K, K4, rows_base, rows_rem, sw_val, sw_ptr, y,    \
+                                                InputNorm<XT>{delta, gamma, eps, gate_scale, up_scale, resid}); \
     }
 
 // name: gemv_<x>_<out>_l<L>_t<T>[_bx][_e]: L lanes per row, T = ceil(cpr / L) chunks per lane
@@ -351,10 +444,16 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
 #define GV_LT(L, T, XT, OT, XN, ON)                                      \
     GV_INST(L, T, false, 0, XT, OT, gemv_##XN##_##ON##_l##L##_t##T)     \
     GV_INST(L, T, true, 0, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_bx)
-#define GV_LT_E(L, T, XT, OT, XN, ON)                                     \
-    GV_LT(L, T, XT, OT, XN, ON)                                           \
-    GV_INST(L, T, false, 1, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_e)  \
-    GV_INST(L, T, true, 1, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_bx_e)
+// The float-x kernels also come with the input norms: _an (add + RMSNorm), _rn (squared-ReLU
+// gate + RMSNorm), each with and without _e.
+#define GV_LT_E(L, T, XT, OT, XN, ON)                                               \
+    GV_LT(L, T, XT, OT, XN, ON)                                                     \
+    GV_INST(L, T, false, 1, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_e)            \
+    GV_INST(L, T, true, 1, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_bx_e)          \
+    GV_INST_NORM(L, T, 0, 1, XT, gemv_##XN##_##ON##_l##L##_t##T##_an)              \
+    GV_INST_NORM(L, T, 1, 1, XT, gemv_##XN##_##ON##_l##L##_t##T##_an_e)            \
+    GV_INST_NORM(L, T, 0, 2, XT, gemv_##XN##_##ON##_l##L##_t##T##_rn)              \
+    GV_INST_NORM(L, T, 1, 2, XT, gemv_##XN##_##ON##_l##L##_t##T##_rn_e)
 #define GV_MRS(XT, OT, XN, ON, LT) \
     LT(8, 2, XT, OT, XN, ON)       \
     LT(8, 3, XT, OT, XN, ON)       \

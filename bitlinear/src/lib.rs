@@ -8,6 +8,7 @@ mod cpu;
 mod cuda;
 mod device;
 mod im2col;
+mod input_norm;
 pub mod interop;
 mod layer;
 mod layer_common;
@@ -21,6 +22,7 @@ pub mod quant;
 
 pub use conv::{bit_conv2d, bit_conv2d_no_bias, BitConv2d, BitConv2dConfig};
 pub use device::{cuda_device_info, kernel_settings, packed_accumulate, quantize_activations, set_kernel_settings};
+pub use input_norm::{packed_matmul_normed, InputNorm};
 pub use layer::{bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinear};
 pub use layer_common::{BitLinearConfig, RMS_NORM_EPS};
 pub use ops::{bit_matmul, fake_quantize_activations, fake_quantize_weights, packed_matmul, BitMatmul};

@@ -1,8 +1,10 @@
 // Fused kernels of a BitNet decode step (compiled to PTX by bitnet/build.rs, launched from
 // bitnet/src/fused.rs). Between the packed projections of a layer, the tensor-op form of a decode
 // step runs ~25 small candle kernels (norms, adds, RoPE, cache writes, mask, softmax, two batched
-// products, copies); the first three kernels here replace them, so that a layer is 7 GEMVs and 4
-// launches of these; argmax_T picks the greedy token on the device.
+// products, copies); the kernels here replace them. With packed projections a layer is the
+// attention kernel and 4 GEMVs that run the norms themselves (bitlinear's packed_matmul_normed);
+// the two norm kernels serve the dense model and the final norm; argmax_T picks the greedy token
+// on the device.
 // Float math is f32; T (f32, bf16 or f16) only rounds what is stored.
 //
 // add_rms_norm_T (grid: one block per row, up to 1024 threads, n <= 16 * threads):
@@ -24,7 +26,8 @@
 //   qkv ((heads + 2 kv_heads) d) T: the stacked q, k and v products of the token before their
 //   weight scales q_scale, k_scale, v_scale (each rounded to T once scaled); cos, sin
 //   (positions, d / 2) T: RoPE tables; cache_k, cache_v (kv_heads, capacity, d) T, written at
-//   row p by the first query head of each KV head; sub_gamma (heads * d) T, eps: the sub-norm;
+//   row p by the first query head of each KV head; sub_gamma (heads * d) T, eps: the sub-norm
+//   (null: none, `out` unused; the sub-norm then runs in the next projection's GEMV);
 //   counter: one u32, 0 between calls. raw (heads, d) T: the attention output before the norm;
 //   out (heads * d) T: after it.
 //   * once p is read, an L2 prefetch of the cached key and value rows 0..p-1 (one 128-byte line a
@@ -283,6 +286,7 @@ __device__ void decode_attention(const T* qkv, const T* cos, const T* sin, float
         raw[(long long)head * d + i] = from_f<T>(s * inv);
     }
 
+    if (sub_gamma == nullptr) return;
     // attn_sub_norm over all heads by the block that finishes last (threadfence reduction): each
     // block publishes its head, then counts itself in; the last one reads every head back from L2
     // (ld.cg: not through its L1), normalises, and resets the counter for the next call.

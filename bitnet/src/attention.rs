@@ -1,5 +1,6 @@
 //! Grouped-query self-attention with a preallocated KV cache and BitNet's `attn_sub_norm`.
 
+use bitlinear::InputNorm;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{RmsNorm, VarBuilder};
 
@@ -118,17 +119,24 @@ impl Attention {
         self.attend(q, &cache.k, &cache.v, Some(future))
     }
 
-    /// [`Self::forward_at`] for one sequence with RoPE, the cache write, the attention and the
-    /// sub-norm as one fused CUDA kernel (`crate::fused`): `x (1, 1, hidden)` to
-    /// `(1, 1, hidden)`. `counter` is the kernel's block counter (one u32, zero between calls).
+    /// [`Self::forward_at`] for one sequence on the fused CUDA kernels (`crate::fused`), from the
+    /// residual stream `x (1, 1, hidden)` and the last block's output `delta` not yet added to it
+    /// (`None` in the first layer): q, k and v of `input_norm(x + delta)` as one GEMV that runs
+    /// the add and the norm itself, RoPE, the cache write and the attention as one kernel, then
+    /// `o_proj` of the sub-norm as one GEMV again (dense projections: the norms as kernels of
+    /// their own). Returns the output `(1, 1, hidden)` and `x + delta` where there was a delta.
+    /// `counter` is the kernel's block counter (one u32, zero between calls).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_fused(
         &self,
         x: &Tensor,
+        delta: Option<&Tensor>,
+        input_norm: &RmsNorm,
         pos: &Tensor,
         rope: &Rope,
         cache: &mut LayerCache,
         counter: &Tensor,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (cos, sin) = rope.tables();
         let Some(qkv) = &self.qkv_stacked else {
             candle_core::bail!("attention: the fused step needs the stacked projections (CUDA)")
@@ -136,6 +144,7 @@ impl Attention {
         let &[q_scale, k_scale, v_scale] = qkv.scales() else {
             candle_core::bail!("attention: q, k and v stacked into other than three parts")
         };
+        let sub_eps = self.attn_sub_norm.eps() as f32;
         let attention = crate::fused::DecodeAttention {
             args: crate::fused::AttentionArgs {
                 cos,
@@ -143,8 +152,11 @@ impl Attention {
                 pos,
                 cache_k: &cache.k,
                 cache_v: &cache.v,
-                sub_gamma: self.attn_sub_norm.weight(),
-                eps: self.attn_sub_norm.eps() as f32,
+                // packed o_proj: the sub-norm runs in its GEMV
+                sub_norm: match self.o_proj.weight() {
+                    Some(_) => None,
+                    None => Some((self.attn_sub_norm.weight(), sub_eps)),
+                },
                 counter,
                 heads: self.heads,
                 kv_heads: self.kv_heads,
@@ -152,8 +164,25 @@ impl Attention {
             },
             scales: [q_scale, k_scale, v_scale],
         };
-        let y = attention.forward(&qkv.forward_stacked(x)?)?;
-        self.o_proj.forward(&y.reshape(x.dims())?)
+        let norm = InputNorm::AddRmsNorm {
+            delta,
+            gain: input_norm.weight(),
+            eps: input_norm.eps() as f32,
+        };
+        let (qkv_out, sum) = qkv.forward_stacked_normed(x, &norm)?;
+        let y = attention.forward(&qkv_out)?.reshape(x.dims())?;
+        let out = match self.o_proj.weight() {
+            Some(_) => {
+                let sub_norm = InputNorm::AddRmsNorm {
+                    delta: None,
+                    gain: self.attn_sub_norm.weight(),
+                    eps: sub_eps,
+                };
+                self.o_proj.forward_normed(&y, &sub_norm)?.0
+            }
+            None => self.o_proj.forward(&y)?,
+        };
+        Ok((out, sum))
     }
 
     /// Head size, query heads and key/value heads.

@@ -1,7 +1,10 @@
 //! Fused CUDA kernels for the float parts of a decode step (`kernels/decode.cu`): the residual
 //! add with the next RMSNorm, the squared-ReLU gate with the FFN sub-norm, and one kernel for
 //! RoPE, the KV-cache write, single-token attention and the attention sub-norm; and the greedy
-//! argmax of the logits. [`BitNetModel::decode_at`] runs them on CUDA devices when
+//! argmax of the logits. With packed projections the norms run inside the next projection's
+//! GEMV instead (`bitlinear::packed_matmul_normed`), and the attention kernel leaves its sub-norm
+//! to `o_proj`'s; the norm kernels serve the dense model and the final norm.
+//! [`BitNetModel::decode_at`] runs them on CUDA devices when
 //! [`DecodeKernels::Fused`] is set (the default); the tensor-op form stays the reference and the
 //! path of every other device.
 //!
@@ -14,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 /// kernels either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodeKernels {
-    /// Four fused kernels per layer where they apply (a CUDA device, one sequence, a head size
+    /// Fused kernels where they apply (a CUDA device, one sequence, a head size
     /// that is a power-of-two multiple of 8 up to 256, a cache that fits the attention kernel's
     /// shared memory: [`BitNetModel::decode_fused`](crate::BitNetModel::decode_fused)), candle
     /// tensor ops elsewhere. The float
@@ -145,7 +148,8 @@ pub(crate) use args::AttentionArgs;
 /// `kernels/decode.cu`), from the stacked q, k and v products `(1, (heads + 2 kv_heads) · d)`
 /// before their weight scales: RoPE of q and k at the position held in `pos` (u32 `(1,)`), k and
 /// v written into the cache at that position, attention of every query head over the cache up to
-/// it, then the layer's `attn_sub_norm`. Returns `(1, heads · d)`.
+/// it, then the layer's `attn_sub_norm` where [`AttentionArgs::sub_norm`] is given. Returns
+/// `(1, heads · d)`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CPU runs the tensor ops
 pub(crate) struct DecodeAttention<'a> {
     /// The layer state the kernel reads.
@@ -174,8 +178,9 @@ impl DecodeAttention<'_> {
                 qkv.dtype()
             )
         }
-        // (2, heads · d): the output before the sub-norm, then after it.
-        qkv.contiguous()?.apply_op1_no_bwd(self)?.get(1)
+        // (2, heads · d): the output before the sub-norm, then after it; (1, heads · d) without.
+        let out = qkv.contiguous()?.apply_op1_no_bwd(self)?;
+        out.get(out.dim(0)? - 1)
     }
 }
 

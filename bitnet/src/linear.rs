@@ -2,7 +2,7 @@
 //! its dense float stand-in for comparisons.
 
 use bitlinear::interop::hf_bitnet::{self, ScaleConvention};
-use bitlinear::{packed_matmul, ActScaling, PackedTernary};
+use bitlinear::{packed_matmul, packed_matmul_normed, ActScaling, InputNorm, PackedTernary};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
@@ -84,6 +84,15 @@ impl BitNetLinear {
         }
     }
 
+    /// `norm` of `x`, then this projection: the fused decode step's form of a pre-norm
+    /// projection ([`normed_forward`]). Returns the norm's sum where it has one.
+    pub(crate) fn forward_normed(&self, x: &Tensor, norm: &InputNorm) -> Result<(Tensor, Option<Tensor>)> {
+        match &self.weight {
+            Weight::Packed(w) => packed_matmul_normed(x, w, norm),
+            Weight::Dense(linear) => dense_normed(linear, x, norm),
+        }
+    }
+
     /// The dense float layer (`None` for [`Projections::PackedTernary`]).
     pub(crate) fn dense(&self) -> Option<&Linear> {
         match &self.weight {
@@ -91,6 +100,34 @@ impl BitNetLinear {
             Weight::Dense(linear) => Some(linear),
         }
     }
+}
+
+/// `norm` of `x`, then a dense layer, on the fused decode step's kernels (CUDA): the residual add
+/// with its norm and the squared-ReLU gate with its sub-norm as the fused kernels of
+/// `crate::fused`, a norm alone as candle's. The dense model's counterpart of
+/// `bitlinear::packed_matmul_normed`, which runs the norm inside the packed GEMV.
+pub(crate) fn dense_normed(linear: &Linear, x: &Tensor, norm: &InputNorm) -> Result<(Tensor, Option<Tensor>)> {
+    let (h, sum) = match *norm {
+        InputNorm::AddRmsNorm {
+            delta: Some(d),
+            gain,
+            eps,
+        } => {
+            let (sum, h) = crate::fused::add_rms_norm(x, d, gain, f64::from(eps))?;
+            (h, Some(sum))
+        }
+        InputNorm::AddRmsNorm { delta: None, gain, eps } => (candle_nn::ops::rms_norm(x, gain, eps)?, None),
+        InputNorm::Relu2MulRmsNorm {
+            gain,
+            eps,
+            gate_scale,
+            up_scale,
+        } => (
+            crate::fused::relu2_mul_rms_norm(x, &[gate_scale, up_scale], gain, f64::from(eps))?,
+            None,
+        ),
+    };
+    Ok((linear.forward(&h)?, sum))
 }
 
 /// `x (..., in) · Wᵀ` over a packed weight with `out` rows, as `(..., out)`.

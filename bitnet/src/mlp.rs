@@ -1,5 +1,6 @@
 //! BitNet's feed-forward block: squared-ReLU gate times up, `ffn_sub_norm`, down.
 
+use bitlinear::InputNorm;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{RmsNorm, VarBuilder};
 
@@ -41,20 +42,34 @@ impl Mlp {
 }
 
 impl Mlp {
-    /// [`Module::forward`] of one token with the gate, square, product and sub-norm as one
-    /// fused CUDA kernel (`crate::fused`).
-    pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+    /// [`Module::forward`] of `post_norm(x + delta)` for one token on the fused CUDA kernels,
+    /// with `x + delta` (the residual stream after the attention block): gate and up as one GEMV
+    /// that runs the add and the norm itself, then `down` as one GEMV that runs the gate, square,
+    /// product and sub-norm (dense projections: the norms as fused kernels of their own, see
+    /// `crate::fused`). Returns the output and the sum.
+    pub fn forward_fused(&self, x: &Tensor, delta: &Tensor, post_norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
         let Some(gate_up) = &self.gate_up_stacked else {
             candle_core::bail!("mlp: the fused step needs the stacked projections (CUDA)")
         };
-        let norm = &self.ffn_sub_norm;
-        let h = crate::fused::relu2_mul_rms_norm(
-            &gate_up.forward_stacked(x)?,
-            gate_up.scales(),
-            norm.weight(),
-            norm.eps(),
-        )?;
-        self.down_proj.forward(&h)
+        let &[gate_scale, up_scale] = gate_up.scales() else {
+            candle_core::bail!("mlp: gate and up stacked into other than two parts")
+        };
+        let norm = InputNorm::AddRmsNorm {
+            delta: Some(delta),
+            gain: post_norm.weight(),
+            eps: post_norm.eps() as f32,
+        };
+        let (h, sum) = gate_up.forward_stacked_normed(x, &norm)?;
+        let Some(sum) = sum else {
+            candle_core::bail!("mlp: the residual add returned no sum")
+        };
+        let sub_norm = InputNorm::Relu2MulRmsNorm {
+            gain: self.ffn_sub_norm.weight(),
+            eps: self.ffn_sub_norm.eps() as f32,
+            gate_scale,
+            up_scale,
+        };
+        Ok((self.down_proj.forward_normed(&h, &sub_norm)?.0, sum))
     }
 }
 

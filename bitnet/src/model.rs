@@ -311,8 +311,11 @@ impl BitNetModel {
     /// advances the cache's length; the caller tracks positions.
     ///
     /// With [`DecodeKernels::Fused`] on a CUDA device ([`Self::decode_fused`]) the norms,
-    /// residual adds, RoPE, cache write, attention and sub-norms run as fused kernels, 4 a layer
-    /// instead of about 25 (f32 inside each kernel, so the logits differ from the tensor ops' in rounding).
+    /// residual adds, RoPE, cache write, attention and sub-norms run as fused kernels: with packed
+    /// projections a layer is one attention kernel and four GEMVs that run the norms and adds
+    /// themselves (`bitlinear::packed_matmul_normed`), instead of about 25 kernels besides the
+    /// projections (f32 inside each kernel, so the logits differ from the tensor ops' in
+    /// rounding).
     pub fn decode_at(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         if id.dims() == [1, 1] && self.decode_fused(cache.capacity) {
             return self.decode_at_fused(id, pos, cache);
@@ -346,23 +349,32 @@ impl BitNetModel {
         Tensor::new(&[id], &self.device)
     }
 
-    /// [`Self::decode_at`] on the fused kernels: each residual add runs with the norm after it.
+    /// [`Self::decode_at`] on the fused kernels: each residual add runs with the norm after it,
+    /// inside the next projection's GEMV for packed weights (a block's output is carried as the
+    /// `delta` the next norm adds to the residual stream).
     fn decode_at_fused(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let mut x = self.embed_tokens.embed(id)?;
-        let Some(first) = self.layers.first() else {
-            return self.lm_head.logits(&self.norm.forward(&x)?.squeeze(1)?);
-        };
-        let mut normed = first.input_layernorm.forward(&x)?;
-        for (i, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let attention = layer
-                .self_attn
-                .forward_fused(&normed, pos, &self.rope, c, &cache.block_counter)?;
-            let post = &layer.post_attention_layernorm;
-            let (x1, n1) = fused::add_rms_norm(&x, &attention, post.weight(), post.eps())?;
-            let mlp = layer.mlp.forward_fused(&n1)?;
-            let next = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_layernorm);
-            (x, normed) = fused::add_rms_norm(&x1, &mlp, next.weight(), next.eps())?;
+        let mut delta: Option<Tensor> = None;
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let (attention, sum) = layer.self_attn.forward_fused(
+                &x,
+                delta.as_ref(),
+                &layer.input_layernorm,
+                pos,
+                &self.rope,
+                c,
+                &cache.block_counter,
+            )?;
+            let x1 = sum.unwrap_or(x);
+            let (mlp, x2) = layer
+                .mlp
+                .forward_fused(&x1, &attention, &layer.post_attention_layernorm)?;
+            (x, delta) = (x2, Some(mlp));
         }
+        let normed = match delta {
+            Some(d) => fused::add_rms_norm(&x, &d, self.norm.weight(), self.norm.eps())?.1,
+            None => self.norm.forward(&x)?,
+        };
         self.lm_head.logits(&normed.squeeze(1)?)
     }
 }

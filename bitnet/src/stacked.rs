@@ -2,11 +2,11 @@
 //! computes them all (q, k and v; gate and up): one decode GEMV instead of three or two in the
 //! fused decode step, whose kernels apply each part's weight scale.
 
-use bitlinear::PackedTernary;
-use candle_core::{bail, Module, Result, Tensor};
+use bitlinear::{packed_matmul_normed, InputNorm, PackedTernary};
+use candle_core::{bail, Result, Tensor};
 use candle_nn::Linear;
 
-use crate::linear::{packed_forward, BitNetLinear};
+use crate::linear::{dense_normed, BitNetLinear};
 
 #[derive(Debug, Clone)]
 enum Stacked {
@@ -57,17 +57,19 @@ impl StackedLinear {
         Ok(Self { weight, scales })
     }
 
-    /// The parts' weight scales, to apply to their slices of [`Self::forward_stacked`] (1 for
+    /// The parts' weight scales, to apply to their slices of [`Self::forward_stacked_normed`] (1 for
     /// dense parts).
     pub fn scales(&self) -> &[f32] {
         &self.scales
     }
 
-    /// `x (..., in)` to `(..., Σ out)`: every part's product before its weight scale.
-    pub fn forward_stacked(&self, x: &Tensor) -> Result<Tensor> {
+    /// Every part's product (before its weight scale) of `norm` of `x`, `(..., Σ out)`, with the
+    /// norm's sum where it has one: one GEMV that runs the norm itself for packed parts (`bitlinear::packed_matmul_normed`), the
+    /// fused norm kernels then the float product for dense ones.
+    pub fn forward_stacked_normed(&self, x: &Tensor, norm: &InputNorm) -> Result<(Tensor, Option<Tensor>)> {
         match &self.weight {
-            Stacked::Packed(w) => packed_forward(x, w, w.out_features()),
-            Stacked::Dense(linear) => linear.forward(x),
+            Stacked::Packed(w) => packed_matmul_normed(x, w, norm),
+            Stacked::Dense(linear) => dense_normed(linear, x, norm),
         }
     }
 }

@@ -40,6 +40,7 @@ mod launch;
 mod buffers;
 mod conv;
 mod gemm;
+mod input_norm;
 mod kernels;
 mod matmul;
 mod quantize;
@@ -48,6 +49,7 @@ mod tma;
 
 pub(crate) use buffers::empty_storage;
 pub(crate) use conv::{conv_dequantize, im2col, im2col_t, pad_channels_first, WeightScale};
+pub(crate) use input_norm::{normed_gemv, NormKind};
 pub(crate) use kernels::{device_info, set_settings, settings};
 pub(crate) use matmul::{bit_matmul, packed_accumulate, packed_matmul};
 pub(crate) use quantize::{

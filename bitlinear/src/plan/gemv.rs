@@ -56,6 +56,31 @@ impl GemvPlan {
         let e = if self.early_weights { "_e" } else { "" };
         format!("gemv_{x}_{out}_l{}_t{}{bx}{e}", self.lanes, self.chunks)
     }
+
+    /// The input-norm kernel of this plan for float `x` (`f32`/`bf16`/`f16`, the output's too)
+    /// and norm suffix `norm` (`an`: add + RMSNorm, `rn`: squared-ReLU gate + RMSNorm); the plan
+    /// comes from [`super::plan_normed_gemv`] (no bulk copy of `x`).
+    pub fn normed_kernel_name(&self, x: &str, norm: &str) -> String {
+        let e = if self.early_weights { "_e" } else { "" };
+        format!("gemv_{x}_{x}_l{}_t{}_{norm}{e}", self.lanes, self.chunks)
+    }
+}
+
+/// The decode GEMV with an input norm (the `_an` / `_rn` kernels of `kernels/gemv.cu`): as
+/// [`gemv_plan`] for float `x`, with `x` loaded by its threads (the norm's operands come with it;
+/// no bulk copy).
+pub(super) fn normed_gemv_plan(
+    n: usize,
+    k: usize,
+    settled: bool,
+    info: &DeviceInfo,
+    force: &ForcedChoices,
+) -> GemvPlan {
+    let force = ForcedChoices {
+        gemv_bulk_x: Some(false),
+        ..force.clone()
+    };
+    gemv_plan(n, k, (true, 0), settled, info, &force)
 }
 
 /// Whether the GEMV can take the problem: one row, `K % 64 == 0`, `0 < K <= 8192`, 16-byte
@@ -318,5 +343,23 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(gemv_plan(4096, 4096, (true, 2), false, &h100(), &force).lanes, 32);
+    }
+
+    /// The input-norm kernels load x with their threads: never the bulk copy, shared memory for
+    /// the codes alone, the rows split as the plain GEMV splits them; named with the norm.
+    #[test]
+    fn normed_plan_has_no_bulk_copy() {
+        for (n, k) in [(3840, 2560), (13824, 2560), (2560, 6912), (64, 8192), (5, 64)] {
+            for settled in [false, true] {
+                let p = normed_gemv_plan(n, k, settled, &h100(), &ForcedChoices::default());
+                let plain = plan(n, k, true, settled);
+                assert!(!p.bulk_x, "{n} x {k}");
+                assert_eq!(p.smem_bytes, k, "{n} x {k}");
+                assert_eq!((p.lanes, p.chunks, p.blocks), (plain.lanes, plain.chunks, plain.blocks));
+                let e = if p.early_weights { "_e" } else { "" };
+                let want = format!("gemv_bf16_bf16_l{}_t{}_an{e}", p.lanes, p.chunks);
+                assert_eq!(p.normed_kernel_name("bf16", "an"), want);
+            }
+        }
     }
 }

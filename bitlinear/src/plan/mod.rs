@@ -119,6 +119,25 @@ impl Problem {
     }
 }
 
+/// The decode GEMV with an input norm for `problem` (`crate::packed_matmul_normed`): `Some`
+/// where [`plan`] runs the plain problem on the GEMV (one row of float `x` in the output's
+/// dtype), `None` where the norm has to run before the matmul instead.
+pub fn plan_normed_gemv(problem: &Problem, device: &DeviceInfo, settings: &KernelSettings) -> Result<Option<GemvPlan>> {
+    if problem.x_dtype != Some(problem.out_dtype) {
+        return Ok(None);
+    }
+    Ok(match plan(problem, device, settings)? {
+        Plan::Gemv(_) => Some(gemv::normed_gemv_plan(
+            problem.n,
+            problem.k,
+            problem.weights_settled && settings.early_weights,
+            device,
+            &settings.force,
+        )),
+        _ => None,
+    })
+}
+
 /// How a packed matmul runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Plan {

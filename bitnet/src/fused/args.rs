@@ -16,12 +16,11 @@ pub(crate) struct AttentionArgs<'a> {
     pub cache_k: &'a Tensor,
     /// Values, as `cache_k`.
     pub cache_v: &'a Tensor,
-    /// `attn_sub_norm`'s gain `(heads · d,)`.
-    pub sub_gamma: &'a Tensor,
-    /// `attn_sub_norm`'s epsilon.
-    pub eps: f32,
-    /// One u32, zero between calls: the blocks count themselves in to find the last one, which
-    /// resets it.
+    /// `attn_sub_norm`'s gain `(heads · d,)` and epsilon, where the kernel runs the sub-norm
+    /// (`None`: the next projection does).
+    pub sub_norm: Option<(&'a Tensor, f32)>,
+    /// One u32, zero between calls: with the sub-norm, the blocks count themselves in to find
+    /// the last one, which resets it.
     pub counter: &'a Tensor,
     /// Query heads.
     pub heads: usize,

@@ -264,17 +264,20 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     if op.pos.dtype() != DType::U32 || op.pos.elem_count() != 1 {
         bail!("{WHAT}: the position must be one u32")
     }
-    if op.sub_gamma.dims() != [h * d] {
-        bail!(
-            "{WHAT}: the sub-norm gain must have shape ({},), got {:?}",
-            h * d,
-            op.sub_gamma.dims()
-        )
+    if let Some((g, _)) = op.sub_norm {
+        if g.dims() != [h * d] || g.dtype() != dtype {
+            bail!(
+                "{WHAT}: the sub-norm gain must be ({},) {dtype:?}, got {:?} {:?}",
+                h * d,
+                g.dims(),
+                g.dtype()
+            )
+        }
     }
     if op.counter.dtype() != DType::U32 || op.counter.elem_count() != 1 {
         bail!("{WHAT}: the block counter must be one u32")
     }
-    for t in [op.cos, op.sin, op.cache_k, op.cache_v, op.sub_gamma] {
+    for t in [op.cos, op.sin, op.cache_k, op.cache_v] {
         if t.dtype() != dtype {
             bail!("{WHAT}: tables and caches must be {dtype:?}, got {:?}", t.dtype())
         }
@@ -292,28 +295,32 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let (pos_s, pos_l) = op.pos.storage_and_layout();
     let (ck_s, ck_l) = op.cache_k.storage_and_layout();
     let (cv_s, cv_l) = op.cache_v.storage_and_layout();
-    let (g_s, g_l) = op.sub_gamma.storage_and_layout();
     let (n_s, n_l) = op.counter.storage_and_layout();
     let cosv = view::<T>(cuda(&cos_s, "RoPE table")?, cos_l, "decode attention: cos", false)?;
     let sinv = view::<T>(cuda(&sin_s, "RoPE table")?, sin_l, "decode attention: sin", false)?;
     let posv = view::<u32>(cuda(&pos_s, "position")?, pos_l, "decode attention: position", false)?;
     let ckv = rows(cuda(&ck_s, "key cache")?, ck_l, "key cache")?;
     let cvv = rows(cuda(&cv_s, "value cache")?, cv_l, "value cache")?;
-    let gv = view::<T>(
-        cuda(&g_s, "sub-norm gain")?,
-        g_l,
-        "decode attention: sub-norm gain",
-        false,
-    )?;
+    let g_sl = op.sub_norm.map(|(g, _)| g.storage_and_layout());
+    let gv = match &g_sl {
+        Some((g_s, g_l)) => Some(view::<T>(
+            cuda(g_s, "sub-norm gain")?,
+            g_l,
+            "decode attention: sub-norm gain",
+            false,
+        )?),
+        None => None,
+    };
+    let outputs = if gv.is_some() { 2 } else { 1 };
     let nv = view::<u32>(
         cuda(&n_s, "block counter")?,
         n_l,
         "decode attention: block counter",
         false,
     )?;
-    // SAFETY: the kernel writes all 2 h d values: the attention output before the sub-norm, then
-    // after it.
-    let mut out = unsafe { dev.alloc::<T>(2 * h * d) }?;
+    // SAFETY: the kernel writes all `outputs` h d values: the attention output before the
+    // sub-norm, then (with it) after it.
+    let mut out = unsafe { dev.alloc::<T>(outputs * h * d) }?;
     let f = dev.get_or_load_custom_func(&kernel_name("decode_attention", dtype)?, MODULE, PTX)?;
     let cfg = LaunchConfig {
         grid_dim: (h as u32, 1, 1),
@@ -334,22 +341,30 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     args.ptr(ckv.device_ptr(&stream), &mut sync);
     args.ptr(cvv.device_ptr(&stream), &mut sync);
     args.i32(capacity as i32).i32(h as i32).i32(kvh as i32).i32(d as i32);
-    args.ptr(gv.device_ptr(&stream), &mut sync);
-    args.f32(op.eps);
+    match &gv {
+        Some(gv) => args.ptr(gv.device_ptr(&stream), &mut sync),
+        None => args.0.push(0),
+    }
+    args.f32(op.sub_norm.map_or(0.0, |(_, eps)| eps));
     args.ptr(nv.device_ptr(&stream), &mut sync);
     let (out_ptr, out_sync) = out.device_ptr_mut(&stream);
     args.ptr((out_ptr, out_sync), &mut sync);
-    args.ptr(
-        (out_ptr + (h * d * dtype.size_in_bytes()) as u64, None::<SyncOnDrop>),
-        &mut sync,
-    );
+    let normed_ptr = if outputs == 2 {
+        out_ptr + (h * d * dtype.size_in_bytes()) as u64
+    } else {
+        0
+    };
+    args.ptr((normed_ptr, None::<SyncOnDrop>), &mut sync);
     // SAFETY: the arguments match the kernel's signature (kernels/decode.cu), checked above:
     // q, k and v ((h + 2 kvh) d), tables (>= capacity, d / 2), caches (kvh, capacity, d), gain
-    // (h * d), all contiguous in one dtype, cache rows 16-byte aligned; one u32 counter; 2 h d
-    // outputs; the kernel clamps the position below capacity.
+    // (h * d) or none, all contiguous in one dtype, cache rows 16-byte aligned; one u32
+    // counter; `outputs` h d outputs; the kernel clamps the position below capacity.
     unsafe { launch(f.into_cuda_function(), &stream, cfg, &mut args) }?;
     drop(sync);
-    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, h * d))))
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((outputs, h * d)),
+    ))
 }
 
 /// Blocks of the argmax kernel: enough to stream a vocabulary's logits from HBM in parallel, few
