@@ -58,14 +58,15 @@
 // Input norms (the `_an` and `_rn` kernels, PRO = 1 and 2; float x, thread-load path): before
 // the absmax, the x warps turn their groups into the input of a pre-norm layer, so that the norm
 // needs no kernel of its own. Each block computes it in full (K values; the same in every block).
-//   * PRO 1, add + RMSNorm: s = T(x + delta) (delta may be null: s = x), y = T(r * s * gamma)
+//   * PRO 1, add + RMSNorm: s = T(x + delta) (delta may be null: s = x), y = T(r * (s * gamma))
 //     with r = rsqrt(mean(s^2) + eps); block 0 also stores s to `resid` (the residual stream)
 //     where that is not null.
 //   * PRO 2, BitNet's squared-ReLU gate + RMSNorm: x is (1, 2K), gate then up, before their
 //     weight scales; g = max(T(gate * gate_scale), 0), u = T(up * up_scale), s = T(T(g^2) * u),
 //     then y as above. T rounds where candle's tensor ops would store.
-//   The sum of squares is one more block reduction (per-warp sums, then the 16 in order); the
-//   warps without x request their weights before it. delta, gamma and x 16-byte aligned.
+//   The sum of squares (per-warp sums, then the 16 in order) is reduced with the absmax of
+//   s * gamma, whose image T(r * max) is the absmax of y (r > 0 and rounding are monotonic):
+//   still one block reduction before the quantizer. delta, gamma and x 16-byte aligned.
 // Launch: programmatic dependent launch (common.cuh, pdl_wait), and this kernel lets the next
 // one start at once. The `_e` kernels (the host knows the weights complete: src/cuda/settle.rs)
 // request each lane's first weight chunk slot before pdl_wait, so that it streams while the
@@ -275,11 +276,14 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
         } else {
             gv_load16_unaligned(x, tid, f0);
         }
+        unsigned amax = 0u;
         if constexpr (PRO != 0) {
-            // the input norm (header): s into f0, its sum of squares over the block, then y
+            // the input norm (header): s, then t = s * gamma into f0; the sum of squares of s and
+            // the absmax of t in one block reduction; then y = T(r * t), whose absmax is
+            // T(r * max|t|) exactly (r > 0 and rounding are monotonic), so no second reduction
             float ss = 0.0f;
             if (has0) {
-                float a[16];
+                float a[16], gf[16];
                 if (PRO == 2 || pro.delta != nullptr) {
                     raw_to_f32(x1, a);
                 } else {
@@ -300,33 +304,47 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
                     ss += v * v;
                 }
                 if (PRO == 1 && pro.resid != nullptr && blockIdx.x == 0) store16(pro.resid + 16 * tid, f0);
+                raw_to_f32(gm, gf);
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    f0[i] *= gf[i];
+                    amax = max(amax, __float_as_uint(f0[i]) & 0x7fffffffu);
+                }
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            if (lane == 0) red_ss[warp] = ss;
+            amax = __reduce_max_sync(0xffffffffu, amax);
+            if (lane == 0) {
+                red_ss[warp] = ss;
+                red_max[warp] = amax;
+            }
             if (warp >= x_warps) load_rest();  // no x here: the weights now
             __syncthreads();
+            if (warp < x_warps) load_rest();
             ss = 0.0f;
 #pragma unroll
-            for (int w = 0; w < GV_WARPS; ++w) ss += red_ss[w];
+            for (int w = 0; w < GV_WARPS; ++w) {
+                ss += red_ss[w];
+                amax = max(amax, red_max[w]);
+            }
             const float r = rsqrtf(ss / (float)K + pro.eps);
-            float gf[16];
-            raw_to_f32(gm, gf);
+            // NaN or Inf in t stays >= 0x7f800000 (then no codes, as below); else the absmax of y
+            if (amax < 0x7f800000u) amax = __float_as_uint(round_to<XT>(r * __uint_as_float(amax)));
 #pragma unroll
-            for (int i = 0; i < 16; ++i) f0[i] = has0 ? round_to<XT>(r * f0[i] * gf[i]) : 0.0f;
+            for (int i = 0; i < 16; ++i) f0[i] = round_to<XT>(r * f0[i]);
+        } else {
+            // absmax as the integer max of the bits of |x|: exact, and NaN/Inf show as >= 0x7f800000
+#pragma unroll
+            for (int i = 0; i < 16; ++i) amax = max(amax, __float_as_uint(f0[i]) & 0x7fffffffu);
+            amax = __reduce_max_sync(0xffffffffu, amax);
+            if (lane == 0) red_max[warp] = amax;
+            if (!xbulk && warp >= x_warps) load_rest();
+            __syncthreads();
+            if (!xbulk && warp < x_warps) load_rest();
+            amax = red_max[0];
+#pragma unroll
+            for (int w = 1; w < GV_WARPS; ++w) amax = max(amax, red_max[w]);
         }
-        // absmax as the integer max of the bits of |x|: exact, and NaN/Inf show as >= 0x7f800000
-        unsigned amax = 0u;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) amax = max(amax, __float_as_uint(f0[i]) & 0x7fffffffu);
-        amax = __reduce_max_sync(0xffffffffu, amax);
-        if (lane == 0) red_max[warp] = amax;
-        if (PRO == 0 && !xbulk && warp >= x_warps) load_rest();
-        __syncthreads();
-        if (!xbulk && warp < x_warps) load_rest();
-        amax = red_max[0];
-#pragma unroll
-        for (int w = 1; w < GV_WARPS; ++w) amax = max(amax, red_max[w]);
         const bool bad = amax >= 0x7f800000u;
         sx = bad ? __int_as_float(0x7fc00000) : act_scale_from_absmax(__uint_as_float(amax));
         const float inv = __frcp_rn(sx);

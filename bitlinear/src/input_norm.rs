@@ -17,7 +17,7 @@ use crate::{packed_matmul, ActScaling, PackedTernary};
 #[derive(Debug, Clone, Copy)]
 pub enum InputNorm<'a> {
     /// `s = x + delta` (or `s = x` without a delta) and `rmsnorm(s) · gain`:
-    /// `s · gain / sqrt(mean(s²) + eps)` over the last dimension. With a delta the sum is
+    /// `(s · gain) / sqrt(mean(s²) + eps)` over the last dimension. With a delta the sum is
     /// returned too: a residual add followed by the next layer's norm.
     AddRmsNorm {
         /// Added to the input (same shape and dtype).
@@ -29,7 +29,8 @@ pub enum InputNorm<'a> {
     },
     /// BitNet b1.58's gated FFN product and its sub-norm: the input `(..., 2K)` holds the gate
     /// and up products before their weight scales; `s = relu(gate · gate_scale)² · (up ·
-    /// up_scale)` and `rmsnorm(s) · gain` as above.
+    /// up_scale)` and `rmsnorm(s) · gain` as above. The ReLU maps a NaN gate to 0, as candle's
+    /// `relu` does.
     Relu2MulRmsNorm {
         /// The norm's gain, `(K,)` in the input's dtype.
         gain: &'a Tensor,
@@ -88,7 +89,9 @@ impl InputNorm<'_> {
         }
         let mean_sq = (s.sqr()?.sum_keepdim(D::Minus1)? / k as f64)?;
         let r = (mean_sq + f64::from(self.eps()))?.sqrt()?.recip()?;
-        let y = s.broadcast_mul(&r)?.broadcast_mul(&gain.to_dtype(DType::F32)?)?;
+        // (s · gain) · r: the fused kernel's order, in which the absmax of the output follows
+        // from that of s · gain
+        let y = s.broadcast_mul(&gain.to_dtype(DType::F32)?)?.broadcast_mul(&r)?;
         Ok((y.to_dtype(dt)?, sum))
     }
 }

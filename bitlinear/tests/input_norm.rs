@@ -187,6 +187,44 @@ fn zero_row(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// A non-finite value in the row makes every output NaN (no codes), as `packed_matmul` does
+/// for a non-finite row: in the input of the add + norm, or in the up half of the gate product
+/// (a NaN gate is zeroed by the ReLU, as candle's `relu` does).
+fn non_finite_row(dev: &Device) -> Result<()> {
+    let (n, k) = (40, 256);
+    let mut rng = rng("input_norm_non_finite");
+    let packed = PackedTernary::pack(&Tensor::from_vec(randn(&mut rng, n * k, 0.05), (n, k), dev)?)?;
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        for bad in [f32::INFINITY, f32::NAN] {
+            let mut x = randn(&mut rng, 2 * k, 1.0);
+            x[rng.gen_range(0..k)] = bad;
+            x[k + rng.gen_range(0..k)] = bad;
+            let row = |v: &[f32]| Tensor::from_vec(v.to_vec(), (1, v.len()), dev)?.to_dtype(dt);
+            let gain = Tensor::ones(k, dt, dev)?;
+            let add = InputNorm::AddRmsNorm {
+                delta: None,
+                gain: &gain,
+                eps: 1e-5,
+            };
+            let relu2 = InputNorm::Relu2MulRmsNorm {
+                gain: &gain,
+                eps: 1e-5,
+                gate_scale: 1.0,
+                up_scale: 1.0,
+            };
+            for (what, input, norm) in [("add", row(&x[..k])?, add), ("relu2", row(&x)?, relu2)] {
+                let (y, _) = packed_matmul_normed(&input, &packed, &norm)?;
+                assert!(
+                    f32_vec(&y).iter().all(|v| v.is_nan()),
+                    "{dt:?} {what} with {bad}: {:?}",
+                    f32_vec(&y)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Mismatched operands are errors, not panics.
 fn bad_inputs(dev: &Device) -> Result<()> {
     let k = 64;
@@ -227,4 +265,4 @@ fn bad_inputs(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-device_test!(matches_reference, zero_row, bad_inputs);
+device_test!(matches_reference, zero_row, non_finite_row, bad_inputs);
