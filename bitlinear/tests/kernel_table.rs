@@ -6,8 +6,8 @@
 use std::collections::HashSet;
 
 use bitlinear::plan::{
-    act_quant_plan, plan, ActLayout, DeviceInfo, ForcedChoices, GemmTile, KernelKind, KernelSettings, Plan, Problem,
-    GEMV_SHAPES, GEMV_WARPS, QUANT_THREADS, SKINNY_THREADS,
+    act_quant_plan, plan, plan_normed_gemv, ActLayout, DeviceInfo, ForcedChoices, GemmTile, KernelKind, KernelSettings,
+    Plan, Problem, GEMV_SHAPES, GEMV_WARPS, QUANT_THREADS, SKINNY_THREADS,
 };
 use candle_core::DType;
 use regex::Regex;
@@ -76,7 +76,7 @@ fn instantiated() -> HashSet<String> {
         for (l, t) in gemv_pairs() {
             let base = format!("gemv_{}_{}_l{l}_t{t}", c[0], c[1]);
             let sfx: &[&str] = if c[2] == "GV_LT_E" {
-                &["", "_bx", "_e", "_bx_e"]
+                &["", "_bx", "_e", "_bx_e", "_an", "_an_e", "_rn", "_rn_e"]
             } else {
                 &["", "_bx"]
             };
@@ -252,6 +252,14 @@ fn every_planned_kernel_is_built() {
                             };
                             assert!(built.contains(&name), "{problem:?} {s:?}: {name} is not built");
                             checked += 1;
+                            // the input-norm GEMV of the same problem (packed_matmul_normed)
+                            if let Some(p) = plan_normed_gemv(&problem, d, s).unwrap() {
+                                for norm in ["an", "rn"] {
+                                    let name = p.normed_kernel_name(sfx(out), norm);
+                                    assert!(built.contains(&name), "{problem:?} {s:?}: {name} is not built");
+                                }
+                                checked += 1;
+                            }
                         }
                     }
                 }
