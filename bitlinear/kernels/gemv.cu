@@ -455,10 +455,10 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
                                                 InputNorm<XT>{delta, gamma, eps, gate_scale, up_scale, resid}); \
     }
 
-// name: gemv_<x>_<out>_l<L>_t<T>[_bx][_e]: L lanes per row, T = ceil(cpr / L) chunks per lane
-// and row, _bx: x by a bulk copy, _e: the first chunk slot of weights requested before pdl_wait
-// (TE = 1; float x only, the decode path). The host picks among these (src/plan/gemv.rs;
-// L = 32 covers every K).
+// name: gemv_<x>_<out>_l<L>_t<T>[_bx|_an|_rn][_e]: L lanes per row, T = ceil(cpr / L) chunks per
+// lane and row, _bx: x by a bulk copy, _an / _rn: the input norms (header), _e: the first chunk
+// slot of weights requested before pdl_wait (TE = 1; float x only, the decode path). The host
+// picks among these (src/plan/gemv.rs; L = 32 covers every K).
 #define GV_LT(L, T, XT, OT, XN, ON)                                      \
     GV_INST(L, T, false, 0, XT, OT, gemv_##XN##_##ON##_l##L##_t##T)     \
     GV_INST(L, T, true, 0, XT, OT, gemv_##XN##_##ON##_l##L##_t##T##_bx)
