@@ -165,3 +165,27 @@ pub(crate) fn empty_storage(dev: &CudaDevice, dtype: DType) -> Result<CudaStorag
     };
     Ok(storage(slice, dev))
 }
+
+/// Checks a packed weight storage (N, ceil(k/4)) and returns (N, pointer).
+pub(super) fn packed_in<'a>(
+    p: &'a CudaStorage,
+    pl: &Layout,
+    k: usize,
+    stream: &'a CudaStream,
+    g: &mut Vec<SyncOnDrop<'a>>,
+) -> Result<(usize, u64)> {
+    if p.dtype() != DType::U8 {
+        bail!("bitlinear cuda: packed weights must be U8, got {:?}", p.dtype())
+    }
+    let Some((start, _)) = pl.contiguous_offsets() else {
+        bail!("bitlinear cuda: packed weights must be contiguous")
+    };
+    let n = match pl.dims() {
+        &[n, k4] if k4 == k.div_ceil(4) => n,
+        d => bail!(
+            "bitlinear cuda: packed weights must have shape (N, {}), got {d:?}",
+            k.div_ceil(4)
+        ),
+    };
+    Ok((n, in_ptr(p, start, stream, g)?))
+}

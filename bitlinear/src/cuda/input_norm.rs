@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
 
-use super::buffers::{float_suffix, i32_arg, in_ptr, out_slice_ptr, storage};
+use super::buffers::{float_suffix, i32_arg, in_ptr, out_slice_ptr, packed_in, storage};
 use super::{Ctx, Module, Settled};
 use crate::plan::{plan_normed_gemv, Problem, GEMV_WARPS};
 
@@ -82,20 +82,7 @@ pub(crate) fn normed_gemv(
         Some((d, dl)) => in_ptr(d, aligned_start(dl, dt, k, "delta")?, stream, &mut g)?,
         None => 0,
     };
-    if packed.dtype() != DType::U8 {
-        bail!("packed_matmul_normed: packed weights must be U8")
-    }
-    let n = match pl.dims() {
-        &[n, k4] if k4 == k.div_ceil(4) => n,
-        d => bail!(
-            "packed_matmul_normed: packed weights must be (N, {}), got {d:?}",
-            k.div_ceil(4)
-        ),
-    };
-    let Some((wstart, _)) = pl.contiguous_offsets() else {
-        bail!("packed_matmul_normed: packed weights must be contiguous")
-    };
-    let wp = in_ptr(packed, wstart, stream, &mut g)?;
+    let (n, wp) = packed_in(packed, pl, k, stream, &mut g)?;
     let problem = Problem {
         m: 1,
         n,

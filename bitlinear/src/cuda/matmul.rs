@@ -3,12 +3,12 @@
 //! skinny kernel (`kernels/skinny.cu`) or the tiled GEMM (`gemm.rs`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{result as cu_result, CudaSlice, CudaStream, LaunchConfig, SyncOnDrop};
+use candle_core::cuda_backend::cudarc::driver::{result as cu_result, CudaSlice, LaunchConfig};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
 
 use super::buffers::{
-    finish_dtype, float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, slice_ptr, storage, FloatIn,
+    finish_dtype, float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, packed_in, slice_ptr, storage, FloatIn,
 };
 use super::gemm::tiled_gemm;
 use super::quantize::{check_finite_flag, pack_on_device, quantize_rows, weight_dims, ActOut};
@@ -194,30 +194,6 @@ fn skinny(c: &Call, p: &SkinnyPlan, out: &mut CudaStorageSlice) -> Result<()> {
     drop(codes);
     drop(scales);
     Ok(())
-}
-
-/// Checks a packed weight storage (N, ceil(k/4)) and returns (N, pointer).
-fn packed_in<'a>(
-    p: &'a CudaStorage,
-    pl: &Layout,
-    k: usize,
-    stream: &'a CudaStream,
-    g: &mut Vec<SyncOnDrop<'a>>,
-) -> Result<(usize, u64)> {
-    if p.dtype() != DType::U8 {
-        bail!("bitlinear cuda: packed weights must be U8, got {:?}", p.dtype())
-    }
-    let Some((start, _)) = pl.contiguous_offsets() else {
-        bail!("bitlinear cuda: packed weights must be contiguous")
-    };
-    let n = match pl.dims() {
-        &[n, k4] if k4 == k.div_ceil(4) => n,
-        d => bail!(
-            "bitlinear cuda: packed weights must have shape (N, {}), got {d:?}",
-            k.div_ceil(4)
-        ),
-    };
-    Ok((n, in_ptr(p, start, stream, g)?))
 }
 
 /// Exact i32 accumulators `acc[m][n] = Σ_k x_q[m][k] · w_q[n][k]` (I32 (M, N)).
