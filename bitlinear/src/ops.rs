@@ -28,17 +28,20 @@ fn cpu_forward(
     scaling: ActScaling,
     dtype: DType,
 ) -> Result<CpuStorage> {
-    let per_tensor = (scaling == ActScaling::PerTensor).then(|| quant::absmax_scale(x));
     let kernel = crate::device::cpu_kernel();
-    let (prep, scales) = crate::cpu::PreparedActivations::quantize(kernel, x, m, k, per_tensor);
-    let mut y = vec![0f32; m * w.n];
-    let weights = match w.layouts {
-        Some(l) => l.get(kernel, w.bytes, w.n, k),
-        // a weight packed for this call alone is read once: no conversion
-        None => crate::cpu::Weights::Plain(w.bytes),
-    };
-    crate::cpu::packed_matmul_into(&prep, weights, w.n, k, &mut y, |row, acc| {
-        quant::dequantize(acc, scales[row], w.s_w)
+    let y = crate::cpu::in_pool(m * w.n * k, || {
+        let per_tensor = (scaling == ActScaling::PerTensor).then(|| quant::absmax_scale(x));
+        let (prep, scales) = crate::cpu::PreparedActivations::quantize(kernel, x, m, k, per_tensor);
+        let mut y = vec![0f32; m * w.n];
+        let weights = match w.layouts {
+            Some(l) => l.get(kernel, w.bytes, w.n, k),
+            // a weight packed for this call alone is read once: no conversion
+            None => crate::cpu::Weights::Plain(w.bytes),
+        };
+        crate::cpu::packed_matmul_into(&prep, weights, w.n, k, &mut y, |row, acc| {
+            quant::dequantize(acc, scales[row], w.s_w)
+        });
+        y
     });
     cpu_from_f32(y, dtype)
 }

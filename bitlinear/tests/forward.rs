@@ -35,6 +35,8 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (128, 17, 130),
     // Large enough for the multi-threaded CPU paths (quantize, accumulate, epilogue).
     (64, 70, 1100),
+    // 2^26 multiply-adds: a CPU call this long runs inside rayon's pool.
+    (128, 512, 1024),
 ];
 
 fn forward_matches_reference_exactly_on_integers(dev: &Device) -> Result<()> {

@@ -51,6 +51,12 @@ const ROWS: usize = 4;
 /// Products smaller than this many multiply-adds run on the calling thread: waking the pool
 /// costs more than it saves below it.
 const SERIAL_MACS: usize = 1 << 20;
+/// Calls of at least this many multiply-adds that come from outside rayon's pool run inside it
+/// ([`in_pool`]). From outside, the caller works beside one pool worker while the pool's other
+/// worker may still be spinning for work on the same cores, which widens the spread of long
+/// calls; inside, exactly the pool's threads run the call. The hand-off (a worker woken for the
+/// call, the caller woken after it) costs tens of microseconds, so short calls stay outside.
+const POOL_MACS: usize = 1 << 26;
 /// Activation rows per cache tile (32 rows of K = 4096 codes: 128 KiB).
 const M_TILE: usize = 32;
 /// A weight of at most this many bytes (in its kernel layout) is read whole by every task, and
@@ -186,6 +192,17 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
         (0..tasks).for_each(task);
     } else {
         run_shared(tasks, &task);
+    }
+}
+
+/// Runs `f` inside rayon's pool when it is a call of `macs` multiply-adds, at least
+/// [`POOL_MACS`], made from outside the pool (the calling thread sleeps meanwhile); otherwise on
+/// the calling thread.
+pub(crate) fn in_pool<R: Send>(macs: usize, f: impl FnOnce() -> R + Send) -> R {
+    if macs >= POOL_MACS && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| f())
+    } else {
+        f()
     }
 }
 

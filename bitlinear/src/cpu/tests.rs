@@ -215,3 +215,18 @@ fn run_shared_runs_every_task_once() {
         rayon::join(|| check(tasks), || check(tasks));
     }
 }
+
+/// `in_pool` moves a call of `POOL_MACS` or more from outside rayon's pool onto a pool worker,
+/// and runs shorter calls, or calls made from a worker, where they are; it returns the result.
+#[test]
+fn in_pool_moves_only_long_calls_from_outside() {
+    let here = || std::thread::current().id();
+    let caller = here();
+    assert_eq!(in_pool(POOL_MACS - 1, here), caller);
+    assert!(in_pool(POOL_MACS, || rayon::current_thread_index().is_some()));
+    assert_ne!(in_pool(POOL_MACS, here), caller);
+    rayon::scope(|_| {
+        let worker = here();
+        assert_eq!(in_pool(POOL_MACS, here), worker);
+    });
+}
