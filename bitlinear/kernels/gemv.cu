@@ -70,7 +70,8 @@
 // Launch: programmatic dependent launch (common.cuh, pdl_wait), and this kernel lets the next
 // one start at once. The `_e` kernels (the host knows the weights complete: src/cuda/settle.rs)
 // request each lane's first weight chunk slot before pdl_wait, so that it streams while the
-// previous call ends (bench/RESULTS.md, Rule: GEMV early weights).
+// previous call ends (bench/RESULTS.md, Rule: GEMV early weights); the `_an` / `_rn` ones the
+// norm's gains too (the caller declares them settled: InputNorm's gain_settled).
 #include "common.cuh"
 
 #define GV_WARPS 16
@@ -239,17 +240,22 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
     // programmatic dependent launch (common.cuh): wait for the previous kernel, then let the
     // next one be scheduled at once (one wave), which hides the launch latency between
     // consecutive GEMVs
+    // the norm's gains: a settled weight in the `_e` kernels (the host saw it complete), so
+    // requested before the wait, off the x warps' critical path
+    RawGroup<XT> x1, gm;
+    if constexpr (PRO != 0 && TE > 0) {
+        if (has0) gv_load_raw(pro.gamma, tid, gm);
+    }
     pdl_wait();
     pdl_launch_dependents();
     if (xbulk && tid == 0) bulk_load_g2s(xraw, x, (uint32_t)(K * sizeof(XT)), &xbar);
     RawGroup<XT> x0;
     if (!xbulk && xvec && has0) gv_load_raw(x, tid, x0);
-    // input norm operands, right behind x: delta or the up half, and the gains
-    RawGroup<XT> x1, gm;
+    // input norm operands, right behind x: delta or the up half, and (not `_e`) the gains
     if constexpr (PRO != 0) {
         if (has0) {
             if (PRO == 2 || pro.delta != nullptr) gv_load_raw(PRO == 2 ? x + K : pro.delta, tid, x1);
-            gv_load_raw(pro.gamma, tid, gm);
+            if (TE == 0) gv_load_raw(pro.gamma, tid, gm);
         }
     }
     if constexpr (TE == 0) weight_rows();  // behind x's loads: x first

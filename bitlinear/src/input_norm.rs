@@ -26,6 +26,12 @@ pub enum InputNorm<'a> {
         gain: &'a Tensor,
         /// Added to the mean square (BitNet's `rms_norm_eps`, 1e-5 for 2B4T).
         eps: f32,
+        /// The gain is settled: complete on the device and written by no kernel any more (a
+        /// model's norm weight). The CUDA GEMV then requests it before it waits for the previous
+        /// kernel (programmatic dependent launch), off the critical path, with the first of the
+        /// packed weights once those are settled too (`false`: neither early). `false` is always
+        /// safe (e.g. a gain computed just before the call).
+        gain_settled: bool,
     },
     /// BitNet b1.58's gated FFN product and its sub-norm: the input `(..., 2K)` holds the gate
     /// and up products before their weight scales; `s = relu(gate · gate_scale)² · (up ·
@@ -40,6 +46,8 @@ pub enum InputNorm<'a> {
         gate_scale: f32,
         /// The up projection's weight scale.
         up_scale: f32,
+        /// As for [`InputNorm::AddRmsNorm`]: the gain is a settled weight.
+        gain_settled: bool,
     },
 }
 
@@ -115,7 +123,7 @@ impl InputNorm<'_> {
 /// let x = Tensor::new(&[[1.0f32, 2.0, -1.0, 0.5]], &dev)?;
 /// let delta = Tensor::new(&[[0.5f32, -1.0, 0.0, 1.5]], &dev)?;
 /// let gain = Tensor::ones(4, candle_core::DType::F32, &dev)?;
-/// let norm = InputNorm::AddRmsNorm { delta: Some(&delta), gain: &gain, eps: 1e-5 };
+/// let norm = InputNorm::AddRmsNorm { delta: Some(&delta), gain: &gain, eps: 1e-5, gain_settled: true };
 /// let (y, sum) = packed_matmul_normed(&x, &w, &norm)?;
 /// assert_eq!(y.dims(), &[1, 2]);
 /// assert_eq!(sum.unwrap().to_vec2::<f32>()?, [[1.5, 1.0, -1.0, 2.0]]);
@@ -251,14 +259,20 @@ impl CustomOp2 for NormedGemv<'_> {
         }
         let (ws, wl) = self.w.bytes().storage_and_layout();
         let wc = cuda(&ws)?;
-        let (kind, eps, delta) = match self.norm {
-            InputNorm::AddRmsNorm { delta, eps, .. } => (NormKind::AddRms, eps, delta),
+        let (kind, eps, delta, gain_settled) = match self.norm {
+            InputNorm::AddRmsNorm {
+                delta,
+                eps,
+                gain_settled,
+                ..
+            } => (NormKind::AddRms, eps, delta, gain_settled),
             InputNorm::Relu2MulRmsNorm {
                 eps,
                 gate_scale,
                 up_scale,
+                gain_settled,
                 ..
-            } => (NormKind::Relu2Rms { gate_scale, up_scale }, eps, None),
+            } => (NormKind::Relu2Rms { gate_scale, up_scale }, eps, None, gain_settled),
         };
         let dsl = delta.map(|d| d.storage_and_layout());
         let dc = match &dsl {
@@ -275,6 +289,7 @@ impl CustomOp2 for NormedGemv<'_> {
             kind,
             eps,
             self.w.settled(),
+            gain_settled,
         )
     }
 }

@@ -78,20 +78,25 @@ fn case(dev: &Device, rng: &mut rand::rngs::StdRng, (n, k): (usize, usize), dt: 
     let (xt, dt_t) = (tensor(&x)?, tensor(&delta)?);
     let gt = tensor(&gain)?.flatten_all()?;
     let packed = PackedTernary::pack(&Tensor::from_vec(w.clone(), (n, k), dev)?)?;
-    let norm = match kind {
+    let make_norm = |gain_settled| match kind {
         Kind::Add { delta } => InputNorm::AddRmsNorm {
             delta: delta.then_some(&dt_t),
             gain: &gt,
             eps,
+            gain_settled,
         },
         Kind::Relu2 { gate_scale, up_scale } => InputNorm::Relu2MulRmsNorm {
             gain: &gt,
             eps,
             gate_scale,
             up_scale,
+            gain_settled,
         },
     };
+    // the packed weight's first use: not settled yet, the kernels' safe order either way
+    let norm = make_norm(true);
     let (y, sum) = packed_matmul_normed(&xt, &packed, &norm)?;
+    let first_sum = sum.as_ref().map(f32_vec);
     assert_eq!(y.dims(), &[1, n], "{at}: output shape");
 
     let (s, normed) = reference_norm(&kind, &x, &delta, &gain, eps, dt)?;
@@ -132,8 +137,21 @@ fn case(dev: &Device, rng: &mut rand::rngs::StdRng, (n, k): (usize, usize), dt: 
     let same = got.iter().zip(&exact).filter(|(a, b)| a == b).count();
     eprintln!("{at}: {same} of {n} outputs exactly those of the reference's codes");
 
-    // on the device, the fused form against the tensor ops (the CPU runs those already)
+    // on the device, the fused form against the tensor ops (the CPU runs those already); and
+    // again once the packed weight is settled: with a settled gain the `_e` kernel requests the
+    // gain and the first weights before waiting for the previous kernel, without it the plain
+    // kernel runs; the same values as the first call either way
     if dev.is_cuda() {
+        dev.synchronize()?;
+        for gain_settled in [true, false] {
+            let (y2, sum2) = packed_matmul_normed(&xt, &packed, &make_norm(gain_settled))?;
+            assert_eq!(f32_vec(&y2), got, "{at}: settled weight, gain_settled {gain_settled}");
+            assert_eq!(
+                sum2.as_ref().map(f32_vec),
+                first_sum,
+                "{at}: sum, gain_settled {gain_settled}"
+            );
+        }
         let (normed_ops, _) = norm.apply(&xt)?;
         let y_ops = f32_vec(&packed_matmul(&normed_ops, &packed, ActScaling::PerToken)?);
         for (i, (&g, &o)) in got.iter().zip(&y_ops).enumerate() {
@@ -187,6 +205,7 @@ fn zero_row(dev: &Device) -> Result<()> {
         delta: Some(&x),
         gain: &gain,
         eps: 1e-6,
+        gain_settled: true,
     };
     let (y, sum) = packed_matmul_normed(&x, &packed, &norm)?;
     assert!(f32_vec(&y).iter().all(|&v| v == 0.0), "outputs of a zero row");
@@ -215,12 +234,14 @@ fn non_finite_row(dev: &Device) -> Result<()> {
                 delta: None,
                 gain: &gain,
                 eps: 1e-5,
+                gain_settled: false,
             };
             let relu2 = InputNorm::Relu2MulRmsNorm {
                 gain: &gain,
                 eps: 1e-5,
                 gate_scale: 1.0,
                 up_scale: 1.0,
+                gain_settled: false,
             };
             for (what, input, norm) in [("add", row(&x[..k])?, add), ("relu2", row(&x)?, relu2)] {
                 let (y, _) = packed_matmul_normed(&input, &packed, &norm)?;
@@ -244,7 +265,12 @@ fn bad_inputs(dev: &Device) -> Result<()> {
     let short_gain = Tensor::ones(k - 1, DType::F32, dev)?;
     let bf16_gain = gain.to_dtype(DType::BF16)?;
     let delta = Tensor::ones((1, k + 1), DType::F32, dev)?;
-    let add = |delta, gain| InputNorm::AddRmsNorm { delta, gain, eps: 1e-5 };
+    let add = |delta, gain| InputNorm::AddRmsNorm {
+        delta,
+        gain,
+        eps: 1e-5,
+        gain_settled: false,
+    };
     assert!(
         packed_matmul_normed(&x, &packed, &add(None, &short_gain)).is_err(),
         "gain too short"
@@ -262,6 +288,7 @@ fn bad_inputs(dev: &Device) -> Result<()> {
         eps: 1e-5,
         gate_scale: 1.0,
         up_scale: 1.0,
+        gain_settled: false,
     };
     assert!(
         packed_matmul_normed(&x, &packed, &relu2).is_err(),

@@ -168,6 +168,7 @@ impl Attention {
             delta,
             gain: input_norm.weight(),
             eps: input_norm.eps() as f32,
+            gain_settled: true,
         };
         let (qkv_out, sum) = qkv.forward_stacked_normed(x, &norm)?;
         let y = attention.forward(&qkv_out)?.reshape(x.dims())?;
@@ -177,6 +178,7 @@ impl Attention {
                     delta: None,
                     gain: self.attn_sub_norm.weight(),
                     eps: sub_eps,
+                    gain_settled: true,
                 };
                 self.o_proj.forward_normed(&y, &sub_norm)?.0
             }

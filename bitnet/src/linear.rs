@@ -112,16 +112,20 @@ pub(crate) fn dense_normed(linear: &Linear, x: &Tensor, norm: &InputNorm) -> Res
             delta: Some(d),
             gain,
             eps,
+            ..
         } => {
             let (sum, h) = crate::fused::add_rms_norm(x, d, gain, f64::from(eps))?;
             (h, Some(sum))
         }
-        InputNorm::AddRmsNorm { delta: None, gain, eps } => (candle_nn::ops::rms_norm(x, gain, eps)?, None),
+        InputNorm::AddRmsNorm {
+            delta: None, gain, eps, ..
+        } => (candle_nn::ops::rms_norm(x, gain, eps)?, None),
         InputNorm::Relu2MulRmsNorm {
             gain,
             eps,
             gate_scale,
             up_scale,
+            ..
         } => (
             crate::fused::relu2_mul_rms_norm(x, &[gate_scale, up_scale], gain, f64::from(eps))?,
             None,

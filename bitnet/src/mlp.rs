@@ -58,6 +58,7 @@ impl Mlp {
             delta: Some(delta),
             gain: post_norm.weight(),
             eps: post_norm.eps() as f32,
+            gain_settled: true,
         };
         let (h, sum) = gate_up.forward_stacked_normed(x, &norm)?;
         let Some(sum) = sum else {
@@ -68,6 +69,7 @@ impl Mlp {
             eps: self.ffn_sub_norm.eps() as f32,
             gate_scale,
             up_scale,
+            gain_settled: true,
         };
         Ok((self.down_proj.forward_normed(&h, &sub_norm)?.0, sum))
     }

@@ -57,6 +57,7 @@ pub(crate) fn normed_gemv(
     norm: NormKind,
     eps: f32,
     settled: &Settled,
+    gain_settled: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &x.device;
     let ctx = Ctx::new(dev)?;
@@ -90,7 +91,8 @@ pub(crate) fn normed_gemv(
         x_dtype: Some(dt),
         out_dtype: dt,
         weight_align: Problem::align_of(wp),
-        weights_settled: settled.check(stream)?,
+        // the `_e` kernels request the gain before pdl_wait too
+        weights_settled: settled.check(stream)? && gain_settled,
     };
     let Some(p) = plan_normed_gemv(&problem, &ctx.info, &ctx.settings)? else {
         bail!("packed_matmul_normed: (1, {n}, {k}) does not run on the decode GEMV")
