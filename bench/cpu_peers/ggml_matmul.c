@@ -82,22 +82,28 @@ static void * read_file(const char * path, size_t expect) {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: ggml_matmul TYPE MxNxK [THREADS] [TL2_DIR] [--rotate-mb MB]\n"
+            "usage: ggml_matmul TYPE MxNxK [THREADS] [TL2_DIR] [--rotate-mb MB] [--poll LEVEL]\n"
             "  TYPE: tq2_0 (ggml), i2_s or tl2 (bitnet.cpp build); THREADS default 2;\n"
-            "  TL2_DIR: where tl2_prep.py wrote tl2_NxK.bin and tern_NxK.bin (tl2 only)\n");
+            "  TL2_DIR: where tl2_prep.py wrote tl2_NxK.bin and tern_NxK.bin (tl2 only)\n"
+            "  LEVEL: the threadpool's polling level (0: workers sleep between calls; 100:\n"
+            "  aggressive spinning; default: ggml's)\n");
     exit(2);
 }
 
 int main(int argc, char ** argv) {
     // --rotate-mb MB (anywhere): cycle the calls through copies of the weight filling MB, so
     // each call reads its weights from DRAM rather than from the caches (decode of a model).
+    // --poll LEVEL (anywhere): the threadpool's polling level instead of ggml's default.
     double rotate_mb = 0;
-    for (int i = 1; i + 1 < argc; i++) {
-        if (strcmp(argv[i], "--rotate-mb") == 0) {
-            rotate_mb = atof(argv[i + 1]);
+    int poll = -1;
+    for (int i = 1; i + 1 < argc;) {
+        if (strcmp(argv[i], "--rotate-mb") == 0 || strcmp(argv[i], "--poll") == 0) {
+            if (argv[i][2] == 'r') rotate_mb = atof(argv[i + 1]);
+            else poll = atoi(argv[i + 1]);
             memmove(argv + i, argv + i + 2, sizeof(char *) * (argc - i - 1));
             argc -= 2;
-            break;
+        } else {
+            i++;
         }
     }
     if (argc < 3) usage();
@@ -201,6 +207,7 @@ int main(int argc, char ** argv) {
     ggml_cpu_init();
 #endif
     struct ggml_threadpool_params tpp = ggml_threadpool_params_default(nth);
+    if (poll >= 0) tpp.poll = (uint32_t) poll;
     struct ggml_threadpool * tp = ggml_threadpool_new(&tpp);
     struct ggml_cplan plan = ggml_graph_plan(gf, nth, tp);
     plan.work_data = plan.work_size ? malloc(plan.work_size) : NULL;
