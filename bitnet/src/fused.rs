@@ -245,3 +245,5 @@ impl CustomOp1 for Argmax<'_> {
 mod args;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+mod tests;
