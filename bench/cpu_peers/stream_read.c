@@ -99,7 +99,7 @@ static int threaded(char * buf, size_t W, int copies, int threads) {
 
 int main(int argc, char ** argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: stream_read PATTERN [R [L [D]]]\n");
+        fprintf(stderr, "usage: stream_read PATTERN [R [L [D [T]]]]\n");
         return 2;
     }
     int pat = atoi(argv[1]);

@@ -237,15 +237,15 @@ __device__ void gemv_impl(const XT* __restrict__ x, const float* __restrict__ xs
             load_weights(S0, ST);
         }
     };
-    // programmatic dependent launch (common.cuh): wait for the previous kernel, then let the
-    // next one be scheduled at once (one wave), which hides the launch latency between
-    // consecutive GEMVs
     // the norm's gains: a settled weight in the `_e` kernels (the host saw it complete), so
     // requested before the wait, off the x warps' critical path
     RawGroup<XT> x1, gm;
     if constexpr (PRO != 0 && TE > 0) {
         if (has0) gv_load_raw(pro.gamma, tid, gm);
     }
+    // programmatic dependent launch (common.cuh): wait for the previous kernel, then let the
+    // next one be scheduled at once (one wave), which hides the launch latency between
+    // consecutive GEMVs
     pdl_wait();
     pdl_launch_dependents();
     if (xbulk && tid == 0) bulk_load_g2s(xraw, x, (uint32_t)(K * sizeof(XT)), &xbar);
