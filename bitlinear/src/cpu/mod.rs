@@ -117,13 +117,17 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
         ),
         false => (ROWS * (n / (ROWS * 32)).clamp(1, 16), m),
     };
-    let n_tasks = n.div_ceil(rows_per_task);
+    // Many activation rows, all in each task, and more weight rows than the threads' last
+    // tasks: those last rows go in quarter-size tasks, so that the threads finish within a small
+    // task of each other (the tail of a call of long tasks widened its spread). Decode (m <
+    // M_TILE) keeps its long tasks: each is one sequential stream from DRAM.
+    let split = TaskSplit::new(n, rows_per_task, m_per_task == m && m >= M_TILE);
+    let n_tasks = split.tasks;
     let tasks = n_tasks * m.div_ceil(m_per_task);
     let shared = SharedOut(out.as_mut_ptr());
     let task = |t: usize| {
         let out = &shared;
-        let n0 = (t % n_tasks) * rows_per_task;
-        let rows = rows_per_task.min(n - n0);
+        let (n0, rows) = split.rows(t % n_tasks);
         let m_start = (t / n_tasks) * m_per_task;
         let m_end = m.min(m_start + m_per_task);
         let bb = x.kernel.block_bytes();
@@ -192,6 +196,49 @@ pub(crate) fn packed_matmul_into<T: Copy + Send>(
         (0..tasks).for_each(task);
     } else {
         run_shared(tasks, &task);
+    }
+}
+
+/// How a call's `n` weight rows are cut into tasks: `big`-row tasks, then (with a tail) the
+/// last rows in `big / 4`-row ones (multiples of `ROWS`).
+struct TaskSplit {
+    n: usize,
+    big: usize,
+    small: usize,
+    /// Tasks of `big` rows, first.
+    big_tasks: usize,
+    /// All tasks.
+    tasks: usize,
+}
+
+impl TaskSplit {
+    fn new(n: usize, big: usize, tail: bool) -> Self {
+        let small = (big / 4).next_multiple_of(ROWS).max(ROWS);
+        let tail_rows = big * rayon::current_num_threads().max(1);
+        let big_tasks = match tail && small < big && n > 2 * tail_rows {
+            true => (n - tail_rows) / big,
+            false => n.div_ceil(big),
+        };
+        let rest = n.saturating_sub(big_tasks * big);
+        Self {
+            n,
+            big,
+            small,
+            big_tasks,
+            tasks: big_tasks + rest.div_ceil(small),
+        }
+    }
+
+    /// `(first row, rows)` of task `t < self.tasks`.
+    fn rows(&self, t: usize) -> (usize, usize) {
+        let (n0, len) = match t < self.big_tasks {
+            true => (t * self.big, self.big),
+            false => (
+                self.big_tasks * self.big + (t - self.big_tasks) * self.small,
+                self.small,
+            ),
+        };
+        (n0, len.min(self.n - n0))
     }
 }
 

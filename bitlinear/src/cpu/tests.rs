@@ -61,6 +61,9 @@ fn every_kernel_agrees_with_naive() {
         (7, 6, 4100),
         (33, 130, 300),
         (1, 600, 1024),
+        // weights over SMALL_WEIGHT_BYTES and m >= M_TILE: 32-row tasks, the last rows in 8-row
+        // ones (TaskSplit), the last of those short
+        (40, 1030, 1100),
     ];
     for kernel in kernels() {
         for &(m, n, k) in &shapes {
@@ -229,4 +232,32 @@ fn in_pool_moves_only_long_calls_from_outside() {
         let worker = here();
         assert_eq!(in_pool(POOL_MACS, here), worker);
     });
+}
+
+/// `TaskSplit` covers the rows once, in order: `big`-row tasks, then (with a tail) tasks of a
+/// quarter of that, every task but the last a multiple of `ROWS`.
+#[test]
+fn task_split_covers_every_row_once() {
+    for n in [1, 3, 4, 5, 63, 64, 65, 255, 256, 257, 1030, 4096, 4099] {
+        for big in [4, 8, 16, 32, 64] {
+            for tail in [false, true] {
+                let split = TaskSplit::new(n, big, tail);
+                let mut next = 0;
+                for t in 0..split.tasks {
+                    let (n0, rows) = split.rows(t);
+                    assert_eq!(n0, next, "n {n} big {big} tail {tail}: task {t} starts at {n0}");
+                    assert!(rows > 0 && rows <= big, "n {n} big {big}: task {t} has {rows} rows");
+                    assert!(
+                        n0 + rows == n || rows % ROWS == 0,
+                        "n {n} big {big}: task {t} of {rows} rows"
+                    );
+                    next = n0 + rows;
+                }
+                assert_eq!(next, n, "n {n} big {big} tail {tail}: rows covered");
+                if !tail {
+                    assert_eq!(split.tasks, n.div_ceil(big), "n {n} big {big}: no tail, equal tasks");
+                }
+            }
+        }
+    }
 }
