@@ -107,21 +107,45 @@ fn every_row_count_of_every_kernel() {
 }
 
 /// The extremes of the partial sums: every code 2 (w = +1) against all -128 or all +127, over
-/// many blocks.
+/// many blocks, for one activation row (the one-row kernels) and several.
 #[test]
 fn extremes() {
-    let (m, n, k) = (5, 5, 8 * 128 * 3 + 5);
+    let (n, k) = (5, 8 * 128 * 3 + 5);
     let w = vec![1i8; n * k];
     let packed = crate::packed::pack_ternary(&w, n, k).unwrap();
     for kernel in kernels() {
-        for v in [-128i8, 127] {
+        for (m, v) in [1, 5].into_iter().flat_map(|m| [(m, -128i8), (m, 127)]) {
             let xq = vec![v; m * k];
             let prep = PreparedActivations::new(kernel, &xq, m, k);
             assert_eq!(
                 accumulate(&prep, &packed, n, k),
                 vec![v as i32 * k as i32; m * n],
-                "{kernel:?}"
+                "{kernel:?} {m} rows of {v}"
             );
+        }
+    }
+}
+
+/// The one-row VNNI kernels' accumulators at their largest: every byte 0xFF (the non-code 3 in
+/// every plane) against all -128, over as many blocks as they take and one more (where the
+/// general kernel runs), against the portable kernel.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn one_row_kernels_at_their_block_limit() {
+    for kernel in kernels() {
+        for blocks in [super::vnni::MASKED_MAX_BLOCKS, super::vnni::MASKED_MAX_BLOCKS + 1] {
+            let bb = kernel.block_bytes();
+            let x = vec![-128i8; blocks * 4 * bb];
+            let w = vec![0xffu8; ROWS * blocks * bb];
+            let s = Strides {
+                row: blocks * bb,
+                block: bb,
+            };
+            let mut got = [[0; ROWS]; kernel::MAX_X_ROWS];
+            kernel.dot(&w, s, blocks, &x, x.len(), 1, &mut got);
+            let want = portable::dot_rows(&w, s, blocks, &x, bb);
+            assert_eq!(got[0], want, "{kernel:?}, {blocks} blocks");
+            assert_eq!(want[0], -3 * 128 * (blocks * 4 * bb) as i32);
         }
     }
 }
