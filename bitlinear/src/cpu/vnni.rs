@@ -5,7 +5,7 @@
 //! is loaded once, decoded once per plane (shift, mask) and multiplied into every activation
 //! row, with `ROWS × rows` accumulators held in registers. With a single activation row (decode)
 //! the EVEX kernels mask each plane in place instead of shifting it down, with an accumulator per
-//! plane ([`dot_512_one_row`]). The 256-bit kernels read the 32-byte block layout, the 512-bit
+//! plane (`dot_512_one_row`). The 256-bit kernels read the 32-byte block layout, the 512-bit
 //! kernel the 64-byte one.
 
 use std::arch::x86_64::*;
@@ -53,54 +53,23 @@ pub(super) unsafe fn dot(
     }
 }
 
-/// The 256-bit kernels, generated for the VEX (AVX-VNNI) and EVEX (AVX-512 VL) encodings of the
-/// same instruction: for any number of rows, and (given a second name) for one row as
-/// [`dot_512_one_row`].
-macro_rules! dot_256 {
-    ($name:ident, $one_row:ident, $features:literal, $dpbusd:ident) => {
-        dot_256!($name, $features, $dpbusd);
+/// Most blocks the one-row kernels ([`dot_512_one_row`]) take: a lane of their plane-3
+/// accumulator grows by at most `4 · 192 · 128 = 98,304` a block (four products of a byte's top
+/// two bits, at most 192 even for the non-code 3, by an activation of magnitude at most 128), so
+/// `2^14` blocks keep it within i32 (at most 1.61e9).
+pub(super) const MASKED_MAX_BLOCKS: usize = 1 << 14;
 
-        /// One activation row, planes masked in place (see [`dot_512_one_row`]).
-        #[target_feature(enable = $features)]
-        unsafe fn $one_row(w: *const u8, s: Strides, blocks: usize, x: *const i8) -> [i32; ROWS] {
-            const BYTES: usize = 32;
-            let masks = [
-                _mm256_set1_epi8(0x03),
-                _mm256_set1_epi8(0x0c),
-                _mm256_set1_epi8(0x30),
-                _mm256_set1_epi8(0xc0_u8 as i8),
-            ];
-            let mut acc = [[_mm256_setzero_si256(); ROWS]; 4];
-            for b in 0..blocks {
-                s.prefetch(w, b);
-                let mut v = [_mm256_setzero_si256(); ROWS];
-                for (r, vr) in v.iter_mut().enumerate() {
-                    *vr = _mm256_loadu_si256(w.add(r * s.row + b * s.block).cast());
-                }
-                for (p, (ap, mask)) in acc.iter_mut().zip(&masks).enumerate() {
-                    let xs = _mm256_loadu_si256(x.add(b * 4 * BYTES + p * BYTES).cast());
-                    for (a, vr) in ap.iter_mut().zip(&v) {
-                        *a = $dpbusd(*a, _mm256_and_si256(*vr, *mask), xs);
-                    }
-                }
-            }
-            let mut out = [0i32; ROWS];
-            for (r, o) in out.iter_mut().enumerate() {
-                let sum = _mm256_add_epi32(
-                    _mm256_add_epi32(acc[0][r], _mm256_srai_epi32::<2>(acc[1][r])),
-                    _mm256_add_epi32(
-                        _mm256_srai_epi32::<4>(acc[2][r]),
-                        _mm256_srai_epi32::<6>(acc[3][r]),
-                    ),
-                );
-                let mut lanes = [0i32; 8];
-                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sum);
-                *o = lanes.iter().sum();
-            }
-            out
-        }
-    };
-    ($name:ident, $features:literal, $dpbusd:ident) => {
+/// Generates a width's kernels from its intrinsics: `$name::<MX>` for up to `MAX_X_ROWS`
+/// activation rows and, given a second name, `$one_row` for a single row.
+macro_rules! vnni_kernels {
+    (
+        $features:literal, $bytes:literal,
+        zero $zero:ident, splat $splat:ident, load $load:ident, and $and:ident,
+        shift $srli:ident, shift_arith $srai:ident, add $add:ident, dpbusd $dpbusd:ident,
+        sum $sum:ident, $name:ident $(, $one_row:ident)?
+    ) => {
+        /// The kernel for up to `MAX_X_ROWS` activation rows: each plane is shifted down and
+        /// masked once, then multiplied into every row.
         #[target_feature(enable = $features)]
         unsafe fn $name<const MX: usize>(
             w: *const u8,
@@ -109,23 +78,23 @@ macro_rules! dot_256 {
             x: *const i8,
             x_stride: usize,
         ) -> [[i32; ROWS]; MX] {
-            const BYTES: usize = 32;
-            let mask = _mm256_set1_epi8(3);
-            let mut acc = [[_mm256_setzero_si256(); ROWS]; MX];
+            const BYTES: usize = $bytes;
+            let mask = $splat(3);
+            let mut acc = [[$zero(); ROWS]; MX];
             for b in 0..blocks {
                 s.prefetch(w, b);
-                let mut v = [_mm256_setzero_si256(); ROWS];
+                let mut v = [$zero(); ROWS];
                 for (r, vr) in v.iter_mut().enumerate() {
-                    *vr = _mm256_loadu_si256(w.add(r * s.row + b * s.block).cast());
+                    *vr = $load(w.add(r * s.row + b * s.block).cast());
                 }
                 macro_rules! plane {
                     ($p:literal) => {{
-                        let mut c = [_mm256_setzero_si256(); ROWS];
+                        let mut c = [$zero(); ROWS];
                         for (cr, vr) in c.iter_mut().zip(&v) {
-                            *cr = _mm256_and_si256(_mm256_srli_epi16::<{ 2 * $p }>(*vr), mask);
+                            *cr = $and($srli::<{ 2 * $p }>(*vr), mask);
                         }
                         for (i, ai) in acc.iter_mut().enumerate() {
-                            let xs = _mm256_loadu_si256(x.add(i * x_stride + b * 4 * BYTES + $p * BYTES).cast());
+                            let xs = $load(x.add(i * x_stride + b * 4 * BYTES + $p * BYTES).cast());
                             for (a, cr) in ai.iter_mut().zip(&c) {
                                 *a = $dpbusd(*a, *cr, xs);
                             }
@@ -140,113 +109,92 @@ macro_rules! dot_256 {
             let mut out = [[0i32; ROWS]; MX];
             for (o, a) in out.iter_mut().zip(&acc) {
                 for (or, ar) in o.iter_mut().zip(a) {
-                    let mut lanes = [0i32; 8];
-                    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), *ar);
-                    *or = lanes.iter().sum();
+                    *or = $sum!(*ar);
                 }
             }
             out
         }
+
+        $(
+        /// The kernel for a single activation row (decode). With one row the decoding is most
+        /// of the work: shifting each plane down and masking it is two instructions for one
+        /// `vpdpbusd`. Here plane `p` is only masked in place (`byte & (3 << 2p)`, the code
+        /// times `4^p`) into an accumulator of its own, and each accumulator is divided by `4^p`
+        /// at the end, exactly (every product in it is a multiple of `4^p`, and it stays within
+        /// i32 for up to [`MASKED_MAX_BLOCKS`] blocks). Needs 16 accumulators and 4 masks in
+        /// registers: EVEX encodings only (VEX names 16 registers; the spills made it slower).
+        #[target_feature(enable = $features)]
+        unsafe fn $one_row(w: *const u8, s: Strides, blocks: usize, x: *const i8) -> [i32; ROWS] {
+            const BYTES: usize = $bytes;
+            let masks = [$splat(0x03), $splat(0x0c), $splat(0x30), $splat(0xc0_u8 as i8)];
+            let mut acc = [[$zero(); ROWS]; 4];
+            for b in 0..blocks {
+                s.prefetch(w, b);
+                let mut v = [$zero(); ROWS];
+                for (r, vr) in v.iter_mut().enumerate() {
+                    *vr = $load(w.add(r * s.row + b * s.block).cast());
+                }
+                for (p, (ap, mask)) in acc.iter_mut().zip(&masks).enumerate() {
+                    let xs = $load(x.add(b * 4 * BYTES + p * BYTES).cast());
+                    for (a, vr) in ap.iter_mut().zip(&v) {
+                        *a = $dpbusd(*a, $and(*vr, *mask), xs);
+                    }
+                }
+            }
+            let mut out = [0i32; ROWS];
+            for (r, o) in out.iter_mut().enumerate() {
+                let low = $add(acc[0][r], $srai::<2>(acc[1][r]));
+                let high = $add($srai::<4>(acc[2][r]), $srai::<6>(acc[3][r]));
+                *o = $sum!($add(low, high));
+            }
+            out
+        }
+        )?
     };
 }
 
-// No one-row variant with VEX: its 16 accumulators and 4 masks need more than the 16 registers
-// VEX can name, and the spills made it slower than the shifting kernel.
-dot_256!(dot_256_vex, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
-dot_256!(
-    dot_256_evex,
-    dot_256_evex_one_row,
-    "avx2,avx512vnni,avx512vl",
-    _mm256_dpbusd_epi32
+/// The sum of a 512-bit vector's sixteen i32 lanes.
+macro_rules! sum_512 {
+    ($v:expr) => {
+        _mm512_reduce_add_epi32($v)
+    };
+}
+
+/// The sum of a 256-bit vector's eight i32 lanes (a macro, so that it is compiled inside each
+/// kernel with the kernel's features).
+macro_rules! sum_256 {
+    ($v:expr) => {{
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), $v);
+        lanes.iter().sum::<i32>()
+    }};
+}
+
+vnni_kernels!(
+    "avx512f,avx512bw,avx512vnni", 64,
+    zero _mm512_setzero_si512, splat _mm512_set1_epi8, load _mm512_loadu_si512,
+    and _mm512_and_si512, shift _mm512_srli_epi16, shift_arith _mm512_srai_epi32,
+    add _mm512_add_epi32, dpbusd _mm512_dpbusd_epi32, sum sum_512,
+    dot_512, dot_512_one_row
 );
 
-/// Most blocks the one-row kernels ([`dot_512_one_row`]) take: a lane of their plane-3
-/// accumulator grows by at most `4 · 192 · 128 = 98,304` a block (four products of a byte's top
-/// two bits, at most 192 even for the non-code 3, by an activation of magnitude at most 128), so
-/// `2^14` blocks keep it within i32 (at most 1.61e9).
-pub(super) const MASKED_MAX_BLOCKS: usize = 1 << 14;
-
-/// The 512-bit kernel for a single activation row (decode). With one row the decoding is most of
-/// the work: shifting each plane down and masking it is two instructions for one `vpdpbusd`.
-/// Here plane `p` is only masked in place (`byte & (3 << 2p)`, the code times `4^p`) into an
-/// accumulator of its own, and each accumulator is divided by `4^p` at the end, exactly (every
-/// product in it is a multiple of `4^p`, and it stays within i32, see [`MASKED_MAX_BLOCKS`]).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot_512_one_row(w: *const u8, s: Strides, blocks: usize, x: *const i8) -> [i32; ROWS] {
-    const BYTES: usize = 64;
-    let masks = [
-        _mm512_set1_epi8(0x03),
-        _mm512_set1_epi8(0x0c),
-        _mm512_set1_epi8(0x30),
-        _mm512_set1_epi8(0xc0_u8 as i8),
-    ];
-    let mut acc = [[_mm512_setzero_si512(); ROWS]; 4];
-    for b in 0..blocks {
-        s.prefetch(w, b);
-        let mut v = [_mm512_setzero_si512(); ROWS];
-        for (r, vr) in v.iter_mut().enumerate() {
-            *vr = _mm512_loadu_si512(w.add(r * s.row + b * s.block).cast());
-        }
-        for (p, (ap, mask)) in acc.iter_mut().zip(&masks).enumerate() {
-            let xs = _mm512_loadu_si512(x.add(b * 4 * BYTES + p * BYTES).cast());
-            for (a, vr) in ap.iter_mut().zip(&v) {
-                *a = _mm512_dpbusd_epi32(*a, _mm512_and_si512(*vr, *mask), xs);
-            }
-        }
-    }
-    let mut out = [0i32; ROWS];
-    for (r, o) in out.iter_mut().enumerate() {
-        let sum = _mm512_add_epi32(
-            _mm512_add_epi32(acc[0][r], _mm512_srai_epi32::<2>(acc[1][r])),
-            _mm512_add_epi32(_mm512_srai_epi32::<4>(acc[2][r]), _mm512_srai_epi32::<6>(acc[3][r])),
+/// The 256-bit kernels of one encoding of `vpdpbusd` (EVEX from AVX-512 VL, VEX from AVX-VNNI).
+macro_rules! vnni_256_kernels {
+    ($features:literal, $dpbusd:ident, $($names:ident),+) => {
+        vnni_kernels!(
+            $features, 32,
+            zero _mm256_setzero_si256, splat _mm256_set1_epi8, load _mm256_loadu_si256,
+            and _mm256_and_si256, shift _mm256_srli_epi16, shift_arith _mm256_srai_epi32,
+            add _mm256_add_epi32, dpbusd $dpbusd, sum sum_256,
+            $($names),+
         );
-        *o = _mm512_reduce_add_epi32(sum);
-    }
-    out
+    };
 }
 
-/// The 512-bit kernel over 64-byte blocks.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot_512<const MX: usize>(
-    w: *const u8,
-    s: Strides,
-    blocks: usize,
-    x: *const i8,
-    x_stride: usize,
-) -> [[i32; ROWS]; MX] {
-    const BYTES: usize = 64;
-    let mask = _mm512_set1_epi8(3);
-    let mut acc = [[_mm512_setzero_si512(); ROWS]; MX];
-    for b in 0..blocks {
-        s.prefetch(w, b);
-        let mut v = [_mm512_setzero_si512(); ROWS];
-        for (r, vr) in v.iter_mut().enumerate() {
-            *vr = _mm512_loadu_si512(w.add(r * s.row + b * s.block).cast());
-        }
-        macro_rules! plane {
-            ($p:literal) => {{
-                let mut c = [_mm512_setzero_si512(); ROWS];
-                for (cr, vr) in c.iter_mut().zip(&v) {
-                    *cr = _mm512_and_si512(_mm512_srli_epi16::<{ 2 * $p }>(*vr), mask);
-                }
-                for (i, ai) in acc.iter_mut().enumerate() {
-                    let xs = _mm512_loadu_si512(x.add(i * x_stride + b * 4 * BYTES + $p * BYTES).cast());
-                    for (a, cr) in ai.iter_mut().zip(&c) {
-                        *a = _mm512_dpbusd_epi32(*a, *cr, xs);
-                    }
-                }
-            }};
-        }
-        plane!(0);
-        plane!(1);
-        plane!(2);
-        plane!(3);
-    }
-    let mut out = [[0i32; ROWS]; MX];
-    for (o, a) in out.iter_mut().zip(&acc) {
-        for (or, ar) in o.iter_mut().zip(a) {
-            *or = _mm512_reduce_add_epi32(*ar);
-        }
-    }
-    out
-}
+vnni_256_kernels!(
+    "avx2,avx512vnni,avx512vl",
+    _mm256_dpbusd_epi32,
+    dot_256_evex,
+    dot_256_evex_one_row
+);
+vnni_256_kernels!("avx2,avxvnni", _mm256_dpbusd_avx_epi32, dot_256_vex);
