@@ -21,22 +21,33 @@ pub(crate) struct Strides {
     pub(crate) block: usize,
 }
 
-/// How far ahead of the block being read the kernels ask for each row's weights (bytes): the
-/// hardware prefetcher alone leaves a decode call's stream from DRAM well short of the memory's
-/// rate (bench/RESULTS.md, CPU kernel).
-const PREFETCH_BYTES: usize = 2048;
+/// How far ahead of the block being read the kernels ask for each row's weights into L1 (bytes):
+/// the hardware prefetcher alone leaves a decode call's stream from DRAM well short of the
+/// memory's rate (bench/RESULTS.md, CPU kernel).
+const PREFETCH_L1_BYTES: usize = 2048;
+/// How far ahead they ask for them into L2 (bytes): far enough to cover DRAM's latency at the
+/// stream's rate, which the L1 distance alone does not (asked into L1 from this far, the lines
+/// crowd out the ones in use).
+const PREFETCH_L2_BYTES: usize = 8192;
 
 impl Strides {
-    /// Asks for the cache line of each of the `ROWS` rows `PREFETCH_BYTES` past block `b`, one
-    /// sequential stream ahead in the grouped layout. A hint only: it never faults, so past the
-    /// end of the weights it does nothing.
+    /// Asks for the cache line of each of the `ROWS` rows [`PREFETCH_L1_BYTES`] past block `b`
+    /// into L1 and [`PREFETCH_L2_BYTES`] past it into L2, one sequential stream ahead in the
+    /// grouped layout. Hints only: they never fault, so past the end of the weights they do
+    /// nothing.
     #[inline(always)]
     pub(crate) fn prefetch(&self, w: *const u8, b: usize) {
         #[cfg(target_arch = "x86_64")]
         for r in 0..ROWS {
-            let p = w.wrapping_add(r * self.row + b * self.block + PREFETCH_BYTES);
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+            let at = r * self.row + b * self.block;
+            let near = w.wrapping_add(at + PREFETCH_L1_BYTES);
+            let far = w.wrapping_add(at + PREFETCH_L2_BYTES);
             // SAFETY: a prefetch is a hint; it reads nothing architecturally and never faults.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) };
+            unsafe {
+                _mm_prefetch::<{ _MM_HINT_T0 }>(near.cast());
+                _mm_prefetch::<{ _MM_HINT_T1 }>(far.cast());
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (w, b);
