@@ -98,6 +98,9 @@ pub(crate) mod x86 {
     /// prefetcher alone left the stream short of the memory's rate (a prefetch past the slice is
     /// harmless: prefetches do not fault).
     const PREFETCH: usize = 512;
+    /// How far ahead (in weights: 8 KiB) the loops ask for lines into L2: far enough to cover
+    /// DRAM's latency at the stream's rate, which the L1 distance alone does not.
+    const PREFETCH_L2: usize = 4096;
 
     /// `s + Σ x·w` over the last weights of a row, one at a time.
     fn tail(x: &[f32], w: &[bf16], s: f32) -> f32 {
@@ -123,6 +126,8 @@ pub(crate) mod x86 {
         while i + 64 <= n {
             _mm_prefetch::<_MM_HINT_T0>(wp.add(i + PREFETCH) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(wp.add(i + PREFETCH + 32) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(wp.add(i + PREFETCH_L2) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(wp.add(i + PREFETCH_L2 + 32) as *const i8);
             for (a, acc) in acc.iter_mut().enumerate() {
                 let o = i + 16 * a;
                 *acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(o)), widen(wp.add(o)), *acc);
@@ -155,6 +160,7 @@ pub(crate) mod x86 {
         let mut i = 0;
         while i + 32 <= n {
             _mm_prefetch::<_MM_HINT_T0>(wp.add(i + PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(wp.add(i + PREFETCH_L2) as *const i8);
             for (a, acc) in acc.iter_mut().enumerate() {
                 let o = i + 8 * a;
                 *acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(o)), widen(wp.add(o)), *acc);
