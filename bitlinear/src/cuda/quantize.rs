@@ -9,7 +9,7 @@ use super::buffers::{
     finish_dtype, float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, slice_ptr, storage, FloatIn,
 };
 use super::{grid1, Ctx, Module, THREADS};
-use crate::plan::{act_quant_plan, ActLayout};
+use crate::plan::{act_quant_plan, ActLayout, PackPlan};
 
 /// Output of the row quantizer.
 pub(super) enum ActOut {
@@ -70,11 +70,7 @@ pub(super) fn quantize_rows(
     };
     let p = act_quant_plan(m, k, layout, xp.is_multiple_of(16), &ctx.info, &ctx.settings);
     let f = ctx.func(Module::ActQuant, &p.kernel_name(sfx))?;
-    let cfg = LaunchConfig {
-        grid_dim: (i32_arg(p.blocks, "quantizer blocks")? as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid(i32_arg(p.blocks, "quantizer blocks")? as usize);
     launch!(
         ctx,
         f,
@@ -147,8 +143,7 @@ pub(super) fn weight_scale(ctx: &Ctx, wp: u64, dtype: DType, n: usize) -> Result
     let sfx = float_suffix(dtype)?;
     // stat: [s_w bits, non-finite flag, count of finished partial blocks]
     let mut stat = ctx.dev.alloc_zeros::<u32>(3)?;
-    // Grid size depends on n only, so the reduction tree (and s_w) is the same on every run.
-    let blocks = n.div_ceil(THREADS as usize * 8).clamp(1, 1024);
+    let blocks = crate::plan::absmean_blocks(n);
     let mut partials = ctx.alloc::<f64>(blocks)?;
     let mut g = Vec::new();
     let sp = out_ptr(&mut stat, stream, &mut g);
@@ -156,20 +151,10 @@ pub(super) fn weight_scale(ctx: &Ctx, wp: u64, dtype: DType, n: usize) -> Result
     if n > 0 {
         // the last block to finish also makes the final sum
         let f = ctx.func(Module::WeightQuant, &format!("w_absmean_partial_{sfx}"))?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(ctx, f, cfg, wp, n as u64, pp, sp)?;
+        launch!(ctx, f, grid(blocks), wp, n as u64, pp, sp)?;
     } else {
         let f = ctx.func(Module::WeightQuant, "w_absmean_final")?;
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(ctx, f, cfg, pp, 0i32, 0u64, sp)?;
+        launch!(ctx, f, grid(1), pp, 0i32, 0u64, sp)?;
     }
     drop(g);
     Ok(stat)
@@ -186,45 +171,38 @@ pub(super) fn check_finite_flag(ctx: &Ctx, stat: &CudaSlice<u32>) -> Result<f32>
 
 /// Packs `w` (n, k) at `wp` into `out` using the device-side scale `stat[0]`.
 pub(super) fn pack_into(ctx: &Ctx, wp: u64, dtype: DType, n: usize, k: usize, stat: u64, out: u64) -> Result<()> {
-    let k4 = k.div_ceil(4);
-    if n * k4 == 0 {
-        return Ok(());
+    let sfx = float_suffix(dtype)?;
+    match crate::plan::pack_plan(n, k, dtype, wp.is_multiple_of(16), &ctx.info) {
+        PackPlan::Empty => Ok(()),
+        PackPlan::Flat { blocks, words } => {
+            let f = ctx.func(Module::WeightQuant, &format!("w_pack_flat_{sfx}"))?;
+            launch!(ctx, f, grid(blocks), wp, words as u64, stat, out)
+        }
+        PackPlan::Rows { blocks } => {
+            let f = ctx.func(Module::WeightQuant, &format!("w_pack_{sfx}"))?;
+            launch!(
+                ctx,
+                f,
+                grid(blocks),
+                wp,
+                i32_arg(n, "N")?,
+                i32_arg(k, "K")?,
+                i32_arg(k.div_ceil(4), "K/4")?,
+                stat,
+                out,
+                (k.is_multiple_of(16) && wp.is_multiple_of(16)) as i32
+            )
+        }
     }
-    let sms = ctx.info.sms;
-    if k.is_multiple_of(16) && wp.is_multiple_of(16) {
-        // rows line up with 32-bit words: the flat packer (several words a thread in flight)
-        let words = n * k / 16;
-        let f = ctx.func(Module::WeightQuant, &format!("w_pack_flat_{}", float_suffix(dtype)?))?;
-        let per_thread = if dtype == DType::F32 { 2 } else { 4 };
-        return launch!(
-            ctx,
-            f,
-            grid1(words.div_ceil(per_thread), sms * 8),
-            wp,
-            words as u64,
-            stat,
-            out
-        );
-    }
-    let f = ctx.func(Module::WeightQuant, &format!("w_pack_{}", float_suffix(dtype)?))?;
-    // one block per weight row (grid-stride)
-    let cfg = LaunchConfig {
-        grid_dim: (n.min(sms * 16) as u32, 1, 1),
+}
+
+/// `blocks` blocks of `THREADS` threads.
+fn grid(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
-    };
-    launch!(
-        ctx,
-        f,
-        cfg,
-        wp,
-        i32_arg(n, "N")?,
-        i32_arg(k, "K")?,
-        i32_arg(k4, "K/4")?,
-        stat,
-        out,
-        (k.is_multiple_of(16) && wp.is_multiple_of(16)) as i32
-    )
+    }
 }
 
 /// The weight `win` (n, k) quantized and packed on the device: packed bytes (n, ceil(k/4)) and

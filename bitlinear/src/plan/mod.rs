@@ -35,7 +35,7 @@ pub use conv::{
 };
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
 pub use gemv::{GemvPlan, GEMV_MAX_K, GEMV_SHAPES, GEMV_WARPS};
-pub use quant::{act_quant_plan, ActLayout, ActQuantPlan, QUANT_THREADS};
+pub use quant::{absmean_blocks, act_quant_plan, pack_plan, ActLayout, ActQuantPlan, PackPlan, QUANT_THREADS};
 pub use settings::{CpuKernel, ForcedChoices, KernelKind, KernelSettings};
 pub use skinny::{SkinnyPlan, SKINNY_MAX_M, SKINNY_THREADS};
 

@@ -1,5 +1,8 @@
 //! The activation quantizer (`kernels/act_quant.cu`), run ahead of the skinny kernel and the
-//! tiled GEMM, and on its own for `quantize_activations` and the fake quantizer.
+//! tiled GEMM, and on its own for `quantize_activations` and the fake quantizer; the weight
+//! quantizer (`kernels/weight_quant.cu`): the absmean reduction and the packer.
+
+use candle_core::DType;
 
 use super::{DeviceInfo, KernelSettings};
 
@@ -69,6 +72,53 @@ pub fn act_quant_plan(
     }
 }
 
+/// Blocks of the absmean reduction's first pass (`w_absmean_partial_*`, eight weights a thread,
+/// at most 1,024 partial sums) over `weights` weights. A function of the weight count alone, so
+/// that the reduction tree, and with it `s_w`, is the same on every run and every device.
+pub fn absmean_blocks(weights: usize) -> usize {
+    weights.div_ceil(QUANT_THREADS * 8).clamp(1, 1024)
+}
+
+/// Launch of the weight packer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PackPlan {
+    /// No weights: nothing to launch.
+    Empty,
+    /// `w_pack_flat_*`: the packed matrix as a flat array of 32-bit words, each the 16 weights
+    /// `w[16i .. 16i + 15]` (needs K % 16 == 0 and 16-byte aligned weights), `words_per_thread`
+    /// words a thread (the kernel's `U`: 2 for f32, 4 for 16-bit weights), grid-strided over
+    /// `blocks` blocks of at most eight a multiprocessor.
+    Flat {
+        /// Blocks.
+        blocks: usize,
+        /// Packed words.
+        words: usize,
+    },
+    /// `w_pack_*`: one weight row a block, grid-strided over `blocks` blocks (at most 16 a
+    /// multiprocessor).
+    Rows {
+        /// Blocks.
+        blocks: usize,
+    },
+}
+
+/// The packer of an `(n, k)` weight of `dtype`; `w_aligned16`: its address is 16-byte aligned.
+pub fn pack_plan(n: usize, k: usize, dtype: DType, w_aligned16: bool, info: &DeviceInfo) -> PackPlan {
+    if n * k.div_ceil(4) == 0 {
+        return PackPlan::Empty;
+    }
+    if k.is_multiple_of(16) && w_aligned16 {
+        let words = n * k / 16;
+        let words_per_thread = if dtype == DType::F32 { 2 } else { 4 };
+        let threads = words.div_ceil(words_per_thread);
+        let blocks = threads.div_ceil(QUANT_THREADS).clamp(1, (info.sms * 8).max(1));
+        return PackPlan::Flat { blocks, words };
+    }
+    PackPlan::Rows {
+        blocks: n.min(info.sms * 16).max(1),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +147,44 @@ mod tests {
         };
         assert!(!act_quant_plan(8, 64, ActLayout::Permuted { ld: 128 }, true, &info, &off).early_trigger);
         assert_eq!(act_quant_plan(0, 64, ActLayout::Fake, true, &info, &s).blocks, 1);
+    }
+
+    /// The absmean's grid depends on the weight count alone, within 1..=1024 blocks of 2,048
+    /// weights; the packer is the flat one exactly where K % 16 == 0 and the weights are
+    /// aligned, each grid covers its work (or is capped), and an empty weight launches nothing.
+    #[test]
+    fn weight_quantizer_plans() {
+        assert_eq!(absmean_blocks(0), 1);
+        assert_eq!(absmean_blocks(2048), 1);
+        assert_eq!(absmean_blocks(2049), 2);
+        assert_eq!(absmean_blocks(4096 * 4096), 1024);
+        let info = DeviceInfo::sm90(132);
+        let other = DeviceInfo::sm90(16);
+        for (n, k) in [(1, 16), (3, 48), (2560, 2560), (13824, 2560), (1, 4096), (7, 4112)] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let per_thread = if dtype == DType::F32 { 2 } else { 4 };
+                match pack_plan(n, k, dtype, true, &info) {
+                    PackPlan::Flat { blocks, words } => {
+                        assert_eq!(words * 16, n * k);
+                        let covered = blocks * QUANT_THREADS * per_thread;
+                        assert!(covered >= words || blocks == 132 * 8, "{n}x{k} {dtype:?}");
+                        assert!((1..=132 * 8).contains(&blocks));
+                    }
+                    p => panic!("{n}x{k} {dtype:?}: {p:?}"),
+                }
+                let rows = pack_plan(n, k, dtype, false, &other);
+                assert_eq!(rows, PackPlan::Rows { blocks: n.min(16 * 16) }, "{n}x{k} unaligned");
+            }
+        }
+        for (n, k) in [(5, 10), (4096, 1000), (1, 1)] {
+            assert_eq!(
+                pack_plan(n, k, DType::BF16, true, &info),
+                PackPlan::Rows {
+                    blocks: n.min(132 * 16)
+                }
+            );
+        }
+        assert_eq!(pack_plan(0, 64, DType::F32, true, &info), PackPlan::Empty);
+        assert_eq!(pack_plan(8, 0, DType::F32, true, &info), PackPlan::Empty);
     }
 }
