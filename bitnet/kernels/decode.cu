@@ -49,7 +49,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-// Block sizes the host launches (src/fused/cuda.rs); the bounds cap registers at 64 a thread.
+// Block sizes the host launches (src/fused/launch.rs); the bounds cap registers at 64 a thread.
 #define NORM_THREADS 1024
 #define ATT_THREADS 1024
 #define NORM_MAX_PER_THREAD 16

@@ -245,5 +245,7 @@ impl CustomOp1 for Argmax<'_> {
 mod args;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod launch;
 #[cfg(all(test, feature = "cuda"))]
 mod tests;

@@ -1,4 +1,5 @@
-//! Launches of `kernels/decode.cu`: operand checks, device pointers, launch shapes.
+//! Launches of `kernels/decode.cu`: operand checks, device pointers, and the launch shapes that
+//! `launch.rs` decides.
 
 use std::ffi::c_void;
 
@@ -11,13 +12,10 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::args::AttentionArgs;
+use super::launch::{self, Launch, ARGMAX_BLOCKS, NORM_MAX_COLS};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "bitnet_decode";
-const NORM_THREADS: usize = 1024;
-const ATT_THREADS: u32 = 1024;
-/// Shared memory a block may take without opting in.
-const DEFAULT_SMEM: usize = 48 * 1024;
 
 /// `(elements from the start offset, offset)` of a contiguous operand of `dtype`; the offset
 /// must keep 16-byte loads aligned where `aligned16` asks for it.
@@ -44,8 +42,14 @@ macro_rules! with_float_type {
     };
 }
 
-/// The most columns the norm kernels take (16 values a thread, 1024 threads).
-pub const NORM_MAX_COLS: usize = 16 * NORM_THREADS;
+/// The launch configuration of a planned launch.
+fn config(l: Launch) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (l.blocks as u32, 1, 1),
+        block_dim: (l.threads as u32, 1, 1),
+        shared_mem_bytes: l.smem_bytes as u32,
+    }
+}
 
 /// The elements of a contiguous operand of `T`, from its start offset (16-byte aligned where the
 /// kernel loads 16 bytes at a time).
@@ -187,12 +191,7 @@ fn row_kernel_t<T: CudaDType + DeviceRepr>(
     let mut out = unsafe { dev.alloc::<T>(outputs * rows * n) }?;
     if rows > 0 {
         let f = dev.get_or_load_custom_func(&kernel_name(base, a.dtype())?, MODULE, PTX)?;
-        let threads = n.div_ceil(32).min(NORM_THREADS / 32) * 32;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(launch::norm(rows, n));
         let stream = dev.cuda_stream();
         let mut sync = Vec::new();
         let mut args = Args::default();
@@ -282,10 +281,10 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
             bail!("{WHAT}: tables and caches must be {dtype:?}, got {:?}", t.dtype())
         }
     }
-    let smem = 4 * (capacity + 35 * d);
-    if smem > DEFAULT_SMEM {
-        bail!("{WHAT}: a cache of {capacity} positions needs {smem} bytes of shared memory")
-    }
+    let plan = match launch::attention(h, capacity, d) {
+        Ok(plan) => plan,
+        Err(smem) => bail!("{WHAT}: a cache of {capacity} positions needs {smem} bytes of shared memory"),
+    };
     let dev = &qkv.device;
     let stream = dev.cuda_stream();
     let rows = |s, l, what: &str| view::<T>(s, l, &format!("{WHAT}: {what}"), true);
@@ -322,11 +321,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     // sub-norm, then (with it) after it.
     let mut out = unsafe { dev.alloc::<T>(outputs * h * d) }?;
     let f = dev.get_or_load_custom_func(&kernel_name("decode_attention", dtype)?, MODULE, PTX)?;
-    let cfg = LaunchConfig {
-        grid_dim: (h as u32, 1, 1),
-        block_dim: (ATT_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let cfg = config(plan);
     let mut sync = Vec::new();
     let mut args = Args::default();
     for v in [&qkvv, &cosv, &sinv] {
@@ -367,10 +362,6 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     ))
 }
 
-/// Blocks of the argmax kernel: enough to stream a vocabulary's logits from HBM in parallel, few
-/// enough for the last block to reduce their results in one pass.
-const ARGMAX_BLOCKS: usize = 64;
-
 /// The first maximum of `x`'s values (0xffffffff if all are NaN) as `(1 + 2 ARGMAX_BLOCKS,)` u32:
 /// the index, then the blocks' partial results. `counter` is one u32 that is zero between calls.
 pub fn argmax(x: &CudaStorage, l: &Layout, counter: &Tensor) -> Result<(CudaStorage, Shape)> {
@@ -394,11 +385,7 @@ fn argmax_t<T: CudaDType + DeviceRepr>(x: &CudaStorage, l: &Layout, counter: &Te
     // SAFETY: the last block writes element 0, every block its two partial values.
     let mut out = unsafe { dev.alloc::<u32>(len) }?;
     let f = dev.get_or_load_custom_func(&kernel_name("argmax", x.dtype())?, MODULE, PTX)?;
-    let cfg = LaunchConfig {
-        grid_dim: (ARGMAX_BLOCKS as u32, 1, 1),
-        block_dim: (NORM_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(launch::argmax());
     let mut sync = Vec::new();
     let mut args = Args::default();
     args.ptr(xv.device_ptr(&stream), &mut sync);
