@@ -85,9 +85,9 @@ pub enum PackPlan {
     /// No weights: nothing to launch.
     Empty,
     /// `w_pack_flat_*`: the packed matrix as a flat array of 32-bit words, each the 16 weights
-    /// `w[16i .. 16i + 15]` (needs K % 16 == 0 and 16-byte aligned weights), `words_per_thread`
-    /// words a thread (the kernel's `U`: 2 for f32, 4 for 16-bit weights), grid-strided over
-    /// `blocks` blocks of at most eight a multiprocessor.
+    /// `w[16i .. 16i + 15]` (needs K % 16 == 0 and 16-byte aligned weights), two words a thread
+    /// for f32 weights and four for 16-bit ones (the kernel's `U`), grid-strided over `blocks`
+    /// blocks, at most eight a multiprocessor.
     Flat {
         /// Blocks.
         blocks: usize,
@@ -176,6 +176,30 @@ mod tests {
                 assert_eq!(rows, PackPlan::Rows { blocks: n.min(16 * 16) }, "{n}x{k} unaligned");
             }
         }
+        // 2560^2: 409,600 words, 102,400 threads of four (bf16) or 204,800 of two (f32); a
+        // 13824 x 2560 weight's 2,160 blocks capped at eight a multiprocessor
+        let flat = |n, k, dtype| pack_plan(n, k, dtype, true, &info);
+        assert_eq!(
+            flat(2560, 2560, DType::BF16),
+            PackPlan::Flat {
+                blocks: 400,
+                words: 409_600
+            }
+        );
+        assert_eq!(
+            flat(2560, 2560, DType::F32),
+            PackPlan::Flat {
+                blocks: 800,
+                words: 409_600
+            }
+        );
+        assert_eq!(
+            flat(13824, 2560, DType::BF16),
+            PackPlan::Flat {
+                blocks: 1056,
+                words: 2_211_840
+            }
+        );
         for (n, k) in [(5, 10), (4096, 1000), (1, 1)] {
             assert_eq!(
                 pack_plan(n, k, DType::BF16, true, &info),
