@@ -39,14 +39,11 @@ pub(super) unsafe fn dot(
             }
         };
     }
+    let one_row = rows == 1 && blocks <= MASKED_MAX_BLOCKS;
     match kernel {
-        CpuKernel::Avx512Vnni if rows == 1 && blocks <= MASKED_MAX_BLOCKS => {
-            out[0] = dot_512_one_row(w, s, blocks, x);
-        }
+        CpuKernel::Avx512Vnni if one_row => out[0] = dot_512_one_row(w, s, blocks, x),
         CpuKernel::Avx512Vnni => run!(dot_512),
-        CpuKernel::Avx512Vnni256 if rows == 1 && blocks <= MASKED_MAX_BLOCKS => {
-            out[0] = dot_256_evex_one_row(w, s, blocks, x);
-        }
+        CpuKernel::Avx512Vnni256 if one_row => out[0] = dot_256_evex_one_row(w, s, blocks, x),
         CpuKernel::Avx512Vnni256 => run!(dot_256_evex),
         CpuKernel::AvxVnni => run!(dot_256_vex),
         _ => unreachable!("not a VNNI kernel: {kernel:?}"),

@@ -125,7 +125,11 @@ impl<'a> Ctx<'a> {
 
 /// A one-dimensional grid of `THREADS`-thread blocks covering `n` items, at most `cap` blocks.
 fn grid1(n: usize, cap: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, cap.max(1));
+    grid(n.div_ceil(THREADS as usize).clamp(1, cap.max(1)))
+}
+
+/// `blocks` blocks of `THREADS` threads.
+fn grid(blocks: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (THREADS, 1, 1),

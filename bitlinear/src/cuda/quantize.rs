@@ -1,14 +1,14 @@
 //! The activation and weight quantizers on CUDA (`kernels/act_quant.cu`, `kernels/weight_quant.cu`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{result as cu_result, CudaSlice, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{result as cu_result, CudaSlice};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
 
 use super::buffers::{
     finish_dtype, float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, slice_ptr, storage, FloatIn,
 };
-use super::{grid1, Ctx, Module, THREADS};
+use super::{grid, grid1, Ctx, Module};
 use crate::plan::{act_quant_plan, ActLayout, PackPlan};
 
 /// Output of the row quantizer.
@@ -193,15 +193,6 @@ pub(super) fn pack_into(ctx: &Ctx, wp: u64, dtype: DType, n: usize, k: usize, st
                 (k.is_multiple_of(16) && wp.is_multiple_of(16)) as i32
             )
         }
-    }
-}
-
-/// `blocks` blocks of `THREADS` threads.
-fn grid(blocks: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
     }
 }
 
