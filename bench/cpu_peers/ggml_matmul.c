@@ -83,10 +83,12 @@ static void * read_file(const char * path, size_t expect) {
 static void usage(void) {
     fprintf(stderr,
             "usage: ggml_matmul TYPE MxNxK [THREADS] [TL2_DIR] [--rotate-mb MB] [--poll LEVEL]\n"
+            "       [--samples FILE]\n"
             "  TYPE: tq2_0 (ggml), i2_s or tl2 (bitnet.cpp build); THREADS default 2;\n"
             "  TL2_DIR: where tl2_prep.py wrote tl2_NxK.bin and tern_NxK.bin (tl2 only)\n"
             "  LEVEL: the threadpool's polling level (0: workers sleep between calls; 100:\n"
-            "  aggressive spinning; default: ggml's)\n");
+            "  aggressive spinning; default: ggml's); FILE: every timed call appended, in order,\n"
+            "  as `<label> <MxNxK> <us>` (as cpu_bench --samples)\n");
     exit(2);
 }
 
@@ -94,12 +96,16 @@ int main(int argc, char ** argv) {
     // --rotate-mb MB (anywhere): cycle the calls through copies of the weight filling MB, so
     // each call reads its weights from DRAM rather than from the caches (decode of a model).
     // --poll LEVEL (anywhere): the threadpool's polling level instead of ggml's default.
+    // --samples FILE (anywhere): append every timed call's time.
     double rotate_mb = 0;
     int poll = -1;
+    const char * samples = NULL;
     for (int i = 1; i + 1 < argc;) {
-        if (strcmp(argv[i], "--rotate-mb") == 0 || strcmp(argv[i], "--poll") == 0) {
+        if (strcmp(argv[i], "--rotate-mb") == 0 || strcmp(argv[i], "--poll") == 0 ||
+            strcmp(argv[i], "--samples") == 0) {
             if (argv[i][2] == 'r') rotate_mb = atof(argv[i + 1]);
-            else poll = atoi(argv[i + 1]);
+            else if (argv[i][2] == 'p') poll = atoi(argv[i + 1]);
+            else samples = argv[i + 1];
             memmove(argv + i, argv + i + 2, sizeof(char *) * (argc - i - 1));
             argc -= 2;
         } else {
@@ -260,6 +266,15 @@ int main(int argc, char ** argv) {
         memcpy(copy, t, sizeof(double) * iters);
         medians[r] = quantile(copy, iters, 0.5);
         free(copy);
+    }
+    if (samples) {
+        FILE * f = fopen(samples, "a");
+        if (!f) {
+            perror(samples);
+            return 1;
+        }
+        for (size_t i = 0; i < (size_t) ROUNDS * iters; i++) fprintf(f, "%s %s %.3f\n", label, shape, all[i]);
+        fclose(f);
     }
     double med = quantile(medians, ROUNDS, 0.5);
     double p10 = quantile(all, (size_t) ROUNDS * iters, 0.1);

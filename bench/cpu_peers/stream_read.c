@@ -7,9 +7,11 @@
 //   pattern 2: as 1, with a software prefetch D bytes ahead in each row.
 // Given T (pattern 0 only), each call splits the copy in T contiguous slices, read by the
 // caller and T - 1 threads that spin between calls (as ggml's pool does): the read floor of a
-// matrix-vector product from DRAM, and the spread (p10, p90) of its call times.
+// matrix-vector product from DRAM, and the spread (p10, p90) of its call times. MIB (default
+// 256) is the memory the copies fill: 4 is one copy read again and again, from the caches (two
+// cores' 2 MiB L2s hold half each at most, so mostly from L3), the read floor in cache.
 // Build: cc -O2 -march=native -pthread -o stream_read stream_read.c (needs AVX-512F)
-// Run:   stream_read PATTERN [R [L [D [T]]]]
+// Run:   stream_read PATTERN [R [L [D [T [MIB]]]]]
 #define _POSIX_C_SOURCE 200112L
 #include <immintrin.h>
 #include <pthread.h>
@@ -66,7 +68,8 @@ static void * reader_main(void * arg) {
     }
 }
 
-// Times 10 laps of the copies (after one of warm-up), every call alone; prints median, p10, p90.
+// Times at least 10 laps of the copies and 2000 calls (after at least a lap and 200 calls of
+// warm-up), every call alone; prints median, p10, p90.
 static int threaded(char * buf, size_t W, int copies, int threads) {
     struct pool p = {.buf = buf, .W = W, .copies = copies, .threads = threads};
     pthread_t tid[64];
@@ -75,16 +78,17 @@ static int threaded(char * buf, size_t W, int copies, int threads) {
         rd[t] = (struct reader){&p, t};
         pthread_create(&tid[t], NULL, reader_main, &rd[t]);
     }
-    const int laps = 10, calls = copies * laps;
+    const int laps = copies >= 200 ? 10 : 2000 / copies, calls = copies * laps;
+    const int warm = copies >= 200 ? copies : 200 / copies * copies;
     double * dt = malloc(sizeof(double) * calls);
-    for (int it = 1; it <= copies * (laps + 1); it++) {
+    for (int it = 1; it <= warm + calls; it++) {
         atomic_store(&p.done, 0);
         const double t0 = now_us();
         atomic_store(&p.gen, it);
         atomic_fetch_add(&p.sink, read_slice(buf + (size_t) (it % copies) * W, W, 0, threads));
         while (atomic_load(&p.done) != threads - 1) _mm_pause();
         const double t = now_us() - t0;
-        if (it > copies) dt[it - copies - 1] = t;
+        if (it > warm) dt[it - warm - 1] = t;
     }
     atomic_store(&p.gen, -1);
     for (int t = 1; t < threads; t++) pthread_join(tid[t], NULL);
@@ -99,12 +103,13 @@ static int threaded(char * buf, size_t W, int copies, int threads) {
 
 int main(int argc, char ** argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: stream_read PATTERN [R [L [D [T]]]]\n");
+        fprintf(stderr, "usage: stream_read PATTERN [R [L [D [T [MIB]]]]]\n");
         return 2;
     }
     int pat = atoi(argv[1]);
     int R = argc > 2 ? atoi(argv[2]) : 4, L = argc > 3 ? atoi(argv[3]) : 1024, D = argc > 4 ? atoi(argv[4]) : 512;
-    size_t W = 4u << 20, total = 256u << 20;
+    size_t W = 4u << 20, total = (size_t) (argc > 6 ? atoi(argv[6]) : 256) << 20;
+    if (total < W) return 2;
     int copies = (int) (total / W);
     char * buf = NULL;
     if (posix_memalign((void **) &buf, 4096, total)) return 1;

@@ -5,7 +5,8 @@ usage: table.py LOG DEFAULT_KERNEL
 Per contender and shape: the median over passes of each pass's median of round medians (us).
 `ours / TQ2_0` divides our default kernel's time by ggml TQ2_0's (median over passes; the range
 over passes in parentheses, each pass its own same-run ratio). `p90/p10`: the spread of single
-calls within one process (median over passes). A contender whose CHECK exceeded 0.05 (relative
+calls within one process (median over passes), and `p90 - p10`: the same spread in microseconds
+(a disturbance of fixed length widens a short call's ratio more than a long one's). A contender whose CHECK exceeded 0.05 (relative
 error against the exact product; activation quantization alone gives ~0.004) shows its error
 instead of a time.
 """
@@ -53,7 +54,13 @@ def spread(name, shape):
     return f"{statistics.median(x[3] / x[2] for x in r):.2f}" if r else "-"
 
 
-head = ["M x N x K"] + [c[1] for c in cols] + ["ours / TQ2_0 time", "p90/p10 TQ2_0, I2_S, ours"]
+def width(name, shape):
+    r = res.get((name, shape))
+    return fmt(statistics.median(x[3] - x[2] for x in r)) if r else "-"
+
+
+head = ["M x N x K"] + [c[1] for c in cols]
+head += ["ours / TQ2_0 time", "p90/p10 TQ2_0, I2_S, ours", "p90 - p10 us TQ2_0, I2_S, ours"]
 print("| " + " | ".join(head) + " |")
 print("|" + " --- |" * len(head))
 for s in shapes:
@@ -74,4 +81,5 @@ for s in shapes:
     else:
         row.append("-")
     row.append(", ".join(spread(n, s) for n in ("ggml_tq2_0", "bitnet_i2_s", o)))
+    row.append(", ".join(width(n, s) for n in ("ggml_tq2_0", "bitnet_i2_s", o)))
     print("| " + " | ".join(row) + " |")

@@ -4,19 +4,23 @@
 //!
 //! Build: `cargo build --release -p bitlinear --example cpu_bench`.
 //! Run: `cpu_bench MxNxK... [--kernel NAME|default|all] [--candle] [--threads T] [--in-pool]
-//! [--rotate-mb MB]`
+//! [--rotate-mb MB] [--calls-per-sample C] [--samples FILE]`
 //! (`--kernel` may repeat; kernel names are those of `bitlinear::plan::CpuKernel`, any case;
 //! `default` is the one the library picks; `--threads` sizes rayon's global pool, default 2;
 //! `--in-pool` runs every call from inside that pool, so the calling thread is one of its
 //! workers, as in ggml where the caller is thread 0: it shows what the hand-off to the pool
 //! costs, and is not how the table is measured); `--rotate-mb MB` cycles the calls through copies
 //! of the weight filling MB, so that weights come from DRAM as in the decode of a large model.
+//! `--calls-per-sample C` times C calls in a row as one sample (the printed times are per call):
+//! a sample of ours then lasts as long as one call of a slower peer, for comparing spreads.
+//! `--samples FILE` appends every timed sample, in order, as `<name> <MxNxK> <us per call>`.
 //! `cpu_bench --list` prints the kernels this CPU supports, the library's default first.
 //!
 //! Protocol, shared with `bench/cpu_peers/ggml_matmul.c`: a warm-up of at least 200 ms, then 10
-//! rounds of `iters` calls (a round about 100 ms, 5 to 2000 calls), each call timed alone. Per
-//! contender and shape it prints a check against an exact f64 product on two activation rows and
-//! the median of the round medians with the 10th and 90th percentiles of all calls (us):
+//! rounds of `iters` samples (a round about 100 ms, 5 to 2000 samples of one call each unless
+//! `--calls-per-sample` says more), each sample timed alone. Per contender and shape it prints a
+//! check against an exact f64 product on two activation rows and the median of the round medians
+//! with the 10th and 90th percentiles of all samples (us):
 //! `CHECK <name> <MxNxK> <max_abs_err / max_abs_ref>`,
 //! `RESULT <name> <MxNxK> <median_us> <p10_us> <p90_us> <iters>`.
 
@@ -28,6 +32,12 @@ use bitlinear::{packed_matmul, ActScaling, PackedTernary};
 use candle_core::{Device, Tensor};
 
 const ROUNDS: usize = 10;
+
+/// How samples are taken (`--calls-per-sample`, `--samples`).
+struct Sampling {
+    calls_per_sample: usize,
+    samples: Option<std::path::PathBuf>,
+}
 
 /// xorshift64*: a fixed, seedable stream so every run times the same data.
 struct Rng(u64);
@@ -100,8 +110,21 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
     v[(q * (v.len() - 1) as f64).round() as usize]
 }
 
-/// Times `call` with the shared protocol; returns (median of round medians, p10, p90, iters).
-fn time(mut call: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64, usize)> {
+/// What [`time`] measured, in microseconds per call.
+struct Timing {
+    /// Every sample, in the order taken.
+    samples: Vec<f64>,
+    /// Median of the round medians.
+    median: f64,
+    p10: f64,
+    p90: f64,
+    /// Samples a round.
+    iters: usize,
+}
+
+/// Times `call` with the shared protocol, `sampling.calls_per_sample` calls a sample.
+fn time(mut call: impl FnMut() -> Result<()>, sampling: &Sampling) -> Result<Timing> {
+    let per_sample = sampling.calls_per_sample;
     let start = Instant::now();
     let mut warm = 0u32;
     while warm < 3 || start.elapsed() < Duration::from_millis(200) {
@@ -109,28 +132,37 @@ fn time(mut call: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64, usize)> 
         warm += 1;
     }
     let per_call = start.elapsed().as_secs_f64() * 1e6 / f64::from(warm);
-    let iters = ((100e3 / per_call).ceil() as usize).clamp(5, 2000);
+    let iters = ((100e3 / (per_call * per_sample as f64)).ceil() as usize).clamp(5, 2000);
     let mut all = Vec::with_capacity(ROUNDS * iters);
     let mut medians = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         let mut round = Vec::with_capacity(iters);
         for _ in 0..iters {
             let t = Instant::now();
-            call()?;
-            round.push(t.elapsed().as_secs_f64() * 1e6);
+            for _ in 0..per_sample {
+                call()?;
+            }
+            round.push(t.elapsed().as_secs_f64() * 1e6 / per_sample as f64);
         }
         all.extend_from_slice(&round);
         medians.push(quantile(&mut round, 0.5));
     }
-    Ok((
-        quantile(&mut medians, 0.5),
-        quantile(&mut all, 0.1),
-        quantile(&mut all, 0.9),
+    let samples = all.clone();
+    Ok(Timing {
+        samples,
+        median: quantile(&mut medians, 0.5),
+        p10: quantile(&mut all, 0.1),
+        p90: quantile(&mut all, 0.9),
         iters,
-    ))
+    })
 }
 
-fn run_shape(m: usize, n: usize, k: usize, contender: Contender, rotate_mb: f64) -> Result<()> {
+fn run_shape(
+    (m, n, k): (usize, usize, usize),
+    contender: Contender,
+    rotate_mb: f64,
+    sampling: &Sampling,
+) -> Result<()> {
     let dev = Device::Cpu;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((n as u64) << 32) ^ k as u64);
     let tern: Vec<f32> = (0..n * k).map(|_| (rng.next() % 3) as f32 - 1.0).collect();
@@ -210,8 +242,18 @@ fn run_shape(m: usize, n: usize, k: usize, contender: Contender, rotate_mb: f64)
     let name = contender.name();
     println!("CHECK {name} {m}x{n}x{k} {:.3}", max_err / max_ref);
 
-    let (med, p10, p90, iters) = time(|| call().map(drop))?;
+    let t = time(|| call().map(drop), sampling)?;
+    let (med, p10, p90, iters) = (t.median, t.p10, t.p90, t.iters);
     println!("RESULT {name} {m}x{n}x{k} {med:.2} {p10:.2} {p90:.2} {iters}");
+    if let Some(path) = &sampling.samples {
+        use std::io::Write;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
+        let mut file = std::io::BufWriter::new(file.with_context(|| format!("opening {}", path.display()))?);
+        for us in t.samples {
+            writeln!(file, "{name} {m}x{n}x{k} {us:.3}")?;
+        }
+        file.flush()?;
+    }
     bitlinear::set_kernel_settings(&dev, settings(None))?;
     Ok(())
 }
@@ -222,6 +264,10 @@ fn main() -> Result<()> {
     let mut threads = 2usize;
     let mut in_pool = false;
     let mut rotate_mb = 0f64;
+    let mut sampling = Sampling {
+        calls_per_sample: 1,
+        samples: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -250,13 +296,21 @@ fn main() -> Result<()> {
             "--candle" => contenders.push(Contender::CandleF32),
             "--in-pool" => in_pool = true,
             "--rotate-mb" => rotate_mb = args.next().context("--rotate-mb needs MiB")?.parse()?,
+            "--calls-per-sample" => {
+                let v: usize = args.next().context("--calls-per-sample needs a count")?.parse()?;
+                if v == 0 {
+                    bail!("--calls-per-sample must be at least 1");
+                }
+                sampling.calls_per_sample = v;
+            }
+            "--samples" => sampling.samples = Some(args.next().context("--samples needs a file")?.into()),
             "--threads" => threads = args.next().context("--threads needs a count")?.parse()?,
             s if s.starts_with("--") => bail!("unknown flag {s}"),
             s => shapes.push(parse_shape(s)?),
         }
     }
     if shapes.is_empty() {
-        bail!("usage: cpu_bench MxNxK... [--kernel NAME|default|all]... [--candle] [--threads T] [--in-pool] [--rotate-mb MB] | --list");
+        bail!("usage: cpu_bench MxNxK... [--kernel NAME|default|all]... [--candle] [--threads T] [--in-pool] [--rotate-mb MB] [--calls-per-sample C] [--samples FILE] | --list");
     }
     if contenders.is_empty() {
         contenders.push(Contender::Default);
@@ -265,9 +319,9 @@ fn main() -> Result<()> {
     for &(m, n, k) in &shapes {
         for &c in &contenders {
             if in_pool {
-                rayon::scope(|_| run_shape(m, n, k, c, rotate_mb))?;
+                rayon::scope(|_| run_shape((m, n, k), c, rotate_mb, &sampling))?;
             } else {
-                run_shape(m, n, k, c, rotate_mb)?;
+                run_shape((m, n, k), c, rotate_mb, &sampling)?;
             }
         }
     }
