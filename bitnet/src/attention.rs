@@ -202,13 +202,19 @@ impl Attention {
         let groups = h / kvh;
         let q = q.reshape((b, kvh, groups * s, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let mut att = (q.matmul(&k.transpose(2, 3)?)? * scale)?;
-        if let Some(mask) = mask {
-            att = att.broadcast_add(mask)?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        // The cache view is strided only between heads: both matmul backends take it as it is.
-        let y = att.matmul(v)?; // (b, kvh, groups · s, d) = (b, h, s, d)
+        // (b, kvh, groups · s, d) = (b, h, s, d)
+        let y = if s == 1 && mask.is_none() && crate::attention_cpu::supported(&q) {
+            // one token on the CPU: one op instead of four thread-pool hand-offs
+            crate::attention_cpu::decode_attention(&q, k, v, scale as f32)?
+        } else {
+            let mut att = (q.matmul(&k.transpose(2, 3)?)? * scale)?;
+            if let Some(mask) = mask {
+                att = att.broadcast_add(mask)?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            // The cache view is strided only between heads: both matmul backends take it as it is.
+            att.matmul(v)?
+        };
         let y = y.reshape((b, h, s, d))?.transpose(1, 2)?.reshape((b, s, h * d))?;
         self.o_proj.forward(&self.attn_sub_norm.forward(&y)?)
     }

@@ -3,7 +3,8 @@
 //!
 //! The projections are int8 (per token) x packed ternary products on the library's exact integer
 //! kernels; everything else (embeddings, norms, RoPE, attention, head) is candle in the model's
-//! float dtype (f32, or bf16 on GPUs).
+//! float dtype (f32, or bf16 on GPUs), but for a few ops of our own where candle's were slow (on
+//! the CPU a decode step's attention and the bf16 head; on CUDA the fused decode kernels).
 //!
 //! ```no_run
 //! use bitnet::{BitNetModel, generate::{Generation, Sampling}};
@@ -18,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod attention;
+mod attention_cpu;
 pub mod config;
 mod fused;
 pub mod generate;
