@@ -2,11 +2,11 @@
 //!
 //! As candle tensor ops, a decode step's attention is a matrix product, a scale, a softmax and a
 //! second product; each hands a few thousand multiply-adds to the thread pool and allocates, and
-//! for one query token that overhead was most of the attention's time (more than the 210 ternary
-//! projections' share of a layer). This op reads the cache views in place and runs every query
-//! head on the calling thread: scores `(q · k_j) · scale`, the softmax over them (maximum
-//! subtracted, `exp`, sum, divide, as candle's `softmax_last_dim`), then `Σ_j p_j v_j`, all in f32.
-//! Only the order of the f32 sums differs from the tensor ops.
+//! for one query token that overhead was most of the attention's time. This op reads the cache
+//! views in place, each row once for all the query heads that share it, on the calling thread:
+//! scores `(q · k_j) · scale`, the softmax over them (maximum subtracted, `exp`, sum, divide, as
+//! candle's `softmax_last_dim`), then `Σ_j p_j v_j`, all in f32. Only the order of the f32 sums
+//! differs from the tensor ops.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
