@@ -29,10 +29,10 @@ struct CpuDecodeAttention {
     scale: f32,
 }
 
-/// Element offset of row `(batch, head, row)` of a rank-4 view whose rows are contiguous.
-fn row_offset(l: &Layout, batch: usize, head: usize, row: usize) -> usize {
+/// Element offset of the first row of `(batch, head)` in a rank-4 view.
+fn head_offset(l: &Layout, batch: usize, head: usize) -> usize {
     let s = l.stride();
-    l.start_offset() + batch * s[0] + head * s[1] + row * s[2]
+    l.start_offset() + batch * s[0] + head * s[1]
 }
 
 /// The f32 data of `s`, or an error naming `what`.
@@ -61,7 +61,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// values `row_stride` apart; `scores` has room for `groups · t`, `out` is `groups · d` zeros.
 /// Each cache row is read once for all the query rows that share it.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn attend_head(
     q: &[f32],
     k: &[f32],
@@ -106,7 +105,6 @@ fn attend_head(
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn attend_head_avx2(
     q: &[f32],
     k: &[f32],
@@ -164,7 +162,7 @@ impl CustomOp3 for CpuDecodeAttention {
             for h in 0..kvh {
                 let rows = (bi * kvh + h) * groups;
                 let qh = &q[q0 + rows * d..q0 + (rows + groups) * d];
-                let (k0, v0) = (row_offset(kl, bi, h, 0), row_offset(vl, bi, h, 0));
+                let (k0, v0) = (head_offset(kl, bi, h), head_offset(vl, bi, h));
                 let (kh, vh) = (&k[k0..k0 + span], &v[v0..v0 + span]);
                 let oh = &mut out[rows * d..(rows + groups) * d];
                 let dims = (t, d, row_stride);
