@@ -281,26 +281,25 @@ fn graph_decode(model: &BitNetModel, prompt: &[u32], new: usize) -> Result<Graph
     set(&id, next)?;
     set(&pos, prompt.len() as u32)?;
     // The warm-up writes the first step's key and value, which the first replay rewrites.
-    // The greedy token on the device: the fused argmax, or candle's where the fused kernels are
-    // off (greedy_token would read the logits back, which a capture cannot).
+    // The greedy token on the device: the fused step's head kernel picks it (decode_greedy_at),
+    // candle's argmax where the fused kernels are off (greedy_token would read the logits back,
+    // which a capture cannot).
     let fused = model.decode_fused(cache.capacity());
-    let pick = |logits: Tensor, cache: &bitnet::Cache| -> candle_core::Result<Tensor> {
+    let step = |cache: &mut bitnet::Cache| -> candle_core::Result<Tensor> {
         if fused {
-            model.greedy_token(&logits, cache)
+            model.decode_greedy_at(&id, &pos, cache)
         } else {
-            logits.argmax(candle_core::D::Minus1)
+            model.decode_at(&id, &pos, cache)?.argmax(candle_core::D::Minus1)
         }
     };
     // Twice: weights first used by a decode step settle on the second (see graph.rs).
     for _ in 0..2 {
-        pick(model.decode_at(&id, &pos, &mut cache)?, &cache)?.to_vec1::<u32>()?;
+        step(&mut cache)?.to_vec1::<u32>()?;
     }
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| anyhow!("begin_capture: {e:?}"))?;
-    let captured = model
-        .decode_at(&id, &pos, &mut cache)
-        .and_then(|logits| pick(logits, &cache));
+    let captured = step(&mut cache);
     // The output stays allocated between replays; the flag lets each launch reuse it.
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
     let out = captured.map_err(|e| anyhow!("capturing the decode step: {e}"))?;

@@ -3,8 +3,9 @@
 // step runs ~25 small candle kernels (norms, adds, RoPE, cache writes, mask, softmax, two batched
 // products, copies); the kernels here replace them. With packed projections a layer is the
 // attention kernel and 4 GEMVs that run the norms themselves (bitlinear's packed_matmul_normed);
-// the two norm kernels serve the dense model and the final norm; argmax_T picks the greedy token
-// on the device.
+// the two norm kernels serve the dense model, and the final norm where head.cu's kernel (final
+// add + norm, head and greedy argmax in one) does not apply; argmax_T picks the greedy token of
+// given logits on the device. Shared helpers: common.cuh.
 // Float math is f32; T (f32, bf16 or f16) only rounds what is stored.
 //
 // add_rms_norm_T (grid: one block per row, up to 1024 threads, n <= 16 * threads):
@@ -45,62 +46,12 @@
 //     values a thread, read once with their gains).
 //   Needs d % 8 == 0, d / 8 a power of two, d <= 256, heads * d <= 16 * 1024, 16-byte aligned
 //   rows (checked on the host).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 // Block sizes the host launches (src/fused/launch.rs); the bounds cap registers at 64 a thread.
 #define NORM_THREADS 1024
 #define ATT_THREADS 1024
 #define NORM_MAX_PER_THREAD 16
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-
-// Rounds through T and back: the value the tensor ops would have stored.
-template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
-
-// 8 consecutive elements as f32 (16-byte aligned for 2-byte types, 32 for f32).
-__device__ __forceinline__ void load8(const float* p, float* o) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    const float4 b = *reinterpret_cast<const float4*>(p + 4);
-    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-    o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-}
-template <typename H> __device__ __forceinline__ void load8(const H* p, float* o) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const H* h = reinterpret_cast<const H*>(&v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) o[i] = to_f(h[i]);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum (or max) over the block; every thread gets the result. `red` holds 32 floats.
-template <bool MAX> __device__ float block_reduce(float v, float* red) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = MAX ? warp_max(v) : warp_sum(v);
-    __syncthreads(); // `red` may still be read by a previous reduction
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    v = lane < warps ? red[lane] : (MAX ? -INFINITY : 0.f);
-    return MAX ? warp_max(v) : warp_sum(v);
-}
 
 // rmsnorm of the row held in `v` (this thread's columns c = tid + i * blockDim.x) with the gains
 // `g` of those columns (loaded with the row, so that no load waits behind the reduction), stored
@@ -314,38 +265,13 @@ __device__ void decode_attention(const T* qkv, const T* cos, const T* sin, float
 }
 
 // argmax_T (grid: ARGMAX_BLOCKS blocks of 1024 threads): the index of the first maximum of
-//   x (n) T, NaN never picked (0xffffffff if every value is NaN), as the host's greedy sampler.
-//   Each thread scans a grid-strided slice, each block reduces to one (value, index) pair in
-//   `partial` (2 * gridDim.x u32: value bits, index), and the block that finishes last (an
-//   atomic count on `counter`, one u32, zero between calls, reset here) reduces those into out[0].
-__device__ __forceinline__ bool better(float v, uint32_t i, float bv, uint32_t bi) {
-    // NaN never wins (comparisons with it are false); equal values go to the lower index.
-    return v > bv || (v == bv && i < bi);
-}
-
-__device__ void block_argmax(float& bv, uint32_t& bi, float* red_v, uint32_t* red_i) {
-    for (int o = 16; o > 0; o >>= 1) {
-        const float v = __shfl_xor_sync(0xffffffffu, bv, o);
-        const uint32_t i = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (better(v, i, bv, bi)) { bv = v; bi = i; }
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    if (lane == 0) { red_v[warp] = bv; red_i[warp] = bi; }
-    __syncthreads();
-    bv = lane < warps ? red_v[lane] : -INFINITY;
-    bi = lane < warps ? red_i[lane] : 0xffffffffu;
-    for (int o = 16; o > 0; o >>= 1) {
-        const float v = __shfl_xor_sync(0xffffffffu, bv, o);
-        const uint32_t i = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (better(v, i, bv, bi)) { bv = v; bi = i; }
-    }
-}
-
+//   x (n) T into out[0] (common.cuh: NaN never picked, 0xffffffff if every value is NaN). Each
+//   thread scans a grid-strided slice, each block reduces to one (value, index) pair in `partial`
+//   (2 * gridDim.x u32), the last block to finish reduces those (argmax_commit).
 template <typename T>
 __device__ void argmax(const T* x, int n, uint32_t* counter, uint32_t* partial, uint32_t* out) {
     __shared__ float red_v[32];
     __shared__ uint32_t red_i[32];
-    __shared__ bool last;
     float bv = -INFINITY;
     uint32_t bi = 0xffffffffu;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
@@ -353,29 +279,7 @@ __device__ void argmax(const T* x, int n, uint32_t* counter, uint32_t* partial, 
         if (better(v, (uint32_t)i, bv, bi)) { bv = v; bi = (uint32_t)i; }
     }
     block_argmax(bv, bi, red_v, red_i);
-    if (threadIdx.x == 0) {
-        partial[2 * blockIdx.x] = __float_as_uint(bv);
-        partial[2 * blockIdx.x + 1] = bi;
-        __threadfence();
-        last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    bv = -INFINITY;
-    bi = 0xffffffffu;
-    for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
-        const float v = __uint_as_float(__ldcg(partial + 2 * b));
-        const uint32_t i = __ldcg(partial + 2 * b + 1);
-        if (better(v, i, bv, bi)) { bv = v; bi = i; }
-    }
-    __syncthreads(); // red_v / red_i are reused
-    block_argmax(bv, bi, red_v, red_i);
-    if (threadIdx.x == 0) {
-        // Every value NaN: no index ever won (a -inf maximum still has one).
-        out[0] = bi;
-        *counter = 0u;
-    }
+    argmax_commit(bv, bi, counter, partial, out, Feedback{nullptr, nullptr, nullptr, 0u, 0u}, red_v, red_i);
 }
 
 #define DECODE_KERNELS(T, SFX)                                                                            \

@@ -3,7 +3,8 @@
 //! RoPE, the KV-cache write, single-token attention and the attention sub-norm; and the greedy
 //! argmax of the logits. With packed projections the norms run inside the next projection's
 //! GEMV instead (`bitlinear::packed_matmul_normed`), and the attention kernel leaves its sub-norm
-//! to `o_proj`'s; the norm kernels serve the dense model and the final norm.
+//! to `o_proj`'s; the norm kernels serve the dense model. The step ends in one kernel for the
+//! final add + norm, the head and the greedy argmax ([`LmHead`], `kernels/head.cu`).
 //! [`BitNetModel::decode_at`] runs them on CUDA devices when
 //! [`DecodeKernels::Fused`] is set (the default); the tensor-op form stays the reference and the
 //! path of every other device.
@@ -143,6 +144,7 @@ impl CustomOp3 for AddRmsNorm {
 }
 
 pub(crate) use args::AttentionArgs;
+pub(crate) use head::{head_supported, Feedback, HeadOutput, LmHead};
 
 /// One token of attention in a layer, on the device (see `decode_attention` in
 /// `kernels/decode.cu`), from the stacked q, k and v products `(1, (heads + 2 kv_heads) · d)`
@@ -245,6 +247,7 @@ impl CustomOp1 for Argmax<'_> {
 mod args;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod head;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod launch;
 #[cfg(all(test, feature = "cuda"))]

@@ -150,8 +150,11 @@ pub enum DecodeMode {
     /// [`BitNetModel::decode_at`] captured once as a CUDA graph and replayed for every token
     /// (a build with `cuda`, a device made with `Device::new_cuda_with_stream` with cudarc's
     /// event tracking off: `CudaDevice::disable_event_tracking`). Greedy sampling picks the token
-    /// on the device ([`BitNetModel::greedy_token`]) and reads back one id a token; other
-    /// sampling reads back the logits. Its greedy tokens are those of `decode_at` run eagerly;
+    /// on the device ([`BitNetModel::decode_greedy_at`]); on the fused kernels each step feeds
+    /// its token to the next on the device, so the host queues one step ahead and reads each
+    /// token from mapped host memory when its step completes (a stop token leaves the one step
+    /// queued past it unused). Other sampling reads back the logits a step. Its greedy tokens are
+    /// those of `decode_at` run eagerly;
     /// they can leave [`DecodeMode::Eager`]'s after a few tokens: the fused kernels and attention
     /// over the whole masked cache round differently from the tensor ops over the prefix, and the
     /// int8 activation quantization of every projection amplifies it.

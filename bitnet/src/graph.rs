@@ -2,7 +2,7 @@
 //! per token, so the host enqueues one graph launch instead of hundreds of kernels a token.
 
 #[cfg(feature = "cuda")]
-use candle_core::cuda_backend::cudarc::driver::sys;
+use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaStream};
 #[cfg(feature = "cuda")]
 use candle_core::{DType, Result, Tensor};
 
@@ -26,8 +26,10 @@ pub(crate) enum StepOutput<'a> {
 /// Decodes up to `steps` tokens after `first` (already emitted; it sits at position `start`):
 /// each step's output goes to `next`, which returns the token to feed back, or `None` to stop.
 /// With `greedy` and the fused kernels ([`BitNetModel::decode_fused`]) the step ends in the
-/// device argmax and only the token id is read back ([`StepOutput::Greedy`]); otherwise the
-/// logits are ([`StepOutput::Logits`]).
+/// device argmax and only the token id is read back ([`StepOutput::Greedy`]); where the head
+/// kernel runs too ([`BitNetModel::head_fused`]) the steps feed their tokens to each other on the
+/// device and run back to back ([`decode_fed`]). Otherwise the logits are read back
+/// ([`StepOutput::Logits`]) and `next` picks the token.
 ///
 /// The first step runs `decode_at` eagerly (kernels loaded, weights settled, lazy buffers made),
 /// the second is captured and every later one replays the capture with new values written into
@@ -45,6 +47,9 @@ pub(crate) fn decode(
 ) -> Result<()> {
     if steps == 0 {
         return Ok(());
+    }
+    if greedy && model.decode_fused(cache.capacity()) && model.head_fused() {
+        return decode_fed(model, cache, first, start, steps, next);
     }
     let on_device = greedy && model.decode_fused(cache.capacity());
     let device = model.device();
@@ -100,6 +105,158 @@ pub(crate) fn decode(
         graph.launch().map_err(|e| driver("launch", e))?;
         match read(&out, next)? {
             Some(t) => token = t,
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// A token id no step writes (ids are below the vocabulary size, `u32::MAX` is the all-NaN
+/// result): marks a slot of [`MappedTokens`] not written yet.
+#[cfg(feature = "cuda")]
+const UNWRITTEN: u32 = u32::MAX - 1;
+
+/// Page-locked host memory mapped into the device's address space, `len` u32 slots: the device
+/// writes each fed step's token into its slot, the host reads it once the step's event completed.
+#[cfg(feature = "cuda")]
+struct MappedTokens {
+    host: *mut u32,
+    device: u64,
+    len: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl MappedTokens {
+    fn new(stream: &CudaStream, len: usize) -> Result<Self> {
+        stream.context().bind_to_thread().map_err(|e| driver("bind", e))?;
+        // SAFETY: a fresh allocation of len (>= 1) u32, freed in Drop; every slot is written
+        // below before anything reads it.
+        let host = unsafe { result::malloc_host(len.max(1) * 4, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+            .map_err(|e| driver("cuMemHostAlloc", e))?
+            .cast::<u32>();
+        let mut tokens = Self { host, device: 0, len };
+        for i in 0..len {
+            // SAFETY: i < len slots of the allocation.
+            unsafe { tokens.host.add(i).write_volatile(UNWRITTEN) };
+        }
+        // SAFETY: `host` was allocated with CU_MEMHOSTALLOC_DEVICEMAP in the current context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut tokens.device, host.cast(), 0) }
+            .result()
+            .map_err(|e| driver("cuMemHostGetDevicePointer", e))?;
+        Ok(tokens)
+    }
+
+    /// Slot `i`, as the device last wrote it (read after the writing step's event completed).
+    fn read(&self, i: usize) -> Option<u32> {
+        // SAFETY: in bounds; volatile, as the device writes the memory behind the compiler's back.
+        (i < self.len).then(|| unsafe { self.host.add(i).read_volatile() })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for MappedTokens {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host; no kernel writes it any more (`decode_fed`
+        // synchronizes its stream before this drops).
+        let _ = unsafe { result::free_host(self.host.cast()) };
+    }
+}
+
+/// Waits for `stream` when dropped: no step may still write to memory that is about to be freed.
+#[cfg(feature = "cuda")]
+struct SyncOnExit<'a>(&'a CudaStream);
+
+#[cfg(feature = "cuda")]
+impl Drop for SyncOnExit<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.synchronize();
+    }
+}
+
+/// [`decode`] for greedy steps that end in the fused head kernel: the captured step writes its
+/// token into the next step's input id and into a slot of mapped host memory, and advances the
+/// position on the device, so the host launches the replays back to back (one queued ahead of
+/// the one it waits for) and only reads each token when its step's event completes. When `next`
+/// stops, the step queued ahead has run and is dropped (it writes one cache row past the last
+/// token, inside the capacity: at most `steps` steps are launched).
+#[cfg(feature = "cuda")]
+fn decode_fed(
+    model: &BitNetModel,
+    cache: &mut Cache,
+    first: u32,
+    start: usize,
+    steps: usize,
+    next: &mut dyn FnMut(StepOutput) -> Result<Option<u32>>,
+) -> Result<()> {
+    let device = model.device();
+    let cuda = device.as_cuda_device()?;
+    let stream = cuda.cuda_stream();
+    let id = Tensor::zeros((1, 1), DType::U32, device)?;
+    let pos = Tensor::zeros(1, DType::U32, device)?;
+    let set = |t: &Tensor, v: u32| t.slice_set(&Tensor::new(&[v], device)?.reshape(t.shape())?, 0, 0);
+    let _htod_cache = cuda.enable_cuda_graph_htod_cache();
+    let greedy = |t: u32| match t {
+        UNWRITTEN => candle_core::bail!("CUDA graph: a decode step did not write its token"),
+        t => Ok(StepOutput::Greedy(t)),
+    };
+    // The first step eagerly, then once more to settle (see `decode`), then the capture.
+    set(&id, first)?;
+    set(&pos, start as u32)?;
+    let token = model.decode_greedy_at(&id, &pos, cache)?.to_vec1::<u32>()?[0];
+    let Some(token) = next(greedy(token)?)? else {
+        return Ok(());
+    };
+    let replays = steps - 1;
+    if replays == 0 {
+        return Ok(());
+    }
+    model.decode_greedy_at(&id, &pos, cache)?.to_vec1::<u32>()?;
+    // Declared before the graph and the guard: freed after the last step that writes it.
+    let tokens = MappedTokens::new(&stream, replays)?;
+    let feedback = crate::fused::Feedback {
+        id: &id,
+        pos: &pos,
+        tokens: tokens.device,
+        first: (start + 1) as u32,
+        len: replays as u32,
+    };
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| driver("begin_capture", e))?;
+    let captured = model.decode_greedy_fed(&id, &pos, cache, Some(feedback));
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    // The step's output was allocated by the graph: kept until the graph is gone (freed before
+    // a replay made it, it would be an invalid free).
+    let _out = captured?;
+    let graph = graph
+        .map_err(|e| driver("end_capture", e))?
+        .ok_or_else(|| candle_core::Error::Msg("CUDA graph: the capture recorded no graph".into()))?;
+    let _sync = SyncOnExit(&stream);
+    let events = [
+        stream.context().new_event(None).map_err(|e| driver("event", e))?,
+        stream.context().new_event(None).map_err(|e| driver("event", e))?,
+    ];
+    set(&id, token)?;
+    set(&pos, (start + 1) as u32)?;
+    let launch = |k: usize| -> Result<()> {
+        graph.launch().map_err(|e| driver("launch", e))?;
+        events[k % 2].record(&stream).map_err(|e| driver("event record", e))
+    };
+    launch(0)?;
+    for k in 0..replays {
+        // queue the next step before waiting for this one: the device never waits for the host
+        if k + 1 < replays {
+            launch(k + 1)?;
+        }
+        events[k % 2]
+            .synchronize()
+            .map_err(|e| driver("event synchronize", e))?;
+        let t = tokens.read(k).unwrap_or(UNWRITTEN);
+        match next(greedy(t)?)? {
+            Some(fed) if fed == t => {}
+            Some(other) => candle_core::bail!(
+                "CUDA graph: greedy steps feed back their own token ({t}), the caller asked for {other}"
+            ),
             None => break,
         }
     }

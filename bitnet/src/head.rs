@@ -42,6 +42,11 @@ impl VocabMatrix {
         self.weight.dtype()
     }
 
+    /// The matrix as held (see [`Self::stored_dtype`]).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Rows `ids` (u32, any shape) of the matrix, `(ids..., hidden)` in the model's dtype.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let mut dims = ids.dims().to_vec();

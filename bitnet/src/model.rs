@@ -349,10 +349,59 @@ impl BitNetModel {
         Tensor::new(&[id], &self.device)
     }
 
+    /// One decode step as [`Self::decode_at`] that returns the greedy token of its logits, u32
+    /// `(1,)` on the model's device (as [`Self::greedy_token`] picks it: the first maximum, NaN
+    /// never picked, `u32::MAX` if every logit is NaN). Where the fused kernels run the step
+    /// ([`Self::decode_fused`]) the head kernel that computes the logits picks the token too and
+    /// writes no logits; elsewhere it is [`Self::greedy_token`] of [`Self::decode_at`]'s logits.
+    pub fn decode_greedy_at(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        self.decode_greedy_fed(id, pos, cache, None)
+    }
+
+    /// Whether a fused step ends in the head kernel (`kernels/head.cu`): the head is held in the
+    /// model's dtype and its rows suit the kernel.
+    pub(crate) fn head_fused(&self) -> bool {
+        self.lm_head.stored_dtype() == self.dtype && fused::head_supported(self.config.hidden_size, self.dtype)
+    }
+
+    /// [`Self::decode_greedy_at`], the token also fed to the next step on the device where
+    /// `feedback` is given (which needs the fused step and head: an error elsewhere).
+    pub(crate) fn decode_greedy_fed(
+        &self,
+        id: &Tensor,
+        pos: &Tensor,
+        cache: &mut Cache,
+        feedback: Option<fused::Feedback>,
+    ) -> Result<Tensor> {
+        if id.dims() == [1, 1] && self.decode_fused(cache.capacity) && self.head_fused() {
+            let (x, delta) = self.layers_fused(id, pos, cache)?;
+            return self.fused_head(&x, delta.as_ref(), cache, fused::HeadOutput::Greedy(feedback));
+        }
+        if feedback.is_some() {
+            candle_core::bail!("decode: the token is fed back on the device only by the fused head kernel")
+        }
+        let logits = self.decode_at(id, pos, cache)?;
+        self.greedy_token(&logits, cache)
+    }
+
     /// [`Self::decode_at`] on the fused kernels: each residual add runs with the norm after it,
     /// inside the next projection's GEMV for packed weights (a block's output is carried as the
-    /// `delta` the next norm adds to the residual stream).
+    /// `delta` the next norm adds to the residual stream), the last one in the head kernel.
     fn decode_at_fused(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let (x, delta) = self.layers_fused(id, pos, cache)?;
+        if self.head_fused() {
+            return self.fused_head(&x, delta.as_ref(), cache, fused::HeadOutput::Logits);
+        }
+        let normed = match delta {
+            Some(d) => fused::add_rms_norm(&x, &d, self.norm.weight(), self.norm.eps())?.1,
+            None => self.norm.forward(&x)?,
+        };
+        self.lm_head.logits(&normed.squeeze(1)?)
+    }
+
+    /// The decoder layers of a fused step: the residual stream before the last layer's output,
+    /// and that output (`None` without layers).
+    fn layers_fused(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<(Tensor, Option<Tensor>)> {
         let mut x = self.embed_tokens.embed(id)?;
         let mut delta: Option<Tensor> = None;
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -371,11 +420,26 @@ impl BitNetModel {
                 .forward_fused(&x1, &attention, &layer.post_attention_layernorm)?;
             (x, delta) = (x2, Some(mlp));
         }
-        let normed = match delta {
-            Some(d) => fused::add_rms_norm(&x, &d, self.norm.weight(), self.norm.eps())?.1,
-            None => self.norm.forward(&x)?,
-        };
-        self.lm_head.logits(&normed.squeeze(1)?)
+        Ok((x, delta))
+    }
+
+    /// The final add + norm and the head as one kernel ([`fused::LmHead`]).
+    fn fused_head(
+        &self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        cache: &Cache,
+        output: fused::HeadOutput,
+    ) -> Result<Tensor> {
+        fused::LmHead {
+            delta,
+            gamma: self.norm.weight(),
+            eps: self.norm.eps() as f32,
+            weight: self.lm_head.weight(),
+            counter: &cache.block_counter,
+            output,
+        }
+        .forward(x)
     }
 }
 

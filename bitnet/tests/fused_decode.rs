@@ -258,9 +258,11 @@ fn greedy_token_matches_host() {
     }
 }
 
-/// Greedy generation through a CUDA graph of the fused step (the device argmax reads back one id
-/// a token) gives the tokens of the same steps run eagerly with the logits read to the host and
-/// the first maximum taken there: the fixture in f32 and bf16, 40 tokens.
+/// Greedy generation through a CUDA graph of the fused step (steps fed their tokens on the device,
+/// run back to back) gives the tokens of the same steps run eagerly with the logits read to the
+/// host and the first maximum taken there, and so does `decode_greedy_at` step by step: the
+/// fixture in f32 and bf16, 40 tokens. With a stop token the graph's tokens end at its first
+/// appearance (the step queued past it is dropped).
 #[test]
 fn greedy_graph_generation_matches_eager_steps() {
     use bitnet::generate::{DecodeMode, Generation, Sampling};
@@ -298,5 +300,26 @@ fn greedy_graph_generation_matches_eager_steps() {
             eager.push(first_max(&model.decode_at(&id, &pos, &mut cache).unwrap()));
         }
         assert_eq!(graph, eager, "{dtype:?}: graph greedy tokens against eager steps");
+        let mut cache = model.new_cache(prompt.len() + 40).unwrap();
+        model.forward_last(&ids, &mut cache).unwrap();
+        for i in 0..39 {
+            let id = Tensor::new(&[[eager[i]]], &device).unwrap();
+            let pos = Tensor::new(&[(prompt.len() + i) as u32], &device).unwrap();
+            let token = model.decode_greedy_at(&id, &pos, &mut cache).unwrap();
+            assert_eq!(
+                token.to_vec1::<u32>().unwrap(),
+                [eager[i + 1]],
+                "{dtype:?}: decode_greedy_at step {i}"
+            );
+        }
+        let stop = eager[9];
+        let until = eager.iter().position(|&t| t == stop).unwrap();
+        let stopped = Generation::new(&model, Sampling::GREEDY)
+            .decode_mode(DecodeMode::CudaGraph)
+            .stop_at(vec![stop])
+            .run(&prompt, 40, |_| Ok(()))
+            .unwrap()
+            .tokens;
+        assert_eq!(stopped, eager[..=until], "{dtype:?}: stopped at token {stop}");
     }
 }

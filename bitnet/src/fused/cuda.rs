@@ -19,7 +19,7 @@ const MODULE: &str = "bitnet_decode";
 
 /// `(elements from the start offset, offset)` of a contiguous operand of `dtype`; the offset
 /// must keep 16-byte loads aligned where `aligned16` asks for it.
-fn contiguous(l: &Layout, dtype: DType, what: &str, aligned16: bool) -> Result<(usize, usize)> {
+pub(super) fn contiguous(l: &Layout, dtype: DType, what: &str, aligned16: bool) -> Result<(usize, usize)> {
     let Some((a, b)) = l.contiguous_offsets() else {
         bail!("{what} must be contiguous")
     };
@@ -41,9 +41,10 @@ macro_rules! with_float_type {
         }
     };
 }
+pub(super) use with_float_type;
 
 /// The launch configuration of a planned launch.
-fn config(l: Launch) -> LaunchConfig {
+pub(super) fn config(l: Launch) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (l.blocks as u32, 1, 1),
         block_dim: (l.threads as u32, 1, 1),
@@ -53,7 +54,12 @@ fn config(l: Launch) -> LaunchConfig {
 
 /// The elements of a contiguous operand of `T`, from its start offset (16-byte aligned where the
 /// kernel loads 16 bytes at a time).
-fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str, aligned16: bool) -> Result<CudaView<'a, T>> {
+pub(super) fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+    aligned16: bool,
+) -> Result<CudaView<'a, T>> {
     let (lo, hi) = contiguous(l, s.dtype(), what, aligned16)?;
     Ok(s.as_cuda_slice::<T>()?.slice(lo..hi))
 }
@@ -61,53 +67,68 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str, aligned16:
 /// Kernel arguments by value, in order, each in 8 bytes (`cuLaunchKernel` reads as many bytes as
 /// the C parameter has: pointers 8, `int` and `float` the low 4 on little-endian x86-64).
 #[derive(Default)]
-struct Args(Vec<u64>);
+pub(super) struct Args(pub(super) Vec<u64>);
 
 impl Args {
     /// A device pointer; its stream guard is kept in `sync` until the launch is queued.
-    fn ptr<'a>(&mut self, (p, guard): (u64, impl Into<Option<SyncOnDrop<'a>>>), sync: &mut Vec<SyncOnDrop<'a>>) {
+    pub(super) fn ptr<'a>(
+        &mut self,
+        (p, guard): (u64, impl Into<Option<SyncOnDrop<'a>>>),
+        sync: &mut Vec<SyncOnDrop<'a>>,
+    ) {
         self.0.push(p);
         sync.extend(guard.into());
     }
 
-    fn i32(&mut self, v: i32) -> &mut Self {
+    pub(super) fn i32(&mut self, v: i32) -> &mut Self {
         self.0.push(u64::from(v as u32));
         self
     }
 
-    fn f32(&mut self, v: f32) -> &mut Self {
+    pub(super) fn f32(&mut self, v: f32) -> &mut Self {
         self.0.push(u64::from(v.to_bits()));
         self
     }
 }
 
-/// Launches `f` on `stream` with `args`.
+/// Launches `f` on `stream` with `args`, with programmatic stream serialization where `pdl` (the
+/// kernel may start while the previous one of the stream runs; it must `pdl_wait` before it reads
+/// what that one writes).
 ///
 /// # Safety
 /// `args` match the kernel's C signature in order and type, and every pointer among them refers
 /// to memory of the size the kernel reads or writes.
-unsafe fn launch(f: CudaFunction, stream: &CudaStream, cfg: LaunchConfig, args: &mut Args) -> Result<()> {
+pub(super) unsafe fn launch(
+    f: CudaFunction,
+    stream: &CudaStream,
+    cfg: LaunchConfig,
+    pdl: bool,
+    args: &mut Args,
+) -> Result<()> {
     stream.context().bind_to_thread().w()?;
     let mut params: Vec<*mut c_void> = args.0.iter_mut().map(|v| (v as *mut u64).cast::<c_void>()).collect();
-    sys::cuLaunchKernel(
-        f.cu_function(),
-        cfg.grid_dim.0,
-        cfg.grid_dim.1,
-        cfg.grid_dim.2,
-        cfg.block_dim.0,
-        cfg.block_dim.1,
-        cfg.block_dim.2,
-        cfg.shared_mem_bytes,
-        stream.cu_stream(),
-        params.as_mut_ptr(),
-        std::ptr::null_mut(),
-    )
-    .result()
-    .w()
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let lc = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(pdl),
+    };
+    sys::cuLaunchKernelEx(&lc, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+        .result()
+        .w()
 }
 
 /// The CUDA storage of a tensor's storage.
-fn cuda<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
+pub(super) fn cuda<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
     match s {
         candle_core::Storage::Cuda(c) => Ok(c),
         _ => bail!("{what} must be on the CUDA device"),
@@ -115,7 +136,7 @@ fn cuda<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> 
 }
 
 /// Kernel name: `base` and the suffix of the dtype it is instantiated for.
-fn kernel_name(base: &str, dtype: DType) -> Result<String> {
+pub(super) fn kernel_name(base: &str, dtype: DType) -> Result<String> {
     let sfx = match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -210,7 +231,7 @@ fn row_kernel_t<T: CudaDType + DeviceRepr>(
         // SAFETY: the arguments match the kernel's signature (kernels/decode.cu); `threads` covers
         // n with at most 16 values a thread (n <= NORM_MAX_COLS); the inputs hold rows * n
         // (add_rms_norm) or rows * 2 n (relu2_mul_rms_norm) values.
-        unsafe { launch(f.into_cuda_function(), &stream, cfg, &mut args) }?;
+        unsafe { launch(f.into_cuda_function(), &stream, cfg, false, &mut args) }?;
     }
     let shape = if outputs == 2 {
         Shape::from((2, rows, n))
@@ -354,7 +375,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     // q, k and v ((h + 2 kvh) d), tables (>= capacity, d / 2), caches (kvh, capacity, d), gain
     // (h * d) or none, all contiguous in one dtype, cache rows 16-byte aligned; one u32
     // counter; `outputs` h d outputs; the kernel clamps the position below capacity.
-    unsafe { launch(f.into_cuda_function(), &stream, cfg, &mut args) }?;
+    unsafe { launch(f.into_cuda_function(), &stream, cfg, false, &mut args) }?;
     drop(sync);
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -397,7 +418,7 @@ fn argmax_t<T: CudaDType + DeviceRepr>(x: &CudaStorage, l: &Layout, counter: &Te
     args.ptr((out_ptr, out_sync), &mut sync);
     // SAFETY: the arguments match `argmax_T` (kernels/decode.cu): n values of T, one u32 counter,
     // 2 ARGMAX_BLOCKS partial u32 and the result.
-    unsafe { launch(f.into_cuda_function(), &stream, cfg, &mut args) }?;
+    unsafe { launch(f.into_cuda_function(), &stream, cfg, false, &mut args) }?;
     drop(sync);
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(len)))
 }

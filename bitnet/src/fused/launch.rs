@@ -13,6 +13,10 @@ const ATT_THREADS: usize = 1024;
 /// Blocks of the argmax kernel: enough to stream a vocabulary's logits from HBM in parallel, few
 /// enough for the last block to reduce their results in one pass.
 pub(crate) const ARGMAX_BLOCKS: usize = 64;
+/// Threads a block of the head kernel (`HEAD_THREADS` in head.cu).
+const HEAD_THREADS: usize = 256;
+/// Blocks of the head kernel an SM (`HEAD_BLOCKS_PER_SM`): its register bound fits two.
+const HEAD_BLOCKS_PER_SM: usize = 2;
 /// Shared memory a block may take without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
 
@@ -61,6 +65,22 @@ pub(crate) fn argmax() -> Launch {
     }
 }
 
+/// The head kernel (`lm_head_T`) over a hidden size of `hidden` values of `elem_bytes` bytes on
+/// a device of `sms` SMs: two blocks an SM (one wave: every block stays resident for the whole
+/// stream of rows) holding the normalised row in shared memory as f32. `None` where `hidden`
+/// does not split into 16-byte chunks or the row needs more than a block may take without
+/// opting in.
+pub(crate) fn head(sms: usize, hidden: usize, elem_bytes: usize) -> Option<Launch> {
+    let smem_bytes = 4 * hidden;
+    (hidden > 0 && elem_bytes > 0 && (hidden * elem_bytes).is_multiple_of(16) && smem_bytes <= DEFAULT_SMEM).then_some(
+        Launch {
+            blocks: sms.max(1) * HEAD_BLOCKS_PER_SM,
+            threads: HEAD_THREADS,
+            smem_bytes,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +101,24 @@ mod tests {
         }
         assert_eq!(norm(1, 2560).threads, 1024);
         assert_eq!(norm(1, 100).threads, 128);
+    }
+
+    /// The head: one wave of two blocks an SM, rows of whole 16-byte chunks in 48 KiB.
+    #[test]
+    fn head_launch() {
+        assert_eq!(
+            head(132, 2560, 2),
+            Some(Launch {
+                blocks: 264,
+                threads: 256,
+                smem_bytes: 10240
+            })
+        );
+        assert_eq!(head(132, 2564, 4).map(|l| l.smem_bytes), Some(4 * 2564));
+        assert_eq!(head(132, 2564, 2), None, "8 bytes past a 16-byte chunk");
+        assert_eq!(head(132, 0, 2), None);
+        assert!(head(1, DEFAULT_SMEM / 4, 2).is_some());
+        assert_eq!(head(1, DEFAULT_SMEM / 4 + 8, 2), None);
     }
 
     /// Attention: a block a head with its scores in shared memory, refused beyond 48 KiB.
