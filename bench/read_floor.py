@@ -1,67 +1,83 @@
 """Calibration for the decode (M = 1) benchmark: how long a kernel that only reads N x K/4 packed
 bytes takes on this GPU, timed like gpu_check (CUDA events around batches of back-to-back launches
 queued behind a spin kernel, median of batches; buffers rotated past the L2), and PyTorch's bf16
-M = 1 matmul on the same shapes. Needs CuPy and PyTorch (both on the GPU machine).
+M = 1 matmul on the same shapes. Needs PyTorch and Triton (both on the GPU machine).
 
 Run: python3 bench/read_floor.py
 """
-import cupy as cp, numpy as np, torch
-src = r'''
-extern "C" __global__ void empty() {}
-extern "C" __global__ void spin(long long ns) {
-    long long t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do { __nanosleep(1000); asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
-}
-extern "C" __global__ void readsum(const uint4* __restrict__ p, long n16, int per, unsigned* out) {
-    long base = ((long)blockIdx.x * blockDim.x + threadIdx.x);
-    long stride = (long)gridDim.x * blockDim.x;
-    uint4 v[8];
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) { long j = base + i * stride; v[i] = (i < per && j < n16) ? __ldg(p + j) : make_uint4(0,0,0,0); }
-    unsigned s = 0;
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) s ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
-    if (s == 0x12345678u) out[0] = s;
-}
-'''
-mod = cp.RawModule(code=src, options=("-std=c++17",))
-empty = mod.get_function("empty"); spin = mod.get_function("spin"); rs = mod.get_function("readsum")
-out = cp.zeros(1, dtype=cp.uint32)
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def empty_kernel(out):
+    pass
+
+
+@triton.jit
+def xor_combine(a, b):
+    return a ^ b
+
+
+@triton.jit
+def read_kernel(p, n, out, BLOCK: tl.constexpr, PER: tl.constexpr):
+    # PER consecutive tiles of BLOCK int32 a program, xor-folded so that no load is dead.
+    base = tl.program_id(0).to(tl.int64) * PER * BLOCK
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in tl.static_range(PER):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc ^= tl.load(p + offs, mask=offs < n, other=0)
+    s = tl.reduce(acc, 0, xor_combine)
+    if s == 0x12345678:
+        tl.store(out, s)
+
+
+SPIN_CYCLES = 10_000_000  # ~5 ms: the batch's launches queue up behind it
+
+
 def timeit(f, nb=7, per=20):
+    """Median over nb batches (after one warm-up batch) of the mean time a call, in us."""
     ts = []
     for b in range(nb + 1):
-        s, e = cp.cuda.Event(), cp.cuda.Event()
-        spin((1,), (1,), (np.int64(5_000_000),))
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SPIN_CYCLES)
         s.record()
-        for i in range(per): f(i)
-        e.record(); e.synchronize()
-        if b: ts.append(cp.cuda.get_elapsed_time(s, e) * 1e3 / per)
-    return sorted(ts)[len(ts)//2]
-print("empty kernel: %.2f us" % timeit(lambda i: empty((1,), (1,), ())))
-print("empty kernel 1056x256: %.2f us" % timeit(lambda i: empty((1056,), (256,), ())))
-for nbytes in [1_638_400, 8_847_360, 4_423_680, 4_194_304, 70_778_880]:
-    nbuf = max(1, (200 << 20) // nbytes)
-    bufs = [cp.random.randint(0, 2**31, nbytes // 4, dtype=cp.int32) for _ in range(nbuf)]
-    n16 = nbytes // 16
-    for per in [1, 2, 4, 8]:
-        threads = 256; grid = -(-n16 // (threads * per))
-        t = timeit(lambda i: rs((grid,), (threads,), (bufs[i % nbuf], np.int64(n16), np.int32(per), out)))
-        print(f"read {nbytes/1e6:.2f} MB per={per} grid={grid}: {t:.2f} us, {nbytes/t/1e3:.0f} GB/s")
-for (n, k) in [(2560, 2560), (13824, 2560), (2560, 6912), (4096, 4096)]:
-    nb = max(1, (200 << 20) // (n * k * 2))
+        for i in range(per):
+            f(i)
+        e.record()
+        e.synchronize()
+        if b:
+            ts.append(s.elapsed_time(e) * 1e3 / per)
+    return sorted(ts)[len(ts) // 2]
+
+
+out = torch.zeros(1, dtype=torch.int32, device="cuda")
+props = torch.cuda.get_device_properties(0)
+print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+print("empty kernel: %.2f us" % timeit(lambda i: empty_kernel[(1,)](out)))
+print("empty kernel 1056 programs: %.2f us" % timeit(lambda i: empty_kernel[(1056,)](out)))
+# packed bytes of the decode shapes: 2560^2, 13824 x 2560, 2560 x 6912, 4096^2, 20480 x 3200,
+# 27648 x 5120, 55296 x 5120
+SIZES = [1_638_400, 8_847_360, 4_423_680, 4_194_304, 16_384_000, 35_389_440, 70_778_880]
+for nbytes in SIZES:
+    nbuf = max(2, (200 << 20) // nbytes)
+    n = nbytes // 4
+    bufs = [torch.randint(0, 2**31 - 1, (n,), dtype=torch.int32, device="cuda") for _ in range(nbuf)]
+    best = None
+    for block, warps in [(2048, 4), (4096, 8)]:
+        for per in [1, 2, 4, 8]:
+            grid = -(-n // (block * per))
+            f = lambda i: read_kernel[(grid,)](bufs[i % nbuf], n, out, BLOCK=block, PER=per, num_warps=warps)
+            t = timeit(f)
+            best = t if best is None else min(best, t)
+            print(f"read {nbytes/1e6:.2f} MB block={block} per={per} grid={grid}: {t:.2f} us, {nbytes/t/1e3:.0f} GB/s")
+    print(f"read {nbytes/1e6:.2f} MB best: {best:.2f} us, {nbytes/best/1e3:.0f} GB/s")
+    del bufs
+for (n, k) in [(2560, 2560), (13824, 2560), (2560, 6912), (4096, 4096), (20480, 3200), (27648, 5120), (55296, 5120)]:
+    nb = max(2, (400 << 20) // (n * k * 2))
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    st = torch.cuda.current_stream()
-    def tt(i): torch.matmul(x, ws[i % nb].t())
-    for i in range(5): tt(i)
-    torch.cuda.synchronize()
-    ts = []
-    for b in range(8):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        spin((1,), (1,), (np.int64(5_000_000),))
-        s.record()
-        for i in range(20): tt(i)
-        e.record(); e.synchronize()
-        if b: ts.append(s.elapsed_time(e) * 1e3 / 20)
-    print(f"torch bf16 M=1 {n}x{k}: {sorted(ts)[len(ts)//2]:.2f} us")
+    t = timeit(lambda i: torch.matmul(x, ws[i % nb].t()))
+    print(f"torch bf16 M=1 {n}x{k}: {t:.2f} us, {n*k*2/t/1e3:.0f} GB/s")
+    del ws
