@@ -352,8 +352,9 @@ impl BitNetModel {
     /// One decode step as [`Self::decode_at`] that returns the greedy token of its logits, u32
     /// `(1,)` on the model's device (as [`Self::greedy_token`] picks it: the first maximum, NaN
     /// never picked, `u32::MAX` if every logit is NaN). Where the fused kernels run the step
-    /// ([`Self::decode_fused`]) the head kernel that computes the logits picks the token too and
-    /// writes no logits; elsewhere it is [`Self::greedy_token`] of [`Self::decode_at`]'s logits.
+    /// ([`Self::decode_fused`]) and the head (held in the model's dtype, rows of whole 16-byte
+    /// chunks) the head kernel that computes the logits picks the token too and writes no
+    /// logits; elsewhere it is [`Self::greedy_token`] of [`Self::decode_at`]'s logits.
     pub fn decode_greedy_at(&self, id: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         self.decode_greedy_fed(id, pos, cache, None)
     }

@@ -82,3 +82,35 @@ fn cuda_graph_decoding_needs_a_cuda_device() {
         .run(&[3, 17], 2, |_| Ok(()))
         .is_ok());
 }
+
+/// `decode_greedy_at` on the CPU (tensor ops, the greedy choice on the host) is the first maximum
+/// of `decode_at`'s logits at every step, and advances the cache the same way.
+#[test]
+fn decode_greedy_at_is_the_first_maximum_of_decode_at() {
+    let m = BitNetModel::load_dir(&fixture_model_dir(), DType::F32, &Device::Cpu).unwrap();
+    let (mut a, mut b) = (m.new_cache(12).unwrap(), m.new_cache(12).unwrap());
+    let prompt = Tensor::new(&[[3u32, 17, 250]], &Device::Cpu).unwrap();
+    m.forward(&prompt, &mut a).unwrap();
+    m.forward(&prompt, &mut b).unwrap();
+    let mut token = 9u32;
+    for i in 3..10 {
+        let id = Tensor::new(&[[token]], &Device::Cpu).unwrap();
+        let pos = Tensor::new(&[i as u32], &Device::Cpu).unwrap();
+        let logits: Vec<f32> = m
+            .decode_at(&id, &pos, &mut a)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut best = 0;
+        for (j, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = j;
+            }
+        }
+        let got = m.decode_greedy_at(&id, &pos, &mut b).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(got, [best as u32], "position {i}");
+        token = best as u32;
+    }
+}
