@@ -32,7 +32,7 @@ pub enum DecodeKernels {
 
 /// Whether the fused attention kernel takes `heads` query heads of `d` values over `kv_heads`
 /// key/value heads and a cache of `capacity` positions (`kernels/decode.cu`: 16-byte row chunks
-/// split evenly over 1024 threads; scores and partial sums in 48 KiB of shared memory).
+/// split evenly over 1024 threads; scores and partial sums in 47 KiB of shared memory).
 pub(crate) fn attention_supported(d: usize, heads: usize, kv_heads: usize, capacity: usize) -> bool {
     d.is_multiple_of(8)
         && d <= 256
@@ -40,7 +40,7 @@ pub(crate) fn attention_supported(d: usize, heads: usize, kv_heads: usize, capac
         && kv_heads > 0
         && heads.is_multiple_of(kv_heads)
         && capacity > 0
-        && 4 * (capacity + 35 * d) <= 48 * 1024
+        && 4 * (capacity + 35 * d) <= launch::DYNAMIC_SMEM
         // the sub-norm's block holds at most 16 values a thread
         && heads * d <= 16 * 1024
 }

@@ -17,8 +17,9 @@ pub(crate) const ARGMAX_BLOCKS: usize = 64;
 const HEAD_THREADS: usize = 256;
 /// Blocks of the head kernel an SM (`HEAD_BLOCKS_PER_SM`): its register bound fits two.
 const HEAD_BLOCKS_PER_SM: usize = 2;
-/// Shared memory a block may take without opting in.
-const DEFAULT_SMEM: usize = 48 * 1024;
+/// Dynamic shared memory a block may take without opting in: 48 KiB, less 1 KiB kept for the
+/// kernels' static arrays (at most a few hundred bytes).
+pub(crate) const DYNAMIC_SMEM: usize = 47 * 1024;
 
 /// A one-dimensional launch: `blocks` blocks of `threads` threads, `smem_bytes` of dynamic
 /// shared memory each.
@@ -46,7 +47,7 @@ pub(crate) fn norm(rows: usize, n: usize) -> Launch {
 /// without opting in.
 pub(crate) fn attention(heads: usize, capacity: usize, d: usize) -> Result<Launch, usize> {
     let smem_bytes = 4 * (capacity + 35 * d);
-    match smem_bytes <= DEFAULT_SMEM {
+    match smem_bytes <= DYNAMIC_SMEM {
         true => Ok(Launch {
             blocks: heads,
             threads: ATT_THREADS,
@@ -72,7 +73,7 @@ pub(crate) fn argmax() -> Launch {
 /// opting in.
 pub(crate) fn head(sms: usize, hidden: usize, elem_bytes: usize) -> Option<Launch> {
     let smem_bytes = 4 * hidden;
-    (hidden > 0 && elem_bytes > 0 && (hidden * elem_bytes).is_multiple_of(16) && smem_bytes <= DEFAULT_SMEM).then_some(
+    (hidden > 0 && elem_bytes > 0 && (hidden * elem_bytes).is_multiple_of(16) && smem_bytes <= DYNAMIC_SMEM).then_some(
         Launch {
             blocks: sms.max(1) * HEAD_BLOCKS_PER_SM,
             threads: HEAD_THREADS,
@@ -103,7 +104,7 @@ mod tests {
         assert_eq!(norm(1, 100).threads, 128);
     }
 
-    /// The head: one wave of two blocks an SM, rows of whole 16-byte chunks in 48 KiB.
+    /// The head: one wave of two blocks an SM, rows of whole 16-byte chunks in 47 KiB.
     #[test]
     fn head_launch() {
         assert_eq!(
@@ -117,11 +118,11 @@ mod tests {
         assert_eq!(head(132, 2564, 4).map(|l| l.smem_bytes), Some(4 * 2564));
         assert_eq!(head(132, 2564, 2), None, "8 bytes past a 16-byte chunk");
         assert_eq!(head(132, 0, 2), None);
-        assert!(head(1, DEFAULT_SMEM / 4, 2).is_some());
-        assert_eq!(head(1, DEFAULT_SMEM / 4 + 8, 2), None);
+        assert!(head(1, DYNAMIC_SMEM / 4, 2).is_some());
+        assert_eq!(head(1, DYNAMIC_SMEM / 4 + 8, 2), None);
     }
 
-    /// Attention: a block a head with its scores in shared memory, refused beyond 48 KiB.
+    /// Attention: a block a head with its scores in shared memory, refused beyond 47 KiB.
     #[test]
     fn attention_shared_memory_bound() {
         // 2B4T: 20 heads of 128, a 384-position cache
@@ -134,9 +135,9 @@ mod tests {
                 smem_bytes: 4 * (384 + 35 * 128)
             }
         );
-        let most = DEFAULT_SMEM / 4 - 35 * 128;
+        let most = DYNAMIC_SMEM / 4 - 35 * 128;
         assert!(attention(20, most, 128).is_ok());
-        assert_eq!(attention(20, most + 1, 128), Err(DEFAULT_SMEM + 4));
+        assert_eq!(attention(20, most + 1, 128), Err(DYNAMIC_SMEM + 4));
         assert_eq!(
             argmax(),
             Launch {
