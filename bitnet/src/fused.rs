@@ -40,7 +40,7 @@ pub(crate) fn attention_supported(d: usize, heads: usize, kv_heads: usize, capac
         && kv_heads > 0
         && heads.is_multiple_of(kv_heads)
         && capacity > 0
-        && 4 * (capacity + 35 * d) <= launch::DYNAMIC_SMEM
+        && launch::attention(heads, capacity, d).is_ok()
         // the sub-norm's block holds at most 16 values a thread
         && heads * d <= 16 * 1024
 }

@@ -19,7 +19,7 @@ const MODULE: &str = "bitnet_decode";
 
 /// `(elements from the start offset, offset)` of a contiguous operand of `dtype`; the offset
 /// must keep 16-byte loads aligned where `aligned16` asks for it.
-pub(super) fn contiguous(l: &Layout, dtype: DType, what: &str, aligned16: bool) -> Result<(usize, usize)> {
+fn contiguous(l: &Layout, dtype: DType, what: &str, aligned16: bool) -> Result<(usize, usize)> {
     let Some((a, b)) = l.contiguous_offsets() else {
         bail!("{what} must be contiguous")
     };

@@ -19,7 +19,7 @@ const HEAD_THREADS: usize = 256;
 const HEAD_BLOCKS_PER_SM: usize = 2;
 /// Dynamic shared memory a block may take without opting in: 48 KiB, less 1 KiB kept for the
 /// kernels' static arrays (at most a few hundred bytes).
-pub(crate) const DYNAMIC_SMEM: usize = 47 * 1024;
+const DYNAMIC_SMEM: usize = 47 * 1024;
 
 /// A one-dimensional launch: `blocks` blocks of `threads` threads, `smem_bytes` of dynamic
 /// shared memory each.
