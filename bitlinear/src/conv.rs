@@ -216,17 +216,21 @@ impl BitConv2d {
         let safe_s_w = s_w.maximum(f32::MIN_POSITIVE as f64)?;
         let w_codes = w_fq.broadcast_div(&safe_s_w)?.detach();
         // Activations: one scale per image.
-        let x2 = x.reshape((b, c * h * w))?;
-        let (codes, s_x) = quantize_activations(&x2, ActScaling::PerToken)?;
+        let quantized = || quantize_activations(&x.reshape((b, c * h * w))?, ActScaling::PerToken);
         if !crate::conv_grad::has_gemm_grad(s, kh, kw, p) {
+            let (codes, s_x) = quantized()?;
             return self.straight_through_forward(x, &w2, (&w_codes, &safe_s_w, &s_w), (&codes, &s_x));
         }
-        // The value: on CUDA by the packed form's int8 kernels, elsewhere an f32 convolution of
-        // the codes (exact either way).
-        #[allow(unused_mut)]
+        // The value: on the CPU by the packed form's kernel (it quantizes `x` itself), on CUDA
+        // by its int8 kernels, elsewhere an f32 convolution of the codes (exact every way).
         let mut on_device = None;
+        if x.device().is_cpu() {
+            let packed = PackedBitConv2d::new(PackedTernary::pack(&w2)?, (c_in, kh, kw), None, self.config)?;
+            on_device = Some(packed.dequantized(x)?);
+        }
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
+            let (codes, s_x) = quantized()?;
             let g = crate::im2col::Geometry {
                 c,
                 h,
@@ -236,24 +240,21 @@ impl BitConv2d {
                 stride: s,
                 pad: p,
             };
-            on_device = Some(crate::packed_conv::training_conv_f32(
-                codes.clone(),
-                &s_x,
-                &s_w,
-                &g,
-                &w_codes,
-            )?);
+            on_device = Some(crate::packed_conv::training_conv_f32(codes, &s_x, &s_w, &g, &w_codes)?);
         }
         let y = match on_device {
             Some(y) => y,
-            None => integer_conv_cpu(
-                &codes,
-                &s_x,
-                &s_w,
-                x.dims4()?,
-                &w_codes.reshape((c_out, c_in, kh, kw))?,
-                p,
-            )?,
+            None => {
+                let (codes, s_x) = quantized()?;
+                integer_conv(
+                    &codes,
+                    &s_x,
+                    &s_w,
+                    x.dims4()?,
+                    &w_codes.reshape((c_out, c_in, kh, kw))?,
+                    p,
+                )?
+            }
         };
         if !(x.track_op() || self.weight.track_op()) {
             return Ok(y);
@@ -295,9 +296,9 @@ impl BitConv2d {
     }
 }
 
-/// The value of the forward on the CPU: the f32 convolution of the codes (exact) scaled as
-/// `(acc · s_x) · s_w`, no gradient.
-fn integer_conv_cpu(
+/// The value of the forward on a device without kernels of ours: the f32 convolution of the
+/// codes (exact) scaled as `(acc · s_x) · s_w`, no gradient.
+fn integer_conv(
     codes: &Tensor,
     s_x: &Tensor,
     s_w: &Tensor,

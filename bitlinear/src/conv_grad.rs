@@ -16,7 +16,7 @@
 //! element-wise passes over the activations of their own.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::{fake_quantize_activations, ActScaling};
 
@@ -79,6 +79,9 @@ impl CustomOp2 for QuantizedConvGrad {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if x.device().is_cpu() {
+            return cpu_grads(x, w, &self.w_tilde, g, self.padding);
+        }
         let (b, c, h, wd) = x.dims4()?;
         // x~ again from x (one pass) rather than kept from the forward.
         let x_tilde = fake_quantize_activations(&x.reshape((b, c * h * wd))?, ActScaling::PerToken)?
@@ -87,6 +90,42 @@ impl CustomOp2 for QuantizedConvGrad {
         let (dx, dw) = gemm_grads(&x_tilde, &self.w_tilde.to_dtype(g.dtype())?, g, self.padding)?;
         Ok((Some(dx.to_dtype(x.dtype())?), Some(dw.to_dtype(w.dtype())?)))
     }
+}
+
+/// The CPU backward ([`crate::conv_grad_cpu`]): `dL/dx` only where `x` is tracked (not for the
+/// images under a first layer).
+fn cpu_grads(
+    x: &Tensor,
+    w: &Tensor,
+    w_tilde: &Tensor,
+    g: &Tensor,
+    p: usize,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, _, k, _) = w_tilde.dims4()?;
+    let shapes = crate::conv_grad_cpu::Shapes {
+        b,
+        c,
+        h,
+        w: wd,
+        o,
+        k,
+        p,
+    };
+    let f32_values = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+    let (dx, dw) = crate::conv_grad_cpu::grads(
+        &f32_values(x)?,
+        &f32_values(w_tilde)?,
+        &f32_values(g)?,
+        shapes,
+        x.track_op(),
+    );
+    let dev = x.device();
+    let dx = dx
+        .map(|v| Tensor::from_vec(v, x.dims(), dev)?.to_dtype(x.dtype()))
+        .transpose()?;
+    let dw = Tensor::from_vec(dw, w.dims(), dev)?.to_dtype(w.dtype())?;
+    Ok((dx, Some(dw)))
 }
 
 /// The gradients of `conv2d(x, w)` (stride 1, padding `p`, square kernel) for the output gradient

@@ -3,6 +3,7 @@
 
 mod conv;
 mod conv_grad;
+mod conv_grad_cpu;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;

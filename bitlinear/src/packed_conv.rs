@@ -213,8 +213,9 @@ impl PackedBitConv2d {
         Ok((tiles, scales, g.out_hw()))
     }
 
-    /// The dequantized output `(B, c_out, Ho, Wo)` in F32, without the bias.
-    fn dequantized(&self, x: &Tensor) -> Result<Tensor> {
+    /// The dequantized output `(B, c_out, Ho, Wo)` in F32, without the bias (also the CPU
+    /// training forward of [`BitConv2d`](crate::BitConv2d)).
+    pub(crate) fn dequantized(&self, x: &Tensor) -> Result<Tensor> {
         let s_w = self.weight.scale();
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {

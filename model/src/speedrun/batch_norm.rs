@@ -59,13 +59,7 @@ impl BatchNorm2d {
     /// Normalizes `x (B, C, H, W)` with the batch statistics (and updates the running ones) when
     /// `train`, with the running statistics otherwise.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        if c != self.bias.dim(0)? {
-            candle_core::bail!(
-                "BatchNorm2d: input has {c} channels, the layer has {}",
-                self.bias.dim(0)?
-            );
-        }
+        let (b, c, h, w) = self.check(x)?;
         let xf = x.to_dtype(DType::F32)?;
         let shape = (1, c, 1, 1);
         // Each full-size pass costs a kernel and its backward: centre once, then one scale and
@@ -78,28 +72,89 @@ impl BatchNorm2d {
             let mean = xf.mean_keepdim((0, 2, 3))?;
             let centered = xf.broadcast_sub(&mean)?;
             let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
-            let m = BATCH_NORM_MOMENTUM;
-            let unbiased = (var.detach().flatten_all()? * (n as f64 / (n - 1) as f64))?;
-            let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
-            let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
-            self.running_mean.set(&rm)?;
-            self.running_var.set(&rv)?;
+            self.update_running(&mean.detach().flatten_all()?, &var.detach().flatten_all()?, n)?;
             (centered, var)
         } else {
             let mean = self.running_mean.as_tensor().reshape(shape)?;
             (xf.broadcast_sub(&mean)?, self.running_var.as_tensor().reshape(shape)?)
         };
         let bias = self.bias.to_dtype(DType::F32)?.reshape(shape)?;
-        let inv_std = (var + BATCH_NORM_EPS)?.sqrt()?.recip()?;
-        let y = centered.broadcast_mul(&inv_std)?.broadcast_add(&bias)?;
+        let y = centered.broadcast_mul(&inv_std(&var)?)?.broadcast_add(&bias)?;
         y.to_dtype(x.dtype())
     }
+
+    /// `gelu_erf(self.forward_t(x, train))`, as one op on the CPU ([`super::norm_gelu`]: a few
+    /// passes instead of a dozen; the statistics accumulate in f64 there, so values differ from
+    /// the tensor ops by float rounding) and as those tensor ops on other devices.
+    pub fn forward_gelu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            return self.forward_t(x, train)?.gelu_erf();
+        }
+        let (b, c, h, w) = self.check(x)?;
+        let xf = x.to_dtype(DType::F32)?.contiguous()?;
+        let (mean, var) = if train {
+            let n = b * h * w;
+            if n < 2 {
+                candle_core::bail!("BatchNorm2d: training needs at least 2 values per channel, got {n}");
+            }
+            let (mean, var) = {
+                let (storage, layout) = xf.storage_and_layout();
+                let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
+                    candle_core::bail!("BatchNorm2d: internal error, expected F32 values on the CPU")
+                };
+                let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+                super::norm_gelu::channel_stats(&v[start..end], c, h * w)
+            };
+            let (mean, var) = (Tensor::new(mean, x.device())?, Tensor::new(var, x.device())?);
+            self.update_running(&mean, &var, n)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.as_tensor().clone(),
+                self.running_var.as_tensor().clone(),
+            )
+        };
+        let op = super::norm_gelu::NormGelu {
+            mean: mean.to_vec1()?,
+            inv_std: inv_std(&var)?.to_vec1()?,
+            batch_stats: train,
+        };
+        xf.apply_op2(&self.bias.to_dtype(DType::F32)?, op)?.to_dtype(x.dtype())
+    }
+
+    /// `running = (1 - momentum) · running + momentum · batch` for the batch's mean and biased
+    /// variance `(C)` over `n` values a channel (the variance made unbiased first).
+    fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
+        let m = BATCH_NORM_MOMENTUM;
+        let unbiased = (var * (n as f64 / (n - 1) as f64))?;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)
+    }
+
+    /// The input's dims, its channels checked against the layer's.
+    fn check(&self, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.bias.dim(0)? {
+            candle_core::bail!(
+                "BatchNorm2d: input has {c} channels, the layer has {}",
+                self.bias.dim(0)?
+            );
+        }
+        Ok((b, c, h, w))
+    }
+}
+
+/// `1 / sqrt(var + eps)` in f32.
+fn inv_std(var: &Tensor) -> Result<Tensor> {
+    (var + BATCH_NORM_EPS)?.sqrt()?.recip()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
     use candle_nn::VarMap;
 
     #[test]
@@ -145,6 +200,52 @@ mod tests {
         // (the layer multiplies by the f32 reciprocal: within a few ulps of the division)
         assert!((e[0] as f64 - want0).abs() < 1e-6);
         assert!(bn.forward_t(&x.narrow(0, 0, 1)?.narrow(3, 0, 1)?, true).is_err());
+        Ok(())
+    }
+
+    /// The fused CPU op against the tensor ops it replaces: outputs, running statistics and the
+    /// gradients of a random weighted sum, with batch and with running statistics.
+    #[test]
+    fn fused_gelu_matches_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, c, h, w) in [(3, 4, 5, 7), (2, 1, 1, 2), (1, 3, 4, 4)] {
+            let maps: Vec<_> = (0..2).map(|_| VarMap::new()).collect();
+            let norms = maps
+                .iter()
+                .map(|vm| BatchNorm2d::new(c, VarBuilder::from_varmap(vm, DType::F32, &dev)))
+                .collect::<Result<Vec<_>>>()?;
+            let bias = Tensor::randn(0f32, 1.0, c, &dev)?;
+            for vm in &maps {
+                vm.data().lock().unwrap()["bias"].set(&bias)?;
+            }
+            let x = Var::from_tensor(&((Tensor::randn(0f32, 2.0, (b, c, h, w), &dev)? + 0.5)?))?;
+            let g = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?;
+            for train in [true, false] {
+                let fused = norms[0].forward_gelu_t(x.as_tensor(), train)?;
+                let plain = norms[1].forward_t(x.as_tensor(), train)?.gelu_erf()?;
+                let close = |a: &Tensor, e: &Tensor, tol: f32| -> Result<()> {
+                    let d: f32 = (a - e)?.abs()?.max_all()?.to_scalar()?;
+                    let scale: f32 = e.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                    assert!(d <= tol * scale, "({b}, {c}, {h}, {w}) train {train}: differs by {d}");
+                    Ok(())
+                };
+                close(&fused, &plain, 1e-5)?;
+                for name in ["running_mean", "running_var"] {
+                    let get = |vm: &VarMap| vm.data().lock().unwrap()[name].as_tensor().clone();
+                    close(&get(&maps[0]), &get(&maps[1]), 1e-6)?;
+                }
+                let gf = (fused * &g)?.sum_all()?.backward()?;
+                let gp = (plain * &g)?.sum_all()?.backward()?;
+                close(gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap(), 1e-4)?;
+                let bias_of = |vm: &VarMap| vm.data().lock().unwrap()["bias"].as_tensor().clone();
+                close(
+                    gf.get(&bias_of(&maps[0])).unwrap(),
+                    gp.get(&bias_of(&maps[1])).unwrap(),
+                    1e-4,
+                )?;
+            }
+            assert!(norms[0].forward_gelu_t(&x.as_tensor().narrow(1, 0, 0)?, true).is_err());
+        }
         Ok(())
     }
 }

@@ -28,6 +28,7 @@
 
 mod batch_norm;
 mod files;
+mod norm_gelu;
 
 pub use batch_norm::{BatchNorm2d, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM};
 pub(crate) use files::parse_config as files_parse_config;
@@ -128,9 +129,9 @@ struct Block<C> {
 impl<C: Module> Block<C> {
     fn forward_t(&self, x: &Tensor, pool: PoolKernel, train: bool) -> Result<Tensor> {
         let x = pool.max_pool2x2(&self.conv1.forward(x)?)?;
-        let x = self.norm1.forward_t(&x, train)?.gelu_erf()?;
+        let x = self.norm1.forward_gelu_t(&x, train)?;
         let x = self.conv2.forward(&x)?;
-        self.norm2.forward_t(&x, train)?.gelu_erf()
+        self.norm2.forward_gelu_t(&x, train)
     }
 }
 

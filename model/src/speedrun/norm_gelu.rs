@@ -1,0 +1,167 @@
+//! Batch normalization followed by GELU as one op on the CPU: [`BatchNorm2d::forward_gelu_t`]
+//! (crate::speedrun::BatchNorm2d::forward_gelu_t)'s path there.
+//!
+//! As tensor ops the pair costs a dozen passes over the feature map and four channel reductions
+//! over non-contiguous axes, forward and backward; here the forward is two passes for the batch
+//! statistics and one for the output, the backward one for the channel sums and one for the
+//! input gradient. Every pass runs image by image on the thread pool; channel sums are per-image
+//! partials added in image order, so results do not depend on the thread count.
+//!
+//! With `x^ = (x - mean_c) · r_c`, `r_c = 1 / sqrt(var_c + eps)`, `z = x^ + bias_c`,
+//! `y = gelu(z) = z · (1 + erf(z / sqrt 2)) / 2` (`libm::erff`, as candle's `gelu_erf`):
+//! - `dz = dy · gelu'(z)`, `gelu'(z) = (1 + erf(z / sqrt 2)) / 2 + z · exp(-z² / 2) / sqrt(2π)`;
+//! - `dL/dbias_c = Σ dz`;
+//! - with batch statistics `dL/dx = r_c · (dz - mean(dz) - x^ · mean(dz · x^))` (the statistics'
+//!   own gradients included), with fixed statistics `dL/dx = r_c · dz`.
+//!
+//! Statistics and the backward's channel sums accumulate in f64; the rest is f32 in the order of
+//! the tensor-op path (`(x - mean) · r + bias`, two roundings).
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Per-channel mean and biased variance of `x (b, c, hw)` (contiguous f32), two passes.
+pub(crate) fn channel_stats(x: &[f32], c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = (x.len() / c.max(1)) as f64;
+    let sums = channel_sums(x, x, c, hw, |_, v, _| (v as f64, 0.0));
+    let mean: Vec<f32> = sums.iter().map(|s| (s.0 / n) as f32).collect();
+    let sq = channel_sums(x, x, c, hw, |ch, v, _| {
+        let d = (v - mean[ch]) as f64;
+        (d * d, 0.0)
+    });
+    (mean, sq.iter().map(|s| (s.0 / n) as f32).collect())
+}
+
+/// The op over `(x (B, C, H, W), bias (C))`, both F32, with the statistics it normalizes by.
+pub(crate) struct NormGelu {
+    /// Per-channel mean.
+    pub mean: Vec<f32>,
+    /// Per-channel `1 / sqrt(var + eps)`.
+    pub inv_std: Vec<f32>,
+    /// Whether the statistics are the batch's own (their gradients then reach `x`).
+    pub batch_stats: bool,
+}
+
+fn gelu(z: f32) -> f32 {
+    (libm::erff(z * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * z
+}
+
+fn gelu_grad(z: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    (libm::erff(z * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 + z * (-0.5 * z * z).exp() * INV_SQRT_2PI
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("batch norm + GELU: expected contiguous F32 values"),
+    }
+}
+
+impl NormGelu {
+    /// `x^` of channel `ch` at `v`.
+    fn normalized(&self, ch: usize, v: f32) -> f32 {
+        (v - self.mean[ch]) * self.inv_std[ch]
+    }
+}
+
+impl CustomOp2 for NormGelu {
+    fn name(&self) -> &'static str {
+        "batch-norm-gelu"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, bias) = (f32_slice(xs, xl)?, f32_slice(bs, bl)?);
+        let (_, c, h, w) = xl.shape().dims4()?;
+        if bias.len() != c || self.mean.len() != c || self.inv_std.len() != c {
+            candle_core::bail!("batch norm + GELU: {c} channels, {} bias values", bias.len())
+        }
+        let hw = (h * w).max(1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(c * hw).zip(x.par_chunks(c * hw)).for_each(|(yi, xi)| {
+            for (ch, (yp, xp)) in yi.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
+                for (o, &v) in yp.iter_mut().zip(xp) {
+                    *o = gelu(self.normalized(ch, v) + bias[ch]);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, bias: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, w) = x.dims4()?;
+        let hw = (h * w).max(1);
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let bv: Vec<f32> = bias.to_vec1()?;
+        let dyv: Vec<f32> = dy.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        // dz, then its channel sums Σ dz and Σ dz · x^.
+        let mut dz = vec![0f32; xv.len()];
+        dz.par_chunks_mut(c * hw)
+            .zip(xv.par_chunks(c * hw).zip(dyv.par_chunks(c * hw)))
+            .for_each(|(di, (xi, gi))| {
+                for (ch, (dp, (xp, gp))) in di.chunks_mut(hw).zip(xi.chunks(hw).zip(gi.chunks(hw))).enumerate() {
+                    for (d, (&v, &g)) in dp.iter_mut().zip(xp.iter().zip(gp)) {
+                        *d = g * gelu_grad(self.normalized(ch, v) + bv[ch]);
+                    }
+                }
+            });
+        let sums = channel_sums(&dz, &xv, c, hw, |ch, d, v| {
+            (d as f64, (d * self.normalized(ch, v)) as f64)
+        });
+        let n = (b * hw) as f64;
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(c * hw)
+            .zip(dz.par_chunks(c * hw).zip(xv.par_chunks(c * hw)))
+            .for_each(|(oi, (di, xi))| {
+                for (ch, (op, (dp, xp))) in oi.chunks_mut(hw).zip(di.chunks(hw).zip(xi.chunks(hw))).enumerate() {
+                    let r = self.inv_std[ch];
+                    let (m1, m2) = ((sums[ch].0 / n) as f32, (sums[ch].1 / n) as f32);
+                    for (o, (&d, &v)) in op.iter_mut().zip(dp.iter().zip(xp)) {
+                        *o = match self.batch_stats {
+                            true => r * (d - m1 - self.normalized(ch, v) * m2),
+                            false => r * d,
+                        };
+                    }
+                }
+            });
+        let dev = x.device();
+        let dx = Tensor::from_vec(dx, (b, c, h, w), dev)?;
+        let dbias = Tensor::from_vec(sums.iter().map(|s| s.0 as f32).collect::<Vec<_>>(), c, dev)?;
+        Ok((Some(dx), Some(dbias)))
+    }
+}
+
+/// Two sums `Σ f(channel, a, b)` per channel over every image of two maps `(b, c, hw)` of the
+/// same shape: per-image partials, added in image order.
+fn channel_sums(
+    a: &[f32],
+    b: &[f32],
+    c: usize,
+    hw: usize,
+    f: impl Fn(usize, f32, f32) -> (f64, f64) + Sync,
+) -> Vec<(f64, f64)> {
+    let image = (c * hw).max(1);
+    let partials: Vec<Vec<(f64, f64)>> = a
+        .par_chunks(image)
+        .zip(b.par_chunks(image))
+        .map(|(ai, bi)| {
+            ai.chunks(hw.max(1))
+                .zip(bi.chunks(hw.max(1)))
+                .enumerate()
+                .map(|(ch, (ap, bp))| {
+                    ap.iter().zip(bp).fold((0.0, 0.0), |acc, (&u, &v)| {
+                        let (s, t) = f(ch, u, v);
+                        (acc.0 + s, acc.1 + t)
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let mut total = vec![(0.0, 0.0); c];
+    for part in &partials {
+        for (t, p) in total.iter_mut().zip(part) {
+            *t = (t.0 + p.0, t.1 + p.1);
+        }
+    }
+    total
+}
