@@ -47,8 +47,8 @@ impl Default for BitConv2dConfig {
 /// Backward is straight-through: the input gradient is the transposed convolution of the output
 /// gradient with the fake-quantized weight, the weight gradient the correlation of the output
 /// gradient with the fake-quantized input. For stride 1 and square kernels the forward value is
-/// computed on the codes alone (on CUDA by the packed form's int8 kernels) and the gradients are
-/// matrix products; otherwise both go through candle's `conv2d`.
+/// computed on the codes alone (by the packed form's int8 kernels, CPU and CUDA) and the
+/// gradients are matrix products; otherwise both go through candle's `conv2d`.
 ///
 /// ```
 /// use bitlinear::{bit_conv2d, BitConv2dConfig};
@@ -201,8 +201,8 @@ impl BitConv2d {
     /// `W~ = W_q · s_w` and `x~ = x_q · s_x`.
     ///
     /// Where the matrix-product backward applies (stride 1, a square kernel, `padding < k`) the
-    /// value is computed on the codes alone (on CUDA by the packed form's int8 kernels) and one
-    /// op carries those gradients; otherwise the straight-through steps are candle ops.
+    /// value is computed on the codes alone (by the packed form's kernels, CPU and CUDA) and
+    /// one op carries those gradients; otherwise the straight-through steps are candle ops.
     fn integer_forward(&self, x: &Tensor) -> Result<Tensor> {
         // Returns the F32 output without the bias.
         let (b, c, h, w) = x.dims4()?;

@@ -11,6 +11,9 @@
 //!   (both read in padded frames, so each shifted operand is a window of one buffer: see
 //!   `weight_grad`).
 //!
+//! On the CPU both products are [`crate::conv_grad_cpu`]'s (im2col tiles of a few images a task);
+//! the functions below are the other devices' path.
+//!
 //! candle 0.11 differentiates `conv2d` with `conv_transpose2d` for the input gradient (a direct
 //! loop per output element on CUDA, no GEMM); and as one op, the straight-through steps cost no
 //! element-wise passes over the activations of their own.
