@@ -6,13 +6,14 @@
 //! where PyTorch passes it through unscaled. [`max_pool2x2`] computes the same forward values and
 //! sends each window's gradient, unscaled, to its maximum (the first one in row-major order on
 //! ties, as PyTorch does), in one pass each way, over rayon's threads.
-//! With the `cuda` feature, f32 tensors on a CUDA device use two fused kernels
-//! (`kernels/pool.cu`) with the same semantics. Other devices and dtypes use [`max_pool2x2_ops`],
-//! the same pooling written with reshape and `max` reductions (whose backward is correct on every
-//! device); odd sizes use candle's `max_pool2d`. [`PoolKernel`] chooses between the two, so that
+//! The CPU kernels take f32, bf16 and f16. With the `cuda` feature, f32 tensors on a CUDA device
+//! use two fused kernels (`kernels/pool.cu`) with the same semantics. Other devices and dtypes
+//! use [`max_pool2x2_ops`], the same pooling written with reshape and `max` reductions (whose
+//! backward is correct on every device); odd sizes use candle's `max_pool2d`. [`PoolKernel`] chooses between the two, so that
 //! a benchmark can measure what the fused kernels bring.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Which implementation of 2x2 max pooling a network runs. Both give the same forward values; on
@@ -40,7 +41,7 @@ impl PoolKernel {
 /// 2x2, stride 2 max pooling of a (B, C, H, W) tensor.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     let fast = match x.dims() {
-        [_, _, h, w] => fused_device(x) && x.dtype() == DType::F32 && h % 2 == 0 && w % 2 == 0 && *h > 0,
+        [_, _, h, w] => fused_device(x) && h % 2 == 0 && w % 2 == 0 && *h > 0,
         _ => false,
     };
     if fast {
@@ -50,12 +51,14 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Whether `x`'s device has the fused kernels.
+/// Whether `x`'s device has the fused kernels for its dtype: the CPU's for f32, bf16 and f16,
+/// CUDA's for f32.
 fn fused_device(x: &Tensor) -> bool {
+    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
     match x.device() {
-        candle_core::Device::Cpu => true,
+        candle_core::Device::Cpu => x.dtype() == DType::F32 || half,
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(_) => true,
+        candle_core::Device::Cuda(_) => x.dtype() == DType::F32,
         _ => false,
     }
 }
@@ -71,10 +74,9 @@ pub fn max_pool2x2_ops(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("max_pool2x2: {what} must be f32")
-    };
+/// The contiguous values of a storage of `T`.
+fn values<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let v = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("max_pool2x2: {what} must be contiguous"),
@@ -85,18 +87,69 @@ fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     l.shape().dims4()
 }
 
-/// Index (0..4: top-left, top-right, bottom-left, bottom-right) of the first maximum.
+/// The input's dims, the gradient's shape checked against its windows.
+fn check_grad_shape(input: &Layout, grad: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let (b, c, h, w) = dims4(input)?;
+    if grad.shape().dims() != [b, c, h / 2, w / 2] {
+        candle_core::bail!(
+            "max_pool2x2 backward: gradient shape {:?} for input {:?}",
+            grad.shape(),
+            input.shape()
+        );
+    }
+    Ok((b, c, h, w))
+}
+
+/// Index (0..4: top-left, top-right, bottom-left, bottom-right) of the first maximum, and its
+/// value (compared as f64: exact for every float dtype).
 #[inline]
-fn argmax4(a: f32, b: f32, c: f32, d: f32) -> (usize, f32) {
+fn argmax4<T: WithDType>(a: T, b: T, c: T, d: T) -> (usize, T) {
     let (mut k, mut m) = (0, a);
     for (i, v) in [(1, b), (2, c), (3, d)] {
+        let (vf, mf) = (v.to_f64(), m.to_f64());
         // A NaN in the window wins, so NaNs propagate instead of being silently pooled away.
-        if v > m || v.is_nan() && !m.is_nan() {
+        if vf > mf || vf.is_nan() && !mf.is_nan() {
             k = i;
             m = v;
         }
     }
     (k, m)
+}
+
+/// Each window's maximum of the contiguous `(b, c, h, w)` values `x`.
+fn pool_fwd<T: WithDType>(x: &[T], (b, c, h, w): (usize, usize, usize, usize)) -> CpuStorage {
+    let (ho, wo) = (h / 2, w / 2);
+    let mut out = vec![T::zero(); b * c * ho * wo];
+    out.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(|(o, p)| {
+        for i in 0..ho {
+            let r0 = &p[2 * i * w..2 * i * w + w];
+            let r1 = &p[(2 * i + 1) * w..(2 * i + 1) * w + w];
+            for j in 0..wo {
+                o[i * wo + j] = argmax4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]).1;
+            }
+        }
+    });
+    T::to_cpu_storage_owned(out)
+}
+
+/// The input gradient: each window's output gradient `g` at its first maximum, 0 elsewhere.
+fn pool_bwd<T: WithDType>(x: &[T], g: &[T], (b, c, h, w): (usize, usize, usize, usize)) -> CpuStorage {
+    let (ho, wo) = (h / 2, w / 2);
+    let mut out = vec![T::zero(); b * c * h * w];
+    out.par_chunks_mut(h * w)
+        .zip(x.par_chunks(h * w).zip(g.par_chunks(ho * wo)))
+        .for_each(|(o, (p, gp))| {
+            for i in 0..ho {
+                for j in 0..wo {
+                    let i0 = 2 * i * w + 2 * j;
+                    let i1 = i0 + w;
+                    let (k, _) = argmax4(p[i0], p[i0 + 1], p[i1], p[i1 + 1]);
+                    let idx = [i0, i0 + 1, i1, i1 + 1][k];
+                    o[idx] = gp[i * wo + j];
+                }
+            }
+        });
+    T::to_cpu_storage_owned(out)
 }
 
 struct MaxPool2x2;
@@ -107,20 +160,15 @@ impl CustomOp1 for MaxPool2x2 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "input")?;
-        let (b, c, h, w) = dims4(l)?;
-        let (ho, wo) = (h / 2, w / 2);
-        let mut out = vec![0f32; b * c * ho * wo];
-        out.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(|(o, p)| {
-            for i in 0..ho {
-                let r0 = &p[2 * i * w..2 * i * w + w];
-                let r1 = &p[(2 * i + 1) * w..(2 * i + 1) * w + w];
-                for j in 0..wo {
-                    o[i * wo + j] = argmax4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]).1;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
+        let dims = dims4(l)?;
+        let out = match s.dtype() {
+            DType::F32 => pool_fwd(values::<f32>(s, l, "input")?, dims),
+            DType::BF16 => pool_fwd(values::<half::bf16>(s, l, "input")?, dims),
+            DType::F16 => pool_fwd(values::<half::f16>(s, l, "input")?, dims),
+            dt => candle_core::bail!("max_pool2x2: unsupported dtype {dt:?}"),
+        };
+        let (b, c, h, w) = dims;
+        Ok((out, Shape::from((b, c, h / 2, w / 2))))
     }
 
     #[cfg(feature = "cuda")]
@@ -147,32 +195,25 @@ impl CustomOp2 for MaxPool2x2Bwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let g = f32_slice(s2, l2, "gradient")?;
-        let (b, c, h, w) = dims4(l1)?;
-        let (ho, wo) = (h / 2, w / 2);
-        if l2.shape().dims() != [b, c, ho, wo] {
+        let dims = check_grad_shape(l1, l2)?;
+        if s1.dtype() != s2.dtype() {
             candle_core::bail!(
-                "max_pool2x2 backward: gradient shape {:?} for input {:?}",
-                l2.shape(),
-                l1.shape()
-            );
+                "max_pool2x2 backward: gradient {:?}, input {:?}",
+                s2.dtype(),
+                s1.dtype()
+            )
         }
-        let mut out = vec![0f32; b * c * h * w];
-        out.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w).zip(g.par_chunks(ho * wo)))
-            .for_each(|(o, (p, gp))| {
-                for i in 0..ho {
-                    for j in 0..wo {
-                        let i0 = 2 * i * w + 2 * j;
-                        let i1 = i0 + w;
-                        let (k, _) = argmax4(p[i0], p[i0 + 1], p[i1], p[i1 + 1]);
-                        let idx = [i0, i0 + 1, i1, i1 + 1][k];
-                        o[idx] = gp[i * wo + j];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let out = match s1.dtype() {
+            DType::F32 => pool_bwd(values::<f32>(s1, l1, "input")?, values(s2, l2, "gradient")?, dims),
+            DType::BF16 => pool_bwd(
+                values::<half::bf16>(s1, l1, "input")?,
+                values(s2, l2, "gradient")?,
+                dims,
+            ),
+            DType::F16 => pool_bwd(values::<half::f16>(s1, l1, "input")?, values(s2, l2, "gradient")?, dims),
+            dt => candle_core::bail!("max_pool2x2: unsupported dtype {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -183,14 +224,7 @@ impl CustomOp2 for MaxPool2x2Bwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (b, c, h, w) = dims4(l1)?;
-        if l2.shape().dims() != [b, c, h / 2, w / 2] {
-            candle_core::bail!(
-                "max_pool2x2 backward: gradient shape {:?} for input {:?}",
-                l2.shape(),
-                l1.shape()
-            );
-        }
+        let (b, c, h, w) = check_grad_shape(l1, l2)?;
         let x = cuda::input(s1, l1, "input")?;
         let g = cuda::input(s2, l2, "gradient")?;
         let out = cuda::launch_pool(&s1.device, "max_pool2x2_bwd", &x, Some(&g), b * c, h, w, b * c * h * w)?;

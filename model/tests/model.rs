@@ -144,6 +144,43 @@ fn max_pool2x2_matches_candle_values_and_gradients() {
 }
 
 #[test]
+fn max_pool2x2_half_dtypes_match_f32() {
+    // Values exact in bf16 and f16 (quarters of small integers, ties included): the fused
+    // kernel in each dtype picks the same maxima and routes the same gradients as in f32.
+    use rand::Rng;
+    let dev = Device::Cpu;
+    let mut rng = rand::thread_rng();
+    let mut quarters = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-40i32..40) as f32 / 4.0).collect() };
+    let x = Var::from_vec(quarters(2 * 3 * 6 * 10), (2, 3, 6, 10), &dev).unwrap();
+    let w = Tensor::from_vec(quarters(2 * 3 * 3 * 5), (2, 3, 3, 5), &dev).unwrap();
+    let y = max_pool2x2(x.as_tensor()).unwrap();
+    let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let want_y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let want_g: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for dt in [DType::BF16, DType::F16] {
+        let xh = Var::from_tensor(&x.as_tensor().to_dtype(dt).unwrap()).unwrap();
+        let yh = max_pool2x2(xh.as_tensor()).unwrap();
+        assert_eq!(yh.dtype(), dt);
+        let gh = (&yh * w.to_dtype(dt).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let f32s = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(f32s(&yh), want_y, "{dt:?}");
+        assert_eq!(f32s(gh.get(&xh).unwrap()), want_g, "{dt:?}");
+    }
+}
+
+#[test]
 fn max_pool2x2_ties_go_to_the_first_maximum() {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::ones((1, 1, 2, 2), DType::F32, &dev).unwrap()).unwrap();
