@@ -102,7 +102,9 @@ impl BatchNorm2d {
                 let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
                     candle_core::bail!("BatchNorm2d: internal error, expected F32 values on the CPU")
                 };
-                let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+                let Some((start, end)) = layout.contiguous_offsets() else {
+                    candle_core::bail!("BatchNorm2d: internal error, expected contiguous values")
+                };
                 super::norm_gelu::channel_stats(&v[start..end], c, h * w)
             };
             let (mean, var) = (Tensor::new(mean, x.device())?, Tensor::new(var, x.device())?);
