@@ -18,7 +18,8 @@ pub struct BitConv2dConfig {
     pub bias: bool,
     /// Whether the training forward checks the float weight for NaN and infinite values (an
     /// error, default on), as [`crate::BitLinearConfig::check_finite`]: on CUDA each check waits
-    /// for the stream, so a training loop that checks its weights itself turns it off.
+    /// for the stream, so a training loop that checks its weights itself turns it off. (On the
+    /// CPU the stride-1 forward packs the weight, which rejects such values either way.)
     pub check_finite: bool,
 }
 
