@@ -6,7 +6,15 @@
 //! other targets); `src/cuda` embeds them with `include_bytes!`. nvcc and the target come from
 //! the `cuda-build` crate.
 
-const KERNELS: &[&str] = &["act_quant", "weight_quant", "skinny", "gemm", "gemv", "conv"];
+const KERNELS: &[&str] = &[
+    "act_quant",
+    "weight_quant",
+    "skinny",
+    "gemm",
+    "gemv",
+    "gemv_stream",
+    "conv",
+];
 /// Hopper-only kernels (wgmma, TMA): built for sm_90a.
 const SM90A_KERNELS: &[&str] = &["gemm90a"];
 

@@ -17,6 +17,7 @@ const WEIGHT_QUANT: &str = include_str!("../kernels/weight_quant.cu");
 const GEMM: &str = include_str!("../kernels/gemm.cu");
 const GEMM90A: &str = include_str!("../kernels/gemm90a.cu");
 const GEMV: &str = include_str!("../kernels/gemv.cu");
+const GEMV_STREAM: &str = include_str!("../kernels/gemv_stream.cu");
 const SKINNY: &str = include_str!("../kernels/skinny.cu");
 const HOST: [&str; 3] = [
     include_str!("../src/cuda/matmul.rs"),
@@ -83,6 +84,9 @@ fn instantiated() -> HashSet<String> {
             names.extend(sfx.iter().map(|s| format!("{base}{s}")));
         }
     }
+    for c in caps(r"(?m)^GS_INST\(\w+, \w+, (\w+), (\w+)\)", GEMV_STREAM) {
+        names.insert(format!("gemv_stream_{}_{}", c[0], c[1]));
+    }
     let vecs = caps(
         r"SK_INST\(MT, \d, \d+, XT, OT, skinny_##XN##_##ON##_m##MT##_v(\d+)(_n1)?\)",
         SKINNY,
@@ -121,6 +125,7 @@ fn instantiated() -> HashSet<String> {
 #[test]
 fn shared_constants_agree() {
     assert_eq!(define(GEMV, "GV_WARPS"), GEMV_WARPS);
+    assert_eq!(define(GEMV_STREAM, "GS_WARPS"), bitlinear::plan::GEMV_STREAM_WARPS);
     assert_eq!(define(SKINNY, "SK_WARPS") * 32, SKINNY_THREADS);
     assert_eq!(define(ACT_QUANT, "QT"), QUANT_THREADS);
     assert_eq!(define(WEIGHT_QUANT, "QT"), QUANT_THREADS);
@@ -208,6 +213,7 @@ fn every_planned_kernel_is_built() {
                         gemv_bulk_x: Some(true),
                         gemv_early_weights: Some(true),
                         skinny_fused_quant: Some(true),
+                        gemv_stream: (kernel == KernelKind::Gemv).then_some(true),
                         ..Default::default()
                     },
                     ..Default::default()
@@ -232,6 +238,8 @@ fn every_planned_kernel_is_built() {
             (2560, 6912),
             (96, 8192),
             (3, 4100),
+            (55296, 5120),
+            (5120, 27648),
         ] {
             for x in [None, Some(DType::F32), Some(DType::BF16), Some(DType::F16)] {
                 let out = x.unwrap_or(DType::I32);
@@ -245,6 +253,7 @@ fn every_planned_kernel_is_built() {
                         for s in &forced {
                             let name = match plan(&problem, d, s).unwrap() {
                                 Plan::Gemv(p) => p.kernel_name(x.map_or("i8", sfx), sfx(out)),
+                                Plan::GemvStream(p) => p.kernel_name(x.map_or("i8", sfx), sfx(out)),
                                 Plan::Skinny(p) if p.fused_quant => p.kernel_name(sfx(out), sfx(out)),
                                 Plan::Skinny(p) => p.kernel_name("i8", sfx(out)),
                                 Plan::Gemm(p) => p.kernel_name(sfx(out)),

@@ -83,6 +83,13 @@ fn shapes(o: &Opts, rng: &mut StdRng) -> Vec<(usize, usize, usize)> {
         (4, 100, 64),
         (3, 1, 8192),
         (1, 2049, 6912),
+        // the streaming GEMV (M = 1 past one wave of the GEMV, or 8192 < K <= 48128): partial
+        // passes of chunks, rows past the grid's last pair, the largest K
+        (1, 30001, 5120),
+        (1, 700, 16384),
+        (1, 9, 27648),
+        (1, 3, 48128),
+        (1, 1, 10240),
         // 2 <= M <= 16 with K % 64 == 0 at decode sizes (the skinny kernel, or the GEMM from
         // M = 12 at large N)
         (5, 2560, 2560),

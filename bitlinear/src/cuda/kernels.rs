@@ -17,6 +17,7 @@ static GEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.fatbi
 /// Empty unless built for compute capability 9.0 (sm_90a).
 static GEMM90A_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a.fatbin"));
 static GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
+static GEMV_STREAM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv_stream.fatbin"));
 static CONV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv.fatbin"));
 
 /// One compiled `kernels/*.cu` file.
@@ -28,6 +29,7 @@ pub(super) enum Module {
     Gemm,
     Gemm90a,
     Gemv,
+    GemvStream,
     Conv,
 }
 
@@ -40,6 +42,7 @@ impl Module {
             Module::Gemm => GEMM_FATBIN,
             Module::Gemm90a => GEMM90A_FATBIN,
             Module::Gemv => GEMV_FATBIN,
+            Module::GemvStream => GEMV_STREAM_FATBIN,
             Module::Conv => CONV_FATBIN,
         }
     }

@@ -13,7 +13,9 @@ use super::buffers::{
 use super::gemm::tiled_gemm;
 use super::quantize::{check_finite_flag, pack_on_device, quantize_rows, weight_dims, ActOut};
 use super::{Ctx, Module, Settled};
-use crate::plan::{plan, GemvPlan, Plan, Problem, SkinnyPlan, GEMV_WARPS, SKINNY_THREADS};
+use crate::plan::{
+    plan, GemvPlan, GemvStreamPlan, Plan, Problem, SkinnyPlan, GEMV_STREAM_WARPS, GEMV_WARPS, SKINNY_THREADS,
+};
 
 /// Activation source of a matmul.
 #[derive(Clone, Copy)]
@@ -105,6 +107,7 @@ fn matmul_core(
             unsafe { cu_result::memset_d8_async(yp, 0, bytes, ctx.stream.cu_stream()) }.w()?;
         }
         Plan::Gemv(p) => gemv(&call, &p, &mut out)?,
+        Plan::GemvStream(p) => gemv_stream(&call, &p, &mut out)?,
         Plan::Skinny(p) => skinny(&call, &p, &mut out)?,
         Plan::Gemm(p) => tiled_gemm(&call, &p, &mut out)?,
     }
@@ -141,6 +144,39 @@ fn gemv(c: &Call, p: &GemvPlan, out: &mut CudaStorageSlice) -> Result<()> {
         c.sw.val,
         c.sw.ptr,
         yp
+    )
+}
+
+/// The streaming decode GEMV (`kernels/gemv_stream.cu`): one block an SM looping over the rows,
+/// x quantized in the kernel.
+fn gemv_stream(c: &Call, p: &GemvStreamPlan, out: &mut CudaStorageSlice) -> Result<()> {
+    let ctx = c.ctx;
+    let (xname, xp, xsp) = match c.x {
+        XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
+        XSrc::Codes(p, sp) => ("i8", p, sp),
+    };
+    let f = ctx.func(Module::GemvStream, &p.kernel_name(xname, c.osfx))?;
+    let cfg = LaunchConfig {
+        grid_dim: (i32_arg(p.blocks, "streaming GEMV blocks")? as u32, 1, 1),
+        block_dim: (32 * GEMV_STREAM_WARPS as u32, 1, 1),
+        shared_mem_bytes: p.smem_bytes as u32,
+    };
+    let mut g = Vec::new();
+    let yp = out_slice_ptr(out, &ctx.stream, &mut g)?;
+    launch!(
+        ctx,
+        f,
+        cfg,
+        xp,
+        xsp,
+        c.wp,
+        c.n as i32,
+        c.k as i32,
+        c.k.div_ceil(4) as i32,
+        c.sw.val,
+        c.sw.ptr,
+        yp,
+        i32::from(p.early_weights)
     )
 }
 

@@ -26,6 +26,7 @@ use candle_core::{DType, Result};
 mod conv;
 mod gemm;
 mod gemv;
+mod gemv_stream;
 mod quant;
 mod settings;
 mod skinny;
@@ -35,6 +36,7 @@ pub use conv::{
 };
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
 pub use gemv::{GemvPlan, GEMV_MAX_K, GEMV_SHAPES, GEMV_WARPS};
+pub use gemv_stream::{GemvStreamPlan, GEMV_STREAM_MAX_K, GEMV_STREAM_WARPS};
 pub use quant::{absmean_blocks, act_quant_plan, pack_plan, ActLayout, ActQuantPlan, PackPlan, QUANT_THREADS};
 pub use settings::{CpuKernel, ForcedChoices, KernelKind, KernelSettings};
 pub use skinny::{SkinnyPlan, SKINNY_MAX_M, SKINNY_THREADS};
@@ -147,6 +149,8 @@ pub enum Plan {
     Zeros,
     /// The decode GEMV.
     Gemv(GemvPlan),
+    /// The streaming decode GEMV (large weights).
+    GemvStream(GemvStreamPlan),
     /// The skinny kernel.
     Skinny(SkinnyPlan),
     /// The tiled GEMM.
@@ -176,8 +180,14 @@ pub fn plan(problem: &Problem, device: &DeviceInfo, settings: &KernelSettings) -
     let forced = settings.force.kernel;
     let settled = weights_settled && settings.early_weights;
     let x_is_out = x_dtype.is_none_or(|d| d == out_dtype);
+    let x = (x_dtype.is_some(), x_dtype.map_or(1, |d| d.size_in_bytes()));
+    if !matches!(forced, Some(KernelKind::Skinny | KernelKind::Gemm))
+        && gemv_stream::gemv_stream_fits(m, k, weight_align, x_is_out)
+        && gemv_stream::gemv_stream_wanted(n, k, x, device, &settings.force)
+    {
+        return Ok(Plan::GemvStream(gemv_stream::gemv_stream_plan(k, settled, device)));
+    }
     if !matches!(forced, Some(KernelKind::Skinny | KernelKind::Gemm)) && gemv::gemv_fits(m, k, weight_align, x_is_out) {
-        let x = (x_dtype.is_some(), x_dtype.map_or(1, |d| d.size_in_bytes()));
         return Ok(Plan::Gemv(gemv::gemv_plan(n, k, x, settled, device, &settings.force)));
     }
     if forced != Some(KernelKind::Gemm) {

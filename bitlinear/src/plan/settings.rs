@@ -82,6 +82,9 @@ pub struct ForcedChoices {
     /// Whether the GEMV requests its first settled weights before `pdl_wait` (on still needs
     /// settled weights and float `x`).
     pub gemv_early_weights: Option<bool>,
+    /// Whether a decode (`M = 1`) the streaming GEMV can take runs on it (true) or never does
+    /// (false), over its rule (large weights or `K > 8192`).
+    pub gemv_stream: Option<bool>,
     /// Weight rows per skinny block, 16 or 32 (16 needs 16-byte weight loads).
     pub skinny_rows: Option<usize>,
     /// Whether the skinny kernel quantizes float `x` itself (on needs the output dtype to be

@@ -28,7 +28,8 @@ fn each_kernel_where_the_rules_put_it() {
     assert!(matches!(run(&bf16(1, 2560, 2560)), Plan::Gemv(_)));
     // the GEMV needs K % 64 == 0, K <= 8192, aligned weights and x of the output dtype
     assert!(matches!(run(&bf16(1, 2560, 2500)), Plan::Skinny(_)));
-    assert!(matches!(run(&bf16(1, 2560, 16384)), Plan::Skinny(_)));
+    assert!(matches!(run(&bf16(1, 2560, 16384)), Plan::GemvStream(_)));
+    assert!(matches!(run(&bf16(1, 2560, 65536)), Plan::Skinny(_)));
     let unaligned = Problem {
         weight_align: 8,
         ..bf16(1, 2560, 2560)
@@ -123,4 +124,65 @@ fn alignment_of_addresses() {
     assert_eq!(Problem::align_of(0x7f00_0000_1010), 16);
     assert_eq!(Problem::align_of(0x7f00_0000_1004), 4);
     assert_eq!(Problem::align_of(0x7f00_0000_1003), 1);
+}
+
+/// The streaming GEMV takes decode where the GEMV would run more than one wave of blocks or `K`
+/// is past its limit; never with unaligned weights, more rows or a mixed dtype; forced either
+/// way where it can run.
+#[test]
+fn streaming_gemv_for_large_weights() {
+    let stream = |p: &Problem| match run(p) {
+        Plan::GemvStream(s) => Some(s),
+        _ => None,
+    };
+    // one wave of the GEMV: 13824 x 2560 (8.8 MB), 2560^2
+    assert!(matches!(run(&bf16(1, 13824, 2560)), Plan::Gemv(_)));
+    assert!(matches!(run(&bf16(1, 2560, 2560)), Plan::Gemv(_)));
+    for (n, k) in [(55296, 5120), (27648, 5120), (5120, 27648), (3200, 10240)] {
+        let s = stream(&bf16(1, n, k)).unwrap_or_else(|| panic!("{n} x {k}"));
+        assert_eq!((s.blocks, s.smem_bytes, s.early_weights), (132, k, false), "{n} x {k}");
+        assert!(matches!(
+            run(&Problem::new(1, n, k, None, DType::I32)),
+            Plan::GemvStream(_)
+        ));
+    }
+    let settled = Problem {
+        weights_settled: true,
+        ..bf16(1, 55296, 5120)
+    };
+    assert!(stream(&settled).unwrap().early_weights);
+    let unaligned = Problem {
+        weight_align: 8,
+        ..bf16(1, 55296, 5120)
+    };
+    assert!(matches!(run(&unaligned), Plan::Skinny(_)));
+    assert!(matches!(run(&bf16(2, 55296, 5120)), Plan::Skinny(_) | Plan::Gemm(_)));
+    assert!(matches!(
+        run(&Problem::new(1, 55296, 5120, Some(DType::F32), DType::BF16)),
+        Plan::Skinny(_)
+    ));
+    let force = |on| KernelSettings {
+        force: ForcedChoices {
+            gemv_stream: Some(on),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let d = h100();
+    assert!(matches!(
+        plan(&bf16(1, 55296, 5120), &d, &force(false)).unwrap(),
+        Plan::Gemv(_)
+    ));
+    assert!(matches!(
+        plan(&bf16(1, 5120, 27648), &d, &force(false)).unwrap(),
+        Plan::Skinny(_)
+    ));
+    assert!(matches!(
+        plan(&bf16(1, 64, 64), &d, &force(true)).unwrap(),
+        Plan::GemvStream(_)
+    ));
+    assert!(matches!(
+        plan(&bf16(1, 64, 65536), &d, &force(true)).unwrap(),
+        Plan::Skinny(_)
+    ));
 }
