@@ -55,9 +55,8 @@ pub(crate) fn decode(
     let device = model.device();
     let cuda = device.as_cuda_device()?;
     let stream = cuda.cuda_stream();
-    let id = Tensor::zeros((1, 1), DType::U32, device)?;
-    let pos = Tensor::zeros(1, DType::U32, device)?;
-    let set = |t: &Tensor, v: u32| t.slice_set(&Tensor::new(&[v], device)?.reshape(t.shape())?, 0, 0);
+    let inputs = StepInputs::new(device)?;
+    let (id, pos) = (&inputs.id, &inputs.pos);
     // candle uploads small kernel arguments (shapes, strides) from the host; under this guard
     // they stay on the device, so the capture records device copies instead of host uploads.
     let _htod_cache = cuda.enable_cuda_graph_htod_cache();
@@ -76,9 +75,8 @@ pub(crate) fn decode(
             next(StepOutput::Logits(&t.to_vec1::<f32>()?))
         }
     };
-    set(&id, first)?;
-    set(&pos, start as u32)?;
-    let eager = model.decode_at(&id, &pos, cache)?;
+    inputs.set(first, start)?;
+    let eager = model.decode_at(id, pos, cache)?;
     let Some(mut token) = read(&finish(eager, cache)?, next)? else {
         return Ok(());
     };
@@ -88,11 +86,11 @@ pub(crate) fn decode(
     // The same step once more (it rewrites the same key and value): packed weights first used
     // by the step above recorded an event there (bitlinear's settle.rs), complete now that its
     // output was read; this call finds them settled, so that the graph captures their fast path.
-    finish(model.decode_at(&id, &pos, cache)?, cache)?;
+    finish(model.decode_at(id, pos, cache)?, cache)?;
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| driver("begin_capture", e))?;
-    let captured = model.decode_at(&id, &pos, cache).and_then(|t| finish(t, cache));
+    let captured = model.decode_at(id, pos, cache).and_then(|t| finish(t, cache));
     // The output stays allocated between replays; the flag lets each launch reuse it.
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
     let out = captured?;
@@ -100,8 +98,7 @@ pub(crate) fn decode(
         .map_err(|e| driver("end_capture", e))?
         .ok_or_else(|| candle_core::Error::Msg("CUDA graph: the capture recorded no graph".into()))?;
     for step in 1..steps {
-        set(&id, token)?;
-        set(&pos, (start + step) as u32)?;
+        inputs.set(token, start + step)?;
         graph.launch().map_err(|e| driver("launch", e))?;
         match read(&out, next)? {
             Some(t) => token = t,
@@ -109,6 +106,32 @@ pub(crate) fn decode(
         }
     }
     Ok(())
+}
+
+/// The device tensors a captured step reads: the token id u32 `(1, 1)` and its position u32
+/// `(1,)`.
+#[cfg(feature = "cuda")]
+struct StepInputs {
+    id: Tensor,
+    pos: Tensor,
+}
+
+#[cfg(feature = "cuda")]
+impl StepInputs {
+    fn new(device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            id: Tensor::zeros((1, 1), DType::U32, device)?,
+            pos: Tensor::zeros(1, DType::U32, device)?,
+        })
+    }
+
+    /// Writes `token` and `position` into the tensors (device copies on the stream, so that a
+    /// replay launched after them reads them).
+    fn set(&self, token: u32, position: usize) -> Result<()> {
+        let device = self.id.device();
+        self.id.slice_set(&Tensor::new(&[[token]], device)?, 0, 0)?;
+        self.pos.slice_set(&Tensor::new(&[position as u32], device)?, 0, 0)
+    }
 }
 
 /// A token id no step writes (ids are below the vocabulary size, `u32::MAX` is the all-NaN
@@ -191,18 +214,16 @@ fn decode_fed(
     let device = model.device();
     let cuda = device.as_cuda_device()?;
     let stream = cuda.cuda_stream();
-    let id = Tensor::zeros((1, 1), DType::U32, device)?;
-    let pos = Tensor::zeros(1, DType::U32, device)?;
-    let set = |t: &Tensor, v: u32| t.slice_set(&Tensor::new(&[v], device)?.reshape(t.shape())?, 0, 0);
+    let inputs = StepInputs::new(device)?;
+    let (id, pos) = (&inputs.id, &inputs.pos);
     let _htod_cache = cuda.enable_cuda_graph_htod_cache();
     let greedy = |t: u32| match t {
         UNWRITTEN => candle_core::bail!("CUDA graph: a decode step did not write its token"),
         t => Ok(StepOutput::Greedy(t)),
     };
     // The first step eagerly, then once more to settle (see `decode`), then the capture.
-    set(&id, first)?;
-    set(&pos, start as u32)?;
-    let token = model.decode_greedy_at(&id, &pos, cache)?.to_vec1::<u32>()?[0];
+    inputs.set(first, start)?;
+    let token = model.decode_greedy_at(id, pos, cache)?.to_vec1::<u32>()?[0];
     let Some(token) = next(greedy(token)?)? else {
         return Ok(());
     };
@@ -210,12 +231,12 @@ fn decode_fed(
     if replays == 0 {
         return Ok(());
     }
-    model.decode_greedy_at(&id, &pos, cache)?.to_vec1::<u32>()?;
+    model.decode_greedy_at(id, pos, cache)?.to_vec1::<u32>()?;
     // Declared before the graph and the guard: freed after the last step that writes it.
     let tokens = MappedTokens::new(&stream, replays)?;
     let feedback = crate::fused::Feedback {
-        id: &id,
-        pos: &pos,
+        id,
+        pos,
         tokens: tokens.device,
         first: (start + 1) as u32,
         len: replays as u32,
@@ -223,7 +244,7 @@ fn decode_fed(
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| driver("begin_capture", e))?;
-    let captured = model.decode_greedy_fed(&id, &pos, cache, Some(feedback));
+    let captured = model.decode_greedy_fed(id, pos, cache, Some(feedback));
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
     // The step's output was allocated by the graph: kept until the graph is gone (freed before
     // a replay made it, it would be an invalid free).
@@ -236,8 +257,7 @@ fn decode_fed(
         stream.context().new_event(None).map_err(|e| driver("event", e))?,
         stream.context().new_event(None).map_err(|e| driver("event", e))?,
     ];
-    set(&id, token)?;
-    set(&pos, (start + 1) as u32)?;
+    inputs.set(token, start + 1)?;
     let launch = |k: usize| -> Result<()> {
         graph.launch().map_err(|e| driver("launch", e))?;
         events[k % 2].record(&stream).map_err(|e| driver("event record", e))

@@ -114,13 +114,19 @@ fn matmul_core(
     Ok(out)
 }
 
+/// The x operand of the decode kernels: its kernel-name suffix, pointer, and scale pointer (int8
+/// codes; 0 for float x, which they quantize themselves).
+fn decode_x(c: &Call) -> Result<(&'static str, u64, u64)> {
+    Ok(match c.x {
+        XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
+        XSrc::Codes(p, sp) => ("i8", p, sp),
+    })
+}
+
 /// The decode GEMV (`kernels/gemv.cu`): register-streamed weights, x quantized in the kernel.
 fn gemv(c: &Call, p: &GemvPlan, out: &mut CudaStorageSlice) -> Result<()> {
     let ctx = c.ctx;
-    let (xname, xp, xsp) = match c.x {
-        XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
-        XSrc::Codes(p, sp) => ("i8", p, sp),
-    };
+    let (xname, xp, xsp) = decode_x(c)?;
     let f = ctx.func(Module::Gemv, &p.kernel_name(xname, c.osfx))?;
     let cfg = LaunchConfig {
         grid_dim: (i32_arg(p.blocks, "GEMV blocks")? as u32, 1, 1),
@@ -151,10 +157,7 @@ fn gemv(c: &Call, p: &GemvPlan, out: &mut CudaStorageSlice) -> Result<()> {
 /// x quantized in the kernel.
 fn gemv_stream(c: &Call, p: &GemvStreamPlan, out: &mut CudaStorageSlice) -> Result<()> {
     let ctx = c.ctx;
-    let (xname, xp, xsp) = match c.x {
-        XSrc::Float(p, dt) => (float_suffix(dt)?, p, 0u64),
-        XSrc::Codes(p, sp) => ("i8", p, sp),
-    };
+    let (xname, xp, xsp) = decode_x(c)?;
     let f = ctx.func(Module::GemvStream, &p.kernel_name(xname, c.osfx))?;
     let cfg = LaunchConfig {
         grid_dim: (i32_arg(p.blocks, "streaming GEMV blocks")? as u32, 1, 1),
