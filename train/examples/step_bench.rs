@@ -172,23 +172,29 @@ fn profile(dev: &candle_core::Device, b: usize, iters: usize) -> Result<()> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let b = b.to_device(a.device())?;
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_device(a.device())?.to_dtype(DType::F32)?);
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 /// Fused kernels against the tensor-op implementations; fails on a mismatch.
 fn check(dev: &candle_core::Device) -> Result<()> {
     use candle_core::Var;
-    // Max pool, forward and backward, against the CPU kernel and the generic ops.
-    for (b, c, h) in [(128usize, 32usize, 32usize), (3, 5, 6)] {
-        let xc = Tensor::randn(0f32, 1., (b, c, h, h), &candle_core::Device::Cpu)?;
-        let r = Tensor::randn(0f32, 1., (b, c, h / 2, h / 2), &candle_core::Device::Cpu)?;
+    // Max pool, forward and backward, against the CPU kernel and (f32: no ties) the generic ops.
+    for (b, c, h, dt) in [
+        (128usize, 32usize, 32usize, DType::F32),
+        (3, 5, 6, DType::F32),
+        (128, 32, 32, DType::BF16),
+        (3, 5, 6, DType::F16),
+    ] {
+        let xc = Tensor::randn(0f32, 1., (b, c, h, h), &candle_core::Device::Cpu)?.to_dtype(dt)?;
+        let r = Tensor::randn(0f32, 1., (b, c, h / 2, h / 2), &candle_core::Device::Cpu)?.to_dtype(dt)?;
         let mut outs = Vec::new();
-        for (d, fused) in [
+        let variants = [
             (candle_core::Device::Cpu, true),
             (dev.clone(), true),
             (dev.clone(), false),
-        ] {
+        ];
+        for (d, fused) in variants.into_iter().take(if dt == DType::F32 { 3 } else { 2 }) {
             let x = Var::from_tensor(&xc.to_device(&d)?)?;
             let y = if fused {
                 model::max_pool2x2(x.as_tensor())?
@@ -204,7 +210,7 @@ fn check(dev: &candle_core::Device) -> Result<()> {
         }
         for (i, o) in outs.iter().enumerate().skip(1) {
             let (dy, dg) = (max_diff(&outs[0].0, &o.0)?, max_diff(&outs[0].1, &o.1)?);
-            eprintln!("check pool {b}x{c}x{h}x{h} variant {i}: fwd diff {dy}, bwd diff {dg}");
+            eprintln!("check pool {b}x{c}x{h}x{h} {dt:?} variant {i}: fwd diff {dy}, bwd diff {dg}");
             anyhow::ensure!(dy == 0.0 && dg == 0.0, "max pool mismatch");
         }
     }
