@@ -172,7 +172,11 @@ fn profile(dev: &candle_core::Device, b: usize, iters: usize) -> Result<()> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let (a, b) = (a.to_dtype(DType::F32)?, b.to_device(a.device())?.to_dtype(DType::F32)?);
+    let cpu = candle_core::Device::Cpu;
+    let (a, b) = (
+        a.to_device(&cpu)?.to_dtype(DType::F32)?,
+        b.to_device(&cpu)?.to_dtype(DType::F32)?,
+    );
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
@@ -212,6 +216,53 @@ fn check(dev: &candle_core::Device) -> Result<()> {
             let (dy, dg) = (max_diff(&outs[0].0, &o.0)?, max_diff(&outs[0].1, &o.1)?);
             eprintln!("check pool {b}x{c}x{h}x{h} {dt:?} variant {i}: fwd diff {dy}, bwd diff {dg}");
             anyhow::ensure!(dy == 0.0 && dg == 0.0, "max pool mismatch");
+        }
+    }
+    // Batch norm + GELU: the fused CUDA op against the fused CPU op and the CUDA tensor ops
+    // (values, running statistics, input and bias gradients), with batch and running statistics.
+    for (b, c, h) in [(512usize, 64usize, 16usize), (3, 5, 7)] {
+        let cpu = candle_core::Device::Cpu;
+        let xc = (Tensor::randn(0f32, 2., (b, c, h, h), &cpu)? + 0.5)?;
+        let bias = Tensor::randn(0f32, 1., c, &cpu)?;
+        let r = Tensor::randn(0f32, 1., (b, c, h, h), &cpu)?;
+        let mut outs = Vec::new();
+        for (d, fused) in [(cpu.clone(), true), (dev.clone(), true), (dev.clone(), false)] {
+            let vm = candle_nn::VarMap::new();
+            let norm = model::speedrun::BatchNorm2d::new(c, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &d))?;
+            vm.data().lock().unwrap()["bias"].set(&bias.to_device(&d)?)?;
+            let x = Var::from_tensor(&xc.to_device(&d)?)?;
+            let mut per_mode = Vec::new();
+            for train in [true, false] {
+                let y = match fused {
+                    true => norm.forward_gelu_t(x.as_tensor(), train)?,
+                    false => norm.forward_t(x.as_tensor(), train)?.gelu_erf()?,
+                };
+                let grads = (&y * r.to_device(&d)?)?.sum_all()?.backward()?;
+                let bias_var = vm.data().lock().unwrap()["bias"].as_tensor().clone();
+                per_mode.push([
+                    y,
+                    grads.get(x.as_tensor()).context("no dx")?.clone(),
+                    grads.get(&bias_var).context("no dbias")?.clone(),
+                    norm.running_mean().clone(),
+                    norm.running_var().clone(),
+                ]);
+            }
+            outs.push(per_mode);
+        }
+        for (i, o) in outs.iter().enumerate().skip(1) {
+            for (mode, (want, got)) in outs[0].iter().zip(o).enumerate() {
+                for (what, (w, g)) in ["y", "dx", "dbias", "running mean", "running var"]
+                    .iter()
+                    .zip(want.iter().zip(got))
+                {
+                    let scale = w.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+                    let d = max_diff(w, g)?;
+                    eprintln!(
+                        "check norm+gelu {b}x{c}x{h}x{h} variant {i} mode {mode} {what}: diff {d} (scale {scale})"
+                    );
+                    anyhow::ensure!(d <= 1e-4 * scale, "batch norm + GELU mismatch");
+                }
+            }
         }
     }
     // Augmentation: fused kernel vs tensor ops on the same images and parameters.

@@ -83,31 +83,33 @@ impl BatchNorm2d {
         y.to_dtype(x.dtype())
     }
 
-    /// `gelu_erf(self.forward_t(x, train))`, as one op on the CPU ([`super::norm_gelu`]: a few
-    /// passes instead of a dozen; the statistics accumulate in f64 there, so values differ from
-    /// the tensor ops by float rounding) and as those tensor ops on other devices.
+    /// `gelu_erf(self.forward_t(x, train))`, as one op on the CPU and, for f32 input with the
+    /// `cuda` feature, on CUDA ([`super::norm_gelu`]: a few passes instead of a dozen; the
+    /// statistics accumulate in f64 there, so values differ from the tensor ops by float
+    /// rounding), as those tensor ops elsewhere.
     pub fn forward_gelu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !x.device().is_cpu() {
+        let fused_cuda = cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32;
+        if !x.device().is_cpu() && !fused_cuda {
             return self.forward_t(x, train)?.gelu_erf();
         }
-        let (b, c, h, w) = self.check(x)?;
+        let (b, _, h, w) = self.check(x)?;
         let xf = x.to_dtype(DType::F32)?.contiguous()?;
         let (mean, var) = if train {
             let n = b * h * w;
             if n < 2 {
                 candle_core::bail!("BatchNorm2d: training needs at least 2 values per channel, got {n}");
             }
-            let (mean, var) = {
-                let (storage, layout) = xf.storage_and_layout();
-                let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
-                    candle_core::bail!("BatchNorm2d: internal error, expected F32 values on the CPU")
-                };
-                let Some((start, end)) = layout.contiguous_offsets() else {
-                    candle_core::bail!("BatchNorm2d: internal error, expected contiguous values")
-                };
-                super::norm_gelu::channel_stats(&v[start..end], c, h * w)
+            #[cfg(feature = "cuda")]
+            let on_device = match fused_cuda {
+                true => Some(super::norm_gelu_cuda::channel_stats(&xf)?),
+                false => None,
             };
-            let (mean, var) = (Tensor::new(mean, x.device())?, Tensor::new(var, x.device())?);
+            #[cfg(not(feature = "cuda"))]
+            let on_device = None;
+            let (mean, var) = match on_device {
+                Some(stats) => stats,
+                None => host_stats(&xf)?,
+            };
             self.update_running(&mean, &var, n)?;
             (mean, var)
         } else {
@@ -117,8 +119,8 @@ impl BatchNorm2d {
             )
         };
         let op = super::norm_gelu::NormGelu {
-            mean: mean.to_vec1()?,
-            inv_std: inv_std(&var)?.to_vec1()?,
+            mean,
+            inv_std: inv_std(&var)?,
             batch_stats: train,
         };
         xf.apply_op2(&self.bias.to_dtype(DType::F32)?, op)?.to_dtype(x.dtype())
@@ -146,6 +148,23 @@ impl BatchNorm2d {
         }
         Ok((b, c, h, w))
     }
+}
+
+/// [`super::norm_gelu::channel_stats`] of a contiguous F32 CPU tensor `(B, C, H, W)`, as `(C)`
+/// tensors.
+fn host_stats(xf: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_, c, h, w) = xf.dims4()?;
+    let (mean, var) = {
+        let (storage, layout) = xf.storage_and_layout();
+        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
+            candle_core::bail!("BatchNorm2d: internal error, expected contiguous F32 values on the CPU")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("BatchNorm2d: internal error, expected contiguous values")
+        };
+        super::norm_gelu::channel_stats(&v[start..end], c, h * w)
+    };
+    Ok((Tensor::new(mean, xf.device())?, Tensor::new(var, xf.device())?))
 }
 
 /// `1 / sqrt(var + eps)` in f32.

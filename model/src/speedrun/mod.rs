@@ -29,6 +29,8 @@
 mod batch_norm;
 mod files;
 mod norm_gelu;
+#[cfg(feature = "cuda")]
+mod norm_gelu_cuda;
 
 pub use batch_norm::{BatchNorm2d, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM};
 pub(crate) use files::parse_config as files_parse_config;

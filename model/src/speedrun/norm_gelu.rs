@@ -1,5 +1,7 @@
-//! Batch normalization followed by GELU as one op on the CPU: [`BatchNorm2d::forward_gelu_t`]
-//! (crate::speedrun::BatchNorm2d::forward_gelu_t)'s path there.
+//! Batch normalization followed by GELU as one op on the CPU and (f32, with the `cuda` feature)
+//! on CUDA: [`BatchNorm2d::forward_gelu_t`](crate::speedrun::BatchNorm2d::forward_gelu_t)'s path
+//! there. The CUDA kernels (`kernels/norm_gelu.cu`, launched by `norm_gelu_cuda.rs`) follow the
+//! same passes, a channel's sums split over blocks of images and added in a fixed order.
 //!
 //! As tensor ops the pair costs a dozen passes over the feature map and four channel reductions
 //! over non-contiguous axes, forward and backward; here the forward is two passes for the batch
@@ -32,14 +34,35 @@ pub(crate) fn channel_stats(x: &[f32], c: usize, hw: usize) -> (Vec<f32>, Vec<f3
     (mean, sq.iter().map(|s| (s.0 / n) as f32).collect())
 }
 
-/// The op over `(x (B, C, H, W), bias (C))`, both F32, with the statistics it normalizes by.
+/// The op over `(x (B, C, H, W), bias (C))`, both F32, with the statistics it normalizes by
+/// (F32 `(C)` tensors on the input's device).
 pub(crate) struct NormGelu {
     /// Per-channel mean.
-    pub mean: Vec<f32>,
+    pub mean: Tensor,
     /// Per-channel `1 / sqrt(var + eps)`.
-    pub inv_std: Vec<f32>,
+    pub inv_std: Tensor,
     /// Whether the statistics are the batch's own (their gradients then reach `x`).
     pub batch_stats: bool,
+}
+
+/// The statistics on the host, for the CPU passes.
+struct HostStats {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+impl HostStats {
+    fn of(op: &NormGelu) -> Result<Self> {
+        Ok(Self {
+            mean: op.mean.to_vec1()?,
+            inv_std: op.inv_std.to_vec1()?,
+        })
+    }
+
+    /// `x^` of channel `ch` at `v`.
+    fn normalized(&self, ch: usize, v: f32) -> f32 {
+        (v - self.mean[ch]) * self.inv_std[ch]
+    }
 }
 
 fn gelu(z: f32) -> f32 {
@@ -58,13 +81,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-impl NormGelu {
-    /// `x^` of channel `ch` at `v`.
-    fn normalized(&self, ch: usize, v: f32) -> f32 {
-        (v - self.mean[ch]) * self.inv_std[ch]
-    }
-}
-
 impl CustomOp2 for NormGelu {
     fn name(&self) -> &'static str {
         "batch-norm-gelu"
@@ -73,7 +89,8 @@ impl CustomOp2 for NormGelu {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, bias) = (f32_slice(xs, xl)?, f32_slice(bs, bl)?);
         let (_, c, h, w) = xl.shape().dims4()?;
-        if bias.len() != c || self.mean.len() != c || self.inv_std.len() != c {
+        let stats = HostStats::of(self)?;
+        if bias.len() != c || stats.mean.len() != c || stats.inv_std.len() != c {
             candle_core::bail!("batch norm + GELU: {c} channels, {} bias values", bias.len())
         }
         let hw = (h * w).max(1);
@@ -81,14 +98,40 @@ impl CustomOp2 for NormGelu {
         y.par_chunks_mut(c * hw).zip(x.par_chunks(c * hw)).for_each(|(yi, xi)| {
             for (ch, (yp, xp)) in yi.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
                 for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = gelu(self.normalized(ch, v) + bias[ch]);
+                    *o = gelu(stats.normalized(ch, v) + bias[ch]);
                 }
             }
         });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = super::norm_gelu_cuda::forward(xs, xl, bs, bl, &self.mean, &self.inv_std)?;
+        Ok((y, xl.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, bias: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let dy = dy.to_dtype(DType::F32)?.contiguous()?;
+            let (dx, dbias) = super::norm_gelu_cuda::backward(
+                &x.contiguous()?,
+                &bias.contiguous()?,
+                &dy,
+                &self.mean,
+                &self.inv_std,
+                self.batch_stats,
+            )?;
+            return Ok((Some(dx), Some(dbias)));
+        }
+        let stats = HostStats::of(self)?;
         let (b, c, h, w) = x.dims4()?;
         let hw = (h * w).max(1);
         let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
@@ -101,12 +144,12 @@ impl CustomOp2 for NormGelu {
             .for_each(|(di, (xi, gi))| {
                 for (ch, (dp, (xp, gp))) in di.chunks_mut(hw).zip(xi.chunks(hw).zip(gi.chunks(hw))).enumerate() {
                     for (d, (&v, &g)) in dp.iter_mut().zip(xp.iter().zip(gp)) {
-                        *d = g * gelu_grad(self.normalized(ch, v) + bv[ch]);
+                        *d = g * gelu_grad(stats.normalized(ch, v) + bv[ch]);
                     }
                 }
             });
         let sums = channel_sums(&dz, &xv, c, hw, |ch, d, v| {
-            (d as f64, (d * self.normalized(ch, v)) as f64)
+            (d as f64, (d * stats.normalized(ch, v)) as f64)
         });
         let n = (b * hw) as f64;
         let mut dx = vec![0f32; xv.len()];
@@ -114,11 +157,11 @@ impl CustomOp2 for NormGelu {
             .zip(dz.par_chunks(c * hw).zip(xv.par_chunks(c * hw)))
             .for_each(|(oi, (di, xi))| {
                 for (ch, (op, (dp, xp))) in oi.chunks_mut(hw).zip(di.chunks(hw).zip(xi.chunks(hw))).enumerate() {
-                    let r = self.inv_std[ch];
+                    let r = stats.inv_std[ch];
                     let (m1, m2) = ((sums[ch].0 / n) as f32, (sums[ch].1 / n) as f32);
                     for (o, (&d, &v)) in op.iter_mut().zip(dp.iter().zip(xp)) {
                         *o = match self.batch_stats {
-                            true => r * (d - m1 - self.normalized(ch, v) * m2),
+                            true => r * (d - m1 - stats.normalized(ch, v) * m2),
                             false => r * d,
                         };
                     }

@@ -1,0 +1,146 @@
+// Batch norm + GELU over a contiguous (B, C, H, W) f32 feature map, forward and backward
+// (compiled to PTX by model/build.rs, launched from model/src/speedrun/norm_gelu_cuda.rs). The
+// math is norm_gelu.rs's (the CPU op): x^ = (x - mean_c) * inv_std_c, z = x^ + bias_c,
+// y = gelu(z) = z * (1 + erf(z / sqrt 2)) / 2; backward dz = dy * gelu'(z), dbias_c = sum dz,
+// dx = inv_std_c * (dz - mean(dz) - x^ * mean(dz * x^)) with batch statistics, inv_std_c * dz with
+// fixed ones. Channel sums accumulate in double.
+//
+// Channel reductions (channel_partials, norm_gelu_bwd_partials) run on a grid (C, S): block
+// (c, s) covers channel c of images [s * ipb, min(B, (s + 1) * ipb)), its threads striding over
+// those images' H*W values (consecutive threads read consecutive pixels of one plane), and
+// writes its sums to partials[c * S + s] (two sums: [.. * 2 + 0/1]). A finishing kernel (one
+// thread a channel) adds the S partials in order: the result depends on neither the scheduling
+// nor the machine. Element-wise kernels (norm_gelu_fwd, norm_gelu_bwd_dx) are grid-stride loops,
+// one element a thread per step. The launch code decides S, ipb, grids and blocks.
+
+#define BLOCK 256
+
+__device__ __forceinline__ float gelu(float z) {
+    return (erff(z * 0.70710678118654752f) + 1.f) * 0.5f * z;
+}
+
+__device__ __forceinline__ float gelu_grad(float z) {
+    return (erff(z * 0.70710678118654752f) + 1.f) * 0.5f + z * expf(-0.5f * z * z) * 0.3989422804f;
+}
+
+// Sums of a block of BLOCK threads, in a fixed order; the result is valid in thread 0.
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = 0.0;
+    if (threadIdx.x < 32) {
+        v = threadIdx.x < BLOCK / 32 ? scratch[threadIdx.x] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+
+// partials[c * S + s] = sum of x (centered == 0) or of (x - center[c])^2 over block (c, s).
+extern "C" __global__ void channel_partials(const float* __restrict__ x, const float* __restrict__ center,
+                                            int centered, int b, int c, int hw, int ipb,
+                                            double* __restrict__ partials) {
+    __shared__ double scratch[BLOCK / 32];
+    const int ch = blockIdx.x, s = blockIdx.y;
+    const int i0 = s * ipb, i1 = min(b, i0 + ipb);
+    const long long count = (long long)(i1 > i0 ? i1 - i0 : 0) * hw;
+    const float m = center[ch];
+    double acc = 0.0;
+    for (long long e = threadIdx.x; e < count; e += BLOCK) {
+        const long long img = i0 + e / hw;
+        const float v = x[(img * c + ch) * hw + e % hw];
+        if (centered) {
+            const double d = (double)(v - m);
+            acc += d * d;
+        } else {
+            acc += (double)v;
+        }
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[(long long)ch * gridDim.y + s] = acc;
+}
+
+// out[c] = (sum over s of partials[c * S + s]) / n, as float; one thread a channel.
+extern "C" __global__ void channel_finish(const double* __restrict__ partials, int c, int splits, double n,
+                                          float* __restrict__ out) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double t = 0.0;
+    for (int s = 0; s < splits; ++s) t += partials[(long long)ch * splits + s];
+    out[ch] = (float)(t / n);
+}
+
+extern "C" __global__ void norm_gelu_fwd(const float* __restrict__ x, const float* __restrict__ mean,
+                                         const float* __restrict__ inv_std, const float* __restrict__ bias,
+                                         long long total, int c, int hw, float* __restrict__ y) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int ch = (int)((i / hw) % c);
+        y[i] = gelu((x[i] - mean[ch]) * inv_std[ch] + bias[ch]);
+    }
+}
+
+// dz of block (c, s)'s values, and its sums of dz and dz * x^ into partials[(c * S + s) * 2 + 0/1].
+extern "C" __global__ void norm_gelu_bwd_partials(const float* __restrict__ x, const float* __restrict__ dy,
+                                                  const float* __restrict__ mean, const float* __restrict__ inv_std,
+                                                  const float* __restrict__ bias, int b, int c, int hw, int ipb,
+                                                  float* __restrict__ dz, double* __restrict__ partials) {
+    __shared__ double scratch[BLOCK / 32];
+    const int ch = blockIdx.x, s = blockIdx.y;
+    const int i0 = s * ipb, i1 = min(b, i0 + ipb);
+    const long long count = (long long)(i1 > i0 ? i1 - i0 : 0) * hw;
+    const float m = mean[ch], r = inv_std[ch], be = bias[ch];
+    double s1 = 0.0, s2 = 0.0;
+    for (long long e = threadIdx.x; e < count; e += BLOCK) {
+        const long long img = i0 + e / hw;
+        const long long at = (img * c + ch) * hw + e % hw;
+        const float xh = (x[at] - m) * r;
+        const float d = dy[at] * gelu_grad(xh + be);
+        dz[at] = d;
+        s1 += (double)d;
+        s2 += (double)(d * xh);
+    }
+    s1 = block_sum(s1, scratch);
+    s2 = block_sum(s2, scratch);
+    if (threadIdx.x == 0) {
+        const long long p = ((long long)ch * gridDim.y + s) * 2;
+        partials[p] = s1;
+        partials[p + 1] = s2;
+    }
+}
+
+// dbias[c] = sum dz and sums[c * 2 + 0/1] = (sum dz, sum dz * x^) from the partials; one thread a
+// channel.
+extern "C" __global__ void pair_finish(const double* __restrict__ partials, int c, int splits,
+                                       float* __restrict__ dbias, double* __restrict__ sums) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double t1 = 0.0, t2 = 0.0;
+    for (int s = 0; s < splits; ++s) {
+        t1 += partials[((long long)ch * splits + s) * 2];
+        t2 += partials[((long long)ch * splits + s) * 2 + 1];
+    }
+    dbias[ch] = (float)t1;
+    sums[ch * 2] = t1;
+    sums[ch * 2 + 1] = t2;
+}
+
+extern "C" __global__ void norm_gelu_bwd_dx(const float* __restrict__ dz, const float* __restrict__ x,
+                                            const float* __restrict__ mean, const float* __restrict__ inv_std,
+                                            const double* __restrict__ sums, double n, int batch_stats,
+                                            long long total, int c, int hw, float* __restrict__ dx) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int ch = (int)((i / hw) % c);
+        const float r = inv_std[ch];
+        if (batch_stats) {
+            const float m1 = (float)(sums[ch * 2] / n), m2 = (float)(sums[ch * 2 + 1] / n);
+            const float xh = (x[i] - mean[ch]) * r;
+            dx[i] = r * (dz[i] - m1 - xh * m2);
+        } else {
+            dx[i] = r * dz[i];
+        }
+    }
+}

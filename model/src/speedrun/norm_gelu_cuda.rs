@@ -1,0 +1,245 @@
+//! The CUDA launches of batch norm + GELU (`kernels/norm_gelu.cu`; the op and its math are in
+//! [`super::norm_gelu`]). Every launch parameter is decided here: [`Split`] for the channel
+//! reductions, [`elementwise`] and [`per_channel`] for the rest.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, Device, Layout, Result, Storage, Tensor};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_gelu.ptx"));
+const MODULE: &str = "model_norm_gelu";
+
+/// Threads of every block (`BLOCK` in the kernels).
+const BLOCK: u32 = 256;
+
+/// Blocks the channel reductions aim for in all (a few per SM of the largest GPUs).
+const REDUCTION_BLOCKS: usize = 512;
+
+/// How a channel reduction over `b` images is cut: `splits` blocks a channel, `per_block` images
+/// each (the last may hold fewer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Split {
+    splits: usize,
+    per_block: usize,
+}
+
+impl Split {
+    fn new(b: usize, c: usize) -> Self {
+        let wanted = REDUCTION_BLOCKS.div_ceil(c.max(1)).clamp(1, b.max(1));
+        let per_block = b.max(1).div_ceil(wanted);
+        Self {
+            splits: b.max(1).div_ceil(per_block),
+            per_block,
+        }
+    }
+
+    fn grid(&self, c: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (c as u32, self.splits as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// A grid-stride launch over `n` elements.
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK as usize).clamp(1, 65535 * 8) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One thread a channel.
+fn per_channel(c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (c.div_ceil(BLOCK as usize).max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The f32 elements of a contiguous CUDA storage.
+fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("batch norm + GELU: {what} must be contiguous")
+    };
+    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+}
+
+/// Runs `f` with the f32 elements of `t` (contiguous, on CUDA).
+fn with_view<R>(t: &Tensor, what: &str, f: impl FnOnce(CudaView<'_, f32>) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("batch norm + GELU: {what} is not on a CUDA device")
+    };
+    f(view(s, layout, what)?)
+}
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => candle_core::bail!("batch norm + GELU: expected a CUDA tensor"),
+    }
+}
+
+fn f32_tensor(s: CudaSlice<f32>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// Per-channel mean and biased variance `(C)` of `x (B, C, H, W)` (contiguous f32 on CUDA).
+pub(crate) fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, c, h, w) = x.dims4()?;
+    let dev = cuda_device(x)?;
+    let split = Split::new(b, c);
+    let n = (b * h * w) as f64;
+    let (bi, ci, hwi, ipb) = (b as i32, c as i32, (h * w) as i32, split.per_block as i32);
+    let mut partials = dev.alloc_zeros::<f64>(c * split.splits)?;
+    let mut mean = dev.alloc_zeros::<f32>(c)?;
+    let mut var = dev.alloc_zeros::<f32>(c)?;
+    let partial = dev.get_or_load_custom_func("channel_partials", MODULE, PTX)?;
+    let finish = dev.get_or_load_custom_func("channel_finish", MODULE, PTX)?;
+    let (ci_, si) = (c as i32, split.splits as i32);
+    with_view(x, "input", |xv| {
+        for centered in [0i32, 1] {
+            let mut lb = partial.builder();
+            lb.arg(&xv)
+                .arg(&mean)
+                .arg(&centered)
+                .arg(&bi)
+                .arg(&ci)
+                .arg(&hwi)
+                .arg(&ipb);
+            lb.arg(&mut partials);
+            // SAFETY: the arguments match `channel_partials`; x holds b*c*h*w values, mean c,
+            // partials c*splits (the grid's).
+            unsafe { lb.launch(split.grid(c)) }.w()?;
+            let out = if centered == 0 { &mut mean } else { &mut var };
+            let mut lb = finish.builder();
+            lb.arg(&partials).arg(&ci_).arg(&si).arg(&n).arg(out);
+            // SAFETY: the arguments match `channel_finish`; partials holds c*splits values.
+            unsafe { lb.launch(per_channel(c)) }.w()?;
+        }
+        Ok(())
+    })?;
+    Ok((f32_tensor(mean, &dev, &[c]), f32_tensor(var, &dev, &[c])))
+}
+
+/// `gelu((x - mean) · inv_std + bias)` of `x (B, C, H, W)` with `(C)` statistics and bias.
+pub(crate) fn forward(
+    x: &CudaStorage,
+    xl: &Layout,
+    bias: &CudaStorage,
+    bl: &Layout,
+    mean: &Tensor,
+    inv_std: &Tensor,
+) -> Result<CudaStorage> {
+    let (_, c, h, w) = xl.shape().dims4()?;
+    let total = xl.shape().elem_count();
+    let dev = &x.device;
+    let (xv, bv) = (view(x, xl, "input")?, view(bias, bl, "bias")?);
+    // SAFETY: the kernel writes every element.
+    let mut y = unsafe { dev.alloc::<f32>(total.max(1)) }?;
+    if total > 0 {
+        let f = dev.get_or_load_custom_func("norm_gelu_fwd", MODULE, PTX)?;
+        let (total_i, ci, hwi) = (total as i64, c as i32, (h * w) as i32);
+        with_view(mean, "mean", |mv| {
+            with_view(inv_std, "inv_std", |rv| {
+                let mut lb = f.builder();
+                lb.arg(&xv)
+                    .arg(&mv)
+                    .arg(&rv)
+                    .arg(&bv)
+                    .arg(&total_i)
+                    .arg(&ci)
+                    .arg(&hwi)
+                    .arg(&mut y);
+                // SAFETY: the arguments match `norm_gelu_fwd`; x and y hold total values, the
+                // statistics and the bias c.
+                unsafe { lb.launch(elementwise(total)) }.w()?;
+                Ok(())
+            })
+        })?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// `(dL/dx, dL/dbias)` for the output gradient `dy`; all contiguous f32 on CUDA.
+pub(crate) fn backward(
+    x: &Tensor,
+    bias: &Tensor,
+    dy: &Tensor,
+    mean: &Tensor,
+    inv_std: &Tensor,
+    batch_stats: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (b, c, h, w) = x.dims4()?;
+    let dev = cuda_device(x)?;
+    let total = b * c * h * w;
+    let split = Split::new(b, c);
+    let n = (b * h * w) as f64;
+    let (bi, ci, hwi, ipb) = (b as i32, c as i32, (h * w) as i32, split.per_block as i32);
+    let si = split.splits as i32;
+    // SAFETY: the partials kernel writes every element of dz (the blocks cover every image of
+    // every channel).
+    let mut dz = unsafe { dev.alloc::<f32>(total.max(1)) }?;
+    let mut dx = unsafe { dev.alloc::<f32>(total.max(1)) }?;
+    let mut partials = dev.alloc_zeros::<f64>(2 * c * split.splits)?;
+    let mut dbias = dev.alloc_zeros::<f32>(c)?;
+    let mut sums = dev.alloc_zeros::<f64>(2 * c)?;
+    let partial = dev.get_or_load_custom_func("norm_gelu_bwd_partials", MODULE, PTX)?;
+    let finish = dev.get_or_load_custom_func("pair_finish", MODULE, PTX)?;
+    let apply = dev.get_or_load_custom_func("norm_gelu_bwd_dx", MODULE, PTX)?;
+    let (batch_i, total_i) = (batch_stats as i32, total as i64);
+    with_view(x, "input", |xv| {
+        with_view(dy, "gradient", |gv| {
+            with_view(mean, "mean", |mv| {
+                with_view(inv_std, "inv_std", |rv| {
+                    with_view(bias, "bias", |bv| {
+                        if total == 0 {
+                            return Ok(());
+                        }
+                        let mut lb = partial.builder();
+                        lb.arg(&xv).arg(&gv).arg(&mv).arg(&rv).arg(&bv);
+                        lb.arg(&bi).arg(&ci).arg(&hwi).arg(&ipb).arg(&mut dz).arg(&mut partials);
+                        // SAFETY: the arguments match `norm_gelu_bwd_partials`; x, dy and dz hold
+                        // total values, the statistics and bias c, partials 2*c*splits.
+                        unsafe { lb.launch(split.grid(c)) }.w()?;
+                        let mut lb = finish.builder();
+                        lb.arg(&partials).arg(&ci).arg(&si).arg(&mut dbias).arg(&mut sums);
+                        // SAFETY: the arguments match `pair_finish`; dbias holds c, sums 2*c.
+                        unsafe { lb.launch(per_channel(c)) }.w()?;
+                        let mut lb = apply.builder();
+                        lb.arg(&dz).arg(&xv).arg(&mv).arg(&rv).arg(&sums).arg(&n).arg(&batch_i);
+                        lb.arg(&total_i).arg(&ci).arg(&hwi).arg(&mut dx);
+                        // SAFETY: the arguments match `norm_gelu_bwd_dx`; dz, x and dx hold total
+                        // values, the statistics c, sums 2*c.
+                        unsafe { lb.launch(elementwise(total)) }.w()?;
+                        Ok(())
+                    })
+                })
+            })
+        })
+    })?;
+    Ok((f32_tensor(dx, &dev, &[b, c, h, w]), f32_tensor(dbias, &dev, &[c])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Split;
+
+    #[test]
+    fn splits_cover_the_batch() {
+        for (b, c) in [(512, 32), (512, 256), (1, 1), (3, 600), (500, 64), (7, 1)] {
+            let s = Split::new(b, c);
+            assert!(s.splits >= 1 && s.per_block >= 1);
+            assert!(
+                s.splits * s.per_block >= b && (s.splits - 1) * s.per_block < b,
+                "{b} {c}: {s:?}"
+            );
+        }
+    }
+}
