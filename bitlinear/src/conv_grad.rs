@@ -90,8 +90,15 @@ impl CustomOp2 for QuantizedConvGrad {
         let x_tilde = fake_quantize_activations(&x.reshape((b, c * h * wd))?, ActScaling::PerToken)?
             .reshape((b, c, h, wd))?
             .to_dtype(g.dtype())?;
-        let (dx, dw) = gemm_grads(&x_tilde, &self.w_tilde.to_dtype(g.dtype())?, g, self.padding)?;
-        Ok((Some(dx.to_dtype(x.dtype())?), Some(dw.to_dtype(w.dtype())?)))
+        let (dx, dw) = gemm_grads(
+            &x_tilde,
+            &self.w_tilde.to_dtype(g.dtype())?,
+            g,
+            self.padding,
+            x.track_op(),
+        )?;
+        let dx = dx.map(|dx| dx.to_dtype(x.dtype())).transpose()?;
+        Ok((dx, Some(dw.to_dtype(w.dtype())?)))
     }
 }
 
@@ -132,15 +139,21 @@ fn cpu_grads(
 }
 
 /// The gradients of `conv2d(x, w)` (stride 1, padding `p`, square kernel) for the output gradient
-/// `g`, as the products of the module docs: `(dL/dx, dL/dw)`.
-fn gemm_grads(x: &Tensor, w: &Tensor, g: &Tensor, p: usize) -> Result<(Tensor, Tensor)> {
+/// `g`, as the products of the module docs: `(dL/dx, dL/dw)`, `dL/dx` only `with_dx` (a first
+/// layer's images take none, and theirs would be the largest product of a small network).
+fn gemm_grads(x: &Tensor, w: &Tensor, g: &Tensor, p: usize, with_dx: bool) -> Result<(Option<Tensor>, Tensor)> {
     let (_, _, kh, kw) = w.dims4()?;
-    // dL/dx: a convolution of g with the flipped, transposed kernel.
-    let dev = w.device();
-    let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), dev);
-    let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
-    let w_t = flipped.transpose(0, 1)?.contiguous()?;
-    let dx = input_grad(g, &w_t, kh - 1 - p, x.dims4()?)?;
+    let dx = match with_dx {
+        // A convolution of g with the flipped, transposed kernel.
+        true => {
+            let dev = w.device();
+            let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), dev);
+            let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
+            let w_t = flipped.transpose(0, 1)?.contiguous()?;
+            Some(input_grad(g, &w_t, kh - 1 - p, x.dims4()?)?)
+        }
+        false => None,
+    };
     Ok((dx, weight_grad(x, g, (kh, kw), p)?))
 }
 
@@ -231,9 +244,15 @@ mod tests {
             let k_ = Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, k, k), &dev)?)?;
             let y = x.as_tensor().conv2d(k_.as_tensor(), p, 1, 1, 1)?;
             let g = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
-            let (dx, dw) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p)?;
+            let (dx, dw) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p, true)?;
             let theirs = (&y * &g)?.sum_all()?.backward()?;
-            for (v, ours) in [(&x, dx), (&k_, dw)] {
+            let (no_dx, dw_alone) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p, false)?;
+            assert!(no_dx.is_none());
+            assert_eq!(
+                dw_alone.flatten_all()?.to_vec1::<f32>()?,
+                dw.flatten_all()?.to_vec1::<f32>()?
+            );
+            for (v, ours) in [(&x, dx.expect("dx")), (&k_, dw)] {
                 let t = theirs.get(v.as_tensor()).expect("gradient");
                 let scale = t.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
                 let d = (ours - t)?.abs()?.max_all()?.to_scalar::<f32>()?;

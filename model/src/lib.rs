@@ -129,6 +129,9 @@ pub struct ComputeOptions {
     pub check_finite: bool,
     /// The max pooling implementation (default [`PoolKernel::Fused`]).
     pub pool: PoolKernel,
+    /// Whether a batch norm followed by GELU runs as one op where the device has one
+    /// ([`speedrun::BatchNorm2d::forward_gelu_t`]; default on) or as separate tensor ops.
+    pub fused_norm_gelu: bool,
 }
 
 impl Default for ComputeOptions {
@@ -136,6 +139,7 @@ impl Default for ComputeOptions {
         Self {
             check_finite: true,
             pool: PoolKernel::Fused,
+            fused_norm_gelu: true,
         }
     }
 }

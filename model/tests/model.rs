@@ -204,6 +204,7 @@ fn compute_options_change_neither_variables_nor_outputs() {
     let options = ComputeOptions {
         check_finite: false,
         pool: PoolKernel::TensorOps,
+        fused_norm_gelu: false,
     };
     assert!(!options.bit_linear().check_finite);
     let vm2 = VarMap::new();

@@ -1,7 +1,8 @@
-//! Training-step micro-benchmark of the SimpleBitCnn on random CIFAR-shaped data.
+//! Training-step micro-benchmark of a CIFAR-10 network (`--model`, default the SimpleBitCnn) on
+//! random CIFAR-shaped data.
 //!
 //! ```text
-//! cargo run --release -p train --features cuda --example step_bench -- [--device cuda] [--steps 200] [--epochs 3]
+//! cargo run --release -p train --features cuda --example step_bench -- [--device cuda] [--model NAME] [--steps 200] [--epochs 3]
 //! ```
 //! Writes a random data set (`--steps` batches of 128 training images, 1,000 test images) to a
 //! temporary directory, builds the real [`train::trainer::Trainer`] on it and prints:
@@ -11,7 +12,7 @@
 //!
 //! The device is synchronized before each clock read. The flags `--no-fused-adamw`,
 //! `--no-fused-augment`, `--keep-event-tracking`, `--no-deferred-finite-check`,
-//! `--no-fused-pool` and `--baseline` (all of them) turn off the pieces of
+//! `--no-fused-pool`, `--no-fused-norm-gelu`, `--no-tf32` and `--baseline` (all of them) turn off the pieces of
 //! [`train::tuning::CudaTuning`]; run the example once per variant.
 
 use std::time::Instant;
@@ -42,6 +43,9 @@ struct Opts {
     iters: usize,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// The network, as `train --model` names it.
+    #[arg(long, default_value = "simple-bit-cnn")]
+    model: String,
     /// Time the backward pieces (convolutions, fully connected part, loss) separately.
     #[arg(long)]
     profile: bool,
@@ -64,6 +68,9 @@ struct Opts {
     /// Max pooling with generic tensor ops instead of the fused kernels.
     #[arg(long)]
     no_fused_pool: bool,
+    /// The speed-run network's batch norm + GELU as tensor ops instead of the fused op.
+    #[arg(long)]
+    no_fused_norm_gelu: bool,
     /// f32 matrix products without TF32.
     #[arg(long)]
     no_tf32: bool,
@@ -83,6 +90,7 @@ impl Opts {
             disable_event_tracking: !self.keep_event_tracking,
             deferred_finite_check: !self.no_deferred_finite_check,
             fused_pool: !self.no_fused_pool,
+            fused_norm_gelu: !self.no_fused_norm_gelu,
             tf32_matmul: !self.no_tf32,
         }
     }
@@ -347,6 +355,8 @@ fn main() -> Result<()> {
         &o.device,
         "--dtype",
         &o.dtype,
+        "--model",
+        &o.model,
         "--data-dir",
         data.to_str().context("path")?,
         "--out",

@@ -24,6 +24,9 @@ pub struct CudaTuning {
     pub deferred_finite_check: bool,
     /// Max pooling runs the model's fused kernels instead of generic tensor ops.
     pub fused_pool: bool,
+    /// The speed-run network's batch norms and the GELU after each run as one fused op (f32)
+    /// instead of about a dozen tensor ops.
+    pub fused_norm_gelu: bool,
     /// candle's f32 matrix products (through cuBLAS: the float layers and the backward of the
     /// ternary convolutions and linears) may round their inputs to TF32 and run on tensor cores,
     /// as PyTorch's convolutions do by default. The ternary layers' forward values are integer
@@ -39,6 +42,7 @@ impl Default for CudaTuning {
             disable_event_tracking: true,
             deferred_finite_check: true,
             fused_pool: true,
+            fused_norm_gelu: true,
             tf32_matmul: true,
         }
     }
@@ -53,12 +57,13 @@ impl CudaTuning {
             disable_event_tracking: false,
             deferred_finite_check: false,
             fused_pool: false,
+            fused_norm_gelu: false,
             tf32_matmul: false,
         }
     }
 
-    /// The model's options on `device`: the defaults on the CPU; on CUDA the finite check and
-    /// the pooling these switches ask for.
+    /// The model's options on `device`: the defaults on the CPU; on CUDA the finite check, the
+    /// pooling and the batch norm + GELU these switches ask for.
     pub fn compute_options(&self, device: &Device) -> ComputeOptions {
         if !device.is_cuda() {
             return ComputeOptions::default();
@@ -70,6 +75,7 @@ impl CudaTuning {
             } else {
                 PoolKernel::TensorOps
             },
+            fused_norm_gelu: self.fused_norm_gelu,
         }
     }
 }

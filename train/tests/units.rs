@@ -129,7 +129,12 @@ fn cuda_tuning_leaves_the_cpu_model_alone() {
     use train::tuning::CudaTuning;
     let on = CudaTuning::default();
     assert!(
-        on.fused_adamw && on.fused_augment && on.disable_event_tracking && on.deferred_finite_check && on.fused_pool
+        on.fused_adamw
+            && on.fused_augment
+            && on.disable_event_tracking
+            && on.deferred_finite_check
+            && on.fused_pool
+            && on.fused_norm_gelu
     );
     let off = CudaTuning::baseline();
     assert_ne!(on, off);

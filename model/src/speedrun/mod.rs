@@ -129,11 +129,15 @@ struct Block<C> {
 }
 
 impl<C: Module> Block<C> {
-    fn forward_t(&self, x: &Tensor, pool: PoolKernel, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, pool: PoolKernel, fused_norm_gelu: bool, train: bool) -> Result<Tensor> {
+        let norm_gelu = |norm: &BatchNorm2d, x: &Tensor| match fused_norm_gelu {
+            true => norm.forward_gelu_t(x, train),
+            false => norm.forward_t(x, train)?.gelu_erf(),
+        };
         let x = pool.max_pool2x2(&self.conv1.forward(x)?)?;
-        let x = self.norm1.forward_gelu_t(&x, train)?;
+        let x = norm_gelu(&self.norm1, &x)?;
         let x = self.conv2.forward(&x)?;
-        self.norm2.forward_gelu_t(&x, train)
+        norm_gelu(&self.norm2, &x)
     }
 }
 
@@ -235,7 +239,7 @@ impl TernarySpeedrun {
         check_input(x, "TernarySpeedrun")?;
         let mut x = self.stem.forward(x)?.gelu_erf()?;
         for block in &self.blocks {
-            x = block.forward_t(&x, self.options.pool, train)?;
+            x = block.forward_t(&x, self.options.pool, self.options.fused_norm_gelu, train)?;
         }
         self.head.forward(&global_max_pool(&x)?)
     }
@@ -287,7 +291,7 @@ impl Module for PackedTernarySpeedrun {
         check_input(x, "TernarySpeedrun")?;
         let mut x = self.stem.forward(x)?.gelu_erf()?;
         for block in &self.blocks {
-            x = block.forward_t(&x, self.pool, false)?;
+            x = block.forward_t(&x, self.pool, true, false)?;
         }
         self.head.forward(&global_max_pool(&x)?)
     }
