@@ -11,7 +11,9 @@
 // writes its sums to partials[c * S + s] (two sums: [.. * 2 + 0/1]). A finishing kernel (one
 // thread a channel) adds the S partials in order: the result depends on neither the scheduling
 // nor the machine. Element-wise kernels (norm_gelu_fwd, norm_gelu_bwd_dx) are grid-stride loops,
-// one element a thread per step. The launch code decides S, ipb, grids and blocks.
+// one element a thread per step. Indices are 32-bit where the launch code says they fit (a
+// 64-bit division per element costs more than the element's memory traffic); the `_wide` entry
+// points take 64-bit ones. The launch code decides S, ipb, grids, blocks and the index width.
 
 #define BLOCK 256
 
@@ -45,12 +47,13 @@ extern "C" __global__ void channel_partials(const float* __restrict__ x, const f
     __shared__ double scratch[BLOCK / 32];
     const int ch = blockIdx.x, s = blockIdx.y;
     const int i0 = s * ipb, i1 = min(b, i0 + ipb);
-    const long long count = (long long)(i1 > i0 ? i1 - i0 : 0) * hw;
+    // ipb * hw < 2^31 (the launch code checks it).
+    const unsigned count = (unsigned)(i1 > i0 ? i1 - i0 : 0) * (unsigned)hw;
     const float m = center[ch];
     double acc = 0.0;
-    for (long long e = threadIdx.x; e < count; e += BLOCK) {
-        const long long img = i0 + e / hw;
-        const float v = x[(img * c + ch) * hw + e % hw];
+    for (unsigned e = threadIdx.x; e < count; e += BLOCK) {
+        const unsigned k = e / (unsigned)hw;
+        const float v = x[((long long)(i0 + k) * c + ch) * hw + (e - k * hw)];
         if (centered) {
             const double d = (double)(v - m);
             acc += d * d;
@@ -72,14 +75,28 @@ extern "C" __global__ void channel_finish(const double* __restrict__ partials, i
     out[ch] = (float)(t / n);
 }
 
-extern "C" __global__ void norm_gelu_fwd(const float* __restrict__ x, const float* __restrict__ mean,
-                                         const float* __restrict__ inv_std, const float* __restrict__ bias,
-                                         long long total, int c, int hw, float* __restrict__ y) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const int ch = (int)((i / hw) % c);
+template <typename Index>
+__device__ __forceinline__ void norm_gelu_fwd_impl(const float* __restrict__ x, const float* __restrict__ mean,
+                                                   const float* __restrict__ inv_std,
+                                                   const float* __restrict__ bias, Index total, Index c, Index hw,
+                                                   float* __restrict__ y) {
+    for (Index i = blockIdx.x * (Index)blockDim.x + threadIdx.x; i < total; i += (Index)gridDim.x * blockDim.x) {
+        const Index ch = (i / hw) % c;
         y[i] = gelu((x[i] - mean[ch]) * inv_std[ch] + bias[ch]);
     }
+}
+
+extern "C" __global__ void norm_gelu_fwd(const float* __restrict__ x, const float* __restrict__ mean,
+                                         const float* __restrict__ inv_std, const float* __restrict__ bias,
+                                         unsigned total, unsigned c, unsigned hw, float* __restrict__ y) {
+    norm_gelu_fwd_impl<unsigned>(x, mean, inv_std, bias, total, c, hw, y);
+}
+
+extern "C" __global__ void norm_gelu_fwd_wide(const float* __restrict__ x, const float* __restrict__ mean,
+                                              const float* __restrict__ inv_std, const float* __restrict__ bias,
+                                              unsigned long long total, unsigned long long c,
+                                              unsigned long long hw, float* __restrict__ y) {
+    norm_gelu_fwd_impl<unsigned long long>(x, mean, inv_std, bias, total, c, hw, y);
 }
 
 // dz of block (c, s)'s values, and its sums of dz and dz * x^ into partials[(c * S + s) * 2 + 0/1].
@@ -90,12 +107,13 @@ extern "C" __global__ void norm_gelu_bwd_partials(const float* __restrict__ x, c
     __shared__ double scratch[BLOCK / 32];
     const int ch = blockIdx.x, s = blockIdx.y;
     const int i0 = s * ipb, i1 = min(b, i0 + ipb);
-    const long long count = (long long)(i1 > i0 ? i1 - i0 : 0) * hw;
+    // ipb * hw < 2^31 (the launch code checks it).
+    const unsigned count = (unsigned)(i1 > i0 ? i1 - i0 : 0) * (unsigned)hw;
     const float m = mean[ch], r = inv_std[ch], be = bias[ch];
     double s1 = 0.0, s2 = 0.0;
-    for (long long e = threadIdx.x; e < count; e += BLOCK) {
-        const long long img = i0 + e / hw;
-        const long long at = (img * c + ch) * hw + e % hw;
+    for (unsigned e = threadIdx.x; e < count; e += BLOCK) {
+        const unsigned k = e / (unsigned)hw;
+        const long long at = ((long long)(i0 + k) * c + ch) * hw + (e - k * hw);
         const float xh = (x[at] - m) * r;
         const float d = dy[at] * gelu_grad(xh + be);
         dz[at] = d;
@@ -127,13 +145,14 @@ extern "C" __global__ void pair_finish(const double* __restrict__ partials, int 
     sums[ch * 2 + 1] = t2;
 }
 
-extern "C" __global__ void norm_gelu_bwd_dx(const float* __restrict__ dz, const float* __restrict__ x,
-                                            const float* __restrict__ mean, const float* __restrict__ inv_std,
-                                            const double* __restrict__ sums, double n, int batch_stats,
-                                            long long total, int c, int hw, float* __restrict__ dx) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const int ch = (int)((i / hw) % c);
+template <typename Index>
+__device__ __forceinline__ void norm_gelu_bwd_dx_impl(const float* __restrict__ dz, const float* __restrict__ x,
+                                                      const float* __restrict__ mean,
+                                                      const float* __restrict__ inv_std,
+                                                      const double* __restrict__ sums, double n, int batch_stats,
+                                                      Index total, Index c, Index hw, float* __restrict__ dx) {
+    for (Index i = blockIdx.x * (Index)blockDim.x + threadIdx.x; i < total; i += (Index)gridDim.x * blockDim.x) {
+        const Index ch = (i / hw) % c;
         const float r = inv_std[ch];
         if (batch_stats) {
             const float m1 = (float)(sums[ch * 2] / n), m2 = (float)(sums[ch * 2 + 1] / n);
@@ -143,4 +162,19 @@ extern "C" __global__ void norm_gelu_bwd_dx(const float* __restrict__ dz, const 
             dx[i] = r * dz[i];
         }
     }
+}
+
+extern "C" __global__ void norm_gelu_bwd_dx(const float* __restrict__ dz, const float* __restrict__ x,
+                                            const float* __restrict__ mean, const float* __restrict__ inv_std,
+                                            const double* __restrict__ sums, double n, int batch_stats,
+                                            unsigned total, unsigned c, unsigned hw, float* __restrict__ dx) {
+    norm_gelu_bwd_dx_impl<unsigned>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
+}
+
+extern "C" __global__ void norm_gelu_bwd_dx_wide(const float* __restrict__ dz, const float* __restrict__ x,
+                                                 const float* __restrict__ mean, const float* __restrict__ inv_std,
+                                                 const double* __restrict__ sums, double n, int batch_stats,
+                                                 unsigned long long total, unsigned long long c,
+                                                 unsigned long long hw, float* __restrict__ dx) {
+    norm_gelu_bwd_dx_impl<unsigned long long>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
 }

@@ -1,6 +1,6 @@
 //! The CUDA launches of batch norm + GELU (`kernels/norm_gelu.cu`; the op and its math are in
 //! [`super::norm_gelu`]). Every launch parameter is decided here: [`Split`] for the channel
-//! reductions, [`elementwise`] and [`per_channel`] for the rest.
+//! reductions, [`elementwise`], [`narrow_index`] and [`per_channel`] for the rest.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
@@ -16,8 +16,9 @@ const BLOCK: u32 = 256;
 /// Blocks the channel reductions aim for in all (a few per SM of the largest GPUs).
 const REDUCTION_BLOCKS: usize = 512;
 
-/// How a channel reduction over `b` images is cut: `splits` blocks a channel, `per_block` images
-/// each (the last may hold fewer).
+/// How a channel reduction over `b` images of `hw` values is cut: `splits` blocks a channel,
+/// `per_block` images each (the last may hold fewer), `per_block · hw < 2^31` (the kernels' index
+/// within a block is 32-bit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Split {
     splits: usize,
@@ -25,9 +26,10 @@ struct Split {
 }
 
 impl Split {
-    fn new(b: usize, c: usize) -> Self {
+    fn new(b: usize, c: usize, hw: usize) -> Self {
         let wanted = REDUCTION_BLOCKS.div_ceil(c.max(1)).clamp(1, b.max(1));
-        let per_block = b.max(1).div_ceil(wanted);
+        let fits = (i32::MAX as usize / hw.max(1)).max(1);
+        let per_block = b.max(1).div_ceil(wanted).min(fits);
         Self {
             splits: b.max(1).div_ceil(per_block),
             per_block,
@@ -49,6 +51,20 @@ fn elementwise(n: usize) -> LaunchConfig {
         grid_dim: (n.div_ceil(BLOCK as usize).clamp(1, 65535 * 8) as u32, 1, 1),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// Whether the element-wise kernels over `n` values may index in 32 bits (the plain entry points)
+/// rather than 64 (`_wide`): every index and the grid stride past the last one fit.
+fn narrow_index(n: usize) -> bool {
+    n <= i32::MAX as usize
+}
+
+/// `h · w` as the kernels' `int`, or an error for planes past 2^31 values.
+fn plane_len(h: usize, w: usize) -> Result<i32> {
+    match i32::try_from(h * w) {
+        Ok(hw) => Ok(hw),
+        Err(_) => candle_core::bail!("batch norm + GELU: a {h}x{w} plane is past 2^31 values"),
     }
 }
 
@@ -94,9 +110,10 @@ fn f32_tensor(s: CudaSlice<f32>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
 pub(crate) fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let (b, c, h, w) = x.dims4()?;
     let dev = cuda_device(x)?;
-    let split = Split::new(b, c);
+    let hwi = plane_len(h, w)?;
+    let split = Split::new(b, c, h * w);
     let n = (b * h * w) as f64;
-    let (bi, ci, hwi, ipb) = (b as i32, c as i32, (h * w) as i32, split.per_block as i32);
+    let (bi, ci, ipb) = (b as i32, c as i32, split.per_block as i32);
     let mut partials = dev.alloc_zeros::<f64>(c * split.splits)?;
     let mut mean = dev.alloc_zeros::<f32>(c)?;
     let mut var = dev.alloc_zeros::<f32>(c)?;
@@ -144,21 +161,24 @@ pub(crate) fn forward(
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { dev.alloc::<f32>(total.max(1)) }?;
     if total > 0 {
-        let f = dev.get_or_load_custom_func("norm_gelu_fwd", MODULE, PTX)?;
-        let (total_i, ci, hwi) = (total as i64, c as i32, (h * w) as i32);
+        let narrow = narrow_index(total);
+        let name = if narrow { "norm_gelu_fwd" } else { "norm_gelu_fwd_wide" };
+        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let (t32, c32, hw32) = (total as u32, c as u32, (h * w) as u32);
+        let (t64, c64, hw64) = (total as u64, c as u64, (h * w) as u64);
         with_view(mean, "mean", |mv| {
             with_view(inv_std, "inv_std", |rv| {
                 let mut lb = f.builder();
-                lb.arg(&xv)
-                    .arg(&mv)
-                    .arg(&rv)
-                    .arg(&bv)
-                    .arg(&total_i)
-                    .arg(&ci)
-                    .arg(&hwi)
-                    .arg(&mut y);
-                // SAFETY: the arguments match `norm_gelu_fwd`; x and y hold total values, the
-                // statistics and the bias c.
+                lb.arg(&xv).arg(&mv).arg(&rv).arg(&bv);
+                if narrow {
+                    lb.arg(&t32).arg(&c32).arg(&hw32);
+                } else {
+                    lb.arg(&t64).arg(&c64).arg(&hw64);
+                }
+                lb.arg(&mut y);
+                // SAFETY: the arguments match `norm_gelu_fwd` (32-bit sizes, all below 2^31) or
+                // `norm_gelu_fwd_wide` (64-bit); x and y hold total values, the statistics and
+                // the bias c.
                 unsafe { lb.launch(elementwise(total)) }.w()?;
                 Ok(())
             })
@@ -179,9 +199,10 @@ pub(crate) fn backward(
     let (b, c, h, w) = x.dims4()?;
     let dev = cuda_device(x)?;
     let total = b * c * h * w;
-    let split = Split::new(b, c);
+    let hwi = plane_len(h, w)?;
+    let split = Split::new(b, c, h * w);
     let n = (b * h * w) as f64;
-    let (bi, ci, hwi, ipb) = (b as i32, c as i32, (h * w) as i32, split.per_block as i32);
+    let (bi, ci, ipb) = (b as i32, c as i32, split.per_block as i32);
     let si = split.splits as i32;
     // SAFETY: the partials kernel writes every element of dz (the blocks cover every image of
     // every channel).
@@ -192,8 +213,16 @@ pub(crate) fn backward(
     let mut sums = dev.alloc_zeros::<f64>(2 * c)?;
     let partial = dev.get_or_load_custom_func("norm_gelu_bwd_partials", MODULE, PTX)?;
     let finish = dev.get_or_load_custom_func("pair_finish", MODULE, PTX)?;
-    let apply = dev.get_or_load_custom_func("norm_gelu_bwd_dx", MODULE, PTX)?;
-    let (batch_i, total_i) = (batch_stats as i32, total as i64);
+    let narrow = narrow_index(total);
+    let apply_name = if narrow {
+        "norm_gelu_bwd_dx"
+    } else {
+        "norm_gelu_bwd_dx_wide"
+    };
+    let apply = dev.get_or_load_custom_func(apply_name, MODULE, PTX)?;
+    let batch_i = batch_stats as i32;
+    let (t32, c32, hw32) = (total as u32, c as u32, (h * w) as u32);
+    let (t64, c64, hw64) = (total as u64, c as u64, (h * w) as u64);
     with_view(x, "input", |xv| {
         with_view(dy, "gradient", |gv| {
             with_view(mean, "mean", |mv| {
@@ -214,9 +243,15 @@ pub(crate) fn backward(
                         unsafe { lb.launch(per_channel(c)) }.w()?;
                         let mut lb = apply.builder();
                         lb.arg(&dz).arg(&xv).arg(&mv).arg(&rv).arg(&sums).arg(&n).arg(&batch_i);
-                        lb.arg(&total_i).arg(&ci).arg(&hwi).arg(&mut dx);
-                        // SAFETY: the arguments match `norm_gelu_bwd_dx`; dz, x and dx hold total
-                        // values, the statistics c, sums 2*c.
+                        if narrow {
+                            lb.arg(&t32).arg(&c32).arg(&hw32);
+                        } else {
+                            lb.arg(&t64).arg(&c64).arg(&hw64);
+                        }
+                        lb.arg(&mut dx);
+                        // SAFETY: the arguments match `norm_gelu_bwd_dx` (32-bit sizes, all below
+                        // 2^31) or `norm_gelu_bwd_dx_wide`; dz, x and dx hold total values, the
+                        // statistics c, sums 2*c.
                         unsafe { lb.launch(elementwise(total)) }.w()?;
                         Ok(())
                     })
@@ -233,12 +268,21 @@ mod tests {
 
     #[test]
     fn splits_cover_the_batch() {
-        for (b, c) in [(512, 32), (512, 256), (1, 1), (3, 600), (500, 64), (7, 1)] {
-            let s = Split::new(b, c);
+        for (b, c, hw) in [
+            (512, 32, 1024),
+            (512, 256, 64),
+            (1, 1, 1),
+            (3, 600, 9),
+            (500, 64, 256),
+            (7, 1, 1 << 29),
+            (9, 2, 0),
+        ] {
+            let s = Split::new(b, c, hw);
             assert!(s.splits >= 1 && s.per_block >= 1);
+            assert!(s.per_block * hw.max(1) <= i32::MAX as usize, "{b} {c} {hw}: {s:?}");
             assert!(
                 s.splits * s.per_block >= b && (s.splits - 1) * s.per_block < b,
-                "{b} {c}: {s:?}"
+                "{b} {c} {hw}: {s:?}"
             );
         }
     }
