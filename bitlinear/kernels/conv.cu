@@ -52,21 +52,37 @@ extern "C" __global__ void im2col_i8(const int8_t* __restrict__ codes, int8_t* _
 // conv_dequant_f32: the accumulators of one tile, acc (images, R, N) int32 (row r of image i =
 // output pixel r0 + r, column = output channel), to y (images, N, R) f32, the tile's block of
 // the NCHW output: y[i][o][r] = (acc[i][r][o] * sx[i]) * sw, rounded twice in f32 (no FMA), as
-// the CPU's quant::dequantize. `sx` points at the tile's first image's scale. Grid-stride over
-// the images*N*R outputs, one output a thread (consecutive threads write consecutive pixels).
+// the CPU's quant::dequantize. `sx` points at the tile's first image's scale. A transpose: blocks
+// (blockDim.x a multiple of 32, src/plan/conv.rs) loop over 32 x 32 squares (image, 32 rows,
+// 32 columns); each warp reads rows of the square along N (coalesced) into shared memory, then
+// writes its columns along R (coalesced), so neither side reads or writes one value a sector.
 // conv_dequant_f32 takes sw by value (the packed form's host scale), conv_dequant_f32_dsw from
 // device memory (the training forward's scale, never read back to the host).
+#define DQ_SIDE 32
 __device__ __forceinline__ void conv_dequant(const int* __restrict__ acc, const float* __restrict__ sx,
                                              float sw, float* __restrict__ y, int images, int R, int N) {
-    const long long total = (long long)images * N * R;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long plane = (long long)N * R;
-        const int img = (int)(i / plane);
-        const long long rest = i - img * plane;
-        const int o = (int)(rest / R), r = (int)(rest - (long long)o * R);
-        const float v = (float)acc[((long long)img * R + r) * N + o];
-        y[i] = __fmul_rn(__fmul_rn(v, sx[img]), sw);
+    __shared__ float square[DQ_SIDE][DQ_SIDE + 1];  // +1: the column reads hit 32 banks
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int row_squares = (R + DQ_SIDE - 1) / DQ_SIDE, col_squares = (N + DQ_SIDE - 1) / DQ_SIDE;
+    const int per_image = row_squares * col_squares;
+    const long long squares = (long long)images * per_image;
+    for (long long q = blockIdx.x; q < squares; q += gridDim.x) {
+        const int img = (int)(q / per_image);
+        const int rest = (int)(q - (long long)img * per_image);
+        const int r0 = (rest / col_squares) * DQ_SIDE, o0 = (rest % col_squares) * DQ_SIDE;
+        const float s = sx[img];
+        const int* a = acc + (long long)img * R * N;
+        for (int j = warp; j < DQ_SIDE; j += warps) {
+            const int r = r0 + j, o = o0 + lane;
+            if (r < R && o < N) square[j][lane] = __fmul_rn(__fmul_rn((float)a[(long long)r * N + o], s), sw);
+        }
+        __syncthreads();
+        float* out = y + (long long)img * N * R;
+        for (int j = warp; j < DQ_SIDE; j += warps) {
+            const int o = o0 + j, r = r0 + lane;
+            if (o < N && r < R) out[(long long)o * R + r] = square[lane][j];
+        }
+        __syncthreads();
     }
 }
 

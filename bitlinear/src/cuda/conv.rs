@@ -1,6 +1,6 @@
 //! The kernels of the convolutions on CUDA (`kernels/conv.cu`): the int8 im2col gather and the
 //! dequantizer of the accumulators of `PackedBitConv2d`, and the padded channels-first copy of
-//! `BitConv2d`'s weight gradient, launched as `crate::plan::im2col_plan` decides.
+//! `BitConv2d`'s weight gradient, launched as `crate::plan::im2col_plan` and `conv_dequant_plan` decide.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -10,7 +10,7 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tens
 use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
 use super::{Ctx, Module};
 use crate::im2col::Geometry;
-use crate::plan::{im2col_plan, im2col_t_plan};
+use crate::plan::{conv_dequant_plan, im2col_plan, im2col_t_plan};
 
 /// A 1-D launch of `blocks` blocks of `threads` threads (`what` names the blocks in errors).
 fn grid(blocks: usize, threads: usize, what: &str) -> Result<LaunchConfig> {
@@ -104,7 +104,7 @@ pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: Wei
         WeightScale::Host(_) => None,
     };
     if total > 0 {
-        let p = im2col_plan(total, &ctx.info);
+        let p = conv_dequant_plan(bi, r, n, &ctx.info);
         let mut guards = Vec::new();
         let ap = in_ptr(a, a0, stream, &mut guards)?;
         let sp = in_ptr(s, s0 + i0, stream, &mut guards)?;

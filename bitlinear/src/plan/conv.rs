@@ -3,7 +3,7 @@
 
 use super::{DeviceInfo, KernelSettings};
 
-/// Threads a block of `im2col_i8` and `conv_dequant_f32`.
+/// Threads a block of `im2col_i8`, `conv_dequant_f32` and `pad_channels_first_f32`.
 pub const IM2COL_THREADS: usize = 256;
 
 /// Default of [`im2col_tile_codes`] on CUDA: 64 Mi codes, i.e. 64 MiB of int8 rows and the
@@ -23,7 +23,7 @@ pub fn im2col_tile_codes(settings: &KernelSettings) -> usize {
         .max(1)
 }
 
-/// Launch of `im2col_i8`, `conv_dequant_f32` or `pad_channels_first_f32`: grid-stride loops over
+/// Launch of `im2col_i8`, `conv_dequant_f32` ([`conv_dequant_plan`]) or `pad_channels_first_f32`: grid-stride loops over
 /// a tile's work items.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Im2colPlan {
@@ -40,6 +40,17 @@ pub fn im2col_plan(items: usize, info: &DeviceInfo) -> Im2colPlan {
     let blocks = items.div_ceil(IM2COL_THREADS).clamp(1, 8 * info.sms.max(1));
     Im2colPlan {
         blocks,
+        threads: IM2COL_THREADS,
+    }
+}
+
+/// The launch of the dequantizer over one tile's `images x rows x n` accumulators: one block
+/// (of [`IM2COL_THREADS`] threads, a multiple of 32) a 32 x 32 square of (rows, n) up to 8 waves
+/// of blocks, each block looping past that, at least one block.
+pub fn conv_dequant_plan(images: usize, rows: usize, n: usize, info: &DeviceInfo) -> Im2colPlan {
+    let squares = images * rows.div_ceil(32) * n.div_ceil(32);
+    Im2colPlan {
+        blocks: squares.clamp(1, 8 * info.sms.max(1)),
         threads: IM2COL_THREADS,
     }
 }
@@ -80,6 +91,15 @@ mod tests {
         assert_eq!(im2col_plan(1000, &info).blocks, 4);
         assert_eq!(im2col_plan(1 << 30, &info).blocks, 8 * 132);
         assert_eq!(im2col_plan(1000, &info).threads, 256);
+    }
+
+    #[test]
+    fn dequantizer_takes_a_block_a_square() {
+        let info = DeviceInfo::sm90(132);
+        assert_eq!(conv_dequant_plan(0, 0, 0, &info).blocks, 1);
+        assert_eq!(conv_dequant_plan(2, 33, 64, &info).blocks, 2 * 2 * 2);
+        assert_eq!(conv_dequant_plan(500, 1024, 256, &info).blocks, 8 * 132);
+        assert!(conv_dequant_plan(1, 1, 1, &info).threads.is_multiple_of(32));
     }
 
     #[test]

@@ -32,7 +32,8 @@ mod settings;
 mod skinny;
 
 pub use conv::{
-    im2col_plan, im2col_t_plan, im2col_tile_codes, Im2colPlan, Im2colTPlan, CUDA_IM2COL_TILE_CODES, IM2COL_THREADS,
+    conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, Im2colPlan, Im2colTPlan, CUDA_IM2COL_TILE_CODES,
+    IM2COL_THREADS,
 };
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
 pub use gemv::{GemvPlan, GEMV_MAX_K, GEMV_SHAPES, GEMV_WARPS};
