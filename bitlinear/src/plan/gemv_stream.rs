@@ -1,7 +1,7 @@
-//! The streaming decode GEMV (`kernels/gemv_stream.cu`): `M = 1` over weights too large for one
-//! wave of the decode GEMV, or with `K` past its limit.
+//! The streaming decode GEMV (`kernels/gemv_stream.cu`): `M = 1` with `K` past the decode GEMV's
+//! limit (built for weights past one wave of the decode GEMV too, where it measured slower).
 
-use super::gemv::{gemv_fits, gemv_plan};
+use super::gemv::gemv_fits;
 use super::{DeviceInfo, ForcedChoices};
 
 /// Warps a block of the streaming GEMV (`GS_WARPS` in `kernels/gemv_stream.cu`).
@@ -36,19 +36,12 @@ pub(super) fn gemv_stream_fits(m: usize, k: usize, weight_align: usize, x_is_out
     m == 1 && k > 0 && k <= GEMV_STREAM_MAX_K && k.is_multiple_of(64) && weight_align >= 16 && x_is_out_dtype_or_codes
 }
 
-/// Whether a problem the streaming GEMV fits runs on it: `K` past the decode GEMV's limit, or
-/// weights the decode GEMV would spread over more than one wave of blocks (one block an SM),
-/// unless forced either way (RESULTS, "Rule: streaming GEMV").
-pub(super) fn gemv_stream_wanted(
-    n: usize,
-    k: usize,
-    (float_x, x_bytes): (bool, usize),
-    info: &DeviceInfo,
-    force: &ForcedChoices,
-) -> bool {
-    force.gemv_stream.unwrap_or_else(|| {
-        !gemv_fits(1, k, 16, true) || gemv_plan(n, k, (float_x, x_bytes), false, info, force).blocks > info.sms
-    })
+/// Whether a problem the streaming GEMV fits runs on it: `K` past the decode GEMV's limit (where
+/// the skinny kernel would take it), unless forced either way. Weights past one wave of the
+/// decode GEMV stay on it: the streaming form measured 3-7% slower there (RESULTS, "Rule:
+/// streaming GEMV").
+pub(super) fn gemv_stream_wanted(k: usize, force: &ForcedChoices) -> bool {
+    force.gemv_stream.unwrap_or_else(|| !gemv_fits(1, k, 16, true))
 }
 
 /// The streaming GEMV's launch for `k` inputs; `settled`: the weights are known complete (and

@@ -184,7 +184,7 @@ pub fn plan(problem: &Problem, device: &DeviceInfo, settings: &KernelSettings) -
     let x = (x_dtype.is_some(), x_dtype.map_or(1, |d| d.size_in_bytes()));
     if !matches!(forced, Some(KernelKind::Skinny | KernelKind::Gemm))
         && gemv_stream::gemv_stream_fits(m, k, weight_align, x_is_out)
-        && gemv_stream::gemv_stream_wanted(n, k, x, device, &settings.force)
+        && gemv_stream::gemv_stream_wanted(k, &settings.force)
     {
         return Ok(Plan::GemvStream(gemv_stream::gemv_stream_plan(k, settled, device)));
     }

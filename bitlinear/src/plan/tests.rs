@@ -126,8 +126,8 @@ fn alignment_of_addresses() {
     assert_eq!(Problem::align_of(0x7f00_0000_1003), 1);
 }
 
-/// The streaming GEMV takes decode where the GEMV would run more than one wave of blocks or `K`
-/// is past its limit; never with unaligned weights, more rows or a mixed dtype; forced either
+/// The streaming GEMV takes decode where `K` is past the GEMV's limit, large weights of a smaller
+/// `K` stay on the GEMV; never with unaligned weights, more rows or a mixed dtype; forced either
 /// way where it can run.
 #[test]
 fn streaming_gemv_for_large_weights() {
@@ -135,10 +135,10 @@ fn streaming_gemv_for_large_weights() {
         Plan::GemvStream(s) => Some(s),
         _ => None,
     };
-    // one wave of the GEMV: 13824 x 2560 (8.8 MB), 2560^2
-    assert!(matches!(run(&bf16(1, 13824, 2560)), Plan::Gemv(_)));
-    assert!(matches!(run(&bf16(1, 2560, 2560)), Plan::Gemv(_)));
-    for (n, k) in [(55296, 5120), (27648, 5120), (5120, 27648), (3200, 10240)] {
+    for (n, k) in [(13824, 2560), (2560, 2560), (55296, 5120), (27648, 5120), (1, 8192)] {
+        assert!(matches!(run(&bf16(1, n, k)), Plan::Gemv(_)), "{n} x {k}");
+    }
+    for (n, k) in [(5120, 27648), (3200, 10240), (1, 8256)] {
         let s = stream(&bf16(1, n, k)).unwrap_or_else(|| panic!("{n} x {k}"));
         assert_eq!((s.blocks, s.smem_bytes, s.early_weights), (132, k, false), "{n} x {k}");
         assert!(matches!(
@@ -148,17 +148,17 @@ fn streaming_gemv_for_large_weights() {
     }
     let settled = Problem {
         weights_settled: true,
-        ..bf16(1, 55296, 5120)
+        ..bf16(1, 5120, 27648)
     };
     assert!(stream(&settled).unwrap().early_weights);
     let unaligned = Problem {
         weight_align: 8,
-        ..bf16(1, 55296, 5120)
+        ..bf16(1, 5120, 27648)
     };
     assert!(matches!(run(&unaligned), Plan::Skinny(_)));
-    assert!(matches!(run(&bf16(2, 55296, 5120)), Plan::Skinny(_) | Plan::Gemm(_)));
+    assert!(matches!(run(&bf16(2, 5120, 27648)), Plan::Skinny(_) | Plan::Gemm(_)));
     assert!(matches!(
-        run(&Problem::new(1, 55296, 5120, Some(DType::F32), DType::BF16)),
+        run(&Problem::new(1, 5120, 27648, Some(DType::F32), DType::BF16)),
         Plan::Skinny(_)
     ));
     let force = |on| KernelSettings {
@@ -170,8 +170,8 @@ fn streaming_gemv_for_large_weights() {
     };
     let d = h100();
     assert!(matches!(
-        plan(&bf16(1, 55296, 5120), &d, &force(false)).unwrap(),
-        Plan::Gemv(_)
+        plan(&bf16(1, 55296, 5120), &d, &force(true)).unwrap(),
+        Plan::GemvStream(_)
     ));
     assert!(matches!(
         plan(&bf16(1, 5120, 27648), &d, &force(false)).unwrap(),
