@@ -4,7 +4,8 @@
 // fits one wave of blocks up to about 17 MB; past that it runs several waves, each block
 // quantizing x and ramping up again. Here every block quantizes x once and its warps then loop
 // over rows with a fixed number of loads in flight, for any K % 64 == 0 whose codes fit the
-// block's shared memory (the host checks; src/plan/gemv_stream.rs).
+// block's shared memory (the host checks; src/plan/gemv_stream.rs). The planner runs it where K
+// is past the decode GEMV's limit; past one wave at smaller K the GEMV measured faster.
 //
 // Data layout: as gemv.cu. x (1, K) float T (quantized here) or int8 codes plus one f32 scale;
 //   W (N, K4 = K/4) bytes, a row cpr = K4/16 chunks of 16 bytes (64 k); y (1, N) i32 or OT.

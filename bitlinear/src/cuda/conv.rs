@@ -1,6 +1,7 @@
 //! The kernels of the convolutions on CUDA (`kernels/conv.cu`): the int8 im2col gather and the
 //! dequantizer of the accumulators of `PackedBitConv2d`, and the padded channels-first copy of
-//! `BitConv2d`'s weight gradient, launched as `crate::plan::im2col_plan` and `conv_dequant_plan` decide.
+//! `BitConv2d`'s weight gradient, launched as `crate::plan::im2col_plan` and
+//! `crate::plan::conv_dequant_plan` decide.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;

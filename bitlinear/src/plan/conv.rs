@@ -23,8 +23,8 @@ pub fn im2col_tile_codes(settings: &KernelSettings) -> usize {
         .max(1)
 }
 
-/// Launch of `im2col_i8`, `conv_dequant_f32` ([`conv_dequant_plan`]) or `pad_channels_first_f32`: grid-stride loops over
-/// a tile's work items.
+/// Launch of `im2col_i8`, `conv_dequant_f32` (see [`conv_dequant_plan`]) or
+/// `pad_channels_first_f32`: blocks looping over a tile's work items.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Im2colPlan {
     /// Blocks.
