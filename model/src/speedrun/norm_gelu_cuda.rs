@@ -1,8 +1,8 @@
 //! The CUDA launches of batch norm + GELU (`kernels/norm_gelu.cu`; the op and its math are in
 //! [`super::norm_gelu`]). Every launch parameter is decided here: [`Split`] for the channel
-//! reductions, [`elementwise`], [`narrow_index`] and [`per_channel`] for the rest.
+//! reductions, [`elementwise`], [`Sizes`] and [`per_channel`] for the rest.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, Device, Layout, Result, Storage, Tensor};
@@ -54,10 +54,38 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-/// Whether the element-wise kernels over `n` values may index in 32 bits (the plain entry points)
-/// rather than 64 (`_wide`): every index and the grid stride past the last one fit.
-fn narrow_index(n: usize) -> bool {
-    n <= i32::MAX as usize
+/// The sizes the element-wise kernels take (`total`, `c`, `hw`), and so which entry point: 32-bit
+/// (the plain names) where every index and the grid stride past the last one fit, else 64-bit
+/// (`_wide`).
+enum Sizes {
+    Narrow([u32; 3]),
+    Wide([u64; 3]),
+}
+
+impl Sizes {
+    fn new(total: usize, c: usize, hw: usize) -> Self {
+        if total <= i32::MAX as usize {
+            Self::Narrow([total as u32, c as u32, hw as u32])
+        } else {
+            Self::Wide([total as u64, c as u64, hw as u64])
+        }
+    }
+
+    /// The entry point of kernel `base` for these sizes.
+    fn kernel(&self, base: &str) -> String {
+        match self {
+            Self::Narrow(_) => base.to_string(),
+            Self::Wide(_) => format!("{base}_wide"),
+        }
+    }
+
+    /// Pushes `total, c, hw` in the entry point's width.
+    fn push<'a>(&'a self, lb: &mut LaunchArgs<'a>) {
+        match self {
+            Self::Narrow(v) => lb.arg(&v[0]).arg(&v[1]).arg(&v[2]),
+            Self::Wide(v) => lb.arg(&v[0]).arg(&v[1]).arg(&v[2]),
+        };
+    }
 }
 
 /// `h · w` as the kernels' `int`, or an error for planes past 2^31 values.
@@ -161,20 +189,13 @@ pub(crate) fn forward(
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { dev.alloc::<f32>(total.max(1)) }?;
     if total > 0 {
-        let narrow = narrow_index(total);
-        let name = if narrow { "norm_gelu_fwd" } else { "norm_gelu_fwd_wide" };
-        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let (t32, c32, hw32) = (total as u32, c as u32, (h * w) as u32);
-        let (t64, c64, hw64) = (total as u64, c as u64, (h * w) as u64);
+        let sizes = Sizes::new(total, c, h * w);
+        let f = dev.get_or_load_custom_func(&sizes.kernel("norm_gelu_fwd"), MODULE, PTX)?;
         with_view(mean, "mean", |mv| {
             with_view(inv_std, "inv_std", |rv| {
                 let mut lb = f.builder();
                 lb.arg(&xv).arg(&mv).arg(&rv).arg(&bv);
-                if narrow {
-                    lb.arg(&t32).arg(&c32).arg(&hw32);
-                } else {
-                    lb.arg(&t64).arg(&c64).arg(&hw64);
-                }
+                sizes.push(&mut lb);
                 lb.arg(&mut y);
                 // SAFETY: the arguments match `norm_gelu_fwd` (32-bit sizes, all below 2^31) or
                 // `norm_gelu_fwd_wide` (64-bit); x and y hold total values, the statistics and
@@ -213,16 +234,9 @@ pub(crate) fn backward(
     let mut sums = dev.alloc_zeros::<f64>(2 * c)?;
     let partial = dev.get_or_load_custom_func("norm_gelu_bwd_partials", MODULE, PTX)?;
     let finish = dev.get_or_load_custom_func("pair_finish", MODULE, PTX)?;
-    let narrow = narrow_index(total);
-    let apply_name = if narrow {
-        "norm_gelu_bwd_dx"
-    } else {
-        "norm_gelu_bwd_dx_wide"
-    };
-    let apply = dev.get_or_load_custom_func(apply_name, MODULE, PTX)?;
+    let sizes = Sizes::new(total, c, h * w);
+    let apply = dev.get_or_load_custom_func(&sizes.kernel("norm_gelu_bwd_dx"), MODULE, PTX)?;
     let batch_i = batch_stats as i32;
-    let (t32, c32, hw32) = (total as u32, c as u32, (h * w) as u32);
-    let (t64, c64, hw64) = (total as u64, c as u64, (h * w) as u64);
     with_view(x, "input", |xv| {
         with_view(dy, "gradient", |gv| {
             with_view(mean, "mean", |mv| {
@@ -243,11 +257,7 @@ pub(crate) fn backward(
                         unsafe { lb.launch(per_channel(c)) }.w()?;
                         let mut lb = apply.builder();
                         lb.arg(&dz).arg(&xv).arg(&mv).arg(&rv).arg(&sums).arg(&n).arg(&batch_i);
-                        if narrow {
-                            lb.arg(&t32).arg(&c32).arg(&hw32);
-                        } else {
-                            lb.arg(&t64).arg(&c64).arg(&hw64);
-                        }
+                        sizes.push(&mut lb);
                         lb.arg(&mut dx);
                         // SAFETY: the arguments match `norm_gelu_bwd_dx` (32-bit sizes, all below
                         // 2^31) or `norm_gelu_bwd_dx_wide`; dz, x and dx hold total values, the
