@@ -14,6 +14,7 @@ const KERNELS: &[&str] = &[
     "gemv",
     "gemv_stream",
     "conv",
+    "conv_igemm",
 ];
 /// Hopper-only kernels (wgmma, TMA): built for sm_90a.
 const SM90A_KERNELS: &[&str] = &["gemm90a"];

@@ -305,8 +305,10 @@ fn map_code_tiles(
 /// The training forward of [`BitConv2d`](crate::BitConv2d) on CUDA: `(conv(x_q, W_q) · s_x) · s_w`
 /// as F32 `(B, c_out, Ho, Wo)` for int8 `codes` `(B, C·H·W)` (images of geometry `g`) with their
 /// scales `s_x (B)`, the weight's codes `w_codes (c_out, C·kh·kw)` (values exactly -1, 0, 1) and
-/// its scale `s_w` (a one-element F32 tensor), on the packed form's int8 kernels. Nothing is read
-/// back to the host, and the values are those of the CPU's f32 convolution of the codes.
+/// its scale `s_w` (a one-element F32 tensor): on the implicit GEMM where the planner takes the
+/// convolution (`crate::plan::implicit_conv_plan`), else on the packed form's int8 im2col and
+/// GEMM. Nothing is read back to the host, and the values are those of the CPU's f32
+/// convolution of the codes.
 #[cfg(feature = "cuda")]
 pub(crate) fn training_conv_f32(
     codes: Tensor,
@@ -319,6 +321,10 @@ pub(crate) fn training_conv_f32(
     let (ho, wo) = g.out_hw();
     let dev = codes.device().clone();
     let (n, _) = w_codes.dims2()?;
+    let scale = crate::cuda::WeightScale::Device(s_w);
+    if let Some(y) = crate::cuda::implicit_conv_f32(&codes, s_x, w_codes, scale, g)? {
+        return y.reshape((b, n, ho, wo));
+    }
     let w_codes = w_codes.contiguous()?;
     let bytes = {
         let (st, l) = w_codes.storage_and_layout();
@@ -330,7 +336,6 @@ pub(crate) fn training_conv_f32(
     let bytes = crate::device::tensor_from(candle_core::Storage::Cuda(bytes), (n, crate::packed_len(k)));
     // The accumulators only: the scale of this PackedTernary is never used.
     let weight = PackedTernary::from_trusted(bytes, 1.0, k);
-    let scale = crate::cuda::WeightScale::Device(s_w);
     let tiles = map_code_tiles(codes, s_x, g, &weight, |acc, s, i0| {
         crate::cuda::conv_dequantize(&acc, s, i0, scale)
     })?;

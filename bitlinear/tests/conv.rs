@@ -93,6 +93,16 @@ fn check_shape(dev: &Device, s: &Shape, r: &mut rand::rngs::StdRng) -> Result<()
     assert_eq!(packed.weight().scale(), wts.scale, "{at}: weight scale");
     assert_eq!(y.len(), acc.len());
     assert_eq!(yp.len(), acc.len());
+    // The training form on every device and path: the exact integer sum, `(acc · s_x) · s_w` with
+    // two f32 roundings, then the f32 bias add.
+    for (i, (&got, &a)) in y.iter().zip(&acc).enumerate() {
+        let (n, o) = (i / (s.co * ho * wo), (i / (ho * wo)) % s.co);
+        let want = (a as f32 * acts.scales[n]) * wts.scale + bias[o];
+        assert!(
+            got.to_bits() == want.to_bits(),
+            "{at}: training form elem {i}: got {got}, want {want} (acc {a})"
+        );
+    }
     if !dev.is_cuda() {
         // Both forms sum the same integers exactly and apply `(acc · s_x) · s_w + bias` in f32.
         assert!(y == yp, "{at}: training and packed forms differ on the CPU");
@@ -192,6 +202,67 @@ fn tiled_shapes(dev: &Device) -> Result<()> {
     }
     if dev.is_cuda() {
         budget(None)?;
+    }
+    Ok(())
+}
+
+/// Stride-1 convolutions of 16k input channels, which the training forward runs on CUDA's
+/// implicit GEMM (`plan::implicit_conv_plan`): partial row and column tiles, rows spanning
+/// images, k tails, kernels 1 to 5 with every padding below the kernel; on CUDA the forward
+/// with the implicit GEMM forced off (the im2col path) must agree bit for bit.
+fn implicit_gemm_shapes(dev: &Device) -> Result<()> {
+    let mut r = rng("conv_implicit_gemm_shapes");
+    let mut shapes: Vec<Shape> = (0..if dev.is_cuda() { 40 } else { 6 })
+        .map(|i| {
+            let k = [1, 3, 3, 5][i % 4];
+            Shape {
+                b: if i % 2 == 0 { 1 } else { r.gen_range(2..10) },
+                c: 16 * r.gen_range(1..5),
+                h: r.gen_range(k.max(2)..12),
+                w: r.gen_range(k.max(2)..12),
+                co: [1, 7, 64, 65, 128, 130][r.gen_range(0..6)],
+                k,
+                stride: 1,
+                pad: r.gen_range(0..k),
+            }
+        })
+        .collect();
+    if dev.is_cuda() {
+        // the speed-run network's shapes at a small batch: several row tiles, the N128 tile
+        for (b, c, hw, co) in [(12, 32, 32, 64), (8, 64, 16, 256), (20, 256, 4, 256), (3, 256, 8, 70)] {
+            shapes.push(Shape {
+                b,
+                c,
+                h: hw,
+                w: hw,
+                co,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            });
+        }
+    }
+    for s in &shapes {
+        check_shape(dev, s, &mut r)?;
+        if dev.is_cuda() {
+            let x = Tensor::from_vec(randn(&mut r, s.b * s.c * s.h * s.w, 1.0), (s.b, s.c, s.h, s.w), dev)?;
+            let w = Tensor::from_vec(randn(&mut r, s.co * s.c * s.k * s.k, 0.2), (s.co, s.c, s.k, s.k), dev)?;
+            let cfg = BitConv2dConfig {
+                padding: s.pad,
+                ..Default::default()
+            };
+            let layer = BitConv2d::new(w, None, cfg)?;
+            let forced = |on| {
+                let mut settings = bitlinear::kernel_settings(dev);
+                settings.force.implicit_conv = on;
+                bitlinear::set_kernel_settings(dev, settings)
+            };
+            let y: Vec<f32> = layer.forward(&x)?.flatten_all()?.to_vec1()?;
+            forced(Some(false))?;
+            let y_im2col = layer.forward(&x)?.flatten_all()?.to_vec1::<f32>();
+            forced(None)?;
+            assert!(y == y_im2col?, "{s:?}: implicit GEMM and im2col forwards differ");
+        }
     }
     Ok(())
 }
@@ -462,6 +533,7 @@ fn packed_storage(dev: &Device) -> Result<()> {
 device_test!(
     random_shapes,
     tiled_shapes,
+    implicit_gemm_shapes,
     straight_through_grads,
     backward_reference,
     bad_inputs,

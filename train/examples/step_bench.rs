@@ -13,7 +13,8 @@
 //! The device is synchronized before each clock read. The flags `--no-fused-adamw`,
 //! `--no-fused-augment`, `--keep-event-tracking`, `--no-deferred-finite-check`,
 //! `--no-fused-pool`, `--no-fused-norm-gelu`, `--no-tf32` and `--baseline` (all of them) turn off the pieces of
-//! [`train::tuning::CudaTuning`]; run the example once per variant.
+//! [`train::tuning::CudaTuning`]; `--no-implicit-conv` runs the ternary convolutions on the
+//! int8 im2col path. Run the example once per variant.
 
 use std::time::Instant;
 
@@ -74,6 +75,10 @@ struct Opts {
     /// f32 matrix products without TF32.
     #[arg(long)]
     no_tf32: bool,
+    /// Ternary convolutions on the int8 im2col and packed GEMM instead of the implicit GEMM (a
+    /// kernel setting of the device, not part of the tuning).
+    #[arg(long)]
+    no_implicit_conv: bool,
     /// All of the above: the plain candle path.
     #[arg(long)]
     baseline: bool,
@@ -371,6 +376,11 @@ fn main() -> Result<()> {
     args.cuda = o.tuning();
     let mut t = Trainer::new(args)?;
     let dev = t.device.clone();
+    if o.no_implicit_conv {
+        let mut settings = bitlinear::kernel_settings(&dev);
+        settings.force.implicit_conv = Some(false);
+        bitlinear::set_kernel_settings(&dev, settings)?;
+    }
     if o.check {
         check(&dev)?;
     }

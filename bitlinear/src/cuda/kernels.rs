@@ -19,6 +19,7 @@ static GEMM90A_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a
 static GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 static GEMV_STREAM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv_stream.fatbin"));
 static CONV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv.fatbin"));
+static CONV_IGEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv_igemm.fatbin"));
 
 /// One compiled `kernels/*.cu` file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -31,6 +32,7 @@ pub(super) enum Module {
     Gemv,
     GemvStream,
     Conv,
+    ConvIgemm,
 }
 
 impl Module {
@@ -44,6 +46,7 @@ impl Module {
             Module::Gemv => GEMV_FATBIN,
             Module::GemvStream => GEMV_STREAM_FATBIN,
             Module::Conv => CONV_FATBIN,
+            Module::ConvIgemm => CONV_IGEMM_FATBIN,
         }
     }
 }

@@ -106,4 +106,7 @@ pub struct ForcedChoices {
     /// At most how many int8 im2col codes a packed convolution gathers at once (at least one
     /// row is always taken); see [`crate::plan::im2col_tile_codes`].
     pub im2col_tile_codes: Option<usize>,
+    /// Whether a convolution the implicit GEMM can take runs on it (true, the rule) or on the
+    /// int8 im2col and the packed GEMM (false); see [`crate::plan::implicit_conv_plan`].
+    pub implicit_conv: Option<bool>,
 }
