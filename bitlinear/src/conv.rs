@@ -213,7 +213,8 @@ impl BitConv2d {
         let w2 = self.weight.to_dtype(DType::F32)?.reshape((c_out, c_in * kh * kw))?;
         let w_fq = fake_quant_weights(&w2, self.config.check_finite)?;
         // s_w is the magnitude of every non-zero W~ (exact); W~ / s_w is then exactly -1, 0 or 1.
-        let s_w = w_fq.abs()?.max_all()?.detach();
+        // The maximum a row at a time first: candle reduces `max_all` in one CUDA block.
+        let s_w = w_fq.abs()?.max_keepdim(1)?.max_all()?.detach();
         let safe_s_w = s_w.maximum(f32::MIN_POSITIVE as f64)?;
         let w_codes = w_fq.broadcast_div(&safe_s_w)?.detach();
         // Activations: one scale per image.

@@ -9,6 +9,7 @@ mod cpu;
 mod cuda;
 mod device;
 mod im2col;
+mod implicit_conv;
 mod input_norm;
 pub mod interop;
 mod layer;

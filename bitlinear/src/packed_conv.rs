@@ -23,8 +23,11 @@ use crate::{packed_accumulate, quantize_activations, ActScaling};
 /// Forward: each image is quantized to int8 codes with its own absmax scale `s_x` (as the float
 /// layer does), its receptive fields are gathered into int8 im2col rows `(Ho·Wo, K)` (a bounded
 /// tile of rows at a time), multiplied exactly with the packed weight into i32 accumulators,
-/// and dequantized as `(acc · s_x) · s_w` in f32, plus the bias. On CUDA the rows are in the
-/// weight's K order and the product is [`packed_accumulate`](crate::packed_accumulate)'s; the
+/// and dequantized as `(acc · s_x) · s_w` in f32, plus the bias. On CUDA, where `c_in` is a
+/// multiple of 16, one implicit-GEMM kernel does all of it (the gather happens on the way into
+/// shared memory, over channels-last codes, against a copy of the weight in the kernel's order
+/// made on first use; [`crate::plan::implicit_conv_plan`]); otherwise the rows are in the
+/// weight's K order and the product is [`packed_accumulate`](crate::packed_accumulate)'s. The
 /// CPU gathers channels-last rows against a copy of the weight with its columns reordered to
 /// match (made once, shared by clones) and multiplies them with a kernel for many rows by few
 /// channels. The accumulators
@@ -72,6 +75,9 @@ pub struct PackedBitConv2d {
     config: BitConv2dConfig,
     /// The CPU forward's copy of the weight with its columns in `(ky, kx, ci)` order.
     channels_last: ChannelsLastWeight,
+    /// CUDA's implicit-GEMM copy of the weight.
+    #[cfg(feature = "cuda")]
+    implicit: crate::implicit_conv::ImplicitWeight,
 }
 
 impl PackedBitConv2d {
@@ -109,6 +115,8 @@ impl PackedBitConv2d {
             bias,
             config,
             channels_last: ChannelsLastWeight::default(),
+            #[cfg(feature = "cuda")]
+            implicit: Default::default(),
         })
     }
 
@@ -220,6 +228,17 @@ impl PackedBitConv2d {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             let n = self.weight.out_features();
+            let g = self.geometry(x)?;
+            let b = x.dim(0)?;
+            if let Some(p) = crate::cuda::implicit_plan(x.device(), &g, b, n)? {
+                let (ho, wo) = g.out_hw();
+                let w_bytes = self
+                    .implicit
+                    .bytes(&self.weight, (g.c, g.kh * g.kw), p.weight_row_bytes * 4)?;
+                let (codes, s_x) = quantize_activations(&x.reshape((b, g.image_len()))?, ActScaling::PerToken)?;
+                let s_w = crate::cuda::WeightScale::Host(s_w);
+                return crate::cuda::implicit_conv_f32(&p, &codes, &s_x, w_bytes, s_w, &g)?.reshape((b, n, ho, wo));
+            }
             // on the device: each tile straight to its (bi, c_out, r) block of the output
             let (tiles, _, (ho, wo)) = self.map_tiles(x, |acc, scales, i0| {
                 crate::cuda::conv_dequantize(&acc, scales, i0, crate::cuda::WeightScale::Host(s_w))
@@ -322,8 +341,9 @@ pub(crate) fn training_conv_f32(
     let dev = codes.device().clone();
     let (n, _) = w_codes.dims2()?;
     let scale = crate::cuda::WeightScale::Device(s_w);
-    if let Some(y) = crate::cuda::implicit_conv_f32(&codes, s_x, w_codes, scale, g)? {
-        return y.reshape((b, n, ho, wo));
+    if let Some(p) = crate::cuda::implicit_plan(&dev, g, b, n)? {
+        let w_bytes = crate::cuda::pack_kernel_order(w_codes, g, &p)?;
+        return crate::cuda::implicit_conv_f32(&p, &codes, s_x, &w_bytes, scale, g)?.reshape((b, n, ho, wo));
     }
     let w_codes = w_codes.contiguous()?;
     let bytes = {

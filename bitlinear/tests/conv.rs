@@ -93,14 +93,14 @@ fn check_shape(dev: &Device, s: &Shape, r: &mut rand::rngs::StdRng) -> Result<()
     assert_eq!(packed.weight().scale(), wts.scale, "{at}: weight scale");
     assert_eq!(y.len(), acc.len());
     assert_eq!(yp.len(), acc.len());
-    // The training form on every device and path: the exact integer sum, `(acc · s_x) · s_w` with
-    // two f32 roundings, then the f32 bias add.
-    for (i, (&got, &a)) in y.iter().zip(&acc).enumerate() {
+    // Both forms on every device and path: the exact integer sum, `(acc · s_x) · s_w` with two
+    // f32 roundings, then the f32 bias add.
+    for (i, ((&got, &gotp), &a)) in y.iter().zip(&yp).zip(&acc).enumerate() {
         let (n, o) = (i / (s.co * ho * wo), (i / (ho * wo)) % s.co);
         let want = (a as f32 * acts.scales[n]) * wts.scale + bias[o];
         assert!(
-            got.to_bits() == want.to_bits(),
-            "{at}: training form elem {i}: got {got}, want {want} (acc {a})"
+            got.to_bits() == want.to_bits() && gotp.to_bits() == want.to_bits(),
+            "{at}: elem {i}: training form {got}, packed form {gotp}, want {want} (acc {a})"
         );
     }
     if !dev.is_cuda() {
@@ -206,10 +206,11 @@ fn tiled_shapes(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Stride-1 convolutions of 16k input channels, which the training forward runs on CUDA's
-/// implicit GEMM (`plan::implicit_conv_plan`): partial row and column tiles, rows spanning
-/// images, k tails, kernels 1 to 5 with every padding below the kernel; on CUDA the forward
-/// with the implicit GEMM forced off (the im2col path) must agree bit for bit.
+/// Convolutions of 16k input channels, which CUDA runs on the implicit GEMM
+/// (`plan::implicit_conv_plan`; the training forward at stride 1, the packed form at any
+/// stride): partial row and column tiles, rows spanning images, k tails, kernels 1 to 5 with
+/// every padding below the kernel, strides 1 and 2; on CUDA both forms with the implicit GEMM
+/// forced off (the im2col path) must agree bit for bit.
 fn implicit_gemm_shapes(dev: &Device) -> Result<()> {
     let mut r = rng("conv_implicit_gemm_shapes");
     let mut shapes: Vec<Shape> = (0..if dev.is_cuda() { 40 } else { 6 })
@@ -222,7 +223,7 @@ fn implicit_gemm_shapes(dev: &Device) -> Result<()> {
                 w: r.gen_range(k.max(2)..12),
                 co: [1, 7, 64, 65, 128, 130][r.gen_range(0..6)],
                 k,
-                stride: 1,
+                stride: 1 + i % 3 / 2,
                 pad: r.gen_range(0..k),
             }
         })
@@ -252,16 +253,23 @@ fn implicit_gemm_shapes(dev: &Device) -> Result<()> {
                 ..Default::default()
             };
             let layer = BitConv2d::new(w, None, cfg)?;
+            let packed = layer.pack()?;
             let forced = |on| {
                 let mut settings = bitlinear::kernel_settings(dev);
                 settings.force.implicit_conv = on;
                 bitlinear::set_kernel_settings(dev, settings)
             };
-            let y: Vec<f32> = layer.forward(&x)?.flatten_all()?.to_vec1()?;
+            let both = || -> Result<(Vec<f32>, Vec<f32>)> {
+                Ok((
+                    layer.forward(&x)?.flatten_all()?.to_vec1()?,
+                    packed.forward(&x)?.flatten_all()?.to_vec1()?,
+                ))
+            };
+            let implicit = both()?;
             forced(Some(false))?;
-            let y_im2col = layer.forward(&x)?.flatten_all()?.to_vec1::<f32>();
+            let im2col = both();
             forced(None)?;
-            assert!(y == y_im2col?, "{s:?}: implicit GEMM and im2col forwards differ");
+            assert!(implicit == im2col?, "{s:?}: implicit GEMM and im2col forwards differ");
         }
     }
     Ok(())

@@ -4,7 +4,8 @@
 //! bf16, in the same run, images per second.
 //!
 //! Build: `cargo build --release -p bitlinear-model --features cuda --example speedrun_gpu_infer`.
-//! Run: `speedrun_gpu_infer [--batch B] [--calls N]` (defaults 500 and 30).
+//! Run: `speedrun_gpu_infer [--batch B] [--calls N] [--no-implicit-conv]` (defaults 500 and 30;
+//! the last runs the packed convolutions on the int8 im2col path instead of the implicit GEMM).
 //!
 //! Random weights at the default widths, one input batch. Each contender is warmed up (10 calls,
 //! which also JIT-compiles its kernels), then timed call by call (wall clock around the call and
@@ -25,7 +26,7 @@ use float_speedrun::FloatSpeedrun;
 const WARM_UP: usize = 10;
 
 fn main() -> Result<()> {
-    let (mut batch, mut calls) = (500usize, 30usize);
+    let (mut batch, mut calls, mut implicit) = (500usize, 30usize, true);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> Result<usize> {
@@ -37,13 +38,21 @@ fn main() -> Result<()> {
         match a.as_str() {
             "--batch" => batch = value("--batch")?,
             "--calls" => calls = value("--calls")?,
-            _ => bail!("unknown argument {a:?}; usage: speedrun_gpu_infer [--batch B] [--calls N]"),
+            "--no-implicit-conv" => implicit = false,
+            _ => {
+                bail!("unknown argument {a:?}; usage: speedrun_gpu_infer [--batch B] [--calls N] [--no-implicit-conv]")
+            }
         }
     }
     if batch == 0 || calls == 0 {
         bail!("--batch and --calls must be at least 1");
     }
     let dev = Device::new_cuda(0)?;
+    if !implicit {
+        let mut settings = bitlinear::kernel_settings(&dev);
+        settings.force.implicit_conv = Some(false);
+        bitlinear::set_kernel_settings(&dev, settings)?;
+    }
     let config = TernarySpeedrunConfig::default();
     let vm = VarMap::new();
     let net = TernarySpeedrun::new(config, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;

@@ -6,68 +6,85 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaStorageSlice;
-use candle_core::{bail, DType, Result, Storage, Tensor};
+use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 
 use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
 use super::conv::WeightScale;
 use super::{Ctx, Module};
 use crate::im2col::Geometry;
-use crate::plan::{implicit_conv_plan, IMPLICIT_CONV_BK};
+use crate::plan::{implicit_conv_plan, ImplicitConvPlan};
 
-/// `(conv(x_q, W_q) · s_x) · s_w` as F32 `(B, N, Ho·Wo)` for the int8 `codes` (U8 `(B, C·H·W)`,
-/// images NCHW of geometry `g`) with per-image scales `s_x` (F32 `(B)`), the weight's codes
-/// `w_codes` (float `(N, C·kh·kw)`, values exactly -1, 0, 1, in the conv weight's
-/// `(ci, ky, kx)` order) and scale `s_w`; `None` where the plan leaves the convolution to the
-/// im2col path.
-pub(crate) fn implicit_conv_f32(
-    codes: &Tensor,
-    s_x: &Tensor,
-    w_codes: &Tensor,
-    s_w: WeightScale,
-    g: &Geometry,
-) -> Result<Option<Tensor>> {
-    let candle_core::Device::Cuda(dev) = codes.device() else {
-        bail!("bitlinear cuda: implicit_conv expects CUDA tensors")
-    };
-    let ctx = Ctx::new(dev)?;
-    let (b, n) = (codes.dim(0)?, w_codes.dim(0)?);
-    let (ho, wo) = g.out_hw();
-    let (taps, k) = (g.kh * g.kw, g.k());
-    let Some(p) = implicit_conv_plan((b, ho * wo), g.c, taps, n, &ctx.info, &ctx.settings) else {
+/// The plan of a convolution of `images` images of geometry `g` into `n` output channels on
+/// `dev`, or `None` where it stays on the im2col path (`crate::plan::implicit_conv_plan`).
+pub(crate) fn implicit_plan(dev: &Device, g: &Geometry, images: usize, n: usize) -> Result<Option<ImplicitConvPlan>> {
+    let Device::Cuda(dev) = dev else {
         return Ok(None);
     };
-    if codes.dtype() != DType::U8 || s_x.dtype() != DType::F32 || codes.dims2()? != (b, g.image_len()) {
-        bail!("bitlinear cuda: implicit_conv needs U8 codes (B, C·H·W) and F32 scales")
-    }
-    // Channels last: every 16 codes of a GEMM row are one pixel's run of channels.
-    let x = codes.reshape((b, g.c, g.h * g.w))?.transpose(1, 2)?.contiguous()?;
-    // The weight in the kernel's k order ((ky, kx, ci), then each 16-k group transposed 4x4:
-    // kernels/conv_igemm.cu), zero codes up to the padded row, packed.
-    let kp = p.weight_row_bytes * 4;
-    let w = w_codes
-        .to_dtype(DType::F32)?
-        .reshape((n, g.c, taps))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((n, k / 16, 4, 4))?
-        .transpose(2, 3)?
-        .contiguous()?
-        .reshape((n, k))?
-        .pad_with_zeros(1, 0, kp - k)?;
-    debug_assert!(kp.is_multiple_of(IMPLICIT_CONV_BK / 4 * 4));
-    let w_bytes = {
+    let ctx = Ctx::new(dev)?;
+    let (ho, wo) = g.out_hw();
+    Ok(implicit_conv_plan(
+        (images, ho * wo),
+        g.c,
+        g.kh * g.kw,
+        n,
+        &ctx.info,
+        &ctx.settings,
+    ))
+}
+
+/// The weight codes `w_codes` (float `(N, C·kh·kw)` on the device, values exactly -1, 0, 1, in
+/// the conv weight's `(ci, ky, kx)` order) packed in the implicit GEMM's order
+/// (`crate::implicit_conv`), rows padded as `p` says: U8 `(N, p.weight_row_bytes)`.
+pub(crate) fn pack_kernel_order(w_codes: &Tensor, g: &Geometry, p: &ImplicitConvPlan) -> Result<Tensor> {
+    let n = w_codes.dim(0)?;
+    let w = crate::implicit_conv::kernel_order(w_codes, g.c, g.kh * g.kw, p.weight_row_bytes * 4)?;
+    let bytes = {
         let (st, l) = w.storage_and_layout();
         let Storage::Cuda(st) = &*st else {
-            bail!("bitlinear cuda: implicit_conv weight left the GPU")
+            bail!("bitlinear cuda: implicit conv weight left the GPU")
         };
         super::pack_exact_codes(st, l)?
     };
+    Ok(crate::device::tensor_from(
+        Storage::Cuda(bytes),
+        (n, p.weight_row_bytes),
+    ))
+}
+
+/// `(conv(x_q, W_q) · s_x) · s_w` as F32 `(B, N, Ho·Wo)` as `p` plans it, for the int8 `codes`
+/// (U8 `(B, C·H·W)`, images NCHW of geometry `g`) with per-image scales `s_x` (F32 `(B)`) and the
+/// weight `w_bytes` packed by [`pack_kernel_order`] (or the same order made on the host).
+pub(crate) fn implicit_conv_f32(
+    p: &ImplicitConvPlan,
+    codes: &Tensor,
+    s_x: &Tensor,
+    w_bytes: &Tensor,
+    s_w: WeightScale,
+    g: &Geometry,
+) -> Result<Tensor> {
+    let Device::Cuda(dev) = codes.device() else {
+        bail!("bitlinear cuda: implicit_conv expects CUDA tensors")
+    };
+    let ctx = Ctx::new(dev)?;
+    let (b, n) = (codes.dim(0)?, w_bytes.dim(0)?);
+    let (ho, wo) = g.out_hw();
+    let k = g.k();
+    if codes.dtype() != DType::U8 || s_x.dtype() != DType::F32 || codes.dims2()? != (b, g.image_len()) {
+        bail!("bitlinear cuda: implicit_conv needs U8 codes (B, C·H·W) and F32 scales")
+    }
+    if w_bytes.dtype() != DType::U8 || w_bytes.dims2()? != (n, p.weight_row_bytes) {
+        bail!("bitlinear cuda: internal error, implicit_conv weight not packed as planned")
+    }
+    // Channels last: every 16 codes of a GEMM row are one pixel's run of channels.
+    let x = codes.reshape((b, g.c, g.h * g.w))?.transpose(1, 2)?.contiguous()?;
+    let w_bytes = w_bytes.contiguous()?;
     let s_x = s_x.contiguous()?;
     let total = b * n * ho * wo;
     let mut out = ctx.alloc::<f32>(total)?;
     {
         let (x_st, x_l) = x.storage_and_layout();
         let (s_st, s_l) = s_x.storage_and_layout();
+        let (w_st, w_l) = w_bytes.storage_and_layout();
         let sw_storage = match s_w {
             WeightScale::Device(t) => Some(t.contiguous()?),
             WeightScale::Host(_) => None,
@@ -86,7 +103,10 @@ pub(crate) fn implicit_conv_f32(
         let mut guards = Vec::new();
         let xp = in_ptr(xs, x0, stream, &mut guards)?;
         let sp = in_ptr(ss, s0, stream, &mut guards)?;
-        let wp = in_ptr(&w_bytes, 0, stream, &mut guards)?;
+        let (Storage::Cuda(ws), Some((w0, _))) = (&*w_st, w_l.contiguous_offsets()) else {
+            bail!("bitlinear cuda: implicit_conv weight left the GPU")
+        };
+        let wp = in_ptr(ws, w0, stream, &mut guards)?;
         let (sw_val, sw_ptr) = match (&s_w, &sw_guard) {
             (WeightScale::Host(v), _) => (*v, 0u64),
             (WeightScale::Device(_), Some((st, l))) => {
@@ -136,5 +156,5 @@ pub(crate) fn implicit_conv_f32(
         drop(guards);
     }
     let out = storage(CudaStorageSlice::F32(out), dev);
-    Ok(Some(crate::device::tensor_from(Storage::Cuda(out), (b, n, ho * wo))))
+    Ok(crate::device::tensor_from(Storage::Cuda(out), (b, n, ho * wo)))
 }

@@ -49,8 +49,8 @@ mod settle;
 mod tma;
 
 pub(crate) use buffers::empty_storage;
-pub(crate) use conv_igemm::implicit_conv_f32;
 pub(crate) use conv::{conv_dequantize, im2col, im2col_t, pad_channels_first, WeightScale};
+pub(crate) use conv_igemm::{implicit_conv_f32, implicit_plan, pack_kernel_order};
 pub(crate) use input_norm::{normed_gemv, NormKind};
 pub(crate) use kernels::{device_info, set_settings, settings};
 pub(crate) use matmul::{bit_matmul, packed_accumulate, packed_matmul};
