@@ -1,8 +1,9 @@
 // bitlinear convolution helpers: the int8 im2col gather of PackedBitConv2d, feeding the packed
 // GEMM (packed_accumulate) with canonical int8 code rows, the dequantizer of its accumulators
 // into NCHW (conv_dequant_f32), and for BitConv2d's backward the padded channels-first copy of
-// the weight-gradient products (pad_channels_first_f32) and the transposed f32 im2col of the
-// input-gradient convolution (im2col_t_f32); the last three are described above their kernels.
+// the weight-gradient products (pad_channels_first_f32), the transposed f32 im2col of the
+// input-gradient convolution (im2col_t_f32), and the channels-last transpose of the implicit
+// GEMM's codes (codes_nhwc); the last four are described above their kernels.
 //
 // Data layout
 //   codes : (images, C*H*W) int8 codes, one image after the other, each image NCHW (C, H, W)
@@ -157,5 +158,33 @@ extern "C" __global__ void im2col_t_f32(const float* __restrict__ src, float* __
                 out[(long long)(ky * KW + kx) * hw] = (row_in && ix >= 0 && ix < W) ? img[iy * W + ix] : 0.0f;
             }
         }
+    }
+}
+
+// codes_nhwc: int8 codes src (B, C, HW) to dst (B, HW, C), the channels-last operand of the
+// implicit GEMM (kernels/conv_igemm.cu). Blocks of 32 x 8 threads (src/plan/conv.rs) transpose
+// 32 x 32 squares (32 channels, 32 pixels) of one image through shared memory: a warp reads 32
+// consecutive pixels of one channel and writes 32 consecutive channels of one pixel, so both
+// sides are whole 32-byte sectors. grid = (pixel squares, channel squares, images up to the grid
+// limit), the images looping past it.
+extern "C" __global__ void codes_nhwc(const uint8_t* __restrict__ src, uint8_t* __restrict__ dst, int B, int C,
+                                      int HW) {
+    pdl_wait();
+    __shared__ uint8_t square[32][33];
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int img = blockIdx.z; img < B; img += gridDim.z) {
+        const uint8_t* s = src + (long long)img * C * HW;
+        uint8_t* d = dst + (long long)img * C * HW;
+        for (int j = ty; j < 32; j += 8) {
+            const int c = c0 + j, p = p0 + tx;
+            if (c < C && p < HW) square[j][tx] = s[(long long)c * HW + p];
+        }
+        __syncthreads();
+        for (int j = ty; j < 32; j += 8) {
+            const int p = p0 + j, c = c0 + tx;
+            if (p < HW && c < C) d[(long long)p * C + c] = square[tx][j];
+        }
+        __syncthreads();
     }
 }

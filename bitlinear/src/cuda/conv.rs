@@ -1,7 +1,7 @@
 //! The kernels of the convolutions on CUDA (`kernels/conv.cu`): the int8 im2col gather and the
-//! dequantizer of the accumulators of `PackedBitConv2d`, and the padded channels-first copy of
-//! `BitConv2d`'s weight gradient, launched as `crate::plan::im2col_plan` and
-//! `crate::plan::conv_dequant_plan` decide.
+//! dequantizer of the accumulators of `PackedBitConv2d`, the channels-last transpose of the
+//! implicit GEMM's codes, and the padded channels-first copy and transposed im2col of
+//! `BitConv2d`'s backward, launched as the `crate::plan` functions of `plan/conv.rs` decide.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -11,7 +11,7 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tens
 use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
 use super::{Ctx, Module};
 use crate::im2col::Geometry;
-use crate::plan::{conv_dequant_plan, im2col_plan, im2col_t_plan};
+use crate::plan::{codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan};
 
 /// A 1-D launch of `blocks` blocks of `threads` threads (`what` names the blocks in errors).
 fn grid(blocks: usize, threads: usize, what: &str) -> Result<LaunchConfig> {
@@ -68,6 +68,42 @@ pub(crate) fn im2col(codes: &CudaStorage, l: &Layout, g: &Geometry, r0: usize, r
         drop(guards);
     }
     Ok(storage(CudaStorageSlice::U8(out), dev))
+}
+
+/// The int8 `codes` (U8 `(B, C·hw)`, images NCHW) channels last: U8 `(B, hw, C)`
+/// (`codes_nhwc`).
+pub(crate) fn codes_nhwc(codes: &Tensor, c: usize, hw: usize) -> Result<Tensor> {
+    let b = codes.dim(0)?;
+    if codes.dtype() != DType::U8 || codes.dims2()? != (b, c * hw) {
+        bail!("bitlinear cuda: codes_nhwc needs U8 codes (B, C·H·W)")
+    }
+    let codes = codes.contiguous()?;
+    let (st, l) = codes.storage_and_layout();
+    let (Storage::Cuda(s), Some((s0, _))) = (&*st, l.contiguous_offsets()) else {
+        bail!("bitlinear cuda: codes_nhwc expects a CUDA tensor")
+    };
+    let dev = &s.device;
+    let ctx = Ctx::new(dev)?;
+    let total = b * c * hw;
+    let mut out = ctx.alloc::<u8>(total)?;
+    if total > 0 {
+        let (grid_dim, block_dim) = codes_nhwc_plan(b, c, hw);
+        let cfg = LaunchConfig {
+            grid_dim,
+            block_dim,
+            shared_mem_bytes: 0,
+        };
+        let mut guards = Vec::new();
+        let sp = in_ptr(s, s0, &ctx.stream, &mut guards)?;
+        let op = out_ptr(&mut out, &ctx.stream, &mut guards);
+        let f = ctx.func(Module::Conv, "codes_nhwc")?;
+        let (bi, ci, hwi) = (i32_arg(b, "images")?, i32_arg(c, "C")?, i32_arg(hw, "H*W")?);
+        i32_arg(c * hw, "C*H*W")?;
+        launch!(ctx, f, cfg, sp, op, bi, ci, hwi)?;
+        drop(guards);
+    }
+    let out = storage(CudaStorageSlice::U8(out), dev);
+    Ok(crate::device::tensor_from(Storage::Cuda(out), (b, hw, c)))
 }
 
 /// The weight scale of [`conv_dequantize`]: a host value, or a one-element F32 tensor on the

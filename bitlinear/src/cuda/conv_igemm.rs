@@ -76,7 +76,7 @@ pub(crate) fn implicit_conv_f32(
         bail!("bitlinear cuda: internal error, implicit_conv weight not packed as planned")
     }
     // Channels last: every 16 codes of a GEMM row are one pixel's run of channels.
-    let x = codes.reshape((b, g.c, g.h * g.w))?.transpose(1, 2)?.contiguous()?;
+    let x = super::conv::codes_nhwc(codes, g.c, g.h * g.w)?;
     let w_bytes = w_bytes.contiguous()?;
     let s_x = s_x.contiguous()?;
     let total = b * n * ho * wo;

@@ -55,6 +55,14 @@ pub fn conv_dequant_plan(images: usize, rows: usize, n: usize, info: &DeviceInfo
     }
 }
 
+/// The launch of `codes_nhwc` over `images` images of `c` channels and `hw` pixels: blocks of
+/// 32 x 8 threads, one a 32 x 32 square of (pixels, channels) of an image, images in the grid's
+/// z up to its limit of 65535 (the blocks loop over the rest): `(grid, block)`.
+pub fn codes_nhwc_plan(images: usize, c: usize, hw: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+    let squares = |n: usize| n.div_ceil(32).clamp(1, u32::MAX as usize) as u32;
+    ((squares(hw), squares(c), images.clamp(1, 65535) as u32), (32, 8, 1))
+}
+
 /// Launch of `im2col_t_f32`: blocks of `threads` pixels, each block looping over (plane, tile)
 /// pairs, `tiles` blocks a plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +120,14 @@ mod tests {
         assert_eq!(forced(None), CUDA_IM2COL_TILE_CODES);
         assert_eq!(forced(Some(1 << 20)), 1 << 20);
         assert_eq!(forced(Some(0)), 1);
+    }
+
+    #[test]
+    fn nhwc_transpose_takes_a_block_a_square() {
+        assert_eq!(codes_nhwc_plan(512, 64, 1024), ((32, 2, 512), (32, 8, 1)));
+        assert_eq!(codes_nhwc_plan(3, 16, 25), ((1, 1, 3), (32, 8, 1)));
+        assert_eq!(codes_nhwc_plan(100_000, 256, 16).0, (1, 8, 65535));
+        assert_eq!(codes_nhwc_plan(0, 0, 0).0, (1, 1, 1));
     }
 
     #[test]

@@ -33,8 +33,8 @@ mod settings;
 mod skinny;
 
 pub use conv::{
-    conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, Im2colPlan, Im2colTPlan, CUDA_IM2COL_TILE_CODES,
-    IM2COL_THREADS,
+    codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, Im2colPlan, Im2colTPlan,
+    CUDA_IM2COL_TILE_CODES, IM2COL_THREADS,
 };
 pub use conv_igemm::{implicit_conv_plan, ImplicitConvPlan, ImplicitConvTile, IMPLICIT_CONV_BK};
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};

@@ -237,11 +237,25 @@ impl TernarySpeedrun {
     /// batch statistics (and updates the running ones) over the running statistics.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         check_input(x, "TernarySpeedrun")?;
-        let mut x = self.stem.forward(x)?.gelu_erf()?;
+        let mut x = self.stem_forward(x, train)?;
         for block in &self.blocks {
             x = block.forward_t(&x, self.options.pool, self.options.fused_norm_gelu, train)?;
         }
         self.head.forward(&global_max_pool(&x)?)
+    }
+
+    /// The stem and its GELU. Training with the fused batch norm + GELU on (f32 on CUDA, or the
+    /// CPU) runs the ternary stem's bias add and GELU as one op (`norm_gelu::bias_gelu`); the
+    /// evaluation keeps candle's ops, as the packed form runs them.
+    fn stem_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let fusable = x.device().is_cpu() || (x.device().is_cuda() && x.dtype() == candle_core::DType::F32);
+        if let (Stem::Ternary(conv), true) = (&self.stem, train && self.options.fused_norm_gelu && fusable) {
+            if let Some(bias) = conv.bias() {
+                let unbiased = BitConv2d::new(conv.weight().clone(), None, conv.config())?;
+                return norm_gelu::bias_gelu(&unbiased.forward(x)?, bias);
+            }
+        }
+        self.stem.forward(x)?.gelu_erf()
     }
 
     /// The inference form: packed ternary convolutions and head, the same batch norms.

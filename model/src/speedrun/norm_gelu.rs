@@ -45,6 +45,23 @@ pub(crate) struct NormGelu {
     pub batch_stats: bool,
 }
 
+/// `gelu(x + bias_c)` over `x (B, C, H, W)` as the op with fixed statistics mean 0 and inverse
+/// deviation 1 (`(x - 0) · 1 + bias` is exactly `x + bias`): the backward is `dL/dx = dz`,
+/// `dL/dbias = Σ dz`. One pass each way, where candle's broadcast add and GELU take a dozen
+/// element-wise passes backward and a channel sum over non-contiguous axes.
+pub(crate) fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (c, dev) = (bias.dim(0)?, x.device());
+    let op = NormGelu {
+        mean: Tensor::zeros(c, DType::F32, dev)?,
+        inv_std: Tensor::ones(c, DType::F32, dev)?,
+        batch_stats: false,
+    };
+    x.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op2(&bias.to_dtype(DType::F32)?, op)?
+        .to_dtype(x.dtype())
+}
+
 /// The statistics on the host, for the CPU passes.
 struct HostStats {
     mean: Vec<f32>,
@@ -207,4 +224,38 @@ fn channel_sums(
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// `bias_gelu` against candle's broadcast add and GELU: values and both gradients.
+    #[test]
+    fn bias_gelu_matches_the_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.5, (3, 4, 5, 7), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 4, &dev)?)?;
+        let g = Tensor::randn(0f32, 1.0, (3, 4, 5, 7), &dev)?;
+        let fused = bias_gelu(x.as_tensor(), bias.as_tensor())?;
+        let plain = x.broadcast_add(&bias.reshape((1, 4, 1, 1))?)?.gelu_erf()?;
+        let close = |a: &Tensor, b: &Tensor, tol: f32| -> Result<()> {
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+            assert!(d <= tol * s, "max difference {d} (scale {s})");
+            Ok(())
+        };
+        close(&fused, &plain, 1e-6)?;
+        let gf = (&fused * &g)?.sum_all()?.backward()?;
+        let gp = (&plain * &g)?.sum_all()?.backward()?;
+        for v in [&x, &bias] {
+            close(
+                gf.get(v).expect("fused gradient"),
+                gp.get(v).expect("plain gradient"),
+                1e-5,
+            )?;
+        }
+        Ok(())
+    }
 }
