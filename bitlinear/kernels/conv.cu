@@ -1,8 +1,8 @@
 // bitlinear convolution helpers: the int8 im2col gather of PackedBitConv2d, feeding the packed
 // GEMM (packed_accumulate) with canonical int8 code rows, the dequantizer of its accumulators
 // into NCHW (conv_dequant_f32), and for BitConv2d's backward the padded channels-first copy of
-// the weight-gradient products (pad_channels_first_f32), the transposed f32 im2col of the
-// input-gradient convolution (im2col_t_f32), and the channels-last transpose of the implicit
+// the weight-gradient products (pad_channels_first_*), the transposed im2col of the
+// input-gradient convolution (im2col_t_*), and the channels-last transpose of the implicit
 // GEMM's codes (codes_nhwc); the last four are described above their kernels.
 //
 // Data layout
@@ -100,16 +100,17 @@ extern "C" __global__ void conv_dequant_f32_dsw(const int* __restrict__ acc, con
     conv_dequant(acc, sx, *sw, y, images, R, N);
 }
 
-// pad_channels_first_f32: src (B, C, H, W) f32 contiguous to dst (C, B, HP, WP) f32 followed by
+// pad_channels_first_{f32,bf16}: src (B, C, H, W) f32 contiguous to dst (C, B, HP, WP) f32 or bf16
+// (rounded to nearest even) followed by
 // `tail` zeros: dst[c][b][y][x] = src[b][c][y - top][x - left] where that lies inside the image,
 // else 0. The weight gradient of BitConv2d (src/conv_grad.rs) reads every kernel offset of the
 // padded input as one contiguous window of this buffer. Grid-stride over the C*B*HP*WP + tail
 // outputs, one a thread: consecutive threads write consecutive x, so stores coalesce and the
 // loads of one image row are contiguous.
-extern "C" __global__ void pad_channels_first_f32(const float* __restrict__ src, float* __restrict__ dst,
-                                                  int B, int C, int H, int W, int HP, int WP, int top,
-                                                  int left, unsigned long long tail) {
-    pdl_wait();
+template <typename T>
+__device__ __forceinline__ void pad_channels_first(const float* __restrict__ src, T* __restrict__ dst, int B, int C,
+                                                   int H, int W, int HP, int WP, int top, int left,
+                                                   unsigned long long tail) {
     const long long plane = (long long)HP * WP;
     const long long body = (long long)C * B * plane;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < body + (long long)tail;
@@ -124,21 +125,30 @@ extern "C" __global__ void pad_channels_first_f32(const float* __restrict__ src,
                 v = src[(((long long)b * C + c) * H + y) * W + x];
             }
         }
-        dst[i] = v;
+        dst[i] = from_f32<T>(v);
     }
 }
 
-// im2col_t_f32: the transposed im2col of images src (B, C, H, W) f32 for a stride-1 convolution
-// of KH x KW kernels with zero padding P: dst (B, C*KH*KW, HO*WO) f32, dst[b][j][t] =
+#define PAD_CHANNELS_FIRST(T, NAME)                                                                          \
+    extern "C" __global__ void NAME(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H, \
+                                    int W, int HP, int WP, int top, int left, unsigned long long tail) {     \
+        pdl_wait();                                                                                          \
+        pad_channels_first<T>(src, dst, B, C, H, W, HP, WP, top, left, tail);                                \
+    }
+PAD_CHANNELS_FIRST(float, pad_channels_first_f32)
+PAD_CHANNELS_FIRST(__nv_bfloat16, pad_channels_first_bf16)
+
+// im2col_t_{f32,bf16}: the transposed im2col of images src (B, C, H, W) f32 for a stride-1
+// convolution of KH x KW kernels with zero padding P: dst (B, C*KH*KW, HO*WO) f32 or bf16, dst[b][j][t] =
 // src[b][ci][y + ky - P][x + kx - P] (0 in the padding), j = (ci*KH + ky)*KW + kx, t = y*WO + x.
 // Image b's block (K, HO*WO) is then the right operand of W (N, K) x cols, whose product is the
 // output image in NCHW. Blocks of `blockDim.x` threads (src/plan/conv.rs) loop over (plane,
 // tile) pairs, plane = (b, ci), tile = blockDim.x consecutive pixels: a thread writes the
 // KH*KW rows of its pixel (independent loads in flight, all from the pixel's neighbourhood), and
 // consecutive threads take consecutive pixels, so every row's stores coalesce.
-extern "C" __global__ void im2col_t_f32(const float* __restrict__ src, float* __restrict__ dst, int B, int C,
-                                        int H, int W, int KH, int KW, int P, int HO, int WO, int tiles) {
-    pdl_wait();
+template <typename T>
+__device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H,
+                                         int W, int KH, int KW, int P, int HO, int WO, int tiles) {
     const int hw = HO * WO;
     const long long planes = (long long)B * C;
     for (long long blk = blockIdx.x; blk < planes * tiles; blk += gridDim.x) {
@@ -149,17 +159,27 @@ extern "C" __global__ void im2col_t_f32(const float* __restrict__ src, float* __
         const int y = t / WO, x = t - (t / WO) * WO;
         const float* img = src + plane * H * W;
         // rows (b, ci*KH*KW + r) of image b = plane / C start at plane * KH*KW * hw
-        float* out = dst + plane * KH * KW * hw + t;
+        T* out = dst + plane * KH * KW * hw + t;
         for (int ky = 0; ky < KH; ++ky) {
             const int iy = y + ky - P;
             const bool row_in = iy >= 0 && iy < H;
             for (int kx = 0; kx < KW; ++kx) {
                 const int ix = x + kx - P;
-                out[(long long)(ky * KW + kx) * hw] = (row_in && ix >= 0 && ix < W) ? img[iy * W + ix] : 0.0f;
+                out[(long long)(ky * KW + kx) * hw] =
+                    from_f32<T>((row_in && ix >= 0 && ix < W) ? img[iy * W + ix] : 0.0f);
             }
         }
     }
 }
+
+#define IM2COL_T(T, NAME)                                                                                    \
+    extern "C" __global__ void NAME(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H, \
+                                    int W, int KH, int KW, int P, int HO, int WO, int tiles) {               \
+        pdl_wait();                                                                                          \
+        im2col_t<T>(src, dst, B, C, H, W, KH, KW, P, HO, WO, tiles);                                         \
+    }
+IM2COL_T(float, im2col_t_f32)
+IM2COL_T(__nv_bfloat16, im2col_t_bf16)
 
 // codes_nhwc: int8 codes src (B, C, HW) to dst (B, HW, C), the channels-last operand of the
 // implicit GEMM (kernels/conv_igemm.cu). Blocks of 32 x 8 threads (src/plan/conv.rs) transpose

@@ -21,6 +21,13 @@ pub struct BitConv2dConfig {
     /// for the stream, so a training loop that checks its weights itself turns it off. (On the
     /// CPU the stride-1 forward packs the weight, which rejects such values either way.)
     pub check_finite: bool,
+    /// Whether the straight-through backward of a stride-1 convolution on CUDA forms its two
+    /// matrix products (input and weight gradients) from bf16 operands where the training runs
+    /// in f32 (default off): `x~`, `W~` and the output gradient rounded to bf16 (relative
+    /// `2^-9`), f32 accumulation in cuBLAS, each product rounded to bf16, then cast back. Half
+    /// the bytes and twice the tensor-core rate of the f32 (TF32) products; the forward is
+    /// unchanged (integers). No effect on the CPU or in bf16/f16 training.
+    pub bf16_grad_products: bool,
 }
 
 impl Default for BitConv2dConfig {
@@ -30,6 +37,7 @@ impl Default for BitConv2dConfig {
             padding: 0,
             bias: true,
             check_finite: true,
+            bf16_grad_products: false,
         }
     }
 }
@@ -261,7 +269,8 @@ impl BitConv2d {
         if !(x.track_op() || self.weight.track_op()) {
             return Ok(y);
         }
-        crate::conv_grad::quantized_conv2d(x, &self.weight, y, w_fq.reshape((c_out, c_in, kh, kw))?, p)
+        let w_tilde = w_fq.reshape((c_out, c_in, kh, kw))?;
+        crate::conv_grad::quantized_conv2d(x, &self.weight, y, w_tilde, p, self.config.bf16_grad_products)
     }
 
     /// [`Self::integer_forward`] with the straight-through steps as candle ops around candle's

@@ -12,7 +12,11 @@
 //!   `weight_grad`).
 //!
 //! On the CPU both products are [`crate::conv_grad_cpu`]'s (im2col tiles of a few images a task);
-//! the functions below are the other devices' path.
+//! the functions below are the other devices' path. With
+//! [`BitConv2dConfig::bf16_grad_products`](crate::BitConv2dConfig::bf16_grad_products) (f32
+//! training on CUDA) their operands are bf16: `x~`, `W~` and `g` rounded to nearest even, the
+//! sums accumulated in f32 by cuBLAS and each product rounded to bf16, then returned in the
+//! variables' dtype.
 //!
 //! candle 0.11 differentiates `conv2d` with `conv_transpose2d` for the input gradient (a direct
 //! loop per output element on CUDA, no GEMM); and as one op, the straight-through steps cost no
@@ -32,9 +36,23 @@ pub(crate) fn has_gemm_grad(stride: usize, kh: usize, kw: usize, padding: usize)
 
 /// `y`, the forward value of the quantized convolution of `x (B, C, H, W)` with the float
 /// weight `w (O, C, k, k)`, tied to `x` and `w` with the straight-through gradients of the module
-/// docs; `w_tilde` is `W~ (O, C, k, k)`. For [`has_gemm_grad`] convolutions.
-pub(crate) fn quantized_conv2d(x: &Tensor, w: &Tensor, y: Tensor, w_tilde: Tensor, padding: usize) -> Result<Tensor> {
-    x.apply_op2(w, QuantizedConvGrad { y, w_tilde, padding })
+/// docs; `w_tilde` is `W~ (O, C, k, k)`. For [`has_gemm_grad`] convolutions. `bf16_products`:
+/// the backward's products from bf16 operands where the output gradient is f32 on CUDA.
+pub(crate) fn quantized_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    y: Tensor,
+    w_tilde: Tensor,
+    padding: usize,
+    bf16_products: bool,
+) -> Result<Tensor> {
+    let op = QuantizedConvGrad {
+        y,
+        w_tilde,
+        padding,
+        bf16_products,
+    };
+    x.apply_op2(w, op)
 }
 
 /// The op: its forward returns the precomputed output `y`, its backward the two products.
@@ -42,6 +60,7 @@ struct QuantizedConvGrad {
     y: Tensor,
     w_tilde: Tensor,
     padding: usize,
+    bf16_products: bool,
 }
 
 impl QuantizedConvGrad {
@@ -90,12 +109,18 @@ impl CustomOp2 for QuantizedConvGrad {
         let x_tilde = fake_quantize_activations(&x.reshape((b, c * h * wd))?, ActScaling::PerToken)?
             .reshape((b, c, h, wd))?
             .to_dtype(g.dtype())?;
+        // The products' operand dtype: bf16 only from f32 operands on CUDA (our kernels round
+        // the f32 gradient and x~ while they lay them out).
+        let products = match self.bf16_products && g.device().is_cuda() && g.dtype() == DType::F32 {
+            true => DType::BF16,
+            false => g.dtype(),
+        };
         let (dx, dw) = gemm_grads(
             &x_tilde,
-            &self.w_tilde.to_dtype(g.dtype())?,
+            &self.w_tilde.to_dtype(products)?,
             g,
             self.padding,
-            x.track_op(),
+            (x.track_op(), products),
         )?;
         let dx = dx.map(|dx| dx.to_dtype(x.dtype())).transpose()?;
         Ok((dx, Some(dw.to_dtype(w.dtype())?)))
@@ -140,8 +165,16 @@ fn cpu_grads(
 
 /// The gradients of `conv2d(x, w)` (stride 1, padding `p`, square kernel) for the output gradient
 /// `g`, as the products of the module docs: `(dL/dx, dL/dw)`, `dL/dx` only `with_dx` (a first
-/// layer's images take none, and theirs would be the largest product of a small network).
-fn gemm_grads(x: &Tensor, w: &Tensor, g: &Tensor, p: usize, with_dx: bool) -> Result<(Option<Tensor>, Tensor)> {
+/// layer's images take none, and theirs would be the largest product of a small network). The
+/// products take operands of `products`' dtype (`w`'s; `x` and `g` are converted as they are laid
+/// out) and return it.
+fn gemm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    p: usize,
+    (with_dx, products): (bool, DType),
+) -> Result<(Option<Tensor>, Tensor)> {
     let (_, _, kh, kw) = w.dims4()?;
     let dx = match with_dx {
         // A convolution of g with the flipped, transposed kernel.
@@ -150,23 +183,29 @@ fn gemm_grads(x: &Tensor, w: &Tensor, g: &Tensor, p: usize, with_dx: bool) -> Re
             let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), dev);
             let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
             let w_t = flipped.transpose(0, 1)?.contiguous()?;
-            Some(input_grad(g, &w_t, kh - 1 - p, x.dims4()?)?)
+            Some(input_grad(g, &w_t, kh - 1 - p, x.dims4()?, products)?)
         }
         false => None,
     };
-    Ok((dx, weight_grad(x, g, (kh, kw), p)?))
+    Ok((dx, weight_grad(x, g, (kh, kw), p, products)?))
 }
 
 /// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA as the transposed im2col
 /// of `g` (our kernel) times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d`
 /// gathers its columns with a slower kernel and reorders its output); elsewhere candle's.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-fn input_grad(g: &Tensor, w_t: &Tensor, pad: usize, x_dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+fn input_grad(
+    g: &Tensor,
+    w_t: &Tensor,
+    pad: usize,
+    x_dims: (usize, usize, usize, usize),
+    products: DType,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if g.device().is_cuda() && g.dtype() == candle_core::DType::F32 {
+    if g.device().is_cuda() && g.dtype() == DType::F32 {
         let (b, c, h, w) = x_dims;
         let (_, o, kh, kw) = w_t.dims4()?;
-        let cols = crate::cuda::im2col_t(g, (kh, kw), pad, (h, w))?;
+        let cols = crate::cuda::im2col_t(g, (kh, kw), pad, (h, w), products)?;
         let w_mat = w_t.reshape((c, o * kh * kw))?.broadcast_as((b, c, o * kh * kw))?;
         return w_mat.matmul(&cols)?.reshape((b, c, h, w));
     }
@@ -181,14 +220,14 @@ fn input_grad(g: &Tensor, w_t: &Tensor, pad: usize, x_dims: (usize, usize, usize
 /// values from `ky·wp + kx`, a matrix `(C, B·hp·wp)` as it stands. Frame positions outside the
 /// output hold `g = 0`, so what their window reads (the next channel's start, the tail) adds 0;
 /// the real pixels' reads stay inside their own image and channel.
-fn weight_grad(x: &Tensor, g: &Tensor, (kh, kw): (usize, usize), p: usize) -> Result<Tensor> {
+fn weight_grad(x: &Tensor, g: &Tensor, (kh, kw): (usize, usize), p: usize, products: DType) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (_, o, ho, wo) = g.dims4()?;
     let (hp, wp) = (h + 2 * p, w + 2 * p);
     let frame = b * hp * wp;
     let tail = (kh - 1) * wp + kw - 1;
-    let xs = padded_channels_first(x, (hp, wp), (p, p), tail)?;
-    let gs = padded_channels_first(g, (hp, wp), (0, 0), 0)?.reshape((o, frame))?;
+    let xs = padded_channels_first(x, (hp, wp), (p, p), tail, products)?;
+    let gs = padded_channels_first(g, (hp, wp), (0, 0), 0, products)?.reshape((o, frame))?;
     debug_assert!(ho <= hp && wo <= wp);
     let mut taps = Vec::with_capacity(kh * kw);
     for ky in 0..kh {
@@ -201,17 +240,21 @@ fn weight_grad(x: &Tensor, g: &Tensor, (kh, kw): (usize, usize), p: usize) -> Re
 }
 
 /// `t (B, C, H, W)` channels first in zero frames of `hp x wp` (the image at `(top, left)`),
-/// flattened, then `tail` zeros: `(C·B·hp·wp + tail)`, in F32 (one kernel on CUDA).
+/// flattened, then `tail` zeros: `(C·B·hp·wp + tail)`, in `out` (one kernel on CUDA, which
+/// writes F32 or BF16; elsewhere F32).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn padded_channels_first(
     t: &Tensor,
     (hp, wp): (usize, usize),
     (top, left): (usize, usize),
     tail: usize,
+    out: DType,
 ) -> Result<Tensor> {
-    let t = t.to_dtype(candle_core::DType::F32)?;
+    let t = t.to_dtype(DType::F32)?;
     #[cfg(feature = "cuda")]
     if t.device().is_cuda() {
-        return crate::cuda::pad_channels_first(&t, (hp, wp), (top, left), tail);
+        let out = if out == DType::BF16 { out } else { DType::F32 };
+        return crate::cuda::pad_channels_first(&t, (hp, wp), (top, left), tail, out);
     }
     let (_, _, h, w) = t.dims4()?;
     let framed = t
@@ -244,9 +287,9 @@ mod tests {
             let k_ = Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, k, k), &dev)?)?;
             let y = x.as_tensor().conv2d(k_.as_tensor(), p, 1, 1, 1)?;
             let g = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
-            let (dx, dw) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p, true)?;
+            let (dx, dw) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p, (true, DType::F32))?;
             let theirs = (&y * &g)?.sum_all()?.backward()?;
-            let (no_dx, dw_alone) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p, false)?;
+            let (no_dx, dw_alone) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p, (false, DType::F32))?;
             assert!(no_dx.is_none());
             assert_eq!(
                 dw_alone.flatten_all()?.to_vec1::<f32>()?,

@@ -368,6 +368,29 @@ fn backward_reference(dev: &Device) -> Result<()> {
                 );
             }
         }
+        if dev.is_cuda() {
+            // bf16 operands (x~, W~, g each rounded by at most 2^-9 relative), f32 sums, the
+            // product rounded to bf16: within 4 · 2^-9 of the terms' magnitudes.
+            let cfg = BitConv2dConfig {
+                bf16_grad_products: true,
+                ..cfg
+            };
+            let layer = BitConv2d::new(wv.as_tensor().clone(), None, cfg)?;
+            let grads = (layer.forward(xv.as_tensor())? * &gt)?.sum_all()?.backward()?;
+            let [dx, dw] = ref_conv_grads(&s, &x, &w, &g);
+            for (name, var, (want, mag)) in [("bf16 dx", &xv, dx), ("bf16 dw", &wv, dw)] {
+                let got = grads.get(var).expect(name);
+                assert_eq!(got.dtype(), DType::F32, "{name}: returned in the variable's dtype");
+                let got: Vec<f32> = got.flatten_all()?.to_vec1()?;
+                for (i, ((&gv, &wv), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                    let tol = 8e-3 * m + 1e-12;
+                    assert!(
+                        (gv as f64 - wv).abs() <= tol,
+                        "{s:?} {name}[{i}]: got {gv}, want {wv}, tol {tol}"
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

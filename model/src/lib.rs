@@ -132,6 +132,9 @@ pub struct ComputeOptions {
     /// Whether a batch norm followed by GELU runs as one op where the device has one
     /// ([`speedrun::BatchNorm2d::forward_gelu_t`]; default on) or as separate tensor ops.
     pub fused_norm_gelu: bool,
+    /// Whether the ternary convolutions' backward products on CUDA take bf16 operands in f32
+    /// training ([`bitlinear::BitConv2dConfig::bf16_grad_products`]; default off).
+    pub bf16_conv_grads: bool,
 }
 
 impl Default for ComputeOptions {
@@ -140,6 +143,7 @@ impl Default for ComputeOptions {
             check_finite: true,
             pool: PoolKernel::Fused,
             fused_norm_gelu: true,
+            bf16_conv_grads: false,
         }
     }
 }

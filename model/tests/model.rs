@@ -205,6 +205,7 @@ fn compute_options_change_neither_variables_nor_outputs() {
         check_finite: false,
         pool: PoolKernel::TensorOps,
         fused_norm_gelu: false,
+        bf16_conv_grads: true,
     };
     assert!(!options.bit_linear().check_finite);
     let vm2 = VarMap::new();

@@ -12,7 +12,8 @@
 //!
 //! The device is synchronized before each clock read. The flags `--no-fused-adamw`,
 //! `--no-fused-augment`, `--keep-event-tracking`, `--no-deferred-finite-check`,
-//! `--no-fused-pool`, `--no-fused-norm-gelu`, `--no-tf32` and `--baseline` (all of them) turn off the pieces of
+//! `--no-fused-pool`, `--no-fused-norm-gelu`, `--no-tf32`, `--no-bf16-conv-grads` and `--baseline`
+//! (all of them) turn off the pieces of
 //! [`train::tuning::CudaTuning`]; `--no-implicit-conv` runs the ternary convolutions on the
 //! int8 im2col path. Run the example once per variant.
 
@@ -75,6 +76,9 @@ struct Opts {
     /// f32 matrix products without TF32.
     #[arg(long)]
     no_tf32: bool,
+    /// The ternary convolutions' backward products in f32 (TF32) instead of bf16.
+    #[arg(long)]
+    no_bf16_conv_grads: bool,
     /// Ternary convolutions on the int8 im2col and packed GEMM instead of the implicit GEMM (a
     /// kernel setting of the device, not part of the tuning).
     #[arg(long)]
@@ -97,6 +101,7 @@ impl Opts {
             fused_pool: !self.no_fused_pool,
             fused_norm_gelu: !self.no_fused_norm_gelu,
             tf32_matmul: !self.no_tf32,
+            bf16_conv_grads: !self.no_bf16_conv_grads,
         }
     }
 }

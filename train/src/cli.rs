@@ -66,6 +66,11 @@ pub struct Args {
     #[arg(long)]
     pub tta: bool,
 
+    /// CUDA: the ternary convolutions' backward products from f32 (TF32) operands instead of
+    /// bf16 ones (bench/RESULTS.md compares the two).
+    #[arg(long)]
+    pub f32_conv_grads: bool,
+
     /// Seed of every random choice (initialisation, shuffling, augmentation): a CPU run is
     /// reproducible from it.
     #[arg(long, default_value_t = 0)]

@@ -5,8 +5,8 @@ use model::{ComputeOptions, PoolKernel};
 
 /// Which optimisations of the CUDA training path are on. All are on by default; each can be
 /// turned off to measure what it brings (`examples/step_bench.rs`). None changes the variables or
-/// the run's results beyond float rounding (fused AdamW sums in another order), and none has an
-/// effect on the CPU.
+/// the run's results beyond float rounding (fused AdamW sums in another order; `bf16_conv_grads`
+/// rounds the convolutions' gradients to bf16), and none has an effect on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CudaTuning {
     /// AdamW updates each f32 variable with one fused kernel launch, instead of about ten tensor
@@ -32,6 +32,12 @@ pub struct CudaTuning {
     /// as PyTorch's convolutions do by default. The ternary layers' forward values are integer
     /// products on our own kernels and do not change. Process-wide: candle has one switch.
     pub tf32_matmul: bool,
+    /// The ternary convolutions' backward products (input and weight gradients) take bf16
+    /// operands and return bf16 sums (f32 accumulation), instead of f32 with TF32
+    /// ([`model::ComputeOptions::bf16_conv_grads`]). Unlike the other switches this rounds the
+    /// gradients more coarsely (relative 2^-9 instead of TF32's 2^-11), so it changes the run
+    /// beyond summation order; measured against the f32 products in bench/RESULTS.md.
+    pub bf16_conv_grads: bool,
 }
 
 impl Default for CudaTuning {
@@ -44,6 +50,7 @@ impl Default for CudaTuning {
             fused_pool: true,
             fused_norm_gelu: true,
             tf32_matmul: true,
+            bf16_conv_grads: true,
         }
     }
 }
@@ -59,6 +66,7 @@ impl CudaTuning {
             fused_pool: false,
             fused_norm_gelu: false,
             tf32_matmul: false,
+            bf16_conv_grads: false,
         }
     }
 
@@ -76,6 +84,7 @@ impl CudaTuning {
                 PoolKernel::TensorOps
             },
             fused_norm_gelu: self.fused_norm_gelu,
+            bf16_conv_grads: self.bf16_conv_grads,
         }
     }
 }

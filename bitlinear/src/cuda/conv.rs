@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
+use super::buffers::{i32_arg, in_ptr, out_ptr, out_slice_ptr, storage};
 use super::{Ctx, Module};
 use crate::im2col::Geometry;
 use crate::plan::{codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan};
@@ -172,22 +172,34 @@ pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: Wei
     Ok(crate::device::tensor_from(Storage::Cuda(out), (bi, n, r)))
 }
 
-/// `src` (F32 `(B, C, H, W)`) as F32 `(C·B·hp·wp + tail)`: channels first, each image placed at
-/// `(top, left)` of a zero `hp x wp` frame, then `tail` zeros (`kernels/conv.cu`).
+/// The kernel name suffix and allocation of an F32 or BF16 output of these kernels.
+fn out_suffix(out: DType, who: &str) -> Result<&'static str> {
+    match out {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        d => bail!("bitlinear cuda: {who} writes F32 or BF16, not {d:?}"),
+    }
+}
+
+/// `src` (F32 `(B, C, H, W)`) as `out` (F32 or BF16, rounded to nearest even)
+/// `(C·B·hp·wp + tail)`: channels first, each image placed at `(top, left)` of a zero `hp x wp`
+/// frame, then `tail` zeros (`kernels/conv.cu`).
 pub(crate) fn pad_channels_first(
     src: &Tensor,
     (hp, wp): (usize, usize),
     (top, left): (usize, usize),
     tail: usize,
+    out: DType,
 ) -> Result<Tensor> {
     let (b, c, h, w) = src.dims4()?;
     if src.dtype() != DType::F32 || top + h > hp || left + w > wp {
         bail!("bitlinear cuda: pad_channels_first needs F32 images inside the frame")
     }
+    let name = format!("pad_channels_first_{}", out_suffix(out, "pad_channels_first")?);
     let total = c * b * hp * wp + tail;
-    map_f32(src, total, total, "pad_channels_first", |ctx, sp, op| {
+    map_out(src, total, total, out, "pad_channels_first", |ctx, sp, op| {
         let p = im2col_plan(total, &ctx.info);
-        let f = ctx.func(Module::Conv, "pad_channels_first_f32")?;
+        let f = ctx.func(Module::Conv, &name)?;
         let cfg = grid(p.blocks, p.threads, "pad blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
         let tail = tail as u64;
@@ -211,17 +223,25 @@ pub(crate) fn pad_channels_first(
 }
 
 /// The transposed im2col of `src` (F32 `(B, C, H, W)`) for a stride-1 `kh x kw` convolution with
-/// zero padding `pad` and output `(ho, wo)`: F32 `(B, C·kh·kw, ho·wo)` (`kernels/conv.cu`).
-pub(crate) fn im2col_t(src: &Tensor, (kh, kw): (usize, usize), pad: usize, (ho, wo): (usize, usize)) -> Result<Tensor> {
+/// zero padding `pad` and output `(ho, wo)`: `out` (F32 or BF16) `(B, C·kh·kw, ho·wo)`
+/// (`kernels/conv.cu`).
+pub(crate) fn im2col_t(
+    src: &Tensor,
+    (kh, kw): (usize, usize),
+    pad: usize,
+    (ho, wo): (usize, usize),
+    out: DType,
+) -> Result<Tensor> {
     let (b, c, h, w) = src.dims4()?;
     if src.dtype() != DType::F32 || ho + kh > h + 2 * pad + 1 || wo + kw > w + 2 * pad + 1 {
         bail!("bitlinear cuda: im2col_t needs F32 images and an output inside the padded input")
     }
+    let name = format!("im2col_t_{}", out_suffix(out, "im2col_t")?);
     let k = c * kh * kw;
     let total = b * k * ho * wo;
-    map_f32(src, total, (b, k, ho * wo), "im2col_t", |ctx, sp, op| {
+    map_out(src, total, (b, k, ho * wo), out, "im2col_t", |ctx, sp, op| {
         let p = im2col_t_plan(b * c, ho * wo, &ctx.info);
-        let f = ctx.func(Module::Conv, "im2col_t_f32")?;
+        let f = ctx.func(Module::Conv, &name)?;
         let cfg = grid(p.blocks, p.threads, "im2col_t blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
         launch!(
@@ -245,12 +265,14 @@ pub(crate) fn im2col_t(src: &Tensor, (kh, kw): (usize, usize), pad: usize, (ho, 
 }
 
 /// A kernel from one contiguous CUDA tensor `src` (its dtype checked by the caller) into a new
-/// F32 buffer of `total` values, returned as a tensor of `shape`: `launch(ctx, src, out)` gets
-/// the two device pointers and is not called when `total` is 0. `who` names the caller in errors.
-fn map_f32(
+/// buffer of `total` values of `out` (F32 or BF16), returned as a tensor of `shape`:
+/// `launch(ctx, src, out)` gets the two device pointers and is not called when `total` is 0.
+/// `who` names the caller in errors.
+fn map_out(
     src: &Tensor,
     total: usize,
     shape: impl Into<Shape>,
+    out: DType,
     who: &str,
     launch: impl FnOnce(&Ctx, u64, u64) -> Result<()>,
 ) -> Result<Tensor> {
@@ -262,14 +284,14 @@ fn map_f32(
     let dev = &s.device;
     let ctx = Ctx::new(dev)?;
     let stream = &ctx.stream;
-    let mut out = ctx.alloc::<f32>(total)?;
+    let mut buf = ctx.alloc_out(out, total)?;
     if total > 0 {
         let mut guards = Vec::new();
         let sp = in_ptr(s, s0, stream, &mut guards)?;
-        let op = out_ptr(&mut out, stream, &mut guards);
+        let op = out_slice_ptr(&mut buf, stream, &mut guards)?;
         launch(&ctx, sp, op)?;
         drop(guards);
     }
-    let out = storage(CudaStorageSlice::F32(out), dev);
-    Ok(crate::device::tensor_from(Storage::Cuda(out), shape))
+    let buf = storage(buf, dev);
+    Ok(crate::device::tensor_from(Storage::Cuda(buf), shape))
 }

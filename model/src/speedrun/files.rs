@@ -256,11 +256,17 @@ impl PackedTernarySpeedrun {
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let [w0, w1, w2, w3] = config.widths;
         let stem = match config.stem {
-            StemKind::Ternary => Stem::Ternary(PackedBitConv2d::load(3, w0, 3, stem_config(true), vb.pp("stem"))?),
+            StemKind::Ternary => Stem::Ternary(PackedBitConv2d::load(
+                3,
+                w0,
+                3,
+                stem_config(ComputeOptions::default()),
+                vb.pp("stem"),
+            )?),
             StemKind::Float => Stem::Float(Conv::new(3, w0, 3, 1, vb.pp("stem"))?),
         };
         let block = |ci: usize, co: usize, vb: VarBuilder| -> Result<Block<PackedBitConv2d>> {
-            let cfg = block_conv_config(true);
+            let cfg = block_conv_config(ComputeOptions::default());
             Ok(Block {
                 conv1: PackedBitConv2d::load(ci, co, 3, cfg, vb.pp("conv1"))?,
                 norm1: BatchNorm2d::new(co, vb.pp("norm1"))?,

@@ -103,19 +103,20 @@ impl TernarySpeedrunConfig {
     }
 }
 
-fn block_conv_config(check_finite: bool) -> BitConv2dConfig {
+fn block_conv_config(options: ComputeOptions) -> BitConv2dConfig {
     BitConv2dConfig {
         stride: 1,
         padding: 1,
         bias: false,
-        check_finite,
+        check_finite: options.check_finite,
+        bf16_grad_products: options.bf16_conv_grads,
     }
 }
 
-fn stem_config(check_finite: bool) -> BitConv2dConfig {
+fn stem_config(options: ComputeOptions) -> BitConv2dConfig {
     BitConv2dConfig {
         bias: true,
-        ..block_conv_config(check_finite)
+        ..block_conv_config(options)
     }
 }
 
@@ -142,8 +143,8 @@ impl<C: Module> Block<C> {
 }
 
 impl Block<BitConv2d> {
-    fn new(c_in: usize, c_out: usize, check_finite: bool, vb: VarBuilder) -> Result<Self> {
-        let cfg = block_conv_config(check_finite);
+    fn new(c_in: usize, c_out: usize, options: ComputeOptions, vb: VarBuilder) -> Result<Self> {
+        let cfg = block_conv_config(options);
         Ok(Self {
             conv1: bitlinear::bit_conv2d(c_in, c_out, 3, cfg, vb.pp("conv1"))?,
             norm1: BatchNorm2d::new(c_out, vb.pp("norm1"))?,
@@ -203,15 +204,14 @@ impl TernarySpeedrun {
     pub fn with_options(config: TernarySpeedrunConfig, options: ComputeOptions, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let [w0, w1, w2, w3] = config.widths;
-        let check = options.check_finite;
         let stem = match config.stem {
-            StemKind::Ternary => Stem::Ternary(bitlinear::bit_conv2d(3, w0, 3, stem_config(check), vb.pp("stem"))?),
+            StemKind::Ternary => Stem::Ternary(bitlinear::bit_conv2d(3, w0, 3, stem_config(options), vb.pp("stem"))?),
             StemKind::Float => Stem::Float(Conv::new(3, w0, 3, 1, vb.pp("stem"))?),
         };
         let blocks = [
-            Block::new(w0, w1, check, vb.pp("block1"))?,
-            Block::new(w1, w2, check, vb.pp("block2"))?,
-            Block::new(w2, w3, check, vb.pp("block3"))?,
+            Block::new(w0, w1, options, vb.pp("block1"))?,
+            Block::new(w1, w2, options, vb.pp("block2"))?,
+            Block::new(w2, w3, options, vb.pp("block3"))?,
         ];
         let head = bitlinear::bit_linear_with_config(w3, NUM_CLASSES, options.bit_linear(), vb.pp("head"))?;
         Ok(Self {

@@ -70,7 +70,10 @@ impl Trainer {
         let config = args.network_config().map_err(anyhow::Error::msg)?;
         let recipe = args.recipe();
         let device = open_device(args.device)?;
-        let tuning = args.cuda;
+        let tuning = crate::tuning::CudaTuning {
+            bf16_conv_grads: args.cuda.bf16_conv_grads && !args.f32_conv_grads,
+            ..args.cuda
+        };
         #[cfg(feature = "cuda")]
         crate::cuda::tune_device(&device, &tuning);
         let dtype = match args.dtype {
