@@ -15,7 +15,6 @@ const KERNELS: &[&str] = &[
     "gemv_stream",
     "conv",
     "conv_igemm",
-    "conv_dgrad",
 ];
 /// Hopper-only kernels (wgmma, TMA): built for sm_90a.
 const SM90A_KERNELS: &[&str] = &["gemm90a"];

@@ -190,11 +190,9 @@ fn gemm_grads(
     Ok((dx, weight_grad(x, g, (kh, kw), p, products)?))
 }
 
-/// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA with bf16 products as
-/// one implicit-GEMM kernel (`crate::plan::dgrad_plan`; f32 output), else as the transposed
-/// im2col of `g` (our kernel) times `w_t` per image, which lands in NCHW as it stands (candle's
-/// `conv2d` gathers its columns with a slower kernel and reorders its output); elsewhere
-/// candle's.
+/// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA as the transposed im2col
+/// of `g` (our kernel) times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d`
+/// gathers its columns with a slower kernel and reorders its output); elsewhere candle's.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn input_grad(
     g: &Tensor,
@@ -205,11 +203,6 @@ fn input_grad(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if g.device().is_cuda() && g.dtype() == DType::F32 {
-        if products == DType::BF16 {
-            if let Some(dx) = crate::cuda::implicit_input_grad(g, w_t, pad, x_dims)? {
-                return Ok(dx);
-            }
-        }
         let (b, c, h, w) = x_dims;
         let (_, o, kh, kw) = w_t.dims4()?;
         let cols = crate::cuda::im2col_t(g, (kh, kw), pad, (h, w), products)?;

@@ -15,8 +15,7 @@
 //! `--no-fused-pool`, `--no-fused-norm-gelu`, `--no-tf32`, `--no-bf16-conv-grads` and `--baseline`
 //! (all of them) turn off the pieces of
 //! [`train::tuning::CudaTuning`]; `--no-implicit-conv` runs the ternary convolutions on the
-//! int8 im2col path, `--no-implicit-conv-grad` their bf16 input gradients on the transposed
-//! im2col. Run the example once per variant.
+//! int8 im2col path. Run the example once per variant.
 
 use std::time::Instant;
 
@@ -84,10 +83,6 @@ struct Opts {
     /// kernel setting of the device, not part of the tuning).
     #[arg(long)]
     no_implicit_conv: bool,
-    /// The bf16 input gradients of the ternary convolutions through the transposed im2col and
-    /// cuBLAS instead of the implicit GEMM (a kernel setting, as `--no-implicit-conv`).
-    #[arg(long)]
-    no_implicit_conv_grad: bool,
     /// All of the above: the plain candle path.
     #[arg(long)]
     baseline: bool,
@@ -386,10 +381,9 @@ fn main() -> Result<()> {
     args.cuda = o.tuning();
     let mut t = Trainer::new(args)?;
     let dev = t.device.clone();
-    if o.no_implicit_conv || o.no_implicit_conv_grad {
+    if o.no_implicit_conv {
         let mut settings = bitlinear::kernel_settings(&dev);
-        settings.force.implicit_conv = o.no_implicit_conv.then_some(false);
-        settings.force.implicit_conv_grad = o.no_implicit_conv_grad.then_some(false);
+        settings.force.implicit_conv = Some(false);
         bitlinear::set_kernel_settings(&dev, settings)?;
     }
     if o.check {

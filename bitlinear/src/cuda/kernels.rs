@@ -19,7 +19,6 @@ static GEMM90A_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm90a
 static GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 static GEMV_STREAM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv_stream.fatbin"));
 static CONV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv.fatbin"));
-static CONV_DGRAD_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv_dgrad.fatbin"));
 static CONV_IGEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv_igemm.fatbin"));
 
 /// One compiled `kernels/*.cu` file.
@@ -34,7 +33,6 @@ pub(super) enum Module {
     GemvStream,
     Conv,
     ConvIgemm,
-    ConvDgrad,
 }
 
 impl Module {
@@ -49,7 +47,6 @@ impl Module {
             Module::GemvStream => GEMV_STREAM_FATBIN,
             Module::Conv => CONV_FATBIN,
             Module::ConvIgemm => CONV_IGEMM_FATBIN,
-            Module::ConvDgrad => CONV_DGRAD_FATBIN,
         }
     }
 }

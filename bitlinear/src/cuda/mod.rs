@@ -39,7 +39,6 @@ use crate::plan::{DeviceInfo, KernelSettings};
 mod launch;
 mod buffers;
 mod conv;
-mod conv_dgrad;
 mod conv_igemm;
 mod gemm;
 mod input_norm;
@@ -51,7 +50,6 @@ mod tma;
 
 pub(crate) use buffers::empty_storage;
 pub(crate) use conv::{conv_dequantize, im2col, im2col_t, pad_channels_first, WeightScale};
-pub(crate) use conv_dgrad::implicit_input_grad;
 pub(crate) use conv_igemm::{implicit_conv_f32, implicit_plan, pack_kernel_order};
 pub(crate) use input_norm::{normed_gemv, NormKind};
 pub(crate) use kernels::{device_info, set_settings, settings};

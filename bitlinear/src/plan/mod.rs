@@ -24,7 +24,6 @@
 use candle_core::{DType, Result};
 
 mod conv;
-mod conv_dgrad;
 mod conv_igemm;
 mod gemm;
 mod gemv;
@@ -37,7 +36,6 @@ pub use conv::{
     codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, Im2colPlan, Im2colTPlan,
     CUDA_IM2COL_TILE_CODES, IM2COL_THREADS,
 };
-pub use conv_dgrad::{dgrad_plan, DgradPlan, DGRAD_BK, DGRAD_THREADS, DGRAD_TILE};
 pub use conv_igemm::{implicit_conv_plan, ImplicitConvPlan, ImplicitConvTile, IMPLICIT_CONV_BK};
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
 pub use gemv::{GemvPlan, GEMV_MAX_K, GEMV_SHAPES, GEMV_WARPS};

@@ -109,7 +109,4 @@ pub struct ForcedChoices {
     /// Whether a convolution the implicit GEMM can take runs on it (true, the rule) or on the
     /// int8 im2col and the packed GEMM (false); see [`crate::plan::implicit_conv_plan`].
     pub implicit_conv: Option<bool>,
-    /// Whether the bf16 input gradient of a convolution runs on the implicit GEMM (true, the
-    /// rule) or on the transposed im2col and cuBLAS (false); see [`crate::plan::dgrad_plan`].
-    pub implicit_conv_grad: Option<bool>,
 }
