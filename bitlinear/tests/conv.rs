@@ -318,8 +318,8 @@ fn ref_conv_grads(s: &Shape, x: &[f32], w: &[f32], g: &[f32]) -> [(Vec<f64>, Vec
 fn backward_reference(dev: &Device) -> Result<()> {
     // The layer's gradients against the f64 straight-through reference, on random shapes.
     let mut r = rng("conv_backward_reference");
-    for _ in 0..if dev.is_cuda() { 20 } else { 6 } {
-        let s = Shape {
+    let mut shapes: Vec<Shape> = (0..if dev.is_cuda() { 20 } else { 6 })
+        .map(|_| Shape {
             b: r.gen_range(1..4),
             c: [3, r.gen_range(1..6)][r.gen_range(0..2)],
             h: 2 * r.gen_range(2..5) + 1,
@@ -328,7 +328,25 @@ fn backward_reference(dev: &Device) -> Result<()> {
             k: [1, 3][r.gen_range(0..2)],
             stride: r.gen_range(1..3),
             pad: r.gen_range(0..2),
-        };
+        })
+        .collect();
+    if dev.is_cuda() {
+        // several tiles of the bf16 input-gradient kernel: pixels past 128, channels past 64,
+        // k past its 32-wide tiles, a 5x5 kernel
+        for (b, c, hw, co, k, pad) in [(4, 32, 16, 64, 3, 1), (3, 70, 9, 130, 3, 1), (2, 5, 33, 3, 5, 2)] {
+            shapes.push(Shape {
+                b,
+                c,
+                h: hw,
+                w: hw,
+                co,
+                k,
+                stride: 1,
+                pad,
+            });
+        }
+    }
+    for s in shapes {
         let (ho, wo) = (
             (s.h + 2 * s.pad - s.k) / s.stride + 1,
             (s.w + 2 * s.pad - s.k) / s.stride + 1,
