@@ -26,6 +26,7 @@ fn main() {
             "kernels",
             "kernels/gemm90a.cu",
             "kernels/common.cuh",
+            "kernels/mma_tile.cuh",
             "kernels/tma.cuh",
             "kernels/wgmma.cuh",
         ]

@@ -23,24 +23,17 @@
 //     (ky, kx, ci0) once and issues one 16-byte cp.async a row, zero-filled where the pixel is
 //     padding, the row past M or the chunk past K.
 //   * Weight tile: BN rows x 32 bytes, 48-byte stride; thread tid copies 16 bytes of row tid / 2.
-//     Lane (g, t) decodes field t of its row's two group words into signed bytes (c - 1) for the
-//     B fragments, so the sums need no activation row sums.
+//     mma_tile.cuh decodes the weight fields into signed bytes (c - 1) for the B fragments, so
+//     the sums need no activation row sums.
 // Epilogue: each thread dequantizes its fragment (rows g, g + 8 of each 16-row MMA; columns 2t,
 // 2t + 1) and stores it into NCHW, where the lanes of one column write 8 consecutive pixels.
 // Indices into codes and y are 64-bit; M, N, K and the image sizes are 32-bit (checked on the
 // Rust side).
-#include "common.cuh"
+#include "mma_tile.cuh"
 
 #define IG_BK 128
 #define IG_XS_STRIDE 144
 #define IG_WS_STRIDE 48
-
-// Field t of the four bytes of a group word (unsigned codes c = w + 1 in {0, 1, 2}) as signed
-// bytes c - 1: with bit 7 set a byte never borrows from the next when 1 is subtracted.
-__device__ __forceinline__ uint32_t signed_field(uint32_t word, int t) {
-    const uint32_t c = (word >> (2 * t)) & 0x03030303u;
-    return ((c | 0x80808080u) - 0x01010101u) ^ 0x80808080u;
-}
 
 template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
 __device__ void conv_igemm_impl(const int8_t* __restrict__ codes, const uint8_t* __restrict__ Wp, int K4s,
@@ -128,28 +121,7 @@ __device__ void conv_igemm_impl(const int8_t* __restrict__ codes, const uint8_t*
             cp_async_commit();
         }
         const uint8_t* xs = smem + (kt % STAGES) * STAGE_BYTES;
-        const uint8_t* ws = xs + XS_BYTES;
-#pragma unroll
-        for (int ks = 0; ks < IG_BK / 32; ++ks) {
-            uint32_t a[MI][4];
-#pragma unroll
-            for (int i = 0; i < MI; ++i) {
-                const uint8_t* p = xs + (wm * WM + i * 16 + (lane & 15)) * IG_XS_STRIDE + ks * 32 + (lane >> 4) * 16;
-                ldmatrix_x4(a[i][0], a[i][1], a[i][2], a[i][3], p);
-            }
-            uint32_t b[NI][2];
-#pragma unroll
-            for (int j = 0; j < NI; ++j) {
-                const uint2 w = *reinterpret_cast<const uint2*>(ws + (wn * WN + j * 8 + g) * IG_WS_STRIDE + ks * 8);
-                b[j][0] = signed_field(w.x, t);
-                b[j][1] = signed_field(w.y, t);
-            }
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < NI; ++j)
-                    mma_s8_16832(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
-        }
+        mma_k_tile<MI, NI, IG_XS_STRIDE, IG_WS_STRIDE, true>(acc, xs, wm * WM, xs + XS_BYTES, wn * WN, lane);
     }
     cp_async_wait<0>();
 

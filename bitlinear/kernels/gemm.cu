@@ -12,7 +12,8 @@
 //   rowsum : (M) int32, sum over k of the codes of each row (written with Xp).
 //   y  : (M, N) row-major, int32 accumulators or OT after the epilogue (acc * s_x) * s_w.
 //
-// Tiling: CTA tile BM x BN, k tile 128 (32 packed bytes per weight row), STAGES-deep cp.async
+// Tiling: CTA tile BM x BN, k tile 128 (32 packed bytes per weight row; mma_tile.cuh multiplies
+// one), STAGES-deep cp.async
 // pipeline (global -> shared, 16-byte copies, zero-fill outside the matrix). Warps are laid out
 // WARPS_M x WARPS_N, each computing a (BM/WARPS_M) x (BN/WARPS_N) tile as MI x NI MMAs of 16 x 8.
 //   * X tile in shared memory: BM rows x 128 bytes with a 144-byte row stride, so the 8 row
@@ -30,7 +31,7 @@
 // tile, each taking a contiguous range of k tiles; they atomicAdd their i32 sums (the row sum of
 // x subtracted once, by z = 0) into a zeroed i32 buffer (exact, so the order does not matter),
 // and splitk_epilogue applies (acc * s_x) * s_w (or copies the sums, for i32 output).
-#include "common.cuh"
+#include "mma_tile.cuh"
 
 #define BK 128
 #define XS_STRIDE 144
@@ -117,28 +118,7 @@ __device__ void gemm_impl(const int8_t* __restrict__ Xp, int ld, const int* __re
             cp_async_commit();
         }
         const uint8_t* xs = smem + (kt % STAGES) * STAGE_BYTES;
-        const uint8_t* ws = xs + XS_BYTES;
-#pragma unroll
-        for (int ks = 0; ks < BK / 32; ++ks) {
-            uint32_t a[MI][4];
-#pragma unroll
-            for (int i = 0; i < MI; ++i) {
-                const uint8_t* p = xs + (wm * WM + i * 16 + (lane & 15)) * XS_STRIDE + ks * 32 + (lane >> 4) * 16;
-                ldmatrix_x4(a[i][0], a[i][1], a[i][2], a[i][3], p);
-            }
-            uint32_t b[NI][2];
-#pragma unroll
-            for (int j = 0; j < NI; ++j) {
-                const uint2 w = *reinterpret_cast<const uint2*>(ws + (wn * WN + j * 8 + g) * WS_STRIDE + ks * 8);
-                b[j][0] = (w.x >> (2 * t)) & 0x03030303u;  // unsigned codes c = w + 1
-                b[j][1] = (w.y >> (2 * t)) & 0x03030303u;
-            }
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < NI; ++j)
-                    mma_s8_16832(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
-        }
+        mma_k_tile<MI, NI, XS_STRIDE, WS_STRIDE, false>(acc, xs, wm * WM, xs + XS_BYTES, wn * WN, lane);
     }
     cp_async_wait<0>();
 

@@ -331,8 +331,8 @@ fn backward_reference(dev: &Device) -> Result<()> {
         })
         .collect();
     if dev.is_cuda() {
-        // several tiles of the bf16 input-gradient kernel: pixels past 128, channels past 64,
-        // k past its 32-wide tiles, a 5x5 kernel
+        // products of several cuBLAS tiles and split-K reductions: more channels, images and
+        // pixels than the random shapes, a 5x5 kernel
         for (b, c, hw, co, k, pad) in [(4, 32, 16, 64, 3, 1), (3, 70, 9, 130, 3, 1), (2, 5, 33, 3, 5, 2)] {
             shapes.push(Shape {
                 b,
@@ -387,8 +387,10 @@ fn backward_reference(dev: &Device) -> Result<()> {
             }
         }
         if dev.is_cuda() {
-            // bf16 operands (x~, W~, g each rounded by at most 2^-9 relative), f32 sums, the
-            // product rounded to bf16: within 4 · 2^-9 of the terms' magnitudes.
+            // bf16 operands (x~, W~, g each rounded by at most 2^-8 relative: 8 significant
+            // bits), f32 sums, the product rounded to bf16: within 4 · 2^-8 of the terms'
+            // magnitudes; cuBLAS may round split-K partial sums to bf16 as well (two more
+            // roundings allowed for).
             let cfg = BitConv2dConfig {
                 bf16_grad_products: true,
                 ..cfg
@@ -401,7 +403,7 @@ fn backward_reference(dev: &Device) -> Result<()> {
                 assert_eq!(got.dtype(), DType::F32, "{name}: returned in the variable's dtype");
                 let got: Vec<f32> = got.flatten_all()?.to_vec1()?;
                 for (i, ((&gv, &wv), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                    let tol = 8e-3 * m + 1e-12;
+                    let tol = 6.0 / 256.0 * m + 1e-12;
                     assert!(
                         (gv as f64 - wv).abs() <= tol,
                         "{s:?} {name}[{i}]: got {gv}, want {wv}, tol {tol}"

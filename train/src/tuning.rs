@@ -35,7 +35,7 @@ pub struct CudaTuning {
     /// The ternary convolutions' backward products (input and weight gradients) take bf16
     /// operands and return bf16 sums (f32 accumulation), instead of f32 with TF32
     /// ([`model::ComputeOptions::bf16_conv_grads`]). Unlike the other switches this rounds the
-    /// gradients more coarsely (relative 2^-9 instead of TF32's 2^-11), so it changes the run
+    /// gradients more coarsely (relative 2^-8 instead of TF32's 2^-11), so it changes the run
     /// beyond summation order; measured against the f32 products in bench/RESULTS.md.
     pub bf16_conv_grads: bool,
 }
