@@ -226,8 +226,14 @@ fn weight_grad(x: &Tensor, g: &Tensor, (kh, kw): (usize, usize), p: usize, produ
     let (hp, wp) = (h + 2 * p, w + 2 * p);
     let frame = b * hp * wp;
     let tail = (kh - 1) * wp + kw - 1;
-    let xs = padded_channels_first(x, (hp, wp), (p, p), tail, products)?;
-    let gs = padded_channels_first(g, (hp, wp), (0, 0), 0, products)?.reshape((o, frame))?;
+    // bf16 operands from an f32 gradient (`bf16_grad_products`); otherwise the f32 layout as
+    // before, whatever the training dtype.
+    let layout = match products == DType::BF16 && g.dtype() == DType::F32 {
+        true => DType::BF16,
+        false => DType::F32,
+    };
+    let xs = padded_channels_first(x, (hp, wp), (p, p), tail, layout)?;
+    let gs = padded_channels_first(g, (hp, wp), (0, 0), 0, layout)?.reshape((o, frame))?;
     debug_assert!(ho <= hp && wo <= wp);
     let mut taps = Vec::with_capacity(kh * kw);
     for ky in 0..kh {
@@ -253,7 +259,6 @@ fn padded_channels_first(
     let t = t.to_dtype(DType::F32)?;
     #[cfg(feature = "cuda")]
     if t.device().is_cuda() {
-        let out = if out == DType::BF16 { out } else { DType::F32 };
         return crate::cuda::pad_channels_first(&t, (hp, wp), (top, left), tail, out);
     }
     let (_, _, h, w) = t.dims4()?;
