@@ -332,13 +332,19 @@ fn backward_reference(dev: &Device) -> Result<()> {
         .collect();
     if dev.is_cuda() {
         // products of several cuBLAS tiles and split-K reductions: more channels, images and
-        // pixels than the random shapes, a 5x5 kernel
-        for (b, c, hw, co, k, pad) in [(4, 32, 16, 64, 3, 1), (3, 70, 9, 130, 3, 1), (2, 5, 33, 3, 5, 2)] {
+        // pixels than the random shapes, a 5x5 kernel; an even row length with odd rows (the
+        // transposed im2col's pixel pairs then straddle rows)
+        for (b, c, (h, w), co, k, pad) in [
+            (4, 32, (16, 16), 64, 3, 1),
+            (3, 70, (9, 9), 130, 3, 1),
+            (2, 5, (33, 33), 3, 5, 2),
+            (2, 5, (8, 7), 3, 3, 1),
+        ] {
             shapes.push(Shape {
                 b,
                 c,
-                h: hw,
-                w: hw,
+                h,
+                w,
                 co,
                 k,
                 stride: 1,
