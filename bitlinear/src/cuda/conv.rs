@@ -77,41 +77,69 @@ pub(crate) fn codes_nhwc(codes: &Tensor, c: usize, hw: usize) -> Result<Tensor> 
     if codes.dtype() != DType::U8 || codes.dims2()? != (b, c * hw) {
         bail!("bitlinear cuda: codes_nhwc needs U8 codes (B, C·H·W)")
     }
-    let codes = codes.contiguous()?;
-    let (st, l) = codes.storage_and_layout();
-    let (Storage::Cuda(s), Some((s0, _))) = (&*st, l.contiguous_offsets()) else {
-        bail!("bitlinear cuda: codes_nhwc expects a CUDA tensor")
-    };
-    let dev = &s.device;
-    let ctx = Ctx::new(dev)?;
     let total = b * c * hw;
-    let mut out = ctx.alloc::<u8>(total)?;
-    if total > 0 {
+    map_out(codes, total, (b, hw, c), DType::U8, "codes_nhwc", |ctx, sp, op| {
         let (grid_dim, block_dim) = codes_nhwc_plan(b, c, hw);
         let cfg = LaunchConfig {
             grid_dim,
             block_dim,
             shared_mem_bytes: 0,
         };
-        let mut guards = Vec::new();
-        let sp = in_ptr(s, s0, &ctx.stream, &mut guards)?;
-        let op = out_ptr(&mut out, &ctx.stream, &mut guards);
         let f = ctx.func(Module::Conv, "codes_nhwc")?;
         let (bi, ci, hwi) = (i32_arg(b, "images")?, i32_arg(c, "C")?, i32_arg(hw, "H*W")?);
         i32_arg(c * hw, "C*H*W")?;
-        launch!(ctx, f, cfg, sp, op, bi, ci, hwi)?;
-        drop(guards);
-    }
-    let out = storage(CudaStorageSlice::U8(out), dev);
-    Ok(crate::device::tensor_from(Storage::Cuda(out), (b, hw, c)))
+        launch!(ctx, f, cfg, sp, op, bi, ci, hwi)
+    })
 }
 
-/// The weight scale of [`conv_dequantize`]: a host value, or a one-element F32 tensor on the
-/// device (never read back to the host).
+/// The weight scale of [`conv_dequantize`] and the implicit GEMM: a host value, or a
+/// one-element F32 tensor on the device (never read back to the host).
 #[derive(Clone, Copy)]
 pub(crate) enum WeightScale<'a> {
     Host(f32),
     Device(&'a Tensor),
+}
+
+/// A weight scale ready for a launch: the host value, or the device scale's storage, held
+/// while its pointer is in use.
+pub(super) struct HeldScale<'t, G> {
+    host: f32,
+    device: Option<(G, &'t Layout)>,
+}
+
+impl<'t> WeightScale<'t> {
+    /// The scale ready for [`HeldScale::args`].
+    pub(super) fn hold(self) -> HeldScale<'t, impl std::ops::Deref<Target = Storage> + 't> {
+        match self {
+            WeightScale::Host(v) => HeldScale { host: v, device: None },
+            WeightScale::Device(t) => HeldScale {
+                host: 0.0,
+                device: Some(t.storage_and_layout()),
+            },
+        }
+    }
+}
+
+impl<G: std::ops::Deref<Target = Storage>> HeldScale<'_, G> {
+    /// The kernels' `(sw_val, sw_ptr)`: the host value and a null pointer, or 0 and the pointer
+    /// of the device scale (one contiguous F32 value on CUDA; `who` names the caller in errors).
+    pub(super) fn args<'a>(
+        &'a self,
+        stream: &'a candle_core::cuda_backend::cudarc::driver::CudaStream,
+        guards: &mut Vec<candle_core::cuda_backend::cudarc::driver::SyncOnDrop<'a>>,
+        who: &str,
+    ) -> Result<(f32, u64)> {
+        let Some((st, l)) = &self.device else {
+            return Ok((self.host, 0));
+        };
+        let (Storage::Cuda(w), Some((w0, _))) = (&**st, l.contiguous_offsets()) else {
+            bail!("bitlinear cuda: {who} needs a contiguous CUDA weight scale")
+        };
+        if w.dtype() != DType::F32 || l.shape().elem_count() != 1 {
+            bail!("bitlinear cuda: {who} needs one F32 weight scale")
+        }
+        Ok((0.0, in_ptr(w, w0, stream, guards)?))
+    }
 }
 
 /// One tile's accumulators `acc` (I32 `(bi, r, N)`, images `i0 ..`) dequantized with the
@@ -135,11 +163,7 @@ pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: Wei
     let stream = &ctx.stream;
     let total = bi * r * n;
     let mut out = ctx.alloc::<f32>(total)?;
-    // A device scale's storage, held while its pointer is in use.
-    let sw_storage = match s_w {
-        WeightScale::Device(t) => Some(t.storage_and_layout()),
-        WeightScale::Host(_) => None,
-    };
+    let held = s_w.hold();
     if total > 0 {
         let p = conv_dequant_plan(bi, r, n, &ctx.info);
         let mut guards = Vec::new();
@@ -148,20 +172,12 @@ pub(crate) fn conv_dequantize(acc: &Tensor, scales: &Tensor, i0: usize, s_w: Wei
         let yp = out_ptr(&mut out, stream, &mut guards);
         let cfg = grid(p.blocks, p.threads, "dequantizer blocks")?;
         let (images, rows, cols) = (i32_arg(bi, "images")?, i32_arg(r, "rows")?, i32_arg(n, "N")?);
-        match (s_w, &sw_storage) {
-            (WeightScale::Host(s_w), _) => {
+        match held.args(stream, &mut guards, "conv_dequantize")? {
+            (s_w, 0) => {
                 let f = ctx.func(Module::Conv, "conv_dequant_f32")?;
                 launch!(ctx, f, cfg, ap, sp, s_w, yp, images, rows, cols)?;
             }
-            (WeightScale::Device(_), None) => unreachable!("a device scale has its storage"),
-            (WeightScale::Device(_), Some((w_st, w_l))) => {
-                let (Storage::Cuda(w), Some((w0, _))) = (&**w_st, w_l.contiguous_offsets()) else {
-                    bail!("bitlinear cuda: conv_dequantize needs a contiguous CUDA weight scale")
-                };
-                if w.dtype() != DType::F32 || w_l.shape().elem_count() != 1 {
-                    bail!("bitlinear cuda: conv_dequantize needs one F32 weight scale")
-                }
-                let wp = in_ptr(w, w0, stream, &mut guards)?;
+            (_, wp) => {
                 let f = ctx.func(Module::Conv, "conv_dequant_f32_dsw")?;
                 launch!(ctx, f, cfg, ap, sp, wp, yp, images, rows, cols)?;
             }
@@ -265,7 +281,7 @@ pub(crate) fn im2col_t(
 }
 
 /// A kernel from one contiguous CUDA tensor `src` (its dtype checked by the caller) into a new
-/// buffer of `total` values of `out` (F32 or BF16), returned as a tensor of `shape`:
+/// buffer of `total` values of `out` (U8, F32 or BF16), returned as a tensor of `shape`:
 /// `launch(ctx, src, out)` gets the two device pointers and is not called when `total` is 0.
 /// `who` names the caller in errors.
 fn map_out(

@@ -3,7 +3,6 @@
 //! channels last, the weight codes packed in the kernel's k order, then one kernel writes the
 //! dequantized NCHW output.
 
-use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
@@ -85,11 +84,7 @@ pub(crate) fn implicit_conv_f32(
         let (x_st, x_l) = x.storage_and_layout();
         let (s_st, s_l) = s_x.storage_and_layout();
         let (w_st, w_l) = w_bytes.storage_and_layout();
-        let sw_storage = match s_w {
-            WeightScale::Device(t) => Some(t.contiguous()?),
-            WeightScale::Host(_) => None,
-        };
-        let sw_guard = sw_storage.as_ref().map(|t| t.storage_and_layout());
+        let held = s_w.hold();
         let (Storage::Cuda(xs), Storage::Cuda(ss)) = (&*x_st, &*s_st) else {
             bail!("bitlinear cuda: implicit_conv expects CUDA tensors")
         };
@@ -107,19 +102,7 @@ pub(crate) fn implicit_conv_f32(
             bail!("bitlinear cuda: implicit_conv weight left the GPU")
         };
         let wp = in_ptr(ws, w0, stream, &mut guards)?;
-        let (sw_val, sw_ptr) = match (&s_w, &sw_guard) {
-            (WeightScale::Host(v), _) => (*v, 0u64),
-            (WeightScale::Device(_), Some((st, l))) => {
-                let (Storage::Cuda(st), Some((o, _))) = (&**st, l.contiguous_offsets()) else {
-                    bail!("bitlinear cuda: implicit_conv needs a CUDA weight scale")
-                };
-                if st.dtype() != DType::F32 || l.shape().elem_count() != 1 {
-                    bail!("bitlinear cuda: implicit_conv needs one F32 weight scale")
-                }
-                (0.0, in_ptr(st, o, stream, &mut guards)?)
-            }
-            (WeightScale::Device(_), None) => unreachable!("a device scale has its storage"),
-        };
+        let (sw_val, sw_ptr) = held.args(stream, &mut guards, "implicit_conv")?;
         let yp = out_ptr(&mut out, stream, &mut guards);
         let f = ctx.func(Module::ConvIgemm, p.tile.kernel_name())?;
         let (_, _, threads) = p.tile.shape();
