@@ -179,9 +179,22 @@ impl<C: Module> Module for Stem<C> {
     }
 }
 
-/// Max over the spatial positions: `(B, C, H, W) -> (B, C)`.
-fn global_max_pool(x: &Tensor) -> Result<Tensor> {
-    x.flatten_from(2)?.max(2)
+/// Max over the spatial positions: `(B, C, H, W) -> (B, C)`. Halved by `pool`'s 2x2 kernel
+/// while both sides are even (the network's 4x4 maps: twice), the rest by candle's `max`: the
+/// same maxima, and candle reduces a row of 16 with a block of its own and differentiates
+/// through an equality mask over the whole map.
+fn global_max_pool(x: &Tensor, pool: PoolKernel) -> Result<Tensor> {
+    let mut x = x.clone();
+    while let [_, _, h, w] = x.dims() {
+        if *h < 2 || *w < 2 || h % 2 != 0 || w % 2 != 0 {
+            break;
+        }
+        x = pool.max_pool2x2(&x)?;
+    }
+    match x.dims() {
+        [b, c, 1, 1] => x.reshape((*b, *c)),
+        _ => x.flatten_from(2)?.max(2),
+    }
 }
 
 /// The fully ternary speed-run network in its training form. See the module docs.
@@ -241,7 +254,7 @@ impl TernarySpeedrun {
         for block in &self.blocks {
             x = block.forward_t(&x, self.options.pool, self.options.fused_norm_gelu, train)?;
         }
-        self.head.forward(&global_max_pool(&x)?)
+        self.head.forward(&global_max_pool(&x, self.options.pool)?)
     }
 
     /// The stem and its GELU. Training with the fused batch norm + GELU on (f32 on CUDA, or the
@@ -307,7 +320,7 @@ impl Module for PackedTernarySpeedrun {
         for block in &self.blocks {
             x = block.forward_t(&x, self.pool, true, false)?;
         }
-        self.head.forward(&global_max_pool(&x)?)
+        self.head.forward(&global_max_pool(&x, self.pool)?)
     }
 }
 

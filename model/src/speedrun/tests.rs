@@ -251,3 +251,47 @@ fn config_json_round_trip_and_errors() {
         assert!(parse_config(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn global_max_pool_takes_the_maximum_and_its_gradient() -> Result<()> {
+    // Against a plain maximum over each map (and its gradient, 1 at the first maximum of a
+    // map with distinct values), on even, odd and unit sides, with both pool kernels.
+    let dev = Device::Cpu;
+    let mut seed = 7u64;
+    for (h, w) in [(4, 4), (6, 6), (5, 5), (4, 6), (1, 1), (2, 3)] {
+        for pool in [PoolKernel::Fused, PoolKernel::TensorOps] {
+            seed += 1;
+            let (b, c) = (2, 3);
+            // distinct values: a permutation of 0..n scaled, so every map has one maximum
+            let n = b * c * h * w;
+            let mut order: Vec<usize> = (0..n).collect();
+            let mut state = seed;
+            for i in (1..n).rev() {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                order.swap(i, (state >> 33) as usize % (i + 1));
+            }
+            let values: Vec<f32> = order.iter().map(|&v| v as f32 * 0.5 - 7.0).collect();
+            let x = candle_core::Var::from_vec(values.clone(), (b, c, h, w), &dev)?;
+            let y = global_max_pool(x.as_tensor(), pool)?;
+            assert_eq!(y.dims(), &[b, c]);
+            let got: Vec<f32> = y.flatten_all()?.to_vec1()?;
+            let grad: Vec<f32> = y
+                .sum_all()?
+                .backward()?
+                .get(&x)
+                .expect("grad")
+                .flatten_all()?
+                .to_vec1()?;
+            for (m, map) in values.chunks(h * w).enumerate() {
+                let (arg, &max) = map.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("a map");
+                assert_eq!(got[m], max, "{h}x{w} {pool:?} map {m}");
+                for (i, &g) in grad[m * h * w..(m + 1) * h * w].iter().enumerate() {
+                    assert_eq!(g, if i == arg { 1.0 } else { 0.0 }, "{h}x{w} {pool:?} map {m} grad {i}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
