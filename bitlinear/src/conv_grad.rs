@@ -1,5 +1,6 @@
 //! The backward of [`BitConv2d`](crate::BitConv2d)'s stride-1 convolutions, made of matrix
-//! products.
+//! products, and [`float_conv2d`]: a float convolution with the same backward (`x~ = x`,
+//! `W~ = W`).
 //!
 //! The forward value `y = (conv(x_q, W_q) · s_x) · s_w` is computed on the codes alone (no
 //! gradient); the op here hands it on and carries the straight-through gradients, those of
@@ -46,37 +47,80 @@ pub(crate) fn quantized_conv2d(
     padding: usize,
     bf16_products: bool,
 ) -> Result<Tensor> {
-    let op = QuantizedConvGrad {
+    let op = ConvGrad {
         y,
         w_tilde,
         padding,
         bf16_products,
+        quantized: true,
     };
     x.apply_op2(w, op)
 }
 
-/// The op: its forward returns the precomputed output `y`, its backward the two products.
-struct QuantizedConvGrad {
+/// The float convolution `conv2d(x, w)` of `x (B, C, H, W)` with `w (O, C, k, k)`, stride 1,
+/// zero padding `padding` on every side, whose gradients are the matrix products of the module
+/// docs with `x~ = x` and `W~ = w`. candle 0.11 differentiates its own `conv2d` with
+/// `conv_transpose2d` for the input gradient, a direct loop per input value on CUDA.
+///
+/// The value is candle's `conv2d`. A non-square kernel or `padding >= k` takes candle's
+/// `conv2d` whole, and so does an input on a device other than the CPU for now: the CUDA
+/// products are not yet measured against candle's on a GPU.
+///
+/// ```
+/// use bitlinear::float_conv2d;
+/// use candle_core::{Device, Tensor, Var};
+/// let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 8, 8), &Device::Cpu)?)?;
+/// let w = Var::from_tensor(&Tensor::randn(0f32, 0.2, (4, 3, 3, 3), &Device::Cpu)?)?;
+/// let y = float_conv2d(x.as_tensor(), w.as_tensor(), 1)?;
+/// assert_eq!(y.dims(), &[2, 4, 8, 8]);
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(&w).unwrap().dims(), &[4, 3, 3, 3]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn float_conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let tracked = x.track_op() || w.track_op();
+    if !tracked || !has_gemm_grad(1, kh, kw, padding) || !x.device().is_cpu() {
+        return x.conv2d(w, padding, 1, 1, 1);
+    }
+    let y = x.detach().conv2d(&w.detach(), padding, 1, 1, 1)?;
+    let op = ConvGrad {
+        y,
+        w_tilde: w.detach(),
+        padding,
+        bf16_products: false,
+        quantized: false,
+    };
+    x.apply_op2(w, op)
+}
+
+/// The op: its forward returns the precomputed output `y`, its backward the two products, with
+/// `x~` the per-image fake quantization of `x` where `quantized`, else `x` itself.
+struct ConvGrad {
     y: Tensor,
     w_tilde: Tensor,
     padding: usize,
     bf16_products: bool,
+    quantized: bool,
 }
 
-impl QuantizedConvGrad {
+impl ConvGrad {
     fn output<S: BackendStorage>(&self, pick: impl Fn(&candle_core::Storage) -> Option<&S>) -> Result<(S, Shape)> {
         let y = self.y.contiguous()?;
         let (storage, layout) = y.storage_and_layout();
         match pick(&storage) {
             Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            None => candle_core::bail!("quantized-conv: output on another device"),
+            None => candle_core::bail!("{}: output on another device", self.name()),
         }
     }
 }
 
-impl CustomOp2 for QuantizedConvGrad {
+impl CustomOp2 for ConvGrad {
     fn name(&self) -> &'static str {
-        "bitlinear-quantized-conv"
+        match self.quantized {
+            true => "bitlinear-quantized-conv",
+            false => "bitlinear-float-conv",
+        }
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -102,13 +146,17 @@ impl CustomOp2 for QuantizedConvGrad {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         if x.device().is_cpu() {
-            return cpu_grads(x, w, &self.w_tilde, g, self.padding);
+            return cpu_grads(x, w, &self.w_tilde, g, (self.padding, self.quantized));
         }
         let (b, c, h, wd) = x.dims4()?;
         // x~ again from x (one pass) rather than kept from the forward.
-        let x_tilde = fake_quantize_activations(&x.reshape((b, c * h * wd))?, ActScaling::PerToken)?
-            .reshape((b, c, h, wd))?
-            .to_dtype(g.dtype())?;
+        let x_tilde = match self.quantized {
+            true => {
+                fake_quantize_activations(&x.reshape((b, c * h * wd))?, ActScaling::PerToken)?.reshape((b, c, h, wd))?
+            }
+            false => x.clone(),
+        }
+        .to_dtype(g.dtype())?;
         // The products' operand dtype: bf16 only from f32 operands on CUDA (our kernels round
         // the f32 gradient and x~ while they lay them out).
         let products = match self.bf16_products && g.device().is_cuda() && g.dtype() == DType::F32 {
@@ -127,14 +175,14 @@ impl CustomOp2 for QuantizedConvGrad {
     }
 }
 
-/// The CPU backward ([`crate::conv_grad_cpu`]): `dL/dx` only where `x` is tracked (not for the
-/// images under a first layer).
+/// The CPU backward ([`crate::conv_grad_cpu`]) with padding `p`, `x` fake-quantized where
+/// `quantized`: `dL/dx` only where `x` is tracked (not for the images under a first layer).
 fn cpu_grads(
     x: &Tensor,
     w: &Tensor,
     w_tilde: &Tensor,
     g: &Tensor,
-    p: usize,
+    (p, quantized): (usize, bool),
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let (b, c, h, wd) = x.dims4()?;
     let (o, _, k, _) = w_tilde.dims4()?;
@@ -153,7 +201,7 @@ fn cpu_grads(
         &f32_values(w_tilde)?,
         &f32_values(g)?,
         shapes,
-        x.track_op(),
+        (x.track_op(), quantized),
     );
     let dev = x.device();
     let dx = dx
@@ -311,6 +359,50 @@ mod tests {
             }
         }
         assert!(!has_gemm_grad(2, 3, 3, 1) && !has_gemm_grad(1, 3, 1, 0) && !has_gemm_grad(1, 3, 3, 3));
+        Ok(())
+    }
+
+    /// `float_conv2d` gives candle's `conv2d` value exactly and its gradients up to summation
+    /// order, for images with and without a gradient, and falls back to candle's where the
+    /// products do not apply (`padding >= k`).
+    #[test]
+    fn float_conv2d_matches_candles_conv2d() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, c, h, w, o, k, p) in [
+            (2, 3, 7, 5, 4, 3, 1),
+            (3, 2, 6, 6, 5, 3, 0),
+            (2, 4, 5, 9, 2, 1, 0),
+            (1, 2, 8, 7, 3, 5, 2),
+            (2, 3, 5, 5, 2, 1, 1),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
+            let k_ = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev)?)?;
+            let theirs_y = x.as_tensor().conv2d(k_.as_tensor(), p, 1, 1, 1)?;
+            let ours_y = float_conv2d(x.as_tensor(), k_.as_tensor(), p)?;
+            assert_eq!(
+                ours_y.flatten_all()?.to_vec1::<f32>()?,
+                theirs_y.flatten_all()?.to_vec1::<f32>()?
+            );
+            let g = Tensor::randn(0f32, 1.0, theirs_y.dims(), &dev)?;
+            let theirs = (&theirs_y * &g)?.sum_all()?.backward()?;
+            let ours = (&ours_y * &g)?.sum_all()?.backward()?;
+            for (v, terms) in [(&x, o * k * k), (&k_, b * h * w)] {
+                let t = theirs.get(v.as_tensor()).expect("their gradient");
+                let u = ours.get(v.as_tensor()).expect("our gradient");
+                let scale = t.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                let d = (u - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d <= 1e-6 * scale * terms as f32, "{d} (scale {scale})");
+            }
+            // images without a gradient (a first layer's): the weight's alone, the same (candle's
+            // own conv2d, the fallback, computes an input gradient either way)
+            let plain = x.as_tensor().detach();
+            let alone = (float_conv2d(&plain, k_.as_tensor(), p)? * &g)?.sum_all()?.backward()?;
+            assert_eq!(alone.get(&plain).is_none(), has_gemm_grad(1, k, k, p));
+            assert_eq!(
+                alone.get(k_.as_tensor()).expect("dw").flatten_all()?.to_vec1::<f32>()?,
+                ours.get(k_.as_tensor()).expect("dw").flatten_all()?.to_vec1::<f32>()?
+            );
+        }
         Ok(())
     }
 }

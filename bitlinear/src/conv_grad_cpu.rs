@@ -4,7 +4,8 @@
 //!
 //! For a chunk of `nb` images (P = nb·Ho·Wo output pixels, P' = nb·H·W input pixels):
 //! - `dL/dW (O, C·k²) += G (O, P) · colsᵀ`, where `cols (C·k², P)` is the im2col of
-//!   `x~ = x_q · s_x` (each image quantized here, as the forward did) with padding `p`;
+//!   `x~ = x_q · s_x` (each image quantized here, as the forward did; `x` itself for a float
+//!   convolution) with padding `p`;
 //! - `dL/dx (C, P') = W~' (C, O·k²) · gcols (O·k², P')`, where `gcols` is the im2col of `g` with
 //!   padding `k - 1 - p` and `W~'[c][o, ky, kx] = W~[o][c][k-1-ky][k-1-kx]`.
 //!
@@ -43,10 +44,17 @@ impl Shapes {
     }
 }
 
-/// `(dL/dx, dL/dW)` for the input `x (b, c, h, w)`, the fake-quantized weight
-/// `w_tilde (o, c, k, k)` and the output gradient `g (b, o, Ho, Wo)`, all contiguous f32.
-/// `dL/dx` (same shape as `x`) only when `want_dx`; `dL/dW` has `w_tilde`'s shape.
-pub(crate) fn grads(x: &[f32], w_tilde: &[f32], g: &[f32], s: Shapes, want_dx: bool) -> (Option<Vec<f32>>, Vec<f32>) {
+/// `(dL/dx, dL/dW)` for the input `x (b, c, h, w)` (fake-quantized here where `quantize_x`),
+/// the fake-quantized weight `w_tilde (o, c, k, k)` and the output gradient `g (b, o, Ho, Wo)`,
+/// all contiguous f32. `dL/dx` (same shape as `x`) only when `want_dx`; `dL/dW` has
+/// `w_tilde`'s shape.
+pub(crate) fn grads(
+    x: &[f32],
+    w_tilde: &[f32],
+    g: &[f32],
+    s: Shapes,
+    (want_dx, quantize_x): (bool, bool),
+) -> (Option<Vec<f32>>, Vec<f32>) {
     let (ho, wo) = s.out_hw();
     let kk = s.k * s.k;
     let (img_x, img_g) = (s.c * s.h * s.w, s.o * ho * wo);
@@ -81,7 +89,8 @@ pub(crate) fn grads(x: &[f32], w_tilde: &[f32], g: &[f32], s: Shapes, want_dx: b
                 let i0 = chunk * nb;
                 let n = nb.min(s.b - i0);
                 let gs = &g[i0 * img_g..(i0 + n) * img_g];
-                weight_grad_chunk(&x[i0 * img_x..(i0 + n) * img_x], gs, s, n, &mut scratch, &mut part);
+                let xs = &x[i0 * img_x..(i0 + n) * img_x];
+                weight_grad_chunk(xs, gs, (s, quantize_x), n, &mut scratch, &mut part);
                 if let (Some(dxg), Some(flipped)) = (dx_group.as_deref_mut(), flipped.as_deref()) {
                     let at = (i0 - grp * group_images) * img_x;
                     input_grad_chunk(gs, flipped, s, n, &mut scratch, &mut dxg[at..at + n * img_x]);
@@ -132,20 +141,33 @@ fn flipped_transposed(w_tilde: &[f32], s: Shapes) -> Vec<f32> {
     out
 }
 
-/// Adds one chunk's `G · colsᵀ` to `dw (o, c·k²)`.
-fn weight_grad_chunk(xs: &[f32], gs: &[f32], s: Shapes, n: usize, scratch: &mut Scratch, dw: &mut [f32]) {
+/// Adds one chunk's `G · colsᵀ` to `dw (o, c·k²)`, `xs` fake-quantized first where `quantize`.
+fn weight_grad_chunk(
+    xs: &[f32],
+    gs: &[f32],
+    (s, quantize): (Shapes, bool),
+    n: usize,
+    scratch: &mut Scratch,
+    dw: &mut [f32],
+) {
     let (ho, wo) = s.out_hw();
     let (img_x, pix, kc) = (s.c * s.h * s.w, ho * wo, s.c * s.k * s.k);
     let p_cols = n * pix;
     // x~ of each image, as the forward quantized it.
-    let x_tilde = take(&mut scratch.x_tilde, xs.len());
-    let codes = take(&mut scratch.codes, img_x);
-    for (src, dst) in xs.chunks_exact(img_x).zip(x_tilde.chunks_exact_mut(img_x)) {
-        let s_x = quant::quantize_row(src, codes);
-        for (d, &q) in dst.iter_mut().zip(codes.iter()) {
-            *d = q as f32 * s_x;
+    let x_tilde: &[f32] = match quantize {
+        true => {
+            let x_tilde = take(&mut scratch.x_tilde, xs.len());
+            let codes = take(&mut scratch.codes, img_x);
+            for (src, dst) in xs.chunks_exact(img_x).zip(x_tilde.chunks_exact_mut(img_x)) {
+                let s_x = quant::quantize_row(src, codes);
+                for (d, &q) in dst.iter_mut().zip(codes.iter()) {
+                    *d = q as f32 * s_x;
+                }
+            }
+            x_tilde
         }
-    }
+        false => xs,
+    };
     let cols = take(&mut scratch.cols, kc * p_cols);
     im2col_t(x_tilde, n, (s.c, s.h, s.w), (ho, wo), s.k, s.p, cols);
     // G (o, P): each image's (o, Ho·Wo) block side by side.
@@ -315,14 +337,17 @@ mod tests {
 
     /// Direct f64 sums of the definitions: `dx[i][c][y][x] = Σ g[i][o][y+p-ky][x+p-kx] ·
     /// W~[o][c][ky][kx]`, `dW[o][c][ky][kx] = Σ g[i][o][oy][ox] · x~[i][c][oy+ky-p][ox+kx-p]`.
-    fn reference(x: &[f32], w: &[f32], g: &[f32], s: Shapes) -> (Vec<f64>, Vec<f64>) {
+    /// The gradients as direct f64 sums, `x` fake-quantized per image first where `quantize`.
+    fn reference(x: &[f32], w: &[f32], g: &[f32], s: Shapes, quantize: bool) -> (Vec<f64>, Vec<f64>) {
         let (ho, wo) = s.out_hw();
         let k = s.k;
-        let mut x_tilde = vec![0f32; x.len()];
-        for (src, dst) in x.chunks(s.c * s.h * s.w).zip(x_tilde.chunks_mut(s.c * s.h * s.w)) {
-            let s_x = quant::absmax_scale(src);
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = quant::int8(v, s_x) as f32 * s_x;
+        let mut x_tilde = x.to_vec();
+        if quantize {
+            for (src, dst) in x.chunks(s.c * s.h * s.w).zip(x_tilde.chunks_mut(s.c * s.h * s.w)) {
+                let s_x = quant::absmax_scale(src);
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = quant::int8(v, s_x) as f32 * s_x;
+                }
             }
         }
         let mut dx = vec![0f64; x.len()];
@@ -373,14 +398,21 @@ mod tests {
             let x = rand(b * c * h * w);
             let wt = rand(o * c * k * k);
             let g = rand(b * o * ho * wo);
-            let (dx, dw) = grads(&x, &wt, &g, s, true);
-            let (rx, rw) = reference(&x, &wt, &g, s);
-            for (ours, want, terms) in [(dx.unwrap(), rx, o * k * k), (dw, rw, b * ho * wo)] {
-                for (a, e) in ours.iter().zip(&want) {
-                    assert!((*a as f64 - e).abs() <= 1e-6 * terms as f64, "{s:?}: {a} vs {e}");
+            for quantize in [true, false] {
+                let (dx, dw) = grads(&x, &wt, &g, s, (true, quantize));
+                let (rx, rw) = reference(&x, &wt, &g, s, quantize);
+                for (ours, want, terms) in [(dx.unwrap(), rx, o * k * k), (dw, rw, b * ho * wo)] {
+                    for (a, e) in ours.iter().zip(&want) {
+                        assert!(
+                            (*a as f64 - e).abs() <= 1e-6 * terms as f64,
+                            "{s:?} quantize {quantize}: {a} vs {e}"
+                        );
+                    }
                 }
+                let (no_dx, dw_alone) = grads(&x, &wt, &g, s, (false, quantize));
+                assert!(no_dx.is_none());
+                assert_eq!(dw_alone, grads(&x, &wt, &g, s, (true, quantize)).1);
             }
-            assert!(grads(&x, &wt, &g, s, false).0.is_none());
         }
     }
 }

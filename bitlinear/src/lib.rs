@@ -23,6 +23,7 @@ pub mod plan;
 pub mod quant;
 
 pub use conv::{bit_conv2d, bit_conv2d_no_bias, BitConv2d, BitConv2dConfig};
+pub use conv_grad::float_conv2d;
 pub use device::{cuda_device_info, kernel_settings, packed_accumulate, quantize_activations, set_kernel_settings};
 pub use input_norm::{packed_matmul_normed, InputNorm};
 pub use layer::{bit_linear, bit_linear_no_bias, bit_linear_with_config, BitLinear};

@@ -197,10 +197,12 @@ impl Conv {
 }
 
 impl Module for Conv {
+    /// candle's `conv2d` value; in training its gradients come from [`bitlinear::float_conv2d`]'s
+    /// matrix products.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = cast(&self.weight, x.dtype())?;
         let b = cast(&self.bias, x.dtype())?;
-        let y = x.conv2d(&w, self.padding, 1, 1, 1)?;
+        let y = bitlinear::float_conv2d(x, &w, self.padding)?;
         let c = b.dim(0)?;
         y.broadcast_add(&b.reshape((1, c, 1, 1))?)
     }
