@@ -61,7 +61,7 @@ pub(crate) fn grads(
     assert!(x.len() == s.b * img_x && g.len() == s.b * img_g && w_tilde.len() == s.o * s.c * kk);
     let mut dw = vec![0f32; s.o * s.c * kk];
     let mut dx = want_dx.then(|| vec![0f32; s.b * img_x]);
-    if s.b == 0 || dw.is_empty() {
+    if s.b == 0 || dw.is_empty() || ho * wo == 0 {
         return (dx, dw);
     }
     // Images per chunk: both im2col buffers within CHUNK_VALUES, and at least GROUPS chunks

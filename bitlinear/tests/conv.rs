@@ -278,10 +278,21 @@ fn implicit_gemm_shapes(dev: &Device) -> Result<()> {
 /// Straight-through gradients of `Σ g · conv(x~, w~)` in f64, with `x~ = x_q·s_x` per image and
 /// `w~ = w_q·s_w`: `dx[n,c,iy,ix] = Σ g[n,o,y,x]·w~[o,c,ky,kx]` over the taps reading that input,
 /// `dw[o,c,ky,kx] = Σ g[n,o,y,x]·x~[n,c,iy,ix]`; padding taps read nothing.
-/// Each with the sum of the magnitudes of its terms, for a rounding bound.
-fn ref_conv_grads(s: &Shape, x: &[f32], w: &[f32], g: &[f32]) -> [(Vec<f64>, Vec<f64>); 2] {
+/// Each with the sum of the magnitudes of its terms, for a rounding bound. `quantized: false`
+/// takes `x~ = x` and `w~ = w` (a float convolution's gradients).
+fn ref_conv_grads(s: &Shape, x: &[f32], w: &[f32], g: &[f32], quantized: bool) -> [(Vec<f64>, Vec<f64>); 2] {
     let acts = ref_quantize_rows(x, s.b, s.c * s.h * s.w);
     let wts = ref_quantize_weights(w);
+    let x_tilde: Vec<f64> = match quantized {
+        true => (0..x.len())
+            .map(|i| acts.q[i] as f64 * acts.scales[i / (s.c * s.h * s.w)] as f64)
+            .collect(),
+        false => x.iter().map(|&v| v as f64).collect(),
+    };
+    let w_tilde: Vec<f64> = match quantized {
+        true => wts.q.iter().map(|&q| q as f64 * wts.scale as f64).collect(),
+        false => w.iter().map(|&v| v as f64).collect(),
+    };
     let ho = (s.h + 2 * s.pad - s.k) / s.stride + 1;
     let wo = (s.w + 2 * s.pad - s.k) / s.stride + 1;
     let (mut dx, mut dw) = (vec![0f64; x.len()], vec![0f64; w.len()]);
@@ -301,8 +312,7 @@ fn ref_conv_grads(s: &Shape, x: &[f32], w: &[f32], g: &[f32]) -> [(Vec<f64>, Vec
                                 }
                                 let xi = ((n * s.c + c) * s.h + iy as usize) * s.w + ix as usize;
                                 let wi = ((o * s.c + c) * s.k + ky) * s.k + kx;
-                                let tx = gv * wts.q[wi] as f64 * wts.scale as f64;
-                                let tw = gv * acts.q[xi] as f64 * acts.scales[n] as f64;
+                                let (tx, tw) = (gv * w_tilde[wi], gv * x_tilde[xi]);
                                 (dx[xi], dxa[xi]) = (dx[xi] + tx, dxa[xi] + tx.abs());
                                 (dw[wi], dwa[wi]) = (dw[wi] + tw, dwa[wi] + tw.abs());
                             }
@@ -379,7 +389,7 @@ fn backward_reference(dev: &Device) -> Result<()> {
             g.get(&wv).expect("dw").flatten_all()?.to_vec1()
         };
         assert_eq!(dw_of(&first_layer)?, dw_of(&grads)?, "{s:?}: dw without dx");
-        let [dx, dw] = ref_conv_grads(&s, &x, &w, &g);
+        let [dx, dw] = ref_conv_grads(&s, &x, &w, &g, true);
         for (name, var, (want, mag)) in [("dx", &xv, dx), ("dw", &wv, dw)] {
             let got: Vec<f32> = grads.get(var).expect(name).flatten_all()?.to_vec1()?;
             // f32 sums of at most B·Ho·Wo (dw) or c_out·k·k (dx) terms (at most 363 here): each
@@ -403,7 +413,7 @@ fn backward_reference(dev: &Device) -> Result<()> {
             };
             let layer = BitConv2d::new(wv.as_tensor().clone(), None, cfg)?;
             let grads = (layer.forward(xv.as_tensor())? * &gt)?.sum_all()?.backward()?;
-            let [dx, dw] = ref_conv_grads(&s, &x, &w, &g);
+            let [dx, dw] = ref_conv_grads(&s, &x, &w, &g, true);
             for (name, var, (want, mag)) in [("bf16 dx", &xv, dx), ("bf16 dw", &wv, dw)] {
                 let got = grads.get(var).expect(name);
                 assert_eq!(got.dtype(), DType::F32, "{name}: returned in the variable's dtype");
@@ -417,6 +427,88 @@ fn backward_reference(dev: &Device) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn float_backward_reference(dev: &Device) -> Result<()> {
+    // bitlinear::float_conv2d: candle's conv2d value exactly, its gradients against the f64
+    // float reference (no quantization), images with and without a gradient.
+    let mut r = rng("conv_float_backward_reference");
+    let mut shapes: Vec<Shape> = (0..if dev.is_cuda() { 12 } else { 6 })
+        .map(|_| Shape {
+            b: r.gen_range(1..4),
+            c: [3, r.gen_range(1..6)][r.gen_range(0..2)],
+            h: 2 * r.gen_range(2..5) + 1,
+            w: 2 * r.gen_range(2..5),
+            co: r.gen_range(1..6),
+            k: [1, 3, 5][r.gen_range(0..3)],
+            stride: 1,
+            pad: r.gen_range(0..3),
+        })
+        .collect();
+    // several cuBLAS tiles; an empty output (a 5-wide kernel over 4 columns, no padding); a
+    // kernel wider than the padded input (candle's conv2d decides)
+    for (b, c, (h, w), co, k, pad) in [
+        (4, 32, (16, 16), 64, 3, 1),
+        (2, 3, (6, 4), 2, 5, 0),
+        (1, 2, (2, 2), 3, 5, 1),
+    ] {
+        shapes.push(Shape {
+            b,
+            c,
+            h,
+            w,
+            co,
+            k,
+            stride: 1,
+            pad,
+        });
+    }
+    for s in shapes {
+        if s.k > s.h + 2 * s.pad || s.k > s.w + 2 * s.pad {
+            let x = Tensor::zeros((s.b, s.c, s.h, s.w), DType::F32, dev)?;
+            let w = candle_core::Var::zeros((s.co, s.c, s.k, s.k), DType::F32, dev)?;
+            let ours = bitlinear::float_conv2d(&x, w.as_tensor(), s.pad).map(|t| t.dims().to_vec());
+            let theirs = x.conv2d(w.as_tensor(), s.pad, 1, 1, 1).map(|t| t.dims().to_vec());
+            assert_eq!(ours.ok(), theirs.ok(), "{s:?}: as candle's conv2d");
+            continue;
+        }
+        let (ho, wo) = (s.h + 2 * s.pad + 1 - s.k, s.w + 2 * s.pad + 1 - s.k);
+        let x = randn(&mut r, s.b * s.c * s.h * s.w, 1.0);
+        let w = randn(&mut r, s.co * s.c * s.k * s.k, 0.2);
+        let g = randn(&mut r, s.b * s.co * ho * wo, 1.0);
+        let xv = candle_core::Var::from_vec(x.clone(), (s.b, s.c, s.h, s.w), dev)?;
+        let wv = candle_core::Var::from_vec(w.clone(), (s.co, s.c, s.k, s.k), dev)?;
+        let y = bitlinear::float_conv2d(xv.as_tensor(), wv.as_tensor(), s.pad)?;
+        let candle_y = xv.as_tensor().conv2d(wv.as_tensor(), s.pad, 1, 1, 1)?;
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f32>()?,
+            candle_y.flatten_all()?.to_vec1::<f32>()?,
+            "{s:?}: value"
+        );
+        let gt = Tensor::from_vec(g.clone(), (s.b, s.co, ho, wo), dev)?;
+        let grads = (y * &gt)?.sum_all()?.backward()?;
+        let [dx, dw] = ref_conv_grads(&s, &x, &w, &g, false);
+        for (name, var, (want, mag)) in [("dx", &xv, dx), ("dw", &wv, dw)] {
+            let got: Vec<f32> = grads.get(var).expect(name).flatten_all()?.to_vec1()?;
+            for (i, ((&gv, &wv), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                // f32 sums of at most a few thousand terms, as in backward_reference
+                let tol = 1e-4 * m + 1e-12;
+                assert!(
+                    (gv as f64 - wv).abs() <= tol,
+                    "{s:?} {name}[{i}]: got {gv}, want {wv}, tol {tol}"
+                );
+            }
+        }
+        let plain = Tensor::from_vec(x.clone(), (s.b, s.c, s.h, s.w), dev)?;
+        let alone = (bitlinear::float_conv2d(&plain, wv.as_tensor(), s.pad)? * &gt)?
+            .sum_all()?
+            .backward()?;
+        let dw_of = |g: &candle_core::backprop::GradStore| -> Result<Vec<f32>> {
+            g.get(&wv).expect("dw").flatten_all()?.to_vec1()
+        };
+        assert_eq!(dw_of(&alone)?, dw_of(&grads)?, "{s:?}: dw without dx");
     }
     Ok(())
 }
@@ -593,6 +685,7 @@ device_test!(
     implicit_gemm_shapes,
     straight_through_grads,
     backward_reference,
+    float_backward_reference,
     bad_inputs,
     empty_batch,
     packed_storage
