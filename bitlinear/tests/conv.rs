@@ -325,6 +325,32 @@ fn ref_conv_grads(s: &Shape, x: &[f32], w: &[f32], g: &[f32], quantized: bool) -
     [(dx, dxa), (dw, dwa)]
 }
 
+/// A stride-1 shape from `(b, c, (h, w), co, k, pad)`.
+fn stride1((b, c, (h, w), co, k, pad): (usize, usize, (usize, usize), usize, usize, usize)) -> Shape {
+    Shape {
+        b,
+        c,
+        h,
+        w,
+        co,
+        k,
+        stride: 1,
+        pad,
+    }
+}
+
+/// Each of `got` within `rel` of its reference terms' magnitude `mag` of `want`.
+fn assert_grads_near(what: &str, got: &[f32], (want, mag): (&[f64], &[f64]), rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, ((&gv, &wv), &m)) in got.iter().zip(want).zip(mag).enumerate() {
+        let tol = rel * m + 1e-12;
+        assert!(
+            (gv as f64 - wv).abs() <= tol,
+            "{what}[{i}]: got {gv}, want {wv}, tol {tol}"
+        );
+    }
+}
+
 fn backward_reference(dev: &Device) -> Result<()> {
     // The layer's gradients against the f64 straight-through reference, on random shapes.
     let mut r = rng("conv_backward_reference");
@@ -344,23 +370,15 @@ fn backward_reference(dev: &Device) -> Result<()> {
         // products of several cuBLAS tiles and split-K reductions: more channels, images and
         // pixels than the random shapes, a 5x5 kernel; an even row length with odd rows (the
         // transposed im2col's pixel pairs then straddle rows)
-        for (b, c, (h, w), co, k, pad) in [
-            (4, 32, (16, 16), 64, 3, 1),
-            (3, 70, (9, 9), 130, 3, 1),
-            (2, 5, (33, 33), 3, 5, 2),
-            (2, 5, (8, 7), 3, 3, 1),
-        ] {
-            shapes.push(Shape {
-                b,
-                c,
-                h,
-                w,
-                co,
-                k,
-                stride: 1,
-                pad,
-            });
-        }
+        shapes.extend(
+            [
+                (4, 32, (16, 16), 64, 3, 1),
+                (3, 70, (9, 9), 130, 3, 1),
+                (2, 5, (33, 33), 3, 5, 2),
+                (2, 5, (8, 7), 3, 3, 1),
+            ]
+            .map(stride1),
+        );
     }
     for s in shapes {
         let (ho, wo) = (
@@ -394,13 +412,7 @@ fn backward_reference(dev: &Device) -> Result<()> {
             let got: Vec<f32> = grads.get(var).expect(name).flatten_all()?.to_vec1()?;
             // f32 sums of at most B·Ho·Wo (dw) or c_out·k·k (dx) terms (at most 363 here): each
             // step rounds by 2^-24 of a partial sum, so 1e-4 of the terms' magnitudes bounds it.
-            for (i, ((&gv, &wv), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                let tol = 1e-4 * m + 1e-12;
-                assert!(
-                    (gv as f64 - wv).abs() <= tol,
-                    "{name}[{i}]: got {gv}, want {wv}, tol {tol}"
-                );
-            }
+            assert_grads_near(&format!("{s:?} {name}"), &got, (&want, &mag), 1e-4);
         }
         if dev.is_cuda() {
             // bf16 operands (x~, W~, g each rounded by at most 2^-8 relative: 8 significant
@@ -418,13 +430,7 @@ fn backward_reference(dev: &Device) -> Result<()> {
                 let got = grads.get(var).expect(name);
                 assert_eq!(got.dtype(), DType::F32, "{name}: returned in the variable's dtype");
                 let got: Vec<f32> = got.flatten_all()?.to_vec1()?;
-                for (i, ((&gv, &wv), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                    let tol = 6.0 / 256.0 * m + 1e-12;
-                    assert!(
-                        (gv as f64 - wv).abs() <= tol,
-                        "{s:?} {name}[{i}]: got {gv}, want {wv}, tol {tol}"
-                    );
-                }
+                assert_grads_near(&format!("{s:?} {name}"), &got, (&want, &mag), 6.0 / 256.0);
             }
         }
     }
@@ -449,22 +455,14 @@ fn float_backward_reference(dev: &Device) -> Result<()> {
         .collect();
     // several cuBLAS tiles; an empty output (a 5-wide kernel over 4 columns, no padding); a
     // kernel wider than the padded input (candle's conv2d decides)
-    for (b, c, (h, w), co, k, pad) in [
-        (4, 32, (16, 16), 64, 3, 1),
-        (2, 3, (6, 4), 2, 5, 0),
-        (1, 2, (2, 2), 3, 5, 1),
-    ] {
-        shapes.push(Shape {
-            b,
-            c,
-            h,
-            w,
-            co,
-            k,
-            stride: 1,
-            pad,
-        });
-    }
+    shapes.extend(
+        [
+            (4, 32, (16, 16), 64, 3, 1),
+            (2, 3, (6, 4), 2, 5, 0),
+            (1, 2, (2, 2), 3, 5, 1),
+        ]
+        .map(stride1),
+    );
     for s in shapes {
         if s.k > s.h + 2 * s.pad || s.k > s.w + 2 * s.pad {
             let x = Tensor::zeros((s.b, s.c, s.h, s.w), DType::F32, dev)?;
@@ -492,14 +490,8 @@ fn float_backward_reference(dev: &Device) -> Result<()> {
         let [dx, dw] = ref_conv_grads(&s, &x, &w, &g, false);
         for (name, var, (want, mag)) in [("dx", &xv, dx), ("dw", &wv, dw)] {
             let got: Vec<f32> = grads.get(var).expect(name).flatten_all()?.to_vec1()?;
-            for (i, ((&gv, &wv), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                // f32 sums of at most a few thousand terms, as in backward_reference
-                let tol = 1e-4 * m + 1e-12;
-                assert!(
-                    (gv as f64 - wv).abs() <= tol,
-                    "{s:?} {name}[{i}]: got {gv}, want {wv}, tol {tol}"
-                );
-            }
+            // f32 sums of at most 1024 terms here (2^-24 a step): within 1e-4 of the magnitudes
+            assert_grads_near(&format!("{s:?} {name}"), &got, (&want, &mag), 1e-4);
         }
         let plain = Tensor::from_vec(x.clone(), (s.b, s.c, s.h, s.w), dev)?;
         let alone = (bitlinear::float_conv2d(&plain, wv.as_tensor(), s.pad)? * &gt)?
