@@ -62,9 +62,10 @@ pub(crate) fn quantized_conv2d(
 /// docs with `x~ = x` and `W~ = w`. candle 0.11 differentiates its own `conv2d` with
 /// `conv_transpose2d` for the input gradient, a direct loop per input value on CUDA.
 ///
-/// The value is candle's `conv2d`. A non-square kernel, `padding >= k` or a kernel larger than
-/// the padded input takes candle's `conv2d` whole, and so does an input on a device other than
-/// the CPU for now: the CUDA products are not yet measured against candle's on a GPU.
+/// The value is candle's `conv2d`. A non-square kernel or `padding >= k` takes candle's
+/// `conv2d` whole, and so does an input on a device other than the CPU for now: the CUDA
+/// products are not yet measured against candle's on a GPU. A kernel larger than the padded
+/// input is an error.
 ///
 /// ```
 /// use bitlinear::float_conv2d;
@@ -81,8 +82,10 @@ pub fn float_conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     let (_, _, h, wd) = x.dims4()?;
     let tracked = x.track_op() || w.track_op();
-    let fits = kh <= h + 2 * padding && kw <= wd + 2 * padding;
-    if !tracked || !fits || !has_gemm_grad(1, kh, kw, padding) || !x.device().is_cpu() {
+    if kh > h + 2 * padding || kw > wd + 2 * padding {
+        candle_core::bail!("float_conv2d: a {kh}x{kw} kernel over {h}x{wd} images padded by {padding} has no output")
+    }
+    if !tracked || !has_gemm_grad(1, kh, kw, padding) || !x.device().is_cpu() {
         return x.conv2d(w, padding, 1, 1, 1);
     }
     let y = x.detach().conv2d(&w.detach(), padding, 1, 1, 1)?;
