@@ -337,7 +337,7 @@ mod tests {
 
     /// Direct f64 sums of the definitions: `dx[i][c][y][x] = Σ g[i][o][y+p-ky][x+p-kx] ·
     /// W~[o][c][ky][kx]`, `dW[o][c][ky][kx] = Σ g[i][o][oy][ox] · x~[i][c][oy+ky-p][ox+kx-p]`.
-    /// The gradients as direct f64 sums, `x` fake-quantized per image first where `quantize`.
+    /// `x~` is `x` fake-quantized per image where `quantize`, else `x` itself.
     fn reference(x: &[f32], w: &[f32], g: &[f32], s: Shapes, quantize: bool) -> (Vec<f64>, Vec<f64>) {
         let (ho, wo) = s.out_hw();
         let k = s.k;
