@@ -166,7 +166,15 @@ fn bitlinear_learns_a_random_linear_map(dev: &Device) -> Result<()> {
     }
     let start = losses[..5].iter().sum::<f32>() / 5.0;
     let end = losses[losses.len() - 20..].iter().sum::<f32>() / 20.0;
-    // A ternary weight can't fit a Gaussian map exactly; it must still remove most of the error.
-    assert!(end < 0.25 * start, "on {}: loss {start} -> {end}", dev_name(dev));
+    // A ternary weight can't fit a Gaussian map exactly. Its floor is the target's own ternary
+    // form: for x ~ N(0, I) the loss of Q(T) is ||Q(T) - T||² / n. Training must reach about it
+    // (measured: 0.92-1.04x over 30 seeds); the floor itself is 0.17-0.26 of the first loss.
+    let q = bitlinear::fake_quantize_weights(&target)?;
+    let floor = (q - &target)?.sqr()?.sum_all()?.to_scalar::<f32>()? / n as f32;
+    assert!(
+        end < 1.25 * floor && end < 0.5 * start,
+        "on {}: loss {start} -> {end}, ternary floor {floor}",
+        dev_name(dev)
+    );
     Ok(())
 }
