@@ -329,6 +329,14 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// `ours` within `rel` times the largest magnitude of `theirs` (at least 1) of `theirs`.
+    fn assert_within(ours: &Tensor, theirs: &Tensor, rel: f32) -> Result<()> {
+        let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+        let d = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d <= rel * scale, "{d} (scale {scale})");
+        Ok(())
+    }
+
     /// The products equal candle's own `conv2d` backward (up to summation order) for every
     /// padding they take and odd sizes.
     #[test]
@@ -355,12 +363,7 @@ mod tests {
             );
             for (v, ours) in [(&x, dx.expect("dx")), (&k_, dw)] {
                 let t = theirs.get(v.as_tensor()).expect("gradient");
-                let scale = t.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
-                let d = (ours - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(
-                    d <= 1e-5 * scale * (c * k * k * b * h * w) as f32,
-                    "{d} (scale {scale})"
-                );
+                assert_within(&ours, t, 1e-5 * (c * k * k * b * h * w) as f32)?;
             }
         }
         assert!(!has_gemm_grad(2, 3, 3, 1) && !has_gemm_grad(1, 3, 1, 0) && !has_gemm_grad(1, 3, 3, 3));
@@ -394,9 +397,7 @@ mod tests {
             for (v, terms) in [(&x, o * k * k), (&k_, b * h * w)] {
                 let t = theirs.get(v.as_tensor()).expect("their gradient");
                 let u = ours.get(v.as_tensor()).expect("our gradient");
-                let scale = t.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
-                let d = (u - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(d <= 1e-6 * scale * terms as f32, "{d} (scale {scale})");
+                assert_within(u, t, 1e-6 * terms as f32)?;
             }
             // images without a gradient (a first layer's): the weight's alone, the same (candle's
             // own conv2d, the fallback, computes an input gradient either way)
