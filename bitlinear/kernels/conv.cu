@@ -1,9 +1,8 @@
 // bitlinear convolution helpers: the int8 im2col gather of PackedBitConv2d, feeding the packed
 // GEMM (packed_accumulate) with canonical int8 code rows, the dequantizer of its accumulators
-// into NCHW (conv_dequant_f32), and for BitConv2d's backward the padded channels-first copy of
-// the weight-gradient products (pad_channels_first_*), the transposed im2col of the
-// input-gradient convolution (im2col_t_*), and the channels-last transpose of the implicit
-// GEMM's codes (codes_nhwc); the last four are described above their kernels.
+// into NCHW (conv_dequant_f32), for BitConv2d's backward the transposed im2col that lays out
+// the operands of its products (im2col_t_*), and the channels-last transpose of the implicit
+// GEMM's codes (codes_nhwc); the last three are described above their kernels.
 //
 // Data layout
 //   codes : (images, C*H*W) int8 codes, one image after the other, each image NCHW (C, H, W)
@@ -100,55 +99,22 @@ extern "C" __global__ void conv_dequant_f32_dsw(const int* __restrict__ acc, con
     conv_dequant(acc, sx, *sw, y, images, R, N);
 }
 
-// pad_channels_first_{f32,bf16}: src (B, C, H, W) f32 contiguous to dst (C, B, HP, WP) f32 or bf16
-// (rounded to nearest even) followed by
-// `tail` zeros: dst[c][b][y][x] = src[b][c][y - top][x - left] where that lies inside the image,
-// else 0. The weight gradient of BitConv2d (src/conv_grad.rs) reads every kernel offset of the
-// padded input as one contiguous window of this buffer. Grid-stride over the C*B*HP*WP + tail
-// outputs, one a thread: consecutive threads write consecutive x, so stores coalesce and the
-// loads of one image row are contiguous.
-template <typename T>
-__device__ __forceinline__ void pad_channels_first(const float* __restrict__ src, T* __restrict__ dst, int B, int C,
-                                                   int H, int W, int HP, int WP, int top, int left,
-                                                   unsigned long long tail) {
-    const long long plane = (long long)HP * WP;
-    const long long body = (long long)C * B * plane;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < body + (long long)tail;
-         i += (long long)gridDim.x * blockDim.x) {
-        float v = 0.0f;
-        if (i < body) {
-            const long long cb = i / plane;
-            const int rest = (int)(i - cb * plane);
-            const int c = (int)(cb / B), b = (int)(cb - (long long)c * B);
-            const int y = rest / WP - top, x = rest % WP - left;
-            if (y >= 0 && y < H && x >= 0 && x < W) {
-                v = src[(((long long)b * C + c) * H + y) * W + x];
-            }
-        }
-        dst[i] = from_f32<T>(v);
-    }
-}
-
-#define PAD_CHANNELS_FIRST(T, NAME)                                                                          \
-    extern "C" __global__ void NAME(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H, \
-                                    int W, int HP, int WP, int top, int left, unsigned long long tail) {     \
-        pdl_wait();                                                                                          \
-        pad_channels_first<T>(src, dst, B, C, H, W, HP, WP, top, left, tail);                                \
-    }
-PAD_CHANNELS_FIRST(float, pad_channels_first_f32)
-PAD_CHANNELS_FIRST(__nv_bfloat16, pad_channels_first_bf16)
-
 // im2col_t_{f32,bf16}: the transposed im2col of images src (B, C, H, W) f32 for a stride-1
-// convolution of KH x KW kernels with zero padding P: dst (B, C*KH*KW, HO*WO) f32 or bf16, dst[b][j][t] =
-// src[b][ci][y + ky - P][x + kx - P] (0 in the padding), j = (ci*KH + ky)*KW + kx, t = y*WO + x.
-// Image b's block (K, HO*WO) is then the right operand of W (N, K) x cols, whose product is the
-// output image in NCHW. Blocks of `blockDim.x` threads (src/plan/conv.rs) loop over (plane,
-// tile) pairs, plane = (b, ci), tile = blockDim.x consecutive pixels: a thread writes the
-// KH*KW rows of its pixel (independent loads in flight, all from the pixel's neighbourhood), and
-// consecutive threads take consecutive pixels, so every row's stores coalesce.
+// convolution of KH x KW kernels with zero padding P, in f32 or bf16 (rounded to nearest even):
+// dst[b * img_stride + j * row_stride + t] = src[b][ci][y + ky - P][x + kx - P] (0 in the
+// padding), j = (ci*KH + ky)*KW + kx, t = y*WO + x. Two layouts (src/cuda/conv.rs, ColsLayout):
+// per image (img_stride = C*KH*KW*HO*WO, row_stride = HO*WO), where image b's block (K, HO*WO)
+// is the right operand of W (N, K) x cols, whose product is the output image in NCHW (the input
+// gradient); or one matrix (img_stride = HO*WO, row_stride = B*HO*WO), rows j over the pixels
+// of every image (the weight gradient's operand). Blocks of `blockDim.x` threads
+// (src/plan/conv.rs) loop over (plane, tile) pairs, plane = (b, ci), tile = blockDim.x
+// consecutive pixels: a thread writes the KH*KW rows of its pixel (independent loads in flight,
+// all from the pixel's neighbourhood), and consecutive threads take consecutive pixels, so every
+// row's stores coalesce.
 template <typename T>
 __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H,
-                                         int W, int KH, int KW, int P, int HO, int WO, int tiles) {
+                                         int W, int KH, int KW, int P, int HO, int WO, int tiles,
+                                         long long img_stride, long long row_stride) {
     const int hw = HO * WO;
     const long long planes = (long long)B * C;
     for (long long blk = blockIdx.x; blk < planes * tiles; blk += gridDim.x) {
@@ -158,14 +124,14 @@ __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __res
         if (t >= hw) continue;
         const int y = t / WO, x = t - (t / WO) * WO;
         const float* img = src + plane * H * W;
-        // rows (b, ci*KH*KW + r) of image b = plane / C start at plane * KH*KW * hw
-        T* out = dst + plane * KH * KW * hw + t;
+        const long long b = plane / C, ci = plane - b * C;
+        T* out = dst + b * img_stride + ci * KH * KW * row_stride + t;
         for (int ky = 0; ky < KH; ++ky) {
             const int iy = y + ky - P;
             const bool row_in = iy >= 0 && iy < H;
             for (int kx = 0; kx < KW; ++kx) {
                 const int ix = x + kx - P;
-                out[(long long)(ky * KW + kx) * hw] =
+                out[(long long)(ky * KW + kx) * row_stride] =
                     from_f32<T>((row_in && ix >= 0 && ix < W) ? img[iy * W + ix] : 0.0f);
             }
         }
@@ -174,9 +140,10 @@ __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __res
 
 #define IM2COL_T(T, NAME)                                                                                    \
     extern "C" __global__ void NAME(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H, \
-                                    int W, int KH, int KW, int P, int HO, int WO, int tiles) {               \
+                                    int W, int KH, int KW, int P, int HO, int WO, int tiles,                 \
+                                    long long img_stride, long long row_stride) {                            \
         pdl_wait();                                                                                          \
-        im2col_t<T>(src, dst, B, C, H, W, KH, KW, P, HO, WO, tiles);                                         \
+        im2col_t<T>(src, dst, B, C, H, W, KH, KW, P, HO, WO, tiles, img_stride, row_stride);                 \
     }
 IM2COL_T(float, im2col_t_f32)
 IM2COL_T(__nv_bfloat16, im2col_t_bf16)

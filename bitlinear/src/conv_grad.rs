@@ -7,17 +7,16 @@
 //! `y ≈ conv(x~, W~)` with `x~ = x_q · s_x` (per image) and `W~ = W_q · s_w`:
 //! - `dL/dx = conv2d(g, W~')` with `W~'[c][o] = W~[o][c]` flipped in both spatial dims and
 //!   padding `k - 1 - p` (the transposed convolution of stride 1 is a convolution);
-//! - `dL/dW[:, :, ky, kx] = G · X~_{ky,kx}ᵀ` for each kernel offset, where `G` is
-//!   `(c_out, B·Ho·Wo)` and `X~_{ky,kx}` the padded `x~` shifted by the offset, `(c_in, B·Ho·Wo)`
-//!   (both read in padded frames, so each shifted operand is a window of one buffer: see
-//!   `weight_grad`).
+//! - `dL/dW = G · Xᵀ` with `G` the output gradient channels first, `(c_out, B·Ho·Wo)`, and `X`
+//!   the im2col of `x~` with a row per `(c_in, ky, kx)` over every image's pixels,
+//!   `(c_in·k·k, B·Ho·Wo)`: one product whose result is `dL/dW (c_out, c_in, k, k)` as it stands.
 //!
 //! On the CPU both products are [`crate::conv_grad_cpu`]'s (im2col tiles of a few images a task);
-//! the functions below are the other devices' path. With
+//! the functions below are the other devices' path: on CUDA our im2col kernels and cuBLAS (see
+//! `input_grad` and `weight_grad`). With
 //! [`BitConv2dConfig::bf16_grad_products`](crate::BitConv2dConfig::bf16_grad_products) (f32
 //! training on CUDA) their operands are bf16: `x~`, `W~` and `g` rounded to nearest even, the
-//! sums accumulated in f32 by cuBLAS and each product rounded to bf16, then returned in the
-//! variables' dtype.
+//! sums accumulated in f32 by cuBLAS and written in f32, then returned in the variables' dtype.
 //!
 //! candle 0.11 differentiates `conv2d` with `conv_transpose2d` for the input gradient (a direct
 //! loop per output element on CUDA, no GEMM); and as one op, the straight-through steps cost no
@@ -63,9 +62,7 @@ pub(crate) fn quantized_conv2d(
 /// `conv_transpose2d` for the input gradient, a direct loop per input value on CUDA.
 ///
 /// The value is candle's `conv2d`. A non-square kernel or `padding >= k` takes candle's
-/// `conv2d` whole, and so does an input on a device other than the CPU for now: the CUDA
-/// products are not yet measured against candle's on a GPU. A kernel larger than the padded
-/// input is an error.
+/// `conv2d` whole. A kernel larger than the padded input is an error.
 ///
 /// ```
 /// use bitlinear::float_conv2d;
@@ -85,7 +82,7 @@ pub fn float_conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
     if kh > h + 2 * padding || kw > wd + 2 * padding {
         candle_core::bail!("float_conv2d: a {kh}x{kw} kernel over {h}x{wd} images padded by {padding} has no output")
     }
-    if !tracked || !has_gemm_grad(1, kh, kw, padding) || !x.device().is_cpu() {
+    if !tracked || !has_gemm_grad(1, kh, kw, padding) {
         return x.conv2d(w, padding, 1, 1, 1);
     }
     let y = x.detach().conv2d(&w.detach(), padding, 1, 1, 1)?;
@@ -245,7 +242,8 @@ fn gemm_grads(
 
 /// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA as the transposed im2col
 /// of `g` (our kernel) times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d`
-/// gathers its columns with a slower kernel and reorders its output); elsewhere candle's.
+/// gathers its columns with a slower kernel and reorders its output), in f32 from bf16 `products`;
+/// elsewhere candle's.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn input_grad(
     g: &Tensor,
@@ -258,35 +256,59 @@ fn input_grad(
     if g.device().is_cuda() && g.dtype() == DType::F32 {
         let (b, c, h, w) = x_dims;
         let (_, o, kh, kw) = w_t.dims4()?;
-        let cols = crate::cuda::im2col_t(g, (kh, kw), pad, (h, w), products)?;
-        let w_mat = w_t.reshape((c, o * kh * kw))?.broadcast_as((b, c, o * kh * kw))?;
-        return w_mat.matmul(&cols)?.reshape((b, c, h, w));
+        let cols = crate::cuda::im2col_t(g, (kh, kw), pad, (h, w), products, crate::cuda::ColsLayout::PerImage)?;
+        let w_mat = w_t.reshape((c, o * kh * kw))?;
+        let dx = match products {
+            DType::BF16 => crate::cuda::batched_matmul_f32(&w_mat, &cols)?,
+            _ => w_mat.broadcast_as((b, c, o * kh * kw))?.matmul(&cols)?,
+        };
+        return dx.reshape((b, c, h, w));
     }
     g.conv2d(w_t, pad, 1, 1, 1)
 }
 
-/// `dL/dW (O, C, kh, kw)` of a stride-1 convolution, one product per kernel offset without a
-/// shifted copy of `x` for each: `x` is laid out once channels first in its zero-padded frame,
-/// `(C, B, hp, wp)` flattened (plus a tail of zeros), and `g` in the same frame, `(O, B·hp·wp)`
-/// with output pixel `(y, x)` at `y·wp + x`. Output pixel `t` of offset `(ky, kx)` reads padded
-/// input `t + ky·wp + kx`, so every offset's input is the contiguous window of `C·B·hp·wp`
-/// values from `ky·wp + kx`, a matrix `(C, B·hp·wp)` as it stands. Frame positions outside the
-/// output hold `g = 0`, so what their window reads (the next channel's start, the tail) adds 0;
-/// the real pixels' reads stay inside their own image and channel.
+/// `dL/dW (O, C, kh, kw)` of a stride-1 convolution with padding `p`.
+///
+/// On CUDA as one product (module docs): `G` and `X` come from our transposed-im2col kernel
+/// (`G` is the 1x1 case, a channels-first copy of `g`) in `products`' dtype where `g` is f32,
+/// else f32; bf16 operands multiply with f32 results. The `(O, C·kh·kw)` product is the
+/// gradient's layout, and every operand row is contiguous and aligned, which cuBLAS's fast
+/// kernels need (the products per kernel offset below read windows at odd offsets, for which
+/// cuBLAS falls back to older, slower kernels).
+///
+/// Elsewhere (the CPU takes `crate::conv_grad_cpu`; this serves the tests) one product per
+/// kernel offset without a shifted copy of `x` for each: `x` is laid out once channels first in
+/// its zero-padded frame, `(C, B, hp, wp)` flattened (plus a tail of zeros), and `g` in the same
+/// frame, `(O, B·hp·wp)` with output pixel `(y, x)` at `y·wp + x`. Output pixel `t` of offset
+/// `(ky, kx)` reads padded input `t + ky·wp + kx`, so every offset's input is the contiguous
+/// window of `C·B·hp·wp` values from `ky·wp + kx`, a matrix `(C, B·hp·wp)` as it stands. Frame
+/// positions outside the output hold `g = 0`, so what their window reads (the next channel's
+/// start, the tail) adds 0; the real pixels' reads stay inside their own image and channel.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn weight_grad(x: &Tensor, g: &Tensor, (kh, kw): (usize, usize), p: usize, products: DType) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (_, o, ho, wo) = g.dims4()?;
+    #[cfg(feature = "cuda")]
+    if g.device().is_cuda() {
+        use crate::cuda::{im2col_t, ColsLayout};
+        let operands = match products == DType::BF16 && g.dtype() == DType::F32 {
+            true => DType::BF16,
+            false => DType::F32,
+        };
+        let (x, g) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+        let xs = im2col_t(&x, (kh, kw), p, (ho, wo), operands, ColsLayout::Rows)?;
+        let gs = im2col_t(&g, (1, 1), 0, (ho, wo), operands, ColsLayout::Rows)?;
+        let dw = match operands {
+            DType::BF16 => crate::cuda::matmul_nt_f32(&gs, &xs)?,
+            _ => gs.matmul(&xs.t()?)?,
+        };
+        return dw.reshape((o, c, kh, kw));
+    }
     let (hp, wp) = (h + 2 * p, w + 2 * p);
     let frame = b * hp * wp;
     let tail = (kh - 1) * wp + kw - 1;
-    // bf16 operands from an f32 gradient (`bf16_grad_products`); otherwise the f32 layout as
-    // before, whatever the training dtype.
-    let layout = match products == DType::BF16 && g.dtype() == DType::F32 {
-        true => DType::BF16,
-        false => DType::F32,
-    };
-    let xs = padded_channels_first(x, (hp, wp), (p, p), tail, layout)?;
-    let gs = padded_channels_first(g, (hp, wp), (0, 0), 0, layout)?.reshape((o, frame))?;
+    let xs = padded_channels_first(x, (hp, wp), (p, p), tail)?;
+    let gs = padded_channels_first(g, (hp, wp), (0, 0), 0)?.reshape((o, frame))?;
     debug_assert!(ho <= hp && wo <= wp);
     let mut taps = Vec::with_capacity(kh * kw);
     for ky in 0..kh {
@@ -299,28 +321,21 @@ fn weight_grad(x: &Tensor, g: &Tensor, (kh, kw): (usize, usize), p: usize, produ
 }
 
 /// `t (B, C, H, W)` channels first in zero frames of `hp x wp` (the image at `(top, left)`),
-/// flattened, then `tail` zeros: `(C·B·hp·wp + tail)`, in `out` (one kernel on CUDA, which
-/// writes F32 or BF16; elsewhere F32).
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+/// flattened, then `tail` zeros: F32 `(C·B·hp·wp + tail)`.
 fn padded_channels_first(
     t: &Tensor,
     (hp, wp): (usize, usize),
     (top, left): (usize, usize),
     tail: usize,
-    out: DType,
 ) -> Result<Tensor> {
     let t = t.to_dtype(DType::F32)?;
-    #[cfg(feature = "cuda")]
-    if t.device().is_cuda() {
-        return crate::cuda::pad_channels_first(&t, (hp, wp), (top, left), tail, out);
-    }
     let (_, _, h, w) = t.dims4()?;
     let framed = t
         .transpose(0, 1)?
         .pad_with_zeros(2, top, hp - h - top)?
         .pad_with_zeros(3, left, wp - w - left)?
         .flatten_all()?;
-    let zeros = Tensor::zeros(tail, candle_core::DType::F32, t.device())?;
+    let zeros = Tensor::zeros(tail, DType::F32, t.device())?;
     Tensor::cat(&[&framed, &zeros], 0)
 }
 

@@ -1,7 +1,7 @@
 //! The kernels of the convolutions on CUDA (`kernels/conv.cu`): the int8 im2col gather and the
 //! dequantizer of the accumulators of `PackedBitConv2d`, the channels-last transpose of the
-//! implicit GEMM's codes, and the padded channels-first copy and transposed im2col of
-//! `BitConv2d`'s backward, launched as the `crate::plan` functions of `plan/conv.rs` decide.
+//! implicit GEMM's codes, and the transposed im2col of `BitConv2d`'s backward, launched as the
+//! `crate::plan` functions of `plan/conv.rs` decide.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -197,49 +197,19 @@ fn out_suffix(out: DType, who: &str) -> Result<&'static str> {
     }
 }
 
-/// `src` (F32 `(B, C, H, W)`) as `out` (F32 or BF16, rounded to nearest even)
-/// `(C·B·hp·wp + tail)`: channels first, each image placed at `(top, left)` of a zero `hp x wp`
-/// frame, then `tail` zeros (`kernels/conv.cu`).
-pub(crate) fn pad_channels_first(
-    src: &Tensor,
-    (hp, wp): (usize, usize),
-    (top, left): (usize, usize),
-    tail: usize,
-    out: DType,
-) -> Result<Tensor> {
-    let (b, c, h, w) = src.dims4()?;
-    if src.dtype() != DType::F32 || top + h > hp || left + w > wp {
-        bail!("bitlinear cuda: pad_channels_first needs F32 images inside the frame")
-    }
-    let name = format!("pad_channels_first_{}", out_suffix(out, "pad_channels_first")?);
-    let total = c * b * hp * wp + tail;
-    map_out(src, total, total, out, "pad_channels_first", |ctx, sp, op| {
-        let p = im2col_plan(total, &ctx.info);
-        let f = ctx.func(Module::Conv, &name)?;
-        let cfg = grid(p.blocks, p.threads, "pad blocks")?;
-        let a = |v: usize, what: &str| i32_arg(v, what);
-        let tail = tail as u64;
-        launch!(
-            ctx,
-            f,
-            cfg,
-            sp,
-            op,
-            a(b, "B")?,
-            a(c, "C")?,
-            a(h, "H")?,
-            a(w, "W")?,
-            a(hp, "HP")?,
-            a(wp, "WP")?,
-            a(top, "top")?,
-            a(left, "left")?,
-            tail
-        )
-    })
+/// How [`im2col_t`] lays out the columns of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ColsLayout {
+    /// `(B, C·kh·kw, ho·wo)`: each image's block is the right operand of its own product, whose
+    /// result is that image in NCHW (the input gradient).
+    PerImage,
+    /// `(C·kh·kw, B·ho·wo)`: one matrix whose rows run over every image's pixels (the weight
+    /// gradient's operand, the sum over the batch inside one product).
+    Rows,
 }
 
 /// The transposed im2col of `src` (F32 `(B, C, H, W)`) for a stride-1 `kh x kw` convolution with
-/// zero padding `pad` and output `(ho, wo)`: `out` (F32 or BF16) `(B, C·kh·kw, ho·wo)`
+/// zero padding `pad` and output `(ho, wo)`, in `out` (F32 or BF16) laid out as `layout` says
 /// (`kernels/conv.cu`).
 pub(crate) fn im2col_t(
     src: &Tensor,
@@ -247,6 +217,7 @@ pub(crate) fn im2col_t(
     pad: usize,
     (ho, wo): (usize, usize),
     out: DType,
+    layout: ColsLayout,
 ) -> Result<Tensor> {
     let (b, c, h, w) = src.dims4()?;
     if src.dtype() != DType::F32 || ho + kh > h + 2 * pad + 1 || wo + kw > w + 2 * pad + 1 {
@@ -254,9 +225,14 @@ pub(crate) fn im2col_t(
     }
     let name = format!("im2col_t_{}", out_suffix(out, "im2col_t")?);
     let k = c * kh * kw;
-    let total = b * k * ho * wo;
-    map_out(src, total, (b, k, ho * wo), out, "im2col_t", |ctx, sp, op| {
-        let p = im2col_t_plan(b * c, ho * wo, &ctx.info);
+    let hw = ho * wo;
+    let total = b * k * hw;
+    let (shape, img_stride, row_stride) = match layout {
+        ColsLayout::PerImage => (Shape::from((b, k, hw)), k * hw, hw),
+        ColsLayout::Rows => (Shape::from((k, b * hw)), hw, b * hw),
+    };
+    map_out(src, total, shape, out, "im2col_t", |ctx, sp, op| {
+        let p = im2col_t_plan(b * c, hw, &ctx.info);
         let f = ctx.func(Module::Conv, &name)?;
         let cfg = grid(p.blocks, p.threads, "im2col_t blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
@@ -275,7 +251,9 @@ pub(crate) fn im2col_t(
             a(pad, "P")?,
             a(ho, "HO")?,
             a(wo, "WO")?,
-            a(p.tiles, "tiles")?
+            a(p.tiles, "tiles")?,
+            img_stride as i64,
+            row_stride as i64
         )
     })
 }

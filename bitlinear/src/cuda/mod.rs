@@ -37,6 +37,7 @@ use crate::plan::{DeviceInfo, KernelSettings};
 
 #[macro_use]
 mod launch;
+mod blas;
 mod buffers;
 mod conv;
 mod conv_igemm;
@@ -48,8 +49,9 @@ mod quantize;
 mod settle;
 mod tma;
 
+pub(crate) use blas::{batched_matmul_f32, matmul_nt_f32};
 pub(crate) use buffers::empty_storage;
-pub(crate) use conv::{conv_dequantize, im2col, im2col_t, pad_channels_first, WeightScale};
+pub(crate) use conv::{conv_dequantize, im2col, im2col_t, ColsLayout, WeightScale};
 pub(crate) use conv_igemm::{implicit_conv_f32, implicit_plan, pack_kernel_order};
 pub(crate) use input_norm::{normed_gemv, NormKind};
 pub(crate) use kernels::{device_info, set_settings, settings};

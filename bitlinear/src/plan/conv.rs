@@ -3,7 +3,7 @@
 
 use super::{DeviceInfo, KernelSettings};
 
-/// Threads a block of `im2col_i8`, `conv_dequant_f32` and `pad_channels_first_f32`.
+/// Threads a block of `im2col_i8` and `conv_dequant_f32`.
 pub const IM2COL_THREADS: usize = 256;
 
 /// Default of [`im2col_tile_codes`] on CUDA: 64 Mi codes, i.e. 64 MiB of int8 rows and the
@@ -23,8 +23,8 @@ pub fn im2col_tile_codes(settings: &KernelSettings) -> usize {
         .max(1)
 }
 
-/// Launch of `im2col_i8`, `conv_dequant_f32` (see [`conv_dequant_plan`]) or
-/// `pad_channels_first_f32`: blocks looping over a tile's work items.
+/// Launch of `im2col_i8` or `conv_dequant_f32` (see [`conv_dequant_plan`]): blocks looping over
+/// a tile's work items.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Im2colPlan {
     /// Blocks.
@@ -33,8 +33,7 @@ pub struct Im2colPlan {
     pub threads: usize,
 }
 
-/// The launch over `items` work items (im2col (row, channel) pairs, dequantized values, padded
-/// values): one thread an item up to 8 waves of blocks (enough to fill the device; beyond that
+/// The launch over `items` work items (im2col (row, channel) pairs, dequantized values): one thread an item up to 8 waves of blocks (enough to fill the device; beyond that
 /// each thread loops), at least one block. A first version, not yet tuned on measurements.
 pub fn im2col_plan(items: usize, info: &DeviceInfo) -> Im2colPlan {
     let blocks = items.div_ceil(IM2COL_THREADS).clamp(1, 8 * info.sms.max(1));
