@@ -11,6 +11,7 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tens
 
 use super::buffers::{i32_arg as int, in_ptr, out_slice_ptr, storage};
 use super::Ctx;
+use crate::plan::{nt_product, shared_left_batched, ColumnMajorGemm};
 
 /// The storage and first element of a contiguous BF16 CUDA tensor.
 fn bf16_operand<'a>(st: &'a Storage, l: &Layout, who: &str) -> Result<(&'a CudaStorage, usize)> {
@@ -20,131 +21,127 @@ fn bf16_operand<'a>(st: &'a Storage, l: &Layout, who: &str) -> Result<(&'a CudaS
     }
 }
 
-/// Both operands on one device.
-fn same_device(a: &Tensor, b: &Tensor, who: &str) -> Result<()> {
-    match a.device().same_device(b.device()) {
-        true => Ok(()),
-        false => bail!("bitlinear cuda: {who} takes operands on one device"),
+/// `left (M, K) · right (N, K)ᵀ`: F32 `(M, N)`, from contiguous BF16 operands on one CUDA
+/// device, summed in f32.
+pub(crate) fn matmul_nt_f32(left: &Tensor, right: &Tensor) -> Result<Tensor> {
+    let (m, k) = left.dims2()?;
+    let (n, k_right) = right.dims2()?;
+    if k != k_right {
+        bail!("bitlinear cuda: matmul_nt_f32 of ({m}, {k}) and ({n}, {k_right})ᵀ")
     }
+    product_f32(left, right, nt_product(m, n, k), (m, n), "matmul_nt_f32")
 }
 
-/// `a (M, K) · b (N, K)ᵀ`: F32 `(M, N)`, from contiguous BF16 `a` and `b` on one CUDA device,
-/// summed in f32.
-pub(crate) fn matmul_nt_f32(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (m, k) = a.dims2()?;
-    let (n, k_b) = b.dims2()?;
-    if k != k_b {
-        bail!("bitlinear cuda: matmul_nt_f32 of ({m}, {k}) and ({n}, {k_b})ᵀ")
+/// `left (C, R) · right[i] (R, P)` for every image `i` of `right (B, R, P)`: F32 `(B, C, P)`,
+/// from contiguous BF16 operands on one CUDA device, summed in f32.
+pub(crate) fn batched_matmul_f32(left: &Tensor, right: &Tensor) -> Result<Tensor> {
+    let (c, r) = left.dims2()?;
+    let (b, r_right, p) = right.dims3()?;
+    if r != r_right {
+        bail!("bitlinear cuda: batched_matmul_f32 of ({c}, {r}) and ({b}, {r_right}, {p})")
     }
-    same_device(a, b, "matmul_nt_f32")?;
-    let (a_st, a_l) = a.storage_and_layout();
-    let (b_st, b_l) = b.storage_and_layout();
-    let (a_s, a0) = bf16_operand(&a_st, a_l, "matmul_nt_f32")?;
-    let (b_s, b0) = bf16_operand(&b_st, b_l, "matmul_nt_f32")?;
-    let dev = &a_s.device;
-    if k == 0 {
-        return Tensor::zeros((m, n), DType::F32, a.device());
+    product_f32(
+        left,
+        right,
+        shared_left_batched(c, r, p, b),
+        (b, c, p),
+        "batched_matmul_f32",
+    )
+}
+
+/// Runs `gemm` (cuBLAS's A = `right`, B = `left`: `plan::blas`) into a new F32 tensor of `shape`.
+fn product_f32(
+    left: &Tensor,
+    right: &Tensor,
+    gemm: ColumnMajorGemm,
+    shape: impl Into<Shape>,
+    who: &str,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    if !left.device().same_device(right.device()) {
+        bail!("bitlinear cuda: {who} takes operands on one device")
     }
+    let (l_st, l_l) = left.storage_and_layout();
+    let (r_st, r_l) = right.storage_and_layout();
+    let (l_s, l0) = bf16_operand(&l_st, l_l, who)?;
+    let (r_s, r0) = bf16_operand(&r_st, r_l, who)?;
+    if gemm.k == 0 {
+        return Tensor::zeros(shape, DType::F32, left.device());
+    }
+    let dev = &l_s.device;
     let ctx = Ctx::new(dev)?;
-    let mut out = ctx.alloc_out(DType::F32, m * n)?;
-    if m * n > 0 {
-        let (mi, ni, ki) = (int(m, "M")?, int(n, "N")?, int(k, "K")?);
+    let mut out = ctx.alloc_out(DType::F32, shape.elem_count())?;
+    if shape.elem_count() > 0 {
         let mut guards = Vec::new();
-        let ap = in_ptr(a_s, a0, &ctx.stream, &mut guards)?;
-        let bp = in_ptr(b_s, b0, &ctx.stream, &mut guards)?;
+        let ap = in_ptr(r_s, r0, &ctx.stream, &mut guards)?;
+        let bp = in_ptr(l_s, l0, &ctx.stream, &mut guards)?;
         let cp = out_slice_ptr(&mut out, &ctx.stream, &mut guards)?;
         let (alpha, beta) = (1f32, 0f32);
+        let op = |t: bool| match t {
+            true => sys::cublasOperation_t::CUBLAS_OP_T,
+            false => sys::cublasOperation_t::CUBLAS_OP_N,
+        };
+        let (m, n, k) = (int(gemm.m, "M")?, int(gemm.n, "N")?, int(gemm.k, "K")?);
+        let (lda, ldb, ldc) = (int(gemm.lda, "lda")?, int(gemm.ldb, "ldb")?, int(gemm.ldc, "ldc")?);
         let handle = dev.cublas_handle();
-        // Column-major: outᵀ (N x M) = b (N x K, stored as K x N with ld K, transposed) · aᵀ
-        // (K x M, a's rows as columns, ld K): both operands K-contiguous.
-        // SAFETY: the pointers are live allocations of the sizes these dimensions read and
-        // write (checked above), on the handle's stream, which is the device's.
+        let (bf16, f32) = (sys::cudaDataType::CUDA_R_16BF, sys::cudaDataType::CUDA_R_32F);
+        let (compute, algo) = (
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        );
+        let (alpha, beta) = (&alpha as *const f32 as *const _, &beta as *const f32 as *const _);
+        // SAFETY: the pointers are live allocations of the sizes `gemm` reads and writes (its
+        // dimensions come from the operands' checked shapes), on the handle's stream, which is
+        // the device's.
         unsafe {
-            blas::gemm_ex(
-                *handle.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_T,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                ni,
-                mi,
-                ki,
-                &alpha as *const f32 as *const _,
-                bp as *const _,
-                sys::cudaDataType::CUDA_R_16BF,
-                ki,
-                ap as *const _,
-                sys::cudaDataType::CUDA_R_16BF,
-                ki,
-                &beta as *const f32 as *const _,
-                cp as *mut _,
-                sys::cudaDataType::CUDA_R_32F,
-                ni,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .w()?;
-        drop(guards);
-    }
-    Ok(crate::device::tensor_from(Storage::Cuda(storage(out, dev)), (m, n)))
-}
-
-/// `w (C, R) · cols[i] (R, P)` for every image `i` of `cols (B, R, P)`: F32 `(B, C, P)`, from
-/// contiguous BF16 `w` and `cols` on one CUDA device, summed in f32.
-pub(crate) fn batched_matmul_f32(w: &Tensor, cols: &Tensor) -> Result<Tensor> {
-    let (c, r) = w.dims2()?;
-    let (b, r_cols, p) = cols.dims3()?;
-    if r != r_cols {
-        bail!("bitlinear cuda: batched_matmul_f32 of ({c}, {r}) and ({b}, {r_cols}, {p})")
-    }
-    same_device(w, cols, "batched_matmul_f32")?;
-    let (w_st, w_l) = w.storage_and_layout();
-    let (c_st, c_l) = cols.storage_and_layout();
-    let (w_s, w0) = bf16_operand(&w_st, w_l, "batched_matmul_f32")?;
-    let (c_s, c0) = bf16_operand(&c_st, c_l, "batched_matmul_f32")?;
-    let dev = &w_s.device;
-    let shape = Shape::from((b, c, p));
-    if r == 0 {
-        return Tensor::zeros(shape, DType::F32, w.device());
-    }
-    let ctx = Ctx::new(dev)?;
-    let mut out = ctx.alloc_out(DType::F32, b * c * p)?;
-    if b * c * p > 0 {
-        let (ci, ri, pi, bi) = (int(c, "C")?, int(r, "R")?, int(p, "P")?, int(b, "batch")?);
-        let mut guards = Vec::new();
-        let wp = in_ptr(w_s, w0, &ctx.stream, &mut guards)?;
-        let colp = in_ptr(c_s, c0, &ctx.stream, &mut guards)?;
-        let op = out_slice_ptr(&mut out, &ctx.stream, &mut guards)?;
-        let (alpha, beta) = (1f32, 0f32);
-        let handle = dev.cublas_handle();
-        // Column-major, per image: out_iᵀ (P x C) = cols_iᵀ (P x R, cols_i stored as P x R with
-        // ld P) · wᵀ (R x C, w stored as R x C with ld R, shared by every image: stride 0).
-        // SAFETY: as in `matmul_nt_f32`.
-        unsafe {
-            blas::gemm_strided_batched_ex(
-                *handle.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                pi,
-                ci,
-                ri,
-                &alpha as *const f32 as *const _,
-                colp as *const _,
-                sys::cudaDataType::CUDA_R_16BF,
-                pi,
-                (r * p) as i64,
-                wp as *const _,
-                sys::cudaDataType::CUDA_R_16BF,
-                ri,
-                0,
-                &beta as *const f32 as *const _,
-                op as *mut _,
-                sys::cudaDataType::CUDA_R_32F,
-                pi,
-                (c * p) as i64,
-                bi,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+            match gemm.batch {
+                1 => blas::gemm_ex(
+                    *handle.handle(),
+                    op(gemm.transa),
+                    op(gemm.transb),
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    ap as *const _,
+                    bf16,
+                    lda,
+                    bp as *const _,
+                    bf16,
+                    ldb,
+                    beta,
+                    cp as *mut _,
+                    f32,
+                    ldc,
+                    compute,
+                    algo,
+                ),
+                batch => blas::gemm_strided_batched_ex(
+                    *handle.handle(),
+                    op(gemm.transa),
+                    op(gemm.transb),
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    ap as *const _,
+                    bf16,
+                    lda,
+                    gemm.stride_a as i64,
+                    bp as *const _,
+                    bf16,
+                    ldb,
+                    gemm.stride_b as i64,
+                    beta,
+                    cp as *mut _,
+                    f32,
+                    ldc,
+                    gemm.stride_c as i64,
+                    int(batch, "batch")?,
+                    compute,
+                    algo,
+                ),
+            }
         }
         .w()?;
         drop(guards);

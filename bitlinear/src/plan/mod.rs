@@ -23,6 +23,9 @@
 
 use candle_core::{DType, Result};
 
+// Only the CUDA backend calls cuBLAS; the mapping is tested everywhere.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod blas;
 mod conv;
 mod conv_igemm;
 mod gemm;
@@ -32,6 +35,8 @@ mod quant;
 mod settings;
 mod skinny;
 
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))]
+pub(crate) use blas::{nt_product, shared_left_batched, ColumnMajorGemm};
 pub use conv::{
     codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, Im2colPlan, Im2colTPlan,
     CUDA_IM2COL_TILE_CODES, IM2COL_THREADS,
