@@ -24,9 +24,9 @@ pub struct BitConv2dConfig {
     /// Whether the straight-through backward of a stride-1 convolution on CUDA forms its two
     /// matrix products (input and weight gradients) from bf16 operands where the training runs
     /// in f32 (default off): `x~`, `W~` and the output gradient rounded to bf16 (relative
-    /// `2^-8`), f32 accumulation in cuBLAS, each product rounded to bf16, then cast back. Half
-    /// the bytes and twice the tensor-core rate of the f32 (TF32) products; the forward is
-    /// unchanged (integers). No effect on the CPU or in bf16/f16 training.
+    /// `2^-8`), f32 accumulation and f32 results in cuBLAS. Half the bytes and twice the
+    /// tensor-core rate of the f32 (TF32) products; the forward is unchanged (integers). No
+    /// effect on the CPU or in bf16/f16 training.
     pub bf16_grad_products: bool,
 }
 
