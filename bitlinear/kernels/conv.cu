@@ -99,7 +99,7 @@ extern "C" __global__ void conv_dequant_f32_dsw(const int* __restrict__ acc, con
     conv_dequant(acc, sx, *sw, y, images, R, N);
 }
 
-// im2col_t_{f32,bf16}: the transposed im2col of images src (B, C, H, W) f32 for a stride-1
+// im2col_t{1,4}_{f32,bf16}: the transposed im2col of images src (B, C, H, W) f32 for a stride-1
 // convolution of KH x KW kernels with zero padding P, in f32 or bf16 (rounded to nearest even):
 // dst[b * img_stride + j * row_stride + t] = src[b][ci][y + ky - P][x + kx - P] (0 in the
 // padding), j = (ci*KH + ky)*KW + kx, t = y*WO + x. Two layouts (src/cuda/conv.rs, ColsLayout):
@@ -107,11 +107,27 @@ extern "C" __global__ void conv_dequant_f32_dsw(const int* __restrict__ acc, con
 // is the right operand of W (N, K) x cols, whose product is the output image in NCHW (the input
 // gradient); or one matrix (img_stride = HO*WO, row_stride = B*HO*WO), rows j over the pixels
 // of every image (the weight gradient's operand). Blocks of `blockDim.x` threads
-// (src/plan/conv.rs) loop over (plane, tile) pairs, plane = (b, ci), tile = blockDim.x
-// consecutive pixels: a thread writes the KH*KW rows of its pixel (independent loads in flight,
-// all from the pixel's neighbourhood), and consecutive threads take consecutive pixels, so every
-// row's stores coalesce.
-template <typename T>
+// (src/plan/conv.rs) loop over (plane, tile) pairs, plane = (b, ci), tile = blockDim.x * V
+// consecutive pixels: a thread writes the KH*KW rows of its V consecutive pixels (independent
+// loads in flight, all from the pixels' neighbourhood), and consecutive threads take consecutive
+// pixels, so every row's stores coalesce. V = 4 (im2col_t4_*) needs HO*WO % 4 == 0, so that
+// every destination run of 4 is aligned to 4 elements (the strides are multiples of HO*WO) and
+// is written as one vector store (16 bytes in f32, 8 in bf16); V = 1 (im2col_t1_*) takes any
+// shape. A run of 4 pixels may wrap an output row (WO % 4 != 0): each pixel has its own (y, x).
+__device__ __forceinline__ void store_run(float* p, const float (&v)[1]) { *p = v[0]; }
+__device__ __forceinline__ void store_run(__nv_bfloat16* p, const float (&v)[1]) { *p = __float2bfloat16_rn(v[0]); }
+__device__ __forceinline__ void store_run(float* p, const float (&v)[4]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store_run(__nv_bfloat16* p, const float (&v)[4]) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
+    uint2 u;
+    u.x = *reinterpret_cast<const unsigned*>(&lo);
+    u.y = *reinterpret_cast<const unsigned*>(&hi);
+    *reinterpret_cast<uint2*>(p) = u;
+}
+
+template <typename T, int V>
 __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H,
                                          int W, int KH, int KW, int P, int HO, int WO, int tiles,
                                          long long img_stride, long long row_stride) {
@@ -120,33 +136,42 @@ __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __res
     for (long long blk = blockIdx.x; blk < planes * tiles; blk += gridDim.x) {
         const long long plane = blk / tiles;
         const int tile = (int)(blk - plane * tiles);
-        const int t = tile * blockDim.x + threadIdx.x;
+        const int t = (tile * blockDim.x + threadIdx.x) * V;
         if (t >= hw) continue;
-        const int y = t / WO, x = t - (t / WO) * WO;
+        int y[V], x[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            y[v] = (t + v) / WO;
+            x[v] = (t + v) - y[v] * WO;
+        }
         const float* img = src + plane * H * W;
         const long long b = plane / C, ci = plane - b * C;
         T* out = dst + b * img_stride + ci * KH * KW * row_stride + t;
         for (int ky = 0; ky < KH; ++ky) {
-            const int iy = y + ky - P;
-            const bool row_in = iy >= 0 && iy < H;
             for (int kx = 0; kx < KW; ++kx) {
-                const int ix = x + kx - P;
-                out[(long long)(ky * KW + kx) * row_stride] =
-                    from_f32<T>((row_in && ix >= 0 && ix < W) ? img[iy * W + ix] : 0.0f);
+                float run[V];
+#pragma unroll
+                for (int v = 0; v < V; ++v) {
+                    const int iy = y[v] + ky - P, ix = x[v] + kx - P;
+                    run[v] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? img[iy * W + ix] : 0.0f;
+                }
+                store_run(out + (long long)(ky * KW + kx) * row_stride, run);
             }
         }
     }
 }
 
-#define IM2COL_T(T, NAME)                                                                                    \
+#define IM2COL_T(T, V, NAME)                                                                                 \
     extern "C" __global__ void NAME(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H, \
                                     int W, int KH, int KW, int P, int HO, int WO, int tiles,                 \
                                     long long img_stride, long long row_stride) {                            \
         pdl_wait();                                                                                          \
-        im2col_t<T>(src, dst, B, C, H, W, KH, KW, P, HO, WO, tiles, img_stride, row_stride);                 \
+        im2col_t<T, V>(src, dst, B, C, H, W, KH, KW, P, HO, WO, tiles, img_stride, row_stride);              \
     }
-IM2COL_T(float, im2col_t_f32)
-IM2COL_T(__nv_bfloat16, im2col_t_bf16)
+IM2COL_T(float, 1, im2col_t1_f32)
+IM2COL_T(__nv_bfloat16, 1, im2col_t1_bf16)
+IM2COL_T(float, 4, im2col_t4_f32)
+IM2COL_T(__nv_bfloat16, 4, im2col_t4_bf16)
 
 // codes_nhwc: int8 codes src (B, C, HW) to dst (B, HW, C), the channels-last operand of the
 // implicit GEMM (kernels/conv_igemm.cu). Blocks of 32 x 8 threads (src/plan/conv.rs) transpose

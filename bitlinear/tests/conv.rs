@@ -369,13 +369,14 @@ fn backward_reference(dev: &Device) -> Result<()> {
     if dev.is_cuda() {
         // products of several cuBLAS tiles and split-K reductions: more channels, images and
         // pixels than the random shapes, a 5x5 kernel; an even row length with odd rows (the
-        // transposed im2col's pixel pairs then straddle rows)
+        // transposed im2col's runs of 4 pixels then straddle rows), unpadded and padded
         shapes.extend(
             [
                 (4, 32, (16, 16), 64, 3, 1),
                 (3, 70, (9, 9), 130, 3, 1),
                 (2, 5, (33, 33), 3, 5, 2),
                 (2, 5, (8, 7), 3, 3, 1),
+                (3, 4, (10, 6), 5, 3, 0),
             ]
             .map(stride1),
         );

@@ -223,7 +223,7 @@ pub(crate) fn im2col_t(
     if src.dtype() != DType::F32 || ho + kh > h + 2 * pad + 1 || wo + kw > w + 2 * pad + 1 {
         bail!("bitlinear cuda: im2col_t needs F32 images and an output inside the padded input")
     }
-    let name = format!("im2col_t_{}", out_suffix(out, "im2col_t")?);
+    let suffix = out_suffix(out, "im2col_t")?;
     let k = c * kh * kw;
     let hw = ho * wo;
     let total = b * k * hw;
@@ -233,7 +233,7 @@ pub(crate) fn im2col_t(
     };
     map_out(src, total, shape, out, "im2col_t", |ctx, sp, op| {
         let p = im2col_t_plan(b * c, hw, &ctx.info);
-        let f = ctx.func(Module::Conv, &name)?;
+        let f = ctx.func(Module::Conv, &format!("im2col_t{}_{suffix}", p.pixels_per_thread))?;
         let cfg = grid(p.blocks, p.threads, "im2col_t blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
         launch!(

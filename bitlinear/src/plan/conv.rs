@@ -62,28 +62,37 @@ pub fn codes_nhwc_plan(images: usize, c: usize, hw: usize) -> ((u32, u32, u32), 
     ((squares(hw), squares(c), images.clamp(1, 65535) as u32), (32, 8, 1))
 }
 
-/// Launch of `im2col_t_f32`: blocks of `threads` pixels, each block looping over (plane, tile)
-/// pairs, `tiles` blocks a plane.
+/// Launch of the transposed im2col (`im2col_t{1,4}_*`): blocks of `threads` threads, each block
+/// looping over (plane, tile) pairs, `tiles` blocks a plane, each thread writing
+/// `pixels_per_thread` consecutive pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Im2colTPlan {
     /// Blocks.
     pub blocks: usize,
-    /// Threads a block: the pixels of a tile.
+    /// Threads a block.
     pub threads: usize,
-    /// Tiles of `threads` pixels a plane of `hw` pixels.
+    /// Tiles of `threads * pixels_per_thread` pixels a plane of `hw` pixels.
     pub tiles: usize,
+    /// Consecutive pixels a thread writes (the kernel's `V`): 4 where `hw` is a multiple of 4
+    /// (every destination run then starts aligned and is one vector store, and each thread keeps
+    /// four times the loads in flight), else 1.
+    pub pixels_per_thread: usize,
 }
 
-/// The launch of the transposed f32 im2col of `rows` input planes of `hw` output pixels: tiles
-/// of the pixels rounded up to a warp (32 to 256, so the 4x4 images of a CNN's last stage do not leave
-/// most threads idle), up to 16 waves of blocks.
+/// The launch of the transposed im2col of `rows` input planes of `hw` output pixels: runs of 4
+/// pixels a thread where `hw % 4 == 0`, tiles of the runs rounded up to a warp (32 to 256
+/// threads, so the 4x4 images of a CNN's last stage do not leave most threads idle), up to 16
+/// waves of blocks.
 pub fn im2col_t_plan(rows: usize, hw: usize, info: &DeviceInfo) -> Im2colTPlan {
-    let threads = hw.div_ceil(32).clamp(1, 8) * 32;
-    let tiles = hw.div_ceil(threads).max(1);
+    let pixels_per_thread = if hw.is_multiple_of(4) { 4 } else { 1 };
+    let runs = hw.div_ceil(pixels_per_thread);
+    let threads = runs.div_ceil(32).clamp(1, 8) * 32;
+    let tiles = runs.div_ceil(threads).max(1);
     Im2colTPlan {
         blocks: (rows * tiles).clamp(1, 16 * info.sms.max(1)),
         threads,
         tiles,
+        pixels_per_thread,
     }
 }
 
@@ -132,10 +141,21 @@ mod tests {
     #[test]
     fn transposed_im2col_tiles_cover_each_row() {
         let info = DeviceInfo::sm90(132);
-        for (rows, hw) in [(1, 1), (7, 16), (100, 64), (512 * 576, 1024), (3, 1000)] {
+        for (rows, hw) in [
+            (1, 1),
+            (7, 16),
+            (100, 64),
+            (512 * 576, 1024),
+            (3, 1000),
+            (5, 999),
+            (2, 12),
+        ] {
             let p = im2col_t_plan(rows, hw, &info);
+            let v = p.pixels_per_thread;
+            assert_eq!(v, if hw % 4 == 0 { 4 } else { 1 }, "hw {hw}");
             assert!(p.threads.is_multiple_of(32) && (32..=256).contains(&p.threads));
-            assert!(p.tiles * p.threads >= hw && (p.tiles - 1) * p.threads < hw.max(1));
+            let tile = p.threads * v;
+            assert!(p.tiles * tile >= hw && (p.tiles - 1) * tile < hw.max(1));
             assert!(p.blocks >= 1 && p.blocks <= 16 * 132);
         }
         assert_eq!(
@@ -143,8 +163,10 @@ mod tests {
             Im2colTPlan {
                 blocks: 10,
                 threads: 32,
-                tiles: 1
+                tiles: 1,
+                pixels_per_thread: 4,
             }
         );
+        assert_eq!(im2col_t_plan(512 * 64, 256, &info).threads, 64);
     }
 }
