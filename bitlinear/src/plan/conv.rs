@@ -73,18 +73,24 @@ pub struct Im2colTPlan {
     pub threads: usize,
     /// Tiles of `threads * pixels_per_thread` pixels a plane of `hw` pixels.
     pub tiles: usize,
-    /// Consecutive pixels a thread writes (the kernel's `V`): 4 where `hw` is a multiple of 4
-    /// (every destination run then starts aligned and is one vector store, and each thread keeps
-    /// four times the loads in flight), else 1.
+    /// Consecutive pixels a thread writes (the kernel's `V`): 4 or 1, see [`im2col_t_plan`].
     pub pixels_per_thread: usize,
 }
 
-/// The launch of the transposed im2col of `rows` input planes of `hw` output pixels: runs of 4
-/// pixels a thread where `hw % 4 == 0`, tiles of the runs rounded up to a warp (32 to 256
-/// threads, so the 4x4 images of a CNN's last stage do not leave most threads idle), up to 16
-/// waves of blocks.
+/// The launch of the transposed im2col of `rows` input planes of `hw` output pixels: tiles of the
+/// pixels (or runs) rounded up to a warp (32 to 256 threads, so the 4x4 images of a CNN's last
+/// stage do not leave most threads idle), up to 16 waves of blocks.
+///
+/// A thread writes runs of 4 pixels (every destination run starts aligned and is one vector
+/// store, and each thread keeps four times the loads in flight) where `hw % 4 == 0` and the runs
+/// fill the tiles' warps: `hw / 4` a multiple of 32, or at least 256 (a plane then spans several
+/// full tiles). Elsewhere single pixels: a block a plane tile leaves most of a small plane's
+/// runs' threads idle (bench/RESULTS.md: on the H100 the 3x3 columns of the speed-run net's 4x4
+/// and 8x8 maps took 1.2-1.8x longer in runs than pixel by pixel, those of its 16x16 and 32x32
+/// maps 1.6-2.7x less).
 pub fn im2col_t_plan(rows: usize, hw: usize, info: &DeviceInfo) -> Im2colTPlan {
-    let pixels_per_thread = if hw.is_multiple_of(4) { 4 } else { 1 };
+    let runs_fill_warps = hw.is_multiple_of(4) && ((hw / 4).is_multiple_of(32) || hw / 4 >= 256);
+    let pixels_per_thread = if runs_fill_warps { 4 } else { 1 };
     let runs = hw.div_ceil(pixels_per_thread);
     let threads = runs.div_ceil(32).clamp(1, 8) * 32;
     let tiles = runs.div_ceil(threads).max(1);
@@ -149,10 +155,12 @@ mod tests {
             (3, 1000),
             (5, 999),
             (2, 12),
+            (9, 256),
+            (9, 1028),
         ] {
             let p = im2col_t_plan(rows, hw, &info);
             let v = p.pixels_per_thread;
-            assert_eq!(v, if hw % 4 == 0 { 4 } else { 1 }, "hw {hw}");
+            assert_eq!(v, if [256, 1024, 1028].contains(&hw) { 4 } else { 1 }, "hw {hw}");
             assert!(p.threads.is_multiple_of(32) && (32..=256).contains(&p.threads));
             let tile = p.threads * v;
             assert!(p.tiles * tile >= hw && (p.tiles - 1) * tile < hw.max(1));
@@ -164,9 +172,17 @@ mod tests {
                 blocks: 10,
                 threads: 32,
                 tiles: 1,
+                pixels_per_thread: 1,
+            }
+        );
+        assert_eq!(
+            im2col_t_plan(10, 256, &info),
+            Im2colTPlan {
+                blocks: 10,
+                threads: 64,
+                tiles: 1,
                 pixels_per_thread: 4,
             }
         );
-        assert_eq!(im2col_t_plan(512 * 64, 256, &info).threads, 64);
     }
 }
