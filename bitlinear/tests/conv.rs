@@ -368,8 +368,9 @@ fn backward_reference(dev: &Device) -> Result<()> {
         .collect();
     if dev.is_cuda() {
         // products of several cuBLAS tiles and split-K reductions: more channels, images and
-        // pixels than the random shapes, a 5x5 kernel; an even row length with odd rows (the
-        // transposed im2col's runs of 4 pixels then straddle rows), unpadded and padded
+        // pixels than the random shapes, a 5x5 kernel; pixel counts that are multiples of 4
+        // with rows that are not, small (single pixels a thread) and large (the transposed
+        // im2col's runs of 4 pixels then straddle rows), unpadded and padded
         shapes.extend(
             [
                 (4, 32, (16, 16), 64, 3, 1),
@@ -377,6 +378,7 @@ fn backward_reference(dev: &Device) -> Result<()> {
                 (2, 5, (33, 33), 3, 5, 2),
                 (2, 5, (8, 7), 3, 3, 1),
                 (3, 4, (10, 6), 5, 3, 0),
+                (2, 3, (32, 33), 4, 3, 1),
             ]
             .map(stride1),
         );
