@@ -9,7 +9,8 @@ use candle_core::Result;
 use super::tma::TensorMap;
 
 /// A value a kernel takes by value, matching its C parameter type: `i32` for `int`, `i64` for
-/// `long long`, `u64` for pointers and `size_t`, `f32` for `float`, [`TensorMap`] for a `__grid_constant__` map.
+/// `long long`, `u64` for pointers and `size_t`, `f32` for `float`, [`TensorMap`] for a
+/// `__grid_constant__` map.
 pub(super) trait KernelArg: Copy {}
 impl KernelArg for i32 {}
 impl KernelArg for i64 {}

@@ -33,8 +33,9 @@ pub struct Im2colPlan {
     pub threads: usize,
 }
 
-/// The launch over `items` work items (im2col (row, channel) pairs, dequantized values): one thread an item up to 8 waves of blocks (enough to fill the device; beyond that
-/// each thread loops), at least one block. A first version, not yet tuned on measurements.
+/// The launch over `items` work items (im2col (row, channel) pairs, dequantized values): one
+/// thread an item up to 8 waves of blocks (enough to fill the device; beyond that each thread
+/// loops), at least one block. A first version, not yet tuned on measurements.
 pub fn im2col_plan(items: usize, info: &DeviceInfo) -> Im2colPlan {
     let blocks = items.div_ceil(IM2COL_THREADS).clamp(1, 8 * info.sms.max(1));
     Im2colPlan {

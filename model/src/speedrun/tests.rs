@@ -254,6 +254,7 @@ fn config_json_round_trip_and_errors() {
 
 #[test]
 fn global_max_pool_takes_the_maximum_and_its_gradient() -> Result<()> {
+    use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
     // Against a plain maximum over each map (and its gradient, 1 at the first maximum of a
     // map with distinct values), on even, odd and unit sides, with both pool kernels.
     let dev = Device::Cpu;
@@ -265,13 +266,7 @@ fn global_max_pool_takes_the_maximum_and_its_gradient() -> Result<()> {
             // distinct values: a permutation of 0..n scaled, so every map has one maximum
             let n = b * c * h * w;
             let mut order: Vec<usize> = (0..n).collect();
-            let mut state = seed;
-            for i in (1..n).rev() {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                order.swap(i, (state >> 33) as usize % (i + 1));
-            }
+            order.shuffle(&mut StdRng::seed_from_u64(seed));
             let values: Vec<f32> = order.iter().map(|&v| v as f32 * 0.5 - 7.0).collect();
             let x = candle_core::Var::from_vec(values.clone(), (b, c, h, w), &dev)?;
             let y = global_max_pool(x.as_tensor(), pool)?;
