@@ -106,14 +106,15 @@ extern "C" __global__ void conv_dequant_f32_dsw(const int* __restrict__ acc, con
 // per image (img_stride = C*KH*KW*HO*WO, row_stride = HO*WO), where image b's block (K, HO*WO)
 // is the right operand of W (N, K) x cols, whose product is the output image in NCHW (the input
 // gradient); or one matrix (img_stride = HO*WO, row_stride = B*HO*WO), rows j over the pixels
-// of every image (the weight gradient's operand). Blocks of `blockDim.x` threads
-// (src/plan/conv.rs) loop over (plane, tile) pairs, plane = (b, ci), tile = blockDim.x * V
-// consecutive pixels: a thread writes the KH*KW rows of its V consecutive pixels (independent
-// loads in flight, all from the pixels' neighbourhood), and consecutive threads take consecutive
-// pixels, so every row's stores coalesce. V = 4 (im2col_t4_*) needs HO*WO % 4 == 0, so that
-// every destination run of 4 is aligned to 4 elements (the strides are multiples of HO*WO) and
-// is written as one vector store (16 bytes in f32, 8 in bf16); V = 1 (im2col_t1_*) takes any
-// shape. A run of 4 pixels may wrap an output row (WO % 4 != 0): each pixel has its own (y, x).
+// of every image (the weight gradient's operand). A 1-D grid-stride loop (blocks and threads
+// from src/plan/conv.rs) over the (plane, run) items, plane = (b, ci), run = V consecutive
+// pixels of the plane: a thread writes the KH*KW rows of its run (independent loads in flight,
+// all from the run's neighbourhood), and consecutive threads take consecutive runs, of one plane
+// and then the next, so every row's stores coalesce and no thread idles on small planes (the 4x4
+// maps of a CNN's last stage). V = 4 (im2col_t4_*) needs HO*WO % 4 == 0, so that every
+// destination run is aligned to 4 elements (the strides are multiples of HO*WO) and is written
+// as one vector store (16 bytes in f32, 8 in bf16); V = 1 (im2col_t1_*) takes any shape. A run
+// may wrap an output row (WO % 4 != 0): each pixel has its own (y, x).
 __device__ __forceinline__ void store_run(float* p, const float (&v)[1]) { *p = v[0]; }
 __device__ __forceinline__ void store_run(__nv_bfloat16* p, const float (&v)[1]) { *p = __float2bfloat16_rn(v[0]); }
 __device__ __forceinline__ void store_run(float* p, const float (&v)[4]) {
@@ -129,15 +130,14 @@ __device__ __forceinline__ void store_run(__nv_bfloat16* p, const float (&v)[4])
 
 template <typename T, int V>
 __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H,
-                                         int W, int KH, int KW, int P, int HO, int WO, int tiles,
-                                         long long img_stride, long long row_stride) {
-    const int hw = HO * WO;
-    const long long planes = (long long)B * C;
-    for (long long blk = blockIdx.x; blk < planes * tiles; blk += gridDim.x) {
-        const long long plane = blk / tiles;
-        const int tile = (int)(blk - plane * tiles);
-        const int t = (tile * blockDim.x + threadIdx.x) * V;
-        if (t >= hw) continue;
+                                         int W, int KH, int KW, int P, int HO, int WO, long long img_stride,
+                                         long long row_stride) {
+    const int runs = HO * WO / V;
+    const long long items = (long long)B * C * runs;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < items;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long plane = i / runs;
+        const int t = (int)(i - plane * runs) * V;
         int y[V], x[V];
 #pragma unroll
         for (int v = 0; v < V; ++v) {
@@ -163,10 +163,10 @@ __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __res
 
 #define IM2COL_T(T, V, NAME)                                                                                 \
     extern "C" __global__ void NAME(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H, \
-                                    int W, int KH, int KW, int P, int HO, int WO, int tiles,                 \
-                                    long long img_stride, long long row_stride) {                            \
+                                    int W, int KH, int KW, int P, int HO, int WO, long long img_stride,      \
+                                    long long row_stride) {                                                  \
         pdl_wait();                                                                                          \
-        im2col_t<T, V>(src, dst, B, C, H, W, KH, KW, P, HO, WO, tiles, img_stride, row_stride);              \
+        im2col_t<T, V>(src, dst, B, C, H, W, KH, KW, P, HO, WO, img_stride, row_stride);                     \
     }
 IM2COL_T(float, 1, im2col_t1_f32)
 IM2COL_T(__nv_bfloat16, 1, im2col_t1_bf16)

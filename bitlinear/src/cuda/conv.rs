@@ -251,7 +251,6 @@ pub(crate) fn im2col_t(
             a(pad, "P")?,
             a(ho, "HO")?,
             a(wo, "WO")?,
-            a(p.tiles, "tiles")?,
             img_stride as i64,
             row_stride as i64
         )
