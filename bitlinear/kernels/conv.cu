@@ -114,7 +114,14 @@ extern "C" __global__ void conv_dequant_f32_dsw(const int* __restrict__ acc, con
 // maps of a CNN's last stage). V = 4 (im2col_t4_*) needs HO*WO % 4 == 0, so that every
 // destination run is aligned to 4 elements (the strides are multiples of HO*WO) and is written
 // as one vector store (16 bytes in f32, 8 in bf16); V = 1 (im2col_t1_*) takes any shape. A run
-// may wrap an output row (WO % 4 != 0): each pixel has its own (y, x).
+// may wrap an output row (WO % 4 != 0): each pixel has its own (y, x). The source is f32 images
+// (im2col_t{1,4}_{f32,bf16}; `scales` unused) or the int8 codes of the activation quantizer with
+// a scale an image (im2col_t{1,4}_i8_{f32,bf16}), whose value is its fake quantization
+// __fmul_rn(code, scales[b]), exactly the x~ the quantizer would write.
+__device__ __forceinline__ float source_value(const float* __restrict__ img, int i, float) { return img[i]; }
+__device__ __forceinline__ float source_value(const int8_t* __restrict__ img, int i, float scale) {
+    return __fmul_rn((float)img[i], scale);
+}
 __device__ __forceinline__ void store_run(float* p, const float (&v)[1]) { *p = v[0]; }
 __device__ __forceinline__ void store_run(__nv_bfloat16* p, const float (&v)[1]) { *p = __float2bfloat16_rn(v[0]); }
 __device__ __forceinline__ void store_run(float* p, const float (&v)[4]) {
@@ -128,8 +135,9 @@ __device__ __forceinline__ void store_run(__nv_bfloat16* p, const float (&v)[4])
     *reinterpret_cast<uint2*>(p) = u;
 }
 
-template <typename T, int V>
-__device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H,
+template <typename S, typename T, int V>
+__device__ __forceinline__ void im2col_t(const S* __restrict__ src, const float* __restrict__ scales,
+                                         T* __restrict__ dst, int B, int C, int H,
                                          int W, int KH, int KW, int P, int HO, int WO, long long img_stride,
                                          long long row_stride) {
     const int runs = HO * WO / V;
@@ -144,8 +152,9 @@ __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __res
             y[v] = (t + v) / WO;
             x[v] = (t + v) - y[v] * WO;
         }
-        const float* img = src + plane * H * W;
+        const S* img = src + plane * H * W;
         const long long b = plane / C, ci = plane - b * C;
+        const float scale = scales == nullptr ? 1.0f : scales[b];
         T* out = dst + b * img_stride + ci * KH * KW * row_stride + t;
         for (int ky = 0; ky < KH; ++ky) {
             for (int kx = 0; kx < KW; ++kx) {
@@ -153,7 +162,7 @@ __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __res
 #pragma unroll
                 for (int v = 0; v < V; ++v) {
                     const int iy = y[v] + ky - P, ix = x[v] + kx - P;
-                    run[v] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? img[iy * W + ix] : 0.0f;
+                    run[v] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? source_value(img, iy * W + ix, scale) : 0.0f;
                 }
                 store_run(out + (long long)(ky * KW + kx) * row_stride, run);
             }
@@ -161,17 +170,21 @@ __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __res
     }
 }
 
-#define IM2COL_T(T, V, NAME)                                                                                 \
-    extern "C" __global__ void NAME(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H, \
-                                    int W, int KH, int KW, int P, int HO, int WO, long long img_stride,      \
-                                    long long row_stride) {                                                  \
-        pdl_wait();                                                                                          \
-        im2col_t<T, V>(src, dst, B, C, H, W, KH, KW, P, HO, WO, img_stride, row_stride);                     \
+#define IM2COL_T(S, T, V, NAME)                                                                         \
+    extern "C" __global__ void NAME(const S* __restrict__ src, const float* __restrict__ scales,          \
+                                    T* __restrict__ dst, int B, int C, int H, int W, int KH, int KW, int P, \
+                                    int HO, int WO, long long img_stride, long long row_stride) {           \
+        pdl_wait();                                                                                         \
+        im2col_t<S, T, V>(src, scales, dst, B, C, H, W, KH, KW, P, HO, WO, img_stride, row_stride);         \
     }
-IM2COL_T(float, 1, im2col_t1_f32)
-IM2COL_T(__nv_bfloat16, 1, im2col_t1_bf16)
-IM2COL_T(float, 4, im2col_t4_f32)
-IM2COL_T(__nv_bfloat16, 4, im2col_t4_bf16)
+IM2COL_T(float, float, 1, im2col_t1_f32)
+IM2COL_T(float, __nv_bfloat16, 1, im2col_t1_bf16)
+IM2COL_T(float, float, 4, im2col_t4_f32)
+IM2COL_T(float, __nv_bfloat16, 4, im2col_t4_bf16)
+IM2COL_T(int8_t, float, 1, im2col_t1_i8_f32)
+IM2COL_T(int8_t, __nv_bfloat16, 1, im2col_t1_i8_bf16)
+IM2COL_T(int8_t, float, 4, im2col_t4_i8_f32)
+IM2COL_T(int8_t, __nv_bfloat16, 4, im2col_t4_i8_bf16)
 
 // codes_nhwc: int8 codes src (B, C, HW) to dst (B, HW, C), the channels-last operand of the
 // implicit GEMM (kernels/conv_igemm.cu). Blocks of 32 x 8 threads (src/plan/conv.rs) transpose
