@@ -213,3 +213,28 @@ extern "C" __global__ void codes_nhwc(const uint8_t* __restrict__ src, uint8_t* 
         __syncthreads();
     }
 }
+
+// values_nhwc_bf16: f32 values src (B, C, HW) to bf16 dst (B, HW, C), rounded to nearest even,
+// the channels-last operand of the bf16 implicit GEMM (kernels/conv_bf16.cu). The blocks and
+// squares of codes_nhwc (the same plan), with 4-byte reads and 2-byte writes.
+extern "C" __global__ void values_nhwc_bf16(const float* __restrict__ src, __nv_bfloat16* __restrict__ dst, int B,
+                                            int C, int HW) {
+    pdl_wait();
+    __shared__ float square[32][33];
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int img = blockIdx.z; img < B; img += gridDim.z) {
+        const float* s = src + (long long)img * C * HW;
+        __nv_bfloat16* d = dst + (long long)img * C * HW;
+        for (int j = ty; j < 32; j += 8) {
+            const int c = c0 + j, p = p0 + tx;
+            if (c < C && p < HW) square[j][tx] = s[(long long)c * HW + p];
+        }
+        __syncthreads();
+        for (int j = ty; j < 32; j += 8) {
+            const int p = p0 + j, c = c0 + tx;
+            if (p < HW && c < C) d[(long long)p * C + c] = __float2bfloat16_rn(square[tx][j]);
+        }
+        __syncthreads();
+    }
+}

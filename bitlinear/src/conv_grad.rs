@@ -12,11 +12,11 @@
 //!   `(c_in·k·k, B·Ho·Wo)`: one product whose result is `dL/dW (c_out, c_in, k, k)` as it stands.
 //!
 //! On the CPU both products are [`crate::conv_grad_cpu`]'s (im2col tiles of a few images a task);
-//! the functions below are the other devices' path: on CUDA our im2col kernels and cuBLAS (see
-//! `input_grad` and `weight_grad`). With
+//! the functions below are the other devices' path: on CUDA our im2col kernels and cuBLAS, or
+//! for the input gradient our bf16 implicit GEMM (see `input_grad` and `weight_grad`). With
 //! [`BitConv2dConfig::bf16_grad_products`](crate::BitConv2dConfig::bf16_grad_products) (f32
 //! training on CUDA) their operands are bf16: `x~`, `W~` and `g` rounded to nearest even, the
-//! sums accumulated in f32 by cuBLAS and written in f32, then returned in the variables' dtype.
+//! sums accumulated in f32 and written in f32, then returned in the variables' dtype.
 //!
 //! candle 0.11 differentiates `conv2d` with `conv_transpose2d` for the input gradient (a direct
 //! loop per output element on CUDA, no GEMM); and as one op, the straight-through steps cost no
@@ -256,10 +256,11 @@ fn gemm_grads(
     Ok((dx, weight_grad((x, x_codes), g, (kh, kw), p, products)?))
 }
 
-/// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA as the transposed im2col
-/// of `g` (our kernel) times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d`
-/// gathers its columns with a slower kernel and reorders its output), in f32 from bf16 `products`;
-/// elsewhere candle's.
+/// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA with bf16 `products`
+/// as the bf16 implicit GEMM where its plan takes the shape (`crate::plan::bf16_conv_plan`: `g`
+/// gathered on the way into shared memory), else as the transposed im2col of `g` (our kernel)
+/// times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d` gathers its columns
+/// with a slower kernel and reorders its output), in f32 from bf16 `products`; elsewhere candle's.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn input_grad(
     g: &Tensor,
@@ -272,6 +273,11 @@ fn input_grad(
     if g.device().is_cuda() && g.dtype() == DType::F32 {
         let (b, c, h, w) = x_dims;
         let (_, o, kh, kw) = w_t.dims4()?;
+        if products == DType::BF16 {
+            if let Some(dx) = crate::cuda::implicit_input_grad(g, w_t, pad, (h, w))? {
+                return Ok(dx);
+            }
+        }
         use crate::cuda::{im2col_t, ColsLayout, ColsSource};
         let cols = im2col_t(
             ColsSource::Values(g),

@@ -370,10 +370,16 @@ fn backward_reference(dev: &Device) -> Result<()> {
         // products of several cuBLAS tiles and split-K reductions: more channels, images and
         // pixels than the random shapes, a 5x5 kernel; pixel counts that are multiples of 4
         // with rows that are not, small (single pixels a thread) and large (the transposed
-        // im2col's runs of 4 pixels then straddle rows), unpadded and padded
+        // im2col's runs of 4 pixels then straddle rows), unpadded and padded; output channels
+        // in eights, whose input gradient the bf16 implicit GEMM computes (each of its tiles,
+        // partial pixel, channel and k tiles, a 5x5 kernel)
         shapes.extend(
             [
                 (4, 32, (16, 16), 64, 3, 1),
+                (3, 24, (9, 11), 40, 3, 1),
+                (2, 40, (5, 6), 136, 3, 1),
+                (2, 72, (7, 7), 16, 3, 0),
+                (2, 8, (12, 12), 8, 5, 2),
                 (3, 70, (9, 9), 130, 3, 1),
                 (2, 5, (33, 33), 3, 5, 2),
                 (2, 5, (8, 7), 3, 3, 1),

@@ -92,6 +92,28 @@ pub(crate) fn codes_nhwc(codes: &Tensor, c: usize, hw: usize) -> Result<Tensor> 
     })
 }
 
+/// The F32 images `x` (`(B, C, H, W)`) channels last in bf16 (rounded to nearest even): BF16
+/// `(B, H·W, C)` (`values_nhwc_bf16`, launched as `codes_nhwc`).
+pub(crate) fn values_nhwc_bf16(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if x.dtype() != DType::F32 {
+        bail!("bitlinear cuda: values_nhwc_bf16 needs F32 images")
+    }
+    let hw = h * w;
+    map_out(x, b * c * hw, (b, hw, c), DType::BF16, "values_nhwc_bf16", |ctx, sp, op| {
+        let (grid_dim, block_dim) = codes_nhwc_plan(b, c, hw);
+        let cfg = LaunchConfig {
+            grid_dim,
+            block_dim,
+            shared_mem_bytes: 0,
+        };
+        let f = ctx.func(Module::Conv, "values_nhwc_bf16")?;
+        let (bi, ci, hwi) = (i32_arg(b, "images")?, i32_arg(c, "C")?, i32_arg(hw, "H*W")?);
+        i32_arg(c * hw, "C*H*W")?;
+        launch!(ctx, f, cfg, sp, op, bi, ci, hwi)
+    })
+}
+
 /// The weight scale of [`conv_dequantize`] and the implicit GEMM: a host value, or a
 /// one-element F32 tensor on the device (never read back to the host).
 #[derive(Clone, Copy)]

@@ -1,0 +1,179 @@
+//! The launch of the bf16 implicit-GEMM convolution (`kernels/conv_bf16.cu`), which computes the
+//! input gradient of the ternary convolutions on CUDA: whether a gradient runs on it, its tile,
+//! grid and shared memory.
+
+use super::{DeviceInfo, KernelSettings};
+
+/// Shared-memory bytes a tile row takes in one pipeline stage: a k tile of 64 bf16 values (128
+/// bytes) plus 16 bytes of padding (`CB_STRIDE` of the kernel).
+const ROW_BYTES: usize = 144;
+
+/// Pipeline stages of every tile (the kernel's instances).
+const STAGES: usize = 3;
+
+/// The kernel's tiles (`CONV_BF16_INST`): 128 output pixels by 32, 64 or 128 output channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bf16ConvTile {
+    /// 128 x 32, 4 warps (4 x 1): output channels `<= 32`.
+    N32,
+    /// 128 x 64, 4 warps (2 x 2): output channels `<= 64`.
+    N64,
+    /// 128 x 128, 8 warps (2 x 4).
+    N128,
+}
+
+impl Bf16ConvTile {
+    /// `(pixels, channels, threads)` of a block.
+    pub fn shape(self) -> (usize, usize, usize) {
+        match self {
+            Bf16ConvTile::N32 => (128, 32, 128),
+            Bf16ConvTile::N64 => (128, 64, 128),
+            Bf16ConvTile::N128 => (128, 128, 256),
+        }
+    }
+
+    /// Dynamic shared memory of a block: the stages of the activation and weight tiles.
+    pub fn smem_bytes(self) -> usize {
+        let (bm, bn, _) = self.shape();
+        STAGES * (bm + bn) * ROW_BYTES
+    }
+
+    /// The kernel's name.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            Bf16ConvTile::N32 => "conv_bf16_n32",
+            Bf16ConvTile::N64 => "conv_bf16_n64",
+            Bf16ConvTile::N128 => "conv_bf16_n128",
+        }
+    }
+}
+
+/// A convolution on the bf16 implicit GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bf16ConvPlan {
+    /// The tile.
+    pub tile: Bf16ConvTile,
+    /// `(row blocks, column blocks, 1)`: blocks over the output pixels, then the channels.
+    pub grid: (u32, u32, u32),
+}
+
+/// The launch of a stride-1 convolution of `images` NHWC bf16 images of `c_in` channels with
+/// `pixels` output pixels each, a kernel of `taps` positions and `c_out` output channels, or
+/// `None` where the bf16 implicit GEMM cannot or should not take it: channels not a multiple of
+/// 8 (an 8-value chunk must be one pixel's channels), an image or product past 32-bit indices, a
+/// device without the shared memory or bf16 `mma.sync` (compute capability 8.0), or forced off
+/// (`ForcedChoices::implicit_input_grad`).
+pub fn bf16_conv_plan(
+    (images, pixels): (usize, usize),
+    c_in: usize,
+    taps: usize,
+    c_out: usize,
+    info: &DeviceInfo,
+    settings: &KernelSettings,
+) -> Option<Bf16ConvPlan> {
+    let k = c_in.checked_mul(taps)?;
+    let m = images.checked_mul(pixels)?;
+    let fits_i32 = |v: usize| i32::try_from(v).is_ok();
+    if settings.force.implicit_input_grad == Some(false)
+        || c_in == 0
+        || !c_in.is_multiple_of(8)
+        || k == 0
+        || c_out == 0
+        || m == 0
+        || !fits_i32(m)
+        || !fits_i32(k)
+        || !fits_i32(c_out)
+        || info.compute_capability < (8, 0)
+    {
+        return None;
+    }
+    let tile = match c_out {
+        ..=32 => Bf16ConvTile::N32,
+        33..=64 => Bf16ConvTile::N64,
+        _ => Bf16ConvTile::N128,
+    };
+    if tile.smem_bytes() > info.smem_optin {
+        return None;
+    }
+    let (bm, bn, _) = tile.shape();
+    let grid = (
+        u32::try_from(m.div_ceil(bm)).ok()?,
+        u32::try_from(c_out.div_ceil(bn)).ok().filter(|&c| c < 65536)?,
+        1,
+    );
+    Some(Bf16ConvPlan { tile, grid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(images: usize, pixels: usize, c: usize, c_out: usize) -> Option<Bf16ConvPlan> {
+        bf16_conv_plan(
+            (images, pixels),
+            c,
+            9,
+            c_out,
+            &DeviceInfo::sm90(132),
+            &KernelSettings::default(),
+        )
+    }
+
+    #[test]
+    fn takes_channels_in_eights_only() {
+        assert!(planned(1, 1024, 3, 32).is_none());
+        assert!(planned(1, 1024, 12, 32).is_none());
+        assert!(planned(1, 1024, 0, 32).is_none());
+        assert!(planned(0, 1024, 64, 32).is_none());
+        assert!(planned(1, 1024, 64, 0).is_none());
+        assert!(planned(1, 1024, 8, 3).is_some());
+    }
+
+    #[test]
+    fn the_tile_follows_the_output_channels() {
+        let p = planned(512, 1024, 64, 32).unwrap();
+        assert_eq!(p.tile, Bf16ConvTile::N32);
+        assert_eq!(p.grid, (512 * 1024 / 128, 1, 1));
+        let p = planned(512, 256, 256, 64).unwrap();
+        assert_eq!(p.tile, Bf16ConvTile::N64);
+        assert_eq!(p.grid, (1024, 1, 1));
+        let p = planned(512, 64, 256, 256).unwrap();
+        assert_eq!(p.tile, Bf16ConvTile::N128);
+        assert_eq!(p.grid, (256, 2, 1));
+        // a partial last block of rows and of columns
+        let p = planned(3, 25, 16, 65).unwrap();
+        assert_eq!((p.tile, p.grid), (Bf16ConvTile::N128, (1, 1, 1)));
+        let p = planned(3, 25, 16, 33).unwrap();
+        assert_eq!((p.tile, p.grid), (Bf16ConvTile::N64, (1, 1, 1)));
+    }
+
+    #[test]
+    fn forced_off_or_too_big_or_too_old_falls_back() {
+        let mut s = KernelSettings::default();
+        s.force.implicit_input_grad = Some(false);
+        let info = DeviceInfo::sm90(132);
+        assert!(bf16_conv_plan((1, 64), 16, 9, 16, &info, &s).is_none());
+        s.force.implicit_input_grad = Some(true);
+        assert!(bf16_conv_plan((1, 64), 16, 9, 16, &info, &s).is_some());
+        let s = KernelSettings::default();
+        assert!(bf16_conv_plan((1 << 20, 1 << 12), 16, 9, 16, &info, &s).is_none());
+        let old = DeviceInfo {
+            compute_capability: (7, 5),
+            ..info
+        };
+        assert!(bf16_conv_plan((1, 64), 16, 9, 16, &old, &s).is_none());
+        let small = DeviceInfo {
+            smem_optin: 64 * 1024,
+            ..info
+        };
+        assert!(bf16_conv_plan((1, 64), 16, 9, 16, &small, &s).is_none());
+        assert!(bf16_conv_plan((1, 64), 16, 9, 128, &small, &s).is_none());
+    }
+
+    #[test]
+    fn shared_memory_matches_the_kernel_stages() {
+        assert_eq!(Bf16ConvTile::N32.smem_bytes(), 3 * 160 * 144);
+        assert_eq!(Bf16ConvTile::N64.smem_bytes(), 82_944);
+        assert_eq!(Bf16ConvTile::N128.smem_bytes(), 110_592);
+    }
+}
