@@ -214,27 +214,41 @@ extern "C" __global__ void codes_nhwc(const uint8_t* __restrict__ src, uint8_t* 
     }
 }
 
-// values_nhwc_bf16: f32 values src (B, C, HW) to bf16 dst (B, HW, C), rounded to nearest even,
-// the channels-last operand of the bf16 implicit GEMM (kernels/conv_bf16.cu). The blocks and
-// squares of codes_nhwc (the same plan), with 4-byte reads and 2-byte writes.
-extern "C" __global__ void values_nhwc_bf16(const float* __restrict__ src, __nv_bfloat16* __restrict__ dst, int B,
-                                            int C, int HW) {
-    pdl_wait();
+// transpose_bf16_{f32,i8}: src (B, R, C) to bf16 dst (B, C, R), rounded to nearest even: the
+// channels-last operands of the bf16 implicit GEMM (kernels/conv_bf16.cu). Images (B, C, H*W)
+// become (B, H*W, C) (the output gradient, for the input gradient); a batch as one matrix (1, B,
+// C*H*W) becomes (C*H*W, B) (x~ and g, for the weight gradient). The source is f32 values
+// (`scales` unused) or int8 codes with a scale a source row (an image of the batch), whose value
+// is __fmul_rn(code, scales[r]), exactly the x~ the activation quantizer writes. Blocks and
+// squares as codes_nhwc (the same plan), shared memory in f32.
+template <typename S>
+__device__ __forceinline__ void transpose_bf16(const S* __restrict__ src, const float* __restrict__ scales,
+                                               __nv_bfloat16* __restrict__ dst, int B, int R, int C) {
     __shared__ float square[32][33];
-    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
     const int tx = threadIdx.x, ty = threadIdx.y;
     for (int img = blockIdx.z; img < B; img += gridDim.z) {
-        const float* s = src + (long long)img * C * HW;
-        __nv_bfloat16* d = dst + (long long)img * C * HW;
+        const S* s = src + (long long)img * R * C;
+        __nv_bfloat16* d = dst + (long long)img * R * C;
         for (int j = ty; j < 32; j += 8) {
-            const int c = c0 + j, p = p0 + tx;
-            if (c < C && p < HW) square[j][tx] = s[(long long)c * HW + p];
+            const int r = r0 + j, c = c0 + tx;
+            if (r < R && c < C) square[j][tx] = source_value(s, r * C + c, scales == nullptr ? 1.0f : scales[r]);
         }
         __syncthreads();
         for (int j = ty; j < 32; j += 8) {
-            const int p = p0 + j, c = c0 + tx;
-            if (p < HW && c < C) d[(long long)p * C + c] = __float2bfloat16_rn(square[tx][j]);
+            const int c = c0 + j, r = r0 + tx;
+            if (c < C && r < R) d[(long long)c * R + r] = __float2bfloat16_rn(square[tx][j]);
         }
         __syncthreads();
     }
+}
+extern "C" __global__ void transpose_bf16_f32(const float* __restrict__ src, const float* __restrict__ scales,
+                                              __nv_bfloat16* __restrict__ dst, int B, int R, int C) {
+    pdl_wait();
+    transpose_bf16(src, scales, dst, B, R, C);
+}
+extern "C" __global__ void transpose_bf16_i8(const int8_t* __restrict__ src, const float* __restrict__ scales,
+                                             __nv_bfloat16* __restrict__ dst, int B, int R, int C) {
+    pdl_wait();
+    transpose_bf16(src, scales, dst, B, R, C);
 }

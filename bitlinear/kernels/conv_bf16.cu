@@ -1,11 +1,16 @@
 // Implicit-GEMM stride-1 convolution on bf16 tensor cores (mma.sync.m16n8k16.row.col.f32.bf16):
 // y (B, N, Ho, Wo) f32 = conv(x, Wt) with zero padding P, the im2col gather done by the copies
-// into shared memory. It computes the input gradient of the ternary convolutions
-// (src/conv_grad.rs: x = the output gradient g in bf16, Wt = the flipped, transposed W~, P = k - 1
-// - pad), which would otherwise go through a transposed im2col of g, k*k times g's size.
+// into shared memory. It computes both backward products of the ternary convolutions
+// (src/conv_grad.rs), which would otherwise go through im2col copies k*k times their input:
+//   * the input gradient: x = the output gradient g, Wt = the flipped, transposed W~, P = k - 1 -
+//     pad;
+//   * the weight gradient, as a convolution over the batch: the "images" are the input channels
+//     of x~, the "channels" the batch (x~ laid out (C, H, W, B)), the "weight" g laid out (O, Ho,
+//     Wo, B), P = pad, and the output (C, O, kh, kw) is dL/dW transposed; its K = Ho*Wo*B is
+//     split over blockIdx.z (each split writes its own partial output, summed afterwards).
 //
 // Data layout
-//   x  : (B, H, W, C) bf16, channels last (conv.cu's values_nhwc_bf16), C % 8 == 0, 16-byte aligned.
+//   x  : (B, H, W, C) bf16, channels last (conv.cu's transpose_bf16_*), C % 8 == 0, 16-byte aligned.
 //   GEMM view: row m = output pixel (image, oy, ox) = image * Ho*Wo + oy * Wo + ox (M = B*Ho*Wo);
 //        column k = (ky * KW + kx) * C + ci (channels fastest), K = KH*KW*C, so every 8 values of a
 //        row are one 16-byte run of one input pixel's channels (or zero padding); the input pixel
@@ -13,7 +18,9 @@
 //   wt : (N, K) bf16 in the same k order, row stride K (K % 8 == 0: 16-byte rows).
 //   y  : (B, N, Ho*Wo) f32, NCHW.
 //
-// Tiling: CTA tile BM pixels (blockIdx.x) x BN output channels (blockIdx.y), k tile 64 values
+// Tiling: CTA tile BM pixels (blockIdx.x) x BN output channels (blockIdx.y) x k tiles
+// [blockIdx.z * kt_per_split, + kt_per_split) of the K range (its partial output at y +
+// blockIdx.z * y_split_stride), k tile 64 values
 // (128 bytes a row, 8 chunks of 16 bytes), STAGES-deep cp.async pipeline as conv_igemm.cu. Warps
 // WARPS_M x WARPS_N, each a (BM/WARPS_M) x (BN/WARPS_N) tile of 16 x 8 MMAs.
 //   * Activation tile: BM rows x 128 bytes, 144-byte row stride (ldmatrix conflict-free). Thread
@@ -47,7 +54,7 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint3
 template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
 __device__ void conv_bf16_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ wt,
                                float* __restrict__ y, int M, int N, int K, int C, int H, int W, int KW, int P,
-                               int Wo, int HWo) {
+                               int Wo, int HWo, int kt_per_split, long long y_split_stride) {
     constexpr int NTHREADS = WARPS_M * WARPS_N * 32;
     constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
     constexpr int MI = WM / 16, NI = WN / 8;
@@ -63,8 +70,10 @@ __device__ void conv_bf16_impl(const __nv_bfloat16* __restrict__ x, const __nv_b
     const int g = lane >> 2, t = lane & 3;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     const int bm = blockIdx.x * BM, bn = blockIdx.y * BN;
-    const int KT = (K + CB_BK - 1) / CB_BK;
+    const int kt_begin = blockIdx.z * kt_per_split;
+    const int KT = min((K + CB_BK - 1) / CB_BK - kt_begin, kt_per_split);
     const int chunk = tid & 7;
+    y += blockIdx.z * y_split_stride;
 
     // Activation copy slots: the image offset and receptive-field corner of each row; a row past
     // M gets a corner no kernel offset brings inside the image, so it is always zero-filled.
@@ -88,7 +97,7 @@ __device__ void conv_bf16_impl(const __nv_bfloat16* __restrict__ x, const __nv_b
 
     auto load_stage = [&](int kt, int stage) {
         uint8_t* st = smem + stage * STAGE_BYTES;
-        const int k0 = (kt * 8 + chunk) * 8;
+        const int k0 = ((kt_begin + kt) * 8 + chunk) * 8;
         const bool k_ok = k0 < K;
         const int tap = k_ok ? k0 / C : 0;
         const int ci0 = k0 - tap * C;
@@ -178,9 +187,10 @@ __device__ void conv_bf16_impl(const __nv_bfloat16* __restrict__ x, const __nv_b
 #define CONV_BF16_INST(BM, BN, WMn, WNn, ST, MINB, NAME)                                                          \
     extern "C" __global__ void __launch_bounds__(WMn * WNn * 32, MINB)                                            \
         NAME(const __nv_bfloat16* x, const __nv_bfloat16* wt, float* y, int M, int N, int K, int C, int H, int W, \
-             int KW, int P, int Wo, int HWo) {                                                                    \
+             int KW, int P, int Wo, int HWo, int kt_per_split, long long y_split_stride) {                        \
         pdl_wait();                                                                                             \
-        conv_bf16_impl<BM, BN, WMn, WNn, ST>(x, wt, y, M, N, K, C, H, W, KW, P, Wo, HWo);                       \
+        conv_bf16_impl<BM, BN, WMn, WNn, ST>(x, wt, y, M, N, K, C, H, W, KW, P, Wo, HWo, kt_per_split,          \
+                                             y_split_stride);                                                   \
     }
 
 // n32: 128 x 32 tile, 4 warps (4x1), warp tile 32x32, 3 stages (69 KB smem), for N <= 32

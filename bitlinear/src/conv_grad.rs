@@ -12,8 +12,8 @@
 //!   `(c_in·k·k, B·Ho·Wo)`: one product whose result is `dL/dW (c_out, c_in, k, k)` as it stands.
 //!
 //! On the CPU both products are [`crate::conv_grad_cpu`]'s (im2col tiles of a few images a task);
-//! the functions below are the other devices' path: on CUDA our im2col kernels and cuBLAS, or
-//! for the input gradient our bf16 implicit GEMM (see `input_grad` and `weight_grad`). With
+//! the functions below are the other devices' path: on CUDA our bf16 implicit GEMM where it
+//! takes the shape, else our im2col kernels and cuBLAS (see `input_grad` and `weight_grad`). With
 //! [`BitConv2dConfig::bf16_grad_products`](crate::BitConv2dConfig::bf16_grad_products) (f32
 //! training on CUDA) their operands are bf16: `x~`, `W~` and `g` rounded to nearest even, the
 //! sums accumulated in f32 and written in f32, then returned in the variables' dtype.
@@ -299,7 +299,9 @@ fn input_grad(
 
 /// `dL/dW (O, C, kh, kw)` of a stride-1 convolution with padding `p`.
 ///
-/// On CUDA as one product (module docs): `G` and `X` come from our transposed-im2col kernel
+/// On CUDA with bf16 operands as the bf16 implicit GEMM where its plan takes the shape (a
+/// convolution over the batch, `crate::cuda`'s `conv_bf16`: no im2col copy), else as one product
+/// (module docs): `G` and `X` come from our transposed-im2col kernel
 /// (`G` is the 1x1 case, a channels-first copy of `g`) in `products`' dtype where `g` is f32,
 /// else f32; bf16 operands multiply with f32 results. The `(O, C·kh·kw)` product is the
 /// gradient's layout, and every operand row is contiguous and aligned, which cuBLAS's fast
@@ -340,6 +342,11 @@ fn weight_grad(
             },
             None => ColsSource::Values(&x),
         };
+        if operands == DType::BF16 {
+            if let Some(dw) = crate::cuda::implicit_weight_grad(x_source, &g, (kh, kw), p)? {
+                return Ok(dw);
+            }
+        }
         let xs = im2col_t(x_source, (kh, kw), p, (ho, wo), operands, ColsLayout::Rows)?;
         let gs = im2col_t(ColsSource::Values(&g), (1, 1), 0, (ho, wo), operands, ColsLayout::Rows)?;
         let dw = match operands {

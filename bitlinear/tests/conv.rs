@@ -372,9 +372,14 @@ fn backward_reference(dev: &Device) -> Result<()> {
         // with rows that are not, small (single pixels a thread) and large (the transposed
         // im2col's runs of 4 pixels then straddle rows), unpadded and padded; output channels
         // in eights, whose input gradient the bf16 implicit GEMM computes (each of its tiles,
-        // partial pixel, channel and k tiles, a 5x5 kernel)
+        // partial pixel, channel and k tiles, a 5x5 kernel); batches in eights, whose weight
+        // gradient it computes (a 3-channel first layer, split and unsplit k ranges)
         shapes.extend(
             [
+                (8, 16, (8, 8), 24, 3, 1),
+                (16, 8, (5, 7), 16, 3, 0),
+                (8, 3, (9, 9), 8, 3, 1),
+                (8, 24, (6, 6), 40, 5, 2),
                 (4, 32, (16, 16), 64, 3, 1),
                 (3, 24, (9, 11), 40, 3, 1),
                 (2, 40, (5, 6), 136, 3, 1),

@@ -92,26 +92,50 @@ pub(crate) fn codes_nhwc(codes: &Tensor, c: usize, hw: usize) -> Result<Tensor> 
     })
 }
 
-/// The F32 images `x` (`(B, C, H, W)`) channels last in bf16 (rounded to nearest even): BF16
-/// `(B, H·W, C)` (`values_nhwc_bf16`, launched as `codes_nhwc`).
-pub(crate) fn values_nhwc_bf16(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    if x.dtype() != DType::F32 {
-        bail!("bitlinear cuda: values_nhwc_bf16 needs F32 images")
-    }
-    let hw = h * w;
-    map_out(x, b * c * hw, (b, hw, c), DType::BF16, "values_nhwc_bf16", |ctx, sp, op| {
-        let (grid_dim, block_dim) = codes_nhwc_plan(b, c, hw);
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
-        let f = ctx.func(Module::Conv, "values_nhwc_bf16")?;
-        let (bi, ci, hwi) = (i32_arg(b, "images")?, i32_arg(c, "C")?, i32_arg(hw, "H*W")?);
-        i32_arg(c * hw, "C*H*W")?;
-        launch!(ctx, f, cfg, sp, op, bi, ci, hwi)
-    })
+/// The matrices `src` (`(B, R, C)`: F32 values, or U8 int8 codes with an F32 scale a row,
+/// `scales (R)`, whose values are `code · scale` rounded once) transposed into bf16, rounded to
+/// nearest even: BF16 `(B, C, R)` (`transpose_bf16_*`, launched as `codes_nhwc`).
+pub(crate) fn transposed_bf16(src: &Tensor, scales: Option<&Tensor>) -> Result<Tensor> {
+    let (b, r, c) = src.dims3()?;
+    let (name, scales) = match (src.dtype(), scales) {
+        (DType::F32, None) => ("transpose_bf16_f32", None),
+        (DType::U8, Some(s)) if s.dtype() == DType::F32 && s.dims1()? == r => {
+            ("transpose_bf16_i8", Some(s.contiguous()?))
+        }
+        _ => bail!("bitlinear cuda: transposed_bf16 takes F32 values, or U8 codes with F32 scales a row"),
+    };
+    i32_arg(r * c, "R*C")?;
+    let held = scales.as_ref().map(|s| s.storage_and_layout());
+    map_out(
+        src,
+        b * r * c,
+        (b, c, r),
+        DType::BF16,
+        "transposed_bf16",
+        |ctx, sp, op| {
+            let mut guards = Vec::new();
+            let scales_ptr = match &held {
+                Some((st, l)) => {
+                    let (Storage::Cuda(s), Some((s0, _))) = (&**st, l.contiguous_offsets()) else {
+                        bail!("bitlinear cuda: transposed_bf16 scales left the GPU")
+                    };
+                    in_ptr(s, s0, &ctx.stream, &mut guards)?
+                }
+                None => 0u64,
+            };
+            let (grid_dim, block_dim) = codes_nhwc_plan(b, r, c);
+            let cfg = LaunchConfig {
+                grid_dim,
+                block_dim,
+                shared_mem_bytes: 0,
+            };
+            let f = ctx.func(Module::Conv, name)?;
+            let (bi, ri, ci) = (i32_arg(b, "images")?, i32_arg(r, "rows")?, i32_arg(c, "columns")?);
+            launch!(ctx, f, cfg, sp, scales_ptr, op, bi, ri, ci)?;
+            drop(guards);
+            Ok(())
+        },
+    )
 }
 
 /// The weight scale of [`conv_dequantize`] and the implicit GEMM: a host value, or a

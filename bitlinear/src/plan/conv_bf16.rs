@@ -1,8 +1,11 @@
 //! The launch of the bf16 implicit-GEMM convolution (`kernels/conv_bf16.cu`), which computes the
-//! input gradient of the ternary convolutions on CUDA: whether a gradient runs on it, its tile,
-//! grid and shared memory.
+//! backward products of the ternary convolutions on CUDA: whether a product runs on it, its tile,
+//! split of the k range, grid and shared memory.
 
 use super::{DeviceInfo, KernelSettings};
+
+/// Values a k tile (`CB_BK` of the kernel).
+pub const BF16_CONV_BK: usize = 64;
 
 /// Shared-memory bytes a tile row takes in one pipeline stage: a k tile of 64 bf16 values (128
 /// bytes) plus 16 bytes of padding (`CB_STRIDE` of the kernel).
@@ -48,13 +51,33 @@ impl Bf16ConvTile {
     }
 }
 
+/// Which backward product of a ternary convolution a [`bf16_conv_plan`] is for (each has its
+/// forced switch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bf16ConvProduct {
+    /// The input gradient (`ForcedChoices::implicit_input_grad`).
+    InputGrad,
+    /// The weight gradient (`ForcedChoices::implicit_weight_grad`).
+    WeightGrad,
+}
+
 /// A convolution on the bf16 implicit GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bf16ConvPlan {
     /// The tile.
     pub tile: Bf16ConvTile,
-    /// `(row blocks, column blocks, 1)`: blocks over the output pixels, then the channels.
+    /// `(row blocks, column blocks, k splits)`: blocks over the output pixels, the channels and
+    /// the parts of the k range.
     pub grid: (u32, u32, u32),
+    /// k tiles ([`BF16_CONV_BK`] values) a split of the k range takes (the last may take fewer).
+    pub k_tiles_per_split: usize,
+}
+
+impl Bf16ConvPlan {
+    /// Over how many blocks the k range is split: each writes a partial output, summed after.
+    pub fn k_splits(&self) -> usize {
+        self.grid.2 as usize
+    }
 }
 
 /// The launch of a stride-1 convolution of `images` NHWC bf16 images of `c_in` channels with
@@ -62,8 +85,14 @@ pub struct Bf16ConvPlan {
 /// `None` where the bf16 implicit GEMM cannot or should not take it: channels not a multiple of
 /// 8 (an 8-value chunk must be one pixel's channels), an image or product past 32-bit indices, a
 /// device without the shared memory or bf16 `mma.sync` (compute capability 8.0), or forced off
-/// (`ForcedChoices::implicit_input_grad`).
+/// (the `product`'s switch in `ForcedChoices`).
+///
+/// Where the tiles are fewer than the SMs (the weight gradient: few output "pixels", a k range
+/// of all the batch's pixels), the k range is split to give about four blocks an SM, at least 8
+/// k tiles a split, at most 256 splits and 64 MiB of partial outputs. A first rule, not yet
+/// tuned on measurements.
 pub fn bf16_conv_plan(
+    product: Bf16ConvProduct,
     (images, pixels): (usize, usize),
     c_in: usize,
     taps: usize,
@@ -74,7 +103,11 @@ pub fn bf16_conv_plan(
     let k = c_in.checked_mul(taps)?;
     let m = images.checked_mul(pixels)?;
     let fits_i32 = |v: usize| i32::try_from(v).is_ok();
-    if settings.force.implicit_input_grad == Some(false)
+    let forced = match product {
+        Bf16ConvProduct::InputGrad => settings.force.implicit_input_grad,
+        Bf16ConvProduct::WeightGrad => settings.force.implicit_weight_grad,
+    };
+    if forced == Some(false)
         || c_in == 0
         || !c_in.is_multiple_of(8)
         || k == 0
@@ -96,12 +129,30 @@ pub fn bf16_conv_plan(
         return None;
     }
     let (bm, bn, _) = tile.shape();
+    let (rows, cols) = (m.div_ceil(bm), c_out.div_ceil(bn));
+    let k_tiles = k.div_ceil(BF16_CONV_BK);
+    let tiles = rows * cols;
+    let mut splits = 1;
+    if tiles < info.sms {
+        let partial_bytes = m * c_out * 4;
+        splits = (4 * info.sms)
+            .div_ceil(tiles)
+            .min(k_tiles / 8)
+            .min(256)
+            .min((64 << 20) / partial_bytes)
+            .max(1);
+    }
+    let k_tiles_per_split = k_tiles.div_ceil(splits);
     let grid = (
-        u32::try_from(m.div_ceil(bm)).ok()?,
-        u32::try_from(c_out.div_ceil(bn)).ok().filter(|&c| c < 65536)?,
-        1,
+        u32::try_from(rows).ok()?,
+        u32::try_from(cols).ok().filter(|&c| c < 65536)?,
+        k_tiles.div_ceil(k_tiles_per_split) as u32,
     );
-    Some(Bf16ConvPlan { tile, grid })
+    Some(Bf16ConvPlan {
+        tile,
+        grid,
+        k_tiles_per_split,
+    })
 }
 
 #[cfg(test)]
@@ -109,10 +160,15 @@ mod tests {
     use super::*;
 
     fn planned(images: usize, pixels: usize, c: usize, c_out: usize) -> Option<Bf16ConvPlan> {
+        planned_taps(images, pixels, c, 9, c_out)
+    }
+
+    fn planned_taps(images: usize, pixels: usize, c: usize, taps: usize, c_out: usize) -> Option<Bf16ConvPlan> {
         bf16_conv_plan(
+            Bf16ConvProduct::InputGrad,
             (images, pixels),
             c,
-            9,
+            taps,
             c_out,
             &DeviceInfo::sm90(132),
             &KernelSettings::default(),
@@ -134,17 +190,42 @@ mod tests {
         let p = planned(512, 1024, 64, 32).unwrap();
         assert_eq!(p.tile, Bf16ConvTile::N32);
         assert_eq!(p.grid, (512 * 1024 / 128, 1, 1));
+        assert_eq!(p.k_tiles_per_split, 9);
         let p = planned(512, 256, 256, 64).unwrap();
         assert_eq!(p.tile, Bf16ConvTile::N64);
         assert_eq!(p.grid, (1024, 1, 1));
         let p = planned(512, 64, 256, 256).unwrap();
         assert_eq!(p.tile, Bf16ConvTile::N128);
         assert_eq!(p.grid, (256, 2, 1));
-        // a partial last block of rows and of columns
+        // a partial last block of rows and of columns (K = 144: 3 k tiles, too few to split)
         let p = planned(3, 25, 16, 65).unwrap();
-        assert_eq!((p.tile, p.grid), (Bf16ConvTile::N128, (1, 1, 1)));
+        assert_eq!(
+            (p.tile, p.grid, p.k_tiles_per_split),
+            (Bf16ConvTile::N128, (1, 1, 1), 3)
+        );
         let p = planned(3, 25, 16, 33).unwrap();
         assert_eq!((p.tile, p.grid), (Bf16ConvTile::N64, (1, 1, 1)));
+    }
+
+    #[test]
+    fn few_tiles_split_the_k_range() {
+        // A weight gradient as the kernel sees it: 32 "images" (input channels) of 3x3 outputs,
+        // a batch of 512 as the channels, 32x32 "taps" (the output gradient's pixels), 64
+        // output channels: 3 x 1 tiles, 8192 k tiles.
+        let p = planned_taps(32, 9, 512, 1024, 64).unwrap();
+        assert_eq!((p.tile, p.grid.0, p.grid.1), (Bf16ConvTile::N64, 3, 1));
+        // 4 * 132 blocks wanted: 176 splits of 47 k tiles, of which 175 cover the range
+        assert_eq!((p.k_tiles_per_split, p.k_splits()), (47, 175));
+        // no split leaves the range empty, and the splits cover it
+        for (images, c_in, taps, c_out) in [(256, 512, 64, 256), (3, 8, 100, 40), (64, 24, 49, 8), (1, 8, 8, 8)] {
+            let p = planned_taps(images, 9, c_in, taps, c_out).unwrap();
+            let k_tiles = (c_in * taps).div_ceil(BF16_CONV_BK);
+            let (splits, per) = (p.k_splits(), p.k_tiles_per_split);
+            assert!(splits >= 1 && per >= 1 && (splits - 1) * per < k_tiles && splits * per >= k_tiles);
+            assert!(splits == 1 || per >= 8, "{images} {c_in} {taps} {c_out}: {p:?}");
+        }
+        // many tiles: no split
+        assert_eq!(planned(512, 64, 256, 256).unwrap().k_splits(), 1);
     }
 
     #[test]
@@ -152,22 +233,26 @@ mod tests {
         let mut s = KernelSettings::default();
         s.force.implicit_input_grad = Some(false);
         let info = DeviceInfo::sm90(132);
-        assert!(bf16_conv_plan((1, 64), 16, 9, 16, &info, &s).is_none());
+        assert!(bf16_conv_plan(Bf16ConvProduct::InputGrad, (1, 64), 16, 9, 16, &info, &s).is_none());
+        let weight_grad = bf16_conv_plan(Bf16ConvProduct::WeightGrad, (1, 64), 16, 9, 16, &info, &s);
+        assert!(weight_grad.is_some(), "each product has its own switch");
+        s.force.implicit_weight_grad = Some(false);
+        assert!(bf16_conv_plan(Bf16ConvProduct::WeightGrad, (1, 64), 16, 9, 16, &info, &s).is_none());
         s.force.implicit_input_grad = Some(true);
-        assert!(bf16_conv_plan((1, 64), 16, 9, 16, &info, &s).is_some());
+        assert!(bf16_conv_plan(Bf16ConvProduct::InputGrad, (1, 64), 16, 9, 16, &info, &s).is_some());
         let s = KernelSettings::default();
-        assert!(bf16_conv_plan((1 << 20, 1 << 12), 16, 9, 16, &info, &s).is_none());
+        assert!(bf16_conv_plan(Bf16ConvProduct::InputGrad, (1 << 20, 1 << 12), 16, 9, 16, &info, &s).is_none());
         let old = DeviceInfo {
             compute_capability: (7, 5),
             ..info
         };
-        assert!(bf16_conv_plan((1, 64), 16, 9, 16, &old, &s).is_none());
+        assert!(bf16_conv_plan(Bf16ConvProduct::InputGrad, (1, 64), 16, 9, 16, &old, &s).is_none());
         let small = DeviceInfo {
             smem_optin: 64 * 1024,
             ..info
         };
-        assert!(bf16_conv_plan((1, 64), 16, 9, 16, &small, &s).is_none());
-        assert!(bf16_conv_plan((1, 64), 16, 9, 128, &small, &s).is_none());
+        assert!(bf16_conv_plan(Bf16ConvProduct::InputGrad, (1, 64), 16, 9, 16, &small, &s).is_none());
+        assert!(bf16_conv_plan(Bf16ConvProduct::InputGrad, (1, 64), 16, 9, 128, &small, &s).is_none());
     }
 
     #[test]
