@@ -193,6 +193,20 @@ __device__ void conv_bf16_impl(const __nv_bfloat16* __restrict__ x, const __nv_b
                                              y_split_stride);                                                   \
     }
 
+// sum_splits_f32: out[i] = parts[0][i] + parts[1][i] + ... + parts[splits - 1][i], in that
+// order (the same sums every run), for the split-K partial outputs above: thread i of the grid
+// reads element i of each split (consecutive threads, consecutive addresses) and loops over the
+// grid's stride; parts is (splits, n) f32, contiguous.
+extern "C" __global__ void sum_splits_f32(const float* __restrict__ parts, float* __restrict__ out, int splits,
+                                          long long n) {
+    pdl_wait();
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float s = parts[i];
+        for (int k = 1; k < splits; ++k) s += parts[k * n + i];
+        out[i] = s;
+    }
+}
+
 // n32: 128 x 32 tile, 4 warps (4x1), warp tile 32x32, 3 stages (69 KB smem), for N <= 32
 // n64: 128 x 64 tile, 4 warps (2x2), warp tile 64x32, 3 stages (83 KB smem), for N <= 64
 // n128: 128 x 128 tile, 8 warps (2x4), warp tile 64x32, 3 stages (111 KB smem)

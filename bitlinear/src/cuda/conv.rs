@@ -348,7 +348,7 @@ pub(crate) fn im2col_t(
 /// buffer of `total` values of `out` (U8, F32 or BF16), returned as a tensor of `shape`:
 /// `launch(ctx, src, out)` gets the two device pointers and is not called when `total` is 0.
 /// `who` names the caller in errors.
-fn map_out(
+pub(super) fn map_out(
     src: &Tensor,
     total: usize,
     shape: impl Into<Shape>,

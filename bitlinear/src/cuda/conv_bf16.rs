@@ -14,9 +14,9 @@ use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 
 use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
-use super::conv::{transposed_bf16, ColsSource};
+use super::conv::{map_out, transposed_bf16, ColsSource};
 use super::{Ctx, Module};
-use crate::plan::{bf16_conv_plan, Bf16ConvPlan, Bf16ConvProduct};
+use crate::plan::{bf16_conv_plan, split_sum_blocks, Bf16ConvPlan, Bf16ConvProduct, SPLIT_SUM_THREADS};
 use candle_core::cuda_backend::CudaDevice;
 
 /// `dL/dx`, F32 `(B, C, h, w)`, of a stride-1 convolution: the stride-1 convolution of the
@@ -107,12 +107,26 @@ pub(crate) fn implicit_weight_grad(
         .map(Some)
 }
 
-/// The partial outputs `(splits, …)` of `plan` summed: `(…)`.
+/// The partial outputs `(splits, …)` of `plan` summed in split order: `(…)`. One pass of
+/// `sum_splits_f32` (candle's `sum(0)` reduces across the leading axis with strided reads).
 fn sum_splits(parts: Tensor, plan: &Bf16ConvPlan) -> Result<Tensor> {
-    match plan.k_splits() {
-        1 => parts.squeeze(0),
-        _ => parts.sum(0),
+    let splits = plan.k_splits();
+    if splits == 1 {
+        return parts.squeeze(0);
     }
+    let dims = parts.dims()[1..].to_vec();
+    let n = parts.elem_count() / splits;
+    map_out(&parts, n, dims, DType::F32, "sum_splits", |ctx, parts_ptr, out_ptr| {
+        let blocks = split_sum_blocks(n, &ctx.info);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (SPLIT_SUM_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = ctx.func(Module::ConvBf16, "sum_splits_f32")?;
+        let splits = i32_arg(splits, "splits")?;
+        launch!(ctx, f, cfg, parts_ptr, out_ptr, splits, n as i64)
+    })
 }
 
 /// Runs `plan`'s kernel: the stride-1 convolution with zero padding `pad` of `images` bf16 NHWC

@@ -107,7 +107,12 @@ pub fn bf16_conv_plan(
         Bf16ConvProduct::InputGrad => settings.force.implicit_input_grad,
         Bf16ConvProduct::WeightGrad => settings.force.implicit_weight_grad,
     };
-    if forced == Some(false)
+    // The weight gradient's default is off: on the speed-run network (H100, 2026-12-06) it made
+    // the step slower than the im2col of x~ and cuBLAS (bench/RESULTS.md, "where the GPU time
+    // goes"): this kernel's mma.sync tiles run its 256-channel products at about a third of
+    // cuBLAS's rate, more than the copies it saves.
+    let default_on = product == Bf16ConvProduct::InputGrad;
+    if !forced.unwrap_or(default_on)
         || c_in == 0
         || !c_in.is_multiple_of(8)
         || k == 0
@@ -153,6 +158,15 @@ pub fn bf16_conv_plan(
         grid,
         k_tiles_per_split,
     })
+}
+
+/// Threads a block of `sum_splits_f32` (the sum of the split-K partial outputs).
+pub const SPLIT_SUM_THREADS: usize = 256;
+
+/// Blocks of `sum_splits_f32` over `n` output values: one value a thread, at most 8 waves of
+/// blocks (the threads loop past that), at least one block.
+pub fn split_sum_blocks(n: usize, info: &DeviceInfo) -> usize {
+    n.div_ceil(SPLIT_SUM_THREADS).clamp(1, 8 * info.sms.max(1))
 }
 
 #[cfg(test)]
@@ -229,15 +243,30 @@ mod tests {
     }
 
     #[test]
+    fn split_sums_take_a_value_a_thread_up_to_eight_waves() {
+        let info = DeviceInfo::sm90(132);
+        assert_eq!(split_sum_blocks(0, &info), 1);
+        assert_eq!(split_sum_blocks(1, &info), 1);
+        assert_eq!(split_sum_blocks(SPLIT_SUM_THREADS + 1, &info), 2);
+        assert_eq!(split_sum_blocks(2304 * 256, &info), 8 * 132);
+    }
+
+    #[test]
     fn forced_off_or_too_big_or_too_old_falls_back() {
         let mut s = KernelSettings::default();
         s.force.implicit_input_grad = Some(false);
         let info = DeviceInfo::sm90(132);
         assert!(bf16_conv_plan(Bf16ConvProduct::InputGrad, (1, 64), 16, 9, 16, &info, &s).is_none());
-        let weight_grad = bf16_conv_plan(Bf16ConvProduct::WeightGrad, (1, 64), 16, 9, 16, &info, &s);
-        assert!(weight_grad.is_some(), "each product has its own switch");
+        let weight_grad =
+            |s: &KernelSettings| bf16_conv_plan(Bf16ConvProduct::WeightGrad, (1, 64), 16, 9, 16, &info, s);
+        assert!(
+            weight_grad(&KernelSettings::default()).is_none(),
+            "the weight gradient is opt-in"
+        );
+        s.force.implicit_weight_grad = Some(true);
+        assert!(weight_grad(&s).is_some(), "each product has its own switch");
         s.force.implicit_weight_grad = Some(false);
-        assert!(bf16_conv_plan(Bf16ConvProduct::WeightGrad, (1, 64), 16, 9, 16, &info, &s).is_none());
+        assert!(weight_grad(&s).is_none());
         s.force.implicit_input_grad = Some(true);
         assert!(bf16_conv_plan(Bf16ConvProduct::InputGrad, (1, 64), 16, 9, 16, &info, &s).is_some());
         let s = KernelSettings::default();

@@ -42,7 +42,9 @@ pub use conv::{
     codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, Im2colPlan, Im2colTPlan,
     CUDA_IM2COL_TILE_CODES, IM2COL_THREADS,
 };
-pub use conv_bf16::{bf16_conv_plan, Bf16ConvPlan, Bf16ConvProduct, Bf16ConvTile, BF16_CONV_BK};
+pub use conv_bf16::{
+    bf16_conv_plan, split_sum_blocks, Bf16ConvPlan, Bf16ConvProduct, Bf16ConvTile, BF16_CONV_BK, SPLIT_SUM_THREADS,
+};
 pub use conv_igemm::{implicit_conv_plan, ImplicitConvPlan, ImplicitConvTile, IMPLICIT_CONV_BK};
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
 pub use gemv::{GemvPlan, GEMV_MAX_K, GEMV_SHAPES, GEMV_WARPS};
