@@ -15,6 +15,7 @@ const KERNELS: &[&str] = &[
     "gemv_stream",
     "conv",
     "conv_igemm",
+    "conv_bf16",
 ];
 /// Hopper-only kernels (wgmma, TMA): built for sm_90a.
 const SM90A_KERNELS: &[&str] = &["gemm90a"];

@@ -106,14 +106,22 @@ extern "C" __global__ void conv_dequant_f32_dsw(const int* __restrict__ acc, con
 // per image (img_stride = C*KH*KW*HO*WO, row_stride = HO*WO), where image b's block (K, HO*WO)
 // is the right operand of W (N, K) x cols, whose product is the output image in NCHW (the input
 // gradient); or one matrix (img_stride = HO*WO, row_stride = B*HO*WO), rows j over the pixels
-// of every image (the weight gradient's operand). Blocks of `blockDim.x` threads
-// (src/plan/conv.rs) loop over (plane, tile) pairs, plane = (b, ci), tile = blockDim.x * V
-// consecutive pixels: a thread writes the KH*KW rows of its V consecutive pixels (independent
-// loads in flight, all from the pixels' neighbourhood), and consecutive threads take consecutive
-// pixels, so every row's stores coalesce. V = 4 (im2col_t4_*) needs HO*WO % 4 == 0, so that
-// every destination run of 4 is aligned to 4 elements (the strides are multiples of HO*WO) and
-// is written as one vector store (16 bytes in f32, 8 in bf16); V = 1 (im2col_t1_*) takes any
-// shape. A run of 4 pixels may wrap an output row (WO % 4 != 0): each pixel has its own (y, x).
+// of every image (the weight gradient's operand). A 1-D grid-stride loop (blocks and threads
+// from src/plan/conv.rs) over the (plane, run) items, plane = (b, ci), run = V consecutive
+// pixels of the plane: a thread writes the KH*KW rows of its run (independent loads in flight,
+// all from the run's neighbourhood), and consecutive threads take consecutive runs, of one plane
+// and then the next, so every row's stores coalesce and no thread idles on small planes (the 4x4
+// maps of a CNN's last stage). V = 4 (im2col_t4_*) needs HO*WO % 4 == 0, so that every
+// destination run is aligned to 4 elements (the strides are multiples of HO*WO) and is written
+// as one vector store (16 bytes in f32, 8 in bf16); V = 1 (im2col_t1_*) takes any shape. A run
+// may wrap an output row (WO % 4 != 0): each pixel has its own (y, x). The source is f32 images
+// (im2col_t{1,4}_{f32,bf16}; `scales` unused) or the int8 codes of the activation quantizer with
+// a scale an image (im2col_t{1,4}_i8_{f32,bf16}), whose value is its fake quantization
+// __fmul_rn(code, scales[b]), exactly the x~ the quantizer would write.
+__device__ __forceinline__ float source_value(const float* __restrict__ img, int i, float) { return img[i]; }
+__device__ __forceinline__ float source_value(const int8_t* __restrict__ img, int i, float scale) {
+    return __fmul_rn((float)img[i], scale);
+}
 __device__ __forceinline__ void store_run(float* p, const float (&v)[1]) { *p = v[0]; }
 __device__ __forceinline__ void store_run(__nv_bfloat16* p, const float (&v)[1]) { *p = __float2bfloat16_rn(v[0]); }
 __device__ __forceinline__ void store_run(float* p, const float (&v)[4]) {
@@ -127,25 +135,26 @@ __device__ __forceinline__ void store_run(__nv_bfloat16* p, const float (&v)[4])
     *reinterpret_cast<uint2*>(p) = u;
 }
 
-template <typename T, int V>
-__device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H,
-                                         int W, int KH, int KW, int P, int HO, int WO, int tiles,
-                                         long long img_stride, long long row_stride) {
-    const int hw = HO * WO;
-    const long long planes = (long long)B * C;
-    for (long long blk = blockIdx.x; blk < planes * tiles; blk += gridDim.x) {
-        const long long plane = blk / tiles;
-        const int tile = (int)(blk - plane * tiles);
-        const int t = (tile * blockDim.x + threadIdx.x) * V;
-        if (t >= hw) continue;
+template <typename S, typename T, int V>
+__device__ __forceinline__ void im2col_t(const S* __restrict__ src, const float* __restrict__ scales,
+                                         T* __restrict__ dst, int B, int C, int H,
+                                         int W, int KH, int KW, int P, int HO, int WO, long long img_stride,
+                                         long long row_stride) {
+    const int runs = HO * WO / V;
+    const long long items = (long long)B * C * runs;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < items;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long plane = i / runs;
+        const int t = (int)(i - plane * runs) * V;
         int y[V], x[V];
 #pragma unroll
         for (int v = 0; v < V; ++v) {
             y[v] = (t + v) / WO;
             x[v] = (t + v) - y[v] * WO;
         }
-        const float* img = src + plane * H * W;
+        const S* img = src + plane * H * W;
         const long long b = plane / C, ci = plane - b * C;
+        const float scale = scales == nullptr ? 1.0f : scales[b];
         T* out = dst + b * img_stride + ci * KH * KW * row_stride + t;
         for (int ky = 0; ky < KH; ++ky) {
             for (int kx = 0; kx < KW; ++kx) {
@@ -153,7 +162,7 @@ __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __res
 #pragma unroll
                 for (int v = 0; v < V; ++v) {
                     const int iy = y[v] + ky - P, ix = x[v] + kx - P;
-                    run[v] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? img[iy * W + ix] : 0.0f;
+                    run[v] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? source_value(img, iy * W + ix, scale) : 0.0f;
                 }
                 store_run(out + (long long)(ky * KW + kx) * row_stride, run);
             }
@@ -161,17 +170,21 @@ __device__ __forceinline__ void im2col_t(const float* __restrict__ src, T* __res
     }
 }
 
-#define IM2COL_T(T, V, NAME)                                                                                 \
-    extern "C" __global__ void NAME(const float* __restrict__ src, T* __restrict__ dst, int B, int C, int H, \
-                                    int W, int KH, int KW, int P, int HO, int WO, int tiles,                 \
-                                    long long img_stride, long long row_stride) {                            \
-        pdl_wait();                                                                                          \
-        im2col_t<T, V>(src, dst, B, C, H, W, KH, KW, P, HO, WO, tiles, img_stride, row_stride);              \
+#define IM2COL_T(S, T, V, NAME)                                                                         \
+    extern "C" __global__ void NAME(const S* __restrict__ src, const float* __restrict__ scales,          \
+                                    T* __restrict__ dst, int B, int C, int H, int W, int KH, int KW, int P, \
+                                    int HO, int WO, long long img_stride, long long row_stride) {           \
+        pdl_wait();                                                                                         \
+        im2col_t<S, T, V>(src, scales, dst, B, C, H, W, KH, KW, P, HO, WO, img_stride, row_stride);         \
     }
-IM2COL_T(float, 1, im2col_t1_f32)
-IM2COL_T(__nv_bfloat16, 1, im2col_t1_bf16)
-IM2COL_T(float, 4, im2col_t4_f32)
-IM2COL_T(__nv_bfloat16, 4, im2col_t4_bf16)
+IM2COL_T(float, float, 1, im2col_t1_f32)
+IM2COL_T(float, __nv_bfloat16, 1, im2col_t1_bf16)
+IM2COL_T(float, float, 4, im2col_t4_f32)
+IM2COL_T(float, __nv_bfloat16, 4, im2col_t4_bf16)
+IM2COL_T(int8_t, float, 1, im2col_t1_i8_f32)
+IM2COL_T(int8_t, __nv_bfloat16, 1, im2col_t1_i8_bf16)
+IM2COL_T(int8_t, float, 4, im2col_t4_i8_f32)
+IM2COL_T(int8_t, __nv_bfloat16, 4, im2col_t4_i8_bf16)
 
 // codes_nhwc: int8 codes src (B, C, HW) to dst (B, HW, C), the channels-last operand of the
 // implicit GEMM (kernels/conv_igemm.cu). Blocks of 32 x 8 threads (src/plan/conv.rs) transpose
@@ -199,4 +212,43 @@ extern "C" __global__ void codes_nhwc(const uint8_t* __restrict__ src, uint8_t* 
         }
         __syncthreads();
     }
+}
+
+// transpose_bf16_{f32,i8}: src (B, R, C) to bf16 dst (B, C, R), rounded to nearest even: the
+// channels-last operands of the bf16 implicit GEMM (kernels/conv_bf16.cu). Images (B, C, H*W)
+// become (B, H*W, C) (the output gradient, for the input gradient); a batch as one matrix (1, B,
+// C*H*W) becomes (C*H*W, B) (x~ and g, for the weight gradient). The source is f32 values
+// (`scales` unused) or int8 codes with a scale a source row (an image of the batch), whose value
+// is __fmul_rn(code, scales[r]), exactly the x~ the activation quantizer writes. Blocks and
+// squares as codes_nhwc (the same plan), shared memory in f32.
+template <typename S>
+__device__ __forceinline__ void transpose_bf16(const S* __restrict__ src, const float* __restrict__ scales,
+                                               __nv_bfloat16* __restrict__ dst, int B, int R, int C) {
+    __shared__ float square[32][33];
+    const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int img = blockIdx.z; img < B; img += gridDim.z) {
+        const S* s = src + (long long)img * R * C;
+        __nv_bfloat16* d = dst + (long long)img * R * C;
+        for (int j = ty; j < 32; j += 8) {
+            const int r = r0 + j, c = c0 + tx;
+            if (r < R && c < C) square[j][tx] = source_value(s, r * C + c, scales == nullptr ? 1.0f : scales[r]);
+        }
+        __syncthreads();
+        for (int j = ty; j < 32; j += 8) {
+            const int c = c0 + j, r = r0 + tx;
+            if (c < C && r < R) d[(long long)c * R + r] = __float2bfloat16_rn(square[tx][j]);
+        }
+        __syncthreads();
+    }
+}
+extern "C" __global__ void transpose_bf16_f32(const float* __restrict__ src, const float* __restrict__ scales,
+                                              __nv_bfloat16* __restrict__ dst, int B, int R, int C) {
+    pdl_wait();
+    transpose_bf16(src, scales, dst, B, R, C);
+}
+extern "C" __global__ void transpose_bf16_i8(const int8_t* __restrict__ src, const float* __restrict__ scales,
+                                             __nv_bfloat16* __restrict__ dst, int B, int R, int C) {
+    pdl_wait();
+    transpose_bf16(src, scales, dst, B, R, C);
 }

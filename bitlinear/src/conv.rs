@@ -234,6 +234,9 @@ impl BitConv2d {
         // The value: on the CPU by the packed form's kernel (it quantizes `x` itself), on CUDA
         // by its int8 kernels, elsewhere an f32 convolution of the codes (exact every way).
         let mut on_device = None;
+        // The codes the CUDA forward makes, kept for the backward's weight gradient.
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+        let mut x_codes = None;
         if x.device().is_cpu() {
             let packed = PackedBitConv2d::new(PackedTernary::pack(&w2)?, (c_in, kh, kw), None, self.config)?;
             on_device = Some(packed.dequantized(x)?);
@@ -250,6 +253,7 @@ impl BitConv2d {
                 stride: s,
                 pad: p,
             };
+            x_codes = Some((codes.clone(), s_x.clone()));
             on_device = Some(crate::packed_conv::training_conv_f32(codes, &s_x, &s_w, &g, &w_codes)?);
         }
         let y = match on_device {
@@ -270,7 +274,14 @@ impl BitConv2d {
             return Ok(y);
         }
         let w_tilde = w_fq.reshape((c_out, c_in, kh, kw))?;
-        crate::conv_grad::quantized_conv2d(x, &self.weight, y, w_tilde, p, self.config.bf16_grad_products)
+        crate::conv_grad::quantized_conv2d(
+            x,
+            &self.weight,
+            (y, w_tilde),
+            x_codes,
+            p,
+            self.config.bf16_grad_products,
+        )
     }
 
     /// [`Self::integer_forward`] with the straight-through steps as candle ops around candle's

@@ -12,11 +12,11 @@
 //!   `(c_in·k·k, B·Ho·Wo)`: one product whose result is `dL/dW (c_out, c_in, k, k)` as it stands.
 //!
 //! On the CPU both products are [`crate::conv_grad_cpu`]'s (im2col tiles of a few images a task);
-//! the functions below are the other devices' path: on CUDA our im2col kernels and cuBLAS (see
-//! `input_grad` and `weight_grad`). With
+//! the functions below are the other devices' path: on CUDA our bf16 implicit GEMM where it
+//! takes the shape, else our im2col kernels and cuBLAS (see `input_grad` and `weight_grad`). With
 //! [`BitConv2dConfig::bf16_grad_products`](crate::BitConv2dConfig::bf16_grad_products) (f32
 //! training on CUDA) their operands are bf16: `x~`, `W~` and `g` rounded to nearest even, the
-//! sums accumulated in f32 by cuBLAS and written in f32, then returned in the variables' dtype.
+//! sums accumulated in f32 and written in f32, then returned in the variables' dtype.
 //!
 //! candle 0.11 differentiates `conv2d` with `conv_transpose2d` for the input gradient (a direct
 //! loop per output element on CUDA, no GEMM); and as one op, the straight-through steps cost no
@@ -38,11 +38,13 @@ pub(crate) fn has_gemm_grad(stride: usize, kh: usize, kw: usize, padding: usize)
 /// weight `w (O, C, k, k)`, tied to `x` and `w` with the straight-through gradients of the module
 /// docs; `w_tilde` is `W~ (O, C, k, k)`. For [`has_gemm_grad`] convolutions. `bf16_products`:
 /// the backward's products from bf16 operands where the output gradient is f32 on CUDA.
+/// `x_codes`: the forward's int8 codes of `x` (U8 `(B, C·H·W)`) and their per-image scales, where
+/// it made them; the CUDA backward then lays `x~` out from them instead of quantizing `x` again.
 pub(crate) fn quantized_conv2d(
     x: &Tensor,
     w: &Tensor,
-    y: Tensor,
-    w_tilde: Tensor,
+    (y, w_tilde): (Tensor, Tensor),
+    x_codes: Option<(Tensor, Tensor)>,
     padding: usize,
     bf16_products: bool,
 ) -> Result<Tensor> {
@@ -52,6 +54,7 @@ pub(crate) fn quantized_conv2d(
         padding,
         bf16_products,
         quantized: true,
+        x_codes,
     };
     x.apply_op2(w, op)
 }
@@ -92,6 +95,7 @@ pub fn float_conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
         padding,
         bf16_products: false,
         quantized: false,
+        x_codes: None,
     };
     x.apply_op2(w, op)
 }
@@ -104,6 +108,8 @@ struct ConvGrad {
     padding: usize,
     bf16_products: bool,
     quantized: bool,
+    /// The forward's codes of `x` and their scales (see [`quantized_conv2d`]).
+    x_codes: Option<(Tensor, Tensor)>,
 }
 
 impl ConvGrad {
@@ -151,12 +157,21 @@ impl CustomOp2 for ConvGrad {
             return cpu_grads(x, w, &self.w_tilde, g, (self.padding, self.quantized));
         }
         let (b, c, h, wd) = x.dims4()?;
-        // x~ again from x (one pass) rather than kept from the forward.
-        let x_tilde = match self.quantized {
-            true => {
+        // x~ from the forward's codes where it kept them (CUDA, f32 gradients: the weight
+        // gradient's im2col reads them), else again from x (one pass).
+        let x_codes = match (
+            self.quantized,
+            &self.x_codes,
+            g.device().is_cuda() && g.dtype() == DType::F32,
+        ) {
+            (true, Some((codes, scales)), true) => Some((codes, scales)),
+            _ => None,
+        };
+        let x_tilde = match (self.quantized, x_codes) {
+            (true, None) => {
                 fake_quantize_activations(&x.reshape((b, c * h * wd))?, ActScaling::PerToken)?.reshape((b, c, h, wd))?
             }
-            false => x.clone(),
+            _ => x.clone(),
         }
         .to_dtype(g.dtype())?;
         // The products' operand dtype: bf16 only from f32 operands on CUDA (our kernels round
@@ -166,7 +181,7 @@ impl CustomOp2 for ConvGrad {
             false => g.dtype(),
         };
         let (dx, dw) = gemm_grads(
-            &x_tilde,
+            (&x_tilde, x_codes),
             &self.w_tilde.to_dtype(products)?,
             g,
             self.padding,
@@ -217,9 +232,10 @@ fn cpu_grads(
 /// `g`, as the products of the module docs: `(dL/dx, dL/dw)`, `dL/dx` only `with_dx` (a first
 /// layer's images take none, and theirs would be the largest product of a small network). The
 /// products take operands of `products`' dtype (`w`'s; `x` and `g` are converted as they are laid
-/// out) and return it.
+/// out) and return it. With `x_codes` (CUDA) `x` only gives the shape, and the weight gradient
+/// reads `x` as the fake quantization of those codes.
 fn gemm_grads(
-    x: &Tensor,
+    (x, x_codes): (&Tensor, Option<(&Tensor, &Tensor)>),
     w: &Tensor,
     g: &Tensor,
     p: usize,
@@ -237,13 +253,14 @@ fn gemm_grads(
         }
         false => None,
     };
-    Ok((dx, weight_grad(x, g, (kh, kw), p, products)?))
+    Ok((dx, weight_grad((x, x_codes), g, (kh, kw), p, products)?))
 }
 
-/// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA as the transposed im2col
-/// of `g` (our kernel) times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d`
-/// gathers its columns with a slower kernel and reorders its output), in f32 from bf16 `products`;
-/// elsewhere candle's.
+/// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA with bf16 `products`
+/// as the bf16 implicit GEMM where its plan takes the shape (`crate::plan::bf16_conv_plan`: `g`
+/// gathered on the way into shared memory), else as the transposed im2col of `g` (our kernel)
+/// times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d` gathers its columns
+/// with a slower kernel and reorders its output), in f32 from bf16 `products`; elsewhere candle's.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn input_grad(
     g: &Tensor,
@@ -256,7 +273,20 @@ fn input_grad(
     if g.device().is_cuda() && g.dtype() == DType::F32 {
         let (b, c, h, w) = x_dims;
         let (_, o, kh, kw) = w_t.dims4()?;
-        let cols = crate::cuda::im2col_t(g, (kh, kw), pad, (h, w), products, crate::cuda::ColsLayout::PerImage)?;
+        if products == DType::BF16 {
+            if let Some(dx) = crate::cuda::implicit_input_grad(g, w_t, pad, (h, w))? {
+                return Ok(dx);
+            }
+        }
+        use crate::cuda::{im2col_t, ColsLayout, ColsSource};
+        let cols = im2col_t(
+            ColsSource::Values(g),
+            (kh, kw),
+            pad,
+            (h, w),
+            products,
+            ColsLayout::PerImage,
+        )?;
         let w_mat = w_t.reshape((c, o * kh * kw))?;
         let dx = match products {
             DType::BF16 => crate::cuda::batched_matmul_f32(&w_mat, &cols)?,
@@ -269,7 +299,9 @@ fn input_grad(
 
 /// `dL/dW (O, C, kh, kw)` of a stride-1 convolution with padding `p`.
 ///
-/// On CUDA as one product (module docs): `G` and `X` come from our transposed-im2col kernel
+/// On CUDA with bf16 operands as the bf16 implicit GEMM where its plan takes the shape (a
+/// convolution over the batch, `crate::cuda`'s `conv_bf16`: no im2col copy), else as one product
+/// (module docs): `G` and `X` come from our transposed-im2col kernel
 /// (`G` is the 1x1 case, a channels-first copy of `g`) in `products`' dtype where `g` is f32,
 /// else f32; bf16 operands multiply with f32 results. The `(O, C·kh·kw)` product is the
 /// gradient's layout, and every operand row is contiguous and aligned, which cuBLAS's fast
@@ -285,19 +317,38 @@ fn input_grad(
 /// positions outside the output hold `g = 0`, so what their window reads (the next channel's
 /// start, the tail) adds 0; the real pixels' reads stay inside their own image and channel.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-fn weight_grad(x: &Tensor, g: &Tensor, (kh, kw): (usize, usize), p: usize, products: DType) -> Result<Tensor> {
+fn weight_grad(
+    (x, x_codes): (&Tensor, Option<(&Tensor, &Tensor)>),
+    g: &Tensor,
+    (kh, kw): (usize, usize),
+    p: usize,
+    products: DType,
+) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (_, o, ho, wo) = g.dims4()?;
     #[cfg(feature = "cuda")]
     if g.device().is_cuda() {
-        use crate::cuda::{im2col_t, ColsLayout};
+        use crate::cuda::{im2col_t, ColsLayout, ColsSource};
         let operands = match products == DType::BF16 && g.dtype() == DType::F32 {
             true => DType::BF16,
             false => DType::F32,
         };
         let (x, g) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
-        let xs = im2col_t(&x, (kh, kw), p, (ho, wo), operands, ColsLayout::Rows)?;
-        let gs = im2col_t(&g, (1, 1), 0, (ho, wo), operands, ColsLayout::Rows)?;
+        let x_source = match x_codes {
+            Some((codes, scales)) => ColsSource::Codes {
+                codes,
+                scales,
+                dims: (b, c, h, w),
+            },
+            None => ColsSource::Values(&x),
+        };
+        if operands == DType::BF16 {
+            if let Some(dw) = crate::cuda::implicit_weight_grad(x_source, &g, (kh, kw), p)? {
+                return Ok(dw);
+            }
+        }
+        let xs = im2col_t(x_source, (kh, kw), p, (ho, wo), operands, ColsLayout::Rows)?;
+        let gs = im2col_t(ColsSource::Values(&g), (1, 1), 0, (ho, wo), operands, ColsLayout::Rows)?;
         let dw = match operands {
             DType::BF16 => crate::cuda::matmul_nt_f32(&gs, &xs)?,
             _ => gs.matmul(&xs.t()?)?,
@@ -368,9 +419,9 @@ mod tests {
             let k_ = Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, k, k), &dev)?)?;
             let y = x.as_tensor().conv2d(k_.as_tensor(), p, 1, 1, 1)?;
             let g = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
-            let (dx, dw) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p, (true, DType::F32))?;
+            let (dx, dw) = gemm_grads((x.as_tensor(), None), k_.as_tensor(), &g, p, (true, DType::F32))?;
             let theirs = (&y * &g)?.sum_all()?.backward()?;
-            let (no_dx, dw_alone) = gemm_grads(x.as_tensor(), k_.as_tensor(), &g, p, (false, DType::F32))?;
+            let (no_dx, dw_alone) = gemm_grads((x.as_tensor(), None), k_.as_tensor(), &g, p, (false, DType::F32))?;
             assert!(no_dx.is_none());
             assert_eq!(
                 dw_alone.flatten_all()?.to_vec1::<f32>()?,

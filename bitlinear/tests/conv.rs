@@ -370,10 +370,22 @@ fn backward_reference(dev: &Device) -> Result<()> {
         // products of several cuBLAS tiles and split-K reductions: more channels, images and
         // pixels than the random shapes, a 5x5 kernel; pixel counts that are multiples of 4
         // with rows that are not, small (single pixels a thread) and large (the transposed
-        // im2col's runs of 4 pixels then straddle rows), unpadded and padded
+        // im2col's runs of 4 pixels then straddle rows), unpadded and padded; output channels
+        // in eights, whose input gradient the bf16 implicit GEMM computes (each of its tiles,
+        // partial pixel, channel and k tiles, a 5x5 kernel); batches in eights, whose weight
+        // gradient it computes where forced on (a 3-channel first layer, split and unsplit k
+        // ranges)
         shapes.extend(
             [
+                (8, 16, (8, 8), 24, 3, 1),
+                (16, 8, (5, 7), 16, 3, 0),
+                (8, 3, (9, 9), 8, 3, 1),
+                (8, 24, (6, 6), 40, 5, 2),
                 (4, 32, (16, 16), 64, 3, 1),
+                (3, 24, (9, 11), 40, 3, 1),
+                (2, 40, (5, 6), 136, 3, 1),
+                (2, 72, (7, 7), 16, 3, 0),
+                (2, 8, (12, 12), 8, 5, 2),
                 (3, 70, (9, 9), 130, 3, 1),
                 (2, 5, (33, 33), 3, 5, 2),
                 (2, 5, (8, 7), 3, 3, 1),
@@ -426,14 +438,27 @@ fn backward_reference(dev: &Device) -> Result<()> {
                 ..cfg
             };
             let layer = BitConv2d::new(wv.as_tensor().clone(), None, cfg)?;
-            let grads = (layer.forward(xv.as_tensor())? * &gt)?.sum_all()?.backward()?;
             let [dx, dw] = ref_conv_grads(&s, &x, &w, &g, true);
-            for (name, var, (want, mag)) in [("bf16 dx", &xv, dx), ("bf16 dw", &wv, dw)] {
-                let got = grads.get(var).expect(name);
-                assert_eq!(got.dtype(), DType::F32, "{name}: returned in the variable's dtype");
-                let got: Vec<f32> = got.flatten_all()?.to_vec1()?;
-                assert_grads_near(&format!("{s:?} {name}"), &got, (&want, &mag), 3.0 / 256.0);
+            // The rules' choice, then each product forced onto the bf16 implicit GEMM (where it
+            // takes the shape: channels, resp. batches, in eights) and forced off it.
+            for (input_grad, weight_grad) in [(None, None), (Some(true), Some(true)), (Some(false), Some(false))] {
+                let mut settings = bitlinear::kernel_settings(dev);
+                settings.force.implicit_input_grad = input_grad;
+                settings.force.implicit_weight_grad = weight_grad;
+                bitlinear::set_kernel_settings(dev, settings)?;
+                let grads = (layer.forward(xv.as_tensor())? * &gt)?.sum_all()?.backward()?;
+                for (name, var, (want, mag)) in [("bf16 dx", &xv, &dx), ("bf16 dw", &wv, &dw)] {
+                    let got = grads.get(var).expect(name);
+                    assert_eq!(got.dtype(), DType::F32, "{name}: returned in the variable's dtype");
+                    let got: Vec<f32> = got.flatten_all()?.to_vec1()?;
+                    let what = format!("{s:?} {name}, implicit {input_grad:?} / {weight_grad:?}");
+                    assert_grads_near(&what, &got, (want, mag), 3.0 / 256.0);
+                }
             }
+            let mut settings = bitlinear::kernel_settings(dev);
+            settings.force.implicit_input_grad = None;
+            settings.force.implicit_weight_grad = None;
+            bitlinear::set_kernel_settings(dev, settings)?;
         }
     }
     Ok(())

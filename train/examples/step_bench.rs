@@ -15,7 +15,9 @@
 //! `--no-fused-pool`, `--no-fused-norm-gelu`, `--no-tf32`, `--no-bf16-conv-grads` and `--baseline`
 //! (all of them) turn off the pieces of
 //! [`train::tuning::CudaTuning`]; `--no-implicit-conv` runs the ternary convolutions on the
-//! int8 im2col path. Run the example once per variant.
+//! int8 im2col path, `--no-implicit-input-grad` their input gradients on the transposed im2col
+//! and cuBLAS, `--implicit-weight-grad` their weight gradients on the bf16 implicit GEMM. Run the
+//! example once per variant.
 
 use std::time::Instant;
 
@@ -83,6 +85,15 @@ struct Opts {
     /// kernel setting of the device, not part of the tuning).
     #[arg(long)]
     no_implicit_conv: bool,
+    /// The ternary convolutions' input gradients on the transposed im2col and cuBLAS instead of
+    /// the bf16 implicit GEMM (a kernel setting of the device, not part of the tuning).
+    #[arg(long)]
+    no_implicit_input_grad: bool,
+    /// The ternary convolutions' weight gradients on the bf16 implicit GEMM instead of the
+    /// transposed im2col and cuBLAS (the rule; a kernel setting of the device, not part of the
+    /// tuning).
+    #[arg(long)]
+    implicit_weight_grad: bool,
     /// All of the above: the plain candle path.
     #[arg(long)]
     baseline: bool,
@@ -381,9 +392,17 @@ fn main() -> Result<()> {
     args.cuda = o.tuning();
     let mut t = Trainer::new(args)?;
     let dev = t.device.clone();
-    if o.no_implicit_conv {
+    if o.no_implicit_conv || o.no_implicit_input_grad || o.implicit_weight_grad {
         let mut settings = bitlinear::kernel_settings(&dev);
-        settings.force.implicit_conv = Some(false);
+        if o.no_implicit_conv {
+            settings.force.implicit_conv = Some(false);
+        }
+        if o.no_implicit_input_grad {
+            settings.force.implicit_input_grad = Some(false);
+        }
+        if o.implicit_weight_grad {
+            settings.force.implicit_weight_grad = Some(true);
+        }
         bitlinear::set_kernel_settings(&dev, settings)?;
     }
     if o.check {

@@ -92,6 +92,52 @@ pub(crate) fn codes_nhwc(codes: &Tensor, c: usize, hw: usize) -> Result<Tensor> 
     })
 }
 
+/// The matrices `src` (`(B, R, C)`: F32 values, or U8 int8 codes with an F32 scale a row,
+/// `scales (R)`, whose values are `code · scale` rounded once) transposed into bf16, rounded to
+/// nearest even: BF16 `(B, C, R)` (`transpose_bf16_*`, launched as `codes_nhwc`).
+pub(crate) fn transposed_bf16(src: &Tensor, scales: Option<&Tensor>) -> Result<Tensor> {
+    let (b, r, c) = src.dims3()?;
+    let (name, scales) = match (src.dtype(), scales) {
+        (DType::F32, None) => ("transpose_bf16_f32", None),
+        (DType::U8, Some(s)) if s.dtype() == DType::F32 && s.dims1()? == r => {
+            ("transpose_bf16_i8", Some(s.contiguous()?))
+        }
+        _ => bail!("bitlinear cuda: transposed_bf16 takes F32 values, or U8 codes with F32 scales a row"),
+    };
+    i32_arg(r * c, "R*C")?;
+    let held = scales.as_ref().map(|s| s.storage_and_layout());
+    map_out(
+        src,
+        b * r * c,
+        (b, c, r),
+        DType::BF16,
+        "transposed_bf16",
+        |ctx, sp, op| {
+            let mut guards = Vec::new();
+            let scales_ptr = match &held {
+                Some((st, l)) => {
+                    let (Storage::Cuda(s), Some((s0, _))) = (&**st, l.contiguous_offsets()) else {
+                        bail!("bitlinear cuda: transposed_bf16 scales left the GPU")
+                    };
+                    in_ptr(s, s0, &ctx.stream, &mut guards)?
+                }
+                None => 0u64,
+            };
+            let (grid_dim, block_dim) = codes_nhwc_plan(b, r, c);
+            let cfg = LaunchConfig {
+                grid_dim,
+                block_dim,
+                shared_mem_bytes: 0,
+            };
+            let f = ctx.func(Module::Conv, name)?;
+            let (bi, ri, ci) = (i32_arg(b, "images")?, i32_arg(r, "rows")?, i32_arg(c, "columns")?);
+            launch!(ctx, f, cfg, sp, scales_ptr, op, bi, ri, ci)?;
+            drop(guards);
+            Ok(())
+        },
+    )
+}
+
 /// The weight scale of [`conv_dequantize`] and the implicit GEMM: a host value, or a
 /// one-element F32 tensor on the device (never read back to the host).
 #[derive(Clone, Copy)]
@@ -208,20 +254,48 @@ pub(crate) enum ColsLayout {
     Rows,
 }
 
-/// The transposed im2col of `src` (F32 `(B, C, H, W)`) for a stride-1 `kh x kw` convolution with
-/// zero padding `pad` and output `(ho, wo)`, in `out` (F32 or BF16) laid out as `layout` says
-/// (`kernels/conv.cu`).
+/// What [`im2col_t`] lays out: images `(B, C, H, W)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ColsSource<'a> {
+    /// F32 values.
+    Values(&'a Tensor),
+    /// The fake quantization `x~ = code · s_x` of the images of `dims`, from their int8 codes
+    /// (U8 `(B, C·H·W)`) and per-image F32 `scales (B)`: one f32 product rounded to nearest, as
+    /// the activation quantizer writes `x~`, so the columns equal those of `x~` itself.
+    Codes {
+        codes: &'a Tensor,
+        scales: &'a Tensor,
+        dims: (usize, usize, usize, usize),
+    },
+}
+
+/// The transposed im2col of `src` for a stride-1 `kh x kw` convolution with zero padding `pad`
+/// and output `(ho, wo)`, in `out` (F32 or BF16) laid out as `layout` says (`kernels/conv.cu`).
 pub(crate) fn im2col_t(
-    src: &Tensor,
+    src: ColsSource,
     (kh, kw): (usize, usize),
     pad: usize,
     (ho, wo): (usize, usize),
     out: DType,
     layout: ColsLayout,
 ) -> Result<Tensor> {
-    let (b, c, h, w) = src.dims4()?;
-    if src.dtype() != DType::F32 || ho + kh > h + 2 * pad + 1 || wo + kw > w + 2 * pad + 1 {
-        bail!("bitlinear cuda: im2col_t needs F32 images and an output inside the padded input")
+    let (x, scales, (b, c, h, w), source) = match src {
+        ColsSource::Values(x) if x.dtype() == DType::F32 => (x, None, x.dims4()?, ""),
+        ColsSource::Codes { codes, scales, dims } => {
+            let (b, c, h, w) = dims;
+            if codes.dtype() != DType::U8
+                || codes.elem_count() != b * c * h * w
+                || scales.dtype() != DType::F32
+                || scales.elem_count() != b
+            {
+                bail!("bitlinear cuda: im2col_t needs U8 codes of the images and an F32 scale an image")
+            }
+            (codes, Some(scales.contiguous()?), dims, "i8_")
+        }
+        ColsSource::Values(_) => bail!("bitlinear cuda: im2col_t needs F32 images"),
+    };
+    if ho + kh > h + 2 * pad + 1 || wo + kw > w + 2 * pad + 1 {
+        bail!("bitlinear cuda: im2col_t needs an output inside the padded input")
     }
     let suffix = out_suffix(out, "im2col_t")?;
     let k = c * kh * kw;
@@ -231,16 +305,27 @@ pub(crate) fn im2col_t(
         ColsLayout::PerImage => (Shape::from((b, k, hw)), k * hw, hw),
         ColsLayout::Rows => (Shape::from((k, b * hw)), hw, b * hw),
     };
-    map_out(src, total, shape, out, "im2col_t", |ctx, sp, op| {
+    map_out(x, total, shape, out, "im2col_t", |ctx, sp, op| {
         let p = im2col_t_plan(b * c, hw, &ctx.info);
-        let f = ctx.func(Module::Conv, &format!("im2col_t{}_{suffix}", p.pixels_per_thread))?;
+        let name = format!("im2col_t{}_{source}{suffix}", p.pixels_per_thread);
+        let f = ctx.func(Module::Conv, &name)?;
         let cfg = grid(p.blocks, p.threads, "im2col_t blocks")?;
         let a = |v: usize, what: &str| i32_arg(v, what);
+        let held = scales.as_ref().map(|t| t.storage_and_layout());
+        let mut guards = Vec::new();
+        let scales_ptr = match &held {
+            Some((st, l)) => match (&**st, l.contiguous_offsets()) {
+                (Storage::Cuda(s), Some((s0, _))) => in_ptr(s, s0, &ctx.stream, &mut guards)?,
+                _ => bail!("bitlinear cuda: im2col_t expects the scales on the codes' device"),
+            },
+            None => 0u64,
+        };
         launch!(
             ctx,
             f,
             cfg,
             sp,
+            scales_ptr,
             op,
             a(b, "B")?,
             a(c, "C")?,
@@ -251,10 +336,11 @@ pub(crate) fn im2col_t(
             a(pad, "P")?,
             a(ho, "HO")?,
             a(wo, "WO")?,
-            a(p.tiles, "tiles")?,
             img_stride as i64,
             row_stride as i64
-        )
+        )?;
+        drop(guards);
+        Ok(())
     })
 }
 
@@ -262,7 +348,7 @@ pub(crate) fn im2col_t(
 /// buffer of `total` values of `out` (U8, F32 or BF16), returned as a tensor of `shape`:
 /// `launch(ctx, src, out)` gets the two device pointers and is not called when `total` is 0.
 /// `who` names the caller in errors.
-fn map_out(
+pub(super) fn map_out(
     src: &Tensor,
     total: usize,
     shape: impl Into<Shape>,

@@ -20,6 +20,7 @@ static GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbi
 static GEMV_STREAM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv_stream.fatbin"));
 static CONV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv.fatbin"));
 static CONV_IGEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv_igemm.fatbin"));
+static CONV_BF16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv_bf16.fatbin"));
 
 /// One compiled `kernels/*.cu` file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,6 +34,7 @@ pub(super) enum Module {
     GemvStream,
     Conv,
     ConvIgemm,
+    ConvBf16,
 }
 
 impl Module {
@@ -47,6 +49,7 @@ impl Module {
             Module::GemvStream => GEMV_STREAM_FATBIN,
             Module::Conv => CONV_FATBIN,
             Module::ConvIgemm => CONV_IGEMM_FATBIN,
+            Module::ConvBf16 => CONV_BF16_FATBIN,
         }
     }
 }

@@ -63,42 +63,30 @@ pub fn codes_nhwc_plan(images: usize, c: usize, hw: usize) -> ((u32, u32, u32), 
     ((squares(hw), squares(c), images.clamp(1, 65535) as u32), (32, 8, 1))
 }
 
-/// Launch of the transposed im2col (`im2col_t{1,4}_*`): blocks of `threads` threads, each block
-/// looping over (plane, tile) pairs, `tiles` blocks a plane, each thread writing
-/// `pixels_per_thread` consecutive pixels.
+/// Launch of the transposed im2col (`im2col_t{1,4}_*`): blocks looping over the (plane, run)
+/// items, each thread writing runs of `pixels_per_thread` consecutive pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Im2colTPlan {
     /// Blocks.
     pub blocks: usize,
     /// Threads a block.
     pub threads: usize,
-    /// Tiles of `threads * pixels_per_thread` pixels a plane of `hw` pixels.
-    pub tiles: usize,
-    /// Consecutive pixels a thread writes (the kernel's `V`): 4 or 1, see [`im2col_t_plan`].
+    /// Consecutive pixels a thread writes (the kernel's `V`): 4 where `hw` is a multiple of 4
+    /// (every destination run then starts aligned and is one vector store, and each thread keeps
+    /// four times the loads in flight), else 1.
     pub pixels_per_thread: usize,
 }
 
-/// The launch of the transposed im2col of `rows` input planes of `hw` output pixels: tiles of the
-/// pixels (or runs) rounded up to a warp (32 to 256 threads, so the 4x4 images of a CNN's last
-/// stage do not leave most threads idle), up to 16 waves of blocks.
-///
-/// A thread writes runs of 4 pixels (every destination run starts aligned and is one vector
-/// store, and each thread keeps four times the loads in flight) where `hw % 4 == 0` and the runs
-/// fill the tiles' warps: `hw / 4` a multiple of 32, or at least 256 (a plane then spans several
-/// full tiles). Elsewhere single pixels: a block a plane tile leaves most of a small plane's
-/// runs' threads idle (bench/RESULTS.md: on the H100 the 3x3 columns of the speed-run net's 4x4
-/// and 8x8 maps took 1.2-1.8x longer in runs than pixel by pixel, those of its 16x16 and 32x32
-/// maps 1.6-2.7x less).
-pub fn im2col_t_plan(rows: usize, hw: usize, info: &DeviceInfo) -> Im2colTPlan {
-    let runs_fill_warps = hw.is_multiple_of(4) && ((hw / 4).is_multiple_of(32) || hw / 4 >= 256);
-    let pixels_per_thread = if runs_fill_warps { 4 } else { 1 };
-    let runs = hw.div_ceil(pixels_per_thread);
-    let threads = runs.div_ceil(32).clamp(1, 8) * 32;
-    let tiles = runs.div_ceil(threads).max(1);
+/// The launch of the transposed im2col of `planes` input planes of `hw` output pixels: runs of
+/// 4 pixels a thread where `hw % 4 == 0`, else single pixels, one thread a (plane, run) item as
+/// [`im2col_plan`] lays them out (runs of consecutive planes share a block, so small planes
+/// leave no thread idle).
+pub fn im2col_t_plan(planes: usize, hw: usize, info: &DeviceInfo) -> Im2colTPlan {
+    let pixels_per_thread = if hw.is_multiple_of(4) { 4 } else { 1 };
+    let Im2colPlan { blocks, threads } = im2col_plan(planes * hw / pixels_per_thread, info);
     Im2colTPlan {
-        blocks: (rows * tiles).clamp(1, 16 * info.sms.max(1)),
+        blocks,
         threads,
-        tiles,
         pixels_per_thread,
     }
 }
@@ -146,44 +134,27 @@ mod tests {
     }
 
     #[test]
-    fn transposed_im2col_tiles_cover_each_row() {
+    fn transposed_im2col_takes_a_thread_a_run() {
         let info = DeviceInfo::sm90(132);
-        for (rows, hw) in [
-            (1, 1),
-            (7, 16),
-            (100, 64),
-            (512 * 576, 1024),
-            (3, 1000),
-            (5, 999),
-            (2, 12),
-            (9, 256),
-            (9, 1028),
+        for (planes, hw, v, blocks) in [
+            (1, 1, 1, 1),
+            (7, 16, 4, 1),
+            (256, 16, 4, 4),
+            (512 * 256, 16, 4, 8 * 132),
+            (512 * 576, 1024, 4, 8 * 132),
+            (5, 999, 1, 20),
+            (2, 12, 4, 1),
         ] {
-            let p = im2col_t_plan(rows, hw, &info);
-            let v = p.pixels_per_thread;
-            assert_eq!(v, if [256, 1024, 1028].contains(&hw) { 4 } else { 1 }, "hw {hw}");
-            assert!(p.threads.is_multiple_of(32) && (32..=256).contains(&p.threads));
-            let tile = p.threads * v;
-            assert!(p.tiles * tile >= hw && (p.tiles - 1) * tile < hw.max(1));
-            assert!(p.blocks >= 1 && p.blocks <= 16 * 132);
+            let p = im2col_t_plan(planes, hw, &info);
+            assert_eq!(
+                p,
+                Im2colTPlan {
+                    blocks,
+                    threads: IM2COL_THREADS,
+                    pixels_per_thread: v
+                },
+                "{planes} x {hw}"
+            );
         }
-        assert_eq!(
-            im2col_t_plan(10, 16, &info),
-            Im2colTPlan {
-                blocks: 10,
-                threads: 32,
-                tiles: 1,
-                pixels_per_thread: 1,
-            }
-        );
-        assert_eq!(
-            im2col_t_plan(10, 256, &info),
-            Im2colTPlan {
-                blocks: 10,
-                threads: 64,
-                tiles: 1,
-                pixels_per_thread: 4,
-            }
-        );
     }
 }

@@ -27,6 +27,7 @@ use candle_core::{DType, Result};
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod blas;
 mod conv;
+mod conv_bf16;
 mod conv_igemm;
 mod gemm;
 mod gemv;
@@ -40,6 +41,9 @@ pub(crate) use blas::{nt_product, shared_left_batched, ColumnMajorGemm};
 pub use conv::{
     codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, Im2colPlan, Im2colTPlan,
     CUDA_IM2COL_TILE_CODES, IM2COL_THREADS,
+};
+pub use conv_bf16::{
+    bf16_conv_plan, split_sum_blocks, Bf16ConvPlan, Bf16ConvProduct, Bf16ConvTile, BF16_CONV_BK, SPLIT_SUM_THREADS,
 };
 pub use conv_igemm::{implicit_conv_plan, ImplicitConvPlan, ImplicitConvTile, IMPLICIT_CONV_BK};
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};

@@ -109,4 +109,12 @@ pub struct ForcedChoices {
     /// Whether a convolution the implicit GEMM can take runs on it (true, the rule) or on the
     /// int8 im2col and the packed GEMM (false); see [`crate::plan::implicit_conv_plan`].
     pub implicit_conv: Option<bool>,
+    /// Whether the input gradient of a ternary convolution with bf16 backward products runs on
+    /// the bf16 implicit GEMM where it can (true, the rule) or on the transposed im2col of the
+    /// output gradient and cuBLAS (false); see [`crate::plan::bf16_conv_plan`].
+    pub implicit_input_grad: Option<bool>,
+    /// Whether the weight gradient of a ternary convolution with bf16 backward products runs on
+    /// the bf16 implicit GEMM where it can (true) or on the transposed im2col of `x~` and cuBLAS
+    /// (false, the rule); see [`crate::plan::bf16_conv_plan`].
+    pub implicit_weight_grad: Option<bool>,
 }
