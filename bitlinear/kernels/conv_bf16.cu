@@ -209,7 +209,9 @@ extern "C" __global__ void sum_splits_f32(const float* __restrict__ parts, float
 
 // n32: 128 x 32 tile, 4 warps (4x1), warp tile 32x32, 3 stages (69 KB smem), for N <= 32
 // n64: 128 x 64 tile, 4 warps (2x2), warp tile 64x32, 3 stages (83 KB smem), for N <= 64
-// n128: 128 x 128 tile, 8 warps (2x4), warp tile 64x32, 3 stages (111 KB smem)
+// n128: 128 x 128 tile, 8 warps (2x4), warp tile 64x32, 3 stages (111 KB smem), two blocks an SM
+// n128w4: 128 x 128 tile, 4 warps (2x2), warp tile 64x64, 3 stages (111 KB smem), two blocks an SM
 CONV_BF16_INST(128, 32, 4, 1, 3, 2, conv_bf16_n32)
 CONV_BF16_INST(128, 64, 2, 2, 3, 2, conv_bf16_n64)
-CONV_BF16_INST(128, 128, 2, 4, 3, 1, conv_bf16_n128)
+CONV_BF16_INST(128, 128, 2, 4, 3, 2, conv_bf16_n128)
+CONV_BF16_INST(128, 128, 2, 2, 3, 2, conv_bf16_n128w4)

@@ -242,6 +242,15 @@ fn gemm_grads(
     (with_dx, products): (bool, DType),
 ) -> Result<(Option<Tensor>, Tensor)> {
     let (_, _, kh, kw) = w.dims4()?;
+    // With bf16 products on CUDA both products read `g` channels last in bf16, one copy.
+    #[cfg(feature = "cuda")]
+    let g_nhwc = match g.device().is_cuda() && g.dtype() == DType::F32 && products == DType::BF16 {
+        true => Some(crate::cuda::channels_last_bf16(g)?),
+        false => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let g_nhwc: Option<Tensor> = None;
+    let g_nhwc = g_nhwc.as_ref();
     let dx = match with_dx {
         // A convolution of g with the flipped, transposed kernel.
         true => {
@@ -249,21 +258,21 @@ fn gemm_grads(
             let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), dev);
             let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
             let w_t = flipped.transpose(0, 1)?.contiguous()?;
-            Some(input_grad(g, &w_t, kh - 1 - p, x.dims4()?, products)?)
+            Some(input_grad((g, g_nhwc), &w_t, kh - 1 - p, x.dims4()?, products)?)
         }
         false => None,
     };
-    Ok((dx, weight_grad((x, x_codes), g, (kh, kw), p, products)?))
+    Ok((dx, weight_grad((x, x_codes), (g, g_nhwc), (kh, kw), p, products)?))
 }
 
 /// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA with bf16 `products`
-/// as the bf16 implicit GEMM where its plan takes the shape (`crate::plan::bf16_conv_plan`: `g`
-/// gathered on the way into shared memory), else as the transposed im2col of `g` (our kernel)
+/// as the bf16 implicit GEMM where its plan takes the shape (`crate::plan::bf16_conv_plan`:
+/// `g_nhwc`, `g` channels last in bf16, gathered on the way into shared memory), else as the transposed im2col of `g` (our kernel)
 /// times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d` gathers its columns
 /// with a slower kernel and reorders its output), in f32 from bf16 `products`; elsewhere candle's.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn input_grad(
-    g: &Tensor,
+    (g, g_nhwc): (&Tensor, Option<&Tensor>),
     w_t: &Tensor,
     pad: usize,
     x_dims: (usize, usize, usize, usize),
@@ -273,8 +282,8 @@ fn input_grad(
     if g.device().is_cuda() && g.dtype() == DType::F32 {
         let (b, c, h, w) = x_dims;
         let (_, o, kh, kw) = w_t.dims4()?;
-        if products == DType::BF16 {
-            if let Some(dx) = crate::cuda::implicit_input_grad(g, w_t, pad, (h, w))? {
+        if let (Some(g_nhwc), DType::BF16) = (g_nhwc, products) {
+            if let Some(dx) = crate::cuda::implicit_input_grad((g_nhwc, g.dims4()?), w_t, pad, (h, w))? {
                 return Ok(dx);
             }
         }
@@ -301,12 +310,13 @@ fn input_grad(
 ///
 /// On CUDA with bf16 operands as the bf16 implicit GEMM where its plan takes the shape (a
 /// convolution over the batch, `crate::cuda`'s `conv_bf16`: no im2col copy), else as one product
-/// (module docs): `G` and `X` come from our transposed-im2col kernel
-/// (`G` is the 1x1 case, a channels-first copy of `g`) in `products`' dtype where `g` is f32,
-/// else f32; bf16 operands multiply with f32 results. The `(O, C·kh·kw)` product is the
-/// gradient's layout, and every operand row is contiguous and aligned, which cuBLAS's fast
-/// kernels need (the products per kernel offset below read windows at odd offsets, for which
-/// cuBLAS falls back to older, slower kernels).
+/// (module docs): `X` comes from our transposed-im2col kernel in `products`' dtype where `g` is
+/// f32, else f32, and `G` is `g_nhwc` (`g` channels last in bf16, `(B·Ho·Wo, O)`, which the
+/// input gradient reads too; cuBLAS takes it transposed) where given, else the 1x1 case of the
+/// transposed im2col (a channels-first copy of `g`); bf16 operands multiply with f32 results.
+/// The `(O, C·kh·kw)` product is the gradient's layout, and every operand is contiguous, which
+/// cuBLAS's fast kernels need (the products per kernel offset below read windows at odd
+/// offsets, for which cuBLAS falls back to older, slower kernels).
 ///
 /// Elsewhere (the CPU takes `crate::conv_grad_cpu`; this serves the tests) one product per
 /// kernel offset without a shifted copy of `x` for each: `x` is laid out once channels first in
@@ -319,7 +329,7 @@ fn input_grad(
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn weight_grad(
     (x, x_codes): (&Tensor, Option<(&Tensor, &Tensor)>),
-    g: &Tensor,
+    (g, g_nhwc): (&Tensor, Option<&Tensor>),
     (kh, kw): (usize, usize),
     p: usize,
     products: DType,
@@ -348,10 +358,18 @@ fn weight_grad(
             }
         }
         let xs = im2col_t(x_source, (kh, kw), p, (ho, wo), operands, ColsLayout::Rows)?;
-        let gs = im2col_t(ColsSource::Values(&g), (1, 1), 0, (ho, wo), operands, ColsLayout::Rows)?;
         let dw = match operands {
-            DType::BF16 => crate::cuda::matmul_nt_f32(&gs, &xs)?,
-            _ => gs.matmul(&xs.t()?)?,
+            DType::BF16 => {
+                let g_nhwc = match g_nhwc {
+                    Some(t) => t.clone(),
+                    None => crate::cuda::channels_last_bf16(&g)?,
+                };
+                crate::cuda::matmul_tt_f32(&g_nhwc.reshape((b * ho * wo, o))?, &xs)?
+            }
+            _ => {
+                let gs = im2col_t(ColsSource::Values(&g), (1, 1), 0, (ho, wo), operands, ColsLayout::Rows)?;
+                gs.matmul(&xs.t()?)?
+            }
         };
         return dw.reshape((o, c, kh, kw));
     }

@@ -440,24 +440,36 @@ fn backward_reference(dev: &Device) -> Result<()> {
             let layer = BitConv2d::new(wv.as_tensor().clone(), None, cfg)?;
             let [dx, dw] = ref_conv_grads(&s, &x, &w, &g, true);
             // The rules' choice, then each product forced onto the bf16 implicit GEMM (where it
-            // takes the shape: channels, resp. batches, in eights) and forced off it.
-            for (input_grad, weight_grad) in [(None, None), (Some(true), Some(true)), (Some(false), Some(false))] {
+            // takes the shape: channels, resp. batches, in eights) under the rules' tiles and
+            // under each tile forced, and both forced off it.
+            use bitlinear::plan::Bf16ConvTile;
+            let on = (Some(true), Some(true));
+            let choices = [
+                ((None, None), None),
+                (on, None),
+                (on, Some(Bf16ConvTile::N32)),
+                (on, Some(Bf16ConvTile::N128W4)),
+                ((Some(false), Some(false)), None),
+            ];
+            for ((input_grad, weight_grad), tile) in choices {
                 let mut settings = bitlinear::kernel_settings(dev);
                 settings.force.implicit_input_grad = input_grad;
                 settings.force.implicit_weight_grad = weight_grad;
+                settings.force.bf16_conv_tile = tile;
                 bitlinear::set_kernel_settings(dev, settings)?;
                 let grads = (layer.forward(xv.as_tensor())? * &gt)?.sum_all()?.backward()?;
                 for (name, var, (want, mag)) in [("bf16 dx", &xv, &dx), ("bf16 dw", &wv, &dw)] {
                     let got = grads.get(var).expect(name);
                     assert_eq!(got.dtype(), DType::F32, "{name}: returned in the variable's dtype");
                     let got: Vec<f32> = got.flatten_all()?.to_vec1()?;
-                    let what = format!("{s:?} {name}, implicit {input_grad:?} / {weight_grad:?}");
+                    let what = format!("{s:?} {name}, implicit {input_grad:?} / {weight_grad:?}, tile {tile:?}");
                     assert_grads_near(&what, &got, (want, mag), 3.0 / 256.0);
                 }
             }
             let mut settings = bitlinear::kernel_settings(dev);
             settings.force.implicit_input_grad = None;
             settings.force.implicit_weight_grad = None;
+            settings.force.bf16_conv_tile = None;
             bitlinear::set_kernel_settings(dev, settings)?;
         }
     }

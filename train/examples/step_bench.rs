@@ -16,12 +16,13 @@
 //! (all of them) turn off the pieces of
 //! [`train::tuning::CudaTuning`]; `--no-implicit-conv` runs the ternary convolutions on the
 //! int8 im2col path, `--no-implicit-input-grad` their input gradients on the transposed im2col
-//! and cuBLAS, `--implicit-weight-grad` their weight gradients on the bf16 implicit GEMM. Run the
-//! example once per variant.
+//! and cuBLAS, `--implicit-weight-grad` their weight gradients on the bf16 implicit GEMM,
+//! `--bf16-conv-tile` picks that GEMM's tile. Run the example once per variant.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use bitlinear::plan::Bf16ConvTile;
 use candle_core::{DType, Module, Tensor};
 use cifar::Split;
 use clap::Parser;
@@ -94,9 +95,24 @@ struct Opts {
     /// tuning).
     #[arg(long)]
     implicit_weight_grad: bool,
+    /// The bf16 implicit GEMM's tile for every backward product it takes (n32, n64, n128,
+    /// n128w4; default: by the output channels).
+    #[arg(long, value_parser = bf16_conv_tile)]
+    bf16_conv_tile: Option<Bf16ConvTile>,
     /// All of the above: the plain candle path.
     #[arg(long)]
     baseline: bool,
+}
+
+/// `--bf16-conv-tile`'s values.
+fn bf16_conv_tile(name: &str) -> std::result::Result<Bf16ConvTile, String> {
+    match name {
+        "n32" => Ok(Bf16ConvTile::N32),
+        "n64" => Ok(Bf16ConvTile::N64),
+        "n128" => Ok(Bf16ConvTile::N128),
+        "n128w4" => Ok(Bf16ConvTile::N128W4),
+        _ => Err(format!("unknown tile {name:?} (n32, n64, n128, n128w4)")),
+    }
 }
 
 impl Opts {
@@ -392,7 +408,7 @@ fn main() -> Result<()> {
     args.cuda = o.tuning();
     let mut t = Trainer::new(args)?;
     let dev = t.device.clone();
-    if o.no_implicit_conv || o.no_implicit_input_grad || o.implicit_weight_grad {
+    if o.no_implicit_conv || o.no_implicit_input_grad || o.implicit_weight_grad || o.bf16_conv_tile.is_some() {
         let mut settings = bitlinear::kernel_settings(&dev);
         if o.no_implicit_conv {
             settings.force.implicit_conv = Some(false);
@@ -403,6 +419,7 @@ fn main() -> Result<()> {
         if o.implicit_weight_grad {
             settings.force.implicit_weight_grad = Some(true);
         }
+        settings.force.bf16_conv_tile = o.bf16_conv_tile;
         bitlinear::set_kernel_settings(&dev, settings)?;
     }
     if o.check {

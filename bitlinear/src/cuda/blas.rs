@@ -11,7 +11,7 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tens
 
 use super::buffers::{i32_arg as int, in_ptr, out_slice_ptr, storage};
 use super::Ctx;
-use crate::plan::{nt_product, shared_left_batched, ColumnMajorGemm};
+use crate::plan::{shared_left_batched, tt_product, ColumnMajorGemm};
 
 /// The storage and first element of a contiguous BF16 CUDA tensor.
 fn bf16_operand<'a>(st: &'a Storage, l: &Layout, who: &str) -> Result<(&'a CudaStorage, usize)> {
@@ -21,15 +21,15 @@ fn bf16_operand<'a>(st: &'a Storage, l: &Layout, who: &str) -> Result<(&'a CudaS
     }
 }
 
-/// `left (M, K) · right (N, K)ᵀ`: F32 `(M, N)`, from contiguous BF16 operands on one CUDA
+/// `left (K, M)ᵀ · right (N, K)ᵀ`: F32 `(M, N)`, from contiguous BF16 operands on one CUDA
 /// device, summed in f32.
-pub(crate) fn matmul_nt_f32(left: &Tensor, right: &Tensor) -> Result<Tensor> {
-    let (m, k) = left.dims2()?;
+pub(crate) fn matmul_tt_f32(left: &Tensor, right: &Tensor) -> Result<Tensor> {
+    let (k, m) = left.dims2()?;
     let (n, k_right) = right.dims2()?;
     if k != k_right {
-        bail!("bitlinear cuda: matmul_nt_f32 of ({m}, {k}) and ({n}, {k_right})ᵀ")
+        bail!("bitlinear cuda: matmul_tt_f32 of ({k}, {m})ᵀ and ({n}, {k_right})ᵀ")
     }
-    product_f32(left, right, nt_product(m, n, k), (m, n), "matmul_nt_f32")
+    product_f32(left, right, tt_product(m, n, k), (m, n), "matmul_tt_f32")
 }
 
 /// `left (C, R) · right[i] (R, P)` for every image `i` of `right (B, R, P)`: F32 `(B, C, P)`,

@@ -19,23 +19,37 @@ use super::{Ctx, Module};
 use crate::plan::{bf16_conv_plan, split_sum_blocks, Bf16ConvPlan, Bf16ConvProduct, SPLIT_SUM_THREADS};
 use candle_core::cuda_backend::CudaDevice;
 
+/// `g` (F32 `(B, O, Ho, Wo)`) channels last in bf16, rounded to nearest even: BF16 `(B, Ho·Wo,
+/// O)`, the output gradient as the input gradient's implicit GEMM and the weight gradient's
+/// cuBLAS product read it.
+pub(crate) fn channels_last_bf16(g: &Tensor) -> Result<Tensor> {
+    let (b, o, ho, wo) = g.dims4()?;
+    transposed_bf16(&g.reshape((b, o, ho * wo))?, None)
+}
+
 /// `dL/dx`, F32 `(B, C, h, w)`, of a stride-1 convolution: the stride-1 convolution of the
-/// output gradient `g` (F32 `(B, O, Ho, Wo)`, rounded to bf16) with `w_t` (`(C, O, kh, kw)`, the
-/// flipped, transposed weight, any float dtype, rounded to bf16) and zero padding `pad`, products
-/// summed in f32. `None` where the plan leaves it to the im2col path.
+/// output gradient `g` (`g_nhwc`: [`channels_last_bf16`] of the F32 `(B, O, Ho, Wo)` gradient of
+/// dims `g_dims`) with `w_t` (`(C, O, kh, kw)`, the flipped, transposed weight, any float dtype,
+/// rounded to bf16) and zero padding `pad`, products summed in f32. `None` where the plan leaves
+/// it to the im2col path.
 pub(crate) fn implicit_input_grad(
-    g: &Tensor,
+    (g_nhwc, g_dims): (&Tensor, (usize, usize, usize, usize)),
     w_t: &Tensor,
     pad: usize,
     (h, w): (usize, usize),
 ) -> Result<Option<Tensor>> {
-    let Device::Cuda(dev) = g.device() else {
+    let Device::Cuda(dev) = g_nhwc.device() else {
         return Ok(None);
     };
-    let (b, o, ho, wo) = g.dims4()?;
+    let (b, o, ho, wo) = g_dims;
     let (c, o_w, kh, kw) = w_t.dims4()?;
-    if g.dtype() != DType::F32 || o_w != o || ho + 2 * pad + 1 != h + kh || wo + 2 * pad + 1 != w + kw {
-        bail!("bitlinear cuda: implicit_input_grad needs an F32 gradient and a matching weight and size")
+    if g_nhwc.dtype() != DType::BF16
+        || g_nhwc.dims() != [b, ho * wo, o]
+        || o_w != o
+        || ho + 2 * pad + 1 != h + kh
+        || wo + 2 * pad + 1 != w + kw
+    {
+        bail!("bitlinear cuda: implicit_input_grad needs a channels-last BF16 gradient and a matching weight and size")
     }
     let ctx = Ctx::new(dev)?;
     let Some(plan) = bf16_conv_plan(
@@ -49,14 +63,13 @@ pub(crate) fn implicit_input_grad(
     ) else {
         return Ok(None);
     };
-    let x = transposed_bf16(&g.reshape((b, o, ho * wo))?, None)?;
     // Row n = input channel, k = (ky·kw + kx)·O + co: the GEMM's k order.
     let wt = w_t
         .permute((0, 2, 3, 1))?
         .to_dtype(DType::BF16)?
         .contiguous()?
         .reshape((c, kh * kw * o))?;
-    let dx = launch((&ctx, dev), &plan, &x, (b, ho, wo, o), &wt, (kh, kw, pad), (h, w))?;
+    let dx = launch((&ctx, dev), &plan, g_nhwc, (b, ho, wo, o), &wt, (kh, kw, pad), (h, w))?;
     Ok(Some(sum_splits(dx, &plan)?.reshape((b, c, h, w))?))
 }
 

@@ -50,10 +50,10 @@ mod quantize;
 mod settle;
 mod tma;
 
-pub(crate) use blas::{batched_matmul_f32, matmul_nt_f32};
+pub(crate) use blas::{batched_matmul_f32, matmul_tt_f32};
 pub(crate) use buffers::empty_storage;
 pub(crate) use conv::{conv_dequantize, im2col, im2col_t, ColsLayout, ColsSource, WeightScale};
-pub(crate) use conv_bf16::{implicit_input_grad, implicit_weight_grad};
+pub(crate) use conv_bf16::{channels_last_bf16, implicit_input_grad, implicit_weight_grad};
 pub(crate) use conv_igemm::{implicit_conv_f32, implicit_plan, pack_kernel_order};
 pub(crate) use input_norm::{normed_gemv, NormKind};
 pub(crate) use kernels::{device_info, set_settings, settings};

@@ -20,17 +20,17 @@ pub(crate) struct ColumnMajorGemm {
     pub batch: usize,
 }
 
-/// Row-major `out (m, n) = left (m, k) · right (n, k)ᵀ`, both operands contiguous: `outᵀ (n x m)`
-/// = `right` (stored k x n column-major, transposed) · `leftᵀ` (stored k x m, as it is).
-pub(crate) fn nt_product(m: usize, n: usize, k: usize) -> ColumnMajorGemm {
+/// Row-major `out (m, n) = left (k, m)ᵀ · right (n, k)ᵀ`, both operands contiguous: `outᵀ (n x
+/// m)` = `right` (stored k x n column-major, transposed) · `left` (stored m x k, transposed).
+pub(crate) fn tt_product(m: usize, n: usize, k: usize) -> ColumnMajorGemm {
     ColumnMajorGemm {
         transa: true,
-        transb: false,
+        transb: true,
         m: n,
         n: m,
         k,
         lda: k,
-        ldb: k,
+        ldb: m,
         ldc: n,
         stride_a: 0,
         stride_b: 0,
@@ -90,13 +90,13 @@ mod tests {
     }
 
     #[test]
-    fn nt_product_is_left_times_right_transposed() {
-        for (m, n, k) in [(1, 1, 1), (3, 5, 7), (64, 288, 40), (8, 1, 3)] {
-            let (left, right) = (values(m * k, 1), values(n * k, 2));
-            let got = column_major(&nt_product(m, n, k), &right, &left);
+    fn tt_product_is_both_operands_transposed() {
+        for (m, n, k) in [(1, 1, 1), (3, 5, 7), (64, 288, 40), (8, 1, 3), (1, 9, 4)] {
+            let (left, right) = (values(k * m, 5), values(n * k, 6));
+            let got = column_major(&tt_product(m, n, k), &right, &left);
             for i in 0..m {
                 for j in 0..n {
-                    let want: f64 = (0..k).map(|l| left[i * k + l] * right[j * k + l]).sum();
+                    let want: f64 = (0..k).map(|l| left[l * m + i] * right[j * k + l]).sum();
                     assert_eq!(got[i * n + j], want, "({m}, {n}, {k}) at ({i}, {j})");
                 }
             }

@@ -23,6 +23,8 @@ pub enum Bf16ConvTile {
     N64,
     /// 128 x 128, 8 warps (2 x 4).
     N128,
+    /// 128 x 128, 4 warps (2 x 2), each a 64 x 64 tile (twice the MMAs a fragment load).
+    N128W4,
 }
 
 impl Bf16ConvTile {
@@ -32,6 +34,7 @@ impl Bf16ConvTile {
             Bf16ConvTile::N32 => (128, 32, 128),
             Bf16ConvTile::N64 => (128, 64, 128),
             Bf16ConvTile::N128 => (128, 128, 256),
+            Bf16ConvTile::N128W4 => (128, 128, 128),
         }
     }
 
@@ -47,6 +50,7 @@ impl Bf16ConvTile {
             Bf16ConvTile::N32 => "conv_bf16_n32",
             Bf16ConvTile::N64 => "conv_bf16_n64",
             Bf16ConvTile::N128 => "conv_bf16_n128",
+            Bf16ConvTile::N128W4 => "conv_bf16_n128w4",
         }
     }
 }
@@ -125,10 +129,11 @@ pub fn bf16_conv_plan(
     {
         return None;
     }
-    let tile = match c_out {
-        ..=32 => Bf16ConvTile::N32,
-        33..=64 => Bf16ConvTile::N64,
-        _ => Bf16ConvTile::N128,
+    let tile = match (settings.force.bf16_conv_tile, c_out) {
+        (Some(tile), _) => tile,
+        (None, ..=32) => Bf16ConvTile::N32,
+        (None, 33..=64) => Bf16ConvTile::N64,
+        (None, _) => Bf16ConvTile::N128,
     };
     if tile.smem_bytes() > info.smem_optin {
         return None;
@@ -240,6 +245,22 @@ mod tests {
         }
         // many tiles: no split
         assert_eq!(planned(512, 64, 256, 256).unwrap().k_splits(), 1);
+    }
+
+    #[test]
+    fn a_forced_tile_takes_every_shape() {
+        let mut s = KernelSettings::default();
+        s.force.bf16_conv_tile = Some(Bf16ConvTile::N128W4);
+        let info = DeviceInfo::sm90(132);
+        for c_out in [8, 40, 256] {
+            let p = bf16_conv_plan(Bf16ConvProduct::InputGrad, (512, 64), 256, 9, c_out, &info, &s).unwrap();
+            assert_eq!(
+                (p.tile, p.grid.0, p.grid.1),
+                (Bf16ConvTile::N128W4, 256, c_out.div_ceil(128) as u32)
+            );
+        }
+        assert_eq!(Bf16ConvTile::N128W4.shape(), (128, 128, 128));
+        assert_eq!(Bf16ConvTile::N128W4.smem_bytes(), Bf16ConvTile::N128.smem_bytes());
     }
 
     #[test]

@@ -37,7 +37,7 @@ mod settings;
 mod skinny;
 
 #[cfg_attr(not(feature = "cuda"), allow(unused_imports))]
-pub(crate) use blas::{nt_product, shared_left_batched, ColumnMajorGemm};
+pub(crate) use blas::{shared_left_batched, tt_product, ColumnMajorGemm};
 pub use conv::{
     codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, Im2colPlan, Im2colTPlan,
     CUDA_IM2COL_TILE_CODES, IM2COL_THREADS,

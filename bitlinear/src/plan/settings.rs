@@ -1,5 +1,6 @@
 //! [`KernelSettings`]: the switches of the kernels, one value per device.
 
+use super::conv_bf16::Bf16ConvTile;
 use super::gemm::GemmTile;
 pub use crate::cpu::CpuKernel;
 
@@ -117,4 +118,7 @@ pub struct ForcedChoices {
     /// the bf16 implicit GEMM where it can (true) or on the transposed im2col of `x~` and cuBLAS
     /// (false, the rule); see [`crate::plan::bf16_conv_plan`].
     pub implicit_weight_grad: Option<bool>,
+    /// The bf16 implicit GEMM's tile for every shape it takes (`None`: by the output channels,
+    /// see [`crate::plan::bf16_conv_plan`]).
+    pub bf16_conv_tile: Option<Bf16ConvTile>,
 }
