@@ -267,9 +267,10 @@ fn gemm_grads(
 
 /// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA with bf16 `products`
 /// as the bf16 implicit GEMM where its plan takes the shape (`crate::plan::bf16_conv_plan`:
-/// `g_nhwc`, `g` channels last in bf16, gathered on the way into shared memory), else as the transposed im2col of `g` (our kernel)
-/// times `w_t` per image, which lands in NCHW as it stands (candle's `conv2d` gathers its columns
-/// with a slower kernel and reorders its output), in f32 from bf16 `products`; elsewhere candle's.
+/// `g_nhwc`, `g` channels last in bf16, gathered on the way into shared memory), else as the
+/// transposed im2col of `g` (our kernel) times `w_t` per image, which lands in NCHW as it stands
+/// (candle's `conv2d` gathers its columns with a slower kernel and reorders its output), in f32
+/// from bf16 `products`; elsewhere candle's.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn input_grad(
     (g, g_nhwc): (&Tensor, Option<&Tensor>),
