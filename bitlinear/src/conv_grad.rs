@@ -242,7 +242,8 @@ fn gemm_grads(
     (with_dx, products): (bool, DType),
 ) -> Result<(Option<Tensor>, Tensor)> {
     let (_, _, kh, kw) = w.dims4()?;
-    // With bf16 products on CUDA both products read `g` channels last in bf16, one copy.
+    // With bf16 products on CUDA both products read `g` channels last in bf16, one copy (its
+    // presence is what tells them their operands are bf16).
     #[cfg(feature = "cuda")]
     let g_nhwc = match g.device().is_cuda() && g.dtype() == DType::F32 && products == DType::BF16 {
         true => Some(crate::cuda::channels_last_bf16(g)?),
@@ -262,7 +263,7 @@ fn gemm_grads(
         }
         false => None,
     };
-    Ok((dx, weight_grad((x, x_codes), (g, g_nhwc), (kh, kw), p, products)?))
+    Ok((dx, weight_grad((x, x_codes), (g, g_nhwc), (kh, kw), p)?))
 }
 
 /// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA with bf16 `products`
@@ -283,7 +284,7 @@ fn input_grad(
     if g.device().is_cuda() && g.dtype() == DType::F32 {
         let (b, c, h, w) = x_dims;
         let (_, o, kh, kw) = w_t.dims4()?;
-        if let (Some(g_nhwc), DType::BF16) = (g_nhwc, products) {
+        if let Some(g_nhwc) = g_nhwc {
             if let Some(dx) = crate::cuda::implicit_input_grad((g_nhwc, g.dims4()?), w_t, pad, (h, w))? {
                 return Ok(dx);
             }
@@ -309,12 +310,12 @@ fn input_grad(
 
 /// `dL/dW (O, C, kh, kw)` of a stride-1 convolution with padding `p`.
 ///
-/// On CUDA with bf16 operands as the bf16 implicit GEMM where its plan takes the shape (a
-/// convolution over the batch, `crate::cuda`'s `conv_bf16`: no im2col copy), else as one product
-/// (module docs): `X` comes from our transposed-im2col kernel in `products`' dtype where `g` is
-/// f32, else f32, and `G` is `g_nhwc` (`g` channels last in bf16, `(B·Ho·Wo, O)`, which the
-/// input gradient reads too; cuBLAS takes it transposed) where given, else the 1x1 case of the
-/// transposed im2col (a channels-first copy of `g`); bf16 operands multiply with f32 results.
+/// On CUDA the operands are bf16 where `g_nhwc` is given (`g` channels last in bf16, `(B·Ho·Wo,
+/// O)`, which the input gradient reads too), else f32. With bf16 operands, the bf16 implicit GEMM
+/// where its plan takes the shape (a convolution over the batch, `crate::cuda`'s `conv_bf16`: no
+/// im2col copy); else one product (module docs): `X` comes from our transposed-im2col kernel,
+/// `G` is `g_nhwc` (cuBLAS takes it transposed) or in f32 the 1x1 case of the transposed im2col
+/// (a channels-first copy of `g`); bf16 operands multiply with f32 results.
 /// The `(O, C·kh·kw)` product is the gradient's layout, and every operand is contiguous, which
 /// cuBLAS's fast kernels need (the products per kernel offset below read windows at odd
 /// offsets, for which cuBLAS falls back to older, slower kernels).
@@ -333,17 +334,12 @@ fn weight_grad(
     (g, g_nhwc): (&Tensor, Option<&Tensor>),
     (kh, kw): (usize, usize),
     p: usize,
-    products: DType,
 ) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (_, o, ho, wo) = g.dims4()?;
     #[cfg(feature = "cuda")]
     if g.device().is_cuda() {
         use crate::cuda::{im2col_t, ColsLayout, ColsSource};
-        let operands = match products == DType::BF16 && g.dtype() == DType::F32 {
-            true => DType::BF16,
-            false => DType::F32,
-        };
         let (x, g) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
         let x_source = match x_codes {
             Some((codes, scales)) => ColsSource::Codes {
@@ -353,22 +349,25 @@ fn weight_grad(
             },
             None => ColsSource::Values(&x),
         };
-        if operands == DType::BF16 {
-            if let Some(dw) = crate::cuda::implicit_weight_grad(x_source, &g, (kh, kw), p)? {
-                return Ok(dw);
-            }
-        }
-        let xs = im2col_t(x_source, (kh, kw), p, (ho, wo), operands, ColsLayout::Rows)?;
-        let dw = match operands {
-            DType::BF16 => {
-                let g_nhwc = match g_nhwc {
-                    Some(t) => t.clone(),
-                    None => crate::cuda::channels_last_bf16(&g)?,
-                };
+        let dw = match g_nhwc {
+            // bf16 operands (`gemm_grads` lays `g` out for them)
+            Some(g_nhwc) => {
+                if let Some(dw) = crate::cuda::implicit_weight_grad(x_source, &g, (kh, kw), p)? {
+                    return Ok(dw);
+                }
+                let xs = im2col_t(x_source, (kh, kw), p, (ho, wo), DType::BF16, ColsLayout::Rows)?;
                 crate::cuda::matmul_tt_f32(&g_nhwc.reshape((b * ho * wo, o))?, &xs)?
             }
-            _ => {
-                let gs = im2col_t(ColsSource::Values(&g), (1, 1), 0, (ho, wo), operands, ColsLayout::Rows)?;
+            None => {
+                let xs = im2col_t(x_source, (kh, kw), p, (ho, wo), DType::F32, ColsLayout::Rows)?;
+                let gs = im2col_t(
+                    ColsSource::Values(&g),
+                    (1, 1),
+                    0,
+                    (ho, wo),
+                    DType::F32,
+                    ColsLayout::Rows,
+                )?;
                 gs.matmul(&xs.t()?)?
             }
         };

@@ -14,7 +14,7 @@ use crate::im2col::Geometry;
 use crate::plan::{codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan};
 
 /// A 1-D launch of `blocks` blocks of `threads` threads (`what` names the blocks in errors).
-fn grid(blocks: usize, threads: usize, what: &str) -> Result<LaunchConfig> {
+pub(super) fn grid(blocks: usize, threads: usize, what: &str) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (i32_arg(blocks, what)? as u32, 1, 1),
         block_dim: (threads as u32, 1, 1),

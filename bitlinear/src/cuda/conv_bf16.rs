@@ -14,7 +14,7 @@ use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 
 use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
-use super::conv::{map_out, transposed_bf16, ColsSource};
+use super::conv::{grid, map_out, transposed_bf16, ColsSource};
 use super::{Ctx, Module};
 use crate::plan::{bf16_conv_plan, split_sum_blocks, Bf16ConvPlan, Bf16ConvProduct, SPLIT_SUM_THREADS};
 use candle_core::cuda_backend::CudaDevice;
@@ -130,12 +130,7 @@ fn sum_splits(parts: Tensor, plan: &Bf16ConvPlan) -> Result<Tensor> {
     let dims = parts.dims()[1..].to_vec();
     let n = parts.elem_count() / splits;
     map_out(&parts, n, dims, DType::F32, "sum_splits", |ctx, parts_ptr, out_ptr| {
-        let blocks = split_sum_blocks(n, &ctx.info);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (SPLIT_SUM_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(split_sum_blocks(n, &ctx.info), SPLIT_SUM_THREADS, "split-sum blocks")?;
         let f = ctx.func(Module::ConvBf16, "sum_splits_f32")?;
         let splits = i32_arg(splits, "splits")?;
         launch!(ctx, f, cfg, parts_ptr, out_ptr, splits, n as i64)
