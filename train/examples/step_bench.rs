@@ -91,7 +91,7 @@ struct Opts {
     #[arg(long)]
     no_implicit_input_grad: bool,
     /// The ternary convolutions' weight gradients on the bf16 implicit GEMM instead of the
-    /// transposed im2col and cuBLAS (the rule; a kernel setting of the device, not part of the
+    /// transposed im2col and cuBLAS (the rule) (a kernel setting of the device, not part of the
     /// tuning).
     #[arg(long)]
     implicit_weight_grad: bool,
