@@ -16,6 +16,7 @@ const KERNELS: &[&str] = &[
     "conv",
     "conv_igemm",
     "conv_bf16",
+    "pool",
 ];
 /// Hopper-only kernels (wgmma, TMA): built for sm_90a.
 const SM90A_KERNELS: &[&str] = &["gemm90a"];

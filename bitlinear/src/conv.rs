@@ -212,7 +212,9 @@ impl BitConv2d {
     /// Where the matrix-product backward applies (stride 1, a square kernel, `padding < k`) the
     /// value is computed on the codes alone (by the packed form's kernels, CPU and CUDA) and
     /// one op carries those gradients; otherwise the straight-through steps are candle ops.
-    fn integer_forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `pool`: the output 2x2 max pooled ([`crate::max_pool2x2`], whose fused kernels take it),
+    /// inside that op where there is one.
+    fn integer_forward(&self, x: &Tensor, pool: bool) -> Result<Tensor> {
         // Returns the F32 output without the bias.
         let (b, c, h, w) = x.dims4()?;
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
@@ -227,9 +229,13 @@ impl BitConv2d {
         let w_codes = w_fq.broadcast_div(&safe_s_w)?.detach();
         // Activations: one scale per image.
         let quantized = || quantize_activations(&x.reshape((b, c * h * w))?, ActScaling::PerToken);
+        let pooled = |y: Tensor| match pool {
+            true => crate::max_pool2x2(&y),
+            false => Ok(y),
+        };
         if !crate::conv_grad::has_gemm_grad(s, kh, kw, p) {
             let (codes, s_x) = quantized()?;
-            return self.straight_through_forward(x, &w2, (&w_codes, &safe_s_w, &s_w), (&codes, &s_x));
+            return pooled(self.straight_through_forward(x, &w2, (&w_codes, &safe_s_w, &s_w), (&codes, &s_x))?);
         }
         // The value: on the CPU by the packed form's kernel (it quantizes `x` itself), on CUDA
         // by its int8 kernels, elsewhere an f32 convolution of the codes (exact every way).
@@ -271,7 +277,7 @@ impl BitConv2d {
             }
         };
         if !(x.track_op() || self.weight.track_op()) {
-            return Ok(y);
+            return pooled(y);
         }
         let w_tilde = w_fq.reshape((c_out, c_in, kh, kw))?;
         crate::conv_grad::quantized_conv2d(
@@ -279,7 +285,7 @@ impl BitConv2d {
             &self.weight,
             (y, w_tilde),
             x_codes,
-            p,
+            (p, pool),
             self.config.bf16_grad_products,
         )
     }
@@ -335,8 +341,10 @@ fn integer_conv(
         .broadcast_mul(s_w)
 }
 
-impl Module for BitConv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl BitConv2d {
+    /// The output, 2x2 max pooled where `pool` (only without a bias and for f32 input, where
+    /// pooling the unbiased f32 output is pooling [`Module::forward`]'s).
+    fn forward_impl(&self, x: &Tensor, pool: bool) -> Result<Tensor> {
         let (b, ..) = check_input(x, self.weight.dims4()?, self.config, "BitConv2d")?;
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
         let (_, _, h, w) = x.dims4()?;
@@ -350,12 +358,57 @@ impl Module for BitConv2d {
             // nothing to sum: every accumulator is 0 (then the bias, as the packed form)
             Tensor::zeros((b, c_out, ho, wo), DType::F32, x.device())?
         } else {
-            self.integer_forward(x)?
+            self.integer_forward(x, pool)?
         };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, c_out, 1, 1))?)?,
             None => y,
         };
         y.to_dtype(x.dtype())
+    }
+
+    /// `max_pool2x2(self.forward(x))` ([`crate::max_pool2x2`]): the same values and the same
+    /// gradients (each window's to its first maximum), computed in one graph node with the
+    /// convolution where it can, so that the unpooled output, four times the pooled one, gets no
+    /// gradient tensor of its own in candle's backward pass (which allocates and accumulates one
+    /// per node). It can for an f32 input, no bias, even output sizes and the convolutions whose
+    /// gradients are matrix products (stride 1, square kernel, `padding < k`); otherwise it is
+    /// the two ops.
+    ///
+    /// ```
+    /// use bitlinear::{bit_conv2d_no_bias, max_pool2x2, BitConv2dConfig};
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// let conv = bit_conv2d_no_bias(3, 8, 3, BitConv2dConfig { padding: 1, ..Default::default() }, vb)?;
+    /// let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu)?;
+    /// let y = conv.forward_max_pool2x2(&x)?;
+    /// assert_eq!(y.dims(), &[2, 8, 4, 4]);
+    /// let two_ops = max_pool2x2(&conv.forward(&x)?)?;
+    /// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, two_ops.flatten_all()?.to_vec1::<f32>()?);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn forward_max_pool2x2(&self, x: &Tensor) -> Result<Tensor> {
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let (b, _, h, w) = check_input(x, (c_out, c_in, kh, kw), self.config, "BitConv2d")?;
+        let p = self.config.padding;
+        // Only the stride-1 convolutions of `has_gemm_grad` pool inside the op.
+        let (ho, wo) = ((h + 2 * p + 1).saturating_sub(kh), (w + 2 * p + 1).saturating_sub(kw));
+        let fusable = self.bias.is_none()
+            && x.dtype() == DType::F32
+            && crate::conv_grad::has_gemm_grad(self.config.stride, kh, kw, p)
+            && b * c_out * c_in > 0
+            && crate::pool::has_fused_kernels(&[b, c_out, ho, wo], DType::F32, x.device());
+        match fusable {
+            true => self.forward_impl(x, true),
+            false => crate::max_pool2x2(&self.forward(x)?),
+        }
+    }
+}
+
+impl Module for BitConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_impl(x, false)
     }
 }

@@ -40,16 +40,23 @@ pub(crate) fn has_gemm_grad(stride: usize, kh: usize, kw: usize, padding: usize)
 /// the backward's products from bf16 operands where the output gradient is f32 on CUDA.
 /// `x_codes`: the forward's int8 codes of `x` (U8 `(B, C·H·W)`) and their per-image scales, where
 /// it made them; the CUDA backward then lays `x~` out from them instead of quantizing `x` again.
+/// `pool`: the op returns [`crate::max_pool2x2`] of `y` (whose fused kernels must take it) and
+/// differentiates through that pooling too, so the unpooled output is no graph node of its own.
 pub(crate) fn quantized_conv2d(
     x: &Tensor,
     w: &Tensor,
     (y, w_tilde): (Tensor, Tensor),
     x_codes: Option<(Tensor, Tensor)>,
-    padding: usize,
+    (padding, pool): (usize, bool),
     bf16_products: bool,
 ) -> Result<Tensor> {
+    let (y, unpooled) = match pool {
+        true => (crate::pool::pooled_values(&y)?, Some(y)),
+        false => (y, None),
+    };
     let op = ConvGrad {
         y,
+        unpooled,
         w_tilde,
         padding,
         bf16_products,
@@ -91,6 +98,7 @@ pub fn float_conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
     let y = x.detach().conv2d(&w.detach(), padding, 1, 1, 1)?;
     let op = ConvGrad {
         y,
+        unpooled: None,
         w_tilde: w.detach(),
         padding,
         bf16_products: false,
@@ -104,6 +112,9 @@ pub fn float_conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
 /// `x~` the per-image fake quantization of `x` where `quantized`, else `x` itself.
 struct ConvGrad {
     y: Tensor,
+    /// Where the op pools: the convolution's output before the 2x2 max pooling that gave `y`
+    /// (the backward routes the gradient through the pooling first).
+    unpooled: Option<Tensor>,
     w_tilde: Tensor,
     padding: usize,
     bf16_products: bool,
@@ -153,6 +164,10 @@ impl CustomOp2 for ConvGrad {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &match &self.unpooled {
+            Some(unpooled) => crate::pool::pool_input_grad(unpooled, g)?,
+            None => g.clone(),
+        };
         if x.device().is_cpu() {
             return cpu_grads(x, w, &self.w_tilde, g, (self.padding, self.quantized));
         }

@@ -20,6 +20,7 @@ mod packed_conv;
 mod packed_conv_cpu;
 mod packed_layer;
 pub mod plan;
+mod pool;
 pub mod quant;
 
 pub use conv::{bit_conv2d, bit_conv2d_no_bias, BitConv2d, BitConv2dConfig};
@@ -32,4 +33,5 @@ pub use ops::{bit_matmul, fake_quantize_activations, fake_quantize_weights, pack
 pub use packed::{pack_ternary, packed_len, unpack_ternary, PackedTernary};
 pub use packed_conv::PackedBitConv2d;
 pub use packed_layer::PackedBitLinear;
+pub use pool::{max_pool2x2, max_pool2x2_ops, PoolKernel};
 pub use quant::ActScaling;

@@ -6,8 +6,13 @@
 //! host knows that no kernel still running wrote them: `TE` (the `_e` kernels) in gemv.cu,
 //! `w_early` in the others.)
 
-const SOURCES: [(&str, &str); 6] = [
+const SOURCES: [(&str, &str); 11] = [
     ("act_quant.cu", include_str!("../kernels/act_quant.cu")),
+    ("conv.cu", include_str!("../kernels/conv.cu")),
+    ("conv_bf16.cu", include_str!("../kernels/conv_bf16.cu")),
+    ("conv_igemm.cu", include_str!("../kernels/conv_igemm.cu")),
+    ("gemv_stream.cu", include_str!("../kernels/gemv_stream.cu")),
+    ("pool.cu", include_str!("../kernels/pool.cu")),
     ("gemm.cu", include_str!("../kernels/gemm.cu")),
     ("gemm90a.cu", include_str!("../kernels/gemm90a.cu")),
     ("gemv.cu", include_str!("../kernels/gemv.cu")),
@@ -87,7 +92,7 @@ fn every_kernel_waits_for_the_previous_one() {
             );
         }
     }
-    // gemm 2, gemm90a 1, gemv 2 (plain, input norm), act_quant 4, weight_quant 6, skinny 1 (each
-    // a definition, often a macro)
-    assert_eq!(kernels, 16, "kernel definitions found");
+    // gemm 2, gemm90a 1, gemv 2 (plain, input norm), act_quant 4, weight_quant 6, skinny 1,
+    // conv 7, conv_bf16 2, conv_igemm 1, gemv_stream 1, pool 2 (each a definition, often a macro)
+    assert_eq!(kernels, 29, "kernel definitions found");
 }

@@ -35,15 +35,14 @@ mod layers;
 pub mod layout;
 mod network;
 pub mod packed_file;
-mod pool;
 pub mod speedrun;
 mod validate;
 
 pub use atomic::write_atomic;
+pub use bitlinear::{max_pool2x2, max_pool2x2_ops, PoolKernel};
 pub use checkpoint_file::{checkpoint_metadata, Checkpoint};
 pub use layers::{Fc, PackedFc};
 pub use network::{read_metadata, Network, NetworkConfig, PackedNetwork};
-pub use pool::{max_pool2x2, max_pool2x2_ops, PoolKernel};
 pub use speedrun::{PackedTernarySpeedrun, StemKind, TernarySpeedrun, TernarySpeedrunConfig};
 pub use validate::{check_finite, check_tensors, TensorSpec};
 

@@ -21,6 +21,7 @@ static GEMV_STREAM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gem
 static CONV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv.fatbin"));
 static CONV_IGEMM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv_igemm.fatbin"));
 static CONV_BF16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/conv_bf16.fatbin"));
+static POOL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pool.fatbin"));
 
 /// One compiled `kernels/*.cu` file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,6 +36,7 @@ pub(super) enum Module {
     Conv,
     ConvIgemm,
     ConvBf16,
+    Pool,
 }
 
 impl Module {
@@ -50,6 +52,7 @@ impl Module {
             Module::Conv => CONV_FATBIN,
             Module::ConvIgemm => CONV_IGEMM_FATBIN,
             Module::ConvBf16 => CONV_BF16_FATBIN,
+            Module::Pool => POOL_FATBIN,
         }
     }
 }
@@ -124,7 +127,10 @@ pub(super) fn func(dev: &CudaDevice, info: &DeviceInfo, module: Module, name: &s
         }
     };
     let f = md.load_function(name).w()?;
-    if !matches!(module, Module::ActQuant | Module::WeightQuant | Module::Conv) {
+    if !matches!(
+        module,
+        Module::ActQuant | Module::WeightQuant | Module::Conv | Module::Pool
+    ) {
         let stat = f
             .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
             .w()?;

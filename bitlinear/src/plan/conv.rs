@@ -55,6 +55,15 @@ pub fn conv_dequant_plan(images: usize, rows: usize, n: usize, info: &DeviceInfo
     }
 }
 
+/// Threads a block of the 2x2 max-pooling kernels (`kernels/pool.cu`).
+pub const POOL_THREADS: usize = 256;
+
+/// Blocks of a 2x2 max-pooling kernel over `windows` windows: one window a thread, at most 8
+/// waves of blocks (the threads loop past that), at least one block.
+pub fn pool_blocks(windows: usize, info: &DeviceInfo) -> usize {
+    windows.div_ceil(POOL_THREADS).clamp(1, 8 * info.sms.max(1))
+}
+
 /// The launch of `codes_nhwc` over `images` images of `c` channels and `hw` pixels: blocks of
 /// 32 x 8 threads, one a 32 x 32 square of (pixels, channels) of an image, images in the grid's
 /// z up to its limit of 65535 (the blocks loop over the rest): `(grid, block)`.
@@ -102,6 +111,9 @@ mod tests {
         assert_eq!(im2col_plan(1000, &info).blocks, 4);
         assert_eq!(im2col_plan(1 << 30, &info).blocks, 8 * 132);
         assert_eq!(im2col_plan(1000, &info).threads, 256);
+        assert_eq!(pool_blocks(0, &info), 1);
+        assert_eq!(pool_blocks(POOL_THREADS + 1, &info), 2);
+        assert_eq!(pool_blocks(512 * 64 * 16 * 16, &info), 8 * 132);
     }
 
     #[test]

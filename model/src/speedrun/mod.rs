@@ -129,13 +129,34 @@ struct Block<C> {
     norm2: BatchNorm2d,
 }
 
-impl<C: Module> Block<C> {
+/// A block's first convolution, whose output the block max-pools.
+trait PooledConv: Module {
+    /// `pool.max_pool2x2(self.forward(x))`.
+    fn forward_pooled(&self, x: &Tensor, pool: PoolKernel) -> Result<Tensor> {
+        pool.max_pool2x2(&self.forward(x)?)
+    }
+}
+
+/// The training form pools inside its convolution's op where the fused kernels pool
+/// ([`BitConv2d::forward_max_pool2x2`]: the same values and gradients, one graph node less).
+impl PooledConv for BitConv2d {
+    fn forward_pooled(&self, x: &Tensor, pool: PoolKernel) -> Result<Tensor> {
+        match pool {
+            PoolKernel::Fused => self.forward_max_pool2x2(x),
+            PoolKernel::TensorOps => pool.max_pool2x2(&self.forward(x)?),
+        }
+    }
+}
+
+impl PooledConv for PackedBitConv2d {}
+
+impl<C: PooledConv> Block<C> {
     fn forward_t(&self, x: &Tensor, pool: PoolKernel, fused_norm_gelu: bool, train: bool) -> Result<Tensor> {
         let norm_gelu = |norm: &BatchNorm2d, x: &Tensor| match fused_norm_gelu {
             true => norm.forward_gelu_t(x, train),
             false => norm.forward_t(x, train)?.gelu_erf(),
         };
-        let x = pool.max_pool2x2(&self.conv1.forward(x)?)?;
+        let x = self.conv1.forward_pooled(x, pool)?;
         let x = norm_gelu(&self.norm1, &x)?;
         let x = self.conv2.forward(&x)?;
         norm_gelu(&self.norm2, &x)

@@ -1,7 +1,8 @@
 // 2x2, stride 2 max pooling of a contiguous (B, C, H, W) tensor of f32, bf16 or f16, H and W even
-// (compiled to PTX by model/build.rs, launched from model/src/pool.rs). Same semantics as the CPU
-// kernel: each window's maximum, the first one in row-major order on ties, a NaN in the window
-// wins. Half-precision values are compared as floats (exact) and stored unchanged.
+// (launched from src/cuda/pool.rs for src/pool.rs and the pooled convolution of src/conv_grad.rs).
+// Same semantics as the CPU kernel: each window's maximum, the first one in row-major order on
+// ties, a NaN in the window wins. Half-precision values are compared as floats (exact) and stored
+// unchanged.
 //
 // max_pool2x2_fwd_<t>: thread o (grid-stride over the B*C*(H/2)*(W/2) outputs) reads its window's
 //   4 inputs as two pairs and writes out[o].
@@ -11,8 +12,7 @@
 // Pairs are loaded and stored as one 8-byte (f32) or 4-byte (bf16, f16) access: the caller
 // passes buffers starting at an even element.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common.cuh"
 
 // A pair of values of T and the conversions the kernels need.
 template <typename T> struct Pair;
@@ -63,10 +63,11 @@ template <typename T> __device__ __forceinline__ int argmax4(T a, T b, T c, T d,
 }
 
 template <typename T>
-__device__ void pool_fwd(const T* __restrict__ x, int planes, int h, int w, T* __restrict__ out) {
+__device__ void pool_fwd_impl(const T* __restrict__ x, int planes, int h, int w, T* __restrict__ out) {
     typedef typename Pair<T>::type P;
     const int ho = h >> 1, wo = w >> 1;
     const long long total = (long long)planes * ho * wo;
+    pdl_wait();
     for (long long o = blockIdx.x * (long long)blockDim.x + threadIdx.x; o < total;
          o += (long long)gridDim.x * blockDim.x) {
         const long long pl = o / (ho * wo);
@@ -82,12 +83,13 @@ __device__ void pool_fwd(const T* __restrict__ x, int planes, int h, int w, T* _
 }
 
 template <typename T>
-__device__ void pool_bwd(const T* __restrict__ x, const T* __restrict__ g, int planes, int h, int w,
+__device__ void pool_bwd_impl(const T* __restrict__ x, const T* __restrict__ g, int planes, int h, int w,
                          T* __restrict__ dx) {
     typedef typename Pair<T>::type P;
     const int ho = h >> 1, wo = w >> 1;
     const long long total = (long long)planes * ho * wo;
     const T z = Pair<T>::zero();
+    pdl_wait();
     for (long long o = blockIdx.x * (long long)blockDim.x + threadIdx.x; o < total;
          o += (long long)gridDim.x * blockDim.x) {
         const long long pl = o / (ho * wo);
@@ -107,12 +109,12 @@ __device__ void pool_bwd(const T* __restrict__ x, const T* __restrict__ g, int p
 #define POOL_KERNELS(T, SUFFIX)                                                                    \
     extern "C" __global__ void max_pool2x2_fwd_##SUFFIX(const T* __restrict__ x, int planes, int h, \
                                                         int w, T* __restrict__ out) {              \
-        pool_fwd<T>(x, planes, h, w, out);                                                         \
+        pool_fwd_impl<T>(x, planes, h, w, out);                                                       \
     }                                                                                              \
     extern "C" __global__ void max_pool2x2_bwd_##SUFFIX(const T* __restrict__ x,                   \
                                                         const T* __restrict__ g, int planes, int h, \
                                                         int w, T* __restrict__ dx) {               \
-        pool_bwd<T>(x, g, planes, h, w, dx);                                                       \
+        pool_bwd_impl<T>(x, g, planes, h, w, dx);                                                     \
     }
 
 POOL_KERNELS(float, f32)

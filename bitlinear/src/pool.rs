@@ -7,7 +7,8 @@
 //! sends each window's gradient, unscaled, to its maximum (the first one in row-major order on
 //! ties, as PyTorch does), in one pass each way, over rayon's threads.
 //! With the `cuda` feature, f32, bf16 and f16 tensors on a CUDA device use two fused kernels
-//! (`kernels/pool.cu`) with the same semantics. Other devices and dtypes use [`max_pool2x2_ops`],
+//! (`kernels/pool.cu`) with the same semantics. [`BitConv2d::forward_max_pool2x2`](crate::BitConv2d::forward_max_pool2x2)
+//! runs the same pooling inside its convolution's op. Other devices and dtypes use [`max_pool2x2_ops`],
 //! the same pooling written with reshape and `max` reductions (whose backward is correct on every
 //! device); odd sizes use candle's `max_pool2d`. [`PoolKernel`] chooses between the two, so that
 //! a benchmark can measure what the fused kernels bring.
@@ -40,31 +41,38 @@ impl PoolKernel {
 
 /// 2x2, stride 2 max pooling of a (B, C, H, W) tensor.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
-    let fast = match x.dims() {
-        [_, _, h, w] => {
-            fused_device(x)
-                && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
-                && h % 2 == 0
-                && w % 2 == 0
-                && *h > 0
-        }
-        _ => false,
-    };
-    if fast {
+    if has_fused_kernels(x.dims(), x.dtype(), x.device()) {
         x.contiguous()?.apply_op1(MaxPool2x2)
     } else {
         max_pool2x2_ops(x)
     }
 }
 
-/// Whether `x`'s device has the fused kernels.
-fn fused_device(x: &Tensor) -> bool {
-    match x.device() {
+/// Whether [`max_pool2x2`] runs the fused kernels on a tensor of `dims` and `dtype` on `device`:
+/// the CPU or CUDA, f32, bf16 or f16, rank 4 with even, non-zero height and even width.
+pub(crate) fn has_fused_kernels(dims: &[usize], dtype: DType, device: &candle_core::Device) -> bool {
+    let fused_device = match device {
         candle_core::Device::Cpu => true,
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(_) => true,
         _ => false,
+    };
+    match dims {
+        [_, _, h, w] => {
+            fused_device && matches!(dtype, DType::F32 | DType::BF16 | DType::F16) && h % 2 == 0 && w % 2 == 0 && *h > 0
+        }
+        _ => false,
     }
+}
+
+/// [`max_pool2x2`]'s value on its fused kernels ([`has_fused_kernels`]), without a graph node.
+pub(crate) fn pooled_values(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&MaxPool2x2)
+}
+
+/// The input gradient of [`max_pool2x2`] over `x` (fused kernels) for the output gradient `g`.
+pub(crate) fn pool_input_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &MaxPool2x2Bwd)
 }
 
 /// 2x2, stride 2 max pooling from generic tensor ops (any device and dtype): a (B, C, H, W)
@@ -178,13 +186,12 @@ impl CustomOp1 for MaxPool2x2 {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, c, h, w) = dims4(l)?;
-        let out = cuda::launch_pool(s, l, None, (b * c, h, w), b * c * (h / 2) * (w / 2))?;
+        let out = crate::cuda::launch_pool(s, l, None, (b * c, h, w), b * c * (h / 2) * (w / 2))?;
         Ok((out, Shape::from((b, c, h / 2, w / 2))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.contiguous()?;
-        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&g, &MaxPool2x2Bwd)?))
+        pool_input_grad(arg, grad_res).map(Some)
     }
 }
 
@@ -227,95 +234,7 @@ impl CustomOp2 for MaxPool2x2Bwd {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, c, h, w) = check_grad_shape(l1, l2)?;
-        let out = cuda::launch_pool(s1, l1, Some((s2, l2)), (b * c, h, w), b * c * h * w)?;
+        let out = crate::cuda::launch_pool(s1, l1, Some((s2, l2)), (b * c, h, w), b * c * h * w)?;
         Ok((out, l1.shape().clone()))
-    }
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-    };
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaStorage, DType, Layout, Result};
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pool.ptx"));
-
-    /// The elements of a contiguous storage of `T`, from its start offset (which must be even:
-    /// the kernels load pairs).
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("max_pool2x2: {what} must be contiguous")
-        };
-        if a % 2 != 0 {
-            candle_core::bail!("max_pool2x2: {what} must start at an even offset")
-        }
-        Ok(s.as_cuda_slice::<T>()?.slice(a..b))
-    }
-
-    /// Launches the forward (`grad` absent) or backward kernel of `x`'s dtype over the
-    /// `planes * (h/2) * (w/2)` windows; returns `out_len` elements of that dtype.
-    pub fn launch_pool(
-        x: &CudaStorage,
-        xl: &Layout,
-        grad: Option<(&CudaStorage, &Layout)>,
-        dims: (usize, usize, usize),
-        out_len: usize,
-    ) -> Result<CudaStorage> {
-        if let Some((g, _)) = grad {
-            if g.dtype() != x.dtype() {
-                candle_core::bail!("max_pool2x2 backward: gradient {:?}, input {:?}", g.dtype(), x.dtype())
-            }
-        }
-        match x.dtype() {
-            DType::F32 => launch::<f32>(x, xl, grad, dims, out_len, "f32"),
-            DType::BF16 => launch::<half::bf16>(x, xl, grad, dims, out_len, "bf16"),
-            DType::F16 => launch::<half::f16>(x, xl, grad, dims, out_len, "f16"),
-            dt => candle_core::bail!("max_pool2x2: unsupported dtype {dt:?}"),
-        }
-    }
-
-    fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
-        x: &CudaStorage,
-        xl: &Layout,
-        grad: Option<(&CudaStorage, &Layout)>,
-        (planes, h, w): (usize, usize, usize),
-        out_len: usize,
-        suffix: &str,
-    ) -> Result<CudaStorage> {
-        let dev = &x.device;
-        let xv = view::<T>(x, xl, "input")?;
-        let gv = grad.map(|(g, gl)| view::<T>(g, gl, "gradient")).transpose()?;
-        // SAFETY: every element is written by the kernel (forward: one per window; backward: all
-        // four of each window, and the windows tile the even-sized planes).
-        let mut out = unsafe { dev.alloc::<T>(out_len.max(1)) }?;
-        let windows = planes * (h / 2) * (w / 2);
-        if windows > 0 {
-            let name = match gv {
-                None => format!("max_pool2x2_fwd_{suffix}"),
-                Some(_) => format!("max_pool2x2_bwd_{suffix}"),
-            };
-            let f = dev.get_or_load_custom_func(&name, "model_pool", PTX)?;
-            let threads = 256u32;
-            let blocks = windows.div_ceil(threads as usize).min(65535 * 8) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (planes, h, w) = (planes as i32, h as i32, w as i32);
-            let mut b = f.builder();
-            b.arg(&xv);
-            if let Some(g) = &gv {
-                b.arg(g);
-            }
-            b.arg(&planes).arg(&h).arg(&w).arg(&mut out);
-            // SAFETY: the arguments match the kernel's C signature (kernels/pool.cu) for `T`; the
-            // input views hold planes*h*w (x) and windows (g) elements, the output out_len.
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }
