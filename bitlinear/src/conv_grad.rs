@@ -25,6 +25,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
+use crate::output_grad::OutputGrad;
 use crate::{fake_quantize_activations, ActScaling};
 
 /// Whether [`quantized_conv2d`] takes a convolution of this stride, kernel and padding: the
@@ -164,10 +165,7 @@ impl CustomOp2 for ConvGrad {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = &match &self.unpooled {
-            Some(unpooled) => crate::pool::pool_input_grad(unpooled, g)?,
-            None => g.clone(),
-        };
+        let g = &OutputGrad::new(g, self.unpooled.as_ref());
         if x.device().is_cpu() {
             return cpu_grads(x, w, &self.w_tilde, g, (self.padding, self.quantized));
         }
@@ -213,7 +211,7 @@ fn cpu_grads(
     x: &Tensor,
     w: &Tensor,
     w_tilde: &Tensor,
-    g: &Tensor,
+    g: &OutputGrad,
     (p, quantized): (usize, bool),
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let (b, c, h, wd) = x.dims4()?;
@@ -231,7 +229,7 @@ fn cpu_grads(
     let (dx, dw) = crate::conv_grad_cpu::grads(
         &f32_values(x)?,
         &f32_values(w_tilde)?,
-        &f32_values(g)?,
+        &f32_values(g.nchw()?)?,
         shapes,
         (x.track_op(), quantized),
     );
@@ -252,7 +250,7 @@ fn cpu_grads(
 fn gemm_grads(
     (x, x_codes): (&Tensor, Option<(&Tensor, &Tensor)>),
     w: &Tensor,
-    g: &Tensor,
+    g: &OutputGrad,
     p: usize,
     (with_dx, products): (bool, DType),
 ) -> Result<(Option<Tensor>, Tensor)> {
@@ -261,7 +259,7 @@ fn gemm_grads(
     // presence is what tells them their operands are bf16).
     #[cfg(feature = "cuda")]
     let g_nhwc = match g.device().is_cuda() && g.dtype() == DType::F32 && products == DType::BF16 {
-        true => Some(crate::cuda::channels_last_bf16(g)?),
+        true => Some(g.channels_last_bf16()?),
         false => None,
     };
     #[cfg(not(feature = "cuda"))]
@@ -289,7 +287,7 @@ fn gemm_grads(
 /// from bf16 `products`; elsewhere candle's.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn input_grad(
-    (g, g_nhwc): (&Tensor, Option<&Tensor>),
+    (g, g_nhwc): (&OutputGrad, Option<&Tensor>),
     w_t: &Tensor,
     pad: usize,
     x_dims: (usize, usize, usize, usize),
@@ -306,7 +304,7 @@ fn input_grad(
         }
         use crate::cuda::{im2col_t, ColsLayout, ColsSource};
         let cols = im2col_t(
-            ColsSource::Values(g),
+            ColsSource::Values(g.nchw()?),
             (kh, kw),
             pad,
             (h, w),
@@ -320,7 +318,7 @@ fn input_grad(
         };
         return dx.reshape((b, c, h, w));
     }
-    g.conv2d(w_t, pad, 1, 1, 1)
+    g.nchw()?.conv2d(w_t, pad, 1, 1, 1)
 }
 
 /// `dL/dW (O, C, kh, kw)` of a stride-1 convolution with padding `p`.
@@ -346,7 +344,7 @@ fn input_grad(
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn weight_grad(
     (x, x_codes): (&Tensor, Option<(&Tensor, &Tensor)>),
-    (g, g_nhwc): (&Tensor, Option<&Tensor>),
+    (g, g_nhwc): (&OutputGrad, Option<&Tensor>),
     (kh, kw): (usize, usize),
     p: usize,
 ) -> Result<Tensor> {
@@ -355,7 +353,7 @@ fn weight_grad(
     #[cfg(feature = "cuda")]
     if g.device().is_cuda() {
         use crate::cuda::{im2col_t, ColsLayout, ColsSource};
-        let (x, g) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+        let x = x.to_dtype(DType::F32)?;
         let x_source = match x_codes {
             Some((codes, scales)) => ColsSource::Codes {
                 codes,
@@ -367,7 +365,7 @@ fn weight_grad(
         let dw = match g_nhwc {
             // bf16 operands (`gemm_grads` lays `g` out for them)
             Some(g_nhwc) => {
-                if let Some(dw) = crate::cuda::implicit_weight_grad(x_source, &g, (kh, kw), p)? {
+                if let Some(dw) = crate::cuda::implicit_weight_grad(x_source, g.nchw()?, (kh, kw), p)? {
                     return Ok(dw);
                 }
                 let xs = im2col_t(x_source, (kh, kw), p, (ho, wo), DType::BF16, ColsLayout::Rows)?;
@@ -375,6 +373,7 @@ fn weight_grad(
             }
             None => {
                 let xs = im2col_t(x_source, (kh, kw), p, (ho, wo), DType::F32, ColsLayout::Rows)?;
+                let g = g.nchw()?.to_dtype(DType::F32)?;
                 let gs = im2col_t(
                     ColsSource::Values(&g),
                     (1, 1),
@@ -392,7 +391,7 @@ fn weight_grad(
     let frame = b * hp * wp;
     let tail = (kh - 1) * wp + kw - 1;
     let xs = padded_channels_first(x, (hp, wp), (p, p), tail)?;
-    let gs = padded_channels_first(g, (hp, wp), (0, 0), 0)?.reshape((o, frame))?;
+    let gs = padded_channels_first(g.nchw()?, (hp, wp), (0, 0), 0)?.reshape((o, frame))?;
     debug_assert!(ho <= hp && wo <= wp);
     let mut taps = Vec::with_capacity(kh * kw);
     for ky in 0..kh {
@@ -452,9 +451,10 @@ mod tests {
             let k_ = Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, k, k), &dev)?)?;
             let y = x.as_tensor().conv2d(k_.as_tensor(), p, 1, 1, 1)?;
             let g = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
-            let (dx, dw) = gemm_grads((x.as_tensor(), None), k_.as_tensor(), &g, p, (true, DType::F32))?;
+            let og = OutputGrad::new(&g, None);
+            let (dx, dw) = gemm_grads((x.as_tensor(), None), k_.as_tensor(), &og, p, (true, DType::F32))?;
             let theirs = (&y * &g)?.sum_all()?.backward()?;
-            let (no_dx, dw_alone) = gemm_grads((x.as_tensor(), None), k_.as_tensor(), &g, p, (false, DType::F32))?;
+            let (no_dx, dw_alone) = gemm_grads((x.as_tensor(), None), k_.as_tensor(), &og, p, (false, DType::F32))?;
             assert!(no_dx.is_none());
             assert_eq!(
                 dw_alone.flatten_all()?.to_vec1::<f32>()?,

@@ -15,6 +15,7 @@ pub mod interop;
 mod layer;
 mod layer_common;
 mod ops;
+mod output_grad;
 mod packed;
 mod packed_conv;
 mod packed_conv_cpu;

@@ -1,7 +1,9 @@
 //! `BitConv2d::forward_max_pool2x2` against the two ops it stands for, `max_pool2x2` of
 //! `BitConv2d::forward`: the same values and the same gradients bit for bit (ties included: the
-//! inputs take few distinct values, so pooling windows often hold equal maxima), one gradient
-//! node fewer where it pools inside the convolution's op, and the same errors.
+//! inputs take few distinct values, so pooling windows often hold equal maxima), with and
+//! without bf16 backward products (on CUDA the pooled op then writes the output gradient channels
+//! last in bf16 in one pass, where the two ops round and transpose the unpooled gradient), one
+//! graph node fewer where it pools inside the convolution's op, and the same errors.
 
 mod common;
 
@@ -32,11 +34,13 @@ type Case = (
 
 fn pooled_conv_matches_conv_then_pool(dev: &Device) -> Result<()> {
     let mut r = rng("conv_pool");
-    let cases: [Case; 9] = [
+    let cases: [Case; 10] = [
         (3, 2, 8, 6, 5, 3, 1, 1, false, DType::F32, true),
         (2, 1, 4, 4, 3, 1, 1, 0, false, DType::F32, true),
         (4, 3, 10, 10, 8, 3, 1, 0, false, DType::F32, true),
         (1, 5, 6, 12, 2, 5, 1, 2, false, DType::F32, true),
+        // a batch and channels the CUDA bf16 implicit GEMM takes
+        (16, 16, 16, 16, 64, 3, 1, 1, false, DType::F32, true),
         // the two ops: a bias, an odd output, stride 2, bf16
         (2, 2, 8, 8, 4, 3, 1, 1, true, DType::F32, false),
         (2, 2, 7, 8, 4, 3, 1, 1, false, DType::F32, false),
@@ -44,8 +48,13 @@ fn pooled_conv_matches_conv_then_pool(dev: &Device) -> Result<()> {
         (2, 2, 8, 8, 4, 3, 1, 1, false, DType::BF16, false),
         (0, 2, 8, 8, 4, 3, 1, 1, false, DType::F32, false),
     ];
-    for (b, c, h, w, co, k, stride, pad, bias, dtype, fuses) in cases {
-        let what = format!("b={b} c={c} {h}x{w} co={co} k={k} stride={stride} pad={pad} bias={bias} {dtype:?}");
+    for ((b, c, h, w, co, k, stride, pad, bias, dtype, fuses), bf16_grad_products) in
+        cases.into_iter().flat_map(|case| [(case, false), (case, true)])
+    {
+        let what = format!(
+            "b={b} c={c} {h}x{w} co={co} k={k} stride={stride} pad={pad} bias={bias} {dtype:?} \
+             bf16 products {bf16_grad_products}"
+        );
         let x =
             Var::from_tensor(&Tensor::from_vec(coarse(&mut r, b * c * h * w), (b, c, h, w), dev)?.to_dtype(dtype)?)?;
         let wt = Var::from_vec(coarse(&mut r, co * c * k * k), (co, c, k, k), dev)?;
@@ -54,6 +63,7 @@ fn pooled_conv_matches_conv_then_pool(dev: &Device) -> Result<()> {
             stride,
             padding: pad,
             bias,
+            bf16_grad_products,
             ..Default::default()
         };
         let layer = BitConv2d::new(

@@ -59,7 +59,7 @@ pub(crate) use conv_igemm::{implicit_conv_f32, implicit_plan, pack_kernel_order}
 pub(crate) use input_norm::{normed_gemv, NormKind};
 pub(crate) use kernels::{device_info, set_settings, settings};
 pub(crate) use matmul::{bit_matmul, packed_accumulate, packed_matmul};
-pub(crate) use pool::launch_pool;
+pub(crate) use pool::{launch_pool, unpool_channels_last_bf16};
 pub(crate) use quantize::{
     fake_quant_activations, fake_quant_weights, pack_exact_codes, pack_weights, quantize_activations,
 };

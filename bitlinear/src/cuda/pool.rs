@@ -1,12 +1,15 @@
-//! Launches of the 2x2 max-pooling kernels (`kernels/pool.cu`) for `crate::pool`.
+//! Launches of the 2x2 max-pooling kernels (`kernels/pool.cu`) for `crate::pool` and the pooled
+//! convolution's backward (`crate::conv_grad`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CudaStorage, DType, Layout, Result};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::CudaStorageSlice;
+use candle_core::{bail, CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
 
-use super::buffers::{float_suffix, i32_arg, in_ptr, out_slice_ptr, storage};
+use super::buffers::{float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, storage};
 use super::conv::grid;
 use super::{Ctx, Module};
-use crate::plan::{pool_blocks, POOL_THREADS};
+use crate::plan::{codes_nhwc_plan, pool_blocks, POOL_THREADS};
 
 /// The element offset of a contiguous storage's start, which must be even (the kernels load
 /// pairs).
@@ -65,4 +68,51 @@ pub(crate) fn launch_pool(
         drop(guards);
     }
     Ok(storage(out, dev))
+}
+
+/// The input gradient of 2x2 max pooling over `x` (F32 `(B, C, H, W)`, H and W even, contiguous
+/// from an even offset) for the output gradient `g` (F32 `(B, C, H/2, W/2)`), channels last in
+/// bf16 (rounded to nearest even): BF16 `(B, H·W, C)`, what `channels_last_bf16` makes of the
+/// F32 gradient, in one pass (`max_unpool2x2_nhwc_bf16`).
+pub(crate) fn unpool_channels_last_bf16(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let Device::Cuda(dev) = x.device() else {
+        bail!("max_pool2x2 backward: expected a CUDA tensor")
+    };
+    if x.dtype() != DType::F32 || g.dtype() != DType::F32 || g.dims() != [b, c, h / 2, w / 2] || h % 2 + w % 2 != 0 {
+        bail!(
+            "max_pool2x2 backward: F32 input {:?} with even sides and F32 gradient of its windows, got {:?} {:?}",
+            x.dims(),
+            x.dtype(),
+            g.dims()
+        )
+    }
+    let (x, g) = (x.contiguous()?, g.contiguous()?);
+    let ctx = Ctx::new(dev)?;
+    let mut out = ctx.alloc::<half::bf16>(b * h * w * c)?;
+    let windows = (h / 2) * (w / 2);
+    if b * c * windows > 0 {
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (Storage::Cuda(xs), Storage::Cuda(gs)) = (&*xs, &*gs) else {
+            bail!("max_pool2x2 backward: the input and its gradient must be on one CUDA device")
+        };
+        let (x0, g0) = (even_start(xl, "input")?, even_start(gl, "gradient")?);
+        let f = ctx.func(Module::Pool, "max_unpool2x2_nhwc_bf16")?;
+        let (grid_dim, block_dim) = codes_nhwc_plan(b, c, windows);
+        let cfg = LaunchConfig {
+            grid_dim,
+            block_dim,
+            shared_mem_bytes: 0,
+        };
+        let mut guards = Vec::new();
+        let xp = in_ptr(xs, x0, &ctx.stream, &mut guards)?;
+        let gp = in_ptr(gs, g0, &ctx.stream, &mut guards)?;
+        let op = out_ptr(&mut out, &ctx.stream, &mut guards);
+        let a = |v: usize, what: &str| i32_arg(v, what);
+        launch!(ctx, f, cfg, xp, gp, a(b, "B")?, a(c, "C")?, a(h, "H")?, a(w, "W")?, op)?;
+        drop(guards);
+    }
+    let out = storage(CudaStorageSlice::BF16(out), dev);
+    Ok(crate::device::tensor_from(Storage::Cuda(out), (b, h * w, c)))
 }
