@@ -9,15 +9,16 @@
 // max_pool2x2_bwd_<t>: thread o reads the same window and g[o], and writes all 4 input gradients
 //   of its window (g[o] at the argmax, 0 elsewhere) as two pairs, so the (B, C, H, W) output
 //   needs no memset.
-// max_unpool2x2_nhwc_bf16: the f32 backward written in the layout the bf16 backward products of
-//   the convolution before the pooling read (src/conv_grad.rs): dst (B, H*W, C) bf16, g[o]
-//   rounded to nearest even at its window's argmax, 0 elsewhere (every element written). Block
-//   (32, 8) threads: a square of 32 windows (of one image's (H/2)*(W/2), flattened) by 32
-//   channels, images in the grid's z, looping past its limit (codes_nhwc_plan's layout). First,
-//   thread (tx, ty) finds the argmax of window w0 + tx of channels c0 + ty, c0 + ty + 8, .. and
-//   keeps it with g in shared memory (adjacent threads read adjacent windows: runs of pairs of a
-//   row); then it writes channel c0 + tx of the 4 pixels of windows ty / 4, ty / 4 + 2, ..: each
-//   warp a pixel's 32 channels, 64 contiguous bytes.
+// max_unpool2x2_nhwc_bf16_c{1,2}: the f32 backward written in the layout the bf16 backward
+//   products of the convolution before the pooling read (src/conv_grad.rs): dst (B, H*W, C) bf16,
+//   g[o] rounded to nearest even at its window's argmax, 0 elsewhere (every element written).
+//   Block (32, 8) threads: a tile of 32 windows (of one image's (H/2)*(W/2), flattened) by 32*CPT
+//   channels (CPT = 2 needs C even), images in the grid's z, looping past its limit (the launch
+//   code's unpool_plan). First, thread (tx, ty) finds the argmax of window w0 + tx of channels
+//   c0 + ty, c0 + ty + 8, .. and keeps it with g in shared memory (adjacent threads read adjacent
+//   windows: runs of pairs of a row); then it writes channels c0 + CPT*tx .. + CPT-1 (one 4-byte
+//   store for CPT = 2) of the 4 pixels of windows ty / 4, ty / 4 + 2, ..: each warp a pixel's
+//   32*CPT channels, 64*CPT contiguous bytes.
 // Pairs are loaded and stored as one 8-byte (f32) or 4-byte (bf16, f16) access: the caller
 // passes buffers starting at an even element.
 
@@ -130,16 +131,16 @@ POOL_KERNELS(float, f32)
 POOL_KERNELS(__nv_bfloat16, bf16)
 POOL_KERNELS(__half, f16)
 
-extern "C" __global__ void max_unpool2x2_nhwc_bf16(const float* __restrict__ x, const float* __restrict__ g, int B,
-                                                   int C, int H, int W, __nv_bfloat16* __restrict__ dst) {
-    __shared__ float grad[32][33];
-    __shared__ unsigned char arg[32][33];
+template <int CPT>
+__device__ __forceinline__ void unpool_nhwc_bf16_impl(const float* __restrict__ x, const float* __restrict__ g, int B,
+                                                      int C, int H, int W, __nv_bfloat16* __restrict__ dst) {
+    __shared__ float grad[32 * CPT][33];
+    __shared__ unsigned char arg[32 * CPT][33];
     const int wo = W >> 1, windows = (H >> 1) * wo;
-    const int w0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    const int w0 = blockIdx.x * 32, c0 = blockIdx.y * 32 * CPT;
     const int tx = threadIdx.x, ty = threadIdx.y;
-    pdl_wait();
     for (int img = blockIdx.z; img < B; img += gridDim.z) {
-        for (int j = ty; j < 32; j += 8) {
+        for (int j = ty; j < 32 * CPT; j += 8) {
             const int c = c0 + j, win = w0 + tx;
             if (c < C && win < windows) {
                 const int i = win / wo, k = win - i * wo;
@@ -155,14 +156,31 @@ extern "C" __global__ void max_unpool2x2_nhwc_bf16(const float* __restrict__ x, 
         __syncthreads();
         for (int q = ty; q < 128; q += 8) {
             const int local = q >> 2, sub = q & 3;
-            const int win = w0 + local, c = c0 + tx;
+            const int win = w0 + local, c = c0 + CPT * tx;
             if (c < C && win < windows) {
                 const int i = win / wo, k = win - i * wo;
                 const int pixel = (2 * i + (sub >> 1)) * W + 2 * k + (sub & 1);
-                const float v = arg[tx][local] == sub ? grad[tx][local] : 0.f;
-                dst[((long long)img * H * W + pixel) * C + c] = __float2bfloat16_rn(v);
+                __nv_bfloat16* d = dst + ((long long)img * H * W + pixel) * C + c;
+                const float v0 = arg[CPT * tx][local] == sub ? grad[CPT * tx][local] : 0.f;
+                if (CPT == 2) {
+                    const float v1 = arg[CPT * tx + 1][local] == sub ? grad[CPT * tx + 1][local] : 0.f;
+                    *reinterpret_cast<__nv_bfloat162*>(d) = __floats2bfloat162_rn(v0, v1);
+                } else {
+                    *d = __float2bfloat16_rn(v0);
+                }
             }
         }
         __syncthreads();
     }
+}
+
+extern "C" __global__ void max_unpool2x2_nhwc_bf16_c1(const float* __restrict__ x, const float* __restrict__ g, int B,
+                                                      int C, int H, int W, __nv_bfloat16* __restrict__ dst) {
+    pdl_wait();
+    unpool_nhwc_bf16_impl<1>(x, g, B, C, H, W, dst);
+}
+extern "C" __global__ void max_unpool2x2_nhwc_bf16_c2(const float* __restrict__ x, const float* __restrict__ g, int B,
+                                                      int C, int H, int W, __nv_bfloat16* __restrict__ dst) {
+    pdl_wait();
+    unpool_nhwc_bf16_impl<2>(x, g, B, C, H, W, dst);
 }

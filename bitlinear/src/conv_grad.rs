@@ -365,7 +365,7 @@ fn weight_grad(
         let dw = match g_nhwc {
             // bf16 operands (`gemm_grads` lays `g` out for them)
             Some(g_nhwc) => {
-                if let Some(dw) = crate::cuda::implicit_weight_grad(x_source, g.nchw()?, (kh, kw), p)? {
+                if let Some(dw) = crate::cuda::implicit_weight_grad(x_source, g, (kh, kw), p)? {
                     return Ok(dw);
                 }
                 let xs = im2col_t(x_source, (kh, kw), p, (ho, wo), DType::BF16, ColsLayout::Rows)?;

@@ -16,6 +16,7 @@ use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
 use super::conv::{grid, map_out, transposed_bf16, ColsSource};
 use super::{Ctx, Module};
+use crate::output_grad::OutputGrad;
 use crate::plan::{bf16_conv_plan, split_sum_blocks, Bf16ConvPlan, Bf16ConvProduct, SPLIT_SUM_THREADS};
 use candle_core::cuda_backend::CudaDevice;
 
@@ -75,11 +76,12 @@ pub(crate) fn implicit_input_grad(
 
 /// `dL/dW`, F32 `(O, C, kh, kw)`, of a stride-1 convolution with padding `pad` of the images
 /// `x` (`(B, C, H, W)` values, or codes and scales: rounded to bf16) whose output gradient is `g`
-/// (F32 `(B, O, Ho, Wo)`, rounded to bf16), products summed in f32 (module docs). `None` where the
-/// plan leaves it to the im2col path (among others where `B % 8 != 0`).
+/// (F32 `(B, O, Ho, Wo)`, rounded to bf16; its NCHW form is asked for only where the plan takes
+/// the product), products summed in f32 (module docs). `None` where the plan leaves it to the
+/// im2col path (among others where `B % 8 != 0`).
 pub(crate) fn implicit_weight_grad(
     x: ColsSource,
-    g: &Tensor,
+    g: &OutputGrad,
     (kh, kw): (usize, usize),
     pad: usize,
 ) -> Result<Option<Tensor>> {
@@ -106,6 +108,7 @@ pub(crate) fn implicit_weight_grad(
     ) else {
         return Ok(None);
     };
+    let g = g.nchw()?;
     // x~ as (C·H·W, B) and g as (O·Ho·Wo, B): one transpose of the batch each.
     let xt = match x {
         ColsSource::Values(x) => transposed_bf16(&x.reshape((1, b, c * h * w))?, None)?,

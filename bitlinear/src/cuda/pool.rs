@@ -9,7 +9,7 @@ use candle_core::{bail, CudaStorage, DType, Device, Layout, Result, Storage, Ten
 use super::buffers::{float_suffix, i32_arg, in_ptr, out_ptr, out_slice_ptr, storage};
 use super::conv::grid;
 use super::{Ctx, Module};
-use crate::plan::{codes_nhwc_plan, pool_blocks, POOL_THREADS};
+use crate::plan::{pool_blocks, unpool_plan, POOL_THREADS};
 
 /// The element offset of a contiguous storage's start, which must be even (the kernels load
 /// pairs).
@@ -73,7 +73,7 @@ pub(crate) fn launch_pool(
 /// The input gradient of 2x2 max pooling over `x` (F32 `(B, C, H, W)`, H and W even, contiguous
 /// from an even offset) for the output gradient `g` (F32 `(B, C, H/2, W/2)`), channels last in
 /// bf16 (rounded to nearest even): BF16 `(B, H·W, C)`, what `channels_last_bf16` makes of the
-/// F32 gradient, in one pass (`max_unpool2x2_nhwc_bf16`).
+/// F32 gradient, in one pass (`max_unpool2x2_nhwc_bf16_c{1,2}`).
 pub(crate) fn unpool_channels_last_bf16(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let Device::Cuda(dev) = x.device() else {
@@ -98,8 +98,8 @@ pub(crate) fn unpool_channels_last_bf16(x: &Tensor, g: &Tensor) -> Result<Tensor
             bail!("max_pool2x2 backward: the input and its gradient must be on one CUDA device")
         };
         let (x0, g0) = (even_start(xl, "input")?, even_start(gl, "gradient")?);
-        let f = ctx.func(Module::Pool, "max_unpool2x2_nhwc_bf16")?;
-        let (grid_dim, block_dim) = codes_nhwc_plan(b, c, windows);
+        let (grid_dim, block_dim, per_thread) = unpool_plan(b, c, windows);
+        let f = ctx.func(Module::Pool, &format!("max_unpool2x2_nhwc_bf16_c{per_thread}"))?;
         let cfg = LaunchConfig {
             grid_dim,
             block_dim,

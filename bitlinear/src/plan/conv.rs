@@ -64,6 +64,22 @@ pub fn pool_blocks(windows: usize, info: &DeviceInfo) -> usize {
     windows.div_ceil(POOL_THREADS).clamp(1, 8 * info.sms.max(1))
 }
 
+/// The launch of `max_unpool2x2_nhwc_bf16_c{1,2}` over `images` images of `c` channels and
+/// `windows` pooling windows: blocks of 32 x 8 threads, one a tile of 32 windows by 32 channels a
+/// thread's pair (two channels a thread where `c` is even: one 4-byte store, else one), images in
+/// the grid's z up to its limit of 65535 (the blocks loop over the rest): `(grid, block,
+/// channels a thread)`.
+pub fn unpool_plan(images: usize, c: usize, windows: usize) -> ((u32, u32, u32), (u32, u32, u32), usize) {
+    let per_thread = if c.is_multiple_of(2) { 2 } else { 1 };
+    let tiles = |n: usize, t: usize| n.div_ceil(t).clamp(1, u32::MAX as usize) as u32;
+    let grid = (
+        tiles(windows, 32),
+        tiles(c, 32 * per_thread),
+        images.clamp(1, 65535) as u32,
+    );
+    (grid, (32, 8, 1), per_thread)
+}
+
 /// The launch of `codes_nhwc` over `images` images of `c` channels and `hw` pixels: blocks of
 /// 32 x 8 threads, one a 32 x 32 square of (pixels, channels) of an image, images in the grid's
 /// z up to its limit of 65535 (the blocks loop over the rest): `(grid, block)`.
@@ -143,6 +159,9 @@ mod tests {
         assert_eq!(codes_nhwc_plan(3, 16, 25), ((1, 1, 3), (32, 8, 1)));
         assert_eq!(codes_nhwc_plan(100_000, 256, 16).0, (1, 8, 65535));
         assert_eq!(codes_nhwc_plan(0, 0, 0).0, (1, 1, 1));
+        assert_eq!(unpool_plan(512, 64, 256), ((8, 1, 512), (32, 8, 1), 2));
+        assert_eq!(unpool_plan(3, 5, 10), ((1, 1, 3), (32, 8, 1), 1));
+        assert_eq!(unpool_plan(100_000, 256, 16).0, (1, 4, 65535));
     }
 
     #[test]

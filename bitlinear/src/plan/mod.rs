@@ -39,8 +39,8 @@ mod skinny;
 #[cfg_attr(not(feature = "cuda"), allow(unused_imports))]
 pub(crate) use blas::{shared_left_batched, tt_product, ColumnMajorGemm};
 pub use conv::{
-    codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, pool_blocks, Im2colPlan,
-    Im2colTPlan, CUDA_IM2COL_TILE_CODES, IM2COL_THREADS, POOL_THREADS,
+    codes_nhwc_plan, conv_dequant_plan, im2col_plan, im2col_t_plan, im2col_tile_codes, pool_blocks, unpool_plan,
+    Im2colPlan, Im2colTPlan, CUDA_IM2COL_TILE_CODES, IM2COL_THREADS, POOL_THREADS,
 };
 pub use conv_bf16::{
     bf16_conv_plan, split_sum_blocks, Bf16ConvPlan, Bf16ConvProduct, Bf16ConvTile, BF16_CONV_BK, SPLIT_SUM_THREADS,
