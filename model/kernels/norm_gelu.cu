@@ -13,7 +13,11 @@
 // nor the machine. Element-wise kernels (norm_gelu_fwd, norm_gelu_bwd_dx) are grid-stride loops,
 // one element a thread per step. Indices are 32-bit where the launch code says they fit (a
 // 64-bit division per element costs more than the element's memory traffic); the `_wide` entry
-// points take 64-bit ones. The launch code decides S, ipb, grids, blocks and the index width.
+// points take 64-bit ones. The `_v4` entry points move four values of one plane a thread per step
+// as one 16-byte access (H*W a multiple of 4, buffers 16-byte aligned): a thread's loads in
+// flight are what bound these kernels' bandwidth. Every value is computed the same way in both;
+// a reduction's thread adds its four values in order, so its sums round differently. The launch
+// code decides S, ipb, grids, blocks, the index width and the vector width.
 
 #define BLOCK 256
 
@@ -24,6 +28,13 @@ __device__ __forceinline__ float gelu(float z) {
 __device__ __forceinline__ float gelu_grad(float z) {
     return (erff(z * 0.70710678118654752f) + 1.f) * 0.5f + z * expf(-0.5f * z * z) * 0.3989422804f;
 }
+
+// V consecutive floats as one access: float (V = 1) or float4 (V = 4), and their components.
+template <int V> struct FloatVec;
+template <> struct FloatVec<1> { typedef float T; };
+template <> struct FloatVec<4> { typedef float4 T; };
+__device__ __forceinline__ float& comp(float& v, int) { return v; }
+__device__ __forceinline__ float& comp(float4& v, int k) { return (&v.x)[k]; }
 
 // Sums of a block of BLOCK threads, in a fixed order; the result is valid in thread 0.
 __device__ __forceinline__ double block_sum(double v, double* scratch) {
@@ -41,9 +52,11 @@ __device__ __forceinline__ double block_sum(double v, double* scratch) {
 }
 
 // partials[c * S + s] = sum of x (centered == 0) or of (x - center[c])^2 over block (c, s).
-extern "C" __global__ void channel_partials(const float* __restrict__ x, const float* __restrict__ center,
-                                            int centered, int b, int c, int hw, int ipb,
-                                            double* __restrict__ partials) {
+template <int V>
+__device__ __forceinline__ void channel_partials_impl(const float* __restrict__ x, const float* __restrict__ center,
+                                                      int centered, int b, int c, int hw, int ipb,
+                                                      double* __restrict__ partials) {
+    typedef typename FloatVec<V>::T F;
     __shared__ double scratch[BLOCK / 32];
     const int ch = blockIdx.x, s = blockIdx.y;
     const int i0 = s * ipb, i1 = min(b, i0 + ipb);
@@ -51,18 +64,33 @@ extern "C" __global__ void channel_partials(const float* __restrict__ x, const f
     const unsigned count = (unsigned)(i1 > i0 ? i1 - i0 : 0) * (unsigned)hw;
     const float m = center[ch];
     double acc = 0.0;
-    for (unsigned e = threadIdx.x; e < count; e += BLOCK) {
+    for (unsigned e = threadIdx.x * V; e < count; e += BLOCK * V) {
         const unsigned k = e / (unsigned)hw;
-        const float v = x[((long long)(i0 + k) * c + ch) * hw + (e - k * hw)];
-        if (centered) {
-            const double d = (double)(v - m);
-            acc += d * d;
-        } else {
-            acc += (double)v;
+        F v = *reinterpret_cast<const F*>(x + ((long long)(i0 + k) * c + ch) * hw + (e - k * hw));
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            if (centered) {
+                const double d = (double)(comp(v, j) - m);
+                acc += d * d;
+            } else {
+                acc += (double)comp(v, j);
+            }
         }
     }
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) partials[(long long)ch * gridDim.y + s] = acc;
+}
+
+extern "C" __global__ void channel_partials(const float* __restrict__ x, const float* __restrict__ center,
+                                            int centered, int b, int c, int hw, int ipb,
+                                            double* __restrict__ partials) {
+    channel_partials_impl<1>(x, center, centered, b, c, hw, ipb, partials);
+}
+
+extern "C" __global__ void channel_partials_v4(const float* __restrict__ x, const float* __restrict__ center,
+                                               int centered, int b, int c, int hw, int ipb,
+                                               double* __restrict__ partials) {
+    channel_partials_impl<4>(x, center, centered, b, c, hw, ipb, partials);
 }
 
 // out[c] = (sum over s of partials[c * S + s]) / n, as float; one thread a channel.
@@ -75,35 +103,51 @@ extern "C" __global__ void channel_finish(const double* __restrict__ partials, i
     out[ch] = (float)(t / n);
 }
 
-template <typename Index>
+template <typename Index, int V>
 __device__ __forceinline__ void norm_gelu_fwd_impl(const float* __restrict__ x, const float* __restrict__ mean,
                                                    const float* __restrict__ inv_std,
                                                    const float* __restrict__ bias, Index total, Index c, Index hw,
                                                    float* __restrict__ y) {
-    for (Index i = blockIdx.x * (Index)blockDim.x + threadIdx.x; i < total; i += (Index)gridDim.x * blockDim.x) {
-        const Index ch = (i / hw) % c;
-        y[i] = gelu((x[i] - mean[ch]) * inv_std[ch] + bias[ch]);
+    typedef typename FloatVec<V>::T F;
+    const Index n = total / V, hwv = hw / V;
+    for (Index i = blockIdx.x * (Index)blockDim.x + threadIdx.x; i < n; i += (Index)gridDim.x * blockDim.x) {
+        const Index ch = (i / hwv) % c;
+        const float m = mean[ch], r = inv_std[ch], be = bias[ch];
+        F v = reinterpret_cast<const F*>(x)[i];
+#pragma unroll
+        for (int j = 0; j < V; ++j) comp(v, j) = gelu((comp(v, j) - m) * r + be);
+        reinterpret_cast<F*>(y)[i] = v;
     }
 }
 
 extern "C" __global__ void norm_gelu_fwd(const float* __restrict__ x, const float* __restrict__ mean,
                                          const float* __restrict__ inv_std, const float* __restrict__ bias,
                                          unsigned total, unsigned c, unsigned hw, float* __restrict__ y) {
-    norm_gelu_fwd_impl<unsigned>(x, mean, inv_std, bias, total, c, hw, y);
+    norm_gelu_fwd_impl<unsigned, 1>(x, mean, inv_std, bias, total, c, hw, y);
+}
+
+extern "C" __global__ void norm_gelu_fwd_v4(const float* __restrict__ x, const float* __restrict__ mean,
+                                            const float* __restrict__ inv_std, const float* __restrict__ bias,
+                                            unsigned total, unsigned c, unsigned hw, float* __restrict__ y) {
+    norm_gelu_fwd_impl<unsigned, 4>(x, mean, inv_std, bias, total, c, hw, y);
 }
 
 extern "C" __global__ void norm_gelu_fwd_wide(const float* __restrict__ x, const float* __restrict__ mean,
                                               const float* __restrict__ inv_std, const float* __restrict__ bias,
                                               unsigned long long total, unsigned long long c,
                                               unsigned long long hw, float* __restrict__ y) {
-    norm_gelu_fwd_impl<unsigned long long>(x, mean, inv_std, bias, total, c, hw, y);
+    norm_gelu_fwd_impl<unsigned long long, 1>(x, mean, inv_std, bias, total, c, hw, y);
 }
 
 // dz of block (c, s)'s values, and its sums of dz and dz * x^ into partials[(c * S + s) * 2 + 0/1].
-extern "C" __global__ void norm_gelu_bwd_partials(const float* __restrict__ x, const float* __restrict__ dy,
-                                                  const float* __restrict__ mean, const float* __restrict__ inv_std,
-                                                  const float* __restrict__ bias, int b, int c, int hw, int ipb,
-                                                  float* __restrict__ dz, double* __restrict__ partials) {
+template <int V>
+__device__ __forceinline__ void norm_gelu_bwd_partials_impl(const float* __restrict__ x, const float* __restrict__ dy,
+                                                            const float* __restrict__ mean,
+                                                            const float* __restrict__ inv_std,
+                                                            const float* __restrict__ bias, int b, int c, int hw,
+                                                            int ipb, float* __restrict__ dz,
+                                                            double* __restrict__ partials) {
+    typedef typename FloatVec<V>::T F;
     __shared__ double scratch[BLOCK / 32];
     const int ch = blockIdx.x, s = blockIdx.y;
     const int i0 = s * ipb, i1 = min(b, i0 + ipb);
@@ -111,14 +155,20 @@ extern "C" __global__ void norm_gelu_bwd_partials(const float* __restrict__ x, c
     const unsigned count = (unsigned)(i1 > i0 ? i1 - i0 : 0) * (unsigned)hw;
     const float m = mean[ch], r = inv_std[ch], be = bias[ch];
     double s1 = 0.0, s2 = 0.0;
-    for (unsigned e = threadIdx.x; e < count; e += BLOCK) {
+    for (unsigned e = threadIdx.x * V; e < count; e += BLOCK * V) {
         const unsigned k = e / (unsigned)hw;
         const long long at = ((long long)(i0 + k) * c + ch) * hw + (e - k * hw);
-        const float xh = (x[at] - m) * r;
-        const float d = dy[at] * gelu_grad(xh + be);
-        dz[at] = d;
-        s1 += (double)d;
-        s2 += (double)(d * xh);
+        F xv = *reinterpret_cast<const F*>(x + at);
+        F dv = *reinterpret_cast<const F*>(dy + at);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            const float xh = (comp(xv, j) - m) * r;
+            const float d = comp(dv, j) * gelu_grad(xh + be);
+            comp(dv, j) = d;
+            s1 += (double)d;
+            s2 += (double)(d * xh);
+        }
+        *reinterpret_cast<F*>(dz + at) = dv;
     }
     s1 = block_sum(s1, scratch);
     s2 = block_sum(s2, scratch);
@@ -127,6 +177,21 @@ extern "C" __global__ void norm_gelu_bwd_partials(const float* __restrict__ x, c
         partials[p] = s1;
         partials[p + 1] = s2;
     }
+}
+
+extern "C" __global__ void norm_gelu_bwd_partials(const float* __restrict__ x, const float* __restrict__ dy,
+                                                  const float* __restrict__ mean, const float* __restrict__ inv_std,
+                                                  const float* __restrict__ bias, int b, int c, int hw, int ipb,
+                                                  float* __restrict__ dz, double* __restrict__ partials) {
+    norm_gelu_bwd_partials_impl<1>(x, dy, mean, inv_std, bias, b, c, hw, ipb, dz, partials);
+}
+
+extern "C" __global__ void norm_gelu_bwd_partials_v4(const float* __restrict__ x, const float* __restrict__ dy,
+                                                     const float* __restrict__ mean,
+                                                     const float* __restrict__ inv_std,
+                                                     const float* __restrict__ bias, int b, int c, int hw, int ipb,
+                                                     float* __restrict__ dz, double* __restrict__ partials) {
+    norm_gelu_bwd_partials_impl<4>(x, dy, mean, inv_std, bias, b, c, hw, ipb, dz, partials);
 }
 
 // dbias[c] = sum dz and sums[c * 2 + 0/1] = (sum dz, sum dz * x^) from the partials; one thread a
@@ -145,22 +210,31 @@ extern "C" __global__ void pair_finish(const double* __restrict__ partials, int 
     sums[ch * 2 + 1] = t2;
 }
 
-template <typename Index>
+template <typename Index, int V>
 __device__ __forceinline__ void norm_gelu_bwd_dx_impl(const float* __restrict__ dz, const float* __restrict__ x,
                                                       const float* __restrict__ mean,
                                                       const float* __restrict__ inv_std,
                                                       const double* __restrict__ sums, double n, int batch_stats,
                                                       Index total, Index c, Index hw, float* __restrict__ dx) {
-    for (Index i = blockIdx.x * (Index)blockDim.x + threadIdx.x; i < total; i += (Index)gridDim.x * blockDim.x) {
-        const Index ch = (i / hw) % c;
+    typedef typename FloatVec<V>::T F;
+    const Index nv = total / V, hwv = hw / V;
+    for (Index i = blockIdx.x * (Index)blockDim.x + threadIdx.x; i < nv; i += (Index)gridDim.x * blockDim.x) {
+        const Index ch = (i / hwv) % c;
         const float r = inv_std[ch];
+        F d = reinterpret_cast<const F*>(dz)[i];
         if (batch_stats) {
-            const float m1 = (float)(sums[ch * 2] / n), m2 = (float)(sums[ch * 2 + 1] / n);
-            const float xh = (x[i] - mean[ch]) * r;
-            dx[i] = r * (dz[i] - m1 - xh * m2);
+            const float m1 = (float)(sums[ch * 2] / n), m2 = (float)(sums[ch * 2 + 1] / n), m = mean[ch];
+            F xv = reinterpret_cast<const F*>(x)[i];
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const float xh = (comp(xv, j) - m) * r;
+                comp(d, j) = r * (comp(d, j) - m1 - xh * m2);
+            }
         } else {
-            dx[i] = r * dz[i];
+#pragma unroll
+            for (int j = 0; j < V; ++j) comp(d, j) = r * comp(d, j);
         }
+        reinterpret_cast<F*>(dx)[i] = d;
     }
 }
 
@@ -168,7 +242,14 @@ extern "C" __global__ void norm_gelu_bwd_dx(const float* __restrict__ dz, const 
                                             const float* __restrict__ mean, const float* __restrict__ inv_std,
                                             const double* __restrict__ sums, double n, int batch_stats,
                                             unsigned total, unsigned c, unsigned hw, float* __restrict__ dx) {
-    norm_gelu_bwd_dx_impl<unsigned>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
+    norm_gelu_bwd_dx_impl<unsigned, 1>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
+}
+
+extern "C" __global__ void norm_gelu_bwd_dx_v4(const float* __restrict__ dz, const float* __restrict__ x,
+                                               const float* __restrict__ mean, const float* __restrict__ inv_std,
+                                               const double* __restrict__ sums, double n, int batch_stats,
+                                               unsigned total, unsigned c, unsigned hw, float* __restrict__ dx) {
+    norm_gelu_bwd_dx_impl<unsigned, 4>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
 }
 
 extern "C" __global__ void norm_gelu_bwd_dx_wide(const float* __restrict__ dz, const float* __restrict__ x,
@@ -176,5 +257,5 @@ extern "C" __global__ void norm_gelu_bwd_dx_wide(const float* __restrict__ dz, c
                                                  const double* __restrict__ sums, double n, int batch_stats,
                                                  unsigned long long total, unsigned long long c,
                                                  unsigned long long hw, float* __restrict__ dx) {
-    norm_gelu_bwd_dx_impl<unsigned long long>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
+    norm_gelu_bwd_dx_impl<unsigned long long, 1>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
 }

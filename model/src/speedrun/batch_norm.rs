@@ -228,8 +228,30 @@ mod tests {
     /// gradients of a random weighted sum, with batch and with running statistics.
     #[test]
     fn fused_gelu_matches_tensor_ops() -> Result<()> {
-        let dev = Device::Cpu;
-        for (b, c, h, w) in [(3, 4, 5, 7), (2, 1, 1, 2), (1, 3, 4, 4)] {
+        fused_gelu_matches_tensor_ops_on(&Device::Cpu)
+    }
+
+    /// The CUDA kernels (one value a thread where planes hold 35 or 2 values, four where they
+    /// hold 16 or 64) against candle's tensor ops on the GPU; a machine without a GPU skips it
+    /// unless `BITLINEAR_REQUIRE_CUDA` is set.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn fused_gelu_matches_tensor_ops_on_cuda() -> Result<()> {
+        match Device::new_cuda(0) {
+            Ok(dev) => fused_gelu_matches_tensor_ops_on(&dev),
+            Err(_) if std::env::var("BITLINEAR_REQUIRE_CUDA").is_ok_and(|v| !v.is_empty() && v != "0") => {
+                panic!("BITLINEAR_REQUIRE_CUDA is set but there is no usable CUDA device")
+            }
+            Err(_) => {
+                eprintln!("SKIPPED fused_gelu_matches_tensor_ops_on_cuda: no CUDA device");
+                Ok(())
+            }
+        }
+    }
+
+    fn fused_gelu_matches_tensor_ops_on(dev: &Device) -> Result<()> {
+        let dev = dev.clone();
+        for (b, c, h, w) in [(3, 4, 5, 7), (2, 1, 1, 2), (1, 3, 4, 4), (9, 16, 8, 8)] {
             let maps: Vec<_> = (0..2).map(|_| VarMap::new()).collect();
             let norms = maps
                 .iter()

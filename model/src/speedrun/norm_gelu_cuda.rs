@@ -1,6 +1,7 @@
 //! The CUDA launches of batch norm + GELU (`kernels/norm_gelu.cu`; the op and its math are in
 //! [`super::norm_gelu`]). Every launch parameter is decided here: [`Split`] for the channel
-//! reductions, [`elementwise`], [`Sizes`] and [`per_channel`] for the rest.
+//! reductions, [`elementwise`], [`Sizes`] and [`per_channel`] for the rest, [`vec4`] for the
+//! vector width of both.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
@@ -45,6 +46,31 @@ impl Split {
     }
 }
 
+/// Whether the kernels move four values a thread per step (their `_v4` entry points): planes of
+/// a multiple of 4 values (four consecutive values then share a plane, so a channel) and every
+/// buffer starting at a multiple of 4 values (16-byte aligned: candle's allocations are); only
+/// with 32-bit sizes.
+fn vec4(hw: usize, total: usize, layouts: &[&Layout]) -> bool {
+    hw.is_multiple_of(4)
+        && total <= i32::MAX as usize
+        && layouts
+            .iter()
+            .all(|l| l.contiguous_offsets().is_some_and(|(a, _)| a.is_multiple_of(4)))
+}
+
+/// The entry point of `base` for `vec4`.
+fn vector_kernel(base: &str, vec4: bool) -> String {
+    match vec4 {
+        true => format!("{base}_v4"),
+        false => base.to_string(),
+    }
+}
+
+/// A grid-stride launch over `n` elements (`n / 4` threads' work with `vec4`).
+fn elementwise_vec(n: usize, vec4: bool) -> LaunchConfig {
+    elementwise(if vec4 { n / 4 } else { n })
+}
+
 /// A grid-stride launch over `n` elements.
 fn elementwise(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -71,10 +97,10 @@ impl Sizes {
         }
     }
 
-    /// The entry point of kernel `base` for these sizes.
-    fn kernel(&self, base: &str) -> String {
+    /// The entry point of kernel `base` for these sizes (`vec4` only for 32-bit ones).
+    fn kernel(&self, base: &str, vec4: bool) -> String {
         match self {
-            Self::Narrow(_) => base.to_string(),
+            Self::Narrow(_) => vector_kernel(base, vec4),
             Self::Wide(_) => format!("{base}_wide"),
         }
     }
@@ -145,7 +171,8 @@ pub(crate) fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let mut partials = dev.alloc_zeros::<f64>(c * split.splits)?;
     let mut mean = dev.alloc_zeros::<f32>(c)?;
     let mut var = dev.alloc_zeros::<f32>(c)?;
-    let partial = dev.get_or_load_custom_func("channel_partials", MODULE, PTX)?;
+    let v4 = vec4(h * w, b * c * h * w, &[x.layout()]);
+    let partial = dev.get_or_load_custom_func(&vector_kernel("channel_partials", v4), MODULE, PTX)?;
     let finish = dev.get_or_load_custom_func("channel_finish", MODULE, PTX)?;
     let (ci_, si) = (c as i32, split.splits as i32);
     with_view(x, "input", |xv| {
@@ -159,8 +186,8 @@ pub(crate) fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
                 .arg(&hwi)
                 .arg(&ipb);
             lb.arg(&mut partials);
-            // SAFETY: the arguments match `channel_partials`; x holds b*c*h*w values, mean c,
-            // partials c*splits (the grid's).
+            // SAFETY: the arguments match `channel_partials` (`_v4`: planes of a multiple of 4
+            // values, x 16-byte aligned); x holds b*c*h*w values, mean c, partials c*splits.
             unsafe { lb.launch(split.grid(c)) }.w()?;
             let out = if centered == 0 { &mut mean } else { &mut var };
             let mut lb = finish.builder();
@@ -190,17 +217,19 @@ pub(crate) fn forward(
     let mut y = unsafe { dev.alloc::<f32>(total.max(1)) }?;
     if total > 0 {
         let sizes = Sizes::new(total, c, h * w);
-        let f = dev.get_or_load_custom_func(&sizes.kernel("norm_gelu_fwd"), MODULE, PTX)?;
+        let v4 = vec4(h * w, total, &[xl]);
+        let f = dev.get_or_load_custom_func(&sizes.kernel("norm_gelu_fwd", v4), MODULE, PTX)?;
         with_view(mean, "mean", |mv| {
             with_view(inv_std, "inv_std", |rv| {
                 let mut lb = f.builder();
                 lb.arg(&xv).arg(&mv).arg(&rv).arg(&bv);
                 sizes.push(&mut lb);
                 lb.arg(&mut y);
-                // SAFETY: the arguments match `norm_gelu_fwd` (32-bit sizes, all below 2^31) or
+                // SAFETY: the arguments match `norm_gelu_fwd` (32-bit sizes, all below 2^31; `_v4`
+                // also planes of a multiple of 4 values, x and y 16-byte aligned) or
                 // `norm_gelu_fwd_wide` (64-bit); x and y hold total values, the statistics and
                 // the bias c.
-                unsafe { lb.launch(elementwise(total)) }.w()?;
+                unsafe { lb.launch(elementwise_vec(total, v4)) }.w()?;
                 Ok(())
             })
         })?;
@@ -232,10 +261,11 @@ pub(crate) fn backward(
     let mut partials = dev.alloc_zeros::<f64>(2 * c * split.splits)?;
     let mut dbias = dev.alloc_zeros::<f32>(c)?;
     let mut sums = dev.alloc_zeros::<f64>(2 * c)?;
-    let partial = dev.get_or_load_custom_func("norm_gelu_bwd_partials", MODULE, PTX)?;
+    let v4 = vec4(h * w, total, &[x.layout(), dy.layout()]);
+    let partial = dev.get_or_load_custom_func(&vector_kernel("norm_gelu_bwd_partials", v4), MODULE, PTX)?;
     let finish = dev.get_or_load_custom_func("pair_finish", MODULE, PTX)?;
     let sizes = Sizes::new(total, c, h * w);
-    let apply = dev.get_or_load_custom_func(&sizes.kernel("norm_gelu_bwd_dx"), MODULE, PTX)?;
+    let apply = dev.get_or_load_custom_func(&sizes.kernel("norm_gelu_bwd_dx", v4), MODULE, PTX)?;
     let batch_i = batch_stats as i32;
     with_view(x, "input", |xv| {
         with_view(dy, "gradient", |gv| {
@@ -248,7 +278,8 @@ pub(crate) fn backward(
                         let mut lb = partial.builder();
                         lb.arg(&xv).arg(&gv).arg(&mv).arg(&rv).arg(&bv);
                         lb.arg(&bi).arg(&ci).arg(&hwi).arg(&ipb).arg(&mut dz).arg(&mut partials);
-                        // SAFETY: the arguments match `norm_gelu_bwd_partials`; x, dy and dz hold
+                        // SAFETY: the arguments match `norm_gelu_bwd_partials` (`_v4`: planes of a
+                        // multiple of 4 values, x, dy and dz 16-byte aligned); x, dy and dz hold
                         // total values, the statistics and bias c, partials 2*c*splits.
                         unsafe { lb.launch(split.grid(c)) }.w()?;
                         let mut lb = finish.builder();
@@ -260,9 +291,9 @@ pub(crate) fn backward(
                         sizes.push(&mut lb);
                         lb.arg(&mut dx);
                         // SAFETY: the arguments match `norm_gelu_bwd_dx` (32-bit sizes, all below
-                        // 2^31) or `norm_gelu_bwd_dx_wide`; dz, x and dx hold total values, the
-                        // statistics c, sums 2*c.
-                        unsafe { lb.launch(elementwise(total)) }.w()?;
+                        // 2^31; `_v4` as the partials) or `norm_gelu_bwd_dx_wide`; dz, x and dx
+                        // hold total values, the statistics c, sums 2*c.
+                        unsafe { lb.launch(elementwise_vec(total, v4)) }.w()?;
                         Ok(())
                     })
                 })
@@ -274,7 +305,18 @@ pub(crate) fn backward(
 
 #[cfg(test)]
 mod tests {
-    use super::Split;
+    use super::{vec4, Split};
+    use candle_core::Layout;
+
+    #[test]
+    fn four_values_a_thread_where_planes_and_buffers_allow() {
+        let at = |offset: usize| Layout::contiguous_with_offset((2, 3, 4, 4), offset);
+        assert!(vec4(16, 96, &[&at(0), &at(8)]));
+        assert!(!vec4(16, 96, &[&at(0), &at(2)]));
+        assert!(!vec4(9, 54, &[&at(0)]));
+        assert!(!vec4(16, 1 << 31, &[&at(0)]));
+        assert!(!vec4(16, 96, &[&at(0).transpose(0, 1).expect("a transpose")]));
+    }
 
     #[test]
     fn splits_cover_the_batch() {
