@@ -94,7 +94,7 @@ __device__ void pool_fwd_impl(const T* __restrict__ x, int planes, int h, int w,
 
 template <typename T>
 __device__ void pool_bwd_impl(const T* __restrict__ x, const T* __restrict__ g, int planes, int h, int w,
-                         T* __restrict__ dx) {
+                              T* __restrict__ dx) {
     typedef typename Pair<T>::type P;
     const int ho = h >> 1, wo = w >> 1;
     const long long total = (long long)planes * ho * wo;

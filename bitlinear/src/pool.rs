@@ -7,11 +7,11 @@
 //! sends each window's gradient, unscaled, to its maximum (the first one in row-major order on
 //! ties, as PyTorch does), in one pass each way, over rayon's threads.
 //! With the `cuda` feature, f32, bf16 and f16 tensors on a CUDA device use two fused kernels
-//! (`kernels/pool.cu`) with the same semantics. [`BitConv2d::forward_max_pool2x2`](crate::BitConv2d::forward_max_pool2x2)
-//! runs the same pooling inside its convolution's op. Other devices and dtypes use [`max_pool2x2_ops`],
-//! the same pooling written with reshape and `max` reductions (whose backward is correct on every
-//! device); odd sizes use candle's `max_pool2d`. [`PoolKernel`] chooses between the two, so that
-//! a benchmark can measure what the fused kernels bring.
+//! (`kernels/pool.cu`) with the same semantics; [`crate::BitConv2d::forward_max_pool2x2`] runs
+//! the same pooling inside its convolution's op. Other devices and dtypes use
+//! [`max_pool2x2_ops`], the same pooling written with reshape and `max` reductions (whose
+//! backward is correct on every device); odd sizes use candle's `max_pool2d`. [`PoolKernel`]
+//! chooses between the two, so that a benchmark can measure what the fused kernels bring.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
