@@ -139,14 +139,14 @@ extern "C" __global__ void norm_gelu_fwd_wide(const float* __restrict__ x, const
     norm_gelu_fwd_impl<unsigned long long, 1>(x, mean, inv_std, bias, total, c, hw, y);
 }
 
-// dz of block (c, s)'s values, and its sums of dz and dz * x^ into partials[(c * S + s) * 2 + 0/1].
+// The sums of dz and dz * x^ over block (c, s)'s values into partials[(c * S + s) * 2 + 0/1]
+// (dz itself is not stored: the dx kernel computes it again, the same way, from x and dy).
 template <int V>
 __device__ __forceinline__ void norm_gelu_bwd_partials_impl(const float* __restrict__ x, const float* __restrict__ dy,
                                                             const float* __restrict__ mean,
                                                             const float* __restrict__ inv_std,
                                                             const float* __restrict__ bias, int b, int c, int hw,
-                                                            int ipb, float* __restrict__ dz,
-                                                            double* __restrict__ partials) {
+                                                            int ipb, double* __restrict__ partials) {
     typedef typename FloatVec<V>::T F;
     __shared__ double scratch[BLOCK / 32];
     const int ch = blockIdx.x, s = blockIdx.y;
@@ -159,16 +159,14 @@ __device__ __forceinline__ void norm_gelu_bwd_partials_impl(const float* __restr
         const unsigned k = e / (unsigned)hw;
         const long long at = ((long long)(i0 + k) * c + ch) * hw + (e - k * hw);
         F xv = *reinterpret_cast<const F*>(x + at);
-        F dv = *reinterpret_cast<const F*>(dy + at);
+        F gv = *reinterpret_cast<const F*>(dy + at);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
             const float xh = (comp(xv, j) - m) * r;
-            const float d = comp(dv, j) * gelu_grad(xh + be);
-            comp(dv, j) = d;
+            const float d = comp(gv, j) * gelu_grad(xh + be);
             s1 += (double)d;
             s2 += (double)(d * xh);
         }
-        *reinterpret_cast<F*>(dz + at) = dv;
     }
     s1 = block_sum(s1, scratch);
     s2 = block_sum(s2, scratch);
@@ -182,16 +180,16 @@ __device__ __forceinline__ void norm_gelu_bwd_partials_impl(const float* __restr
 extern "C" __global__ void norm_gelu_bwd_partials(const float* __restrict__ x, const float* __restrict__ dy,
                                                   const float* __restrict__ mean, const float* __restrict__ inv_std,
                                                   const float* __restrict__ bias, int b, int c, int hw, int ipb,
-                                                  float* __restrict__ dz, double* __restrict__ partials) {
-    norm_gelu_bwd_partials_impl<1>(x, dy, mean, inv_std, bias, b, c, hw, ipb, dz, partials);
+                                                  double* __restrict__ partials) {
+    norm_gelu_bwd_partials_impl<1>(x, dy, mean, inv_std, bias, b, c, hw, ipb, partials);
 }
 
 extern "C" __global__ void norm_gelu_bwd_partials_v4(const float* __restrict__ x, const float* __restrict__ dy,
                                                      const float* __restrict__ mean,
                                                      const float* __restrict__ inv_std,
                                                      const float* __restrict__ bias, int b, int c, int hw, int ipb,
-                                                     float* __restrict__ dz, double* __restrict__ partials) {
-    norm_gelu_bwd_partials_impl<4>(x, dy, mean, inv_std, bias, b, c, hw, ipb, dz, partials);
+                                                     double* __restrict__ partials) {
+    norm_gelu_bwd_partials_impl<4>(x, dy, mean, inv_std, bias, b, c, hw, ipb, partials);
 }
 
 // dbias[c] = sum dz and sums[c * 2 + 0/1] = (sum dz, sum dz * x^) from the partials; one thread a
@@ -211,51 +209,53 @@ extern "C" __global__ void pair_finish(const double* __restrict__ partials, int 
 }
 
 template <typename Index, int V>
-__device__ __forceinline__ void norm_gelu_bwd_dx_impl(const float* __restrict__ dz, const float* __restrict__ x,
+__device__ __forceinline__ void norm_gelu_bwd_dx_impl(const float* __restrict__ dy, const float* __restrict__ x,
                                                       const float* __restrict__ mean,
                                                       const float* __restrict__ inv_std,
+                                                      const float* __restrict__ bias,
                                                       const double* __restrict__ sums, double n, int batch_stats,
                                                       Index total, Index c, Index hw, float* __restrict__ dx) {
     typedef typename FloatVec<V>::T F;
     const Index nv = total / V, hwv = hw / V;
     for (Index i = blockIdx.x * (Index)blockDim.x + threadIdx.x; i < nv; i += (Index)gridDim.x * blockDim.x) {
         const Index ch = (i / hwv) % c;
-        const float r = inv_std[ch];
-        F d = reinterpret_cast<const F*>(dz)[i];
-        if (batch_stats) {
-            const float m1 = (float)(sums[ch * 2] / n), m2 = (float)(sums[ch * 2 + 1] / n), m = mean[ch];
-            F xv = reinterpret_cast<const F*>(x)[i];
+        const float r = inv_std[ch], m = mean[ch], be = bias[ch];
+        const float m1 = batch_stats ? (float)(sums[ch * 2] / n) : 0.f;
+        const float m2 = batch_stats ? (float)(sums[ch * 2 + 1] / n) : 0.f;
+        F d = reinterpret_cast<const F*>(dy)[i];
+        F xv = reinterpret_cast<const F*>(x)[i];
 #pragma unroll
-            for (int j = 0; j < V; ++j) {
-                const float xh = (comp(xv, j) - m) * r;
-                comp(d, j) = r * (comp(d, j) - m1 - xh * m2);
-            }
-        } else {
-#pragma unroll
-            for (int j = 0; j < V; ++j) comp(d, j) = r * comp(d, j);
+        for (int j = 0; j < V; ++j) {
+            // dz as the partials kernel computes it (a rounded product: no FMA into what follows)
+            const float xh = (comp(xv, j) - m) * r;
+            const float dz = __fmul_rn(comp(d, j), gelu_grad(xh + be));
+            comp(d, j) = batch_stats ? r * (dz - m1 - xh * m2) : r * dz;
         }
         reinterpret_cast<F*>(dx)[i] = d;
     }
 }
 
-extern "C" __global__ void norm_gelu_bwd_dx(const float* __restrict__ dz, const float* __restrict__ x,
+extern "C" __global__ void norm_gelu_bwd_dx(const float* __restrict__ dy, const float* __restrict__ x,
                                             const float* __restrict__ mean, const float* __restrict__ inv_std,
-                                            const double* __restrict__ sums, double n, int batch_stats,
+                                            const float* __restrict__ bias, const double* __restrict__ sums,
+                                            double n, int batch_stats,
                                             unsigned total, unsigned c, unsigned hw, float* __restrict__ dx) {
-    norm_gelu_bwd_dx_impl<unsigned, 1>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
+    norm_gelu_bwd_dx_impl<unsigned, 1>(dy, x, mean, inv_std, bias, sums, n, batch_stats, total, c, hw, dx);
 }
 
-extern "C" __global__ void norm_gelu_bwd_dx_v4(const float* __restrict__ dz, const float* __restrict__ x,
+extern "C" __global__ void norm_gelu_bwd_dx_v4(const float* __restrict__ dy, const float* __restrict__ x,
                                                const float* __restrict__ mean, const float* __restrict__ inv_std,
-                                               const double* __restrict__ sums, double n, int batch_stats,
+                                               const float* __restrict__ bias, const double* __restrict__ sums,
+                                               double n, int batch_stats,
                                                unsigned total, unsigned c, unsigned hw, float* __restrict__ dx) {
-    norm_gelu_bwd_dx_impl<unsigned, 4>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
+    norm_gelu_bwd_dx_impl<unsigned, 4>(dy, x, mean, inv_std, bias, sums, n, batch_stats, total, c, hw, dx);
 }
 
-extern "C" __global__ void norm_gelu_bwd_dx_wide(const float* __restrict__ dz, const float* __restrict__ x,
+extern "C" __global__ void norm_gelu_bwd_dx_wide(const float* __restrict__ dy, const float* __restrict__ x,
                                                  const float* __restrict__ mean, const float* __restrict__ inv_std,
-                                                 const double* __restrict__ sums, double n, int batch_stats,
+                                                 const float* __restrict__ bias, const double* __restrict__ sums,
+                                                 double n, int batch_stats,
                                                  unsigned long long total, unsigned long long c,
                                                  unsigned long long hw, float* __restrict__ dx) {
-    norm_gelu_bwd_dx_impl<unsigned long long, 1>(dz, x, mean, inv_std, sums, n, batch_stats, total, c, hw, dx);
+    norm_gelu_bwd_dx_impl<unsigned long long, 1>(dy, x, mean, inv_std, bias, sums, n, batch_stats, total, c, hw, dx);
 }

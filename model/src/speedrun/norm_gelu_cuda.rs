@@ -254,9 +254,7 @@ pub(crate) fn backward(
     let n = (b * h * w) as f64;
     let (bi, ci, ipb) = (b as i32, c as i32, split.per_block as i32);
     let si = split.splits as i32;
-    // SAFETY: the partials kernel writes every element of dz (the blocks cover every image of
-    // every channel).
-    let mut dz = unsafe { dev.alloc::<f32>(total.max(1)) }?;
+    // SAFETY: the dx kernel writes every element.
     let mut dx = unsafe { dev.alloc::<f32>(total.max(1)) }?;
     let mut partials = dev.alloc_zeros::<f64>(2 * c * split.splits)?;
     let mut dbias = dev.alloc_zeros::<f32>(c)?;
@@ -277,22 +275,23 @@ pub(crate) fn backward(
                         }
                         let mut lb = partial.builder();
                         lb.arg(&xv).arg(&gv).arg(&mv).arg(&rv).arg(&bv);
-                        lb.arg(&bi).arg(&ci).arg(&hwi).arg(&ipb).arg(&mut dz).arg(&mut partials);
+                        lb.arg(&bi).arg(&ci).arg(&hwi).arg(&ipb).arg(&mut partials);
                         // SAFETY: the arguments match `norm_gelu_bwd_partials` (`_v4`: planes of a
-                        // multiple of 4 values, x, dy and dz 16-byte aligned); x, dy and dz hold
-                        // total values, the statistics and bias c, partials 2*c*splits.
+                        // multiple of 4 values, x and dy 16-byte aligned); x and dy hold total
+                        // values, the statistics and bias c, partials 2*c*splits.
                         unsafe { lb.launch(split.grid(c)) }.w()?;
                         let mut lb = finish.builder();
                         lb.arg(&partials).arg(&ci).arg(&si).arg(&mut dbias).arg(&mut sums);
                         // SAFETY: the arguments match `pair_finish`; dbias holds c, sums 2*c.
                         unsafe { lb.launch(per_channel(c)) }.w()?;
                         let mut lb = apply.builder();
-                        lb.arg(&dz).arg(&xv).arg(&mv).arg(&rv).arg(&sums).arg(&n).arg(&batch_i);
+                        lb.arg(&gv).arg(&xv).arg(&mv).arg(&rv).arg(&bv);
+                        lb.arg(&sums).arg(&n).arg(&batch_i);
                         sizes.push(&mut lb);
                         lb.arg(&mut dx);
                         // SAFETY: the arguments match `norm_gelu_bwd_dx` (32-bit sizes, all below
-                        // 2^31; `_v4` as the partials) or `norm_gelu_bwd_dx_wide`; dz, x and dx
-                        // hold total values, the statistics c, sums 2*c.
+                        // 2^31; `_v4` as the partials) or `norm_gelu_bwd_dx_wide`; dy, x and dx
+                        // hold total values, the statistics and bias c, sums 2*c.
                         unsafe { lb.launch(elementwise_vec(total, v4)) }.w()?;
                         Ok(())
                     })
