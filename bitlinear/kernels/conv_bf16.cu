@@ -207,6 +207,24 @@ extern "C" __global__ void sum_splits_f32(const float* __restrict__ parts, float
     }
 }
 
+// input_grad_weight_bf16: the input gradient's weight operand wt (C, T*O) from W~ (O, C, T) f32,
+// T = KH*KW taps row-major: wt[c][t*O + o] = W~[o][c][T-1-t] rounded to nearest even. The input
+// gradient convolves g with W~ flipped in both spatial axes (tap (ky, kx) reads W~'s (KH-1-ky,
+// KW-1-kx), in flattened taps T-1-t) and transposed (its rows are the input channels), in the
+// GEMM's k order above (taps, then channels of g). Thread i of a grid-stride loop writes wt's
+// element i (consecutive threads, consecutive addresses; the reads are W~'s, a few hundred KB).
+extern "C" __global__ void input_grad_weight_bf16(const float* __restrict__ w, int O, int C, int T,
+                                                  __nv_bfloat16* __restrict__ wt) {
+    pdl_wait();
+    const long long n = (long long)O * C * T;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const int o = (int)(i % O);
+        const long long ct = i / O;
+        const int t = (int)(ct % T), c = (int)(ct / T);
+        wt[i] = __float2bfloat16_rn(w[((long long)o * C + c) * T + (T - 1 - t)]);
+    }
+}
+
 // n32: 128 x 32 tile, 4 warps (4x1), warp tile 32x32, 3 stages (69 KB smem), for N <= 32
 // n64: 128 x 64 tile, 4 warps (2x2), warp tile 64x32, 3 stages (83 KB smem), for N <= 64
 // n128: 128 x 128 tile, 8 warps (2x4), warp tile 64x32, 3 stages (111 KB smem), two blocks an SM

@@ -195,7 +195,7 @@ impl CustomOp2 for ConvGrad {
         };
         let (dx, dw) = gemm_grads(
             (&x_tilde, x_codes),
-            &self.w_tilde.to_dtype(products)?,
+            &self.w_tilde,
             g,
             self.padding,
             (x.track_op(), products),
@@ -266,48 +266,45 @@ fn gemm_grads(
     let g_nhwc: Option<Tensor> = None;
     let g_nhwc = g_nhwc.as_ref();
     let dx = match with_dx {
-        // A convolution of g with the flipped, transposed kernel.
-        true => {
-            let dev = w.device();
-            let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), dev);
-            let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
-            let w_t = flipped.transpose(0, 1)?.contiguous()?;
-            Some(input_grad((g, g_nhwc), &w_t, kh - 1 - p, x.dims4()?, products)?)
-        }
+        true => Some(input_grad((g, g_nhwc), w, p, x.dims4()?, products)?),
         false => None,
     };
     Ok((dx, weight_grad((x, x_codes), (g, g_nhwc), (kh, kw), p)?))
 }
 
-/// `dL/dx = conv2d(g, w_t)` with padding `pad`, output `x_dims`. On CUDA with bf16 `products`
-/// as the bf16 implicit GEMM where its plan takes the shape (`crate::plan::bf16_conv_plan`:
-/// `g_nhwc`, `g` channels last in bf16, gathered on the way into shared memory), else as the
-/// transposed im2col of `g` (our kernel) times `w_t` per image, which lands in NCHW as it stands
-/// (candle's `conv2d` gathers its columns with a slower kernel and reorders its output), in f32
-/// from bf16 `products`; elsewhere candle's.
+/// `dL/dx` of the stride-1 convolution with weight `w` (`(O, C, kh, kw)`, any float dtype) and
+/// padding `p`: `conv2d(g, w_t)`, `w_t` the flipped, transposed kernel, with padding
+/// `kh - 1 - p`, output `x_dims`. On CUDA with bf16 `products` as the bf16 implicit GEMM where
+/// its plan takes the shape (`crate::plan::bf16_conv_plan`: `g_nhwc`, `g` channels last in bf16,
+/// gathered on the way into shared memory; the kernel's weight operand made from `w` in one
+/// pass), else as the transposed im2col of `g` (our kernel) times `w_t` per image, which lands in
+/// NCHW as it stands (candle's `conv2d` gathers its columns with a slower kernel and reorders its
+/// output), in f32 from bf16 `products`; elsewhere candle's.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn input_grad(
     (g, g_nhwc): (&OutputGrad, Option<&Tensor>),
-    w_t: &Tensor,
-    pad: usize,
+    w: &Tensor,
+    p: usize,
     x_dims: (usize, usize, usize, usize),
     products: DType,
 ) -> Result<Tensor> {
+    let (o, _, kh, kw) = w.dims4()?;
+    let pad = kh - 1 - p;
     #[cfg(feature = "cuda")]
     if g.device().is_cuda() && g.dtype() == DType::F32 {
-        let (b, c, h, w) = x_dims;
-        let (_, o, kh, kw) = w_t.dims4()?;
+        let (b, c, h, wd) = x_dims;
         if let Some(g_nhwc) = g_nhwc {
-            if let Some(dx) = crate::cuda::implicit_input_grad((g_nhwc, g.dims4()?), w_t, pad, (h, w))? {
+            if let Some(dx) = crate::cuda::implicit_input_grad((g_nhwc, g.dims4()?), w, pad, (h, wd))? {
                 return Ok(dx);
             }
         }
+        let w_t = flipped_transposed(w)?.to_dtype(products)?;
         use crate::cuda::{im2col_t, ColsLayout, ColsSource};
         let cols = im2col_t(
             ColsSource::Values(g.nchw()?),
             (kh, kw),
             pad,
-            (h, w),
+            (h, wd),
             products,
             ColsLayout::PerImage,
         )?;
@@ -316,9 +313,19 @@ fn input_grad(
             DType::BF16 => crate::cuda::batched_matmul_f32(&w_mat, &cols)?,
             _ => w_mat.broadcast_as((b, c, o * kh * kw))?.matmul(&cols)?,
         };
-        return dx.reshape((b, c, h, w));
+        return dx.reshape((b, c, h, wd));
     }
-    g.nchw()?.conv2d(w_t, pad, 1, 1, 1)
+    let w_t = flipped_transposed(w)?.to_dtype(products)?;
+    g.nchw()?.conv2d(&w_t, pad, 1, 1, 1)
+}
+
+/// `w (O, C, kh, kw)` flipped in both spatial axes and transposed: `(C, O, kh, kw)`, contiguous,
+/// the kernel whose stride-1 convolution with the output gradient is the input gradient.
+fn flipped_transposed(w: &Tensor) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let rev = |k: usize| Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), w.device());
+    let flipped = w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)?;
+    flipped.transpose(0, 1)?.contiguous()
 }
 
 /// `dL/dW (O, C, kh, kw)` of a stride-1 convolution with padding `p`.

@@ -17,7 +17,10 @@ use super::buffers::{i32_arg, in_ptr, out_ptr, storage};
 use super::conv::{grid, map_out, transposed_bf16, ColsSource};
 use super::{Ctx, Module};
 use crate::output_grad::OutputGrad;
-use crate::plan::{bf16_conv_plan, split_sum_blocks, Bf16ConvPlan, Bf16ConvProduct, SPLIT_SUM_THREADS};
+use crate::plan::{
+    bf16_conv_plan, split_sum_blocks, weight_operand_blocks, Bf16ConvPlan, Bf16ConvProduct, SPLIT_SUM_THREADS,
+    WEIGHT_OPERAND_THREADS,
+};
 use candle_core::cuda_backend::CudaDevice;
 
 /// `g` (F32 `(B, O, Ho, Wo)`) channels last in bf16, rounded to nearest even: BF16 `(B, Ho·Wo,
@@ -28,14 +31,14 @@ pub(crate) fn channels_last_bf16(g: &Tensor) -> Result<Tensor> {
     transposed_bf16(&g.reshape((b, o, ho * wo))?, None)
 }
 
-/// `dL/dx`, F32 `(B, C, h, w)`, of a stride-1 convolution: the stride-1 convolution of the
-/// output gradient `g` (`g_nhwc`: [`channels_last_bf16`] of the F32 `(B, O, Ho, Wo)` gradient of
-/// dims `g_dims`) with `w_t` (`(C, O, kh, kw)`, the flipped, transposed weight, any float dtype,
-/// rounded to bf16) and zero padding `pad`, products summed in f32. `None` where the plan leaves
-/// it to the im2col path.
+/// `dL/dx`, F32 `(B, C, h, w)`, of a stride-1 convolution with weight `w_tilde` (W~ `(O, C, kh,
+/// kw)`, any float dtype, rounded to bf16): the stride-1 convolution of the output gradient `g`
+/// (`g_nhwc`: [`channels_last_bf16`] of the F32 `(B, O, Ho, Wo)` gradient of dims `g_dims`) with
+/// W~ flipped and transposed, zero padding `pad` (the forward's `kh - 1 - pad`), products summed
+/// in f32. `None` where the plan leaves it to the im2col path.
 pub(crate) fn implicit_input_grad(
     (g_nhwc, g_dims): (&Tensor, (usize, usize, usize, usize)),
-    w_t: &Tensor,
+    w_tilde: &Tensor,
     pad: usize,
     (h, w): (usize, usize),
 ) -> Result<Option<Tensor>> {
@@ -43,7 +46,7 @@ pub(crate) fn implicit_input_grad(
         return Ok(None);
     };
     let (b, o, ho, wo) = g_dims;
-    let (c, o_w, kh, kw) = w_t.dims4()?;
+    let (o_w, c, kh, kw) = w_tilde.dims4()?;
     if g_nhwc.dtype() != DType::BF16
         || g_nhwc.dims() != [b, ho * wo, o]
         || o_w != o
@@ -64,12 +67,7 @@ pub(crate) fn implicit_input_grad(
     ) else {
         return Ok(None);
     };
-    // Row n = input channel, k = (ky·kw + kx)·O + co: the GEMM's k order.
-    let wt = w_t
-        .permute((0, 2, 3, 1))?
-        .to_dtype(DType::BF16)?
-        .contiguous()?
-        .reshape((c, kh * kw * o))?;
+    let wt = input_grad_weight(w_tilde)?;
     let dx = launch((&ctx, dev), &plan, g_nhwc, (b, ho, wo, o), &wt, (kh, kw, pad), (h, w))?;
     Ok(Some(sum_splits(dx, &plan)?.reshape((b, c, h, w))?))
 }
@@ -121,6 +119,32 @@ pub(crate) fn implicit_weight_grad(
         .transpose(0, 1)?
         .contiguous()
         .map(Some)
+}
+
+/// The input gradient's weight operand: BF16 `(C, kh·kw·O)`, row `c` (an input channel), column
+/// `(ky·kw + kx)·O + co` (the GEMM's k order) holding `W~[co][c][kh-1-ky][kw-1-kx]` of `w_tilde`
+/// (`(O, C, kh, kw)`, rounded to bf16), in one pass of `input_grad_weight_bf16`.
+fn input_grad_weight(w_tilde: &Tensor) -> Result<Tensor> {
+    let (o, c, kh, kw) = w_tilde.dims4()?;
+    let n = o * c * kh * kw;
+    let w = w_tilde.to_dtype(DType::F32)?;
+    map_out(
+        &w,
+        n,
+        (c, kh * kw * o),
+        DType::BF16,
+        "input_grad_weight",
+        |ctx, w_ptr, out_ptr| {
+            let cfg = grid(
+                weight_operand_blocks(n, &ctx.info),
+                WEIGHT_OPERAND_THREADS,
+                "weight operand blocks",
+            )?;
+            let f = ctx.func(Module::ConvBf16, "input_grad_weight_bf16")?;
+            let (o, c, t) = (i32_arg(o, "O")?, i32_arg(c, "C")?, i32_arg(kh * kw, "taps")?);
+            launch!(ctx, f, cfg, w_ptr, o, c, t, out_ptr)
+        },
+    )
 }
 
 /// The partial outputs `(splits, …)` of `plan` summed in split order: `(…)`. One pass of

@@ -174,6 +174,15 @@ pub fn split_sum_blocks(n: usize, info: &DeviceInfo) -> usize {
     n.div_ceil(SPLIT_SUM_THREADS).clamp(1, 8 * info.sms.max(1))
 }
 
+/// Threads a block of `input_grad_weight_bf16` (the input gradient's weight operand).
+pub const WEIGHT_OPERAND_THREADS: usize = 256;
+
+/// Blocks of `input_grad_weight_bf16` over `n` operand values: one value a thread, at most 8
+/// waves of blocks (the threads loop past that), at least one block.
+pub fn weight_operand_blocks(n: usize, info: &DeviceInfo) -> usize {
+    n.div_ceil(WEIGHT_OPERAND_THREADS).clamp(1, 8 * info.sms.max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +279,9 @@ mod tests {
         assert_eq!(split_sum_blocks(1, &info), 1);
         assert_eq!(split_sum_blocks(SPLIT_SUM_THREADS + 1, &info), 2);
         assert_eq!(split_sum_blocks(2304 * 256, &info), 8 * 132);
+        assert_eq!(weight_operand_blocks(0, &info), 1);
+        assert_eq!(weight_operand_blocks(256 * 256 * 9, &info), 8 * 132);
+        assert_eq!(weight_operand_blocks(64 * 32 * 9, &info), 72);
     }
 
     #[test]

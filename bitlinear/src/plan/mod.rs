@@ -43,7 +43,8 @@ pub use conv::{
     Im2colPlan, Im2colTPlan, CUDA_IM2COL_TILE_CODES, IM2COL_THREADS, POOL_THREADS,
 };
 pub use conv_bf16::{
-    bf16_conv_plan, split_sum_blocks, Bf16ConvPlan, Bf16ConvProduct, Bf16ConvTile, BF16_CONV_BK, SPLIT_SUM_THREADS,
+    bf16_conv_plan, split_sum_blocks, weight_operand_blocks, Bf16ConvPlan, Bf16ConvProduct, Bf16ConvTile, BF16_CONV_BK,
+    SPLIT_SUM_THREADS, WEIGHT_OPERAND_THREADS,
 };
 pub use conv_igemm::{implicit_conv_plan, ImplicitConvPlan, ImplicitConvTile, IMPLICIT_CONV_BK};
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
