@@ -65,10 +65,10 @@ pub fn pool_blocks(windows: usize, info: &DeviceInfo) -> usize {
 }
 
 /// The launch of `max_unpool2x2_nhwc_bf16_c{1,2}` over `images` images of `c` channels and
-/// `windows` pooling windows: blocks of 32 x 8 threads, one a tile of 32 windows by 32 channels a
-/// thread's pair (two channels a thread where `c` is even: one 4-byte store, else one), images in
-/// the grid's z up to its limit of 65535 (the blocks loop over the rest): `(grid, block,
-/// channels a thread)`.
+/// `windows` pooling windows: blocks of 32 x 8 threads, each a tile of 32 windows by 32 x (the
+/// channels a thread writes) channels, two channels a thread where `c` is even (one 4-byte
+/// store), else one; images in the grid's z up to its limit of 65535 (the blocks loop over the
+/// rest): `(grid, block, channels a thread)`.
 pub fn unpool_plan(images: usize, c: usize, windows: usize) -> ((u32, u32, u32), (u32, u32, u32), usize) {
     let per_thread = if c.is_multiple_of(2) { 2 } else { 1 };
     let tiles = |n: usize, t: usize| n.div_ceil(t).clamp(1, u32::MAX as usize) as u32;
