@@ -62,3 +62,30 @@ impl<'a> OutputGrad<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Behind a pooling, the gradient is routed to each window's first maximum, made once and
+    /// kept; without one it is the given gradient itself.
+    #[test]
+    fn routes_through_the_pooling_once() -> Result<()> {
+        let dev = Device::Cpu;
+        // One image, one channel, 2x4: windows (1, 5 / 5, 0) and (2, 2 / -1, 3).
+        let unpooled = Tensor::new(&[[[[1f32, 5.0, 2.0, 2.0], [5.0, 0.0, -1.0, 3.0]]]], &dev)?;
+        let g = Tensor::new(&[[[[10f32, 20.0]]]], &dev)?;
+        let pooled = OutputGrad::new(&g, Some(&unpooled));
+        assert_eq!(pooled.dims4()?, (1, 1, 2, 4));
+        assert_eq!((pooled.dtype(), pooled.device().is_cpu()), (DType::F32, true));
+        let first = pooled.nchw()?;
+        let want = [[0f32, 10.0, 0.0, 0.0], [0.0, 0.0, 0.0, 20.0]];
+        assert_eq!(first.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?, want);
+        assert_eq!(pooled.nchw()?.id(), first.id(), "made once");
+        let plain = OutputGrad::new(&g, None);
+        assert_eq!(plain.dims4()?, (1, 1, 1, 2));
+        assert_eq!(plain.nchw()?.id(), g.id());
+        Ok(())
+    }
+}
