@@ -4,6 +4,7 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, Module, VarBuilder};
 
+use crate::im2col::Geometry;
 use crate::ops::fake_quant_weights;
 use crate::{quantize_activations, ActScaling, PackedBitConv2d, PackedTernary};
 
@@ -250,15 +251,7 @@ impl BitConv2d {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             let (codes, s_x) = quantized()?;
-            let g = crate::im2col::Geometry {
-                c,
-                h,
-                w,
-                kh,
-                kw,
-                stride: s,
-                pad: p,
-            };
+            let g = Geometry::of(x, (kh, kw), self.config)?;
             x_codes = Some((codes.clone(), s_x.clone()));
             on_device = Some(crate::packed_conv::training_conv_f32(codes, &s_x, &s_w, &g, &w_codes)?);
         }
@@ -347,10 +340,7 @@ impl BitConv2d {
     fn forward_impl(&self, x: &Tensor, pool: bool) -> Result<Tensor> {
         let (b, ..) = check_input(x, self.weight.dims4()?, self.config, "BitConv2d")?;
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
-        let (_, _, h, w) = x.dims4()?;
-        let p = self.config.padding;
-        let s = self.config.stride;
-        let (ho, wo) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
+        let (ho, wo) = Geometry::of(x, (kh, kw), self.config)?.out_hw();
         if b == 0 || c_out == 0 {
             return Tensor::zeros((b, c_out, ho, wo), x.dtype(), x.device());
         }
@@ -391,13 +381,11 @@ impl BitConv2d {
     /// ```
     pub fn forward_max_pool2x2(&self, x: &Tensor) -> Result<Tensor> {
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
-        let (b, _, h, w) = check_input(x, (c_out, c_in, kh, kw), self.config, "BitConv2d")?;
-        let p = self.config.padding;
-        // Only the stride-1 convolutions of `has_gemm_grad` pool inside the op.
-        let (ho, wo) = ((h + 2 * p + 1).saturating_sub(kh), (w + 2 * p + 1).saturating_sub(kw));
+        let (b, ..) = check_input(x, (c_out, c_in, kh, kw), self.config, "BitConv2d")?;
+        let (ho, wo) = Geometry::of(x, (kh, kw), self.config)?.out_hw();
         let fusable = self.bias.is_none()
             && x.dtype() == DType::F32
-            && crate::conv_grad::has_gemm_grad(self.config.stride, kh, kw, p)
+            && crate::conv_grad::has_gemm_grad(self.config.stride, kh, kw, self.config.padding)
             && b * c_out * c_in > 0
             && crate::pool::has_fused_kernels(&[b, c_out, ho, wo], DType::F32, x.device());
         match fusable {

@@ -5,8 +5,9 @@
 //! (`kernels/conv.cu`). The CPU gathers channels-last rows of its own
 //! ([`packed_conv_cpu`](crate::packed_conv_cpu)); both share [`Geometry`] and [`tiling`].
 
-#[cfg(feature = "cuda")]
 use candle_core::{Result, Tensor};
+
+use crate::BitConv2dConfig;
 
 /// On the CPU at most this many codes (1 MiB) of im2col rows exist at once: the rows of a batch
 /// are gathered and multiplied a tile at a time, so memory stays bounded whatever the batch size
@@ -26,6 +27,21 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of the NCHW input `x` under a `(kh, kw)` kernel with `config`'s stride and
+    /// padding.
+    pub fn of(x: &Tensor, (kh, kw): (usize, usize), config: BitConv2dConfig) -> Result<Self> {
+        let (_, c, h, w) = x.dims4()?;
+        Ok(Self {
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            stride: config.stride,
+            pad: config.padding,
+        })
+    }
+
     /// Output height and width; the caller has checked that the kernel fits the padded input.
     pub fn out_hw(&self) -> (usize, usize) {
         let ho = (self.h + 2 * self.pad - self.kh) / self.stride + 1;

@@ -193,16 +193,7 @@ impl PackedBitConv2d {
     }
 
     fn geometry(&self, x: &Tensor) -> Result<Geometry> {
-        let (_, c, h, w) = x.dims4()?;
-        Ok(Geometry {
-            c,
-            h,
-            w,
-            kh: self.kh,
-            kw: self.kw,
-            stride: self.config.stride,
-            pad: self.config.padding,
-        })
+        Geometry::of(x, (self.kh, self.kw), self.config)
     }
 
     /// Quantizes `x` and runs [`map_code_tiles`] over its codes; also returns the scales `(B)`.
