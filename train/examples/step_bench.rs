@@ -91,28 +91,17 @@ struct Opts {
     #[arg(long)]
     no_implicit_input_grad: bool,
     /// The ternary convolutions' weight gradients on the bf16 implicit GEMM instead of the
-    /// transposed im2col and cuBLAS (the rule) (a kernel setting of the device, not part of the
-    /// tuning).
+    /// transposed im2col and cuBLAS (the rule); a kernel setting of the device, not part of the
+    /// tuning.
     #[arg(long)]
     implicit_weight_grad: bool,
     /// The bf16 implicit GEMM's tile for every backward product it takes (n32, n64, n128,
     /// n128w4; default: by the output channels).
-    #[arg(long, value_parser = bf16_conv_tile)]
+    #[arg(long)]
     bf16_conv_tile: Option<Bf16ConvTile>,
     /// All of the above: the plain candle path.
     #[arg(long)]
     baseline: bool,
-}
-
-/// `--bf16-conv-tile`'s values.
-fn bf16_conv_tile(name: &str) -> std::result::Result<Bf16ConvTile, String> {
-    match name {
-        "n32" => Ok(Bf16ConvTile::N32),
-        "n64" => Ok(Bf16ConvTile::N64),
-        "n128" => Ok(Bf16ConvTile::N128),
-        "n128w4" => Ok(Bf16ConvTile::N128W4),
-        _ => Err(format!("unknown tile {name:?} (n32, n64, n128, n128w4)")),
-    }
 }
 
 impl Opts {

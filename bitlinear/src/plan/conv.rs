@@ -37,7 +37,7 @@ pub struct Im2colPlan {
 /// thread an item up to 8 waves of blocks (enough to fill the device; beyond that each thread
 /// loops), at least one block. A first version, not yet tuned on measurements.
 pub fn im2col_plan(items: usize, info: &DeviceInfo) -> Im2colPlan {
-    let blocks = items.div_ceil(IM2COL_THREADS).clamp(1, 8 * info.sms.max(1));
+    let blocks = super::wave_capped(items.div_ceil(IM2COL_THREADS), info);
     Im2colPlan {
         blocks,
         threads: IM2COL_THREADS,
@@ -50,7 +50,7 @@ pub fn im2col_plan(items: usize, info: &DeviceInfo) -> Im2colPlan {
 pub fn conv_dequant_plan(images: usize, rows: usize, n: usize, info: &DeviceInfo) -> Im2colPlan {
     let squares = images * rows.div_ceil(32) * n.div_ceil(32);
     Im2colPlan {
-        blocks: squares.clamp(1, 8 * info.sms.max(1)),
+        blocks: super::wave_capped(squares, info),
         threads: IM2COL_THREADS,
     }
 }
@@ -61,7 +61,7 @@ pub const POOL_THREADS: usize = 256;
 /// Blocks of a 2x2 max-pooling kernel over `windows` windows: one window a thread, at most 8
 /// waves of blocks (the threads loop past that), at least one block.
 pub fn pool_blocks(windows: usize, info: &DeviceInfo) -> usize {
-    windows.div_ceil(POOL_THREADS).clamp(1, 8 * info.sms.max(1))
+    super::wave_capped(windows.div_ceil(POOL_THREADS), info)
 }
 
 /// The launch of `max_unpool2x2_nhwc_bf16_c{1,2}` over `images` images of `c` channels and

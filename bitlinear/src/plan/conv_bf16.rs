@@ -28,6 +28,14 @@ pub enum Bf16ConvTile {
 }
 
 impl Bf16ConvTile {
+    /// Every tile.
+    pub const ALL: [Bf16ConvTile; 4] = [
+        Bf16ConvTile::N32,
+        Bf16ConvTile::N64,
+        Bf16ConvTile::N128,
+        Bf16ConvTile::N128W4,
+    ];
+
     /// `(pixels, channels, threads)` of a block.
     pub fn shape(self) -> (usize, usize, usize) {
         match self {
@@ -51,6 +59,30 @@ impl Bf16ConvTile {
             Bf16ConvTile::N64 => "conv_bf16_n64",
             Bf16ConvTile::N128 => "conv_bf16_n128",
             Bf16ConvTile::N128W4 => "conv_bf16_n128w4",
+        }
+    }
+
+    /// The short name: the kernel's name without `conv_bf16_` (`n32`, `n64`, `n128`, `n128w4`).
+    pub fn name(self) -> &'static str {
+        let name = self.kernel_name();
+        name.strip_prefix("conv_bf16_").unwrap_or(name)
+    }
+}
+
+impl std::str::FromStr for Bf16ConvTile {
+    type Err = String;
+
+    /// A tile by its [`Bf16ConvTile::name`].
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match Self::ALL.into_iter().find(|t| t.name() == s) {
+            Some(tile) => Ok(tile),
+            None => {
+                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+                Err(format!(
+                    "unknown bf16 conv tile {s:?}: expected one of {}",
+                    names.join(", ")
+                ))
+            }
         }
     }
 }
@@ -171,7 +203,7 @@ pub const SPLIT_SUM_THREADS: usize = 256;
 /// Blocks of `sum_splits_f32` over `n` output values: one value a thread, at most 8 waves of
 /// blocks (the threads loop past that), at least one block.
 pub fn split_sum_blocks(n: usize, info: &DeviceInfo) -> usize {
-    n.div_ceil(SPLIT_SUM_THREADS).clamp(1, 8 * info.sms.max(1))
+    super::wave_capped(n.div_ceil(SPLIT_SUM_THREADS), info)
 }
 
 /// Threads a block of `input_grad_weight_bf16` (the input gradient's weight operand).
@@ -180,7 +212,7 @@ pub const WEIGHT_OPERAND_THREADS: usize = 256;
 /// Blocks of `input_grad_weight_bf16` over `n` operand values: one value a thread, at most 8
 /// waves of blocks (the threads loop past that), at least one block.
 pub fn weight_operand_blocks(n: usize, info: &DeviceInfo) -> usize {
-    n.div_ceil(WEIGHT_OPERAND_THREADS).clamp(1, 8 * info.sms.max(1))
+    super::wave_capped(n.div_ceil(WEIGHT_OPERAND_THREADS), info)
 }
 
 #[cfg(test)]
@@ -254,6 +286,21 @@ mod tests {
         }
         // many tiles: no split
         assert_eq!(planned(512, 64, 256, 256).unwrap().k_splits(), 1);
+    }
+
+    #[test]
+    fn tiles_parse_from_their_short_names() {
+        for tile in Bf16ConvTile::ALL {
+            assert_eq!(tile.name().parse::<Bf16ConvTile>(), Ok(tile));
+            assert_eq!(format!("conv_bf16_{}", tile.name()), tile.kernel_name());
+        }
+        assert_eq!("n128w4".parse::<Bf16ConvTile>(), Ok(Bf16ConvTile::N128W4));
+        let err = "n256".parse::<Bf16ConvTile>().unwrap_err();
+        assert!(
+            err.contains("\"n256\"") && err.contains("n32, n64, n128, n128w4"),
+            "{err}"
+        );
+        assert!("".parse::<Bf16ConvTile>().is_err() && "conv_bf16_n32".parse::<Bf16ConvTile>().is_err());
     }
 
     #[test]

@@ -54,6 +54,12 @@ pub use quant::{absmean_blocks, act_quant_plan, pack_plan, ActLayout, ActQuantPl
 pub use settings::{CpuKernel, ForcedChoices, KernelKind, KernelSettings};
 pub use skinny::{SkinnyPlan, SKINNY_MAX_M, SKINNY_THREADS};
 
+/// `blocks` capped at 8 waves of the device's SMs, at least one: the grid of the element-wise and
+/// gather kernels, whose threads loop over what lies past it.
+pub(crate) fn wave_capped(blocks: usize, info: &DeviceInfo) -> usize {
+    blocks.clamp(1, 8 * info.sms.max(1))
+}
+
 /// What the planner needs to know of a device (queried once per device on CUDA).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
