@@ -244,9 +244,10 @@ fn cpu_grads(
 /// The gradients of `conv2d(x, w)` (stride 1, padding `p`, square kernel) for the output gradient
 /// `g`, as the products of the module docs: `(dL/dx, dL/dw)`, `dL/dx` only `with_dx` (a first
 /// layer's images take none, and theirs would be the largest product of a small network). The
-/// products take operands of `products`' dtype (`w`'s; `x` and `g` are converted as they are laid
-/// out) and return it. With `x_codes` (CUDA) `x` only gives the shape, and the weight gradient
-/// reads `x` as the fake quantization of those codes.
+/// products take operands of `products`' dtype (`w`, `x` and `g` are converted as they are laid
+/// out; bf16 products return f32, the caller casts to the variables' dtypes). With `x_codes`
+/// (CUDA) `x` only gives the shape, and the weight gradient reads `x` as the fake quantization of
+/// those codes.
 fn gemm_grads(
     (x, x_codes): (&Tensor, Option<(&Tensor, &Tensor)>),
     w: &Tensor,
