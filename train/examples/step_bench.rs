@@ -102,6 +102,9 @@ struct Opts {
     /// All of the above: the plain candle path.
     #[arg(long)]
     baseline: bool,
+    /// The trainer's `--lookahead-every` (0: off; default: the recipe's).
+    #[arg(long, value_name = "N")]
+    lookahead_every: Option<u64>,
 }
 
 impl Opts {
@@ -394,6 +397,7 @@ fn main() -> Result<()> {
         "--epochs",
         &(o.epochs + 1).to_string(),
     ])?;
+    args.lookahead_every = o.lookahead_every;
     args.cuda = o.tuning();
     let mut t = Trainer::new(args)?;
     let dev = t.device.clone();

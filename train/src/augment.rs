@@ -19,6 +19,28 @@ pub const PAD: usize = 4;
 const SIDE: usize = 32;
 const PLANE: usize = SIDE * SIDE;
 
+/// How the training images' horizontal flips are drawn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flip {
+    /// Each image mirrored with probability 1/2, drawn anew every epoch.
+    #[default]
+    Random,
+    /// Each image's flip drawn once for the run (epoch 0), the opposite one in every odd epoch:
+    /// any two consecutive epochs show every image both ways (the speed-run nets' alternating
+    /// flip).
+    Alternating,
+}
+
+/// Sets the flips of one epoch's draws for [`Flip::Alternating`]: `params[j]` augments image
+/// `order[j]`, whose epoch-0 flip is `first[order[j]]`.
+pub fn alternate_flips(params: &mut [AugParams], order: &[usize], first: &[bool], epoch: usize) {
+    let odd = epoch % 2 == 1;
+    for (p, &i) in params.iter_mut().zip(order) {
+        p.flip = first[i] ^ odd;
+    }
+}
+
 /// The random choices for one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AugParams {

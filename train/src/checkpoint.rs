@@ -5,7 +5,8 @@
 //!   names of `model::SimpleBitCnn`);
 //! - `best.safetensors`: the variables after the epoch with the best test accuracy;
 //! - `resume.safetensors`: everything `--resume` needs in one file, so it is always consistent:
-//!   the variables, the optimizer moments (`optim.m.<name>`, `optim.v.<name>`) and, in the
+//!   the variables, the optimizer moments (`optim.m.<name>`, `optim.v.<name>`), with lookahead
+//!   the slow copies (`lookahead.<name>`) and, in the
 //!   safetensors metadata under `train_state`, a JSON [`TrainState`] (epochs done, optimizer step,
 //!   run settings, metrics history). The RNG needs no state: each epoch reseeds from
 //!   `(seed, epoch)`.
@@ -28,6 +29,8 @@ const STATE_KEY: &str = "train_state";
 pub const STATE_VERSION: u32 = 2;
 /// Prefix of the optimizer tensors in `resume.safetensors`.
 pub const OPTIM_PREFIX: &str = "optim.";
+/// Prefix of the lookahead's slow copies in `resume.safetensors`.
+pub const LOOKAHEAD_PREFIX: &str = "lookahead.";
 
 /// Settings that must match for `--resume` to continue a run exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +44,12 @@ pub struct RunSettings {
     pub schedule: crate::optim::Schedule,
     pub label_smoothing: f64,
     pub translate: usize,
+    /// Absent in files written before the option existed: those runs flipped at random.
+    #[serde(default)]
+    pub flip: crate::augment::Flip,
+    /// Absent in files written before the option existed: those runs had no lookahead.
+    #[serde(default)]
+    pub lookahead: Option<crate::lookahead::LookaheadConfig>,
     pub seed: u64,
     pub train_limit: Option<usize>,
     pub train_images: usize,
@@ -165,15 +174,22 @@ pub fn save_tensors(
     Ok(model::write_atomic(path, &bytes)?)
 }
 
-/// Saves the resume checkpoint: variables, optimizer tensors and the state.
+/// Saves the resume checkpoint: variables, optimizer tensors, the lookahead's slow copies (empty
+/// without lookahead) and the state.
 pub fn save_resume(
     path: &Path,
     vars: &[(String, Tensor)],
     optim: &[(String, Tensor)],
+    lookahead: &[(String, Tensor)],
     state: &TrainState,
 ) -> Result<()> {
     let mut all = vars.to_vec();
     all.extend(optim.iter().map(|(k, t)| (format!("{OPTIM_PREFIX}{k}"), t.clone())));
+    all.extend(
+        lookahead
+            .iter()
+            .map(|(k, t)| (format!("{LOOKAHEAD_PREFIX}{k}"), t.clone())),
+    );
     let meta = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(state)?)]);
     save_tensors(path, &all, Some(meta))
 }
@@ -214,18 +230,24 @@ pub fn resume_from_bytes(bytes: &[u8]) -> Result<ResumePoint> {
 }
 
 impl ResumePoint {
-    /// Checks the tensors against the model's variables `vars`: exactly each variable and its two
-    /// AdamW moments (`optim.m.<name>`, `optim.v.<name>`), no other tensor, each with the
-    /// variable's dtype and shape, all finite, and every second moment `v` non-negative (its
-    /// square root is taken).
+    /// Checks the tensors against the model's variables `vars`: exactly each variable, its two
+    /// AdamW moments (`optim.m.<name>`, `optim.v.<name>`) and, where the state's settings have
+    /// lookahead, its slow copy (`lookahead.<name>`), no other tensor, each with the variable's
+    /// dtype and shape, all finite, and every second moment `v` non-negative (its square root is
+    /// taken).
     pub fn check_tensors(&self, vars: &[(String, Var)]) -> Result<()> {
-        let mut specs = Vec::with_capacity(3 * vars.len());
+        let lookahead = self.state.settings.lookahead.is_some();
+        let mut specs = Vec::with_capacity(4 * vars.len());
         for (name, var) in vars {
+            let slow = lookahead.then(|| format!("{LOOKAHEAD_PREFIX}{name}"));
             for n in [
                 name.clone(),
                 format!("{OPTIM_PREFIX}m.{name}"),
                 format!("{OPTIM_PREFIX}v.{name}"),
-            ] {
+            ]
+            .into_iter()
+            .chain(slow)
+            {
                 specs.push(model::TensorSpec {
                     name: n,
                     shape: var.dims().to_vec(),

@@ -6,6 +6,8 @@ use clap::{Parser, ValueEnum};
 
 use model::NetworkConfig;
 
+use crate::augment::Flip;
+use crate::lookahead::LookaheadConfig;
 use crate::optim::Schedule;
 use crate::recipe::Recipe;
 use crate::tuning::CudaTuning;
@@ -60,6 +62,16 @@ pub struct Args {
     /// Largest random translation in pixels, 0..=4 [default: the recipe's, 4 or 2].
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=4))]
     pub translate: Option<u8>,
+
+    /// How training images are mirrored: `random` (each epoch anew) or `alternating` (drawn
+    /// once, the other way in odd epochs) [default: the recipe's].
+    #[arg(long, value_enum)]
+    pub flip: Option<FlipArg>,
+
+    /// Lookahead weight averaging: update the slow weights every N optimizer steps (0: off)
+    /// [default: the recipe's].
+    #[arg(long, value_name = "N")]
+    pub lookahead_every: Option<u64>,
 
     /// Also report the final test accuracy with test-time augmentation (mean logits over the
     /// image and its mirror, each also shifted by one pixel up-left and down-right).
@@ -141,6 +153,12 @@ impl Args {
             schedule: self.schedule.map_or(base.schedule, Schedule::from),
             label_smoothing: self.label_smoothing.unwrap_or(base.label_smoothing),
             translate: self.translate.map_or(base.translate, usize::from),
+            flip: self.flip.map_or(base.flip, Flip::from),
+            lookahead: match self.lookahead_every {
+                None => base.lookahead,
+                Some(0) => None,
+                Some(every) => Some(LookaheadConfig { every }),
+            },
         }
     }
 
@@ -201,6 +219,21 @@ impl From<ScheduleArg> for Schedule {
             ScheduleArg::Constant => Schedule::Constant,
             ScheduleArg::Cosine => Schedule::Cosine,
             ScheduleArg::WarmupLinear => Schedule::WarmupLinear,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FlipArg {
+    Random,
+    Alternating,
+}
+
+impl From<FlipArg> for Flip {
+    fn from(f: FlipArg) -> Self {
+        match f {
+            FlipArg::Random => Flip::Random,
+            FlipArg::Alternating => Flip::Alternating,
         }
     }
 }

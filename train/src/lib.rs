@@ -2,7 +2,7 @@
 //!
 //! The data set and its normalisation are the [`cifar`] crate's. One file per concept: [`cli`]
 //! (options), [`recipe`] (each network's hyper-parameters and loss), [`augment`] (crop/flip/normalise on CPU or device), [`init`] (seeded
-//! initialisation), [`rng`] (per-epoch seeds), [`optim`] (AdamW and schedules), [`checkpoint`]
+//! initialisation), [`rng`] (per-epoch seeds), [`optim`] (AdamW and schedules), [`lookahead`] (weight averaging), [`checkpoint`]
 //! (atomic safetensors), [`metrics`] (CSV and summary), [`plot`] (PNG curves), [`tuning`]
 //! (switches of the CUDA path) and [`trainer`] (the loop).
 
@@ -12,6 +12,7 @@ pub mod cli;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod init;
+pub mod lookahead;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

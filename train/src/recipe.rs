@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::augment::Flip;
+use crate::lookahead::LookaheadConfig;
 use crate::optim::Schedule;
 
 /// Everything that sets how a network is trained (apart from data, device and seed).
@@ -22,6 +24,10 @@ pub struct Recipe {
     pub label_smoothing: f64,
     /// Largest random translation, in pixels on each axis (0..=4), before the random flip.
     pub translate: usize,
+    /// How the horizontal flips are drawn.
+    pub flip: Flip,
+    /// Lookahead weight averaging, or `None` for the optimizer's weights as they are.
+    pub lookahead: Option<LookaheadConfig>,
 }
 
 impl Recipe {
@@ -36,6 +42,8 @@ impl Recipe {
             schedule: Schedule::Constant,
             label_smoothing: 0.0,
             translate: 4,
+            flip: Flip::Random,
+            lookahead: None,
         }
     }
 
@@ -52,6 +60,8 @@ impl Recipe {
             schedule: Schedule::WarmupLinear,
             label_smoothing: 0.2,
             translate: 2,
+            flip: Flip::Random,
+            lookahead: None,
         }
     }
 }

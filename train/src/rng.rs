@@ -28,3 +28,14 @@ pub fn derive_seed(seed: u64, stream: u64) -> [u8; 32] {
 pub fn epoch_rng(seed: u64, epoch: usize) -> ChaCha8Rng {
     ChaCha8Rng::from_seed(derive_seed(seed, epoch as u64))
 }
+
+/// Stream of [`first_flips`]: beyond any epoch number.
+const FLIP_STREAM: u64 = u64::MAX;
+
+/// The epoch-0 flip of each of `n` images for [`crate::augment::Flip::Alternating`], from the
+/// run's seed alone (a resumed run draws the same).
+pub fn first_flips(seed: u64, n: usize) -> Vec<bool> {
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::from_seed(derive_seed(seed, FLIP_STREAM));
+    (0..n).map(|_| rng.gen_bool(0.5)).collect()
+}

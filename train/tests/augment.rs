@@ -2,8 +2,11 @@ mod common;
 
 use candle_core::Device;
 use cifar::{normalize_batch, Lut, Normalizer};
+use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use train::augment::{augment_batch_cpu, augment_batch_tensor, augment_into, images_tensor, AugParams};
+use train::augment::{
+    alternate_flips, augment_batch_cpu, augment_batch_tensor, augment_into, images_tensor, AugParams,
+};
 
 fn raw(src: &[u8], p: AugParams) -> Vec<f32> {
     let mut out = vec![0f32; 3072];
@@ -102,4 +105,30 @@ fn tensor_pipeline_equals_cpu_pipeline_bit_for_bit() {
     assert_eq!(t.dims(), &[24, 3, 32, 32]);
     let t: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(t, cpu);
+}
+
+/// Alternating flips: every image's flip is its run-level draw in even epochs and the opposite
+/// in odd ones, whatever the shuffle; the draws depend on the seed only and are about half true.
+#[test]
+fn alternating_flips_follow_the_image_not_the_position() {
+    let n = 4000;
+    let seed = rand::random::<u64>();
+    let first = train::rng::first_flips(seed, n);
+    assert_eq!(first, train::rng::first_flips(seed, n));
+    assert_ne!(first, train::rng::first_flips(seed ^ 1, n));
+    let trues = first.iter().filter(|&&f| f).count();
+    assert!((1800..=2200).contains(&trues), "{trues} of {n} flipped");
+    let mut rng = rand::thread_rng();
+    for epoch in 0..4 {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rng);
+        let mut params: Vec<AugParams> = (0..n).map(|_| AugParams::sample_within(&mut rng, 2)).collect();
+        let before = params.clone();
+        alternate_flips(&mut params, &order, &first, epoch);
+        for (j, (p, b)) in params.iter().zip(&before).enumerate() {
+            assert_eq!(p.flip, first[order[j]] ^ (epoch % 2 == 1));
+            // Only the flip changes.
+            assert_eq!((p.dy, p.dx), (b.dy, b.dx));
+        }
+    }
 }

@@ -139,6 +139,17 @@ fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
 /// ends: weights, optimizer moments and step, metrics.
 #[test]
 fn resume_is_bit_exact() {
+    check_resume_is_bit_exact("32", &[]);
+}
+
+/// The same with alternating flips and lookahead: 10 steps an epoch, an update every 3, so each
+/// stop falls between updates and the slow copies differ from the weights there.
+#[test]
+fn resume_with_lookahead_is_bit_exact() {
+    check_resume_is_bit_exact("8", &["--flip", "alternating", "--lookahead-every", "3"]);
+}
+
+fn check_resume_is_bit_exact(batch_size: &str, extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     common::write_dataset(&data, 16, 20);
@@ -153,7 +164,7 @@ fn resume_is_bit_exact() {
             "--epochs",
             "3",
             "--batch-size",
-            "32",
+            batch_size,
             "--eval-batch-size",
             "20",
             "--schedule",
@@ -161,8 +172,10 @@ fn resume_is_bit_exact() {
             "--seed",
             seed,
         ]
+        .into_iter()
+        .chain(extra.iter().copied())
         .map(String::from)
-        .to_vec()
+        .collect::<Vec<_>>()
     };
     let common_args = |out: &Path| args_seed(out, "11");
     let full = run_ok(&s(&common_args(&a)));

@@ -43,6 +43,8 @@ fn state(epochs_done: usize, rng: &mut impl Rng) -> TrainState {
             schedule: Schedule::Cosine,
             label_smoothing: 0.0,
             translate: 4,
+            flip: Default::default(),
+            lookahead: None,
             seed: rng.gen(),
             train_limit: Some(100),
             train_images: 100,
@@ -61,7 +63,14 @@ fn bytes_round_trip_like_the_file() {
     let w = Tensor::from_vec(values.clone(), (2, 3), &Device::Cpu).unwrap();
     let m = Tensor::from_vec(values.iter().map(|v| -v).collect::<Vec<_>>(), (2, 3), &Device::Cpu).unwrap();
     let want = state(rng.gen_range(1..5), &mut rng);
-    save_resume(&path, &[("fc.weight".into(), w)], &[("m.fc.weight".into(), m)], &want).unwrap();
+    save_resume(
+        &path,
+        &[("fc.weight".into(), w)],
+        &[("m.fc.weight".into(), m)],
+        &[],
+        &want,
+    )
+    .unwrap();
 
     let bytes = std::fs::read(&path).unwrap();
     for point in [resume_from_bytes(&bytes).unwrap(), load_resume(&path).unwrap()] {

@@ -174,3 +174,24 @@ fn seeded_init_sets_batch_norms_like_pytorch() {
     let b = values("stem.bias");
     assert!(b.iter().all(|v| v.abs() <= 1.0 / 27f32.sqrt()) && b.iter().any(|v| *v != 0.0));
 }
+
+/// `--flip` and `--lookahead-every` override the recipe's; 0 turns lookahead off.
+#[test]
+fn flip_and_lookahead_options_override_the_recipe() {
+    use train::augment::Flip;
+    use train::lookahead::LookaheadConfig;
+    let recipe = |args: &[&str]| {
+        let all = ["train", "--model", "ternary-speedrun"].iter().chain(args);
+        <train::cli::Args as clap::Parser>::parse_from(all).recipe()
+    };
+    let base = recipe(&[]);
+    assert_eq!(base, train::recipe::Recipe::ternary_speedrun());
+    let r = recipe(&["--flip", "alternating", "--lookahead-every", "7"]);
+    assert_eq!(r.flip, Flip::Alternating);
+    assert_eq!(r.lookahead, Some(LookaheadConfig { every: 7 }));
+    assert_eq!(r.epochs, base.epochs);
+    let off = recipe(&["--flip", "random", "--lookahead-every", "0"]);
+    assert_eq!((off.flip, off.lookahead), (Flip::Random, None));
+    let bad = <train::cli::Args as clap::Parser>::try_parse_from(["train", "--lookahead-every", "-1"]);
+    assert!(bad.is_err());
+}

@@ -13,10 +13,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use model::Network;
 use rand::seq::SliceRandom;
 
-use crate::augment::AugParams;
+use crate::augment::{alternate_flips, AugParams, Flip};
 use crate::checkpoint::{self, RunSettings, TrainState};
 use crate::cli::{Args, DeviceArg, DtypeArg};
 use crate::init;
+use crate::lookahead::Lookahead;
 use crate::metrics::{self, EpochMetrics, Summary};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::{smoothed_cross_entropy, Recipe};
@@ -57,6 +58,8 @@ pub struct Trainer {
     /// The hyper-parameters: the network's recipe with the command line's overrides.
     pub recipe: Recipe,
     pub optimizer: AdamW,
+    /// The slow copies of the variables, where the recipe has lookahead.
+    pub lookahead: Option<Lookahead>,
     pub data: cifar::Cifar10,
     pub state: TrainState,
     pipeline: Pipeline,
@@ -117,6 +120,10 @@ impl Trainer {
         };
         let mut optimizer = AdamW::new(init::sorted_vars(&varmap), adamw)?;
         optimizer.set_fused_cuda(tuning.fused_adamw);
+        let mut lookahead = recipe
+            .lookahead
+            .map(|c| Lookahead::new(init::sorted_vars(&varmap), c))
+            .transpose()?;
 
         let settings = RunSettings {
             model: config.describe(),
@@ -127,6 +134,8 @@ impl Trainer {
             schedule: recipe.schedule,
             label_smoothing: recipe.label_smoothing,
             translate: recipe.translate,
+            flip: recipe.flip,
+            lookahead: recipe.lookahead,
             seed: args.seed,
             train_limit: args.train_limit,
             train_images: data.train.len(),
@@ -160,6 +169,14 @@ impl Trainer {
             optimizer.load_state(point.state.optimizer_step, |k| {
                 point.tensors.get(&format!("{}{k}", checkpoint::OPTIM_PREFIX)).cloned()
             })?;
+            if let Some(la) = &mut lookahead {
+                la.load_state(|k| {
+                    point
+                        .tensors
+                        .get(&format!("{}{k}", checkpoint::LOOKAHEAD_PREFIX))
+                        .cloned()
+                })?;
+            }
             state = point.state;
         }
 
@@ -173,6 +190,7 @@ impl Trainer {
             model,
             recipe,
             optimizer,
+            lookahead,
             data,
             state,
             pipeline,
@@ -211,9 +229,13 @@ impl Trainer {
         let mut rng = epoch_rng(self.args.seed, epoch);
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut rng);
-        let params: Vec<AugParams> = (0..n)
+        let mut params: Vec<AugParams> = (0..n)
             .map(|_| AugParams::sample_within(&mut rng, recipe.translate))
             .collect();
+        if recipe.flip == Flip::Alternating {
+            let first = crate::rng::first_flips(self.args.seed, n);
+            alternate_flips(&mut params, &order, &first, epoch);
+        }
 
         let steps = self.steps_per_epoch();
         let total_steps = steps * recipe.epochs as u64;
@@ -237,6 +259,9 @@ impl Trainer {
             lr = recipe.schedule.lr(recipe.lr, self.optimizer.step_count(), total_steps);
             self.optimizer.set_lr(lr);
             self.optimizer.step(&grads)?;
+            if let Some(la) = &mut self.lookahead {
+                la.after_step(self.optimizer.step_count(), total_steps)?;
+            }
 
             let b = idx.len();
             loss_sum = (loss_sum + (loss.detach() * b as f64)?)?;
@@ -341,6 +366,7 @@ impl Trainer {
             &out.join(checkpoint::RESUME),
             &vars,
             &self.optimizer.state_tensors(),
+            &self.lookahead.as_ref().map_or_else(Vec::new, Lookahead::state_tensors),
             &self.state,
         )
     }
@@ -363,7 +389,7 @@ impl Trainer {
             .sum();
         println!(
             "model: {} ({params} parameters); device {}, dtype {}; {} epochs, batch {}, AdamW lr {} \
-             wd {}, {:?} schedule, label smoothing {}, translate {}, seed {}",
+             wd {}, {:?} schedule, label smoothing {}, translate {}, {:?} flip, lookahead {}, seed {}",
             cfg.describe(),
             device_name(&self.device),
             self.args.dtype.as_str(),
@@ -374,6 +400,10 @@ impl Trainer {
             recipe.schedule,
             recipe.label_smoothing,
             recipe.translate,
+            recipe.flip,
+            recipe
+                .lookahead
+                .map_or("off".to_string(), |c| format!("every {} steps", c.every)),
             self.args.seed,
         );
         if self.state.epochs_done > 0 {
