@@ -32,6 +32,16 @@ pub enum Flip {
     Alternating,
 }
 
+impl Flip {
+    /// The name `--flip` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flip::Random => "random",
+            Flip::Alternating => "alternating",
+        }
+    }
+}
+
 /// Sets the flips of one epoch's draws for [`Flip::Alternating`]: `params[j]` augments image
 /// `order[j]`, whose epoch-0 flip is `first[order[j]]`.
 pub fn alternate_flips(params: &mut [AugParams], order: &[usize], first: &[bool], epoch: usize) {

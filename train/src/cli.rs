@@ -64,12 +64,12 @@ pub struct Args {
     pub translate: Option<u8>,
 
     /// How training images are mirrored: `random` (each epoch anew) or `alternating` (drawn
-    /// once, the other way in odd epochs) [default: the recipe's].
+    /// once, the other way in odd epochs) [default: random].
     #[arg(long, value_enum)]
     pub flip: Option<FlipArg>,
 
     /// Lookahead weight averaging: update the slow weights every N optimizer steps (0: off)
-    /// [default: the recipe's].
+    /// [default: the recipe's, off or 5].
     #[arg(long, value_name = "N")]
     pub lookahead_every: Option<u64>,
 

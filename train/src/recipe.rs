@@ -48,9 +48,11 @@ impl Recipe {
     }
 
     /// The fully ternary speed-run network's recipe, after the speed-run nets: large batches, a
-    /// short warm-up then linear decay, label smoothing 0.2, translation up to 2 pixels and flip.
-    /// AdamW rather than their Nesterov SGD: the latent weights of ternary layers train with
-    /// Adam's per-weight step sizes in BitNet, and AdamW has no learning rate tied to the batch.
+    /// short warm-up then linear decay, label smoothing 0.2, translation up to 2 pixels and flip,
+    /// lookahead every 5 steps. AdamW rather than their Nesterov SGD: the latent weights of
+    /// ternary layers train with Adam's per-weight step sizes in BitNet, and AdamW has no
+    /// learning rate tied to the batch. Random rather than alternating flips: with lookahead
+    /// the alternating ones gained nothing with test-time augmentation (bench/RESULTS.md).
     pub fn ternary_speedrun() -> Self {
         Self {
             epochs: 16,
@@ -61,7 +63,7 @@ impl Recipe {
             label_smoothing: 0.2,
             translate: 2,
             flip: Flip::Random,
-            lookahead: None,
+            lookahead: Some(LookaheadConfig::SPEEDRUN),
         }
     }
 }

@@ -389,7 +389,7 @@ impl Trainer {
             .sum();
         println!(
             "model: {} ({params} parameters); device {}, dtype {}; {} epochs, batch {}, AdamW lr {} \
-             wd {}, {:?} schedule, label smoothing {}, translate {}, {:?} flip, lookahead {}, seed {}",
+             wd {}, {:?} schedule, label smoothing {}, translate {}, {} flip, lookahead {}, seed {}",
             cfg.describe(),
             device_name(&self.device),
             self.args.dtype.as_str(),
@@ -400,7 +400,7 @@ impl Trainer {
             recipe.schedule,
             recipe.label_smoothing,
             recipe.translate,
-            recipe.flip,
+            recipe.flip.name(),
             recipe
                 .lookahead
                 .map_or("off".to_string(), |c| format!("every {} steps", c.every)),
