@@ -27,6 +27,7 @@ use candle_core::{DType, Module, Tensor};
 use cifar::Split;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
+use train::augment::Edge;
 use train::cli::Args;
 use train::trainer::Trainer;
 use train::tuning::CudaTuning;
@@ -308,7 +309,13 @@ fn check(dev: &candle_core::Device) -> Result<()> {
     let images = train::augment::images_tensor(&split, dev)?;
     let labels = Tensor::from_slice(&split.labels, split.len(), dev)?;
     let order: Vec<usize> = (0..300).rev().collect();
-    let params: Vec<_> = (0..300).map(|_| train::augment::AugParams::sample(&mut rng)).collect();
+    // Both edges, at random.
+    let params: Vec<_> = (0..300)
+        .map(|i| train::augment::AugParams {
+            edge: [Edge::Zeros, Edge::Reflect][i % 2],
+            ..train::augment::AugParams::sample(&mut rng)
+        })
+        .collect();
     let tables = train::cuda::EpochTables::new(&order, &params, dev)?;
     let norm = cifar::Normalizer::default();
     let (start, b) = (37, 200);

@@ -6,11 +6,11 @@
 //   m[i], v[i], p[i]. The scalars are the f32 roundings of the host's f64 coefficients, applied in
 //   the order of the tensor-op implementation (m*b1 + g*(1-b1), ..., decayed - update*lr).
 //
-// augment_u8: crop 32 from the 4-pixel zero-padded image, optional horizontal flip, then
-//   per-channel `v * scale[c] - shift[c]`, for a batch of `b` images.
+// augment_u8: crop 32 from the 4-pixel zero- or reflect-padded image, optional horizontal flip,
+//   then per-channel `v * scale[c] - shift[c]`, for a batch of `b` images.
 //   images: (N, 3, 32, 32) u8; order: u32 image index per epoch position; params: u32 per epoch
-//   position, dy | dx << 8 | flip << 16 (dy, dx in 0..=8: the crop's corner in the 40x40 padded
-//   image). Batch row r is epoch position start + r. out: (b, 3, 32, 32) f32. Thread t
+//   position, dy | dx << 8 | flip << 16 | reflect << 17 (dy, dx in 0..=8: the crop's corner in
+//   the 40x40 padded image; reflect: source index -i for i < 0 and 62 - i for i > 31). Batch row r is epoch position start + r. out: (b, 3, 32, 32) f32. Thread t
 //   (grid-stride) writes out element t; rows are read through L1/L2 (each image is 3 KiB).
 //
 // gather_labels: labels (N) u8, order (as above) -> y[r] = labels[order[start + r]] as u32.
@@ -51,8 +51,13 @@ extern "C" __global__ void augment_u8(const uint8_t* __restrict__ images, const 
         const int dy = pr & 0xff;
         const int dx = (pr >> 8) & 0xff;
         const int flip = (pr >> 16) & 1;
-        const int sy = y + dy - 4;
-        const int sx = (flip ? 31 - x : x) + dx - 4;
+        const int reflect = (pr >> 17) & 1;
+        int sy = y + dy - 4;
+        int sx = (flip ? 31 - x : x) + dx - 4;
+        if (reflect) {
+            sy = sy < 0 ? -sy : (sy > 31 ? 62 - sy : sy);
+            sx = sx < 0 ? -sx : (sx > 31 ? 62 - sx : sx);
+        }
         uint32_t val = 0;
         if (sy >= 0 && sy < 32 && sx >= 0 && sx < 32) {
             const size_t img = order[start + r];

@@ -1,6 +1,7 @@
 //! Data augmentation: random crop 32 from the 4-pixel zero-padded image, then a random horizontal
 //! flip, then the per-channel normalisation of [`cifar::Normalizer`] (the pipeline
-//! `RandomCrop(32, padding=4)`, `RandomHorizontalFlip`, `ToTensor`, `Normalize` of torchvision).
+//! `RandomCrop(32, padding=4)`, `RandomHorizontalFlip`, `ToTensor`, `Normalize` of torchvision);
+//! or, with [`Edge::Reflect`], the crop from the reflect-padded image.
 //!
 //! The random choices ([`AugParams`]) are drawn on the host from the epoch's seeded RNG, so both
 //! implementations give the same batch bit for bit:
@@ -51,6 +52,28 @@ pub fn alternate_flips(params: &mut [AugParams], order: &[usize], first: &[bool]
     }
 }
 
+/// What a translation brings in at the image's edges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Edge {
+    /// Black pixels (byte 0), as torchvision's `RandomCrop(32, padding=4)`.
+    #[default]
+    Zeros,
+    /// The image mirrored at its border, the border pixel not repeated (PyTorch's `reflect`
+    /// padding: column -1 is column 1, column 32 is column 30), as the speed-run nets translate.
+    Reflect,
+}
+
+impl Edge {
+    /// The name `--edge` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Edge::Zeros => "zeros",
+            Edge::Reflect => "reflect",
+        }
+    }
+}
+
 /// The random choices for one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AugParams {
@@ -60,6 +83,8 @@ pub struct AugParams {
     pub dx: u8,
     /// Mirror the crop left-right.
     pub flip: bool,
+    /// What comes in at the edges where the crop leaves the image.
+    pub edge: Edge,
 }
 
 impl AugParams {
@@ -68,6 +93,7 @@ impl AugParams {
         dy: PAD as u8,
         dx: PAD as u8,
         flip: false,
+        edge: Edge::Zeros,
     };
 
     /// Draws a crop offset uniformly in 0..=8 on each axis and a flip with probability 1/2.
@@ -77,43 +103,68 @@ impl AugParams {
 
     /// Draws a translation uniformly in `-translate..=translate` pixels on each axis (a crop
     /// offset `PAD ± translate`; `translate` is capped at [`PAD`]) and a flip with probability
-    /// 1/2. With `translate = PAD` it draws exactly what [`AugParams::sample`] does.
+    /// 1/2, with zeros at the edges. With `translate = PAD` it draws exactly what
+    /// [`AugParams::sample`] does.
     pub fn sample_within<R: Rng>(rng: &mut R, translate: usize) -> Self {
         let t = translate.min(PAD) as u8;
         let lo = PAD as u8 - t;
         let dy = lo + rng.gen_range(0..=2 * t);
         let dx = lo + rng.gen_range(0..=2 * t);
         let flip = rng.gen_bool(0.5);
-        AugParams { dy, dx, flip }
+        AugParams {
+            dy,
+            dx,
+            flip,
+            edge: Edge::Zeros,
+        }
     }
 
-    /// The test-time views: the image and its mirror, each as it is and shifted by one pixel
-    /// towards the top-left and towards the bottom-right (zeros come in at the edges).
-    pub fn test_time_views() -> [AugParams; 6] {
+    /// The test-time views and their weights, as the speed-run nets average them: the image and
+    /// its mirror (1/4 each), and both shifted by one pixel towards the top-left and towards the
+    /// bottom-right (1/8 each), with `edge` at the edges. The weights sum to 1.
+    pub fn test_time_views(edge: Edge) -> [(AugParams, f64); 6] {
         let p = PAD as u8;
-        let view = |d: u8, flip: bool| AugParams { dy: d, dx: d, flip };
+        let view = |d: u8, flip: bool| AugParams {
+            dy: d,
+            dx: d,
+            flip,
+            edge,
+        };
         [
-            view(p, false),
-            view(p, true),
-            view(p - 1, false),
-            view(p - 1, true),
-            view(p + 1, false),
-            view(p + 1, true),
+            (view(p, false), 0.25),
+            (view(p, true), 0.25),
+            (view(p - 1, false), 0.125),
+            (view(p - 1, true), 0.125),
+            (view(p + 1, false), 0.125),
+            (view(p + 1, true), 0.125),
         ]
+    }
+
+    /// An index into the image's rows or columns (may be out of range: zeros), with
+    /// [`Edge::Reflect`] folded back into it.
+    fn fold(self, i: isize) -> isize {
+        let last = SIDE as isize - 1;
+        match self.edge {
+            Edge::Zeros => i,
+            Edge::Reflect if i < 0 => -i,
+            Edge::Reflect if i > last => 2 * last - i,
+            Edge::Reflect => i,
+        }
     }
 
     /// The source column (in the unpadded image, may be out of range) of output column `x`.
     fn src_col(self, x: usize) -> isize {
         let xc = if self.flip { SIDE - 1 - x } else { x };
-        xc as isize + self.dx as isize - PAD as isize
+        self.fold(xc as isize + self.dx as isize - PAD as isize)
     }
 
     fn src_row(self, y: usize) -> isize {
-        y as isize + self.dy as isize - PAD as isize
+        self.fold(y as isize + self.dy as isize - PAD as isize)
     }
 }
 
-/// Augments one 3x32x32 byte image into `out` (3072 f32, CHW): out-of-image pixels are byte 0.
+/// Augments one 3x32x32 byte image into `out` (3072 f32, CHW): out-of-image pixels are byte 0
+/// (with [`Edge::Zeros`]; [`Edge::Reflect`] leaves none).
 pub fn augment_into(src: &[u8], p: AugParams, lut: &Lut, out: &mut [f32]) {
     debug_assert_eq!(src.len(), IMAGE_BYTES);
     debug_assert_eq!(out.len(), IMAGE_BYTES);
@@ -176,7 +227,7 @@ pub fn augment_batch_tensor(
     let mut rows = Vec::with_capacity(b * SIDE);
     let mut cols = Vec::with_capacity(b * SIDE);
     for p in params {
-        rows.extend((0..SIDE).map(|y| (y + p.dy as usize) as u32));
+        rows.extend((0..SIDE).map(|y| (p.src_row(y) + PAD as isize) as u32));
         cols.extend((0..SIDE).map(|x| (p.src_col(x) + PAD as isize) as u32));
     }
     let rows = Tensor::from_vec(rows, (b, 1, SIDE, 1), dev)?

@@ -44,6 +44,9 @@ pub struct RunSettings {
     pub schedule: crate::optim::Schedule,
     pub label_smoothing: f64,
     pub translate: usize,
+    /// Absent in files written before the option existed: those runs translated with zeros.
+    #[serde(default)]
+    pub edge: crate::augment::Edge,
     /// Absent in files written before the option existed: those runs flipped at random.
     #[serde(default)]
     pub flip: crate::augment::Flip,

@@ -6,7 +6,7 @@ use clap::{Parser, ValueEnum};
 
 use model::NetworkConfig;
 
-use crate::augment::Flip;
+use crate::augment::{Edge, Flip};
 use crate::lookahead::LookaheadConfig;
 use crate::optim::Schedule;
 use crate::recipe::Recipe;
@@ -63,6 +63,11 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=4))]
     pub translate: Option<u8>,
 
+    /// What translations bring in at the image's edges, in training and in the test-time views:
+    /// `zeros` (black) or `reflect` (the image mirrored at its border) [default: zeros].
+    #[arg(long, value_enum)]
+    pub edge: Option<EdgeArg>,
+
     /// How training images are mirrored: `random` (each epoch anew) or `alternating` (drawn
     /// once, the other way in odd epochs) [default: random].
     #[arg(long, value_enum)]
@@ -73,8 +78,9 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub lookahead_every: Option<u64>,
 
-    /// Also report the final test accuracy with test-time augmentation (mean logits over the
-    /// image and its mirror, each also shifted by one pixel up-left and down-right).
+    /// Also report the final test accuracy with test-time augmentation, as the speed-run nets
+    /// weigh it: the logits of the image and its mirror (1/4 each) plus those of both shifted by
+    /// one pixel up-left and down-right (1/8 each).
     #[arg(long)]
     pub tta: bool,
 
@@ -153,6 +159,7 @@ impl Args {
             schedule: self.schedule.map_or(base.schedule, Schedule::from),
             label_smoothing: self.label_smoothing.unwrap_or(base.label_smoothing),
             translate: self.translate.map_or(base.translate, usize::from),
+            edge: self.edge.map_or(base.edge, Edge::from),
             flip: self.flip.map_or(base.flip, Flip::from),
             lookahead: match self.lookahead_every {
                 None => base.lookahead,
@@ -219,6 +226,21 @@ impl From<ScheduleArg> for Schedule {
             ScheduleArg::Constant => Schedule::Constant,
             ScheduleArg::Cosine => Schedule::Cosine,
             ScheduleArg::WarmupLinear => Schedule::WarmupLinear,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EdgeArg {
+    Zeros,
+    Reflect,
+}
+
+impl From<EdgeArg> for Edge {
+    fn from(e: EdgeArg) -> Self {
+        match e {
+            EdgeArg::Zeros => Edge::Zeros,
+            EdgeArg::Reflect => Edge::Reflect,
         }
     }
 }

@@ -143,7 +143,10 @@ impl EpochTables {
         let o: Vec<u32> = order.iter().map(|&i| i as u32).collect();
         let p: Vec<u32> = params
             .iter()
-            .map(|p| p.dy as u32 | (p.dx as u32) << 8 | (p.flip as u32) << 16)
+            .map(|p| {
+                let reflect = p.edge == crate::augment::Edge::Reflect;
+                p.dy as u32 | (p.dx as u32) << 8 | (p.flip as u32) << 16 | (reflect as u32) << 17
+            })
             .collect();
         Ok(Self {
             order: Tensor::from_vec(o, order.len(), dev)?,

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::augment::Flip;
+use crate::augment::{Edge, Flip};
 use crate::lookahead::LookaheadConfig;
 use crate::optim::Schedule;
 
@@ -24,6 +24,8 @@ pub struct Recipe {
     pub label_smoothing: f64,
     /// Largest random translation, in pixels on each axis (0..=4), before the random flip.
     pub translate: usize,
+    /// What translations bring in at the edges (in training and in the test-time views).
+    pub edge: Edge,
     /// How the horizontal flips are drawn.
     pub flip: Flip,
     /// Lookahead weight averaging, or `None` for the optimizer's weights as they are.
@@ -42,6 +44,7 @@ impl Recipe {
             schedule: Schedule::Constant,
             label_smoothing: 0.0,
             translate: 4,
+            edge: Edge::Zeros,
             flip: Flip::Random,
             lookahead: None,
         }
@@ -62,6 +65,7 @@ impl Recipe {
             schedule: Schedule::WarmupLinear,
             label_smoothing: 0.2,
             translate: 2,
+            edge: Edge::Zeros,
             flip: Flip::Random,
             lookahead: Some(LookaheadConfig::SPEEDRUN),
         }

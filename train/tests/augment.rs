@@ -3,9 +3,9 @@ mod common;
 use candle_core::Device;
 use cifar::{normalize_batch, Lut, Normalizer};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use train::augment::{
-    alternate_flips, augment_batch_cpu, augment_batch_tensor, augment_into, images_tensor, AugParams,
+    alternate_flips, augment_batch_cpu, augment_batch_tensor, augment_into, images_tensor, AugParams, Edge,
 };
 
 fn raw(src: &[u8], p: AugParams) -> Vec<f32> {
@@ -14,8 +14,18 @@ fn raw(src: &[u8], p: AugParams) -> Vec<f32> {
     out
 }
 
+/// Every crop and flip, with zeros at the edges.
 fn all_params() -> impl Iterator<Item = AugParams> {
-    (0..=8u8).flat_map(|dy| (0..=8u8).flat_map(move |dx| [false, true].map(|flip| AugParams { dy, dx, flip })))
+    (0..=8u8).flat_map(|dy| {
+        (0..=8u8).flat_map(move |dx| {
+            [false, true].map(|flip| AugParams {
+                dy,
+                dx,
+                flip,
+                edge: Edge::Zeros,
+            })
+        })
+    })
 }
 
 #[test]
@@ -55,16 +65,88 @@ fn identity_is_the_original_and_flip_mirrors() {
     let id = raw(src, AugParams::IDENTITY);
     assert_eq!(id, src.iter().map(|&v| v as f32).collect::<Vec<_>>());
     for p in all_params().filter(|p| !p.flip) {
-        let a = raw(src, p);
-        let b = raw(src, AugParams { flip: true, ..p });
-        for c in 0..3 {
-            for y in 0..32 {
-                for x in 0..32 {
-                    let i = c * 1024 + y * 32;
-                    assert_eq!(a[i + x], b[i + 31 - x]);
+        for edge in [Edge::Zeros, Edge::Reflect] {
+            let p = AugParams { edge, ..p };
+            let a = raw(src, p);
+            let b = raw(src, AugParams { flip: true, ..p });
+            for c in 0..3 {
+                for y in 0..32 {
+                    for x in 0..32 {
+                        let i = c * 1024 + y * 32;
+                        assert_eq!(a[i + x], b[i + 31 - x]);
+                    }
                 }
             }
         }
+    }
+}
+
+/// Reflect edges against an explicit reflect padding: the 40x40 image built pixel by pixel
+/// (row and column -k are k, 31 + k are 31 - k), then the crop at (dy, dx), then the flip.
+#[test]
+fn reflect_edges_crop_the_reflect_padded_image() {
+    let s = common::random_split(1, 8);
+    let src = s.image(0);
+    let reflect = |i: isize| -> usize {
+        if i < 0 {
+            (-i) as usize
+        } else if i > 31 {
+            (62 - i) as usize
+        } else {
+            i as usize
+        }
+    };
+    let mut padded = vec![0u8; 3 * 40 * 40];
+    for c in 0..3 {
+        for py in 0..40isize {
+            for px in 0..40isize {
+                let v = src[c * 1024 + reflect(py - 4) * 32 + reflect(px - 4)];
+                padded[c * 1600 + (py * 40 + px) as usize] = v;
+            }
+        }
+    }
+    for p in all_params() {
+        let p = AugParams {
+            edge: Edge::Reflect,
+            ..p
+        };
+        let out = raw(src, p);
+        for c in 0..3 {
+            for y in 0..32 {
+                for x in 0..32 {
+                    let xc = if p.flip { 31 - x } else { x };
+                    let want = padded[c * 1600 + (y + p.dy as usize) * 40 + xc + p.dx as usize] as f32;
+                    assert_eq!(out[c * 1024 + y * 32 + x], want, "{p:?} c{c} y{y} x{x}");
+                }
+            }
+        }
+    }
+}
+
+/// The test-time views: the identity and its mirror weigh 1/4, the four shifted views 1/8, the
+/// weights sum to 1, every view carries the edge asked for.
+#[test]
+fn test_time_views_are_weighted_like_the_speed_run_nets() {
+    for edge in [Edge::Zeros, Edge::Reflect] {
+        let views = AugParams::test_time_views(edge);
+        assert_eq!(views.iter().map(|v| v.1).sum::<f64>(), 1.0);
+        assert_eq!(
+            views[0],
+            (
+                AugParams {
+                    edge,
+                    ..AugParams::IDENTITY
+                },
+                0.25
+            )
+        );
+        assert!(views[1].0.flip);
+        for (p, w) in &views[2..] {
+            assert_eq!(*w, 0.125);
+            assert_eq!(p.dy, p.dx);
+            assert_eq!((p.dy as i32 - 4).abs(), 1);
+        }
+        assert!(views.iter().all(|(p, _)| p.edge == edge));
     }
 }
 
@@ -98,7 +180,18 @@ fn tensor_pipeline_equals_cpu_pipeline_bit_for_bit() {
     let norm = Normalizer::default();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let indices: Vec<usize> = (0..24).map(|i| (i * 7) % 40).collect();
-    let params: Vec<AugParams> = indices.iter().map(|_| AugParams::sample(&mut rng)).collect();
+    // Both edges, at random.
+    let params: Vec<AugParams> = indices
+        .iter()
+        .map(|_| {
+            let edge = if rng.gen_bool(0.5) { Edge::Reflect } else { Edge::Zeros };
+            AugParams {
+                edge,
+                ..AugParams::sample(&mut rng)
+            }
+        })
+        .collect();
+    assert!(params.iter().any(|p| p.edge == Edge::Reflect) && params.iter().any(|p| p.edge == Edge::Zeros));
     let cpu = augment_batch_cpu(&split, &indices, &params, &norm.lut());
     let images = images_tensor(&split, &Device::Cpu).unwrap();
     let t = augment_batch_tensor(&images, &indices, &params, &norm).unwrap();

@@ -43,6 +43,7 @@ fn state(epochs_done: usize, rng: &mut impl Rng) -> TrainState {
             schedule: Schedule::Cosine,
             label_smoothing: 0.0,
             translate: 4,
+            edge: Default::default(),
             flip: Default::default(),
             lookahead: None,
             seed: rng.gen(),

@@ -175,7 +175,7 @@ fn seeded_init_sets_batch_norms_like_pytorch() {
     assert!(b.iter().all(|v| v.abs() <= 1.0 / 27f32.sqrt()) && b.iter().any(|v| *v != 0.0));
 }
 
-/// `--flip` and `--lookahead-every` override the recipe's; 0 turns lookahead off.
+/// `--edge`, `--flip` and `--lookahead-every` override the recipe's; 0 turns lookahead off.
 #[test]
 fn flip_and_lookahead_options_override_the_recipe() {
     use train::augment::Flip;
@@ -194,6 +194,8 @@ fn flip_and_lookahead_options_override_the_recipe() {
     assert_eq!(r.epochs, base.epochs);
     let off = recipe(&["--flip", "random", "--lookahead-every", "0"]);
     assert_eq!((off.flip, off.lookahead), (Flip::Random, None));
+    assert_eq!(base.edge, train::augment::Edge::Zeros);
+    assert_eq!(recipe(&["--edge", "reflect"]).edge, train::augment::Edge::Reflect);
     let bad = <train::cli::Args as clap::Parser>::try_parse_from(["train", "--lookahead-every", "-1"]);
     assert!(bad.is_err());
 }

@@ -134,6 +134,7 @@ impl Trainer {
             schedule: recipe.schedule,
             label_smoothing: recipe.label_smoothing,
             translate: recipe.translate,
+            edge: recipe.edge,
             flip: recipe.flip,
             lookahead: recipe.lookahead,
             seed: args.seed,
@@ -230,7 +231,10 @@ impl Trainer {
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut rng);
         let mut params: Vec<AugParams> = (0..n)
-            .map(|_| AugParams::sample_within(&mut rng, recipe.translate))
+            .map(|_| AugParams {
+                edge: recipe.edge,
+                ..AugParams::sample_within(&mut rng, recipe.translate)
+            })
             .collect();
         if recipe.flip == Flip::Alternating {
             let first = crate::rng::first_flips(self.args.seed, n);
@@ -286,12 +290,13 @@ impl Trainer {
 
     /// Mean loss and accuracy of `model` on the test set.
     pub fn evaluate<M: Module>(&self, model: &M) -> Result<(f64, f64)> {
-        self.evaluate_views(model, &[AugParams::IDENTITY])
+        self.evaluate_views(model, &[(AugParams::IDENTITY, 1.0)])
     }
 
-    /// Mean loss and accuracy on the test set of the logits averaged over `views` of each image
-    /// (test-time augmentation; one identity view is plain evaluation).
-    pub fn evaluate_views<M: Module>(&self, model: &M, views: &[AugParams]) -> Result<(f64, f64)> {
+    /// Mean loss and accuracy on the test set of the weighted sum of the logits of `views` of
+    /// each image, `(view, weight)` with weights summing to 1 (test-time augmentation; one
+    /// identity view of weight 1 is plain evaluation).
+    pub fn evaluate_views<M: Module>(&self, model: &M, views: &[(AugParams, f64)]) -> Result<(f64, f64)> {
         let n = self.data.test.len();
         let bs = self.args.eval_batch_size;
         let mut loss_sum = 0f64;
@@ -300,13 +305,13 @@ impl Trainer {
         #[cfg(feature = "cuda")]
         let tables = views
             .iter()
-            .map(|v| self.fused_tables(&all, &vec![*v; n]))
+            .map(|(v, _)| self.fused_tables(&all, &vec![*v; n]))
             .collect::<Result<Vec<_>>>()?;
         for (i, idx) in all.chunks(bs).enumerate() {
             let mut sum: Option<Tensor> = None;
             let mut labels = None;
-            for (v, view) in views.iter().enumerate() {
-                let params = vec![*view; idx.len()];
+            for (v, &(view, weight)) in views.iter().enumerate() {
+                let params = vec![view; idx.len()];
                 #[cfg(feature = "cuda")]
                 let (x, y) = match &tables[v] {
                     Some(t) => self.fused_batch(true, t, i * bs, idx.len())?,
@@ -317,7 +322,7 @@ impl Trainer {
                     let _ = (i, v);
                     self.batch(true, idx, &params)?
                 };
-                let logits = model.forward(&x)?.to_dtype(DType::F32)?;
+                let logits = (model.forward(&x)?.to_dtype(DType::F32)? * weight)?;
                 sum = Some(match sum {
                     None => logits,
                     Some(s) => (s + logits)?,
@@ -327,7 +332,7 @@ impl Trainer {
             let (Some(sum), Some(y)) = (sum, labels) else {
                 bail!("evaluation needs at least one view")
             };
-            let logits = (sum / views.len() as f64)?;
+            let logits = sum;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
             correct += count_correct(&logits, &y)?.to_scalar::<f32>()? as f64;
@@ -389,7 +394,7 @@ impl Trainer {
             .sum();
         println!(
             "model: {} ({params} parameters); device {}, dtype {}; {} epochs, batch {}, AdamW lr {} \
-             wd {}, {:?} schedule, label smoothing {}, translate {}, {} flip, lookahead {}, seed {}",
+             wd {}, {:?} schedule, label smoothing {}, translate {} ({} edges), {} flip, lookahead {}, seed {}",
             cfg.describe(),
             device_name(&self.device),
             self.args.dtype.as_str(),
@@ -400,6 +405,7 @@ impl Trainer {
             recipe.schedule,
             recipe.label_smoothing,
             recipe.translate,
+            recipe.edge.name(),
             recipe.flip.name(),
             recipe
                 .lookahead
@@ -471,7 +477,7 @@ impl Trainer {
             100.0 * self.state.history.last().map_or(0.0, |m| m.test_acc)
         );
         let tta_test_acc = if self.args.tta {
-            let (_, acc) = self.evaluate_views(&packed, &AugParams::test_time_views())?;
+            let (_, acc) = self.evaluate_views(&packed, &AugParams::test_time_views(self.recipe.edge))?;
             println!(
                 "packed inference form with test-time augmentation: test acc {:.2}%",
                 100.0 * acc
