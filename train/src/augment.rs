@@ -119,16 +119,17 @@ impl AugParams {
         }
     }
 
-    /// The test-time views and their weights, as the speed-run nets average them: the image and
-    /// its mirror (1/4 each), and both shifted by one pixel towards the top-left and towards the
-    /// bottom-right (1/8 each), with `edge` at the edges. The weights sum to 1.
-    pub fn test_time_views(edge: Edge) -> [(AugParams, f64); 6] {
+    /// The test-time views and their weights, as the speed-run nets (airbench's `tta_level=2`)
+    /// average them: the image and its mirror (1/4 each), and both shifted by one pixel towards
+    /// the top-left and towards the bottom-right over the reflect-padded image (1/8 each),
+    /// whatever edges the training used. The weights sum to 1.
+    pub fn test_time_views() -> [(AugParams, f64); 6] {
         let p = PAD as u8;
         let view = |d: u8, flip: bool| AugParams {
             dy: d,
             dx: d,
             flip,
-            edge,
+            edge: Edge::Reflect,
         };
         [
             (view(p, false), 0.25),

@@ -63,8 +63,8 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=4))]
     pub translate: Option<u8>,
 
-    /// What translations bring in at the image's edges, in training and in the test-time views:
-    /// `zeros` (black) or `reflect` (the image mirrored at its border) [default: zeros].
+    /// What training translations bring in at the image's edges: `zeros` (black) or `reflect`
+    /// (the image mirrored at its border) [default: zeros]. The test-time views reflect.
     #[arg(long, value_enum)]
     pub edge: Option<EdgeArg>,
 
@@ -79,8 +79,8 @@ pub struct Args {
     pub lookahead_every: Option<u64>,
 
     /// Also report the final test accuracy with test-time augmentation, as the speed-run nets
-    /// weigh it: the logits of the image and its mirror (1/4 each) plus those of both shifted by
-    /// one pixel up-left and down-right (1/8 each).
+    /// make it: the logits of the image and its mirror (1/4 each) plus those of both shifted by
+    /// one pixel up-left and down-right over the reflect-padded image (1/8 each).
     #[arg(long)]
     pub tta: bool,
 

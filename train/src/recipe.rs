@@ -24,7 +24,7 @@ pub struct Recipe {
     pub label_smoothing: f64,
     /// Largest random translation, in pixels on each axis (0..=4), before the random flip.
     pub translate: usize,
-    /// What translations bring in at the edges (in training and in the test-time views).
+    /// What training translations bring in at the edges.
     pub edge: Edge,
     /// How the horizontal flips are drawn.
     pub flip: Flip,

@@ -477,7 +477,7 @@ impl Trainer {
             100.0 * self.state.history.last().map_or(0.0, |m| m.test_acc)
         );
         let tta_test_acc = if self.args.tta {
-            let (_, acc) = self.evaluate_views(&packed, &AugParams::test_time_views(self.recipe.edge))?;
+            let (_, acc) = self.evaluate_views(&packed, &AugParams::test_time_views())?;
             println!(
                 "packed inference form with test-time augmentation: test acc {:.2}%",
                 100.0 * acc
