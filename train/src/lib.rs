@@ -1,8 +1,9 @@
 //! Training of the ternary CNNs on CIFAR-10: the library behind the `train` binary.
 //!
 //! The data set and its normalisation are the [`cifar`] crate's. One file per concept: [`cli`]
-//! (options), [`recipe`] (each network's hyper-parameters and loss), [`augment`] (crop/flip/normalise on CPU or device), [`init`] (seeded
-//! initialisation), [`rng`] (per-epoch seeds), [`optim`] (AdamW and schedules), [`lookahead`] (weight averaging), [`checkpoint`]
+//! (options), [`recipe`] (each network's hyper-parameters and loss), [`augment`]
+//! (crop/flip/normalise on CPU or device), [`init`] (seeded initialisation), [`rng`] (per-epoch
+//! seeds), [`optim`] (AdamW and schedules), [`lookahead`] (weight averaging), [`checkpoint`]
 //! (atomic safetensors), [`metrics`] (CSV and summary), [`plot`] (PNG curves), [`tuning`]
 //! (switches of the CUDA path) and [`trainer`] (the loop).
 
