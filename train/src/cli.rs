@@ -74,7 +74,7 @@ pub struct Args {
     pub flip: Option<FlipArg>,
 
     /// Lookahead weight averaging: update the slow weights every N optimizer steps (0: off)
-    /// [default: the recipe's, off or 5].
+    /// [default: 5].
     #[arg(long, value_name = "N")]
     pub lookahead_every: Option<u64>,
 

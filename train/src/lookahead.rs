@@ -29,8 +29,8 @@ pub struct LookaheadConfig {
 }
 
 impl LookaheadConfig {
-    /// The speed-run nets' setting: an update every 5 steps.
-    pub const SPEEDRUN: LookaheadConfig = LookaheadConfig { every: 5 };
+    /// The speed-run nets' setting, both recipes': an update every 5 steps.
+    pub const EVERY_5: LookaheadConfig = LookaheadConfig { every: 5 };
 
     /// The weight `d` of the slow copy in the update after optimizer step `step` (1-based) of
     /// `total_steps`.
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn decay_grows_to_the_rate_and_state_round_trips() -> Result<()> {
-        let c = LookaheadConfig::SPEEDRUN;
+        let c = LookaheadConfig::EVERY_5;
         assert_eq!(c.decay(0, 100), 0.0);
         assert!((c.decay(100, 100) - 0.95f64.powi(5)).abs() < 1e-15);
         assert!((c.decay(50, 100) - 0.95f64.powi(5) / 8.0).abs() < 1e-15);

@@ -186,8 +186,11 @@ fn flip_and_lookahead_options_override_the_recipe() {
     };
     let base = recipe(&[]);
     assert_eq!(base, train::recipe::Recipe::ternary_speedrun());
-    assert_eq!(base.lookahead, Some(LookaheadConfig::SPEEDRUN));
-    assert_eq!(train::recipe::Recipe::reference().lookahead, None);
+    assert_eq!(base.lookahead, Some(LookaheadConfig::EVERY_5));
+    assert_eq!(
+        train::recipe::Recipe::reference().lookahead,
+        Some(LookaheadConfig::EVERY_5)
+    );
     let r = recipe(&["--flip", "alternating", "--lookahead-every", "7"]);
     assert_eq!(r.flip, Flip::Alternating);
     assert_eq!(r.lookahead, Some(LookaheadConfig { every: 7 }));
