@@ -10,8 +10,9 @@
 //   then per-channel `v * scale[c] - shift[c]`, for a batch of `b` images.
 //   images: (N, 3, 32, 32) u8; order: u32 image index per epoch position; params: u32 per epoch
 //   position, dy | dx << 8 | flip << 16 | reflect << 17 (dy, dx in 0..=8: the crop's corner in
-//   the 40x40 padded image; reflect: source index -i for i < 0 and 62 - i for i > 31). Batch row r is epoch position start + r. out: (b, 3, 32, 32) f32. Thread t
-//   (grid-stride) writes out element t; rows are read through L1/L2 (each image is 3 KiB).
+//   the 40x40 padded image; reflect: source index -i for i < 0 and 62 - i for i > 31). Batch row
+//   r is epoch position start + r. out: (b, 3, 32, 32) f32. Thread t (grid-stride) writes out
+//   element t; rows are read through L1/L2 (each image is 3 KiB).
 //
 // gather_labels: labels (N) u8, order (as above) -> y[r] = labels[order[start + r]] as u32.
 

@@ -68,11 +68,6 @@ impl Lookahead {
         Ok(Self { config, slots })
     }
 
-    /// The schedule.
-    pub fn config(&self) -> LookaheadConfig {
-        self.config
-    }
-
     /// Call after optimizer step `step` (1-based) of `total_steps`: updates on every
     /// `every`-th step, and after the last step sets the variables to their slow copies.
     pub fn after_step(&mut self, step: u64, total_steps: u64) -> Result<()> {
