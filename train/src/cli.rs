@@ -75,7 +75,7 @@ pub struct Args {
 
     /// Lookahead weight averaging: update the slow weights every N optimizer steps (0: off)
     /// [default: 5].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = whole, allow_negative_numbers = true)]
     pub lookahead_every: Option<u64>,
 
     /// Also report the final test accuracy with test-time augmentation, as the speed-run nets
@@ -305,6 +305,17 @@ fn positive(s: &str) -> Result<usize, String> {
         return Err(format!("must be at least 1, got {v}"));
     }
     usize::try_from(v).map_err(|_| format!("{v} is too large"))
+}
+
+fn whole(s: &str) -> Result<u64, String> {
+    let v: i128 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a whole number, got {s:?}"))?;
+    if v < 0 {
+        return Err(format!("must be 0 or more, got {v}"));
+    }
+    u64::try_from(v).map_err(|_| format!("{v} is too large"))
 }
 
 fn parse_f64(s: &str) -> Result<f64, String> {

@@ -143,6 +143,18 @@ fn edited_resume_states_are_errors() {
     run.resume_fails("tensor \"optim.v.fc2.weight\" is missing", |t, _| {
         t.retain(|(k, _)| k != "optim.v.fc2.weight")
     });
+    // The lookahead's slow copies (the recipe has lookahead): missing or not finite; and a state
+    // whose settings have no lookahead, which this run's recipe cannot continue.
+    run.resume_fails("tensor \"lookahead.fc1.bias\" is missing", |t, _| {
+        t.retain(|(k, _)| k != "lookahead.fc1.bias")
+    });
+    run.resume_fails("tensor \"lookahead.conv1.weight\" holds NaN at index 3", |t, _| {
+        let v = get(t, "lookahead.conv1.weight");
+        *v = poke(v, 3, f32::NAN);
+    });
+    run.resume_fails("lookahead: checkpoint null, now {\"every\":5}", |_, s| {
+        s["settings"]["lookahead"] = json!(null)
+    });
 
     // The good file still resumes and finishes the run.
     let o = run.train(&["--resume"]);

@@ -199,6 +199,19 @@ fn flip_and_lookahead_options_override_the_recipe() {
     assert_eq!((off.flip, off.lookahead), (Flip::Random, None));
     assert_eq!(base.edge, train::augment::Edge::Zeros);
     assert_eq!(recipe(&["--edge", "reflect"]).edge, train::augment::Edge::Reflect);
-    let bad = <train::cli::Args as clap::Parser>::try_parse_from(["train", "--lookahead-every", "-1"]);
-    assert!(bad.is_err());
+    let parse = |args: &[&str]| {
+        let all = ["train"].iter().chain(args);
+        <train::cli::Args as clap::Parser>::try_parse_from(all)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let negative = parse(&["--lookahead-every", "-1"]);
+    assert!(
+        negative.contains("--lookahead-every") && negative.contains("must be 0 or more, got -1"),
+        "{negative}"
+    );
+    assert!(parse(&["--lookahead-every", "x"]).contains("expected a whole number, got \"x\""));
+    assert!(parse(&["--edge", "sideways"]).contains("possible values: zeros, reflect"));
+    assert!(parse(&["--flip", "sometimes"]).contains("possible values: random, alternating"));
 }
