@@ -106,6 +106,9 @@ struct Opts {
     /// The trainer's `--lookahead-every` (0: off; default: the recipe's).
     #[arg(long, value_name = "N")]
     lookahead_every: Option<u64>,
+    /// The trainer's `--widths` (ternary-speedrun; default: the recipe's).
+    #[arg(long, value_parser = train::cli::widths)]
+    widths: Option<[usize; 4]>,
 }
 
 impl Opts {
@@ -405,6 +408,7 @@ fn main() -> Result<()> {
         &(o.epochs + 1).to_string(),
     ])?;
     args.lookahead_every = o.lookahead_every;
+    args.widths = o.widths;
     args.cuda = o.tuning();
     let mut t = Trainer::new(args)?;
     let dev = t.device.clone();

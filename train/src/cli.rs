@@ -342,7 +342,8 @@ fn unit_interval(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
-fn widths(s: &str) -> Result<[usize; 4], String> {
+/// Parses `--widths`: four comma-separated channel counts, each at least 1.
+pub fn widths(s: &str) -> Result<[usize; 4], String> {
     let v: Vec<usize> = s
         .split(',')
         .map(positive)
