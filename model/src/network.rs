@@ -131,6 +131,20 @@ impl Network {
         }
     }
 
+    /// [`TernarySpeedrun::recompute_batch_norm_statistics`]; an error for the reference CNN,
+    /// which has no batch norms.
+    pub fn recompute_batch_norm_statistics<I>(&mut self, batches: I) -> Result<usize>
+    where
+        I: IntoIterator<Item = Result<Tensor>>,
+    {
+        match self {
+            Network::SimpleBitCnn(_) => {
+                candle_core::bail!("SimpleBitCnn has no batch norms whose statistics could be recomputed")
+            }
+            Network::TernarySpeedrun(n) => n.recompute_batch_norm_statistics(batches),
+        }
+    }
+
     /// The metadata of its float checkpoint (`model`, `model_config`).
     pub fn checkpoint_metadata(&self) -> HashMap<String, String> {
         match self {

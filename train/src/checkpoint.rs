@@ -53,6 +53,9 @@ pub struct RunSettings {
     /// Absent in files written before the option existed: those runs had no lookahead.
     #[serde(default)]
     pub lookahead: Option<crate::lookahead::LookaheadConfig>,
+    /// Absent in files written before the option existed: those runs kept the statistics.
+    #[serde(default)]
+    pub recompute_bn_images: usize,
     pub seed: u64,
     pub train_limit: Option<usize>,
     pub train_images: usize,

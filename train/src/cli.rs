@@ -78,6 +78,13 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = whole, allow_negative_numbers = true)]
     pub lookahead_every: Option<u64>,
 
+    /// ternary-speedrun: after the last step, recompute the batch norms' running statistics as
+    /// the mean of their batch statistics over the first N training images, unaugmented (the
+    /// final weights are lookahead's average, the running statistics an average of other
+    /// weights'); 0 keeps them [default: 0].
+    #[arg(long, value_name = "N", value_parser = whole, allow_negative_numbers = true)]
+    pub recompute_bn: Option<u64>,
+
     /// Also report the final test accuracy with test-time augmentation, as the speed-run nets
     /// make it: the logits of the image and its mirror (1/4 each) plus those of both shifted by
     /// one pixel up-left and down-right over the reflect-padded image (1/8 each).
@@ -166,6 +173,9 @@ impl Args {
                 Some(0) => None,
                 Some(every) => Some(LookaheadConfig { every }),
             },
+            recompute_bn_images: self
+                .recompute_bn
+                .map_or(base.recompute_bn_images, |n| usize::try_from(n).unwrap_or(usize::MAX)),
         }
     }
 
@@ -174,8 +184,8 @@ impl Args {
     pub fn network_config(&self) -> Result<NetworkConfig, String> {
         match self.model {
             ModelArg::SimpleBitCnn => {
-                if self.stem.is_some() || self.widths.is_some() {
-                    return Err("--stem and --widths apply to --model ternary-speedrun".into());
+                if self.stem.is_some() || self.widths.is_some() || self.recompute_bn.is_some_and(|n| n > 0) {
+                    return Err("--stem, --widths and --recompute-bn apply to --model ternary-speedrun".into());
                 }
                 Ok(NetworkConfig::SimpleBitCnn(model::SimpleBitCnnConfig {
                     fc1: self.fc1.unwrap_or(LayerArg::Bitlinear).into(),

@@ -30,6 +30,9 @@ pub struct Recipe {
     pub flip: Flip,
     /// Lookahead weight averaging, or `None` for the optimizer's weights as they are.
     pub lookahead: Option<LookaheadConfig>,
+    /// Training images (the first ones, unaugmented) over which the batch norms' running
+    /// statistics are recomputed after the last step; 0 keeps them as training left them.
+    pub recompute_bn_images: usize,
 }
 
 impl Recipe {
@@ -48,6 +51,7 @@ impl Recipe {
             edge: Edge::Zeros,
             flip: Flip::Random,
             lookahead: Some(LookaheadConfig::EVERY_5),
+            recompute_bn_images: 0,
         }
     }
 
@@ -69,6 +73,7 @@ impl Recipe {
             edge: Edge::Zeros,
             flip: Flip::Random,
             lookahead: Some(LookaheadConfig::EVERY_5),
+            recompute_bn_images: 0,
         }
     }
 }

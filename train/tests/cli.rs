@@ -41,7 +41,15 @@ fn network_options_are_checked() {
     let with = |extra: &[&'static str]| [&nowhere[..], extra].concat();
     fails_with(
         &with(&["--stem", "float"]),
-        &["--stem and --widths apply to --model ternary-speedrun"],
+        &["--stem, --widths and --recompute-bn apply to --model ternary-speedrun"],
+    );
+    fails_with(
+        &with(&["--recompute-bn", "100"]),
+        &["--stem, --widths and --recompute-bn apply to --model ternary-speedrun"],
+    );
+    fails_with(
+        &["--recompute-bn", "-1"],
+        &["--recompute-bn", "must be 0 or more, got -1"],
     );
     fails_with(
         &with(&["--model", "ternary-speedrun", "--fc1", "linear"]),
@@ -147,6 +155,63 @@ fn resume_is_bit_exact() {
 #[test]
 fn resume_with_lookahead_is_bit_exact() {
     check_resume_is_bit_exact("8", &["--flip", "alternating", "--lookahead-every", "3"]);
+}
+
+/// The same for the speed-run network with its batch norms' statistics recomputed after the
+/// last step.
+#[test]
+fn resume_with_recomputed_batch_norms_is_bit_exact() {
+    let speedrun = ["--model", "ternary-speedrun", "--widths", "4,8,8,8"];
+    check_resume_is_bit_exact("8", &[&speedrun[..], &["--recompute-bn", "12"]].concat());
+}
+
+/// `--recompute-bn`: the learned weights are those of the run without it, the running
+/// statistics are not, and the log says it.
+#[test]
+fn recompute_bn_changes_only_the_running_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::write_dataset(&data, 16, 20);
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let args = [
+            "--model",
+            "ternary-speedrun",
+            "--widths",
+            "4,8,8,8",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--eval-batch-size",
+            "20",
+        ];
+        let stdout = run_ok(&[&args[..], extra].concat());
+        (stdout, tensors(&out.join("last.safetensors")))
+    };
+    let (plain_log, plain) = run("plain", &[]);
+    let (log, recomputed) = run("recomputed", &["--recompute-bn", "12"]);
+    assert!(!plain_log.contains("recomputed"), "{plain_log}");
+    assert!(
+        log.contains("running statistics recomputed over 12 training images"),
+        "{log}"
+    );
+    assert_eq!(plain.len(), recomputed.len());
+    let mut running = 0;
+    for ((name, a), (name_b, b)) in plain.iter().zip(&recomputed) {
+        assert_eq!(name, name_b);
+        if name.contains("running_") {
+            assert_ne!(a, b, "{name}: the statistics were not recomputed");
+            running += 1;
+        } else {
+            assert_eq!(a, b, "{name}: a learned variable changed");
+        }
+    }
+    assert_eq!(running, 12, "two statistics of each of the six batch norms");
 }
 
 fn check_resume_is_bit_exact(batch_size: &str, extra: &[&str]) {

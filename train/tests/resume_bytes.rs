@@ -46,6 +46,7 @@ fn state(epochs_done: usize, rng: &mut impl Rng) -> TrainState {
             edge: Default::default(),
             flip: Default::default(),
             lookahead: None,
+            recompute_bn_images: 0,
             seed: rng.gen(),
             train_limit: Some(100),
             train_images: 100,

@@ -26,6 +26,7 @@ pub struct BatchNorm2d {
     bias: Tensor,
     running_mean: Var,
     running_var: Var,
+    momentum: f64,
 }
 
 impl BatchNorm2d {
@@ -38,7 +39,25 @@ impl BatchNorm2d {
             bias,
             running_mean: Var::from_tensor(&running_mean)?,
             running_var: Var::from_tensor(&running_var)?,
+            momentum: BATCH_NORM_MOMENTUM,
         })
+    }
+
+    /// The weight of a training batch's statistics in the running ones
+    /// ([`BATCH_NORM_MOMENTUM`] unless set).
+    pub fn momentum(&self) -> f64 {
+        self.momentum
+    }
+
+    /// Sets the weight of the next training batches' statistics in the running ones, in
+    /// `(0, 1]`: `1 / k` for the `k`-th of a series of batches makes the running statistics
+    /// their plain mean.
+    pub fn set_momentum(&mut self, momentum: f64) -> Result<()> {
+        if !(momentum > 0.0 && momentum <= 1.0) {
+            candle_core::bail!("BatchNorm2d: momentum must be in (0, 1], got {momentum}")
+        }
+        self.momentum = momentum;
+        Ok(())
     }
 
     /// The shift `(C)`.
@@ -129,7 +148,7 @@ impl BatchNorm2d {
     /// `running = (1 - momentum) · running + momentum · batch` for the batch's mean and biased
     /// variance `(C)` over `n` values a channel (the variance made unbiased first).
     fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
-        let m = BATCH_NORM_MOMENTUM;
+        let m = self.momentum;
         let unbiased = (var * (n as f64 / (n - 1) as f64))?;
         let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
         let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
@@ -221,6 +240,31 @@ mod tests {
         // (the layer multiplies by the f32 reciprocal: within a few ulps of the division)
         assert!((e[0] as f64 - want0).abs() < 1e-6);
         assert!(bn.forward_t(&x.narrow(0, 0, 1)?.narrow(3, 0, 1)?, true).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn momentum_weighs_the_batch_statistics() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let mut bn = BatchNorm2d::new(1, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        assert_eq!(bn.momentum(), BATCH_NORM_MOMENTUM);
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            assert!(bn.set_momentum(bad).is_err(), "{bad}");
+        }
+        assert_eq!(bn.momentum(), BATCH_NORM_MOMENTUM);
+        // 1, 2, 3, 4: mean 2.5, unbiased variance 5/3; momentum 1 takes them as they are.
+        let x = Tensor::new(&[[[[1f32, 2.0, 3.0, 4.0]]]], &dev)?;
+        bn.set_momentum(1.0)?;
+        bn.forward_t(&x, true)?;
+        assert_eq!(bn.running_mean().to_vec1::<f32>()?, [2.5]);
+        assert!((bn.running_var().to_vec1::<f32>()?[0] - 5.0 / 3.0).abs() < 1e-6);
+        // Momentum 1/4: (3/4)·running + (1/4)·batch, through the fused op too.
+        bn.set_momentum(0.25)?;
+        bn.forward_gelu_t(&(x * 2.0)?, true)?;
+        assert!((bn.running_mean().to_vec1::<f32>()?[0] - (0.75 * 2.5 + 0.25 * 5.0)).abs() < 1e-6);
+        let want = 0.75 * 5.0 / 3.0 + 0.25 * 20.0 / 3.0;
+        assert!((bn.running_var().to_vec1::<f32>()?[0] - want).abs() < 1e-5);
         Ok(())
     }
 

@@ -278,6 +278,42 @@ impl TernarySpeedrun {
         self.head.forward(&global_max_pool(&x, self.options.pool)?)
     }
 
+    /// Replaces every batch norm's running statistics with the plain mean of its batch
+    /// statistics over `batches` (training-mode forwards, no gradient taken, each batch weighing
+    /// the same), then restores the norms' momentum. Returns the number of batches.
+    ///
+    /// Why: where the final weights are an average over steps (lookahead), the running
+    /// statistics averaged along with them are not the statistics of the averaged weights;
+    /// a pass over training images under the final weights measures those (as SWA's `update_bn`
+    /// does). With no batch the statistics are left as they are.
+    pub fn recompute_batch_norm_statistics<I>(&mut self, batches: I) -> Result<usize>
+    where
+        I: IntoIterator<Item = Result<Tensor>>,
+    {
+        let saved: Vec<f64> = self.norms_mut().map(|n| n.momentum()).collect();
+        let mut count = 0usize;
+        let outcome = (|| {
+            for x in batches {
+                let x = x?;
+                count += 1;
+                for norm in self.norms_mut() {
+                    norm.set_momentum(1.0 / count as f64)?;
+                }
+                drop(self.forward_t(&x, true)?);
+            }
+            Ok(())
+        })();
+        for (norm, m) in self.norms_mut().zip(saved) {
+            norm.set_momentum(m)?;
+        }
+        outcome.map(|()| count)
+    }
+
+    /// Every batch norm, in the order of the forward.
+    fn norms_mut(&mut self) -> impl Iterator<Item = &mut BatchNorm2d> {
+        self.blocks.iter_mut().flat_map(|b| [&mut b.norm1, &mut b.norm2])
+    }
+
     /// The stem and its GELU. Training with the fused batch norm + GELU on (f32 on CUDA, or the
     /// CPU) runs the ternary stem's bias add and GELU as one op (`norm_gelu::bias_gelu`); the
     /// evaluation keeps candle's ops, as the packed form runs them.

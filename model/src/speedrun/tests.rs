@@ -290,3 +290,101 @@ fn global_max_pool_takes_the_maximum_and_its_gradient() -> Result<()> {
     }
     Ok(())
 }
+
+/// The running statistics of every batch norm, as values (a `Var`'s tensor aliases its storage).
+fn running_stats(vm: &VarMap) -> Result<Vec<(String, Vec<f32>)>> {
+    let mut v: Vec<(String, Vec<f32>)> = named(vm)
+        .into_iter()
+        .filter(|(k, _)| k.contains("running_"))
+        .map(|(k, t)| Ok((k, t.to_vec1::<f32>()?)))
+        .collect::<Result<_>>()?;
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
+#[test]
+fn recomputed_statistics_are_the_mean_over_the_batches() -> Result<()> {
+    let (vm, mut net) = trained(small(StemKind::Ternary))?;
+    let learned = |vm: &VarMap| -> Result<Vec<(String, Vec<f32>)>> {
+        let mut v: Vec<_> = named(vm)
+            .into_iter()
+            .filter(|(k, _)| !k.contains("running_"))
+            .map(|(k, t)| Ok((k, t.flatten_all()?.to_vec1::<f32>()?)))
+            .collect::<Result<_>>()?;
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
+    };
+    let weights = learned(&vm)?;
+    let before = running_stats(&vm)?;
+    let (a, b) = (images(8, 100)?, images(8, 101)?);
+
+    // No batch: nothing changes.
+    assert_eq!(net.recompute_batch_norm_statistics(Vec::new())?, 0);
+    assert_eq!(running_stats(&vm)?, before);
+
+    assert_eq!(net.recompute_batch_norm_statistics([Ok(a.clone())])?, 1);
+    let only_a = running_stats(&vm)?;
+    assert_ne!(only_a, before);
+    // Batch A's statistics at the first batch norm, in f64 from its input: the mean and the
+    // unbiased variance of each channel over the batch and the positions.
+    let x1 = net.stem_forward(&a, true)?;
+    let z = net.blocks[0].conv1.forward_pooled(&x1, net.options.pool)?;
+    let (n, c, h, w) = z.dims4()?;
+    let z: Vec<f32> = z.flatten_all()?.to_vec1()?;
+    let mean_of = |name: &str| only_a.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap();
+    let (rm, rv) = (
+        mean_of("block1.norm1.running_mean"),
+        mean_of("block1.norm1.running_var"),
+    );
+    for ch in 0..c {
+        let vals: Vec<f64> = (0..n)
+            .flat_map(|i| (0..h * w).map(move |p| (i * c + ch) * h * w + p))
+            .map(|i| z[i] as f64)
+            .collect();
+        let m = vals.iter().sum::<f64>() / vals.len() as f64;
+        let var = vals.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / (vals.len() - 1) as f64;
+        assert!(
+            (rm[ch] as f64 - m).abs() <= 1e-5 * (1.0 + m.abs()),
+            "channel {ch}: mean {} vs {m}",
+            rm[ch]
+        );
+        assert!(
+            (rv[ch] as f64 - var).abs() <= 1e-4 * var,
+            "channel {ch}: var {} vs {var}",
+            rv[ch]
+        );
+    }
+
+    net.recompute_batch_norm_statistics([Ok(b.clone())])?;
+    let only_b = running_stats(&vm)?;
+    // Both batches: each statistic the mean of the two (the same f32 operations: exact).
+    assert_eq!(net.recompute_batch_norm_statistics([Ok(a), Ok(b)])?, 2);
+    for (((name, both), (_, sa)), (_, sb)) in running_stats(&vm)?.iter().zip(&only_a).zip(&only_b) {
+        let want: Vec<f32> = sa.iter().zip(sb).map(|(x, y)| x * 0.5 + y * 0.5).collect();
+        assert_eq!(both, &want, "{name}");
+    }
+    // The weights did not move, and the momentum is back.
+    assert_eq!(learned(&vm)?, weights);
+    assert!(net.norms_mut().all(|n| n.momentum() == BATCH_NORM_MOMENTUM));
+
+    // A failing batch is the error; the momentum is restored all the same.
+    let stats = running_stats(&vm)?;
+    let bad = Tensor::zeros((2, 3, 31, 32), DType::F32, &Device::Cpu);
+    assert!(net.recompute_batch_norm_statistics([bad]).is_err());
+    assert!(net
+        .recompute_batch_norm_statistics([Err(candle_core::Error::Msg("no batch".into()))])
+        .is_err());
+    assert_eq!(running_stats(&vm)?, stats);
+    assert!(net.norms_mut().all(|n| n.momentum() == BATCH_NORM_MOMENTUM));
+
+    // The reference network has no batch norms.
+    let vm2 = VarMap::new();
+    let config = NetworkConfig::SimpleBitCnn(Default::default());
+    let mut simple = Network::new(
+        config,
+        Default::default(),
+        VarBuilder::from_varmap(&vm2, DType::F32, &Device::Cpu),
+    )?;
+    assert!(simple.recompute_batch_norm_statistics(Vec::new()).is_err());
+    Ok(())
+}

@@ -137,6 +137,7 @@ impl Trainer {
             edge: recipe.edge,
             flip: recipe.flip,
             lookahead: recipe.lookahead,
+            recompute_bn_images: recipe.recompute_bn_images,
             seed: args.seed,
             train_limit: args.train_limit,
             train_images: data.train.len(),
@@ -340,6 +341,32 @@ impl Trainer {
         Ok((loss_sum / n as f64, correct / n as f64))
     }
 
+    /// Recomputes the batch norms' running statistics over the first `images` training images
+    /// (all of them where there are fewer), unaugmented, in batches of the recipe's size
+    /// ([`model::Network::recompute_batch_norm_statistics`]); waits for the device. Returns the
+    /// number of images.
+    fn recompute_batch_norms(&mut self, images: usize) -> Result<usize> {
+        let n = images.min(self.data.train.len());
+        let bs = self.recipe.batch_size;
+        let idx: Vec<usize> = (0..n).collect();
+        let params = vec![AugParams::IDENTITY; n];
+        #[cfg(feature = "cuda")]
+        let tables = self.fused_tables(&idx, &params)?;
+        #[cfg(not(feature = "cuda"))]
+        let tables: Option<batches::EpochTablesOpt> = None;
+        // Assembled first: the model is borrowed mutably while it takes them.
+        let batches = idx
+            .chunks(bs)
+            .zip(params.chunks(bs))
+            .enumerate()
+            .map(|(i, (idx, p))| Ok(self.train_batch(&tables, i * bs, idx, p)?.0))
+            .collect::<Result<Vec<Tensor>>>()?;
+        self.model
+            .recompute_batch_norm_statistics(batches.into_iter().map(Ok))?;
+        self.device.synchronize()?;
+        Ok(n)
+    }
+
     fn named_vars(&self) -> Vec<(String, Tensor)> {
         init::sorted_vars(&self.varmap)
             .into_iter()
@@ -427,7 +454,19 @@ impl Trainer {
         while self.state.epochs_done < stop_at {
             let epoch = self.state.epochs_done;
             let t0 = Instant::now();
-            let (train_loss, train_acc, train_secs, lr) = self.train_epoch(epoch)?;
+            let (train_loss, train_acc, mut train_secs, lr) = self.train_epoch(epoch)?;
+            if epoch + 1 == recipe.epochs && recipe.recompute_bn_images > 0 {
+                // The accuracy before, for the log only: the same weights either way.
+                let (_, before) = self.evaluate(&self.model)?;
+                let t = Instant::now();
+                let images = self.recompute_batch_norms(recipe.recompute_bn_images)?;
+                train_secs += t.elapsed().as_secs_f64();
+                println!(
+                    "batch norms: running statistics recomputed over {images} training images \
+                     (test acc before: {:.2}%)",
+                    100.0 * before
+                );
+            }
             let (test_loss, test_acc) = self.evaluate(&self.model)?;
             if !train_loss.is_finite() {
                 bail!("training diverged at epoch {}: loss {train_loss}", epoch + 1);
