@@ -285,7 +285,8 @@ impl TernarySpeedrun {
     /// Why: where the final weights are an average over steps (lookahead), the running
     /// statistics averaged along with them are not the statistics of the averaged weights;
     /// a pass over training images under the final weights measures those (as SWA's `update_bn`
-    /// does). With no batch the statistics are left as they are.
+    /// does). With no batch the statistics are left as they are; after an error they may hold
+    /// the statistics of part of the batches.
     pub fn recompute_batch_norm_statistics<I>(&mut self, batches: I) -> Result<usize>
     where
         I: IntoIterator<Item = Result<Tensor>>,
