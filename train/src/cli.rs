@@ -306,11 +306,13 @@ impl From<LayerArg> for model::FcKind {
     }
 }
 
+/// `s` as an integer of any sign, or an error that names what was `expected`.
+fn integer(s: &str, expected: &str) -> Result<i128, String> {
+    s.trim().parse().map_err(|_| format!("expected {expected}, got {s:?}"))
+}
+
 fn positive(s: &str) -> Result<usize, String> {
-    let v: i128 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("expected a positive whole number, got {s:?}"))?;
+    let v = integer(s, "a positive whole number")?;
     if v < 1 {
         return Err(format!("must be at least 1, got {v}"));
     }
@@ -318,10 +320,7 @@ fn positive(s: &str) -> Result<usize, String> {
 }
 
 fn whole(s: &str) -> Result<u64, String> {
-    let v: i128 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("expected a whole number, got {s:?}"))?;
+    let v = integer(s, "a whole number")?;
     if v < 0 {
         return Err(format!("must be 0 or more, got {v}"));
     }
