@@ -5,7 +5,7 @@ use crate::Opts;
 use anyhow::{anyhow, Result};
 use bitlinear::plan::KernelKind;
 use bitlinear::{packed_accumulate, packed_matmul, ActScaling, BitMatmul, PackedTernary};
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::{DType, Device, Tensor};
 
@@ -100,6 +100,50 @@ impl Timer {
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
         Ok(times[times.len() / 2])
     }
+
+    /// Median over `batches` launches of one CUDA graph of `calls` captured calls `op(i)` of the
+    /// device time per call (µs), after 3 warm-up launches: the way Microsoft's W2A8 GEMV is
+    /// timed (its public harness), without the launch gaps of separate kernel launches. The
+    /// outputs are allocated and freed inside the graph (stream-ordered allocation).
+    pub(crate) fn time_graph(
+        &self,
+        batches: usize,
+        calls: usize,
+        mut op: impl FnMut(usize) -> Result<()>,
+    ) -> Result<f64> {
+        let stream = self.dev.cuda_stream();
+        let ctx = stream.context().clone();
+        stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| anyhow!("begin capture: {e:?}"))?;
+        let captured = (0..calls).try_for_each(&mut op);
+        // the capture ends whatever happened inside it
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        captured?;
+        let graph = graph
+            .map_err(|e| anyhow!("end capture: {e:?}"))?
+            .ok_or_else(|| anyhow!("nothing captured"))?;
+        graph.upload().map_err(|e| anyhow!("{e:?}"))?;
+        for _ in 0..3 {
+            graph.launch().map_err(|e| anyhow!("{e:?}"))?;
+        }
+        let mut times = Vec::new();
+        for _ in 0..batches {
+            let ev: Vec<CudaEvent> = (0..2)
+                .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| anyhow!("{e:?}"))?;
+            ev[0].record(&stream).map_err(|e| anyhow!("{e:?}"))?;
+            graph.launch().map_err(|e| anyhow!("{e:?}"))?;
+            ev[1].record(&stream).map_err(|e| anyhow!("{e:?}"))?;
+            ev[1].synchronize().map_err(|e| anyhow!("{e:?}"))?;
+            let ms = ev[0].elapsed_ms(&ev[1]).map_err(|e| anyhow!("{e:?}"))? as f64;
+            times.push(ms * 1e3 / calls as f64);
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Ok(times[times.len() / 2])
+    }
 }
 
 /// Each op of the benchmark three times on each `--prof` shape, synchronized after every
@@ -164,6 +208,10 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
     // The floor: an empty kernel timed the same way (launch + event gaps).
     let t_empty = timer.time(3, 7, 20, |_| timer.spin(0))?;
     println!("empty kernel: {t_empty:.2} us per call (launch floor of this timing method)");
+    if o.graph {
+        let t = timer.time_graph(7, 20, |_| timer.spin(0))?;
+        println!("empty kernel in a CUDA graph of 20: {t:.2} us per call (the floor of the `graph` times)");
+    }
     for &(n, k) in &nks {
         if !o.only.is_empty() && !o.only.iter().any(|s| s.1 == n && s.2 == k) {
             continue;
@@ -226,6 +274,18 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
                 match t {
                     Ok(t) => variants.push_str(&format!(" {name} {t:.2}")),
                     Err(e) => variants.push_str(&format!(" {name} error ({e})")),
+                }
+            }
+            if o.graph {
+                // the packed matmul as CUDA graphs of 20 calls, as the W2A8 comparison times its
+                // peer (RESULTS, "Targets not met")
+                let t = timer.time_graph(7, 20, |i| {
+                    packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
+                    Ok(())
+                });
+                match t {
+                    Ok(t) => variants.push_str(&format!(" graph {t:.2}")),
+                    Err(e) => variants.push_str(&format!(" graph error ({e})")),
                 }
             }
             if m == 1 {

@@ -90,6 +90,7 @@ fn shapes(o: &Opts, rng: &mut StdRng) -> Vec<(usize, usize, usize)> {
         (1, 9, 27648),
         (1, 3, 48128),
         (1, 1, 10240),
+        (1, 20480, 3200),
         // 2 <= M <= 16 with K % 64 == 0 at decode sizes (the skinny kernel, or the GEMM from
         // M = 12 at large N)
         (5, 2560, 2560),

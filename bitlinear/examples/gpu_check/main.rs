@@ -2,7 +2,7 @@
 //!
 //! Build (no GPU needed): `cargo build --release --features cuda -p bitlinear --example gpu_check`
 //! Run on the GPU machine: `gpu_check [--check] [--bench] [--bench-train] [--cases N] [--seed S] [--quick]
-//! [--only M,N,K]... [--no-variants] [--variant NAME] [--rotate-bytes B] [--prof M,N,K]...`
+//! [--only M,N,K]... [--no-variants] [--graph] [--variant NAME] [--rotate-bytes B] [--prof M,N,K]...`
 //! (no flag = both parts). `--variant NAME` runs everything under one of the kernel variants of
 //! `variants.rs` (settings forced over the launch rules). Exits with status 1 when any check
 //! fails.
@@ -19,7 +19,8 @@
 //! (quantize, pack and matmul; bf16 weights), candle's bf16 matmul (cuBLAS). CUDA events around
 //! batches of back-to-back calls queued behind a spin kernel (so host overhead is hidden), warm-up,
 //! median over batches of the time per call; weight buffers rotated so that each op's weights
-//! total more than the L2 (160 MB by default, `--rotate-bytes`).
+//! total more than the L2 (160 MB by default, `--rotate-bytes`). `--graph` also times the packed
+//! matmul as CUDA graphs of 20 calls (the way Microsoft's W2A8 GEMV is timed).
 //!
 //! Bench-train (`--bench-train`, `train_step.rs`): one layer's training step, ours against
 //! candle's bf16 matmul, at the shapes of issue 21's targets.
@@ -71,6 +72,8 @@ pub(crate) struct Opts {
     pub(crate) only: Vec<(usize, usize, usize)>,
     /// bench without the kernel variants
     pub(crate) no_variants: bool,
+    /// also time the packed matmul as CUDA graphs
+    pub(crate) graph: bool,
     /// a kernel variant applied to the whole run
     pub(crate) variant: Option<String>,
     /// bytes of weights each benchmarked op rotates through (more than the L2)
@@ -109,6 +112,7 @@ mod real {
             quick: false,
             only: Vec::new(),
             no_variants: false,
+            graph: false,
             variant: None,
             rotate_bytes: 160 << 20,
             prof: Vec::new(),
@@ -121,6 +125,7 @@ mod real {
                 "--bench-train" => o.bench_train = true,
                 "--quick" => o.quick = true,
                 "--no-variants" => o.no_variants = true,
+                "--graph" => o.graph = true,
                 "--variant" => o.variant = Some(args.next().context("--variant NAME")?),
                 "--rotate-bytes" => o.rotate_bytes = args.next().context("--rotate-bytes B")?.parse()?,
                 "--cases" => o.cases = args.next().context("--cases N")?.parse()?,
@@ -130,7 +135,7 @@ mod real {
                 "-h" | "--help" => {
                     println!(
                         "gpu_check [--check] [--bench] [--cases N] [--seed S] [--quick] [--only M,N,K]... \
-                         [--no-variants] [--variant NAME] [--rotate-bytes B] [--prof M,N,K]..."
+                         [--no-variants] [--graph] [--variant NAME] [--rotate-bytes B] [--prof M,N,K]..."
                     );
                     std::process::exit(0)
                 }

@@ -1,7 +1,7 @@
 //! The streaming decode GEMV (`kernels/gemv_stream.cu`): `M = 1` with `K` past the decode GEMV's
-//! limit (built for weights past one wave of the decode GEMV too, where it measured slower).
+//! limit or weights past one wave of the decode GEMV.
 
-use super::gemv::gemv_fits;
+use super::gemv::{gemv_fits, gemv_plan};
 use super::{DeviceInfo, ForcedChoices};
 
 /// Warps a block of the streaming GEMV (`GS_WARPS` in `kernels/gemv_stream.cu`).
@@ -36,20 +36,28 @@ pub(super) fn gemv_stream_fits(m: usize, k: usize, weight_align: usize, x_is_out
     m == 1 && k > 0 && k <= GEMV_STREAM_MAX_K && k.is_multiple_of(64) && weight_align >= 16 && x_is_out_dtype_or_codes
 }
 
-/// Whether a problem the streaming GEMV fits runs on it: `K` past the decode GEMV's limit (where
-/// the skinny kernel would take it), unless forced either way. Weights past one wave of the
-/// decode GEMV stay on it: the streaming form measured 3-7% slower there (RESULTS, "Rule:
-/// streaming GEMV").
-pub(super) fn gemv_stream_wanted(k: usize, force: &ForcedChoices) -> bool {
-    force.gemv_stream.unwrap_or_else(|| !gemv_fits(1, k, 16, true))
+/// Whether a decode the streaming GEMV fits runs on it, unless forced either way: `K` past the
+/// decode GEMV's limit (where the skinny kernel would take it), or weights past one wave of the
+/// decode GEMV (more blocks than SMs, each quantizing x again); `x`: float `x` and its element
+/// size, as for [`gemv_plan`] (RESULTS, "Rule: streaming GEMV").
+pub(super) fn gemv_stream_wanted(
+    (n, k): (usize, usize),
+    x: (bool, usize),
+    info: &DeviceInfo,
+    force: &ForcedChoices,
+) -> bool {
+    force
+        .gemv_stream
+        .unwrap_or_else(|| !gemv_fits(1, k, 16, true) || gemv_plan(n, k, x, false, info, force).blocks > info.sms)
 }
 
 /// The streaming GEMV's launch for `k` inputs; `settled`: the weights are known complete (and
-/// early weights are on in the settings).
-pub(super) fn gemv_stream_plan(k: usize, settled: bool, info: &DeviceInfo) -> GemvStreamPlan {
+/// early weights are on in the settings). Early weights only where forced: a whole pass of them
+/// ahead of `x` delays `x` behind them (RESULTS, "Rule: streaming GEMV").
+pub(super) fn gemv_stream_plan(k: usize, settled: bool, info: &DeviceInfo, force: &ForcedChoices) -> GemvStreamPlan {
     GemvStreamPlan {
         blocks: info.sms.max(1),
         smem_bytes: k,
-        early_weights: settled,
+        early_weights: settled && force.gemv_early_weights == Some(true),
     }
 }

@@ -148,13 +148,18 @@ pub fn plan_normed_gemv(problem: &Problem, device: &DeviceInfo, settings: &Kerne
         return Ok(None);
     }
     Ok(match plan(problem, device, settings)? {
-        Plan::Gemv(_) => Some(gemv::normed_gemv_plan(
-            problem.n,
-            problem.k,
-            problem.weights_settled && settings.early_weights,
-            device,
-            &settings.force,
-        )),
+        // the streaming GEMV has no input norm: where the GEMV can take the shape (past one wave
+        // of it), it runs with the norm fused rather than behind a norm kernel, as before the
+        // streaming rule took these shapes
+        Plan::Gemv(_) | Plan::GemvStream(_) if gemv::gemv_fits(problem.m, problem.k, problem.weight_align, true) => {
+            Some(gemv::normed_gemv_plan(
+                problem.n,
+                problem.k,
+                problem.weights_settled && settings.early_weights,
+                device,
+                &settings.force,
+            ))
+        }
         _ => None,
     })
 }
@@ -202,9 +207,14 @@ pub fn plan(problem: &Problem, device: &DeviceInfo, settings: &KernelSettings) -
     let x = (x_dtype.is_some(), x_dtype.map_or(1, |d| d.size_in_bytes()));
     if !matches!(forced, Some(KernelKind::Skinny | KernelKind::Gemm))
         && gemv_stream::gemv_stream_fits(m, k, weight_align, x_is_out)
-        && gemv_stream::gemv_stream_wanted(k, &settings.force)
+        && gemv_stream::gemv_stream_wanted((n, k), x, device, &settings.force)
     {
-        return Ok(Plan::GemvStream(gemv_stream::gemv_stream_plan(k, settled, device)));
+        return Ok(Plan::GemvStream(gemv_stream::gemv_stream_plan(
+            k,
+            settled,
+            device,
+            &settings.force,
+        )));
     }
     if !matches!(forced, Some(KernelKind::Skinny | KernelKind::Gemm)) && gemv::gemv_fits(m, k, weight_align, x_is_out) {
         return Ok(Plan::Gemv(gemv::gemv_plan(n, k, x, settled, device, &settings.force)));

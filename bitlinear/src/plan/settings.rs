@@ -81,10 +81,11 @@ pub struct ForcedChoices {
     /// Whether the GEMV loads `x` by one bulk copy.
     pub gemv_bulk_x: Option<bool>,
     /// Whether the GEMV requests its first settled weights before `pdl_wait` (on still needs
-    /// settled weights and float `x`).
+    /// settled weights and float `x`); the streaming GEMV requests its first pass early only
+    /// where this is `Some(true)` (and the weights are settled).
     pub gemv_early_weights: Option<bool>,
     /// Whether a decode (`M = 1`) the streaming GEMV can take runs on it (true) or never does
-    /// (false), over its rule (large weights or `K > 8192`).
+    /// (false), over its rule (weights past one wave of the GEMV, or `K > 8192`).
     pub gemv_stream: Option<bool>,
     /// Weight rows per skinny block, 16 or 32 (16 needs 16-byte weight loads).
     pub skinny_rows: Option<usize>,

@@ -126,19 +126,27 @@ fn alignment_of_addresses() {
     assert_eq!(Problem::align_of(0x7f00_0000_1003), 1);
 }
 
-/// The streaming GEMV takes decode where `K` is past the GEMV's limit, large weights of a smaller
-/// `K` stay on the GEMV; never with unaligned weights, more rows or a mixed dtype; forced either
-/// way where it can run.
+/// The streaming GEMV takes decode where `K` is past the GEMV's limit or the GEMV would run more
+/// blocks than SMs (20480 x 3200: 8 rows a warp, 160 blocks); weights within one wave of the GEMV
+/// stay on it, and so does the input-norm GEMV; never with unaligned weights, more rows or a
+/// mixed dtype; forced either way where it can run.
 #[test]
 fn streaming_gemv_for_large_weights() {
     let stream = |p: &Problem| match run(p) {
         Plan::GemvStream(s) => Some(s),
         _ => None,
     };
-    for (n, k) in [(13824, 2560), (2560, 2560), (55296, 5120), (27648, 5120), (1, 8192)] {
+    for (n, k) in [(13824, 2560), (2560, 2560), (20480, 2560), (4800, 3200), (1, 8192)] {
         assert!(matches!(run(&bf16(1, n, k)), Plan::Gemv(_)), "{n} x {k}");
     }
-    for (n, k) in [(5120, 27648), (3200, 10240), (1, 8256)] {
+    for (n, k) in [
+        (5120, 27648),
+        (3200, 10240),
+        (1, 8256),
+        (20480, 3200),
+        (27648, 5120),
+        (55296, 5120),
+    ] {
         let s = stream(&bf16(1, n, k)).unwrap_or_else(|| panic!("{n} x {k}"));
         assert_eq!((s.blocks, s.smem_bytes, s.early_weights), (132, k, false), "{n} x {k}");
         assert!(matches!(
@@ -150,7 +158,18 @@ fn streaming_gemv_for_large_weights() {
         weights_settled: true,
         ..bf16(1, 5120, 27648)
     };
-    assert!(stream(&settled).unwrap().early_weights);
+    assert!(!stream(&settled).unwrap().early_weights, "early only where forced");
+    let early = KernelSettings {
+        force: ForcedChoices {
+            gemv_early_weights: Some(true),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let Plan::GemvStream(s) = plan(&settled, &h100(), &early).unwrap() else {
+        panic!("stream")
+    };
+    assert!(s.early_weights);
     let unaligned = Problem {
         weight_align: 8,
         ..bf16(1, 5120, 27648)
@@ -169,8 +188,18 @@ fn streaming_gemv_for_large_weights() {
         ..Default::default()
     };
     let d = h100();
+    let Plan::Gemv(g) = plan(&bf16(1, 20480, 3200), &d, &force(false)).unwrap() else {
+        panic!("forced off: the GEMV")
+    };
+    assert_eq!(g.blocks, 160);
+    assert!(plan_normed_gemv(&bf16(1, 20480, 3200), &d, &KernelSettings::default())
+        .unwrap()
+        .is_some());
+    assert!(plan_normed_gemv(&bf16(1, 5120, 27648), &d, &KernelSettings::default())
+        .unwrap()
+        .is_none());
     assert!(matches!(
-        plan(&bf16(1, 55296, 5120), &d, &force(true)).unwrap(),
+        plan(&bf16(1, 13824, 2560), &d, &force(true)).unwrap(),
         Plan::GemvStream(_)
     ));
     assert!(matches!(
