@@ -36,19 +36,25 @@ pub(super) fn gemv_stream_fits(m: usize, k: usize, weight_align: usize, x_is_out
     m == 1 && k > 0 && k <= GEMV_STREAM_MAX_K && k.is_multiple_of(64) && weight_align >= 16 && x_is_out_dtype_or_codes
 }
 
+/// The smallest `K` at which weights past one wave of the decode GEMV take the streaming GEMV:
+/// measured faster at K = 3200 and 5120, slower at 2560 (RESULTS, "Rule: streaming GEMV").
+const STREAM_PAST_ONE_WAVE_MIN_K: usize = 3072;
+
 /// Whether a decode the streaming GEMV fits runs on it, unless forced either way: `K` past the
-/// decode GEMV's limit (where the skinny kernel would take it), or weights past one wave of the
-/// decode GEMV (more blocks than SMs, each quantizing x again); `x`: float `x` and its element
-/// size, as for [`gemv_plan`] (RESULTS, "Rule: streaming GEMV").
+/// decode GEMV's limit (where the skinny kernel would take it), or, from
+/// `STREAM_PAST_ONE_WAVE_MIN_K` on, weights past one wave of the decode GEMV (more blocks than
+/// SMs, each quantizing x again); `x`: float `x` and its element size, as for [`gemv_plan`]
+/// (RESULTS, "Rule: streaming GEMV").
 pub(super) fn gemv_stream_wanted(
     (n, k): (usize, usize),
     x: (bool, usize),
     info: &DeviceInfo,
     force: &ForcedChoices,
 ) -> bool {
-    force
-        .gemv_stream
-        .unwrap_or_else(|| !gemv_fits(1, k, 16, true) || gemv_plan(n, k, x, false, info, force).blocks > info.sms)
+    force.gemv_stream.unwrap_or_else(|| {
+        !gemv_fits(1, k, 16, true)
+            || k >= STREAM_PAST_ONE_WAVE_MIN_K && gemv_plan(n, k, x, false, info, force).blocks > info.sms
+    })
 }
 
 /// The streaming GEMV's launch for `k` inputs; `settled`: the weights are known complete (and

@@ -126,9 +126,9 @@ fn alignment_of_addresses() {
     assert_eq!(Problem::align_of(0x7f00_0000_1003), 1);
 }
 
-/// The streaming GEMV takes decode where `K` is past the GEMV's limit or the GEMV would run more
-/// blocks than SMs (20480 x 3200: 8 rows a warp, 160 blocks); weights within one wave of the GEMV
-/// stay on it, and so does the input-norm GEMV; never with unaligned weights, more rows or a
+/// The streaming GEMV takes decode where `K` is past the GEMV's limit or, from K = 3072, the GEMV
+/// would run more blocks than SMs (20480 x 3200: 8 rows a warp, 160 blocks); weights within one
+/// wave of the GEMV or of a smaller K (27648 x 2560) stay on it, and so does the input-norm GEMV; never with unaligned weights, more rows or a
 /// mixed dtype; forced either way where it can run.
 #[test]
 fn streaming_gemv_for_large_weights() {
@@ -136,7 +136,15 @@ fn streaming_gemv_for_large_weights() {
         Plan::GemvStream(s) => Some(s),
         _ => None,
     };
-    for (n, k) in [(13824, 2560), (2560, 2560), (20480, 2560), (4800, 3200), (1, 8192)] {
+    for (n, k) in [
+        (13824, 2560),
+        (2560, 2560),
+        (20480, 2560),
+        (4800, 3200),
+        (1, 8192),
+        (27648, 2560),
+        (17408, 2048),
+    ] {
         assert!(matches!(run(&bf16(1, n, k)), Plan::Gemv(_)), "{n} x {k}");
     }
     for (n, k) in [
