@@ -73,32 +73,26 @@ impl Timer {
         per_batch: usize,
         mut op: impl FnMut(usize) -> Result<()>,
     ) -> Result<f64> {
-        let stream = self.dev.cuda_stream();
-        let ctx = stream.context().clone();
         for i in 0..warmup {
             op(i)?;
         }
-        stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
-        let mut times = Vec::new();
+        self.dev.cuda_stream().synchronize().map_err(|e| anyhow!("{e:?}"))?;
         let mut idx = warmup;
-        for _ in 0..batches {
-            self.spin(3_000_000)?;
-            let ev: Vec<CudaEvent> = (0..2)
-                .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| anyhow!("{e:?}"))?;
-            ev[0].record(&stream).map_err(|e| anyhow!("{e:?}"))?;
-            for _ in 0..per_batch {
-                op(idx)?;
-                idx += 1;
-            }
-            ev[1].record(&stream).map_err(|e| anyhow!("{e:?}"))?;
-            ev[1].synchronize().map_err(|e| anyhow!("{e:?}"))?;
-            let ms = ev[0].elapsed_ms(&ev[1]).map_err(|e| anyhow!("{e:?}"))? as f64;
-            times.push(ms * 1e3 / per_batch as f64);
-        }
-        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        Ok(times[times.len() / 2])
+        self.median_per_call(
+            batches,
+            per_batch,
+            || {
+                self.spin(3_000_000)?;
+                Ok(())
+            },
+            || {
+                for _ in 0..per_batch {
+                    op(idx)?;
+                    idx += 1;
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Median over `batches` launches of one CUDA graph of `calls` captured calls `op(i)` of the
@@ -112,7 +106,6 @@ impl Timer {
         mut op: impl FnMut(usize) -> Result<()>,
     ) -> Result<f64> {
         let stream = self.dev.cuda_stream();
-        let ctx = stream.context().clone();
         stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -128,14 +121,34 @@ impl Timer {
         for _ in 0..3 {
             graph.launch().map_err(|e| anyhow!("{e:?}"))?;
         }
+        self.median_per_call(
+            batches,
+            calls,
+            || Ok(()),
+            || graph.launch().map_err(|e| anyhow!("{e:?}")),
+        )
+    }
+
+    /// Median over `batches` of the device time (µs) between two events around `enqueue()`,
+    /// divided by the `calls` it makes; `before()` runs ahead of the first event each time.
+    fn median_per_call(
+        &self,
+        batches: usize,
+        calls: usize,
+        mut before: impl FnMut() -> Result<()>,
+        mut enqueue: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        let stream = self.dev.cuda_stream();
+        let ctx = stream.context().clone();
         let mut times = Vec::new();
         for _ in 0..batches {
+            before()?;
             let ev: Vec<CudaEvent> = (0..2)
                 .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| anyhow!("{e:?}"))?;
             ev[0].record(&stream).map_err(|e| anyhow!("{e:?}"))?;
-            graph.launch().map_err(|e| anyhow!("{e:?}"))?;
+            enqueue()?;
             ev[1].record(&stream).map_err(|e| anyhow!("{e:?}"))?;
             ev[1].synchronize().map_err(|e| anyhow!("{e:?}"))?;
             let ms = ev[0].elapsed_ms(&ev[1]).map_err(|e| anyhow!("{e:?}"))? as f64;

@@ -130,10 +130,11 @@ pub(super) fn gemv_plan(
 /// and `n` rows. The rows are spread evenly over the warps, at most one block of `GEMV_WARPS`
 /// warps an SM, each warp at most `min(8, 16 / T)` batches of `32 / L` rows (16 chunks a lane in
 /// registers). The cost of a built (L, T) is its work per lane (T chunks times the batches of
-/// the busiest warp) per busy SM. Among those within 25% of the least cost, the fewest idle
-/// chunk slots (L * T - cpr) win, then the least cost, then more lanes: the idle SMs of a
-/// cheaper-looking grid are not lost, since with programmatic dependent launch the next call's
-/// blocks start on them (RESULTS, "Rule: GEMV lanes per row").
+/// the busiest warp) per busy SM, or past one block an SM times the waves of blocks. Among those
+/// within 25% of the least cost, the fewest waves win (each wave quantizes x again and ramps up
+/// again), then the fewest idle chunk slots (L * T - cpr), then the least cost, then more lanes:
+/// the idle SMs of a cheaper-looking grid are not lost, since with programmatic dependent launch
+/// the next call's blocks start on them (RESULTS, "Rule: GEMV lanes per row").
 fn gemv_config(cpr: usize, n: usize, sms: usize, forced_lanes: Option<usize>) -> (usize, usize, usize) {
     let warps_for = |(l, t): (usize, usize)| {
         let rows_per_batch = 32 / l;
@@ -142,16 +143,23 @@ fn gemv_config(cpr: usize, n: usize, sms: usize, forced_lanes: Option<usize>) ->
     };
     let shapes = GEMV_SHAPES.iter().copied().filter(|&(l, t)| cpr.div_ceil(l) == t);
     let forced = forced_lanes.and_then(|l| shapes.clone().find(|s| s.0 == l));
+    let waves = |s: (usize, usize)| warps_for(s).div_ceil(GEMV_WARPS).div_ceil(sms);
     let cost = |(l, t): (usize, usize)| {
         let warps = warps_for((l, t));
         let lane_work = t * n.div_ceil(warps).div_ceil(32 / l);
-        lane_work * sms * 64 / warps.div_ceil(GEMV_WARPS)
+        let blocks = warps.div_ceil(GEMV_WARPS);
+        // past one block an SM the blocks run in waves, one after the other
+        if blocks <= sms {
+            lane_work * sms * 64 / blocks
+        } else {
+            lane_work * 64 * blocks.div_ceil(sms)
+        }
     };
     let (l, t) = forced.unwrap_or_else(|| {
         let least = shapes.clone().map(cost).min().unwrap_or(0);
         shapes
             .filter(|&s| 4 * cost(s) <= 5 * least)
-            .min_by_key(|&(l, t)| (l * t - cpr, cost((l, t)), usize::MAX - l))
+            .min_by_key(|&(l, t)| (waves((l, t)), l * t - cpr, cost((l, t)), usize::MAX - l))
             .unwrap_or((32, cpr.div_ceil(32)))
     });
     (l, t, warps_for((l, t)).div_ceil(GEMV_WARPS))
@@ -250,6 +258,11 @@ mod tests {
         assert_eq!(pick(2560, 6912), (32, 4));
         assert_eq!(pick(2048, 2048), (32, 1));
         assert_eq!(pick(8192, 3072), (16, 3));
+        // past one block an SM: waves count (RESULTS, "Rule: GEMV lanes per row")
+        assert_eq!(pick(17408, 2048), (8, 4));
+        assert_eq!(pick(32768, 2048), (8, 4));
+        assert_eq!(plan(32768, 2048, true, false).blocks, 132);
+        assert_eq!(pick(27648, 2560), (8, 5));
     }
 
     /// Early weights where they were measured faster (RESULTS, "Rule: GEMV early weights"), for
@@ -314,7 +327,6 @@ mod tests {
             (5120, 5120),
             (11008, 4096),
             (14336, 4096),
-            (27648, 2560),
             (3072, 8192),
         ] {
             assert!(!plan(n, k, true, false).bulk_x, "{n} x {k}");
