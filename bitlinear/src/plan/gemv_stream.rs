@@ -37,7 +37,8 @@ pub(super) fn gemv_stream_fits(m: usize, k: usize, weight_align: usize, x_is_out
 }
 
 /// The smallest `K` at which weights past one wave of the decode GEMV take the streaming GEMV:
-/// measured faster at K = 3200 and 5120, slower at 2560 (RESULTS, "Rule: streaming GEMV").
+/// measured faster at K = 3200 and 5120, slower at 2048 and 2560 (RESULTS, "Rule: streaming
+/// GEMV").
 const STREAM_PAST_ONE_WAVE_MIN_K: usize = 3072;
 
 /// Whether a decode the streaming GEMV fits runs on it, unless forced either way: `K` past the

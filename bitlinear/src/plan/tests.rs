@@ -128,8 +128,9 @@ fn alignment_of_addresses() {
 
 /// The streaming GEMV takes decode where `K` is past the GEMV's limit or, from K = 3072, the GEMV
 /// would run more blocks than SMs (20480 x 3200: 8 rows a warp, 160 blocks); weights within one
-/// wave of the GEMV or of a smaller K (27648 x 2560) stay on it, and so does the input-norm GEMV; never with unaligned weights, more rows or a
-/// mixed dtype; forced either way where it can run.
+/// wave of the GEMV or of a smaller K (27648 x 2560) stay on it, and so does the input-norm
+/// GEMV; never with unaligned weights, more rows or a mixed dtype; forced either way where it can
+/// run.
 #[test]
 fn streaming_gemv_for_large_weights() {
     let stream = |p: &Problem| match run(p) {
