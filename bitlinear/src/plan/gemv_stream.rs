@@ -1,7 +1,6 @@
 //! The streaming decode GEMV (`kernels/gemv_stream.cu`): `M = 1` with `K` past the decode GEMV's
 //! limit or weights past one wave of the decode GEMV.
 
-use super::gemv::{gemv_fits, gemv_plan};
 use super::{DeviceInfo, ForcedChoices};
 
 /// Warps a block of the streaming GEMV (`GS_WARPS` in `kernels/gemv_stream.cu`).
@@ -41,21 +40,20 @@ pub(super) fn gemv_stream_fits(m: usize, k: usize, weight_align: usize, x_is_out
 /// GEMV").
 const STREAM_PAST_ONE_WAVE_MIN_K: usize = 3072;
 
-/// Whether a decode the streaming GEMV fits runs on it, unless forced either way: `K` past the
-/// decode GEMV's limit (where the skinny kernel would take it), or, from
-/// `STREAM_PAST_ONE_WAVE_MIN_K` on, weights past one wave of the decode GEMV (more blocks than
-/// SMs, each quantizing x again); `x`: float `x` and its element size, as for [`gemv_plan`]
-/// (RESULTS, "Rule: streaming GEMV").
+/// Whether a decode the streaming GEMV fits runs on it, unless forced either way: where the
+/// decode GEMV cannot take it (`gemv_blocks` is `None`: `K` past its limit, where the skinny
+/// kernel would take it), or, from `STREAM_PAST_ONE_WAVE_MIN_K` on, where the decode GEMV's plan
+/// has more blocks (`gemv_blocks`) than the device has SMs, each quantizing x again (RESULTS,
+/// "Rule: streaming GEMV").
 pub(super) fn gemv_stream_wanted(
-    (n, k): (usize, usize),
-    x: (bool, usize),
+    k: usize,
+    gemv_blocks: Option<usize>,
     info: &DeviceInfo,
     force: &ForcedChoices,
 ) -> bool {
-    force.gemv_stream.unwrap_or_else(|| {
-        !gemv_fits(1, k, 16, true)
-            || k >= STREAM_PAST_ONE_WAVE_MIN_K && gemv_plan(n, k, x, false, info, force).blocks > info.sms
-    })
+    force
+        .gemv_stream
+        .unwrap_or_else(|| gemv_blocks.is_none_or(|blocks| k >= STREAM_PAST_ONE_WAVE_MIN_K && blocks > info.sms))
 }
 
 /// The streaming GEMV's launch for `k` inputs; `settled`: the weights are known complete (and

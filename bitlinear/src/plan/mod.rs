@@ -205,9 +205,13 @@ pub fn plan(problem: &Problem, device: &DeviceInfo, settings: &KernelSettings) -
     let settled = weights_settled && settings.early_weights;
     let x_is_out = x_dtype.is_none_or(|d| d == out_dtype);
     let x = (x_dtype.is_some(), x_dtype.map_or(1, |d| d.size_in_bytes()));
-    if !matches!(forced, Some(KernelKind::Skinny | KernelKind::Gemm))
+    let decode_kernels = !matches!(forced, Some(KernelKind::Skinny | KernelKind::Gemm));
+    // the GEMV's plan where it can take the problem, once: the streaming rule reads its blocks
+    let gemv = (decode_kernels && gemv::gemv_fits(m, k, weight_align, x_is_out))
+        .then(|| gemv::gemv_plan(n, k, x, settled, device, &settings.force));
+    if decode_kernels
         && gemv_stream::gemv_stream_fits(m, k, weight_align, x_is_out)
-        && gemv_stream::gemv_stream_wanted((n, k), x, device, &settings.force)
+        && gemv_stream::gemv_stream_wanted(k, gemv.map(|g| g.blocks), device, &settings.force)
     {
         return Ok(Plan::GemvStream(gemv_stream::gemv_stream_plan(
             k,
@@ -216,8 +220,8 @@ pub fn plan(problem: &Problem, device: &DeviceInfo, settings: &KernelSettings) -
             &settings.force,
         )));
     }
-    if !matches!(forced, Some(KernelKind::Skinny | KernelKind::Gemm)) && gemv::gemv_fits(m, k, weight_align, x_is_out) {
-        return Ok(Plan::Gemv(gemv::gemv_plan(n, k, x, settled, device, &settings.force)));
+    if let Some(g) = gemv {
+        return Ok(Plan::Gemv(g));
     }
     if forced != Some(KernelKind::Gemm) {
         let input = skinny::SkinnyInput {
