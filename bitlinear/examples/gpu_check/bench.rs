@@ -253,10 +253,12 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
             }
             let x = Tensor::randn(0f32, 1.0, (m, k), gpu)?.to_dtype(DType::BF16)?;
             let (batches, per) = if m >= 1024 { (5, 10) } else { (7, 20) };
-            let t_p = timer.time(3, batches, per, |i| {
+            // the packed matmul on the i-th rotated weight, timed by every mode below
+            let packed = |i: usize| -> Result<()> {
                 packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
                 Ok(())
-            })?;
+            };
+            let t_p = timer.time(3, batches, per, packed)?;
             let t_f = timer.time(3, batches, per, |i| {
                 full_forward(&x, &wf[i % n_float])?;
                 Ok(())
@@ -278,12 +280,7 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
                 {
                     continue;
                 }
-                let t = with_settings(gpu, v.apply, || {
-                    timer.time(2, batches, per, |i| {
-                        packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
-                        Ok(())
-                    })
-                });
+                let t = with_settings(gpu, v.apply, || timer.time(2, batches, per, packed));
                 match t {
                     Ok(t) => variants.push_str(&format!(" {name} {t:.2}")),
                     Err(e) => variants.push_str(&format!(" {name} error ({e})")),
@@ -292,10 +289,7 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
             if o.graph {
                 // the packed matmul as CUDA graphs of 20 calls, as the W2A8 comparison times its
                 // peer (RESULTS, "Targets not met")
-                let t = timer.time_graph(7, 20, |i| {
-                    packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
-                    Ok(())
-                });
+                let t = timer.time_graph(7, 20, packed);
                 match t {
                     Ok(t) => variants.push_str(&format!(" graph {t:.2}")),
                     Err(e) => variants.push_str(&format!(" graph error ({e})")),
@@ -310,11 +304,7 @@ pub(crate) fn bench(gpu: &Device, o: &Opts) -> Result<()> {
                 for (name, change) in [("codes", (|_| {}) as Change), ("codes-skinny", skinny)] {
                     let t = with_settings(gpu, change, || {
                         timer.time(2, batches, per, |i| {
-                            if name.starts_with("codes") {
-                                packed_accumulate(&codes, &wp[i % n_packed])?;
-                            } else {
-                                packed_matmul(&x, &wp[i % n_packed], ActScaling::PerToken)?;
-                            }
+                            packed_accumulate(&codes, &wp[i % n_packed])?;
                             Ok(())
                         })
                     })?;
