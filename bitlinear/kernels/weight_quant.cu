@@ -25,6 +25,10 @@
 //                        grid-stride, each thread loads U words' weights (4, or 2 for f32)
 //                        before quantizing them.
 //   w_fake_T             x~ = (code - 1) * s_w per element.
+//   w_fake_rows_T        per-channel codes: one block per weight row (grid-stride over rows);
+//                        thread t sums |w| in f64 over k = t, t + 256, ..; the block's fixed tree
+//                        gives the row's absmean g (rounded to f32, max with 1e-5); then
+//                        x~ = ternary_code(w, g) * s_w with s_w the tensor's scale (stat[0]).
 //   packed_repack        packed bytes (N, K4) -> (N, K4p) with K4p a multiple of 16, pad 0x55.
 #include "common.cuh"
 
@@ -208,6 +212,25 @@ __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_p
     }
 }
 
+// Codes against each row's own absmean, values at the tensor's scale (see the header).
+template <typename T>
+__device__ void w_fake_rows_impl(const T* __restrict__ w, int N, int K, const float* sw_ptr, T* out) {
+    __shared__ double red[QT];
+    const float s = *sw_ptr;
+    for (int n = blockIdx.x; n < N; n += gridDim.x) {
+        const T* wr = w + (size_t)n * K;
+        double sum = 0.0;
+        for (int k = threadIdx.x; k < K; k += QT) sum += (double)fabsf(to_f32(wr[k]));
+        block_sum_f64(sum, red);
+        const float g = fmaxf((float)(red[0] / (double)K), BL_WEIGHT_EPS);
+        __syncthreads();  // red is reused by the next row
+        for (int k = threadIdx.x; k < K; k += QT) {
+            const int c = ternary_code(to_f32(wr[k]), g) - 1;
+            out[(size_t)n * K + k] = from_f32<T>(__fmul_rn((float)c, s));
+        }
+    }
+}
+
 #define INSTANTIATE(T, SUF)                                                                        \
     extern "C" __global__ void __launch_bounds__(QT)                                               \
         w_absmean_partial_##SUF(const T* w, size_t n, double* partials, unsigned* stat) {         \
@@ -228,6 +251,11 @@ __device__ void w_fake_impl(const T* __restrict__ w, size_t n, const float* sw_p
         w_fake_##SUF(const T* w, size_t n, const float* sw, T* out) {                             \
         pdl_wait();                                                                                 \
         w_fake_impl<T>(w, n, sw, out);                                                             \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(QT)                                               \
+        w_fake_rows_##SUF(const T* w, int N, int K, const float* sw, T* out) {                     \
+        pdl_wait();                                                                                 \
+        w_fake_rows_impl<T>(w, N, K, sw, out);                                                     \
     }
 
 INSTANTIATE(float, f32)

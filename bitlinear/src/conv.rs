@@ -29,6 +29,12 @@ pub struct BitConv2dConfig {
     /// tensor-core rate of the f32 (TF32) products; the forward is unchanged (integers). No
     /// effect on the CPU or in bf16/f16 training.
     pub bf16_grad_products: bool,
+    /// Whether each output channel's ternary codes are rounded against that channel's own
+    /// absmean (default off: the tensor's absmean, as [`BitLinear`](crate::BitLinear)). The
+    /// codes' value stays one scale, the tensor's absmean ([`crate::quant::channel_codes`]), so
+    /// the packed form is unchanged; for a convolution whose output channels are normalised
+    /// next (batch norm, no bias), this computes what per-channel weight scales would.
+    pub per_channel_codes: bool,
 }
 
 impl Default for BitConv2dConfig {
@@ -39,6 +45,7 @@ impl Default for BitConv2dConfig {
             bias: true,
             check_finite: true,
             bf16_grad_products: false,
+            per_channel_codes: false,
         }
     }
 }
@@ -148,11 +155,29 @@ impl BitConv2d {
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
         let w = self.weight.detach().reshape((c_out, c_in * kh * kw))?;
         PackedBitConv2d::new(
-            PackedTernary::pack(&w)?,
+            self.packed_weight(&w)?,
             (c_in, kh, kw),
             self.bias.as_ref().map(Tensor::detach),
             self.config,
         )
+    }
+
+    /// The weight `(c_out, K)` quantized by this layer's rule and packed, on `w`'s device.
+    fn packed_weight(&self, w: &Tensor) -> Result<PackedTernary> {
+        if !self.config.per_channel_codes {
+            return PackedTernary::pack(w);
+        }
+        let (n, k) = w.dims2()?;
+        let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let Some((codes, s_w)) = crate::quant::channel_codes(&v, n, k) else {
+            candle_core::bail!("cannot quantize weights that contain NaN or infinite values")
+        };
+        let bytes = Tensor::from_vec(
+            crate::pack_ternary(&codes, n, k)?,
+            (n, crate::packed_len(k)),
+            w.device(),
+        )?;
+        PackedTernary::from_parts(bytes, s_w, k)
     }
 }
 
@@ -222,7 +247,7 @@ impl BitConv2d {
         let (p, s) = (self.config.padding, self.config.stride);
         // Weights: the master weight (f32) quantized.
         let w2 = self.weight.to_dtype(DType::F32)?.reshape((c_out, c_in * kh * kw))?;
-        let w_fq = fake_quant_weights(&w2, self.config.check_finite)?;
+        let w_fq = fake_quant_weights(&w2, self.config.check_finite, self.config.per_channel_codes)?;
         // s_w is the magnitude of every non-zero W~ (exact); W~ / s_w is then exactly -1, 0 or 1.
         // The maximum a row at a time first: candle reduces `max_all` in one CUDA block.
         let s_w = w_fq.abs()?.max_keepdim(1)?.max_all()?.detach();
@@ -245,7 +270,7 @@ impl BitConv2d {
         #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
         let mut x_codes = None;
         if x.device().is_cpu() {
-            let packed = PackedBitConv2d::new(PackedTernary::pack(&w2)?, (c_in, kh, kw), None, self.config)?;
+            let packed = PackedBitConv2d::new(self.packed_weight(&w2)?, (c_in, kh, kw), None, self.config)?;
             on_device = Some(packed.dequantized(x)?);
         }
         #[cfg(feature = "cuda")]

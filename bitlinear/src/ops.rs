@@ -140,7 +140,7 @@ impl CustomOp2 for BitMatmul {
             DType::F32
         };
         let g = grad_y.to_dtype(product)?;
-        let w_deq = fake_quant_weights(w, self.check_finite)?.to_dtype(product)?;
+        let w_deq = fake_quant_weights(w, self.check_finite, false)?.to_dtype(product)?;
         let x_deq = fake_quantize_activations(x, self.scaling)?.to_dtype(product)?;
         let grad_x = g.matmul(&w_deq)?.to_dtype(x.dtype())?;
         let grad_w = g.t()?.matmul(&x_deq)?.to_dtype(w.dtype())?;
@@ -195,6 +195,8 @@ enum FakeQuant {
     Weights {
         #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
         check_finite: bool,
+        /// codes against each row's absmean ([`quant::channel_codes`])
+        per_channel: bool,
     },
     Activations(ActScaling),
 }
@@ -207,7 +209,13 @@ impl CustomOp1 for FakeQuant {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let v = cpu_f32(s, l)?;
         let out: Vec<f32> = match (*self, l.dims()) {
-            (FakeQuant::Weights { .. }, _) => {
+            (FakeQuant::Weights { per_channel: true, .. }, &[n, k]) => {
+                let Some((codes, s_w)) = quant::channel_codes(&v, n, k) else {
+                    bail!("cannot quantize weights that contain NaN or infinite values")
+                };
+                codes.iter().map(|&q| q as f32 * s_w).collect()
+            }
+            (FakeQuant::Weights { per_channel: false, .. }, _) => {
                 let Some(s_w) = quant::absmean_scale(&v) else {
                     bail!("cannot quantize weights that contain NaN or infinite values")
                 };
@@ -221,7 +229,7 @@ impl CustomOp1 for FakeQuant {
                     .map(|(i, &q)| q as f32 * scales[if scales.len() == 1 { 0 } else { i / k }])
                     .collect()
             }
-            _ => bail!("bitlinear-fake-quant: internal error, expected rank-2 activations"),
+            _ => bail!("bitlinear-fake-quant: internal error, expected a rank-2 tensor"),
         };
         Ok((cpu_from_f32(out, s.dtype())?, l.shape().clone()))
     }
@@ -229,7 +237,10 @@ impl CustomOp1 for FakeQuant {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         match *self {
-            FakeQuant::Weights { check_finite } => crate::cuda::fake_quant_weights(s, l, check_finite),
+            FakeQuant::Weights {
+                check_finite,
+                per_channel,
+            } => crate::cuda::fake_quant_weights(s, l, check_finite, per_channel),
             FakeQuant::Activations(sc) => crate::cuda::fake_quant_activations(s, l, sc == ActScaling::PerTensor),
         }
     }
@@ -237,12 +248,17 @@ impl CustomOp1 for FakeQuant {
 
 /// `W~ = W_q · s_w`: the ternary weight as the forward pass sees it, in `w`'s dtype.
 pub fn fake_quantize_weights(w: &Tensor) -> Result<Tensor> {
-    fake_quant_weights(w, true)
+    fake_quant_weights(w, true, false)
 }
 
-pub(crate) fn fake_quant_weights(w: &Tensor, check_finite: bool) -> Result<Tensor> {
+/// `W~` of a weight `(N, K)`; with `per_channel` each row's codes against its own absmean, at
+/// the tensor's scale ([`quant::channel_codes`]).
+pub(crate) fn fake_quant_weights(w: &Tensor, check_finite: bool, per_channel: bool) -> Result<Tensor> {
     check_weight(w, "fake_quantize_weights")?;
-    w.contiguous()?.apply_op1_no_bwd(&FakeQuant::Weights { check_finite })
+    w.contiguous()?.apply_op1_no_bwd(&FakeQuant::Weights {
+        check_finite,
+        per_channel,
+    })
 }
 
 /// `x~ = x_q · s_x`: the int8 activations as the forward pass sees them, in `x`'s dtype.

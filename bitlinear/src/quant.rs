@@ -5,7 +5,8 @@
 //! the same integer codes.
 //!
 //! * Weights, per tensor *absmean*: `s_w = max(mean|W|, WEIGHT_EPS)`, then
-//!   `w_q = clamp(round(w / s_w), -1, 1)`.
+//!   `w_q = clamp(round(w / s_w), -1, 1)` (or, as an option of convolutions, each row's codes
+//!   against that row's absmean, at the tensor's `s_w`: [`channel_codes`]).
 //! * Activations, per token (row) *absmax*: `s_x = max(max|x|, ACT_EPS) / 127`, then
 //!   `x_q = clamp(round(x / s_x), -128, 127)`.
 //!
@@ -80,6 +81,25 @@ pub fn round_half_even(v: f32) -> f32 {
 pub fn ternary(w: f32, s_w: f32) -> i8 {
     // Clamping to ±4 first keeps the rounding trick in range and changes no result.
     round_half_even((w / s_w).clamp(-4.0, 4.0)).clamp(-1.0, 1.0) as i8
+}
+
+/// Per-channel codes of a weight `(n, k)` (row-major `w`): row `r`'s codes are
+/// `ternary(w, g_r)` with `g_r = absmean_scale(row r)`, and the returned scale is the whole
+/// tensor's `absmean_scale`, the value of every non-zero code. `None` when a weight is NaN or
+/// infinite.
+///
+/// For a layer whose every output channel is normalised afterwards (a convolution followed by
+/// batch norm, no bias between), per-row scales `g_r` would be divided out again, so these codes
+/// at one scale compute what per-channel scales would, in the one-scale packed format.
+pub fn channel_codes(w: &[f32], n: usize, k: usize) -> Option<(Vec<i8>, f32)> {
+    debug_assert_eq!(w.len(), n * k);
+    let s_w = absmean_scale(w)?;
+    let mut codes = Vec::with_capacity(w.len());
+    for row in w.chunks(k.max(1)).take(n) {
+        let g = absmean_scale(row)?;
+        codes.extend(row.iter().map(|&v| ternary(v, g)));
+    }
+    Some((codes, s_w))
 }
 
 /// Absmax activation scale of a group of values: `max(max|x|, ACT_EPS) / 127`, or NaN when the
@@ -171,6 +191,20 @@ pub fn dequantize(acc: i32, s_x: f32, s_w: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn channel_codes_round_each_row_against_its_own_absmean() {
+        // Row 0: absmean 0.7333 -> 0.9 / g = 1.23 -> 1, 0.1 / g -> 0, -1.2 / g -> -1.
+        // Row 1: absmean 0.08 -> 0.0 -> 0, 0.04 / g = 0.5 (a tie: to even 0), 0.2 / g -> 1.
+        // The per-tensor absmean 0.4067 would zero all of row 1.
+        let w = [0.9f32, -0.1, -1.2, 0.0, 0.04, 0.2];
+        let (codes, s) = channel_codes(&w, 2, 3).unwrap();
+        assert_eq!(codes, vec![1, 0, -1, 0, 0, 1]);
+        assert_eq!(s, absmean_scale(&w).unwrap());
+        assert!(w[3..].iter().all(|&v| ternary(v, s) == 0));
+        assert!(channel_codes(&[1.0, f32::NAN], 1, 2).is_none());
+        assert_eq!(channel_codes(&[], 0, 4).unwrap(), (vec![], WEIGHT_EPS));
+    }
 
     #[test]
     fn ternary_rounds_half_to_even() {

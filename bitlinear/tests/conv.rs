@@ -707,7 +707,85 @@ fn packed_storage(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// `per_channel_codes`: each output channel's codes against its own absmean (channels of very
+/// unequal magnitude), every non-zero code worth the whole tensor's absmean; the packed form
+/// holds those codes and that scale, and both forms compute the reference's integers.
+fn per_channel_codes(dev: &Device) -> Result<()> {
+    let mut r = rng("conv_per_channel_codes");
+    for (b, c, co, k, stride, pad) in [
+        (2, 3, 6, 3, 1, 1),
+        (3, 5, 9, 3, 2, 0),
+        (1, 4, 7, 1, 1, 0),
+        (2, 8, 16, 3, 1, 1),
+    ] {
+        let s = Shape {
+            b,
+            c,
+            h: 2 * r.gen_range(2..6) + 1,
+            w: 2 * r.gen_range(2..6),
+            co,
+            k,
+            stride,
+            pad,
+        };
+        let kk = c * k * k;
+        let x = randn(&mut r, b * c * s.h * s.w, 1.0);
+        let mut w = randn(&mut r, co * kk, 0.2);
+        for (o, row) in w.chunks_mut(kk).enumerate() {
+            let f = [0.05f32, 0.3, 1.0, 3.0][o % 4];
+            row.iter_mut().for_each(|v| *v *= f);
+        }
+        let bias = randn(&mut r, co, 0.1);
+        let cfg = BitConv2dConfig {
+            stride,
+            padding: pad,
+            per_channel_codes: true,
+            ..Default::default()
+        };
+        let layer = BitConv2d::new(
+            Tensor::from_vec(w.clone(), (co, c, k, k), dev)?,
+            Some(Tensor::from_vec(bias.clone(), co, dev)?),
+            cfg,
+        )?;
+        let want_codes: Vec<i8> = w.chunks(kk).flat_map(|row| ref_quantize_weights(row).q).collect();
+        let s_w = ref_quantize_weights(&w).scale;
+        let at = format!("{s:?}");
+        assert_ne!(
+            want_codes,
+            ref_quantize_weights(&w).q,
+            "{at}: per-tensor codes would be the same"
+        );
+        let packed = layer.pack()?;
+        assert_eq!(packed.weight().unpack()?, want_codes, "{at}: packed codes");
+        assert_eq!(packed.weight().scale(), s_w, "{at}: packed scale");
+        let xt = Tensor::from_vec(x.clone(), (b, c, s.h, s.w), dev)?;
+        let acts = ref_quantize_rows(&x, b, c * s.h * s.w);
+        let (acc, ho, wo) = ref_conv_int(&s, &acts.q, &want_codes);
+        let pacc: Vec<i64> = packed
+            .accumulate(&xt)?
+            .0
+            .flatten_all()?
+            .to_vec1::<i32>()?
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        assert!(pacc == acc, "{at}: packed accumulators differ from the reference");
+        let y: Vec<f32> = layer.forward(&xt)?.flatten_all()?.to_vec1()?;
+        let yp: Vec<f32> = packed.forward(&xt)?.flatten_all()?.to_vec1()?;
+        for (i, ((&got, &gotp), &a)) in y.iter().zip(&yp).zip(&acc).enumerate() {
+            let (n, o) = (i / (co * ho * wo), (i / (ho * wo)) % co);
+            let want = (a as f32 * acts.scales[n]) * s_w + bias[o];
+            assert!(
+                got.to_bits() == want.to_bits() && gotp.to_bits() == want.to_bits(),
+                "{at}: elem {i}: training form {got}, packed form {gotp}, want {want} (acc {a})"
+            );
+        }
+    }
+    Ok(())
+}
+
 device_test!(
+    per_channel_codes,
     random_shapes,
     tiled_shapes,
     implicit_gemm_shapes,

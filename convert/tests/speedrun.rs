@@ -66,6 +66,7 @@ fn float_stem_and_bf16_storage() {
     let config = TernarySpeedrunConfig {
         widths: [8, 8, 16, 16],
         stem: StemKind::Float,
+        channel_codes: false,
     };
     let (ckpt, net) = speedrun_checkpoint(dir.path(), config);
     let out = dir.path().join("bf16.safetensors");
@@ -90,6 +91,7 @@ fn a_checkpoint_that_does_not_match_its_recorded_widths_is_an_error() {
         TernarySpeedrunConfig {
             widths: [4, 8, 8, 8],
             stem: StemKind::Ternary,
+            channel_codes: false,
         },
     );
     // Rewrite the recorded widths: the tensors no longer fit.
@@ -104,4 +106,53 @@ fn a_checkpoint_that_does_not_match_its_recorded_widths_is_an_error() {
     assert!(!ok);
     assert!(stderr.contains("expected [16, 8, 3, 3]"), "{stderr}");
     assert!(!out.exists(), "no file written on error");
+}
+
+#[test]
+fn per_channel_block_codes_survive_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TernarySpeedrunConfig {
+        widths: [4, 8, 8, 8],
+        stem: StemKind::Ternary,
+        channel_codes: true,
+    };
+    let varmap = VarMap::new();
+    let net = TernarySpeedrun::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    // Channels of unequal magnitude: per-tensor codes would zero most of channel 1's weights.
+    {
+        let data = varmap.data().lock().unwrap();
+        let w = &data["block1.conv1.weight"];
+        let scale: Vec<f32> = (0..8).map(|c| if c == 1 { 0.2 } else { 1.0 }).collect();
+        let scale = Tensor::from_vec(scale, (8, 1, 1, 1), &Device::Cpu).unwrap();
+        w.set(&w.as_tensor().broadcast_mul(&scale).unwrap()).unwrap();
+    }
+    let ckpt = dir.path().join("speedrun.safetensors");
+    save_varmap(&varmap, &ckpt, net.checkpoint_metadata(), |name| {
+        name.contains(".norm") || name.ends_with("bias")
+    });
+    let out = dir.path().join("packed.safetensors");
+    let (ok, stdout, stderr) = run(bin().args(["export", "--checkpoint"]).arg(&ckpt).arg("--out").arg(&out));
+    assert!(ok, "{stdout}\n{stderr}");
+    let packed = PackedNetwork::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(packed.config(), model::NetworkConfig::TernarySpeedrun(config));
+    let x = images(3);
+    let want: Vec<Vec<f32>> = net.forward(&x).unwrap().to_vec2().unwrap();
+    let got: Vec<Vec<f32>> = packed.forward(&x).unwrap().to_vec2().unwrap();
+    assert_eq!(got, want);
+    // The file holds channel 1's own codes, not the per-tensor ones.
+    let stored = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let bytes = stored["block1.conv1.weight.packed"].to_vec2::<u8>().unwrap();
+    let w = varmap.data().lock().unwrap()["block1.conv1.weight"]
+        .as_tensor()
+        .reshape((8, 36))
+        .unwrap();
+    let per_tensor = bitlinear::PackedTernary::pack(&w)
+        .unwrap()
+        .bytes()
+        .to_vec2::<u8>()
+        .unwrap();
+    assert_ne!(bytes[1], per_tensor[1]);
+    let row1 = bitlinear::unpack_ternary(&bytes[1], 1, 36).unwrap();
+    let zeros = row1.iter().filter(|&&c| c == 0).count();
+    assert!(zeros < 24, "channel 1 rounded against its own absmean: {row1:?}");
 }

@@ -109,6 +109,9 @@ struct Opts {
     /// The trainer's `--widths` (ternary-speedrun; default: the recipe's).
     #[arg(long, value_parser = train::cli::widths)]
     widths: Option<[usize; 4]>,
+    /// The trainer's `--block-codes` (ternary-speedrun; default: the recipe's).
+    #[arg(long, value_enum)]
+    block_codes: Option<train::cli::BlockCodesArg>,
 }
 
 impl Opts {
@@ -409,6 +412,7 @@ fn main() -> Result<()> {
     ])?;
     args.lookahead_every = o.lookahead_every;
     args.widths = o.widths;
+    args.block_codes = o.block_codes;
     args.cuda = o.tuning();
     let mut t = Trainer::new(args)?;
     let dev = t.device.clone();

@@ -128,6 +128,12 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub stem: Option<StemArg>,
 
+    /// ternary-speedrun: how the block convolutions round their ternary codes: against the
+    /// whole weight's absmean, or each output channel's own (the batch norm after each divides
+    /// the channel's scale out) [default: per-tensor].
+    #[arg(long, value_enum)]
+    pub block_codes: Option<BlockCodesArg>,
+
     /// ternary-speedrun: channels of the stem and the three blocks, e.g. `32,64,256,256`
     /// [default: 32,64,256,256].
     #[arg(long, value_parser = widths)]
@@ -184,8 +190,14 @@ impl Args {
     pub fn network_config(&self) -> Result<NetworkConfig, String> {
         match self.model {
             ModelArg::SimpleBitCnn => {
-                if self.stem.is_some() || self.widths.is_some() || self.recompute_bn.is_some_and(|n| n > 0) {
-                    return Err("--stem, --widths and --recompute-bn apply to --model ternary-speedrun".into());
+                if self.stem.is_some()
+                    || self.widths.is_some()
+                    || self.block_codes.is_some()
+                    || self.recompute_bn.is_some_and(|n| n > 0)
+                {
+                    return Err(
+                        "--stem, --widths, --block-codes and --recompute-bn apply to --model ternary-speedrun".into(),
+                    );
                 }
                 Ok(NetworkConfig::SimpleBitCnn(model::SimpleBitCnnConfig {
                     fc1: self.fc1.unwrap_or(LayerArg::Bitlinear).into(),
@@ -203,6 +215,9 @@ impl Args {
                         StemArg::Ternary => model::StemKind::Ternary,
                         StemArg::Float => model::StemKind::Float,
                     },
+                    channel_codes: self
+                        .block_codes
+                        .map_or(default.channel_codes, |c| c == BlockCodesArg::PerChannel),
                 }))
             }
         }
@@ -221,6 +236,12 @@ pub enum ModelArg {
 pub enum StemArg {
     Ternary,
     Float,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BlockCodesArg {
+    PerTensor,
+    PerChannel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -39,14 +39,17 @@ fn zero_or_negative_sizes_are_rejected() {
 fn network_options_are_checked() {
     let nowhere = ["--data-dir", "/nonexistent/cifar", "--no-download"];
     let with = |extra: &[&'static str]| [&nowhere[..], extra].concat();
-    fails_with(
-        &with(&["--stem", "float"]),
-        &["--stem, --widths and --recompute-bn apply to --model ternary-speedrun"],
-    );
-    fails_with(
-        &with(&["--recompute-bn", "100"]),
-        &["--stem, --widths and --recompute-bn apply to --model ternary-speedrun"],
-    );
+    for option in [
+        &["--stem", "float"],
+        &["--recompute-bn", "100"],
+        &["--block-codes", "per-channel"],
+    ] {
+        fails_with(
+            &with(option),
+            &["--stem, --widths, --block-codes and --recompute-bn apply to --model ternary-speedrun"],
+        );
+    }
+    fails_with(&["--block-codes", "per-row"], &["--block-codes", "per-row"]);
     fails_with(
         &["--recompute-bn", "-1"],
         &["--recompute-bn", "must be 0 or more, got -1"],

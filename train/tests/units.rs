@@ -154,6 +154,7 @@ fn seeded_init_sets_batch_norms_like_pytorch() {
     let cfg = model::TernarySpeedrunConfig {
         widths: [4, 8, 8, 16],
         stem: model::StemKind::Ternary,
+        channel_codes: false,
     };
     model::TernarySpeedrun::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     train::init::seeded_init(&vm, 3).unwrap();

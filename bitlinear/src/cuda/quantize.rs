@@ -242,8 +242,14 @@ pub(super) fn weight_dims(dims: &[usize]) -> Result<(usize, usize)> {
     }
 }
 
-/// `W~ = w_q * s_w` in w's dtype.
-pub(crate) fn fake_quant_weights(w: &CudaStorage, l: &Layout, check_finite: bool) -> Result<(CudaStorage, Shape)> {
+/// `W~ = w_q * s_w` in w's dtype; with `per_channel` (w of shape (N, K)) each row's codes are
+/// rounded against that row's absmean, the values scaled by the tensor's `s_w`.
+pub(crate) fn fake_quant_weights(
+    w: &CudaStorage,
+    l: &Layout,
+    check_finite: bool,
+    per_channel: bool,
+) -> Result<(CudaStorage, Shape)> {
     let dev = &w.device;
     let ctx = Ctx::new(dev)?;
     let stream = &ctx.stream;
@@ -257,7 +263,15 @@ pub(crate) fn fake_quant_weights(w: &CudaStorage, l: &Layout, check_finite: bool
         stat = weight_scale(&ctx, wp, win.dtype(), n)?;
         let sp = slice_ptr(&stat, stream, &mut g);
         let op = out_slice_ptr(&mut out, stream, &mut g)?;
-        if n > 0 {
+        if n > 0 && per_channel {
+            let (rows, k) = weight_dims(&win.dims)?;
+            let f = ctx.func(
+                Module::WeightQuant,
+                &format!("w_fake_rows_{}", float_suffix(win.dtype())?),
+            )?;
+            let blocks = crate::plan::row_quant_blocks(rows, ctx.info.sms);
+            launch!(ctx, f, grid(blocks), wp, i32_arg(rows, "N")?, i32_arg(k, "K")?, sp, op)?;
+        } else if n > 0 {
             let f = ctx.func(Module::WeightQuant, &format!("w_fake_{}", float_suffix(win.dtype())?))?;
             launch!(ctx, f, grid1(n, ctx.info.sms * 16), wp, n as u64, sp, op)?;
         }

@@ -50,7 +50,9 @@ pub use conv_igemm::{implicit_conv_plan, ImplicitConvPlan, ImplicitConvTile, IMP
 pub use gemm::{GemmPlan, GemmTile, GEMM_BK};
 pub use gemv::{GemvPlan, GEMV_MAX_K, GEMV_SHAPES, GEMV_WARPS};
 pub use gemv_stream::{GemvStreamPlan, GEMV_STREAM_MAX_K, GEMV_STREAM_WARPS};
-pub use quant::{absmean_blocks, act_quant_plan, pack_plan, ActLayout, ActQuantPlan, PackPlan, QUANT_THREADS};
+pub use quant::{
+    absmean_blocks, act_quant_plan, pack_plan, row_quant_blocks, ActLayout, ActQuantPlan, PackPlan, QUANT_THREADS,
+};
 pub use settings::{CpuKernel, ForcedChoices, KernelKind, KernelSettings};
 pub use skinny::{SkinnyPlan, SKINNY_MAX_M, SKINNY_THREADS};
 

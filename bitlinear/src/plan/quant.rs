@@ -79,6 +79,12 @@ pub fn absmean_blocks(weights: usize) -> usize {
     weights.div_ceil(QUANT_THREADS * 8).clamp(1, 1024)
 }
 
+/// Blocks of the per-channel fake quantizer (`w_fake_rows_*`: a block a weight row, grid-stride
+/// over the rows past `8 · sms`). Each row's sum is one block's fixed tree whatever the grid.
+pub fn row_quant_blocks(rows: usize, sms: usize) -> usize {
+    rows.clamp(1, 8 * sms.max(1))
+}
+
 /// Launch of the weight packer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PackPlan {

@@ -11,8 +11,11 @@
 //! | `block{i}.norm{j}.{bias,running_mean,running_var}` | S `(C,)` | batch norms |
 //! | `head.bias`, `head.norm.weight` | S `(10,)`, S `(w3,)` | the head's bias and RMSNorm gain |
 //!
-//! `model_config` is `{"widths":[w0,w1,w2,w3],"stem":"ternary"|"float","act_scaling":"per-image"}`
-//! and `L.in_features` records K of every packed layer, as for the reference network.
+//! `model_config` is `{"widths":[w0,w1,w2,w3],"stem":"ternary"|"float","act_scaling":"per-image",
+//! "block_codes":"per-tensor"|"per-channel"}` (`block_codes` absent: per-tensor, the files written
+//! before it) and `L.in_features` records K of every packed layer, as for the reference network.
+//! The packed codes are the same format either way; the key tells `export` how to round a float
+//! checkpoint's block convolutions.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -36,8 +39,12 @@ pub const SPEEDRUN_MODEL_NAME: &str = "TernarySpeedrun";
 pub(crate) fn config_json(c: TernarySpeedrunConfig) -> String {
     let [a, b, d, e] = c.widths;
     format!(
-        r#"{{"widths":[{a},{b},{d},{e}],"stem":"{}","act_scaling":"per-image"}}"#,
-        c.stem.as_str()
+        r#"{{"widths":[{a},{b},{d},{e}],"stem":"{}","act_scaling":"per-image","block_codes":"{}"}}"#,
+        c.stem.as_str(),
+        match c.channel_codes {
+            true => "per-channel",
+            false => "per-tensor",
+        }
     )
 }
 
@@ -66,7 +73,22 @@ pub(crate) fn parse_config(json: &str) -> Result<TernarySpeedrunConfig> {
     if !json.contains(r#""act_scaling":"per-image""#) {
         bail!("model_config {json:?}: only per-image activation scaling is supported")
     }
-    let config = TernarySpeedrunConfig { widths, stem };
+    let channel_codes = match json.find(r#""block_codes":""#) {
+        None => false,
+        Some(_) => {
+            let codes = after(r#""block_codes":""#)?;
+            match &codes[..codes.find('"').unwrap_or(codes.len())] {
+                "per-tensor" => false,
+                "per-channel" => true,
+                other => bail!("model_config {json:?}: unknown block_codes {other:?}"),
+            }
+        }
+    };
+    let config = TernarySpeedrunConfig {
+        widths,
+        stem,
+        channel_codes,
+    };
     config.validate()?;
     Ok(config)
 }
@@ -266,7 +288,7 @@ impl PackedTernarySpeedrun {
             StemKind::Float => Stem::Float(Conv::new(3, w0, 3, 1, vb.pp("stem"))?),
         };
         let block = |ci: usize, co: usize, vb: VarBuilder| -> Result<Block<PackedBitConv2d>> {
-            let cfg = block_conv_config(ComputeOptions::default());
+            let cfg = block_conv_config(ComputeOptions::default(), config.channel_codes);
             Ok(Block {
                 conv1: PackedBitConv2d::load(ci, co, 3, cfg, vb.pp("conv1"))?,
                 norm1: BatchNorm2d::new(co, vb.pp("norm1"))?,

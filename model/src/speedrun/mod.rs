@@ -12,7 +12,9 @@
 //!  -> head: BitLinear(w3 -> 10) (RMSNorm, bias)                               (B, 10) logits
 //! ```
 //!
-//! Block convolutions are 3x3, padding 1, no bias (the batch norm's shift follows). Default
+//! Block convolutions are 3x3, padding 1, no bias (the batch norm's shift follows); their ternary
+//! codes are rounded against the whole weight's absmean, or with
+//! [`TernarySpeedrunConfig::channel_codes`] against each output channel's own. Default
 //! widths `(w0, w1, w2, w3) = (32, 64, 256, 256)`. The batch norms ([`BatchNorm2d`]) and the
 //! head's norm gain stay float; so does the stem when configured [`StemKind::Float`] (an
 //! ablation: its K = 27 is the smallest of the network).
@@ -75,13 +77,18 @@ impl std::str::FromStr for StemKind {
     }
 }
 
-/// What a [`TernarySpeedrun`] holds: its widths and the kind of its stem.
+/// What a [`TernarySpeedrun`] holds: its widths, the kind of its stem and how its block
+/// convolutions round their weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TernarySpeedrunConfig {
     /// Channels of the stem and of the three blocks, each at least 1.
     pub widths: [usize; 4],
     /// The stem convolution's kind.
     pub stem: StemKind,
+    /// Whether the six block convolutions round each output channel's codes against that
+    /// channel's absmean ([`BitConv2dConfig::per_channel_codes`]; each is followed by a batch
+    /// norm, which divides any per-channel scale out). Default off: the tensor's absmean.
+    pub channel_codes: bool,
 }
 
 impl Default for TernarySpeedrunConfig {
@@ -89,6 +96,7 @@ impl Default for TernarySpeedrunConfig {
         Self {
             widths: [32, 64, 256, 256],
             stem: StemKind::Ternary,
+            channel_codes: false,
         }
     }
 }
@@ -103,20 +111,22 @@ impl TernarySpeedrunConfig {
     }
 }
 
-fn block_conv_config(options: ComputeOptions) -> BitConv2dConfig {
+fn block_conv_config(options: ComputeOptions, channel_codes: bool) -> BitConv2dConfig {
     BitConv2dConfig {
         stride: 1,
         padding: 1,
         bias: false,
         check_finite: options.check_finite,
         bf16_grad_products: options.bf16_conv_grads,
+        per_channel_codes: channel_codes,
     }
 }
 
+/// The stem keeps the tensor's codes: its bias and GELU follow, no normalisation.
 fn stem_config(options: ComputeOptions) -> BitConv2dConfig {
     BitConv2dConfig {
         bias: true,
-        ..block_conv_config(options)
+        ..block_conv_config(options, false)
     }
 }
 
@@ -164,8 +174,7 @@ impl<C: PooledConv> Block<C> {
 }
 
 impl Block<BitConv2d> {
-    fn new(c_in: usize, c_out: usize, options: ComputeOptions, vb: VarBuilder) -> Result<Self> {
-        let cfg = block_conv_config(options);
+    fn new(c_in: usize, c_out: usize, cfg: BitConv2dConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             conv1: bitlinear::bit_conv2d(c_in, c_out, 3, cfg, vb.pp("conv1"))?,
             norm1: BatchNorm2d::new(c_out, vb.pp("norm1"))?,
@@ -242,10 +251,11 @@ impl TernarySpeedrun {
             StemKind::Ternary => Stem::Ternary(bitlinear::bit_conv2d(3, w0, 3, stem_config(options), vb.pp("stem"))?),
             StemKind::Float => Stem::Float(Conv::new(3, w0, 3, 1, vb.pp("stem"))?),
         };
+        let cfg = block_conv_config(options, config.channel_codes);
         let blocks = [
-            Block::new(w0, w1, options, vb.pp("block1"))?,
-            Block::new(w1, w2, options, vb.pp("block2"))?,
-            Block::new(w2, w3, options, vb.pp("block3"))?,
+            Block::new(w0, w1, cfg, vb.pp("block1"))?,
+            Block::new(w1, w2, cfg, vb.pp("block2"))?,
+            Block::new(w2, w3, cfg, vb.pp("block3"))?,
         ];
         let head = bitlinear::bit_linear_with_config(w3, NUM_CLASSES, options.bit_linear(), vb.pp("head"))?;
         Ok(Self {

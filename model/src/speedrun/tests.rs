@@ -10,7 +10,23 @@ use crate::{Network, NetworkConfig, PackedNetwork};
 const SMALL: [usize; 4] = [4, 8, 8, 16];
 
 fn small(stem: StemKind) -> TernarySpeedrunConfig {
-    TernarySpeedrunConfig { widths: SMALL, stem }
+    TernarySpeedrunConfig {
+        widths: SMALL,
+        stem,
+        channel_codes: false,
+    }
+}
+
+/// Every stem kind with the tensor's codes, and the ternary stem with per-channel block codes.
+fn small_configs() -> [TernarySpeedrunConfig; 3] {
+    [
+        small(StemKind::Ternary),
+        small(StemKind::Float),
+        TernarySpeedrunConfig {
+            channel_codes: true,
+            ..small(StemKind::Ternary)
+        },
+    ]
 }
 
 /// Pseudo-random images in [-2, 2) from `seed` (xorshift64*).
@@ -94,13 +110,13 @@ fn shapes_gradients_and_variables() -> Result<()> {
 
 #[test]
 fn packed_form_equals_training_form_exactly() -> Result<()> {
-    for stem in [StemKind::Ternary, StemKind::Float] {
-        let (_, net) = trained(small(stem))?;
+    for config in small_configs() {
+        let (_, net) = trained(config)?;
         let x = images(7, 21)?;
         let a: Vec<Vec<f32>> = net.forward(&x)?.to_vec2()?;
         let packed = net.to_packed()?;
         let b: Vec<Vec<f32>> = packed.forward(&x)?.to_vec2()?;
-        assert_eq!(a, b, "{stem:?}: inference logits differ");
+        assert_eq!(a, b, "{config:?}: inference logits differ");
         // Training mode normalizes with the batch statistics: other logits.
         let t: Vec<Vec<f32>> = net.forward_t(&x, true)?.to_vec2()?;
         assert_ne!(a, t);
@@ -143,16 +159,16 @@ fn fused_norm_gelu_option_changes_values_only_by_rounding() -> Result<()> {
 #[test]
 fn packed_file_round_trip() -> Result<()> {
     let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
-    for stem in [StemKind::Ternary, StemKind::Float] {
-        let (_, net) = trained(small(stem))?;
+    for (i, config) in small_configs().into_iter().enumerate() {
+        let (_, net) = trained(config)?;
         let x = images(4, 5)?;
         let want: Vec<Vec<f32>> = net.forward(&x)?.to_vec2()?;
-        let path = dir.path().join(format!("{}.safetensors", stem.as_str()));
+        let path = dir.path().join(format!("{i}.safetensors"));
         net.to_packed()?.save(&path, DType::F32)?;
         let loaded = PackedNetwork::load(&path, &Device::Cpu)?;
-        assert_eq!(loaded.config(), NetworkConfig::TernarySpeedrun(small(stem)));
+        assert_eq!(loaded.config(), NetworkConfig::TernarySpeedrun(config));
         let got: Vec<Vec<f32>> = loaded.forward(&x)?.to_vec2()?;
-        assert_eq!(got, want, "{stem:?}");
+        assert_eq!(got, want, "{config:?}");
         // bf16 storage rounds only the float tensors.
         let bf = dir.path().join("bf16.safetensors");
         net.to_packed()?.save(&bf, DType::BF16)?;
@@ -186,7 +202,7 @@ fn packed_file_rejects_what_it_does_not_describe() -> Result<()> {
         "model_config".into(),
         config_json(TernarySpeedrunConfig {
             widths: [4, 8, 8, 32],
-            stem: StemKind::Ternary,
+            ..small(StemKind::Ternary)
         }),
     );
     assert!(PackedNetwork::from_packed_bytes(&bytes(&tensors, &m), &dev).is_err());
@@ -233,14 +249,18 @@ fn checkpoint_round_trip() -> Result<()> {
 
 #[test]
 fn config_json_round_trip_and_errors() {
-    for stem in [StemKind::Ternary, StemKind::Float] {
+    for c in small_configs() {
         let c = TernarySpeedrunConfig {
             widths: [3, 5, 7, 11],
-            stem,
+            ..c
         };
         assert_eq!(parse_config(&config_json(c)).unwrap(), c);
     }
+    // Files written before `block_codes` round with the tensor's absmean.
+    let old = parse_config(r#"{"widths":[1,2,3,4],"stem":"ternary","act_scaling":"per-image"}"#).unwrap();
+    assert!(!old.channel_codes);
     for bad in [
+        r#"{"widths":[1,2,3,4],"stem":"ternary","act_scaling":"per-image","block_codes":"per-row"}"#,
         r#"{"widths":[1,2,3],"stem":"ternary","act_scaling":"per-image"}"#,
         r#"{"widths":[1,2,3,0],"stem":"ternary","act_scaling":"per-image"}"#,
         r#"{"widths":[1,2,x,4],"stem":"ternary","act_scaling":"per-image"}"#,
