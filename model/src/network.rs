@@ -39,7 +39,11 @@ impl NetworkConfig {
         match self {
             NetworkConfig::SimpleBitCnn(c) => format!("SimpleBitCnn fc1={} fc2={}", c.fc1.as_str(), c.fc2.as_str()),
             NetworkConfig::TernarySpeedrun(c) => {
-                format!("TernarySpeedrun widths {:?}, stem {}", c.widths, c.stem.as_str())
+                let codes = match c.channel_codes {
+                    true => ", per-channel block codes",
+                    false => "",
+                };
+                format!("TernarySpeedrun widths {:?}, stem {}{codes}", c.widths, c.stem.as_str())
             }
         }
     }
