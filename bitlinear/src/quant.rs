@@ -86,13 +86,15 @@ pub fn ternary(w: f32, s_w: f32) -> i8 {
 /// Per-channel codes of a weight `(n, k)` (row-major `w`): row `r`'s codes are
 /// `ternary(w, g_r)` with `g_r = absmean_scale(row r)`, and the returned scale is the whole
 /// tensor's `absmean_scale`, the value of every non-zero code. `None` when a weight is NaN or
-/// infinite.
+/// infinite, or when `w` does not hold `n * k` values.
 ///
 /// For a layer whose every output channel is normalised afterwards (a convolution followed by
 /// batch norm, no bias between), per-row scales `g_r` would be divided out again, so these codes
 /// at one scale compute what per-channel scales would, in the one-scale packed format.
 pub fn channel_codes(w: &[f32], n: usize, k: usize) -> Option<(Vec<i8>, f32)> {
-    debug_assert_eq!(w.len(), n * k);
+    if n.checked_mul(k) != Some(w.len()) {
+        return None;
+    }
     let s_w = absmean_scale(w)?;
     let mut codes = Vec::with_capacity(w.len());
     for row in w.chunks(k.max(1)).take(n) {
@@ -204,6 +206,7 @@ mod tests {
         assert!(w[3..].iter().all(|&v| ternary(v, s) == 0));
         assert!(channel_codes(&[1.0, f32::NAN], 1, 2).is_none());
         assert_eq!(channel_codes(&[], 0, 4).unwrap(), (vec![], WEIGHT_EPS));
+        assert!(channel_codes(&w, 3, 3).is_none());
     }
 
     #[test]

@@ -707,6 +707,25 @@ fn packed_storage(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// A `Shape` of `(b, c, co, k, stride, pad)` over an input of odd height `2h + 1` and even width
+/// `2w`, `h` and `w` drawn from `sides`.
+fn odd_by_even(
+    r: &mut rand::rngs::StdRng,
+    (b, c, co, k, stride, pad): (usize, usize, usize, usize, usize, usize),
+    sides: std::ops::Range<usize>,
+) -> Shape {
+    Shape {
+        b,
+        c,
+        h: 2 * r.gen_range(sides.clone()) + 1,
+        w: 2 * r.gen_range(sides),
+        co,
+        k,
+        stride,
+        pad,
+    }
+}
+
 /// `per_channel_codes`: each output channel's codes against its own absmean (channels of very
 /// unequal magnitude), every non-zero code worth the whole tensor's absmean; the packed form
 /// holds those codes and that scale, and both forms compute the reference's integers.
@@ -718,16 +737,7 @@ fn per_channel_codes(dev: &Device) -> Result<()> {
         (1, 4, 7, 1, 1, 0),
         (2, 8, 16, 3, 1, 1),
     ] {
-        let s = Shape {
-            b,
-            c,
-            h: 2 * r.gen_range(2..6) + 1,
-            w: 2 * r.gen_range(2..6),
-            co,
-            k,
-            stride,
-            pad,
-        };
+        let s = odd_by_even(&mut r, (b, c, co, k, stride, pad), 2..6);
         let kk = c * k * k;
         let x = randn(&mut r, b * c * s.h * s.w, 1.0);
         let mut w = randn(&mut r, co * kk, 0.2);
@@ -830,16 +840,7 @@ fn every_cpu_kernel() -> Result<()> {
             (1, 16, 70, 5, 1, 2),
             (70, 2, 5, 1, 1, 0),
         ] {
-            let s = Shape {
-                b,
-                c,
-                h: 2 * r.gen_range(3..8) + 1,
-                w: 2 * r.gen_range(3..8),
-                co,
-                k,
-                stride,
-                pad,
-            };
+            let s = odd_by_even(&mut r, (b, c, co, k, stride, pad), 3..8);
             check_shape(&Device::Cpu, &s, &mut r).map_err(|e| e.context(format!("kernel {kernel:?}")))?;
         }
     }
