@@ -28,16 +28,22 @@ pub(crate) fn config_json(config: SimpleBitCnnConfig) -> String {
     )
 }
 
+/// The value of the string field `name` of a `model_config` (`"name":"value"`), if it has one:
+/// the models' configs are tiny fixed schemas, read without pulling a JSON parser in.
+pub(crate) fn string_field<'a>(json: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("\"{name}\":\"");
+    let start = json.find(&key)? + key.len();
+    let end = json[start..].find('"').map_or(json.len(), |e| start + e);
+    Some(&json[start..end])
+}
+
 /// Parses [`config_json`]'s output.
 pub(crate) fn parse_config(json: &str) -> Result<SimpleBitCnnConfig> {
-    // A tiny fixed schema: read the two string fields without pulling a JSON parser in.
     let field = |name: &str| -> Result<FcKind> {
-        let key = format!("\"{name}\":\"");
-        let Some(start) = json.find(&key).map(|i| i + key.len()) else {
+        let Some(value) = string_field(json, name) else {
             bail!("model_config {json:?} has no {name:?} field")
         };
-        let end = json[start..].find('"').map(|e| start + e).unwrap_or(json.len());
-        json[start..end].parse::<FcKind>().map_err(candle_core::Error::msg)
+        value.parse::<FcKind>().map_err(candle_core::Error::msg)
     };
     if !json.contains(r#""act_scaling":"per-token""#) {
         bail!("model_config {json:?}: only per-token activation scaling is supported")

@@ -28,6 +28,7 @@ use super::{
     block_conv_config, stem_config, BatchNorm2d, Block, PackedTernarySpeedrun, Stem, StemKind, TernarySpeedrun,
     TernarySpeedrunConfig,
 };
+use crate::layout::string_field;
 use crate::packed_file::{packed_metadata, write_packed, NamedTensors};
 use crate::validate::{check_tensors, TensorSpec};
 use crate::{ComputeOptions, Conv, PoolKernel, NUM_CLASSES};
@@ -50,13 +51,10 @@ pub(crate) fn config_json(c: TernarySpeedrunConfig) -> String {
 
 /// Parses [`config_json`]'s output.
 pub(crate) fn parse_config(json: &str) -> Result<TernarySpeedrunConfig> {
-    let after = |key: &str| -> Result<&str> {
-        match json.find(key) {
-            Some(i) => Ok(&json[i + key.len()..]),
-            None => bail!("model_config {json:?} has no {key:?}"),
-        }
+    let key = r#""widths":["#;
+    let Some(list) = json.find(key).map(|i| &json[i + key.len()..]) else {
+        bail!("model_config {json:?} has no \"widths\" field")
     };
-    let list = after(r#""widths":["#)?;
     let list = &list[..list.find(']').unwrap_or(list.len())];
     let widths: Vec<usize> = list
         .split(',')
@@ -66,23 +64,17 @@ pub(crate) fn parse_config(json: &str) -> Result<TernarySpeedrunConfig> {
     let Ok(widths) = <[usize; 4]>::try_from(widths) else {
         bail!("model_config {json:?}: expected 4 widths")
     };
-    let stem = after(r#""stem":""#)?;
-    let stem = stem[..stem.find('"').unwrap_or(stem.len())]
-        .parse::<StemKind>()
-        .map_err(candle_core::Error::msg)?;
+    let Some(stem) = string_field(json, "stem") else {
+        bail!("model_config {json:?} has no \"stem\" field")
+    };
+    let stem = stem.parse::<StemKind>().map_err(candle_core::Error::msg)?;
     if !json.contains(r#""act_scaling":"per-image""#) {
         bail!("model_config {json:?}: only per-image activation scaling is supported")
     }
-    let channel_codes = match json.find(r#""block_codes":""#) {
-        None => false,
-        Some(_) => {
-            let codes = after(r#""block_codes":""#)?;
-            match &codes[..codes.find('"').unwrap_or(codes.len())] {
-                "per-tensor" => false,
-                "per-channel" => true,
-                other => bail!("model_config {json:?}: unknown block_codes {other:?}"),
-            }
-        }
+    let channel_codes = match string_field(json, "block_codes") {
+        None | Some("per-tensor") => false,
+        Some("per-channel") => true,
+        Some(other) => bail!("model_config {json:?}: unknown block_codes {other:?}"),
     };
     let config = TernarySpeedrunConfig {
         widths,
