@@ -4,6 +4,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::augment::{Edge, Flip};
+use crate::init::ConvInit;
 use crate::lookahead::LookaheadConfig;
 use crate::optim::Schedule;
 
@@ -33,6 +34,8 @@ pub struct Recipe {
     /// Training images (the first ones, unaugmented) over which the batch norms' running
     /// statistics are recomputed after the last step; 0 keeps them as training left them.
     pub recompute_bn_images: usize,
+    /// How the convolution kernels start.
+    pub conv_init: ConvInit,
 }
 
 impl Recipe {
@@ -52,6 +55,7 @@ impl Recipe {
             flip: Flip::Random,
             lookahead: Some(LookaheadConfig::EVERY_5),
             recompute_bn_images: 0,
+            conv_init: ConvInit::Uniform,
         }
     }
 
@@ -74,6 +78,7 @@ impl Recipe {
             flip: Flip::Random,
             lookahead: Some(LookaheadConfig::EVERY_5),
             recompute_bn_images: 0,
+            conv_init: ConvInit::Uniform,
         }
     }
 }
