@@ -56,9 +56,6 @@ pub struct RunSettings {
     /// Absent in files written before the option existed: those runs kept the statistics.
     #[serde(default)]
     pub recompute_bn_images: usize,
-    /// Absent in files written before the option existed: those runs started uniform.
-    #[serde(default)]
-    pub conv_init: crate::init::ConvInit,
     pub seed: u64,
     pub train_limit: Option<usize>,
     pub train_images: usize,

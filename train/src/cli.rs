@@ -7,7 +7,6 @@ use clap::{Parser, ValueEnum};
 use model::NetworkConfig;
 
 use crate::augment::{Edge, Flip};
-use crate::init::ConvInit;
 use crate::lookahead::LookaheadConfig;
 use crate::optim::Schedule;
 use crate::recipe::Recipe;
@@ -85,12 +84,6 @@ pub struct Args {
     /// weights'); 0 keeps them [default: 0].
     #[arg(long, value_name = "N", value_parser = whole, allow_negative_numbers = true)]
     pub recompute_bn: Option<u64>,
-
-    /// How convolution kernels start: `uniform` (PyTorch's default) or `dirac` (the uniform
-    /// draw with each kernel's first min(c_out, c_in) filters set to the identity, as the
-    /// speed-run nets start) [default: uniform].
-    #[arg(long, value_enum)]
-    pub conv_init: Option<ConvInitArg>,
 
     /// Also report the final test accuracy with test-time augmentation, as the speed-run nets
     /// make it: the logits of the image and its mirror (1/4 each) plus those of both shifted by
@@ -189,7 +182,6 @@ impl Args {
             recompute_bn_images: self
                 .recompute_bn
                 .map_or(base.recompute_bn_images, |n| usize::try_from(n).unwrap_or(usize::MAX)),
-            conv_init: self.conv_init.map_or(base.conv_init, ConvInit::from),
         }
     }
 
@@ -396,20 +388,4 @@ fn non_negative_f64(s: &str) -> Result<f64, String> {
         return Err(format!("must be 0 or more, got {v}"));
     }
     Ok(v)
-}
-
-/// `--conv-init`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ConvInitArg {
-    Uniform,
-    Dirac,
-}
-
-impl From<ConvInitArg> for ConvInit {
-    fn from(a: ConvInitArg) -> Self {
-        match a {
-            ConvInitArg::Uniform => ConvInit::Uniform,
-            ConvInitArg::Dirac => ConvInit::Dirac,
-        }
-    }
 }

@@ -4,7 +4,6 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::augment::{Edge, Flip};
-use crate::init::ConvInit;
 use crate::lookahead::LookaheadConfig;
 use crate::optim::Schedule;
 
@@ -34,8 +33,6 @@ pub struct Recipe {
     /// Training images (the first ones, unaugmented) over which the batch norms' running
     /// statistics are recomputed after the last step; 0 keeps them as training left them.
     pub recompute_bn_images: usize,
-    /// How the convolution kernels start.
-    pub conv_init: ConvInit,
 }
 
 impl Recipe {
@@ -55,7 +52,6 @@ impl Recipe {
             flip: Flip::Random,
             lookahead: Some(LookaheadConfig::EVERY_5),
             recompute_bn_images: 0,
-            conv_init: ConvInit::Uniform,
         }
     }
 
@@ -78,7 +74,6 @@ impl Recipe {
             flip: Flip::Random,
             lookahead: Some(LookaheadConfig::EVERY_5),
             recompute_bn_images: 0,
-            conv_init: ConvInit::Uniform,
         }
     }
 }

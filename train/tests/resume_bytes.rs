@@ -47,7 +47,6 @@ fn state(epochs_done: usize, rng: &mut impl Rng) -> TrainState {
             flip: Default::default(),
             lookahead: None,
             recompute_bn_images: 0,
-            conv_init: train::init::ConvInit::Dirac,
             seed: rng.gen(),
             train_limit: Some(100),
             train_images: 100,

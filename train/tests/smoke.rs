@@ -24,7 +24,7 @@ fn loss_falls_on_real_images() {
         VarBuilder::from_varmap(&vm, DType::F32, &dev),
     )
     .unwrap();
-    seeded_init(&vm, 0, train::init::ConvInit::Uniform).unwrap();
+    seeded_init(&vm, 0).unwrap();
     let mut opt = AdamW::new(sorted_vars(&vm), AdamWConfig::default()).unwrap();
     let lut = Normalizer::default().lut();
     let idx: Vec<usize> = (0..split.len()).collect();

@@ -157,7 +157,7 @@ fn seeded_init_sets_batch_norms_like_pytorch() {
         channel_codes: false,
     };
     model::TernarySpeedrun::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    train::init::seeded_init(&vm, 3, train::init::ConvInit::Uniform).unwrap();
+    train::init::seeded_init(&vm, 3).unwrap();
     let vars = train::init::sorted_vars(&vm);
     let values = |name: &str| -> Vec<f32> {
         let (_, v) = vars.iter().find(|(k, _)| k == name).unwrap();
@@ -174,57 +174,6 @@ fn seeded_init_sets_batch_norms_like_pytorch() {
     // The stem's bias follows its kernel's fan-in (27).
     let b = values("stem.bias");
     assert!(b.iter().all(|v| v.abs() <= 1.0 / 27f32.sqrt()) && b.iter().any(|v| *v != 0.0));
-}
-
-/// `ConvInit::Dirac`: filter `o < min(c_out, c_in)` of every kernel is 1 at `(o, o, 1, 1)` and 0
-/// elsewhere; every other value is the uniform draw's, bit for bit (widths that shrink and grow).
-#[test]
-fn dirac_init_sets_identity_filters_over_the_uniform_draw() {
-    use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
-    use train::init::{seeded_init, sorted_vars, ConvInit};
-    let cfg = model::TernarySpeedrunConfig {
-        widths: [8, 4, 8, 8],
-        ..Default::default()
-    };
-    let init = |conv_init| {
-        let vm = VarMap::new();
-        model::TernarySpeedrun::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-        seeded_init(&vm, 11, conv_init).unwrap();
-        sorted_vars(&vm)
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    k,
-                    v.dims().to_vec(),
-                    v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                )
-            })
-            .collect::<Vec<_>>()
-    };
-    let (uniform, dirac) = (init(ConvInit::Uniform), init(ConvInit::Dirac));
-    let mut kernels = 0;
-    for ((name, dims, u), (name_d, _, d)) in uniform.iter().zip(&dirac) {
-        assert_eq!(name, name_d);
-        if dims.len() != 4 {
-            assert_eq!(u, d, "{name}: only convolution kernels change");
-            continue;
-        }
-        kernels += 1;
-        let (c_out, c_in) = (dims[0], dims[1]);
-        assert_eq!(&dims[2..], &[3, 3]);
-        for (idx, (&uv, &dv)) in u.iter().zip(d).enumerate() {
-            let (o, i, tap) = (idx / (c_in * 9), idx / 9 % c_in, idx % 9);
-            let want = match o < c_out.min(c_in) {
-                true if i == o && tap == 4 => 1.0,
-                true => 0.0,
-                false => uv,
-            };
-            assert_eq!(dv.to_bits(), want.to_bits(), "{name}[{o}, {i}, {tap}]");
-        }
-    }
-    // The stem (3 -> 8) and the six block convolutions (8 -> 4 shrinks).
-    assert_eq!(kernels, 7);
 }
 
 /// `--edge`, `--flip` and `--lookahead-every` override the recipe's; 0 turns lookahead off.

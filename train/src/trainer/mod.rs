@@ -112,7 +112,7 @@ impl Trainer {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let model = Network::new(config, tuning.compute_options(&device), vb).context("building the model")?;
-        init::seeded_init(&varmap, args.seed, recipe.conv_init)?;
+        init::seeded_init(&varmap, args.seed)?;
         let adamw = AdamWConfig {
             lr: recipe.lr,
             weight_decay: recipe.weight_decay,
@@ -138,7 +138,6 @@ impl Trainer {
             flip: recipe.flip,
             lookahead: recipe.lookahead,
             recompute_bn_images: recipe.recompute_bn_images,
-            conv_init: recipe.conv_init,
             seed: args.seed,
             train_limit: args.train_limit,
             train_images: data.train.len(),
@@ -422,7 +421,7 @@ impl Trainer {
             .sum();
         println!(
             "model: {} ({params} parameters); device {}, dtype {}; {} epochs, batch {}, AdamW lr {} \
-             wd {}, {:?} schedule, label smoothing {}, translate {} ({} edges), {} flip, lookahead {}, {} convolution init, seed {}",
+             wd {}, {:?} schedule, label smoothing {}, translate {} ({} edges), {} flip, lookahead {}, seed {}",
             cfg.describe(),
             device_name(&self.device),
             self.args.dtype.as_str(),
@@ -438,7 +437,6 @@ impl Trainer {
             recipe
                 .lookahead
                 .map_or("off".to_string(), |c| format!("every {} steps", c.every)),
-            recipe.conv_init.name(),
             self.args.seed,
         );
         if self.state.epochs_done > 0 {
