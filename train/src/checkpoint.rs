@@ -5,7 +5,8 @@
 //!   names of `model::SimpleBitCnn`);
 //! - `best.safetensors`: the variables after the epoch with the best test accuracy;
 //! - `resume.safetensors`: everything `--resume` needs in one file, so it is always consistent:
-//!   the variables, the optimizer moments (`optim.m.<name>`, `optim.v.<name>`), with lookahead
+//!   the variables, the optimizer's state (AdamW's moments `optim.m.<name>` and `optim.v.<name>`,
+//!   or SGD's momentum buffer `optim.b.<name>`), with lookahead
 //!   the slow copies (`lookahead.<name>`) and, in the
 //!   safetensors metadata under `train_state`, a JSON [`TrainState`] (epochs done, optimizer step,
 //!   run settings, metrics history). The RNG needs no state: each epoch reseeds from
@@ -39,6 +40,9 @@ pub struct RunSettings {
     pub model: String,
     pub epochs: usize,
     pub batch_size: usize,
+    /// Absent in files written before the option existed: those runs trained with AdamW.
+    #[serde(default)]
+    pub optimizer: crate::optim::OptimizerKind,
     pub lr: f64,
     pub weight_decay: f64,
     pub schedule: crate::optim::Schedule,
@@ -236,24 +240,22 @@ pub fn resume_from_bytes(bytes: &[u8]) -> Result<ResumePoint> {
 }
 
 impl ResumePoint {
-    /// Checks the tensors against the model's variables `vars`: exactly each variable, its two
-    /// AdamW moments (`optim.m.<name>`, `optim.v.<name>`) and, where the state's settings have
-    /// lookahead, its slow copy (`lookahead.<name>`), no other tensor, each with the variable's
-    /// dtype and shape, all finite, and every second moment `v` non-negative (its square root is
-    /// taken).
+    /// Checks the tensors against the model's variables `vars`: exactly each variable, its
+    /// optimizer state (AdamW's two moments `optim.m.<name>` and `optim.v.<name>`, SGD's buffer
+    /// `optim.b.<name>`) and, where the state's settings have lookahead, its slow copy
+    /// (`lookahead.<name>`), no other tensor, each with the variable's dtype and shape, all
+    /// finite, and every second moment `v` non-negative (its square root is taken).
     pub fn check_tensors(&self, vars: &[(String, Var)]) -> Result<()> {
         let lookahead = self.state.settings.lookahead.is_some();
+        let optimizer = self.state.settings.optimizer;
         let mut specs = Vec::with_capacity(4 * vars.len());
         for (name, var) in vars {
             let slow = lookahead.then(|| format!("{LOOKAHEAD_PREFIX}{name}"));
-            for n in [
-                name.clone(),
-                format!("{OPTIM_PREFIX}m.{name}"),
-                format!("{OPTIM_PREFIX}v.{name}"),
-            ]
-            .into_iter()
-            .chain(slow)
-            {
+            let state = optimizer
+                .state_names(name)
+                .into_iter()
+                .map(|k| format!("{OPTIM_PREFIX}{k}"));
+            for n in std::iter::once(name.clone()).chain(state).chain(slow) {
                 specs.push(model::TensorSpec {
                     name: n,
                     shape: var.dims().to_vec(),
@@ -262,7 +264,7 @@ impl ResumePoint {
             }
         }
         model::check_tensors(&self.tensors, &specs, "")?;
-        for (name, _) in vars {
+        for (name, _) in vars.iter().filter(|_| optimizer == crate::optim::OptimizerKind::AdamW) {
             let key = format!("{OPTIM_PREFIX}v.{name}");
             let min = self.tensors[&key].to_dtype(DType::F32)?.flatten_all()?.min(0)?;
             let min = min.to_scalar::<f32>()?;

@@ -1,4 +1,5 @@
-//! AdamW with checkpointable state (PyTorch's `torch.optim.AdamW` update rule).
+//! AdamW with checkpointable state (PyTorch's `torch.optim.AdamW` update rule), the choice
+//! between it and [`crate::sgd::Sgd`] ([`Optimizer`]), and the learning-rate schedules.
 //!
 //! For each parameter `p` with gradient `g`, at step `t` (1-based):
 //! ```text
@@ -208,6 +209,115 @@ impl Schedule {
                     base * left / total_steps.saturating_sub(warmup).max(1) as f64
                 }
             }
+        }
+    }
+}
+
+/// Which optimizer a recipe trains with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// [`AdamW`]: `lr` and `weight_decay` are its (decoupled) ones.
+    #[default]
+    AdamW,
+    /// [`Sgd`] with Nesterov momentum [`crate::sgd::SGD_MOMENTUM`]: `lr` on the batch's mean
+    /// loss, `weight_decay` added to the gradient.
+    Sgd,
+}
+
+impl OptimizerKind {
+    /// `"AdamW"` or `"SGD"`, as the log names them.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::AdamW => "AdamW",
+            OptimizerKind::Sgd => "SGD",
+        }
+    }
+
+    /// The names of the state tensors this optimizer keeps for the variable `var`.
+    pub fn state_names(self, var: &str) -> Vec<String> {
+        match self {
+            OptimizerKind::AdamW => vec![format!("m.{var}"), format!("v.{var}")],
+            OptimizerKind::Sgd => vec![format!("b.{var}")],
+        }
+    }
+}
+
+/// The optimizer of a run: one of the kinds [`OptimizerKind`] names.
+pub enum Optimizer {
+    AdamW(AdamW),
+    Sgd(crate::sgd::Sgd),
+}
+
+impl Optimizer {
+    /// `kind` over the named variables with the given (peak) learning rate and weight decay;
+    /// `fused_cuda` as [`AdamW::set_fused_cuda`] (AdamW only).
+    pub fn new(
+        kind: OptimizerKind,
+        vars: impl IntoIterator<Item = (String, Var)>,
+        lr: f64,
+        weight_decay: f64,
+        fused_cuda: bool,
+    ) -> Result<Self> {
+        Ok(match kind {
+            OptimizerKind::AdamW => {
+                let config = AdamWConfig {
+                    lr,
+                    weight_decay,
+                    ..Default::default()
+                };
+                let mut opt = AdamW::new(vars, config)?;
+                opt.set_fused_cuda(fused_cuda);
+                Optimizer::AdamW(opt)
+            }
+            OptimizerKind::Sgd => {
+                let config = crate::sgd::SgdConfig {
+                    lr,
+                    momentum: crate::sgd::SGD_MOMENTUM,
+                    weight_decay,
+                };
+                Optimizer::Sgd(crate::sgd::Sgd::new(vars, config)?)
+            }
+        })
+    }
+
+    /// Number of updates done so far.
+    pub fn step_count(&self) -> u64 {
+        match self {
+            Optimizer::AdamW(o) => o.step_count(),
+            Optimizer::Sgd(o) => o.step_count(),
+        }
+    }
+
+    /// Sets the learning rate used by the next steps (for schedules).
+    pub fn set_lr(&mut self, lr: f64) {
+        match self {
+            Optimizer::AdamW(o) => o.set_lr(lr),
+            Optimizer::Sgd(o) => o.set_lr(lr),
+        }
+    }
+
+    /// One update from the gradients in `grads`.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.step(grads),
+            Optimizer::Sgd(o) => o.step(grads),
+        }
+    }
+
+    /// The state as named tensors ([`OptimizerKind::state_names`] of each variable).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Optimizer::AdamW(o) => o.state_tensors(),
+            Optimizer::Sgd(o) => o.state_tensors(),
+        }
+    }
+
+    /// Restores the state tensors (looked up by `get`) and the step count.
+    pub fn load_state(&mut self, step: u64, get: impl FnMut(&str) -> Option<Tensor>) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.load_state(step, get),
+            Optimizer::Sgd(o) => o.load_state(step, get),
         }
     }
 }

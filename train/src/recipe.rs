@@ -5,7 +5,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::augment::{Edge, Flip};
 use crate::lookahead::LookaheadConfig;
-use crate::optim::Schedule;
+use crate::optim::{OptimizerKind, Schedule};
 
 /// Everything that sets how a network is trained (apart from data, device and seed).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -14,9 +14,11 @@ pub struct Recipe {
     pub epochs: usize,
     /// Images per optimizer step.
     pub batch_size: usize,
-    /// AdamW peak learning rate.
+    /// The optimizer, which sets what `lr` and `weight_decay` mean.
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate.
     pub lr: f64,
-    /// AdamW decoupled weight decay.
+    /// Weight decay (AdamW: decoupled; SGD: added to the gradient).
     pub weight_decay: f64,
     /// Learning-rate schedule.
     pub schedule: Schedule,
@@ -43,6 +45,7 @@ impl Recipe {
         Self {
             epochs: 20,
             batch_size: 128,
+            optimizer: OptimizerKind::AdamW,
             lr: 1e-3,
             weight_decay: 0.01,
             schedule: Schedule::Constant,
@@ -65,6 +68,7 @@ impl Recipe {
         Self {
             epochs: 16,
             batch_size: 512,
+            optimizer: OptimizerKind::AdamW,
             lr: 4e-3,
             weight_decay: 0.05,
             schedule: Schedule::WarmupLinear,

@@ -168,6 +168,14 @@ fn resume_with_recomputed_batch_norms_is_bit_exact() {
     check_resume_is_bit_exact("8", &[&speedrun[..], &["--recompute-bn", "12"]].concat());
 }
 
+/// The same for the speed-run network trained with SGD (its momentum buffers in the resume
+/// file, the batch norms' shifts at their own step size).
+#[test]
+fn resume_with_sgd_is_bit_exact() {
+    let speedrun = ["--model", "ternary-speedrun", "--widths", "4,8,8,8"];
+    check_resume_is_bit_exact("8", &[&speedrun[..], &["--optimizer", "sgd"]].concat());
+}
+
 /// `--recompute-bn`: the learned weights are those of the run without it, the running
 /// statistics are not, and the log says it.
 #[test]

@@ -38,6 +38,7 @@ fn state(epochs_done: usize, rng: &mut impl Rng) -> TrainState {
             model: "SimpleBitCnn fc1=bitlinear fc2=linear".into(),
             epochs: 5,
             batch_size: 16,
+            optimizer: Default::default(),
             lr: 1e-3,
             weight_decay: 0.01,
             schedule: Schedule::Cosine,

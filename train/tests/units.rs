@@ -216,3 +216,78 @@ fn flip_and_lookahead_options_override_the_recipe() {
     assert!(parse(&["--edge", "sideways"]).contains("possible values: zeros, reflect"));
     assert!(parse(&["--flip", "sometimes"]).contains("possible values: random, alternating"));
 }
+
+/// Three SGD steps (a new learning rate each) on f(p) = sum(c * p) for an ordinary variable and
+/// a batch-norm shift, against PyTorch's Nesterov rule evaluated in f64.
+#[test]
+fn sgd_matches_the_formula() {
+    use train::sgd::{is_norm_shift, Sgd, SgdConfig, NORM_SHIFT_LR_SCALE};
+    let dev = Device::Cpu;
+    let p0 = [0.5f32, -1.0, 2.0];
+    let c = [0.3f32, -2.0, 0.01];
+    let lrs = [0.1, 0.05, 0.02];
+    let names = ["block1.conv1.weight", "block1.norm2.bias"];
+    let vars: Vec<Var> = names
+        .iter()
+        .map(|_| Var::from_tensor(&Tensor::new(&p0, &dev).unwrap()).unwrap())
+        .collect();
+    let cfg = SgdConfig {
+        lr: 0.1,
+        momentum: 0.85,
+        weight_decay: 0.05,
+    };
+    let named = names.iter().map(|n| n.to_string()).zip(vars.iter().cloned());
+    let mut opt = Sgd::new(named, cfg).unwrap();
+    let ct = Tensor::new(&c, &dev).unwrap();
+    for lr in lrs {
+        opt.set_lr(lr);
+        let loss = vars
+            .iter()
+            .map(|v| (v.as_tensor() * &ct).unwrap().sum_all().unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap();
+        opt.step(&loss.backward().unwrap()).unwrap();
+    }
+    assert_eq!(opt.step_count(), 3);
+    for (name, var) in names.iter().zip(&vars) {
+        let scale = if is_norm_shift(name) { NORM_SHIFT_LR_SCALE } else { 1.0 };
+        let mut p: Vec<f64> = p0.iter().map(|&v| v as f64).collect();
+        let mut b = [0f64; 3];
+        for (t, lr) in lrs.into_iter().enumerate() {
+            for i in 0..3 {
+                let d = c[i] as f64 + 0.05 / scale * p[i];
+                // PyTorch starts the buffer at the first step's d.
+                b[i] = if t == 0 { d } else { 0.85 * b[i] + d };
+                p[i] -= lr * scale * (d + 0.85 * b[i]);
+            }
+        }
+        let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+        for i in 0..3 {
+            let tol = 1e-5 * p[i].abs().max(1.0);
+            assert!((got[i] as f64 - p[i]).abs() < tol, "{name}: {got:?} vs {p:?}");
+        }
+    }
+    assert!(is_norm_shift("norm.bias") && is_norm_shift("block3.norm1.bias"));
+    assert!(!is_norm_shift("head.norm.weight") && !is_norm_shift("stem.bias") && !is_norm_shift("bias"));
+    let bad = SgdConfig { momentum: 1.0, ..cfg };
+    assert!(Sgd::new([("w".to_string(), vars[0].clone())], bad).is_err());
+}
+
+/// `--optimizer sgd` brings SGD's defaults (the learning rate scaled with the batch) unless
+/// `--lr` / `--weight-decay` are given.
+#[test]
+fn optimizer_option_brings_its_defaults() {
+    use train::optim::OptimizerKind;
+    let recipe = |args: &[&str]| {
+        let all = ["train", "--model", "ternary-speedrun"].iter().chain(args);
+        <train::cli::Args as clap::Parser>::parse_from(all).recipe()
+    };
+    let sgd = recipe(&["--optimizer", "sgd", "--batch-size", "1000"]);
+    assert_eq!(sgd.optimizer, OptimizerKind::Sgd);
+    assert!((sgd.lr - 10.0 * 1000.0 / (1024.0 * (1.0 + 1.0 / 0.15))).abs() < 1e-12);
+    assert_eq!(sgd.weight_decay, 1.5e-3);
+    let set = recipe(&["--optimizer", "sgd", "--lr", "0.5", "--weight-decay", "0"]);
+    assert_eq!((set.lr, set.weight_decay), (0.5, 0.0));
+    let same = recipe(&["--optimizer", "adamw"]);
+    assert_eq!(same, train::recipe::Recipe::ternary_speedrun());
+}

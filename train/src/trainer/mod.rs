@@ -19,7 +19,7 @@ use crate::cli::{Args, DeviceArg, DtypeArg};
 use crate::init;
 use crate::lookahead::Lookahead;
 use crate::metrics::{self, EpochMetrics, Summary};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::Optimizer;
 use crate::recipe::{smoothed_cross_entropy, Recipe};
 use crate::rng::epoch_rng;
 use batches::Pipeline;
@@ -57,7 +57,7 @@ pub struct Trainer {
     pub model: Network,
     /// The hyper-parameters: the network's recipe with the command line's overrides.
     pub recipe: Recipe,
-    pub optimizer: AdamW,
+    pub optimizer: Optimizer,
     /// The slow copies of the variables, where the recipe has lookahead.
     pub lookahead: Option<Lookahead>,
     pub data: cifar::Cifar10,
@@ -113,13 +113,13 @@ impl Trainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let model = Network::new(config, tuning.compute_options(&device), vb).context("building the model")?;
         init::seeded_init(&varmap, args.seed)?;
-        let adamw = AdamWConfig {
-            lr: recipe.lr,
-            weight_decay: recipe.weight_decay,
-            ..Default::default()
-        };
-        let mut optimizer = AdamW::new(init::sorted_vars(&varmap), adamw)?;
-        optimizer.set_fused_cuda(tuning.fused_adamw);
+        let mut optimizer = Optimizer::new(
+            recipe.optimizer,
+            init::sorted_vars(&varmap),
+            recipe.lr,
+            recipe.weight_decay,
+            tuning.fused_adamw,
+        )?;
         let mut lookahead = recipe
             .lookahead
             .map(|c| Lookahead::new(init::sorted_vars(&varmap), c))
@@ -129,6 +129,7 @@ impl Trainer {
             model: config.describe(),
             epochs: recipe.epochs,
             batch_size: recipe.batch_size,
+            optimizer: recipe.optimizer,
             lr: recipe.lr,
             weight_decay: recipe.weight_decay,
             schedule: recipe.schedule,
@@ -420,13 +421,14 @@ impl Trainer {
             .map(|(_, v)| v.elem_count())
             .sum();
         println!(
-            "model: {} ({params} parameters); device {}, dtype {}; {} epochs, batch {}, AdamW lr {} \
+            "model: {} ({params} parameters); device {}, dtype {}; {} epochs, batch {}, {} lr {} \
              wd {}, {:?} schedule, label smoothing {}, translate {} ({} edges), {} flip, lookahead {}, seed {}",
             cfg.describe(),
             device_name(&self.device),
             self.args.dtype.as_str(),
             recipe.epochs,
             recipe.batch_size,
+            recipe.optimizer.name(),
             recipe.lr,
             recipe.weight_decay,
             recipe.schedule,
