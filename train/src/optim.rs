@@ -245,7 +245,9 @@ impl OptimizerKind {
 
 /// The optimizer of a run: one of the kinds [`OptimizerKind`] names.
 pub enum Optimizer {
+    /// [`OptimizerKind::AdamW`].
     AdamW(AdamW),
+    /// [`OptimizerKind::Sgd`].
     Sgd(crate::sgd::Sgd),
 }
 
