@@ -264,7 +264,10 @@ impl ResumePoint {
             }
         }
         model::check_tensors(&self.tensors, &specs, "")?;
-        for (name, _) in vars.iter().filter(|_| optimizer == crate::optim::OptimizerKind::AdamW) {
+        if optimizer != crate::optim::OptimizerKind::AdamW {
+            return Ok(());
+        }
+        for (name, _) in vars {
             let key = format!("{OPTIM_PREFIX}v.{name}");
             let min = self.tensors[&key].to_dtype(DType::F32)?.flatten_all()?.min(0)?;
             let min = min.to_scalar::<f32>()?;

@@ -153,23 +153,28 @@ impl AdamW {
     pub fn load_state(&mut self, step: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<()> {
         for (name, s) in &self.slots {
             for (key, var) in [(format!("m.{name}"), &s.m), (format!("v.{name}"), &s.v)] {
-                let t = get(&key)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state {key} missing in checkpoint")))?;
-                if t.shape() != var.shape() || t.dtype() != var.dtype() {
-                    candle_core::bail!(
-                        "optimizer state {key} is {:?} {:?}, expected {:?} {:?}",
-                        t.dtype(),
-                        t.shape(),
-                        var.dtype(),
-                        var.shape()
-                    );
-                }
-                var.set(&t.to_device(var.device())?)?;
+                restore_state_tensor(&key, var, &mut get)?;
             }
         }
         self.step = step;
         Ok(())
     }
+}
+
+/// Sets the optimizer state `var` from `get(key)`, which must have `var`'s dtype and shape
+/// exactly (never converted: integer data relabelled as floats is an error).
+pub(crate) fn restore_state_tensor(key: &str, var: &Var, get: &mut impl FnMut(&str) -> Option<Tensor>) -> Result<()> {
+    let t = get(key).ok_or_else(|| candle_core::Error::Msg(format!("optimizer state {key} missing in checkpoint")))?;
+    if t.shape() != var.shape() || t.dtype() != var.dtype() {
+        candle_core::bail!(
+            "optimizer state {key} is {:?} {:?}, expected {:?} {:?}",
+            t.dtype(),
+            t.shape(),
+            var.dtype(),
+            var.shape()
+        );
+    }
+    var.set(&t.to_device(var.device())?)
 }
 
 /// Learning-rate schedule.

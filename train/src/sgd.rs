@@ -124,19 +124,7 @@ impl Sgd {
     /// step count. Each buffer must have its variable's dtype and shape exactly.
     pub fn load_state(&mut self, step: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<()> {
         for (name, s) in &self.slots {
-            let key = format!("b.{name}");
-            let t = get(&key)
-                .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state {key} missing in checkpoint")))?;
-            if t.shape() != s.buf.shape() || t.dtype() != s.buf.dtype() {
-                candle_core::bail!(
-                    "optimizer state {key} is {:?} {:?}, expected {:?} {:?}",
-                    t.dtype(),
-                    t.shape(),
-                    s.buf.dtype(),
-                    s.buf.shape()
-                );
-            }
-            s.buf.set(&t.to_device(s.buf.device())?)?;
+            crate::optim::restore_state_tensor(&format!("b.{name}"), &s.buf, &mut get)?;
         }
         self.step = step;
         Ok(())
