@@ -155,6 +155,13 @@ fn edited_resume_states_are_errors() {
     run.resume_fails("lookahead: checkpoint null, now {\"every\":5}", |_, s| {
         s["settings"]["lookahead"] = json!(null)
     });
+    // A state of another optimizer than this run's, and one no build knows.
+    run.resume_fails("optimizer: checkpoint \"sgd\", now \"adamw\"", |_, s| {
+        s["settings"]["optimizer"] = json!("sgd")
+    });
+    run.resume_fails("unknown variant `adam`", |_, s| {
+        s["settings"]["optimizer"] = json!("adam")
+    });
 
     // The good file still resumes and finishes the run.
     let o = run.train(&["--resume"]);
